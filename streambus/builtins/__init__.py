@@ -1,0 +1,8 @@
+"""Plugins shipped with the core, registered by entry point like any other."""
+
+from __future__ import annotations
+
+from .stdout import StdoutSink
+from .synthetic import SyntheticProducer
+
+__all__ = ["StdoutSink", "SyntheticProducer"]

@@ -1,0 +1,448 @@
+"""The bus: one typed event channel, fanned out to supervised subscribers.
+
+::
+
+    async with Bus() as bus:
+        bus.add_sink(StdoutSink())
+        bus.start_producer(SyntheticProducer(count=3))
+    # leaving the block waits for producers, then lets every sink drain
+
+Lifecycle: entering starts a task group. Leaving the block normally waits
+for every producer to finish, then closes every subscription (readers still
+get what was buffered) and waits for sinks to drain. Leaving with an
+exception, or calling :meth:`Bus.shutdown`, aborts live streams with
+``by="shutdown"`` first. A sink marked ``critical`` that raises stops the bus
+with :class:`~streambus.errors.SinkFailed`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import structlog
+
+from .errors import BusClosed, SinkFailed
+from .events import Event, StartEvent, is_terminal
+from .subscription import Filter, OverflowPolicy, Subscription
+from .writer import StreamWriter
+
+__all__ = ["Bus", "Producer", "Sink"]
+
+log = structlog.get_logger("streambus.bus")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything that consumes events: an object with ``async run(subscription)``.
+
+    Optional members the bus honours when present: ``async setup(bus)`` and
+    ``async teardown()`` around the sink's life, and the attributes
+    ``overflow`` / ``buffer`` / ``raw`` as defaults for its subscription
+    (a recorder sets ``overflow = "block"``; an audit sink sets ``raw = True``
+    to see events before moderation), and ``interpose = True`` for a
+    processing stage that republishes what it reads (see :meth:`Bus.interpose`).
+    """
+
+    async def run(self, events: Subscription) -> None:
+        """Consume *events* until the subscription ends."""
+
+
+@runtime_checkable
+class Producer(Protocol):
+    """Anything that publishes streams: an object with ``async run(bus)``.
+
+    A producer opens one :meth:`Bus.stream` per model response.
+    """
+
+    async def run(self, bus: Bus) -> None:
+        """Publish streams to *bus*; return when done."""
+
+
+class Bus:
+    """An async event bus; use it as ``async with Bus() as bus``.
+
+    :param buffer: default per-subscriber buffer, in events.
+    :param overflow: default overflow policy (``coalesce``).
+    :param max_bytes: byte cap of a ``coalesce`` subscriber's buffer.
+    :param drain_timeout: seconds sinks get to drain at shutdown before they are cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        buffer: int = 1024,
+        overflow: OverflowPolicy | str = OverflowPolicy.COALESCE,
+        max_bytes: int = 8 * 1024 * 1024,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        if buffer < 1:
+            raise ValueError(f"buffer must be at least 1, got {buffer}")
+        self.buffer = buffer
+        self.overflow = OverflowPolicy.parse(overflow)
+        self.max_bytes = max_bytes
+        self.drain_timeout = drain_timeout
+        self._subs: list[Subscription] = []
+        self._plain: list[Subscription] = []
+        self._raw: list[Subscription] = []
+        self._interposed = 0
+        self._live: dict[str, StartEvent] = {}
+        self._writers: dict[str, StreamWriter] = {}
+        self._sink_tg: anyio.abc.TaskGroup | None = None
+        self._producer_tg: anyio.abc.TaskGroup | None = None
+        self._running = False
+        self._failure: SinkFailed | None = None
+        self._writers_idle: anyio.Event | None = None
+        self._producer_scopes: set[anyio.CancelScope] = set()
+        self._stopped: anyio.Event | None = None
+        self._sink_count = 0
+        self.published = 0
+        """How many events were published (a cheap counter for monitoring)."""
+
+    # -- lifecycle -----------------------------------------------------------
+    async def __aenter__(self) -> Bus:
+        if self._running:
+            raise RuntimeError("this Bus is already running")
+        self._sink_tg = anyio.create_task_group()
+        await self._sink_tg.__aenter__()
+        self._producer_tg = anyio.create_task_group()
+        await self._producer_tg.__aenter__()
+        self._stopped = anyio.Event()
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._producer_tg is not None and self._sink_tg is not None
+        if exc is not None:
+            # The caller's exception propagates as it is, not wrapped in a
+            # task group's ExceptionGroup: stop producers, then exit cleanly.
+            self._abort_all("shutdown", "shutdown")
+            self._cancel_producers()
+        try:
+            try:
+                await self._producer_tg.__aexit__(None, None, None)
+            finally:
+                self._abort_all("shutdown", "shutdown")
+                # Writers running outside the producer task group (request
+                # handlers, the caller's own tasks) publish their abort first.
+                with anyio.CancelScope(shield=True) as shield:
+                    shield.deadline = anyio.current_time() + self.drain_timeout
+                    while self._writers:
+                        self._writers_idle = anyio.Event()
+                        await self._writers_idle.wait()
+                self._running = False
+                for sub in list(self._subs):
+                    sub._close()
+                # Sinks drain what was already accepted, shielded from the
+                # cancellation that may be tearing the caller down, but bounded.
+                scope = self._sink_tg.cancel_scope
+                scope.shield = True
+                scope.deadline = anyio.current_time() + self.drain_timeout
+                await self._sink_tg.__aexit__(None, None, None)
+                if scope.cancelled_caught:
+                    log.warning("bus.drain_timeout", timeout=self.drain_timeout)
+        except BaseException as group:
+            if self._failure is not None:
+                raise self._failure from self._failure.__cause__
+            raise group
+        if self._failure is not None:
+            raise self._failure from self._failure.__cause__
+        return None
+
+    @property
+    def running(self) -> bool:
+        """Whether the bus accepts events."""
+        return self._running
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
+
+    async def shutdown(self, reason: str = "shutdown") -> None:
+        """Abort every live stream with ``by="shutdown"`` and cancel producers.
+
+        Wakes :meth:`wait_stopped`; leaving the ``async with`` block then drains sinks.
+        """
+        self._abort_all(reason, "shutdown")
+        self._cancel_producers()
+        if self._stopped is not None:
+            self._stopped.set()
+        await anyio.lowlevel.checkpoint()
+
+    def _cancel_producers(self) -> None:
+        # Each producer has its own scope: the task group's scope would also
+        # cancel the body of the caller's `async with Bus()` block.
+        for scope in list(self._producer_scopes):
+            scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`shutdown` is called or a critical sink fails."""
+        self._check_running()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    @property
+    def failure(self) -> SinkFailed | None:
+        """The :class:`~streambus.errors.SinkFailed` that stopped the bus, if any."""
+        return self._failure
+
+    # -- producers -----------------------------------------------------------
+    def stream(
+        self,
+        *,
+        model: str = "",
+        provider: str = "",
+        meta: Mapping[str, Any] | None = None,
+        stream: str | None = None,
+    ) -> StreamWriter:
+        """Return a writer for a new stream; publish through it with ``async with``."""
+        return StreamWriter(self, stream=stream, model=model, provider=provider, meta=meta)
+
+    def start_producer(self, producer: Producer, *, name: str | None = None) -> None:
+        """Run *producer* in the bus's task group; leaving the bus waits for it."""
+        self.start_soon(producer.run, self, name=name or type(producer).__name__)
+
+    def start_soon(self, func: Callable[..., Awaitable[Any]], *args: Any, name: str | None = None) -> None:
+        """Run ``func(*args)`` as a producer task (its failure is logged, not fatal)."""
+        self._check_running()
+        assert self._producer_tg is not None
+        self._producer_tg.start_soon(self._guard_producer, func, args, name or getattr(func, "__name__", "task"))
+
+    async def _guard_producer(self, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...], name: str) -> None:
+        with anyio.CancelScope() as scope:
+            self._producer_scopes.add(scope)
+            try:
+                await func(*args)
+            except Exception as exc:
+                log.error("producer.failed", producer=name, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            finally:
+                self._producer_scopes.discard(scope)
+
+    def abort(self, stream: str, reason: str = "", by: str = "client") -> bool:
+        """Abort a live stream: cancel its producer and publish ``abort``.
+
+        Returns False if the stream is not live here (unknown or already ended).
+        """
+        writer = self._writers.get(stream)
+        if writer is None:
+            return False
+        return writer._request_abort(reason, by)
+
+    def _abort_all(self, reason: str, by: str) -> None:
+        for writer in list(self._writers.values()):
+            writer._request_abort(reason, by)
+
+    def _register_writer(self, writer: StreamWriter) -> None:
+        self._check_running()
+        if writer.stream in self._writers or writer.stream in self._live:
+            raise ValueError(f"stream id {writer.stream!r} is already live on this bus")
+        self._writers[writer.stream] = writer
+
+    def _unregister_writer(self, writer: StreamWriter) -> None:
+        if self._writers.get(writer.stream) is writer:
+            del self._writers[writer.stream]
+            if not self._writers and self._writers_idle is not None:
+                self._writers_idle.set()
+
+    @property
+    def live_streams(self) -> Mapping[str, StartEvent]:
+        """The ``start`` event of every stream that has not ended yet."""
+        return self._live
+
+    # -- publishing ------------------------------------------------------------
+    async def publish(self, event: Event, *, processed: bool = False) -> None:
+        """Deliver *event* to every matching subscriber.
+
+        Producers normally publish through :meth:`stream`; call this directly
+        to republish events that already carry their ``stream``/``seq`` (a
+        Redis source, a replay). Waits only while a ``block`` subscriber is
+        full. *processed* is for interposed stages (moderation): see
+        :meth:`interpose`.
+        """
+        if not self._running and not self._subs:
+            raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
+        self.published += 1
+        if self._interposed and not processed:
+            targets = self._raw
+        elif self._interposed:
+            targets = self._plain
+        else:
+            targets = self._subs
+        if type(event) is StartEvent:
+            if not processed:
+                self._live[event.stream] = event
+            for sub in targets:
+                if not sub._all and sub.filter.matches(event):
+                    sub._streams.add(event.stream)
+        for sub in targets:
+            if (sub._all or event.stream in sub._streams) and not sub._offer(event):
+                await sub._wait_space()
+                if not sub._closed:
+                    sub._buf.append(event)
+                    if sub._waiter is not None:
+                        waiter, sub._waiter = sub._waiter, None
+                        waiter.set()
+        if is_terminal(event):
+            if not processed:
+                self._live.pop(event.stream, None)
+            for sub in targets:
+                if not sub._all:
+                    sub._streams.discard(event.stream)
+
+    # -- subscribing -------------------------------------------------------------
+    def subscribe(
+        self,
+        filter: Filter | None = None,
+        *,
+        buffer: int | None = None,
+        overflow: OverflowPolicy | str | None = None,
+        max_bytes: int | None = None,
+        name: str = "subscriber",
+        raw: bool = False,
+    ) -> Subscription:
+        """Subscribe to events matching *filter* (everything by default).
+
+        Returns a :class:`~streambus.Subscription` to read with ``async for``.
+        Streams already live are included from their next event on. *raw*
+        subscribers see events before any interposed stage (moderation).
+        """
+        if not self._running:
+            raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
+        flt = filter or Filter()
+        sub = Subscription(
+            self,
+            flt,
+            buffer=buffer or self.buffer,
+            overflow=OverflowPolicy.parse(overflow) if overflow is not None else self.overflow,
+            max_bytes=max_bytes or self.max_bytes,
+            name=name,
+            raw=raw,
+        )
+        if not sub._all:
+            for stream, start in self._live.items():
+                if flt.matches(start):
+                    sub._streams.add(stream)
+        # Copy-on-write: publish() iterates these lists without copying, and a
+        # subscriber may close (and be forgotten) in the middle of a delivery.
+        self._subs = [*self._subs, sub]
+        if raw:
+            self._raw = [*self._raw, sub]
+        else:
+            self._plain = [*self._plain, sub]
+        return sub
+
+    def interpose(self, *, name: str = "stage", buffer: int | None = None) -> Subscription:
+        """Put a processing stage (e.g. moderation) between producers and subscribers.
+
+        Returns a raw ``block`` subscription of everything producers publish.
+        From now on, non-raw subscribers only see what the stage republishes
+        with ``publish(event, processed=True)``; raw subscribers keep seeing
+        the producers' events.
+        """
+        sub = self.subscribe(buffer=buffer, overflow=OverflowPolicy.BLOCK, name=name, raw=True)
+        self._interposed += 1
+        return sub
+
+    def _forget(self, sub: Subscription) -> None:
+        self._subs = [s for s in self._subs if s is not sub]
+        self._raw = [s for s in self._raw if s is not sub]
+        self._plain = [s for s in self._plain if s is not sub]
+
+    # -- sinks -----------------------------------------------------------------
+    def add_sink(
+        self,
+        sink: Sink,
+        *,
+        name: str | None = None,
+        filter: Filter | None = None,
+        buffer: int | None = None,
+        overflow: OverflowPolicy | str | None = None,
+        critical: bool = False,
+        raw: bool | None = None,
+        max_restarts: float = math.inf,
+    ) -> Subscription:
+        """Subscribe *sink* and run it supervised in the bus's task group.
+
+        An exception in the sink is logged and the sink restarted with
+        exponential backoff (0.05 s doubling to 5 s) on the same subscription,
+        so nothing buffered is lost; a *critical* sink stops the bus instead.
+        Returns the sink's subscription.
+        """
+        self._check_running()
+        assert self._sink_tg is not None
+        self._sink_count += 1
+        label = name or getattr(sink, "name", None) or f"{type(sink).__name__}-{self._sink_count}"
+        if getattr(sink, "interpose", False):
+            # A processing stage (moderation): it reads what producers publish
+            # and republishes with processed=True for everyone else.
+            sub = self.interpose(name=label, buffer=buffer or getattr(sink, "buffer", None))
+            self._sink_tg.start_soon(self._supervise, sink, sub, label, critical, max_restarts, name=f"sink:{label}")
+            return sub
+        sub = self.subscribe(
+            filter,
+            buffer=buffer or getattr(sink, "buffer", None),
+            overflow=overflow or getattr(sink, "overflow", None),
+            name=label,
+            raw=raw if raw is not None else bool(getattr(sink, "raw", False)),
+        )
+        self._sink_tg.start_soon(self._supervise, sink, sub, label, critical, max_restarts, name=f"sink:{label}")
+        return sub
+
+    async def _supervise(self, sink: Sink, sub: Subscription, name: str, critical: bool, max_restarts: float) -> None:
+        delay = 0.05
+        restarts = 0
+        try:
+            setup = getattr(sink, "setup", None)
+            if setup is not None:
+                await setup(self)
+            while True:
+                try:
+                    await sink.run(sub)
+                    return
+                except Exception as exc:
+                    if critical:
+                        self._fail(SinkFailed(name), exc)
+                        return
+                    if restarts >= max_restarts:
+                        log.error("sink.gave_up", sink=name, restarts=restarts, error=repr(exc))
+                        return
+                    restarts += 1
+                    log.error(
+                        "sink.failed", sink=name, error=f"{type(exc).__name__}: {exc}", restart_in=delay, exc_info=exc
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        except Exception as exc:  # setup failed
+            if critical:
+                self._fail(SinkFailed(name), exc)
+            else:
+                log.error("sink.setup_failed", sink=name, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        finally:
+            sub._close()
+            teardown = getattr(sink, "teardown", None)
+            if teardown is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await teardown()
+                    except Exception as exc:
+                        log.error("sink.teardown_failed", sink=name, error=repr(exc))
+
+    def _fail(self, failure: SinkFailed, cause: BaseException) -> None:
+        failure.__cause__ = cause
+        log.error("sink.critical_failure", sink=failure.name, error=f"{type(cause).__name__}: {cause}")
+        if self._failure is None:
+            self._failure = failure
+        self._abort_all("critical sink failed", "shutdown")
+        self._cancel_producers()
+        if self._stopped is not None:
+            self._stopped.set()

@@ -1,0 +1,248 @@
+"""TOML pipelines: a bus, its producers and its sinks, described in one file.
+
+::
+
+    [bus]
+    buffer = 1024            # events per subscriber
+    overflow = "coalesce"    # block | coalesce | drop_oldest | disconnect
+
+    [log]
+    level = "info"           # debug | info | warning | error
+    format = "console"       # console | json
+
+    [[producers]]
+    type = "synthetic"       # an entry point name in streambus.producers
+    count = 3                # ... then that plugin's own options
+
+    [[sinks]]
+    type = "stdout"          # an entry point name in streambus.sinks
+    overflow = "block"       # keys every sink takes: name, overflow, buffer,
+                             # critical, raw, filter = {streams, models, providers, meta}
+
+Every validation error names the file, the table and the key, e.g.
+``configs/x.toml: sinks[1].port: expected integer, got "abc"``.
+Load with :func:`load_config`, run with :meth:`Pipeline.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import msgspec
+import structlog
+
+from .bus import Bus, Producer, Sink
+from .errors import ConfigError
+from .plugins import build, validate_options
+from .subscription import Filter, OverflowPolicy
+
+__all__ = ["BusConfig", "LogConfig", "Pipeline", "SinkEntry", "load_config", "parse_config"]
+
+log = structlog.get_logger("streambus.config")
+
+
+class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The ``[bus]`` table."""
+
+    buffer: int = 1024
+    overflow: Literal["block", "coalesce", "drop_oldest", "disconnect"] = "coalesce"
+    max_bytes: int = 8 * 1024 * 1024
+    drain_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.buffer < 1:
+            raise ValueError("buffer: must be at least 1")
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The ``[log]`` table."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class _FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    streams: list[str] | None = None
+    models: list[str] | None = None
+    providers: list[str] | None = None
+    meta: dict[str, Any] | None = None
+
+
+class _SinkCommon(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    overflow: Literal["block", "coalesce", "drop_oldest", "disconnect"] | None = None
+    buffer: int | None = None
+    critical: bool = False
+    raw: bool | None = None
+    filter: _FilterConfig | None = None
+
+
+_SINK_KEYS = {f.name for f in msgspec.structs.fields(_SinkCommon)}
+
+
+@dataclasses.dataclass
+class SinkEntry:
+    """A configured sink with the subscription settings from its table."""
+
+    sink: Sink
+    name: str | None = None
+    overflow: str | None = None
+    buffer: int | None = None
+    critical: bool = False
+    raw: bool | None = None
+    filter: Filter | None = None
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A validated pipeline, ready to :meth:`run`."""
+
+    path: str
+    bus: BusConfig
+    log: LogConfig
+    producers: list[Producer]
+    sinks: list[SinkEntry]
+
+    def make_bus(self) -> Bus:
+        """Return a :class:`Bus` with this pipeline's ``[bus]`` settings."""
+        return Bus(
+            buffer=self.bus.buffer,
+            overflow=OverflowPolicy(self.bus.overflow),
+            max_bytes=self.bus.max_bytes,
+            drain_timeout=self.bus.drain_timeout,
+        )
+
+    def attach(self, bus: Bus) -> None:
+        """Add this pipeline's sinks to a running *bus* (before producers start)."""
+        for entry in self.sinks:
+            bus.add_sink(
+                entry.sink,
+                name=entry.name,
+                filter=entry.filter,
+                buffer=entry.buffer,
+                overflow=entry.overflow,
+                critical=entry.critical,
+                raw=entry.raw,
+            )
+
+    async def run(self, *, serve: bool = False) -> None:
+        """Run until every producer finished and every sink drained.
+
+        With *serve*, keep running until SIGINT/SIGTERM (or :meth:`Bus.shutdown`);
+        on a signal, live streams are aborted with ``by="shutdown"`` and sinks drain.
+        """
+        async with self.make_bus() as bus:
+            self.attach(bus)
+            for producer in self.producers:
+                bus.start_producer(producer)
+            if serve:
+                await _serve_until_signal(bus)
+
+
+async def _serve_until_signal(bus: Bus) -> None:
+    import signal
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("bus.signal", signal=signal.Signals(signum).name)
+                    await bus.shutdown()
+                    return
+
+        async def stopped() -> None:
+            await bus.wait_stopped()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(stopped)
+
+
+def _table(data: Any, where: str, path: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a table, got {type(data).__name__}", path=path, location=where)
+    return data
+
+
+def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline:
+    """Validate a parsed TOML document and build its plugins."""
+    unknown = set(data) - {"bus", "log", "producers", "sinks"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError("unknown table (expected bus, log, producers, sinks)", path=path, location=key)
+    try:
+        bus = validate_options(BusConfig, _table(data.get("bus", {}), "bus", path), path=path, location="bus")
+    except ValueError as exc:  # __post_init__ checks
+        raise ConfigError(str(exc).split(": ", 1)[-1], path=path, location="bus." + str(exc).split(":")[0]) from None
+    logcfg = validate_options(LogConfig, _table(data.get("log", {}), "log", path), path=path, location="log")
+
+    producers: list[Producer] = []
+    for i, raw in enumerate(_list(data.get("producers", []), "producers", path)):
+        where = f"producers[{i}]"
+        table = dict(_table(raw, where, path))
+        kind = _type_of(table, where, path)
+        producers.append(build("producers", kind, table, path=path, location=where))
+
+    sinks: list[SinkEntry] = []
+    for i, raw in enumerate(_list(data.get("sinks", []), "sinks", path)):
+        where = f"sinks[{i}]"
+        table = dict(_table(raw, where, path))
+        kind = _type_of(table, where, path)
+        common_raw = {k: table.pop(k) for k in list(table) if k in _SINK_KEYS}
+        common = validate_options(_SinkCommon, common_raw, path=path, location=where)
+        if common.buffer is not None and common.buffer < 1:
+            raise ConfigError(f"must be at least 1, got {common.buffer}", path=path, location=f"{where}.buffer")
+        sink = build("sinks", kind, table, path=path, location=where)
+        flt = None
+        if common.filter is not None:
+            f = common.filter
+            flt = Filter.of(streams=f.streams, models=f.models, providers=f.providers, meta=f.meta)
+        sinks.append(
+            SinkEntry(
+                sink=sink,
+                name=common.name or kind,
+                overflow=common.overflow,
+                buffer=common.buffer,
+                critical=common.critical,
+                raw=common.raw,
+                filter=flt,
+            )
+        )
+    return Pipeline(path=path, bus=bus, log=logcfg, producers=producers, sinks=sinks)
+
+
+def _list(value: Any, where: str, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"expected an array of tables ([[{where}]]), got {type(value).__name__}", path=path, location=where
+        )
+    return value
+
+
+def _type_of(table: dict[str, Any], where: str, path: str) -> str:
+    kind = table.pop("type", None)
+    if kind is None:
+        raise ConfigError("missing required key", path=path, location=f"{where}.type")
+    if not isinstance(kind, str):
+        raise ConfigError(f"expected string, got {kind!r}", path=path, location=f"{where}.type")
+    return kind
+
+
+def load_config(path: str | Path) -> Pipeline:
+    """Read, validate and build the pipeline in the TOML file at *path*."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", path=str(p)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", path=str(p)) from None
+    return parse_config(data, path=str(p))

@@ -1,0 +1,137 @@
+"""The one exception tree of streambus.
+
+Every error the library raises on purpose derives from :class:`StreamBusError`,
+so ``except StreamBusError`` catches them all::
+
+    StreamBusError
+    ├── DecodeError            bytes that are not a valid event (names the field)
+    ├── WireError              a sans-I/O parser met bad bytes (carries the offset)
+    ├── ConfigError            a pipeline file is wrong (names file, table and key)
+    ├── PluginError            a plugin is unknown or failed to import
+    ├── RecordingError         a recording file is damaged (names the line)
+    ├── BusClosed              publishing to, or subscribing on, a closed bus
+    ├── StreamClosed           writing to a stream that already ended
+    ├── SubscriptionClosed     a subscription was closed by the bus
+    │   └── Overflowed         ... because its reader fell too far behind
+    └── SinkFailed             a sink marked critical raised, so the bus stopped
+
+Each error carries the offending piece of input as attributes, so callers can
+react without parsing the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusClosed",
+    "ConfigError",
+    "DecodeError",
+    "Overflowed",
+    "PluginError",
+    "RecordingError",
+    "SinkFailed",
+    "StreamBusError",
+    "StreamClosed",
+    "SubscriptionClosed",
+    "WireError",
+]
+
+
+class StreamBusError(Exception):
+    """Base class of every error streambus raises on purpose."""
+
+
+class DecodeError(StreamBusError):
+    """Bytes could not be decoded into an event.
+
+    ``field`` names the offending field (``"$.text"`` style path) when known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class WireError(StreamBusError):
+    """A sans-I/O parser met input it cannot accept.
+
+    ``offset`` is the byte offset, from the start of everything fed to the
+    parser, where the bad input begins.
+    """
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(f"{message} (at byte {offset})")
+        self.offset = offset
+
+
+class ConfigError(StreamBusError):
+    """A pipeline configuration is invalid.
+
+    The message reads ``file: table[index].key: problem``; the pieces are kept
+    in ``path`` (file), ``location`` (``sinks[1].port``) and ``problem``.
+    """
+
+    def __init__(self, problem: str, *, path: str | None = None, location: str | None = None) -> None:
+        parts = [p for p in (path, location) if p]
+        super().__init__(": ".join([*parts, problem]))
+        self.path = path
+        self.location = location
+        self.problem = problem
+
+
+class PluginError(StreamBusError):
+    """A plugin is not installed, unknown, or failed to import.
+
+    ``hint`` is the command that fixes it, when one is known.
+    """
+
+    def __init__(self, message: str, *, name: str, hint: str | None = None) -> None:
+        super().__init__(f"{message}. {hint}" if hint else message)
+        self.name = name
+        self.hint = hint
+
+
+class RecordingError(StreamBusError):
+    """A recording file is damaged or of an unsupported version.
+
+    ``line`` is the 1-based line number of the offending line.
+    """
+
+    def __init__(self, message: str, *, path: str, line: int) -> None:
+        super().__init__(f"{path}:{line}: {message}")
+        self.path = path
+        self.line = line
+
+
+class BusClosed(StreamBusError):
+    """The bus is not running: enter ``async with Bus()`` first."""
+
+
+class StreamClosed(StreamBusError):
+    """The stream already had its terminal event; nothing more can be written."""
+
+
+class SubscriptionClosed(StreamBusError):
+    """The bus closed this subscription; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Overflowed(SubscriptionClosed):
+    """The subscriber fell behind past what its overflow policy allows.
+
+    Everything delivered before this error was complete and in order; the
+    subscriber should reconnect (and recover, where the transport supports it).
+    """
+
+
+class SinkFailed(StreamBusError):
+    """A sink marked ``critical`` raised, so the bus was stopped.
+
+    The sink's exception is the ``__cause__``.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"critical sink {name!r} failed")
+        self.name = name

@@ -1,0 +1,187 @@
+"""Typed, immutable events and their JSON wire codec (wire format v1).
+
+Every event is a frozen :mod:`msgspec` ``Struct``; on the wire it is one JSON
+object whose ``type`` field names the kind (``start``, ``delta``, ``end``,
+``error``, ``abort``, ``moderation``). The representation was chosen by
+measurement (see ``docs/events.md``): msgspec encodes these structs as fast as
+orjson encodes plain dicts, and decodes *with validation* of the tagged union.
+
+Use :func:`encode` / :func:`decode` for single events and
+:func:`encode_many` for a newline-joined batch. Decoding ignores unknown
+fields (so newer producers can talk to older consumers) and raises
+:class:`~streambus.errors.DecodeError` naming the field for anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from .errors import DecodeError
+
+__all__ = [
+    "CONTROL_TYPES",
+    "TERMINAL_TYPES",
+    "AbortEvent",
+    "Channel",
+    "DeltaEvent",
+    "EndEvent",
+    "ErrorEvent",
+    "Event",
+    "ModerationEvent",
+    "StartEvent",
+    "Usage",
+    "decode",
+    "encode",
+    "encode_many",
+    "is_terminal",
+    "to_builtins",
+]
+
+Channel: TypeAlias = Literal["content", "reasoning", "tool"]
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+    """Fields common to every event."""
+
+    stream: str
+    """Id of one model response: unique, URL-safe."""
+    seq: int
+    """0 for ``start``, +1 for each later event of the stream."""
+    ts: float
+    """Producer wall clock, UNIX seconds."""
+
+
+class StartEvent(_Base, frozen=True, tag="start"):
+    """First event of every stream: who is answering, and the request's tags."""
+
+    model: str = ""
+    provider: str = ""
+    meta: dict[str, Any] = {}
+
+
+class DeltaEvent(_Base, frozen=True, tag="delta"):
+    """A piece of generated text.
+
+    ``n`` counts the provider chunks merged into this delta (1 at the source).
+    When several deltas were coalesced, ``seq`` is the last merged seq and
+    ``first_seq`` the first; otherwise ``first_seq`` is ``None``.
+    """
+
+    text: str
+    channel: Channel = "content"
+    n: int = 1
+    first_seq: int | None = None
+
+    @property
+    def seq_range(self) -> tuple[int, int]:
+        """The inclusive range of source seqs this delta carries."""
+        return (self.seq if self.first_seq is None else self.first_seq, self.seq)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Token counts of a response; ``source`` says who counted them."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    source: Literal["provider", "counted"] = "provider"
+
+
+class EndEvent(_Base, frozen=True, tag="end"):
+    """Normal end of a stream, with usage and provider timings when known."""
+
+    reason: str = "stop"
+    usage: Usage | None = None
+    timings: dict[str, float] = {}
+
+
+class ErrorEvent(_Base, frozen=True, tag="error"):
+    """The stream failed. ``kind`` is a stable machine-readable name."""
+
+    kind: str
+    message: str = ""
+    retryable: bool = False
+
+
+class AbortEvent(_Base, frozen=True, tag="abort"):
+    """The stream was stopped on purpose; ``by`` says who stopped it."""
+
+    reason: str = ""
+    by: str = "client"
+
+
+class ModerationEvent(_Base, frozen=True, tag="moderation"):
+    """A moderation verdict about the characters ``[start, end)`` of a channel.
+
+    Offsets count characters of that channel's text from the stream's start.
+    ``action`` is ``flag``, ``redact``, ``retract`` (clients remove the span
+    already shown) or ``abort``.
+    """
+
+    verdict: str = "flagged"
+    categories: list[str] = []
+    action: Literal["flag", "redact", "retract", "abort"] = "flag"
+    start: int = 0
+    end: int = 0
+    channel: Channel = "content"
+    scores: dict[str, float] = {}
+
+
+Event: TypeAlias = StartEvent | DeltaEvent | EndEvent | ErrorEvent | AbortEvent | ModerationEvent
+"""Any event."""
+
+TERMINAL_TYPES: Final = (EndEvent, ErrorEvent, AbortEvent)
+"""The event classes that close a stream; each stream has exactly one."""
+
+CONTROL_TYPES: Final = (StartEvent, EndEvent, ErrorEvent, AbortEvent, ModerationEvent)
+"""Events that overflow policies never merge or drop."""
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+
+
+def is_terminal(event: Event) -> bool:
+    """Return whether *event* closes its stream (``end``, ``error``, ``abort``)."""
+    return isinstance(event, TERMINAL_TYPES)
+
+
+def encode(event: Event) -> bytes:
+    """Encode *event* as one compact JSON object (wire form, no newline)."""
+    return _encoder.encode(event)
+
+
+def encode_many(events: list[Event]) -> bytes:
+    """Encode *events* as JSON Lines: one object per line, newline-terminated."""
+    buf = bytearray()
+    for event in events:
+        _encoder.encode_into(event, buf, len(buf))
+        buf.extend(b"\n")
+    return bytes(buf)
+
+
+def decode(data: bytes | bytearray | memoryview | str) -> Event:
+    """Decode one wire-form JSON object into an event.
+
+    Unknown fields are ignored. Raises :class:`~streambus.errors.DecodeError`
+    naming the field when the JSON is invalid, ``type`` is unknown, or a
+    required field is missing or of the wrong type.
+    """
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        field = message.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in message else None
+        if "missing required field `" in message:
+            name = message.split("`")[1]
+            field = f"{field}.{name}" if field else f"$.{name}"
+        raise DecodeError(f"invalid event: {message}", field=field) from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"invalid event JSON: {exc}") from None
+
+
+def to_builtins(event: Event) -> dict[str, Any]:
+    """Return the wire form of *event* as a plain dict (for templating, tests)."""
+    result: dict[str, Any] = msgspec.to_builtins(event)
+    return result

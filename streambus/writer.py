@@ -1,0 +1,236 @@
+"""The stream writer: how producers put one model response on the bus.
+
+::
+
+    async with bus.stream(model="llama3", provider="ollama") as w:
+        async for chunk in model_output:
+            await w.delta(chunk)
+        await w.end(reason="stop", usage=Usage(completion_tokens=42))
+
+The writer numbers ``seq`` (0 for ``start``, +1 for every later event),
+stamps ``ts``, and guarantees exactly one terminal event:
+
+- leaving the block normally without calling :meth:`StreamWriter.end`,
+  :meth:`~StreamWriter.error` or :meth:`~StreamWriter.abort` publishes
+  ``end(reason="stop")``;
+- an exception inside the block publishes ``error(kind="exception")`` and
+  propagates;
+- :meth:`Bus.abort <streambus.Bus.abort>` cancels the block and publishes
+  ``abort`` with the reason and ``by`` it was given (the block is exited
+  quietly);
+- any other cancellation publishes ``abort(by="cancelled")`` and propagates.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .errors import StreamClosed
+from .events import (
+    AbortEvent,
+    Channel,
+    DeltaEvent,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    ModerationEvent,
+    StartEvent,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = ["StreamWriter", "new_stream_id"]
+
+
+def new_stream_id() -> str:
+    """Return a new unique, URL-safe, roughly time-ordered stream id."""
+    return f"{time.time_ns() // 1_000_000:011x}-{secrets.token_hex(5)}"
+
+
+class StreamWriter:
+    """Publishes the events of one stream; use it as an async context manager.
+
+    Obtain one from :meth:`Bus.stream <streambus.Bus.stream>`.
+    """
+
+    __slots__ = (
+        "_abort",
+        "_bus",
+        "_scope",
+        "_seq",
+        "_terminal",
+        "meta",
+        "model",
+        "provider",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        stream: str | None = None,
+        model: str = "",
+        provider: str = "",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._bus = bus
+        self.stream = stream or new_stream_id()
+        self.model = model
+        self.provider = provider
+        self.meta = dict(meta or {})
+        self._seq = -1
+        self._terminal: Event | None = None
+        self._abort: tuple[str, str] | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last event written (-1 before ``start``)."""
+        return self._seq
+
+    @property
+    def finished(self) -> bool:
+        """Whether the terminal event was published."""
+        return self._terminal is not None
+
+    @property
+    def terminal(self) -> Event | None:
+        """The terminal event, once published."""
+        return self._terminal
+
+    def _next(self) -> int:
+        if self._terminal is not None:
+            raise StreamClosed(f"stream {self.stream} already ended with {type(self._terminal).__name__}")
+        self._seq += 1
+        return self._seq
+
+    async def __aenter__(self) -> StreamWriter:
+        self._scope = anyio.CancelScope()
+        self._scope.__enter__()
+        try:
+            self._bus._register_writer(self)
+            await self._bus.publish(
+                StartEvent(
+                    stream=self.stream,
+                    seq=self._next(),
+                    ts=time.time(),
+                    model=self.model,
+                    provider=self.provider,
+                    meta=self.meta,
+                )
+            )
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            self._bus._unregister_writer(self)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._scope is not None
+        scope = self._scope
+        try:
+            if self._terminal is None:
+                with anyio.CancelScope(shield=True):
+                    if exc is None:
+                        await self.end()
+                    elif self._abort is not None and scope.cancel_called:
+                        reason, by = self._abort
+                        await self._publish_abort(reason, by)
+                    elif isinstance(exc, anyio.get_cancelled_exc_class()):
+                        await self._publish_abort("cancelled", "cancelled")
+                    elif isinstance(exc, Exception):
+                        await self.error("exception", f"{type(exc).__name__}: {exc}")
+                    else:
+                        await self._publish_abort(type(exc).__name__, "shutdown")
+        finally:
+            self._bus._unregister_writer(self)
+            swallowed = scope.__exit__(exc_type, exc, tb)
+        return bool(swallowed)
+
+    async def delta(self, text: str, channel: Channel = "content") -> None:
+        """Publish a piece of text on *channel* (``content``, ``reasoning``, ``tool``)."""
+        await self._bus.publish(
+            DeltaEvent(stream=self.stream, seq=self._next(), ts=time.time(), text=text, channel=channel)
+        )
+
+    async def moderation(
+        self,
+        *,
+        action: str,
+        start: int,
+        end: int,
+        verdict: str = "flagged",
+        categories: list[str] | None = None,
+        channel: Channel = "content",
+    ) -> None:
+        """Publish a moderation verdict about characters ``[start, end)`` of *channel*."""
+        await self._bus.publish(
+            ModerationEvent(
+                stream=self.stream,
+                seq=self._next(),
+                ts=time.time(),
+                verdict=verdict,
+                categories=list(categories or []),
+                action=action,  # type: ignore[arg-type]
+                start=start,
+                end=end,
+                channel=channel,
+            )
+        )
+
+    async def end(
+        self,
+        reason: str = "stop",
+        usage: Usage | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> None:
+        """Publish the normal end of the stream (its terminal event)."""
+        event = EndEvent(
+            stream=self.stream,
+            seq=self._next(),
+            ts=time.time(),
+            reason=reason,
+            usage=usage,
+            timings=dict(timings or {}),
+        )
+        self._terminal = event
+        await self._bus.publish(event)
+
+    async def error(self, kind: str, message: str = "", *, retryable: bool = False) -> None:
+        """Publish an ``error`` terminal event with a stable machine-readable *kind*."""
+        event = ErrorEvent(
+            stream=self.stream, seq=self._next(), ts=time.time(), kind=kind, message=message, retryable=retryable
+        )
+        self._terminal = event
+        await self._bus.publish(event)
+
+    async def abort(self, reason: str = "", by: str = "client") -> None:
+        """Publish an ``abort`` terminal event from inside the producer."""
+        await self._publish_abort(reason, by)
+
+    async def _publish_abort(self, reason: str, by: str) -> None:
+        event = AbortEvent(stream=self.stream, seq=self._next(), ts=time.time(), reason=reason, by=by)
+        self._terminal = event
+        await self._bus.publish(event)
+
+    def _request_abort(self, reason: str, by: str) -> bool:
+        if self._terminal is not None or self._scope is None:
+            return False
+        if self._abort is None:
+            self._abort = (reason, by)
+        self._scope.cancel()
+        return True

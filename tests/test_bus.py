@@ -1,0 +1,450 @@
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio import wait_all_tasks_blocked
+
+from streambus import (
+    AbortEvent,
+    Bus,
+    BusClosed,
+    DeltaEvent,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    Filter,
+    Overflowed,
+    SinkFailed,
+    StartEvent,
+    StreamClosed,
+    StreamFailed,
+    Subscription,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def collect(sub: Subscription) -> list[Event]:
+    return [e async for e in sub]
+
+
+async def test_writer_numbers_seq_and_ends_once() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(model="m", provider="p", meta={"user": "u1"}) as w:
+            await w.delta("Hel")
+            await w.delta("lo")
+        with pytest.raises(StreamClosed):
+            await w.delta("late")
+    events = await collect(sub)
+    assert [type(e) for e in events] == [StartEvent, DeltaEvent, DeltaEvent, EndEvent]
+    assert [e.seq for e in events] == [0, 1, 2, 3]
+    assert {e.stream for e in events} == {w.stream}
+    start = events[0]
+    assert isinstance(start, StartEvent) and start.model == "m" and start.meta == {"user": "u1"}
+    assert all(a.ts <= b.ts for a, b in zip(events, events[1:], strict=False))
+
+
+async def test_exception_in_writer_becomes_error_event_and_propagates() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        with pytest.raises(RuntimeError, match="boom"):
+            async with bus.stream() as w:
+                await w.delta("partial")
+                raise RuntimeError("boom")
+    events = await collect(sub)
+    last = events[-1]
+    assert isinstance(last, ErrorEvent) and last.kind == "exception" and "boom" in last.message
+    assert sum(isinstance(e, EndEvent | ErrorEvent | AbortEvent) for e in events) == 1
+
+
+async def test_abort_cancels_producer_and_publishes_abort() -> None:
+    reached_end = False
+    started = anyio.Event()
+
+    async def producer(bus: Bus) -> None:
+        nonlocal reached_end
+        async with bus.stream(stream="s1") as w:
+            await w.delta("a")
+            started.set()
+            await anyio.sleep_forever()
+            reached_end = True
+
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        bus.start_soon(producer, bus)
+        await started.wait()
+        assert bus.abort("s1", reason="too long", by="client")
+        assert not bus.abort("unknown")
+    events = await collect(sub)
+    last = events[-1]
+    assert isinstance(last, AbortEvent) and last.reason == "too long" and last.by == "client"
+    assert not reached_end
+    assert not bus.abort("s1")
+
+
+async def test_outside_cancellation_becomes_abort_and_propagates() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        with anyio.move_on_after(0.01):
+            async with bus.stream() as w:
+                await w.delta("x")
+                await anyio.sleep_forever()
+    events = await collect(sub)
+    assert isinstance(events[-1], AbortEvent) and events[-1].by == "cancelled"
+
+
+async def test_leaving_bus_with_error_aborts_live_streams_by_shutdown() -> None:
+    gate = anyio.Event()
+
+    async def producer(bus: Bus) -> None:
+        async with bus.stream() as w:
+            await w.delta("x")
+            gate.set()
+            await anyio.sleep_forever()
+
+    sub: Subscription | None = None
+    with pytest.raises(ZeroDivisionError):
+        async with Bus() as bus:
+            sub = bus.subscribe()
+            bus.start_soon(producer, bus)
+            await gate.wait()
+            1 / 0  # noqa: B018
+    assert sub is not None
+    events = await collect(sub)
+    assert isinstance(events[-1], AbortEvent) and events[-1].by == "shutdown"
+
+
+async def test_shutdown_aborts_and_drains() -> None:
+    received: list[Event] = []
+
+    class Slow:
+        async def run(self, events: Subscription) -> None:
+            async for e in events:
+                await anyio.sleep(0)
+                received.append(e)
+
+    async def producer(bus: Bus) -> None:
+        async with bus.stream() as w:
+            for i in range(50):
+                await w.delta(str(i))
+            await anyio.sleep_forever()
+
+    async with Bus() as bus:
+        bus.add_sink(Slow(), overflow="block", buffer=4)
+        bus.start_soon(producer, bus)
+        await wait_all_tasks_blocked()
+        await bus.shutdown()
+    assert "".join(e.text for e in received if isinstance(e, DeltaEvent)) == "".join(map(str, range(50)))
+    assert isinstance(received[-1], AbortEvent) and received[-1].by == "shutdown"
+
+
+async def test_filters_by_model_provider_meta_and_stream() -> None:
+    async with Bus() as bus:
+        by_model = bus.subscribe(Filter.of(models="a"))
+        by_meta = bus.subscribe(Filter.of(meta={"user": ["u1", "u2"]}))
+        by_provider = bus.subscribe(Filter.of(providers="ollama"))
+        async with bus.stream(model="a", provider="openai", meta={"user": "u1"}) as w1:
+            await w1.delta("1")
+        by_stream = bus.subscribe(Filter.of(streams="fixed"))
+        async with bus.stream(model="b", provider="ollama", meta={"user": "u3"}, stream="fixed") as w2:
+            await w2.delta("2")
+    assert {e.stream for e in await collect(by_model)} == {w1.stream}
+    assert {e.stream for e in await collect(by_meta)} == {w1.stream}
+    assert {e.stream for e in await collect(by_provider)} == {w2.stream}
+    assert {e.stream for e in await collect(by_stream)} == {"fixed"}
+
+
+async def test_late_subscriber_matching_live_stream_gets_rest() -> None:
+    async with Bus() as bus:
+        async with bus.stream(model="a") as w:
+            await w.delta("early")
+            late = bus.subscribe(Filter.of(models="a"))
+            await w.delta("late")
+    events = await collect(late)
+    assert [type(e) for e in events] == [DeltaEvent, EndEvent]
+
+
+async def test_subscription_text_reads_one_stream() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(Filter.of(streams="s"))
+
+        async def produce() -> None:
+            async with bus.stream(stream="s") as w:
+                for piece in ["Hello", ", ", "world"]:
+                    await w.delta(piece)
+                    await w.delta("thinking", channel="reasoning")
+
+        bus.start_soon(produce)
+        pieces = [p async for p in sub.text()]
+    assert "".join(pieces) == "Hello, world"
+
+
+async def test_subscription_text_raises_on_error() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream() as w:
+            await w.delta("a")
+            await w.error("timeout", "no chunk in 5 s", retryable=True)
+        got: list[str] = []
+        with pytest.raises(StreamFailed, match="timeout|no chunk") as info:
+            async for p in sub.text():
+                got.append(p)
+    assert got == ["a"]
+    assert isinstance(info.value.event, ErrorEvent)
+
+
+async def test_slow_subscriber_does_not_stall_others() -> None:
+    seen: list[Event] = []
+
+    class Fast:
+        async def run(self, events: Subscription) -> None:
+            async for e in events:
+                seen.append(e)
+
+    async with Bus(buffer=4) as bus:
+        stalled = bus.subscribe(overflow="coalesce")  # never read while publishing
+        bus.add_sink(Fast(), overflow="block")
+        async with bus.stream() as w:
+            for i in range(1000):
+                await w.delta(f"{i},")
+        await wait_all_tasks_blocked()
+        assert len(seen) == 1002
+        stalled_events = await stalled.receive_batch()
+    text = "".join(e.text for e in stalled_events if isinstance(e, DeltaEvent))
+    assert text == "".join(f"{i}," for i in range(1000))
+    assert len(stalled_events) <= 6
+
+
+async def test_block_policy_slows_publisher_and_loses_nothing() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(overflow="block", buffer=2)
+        progress = 0
+
+        async def produce() -> None:
+            nonlocal progress
+            async with bus.stream() as w:
+                for i in range(10):
+                    await w.delta(str(i))
+                    progress = i
+
+        bus.start_soon(produce)
+        await wait_all_tasks_blocked()
+        assert progress < 3  # the publisher waits for the reader
+        events = await collect_n(sub, 12)
+    assert "".join(e.text for e in events if isinstance(e, DeltaEvent)) == "0123456789"
+
+
+async def collect_n(sub: Subscription, n: int) -> list[Event]:
+    out: list[Event] = []
+    async for e in sub:
+        out.append(e)
+        if len(out) == n:
+            break
+    return out
+
+
+async def test_coalesce_never_merges_control_events_or_channels() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(overflow="coalesce", buffer=1)
+        async with bus.stream(stream="a") as w:
+            await w.delta("r1", channel="reasoning")
+            await w.delta("r2", channel="reasoning")
+            await w.delta("c1")
+            await w.delta("c2")
+        batch = await sub.receive_batch()
+    kinds = [(type(e).__name__, getattr(e, "channel", None), getattr(e, "text", None)) for e in batch]
+    assert kinds == [
+        ("StartEvent", None, None),
+        ("DeltaEvent", "reasoning", "r1r2"),
+        ("DeltaEvent", "content", "c1c2"),
+        ("EndEvent", None, None),
+    ]
+    merged = batch[1]
+    assert isinstance(merged, DeltaEvent) and merged.n == 2 and merged.seq_range == (1, 2)
+
+
+async def test_coalesce_disconnects_past_byte_cap() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(overflow="coalesce", buffer=2, max_bytes=1000)
+        async with bus.stream() as w:
+            for _ in range(100):
+                await w.delta("x" * 50)
+        with pytest.raises(Overflowed, match="1000 bytes"):
+            await sub.receive_batch()
+
+
+async def test_drop_oldest_keeps_control_events_and_shows_gap() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(overflow="drop_oldest", buffer=3)
+        async with bus.stream() as w:
+            for i in range(10):
+                await w.delta(str(i))
+        events = await sub.receive_batch()
+    assert isinstance(events[0], StartEvent) and isinstance(events[-1], EndEvent)
+    deltas = [e for e in events if isinstance(e, DeltaEvent)]
+    # buffer 3 holds start + two items; the end event needed room too
+    assert [d.text for d in deltas] == ["9"]
+    assert sub.dropped == 9
+    assert deltas[0].seq == 10  # the gap is visible through seq
+
+
+async def test_disconnect_policy_closes_subscriber() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe(overflow="disconnect", buffer=2)
+        other = bus.subscribe(overflow="block", buffer=100)
+        async with bus.stream() as w:
+            for i in range(5):
+                await w.delta(str(i))
+        with pytest.raises(Overflowed, match="disconnect"):
+            await sub.receive_batch()
+        assert len(await other.receive_batch()) == 7
+
+
+async def test_sink_crash_is_restarted_without_losing_events() -> None:
+    received: list[Event] = []
+    runs = 0
+
+    class Flaky:
+        async def run(self, events: Subscription) -> None:
+            nonlocal runs
+            runs += 1
+            async for e in events:
+                if runs == 1 and isinstance(e, DeltaEvent) and e.text == "2":
+                    raise ValueError("flaky")  # this event is lost with the crash, the rest is not
+                received.append(e)
+
+    async with Bus() as bus:
+        bus.add_sink(Flaky(), overflow="block")
+        async with bus.stream() as w:
+            for i in range(5):
+                await w.delta(str(i))
+    assert runs == 2
+    assert [e.text for e in received if isinstance(e, DeltaEvent)] == ["0", "1", "3", "4"]
+    assert isinstance(received[-1], EndEvent)
+
+
+async def test_critical_sink_failure_stops_bus() -> None:
+    class Broken:
+        async def run(self, events: Subscription) -> None:
+            async for _ in events:
+                raise OSError("disk full")
+
+    with pytest.raises(SinkFailed, match="critical sink 'broken' failed") as info:
+        async with Bus() as bus:
+            bus.add_sink(Broken(), name="broken", critical=True)
+
+            async def produce() -> None:
+                async with bus.stream() as w:
+                    while True:
+                        await w.delta("x")
+                        await anyio.sleep(0.001)
+
+            bus.start_soon(produce)
+            await bus.wait_stopped()
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_sink_setup_and_teardown_are_called() -> None:
+    calls: list[str] = []
+
+    class Lifecycle:
+        async def setup(self, bus: Bus) -> None:
+            calls.append("setup")
+
+        async def run(self, events: Subscription) -> None:
+            async for _ in events:
+                calls.append("event")
+
+        async def teardown(self) -> None:
+            calls.append("teardown")
+
+    async with Bus() as bus:
+        bus.add_sink(Lifecycle(), overflow="block")
+        async with bus.stream():
+            pass
+    assert calls == ["setup", "event", "event", "teardown"]
+
+
+async def test_per_stream_order_with_interleaved_producers() -> None:
+    policies = ("block", "coalesce", "coalesce")
+    results: list[list[Event]] = [[] for _ in policies]
+
+    class Reader:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        async def run(self, events: Subscription) -> None:
+            async for e in events:
+                results[self.i].append(e)
+                if self.i == 0:
+                    await anyio.lowlevel.checkpoint()
+
+    async with Bus(buffer=8) as bus:
+        for i, policy in enumerate(policies):
+            bus.add_sink(Reader(i), overflow=policy)
+
+        async def produce(n: int) -> None:
+            async with bus.stream(stream=f"s{n}") as w:
+                for k in range(200):
+                    await w.delta(f"{n}:{k};")
+                    if k % 7 == 0:
+                        await anyio.lowlevel.checkpoint()
+
+        for n in range(3):
+            bus.start_soon(produce, n)
+    for events in results:
+        for n in range(3):
+            mine = [e for e in events if e.stream == f"s{n}"]
+            seqs = [e.seq for e in mine]
+            assert seqs == sorted(seqs)
+            assert "".join(e.text for e in mine if isinstance(e, DeltaEvent)) == "".join(
+                f"{n}:{k};" for k in range(200)
+            )
+
+
+async def test_using_closed_bus_is_a_clear_error() -> None:
+    bus = Bus()
+    with pytest.raises(BusClosed, match="async with Bus"):
+        bus.subscribe()
+    async with bus:
+        pass
+    with pytest.raises(BusClosed):
+        async with bus.stream():
+            pass
+
+
+async def test_duplicate_live_stream_id_rejected() -> None:
+    async with Bus() as bus, bus.stream(stream="dup"):
+        with pytest.raises(ValueError, match="already live"):
+            async with bus.stream(stream="dup"):
+                pass
+
+
+async def test_interposed_stage_separates_raw_and_processed() -> None:
+    class Upper:
+        interpose = True
+
+        def __init__(self, bus: Bus) -> None:
+            self.bus = bus
+
+        async def run(self, events: Subscription) -> None:
+            import msgspec
+
+            async for e in events:
+                if isinstance(e, DeltaEvent):
+                    e = msgspec.structs.replace(e, text=e.text.upper())
+                await self.bus.publish(e, processed=True)
+
+    async with Bus() as bus:
+        bus.add_sink(Upper(bus))
+        raw = bus.subscribe(raw=True, overflow="block")
+        moderated = bus.subscribe(overflow="block")
+        async with bus.stream() as w:
+            await w.delta("abc")
+        await wait_all_tasks_blocked()
+        raw_text = [e.text for e in await raw.receive_batch() if isinstance(e, DeltaEvent)]
+        mod_text = [e.text for e in await moderated.receive_batch() if isinstance(e, DeltaEvent)]
+    assert raw_text == ["abc"]
+    assert mod_text == ["ABC"]
