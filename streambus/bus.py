@@ -122,7 +122,8 @@ class Bus:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._producer_tg is not None and self._sink_tg is not None
+        assert self._producer_tg is not None
+        assert self._sink_tg is not None
         if exc is not None:
             # The caller's exception propagates as it is, not wrapped in a
             # task group's ExceptionGroup: stop producers, then exit cleanly.

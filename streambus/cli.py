@@ -76,7 +76,9 @@ def check(configs: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--serve", is_flag=True, help="Keep running until SIGINT/SIGTERM instead of stopping when producers finish.")
+@click.option(
+    "--serve", is_flag=True, help="Keep running until SIGINT/SIGTERM instead of stopping when producers finish."
+)
 def run(config: str, serve: bool) -> None:
     """Run the pipeline in CONFIG until producers finish and sinks drain (or a signal, with --serve)."""
     pipeline = _load(config)
@@ -94,7 +96,9 @@ def _run(pipeline: Pipeline, serve: bool) -> None:
 
 
 @main.command()
-@click.option("--config", "config", type=click.Path(dir_okay=False), help="Run this pipeline instead of the built-in one.")
+@click.option(
+    "--config", "config", type=click.Path(dir_okay=False), help="Run this pipeline instead of the built-in one."
+)
 def demo(config: str | None) -> None:
     """Run the demo pipeline (synthetic streams printed as they arrive)."""
     if config is not None:

@@ -139,7 +139,7 @@ CONTROL_TYPES: Final = (StartEvent, EndEvent, ErrorEvent, AbortEvent, Moderation
 """Events that overflow policies never merge or drop."""
 
 _encoder = msgspec.json.Encoder()
-_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)  # type: ignore[arg-type]
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 def is_terminal(event: Event) -> bool:

@@ -6,6 +6,8 @@ Entry point groups (built-in plugins are registered exactly the same way):
     A class with an ``Options`` attribute (a :class:`msgspec.Struct` type
     describing its config keys) and a ``from_options(options)`` classmethod.
     Derive from :class:`PluginBase` to get both conventions for free.
+``streambus.formats``
+    A provider's wire format both ways (:class:`streambus.formats.WireFormat`).
 ``streambus.commands``
     A :mod:`click` command added to the ``streambus`` CLI.
 
@@ -38,11 +40,12 @@ __all__ = [
 
 log = structlog.get_logger("streambus.plugins")
 
-PluginKind: TypeAlias = Literal["producers", "sinks", "moderators", "commands"]
+PluginKind: TypeAlias = Literal["producers", "sinks", "moderators", "formats", "commands"]
 GROUPS: dict[PluginKind, str] = {
     "producers": "streambus.producers",
     "sinks": "streambus.sinks",
     "moderators": "streambus.moderators",
+    "formats": "streambus.formats",
     "commands": "streambus.commands",
 }
 

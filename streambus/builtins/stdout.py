@@ -7,7 +7,7 @@ from typing import Literal, TextIO
 
 import msgspec
 
-from ..events import DeltaEvent, EndEvent, ErrorEvent, AbortEvent, StartEvent, encode
+from ..events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, StartEvent, encode
 from ..plugins import PluginBase
 from ..subscription import Subscription
 

@@ -1,0 +1,20 @@
+# The two commands a new machine needs: `make demo` and `make test`.
+.PHONY: setup demo test lint bench docs
+
+setup:
+	bash scripts/bootstrap.sh
+
+demo: setup
+	.venv/bin/streambus demo $(ARGS)
+
+test:
+	bash scripts/bootstrap.sh --browser
+	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy --strict streambus
+
+bench: setup
+	.venv/bin/python bench/run.py

@@ -1,0 +1,60 @@
+"""Run every benchmark (``bench/bench_*.py``) and collect their result tables.
+
+Each benchmark is a script that writes ``bench/results/<name>.md`` (a
+Markdown table with its peers side by side) when run as
+``python bench/bench_<name>.py``. This runner runs them one after another in
+fresh processes, then writes ``bench/results/README.md`` and the results
+section of ``docs/benchmarks.md``.
+
+Usage: ``python bench/run.py [NAME ...]`` (default: all).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DOCS = ROOT.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def main(argv: list[str]) -> int:
+    RESULTS.mkdir(exist_ok=True)
+    scripts = sorted(ROOT.glob("bench_*.py"))
+    if argv:
+        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
+    failed = []
+    for script in scripts:
+        print(f"== {script.stem}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, str(script)], cwd=ROOT.parent)
+        print(f"   {script.stem}: exit {code} in {time.perf_counter() - started:.1f}s", flush=True)
+        if code:
+            failed.append(script.stem)
+    sections = [
+        f"Machine: {platform.machine()}, Python {platform.python_version()}, "
+        f"{platform.system()}; run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+    ]
+    for md in sorted(RESULTS.glob("*.md")):
+        if md.name != "README.md":
+            sections.append(md.read_text(encoding="utf-8").strip() + "\n")
+    body = "\n".join(sections)
+    (RESULTS / "README.md").write_text("# Benchmark results\n\n" + body, encoding="utf-8")
+    if DOCS.exists():
+        text = DOCS.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            DOCS.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+    if failed:
+        print("failed:", ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

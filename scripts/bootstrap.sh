@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up everything streambus needs on a machine that has only python3:
+# a virtualenv in .venv with the core and every plugin (editable) plus test
+# tools, and Debian's chromium for the browser tests. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.streambus-installed
+inputs=$(cat pyproject.toml plugins/*/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  args=(-e ".[test,dev]")
+  for plugin in plugins/*/; do
+    [ -f "$plugin/pyproject.toml" ] || continue
+    args+=(-e "${plugin%/}[test]")
+  done
+  # torch: the CPU wheel this machine keeps on disk (pip takes it from there).
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" "${args[@]}"
+  echo "$inputs" > "$stamp"
+fi
+
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "bootstrap: chromium is missing; browser tests need Debian's chromium (sudo apt-get install chromium)" >&2
+  fi
+fi

@@ -1,0 +1,77 @@
+"""Provider wire formats, both ways, found by entry point.
+
+Each provider plugin (``ollama``, ``openai``, ...) knows its HTTP format in
+both directions: its producer *parses* the provider's stream into events, and
+its :class:`WireFormat` *encodes* events back into the provider's bytes. The
+mock model server (``streambus serve-mock``) and the proxy use the encoders,
+so the core never imports a plugin: formats are registered in the
+``streambus.formats`` entry point group, the value being a :class:`WireFormat`
+instance (or a zero-argument class).
+
+Routes are the HTTP paths a format answers, e.g. ``/api/chat`` for Ollama or
+``/v1/chat/completions`` for OpenAI. A request body is the parsed JSON the
+client sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .events import Event
+from .plugins import load
+
+__all__ = ["StreamEncoder", "WireFormat", "load_format"]
+
+
+@runtime_checkable
+class StreamEncoder(Protocol):
+    """Turns one stream's events into the provider's streamed response body."""
+
+    content_type: str
+    """The response ``Content-Type`` (``application/x-ndjson``, ``text/event-stream``)."""
+
+    def encode(self, event: Event) -> bytes:
+        """Bytes to send for *event*; ``b""`` when the format has nothing for it."""
+
+    def close(self) -> bytes:
+        """Trailing bytes after the last event (e.g. ``data: [DONE]``), possibly ``b""``."""
+
+
+@runtime_checkable
+class WireFormat(Protocol):
+    """A provider's HTTP format: which routes it serves and how to encode them."""
+
+    name: str
+    """The entry point name (``ollama``, ``openai``)."""
+
+    routes: Mapping[str, str]
+    """HTTP path -> route kind, e.g. ``{"/api/chat": "chat", "/api/generate": "generate"}``."""
+
+    def stream_encoder(self, route: str, request: Mapping[str, Any]) -> StreamEncoder:
+        """Return an encoder for a streamed answer to *request* on *route*."""
+
+    def assemble(self, route: str, request: Mapping[str, Any], events: Sequence[Event]) -> dict[str, Any]:
+        """Return the whole (non-streamed, ``stream: false``) response body for *events*."""
+
+    def is_streaming(self, route: str, request: Mapping[str, Any]) -> bool:
+        """Whether *request* asks for a streamed answer (the provider's default applies)."""
+
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        """The provider's JSON error body for *status* (e.g. unknown model -> 404)."""
+
+    def models_body(self, models: Sequence[str]) -> dict[str, Any]:
+        """The body of the provider's model list (``/api/tags``, ``/v1/models``)."""
+
+
+def load_format(name: str) -> WireFormat:
+    """Load the wire format registered as *name* in ``streambus.formats``.
+
+    Raises :class:`~streambus.errors.PluginError` with the install hint when
+    the providing plugin is missing.
+    """
+    target = load("formats", name)
+    fmt = target() if isinstance(target, type) else target
+    if not isinstance(fmt, WireFormat):
+        raise TypeError(f"streambus.formats entry {name!r} is not a WireFormat: {fmt!r}")
+    return fmt

@@ -1,0 +1,208 @@
+"""The recording format (version 1): JSON Lines, a header then one event per line.
+
+::
+
+    {"streambus_recording": 1, "created": 1732147200.5, "meta": {...}}
+    {"type": "start", "stream": "...", "seq": 0, "ts": 1732147200.6, ...}
+    {"type": "delta", "stream": "...", "seq": 1, "ts": 1732147200.7, "text": "Hi"}
+    ...
+
+Writers append complete lines, so a crash loses at most the line being
+written. :func:`read_recording` reports a truncated last line (with its line
+number) and keeps everything before it; garbage or a wrong version in the
+middle is a :class:`~streambus.errors.RecordingError` naming the line, unless
+``lenient=True`` (then such lines are skipped and counted). Files ending in
+``.gz`` are read and written gzip-compressed. See ``docs/recording-format.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .errors import DecodeError, RecordingError
+from .events import Event, decode, encode
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Recording",
+    "RecordingProblem",
+    "header_line",
+    "iter_recording",
+    "open_recording",
+    "read_recording",
+    "write_recording",
+]
+
+FORMAT_VERSION = 1
+"""The recording format version this library writes and reads."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingProblem:
+    """A line the reader skipped: ``kind`` is ``truncated`` or ``invalid``."""
+
+    line: int
+    kind: str
+    message: str
+
+
+@dataclasses.dataclass
+class Recording:
+    """A recording read into memory: its header, events and skipped lines."""
+
+    path: str
+    version: int
+    created: float
+    meta: dict[str, Any]
+    events: list[Event]
+    problems: list[RecordingProblem]
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the last line was cut short (a crash mid-write)."""
+        return any(p.kind == "truncated" for p in self.problems)
+
+    @property
+    def streams(self) -> list[str]:
+        """Stream ids in order of first appearance."""
+        return list(dict.fromkeys(e.stream for e in self.events))
+
+
+def header_line(meta: dict[str, Any] | None = None, *, created: float | None = None) -> bytes:
+    """Return the header line (with its newline) of a new recording."""
+    header: dict[str, Any] = {
+        "streambus_recording": FORMAT_VERSION,
+        "created": time.time() if created is None else created,
+        "meta": meta or {},
+    }
+    return orjson.dumps(header) + b"\n"
+
+
+def open_recording(path: str | Path, mode: str = "rb") -> IO[bytes]:
+    """Open *path* for binary reading or appending, gzip-compressed if it ends in ``.gz``."""
+    p = Path(path)
+    if p.suffix == ".gz":
+        return gzip.open(p, mode)  # type: ignore[return-value]
+    return open(p, mode)  # the caller owns (and closes) the file
+
+
+def write_recording(
+    path: str | Path, events: Iterable[Event], *, meta: dict[str, Any] | None = None, created: float | None = None
+) -> None:
+    """Write a whole recording at once (for tests and tools)."""
+    with open_recording(path, "wb") as f:
+        f.write(header_line(meta, created=created))
+        for event in events:
+            f.write(encode(event) + b"\n")
+
+
+def _lines(f: IO[bytes]) -> Iterator[bytes]:
+    try:
+        yield from f
+    except EOFError:
+        # A gzip file cut short by a crash: everything decompressed so far was yielded.
+        return
+
+
+def iter_recording(
+    path: str | Path, *, lenient: bool = False, problems: list[RecordingProblem] | None = None
+) -> Iterator[Event]:
+    """Yield the events of the recording at *path*, checking the header first.
+
+    Skipped lines are appended to *problems* when given. Raises
+    :class:`~streambus.errors.RecordingError` for a missing or unsupported
+    header, and (unless *lenient*) for an invalid line that is not the last.
+    """
+    name = str(path)
+    sink = problems if problems is not None else []
+    try:
+        f = open_recording(path, "rb")
+    except OSError as exc:
+        raise RecordingError(f"cannot open recording: {exc.strerror or exc}", path=name, line=0) from None
+    with f:
+        lines = _lines(f)
+        first = next(lines, None)
+        if first is None:
+            raise RecordingError("empty file, expected a recording header", path=name, line=1)
+        _parse_header(first, name)
+        pending: tuple[int, bytes] | None = None
+        for number, raw in enumerate(lines, start=2):
+            if pending is not None:
+                event = _event_or_problem(pending[0], pending[1], name, lenient, sink)
+                if event is not None:
+                    yield event
+            pending = (number, raw)
+        if pending is None:
+            return
+        number, raw = pending
+        if not raw.endswith(b"\n"):
+            # The last line lacks its newline: a crash mid-write, unless it happens to be complete.
+            try:
+                yield decode(raw)
+            except DecodeError:
+                sink.append(RecordingProblem(number, "truncated", "last line is incomplete (writer crashed?)"))
+            return
+        event = _event_or_problem(number, raw, name, lenient, sink)
+        if event is not None:
+            yield event
+
+
+def _event_or_problem(
+    number: int, raw: bytes, name: str, lenient: bool, problems: list[RecordingProblem]
+) -> Event | None:
+    try:
+        return decode(raw)
+    except DecodeError as exc:
+        if raw.strip() == b"":
+            message = "blank line"
+        elif raw.lstrip().startswith(b'{"streambus_recording"'):
+            message = "a second recording header (files concatenated?)"
+        else:
+            message = str(exc)
+        if not lenient:
+            raise RecordingError(message, path=name, line=number) from None
+        problems.append(RecordingProblem(number, "invalid", message))
+        return None
+
+
+def _parse_header(raw: bytes, name: str) -> dict[str, Any]:
+    try:
+        header = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RecordingError("not a streambus recording (line 1 is not a JSON header)", path=name, line=1) from None
+    if not isinstance(header, dict) or "streambus_recording" not in header:
+        raise RecordingError(
+            'not a streambus recording (line 1 lacks the "streambus_recording" header)', path=name, line=1
+        )
+    version = header["streambus_recording"]
+    if version != FORMAT_VERSION:
+        raise RecordingError(
+            f"unsupported recording version {version!r} (this streambus reads version {FORMAT_VERSION})",
+            path=name,
+            line=1,
+        )
+    return header
+
+
+def read_recording(path: str | Path, *, lenient: bool = False) -> Recording:
+    """Read the whole recording at *path* into memory (see :func:`iter_recording`)."""
+    name = str(path)
+    problems: list[RecordingProblem] = []
+    events = list(iter_recording(path, lenient=lenient, problems=problems))
+    with open_recording(path, "rb") as f:
+        header = _parse_header(next(_lines(f)), name)
+    return Recording(
+        path=name,
+        version=int(header["streambus_recording"]),
+        created=float(header.get("created", 0.0)),
+        meta=dict(header.get("meta") or {}),
+        events=events,
+        problems=problems,
+    )
