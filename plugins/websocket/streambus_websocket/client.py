@@ -1,0 +1,199 @@
+"""One connected client: its subscriptions and its bounded outbound buffer.
+
+Frames normally go straight to the socket (the same synchronous write
+``websockets.broadcast()`` does). Once the socket's write buffer is full, the
+client falls behind: frames queue here, and a per-client sender task drains
+the queue with backpressure. While queued, a ``delta`` merges into the
+client's last queued delta of the same stream and channel (text concatenated,
+``n`` summed, ``first_seq`` kept), so a slow reader gets bigger chunks but
+never loses a character. Past ``client_buffer_bytes`` queued, the client is
+closed with :attr:`~streambus_websocket.protocol.CloseCode.LAGGED`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import anyio
+
+from streambus import DeltaEvent, Filter, encode
+
+from .protocol import CloseCode
+
+__all__ = ["Client"]
+
+_FRAME_OVERHEAD = 64
+
+
+class _Pending:
+    """A queued delta that later deltas of the same stream and channel merge into."""
+
+    __slots__ = ("channel", "data", "first_seq", "n", "pieces", "seq", "size", "stream", "ts")
+
+    def __init__(self, delta: DeltaEvent, data: bytes) -> None:
+        self.stream = delta.stream
+        self.channel = delta.channel
+        self.first_seq = delta.seq_range[0]
+        self.seq = delta.seq
+        self.ts = delta.ts
+        self.n = delta.n
+        self.pieces = [delta.text]
+        self.data: bytes | None = data
+        self.size = len(data) + _FRAME_OVERHEAD
+
+    def add(self, delta: DeltaEvent) -> None:
+        self.pieces.append(delta.text)
+        self.seq = delta.seq
+        self.ts = delta.ts
+        self.n += delta.n
+        self.size += len(delta.text)
+        self.data = None
+
+    def encode(self) -> bytes:
+        if self.data is not None:
+            # Never merged: send the bytes encoded once for every client.
+            return self.data
+        return encode(
+            DeltaEvent(
+                stream=self.stream,
+                seq=self.seq,
+                ts=self.ts,
+                text="".join(self.pieces),
+                channel=self.channel,
+                n=self.n,
+                first_seq=self.first_seq,
+            )
+        )
+
+
+class Client:
+    """State of one connection. Built by the sink; read its counters for monitoring.
+
+    ``ws`` is the ``websockets`` server connection (asyncio or trio flavour).
+    """
+
+    def __init__(self, ws: Any, *, buffer_bytes: int, direct: bool, peer: str) -> None:
+        self.ws = ws
+        self.peer = peer
+        self.buffer_bytes = buffer_bytes
+        self.subscriptions: dict[str | int, Filter] = {}
+        self.queue: deque[bytes | _Pending] = deque()
+        self.queued_bytes = 0
+        self.sending = False
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+        self.scope: anyio.CancelScope | None = None
+        self.sent = 0
+        """Frames handed to the socket."""
+        self.merged = 0
+        """Deltas merged into an already queued delta (the client was behind)."""
+        self._tails: dict[str, _Pending] = {}
+        self._wake: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        # asyncio only: the transport tells whether a synchronous write is safe.
+        self._transport = getattr(ws, "transport", None) if direct else None
+        self._write_limit = getattr(ws, "write_limit_high", 2**15)
+
+    # -- fan-out side (synchronous: never waits on this client) -------------------
+    def writable(self) -> bool:
+        """Whether a frame may be written straight to the socket, bypassing the queue."""
+        transport = self._transport
+        return (
+            transport is not None
+            and not self.queue
+            and not self.sending
+            and self.close_code is None
+            and transport.get_write_buffer_size() <= self._write_limit
+        )
+
+    def push(self, data: bytes) -> None:
+        """Queue a frame that must never merge (control frames, replayed events)."""
+        if self.close_code is not None:
+            return
+        self.queue.append(data)
+        self.queued_bytes += len(data) + _FRAME_OVERHEAD
+        self._check()
+        self._notify()
+
+    def push_event(self, stream: str, event: DeltaEvent | None, data: bytes) -> None:
+        """Queue one live event; a delta merges into this client's queued delta when it can."""
+        if self.close_code is not None:
+            return
+        if event is not None:
+            tail = self._tails.get(stream)
+            if tail is not None and tail.channel == event.channel:
+                tail.add(event)
+                self.merged += 1
+                self.queued_bytes += len(event.text)
+                self._check()
+                return
+            pending = _Pending(event, data)
+            self._tails[stream] = pending
+            self.queue.append(pending)
+            self.queued_bytes += pending.size
+            self._check()
+            self._notify()
+            return
+        else:
+            self._tails.pop(stream, None)
+            self.queue.append(data)
+        self.queued_bytes += len(data) + _FRAME_OVERHEAD
+        self._check()
+        self._notify()
+
+    def _check(self) -> None:
+        if self.queued_bytes > self.buffer_bytes:
+            self.close(CloseCode.LAGGED, f"client buffer passed {self.buffer_bytes} bytes")
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Drop everything queued and have the connection closed with *code*."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        self.queue.clear()
+        self._tails.clear()
+        self.queued_bytes = 0
+        if self.scope is not None:
+            self.scope.cancel()
+        self._notify()
+
+    def _notify(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    # -- sender task ------------------------------------------------------------------
+    async def send_loop(self) -> None:
+        """Drain the queue to the socket, in order, with backpressure; runs until cancelled."""
+        ws = self.ws
+        queue = self.queue
+        while True:
+            while not queue:
+                self.sending = False
+                if self._idle is not None:
+                    self._idle.set()
+                    self._idle = None
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            self.sending = True
+            item = queue.popleft()
+            if type(item) is _Pending:
+                if self._tails.get(item.stream) is item:
+                    del self._tails[item.stream]
+                data = item.encode()
+                self.queued_bytes -= item.size
+            else:
+                data = item  # type: ignore[assignment]
+                self.queued_bytes -= len(data) + _FRAME_OVERHEAD
+            await ws.send(data, text=True)
+            self.sent += 1
+
+    async def wait_idle(self) -> None:
+        """Wait until everything queued was handed to the socket."""
+        while self.queue or self.sending:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()

@@ -1,0 +1,188 @@
+"""Bounded per-stream history: what recovery (``since``) and snapshots are served from.
+
+Each stream keeps its last ``history_events`` encoded events (the bytes that
+were broadcast, so a replay costs no encoding) and, while it is live, the text
+so far of each channel for snapshots. An ended stream's history is kept for
+``history_ttl`` seconds, then forgotten. At most ``max_streams`` streams are
+remembered; past that the oldest ended (then the oldest live) stream goes.
+
+Recovery is all or nothing: :meth:`History.missed` returns every event after
+the client's last seq, in order, or ``None`` when the history no longer covers
+the gap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from streambus import DeltaEvent, Event, StartEvent, encode, is_terminal
+
+__all__ = ["History", "StreamLog"]
+
+
+class _Channel:
+    """The text so far of one channel of a live stream (for snapshots)."""
+
+    __slots__ = ("first_seq", "n", "pieces", "seq", "ts")
+
+    def __init__(self, delta: DeltaEvent) -> None:
+        self.first_seq = delta.seq_range[0]
+        self.seq = delta.seq
+        self.ts = delta.ts
+        self.n = delta.n
+        self.pieces = [delta.text]
+
+    def add(self, delta: DeltaEvent) -> None:
+        self.pieces.append(delta.text)
+        self.seq = delta.seq
+        self.ts = delta.ts
+        self.n += delta.n
+
+
+class StreamLog:
+    """History of one stream: its ``start``, its last events, its state."""
+
+    __slots__ = ("channels", "ended", "entries", "expires", "last_seq", "start", "start_data")
+
+    def __init__(self, limit: int) -> None:
+        self.start: StartEvent | None = None
+        self.start_data: bytes | None = None
+        # (first source seq, seq, encoded event), oldest first.
+        self.entries: deque[tuple[int, int, bytes]] = deque(maxlen=limit)
+        self.last_seq = -1
+        self.ended = False
+        self.expires = 0.0
+        self.channels: dict[str, _Channel] = {}
+
+    @property
+    def complete(self) -> bool:
+        """Whether the history still holds the stream from its ``start`` on."""
+        return bool(self.entries) and self.entries[0][0] == 0
+
+
+class History:
+    """Recent events of every stream, bounded in events per stream, streams and time.
+
+    :param events_per_stream: events kept per stream (``history_events``).
+    :param ttl: seconds an ended stream stays recoverable (``history_ttl``).
+    :param max_streams: streams remembered at once.
+    :param clock: monotonic clock (tests pass a fake one).
+    """
+
+    def __init__(self, events_per_stream: int, ttl: float, max_streams: int, clock: Callable[[], float]) -> None:
+        self.events_per_stream = events_per_stream
+        self.ttl = ttl
+        self.max_streams = max_streams
+        self._clock = clock
+        self._logs: OrderedDict[str, StreamLog] = OrderedDict()
+        self._ended: deque[tuple[float, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def get(self, stream: str) -> StreamLog | None:
+        """The log of *stream*, if remembered."""
+        return self._logs.get(stream)
+
+    def live(self) -> list[StreamLog]:
+        """Logs of the streams that have not ended, oldest first."""
+        return [log for log in self._logs.values() if not log.ended]
+
+    def record(self, event: Event, data: bytes) -> StreamLog:
+        """Append *event* (already encoded as *data*) to its stream's history."""
+        stream = event.stream
+        log = self._logs.get(stream)
+        if log is None:
+            log = self._logs[stream] = StreamLog(self.events_per_stream)
+            if len(self._logs) > self.max_streams:
+                self._evict_one()
+        if type(event) is StartEvent:
+            log.start = event
+            log.start_data = data
+        first = event.seq_range[0] if type(event) is DeltaEvent else event.seq
+        log.entries.append((first, event.seq, data))
+        log.last_seq = event.seq
+        if type(event) is DeltaEvent and not log.ended:
+            chan = log.channels.get(event.channel)
+            if chan is None:
+                log.channels[event.channel] = _Channel(event)
+            else:
+                chan.add(event)
+        elif is_terminal(event):
+            log.ended = True
+            log.channels = {}
+            log.expires = self._clock() + self.ttl
+            self._ended.append((log.expires, stream))
+        return log
+
+    def expire(self) -> None:
+        """Forget ended streams whose ``history_ttl`` has passed."""
+        now = self._clock()
+        ended = self._ended
+        while ended and ended[0][0] <= now:
+            _, stream = ended.popleft()
+            log = self._logs.get(stream)
+            if log is not None and log.ended and log.expires <= now:
+                del self._logs[stream]
+
+    def _evict_one(self) -> None:
+        for stream, log in self._logs.items():
+            if log.ended:
+                del self._logs[stream]
+                return
+        self._logs.popitem(last=False)
+
+    def missed(self, stream: str, last_seq: int) -> list[bytes] | None:
+        """Every event of *stream* after *last_seq*, in order; ``None`` if not fully covered.
+
+        An empty list means the client missed nothing. ``None`` means the
+        stream is unknown (expired, evicted, from another server) or its
+        oldest retained event is past ``last_seq + 1``: the client must reload.
+        """
+        log = self._logs.get(stream)
+        if log is None or last_seq > log.last_seq:
+            return None
+        if last_seq == log.last_seq:
+            return []
+        entries = log.entries
+        if not entries or entries[0][0] > last_seq + 1:
+            return None
+        out: list[bytes] = []
+        for first, seq, data in entries:
+            if seq <= last_seq:
+                continue
+            if first <= last_seq:
+                # The client holds half of a coalesced delta: it cannot be split.
+                return None
+            out.append(data)
+        return out
+
+    def replay_all(self, stream: str) -> list[bytes] | None:
+        """Every event of *stream* from its ``start``; ``None`` if the start was already dropped."""
+        log = self._logs.get(stream)
+        if log is None or not log.complete:
+            return None
+        return [data for _, _, data in log.entries]
+
+    def snapshot(self, stream: str) -> list[bytes] | None:
+        """The ``start`` of a live stream, then one coalesced delta per channel, in seq order.
+
+        ``None`` if the stream is not live here or its ``start`` was never seen.
+        """
+        log = self._logs.get(stream)
+        if log is None or log.ended or log.start_data is None:
+            return None
+        frames = [log.start_data]
+        for channel, chan in sorted(log.channels.items(), key=lambda item: item[1].seq):
+            delta = DeltaEvent(
+                stream=stream,
+                seq=chan.seq,
+                ts=chan.ts,
+                text="".join(chan.pieces),
+                channel=channel,  # type: ignore[arg-type]
+                n=chan.n,
+                first_seq=chan.first_seq if chan.seq != chan.first_seq else None,
+            )
+            frames.append(encode(delta))
+        return frames

@@ -1,0 +1,180 @@
+"""The broadcaster's wire protocol (version 1), without any I/O.
+
+Every frame is one JSON text frame. Control frames carry ``op``; events are
+sent in their wire form (they carry ``type`` instead). The full description,
+with examples, is ``docs/websocket-protocol.md``.
+
+Client to server: ``subscribe``, ``unsubscribe``, ``ping``.
+Server to client: ``hello``, ``subscribed``, ``unsubscribed``, ``pong``,
+``error``, and events.
+
+:func:`parse_client_message` turns one inbound frame into a typed message or
+raises :class:`ProtocolError` carrying the error code to answer with.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+import msgspec
+
+from streambus import Filter, StreamBusError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ClientMessage",
+    "CloseCode",
+    "ErrorCode",
+    "Ping",
+    "ProtocolError",
+    "Subscribe",
+    "Unsubscribe",
+    "control_frame",
+    "error_frame",
+    "parse_client_message",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Sent in ``hello``; bumped on any incompatible change."""
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the broadcaster uses (4000-4999 are its own)."""
+
+    NORMAL = 1000
+    """The client or the server ended the session normally."""
+    GOING_AWAY = 1001
+    """The server is shutting down; reconnect later and resume with ``since``."""
+    MESSAGE_TOO_BIG = 1009
+    """An inbound frame exceeded ``max_message_bytes`` (sent by the WebSocket layer)."""
+    INTERNAL_ERROR = 1011
+    """The server hit a bug; details are in its log, never in the frame."""
+    SERVICE_RESTART = 1012
+    """The server asked clients to reconnect (for example after a deploy)."""
+    UNAUTHORIZED = 4001
+    """No token or a wrong token; do not retry without a new token."""
+    TOO_MANY_CLIENTS = 4002
+    """The server holds ``max_clients`` connections; retry later with backoff."""
+    LAGGED = 4003
+    """The client read too slowly and its buffer passed ``client_buffer_bytes``; reconnect with ``since``."""
+    RATE_LIMITED = 4004
+    """The client kept sending faster than ``max_message_rate`` after being warned."""
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes of ``error`` frames. The connection stays open unless a close follows."""
+
+    BAD_JSON = "bad_json"
+    """The frame is not valid JSON (or not a JSON object)."""
+    BAD_MESSAGE = "bad_message"
+    """Valid JSON, but a field is missing, unknown or of the wrong type (``field`` names it)."""
+    UNKNOWN_OP = "unknown_op"
+    """``op`` names no operation of this protocol version."""
+    BINARY_FRAME = "binary_frame"
+    """The protocol uses text frames only."""
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    """The client already holds ``max_subscriptions`` subscriptions."""
+    DUPLICATE_SUBSCRIPTION = "duplicate_subscription"
+    """A subscription with this ``id`` exists; unsubscribe it first."""
+    UNKNOWN_SUBSCRIPTION = "unknown_subscription"
+    """``unsubscribe`` named an ``id`` that is not subscribed."""
+    RATE_LIMITED = "rate_limited"
+    """The message was dropped: the client sends faster than ``max_message_rate``."""
+    UNAUTHORIZED = "unauthorized"
+    """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`."""
+    TOO_MANY_CLIENTS = "too_many_clients"
+    """Sent just before closing with :attr:`CloseCode.TOO_MANY_CLIENTS`."""
+    LAGGED = "lagged"
+    """Sent (when the socket still takes it) before closing with :attr:`CloseCode.LAGGED`."""
+    INTERNAL = "internal"
+    """The server failed handling this message; the message carries no internals."""
+
+
+class ProtocolError(StreamBusError):
+    """An inbound frame was rejected; answer with :func:`error_frame` built from it."""
+
+    def __init__(self, code: ErrorCode, message: str, *, field: str | None = None, id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.id = id
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """``subscribe``: receive the streams matching the filters (all streams when none is given).
+
+    ``since`` maps stream ids to the last ``seq`` the client saw: missed events
+    are replayed from history, all or nothing. ``snapshot`` asks for the text
+    so far of every live stream as one coalesced delta per channel.
+    """
+
+    id: str | int = 0
+    streams: list[str] | None = None
+    models: list[str] | None = None
+    providers: list[str] | None = None
+    meta: dict[str, Any] | None = None
+    since: dict[str, int] | None = None
+    snapshot: bool = False
+
+    def to_filter(self) -> Filter:
+        """The bus :class:`~streambus.Filter` this subscription describes."""
+        return Filter.of(streams=self.streams, models=self.models, providers=self.providers, meta=self.meta)
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """``unsubscribe``: stop receiving the streams of subscription ``id``."""
+
+    id: str | int = 0
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """``ping``: the server answers ``pong`` (an application-level liveness check for browsers)."""
+
+    id: str | int | None = None
+
+
+ClientMessage = Subscribe | Unsubscribe | Ping
+"""Any message a client may send."""
+
+_decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
+_encoder = msgspec.json.Encoder()
+_OPS = "subscribe, unsubscribe, ping"
+
+
+def parse_client_message(data: str | bytes) -> ClientMessage:
+    """Decode one inbound text frame.
+
+    Raises :class:`ProtocolError` with ``bad_json``, ``unknown_op`` or
+    ``bad_message`` (naming the offending field) for anything else.
+    """
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        field = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
+        problem = text.rsplit(" - at `", 1)[0]
+        if field == "$.op":
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op") from None
+        if problem.startswith("Object missing required field `op`"):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op") from None
+        if problem.startswith("Expected `object`") and field is None:
+            raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object") from None
+        if problem.startswith("Object contains unknown field `"):
+            name = problem.split("`")[1]
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown field {name!r}", field=name) from None
+        path = field[2:] if field and field.startswith("$.") else field
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
+
+
+def control_frame(op: str, **fields: Any) -> bytes:
+    """Encode a server control frame ``{"op": op, **fields}`` (``None`` values are left out)."""
+    return _encoder.encode({"op": op, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def error_frame(code: ErrorCode, message: str, *, field: str | None = None, id: str | int | None = None) -> bytes:
+    """Encode an ``error`` frame; ``message`` must never contain internals (tracebacks, paths)."""
+    return control_frame("error", code=code.value, message=message, field=field, id=id)

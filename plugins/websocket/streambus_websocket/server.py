@@ -1,0 +1,683 @@
+"""The ``websocket`` sink: broadcast bus events to WebSocket clients.
+
+::
+
+    async with Bus() as bus:
+        sink = WebSocketSink(port=8765)
+        bus.add_sink(sink)
+        url = await sink.wait_ready()      # "ws://127.0.0.1:8765/ws"
+        ...
+
+Each event is encoded once and written to every subscribed client whose
+socket can take it (the synchronous write ``websockets.broadcast()`` does);
+a client that falls behind gets its own bounded queue where deltas coalesce,
+and is closed with the *lagged* close code past ``client_buffer_bytes``. A
+bounded per-stream history serves recovery (``since``) and snapshots. The
+same server answers ``GET /`` with the live page. Runs under asyncio and trio
+(``websockets`` has both implementations); the asyncio flavour is the fast
+path (direct writes), trio queues every frame through the per-client sender.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+import os
+import secrets
+import urllib.parse
+from collections.abc import Callable, Iterable
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import msgspec
+import sniffio
+import structlog
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from streambus import (
+    Bus,
+    DeltaEvent,
+    Event,
+    PluginBase,
+    StartEvent,
+    StreamBusError,
+    Subscription,
+    encode,
+    is_terminal,
+)
+
+from .client import Client
+from .history import History
+from .protocol import (
+    PROTOCOL_VERSION,
+    ClientMessage,
+    CloseCode,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    control_frame,
+    error_frame,
+    parse_client_message,
+)
+
+__all__ = ["BroadcasterError", "WebSocketSink"]
+
+log = structlog.get_logger("streambus.websocket")
+
+_VERSION = "0.1.0"
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+class BroadcasterError(StreamBusError):
+    """The broadcaster could not start (port in use, token missing, ...); the message says what to fix."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebSocketSink(PluginBase):
+    """Broadcast events to WebSocket clients, with recovery, snapshots and a live page.
+
+    Build it from options (``WebSocketSink(WebSocketSink.Options(port=0))``)
+    or keywords (``WebSocketSink(port=0, token="s3cret")``), add it with
+    ``bus.add_sink(sink)``, then ``await sink.wait_ready()`` for its URL.
+    The protocol is described in ``docs/websocket-protocol.md``.
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``websocket`` sink (see ``docs/plugins/websocket.md``)."""
+
+        host: str = "127.0.0.1"
+        port: int = 8765
+        path: str = "/ws"
+        token_env: str | None = None
+        tokens_file: str | None = None
+        allow_public_without_token: bool = False
+        allowed_origins: list[str] = []
+        max_clients: int = 2000
+        max_message_bytes: int = 65536
+        max_message_rate: float = 20.0
+        max_subscriptions: int = 16
+        client_buffer_bytes: int = 1048576
+        history_events: int = 2000
+        history_ttl: float = 300.0
+        history_streams: int = 10000
+        ping_interval: float | None = 20.0
+        ping_timeout: float | None = 20.0
+        close_timeout: float = 5.0
+        compression: bool = False
+        page: bool = True
+
+        def __post_init__(self) -> None:
+            if not 0 <= self.port <= 65535:
+                raise ValueError(f"port: must be within 0-65535, got {self.port}")
+            if not self.path.startswith("/") or "?" in self.path:
+                raise ValueError(f"path: must start with '/' and have no query, got {self.path!r}")
+            if self.page and self.path in ("/", "/index.html"):
+                raise ValueError("path: '/' serves the live page; use another path or set page = false")
+            for key in ("max_clients", "max_message_bytes", "max_subscriptions", "client_buffer_bytes"):
+                if getattr(self, key) < 1:
+                    raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+            if self.history_events < 0 or self.history_streams < 1:
+                raise ValueError("history_events: must be >= 0 (and history_streams >= 1)")
+            if self.max_message_rate <= 0:
+                raise ValueError(f"max_message_rate: must be positive, got {self.max_message_rate}")
+            for key in ("history_ttl", "close_timeout"):
+                if getattr(self, key) < 0:
+                    raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+            for key in ("ping_interval", "ping_timeout"):
+                value = getattr(self, key)
+                if value is not None and value <= 0:
+                    raise ValueError(f"{key}: must be positive or omitted (no keepalive), got {value}")
+            for origin in self.allowed_origins:
+                if origin != "*" and not origin.startswith(("http://", "https://")):
+                    raise ValueError(f"allowed_origins: {origin!r} must be '*' or start with http:// or https://")
+            if self.token_env is not None and not self.token_env:
+                raise ValueError("token_env: must name an environment variable")
+
+        @property
+        def has_token_source(self) -> bool:
+            """Whether a token is configured (``token_env`` or ``tokens_file``)."""
+            return bool(self.token_env or self.tokens_file)
+
+    overflow: ClassVar[str] = "block"
+    """The sink never blocks on clients, so a lossless bus subscription costs nothing."""
+    buffer: ClassVar[int] = 4096
+
+    def __init__(
+        self,
+        options: Options | None = None,
+        *,
+        token: str | Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either an Options object or keyword options, not both")
+        self.options = options if options is not None else self.Options(**kwargs)
+        self._tokens: list[bytes] | None = None
+        if token is not None:
+            given = [token] if isinstance(token, str) else list(token)
+            if not given or not all(given):
+                raise ValueError("token: must be a non-empty string")
+            self._tokens = [t.encode() for t in given]
+        opts = self.options
+        if not (_is_loopback(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token):
+            raise ValueError(
+                f"host: binding {opts.host or 'every interface'!r} without a token would expose every stream; "
+                "set token_env or tokens_file, or allow_public_without_token = true"
+            )
+        self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
+        """The per-stream history recovery and snapshots are served from."""
+        self._clients: dict[Client, None] = {}
+        self._routes: dict[str, dict[Client, None]] = {}
+        self._bus: Bus | None = None
+        self._ready: anyio.Event | None = None
+        self._port: int | None = None
+        self._start_error: BaseException | None = None
+        self._direct = False
+        # websockets.asyncio.server.broadcast under asyncio; trio queues every frame instead.
+        self._write_many: Callable[..., None] | None = None
+        self._page: bytes | None = None
+        self._session = secrets.token_hex(8)
+        self.events = 0
+        """Events broadcast so far."""
+
+    # -- public surface ---------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port = 0``); raises before the server is ready."""
+        if self._port is None:
+            raise BroadcasterError("the broadcaster is not listening yet; await wait_ready() first")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to."""
+        host = self.options.host
+        if ":" in host:
+            host = f"[{host}]"
+        elif host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        return f"ws://{host}:{self.port}{self.options.path}"
+
+    @property
+    def page_url(self) -> str:
+        """The URL of the live page."""
+        return "http" + self.url.removeprefix("ws").removesuffix(self.options.path) + "/"
+
+    @property
+    def clients(self) -> int:
+        """How many clients are connected."""
+        return len(self._clients)
+
+    async def wait_ready(self) -> str:
+        """Wait until the server listens; return its WebSocket URL.
+
+        Raises :class:`BroadcasterError` if it could not start.
+        """
+        if self._ready is None:
+            self._ready = anyio.Event()
+        await self._ready.wait()
+        if self._start_error is not None:
+            raise BroadcasterError(str(self._start_error)) from self._start_error
+        return self.url
+
+    def close_clients(self, code: CloseCode = CloseCode.SERVICE_RESTART, reason: str = "server restart") -> int:
+        """Close every connection with *code* (clients should reconnect and resume); return how many."""
+        clients = list(self._clients)
+        for client in clients:
+            client.close(code, reason)
+        return len(clients)
+
+    # -- sink protocol --------------------------------------------------------------------
+    async def setup(self, bus: Bus) -> None:
+        """Remember the bus: streams already live are routed by their ``start``."""
+        self._bus = bus
+
+    async def run(self, events: Subscription) -> None:
+        """Serve clients and broadcast *events* until the subscription ends."""
+        if self._ready is None:
+            self._ready = anyio.Event()
+        self._start_error = None
+        try:
+            self._load_tokens()
+            self._page = self._load_page()
+        except BroadcasterError as exc:
+            self._start_error = exc
+            self._ready.set()
+            raise
+        backend = sniffio.current_async_library()
+        if backend == "trio":
+            await self._run_trio(events)
+        else:
+            await self._run_asyncio(events)
+
+    def _serve_kwargs(self) -> dict[str, Any]:
+        opts = self.options
+        return {
+            "process_request": self._process_request,
+            "compression": "deflate" if opts.compression else None,
+            "max_size": opts.max_message_bytes,
+            "ping_interval": opts.ping_interval,
+            "ping_timeout": opts.ping_timeout,
+            "close_timeout": opts.close_timeout,
+            "server_header": f"streambus-websocket/{_VERSION}",
+        }
+
+    async def _run_asyncio(self, events: Subscription) -> None:
+        from websockets.asyncio.server import broadcast, serve
+
+        self._direct = True
+        self._write_many = broadcast
+        try:
+            server = await serve(self._handle, self.options.host or None, self.options.port, **self._serve_kwargs())
+        except OSError as exc:
+            self._fail_start(exc)
+            raise BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}") from exc
+        async with server:
+            self._listening([sock.getsockname() for sock in server.sockets])
+            try:
+                await self._pump(events)
+            finally:
+                await self._drain()
+        self._port = None
+
+    async def _run_trio(self, events: Subscription) -> None:
+        import trio
+        from websockets.trio.server import serve
+
+        self._direct = False
+        async with trio.open_nursery() as nursery:
+            try:
+                server = await nursery.start(
+                    functools.partial(
+                        serve, self._handle, self.options.port, host=self.options.host or None, **self._serve_kwargs()
+                    )
+                )
+            except OSError as exc:
+                self._fail_start(exc)
+                raise BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}") from exc
+            try:
+                self._listening([listener.socket.getsockname() for listener in server.listeners])
+                await self._pump(events)
+            finally:
+                await self._drain()
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self.options.close_timeout + 1
+                    await server.aclose()
+        self._port = None
+
+    def _fail_start(self, exc: BaseException) -> None:
+        self._start_error = exc
+        assert self._ready is not None
+        self._ready.set()
+
+    def _listening(self, names: list[Any]) -> None:
+        self._port = int(names[0][1])
+        log.info("websocket.listening", url=self.url, page=self.page_url if self.options.page else None)
+        assert self._ready is not None
+        self._ready.set()
+
+    async def _pump(self, events: Subscription) -> None:
+        while batch := await events.receive_batch():
+            self._dispatch(batch)
+
+    async def _drain(self) -> None:
+        # Give connected clients what was already accepted, bounded in time.
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.options.close_timeout
+            for client in list(self._clients):
+                await client.wait_idle()
+
+    def _load_tokens(self) -> None:
+        opts = self.options
+        if self._tokens is not None and not opts.has_token_source:
+            return
+        tokens: list[bytes] = list(self._tokens or [])
+        if opts.token_env:
+            value = os.environ.get(opts.token_env, "")
+            if not value.strip():
+                raise BroadcasterError(f"token_env: environment variable {opts.token_env} is not set or empty")
+            tokens.extend(t.strip().encode() for t in value.split(",") if t.strip())
+        if opts.tokens_file:
+            try:
+                lines = Path(opts.tokens_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise BroadcasterError(f"tokens_file: cannot read {opts.tokens_file}: {exc.strerror}") from None
+            from_file = [ln.strip().encode() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if not from_file:
+                raise BroadcasterError(f"tokens_file: {opts.tokens_file} holds no token (one per line)")
+            tokens.extend(from_file)
+        self._tokens = tokens or None
+
+    def _load_page(self) -> bytes:
+        html = (files("streambus_websocket") / "static" / "index.html").read_text(encoding="utf-8")
+        return html.replace("__STREAMBUS_WS_PATH__", msgspec.json.encode(self.options.path).decode()).encode()
+
+    # -- HTTP: page, routing, origin -------------------------------------------------
+    def _process_request(self, ws: Any, request: Request) -> Response | None:
+        path, _, _query = request.path.partition("?")
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade:
+            if self.options.page and path in ("/", "/index.html") and self._page is not None:
+                return _response(200, "OK", "text/html; charset=utf-8", self._page)
+            if path == "/healthz":
+                return _response(200, "OK", "text/plain; charset=utf-8", b"ok\n")
+            return _response(404, "Not Found", "text/plain; charset=utf-8", b"not found\n")
+        if path != self.options.path:
+            return _response(404, "Not Found", "text/plain; charset=utf-8", b"no WebSocket endpoint here\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            log.warning("websocket.origin_refused", origin=origin)
+            return _response(403, "Forbidden", "text/plain; charset=utf-8", b"origin not allowed\n")
+        return None
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        allowed = self.options.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        # Same origin: the live page served by this very server.
+        return origin in (f"http://{host}", f"https://{host}")
+
+    def _authorized(self, request: Request) -> bool:
+        tokens = self._tokens
+        if tokens is None:
+            return True
+        given = ""
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            given = header[7:].strip()
+        else:
+            query = urllib.parse.parse_qs(request.path.partition("?")[2])
+            given = (query.get("token") or [""])[0]
+        if not given:
+            return False
+        candidate = given.encode()
+        ok = False
+        for token in tokens:
+            # Compare against every token, in constant time each.
+            ok |= hmac.compare_digest(candidate, token)
+        return ok
+
+    # -- one connection ----------------------------------------------------------------
+    async def _handle(self, ws: Any) -> None:
+        opts = self.options
+        peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+        if not self._authorized(ws.request):
+            log.warning("websocket.unauthorized", peer=peer)
+            await self._refuse(ws, ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED, "missing or wrong token")
+            return
+        if len(self._clients) >= opts.max_clients:
+            log.warning("websocket.too_many_clients", peer=peer, max_clients=opts.max_clients)
+            await self._refuse(
+                ws, ErrorCode.TOO_MANY_CLIENTS, CloseCode.TOO_MANY_CLIENTS, f"server full ({opts.max_clients} clients)"
+            )
+            return
+        client = Client(ws, buffer_bytes=opts.client_buffer_bytes, direct=self._direct, peer=peer)
+        hello = control_frame(
+            "hello",
+            protocol=PROTOCOL_VERSION,
+            server=f"streambus-websocket/{_VERSION}",
+            session=self._session,
+            limits={
+                "max_message_bytes": opts.max_message_bytes,
+                "max_message_rate": opts.max_message_rate,
+                "max_subscriptions": opts.max_subscriptions,
+                "client_buffer_bytes": opts.client_buffer_bytes,
+            },
+            history={"events": opts.history_events, "ttl": opts.history_ttl},
+        )
+        try:
+            await ws.send(hello, text=True)
+        except ConnectionClosed:
+            return
+        self._clients[client] = None
+        log.debug("websocket.connected", peer=peer, clients=len(self._clients))
+        try:
+            with anyio.CancelScope() as scope:
+                client.scope = scope
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._send, client)
+                    await self._receive(client)
+                    tg.cancel_scope.cancel()
+        finally:
+            self._forget(client)
+        if client.close_code is not None:
+            log.info("websocket.closing", peer=peer, code=int(client.close_code), reason=client.close_reason)
+            await self._close(ws, client.close_code, client.close_reason)
+
+    async def _send(self, client: Client) -> None:
+        try:
+            await client.send_loop()
+        except ConnectionClosed:
+            pass
+        # The peer is gone or closing: stop reading too.
+        if client.scope is not None:
+            client.scope.cancel()
+
+    async def _refuse(self, ws: Any, error: ErrorCode, code: CloseCode, message: str) -> None:
+        try:
+            await ws.send(error_frame(error, message), text=True)
+        except ConnectionClosed:
+            return
+        await self._close(ws, code, message)
+
+    async def _close(self, ws: Any, code: CloseCode, reason: str) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.options.close_timeout + 1
+            closer = getattr(ws, "aclose", None) or ws.close
+            try:
+                await closer(int(code), reason[:120])
+            except ConnectionClosed:
+                pass
+
+    def _forget(self, client: Client) -> None:
+        self._clients.pop(client, None)
+        for targets in self._routes.values():
+            targets.pop(client, None)
+        log.debug("websocket.disconnected", peer=client.peer, clients=len(self._clients))
+
+    async def _receive(self, client: Client) -> None:
+        opts = self.options
+        rate = opts.max_message_rate
+        burst = max(1.0, rate * 2)
+        allowance = burst
+        last = anyio.current_time()
+        strikes = 0
+        try:
+            async for message in client.ws:
+                now = anyio.current_time()
+                allowance = min(burst, allowance + (now - last) * rate)
+                last = now
+                if allowance < 1:
+                    strikes += 1
+                    if strikes > burst:
+                        client.close(CloseCode.RATE_LIMITED, f"more than {rate:g} messages/s")
+                        return
+                    client.push(error_frame(ErrorCode.RATE_LIMITED, f"message dropped: limit is {rate:g} messages/s"))
+                    continue
+                allowance -= 1
+                strikes = 0
+                if not isinstance(message, str):
+                    client.push(error_frame(ErrorCode.BINARY_FRAME, "send JSON in text frames"))
+                    continue
+                try:
+                    self._on_message(client, parse_client_message(message))
+                except ProtocolError as exc:
+                    client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
+                except Exception as exc:
+                    # Logged here with its traceback; the client only learns that it failed.
+                    log.error("websocket.handler_failed", peer=client.peer, error=repr(exc), exc_info=exc)
+                    client.push(error_frame(ErrorCode.INTERNAL, "the server failed handling this message"))
+        except ConnectionClosed:
+            pass
+
+    def _on_message(self, client: Client, message: ClientMessage) -> None:
+        if type(message) is Subscribe:
+            self._subscribe(client, message)
+        elif type(message) is Unsubscribe:
+            if message.id not in client.subscriptions:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription with id {message.id!r}", id=message.id
+                )
+            del client.subscriptions[message.id]
+            for stream, targets in self._routes.items():
+                if client in targets and not self._wants(client, stream):
+                    del targets[client]
+            client.push(control_frame("unsubscribed", id=message.id))
+        elif type(message) is Ping:
+            client.push(control_frame("pong", id=message.id))
+
+    def _wants(self, client: Client, stream: str) -> bool:
+        log_ = self.history.get(stream)
+        start = log_.start if log_ is not None else None
+        return start is not None and any(f.matches(start) for f in client.subscriptions.values())
+
+    def _subscribe(self, client: Client, message: Subscribe) -> None:
+        opts = self.options
+        if message.id in client.subscriptions:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {message.id!r} exists; unsubscribe it first",
+                id=message.id,
+            )
+        if len(client.subscriptions) >= opts.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {opts.max_subscriptions} subscriptions per client",
+                id=message.id,
+            )
+        flt = message.to_filter()
+        history = self.history
+        history.expire()
+        # Streams this client already receives through another subscription.
+        already = {stream for stream, targets in self._routes.items() if client in targets}
+        live = [lg for lg in history.live() if lg.start is not None and flt.matches(lg.start)]
+        new_live = [lg.start.stream for lg in live if lg.start is not None and lg.start.stream not in already]
+        frames: list[bytes] = []
+        unrecovered: list[str] = []
+        recovering = message.since is not None
+        recovered = False
+        replayed = 0
+        snapshots = 0
+        if message.since is not None:
+            since = message.since
+            for stream, last_seq in since.items():
+                if stream in already:
+                    continue
+                stream_log = history.get(stream)
+                if stream_log is not None and stream_log.start is not None and not flt.matches(stream_log.start):
+                    continue
+                missed = history.missed(stream, last_seq)
+                if missed is None:
+                    unrecovered.append(stream)
+                else:
+                    frames.extend(missed)
+            # Live streams the client never saw started while it was away: replay them whole.
+            for stream in new_live:
+                if stream in since:
+                    continue
+                whole = history.replay_all(stream)
+                if whole is None:
+                    unrecovered.append(stream)
+                else:
+                    frames.extend(whole)
+            recovered = not unrecovered
+            if recovered:
+                replayed = len(frames)
+            else:
+                frames = []
+        if message.snapshot and not (recovering and recovered):
+            for stream in new_live:
+                snap = history.snapshot(stream)
+                if snap is not None:
+                    frames.extend(snap)
+                    snapshots += 1
+        client.subscriptions[message.id] = flt
+        for stream in new_live:
+            self._routes.setdefault(stream, {})[client] = None
+        client.push(
+            control_frame(
+                "subscribed",
+                id=message.id,
+                recovering=recovering,
+                recovered=recovered,
+                replayed=replayed,
+                snapshot=snapshots,
+                streams=[lg.start.stream for lg in live if lg.start is not None],
+                unrecovered=unrecovered or None,
+            )
+        )
+        for frame in frames:
+            client.push(frame)
+
+    # -- the hot path -------------------------------------------------------------------
+    def _dispatch(self, batch: list[Event]) -> None:
+        history = self.history
+        routes = self._routes
+        direct = self._direct
+        self.events += len(batch)
+        for event in batch:
+            data = encode(event)
+            stream = event.stream
+            if type(event) is StartEvent:
+                history.record(event, data)
+                targets = routes[stream] = self._match(event)
+            else:
+                targets = routes.get(stream)
+                if targets is None and history.get(stream) is None:
+                    # A stream that started before this sink subscribed: route it by its start.
+                    stream_log = history.record(event, data)
+                    start = self._bus.live_streams.get(stream) if self._bus is not None else None
+                    if start is not None and not is_terminal(event):
+                        stream_log.start = start
+                        targets = routes[stream] = self._match(start)
+                else:
+                    history.record(event, data)
+            if targets:
+                delta = event if type(event) is DeltaEvent else None
+                writable = []
+                for client in targets:
+                    if client.writable():
+                        writable.append(client.ws)
+                    else:
+                        client.push_event(stream, delta, data)
+                if writable:
+                    assert self._write_many is not None
+                    self._write_many(writable, data, text=True)
+            if is_terminal(event):
+                routes.pop(stream, None)
+                history.expire()
+
+    def _match(self, start: StartEvent) -> dict[Client, None]:
+        return {
+            client: None
+            for client in self._clients
+            if any(flt.matches(start) for flt in client.subscriptions.values())
+        }
+
+
+def _response(status: int, reason: str, content_type: str, body: bytes) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status, reason, headers, body)
+
