@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +64,8 @@ class Recording:
     meta: dict[str, Any]
     events: list[Event]
     problems: list[RecordingProblem]
+    header: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The whole header object, including keys a newer writer added."""
 
     @property
     def truncated(self) -> bool:
@@ -103,22 +106,36 @@ def write_recording(
             f.write(encode(event) + b"\n")
 
 
-def _lines(f: IO[bytes]) -> Iterator[bytes]:
+def _lines(f: IO[bytes], problems: list[RecordingProblem], name: str) -> Iterator[bytes]:
     try:
         yield from f
     except EOFError:
         # A gzip file cut short by a crash: everything decompressed so far was yielded.
         return
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        # Damaged compressed data: what was decompressed before it is still good.
+        problems.append(RecordingProblem(0, "truncated", f"compressed data is damaged after this point: {exc}"))
+        return
+
+
+_HEADER_PREFIX = b'{"streambus_recording"'
 
 
 def iter_recording(
-    path: str | Path, *, lenient: bool = False, problems: list[RecordingProblem] | None = None
+    path: str | Path,
+    *,
+    lenient: bool = False,
+    problems: list[RecordingProblem] | None = None,
+    header: dict[str, Any] | None = None,
 ) -> Iterator[Event]:
     """Yield the events of the recording at *path*, checking the header first.
 
-    Skipped lines are appended to *problems* when given. Raises
+    Skipped lines are appended to *problems* when given; the parsed header is
+    stored into *header* when given. Raises
     :class:`~streambus.errors.RecordingError` for a missing or unsupported
     header, and (unless *lenient*) for an invalid line that is not the last.
+    A last line without its newline that does not decode is reported as a
+    ``truncated`` problem (a writer crashed mid-line) and skipped, never raised.
     """
     name = str(path)
     sink = problems if problems is not None else []
@@ -127,11 +144,19 @@ def iter_recording(
     except OSError as exc:
         raise RecordingError(f"cannot open recording: {exc.strerror or exc}", path=name, line=0) from None
     with f:
-        lines = _lines(f)
+        lines = _lines(f, sink, name)
         first = next(lines, None)
         if first is None:
             raise RecordingError("empty file, expected a recording header", path=name, line=1)
-        _parse_header(first, name)
+        if not first.endswith(b"\n") and _looks_like_cut_header(first):
+            # The writer died while writing the header: a recording with no events.
+            sink.append(RecordingProblem(1, "truncated", "the header line is incomplete (writer crashed?)"))
+            if header is not None:
+                header.update({"streambus_recording": FORMAT_VERSION})
+            return
+        parsed = _parse_header(first, name)
+        if header is not None:
+            header.update(parsed)
         pending: tuple[int, bytes] | None = None
         for number, raw in enumerate(lines, start=2):
             if pending is not None:
@@ -139,6 +164,10 @@ def iter_recording(
                 if event is not None:
                     yield event
             pending = (number, raw)
+        for i, problem in enumerate(sink):
+            if problem.line == 0:
+                # Damaged compressed data: the line it cut is the last one read.
+                sink[i] = dataclasses.replace(problem, line=pending[0] if pending is not None else 1)
         if pending is None:
             return
         number, raw = pending
@@ -154,6 +183,17 @@ def iter_recording(
             yield event
 
 
+def _looks_like_cut_header(raw: bytes) -> bool:
+    stripped = raw.strip()
+    if not stripped:
+        return False
+    try:
+        orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return stripped.startswith(_HEADER_PREFIX) or _HEADER_PREFIX.startswith(stripped)
+    return False
+
+
 def _event_or_problem(
     number: int, raw: bytes, name: str, lenient: bool, problems: list[RecordingProblem]
 ) -> Event | None:
@@ -162,14 +202,24 @@ def _event_or_problem(
     except DecodeError as exc:
         if raw.strip() == b"":
             message = "blank line"
-        elif raw.lstrip().startswith(b'{"streambus_recording"'):
-            message = "a second recording header (files concatenated?)"
+        elif raw.lstrip().startswith(_HEADER_PREFIX):
+            message = _second_header(raw)
         else:
             message = str(exc)
         if not lenient:
             raise RecordingError(message, path=name, line=number) from None
         problems.append(RecordingProblem(number, "invalid", message))
         return None
+
+
+def _second_header(raw: bytes) -> str:
+    try:
+        version = orjson.loads(raw).get("streambus_recording")
+    except (orjson.JSONDecodeError, AttributeError):
+        version = None
+    if version is not None and version != FORMAT_VERSION:
+        return f"a recording header of unsupported version {version!r} in the middle of the file"
+    return "a second recording header (files concatenated?)"
 
 
 def _parse_header(raw: bytes, name: str) -> dict[str, Any]:
@@ -188,16 +238,24 @@ def _parse_header(raw: bytes, name: str) -> dict[str, Any]:
             path=name,
             line=1,
         )
+    if not isinstance(header.get("meta", {}), dict):
+        raise RecordingError('the header\'s "meta" must be a JSON object', path=name, line=1)
+    created = header.get("created", 0.0)
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        raise RecordingError('the header\'s "created" must be a number (UNIX seconds)', path=name, line=1)
     return header
 
 
 def read_recording(path: str | Path, *, lenient: bool = False) -> Recording:
-    """Read the whole recording at *path* into memory (see :func:`iter_recording`)."""
+    """Read the whole recording at *path* into memory (see :func:`iter_recording`).
+
+    Check :attr:`Recording.problems` (or :attr:`Recording.truncated`) for
+    lines that were skipped.
+    """
     name = str(path)
     problems: list[RecordingProblem] = []
-    events = list(iter_recording(path, lenient=lenient, problems=problems))
-    with open_recording(path, "rb") as f:
-        header = _parse_header(next(_lines(f)), name)
+    header: dict[str, Any] = {}
+    events = list(iter_recording(path, lenient=lenient, problems=problems, header=header))
     return Recording(
         path=name,
         version=int(header["streambus_recording"]),
@@ -205,4 +263,5 @@ def read_recording(path: str | Path, *, lenient: bool = False) -> Recording:
         meta=dict(header.get("meta") or {}),
         events=events,
         problems=problems,
+        header=header,
     )

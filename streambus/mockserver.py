@@ -1,0 +1,384 @@
+"""A mock model server: recorded streams served over real HTTP as Ollama and OpenAI do.
+
+::
+
+    server = MockServer("tests/data/chat.jsonl", speed=1.0)
+    with server.running() as url:          # a background thread; any test style
+        client = ollama.Client(host=url)
+        for part in client.chat(model="llama3.2", messages=[...], stream=True):
+            ...
+        openai.OpenAI(base_url=url + "/v1", api_key="unused")
+
+    async with MockServer("chat.jsonl") as server:   # inside an asyncio app
+        print(server.url)
+
+The server answers the routes of every installed provider wire format
+(:func:`streambus.formats.load_format`): Ollama's ``/api/chat``,
+``/api/generate``, ``/api/tags``, ``/api/version`` and OpenAI's
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``. The bytes come
+from the provider plugin's own encoder, so what a client receives is what the
+plugin's producer parses.
+
+Which recording answers a request: the recorded streams of the requested
+model, in recorded order, cycling (``llama3.2`` and ``llama3.2:latest`` are
+the same model). An unknown model gets the provider's own error body and
+status (404). A streamed answer reproduces the recorded gaps between events
+(scaled by *speed*, capped by *idle_limit*, or none with *burst*); a request
+with ``stream: false`` waits the recorded duration and gets the assembled body.
+
+This module needs :mod:`aiohttp` (``pip install 'streambus[testing]'``) and its
+async API runs on asyncio; :meth:`MockServer.running` works from any code,
+trio included, because the server then runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+import sniffio
+import structlog
+
+try:
+    from aiohttp import web
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "streambus's mock model server needs aiohttp, which is not installed. "
+        "Install it with: pip install 'streambus[testing]'"
+    ) from exc
+
+from .errors import PluginError
+from .events import Event, StartEvent
+from .formats import WireFormat, load_format
+from .recording import Recording, read_recording
+from .replay import plan_streams
+
+__all__ = ["MockServer", "ServedRequest"]
+
+log = structlog.get_logger("streambus.mockserver")
+
+_NOT_FOUND = {
+    "ollama": "model '{model}' not found",
+    "openai": "The model `{model}` does not exist or you do not have access to it.",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedRequest:
+    """One request the server answered (see :attr:`MockServer.requests`)."""
+
+    method: str
+    path: str
+    model: str | None
+    status: int
+    stream: str | None
+    """The recorded stream id that answered, if any."""
+    streamed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    events: tuple[Event, ...]
+    offsets: tuple[float, ...]  # seconds from the stream's start, idle limit applied
+
+
+def _base_model(name: str) -> str:
+    return name.removesuffix(":latest")
+
+
+class MockServer:
+    """Serve recorded streams over HTTP in the providers' wire formats.
+
+    :param source: a recording path (or several), a :class:`~streambus.recording.Recording`,
+        or events.
+    :param speed: recorded pauses are divided by this.
+    :param burst: send everything at once, no pauses.
+    :param idle_limit: cap every recorded pause at this many seconds.
+    :param formats: the wire formats to serve (entry point names); missing ones are skipped
+        with a warning, but at least one must load.
+    :param lenient: read the recording skipping invalid lines.
+    :param ollama_version: what ``/api/version`` reports.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Sequence[str | Path] | Recording | Iterable[Event],
+        *,
+        speed: float = 1.0,
+        burst: bool = False,
+        idle_limit: float | None = None,
+        formats: Sequence[str] = ("ollama", "openai"),
+        lenient: bool = False,
+        ollama_version: str = "0.6.0",
+    ) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed: must be positive, got {speed}")
+        if idle_limit is not None and idle_limit < 0:
+            raise ValueError(f"idle_limit: must be at least 0, got {idle_limit}")
+        self.speed = speed
+        self.burst = burst
+        self.idle_limit = idle_limit
+        self.ollama_version = ollama_version
+        events = self._events(source, lenient)
+        plans, _, _ = plan_streams(events)
+        self._answers: dict[str, list[_Answer]] = {}
+        for plan in plans:
+            self._answers.setdefault(_base_model(plan.start.model), []).append(self._answer(plan.events))
+        self._cursor: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.formats: dict[str, WireFormat] = {}
+        """The loaded wire formats by name."""
+        failures: list[str] = []
+        for name in formats:
+            try:
+                self.formats[name] = load_format(name)
+            except PluginError as exc:
+                failures.append(str(exc))
+                log.warning("mockserver.format_missing", format=name, error=str(exc))
+        if not self.formats:
+            raise PluginError(
+                "no provider wire format could be loaded: " + "; ".join(failures),
+                name=",".join(formats),
+                hint="Install one with: pip install streambus-ollama streambus-openai",
+            )
+        self.requests: list[ServedRequest] = []
+        """Every request answered so far, in order."""
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @staticmethod
+    def _events(source: Any, lenient: bool) -> list[Event]:
+        if isinstance(source, Recording):
+            return list(source.events)
+        if isinstance(source, str | Path):
+            return read_recording(source, lenient=lenient).events
+        items = list(source)
+        if items and all(isinstance(p, str | Path) for p in items):
+            out: list[Event] = []
+            for path in items:
+                out.extend(read_recording(path, lenient=lenient).events)
+            return out
+        return items
+
+    def _answer(self, events: Sequence[Event]) -> _Answer:
+        offsets = [0.0]
+        for prev, cur in itertools.pairwise(events):
+            gap = max(0.0, cur.ts - prev.ts)
+            offsets.append(offsets[-1] + (gap if self.idle_limit is None else min(gap, self.idle_limit)))
+        return _Answer(tuple(events), tuple(offsets))
+
+    @property
+    def models(self) -> list[str]:
+        """The recorded models, in order of first appearance."""
+        names: dict[str, None] = {}
+        for answers in self._answers.values():
+            start = answers[0].events[0]
+            assert isinstance(start, StartEvent)
+            names[start.model] = None
+        return list(names)
+
+    def _pick(self, model: str) -> _Answer | None:
+        key = _base_model(model)
+        answers = self._answers.get(key)
+        if not answers:
+            return None
+        with self._lock:
+            index = self._cursor.get(key, 0)
+            self._cursor[key] = index + 1
+        return answers[index % len(answers)]
+
+    # -- the aiohttp application ---------------------------------------------------
+    def app(self) -> web.Application:
+        """Build the :class:`aiohttp.web.Application` (to mount it in your own server)."""
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        served: set[str] = set()
+        for fmt in self.formats.values():
+            for path, route in fmt.routes.items():
+                if path in ("/api/tags", "/api/version", "/v1/models"):
+                    continue
+                app.router.add_post(path, self._handler(fmt, path, route))
+                served.add(path)
+        if "ollama" in self.formats:
+            app.router.add_get("/api/tags", self._models_handler(self.formats["ollama"]))
+            app.router.add_get("/api/version", self._version)
+            app.router.add_get("/", self._root)
+        if "openai" in self.formats:
+            app.router.add_get("/v1/models", self._models_handler(self.formats["openai"]))
+        return app
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="Ollama is running")
+
+    async def _version(self, request: web.Request) -> web.StreamResponse:
+        self._log(request, None, 200, None, False)
+        return web.json_response({"version": self.ollama_version})
+
+    def _models_handler(self, fmt: WireFormat) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self._log(request, None, 200, None, False)
+            return web.json_response(fmt.models_body(self.models))
+
+        return handler
+
+    def _log(self, request: web.Request, model: str | None, status: int, stream: str | None, streamed: bool) -> None:
+        self.requests.append(ServedRequest(request.method, request.path, model, status, stream, streamed))
+
+    def _error(
+        self, request: web.Request, fmt: WireFormat, status: int, message: str, model: str | None
+    ) -> web.Response:
+        self._log(request, model, status, None, False)
+        log.info("mockserver.error", path=request.path, status=status, message=message)
+        return web.json_response(fmt.error_body(status, message), status=status)
+
+    def _handler(self, fmt: WireFormat, path: str, route: str) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            raw = await request.read()
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                return self._error(request, fmt, 400, f"invalid JSON request body: {exc}", None)
+            if not isinstance(body, dict):
+                return self._error(request, fmt, 400, "the request body must be a JSON object", None)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                return self._error(request, fmt, 400, "model is required", None)
+            answer = self._pick(model)
+            if answer is None:
+                message = _NOT_FOUND.get(fmt.name, "model '{model}' not found").format(model=model)
+                return self._error(request, fmt, 404, message, model)
+            recorded = answer.events[0].stream
+            if not fmt.is_streaming(route, body):
+                await self._pause(answer.offsets[-1])
+                self._log(request, model, 200, recorded, False)
+                return web.json_response(fmt.assemble(route, body, answer.events), dumps=_dumps)
+            return await self._stream(request, fmt, route, body, answer, model)
+
+        return handler
+
+    async def _pause(self, seconds: float) -> None:
+        if not self.burst and seconds > 0:
+            await asyncio.sleep(seconds / self.speed)
+
+    async def _stream(
+        self, request: web.Request, fmt: WireFormat, route: str, body: Mapping[str, Any], answer: _Answer, model: str
+    ) -> web.StreamResponse:
+        encoder = fmt.stream_encoder(route, body)
+        response = web.StreamResponse(status=200, headers={"Content-Type": encoder.content_type})
+        await response.prepare(request)
+        self._log(request, model, 200, answer.events[0].stream, True)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            for event, offset in zip(answer.events, answer.offsets, strict=True):
+                if not self.burst:
+                    delay = t0 + offset / self.speed - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                data = encoder.encode(event)
+                if data:
+                    await response.write(data)
+            tail = encoder.close()
+            if tail:
+                await response.write(tail)
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("mockserver.client_gone", path=request.path, model=model)
+        return response
+
+    # -- running --------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The base URL (``http://127.0.0.1:PORT``) once started; OpenAI clients add ``/v1``."""
+        if self._url is None:
+            raise RuntimeError("the mock server is not running; use `async with` or start() first")
+        return self._url
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start serving on *host*:*port* (0 = a free port) in the running asyncio loop; return the URL."""
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            library = "none"
+        if library != "asyncio":
+            raise RuntimeError(
+                f"MockServer.start() needs asyncio (aiohttp), not {library}; "
+                "use `with server.running() as url:` to serve from a background thread instead"
+            )
+        if self._runner is not None:
+            raise RuntimeError("the mock server is already running")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        self._runner = runner
+        bound = sock.getsockname()[1]
+        self._url = f"http://[{host}]:{bound}" if family == socket.AF_INET6 else f"http://{host}:{bound}"
+        log.info("mockserver.started", url=self._url, models=self.models, formats=list(self.formats))
+        return self._url
+
+    async def close(self) -> None:
+        """Stop serving (in-flight responses are cut off)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        self._url = None
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @contextlib.contextmanager
+    def running(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve from a background thread with its own event loop; yield the base URL.
+
+        Works from synchronous tests and from async ones under any backend,
+        since the server never shares the caller's loop.
+        """
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        thread = threading.Thread(
+            target=self._thread_main, args=(loop, ready), name="streambus-mockserver", daemon=True
+        )
+        thread.start()
+        ready.wait()
+        try:
+            url = asyncio.run_coroutine_threadsafe(self.start(host, port), loop).result(timeout=30)
+            yield url
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=30)
+            loop.close()
+
+    @staticmethod
+    def _thread_main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

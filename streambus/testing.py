@@ -1,0 +1,260 @@
+"""Test helpers, and the streambus pytest plugin (registered through ``pytest11``).
+
+Installing streambus makes these fixtures available in every test suite:
+
+``mock_model_server``
+    A factory: ``server = mock_model_server("rec.jsonl", speed=...)`` serves the
+    recording as an Ollama and OpenAI-compatible server on a free loopback port
+    (in a background thread, so sync tests, asyncio and trio all work) and
+    returns the running :class:`~streambus.mockserver.MockServer`; use
+    ``server.url`` (Ollama clients) or ``server.url + "/v1"`` (OpenAI clients).
+    Stopped at the end of the test. Needs ``pip install 'streambus[testing]'``.
+``replay_recording``
+    ``await replay_recording(bus, "rec.jsonl", **options)`` replays a recording
+    into a running bus (as fast as possible unless you pass ``speed`` or
+    ``burst=False``) and returns the :class:`~streambus.replay.ReplayProducer`;
+    ``wait=False`` starts it in the background instead of waiting for it.
+``event_capture``
+    A factory: ``capture = event_capture(bus)`` records every event the bus
+    publishes (lossless) into an :class:`EventCapture` with helpers such as
+    ``capture.text(stream)`` and ``capture.assert_text("Hello", stream)``.
+``streambus_bus``
+    A running :class:`~streambus.Bus` for the test (async tests, anyio plugin).
+
+Everything here is also importable for use without pytest
+(``from streambus.testing import EventCapture``), as structlog ships
+``structlog.testing``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import pytest
+
+from .bus import Bus
+from .events import DeltaEvent, EndEvent, Event, StartEvent, is_terminal
+from .replay import ReplayProducer
+from .subscription import Filter, Subscription
+
+if TYPE_CHECKING:
+    from .mockserver import MockServer
+
+__all__ = [
+    "EventCapture",
+    "event_capture",
+    "mock_model_server",
+    "replay_recording",
+    "streambus_bus",
+]
+
+
+class EventCapture:
+    """A sink that keeps every event it sees, with assertion helpers.
+
+    Attach it with :meth:`attach` (``block`` policy, so it loses nothing)
+    *before* the streams you want start. ``raw=True`` sees events before any
+    interposed stage such as moderation.
+    """
+
+    overflow: ClassVar[str] = "block"
+
+    def __init__(self, *, raw: bool = False, filter: Filter | None = None) -> None:
+        self.raw = raw
+        self.filter = filter
+        self.events: list[Event] = []
+        """Every captured event, in delivery order."""
+        self._changed: anyio.Event | None = None
+        self._done = False
+
+    def attach(self, bus: Bus, *, name: str = "capture") -> EventCapture:
+        """Subscribe to *bus* as a sink; return self."""
+        bus.add_sink(self, name=name, filter=self.filter, raw=self.raw)
+        return self
+
+    async def run(self, events: Subscription) -> None:
+        """Sink entry point: collect events until the subscription ends."""
+        try:
+            while batch := await events.receive_batch():
+                self.events.extend(batch)
+                self._notify()
+        finally:
+            self._done = True
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    # -- waiting -------------------------------------------------------------------
+    async def wait_for(self, predicate: Callable[[EventCapture], bool]) -> None:
+        """Wait until ``predicate(self)`` holds; wrap in ``anyio.fail_after`` to bound it.
+
+        Raises ``AssertionError`` if the capture ends (its bus stopped) first.
+        """
+        while not predicate(self):
+            if self._done:
+                raise AssertionError(f"the capture ended before the condition held ({len(self.events)} events)")
+            changed = self._changed = self._changed or anyio.Event()
+            await changed.wait()
+
+    async def wait_streams(self, count: int = 1) -> None:
+        """Wait until *count* streams have ended (any terminal event)."""
+        await self.wait_for(lambda c: len(c.ended) >= count)
+
+    # -- inspecting --------------------------------------------------------------------
+    @property
+    def streams(self) -> list[str]:
+        """Ids of the captured streams in order of first appearance."""
+        return list(dict.fromkeys(e.stream for e in self.events))
+
+    @property
+    def ended(self) -> list[str]:
+        """Ids of the streams whose terminal event was captured."""
+        return [e.stream for e in self.events if is_terminal(e)]
+
+    def _resolve(self, stream: str | None) -> str:
+        streams = self.streams
+        if stream is None:
+            if len(streams) != 1:
+                raise AssertionError(f"pass stream=...: the capture holds {len(streams)} streams {streams}")
+            return streams[0]
+        if stream not in streams:
+            raise AssertionError(f"no captured events for stream {stream!r} (captured: {streams})")
+        return stream
+
+    def of(self, stream: str | None = None) -> list[Event]:
+        """The events of one stream (the only one when *stream* is None)."""
+        sid = self._resolve(stream)
+        return [e for e in self.events if e.stream == sid]
+
+    def text(self, stream: str | None = None, channel: str = "content") -> str:
+        """The text of one stream's *channel*, concatenated."""
+        return "".join(e.text for e in self.of(stream) if type(e) is DeltaEvent and e.channel == channel)
+
+    def texts(self, channel: str = "content") -> dict[str, str]:
+        """Every stream's text of *channel*, by stream id."""
+        return {sid: self.text(sid, channel) for sid in self.streams}
+
+    def start(self, stream: str | None = None) -> StartEvent:
+        """The ``start`` event of one stream."""
+        for event in self.of(stream):
+            if type(event) is StartEvent:
+                return event
+        raise AssertionError(f"stream {self._resolve(stream)!r} has no captured start event")
+
+    def terminal(self, stream: str | None = None) -> Event:
+        """The terminal event (``end``, ``error`` or ``abort``) of one stream."""
+        for event in self.of(stream):
+            if is_terminal(event):
+                return event
+        raise AssertionError(f"stream {self._resolve(stream)!r} has not ended")
+
+    def end(self, stream: str | None = None) -> EndEvent:
+        """The ``end`` event of one stream; fails if it ended otherwise."""
+        event = self.terminal(stream)
+        if type(event) is not EndEvent:
+            raise AssertionError(f"stream {event.stream!r} ended with {type(event).__name__}: {event!r}")
+        return event
+
+    # -- asserting ---------------------------------------------------------------------
+    def assert_text(self, expected: str, stream: str | None = None, channel: str = "content") -> None:
+        """Assert one stream's text equals *expected*, showing where they differ."""
+        actual = self.text(stream, channel)
+        if actual == expected:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(actual, expected, strict=False)) if a != b), None)
+        if at is None:
+            at = min(len(actual), len(expected))
+        diff = "\n".join(
+            difflib.unified_diff(expected.splitlines(), actual.splitlines(), "expected", "actual", lineterm="")
+        )
+        raise AssertionError(
+            f"text of stream {self._resolve(stream)!r} ({channel}) differs at character {at}: "
+            f"expected ...{expected[max(0, at - 20) : at + 20]!r}, got ...{actual[max(0, at - 20) : at + 20]!r}"
+            + (f"\n{diff}" if diff else "")
+        )
+
+    def assert_complete(self, stream: str | None = None) -> None:
+        """Assert a stream is well formed: ``start`` first, gap-free ``seq``, one terminal event, last."""
+        events = self.of(stream)
+        sid = events[0].stream
+        if type(events[0]) is not StartEvent:
+            raise AssertionError(f"stream {sid!r} does not begin with start: {events[0]!r}")
+        expected = 0
+        for event in events:
+            first = event.first_seq if type(event) is DeltaEvent and event.first_seq is not None else event.seq
+            if first != expected:
+                raise AssertionError(f"stream {sid!r}: expected seq {expected}, got {first} ({event!r})")
+            expected = event.seq + 1
+        terminals = [e for e in events if is_terminal(e)]
+        if len(terminals) != 1 or terminals[0] is not events[-1]:
+            raise AssertionError(f"stream {sid!r} must end with exactly one terminal event, got {terminals!r}")
+
+
+# -- pytest fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def streambus_bus() -> AsyncIterator[Bus]:
+    """A running :class:`~streambus.Bus`; leaving the test drains it."""
+    async with Bus() as bus:
+        yield bus
+
+
+@pytest.fixture
+def event_capture() -> Callable[..., EventCapture]:
+    """Return ``capture(bus, raw=False, filter=None) -> EventCapture``, attached to *bus*."""
+
+    def capture(bus: Bus, *, raw: bool = False, filter: Filter | None = None) -> EventCapture:
+        return EventCapture(raw=raw, filter=filter).attach(bus)
+
+    return capture
+
+
+@pytest.fixture
+def replay_recording() -> Callable[..., Awaitable[ReplayProducer]]:
+    """Return ``await replay(bus, path, wait=True, **options) -> ReplayProducer``.
+
+    Options are those of :class:`~streambus.replay.ReplayProducer`; the
+    default is ``burst=True`` unless ``speed`` is given.
+    """
+
+    async def replay(bus: Bus, path: str | Path, *, wait: bool = True, **options: Any) -> ReplayProducer:
+        if "speed" not in options:
+            options.setdefault("burst", True)
+        producer = ReplayProducer(path=str(path), **options)
+        if wait:
+            await producer.run(bus)
+        else:
+            bus.start_producer(producer, name="replay")
+        return producer
+
+    return replay
+
+
+@pytest.fixture
+def mock_model_server() -> Iterator[Callable[..., MockServer]]:
+    """Return ``start(recording, **options) -> MockServer`` serving on a free loopback port.
+
+    Options are those of :class:`~streambus.mockserver.MockServer` (``speed``,
+    ``burst``, ``idle_limit``, ``formats``, ...). Every server started is
+    stopped when the test ends.
+    """
+    from contextlib import ExitStack
+
+    from .mockserver import MockServer
+
+    with ExitStack() as stack:
+
+        def start(recording: Any, *, host: str = "127.0.0.1", **options: Any) -> MockServer:
+            server = MockServer(recording, **options)
+            stack.enter_context(server.running(host=host))
+            return server
+
+        yield start
