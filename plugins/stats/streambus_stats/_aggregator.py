@@ -1,0 +1,596 @@
+"""The stats aggregator: per-stream figures, aggregated per model, provider and overall.
+
+Feed it events (:meth:`StatsAggregator.feed`, in ``seq`` order per stream, as
+a subscription or a recording delivers them) and read
+:meth:`StatsAggregator.snapshot`. Every figure is defined in
+``docs/stats.md``; in short, with ``ts`` the producer's timestamps:
+
+- time to first chunk = ts(first non-empty ``content`` or ``reasoning`` delta) - ts(start)
+- inter-chunk latency = ts(non-empty delta) - ts(previous non-empty delta), one
+  value per chunk after the first (chunks, not tokens)
+- end-to-end = ts(terminal event) - ts(start)
+- time per output token = (e2e - ttfc) / (completion_tokens - 1), when completion_tokens >= 2
+- output tokens/s (bus) = (completion_tokens - 1) / (e2e - ttfc) = 1 / TPOT
+- provider tokens/s = completion_tokens / timings["eval_duration"] (Ollama's eval rate)
+
+Aggregators merge exactly (:meth:`StatsAggregator.merge`) and serialise
+(:meth:`StatsAggregator.to_state` / :meth:`StatsAggregator.from_state`), so
+processes or recordings can be summarised separately and combined.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, Literal
+
+import msgspec
+
+from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
+
+from ._distribution import CHUNK_BUCKETS, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
+from ._tokens import TokenCounter, TokenizerChoice
+
+__all__ = ["FIGURES", "STATE_VERSION", "Aggregate", "StatsAggregator", "StreamRecord"]
+
+STATE_VERSION: Final = 1
+"""Version of the JSON state :meth:`StatsAggregator.to_state` writes."""
+
+Outcome = Literal["end", "error", "abort", "incomplete"]
+
+FIGURES: Final[dict[str, tuple[str, tuple[float, ...]]]] = {
+    "time_to_first_chunk_seconds": ("start to first non-empty content or reasoning delta", DURATION_BUCKETS),
+    "time_to_first_content_seconds": ("start to first non-empty content delta", DURATION_BUCKETS),
+    "inter_chunk_latency_seconds": ("gap between consecutive non-empty deltas (chunks, not tokens)", CHUNK_BUCKETS),
+    "time_per_output_token_seconds": ("(e2e - ttfc) / (completion_tokens - 1)", CHUNK_BUCKETS),
+    "e2e_seconds": ("start to terminal event", DURATION_BUCKETS),
+    "output_tokens_per_second": ("(completion_tokens - 1) / (e2e - ttfc), measured at the bus", RATE_BUCKETS),
+    "provider_tokens_per_second": ("completion_tokens / eval_duration, as the provider reported", RATE_BUCKETS),
+    "prompt_tokens": ("prompt (input) tokens per stream", TOKEN_BUCKETS),
+    "completion_tokens": ("completion (output) tokens per stream", TOKEN_BUCKETS),
+}
+"""Every distribution an :class:`Aggregate` keeps: name -> (definition, bucket bounds)."""
+
+_ORDER = ("time_to_first_chunk", "time_to_first_content")
+
+
+class StreamRecord(msgspec.Struct, kw_only=True):
+    """The figures of one finished stream (``None`` where a figure is undefined)."""
+
+    stream: str
+    model: str
+    provider: str
+    outcome: Outcome
+    """``end``, ``error``, ``abort``, or ``incomplete`` (no terminal event seen)."""
+    reason: str
+    """The end reason, error kind or abort ``by``; empty for incomplete streams."""
+    start_ts: float
+    end_ts: float | None
+    time_to_first_chunk: float | None
+    time_to_first_content: float | None
+    e2e: float | None
+    chunks: int
+    empty_deltas: int
+    inter_chunk_mean: float | None
+    inter_chunk_max: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    usage_source: Literal["provider", "counted"] | None
+    token_method: str | None
+    """``provider``, ``tiktoken:<encoding>`` or ``approx``: how completion tokens were known."""
+    time_per_output_token: float | None
+    output_tokens_per_second: float | None
+    provider_tokens_per_second: float | None
+    moderation: dict[str, int] = {}
+
+
+class Aggregate:
+    """Counters and distributions of a set of streams (one model/provider pair, or merged).
+
+    Distributions are in :attr:`dists` keyed by the names of :data:`FIGURES`.
+    """
+
+    __slots__ = (
+        "aborts",
+        "chunks",
+        "dists",
+        "empty_deltas",
+        "end_reasons",
+        "errors",
+        "first_ts",
+        "last_ts",
+        "moderation",
+        "outcomes",
+        "relative_accuracy",
+        "started",
+        "tokens",
+    )
+
+    def __init__(self, relative_accuracy: float = 0.01) -> None:
+        self.relative_accuracy = relative_accuracy
+        self.dists = {name: Distribution(relative_accuracy, bounds) for name, (_, bounds) in FIGURES.items()}
+        self.started = 0
+        self.outcomes: Counter[str] = Counter()
+        self.end_reasons: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.aborts: Counter[str] = Counter()
+        self.moderation: Counter[str] = Counter()
+        self.chunks = 0
+        self.empty_deltas = 0
+        self.tokens: Counter[str] = Counter()
+        """Token totals keyed ``"<prompt|completion|total>:<provider|counted>"``."""
+        self.first_ts = math.inf
+        self.last_ts = -math.inf
+
+    @property
+    def finished(self) -> int:
+        """Streams that reached a terminal event (or were closed as incomplete)."""
+        return sum(self.outcomes.values())
+
+    def token_total(self, kind: str) -> int:
+        """Total *kind* (``prompt``, ``completion``, ``total``) tokens, provider-reported plus counted."""
+        return self.tokens[f"{kind}:provider"] + self.tokens[f"{kind}:counted"]
+
+    @property
+    def throughput(self) -> float | None:
+        """Completion tokens per second of wall time, first start to last terminal event."""
+        span = self.last_ts - self.first_ts
+        total = self.token_total("completion")
+        if not math.isfinite(span) or span <= 0 or not total:
+            return None
+        return total / span
+
+    def merge(self, other: Aggregate) -> None:
+        """Add everything *other* holds."""
+        for name, dist in self.dists.items():
+            dist.merge(other.dists[name])
+        self.started += other.started
+        for mine, theirs in (
+            (self.outcomes, other.outcomes),
+            (self.end_reasons, other.end_reasons),
+            (self.errors, other.errors),
+            (self.aborts, other.aborts),
+            (self.moderation, other.moderation),
+            (self.tokens, other.tokens),
+        ):
+            mine.update(theirs)
+        self.chunks += other.chunks
+        self.empty_deltas += other.empty_deltas
+        self.first_ts = min(self.first_ts, other.first_ts)
+        self.last_ts = max(self.last_ts, other.last_ts)
+
+    def summary(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, Any]:
+        """Return the aggregate as plain JSON-able data (see ``docs/stats.md`` for every key)."""
+        out: dict[str, Any] = {
+            "streams": {
+                "started": self.started,
+                "finished": self.finished,
+                "live": max(self.started - self.finished, 0),
+                "outcomes": dict(sorted(self.outcomes.items())),
+            },
+            "end_reasons": dict(sorted(self.end_reasons.items())),
+            "errors": dict(sorted(self.errors.items())),
+            "aborts": dict(sorted(self.aborts.items())),
+            "moderation": dict(sorted(self.moderation.items())),
+            "chunks": self.chunks,
+            "empty_deltas": self.empty_deltas,
+            "tokens": {
+                kind: {
+                    "provider": self.tokens[f"{kind}:provider"],
+                    "counted": self.tokens[f"{kind}:counted"],
+                    "all": self.token_total(kind),
+                }
+                for kind in ("prompt", "completion", "total")
+            },
+            "throughput_tokens_per_second": self.throughput,
+        }
+        for name, dist in self.dists.items():
+            out[name] = dist.summary(quantiles)
+        return out
+
+    def to_state(self) -> dict[str, Any]:
+        """Return JSON-able state for :meth:`from_state`."""
+        return {
+            "dists": {name: dist.to_state() for name, dist in self.dists.items()},
+            "started": self.started,
+            "outcomes": dict(self.outcomes),
+            "end_reasons": dict(self.end_reasons),
+            "errors": dict(self.errors),
+            "aborts": dict(self.aborts),
+            "moderation": dict(self.moderation),
+            "chunks": self.chunks,
+            "empty_deltas": self.empty_deltas,
+            "tokens": dict(self.tokens),
+            "first_ts": self.first_ts if math.isfinite(self.first_ts) else None,
+            "last_ts": self.last_ts if math.isfinite(self.last_ts) else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], relative_accuracy: float) -> Aggregate:
+        """Rebuild an aggregate from :meth:`to_state` output."""
+        agg = cls(relative_accuracy)
+        for name in agg.dists:
+            if name in state["dists"]:
+                agg.dists[name] = Distribution.from_state(state["dists"][name])
+        agg.started = int(state["started"])
+        for attr in ("outcomes", "end_reasons", "errors", "aborts", "moderation", "tokens"):
+            getattr(agg, attr).update({str(k): int(v) for k, v in state[attr].items()})
+        agg.chunks = int(state["chunks"])
+        agg.empty_deltas = int(state["empty_deltas"])
+        agg.first_ts = math.inf if state["first_ts"] is None else float(state["first_ts"])
+        agg.last_ts = -math.inf if state["last_ts"] is None else float(state["last_ts"])
+        return agg
+
+
+class _Live:
+    """What the aggregator tracks of a stream between its start and its terminal event."""
+
+    __slots__ = (
+        "agg",
+        "chunks",
+        "empty",
+        "first",
+        "first_content",
+        "gap_max",
+        "gap_sum",
+        "gaps",
+        "last",
+        "moderation",
+        "ngaps",
+        "start",
+        "texts",
+    )
+
+    def __init__(self, start: StartEvent, agg: Aggregate) -> None:
+        self.start = start
+        self.agg = agg
+        self.gaps = agg.dists["inter_chunk_latency_seconds"]
+        self.first: float | None = None
+        self.first_content: float | None = None
+        self.last: float | None = None
+        self.chunks = 0
+        self.empty = 0
+        self.gap_sum = 0.0
+        self.ngaps = 0
+        self.gap_max = -math.inf
+        self.texts: list[str] = []
+        self.moderation: Counter[str] = Counter()
+
+
+class StatsAggregator:
+    """Computes stream figures from events and aggregates them per model/provider.
+
+    :param relative_accuracy: the DDSketch's relative error on quantiles (0.01 = 1%).
+    :param tokenizer: how to count tokens when the provider did not (see :class:`TokenCounter`).
+    :param encoding: a tiktoken encoding to use for every model.
+    :param keep_streams: how many finished :class:`StreamRecord` to keep (``None``: all).
+    :param quantiles: the quantiles summaries report.
+    """
+
+    def __init__(
+        self,
+        *,
+        relative_accuracy: float = 0.01,
+        tokenizer: TokenizerChoice = "auto",
+        encoding: str | None = None,
+        keep_streams: int | None = 1000,
+        quantiles: Sequence[float] = (0.5, 0.9, 0.99),
+        counter: TokenCounter | None = None,
+    ) -> None:
+        if not 0.0 < relative_accuracy < 1.0:
+            raise ValueError(f"relative_accuracy: must be between 0 and 1 (exclusive), got {relative_accuracy}")
+        if keep_streams is not None and keep_streams < 0:
+            raise ValueError(f"keep_streams: must be 0 or more, got {keep_streams}")
+        for q in quantiles:
+            if not 0.0 < q < 1.0:
+                raise ValueError(f"quantiles: each must be between 0 and 1 (exclusive), got {q}")
+        self.relative_accuracy = relative_accuracy
+        self.quantiles = tuple(quantiles)
+        self.counter = counter or TokenCounter(tokenizer, encoding)
+        self.groups: dict[tuple[str, str], Aggregate] = {}
+        """One :class:`Aggregate` per ``(model, provider)``."""
+        self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)
+        """The most recent finished streams' records."""
+        self.live: dict[str, _Live] = {}
+        self.events = 0
+        self.orphans = 0
+        """Events of streams whose ``start`` was not seen (joined mid-stream), or after their terminal event."""
+
+    # -- feeding -----------------------------------------------------------------
+    def _group(self, model: str, provider: str) -> Aggregate:
+        key = (model, provider)
+        agg = self.groups.get(key)
+        if agg is None:
+            agg = self.groups[key] = Aggregate(self.relative_accuracy)
+        return agg
+
+    def feed(self, event: Event) -> None:
+        """Account for one event."""
+        self.feed_many((event,))
+
+    def feed_many(self, events: Iterable[Event]) -> None:
+        """Account for *events* (the hot path: one batch from a subscription)."""
+        live = self.live
+        n_events = 0
+        for event in events:
+            n_events += 1
+            kind = type(event)
+            if kind is DeltaEvent:
+                st = live.get(event.stream)
+                if st is None:
+                    self.orphans += 1
+                    continue
+                text = event.text  # type: ignore[union-attr]
+                if not text:
+                    st.empty += 1
+                    continue
+                ts = event.ts
+                n = event.n  # type: ignore[union-attr]
+                last = st.last
+                if last is not None:
+                    gap = ts - last
+                    st.gap_sum += gap
+                    st.ngaps += n
+                    pending = st.gaps.pending
+                    if n == 1:
+                        pending.append(gap)
+                    else:
+                        # A coalesced delta: its n chunks are taken as evenly spread over the gap.
+                        gap /= n
+                        pending.extend([gap] * n)
+                    if gap > st.gap_max:
+                        st.gap_max = gap
+                    st.gaps.maybe_flush()
+                if st.first is None and event.channel != "tool":  # type: ignore[union-attr]
+                    st.first = ts
+                    st.agg.dists["time_to_first_chunk_seconds"].add(ts - st.start.ts)
+                if st.first_content is None and event.channel == "content":  # type: ignore[union-attr]
+                    st.first_content = ts
+                    st.agg.dists["time_to_first_content_seconds"].add(ts - st.start.ts)
+                st.last = ts
+                st.chunks += n
+                st.texts.append(text)
+            elif kind is StartEvent:
+                self._start(event)  # type: ignore[arg-type]
+            elif kind is ModerationEvent:
+                st = live.get(event.stream)
+                if st is None:
+                    self.orphans += 1
+                    continue
+                action = event.action  # type: ignore[union-attr]
+                st.moderation[action] += 1
+                st.agg.moderation[action] += 1
+            else:
+                st = live.pop(event.stream, None)
+                if st is None:
+                    self.orphans += 1
+                    continue
+                self._finish(st, event)
+        self.events += n_events
+
+    def _start(self, event: StartEvent) -> None:
+        if event.stream in self.live:
+            # A second start for a live stream: finish the first one as incomplete.
+            self._finish(self.live.pop(event.stream), None)
+        agg = self._group(event.model, event.provider)
+        agg.started += 1
+        agg.first_ts = min(agg.first_ts, event.ts)
+        self.live[event.stream] = _Live(event, agg)
+
+    def close_incomplete(self) -> None:
+        """Finish every live stream as ``incomplete`` (end of a recording that cut streams short)."""
+        for st in list(self.live.values()):
+            del self.live[st.start.stream]
+            self._finish(st, None)
+
+    def _finish(self, st: _Live, event: Event | None) -> None:
+        start = st.start
+        agg = st.agg
+        dists = agg.dists
+        usage = None
+        timings: dict[str, float] = {}
+        outcome: Outcome
+        if isinstance(event, EndEvent):
+            outcome, reason = "end", event.reason
+            usage, timings = event.usage, event.timings
+            agg.end_reasons[reason] += 1
+        elif isinstance(event, ErrorEvent):
+            outcome, reason = "error", event.kind
+            agg.errors[reason] += 1
+        elif isinstance(event, AbortEvent):
+            outcome, reason = "abort", event.by
+            agg.aborts[reason] += 1
+        else:
+            outcome, reason = "incomplete", ""
+        agg.outcomes[outcome] += 1
+        agg.chunks += st.chunks
+        agg.empty_deltas += st.empty
+        end_ts = event.ts if event is not None else None
+        e2e = end_ts - start.ts if end_ts is not None else None
+        if end_ts is not None:
+            agg.last_ts = max(agg.last_ts, end_ts)
+            dists["e2e_seconds"].add(e2e)  # type: ignore[arg-type]
+        ttfc = st.first - start.ts if st.first is not None else None
+        ttf_content = st.first_content - start.ts if st.first_content is not None else None
+
+        # Token usage: the provider's numbers where given, counted where missing.
+        prompt = usage.prompt_tokens if usage is not None else None
+        completion = usage.completion_tokens if usage is not None else None
+        total = usage.total_tokens if usage is not None else None
+        counted = usage is not None and usage.source == "counted"
+        method: str | None = "provider" if completion is not None and not counted else None
+        if completion is None:
+            completion, method = self.counter.count("".join(st.texts), start.model)
+            if method == "none":
+                method = "counted"
+            counted = True
+        if prompt is None:
+            prompt_text = _prompt_text(start.meta)
+            if prompt_text is not None:
+                prompt, _ = self.counter.count(prompt_text, start.model)
+                counted = True
+        if total is None and prompt is not None:
+            total = prompt + completion
+        source: Literal["provider", "counted"] = "counted" if counted else "provider"
+        if method is None:
+            method = "counted"
+        for kind, value in (("prompt", prompt), ("completion", completion), ("total", total)):
+            if value is not None:
+                agg.tokens[f"{kind}:{source}"] += value
+        if prompt is not None:
+            dists["prompt_tokens"].add(prompt)
+        dists["completion_tokens"].add(completion)
+
+        tpot = rate = provider_rate = None
+        if ttfc is not None and e2e is not None and completion >= 2:
+            tpot = (e2e - ttfc) / (completion - 1)
+            dists["time_per_output_token_seconds"].add(tpot)
+            if e2e > ttfc:
+                rate = (completion - 1) / (e2e - ttfc)
+                dists["output_tokens_per_second"].add(rate)
+        eval_duration = timings.get("eval_duration")
+        if source == "provider" and completion and eval_duration is not None and eval_duration > 0:
+            provider_rate = completion / eval_duration
+            dists["provider_tokens_per_second"].add(provider_rate)
+
+        gaps = st.ngaps
+        record = StreamRecord(
+            stream=start.stream,
+            model=start.model,
+            provider=start.provider,
+            outcome=outcome,
+            reason=reason,
+            start_ts=start.ts,
+            end_ts=end_ts,
+            time_to_first_chunk=ttfc,
+            time_to_first_content=ttf_content,
+            e2e=e2e,
+            chunks=st.chunks,
+            empty_deltas=st.empty,
+            inter_chunk_mean=st.gap_sum / gaps if gaps > 0 else None,
+            inter_chunk_max=st.gap_max if gaps > 0 else None,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            usage_source=source,
+            token_method=method,
+            time_per_output_token=tpot,
+            output_tokens_per_second=rate,
+            provider_tokens_per_second=provider_rate,
+            moderation=dict(st.moderation),
+        )
+        if self.streams.maxlen != 0:
+            self.streams.append(record)
+
+    # -- reading -------------------------------------------------------------------
+    def aggregate(self, *, model: str | None = None, provider: str | None = None) -> Aggregate:
+        """Return the merged aggregate of the groups matching *model* and/or *provider* (all by default)."""
+        out = Aggregate(self.relative_accuracy)
+        for (m, p), agg in self.groups.items():
+            if (model is None or m == model) and (provider is None or p == provider):
+                out.merge(agg)
+        return out
+
+    @property
+    def models(self) -> list[str]:
+        """Models seen, sorted."""
+        return sorted({m for m, _ in self.groups})
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers seen, sorted."""
+        return sorted({p for _, p in self.groups})
+
+    def snapshot(self, *, streams: bool = True) -> dict[str, Any]:
+        """Return everything as JSON-able data: ``overall``, ``models``, ``providers``, ``groups``, ``streams``."""
+        q = self.quantiles
+        out: dict[str, Any] = {
+            "relative_accuracy": self.relative_accuracy,
+            "quantiles": list(q),
+            "events": self.events,
+            "orphan_events": self.orphans,
+            "live_streams": len(self.live),
+            "overall": self.aggregate().summary(q),
+            "models": {m: self.aggregate(model=m).summary(q) for m in self.models},
+            "providers": {p: self.aggregate(provider=p).summary(q) for p in self.providers},
+            "groups": [{"model": m, "provider": p, **agg.summary(q)} for (m, p), agg in sorted(self.groups.items())],
+            "tokenizer_fallbacks": self.counter.fallbacks,
+        }
+        if streams:
+            out["streams"] = [msgspec.to_builtins(r) for r in self.streams]
+        return out
+
+    # -- merging -----------------------------------------------------------------
+    def merge(self, other: StatsAggregator) -> None:
+        """Add everything *other* aggregated (same relative accuracy required).
+
+        Finished-stream records are appended (bounded by ``keep_streams``);
+        *other*'s live streams are not carried over: finish them first
+        (:meth:`close_incomplete`) if they should count.
+        """
+        if other.relative_accuracy != self.relative_accuracy:
+            raise ValueError(
+                f"cannot merge aggregators of different relative accuracy "
+                f"({other.relative_accuracy} into {self.relative_accuracy})"
+            )
+        for key, agg in other.groups.items():
+            self._group(*key).merge(agg)
+        self.streams.extend(other.streams)
+        self.events += other.events
+        self.orphans += other.orphans
+
+    def to_state(self) -> dict[str, Any]:
+        """Return the mergeable state as JSON-able data (live streams are not included)."""
+        return {
+            "streambus_stats": STATE_VERSION,
+            "relative_accuracy": self.relative_accuracy,
+            "events": self.events,
+            "orphans": self.orphans,
+            "groups": [{"model": m, "provider": p, **agg.to_state()} for (m, p), agg in sorted(self.groups.items())],
+            "streams": [msgspec.to_builtins(r) for r in self.streams],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], **kwargs: Any) -> StatsAggregator:
+        """Rebuild an aggregator from :meth:`to_state` output; ``ValueError`` names what is wrong."""
+        if not isinstance(state, dict) or state.get("streambus_stats") != STATE_VERSION:
+            found = state.get("streambus_stats") if isinstance(state, dict) else None
+            raise ValueError(f"not a streambus stats state of version {STATE_VERSION} (streambus_stats={found!r})")
+        try:
+            agg = cls(relative_accuracy=float(state["relative_accuracy"]), keep_streams=None, **kwargs)
+            agg.events = int(state["events"])
+            agg.orphans = int(state["orphans"])
+            for i, group in enumerate(state["groups"]):
+                try:
+                    agg.groups[(str(group["model"]), str(group["provider"]))] = Aggregate.from_state(
+                        group, agg.relative_accuracy
+                    )
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"groups[{i}]: {exc}") from None
+            agg.streams.extend(msgspec.convert(state["streams"], list[StreamRecord]))
+        except KeyError as exc:
+            raise ValueError(f"stats state: missing key {exc.args[0]!r}") from None
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"stats state: streams: {exc}") from None
+        return agg
+
+
+def _prompt_text(meta: dict[str, Any]) -> str | None:
+    """The prompt a producer put in ``meta`` (``prompt``, or ``messages`` / ``system``), for counting."""
+    parts: list[str] = []
+    system = meta.get("system")
+    if isinstance(system, str):
+        parts.append(system)
+    prompt = meta.get("prompt")
+    if isinstance(prompt, str):
+        parts.append(prompt)
+    messages = meta.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+    return "\n".join(parts) if parts else None

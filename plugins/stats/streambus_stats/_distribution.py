@@ -1,0 +1,314 @@
+"""One distribution of a figure: exact count/sum/min/max, fixed buckets and a DDSketch.
+
+Values are buffered and ingested in vectorised batches: the per-value cost
+on the bus's hot path is one ``list.append``. The sketch is the ``ddsketch``
+library's (a :class:`~ddsketch.mapping.LogarithmicMapping` over a
+:class:`~ddsketch.store.DenseStore`); only the bin index is computed here,
+with numpy, from the mapping's own ``gamma`` and offset, so every value lands
+in the bin ``ceil(log_gamma(v)) + offset`` and any quantile read from the
+sketch is within ``relative_accuracy`` of the exact quantile (for values
+above zero; zero is counted exactly).
+
+Everything merges exactly: two distributions fed disjoint values and merged
+hold the same bins, counts, bucket counts, min and max as one distribution
+fed all of them; the sum is kept in integer nanounits (1e-9) so it does not
+depend on the order of additions either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
+from ddsketch.store import DenseStore
+
+__all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "Distribution", "Quantiles"]
+
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
+"""Advisory bucket boundaries (seconds) of the OpenTelemetry GenAI duration histograms."""
+
+CHUNK_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+"""Advisory bucket boundaries (seconds) of ``gen_ai.client.operation.time_per_output_chunk``."""
+
+TOKEN_BUCKETS: tuple[float, ...] = tuple(float(4**i) for i in range(14))
+"""Advisory bucket boundaries of ``gen_ai.client.token.usage``: 1, 4, 16, ... 67108864."""
+
+RATE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+"""Bucket boundaries (tokens per second) for rates."""
+
+_FLUSH_AT = 4096
+_NANO = 1_000_000_000
+
+Quantiles = dict[str, float | int | None]
+
+
+class Distribution:
+    """The distribution of one figure (seconds, tokens, tokens/s), mergeable exactly.
+
+    Call :meth:`add` for each value; read :meth:`summary` (count, mean, min,
+    p50/p90/p99, max) or :meth:`quantile`. Negative values are clamped to 0
+    and counted in :attr:`clamped` (a clock that stepped back).
+    """
+
+    __slots__ = ("_max_key", "_pending", "bounds", "buckets", "clamped", "count", "max", "min", "sketch", "sum_nano")
+
+    def __init__(self, relative_accuracy: float = 0.01, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
+        if not 0.0 < relative_accuracy < 1.0:
+            raise ValueError(f"relative_accuracy: must be between 0 and 1 (exclusive), got {relative_accuracy}")
+        self.sketch = BaseDDSketch(
+            mapping=LogarithmicMapping(relative_accuracy),
+            store=DenseStore(),
+            negative_store=DenseStore(),
+            zero_count=0.0,
+        )
+        self.bounds = tuple(float(b) for b in bounds)
+        self.buckets = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum_nano = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.clamped = 0
+        self._pending: list[float] = []
+        # Largest value whose nanounit sum of a full batch fits in int64.
+        self._max_key = 2**62 // (_NANO * _FLUSH_AT)
+
+    @property
+    def relative_accuracy(self) -> float:
+        """The sketch's guaranteed relative error on quantiles."""
+        return float(self.sketch._relative_accuracy)
+
+    @property
+    def pending(self) -> list[float]:
+        """The buffer :meth:`add` appends to (hot paths may append to it directly, then call :meth:`maybe_flush`)."""
+        return self._pending
+
+    def add(self, value: float, weight: int = 1) -> None:
+        """Record *value* (*weight* times)."""
+        if weight == 1:
+            self._pending.append(value)
+        else:
+            self._pending.extend([value] * weight)
+        if len(self._pending) >= _FLUSH_AT:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        """Ingest the buffer if it is full (after appending to :attr:`pending` directly)."""
+        if len(self._pending) >= _FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Ingest buffered values into the sketch, buckets and exact totals."""
+        pending = self._pending
+        if not pending:
+            return
+        values = np.asarray(pending, dtype=np.float64)
+        pending.clear()
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return
+        negative = values < 0.0
+        if negative.any():
+            self.clamped += int(negative.sum())
+            values = np.where(negative, 0.0, values)
+        self.count += int(values.size)
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+        nano = np.rint(values * _NANO)
+        if self.max < self._max_key:
+            self.sum_nano += int(nano.astype(np.int64).sum())
+        else:  # huge values: exact Python integers, slower but never overflowing
+            self.sum_nano += sum(int(v) for v in nano.tolist())
+        index = np.searchsorted(np.asarray(self.bounds), values, side="left")
+        for i, n in zip(*np.unique(index, return_counts=True), strict=True):
+            self.buckets[int(i)] += int(n)
+        mapping = self.sketch._mapping
+        positive = values[values > mapping.min_possible]
+        zeros = values.size - positive.size
+        if zeros:
+            self.sketch._zero_count += zeros
+            self.sketch._count += zeros
+        if positive.size:
+            keys = np.ceil(np.log2(positive) * mapping._multiplier).astype(np.int64) + int(mapping._offset)
+            store = self.sketch._store
+            for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
+                store.add(int(key), float(n))
+            self.sketch._count += float(positive.size)
+
+    # -- reading -------------------------------------------------------------
+    @property
+    def mean(self) -> float | None:
+        """The exact mean, or ``None`` when empty."""
+        self.flush()
+        return self.sum_nano / _NANO / self.count if self.count else None
+
+    @property
+    def total(self) -> float:
+        """The exact sum (to 1e-9)."""
+        self.flush()
+        return self.sum_nano / _NANO
+
+    def quantile(self, q: float) -> float | None:
+        """Return the *q*-quantile (0..1) within the relative accuracy, or ``None`` when empty.
+
+        ``q=0`` and ``q=1`` return the exact min and max; other answers are
+        clamped into ``[min, max]``.
+        """
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be between 0 and 1, got {q}")
+        self.flush()
+        if not self.count:
+            return None
+        if q == 0.0:
+            return self.min
+        if q == 1.0:
+            return self.max
+        value = self.sketch.get_quantile_value(q)
+        if value is None:
+            return None
+        return min(max(float(value), self.min), self.max)
+
+    def summary(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> Quantiles:
+        """Return ``{count, mean, min, p50, p90, p99, max}`` (``None`` figures when empty)."""
+        self.flush()
+        out: Quantiles = {"count": self.count, "mean": self.mean, "min": self.min if self.count else None}
+        for q in quantiles:
+            out[_label(q)] = self.quantile(q)
+        out["max"] = self.max if self.count else None
+        return out
+
+    def cumulative_buckets(self) -> list[tuple[float, int]]:
+        """Return ``[(upper_bound, count_le), ..., (inf, count)]`` as a Prometheus histogram wants."""
+        self.flush()
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.buckets, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def bins(self) -> list[tuple[float, float, int]]:
+        """Return the sketch's non-empty bins as ``(low, high, count)`` (zero as ``(0, 0, n)``), for plotting."""
+        self.flush()
+        out: list[tuple[float, float, int]] = []
+        if self.sketch._zero_count:
+            out.append((0.0, 0.0, int(self.sketch._zero_count)))
+        store = self.sketch._store
+        mapping = self.sketch._mapping
+        for i, n in enumerate(store.bins):
+            if n:
+                key = store.offset + i
+                out.append(
+                    (mapping._pow_gamma(key - 1 - mapping._offset), mapping._pow_gamma(key - mapping._offset), int(n))
+                )
+        return out
+
+    # -- merging and state ---------------------------------------------------------
+    def merge(self, other: Distribution) -> None:
+        """Add everything *other* holds (same accuracy and bounds required)."""
+        self.flush()
+        other.flush()
+        if other.sketch._mapping.gamma != self.sketch._mapping.gamma:
+            raise ValueError(
+                f"cannot merge distributions of different relative accuracy "
+                f"({other.relative_accuracy} into {self.relative_accuracy})"
+            )
+        if other.bounds != self.bounds:
+            raise ValueError("cannot merge distributions with different bucket bounds")
+        if other.count:
+            self.sketch.merge(other.sketch)
+        self.count += other.count
+        self.sum_nano += other.sum_nano
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.clamped += other.clamped
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
+    def copy(self) -> Distribution:
+        """Return an independent copy."""
+        clone = Distribution(self.relative_accuracy, self.bounds)
+        clone.merge(self)
+        return clone
+
+    def to_state(self) -> dict[str, Any]:
+        """Return a JSON-able dict that :meth:`from_state` turns back into an equal distribution."""
+        self.flush()
+        store = self.sketch._store
+        return {
+            "relative_accuracy": self.relative_accuracy,
+            "bounds": list(self.bounds),
+            "buckets": list(self.buckets),
+            "count": self.count,
+            "sum_nano": self.sum_nano,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
+            "clamped": self.clamped,
+            "zero": int(self.sketch._zero_count),
+            "offset": int(store.offset) if store.count else 0,
+            "bins": [int(n) for n in store.bins] if store.count else [],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Distribution:
+        """Rebuild a distribution saved with :meth:`to_state`; raise ``ValueError`` naming a bad key."""
+        try:
+            dist = cls(float(state["relative_accuracy"]), [float(b) for b in state["bounds"]])
+            buckets = [int(n) for n in state["buckets"]]
+            if len(buckets) != len(dist.buckets):
+                raise ValueError("buckets: length does not match bounds")
+            dist.buckets = buckets
+            dist.count = int(state["count"])
+            dist.sum_nano = int(state["sum_nano"])
+            dist.min = math.inf if state["min"] is None else float(state["min"])
+            dist.max = -math.inf if state["max"] is None else float(state["max"])
+            dist.clamped = int(state.get("clamped", 0))
+            zero = int(state["zero"])
+            offset = int(state["offset"])
+            bins = [int(n) for n in state["bins"]]
+        except KeyError as exc:
+            raise ValueError(f"distribution state: missing key {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"distribution state: {exc}") from None
+        if zero + sum(bins) != dist.count:
+            raise ValueError("distribution state: bins do not add up to count")
+        sketch = dist.sketch
+        sketch._zero_count = float(zero)
+        for i, n in enumerate(bins):
+            if n:
+                sketch._store.add(offset + i, float(n))
+        sketch._count = float(dist.count)
+        return dist
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Distribution):
+            return NotImplemented
+        return self.to_state() == other.to_state()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Distribution(count={self.count}, mean={self.mean}, max={self.max if self.count else None})"
+
+
+def _label(q: float) -> str:
+    """``0.5 -> "p50"``, ``0.999 -> "p99.9"``."""
+    text = f"{q * 100:.10g}"
+    return f"p{text}"
