@@ -1,0 +1,180 @@
+"""What the sink and the source share: errors, connection settings, the per-bus origin."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import sniffio
+
+from streambus import StreamBusError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from streambus import Bus
+
+__all__ = [
+    "DEFAULT_STREAM",
+    "DEFAULT_URL",
+    "AsyncioRequired",
+    "Local",
+    "RedisGap",
+    "connect",
+    "local_state",
+    "require_asyncio",
+]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+"""Used when neither the ``url`` option nor ``STREAMBUS_REDIS_URL`` is set."""
+
+DEFAULT_STREAM = "streambus:events"
+"""The Redis stream key used when the ``stream`` option is not set."""
+
+# Connection secrets come from the environment, never from a config file.
+ENV_URL = "STREAMBUS_REDIS_URL"
+ENV_USERNAME = "STREAMBUS_REDIS_USERNAME"
+ENV_PASSWORD = "STREAMBUS_REDIS_PASSWORD"
+ENV_TLS_CA = "STREAMBUS_REDIS_TLS_CA_FILE"
+ENV_TLS_CERT = "STREAMBUS_REDIS_TLS_CERT_FILE"
+ENV_TLS_KEY = "STREAMBUS_REDIS_TLS_KEY_FILE"
+
+
+class AsyncioRequired(StreamBusError):
+    """The Redis plugin ran under trio (or another loop): redis-py is asyncio-only.
+
+    Run the bus under asyncio: ``anyio.run(main, backend="asyncio")`` or plain
+    ``asyncio.run(main())``; the ``streambus`` CLI already uses asyncio.
+    """
+
+
+class RedisGap(StreamBusError):
+    """Entries a consumer had not read yet were trimmed away (``MAXLEN``) before it read them.
+
+    Not raised: the source logs it (``redis.gap``), appends it to
+    :attr:`RedisSource.gaps` and ends every stream that lost events with an
+    ``error`` event of kind ``redis_gap``. Raise ``maxlen``, or keep consumers
+    closer to the head, to avoid it. ``key`` is the Redis stream; ``after`` the
+    last id read before the gap; ``until`` the newest id known lost (or ``None``
+    when only a sender's entry counter revealed it); ``lost`` how many entries
+    are known lost (``None`` when unknown).
+    """
+
+    def __init__(self, key: str, after: str, until: str | None, lost: int | None, how: str) -> None:
+        what = f"{lost} entries" if lost is not None else "entries"
+        upto = f" up to {until}" if until else ""
+        super().__init__(f"{key}: {what} after {after}{upto} were trimmed before this consumer read them ({how})")
+        self.key = key
+        self.after = after
+        self.until = until
+        self.lost = lost
+        self.how = how
+
+
+def require_asyncio(what: str) -> None:
+    """Raise :class:`AsyncioRequired` unless running under asyncio."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "none"
+    if library != "asyncio":
+        raise AsyncioRequired(
+            f"{what} needs asyncio (redis-py is asyncio-bound) but runs under {library}; "
+            'run the bus with anyio.run(main, backend="asyncio") or asyncio.run(main())'
+        )
+
+
+def resolve_url(url: str | None) -> str:
+    """The option, else ``STREAMBUS_REDIS_URL``, else :data:`DEFAULT_URL`."""
+    return url or os.environ.get(ENV_URL) or DEFAULT_URL
+
+
+def connect(
+    url: str | None, *, tls: bool | None = None, password_env: str = ENV_PASSWORD, socket_timeout: float | None = None
+) -> aioredis.Redis:
+    """Build a redis-py asyncio client; the password and TLS files come from the environment.
+
+    ``rediss://`` URLs (or ``tls = true``) use TLS, verified against
+    ``STREAMBUS_REDIS_TLS_CA_FILE`` when set; a client certificate is sent when
+    ``STREAMBUS_REDIS_TLS_CERT_FILE`` / ``..._KEY_FILE`` are set.
+    """
+    import redis.asyncio as aioredis
+
+    target = resolve_url(url)
+    if tls and target.startswith("redis://"):
+        target = "rediss://" + target[len("redis://") :]
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": 3.0,
+        "socket_timeout": socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+    password = os.environ.get(password_env)
+    if password:
+        kwargs["password"] = password
+    username = os.environ.get(ENV_USERNAME)
+    if username:
+        kwargs["username"] = username
+    if target.startswith("rediss://"):
+        if ca := os.environ.get(ENV_TLS_CA):
+            kwargs["ssl_ca_certs"] = ca
+        if cert := os.environ.get(ENV_TLS_CERT):
+            kwargs["ssl_certfile"] = cert
+        if key := os.environ.get(ENV_TLS_KEY):
+            kwargs["ssl_keyfile"] = key
+    client: aioredis.Redis = aioredis.Redis.from_url(target, **kwargs)
+    return client
+
+
+def redact(url: str) -> str:
+    """*url* without a password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+class Local:
+    """Per-bus state shared by the Redis sinks and sources on that bus.
+
+    ``origin`` marks every entry this bus's sinks write, so its sources skip
+    them; ``foreign`` remembers the streams a source republished, so a sink
+    on the same bus does not send them back to Redis (which would loop).
+    """
+
+    __slots__ = ("__weakref__", "foreign", "origin")
+
+    MAX_FOREIGN = 100_000
+
+    def __init__(self) -> None:
+        self.origin = secrets.token_hex(8)
+        self.foreign: OrderedDict[str, None] = OrderedDict()
+
+    def mark_foreign(self, stream: str) -> None:
+        """Remember that *stream* came from Redis (bounded, oldest forgotten first)."""
+        foreign = self.foreign
+        if stream in foreign:
+            return
+        foreign[stream] = None
+        if len(foreign) > self.MAX_FOREIGN:
+            foreign.popitem(last=False)
+
+
+_LOCALS: weakref.WeakKeyDictionary[Bus, Local] = weakref.WeakKeyDictionary()
+
+
+def local_state(bus: Bus) -> Local:
+    """The :class:`Local` of *bus* (created on first use)."""
+    state = _LOCALS.get(bus)
+    if state is None:
+        state = _LOCALS[bus] = Local()
+    return state
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    """``"1700000000000-3"`` -> ``(1700000000000, 3)`` (``"0"`` and ``"0-0"`` -> ``(0, 0)``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

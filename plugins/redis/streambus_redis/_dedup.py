@@ -1,0 +1,112 @@
+"""De-duplication by (``stream``, ``seq``): at-least-once in, exactly-once out."""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from streambus import DeltaEvent, Event, is_terminal
+
+__all__ = ["Deduplicator", "Verdict"]
+
+
+class Verdict(enum.Enum):
+    """What :meth:`Deduplicator.check` decided about one event."""
+
+    NEW = "new"
+    """Deliver it: the next event of its stream (or the first one seen of that stream)."""
+    DUPLICATE = "duplicate"
+    """Drop it: already delivered (or its stream already ended)."""
+    GAP = "gap"
+    """Events of its stream are missing before it: end that stream with an error."""
+
+
+class Deduplicator:
+    """Remembers the last ``seq`` delivered per stream and judges each new event.
+
+    Per stream, events must come in ``seq`` order (Redis keeps an entry order
+    and one stream is always written by one sink to one key), so "seen" is
+    simply ``seq <= last``. A coalesced delta counts from its ``first_seq``.
+    Live streams are all remembered; ended streams are kept for the last
+    *max_ended* streams, so a duplicate arriving after a stream's end is still
+    recognised while memory stays bounded.
+    """
+
+    __slots__ = ("_ended", "_last", "max_ended")
+
+    def __init__(self, *, max_ended: int = 100_000) -> None:
+        if max_ended < 1:
+            raise ValueError(f"max_ended: must be at least 1, got {max_ended}")
+        self.max_ended = max_ended
+        self._last: dict[str, int] = {}
+        self._ended: OrderedDict[str, int] = OrderedDict()
+
+    def check(self, event: Event) -> Verdict:
+        """Judge *event*; a ``NEW`` event is recorded as delivered."""
+        stream = event.stream
+        if stream in self._ended:
+            return Verdict.DUPLICATE
+        last = self._last.get(stream)
+        seq = event.seq
+        if last is not None:
+            if seq <= last:
+                return Verdict.DUPLICATE
+            low = event.first_seq if type(event) is DeltaEvent and event.first_seq is not None else seq
+            if low > last + 1:
+                return Verdict.GAP
+        if is_terminal(event):
+            self.end(stream, seq)
+        else:
+            self._last[stream] = seq
+        return Verdict.NEW
+
+    def last(self, stream: str) -> int | None:
+        """The last seq delivered of *stream*, or ``None`` if never seen."""
+        if stream in self._ended:
+            return self._ended[stream]
+        return self._last.get(stream)
+
+    def knows(self, stream: str) -> bool:
+        """Whether any event of *stream* was delivered (or seeded)."""
+        return stream in self._last or stream in self._ended
+
+    def end(self, stream: str, seq: int) -> None:
+        """Mark *stream* ended at *seq*: every later event of it is a duplicate."""
+        self._last.pop(stream, None)
+        ended = self._ended
+        ended[stream] = seq
+        ended.move_to_end(stream)
+        while len(ended) > self.max_ended:
+            ended.popitem(last=False)
+
+    @property
+    def live(self) -> dict[str, int]:
+        """Streams seen but not ended, with their last seq."""
+        return dict(self._last)
+
+    def seed(self, events: Iterable[Event]) -> int:
+        """Mark *events* as already delivered (e.g. a recording written before a restart).
+
+        Returns how many were new. Use it so a restarted recorder does not
+        write again what it wrote before it was killed.
+        """
+        count = 0
+        for event in events:
+            if self.check(event) is Verdict.NEW:
+                count += 1
+        return count
+
+    def snapshot(self, *, ended: int = 1000) -> dict[str, Any]:
+        """A JSON-able state: every live stream and the last *ended* ended streams."""
+        tail = list(self._ended.items())[-ended:] if ended else []
+        return {"live": dict(self._last), "ended": dict(tail)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`snapshot` (merging with what is known)."""
+        for stream, seq in dict(state.get("live") or {}).items():
+            if stream not in self._ended and seq > self._last.get(stream, -1):
+                self._last[stream] = int(seq)
+        for stream, seq in dict(state.get("ended") or {}).items():
+            self.end(stream, int(seq))
