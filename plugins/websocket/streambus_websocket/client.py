@@ -3,8 +3,10 @@
 Frames normally go straight to the socket (the same synchronous write
 ``websockets.broadcast()`` does). Once the socket's write buffer is full, the
 client falls behind: frames queue here, and a per-client sender task drains
-the queue with backpressure. While queued, a ``delta`` merges into the
-client's last queued delta of the same stream and channel (text concatenated,
+the queue with backpressure. Once the queue holds ``coalesce_bytes`` (a
+quarter of ``client_buffer_bytes``, at most 64 KiB), the buffer counts as
+full: a new ``delta`` merges into the client's last queued delta of the same
+stream and channel (text concatenated,
 ``n`` summed, ``first_seq`` kept), so a slow reader gets bigger chunks but
 never loses a character. Past ``client_buffer_bytes`` queued, the client is
 closed with :attr:`~streambus_websocket.protocol.CloseCode.LAGGED`.
@@ -77,6 +79,8 @@ class Client:
         self.ws = ws
         self.peer = peer
         self.buffer_bytes = buffer_bytes
+        self.coalesce_bytes = min(65536, buffer_bytes // 4)
+        """Queued bytes from which new deltas merge into queued ones (the buffer counts as full)."""
         self.subscriptions: dict[str | int, Filter] = {}
         self.queue: deque[bytes | _Pending] = deque()
         self.queued_bytes = 0
@@ -122,7 +126,7 @@ class Client:
             return
         if event is not None:
             tail = self._tails.get(stream)
-            if tail is not None and tail.channel == event.channel:
+            if tail is not None and tail.channel == event.channel and self.queued_bytes >= self.coalesce_bytes:
                 tail.add(event)
                 self.merged += 1
                 self.queued_bytes += len(event.text)

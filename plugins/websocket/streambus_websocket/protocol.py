@@ -62,7 +62,7 @@ class CloseCode(enum.IntEnum):
     """The client kept sending faster than ``max_message_rate`` after being warned."""
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Codes of ``error`` frames. The connection stays open unless a close follows."""
 
     BAD_JSON = "bad_json"

@@ -20,6 +20,7 @@ path (direct writes), trio queues every frame through the per-client sender.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import ipaddress
@@ -73,6 +74,8 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+# The page is one self-contained file: inline script and style, sockets to this host only.
+_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
 
 class BroadcasterError(StreamBusError):
@@ -174,7 +177,9 @@ class WebSocketSink(PluginBase):
                 raise ValueError("token: must be a non-empty string")
             self._tokens = [t.encode() for t in given]
         opts = self.options
-        if not (_is_loopback(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token):
+        if not (
+            _is_loopback(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
+        ):
             raise ValueError(
                 f"host: binding {opts.host or 'every interface'!r} without a token would expose every stream; "
                 "set token_env or tokens_file, or allow_public_without_token = true"
@@ -232,7 +237,7 @@ class WebSocketSink(PluginBase):
             self._ready = anyio.Event()
         await self._ready.wait()
         if self._start_error is not None:
-            raise BroadcasterError(str(self._start_error)) from self._start_error
+            raise self._start_error
         return self.url
 
     def close_clients(self, code: CloseCode = CloseCode.SERVICE_RESTART, reason: str = "server restart") -> int:
@@ -285,8 +290,7 @@ class WebSocketSink(PluginBase):
         try:
             server = await serve(self._handle, self.options.host or None, self.options.port, **self._serve_kwargs())
         except OSError as exc:
-            self._fail_start(exc)
-            raise BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}") from exc
+            raise self._fail_start(exc) from exc
         async with server:
             self._listening([sock.getsockname() for sock in server.sockets])
             try:
@@ -308,8 +312,7 @@ class WebSocketSink(PluginBase):
                     )
                 )
             except OSError as exc:
-                self._fail_start(exc)
-                raise BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}") from exc
+                raise self._fail_start(exc) from exc
             try:
                 self._listening([listener.socket.getsockname() for listener in server.listeners])
                 await self._pump(events)
@@ -320,10 +323,12 @@ class WebSocketSink(PluginBase):
                     await server.aclose()
         self._port = None
 
-    def _fail_start(self, exc: BaseException) -> None:
-        self._start_error = exc
+    def _fail_start(self, exc: OSError) -> BroadcasterError:
+        error = BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}")
+        self._start_error = error
         assert self._ready is not None
         self._ready.set()
+        return error
 
     def _listening(self, names: list[Any]) -> None:
         self._port = int(names[0][1])
@@ -460,10 +465,8 @@ class WebSocketSink(PluginBase):
             await self._close(ws, client.close_code, client.close_reason)
 
     async def _send(self, client: Client) -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await client.send_loop()
-        except ConnectionClosed:
-            pass
         # The peer is gone or closing: stop reading too.
         if client.scope is not None:
             client.scope.cancel()
@@ -479,10 +482,19 @@ class WebSocketSink(PluginBase):
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.options.close_timeout + 1
             closer = getattr(ws, "aclose", None) or ws.close
-            try:
-                await closer(int(code), reason[:120])
-            except ConnectionClosed:
-                pass
+
+            async def discard() -> None:
+                # Frames the client sent before our close must be read, or its
+                # close frame stays stuck behind them until close_timeout.
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await ws.recv()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(discard)
+                with contextlib.suppress(ConnectionClosed):
+                    await closer(int(code), reason[:120])
+                tg.cancel_scope.cancel()
 
     def _forget(self, client: Client) -> None:
         self._clients.pop(client, None)
@@ -497,8 +509,11 @@ class WebSocketSink(PluginBase):
         allowance = burst
         last = anyio.current_time()
         strikes = 0
+        ws = client.ws
         try:
-            async for message in client.ws:
+            while True:
+                # recv(), not `async for`: leaving early must not strand an async generator.
+                message = await ws.recv()
                 now = anyio.current_time()
                 allowance = min(burst, allowance + (now - last) * rate)
                 last = now
@@ -550,12 +565,14 @@ class WebSocketSink(PluginBase):
         opts = self.options
         if message.id in client.subscriptions:
             raise ProtocolError(
-                ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {message.id!r} exists; unsubscribe it first",
+                ErrorCode.DUPLICATE_SUBSCRIPTION,
+                f"subscription {message.id!r} exists; unsubscribe it first",
                 id=message.id,
             )
         if len(client.subscriptions) >= opts.max_subscriptions:
             raise ProtocolError(
-                ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {opts.max_subscriptions} subscriptions per client",
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {opts.max_subscriptions} subscriptions per client",
                 id=message.id,
             )
         flt = message.to_filter()
@@ -626,7 +643,6 @@ class WebSocketSink(PluginBase):
     def _dispatch(self, batch: list[Event]) -> None:
         history = self.history
         routes = self._routes
-        direct = self._direct
         self.events += len(batch)
         for event in batch:
             data = encode(event)
@@ -662,9 +678,7 @@ class WebSocketSink(PluginBase):
 
     def _match(self, start: StartEvent) -> dict[Client, None]:
         return {
-            client: None
-            for client in self._clients
-            if any(flt.matches(start) for flt in client.subscriptions.values())
+            client: None for client in self._clients if any(flt.matches(start) for flt in client.subscriptions.values())
         }
 
 
@@ -675,9 +689,8 @@ def _response(status: int, reason: str, content_type: str, body: bytes) -> Respo
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
-            ("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:"),
+            ("Content-Security-Policy", _CSP),
             ("Connection", "close"),
         ]
     )
     return Response(status, reason, headers, body)
-

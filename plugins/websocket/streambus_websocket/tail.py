@@ -9,6 +9,7 @@ while the server's history covers the gap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any, TextIO
 
@@ -73,7 +74,7 @@ class _Tail:
         while True:
             try:
                 code = await self._session()
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 if not self.reconnect:
                     raise TailError(f"cannot connect to {self.url}: {exc}") from None
                 code = 1006
@@ -266,7 +267,5 @@ def tail_command(
         out=sys.stdout,
         err=sys.stderr,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(tail.run())
-    except KeyboardInterrupt:
-        pass
