@@ -1,0 +1,390 @@
+"""The hub: one bus subscription, a bounded history, and cursors for HTTP readers.
+
+Every HTTP response reads from the hub instead of holding its own bus
+subscription. The hub records each event once (per-stream history plus a
+global log in publish order) and readers are cursors into that history, so:
+
+- a request that arrives after its stream started (or even ended) still sees
+  it from ``start``, without a race between "subscribe" and "read history";
+- a reconnecting ``EventSource`` resumes after ``Last-Event-ID`` without gap or
+  duplicate, for one stream or for a filter over many (the id names a position
+  in the global log);
+- a slow client costs no buffer: it lags behind in the shared history and is
+  ended (to reconnect and resume) only when the history it needs was evicted.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+import anyio
+import structlog
+from streambus import Bus, Filter, StartEvent, Subscription
+from streambus.events import Event, is_terminal
+
+from ._errors import HttpStreamError, ResumeError
+
+__all__ = ["Cursor", "StreamHub", "parse_event_id"]
+
+log = structlog.get_logger("streambus.http")
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """Split an SSE event id ``<stream>:<seq>`` into its parts.
+
+    Raises :class:`ResumeError` naming the value when it is not of that form.
+    """
+    stream, sep, seq = value.strip().rpartition(":")
+    if not sep or not stream or not seq.isdigit():
+        raise ResumeError(f"Last-Event-ID {value!r} is not of the form '<stream>:<seq>'", status=400)
+    return stream, int(seq)
+
+
+class _Record:
+    """The retained events of one stream, ordered by seq."""
+
+    __slots__ = ("ended", "events", "first_pos", "positions", "seqs", "start", "trimmed_upto")
+
+    def __init__(self, start: StartEvent | None, first_pos: int) -> None:
+        self.start = start
+        self.first_pos = first_pos
+        self.events: list[Event] = []
+        self.seqs: list[int] = []
+        self.positions: list[int] = []
+        self.ended = False
+        self.trimmed_upto = -1
+        """Highest seq evicted from this stream's history (-1: nothing evicted)."""
+
+
+class StreamHub:
+    """Records a bus's events in a bounded history and serves cursors over it.
+
+    Attach it once per bus, inside ``async with Bus() as bus``::
+
+        hub = StreamHub.attach(bus)
+
+    and pass it to the ASGI / aiohttp building blocks. It is a sink: the bus
+    runs it, and it stops (ending every reader) when the bus closes.
+
+    :param per_stream: events kept per stream for resume (the oldest go first).
+    :param max_streams: ended streams kept for late readers (the oldest go first).
+    :param max_events: events kept in the global log that filter readers resume from.
+    """
+
+    overflow = "coalesce"
+    buffer = 4096
+
+    def __init__(self, *, per_stream: int = 10_000, max_streams: int = 1000, max_events: int = 100_000) -> None:
+        for name, value in (("per_stream", per_stream), ("max_streams", max_streams), ("max_events", max_events)):
+            if value < 1:
+                raise ValueError(f"{name}: must be at least 1, got {value}")
+        self.per_stream = per_stream
+        self.max_streams = max_streams
+        self.max_events = max_events
+        self._records: dict[str, _Record] = {}
+        self._ended_order: list[str] = []
+        self._log: list[tuple[int, Event]] = []
+        self._log_base = 0  # index in _log of the first valid entry
+        self._pos = -1  # position of the last recorded event
+        self._changed: anyio.Event | None = None
+        self._closed = False
+        self.bus: Bus | None = None
+        self.readers = 0
+        """How many HTTP responses are reading from this hub right now."""
+
+    @classmethod
+    def attach(cls, bus: Bus, **options: int) -> StreamHub:
+        """Create a hub and add it to the running *bus* as a sink; return it."""
+        hub = cls(**options)
+        bus.add_sink(hub, name="http-hub")
+        hub.bus = bus
+        return hub
+
+    # -- sink side ---------------------------------------------------------
+    async def setup(self, bus: Bus) -> None:
+        """Remember the bus (the bus calls this before :meth:`run`)."""
+        self.bus = bus
+
+    async def run(self, events: Subscription) -> None:
+        """Record events until the bus closes the subscription, then end every reader."""
+        self._closed = False
+        try:
+            while batch := await events.receive_batch():
+                self.record_many(batch)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the hub: readers end after what was recorded."""
+        self._closed = True
+        self._notify()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the hub stopped recording (its bus closed)."""
+        return self._closed
+
+    def record_many(self, events: Iterable[Event]) -> None:
+        """Record *events* (in publish order) and wake the readers."""
+        for event in events:
+            self._record(event)
+        self._trim_log()
+        self._notify()
+
+    def _record(self, event: Event) -> None:
+        self._pos += 1
+        pos = self._pos
+        self._log.append((pos, event))
+        rec = self._records.get(event.stream)
+        if rec is None:
+            rec = self._records[event.stream] = _Record(event if type(event) is StartEvent else None, pos)
+        elif type(event) is StartEvent and rec.start is None:
+            rec.start = event
+        rec.events.append(event)
+        rec.seqs.append(event.seq)
+        rec.positions.append(pos)
+        if len(rec.events) > self.per_stream + self.per_stream // 8:
+            cut = len(rec.events) - self.per_stream
+            rec.trimmed_upto = rec.seqs[cut - 1]
+            del rec.events[:cut], rec.seqs[:cut], rec.positions[:cut]
+        if is_terminal(event) and not rec.ended:
+            rec.ended = True
+            self._ended_order.append(event.stream)
+            if len(self._ended_order) > self.max_streams:
+                old = self._ended_order.pop(0)
+                self._records.pop(old, None)
+
+    def _trim_log(self) -> None:
+        live = len(self._log) - self._log_base
+        if live > self.max_events:
+            self._log_base += live - self.max_events
+            if self._log_base > self.max_events // 2 + 1024:
+                del self._log[: self._log_base]
+                self._log_base = 0
+
+    def _notify(self) -> None:
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        """Wait until something is recorded or the hub closes (or *timeout* passes)."""
+        if self._closed:
+            return
+        if self._changed is None:
+            self._changed = anyio.Event()
+        changed = self._changed
+        with anyio.move_on_after(timeout):
+            await changed.wait()
+
+    # -- reader side --------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Position of the last recorded event in the global log (-1 before any)."""
+        return self._pos
+
+    def _oldest_pos(self) -> int:
+        if self._log_base < len(self._log):
+            return self._log[self._log_base][0]
+        return self._pos + 1
+
+    def start_of(self, stream: str) -> StartEvent | None:
+        """The ``start`` event of *stream* if the hub knows it."""
+        rec = self._records.get(stream)
+        return rec.start if rec is not None else None
+
+    def known(self, stream: str) -> bool:
+        """Whether the history holds *stream* (live or ended)."""
+        return stream in self._records
+
+    def ended(self, stream: str) -> bool:
+        """Whether *stream* is known and has had its terminal event."""
+        rec = self._records.get(stream)
+        return rec is not None and rec.ended
+
+    def last_seq(self, stream: str) -> int:
+        """The seq of the last recorded event of *stream* (-1 if none)."""
+        rec = self._records.get(stream)
+        return rec.seqs[-1] if rec is not None and rec.seqs else -1
+
+    def streams(self) -> list[StartEvent]:
+        """The ``start`` event of every stream in the history, oldest first."""
+        return [rec.start for rec in self._records.values() if rec.start is not None]
+
+    def live(self) -> list[StartEvent]:
+        """The ``start`` event of every stream that has not ended, oldest first."""
+        return [rec.start for rec in self._records.values() if rec.start is not None and not rec.ended]
+
+    def stream_cursor(self, stream: str, *, after: int = -1) -> Cursor:
+        """A cursor over one stream's events with ``seq > after`` (``-1``: from ``start``).
+
+        Raises :class:`ResumeError` when events after *after* were already evicted.
+        """
+        cursor = Cursor(self, stream=stream, after_seq=after)
+        rec = self._records.get(stream)
+        if rec is not None and after < rec.trimmed_upto:
+            raise ResumeError(
+                f"stream {stream}: events after seq {after} are no longer in the history "
+                f"(kept from seq {rec.trimmed_upto + 1})",
+                status=409,
+            )
+        return cursor
+
+    def filter_cursor(self, flt: Filter, *, resume: str | None = None) -> Cursor:
+        """A cursor over every stream matching *flt*, from now or after the event id *resume*.
+
+        Without *resume* it starts with the next event and follows the live
+        streams that match. Raises :class:`ResumeError` when *resume* is
+        malformed (400) or its position is no longer in the history (409).
+        """
+        cursor = Cursor(self, flt=flt, after_pos=self._pos)
+        if resume is not None:
+            stream, seq = parse_event_id(resume)
+            pos = self._position_of(stream, seq)
+            if pos is None or pos < self._oldest_pos() - 1:
+                raise ResumeError(f"event {resume!r} is no longer in the history", status=409)
+            cursor.after_pos = pos
+            # Streams that started before the resume point still match.
+            for name, rec in self._records.items():
+                if rec.start is not None and flt.matches(rec.start) and rec.positions and rec.positions[0] <= pos:
+                    cursor.streams.add(name)
+        else:
+            for name, rec in self._records.items():
+                if rec.start is not None and not rec.ended and flt.matches(rec.start):
+                    cursor.streams.add(name)
+        return cursor
+
+    def _position_of(self, stream: str, seq: int) -> int | None:
+        rec = self._records.get(stream)
+        if rec is None:
+            return None
+        i = bisect.bisect_left(rec.seqs, seq)
+        if i < len(rec.seqs) and rec.seqs[i] == seq:
+            return rec.positions[i]
+        return None
+
+    def pick(self, flt: Filter, *, since: int | None = None) -> str | None:
+        """The oldest live stream matching *flt*; else, with *since*, the first one started after that position."""
+        for start in self.live():
+            if flt.matches(start):
+                return start.stream
+        if since is not None:
+            for rec in self._records.values():
+                if rec.first_pos > since and rec.start is not None and flt.matches(rec.start):
+                    return rec.start.stream
+        return None
+
+    async def wait_stream(self, stream: str | None = None, flt: Filter | None = None, *, timeout: float) -> str:
+        """Wait until *stream* is known, or a stream matching *flt* is live or starts; return its id.
+
+        A matching stream that starts (and perhaps already ends) while waiting counts.
+
+        Raises :class:`HttpStreamError` (404) after *timeout* seconds, or (503) if the hub closes.
+        """
+        since = self._pos
+        with anyio.move_on_after(timeout):
+            while True:
+                if stream is not None and stream in self._records:
+                    return stream
+                if flt is not None:
+                    found = self.pick(flt, since=since)
+                    if found is not None:
+                        return found
+                if self._closed:
+                    raise HttpStreamError("the bus is shutting down", status=503)
+                await self.wait_changed()
+        what = f"stream {stream!r}" if stream is not None else "a stream matching the filter"
+        raise HttpStreamError(f"{what} did not start within {timeout:g} s", status=404)
+
+
+class Cursor:
+    """A reader's position in the hub's history; call :meth:`next_batch` in a loop.
+
+    A stream cursor (``stream=...``) ends after the stream's terminal event; a
+    filter cursor follows every matching stream until the hub closes.
+    """
+
+    __slots__ = ("after_pos", "after_seq", "complete", "done", "filter", "hub", "lost", "stream", "streams")
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        *,
+        stream: str | None = None,
+        flt: Filter | None = None,
+        after_seq: int = -1,
+        after_pos: int = -1,
+    ) -> None:
+        self.hub = hub
+        self.stream = stream
+        self.filter = flt
+        self.after_seq = after_seq
+        self.after_pos = after_pos
+        self.streams: set[str] = set()
+        self.done = False
+        """True once the stream ended (stream cursor) or the hub closed."""
+        self.complete = False
+        """True once a stream cursor delivered its stream's terminal event."""
+        self.lost = False
+        """True when the reader fell behind the bounded history and was ended."""
+
+    def _read(self) -> list[Event]:
+        hub = self.hub
+        if self.stream is not None:
+            rec = hub._records.get(self.stream)
+            if rec is None:
+                return []
+            if self.after_seq < rec.trimmed_upto:
+                self.lost = self.done = True
+                return []
+            if rec.ended and rec.seqs and self.after_seq >= rec.seqs[-1]:
+                self.done = self.complete = True
+                return []
+            i = bisect.bisect_right(rec.seqs, self.after_seq)
+            out = rec.events[i:]
+            if out:
+                self.after_seq = out[-1].seq
+                if is_terminal(out[-1]):
+                    self.done = self.complete = True
+            return out
+        assert self.filter is not None
+        oldest = hub._oldest_pos()
+        if self.after_pos < oldest - 1:
+            self.lost = self.done = True
+            return []
+        start = hub._log_base + (self.after_pos + 1 - oldest)
+        entries = hub._log[start:]
+        if not entries:
+            return []
+        self.after_pos = entries[-1][0]
+        streams = self.streams
+        flt = self.filter
+        everything = flt.matches_all
+        out: list[Event] = []
+        for _, event in entries:
+            if type(event) is StartEvent and (everything or flt.matches(event)):
+                streams.add(event.stream)
+            if everything or event.stream in streams:
+                out.append(event)
+                if is_terminal(event):
+                    streams.discard(event.stream)
+        return out
+
+    async def next_batch(self, timeout: float | None = None) -> list[Event]:
+        """Return the next events in order; ``[]`` after *timeout* seconds idle or at the end.
+
+        Check :attr:`done` (and :attr:`lost`) after an empty batch.
+        """
+        if self.done:
+            return []
+        with anyio.move_on_after(timeout):
+            while True:
+                batch = self._read()
+                if batch or self.done:
+                    return batch
+                if self.hub._closed:
+                    self.done = True
+                    return []
+                await self.hub.wait_changed()
+        return []

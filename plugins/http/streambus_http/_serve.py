@@ -1,0 +1,143 @@
+"""What every I/O layer shares: resolve a request to a cursor, then produce body bytes.
+
+:func:`open_stream` does everything that may still fail with an HTTP status
+(unknown stream, bad or evicted ``Last-Event-ID``) *before* the response
+headers go out; :func:`body` then yields the encoded bytes until the stream
+ends, the hub closes or the reader falls behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from streambus import Filter
+
+from ._errors import HttpStreamError, ResumeError
+from ._formats import Encoder, SSEEncoder, make_encoder
+from ._hub import Cursor, StreamHub, parse_event_id
+
+__all__ = ["Opened", "body", "open_stream"]
+
+
+@dataclasses.dataclass
+class Opened:
+    """A request resolved to a cursor and an encoder, ready to stream."""
+
+    cursor: Cursor
+    encoder: Encoder
+    stream: str | None
+    """The stream served (``None`` for a filter over many streams)."""
+    recovered: bool = True
+    """False when a resume position was evicted (SSE then sends ``event: reset``)."""
+
+
+async def open_stream(
+    hub: StreamHub,
+    fmt: str | Encoder,
+    *,
+    stream: str | None = None,
+    filter: Filter | None = None,
+    resume: str | None = None,
+    start_timeout: float = 30.0,
+    **format_options: Any,
+) -> Opened:
+    """Resolve what to serve; raise :class:`HttpStreamError` with the status to answer otherwise.
+
+    *stream* serves one stream; *filter* serves every matching stream for
+    ``sse``/``ndjson``, and the oldest live (or next) matching stream for the
+    one-stream formats. *resume* is an event id ``<stream>:<seq>`` (the
+    ``Last-Event-ID``): serve what follows it.
+    """
+    encoder = make_encoder(fmt, **format_options) if isinstance(fmt, str) else fmt
+    if stream is None and filter is None:
+        filter = Filter()
+    sse = encoder if isinstance(encoder, SSEEncoder) else None
+    resume = resume.strip() if resume else None
+    if stream is None and encoder.single:
+        assert filter is not None
+        if resume:
+            stream = parse_event_id(resume)[0]
+        else:
+            stream = await hub.wait_stream(flt=filter, timeout=start_timeout)
+    if stream is not None:
+        after = -1
+        if resume:
+            resumed, after = parse_event_id(resume)
+            if resumed != stream:
+                raise ResumeError(f"Last-Event-ID {resume!r} names another stream than {stream!r}", status=400)
+        await hub.wait_stream(stream, timeout=start_timeout)
+        try:
+            cursor = hub.stream_cursor(stream, after=after)
+        except ResumeError as exc:
+            if sse is None:
+                raise
+            sse.preamble = SSEEncoder.reset_frame(exc.message)
+            cursor = hub.stream_cursor(stream, after=hub.last_seq(stream))
+            return Opened(cursor, encoder, stream, recovered=False)
+        if resume and hub.ended(stream) and after >= hub.last_seq(stream):
+            raise HttpStreamError(f"stream {stream} already ended", status=204)
+        return Opened(cursor, encoder, stream)
+    assert filter is not None
+    try:
+        cursor = hub.filter_cursor(filter, resume=resume)
+    except ResumeError as exc:
+        if sse is None or exc.status != 409:
+            raise
+        sse.preamble = SSEEncoder.reset_frame(exc.message)
+        return Opened(hub.filter_cursor(filter), encoder, None, recovered=False)
+    return Opened(cursor, encoder, None)
+
+
+async def body(opened: Opened, *, keepalive: float = 15.0, tick: float | None = None) -> AsyncIterator[bytes]:
+    """Yield the response body; an empty ``bytes`` marks an idle *tick* (a chance to check the client).
+
+    Sends the format's keepalive (an SSE comment) after *keepalive* seconds of
+    silence. Ends after the stream's terminal event (one stream), when the hub
+    closes, or when the reader fell behind the bounded history.
+    """
+    encoder = opened.encoder
+    cursor = opened.cursor
+    tick = min(tick or keepalive, keepalive)
+    hub = cursor.hub
+    hub.readers += 1
+    try:
+        async for chunk in _body(encoder, cursor, opened.stream, keepalive, tick):
+            yield chunk
+    finally:
+        hub.readers -= 1
+
+
+async def _body(
+    encoder: Encoder, cursor: Cursor, stream: str | None, keepalive: float, tick: float
+) -> AsyncIterator[bytes]:
+    head = encoder.begin()
+    if head:
+        yield head
+    last = anyio.current_time()
+    while True:
+        batch = await cursor.next_batch(timeout=tick)
+        if batch:
+            data = encoder.encode(batch)
+            if data:
+                last = anyio.current_time()
+                yield data
+            continue
+        if cursor.done:
+            if cursor.lost:
+                tail = encoder.finish("lost")
+            elif stream is not None and not cursor.complete:
+                tail = encoder.finish("closed")
+            else:
+                tail = b""
+            if tail:
+                yield tail
+            return
+        now = anyio.current_time()
+        if encoder.keepalive and now - last >= keepalive:
+            last = now
+            yield encoder.keepalive
+        else:
+            yield b""

@@ -1,0 +1,282 @@
+"""aiohttp building blocks: serve bus streams from an ``aiohttp.web`` application.
+
+::
+
+    from streambus_http.aio import stream_response
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        return await stream_response(request, hub, "sse", stream=request.match_info["id"])
+
+or mount every route at once with :func:`add_routes`. aiohttp is bound to
+asyncio: these helpers raise ``RuntimeError`` under trio. A client that
+disconnects ends the response cleanly (at the latest one idle tick later).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import sniffio
+import structlog
+from aiohttp import web
+from streambus import Filter
+
+from ._errors import HttpStreamError
+from ._formats import FORMATS, FormatName, make_encoder
+from ._hub import StreamHub
+from ._serve import body, open_stream
+
+__all__ = ["add_routes", "filter_from_query", "stream_response"]
+
+log = structlog.get_logger("streambus.http")
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CorsHandler = Callable[[web.Request, dict[str, str]], Awaitable[web.StreamResponse]]
+
+
+def _require_asyncio() -> None:
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "none"
+    if library != "asyncio":
+        raise RuntimeError(
+            f"streambus_http's aiohttp server needs asyncio (aiohttp is asyncio-bound), but runs under {library}; "
+            "use the ASGI building blocks (streambus_http.asgi) under trio"
+        )
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _error_response(exc: HttpStreamError) -> web.Response:
+    if exc.status == 204:
+        return web.Response(status=204)
+    return web.Response(status=exc.status, text=exc.message + "\n")
+
+
+async def stream_response(
+    request: web.Request,
+    hub: StreamHub,
+    format: FormatName | str = "sse",
+    *,
+    stream: str | None = None,
+    filter: Filter | None = None,
+    resume: str | None = None,
+    start_timeout: float = 30.0,
+    keepalive: float = 15.0,
+    tick: float = 1.0,
+    headers: Mapping[str, str] | None = None,
+    **format_options: Any,
+) -> web.StreamResponse:
+    """Stream one bus stream (or a filter over many) in *format* as the answer to *request*.
+
+    Reads ``Last-Event-ID`` (or the ``last_event_id`` query parameter) unless
+    *resume* is given. Answers 404/400/409/204 with a plain text reason
+    before any body when the request cannot be served. Returns the finished
+    response (aiohttp handlers return it as is).
+    """
+    _require_asyncio()
+    encoder = make_encoder(format, **format_options)
+    if resume is None:
+        resume = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or None
+    try:
+        opened = await open_stream(
+            hub, encoder, stream=stream, filter=filter, resume=resume, start_timeout=start_timeout
+        )
+    except HttpStreamError as exc:
+        return _error_response(exc)
+    response = web.StreamResponse(status=200, headers={**encoder.headers, **(headers or {})})
+    response.content_type = encoder.media_type.split(";")[0]
+    if "charset=" in encoder.media_type:
+        response.charset = encoder.media_type.split("charset=")[1]
+    try:
+        await response.prepare(request)
+        async for chunk in body(opened, keepalive=keepalive, tick=tick):
+            if chunk:
+                await response.write(chunk)
+            elif _client_gone(request):
+                log.debug("http.client_gone", stream=stream)
+                return response
+        await response.write_eof()
+    except OSError:
+        log.debug("http.client_gone", stream=stream)
+    return response
+
+
+def filter_from_query(query: Mapping[str, str], multi: Callable[[str], list[str]] | None = None) -> Filter:
+    """Build a :class:`~streambus.Filter` from query parameters.
+
+    ``stream``, ``model`` and ``provider`` may repeat; ``meta.<key>=<value>``
+    requires a tag (repeat it to accept several values).
+    """
+    getall = multi or (lambda key: [query[key]] if key in query else [])
+    meta: dict[str, Any] = {}
+    for key in query:
+        if key.startswith("meta."):
+            values = getall(key)
+            meta[key[5:]] = values[0] if len(values) == 1 else values
+    return Filter.of(
+        streams=getall("stream") or None,
+        models=getall("model") or None,
+        providers=getall("provider") or None,
+        meta=meta or None,
+    )
+
+
+def add_routes(
+    app: web.Application,
+    hub: StreamHub,
+    *,
+    prefix: str = "",
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
+    chat_meta_key: str = "chat",
+    start_timeout: float = 30.0,
+    keepalive: float = 15.0,
+    retry_ms: int = 3000,
+) -> None:
+    """Mount the standard routes of the ``http`` sink on *app*.
+
+    ============================================  ==============================================
+    ``GET  {prefix}/streams``                     JSON list of the streams in the history
+    ``GET  {prefix}/streams/{id}/{format}``       one stream: ``sse``, ``text``, ``ndjson``, ``ui``, ``openai``
+    ``GET  {prefix}/events/{format}?model=...``   a filter (``stream``, ``model``, ``provider``, ``meta.<k>``)
+    ``POST {prefix}/v1/chat/completions``         OpenAI clients: ``stream_id`` in the body, else the
+                                                  live or next stream of ``model`` (``*`` for any)
+    ``POST {prefix}/api/chat``                    AI SDK ``useChat``: the live or next stream whose
+                                                  ``meta[chat_meta_key]`` is the chat ``id``
+    ``GET  {prefix}/api/chat/{id}/stream``        AI SDK resume: that chat's live stream, or 204
+    ============================================  ==============================================
+
+    With *token*, every route needs ``Authorization: Bearer <token>`` (or
+    ``?token=`` for ``EventSource``), compared in constant time.
+    *cors_origins* lists origins allowed to read from a browser (``*`` for any).
+    """
+    expected = token.encode() if token else None
+    origins = set(cors_origins)
+
+    def guard(handler: _CorsHandler) -> _Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            cors = _cors_headers(request, origins)
+            if request.method == "OPTIONS":
+                return web.Response(status=204, headers=cors)
+            if expected is not None:
+                given = request.headers.get("Authorization", "")
+                presented = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
+                if not hmac.compare_digest(presented.encode(), expected):
+                    return web.Response(status=401, text="missing or wrong bearer token\n", headers=cors)
+            return await handler(request, cors)
+
+        return wrapped
+
+    common: dict[str, Any] = {"start_timeout": start_timeout, "keepalive": keepalive}
+
+    def options_for(fmt: str, cors: dict[str, str]) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(common, headers=cors)
+        if fmt == "sse":
+            opts["retry_ms"] = retry_ms
+        return opts
+
+    async def list_streams(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        items = [
+            {
+                "stream": s.stream,
+                "model": s.model,
+                "provider": s.provider,
+                "meta": s.meta,
+                "live": not hub.ended(s.stream),
+            }
+            for s in hub.streams()
+        ]
+        return web.json_response({"streams": items}, headers=cors)
+
+    def check_format(fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise web.HTTPNotFound(text=f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}\n")
+
+    async def one_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        fmt = request.match_info["format"]
+        check_format(fmt)
+        return await stream_response(
+            request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors)
+        )
+
+    async def filtered(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        fmt = request.match_info["format"]
+        check_format(fmt)
+        flt = filter_from_query(request.query, lambda key: request.query.getall(key, []))
+        return await stream_response(request, hub, fmt, filter=flt, **options_for(fmt, cors))
+
+    async def json_body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"request body is not JSON: {exc}\n") from None
+        if not isinstance(data, dict):
+            raise web.HTTPBadRequest(text="request body must be a JSON object\n")
+        return data
+
+    async def chat_completions(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        data = await json_body(request)
+        if data.get("stream") is not True:
+            raise web.HTTPBadRequest(text='only streamed completions are served: send "stream": true\n')
+        options = data.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+        model = data.get("model")
+        stream_id = data.get("stream_id")
+        flt = Filter.of(models=model) if isinstance(model, str) and model not in ("", "*") else Filter()
+        return await stream_response(
+            request,
+            hub,
+            "openai",
+            stream=stream_id if isinstance(stream_id, str) else None,
+            filter=flt,
+            include_usage=include_usage,
+            **options_for("openai", cors),
+        )
+
+    async def ui_chat(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        data = await json_body(request)
+        chat = data.get("id")
+        if not isinstance(chat, str) or not chat:
+            raise web.HTTPBadRequest(text='the body needs the chat "id" (useChat sends it)\n')
+        return await stream_response(
+            request, hub, "ui", filter=Filter.of(meta={chat_meta_key: chat}), **options_for("ui", cors)
+        )
+
+    async def ui_resume(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        found = hub.pick(Filter.of(meta={chat_meta_key: request.match_info["chat"]}))
+        if found is None:
+            return web.Response(status=204, headers=cors)
+        return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
+
+    routes = [
+        ("GET", "/streams", list_streams),
+        ("GET", "/streams/{stream}/{format}", one_stream),
+        ("GET", "/events/{format}", filtered),
+        ("POST", "/v1/chat/completions", chat_completions),
+        ("POST", "/api/chat", ui_chat),
+        ("GET", "/api/chat/{chat}/stream", ui_resume),
+    ]
+    for method, path, handler in routes:
+        wrapped = guard(handler)
+        app.router.add_route(method, prefix + path, wrapped)
+        if origins:
+            app.router.add_route("OPTIONS", prefix + path, wrapped)
+
+
+def _cors_headers(request: web.Request, origins: set[str]) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    if not origin or not origins or ("*" not in origins and origin not in origins):
+        return {}
+    return {
+        "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Expose-Headers": "x-vercel-ai-ui-message-stream",
+    }
