@@ -227,7 +227,17 @@ class RecorderSink(PluginBase):
         """Write events until the subscription ends, syncing per the ``fsync`` policy."""
         if self._pending:
             # Lines a failed run could not write come first, in their order.
-            await self._write(self._pending, terminal=False)
+            try:
+                await self._write(self._pending, terminal=False)
+            except RecorderError:
+                if not events.closed:
+                    raise
+                # The bus is stopping and the file still cannot be written:
+                # say how much is lost rather than retrying until the drain timeout.
+                lost = sum(data.count(b"\n") for _, data in self._pending) + events.pending
+                log.error("recorder.gave_up", lost_events=lost, why="the bus is stopping and writes keep failing")
+                self._pending = []
+                return
         policy = self.options.fsync
         interval = self.options.fsync_interval
         while True:
