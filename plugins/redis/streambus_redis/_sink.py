@@ -97,6 +97,7 @@ class RedisSink(PluginBase):
         self._bus: Bus | None = None
         self._counters: dict[str, int] = defaultdict(int)
         self._keys: dict[str, str] = {}
+        self._unsent: list[Event] = []
 
     async def setup(self, bus: Bus) -> None:
         """Remember the bus (for its origin id and the streams its sources brought in)."""
@@ -114,6 +115,9 @@ class RedisSink(PluginBase):
         limit = opts.batch_max_events
         wait = opts.batch_max_ms / 1000
         try:
+            if self._unsent:
+                # What a failed run could not send goes first, in order.
+                await self._send(client, origin, self._unsent)
             while True:
                 batch = await events.receive_batch(limit)
                 if not batch:
@@ -167,6 +171,7 @@ class RedisSink(PluginBase):
     async def _send(self, client: aioredis.Redis, origin: str, batch: list[Event]) -> None:
         import redis.exceptions as rex
 
+        self._unsent = batch
         entries = self._entries(origin, batch)
         maxlen = self.options.maxlen or None
         delay = 0.05
@@ -178,6 +183,10 @@ class RedisSink(PluginBase):
                     pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
                 await pipe.execute()
                 break
+            except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+                # Retrying will not fix a wrong password: fail loudly (the bus restarts the sink).
+                log.error("redis.sink_auth_failed", error=str(exc), events_held=len(batch))
+                raise
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 # Connection trouble: the entries may or may not have landed;
                 # re-sending is safe (consumers drop the duplicates), losing is not.
@@ -185,10 +194,11 @@ class RedisSink(PluginBase):
             except rex.RedisError as exc:
                 attempts += 1
                 if attempts >= self.options.max_attempts:
-                    log.error("redis.sink_failed", error=str(exc), events_not_sent=len(batch), attempts=attempts)
+                    log.error("redis.sink_failed", error=str(exc), events_held=len(batch), attempts=attempts)
                     raise
                 log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=len(batch))
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        self._unsent = []
         self.sent_entries += len(entries)
         self.sent_events += len(batch)

@@ -50,6 +50,12 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
+def _auth_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions as rex
+
+    return (rex.AuthenticationError, rex.AuthorizationError)
+
+
 def _sinks_caught_up(bus: Bus) -> bool:
     """Whether every lossless (``block``) subscriber handled all it was given.
 
@@ -253,6 +259,9 @@ class RedisSource(PluginBase):
                 else:
                     await self._xreadgroup(client)
                 delay = 0.05
+            except _auth_errors() as exc:
+                log.error("redis.source_auth_failed", error=str(exc))
+                raise
             except _connection_errors() as exc:
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)

@@ -338,6 +338,24 @@ async def test_restarted_recorder_seeded_from_its_recording_skips_what_it_wrote(
     assert [e.seq for e in collector.events if e.stream == written[0]["stream"]] == [3, 4]
 
 
+async def test_entry_counter_jump_is_reported_as_gap(
+    redis_url: str, key: str, sync_redis: redis.Redis, collector: Any
+) -> None:
+    sync_redis.xadd(key, encode_entry("o", "p", 1, [StartEvent(stream="s", seq=0, ts=1.0)]))
+    # Entry 2 of sender "p" (seq 1) vanished before this consumer read it.
+    sync_redis.xadd(key, encode_entry("o", "p", 3, [DeltaEvent(stream="s", seq=2, ts=1.0, text="x")]))
+    sync_redis.xadd(key, encode_entry("o", "p", 4, [EndEvent(stream="s", seq=3, ts=1.0)]))
+    async with Bus() as bus:
+        bus.add_sink(collector)
+        src = source(redis_url, key, start="0")
+        bus.start_producer(src)
+        await collector.wait_terminals(1)
+        src.stop()
+    assert len(src.gaps) == 1 and src.gaps[0].lost == 1 and "sender p" in src.gaps[0].how
+    assert [type(e).__name__ for e in collector.events] == ["StartEvent", "ErrorEvent"]
+    assert collector.events[1].seq == 1
+
+
 def test_dedup_verdicts() -> None:
     d = Deduplicator(max_ended=2)
     s0 = StartEvent(stream="a", seq=0, ts=0)
