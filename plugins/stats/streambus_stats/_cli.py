@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 import orjson
+import structlog
 
 from streambus.errors import StreamBusError
+from streambus.logging import configure_logging
 from streambus.recording import RecordingProblem, iter_recording
 
 from ._aggregator import Aggregate, StatsAggregator
@@ -218,6 +220,9 @@ def stats_command(
     they are aggregated separately and merged. Timing comes from each
     event's ``ts``.
     """
+    # Log lines (tokenizer fallbacks) go to stderr, so --json output stays clean.
+    if not structlog.is_configured():
+        configure_logging("warning")
     problems: list[tuple[str, RecordingProblem]] = []
     try:
         agg = summarise(

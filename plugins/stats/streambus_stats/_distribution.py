@@ -69,7 +69,7 @@ class Distribution:
     and counted in :attr:`clamped` (a clock that stepped back).
     """
 
-    __slots__ = ("_max_key", "_pending", "bounds", "buckets", "clamped", "count", "max", "min", "sketch", "sum_nano")
+    __slots__ = ("_count", "_max", "_max_key", "_min", "_pending", "bounds", "buckets", "clamped", "sketch", "sum_nano")
 
     def __init__(self, relative_accuracy: float = 0.01, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
         if not 0.0 < relative_accuracy < 1.0:
@@ -82,10 +82,10 @@ class Distribution:
         )
         self.bounds = tuple(float(b) for b in bounds)
         self.buckets = [0] * (len(self.bounds) + 1)
-        self.count = 0
+        self._count = 0
         self.sum_nano = 0
-        self.min = math.inf
-        self.max = -math.inf
+        self._min = math.inf
+        self._max = -math.inf
         self.clamped = 0
         self._pending: list[float] = []
         # Largest value whose nanounit sum of a full batch fits in int64.
@@ -95,6 +95,24 @@ class Distribution:
     def relative_accuracy(self) -> float:
         """The sketch's guaranteed relative error on quantiles."""
         return float(self.sketch._relative_accuracy)
+
+    @property
+    def count(self) -> int:
+        """How many values were recorded."""
+        self.flush()
+        return self._count
+
+    @property
+    def min(self) -> float:
+        """The exact smallest value (``inf`` when empty)."""
+        self.flush()
+        return self._min
+
+    @property
+    def max(self) -> float:
+        """The exact largest value (``-inf`` when empty)."""
+        self.flush()
+        return self._max
 
     @property
     def pending(self) -> list[float]:
@@ -129,11 +147,11 @@ class Distribution:
         if negative.any():
             self.clamped += int(negative.sum())
             values = np.where(negative, 0.0, values)
-        self.count += int(values.size)
-        self.min = min(self.min, float(values.min()))
-        self.max = max(self.max, float(values.max()))
+        self._count += int(values.size)
+        self._min = min(self._min, float(values.min()))
+        self._max = max(self._max, float(values.max()))
         nano = np.rint(values * _NANO)
-        if self.max < self._max_key:
+        if self._max < self._max_key:
             self.sum_nano += int(nano.astype(np.int64).sum())
         else:  # huge values: exact Python integers, slower but never overflowing
             self.sum_nano += sum(int(v) for v in nano.tolist())
@@ -158,7 +176,7 @@ class Distribution:
     def mean(self) -> float | None:
         """The exact mean, or ``None`` when empty."""
         self.flush()
-        return self.sum_nano / _NANO / self.count if self.count else None
+        return self.sum_nano / _NANO / self._count if self._count else None
 
     @property
     def total(self) -> float:
@@ -175,24 +193,24 @@ class Distribution:
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be between 0 and 1, got {q}")
         self.flush()
-        if not self.count:
+        if not self._count:
             return None
         if q == 0.0:
-            return self.min
+            return self._min
         if q == 1.0:
-            return self.max
+            return self._max
         value = self.sketch.get_quantile_value(q)
         if value is None:
             return None
-        return min(max(float(value), self.min), self.max)
+        return min(max(float(value), self._min), self._max)
 
     def summary(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> Quantiles:
         """Return ``{count, mean, min, p50, p90, p99, max}`` (``None`` figures when empty)."""
         self.flush()
-        out: Quantiles = {"count": self.count, "mean": self.mean, "min": self.min if self.count else None}
+        out: Quantiles = {"count": self._count, "mean": self.mean, "min": self._min if self._count else None}
         for q in quantiles:
             out[_label(q)] = self.quantile(q)
-        out["max"] = self.max if self.count else None
+        out["max"] = self._max if self._count else None
         return out
 
     def cumulative_buckets(self) -> list[tuple[float, int]]:
@@ -233,12 +251,12 @@ class Distribution:
             )
         if other.bounds != self.bounds:
             raise ValueError("cannot merge distributions with different bucket bounds")
-        if other.count:
+        if other._count:
             self.sketch.merge(other.sketch)
-        self.count += other.count
+        self._count += other._count
         self.sum_nano += other.sum_nano
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
+        self._min = min(self._min, other._min)
+        self._max = max(self._max, other._max)
         self.clamped += other.clamped
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
 
@@ -252,18 +270,23 @@ class Distribution:
         """Return a JSON-able dict that :meth:`from_state` turns back into an equal distribution."""
         self.flush()
         store = self.sketch._store
+        # The store pads its bin list; keep only first..last non-empty bin so equal sketches give equal states.
+        counts = [int(n) for n in store.bins]
+        nonzero = [i for i, n in enumerate(counts) if n]
+        bins = counts[nonzero[0] : nonzero[-1] + 1] if nonzero else []
+        offset = int(store.offset) + nonzero[0] if nonzero else 0
         return {
             "relative_accuracy": self.relative_accuracy,
             "bounds": list(self.bounds),
             "buckets": list(self.buckets),
-            "count": self.count,
+            "count": self._count,
             "sum_nano": self.sum_nano,
-            "min": self.min if self.count else None,
-            "max": self.max if self.count else None,
+            "min": self._min if self._count else None,
+            "max": self._max if self._count else None,
             "clamped": self.clamped,
             "zero": int(self.sketch._zero_count),
-            "offset": int(store.offset) if store.count else 0,
-            "bins": [int(n) for n in store.bins] if store.count else [],
+            "offset": offset,
+            "bins": bins,
         }
 
     @classmethod
@@ -275,10 +298,10 @@ class Distribution:
             if len(buckets) != len(dist.buckets):
                 raise ValueError("buckets: length does not match bounds")
             dist.buckets = buckets
-            dist.count = int(state["count"])
+            dist._count = int(state["count"])
             dist.sum_nano = int(state["sum_nano"])
-            dist.min = math.inf if state["min"] is None else float(state["min"])
-            dist.max = -math.inf if state["max"] is None else float(state["max"])
+            dist._min = math.inf if state["min"] is None else float(state["min"])
+            dist._max = -math.inf if state["max"] is None else float(state["max"])
             dist.clamped = int(state.get("clamped", 0))
             zero = int(state["zero"])
             offset = int(state["offset"])
@@ -287,14 +310,14 @@ class Distribution:
             raise ValueError(f"distribution state: missing key {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"distribution state: {exc}") from None
-        if zero + sum(bins) != dist.count:
+        if zero + sum(bins) != dist._count:
             raise ValueError("distribution state: bins do not add up to count")
         sketch = dist.sketch
         sketch._zero_count = float(zero)
         for i, n in enumerate(bins):
             if n:
                 sketch._store.add(offset + i, float(n))
-        sketch._count = float(dist.count)
+        sketch._count = float(dist._count)
         return dist
 
     def __eq__(self, other: object) -> bool:
@@ -305,7 +328,7 @@ class Distribution:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Distribution(count={self.count}, mean={self.mean}, max={self.max if self.count else None})"
+        return f"Distribution(count={self._count}, mean={self.mean}, max={self._max if self._count else None})"
 
 
 def _label(q: float) -> str:

@@ -75,7 +75,9 @@ class TokenCounter:
             self._fail(key, f"tiktoken does not know the encoding of model {model!r}")
             return None
         except Exception as exc:  # network errors while fetching the BPE file, bad cache, ...
-            self._fail(key, f"tiktoken could not load the encoding: {type(exc).__name__}: {exc}")
+            # The full text of a connection error is a screenful; its first line says enough.
+            detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+            self._fail(key, f"tiktoken could not load the encoding (offline?): {type(exc).__name__}: {detail}")
             return None
         self._encoders[key] = enc
         return enc

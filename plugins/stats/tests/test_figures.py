@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, ModerationEvent, StartEvent, Usage
 from streambus_stats import StatsAggregator, approximate_tokens
+
+from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, ModerationEvent, StartEvent, Usage
 
 
 class Script:
@@ -38,9 +39,7 @@ class Script:
         return self.events
 
     def moderation(self, ts: float, action: str) -> Script:
-        self.events.append(
-            ModerationEvent(stream=self.stream, seq=self._next(), ts=ts, action=action, start=0, end=3)
-        )
+        self.events.append(ModerationEvent(stream=self.stream, seq=self._next(), ts=ts, action=action, start=0, end=3))
         return self
 
 
@@ -223,8 +222,10 @@ def test_aggregates_per_model_provider_and_overall() -> None:
         [("a", "ollama", 0.5), ("a", "ollama", 1.0), ("b", "ollama", 2.0), ("b", "openai", 4.0)]
     ):
         t0 = 100.0 * i
-        events += Script(stream=f"s{i}", model=model, provider=provider, t0=t0).delta(t0 + ttfc, "x").end(
-            t0 + ttfc + 1, Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+        events += (
+            Script(stream=f"s{i}", model=model, provider=provider, t0=t0)
+            .delta(t0 + ttfc, "x")
+            .end(t0 + ttfc + 1, Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
         )
     agg = StatsAggregator()
     agg.feed_many(events)

@@ -1,0 +1,166 @@
+"""`streambus stats RECORDING...`: tables, --json, --plot, --state, damaged files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from streambus_stats import summarise
+
+from streambus.cli import main
+from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, StartEvent, Usage, encode
+from streambus.recording import header_line, write_recording
+
+
+def recording_events(prefix: str = "") -> list:
+    """Two llama3 streams (one ending, one erroring) and one qwen stream aborted, with known ts."""
+    e: list = []
+    e.append(StartEvent(stream=f"{prefix}a", seq=0, ts=100.0, model="llama3", provider="ollama"))
+    e.append(StartEvent(stream=f"{prefix}b", seq=0, ts=100.5, model="qwen", provider="ollama"))
+    e.append(DeltaEvent(stream=f"{prefix}a", seq=1, ts=100.25, text="Hi"))
+    e.append(DeltaEvent(stream=f"{prefix}b", seq=1, ts=101.0, text="hm", channel="reasoning"))
+    e.append(DeltaEvent(stream=f"{prefix}a", seq=2, ts=100.75, text=" you"))
+    e.append(
+        EndEvent(
+            stream=f"{prefix}a",
+            seq=3,
+            ts=101.25,
+            usage=Usage(prompt_tokens=3, completion_tokens=3, total_tokens=6),
+            timings={"eval_duration": 0.75},
+        )
+    )
+    e.append(AbortEvent(stream=f"{prefix}b", seq=2, ts=102.5, by="moderation"))
+    e.append(StartEvent(stream=f"{prefix}c", seq=0, ts=103.0, model="llama3", provider="ollama"))
+    e.append(ErrorEvent(stream=f"{prefix}c", seq=1, ts=104.0, kind="timeout"))
+    return e
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["stats", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> Path:
+    path = tmp_path / "run.jsonl"
+    write_recording(path, recording_events())
+    return path
+
+
+def test_table_per_model_and_overall(recording: Path) -> None:
+    code, out, _ = invoke(str(recording), "--tokenizer", "approx", "--streams")
+    assert code == 0, out
+    for needle in (
+        "Latency per model",
+        "llama3",
+        "qwen",
+        "overall",
+        "timeout=1",
+        "moderation=1",
+        "stop=1",
+        "250.0ms",
+        "Streams",
+    ):
+        assert needle in out, needle
+
+
+def test_json_has_exact_figures(recording: Path) -> None:
+    code, out, _ = invoke(str(recording), "--json", "--tokenizer", "approx", "--streams")
+    assert code == 0
+    data = orjson.loads(out)
+    llama = data["models"]["llama3"]
+    assert llama["streams"]["outcomes"] == {"end": 1, "error": 1}
+    assert llama["time_to_first_chunk_seconds"]["count"] == 1
+    assert llama["time_to_first_chunk_seconds"]["min"] == 0.25
+    assert llama["inter_chunk_latency_seconds"]["max"] == 0.5
+    assert llama["e2e_seconds"]["max"] == 1.25
+    assert llama["e2e_seconds"]["min"] == 1.0
+    assert llama["provider_tokens_per_second"]["max"] == 4.0  # 3 / 0.75
+    assert llama["time_per_output_token_seconds"]["max"] == 0.5  # (1.25 - 0.25) / 2
+    qwen = data["models"]["qwen"]
+    assert qwen["time_to_first_chunk_seconds"]["max"] == 0.5
+    assert qwen["aborts"] == {"moderation": 1}
+    assert qwen["tokens"]["completion"] == {"provider": 0, "counted": 1, "all": 1}
+    assert data["overall"]["streams"]["started"] == 3
+    by_id = {s["stream"]: s for s in data["streams"]}
+    assert by_id["c"]["completion_tokens"] == 0 and by_id["c"]["usage_source"] == "counted"
+
+
+def test_plot_writes_a_valid_png(recording: Path, tmp_path: Path) -> None:
+    png = tmp_path / "stats.png"
+    code, _, err = invoke(str(recording), "--plot", str(png), "--tokenizer", "approx")
+    assert code == 0
+    assert "plot written" in err
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[0] == 1100 and pixels.shape[1] == 1000
+    assert pixels.std() > 0.01  # something is drawn
+
+
+def test_several_recordings_and_saved_states_merge(recording: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second.jsonl.gz"
+    write_recording(second, recording_events(prefix="x"))
+    state = tmp_path / "state.json"
+    code, _, _ = invoke(str(recording), "--state", str(state), "--json", "--tokenizer", "approx")
+    assert code == 0
+    code, merged_out, _ = invoke(str(state), str(second), "--json", "--tokenizer", "approx")
+    assert code == 0
+    code, direct_out, _ = invoke(str(recording), str(second), "--json", "--tokenizer", "approx")
+    assert orjson.loads(merged_out) == orjson.loads(direct_out)
+    assert orjson.loads(direct_out)["overall"]["streams"]["started"] == 6
+
+
+def test_truncated_recording_counts_cut_streams_as_incomplete(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl"
+    events = recording_events()[:5]
+    path.write_bytes(header_line() + b"".join(encode(e) + b"\n" for e in events) + b'{"type": "del')
+    code, out, err = invoke(str(path), "--json", "--tokenizer", "approx")
+    assert code == 0
+    assert "truncated" in err and ":7:" in err
+    data = orjson.loads(out)
+    assert data["overall"]["streams"]["outcomes"] == {"incomplete": 2}
+    assert data["overall"]["chunks"] == 3
+
+
+def test_damaged_recording_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    lines = [encode(e) + b"\n" for e in recording_events()]
+    lines.insert(2, b"not json\n")
+    path.write_bytes(header_line() + b"".join(lines))
+    result = CliRunner().invoke(main, ["stats", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:4:" in result.stderr
+    lenient = CliRunner().invoke(main, ["stats", str(path), "--lenient", "--json", "--tokenizer", "approx"])
+    assert lenient.exit_code == 0
+    assert orjson.loads(lenient.stdout)["overall"]["streams"]["started"] == 3
+    assert "invalid" in lenient.stderr
+
+
+def test_not_a_recording_and_bad_state(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    result = CliRunner().invoke(main, ["stats", str(text)])
+    assert result.exit_code == 1 and "not a streambus recording" in result.stderr
+    state = tmp_path / "state.json"
+    state.write_bytes(b'{"streambus_stats": 99}')
+    result = CliRunner().invoke(main, ["stats", str(state)])
+    assert result.exit_code == 1 and "streambus_stats=99" in result.stderr
+    result = CliRunner().invoke(main, ["stats", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_summarise_api_reads_gzip(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header_line())
+        for event in recording_events():
+            f.write(encode(event) + b"\n")
+    agg = summarise([path], tokenizer="approx")
+    assert agg.aggregate().started == 3
+    assert agg.models == ["llama3", "qwen"]

@@ -1,0 +1,112 @@
+"""Token counting when the provider reports no usage: tiktoken if it can load, else the approximation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from streambus_stats import StatsAggregator, TokenCounter, approximate_tokens
+
+from streambus.events import DeltaEvent, EndEvent, StartEvent, Usage
+
+
+def stream(usage: Usage | None, model: str = "gpt-4o", **meta: Any) -> list:
+    return [
+        StartEvent(stream="s", seq=0, ts=0.0, model=model, provider="openai", meta=meta),
+        DeltaEvent(stream="s", seq=1, ts=0.5, text="Hello"),
+        DeltaEvent(stream="s", seq=2, ts=0.75, text=", world!"),
+        EndEvent(stream="s", seq=3, ts=1.0, usage=usage),
+    ]
+
+
+def test_approximation_is_documented_rule() -> None:
+    assert approximate_tokens("") == 0
+    assert approximate_tokens("   ") == 0
+    assert approximate_tokens("Hi") == 1
+    assert approximate_tokens("Hello, world!") == 2 + 1 + 2 + 1
+    assert approximate_tokens("internationalization") == 5  # 20 chars / 4
+
+
+def test_missing_usage_is_counted_and_marked(monkeypatch: pytest.MonkeyPatch) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(stream(None, prompt="What do you say?"))
+    (r,) = agg.streams
+    assert r.completion_tokens == approximate_tokens("Hello, world!")
+    assert r.prompt_tokens == approximate_tokens("What do you say?")
+    assert r.total_tokens == r.prompt_tokens + r.completion_tokens
+    assert (r.usage_source, r.token_method) == ("counted", "approx")
+    assert agg.snapshot()["overall"]["tokens"]["completion"]["counted"] == r.completion_tokens
+
+
+def test_partial_provider_usage_is_completed_and_marked_counted() -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(stream(Usage(prompt_tokens=12)))
+    (r,) = agg.streams
+    assert r.prompt_tokens == 12
+    assert r.completion_tokens == approximate_tokens("Hello, world!")
+    assert r.usage_source == "counted"
+
+
+def test_provider_usage_wins_over_counting() -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(stream(Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7), prompt="ignored"))
+    (r,) = agg.streams
+    assert (r.prompt_tokens, r.completion_tokens, r.total_tokens, r.usage_source) == (3, 4, 7, "provider")
+
+
+def test_tiktoken_offline_falls_back_to_approximation(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # The real tiktoken code path with an empty cache and no network: it must fail to fetch the
+    # BPE file, and the counter must fall back once (not per stream) to the documented rule.
+    tiktoken = pytest.importorskip("tiktoken")
+    import requests
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        raise requests.ConnectionError("network is unreachable in this test")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(requests.Session, "request", no_network)
+    tiktoken.registry.ENCODINGS.pop("o200k_base", None)
+    counter = TokenCounter()
+    assert counter.count("Hello, world!", "gpt-4o") == (approximate_tokens("Hello, world!"), "approx")
+    assert counter.count("again", "gpt-4o") == (2, "approx")
+    assert len(calls) == 1  # the failure is remembered
+    assert "could not load the encoding (offline?): ConnectionError" in counter.fallbacks["gpt-4o"]
+    agg = StatsAggregator(counter=counter)
+    agg.feed_many(stream(None))
+    assert (agg.streams[0].usage_source, agg.streams[0].token_method) == ("counted", "approx")
+    assert agg.snapshot()["tokenizer_fallbacks"] == counter.fallbacks
+
+
+def test_unknown_model_falls_back_without_network() -> None:
+    pytest.importorskip("tiktoken")
+    counter = TokenCounter()
+    assert counter.count("Hello", "llama3.2:1b") == (2, "approx")
+    assert "does not know" in counter.fallbacks["llama3.2:1b"]
+
+
+def test_tiktoken_encoding_is_used_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    tiktoken = pytest.importorskip("tiktoken")
+
+    class FakeEncoding:
+        name = "fake_base"
+
+        def encode(self, text: str, disallowed_special: Any = ()) -> list[int]:
+            return list(range(len(text.split(","))))
+
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda model: FakeEncoding())
+    agg = StatsAggregator()
+    agg.feed_many(stream(None))
+    (r,) = agg.streams
+    assert (r.completion_tokens, r.usage_source, r.token_method) == (2, "counted", "tiktoken:fake_base")
+
+
+def test_approx_tokenizer_never_tries_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
+    tiktoken = pytest.importorskip("tiktoken")
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda model: pytest.fail("tiktoken was asked"))
+    assert TokenCounter("approx").count("Hi", "gpt-4o") == (1, "approx")
+    with pytest.raises(ValueError, match="tokenizer"):
+        TokenCounter("bpe")  # type: ignore[arg-type]
