@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -171,8 +170,10 @@ class MockServer:
 
     def _answer(self, events: Sequence[Event]) -> _Answer:
         offsets = [0.0]
-        for prev, cur in itertools.pairwise(events):
-            gap = max(0.0, cur.ts - prev.ts)
+        latest = events[0].ts
+        for event in events[1:]:
+            gap = max(0.0, event.ts - latest)
+            latest = max(latest, event.ts)
             offsets.append(offsets[-1] + (gap if self.idle_limit is None else min(gap, self.idle_limit)))
         return _Answer(tuple(events), tuple(offsets))
 

@@ -38,6 +38,7 @@ import anyio.lowlevel
 import msgspec
 import structlog
 
+from .errors import RecordingError
 from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
 from .plugins import PluginBase
 from .recording import RecordingProblem, read_recording
@@ -86,7 +87,8 @@ def plan_streams(
     Returns ``(plans, total, skipped)``: *total* is the offset of the last
     kept event, *skipped* how many events belonged to no recorded ``start``
     (a stream the recording joined mid-way). Pauses between consecutive kept
-    events are their ``ts`` difference (never negative), capped at *idle_limit*.
+    events are their ``ts`` difference (never negative: time is measured from the latest
+    ``ts`` seen), capped at *idle_limit*.
     """
     flt = filter or Filter()
     kept: dict[str, tuple[list[Event], list[float]]] = {}
@@ -108,9 +110,10 @@ def plan_streams(
                 skipped += 1
             continue
         if previous is not None:
+            # A clock that stepped back does not replay as a pause later on.
             gap = max(0.0, event.ts - previous)
             clock += gap if idle_limit is None else min(gap, idle_limit)
-        previous = event.ts
+        previous = event.ts if previous is None else max(previous, event.ts)
         bucket = kept[event.stream]
         bucket[0].append(event)
         bucket[1].append(clock)
@@ -187,6 +190,14 @@ class ReplayProducer(PluginBase):
             log.warning("replay.orphan_events", count=self.skipped, why="events of streams whose start is missing")
         self.stream_ids: list[str] = []
         self.id_map: dict[str, str] = {}
+
+    @classmethod
+    def from_options(cls, options: Any) -> ReplayProducer:
+        """Build from validated config options; a damaged recording becomes a ``path:`` error."""
+        try:
+            return cls(options)
+        except RecordingError as exc:
+            raise ValueError(f"path: {exc}") from None
 
     @property
     def recorded_streams(self) -> Sequence[str]:
