@@ -91,6 +91,8 @@ class StreamHub:
         self.bus: Bus | None = None
         self.readers = 0
         """How many HTTP responses are reading from this hub right now."""
+        self.waiting = 0
+        """How many requests wait for a stream to start."""
 
     @classmethod
     def attach(cls, bus: Bus, **options: int) -> StreamHub:
@@ -283,6 +285,13 @@ class StreamHub:
         Raises :class:`HttpStreamError` (404) after *timeout* seconds, or (503) if the hub closes.
         """
         since = self._pos
+        self.waiting += 1
+        try:
+            return await self._wait_stream(stream, flt, since, timeout)
+        finally:
+            self.waiting -= 1
+
+    async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, timeout: float) -> str:
         with anyio.move_on_after(timeout):
             while True:
                 if stream is not None and stream in self._records:

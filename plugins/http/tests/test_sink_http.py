@@ -369,7 +369,9 @@ async def test_streams_listing_and_ai_sdk_chat_routes(served: Any, writer: Any) 
                 result.append(await post())
 
             tg.start_soon(run_post)
-            await anyio.wait_all_tasks_blocked()
+            with anyio.fail_after(10):
+                while not served.sink.hub.waiting:
+                    await anyio.sleep(0.01)
             gate.set()
         deltas = [orjson.loads(c)["delta"] for c in result[0][:-1] if '"text-delta"' in c]
         assert "".join(deltas) == "Hi there"
@@ -400,3 +402,46 @@ def test_config_validation_names_the_key() -> None:
     sink = pipeline.sinks[0].sink
     assert isinstance(sink, HttpSink)
     assert sink.options.cors_origins == ["*"]
+
+
+async def test_official_openai_client_against_the_sink(served: Any, writer: Any) -> None:
+    import openai
+
+    bus: Bus = served.bus
+    await writer(bus, "oa1", ["Hello", " world"], model="llama")
+    await writer(bus, "oa2", ["bro"], model="llama", ending="error")
+    async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="llama",
+            messages=[],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"stream_id": "oa1"},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 2)
+
+        stream = await client.chat.completions.create(
+            model="llama", messages=[], stream=True, extra_body={"stream_id": "oa2"}
+        )
+        with pytest.raises(openai.APIError, match="model crashed"):
+            async for _ in stream:
+                pass
+
+        # Without stream_id: the next stream of that model.
+        async def later() -> None:
+            with anyio.fail_after(10):
+                while not served.sink.hub.waiting:
+                    await anyio.sleep(0.01)
+            await writer(bus, "oa3", ["other"], model="other-model")
+            await writer(bus, "oa4", ["next one"], model="llama")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(later)
+            stream = await client.chat.completions.create(model="llama", messages=[], stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "next one"

@@ -1,0 +1,205 @@
+"""ASGI building blocks: the FastAPI example over real HTTP (uvicorn on loopback), and trio in process."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
+from streambus import Bus, decode
+from streambus_http import StreamHub
+from streambus_http.asgi import EventStreamResponse, ndjson_response, openai_response, sse_response, text_response
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "docs" / "examples" / "fastapi_app.py"
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fastapi_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[tuple[Any, str]]:
+    """The FastAPI example served by uvicorn on a loopback port (uvicorn is asyncio here)."""
+    module = load_example()
+    module.DELAY = 0.0
+    port = _free_port()
+    config = uvicorn.Config(module.app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", ws="none")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        yield module.app, f"http://127.0.0.1:{port}"
+        server.should_exit = True
+
+
+def _frames(text: str) -> list[dict[str, str]]:
+    frames = []
+    for block in text.split("\n\n"):
+        frame: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line and not line.startswith(":"):
+                key, _, value = line.partition(":")
+                frame[key] = value[1:] if value.startswith(" ") else value
+        if "data" in frame:
+            frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_fastapi_example_serves_every_format(app_url: tuple[Any, str]) -> None:
+    _, url = app_url
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        sid = (await client.post("/generate", json={"prompt": "hello world"})).json()["stream"]
+        assert (await client.get(f"/streams/{sid}/text")).text == "You said: hello world "
+        events = [decode(line) for line in (await client.get(f"/streams/{sid}/ndjson")).text.splitlines()]
+        assert type(events[-1]).__name__ == "EndEvent"
+        frames = _frames((await client.get(f"/streams/{sid}/events")).text)
+        assert [f["id"] for f in frames] == [f"{sid}:{e.seq}" for e in events]
+        # resume in the middle: exactly the rest
+        r = await client.get(f"/streams/{sid}/events", headers={"Last-Event-ID": f"{sid}:3"})
+        assert [decode(f["data"]).seq for f in _frames(r.text)] == [e.seq for e in events[4:]]
+        assert (await client.get(f"/streams/{sid}/events", headers={"Last-Event-ID": frames[-1]["id"]})).status_code == 204
+        assert (await client.get("/streams/x/events", headers={"Last-Event-ID": "oops"})).status_code == 400
+
+        ui = await client.post("/api/chat", json={"id": "c", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]})
+        assert ui.headers["x-vercel-ai-ui-message-stream"] == "v1"
+        chunks = [f["data"] for f in _frames(ui.text)]
+        assert chunks[-1] == "[DONE]"
+        deltas = "".join(orjson.loads(c).get("delta", "") for c in chunks[:-1] if '"text-delta"' in c)
+        assert deltas == "You said: hi "
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_official_openai_client_reads_a_bus_stream(app_url: tuple[Any, str]) -> None:
+    _, url = app_url
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "two words"}], stream=True
+        )
+        content: list[str] = []
+        reasoning: list[str] = []
+        finish = None
+        async for chunk in stream:
+            assert chunk.object == "chat.completion.chunk"
+            choice = chunk.choices[0]
+            content.append(choice.delta.content or "")
+            extra = choice.delta.model_extra or {}
+            reasoning.append(extra.get("reasoning_content") or "")
+            finish = choice.finish_reason or finish
+        assert "".join(content) == "You said: two words "
+        assert "".join(reasoning) == "Echoing the prompt."
+        assert finish == "stop"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sse_resume_mid_stream_and_abort_and_disconnect_through_fastapi(app_url: tuple[Any, str]) -> None:
+    app, url = app_url
+    bus: Bus = app.state.bus
+    hub: StreamHub = app.state.hub
+    step = anyio.Event()
+
+    async def produce() -> None:
+        async with bus.stream(model="m", stream="fa") as w:
+            for i in range(3):
+                await w.delta(f"{i}")
+            await step.wait()
+            for i in range(3, 6):
+                await w.delta(f"{i}")
+            await anyio.sleep_forever()  # aborted below
+
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        tg.start_soon(produce)
+        seen: list[int] = []
+        last = ""
+        async with client.stream("GET", "/streams/fa/events") as response:
+            async for line in response.aiter_lines():
+                if line.startswith("id: "):
+                    last = line[4:]
+                    seen.append(int(last.rsplit(":", 1)[1]))
+                    if len(seen) == 2:
+                        break  # client disconnects
+        with anyio.fail_after(5):
+            while hub.readers:
+                await hub.wait_changed(0.05)
+        step.set()
+        with anyio.fail_after(5):
+            while hub.last_seq("fa") < 6:
+                await hub.wait_changed(0.05)
+        bus.abort("fa", "moderated", by="moderation")
+        r = await client.get("/streams/fa/events", headers={"Last-Event-ID": last})
+        seen += [decode(f["data"]).seq for f in _frames(r.text)]
+        assert seen == list(range(8))
+        assert type(decode(_frames(r.text)[-1]["data"])).__name__ == "AbortEvent"
+        assert (await client.get("/streams/fa/text")).text == "012345\n[aborted by moderation: moderated]\n"
+
+
+def _starlette(hub: StreamHub) -> Starlette:
+    async def one(request: Request) -> EventStreamResponse:
+        fmt = request.path_params["fmt"]
+        stream = request.path_params["sid"]
+        maker = {"sse": sse_response, "text": text_response, "ndjson": ndjson_response, "openai": openai_response}
+        return maker[fmt](hub, stream=stream, start_timeout=0.5)
+
+    async def many(request: Request) -> EventStreamResponse:
+        return EventStreamResponse(hub, "ui", filter=None)
+
+    return Starlette(routes=[Route("/s/{sid}/{fmt}", one), Route("/next/ui", many)])
+
+
+async def test_asgi_responses_run_under_asyncio_and_trio(writer: Any) -> None:
+    async with Bus() as bus:
+        hub = StreamHub.attach(bus)
+        await writer(bus, "t1", ["a", "b"], ending="error")
+        transport = httpx.ASGITransport(app=_starlette(hub))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/s/t1/text")).text == "ab\n[error upstream: model crashed]\n"
+            lines = (await client.get("/s/t1/ndjson")).text.splitlines()
+            assert [decode(x).seq for x in lines] == [0, 1, 2, 3]
+            r = await client.get("/s/t1/sse", headers={"Last-Event-ID": "t1:1"})
+            assert [f["id"] for f in _frames(r.text)] == ["t1:2", "t1:3"]
+            oa = _frames((await client.get("/s/t1/openai")).text)
+            assert orjson.loads(oa[-1]["data"])["error"]["type"] == "upstream"
+            r = await client.get("/s/missing/sse")
+            assert r.status_code == 404
+            assert "did not start" in r.text
+
+            async def later() -> None:
+                with anyio.fail_after(10):
+                    while not hub.waiting:
+                        await anyio.sleep(0.01)
+                await writer(bus, "t2", ["next"])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(later)
+                ui = await client.get("/next/ui")
+            chunks = [f["data"] for f in _frames(ui.text)]
+            assert orjson.loads(chunks[0]) == {"type": "start", "messageId": "t2"}
+            assert chunks[-1] == "[DONE]"
+        await bus.shutdown()
