@@ -30,3 +30,13 @@ if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "bootstrap: chromium is missing; browser tests need Debian's chromium (sudo apt-get install chromium)" >&2
   fi
 fi
+
+# The http plugin's AI SDK tests read streams with the `ai` npm package (pinned
+# in its package-lock.json); install it where Node is present. Safe to run again.
+node_dir=plugins/http/tests/node
+if command -v npm >/dev/null 2>&1 && [ -f "$node_dir/package-lock.json" ]; then
+  if ! cmp -s "$node_dir/package-lock.json" "$node_dir/node_modules/.streambus-lock" 2>/dev/null; then
+    (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error) \
+      && cp "$node_dir/package-lock.json" "$node_dir/node_modules/.streambus-lock"
+  fi
+fi
