@@ -34,6 +34,7 @@ trio included, because the server then runs in its own thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import socket
@@ -259,8 +260,12 @@ class MockServer:
             recorded = answer.events[0].stream
             if not fmt.is_streaming(route, body):
                 await self._pause(answer.offsets[-1])
-                self._log(request, model, 200, recorded, False)
-                return web.json_response(fmt.assemble(route, body, answer.events), dumps=_dumps)
+                assembled = fmt.assemble(route, body, answer.events)
+                # A recorded stream that failed assembles to the provider's
+                # error body, which real servers send with status 500.
+                status = 500 if "error" in assembled else 200
+                self._log(request, model, status, recorded, False)
+                return web.json_response(assembled, status=status, dumps=_dumps)
             return await self._stream(request, fmt, route, body, answer, model)
 
         return handler
@@ -306,14 +311,16 @@ class MockServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start serving on *host*:*port* (0 = a free port) in the running asyncio loop; return the URL."""
         try:
-            library = sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:
-            library = "none"
-        if library != "asyncio":
+            asyncio.get_running_loop()
+        except RuntimeError:
+            try:
+                library = sniffio.current_async_library()
+            except sniffio.AsyncLibraryNotFoundError:
+                library = "no event loop"
             raise RuntimeError(
                 f"MockServer.start() needs asyncio (aiohttp), not {library}; "
                 "use `with server.running() as url:` to serve from a background thread instead"
-            )
+            ) from None
         if self._runner is not None:
             raise RuntimeError("the mock server is already running")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -357,28 +364,37 @@ class MockServer:
         Works from synchronous tests and from async ones under any backend,
         since the server never shares the caller's loop.
         """
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        thread = threading.Thread(
-            target=self._thread_main, args=(loop, ready), name="streambus-mockserver", daemon=True
-        )
-        thread.start()
-        ready.wait()
-        try:
-            url = asyncio.run_coroutine_threadsafe(self.start(host, port), loop).result(timeout=30)
-            yield url
-        finally:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout=30)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            loop.close()
+        started: concurrent.futures.Future[str] = concurrent.futures.Future()
+        stop = threading.Event()
+        loops: list[asyncio.AbstractEventLoop] = []
 
-    @staticmethod
-    def _thread_main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
-        loop.run_forever()
+        def serve() -> None:
+            # The thread owns its loop and its (empty) context from start to close.
+            loop = asyncio.new_event_loop()
+            loops.append(loop)
+            try:
+                try:
+                    started.set_result(loop.run_until_complete(self.start(host, port)))
+                except BaseException as exc:
+                    started.set_exception(exc)
+                    return
+                if not stop.is_set():
+                    loop.run_forever()
+                loop.run_until_complete(self.close())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=serve, name="streambus-mockserver", daemon=True)
+        thread.start()
+        try:
+            yield started.result(timeout=30)
+        finally:
+            stop.set()
+            if loops and not loops[0].is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop already closed
+                    loops[0].call_soon_threadsafe(loops[0].stop)
+            thread.join(timeout=30)
 
 
 def _dumps(obj: Any) -> str:

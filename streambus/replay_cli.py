@@ -90,6 +90,9 @@ def replay_command(
         if pipeline.producers:
             click.echo(f"note: the {len(pipeline.producers)} producer(s) of {config} are not started", err=True)
         configure_logging(pipeline.log.level, pipeline.log.format)
+    else:
+        # stdout carries the replayed text; logs go to stderr.
+        configure_logging("warning")
     try:
         producer = ReplayProducer(
             path=list(files),
@@ -151,6 +154,7 @@ def serve_mock_command(
     request gets the next recorded stream of its model, with the recorded
     timing. Stops on Ctrl-C / SIGTERM.
     """
+    configure_logging("info")
     try:
         from .mockserver import MockServer
     except ImportError as exc:
