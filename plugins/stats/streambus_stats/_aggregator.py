@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
+import numpy as np
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
 
@@ -226,38 +227,57 @@ class Aggregate:
 
 
 class _Live:
-    """What the aggregator tracks of a stream between its start and its terminal event."""
+    """What the aggregator tracks of a stream between its start and its terminal event.
+
+    The hot path only appends each non-empty delta's ``ts`` (and text) to
+    lists; gaps are computed from ``ts`` in bulk by :meth:`StatsAggregator._drain`
+    (at the stream's end, before any read, and when much is pending).
+    """
 
     __slots__ = (
         "agg",
-        "chunks",
+        "coalesced",
+        "drained",
         "empty",
+        "extra",
         "first",
         "first_content",
         "gap_max",
         "gap_sum",
-        "gaps",
         "last",
         "moderation",
         "ngaps",
         "start",
         "texts",
+        "ts",
     )
 
     def __init__(self, start: StartEvent, agg: Aggregate) -> None:
         self.start = start
         self.agg = agg
-        self.gaps = agg.dists["inter_chunk_latency_seconds"]
+        self.ts: list[float] = []
+        """Arrival times of non-empty deltas not yet turned into gaps."""
+        self.coalesced: list[tuple[int, int]] = []
+        """``(index in ts, n)`` of pending deltas that carry n > 1 chunks."""
         self.first: float | None = None
         self.first_content: float | None = None
         self.last: float | None = None
-        self.chunks = 0
+        self.drained = 0
+        self.extra = 0
         self.empty = 0
         self.gap_sum = 0.0
         self.ngaps = 0
         self.gap_max = -math.inf
         self.texts: list[str] = []
         self.moderation: Counter[str] = Counter()
+
+    @property
+    def chunks(self) -> int:
+        return self.drained + len(self.ts) + self.extra
+
+
+_DRAIN_EVERY = 65536
+_SMALL = 32
 
 
 class StatsAggregator:
@@ -296,6 +316,7 @@ class StatsAggregator:
         """The most recent finished streams' records."""
         self.live: dict[str, _Live] = {}
         self.events = 0
+        self._undrained = 0
         self.orphans = 0
         """Events of streams whose ``start`` was not seen (joined mid-stream), or after their terminal event."""
 
@@ -313,63 +334,107 @@ class StatsAggregator:
 
     def feed_many(self, events: Iterable[Event]) -> None:
         """Account for *events* (the hot path: one batch from a subscription)."""
-        live = self.live
-        n_events = 0
+        if not isinstance(events, list | tuple):
+            events = list(events)
+        live_get = self.live.get
+        orphans = 0
         for event in events:
-            n_events += 1
-            kind = type(event)
-            if kind is DeltaEvent:
-                st = live.get(event.stream)
+            if type(event) is DeltaEvent:
+                st = live_get(event.stream)
                 if st is None:
-                    self.orphans += 1
+                    orphans += 1
                     continue
-                text = event.text  # type: ignore[union-attr]
+                text = event.text
                 if not text:
                     st.empty += 1
                     continue
-                ts = event.ts
-                n = event.n  # type: ignore[union-attr]
-                last = st.last
-                if last is not None:
-                    gap = ts - last
-                    st.gap_sum += gap
-                    st.ngaps += n
-                    pending = st.gaps.pending
-                    if n == 1:
-                        pending.append(gap)
-                    else:
-                        # A coalesced delta: its n chunks are taken as evenly spread over the gap.
-                        gap /= n
-                        pending.extend([gap] * n)
-                    if gap > st.gap_max:
-                        st.gap_max = gap
-                    st.gaps.maybe_flush()
-                if st.first is None and event.channel != "tool":  # type: ignore[union-attr]
-                    st.first = ts
-                    st.agg.dists["time_to_first_chunk_seconds"].add(ts - st.start.ts)
-                if st.first_content is None and event.channel == "content":  # type: ignore[union-attr]
-                    st.first_content = ts
-                    st.agg.dists["time_to_first_content_seconds"].add(ts - st.start.ts)
-                st.last = ts
-                st.chunks += n
+                st.ts.append(event.ts)
                 st.texts.append(text)
-            elif kind is StartEvent:
-                self._start(event)  # type: ignore[arg-type]
-            elif kind is ModerationEvent:
-                st = live.get(event.stream)
+                if st.first_content is None or event.n != 1:
+                    self._slow_delta(st, event)
+            elif type(event) is StartEvent:
+                self._start(event)
+            elif type(event) is ModerationEvent:
+                st = live_get(event.stream)
                 if st is None:
-                    self.orphans += 1
+                    orphans += 1
                     continue
-                action = event.action  # type: ignore[union-attr]
-                st.moderation[action] += 1
-                st.agg.moderation[action] += 1
+                st.moderation[event.action] += 1
+                st.agg.moderation[event.action] += 1
             else:
-                st = live.pop(event.stream, None)
+                st = self.live.pop(event.stream, None)
                 if st is None:
-                    self.orphans += 1
+                    orphans += 1
                     continue
                 self._finish(st, event)
-        self.events += n_events
+        self.orphans += orphans
+        self.events += len(events)
+        self._undrained += len(events)
+        if self._undrained >= _DRAIN_EVERY:
+            self.flush()
+
+    def _slow_delta(self, st: _Live, event: DeltaEvent) -> None:
+        # The first chunks of a stream (until its first content) and coalesced deltas.
+        if event.n != 1:
+            st.coalesced.append((len(st.ts) - 1, event.n))
+            st.extra += event.n - 1
+        if event.channel == "tool":
+            return
+        if st.first is None:
+            st.first = event.ts
+            st.agg.dists["time_to_first_chunk_seconds"].add(event.ts - st.start.ts)
+        if st.first_content is None and event.channel == "content":
+            st.first_content = event.ts
+            st.agg.dists["time_to_first_content_seconds"].add(event.ts - st.start.ts)
+
+    def flush(self) -> None:
+        """Turn every live stream's pending arrivals into inter-chunk gaps (done before every read)."""
+        for st in self.live.values():
+            if st.ts:
+                self._drain(st)
+        self._undrained = 0
+
+    @staticmethod
+    def _drain(st: _Live) -> None:
+        ts = st.ts
+        prev = st.last
+        dist = st.agg.dists["inter_chunk_latency_seconds"]
+        if len(ts) < _SMALL and not st.coalesced:
+            gaps: list[float] = []
+            if prev is None:
+                prev = ts[0]
+                rest = ts[1:]
+            else:
+                rest = ts
+            for t in rest:
+                gaps.append(t - prev)
+                prev = t
+            if gaps:
+                st.gap_sum += sum(gaps)
+                st.ngaps += len(gaps)
+                st.gap_max = max(st.gap_max, *gaps)
+                dist.pending.extend(gaps)
+                dist.maybe_flush()
+        else:
+            arr = np.fromiter(ts, dtype=np.float64, count=len(ts))
+            diffs = np.diff(arr) if prev is None else np.diff(arr, prepend=prev)
+            if st.coalesced:
+                # A delta that carries n chunks: its gap is taken as n equal gaps (evenly spread).
+                ns = np.ones(len(ts), dtype=np.int64)
+                for index, n in st.coalesced:
+                    ns[index] = n
+                if prev is None:
+                    ns = ns[1:]
+                diffs = np.repeat(diffs / ns, ns)
+                st.coalesced.clear()
+            if diffs.size:
+                st.gap_sum += float(diffs.sum())
+                st.ngaps += int(diffs.size)
+                st.gap_max = max(st.gap_max, float(diffs.max()))
+                dist.add_array(diffs)
+        st.last = ts[-1]
+        st.drained += len(ts)
+        ts.clear()
 
     def _start(self, event: StartEvent) -> None:
         if event.stream in self.live:
@@ -387,6 +452,8 @@ class StatsAggregator:
             self._finish(st, None)
 
     def _finish(self, st: _Live, event: Event | None) -> None:
+        if st.ts:
+            self._drain(st)
         start = st.start
         agg = st.agg
         dists = agg.dists
@@ -488,6 +555,7 @@ class StatsAggregator:
     # -- reading -------------------------------------------------------------------
     def aggregate(self, *, model: str | None = None, provider: str | None = None) -> Aggregate:
         """Return the merged aggregate of the groups matching *model* and/or *provider* (all by default)."""
+        self.flush()
         out = Aggregate(self.relative_accuracy)
         for (m, p), agg in self.groups.items():
             if (model is None or m == model) and (provider is None or p == provider):
@@ -506,6 +574,7 @@ class StatsAggregator:
 
     def snapshot(self, *, streams: bool = True) -> dict[str, Any]:
         """Return everything as JSON-able data: ``overall``, ``models``, ``providers``, ``groups``, ``streams``."""
+        self.flush()
         q = self.quantiles
         out: dict[str, Any] = {
             "relative_accuracy": self.relative_accuracy,
@@ -536,6 +605,8 @@ class StatsAggregator:
                 f"cannot merge aggregators of different relative accuracy "
                 f"({other.relative_accuracy} into {self.relative_accuracy})"
             )
+        self.flush()
+        other.flush()
         for key, agg in other.groups.items():
             self._group(*key).merge(agg)
         self.streams.extend(other.streams)
@@ -543,7 +614,12 @@ class StatsAggregator:
         self.orphans += other.orphans
 
     def to_state(self) -> dict[str, Any]:
-        """Return the mergeable state as JSON-able data (live streams are not included)."""
+        """Return the mergeable state as JSON-able data.
+
+        Live streams' figures so far (first chunks, gaps) are included; their
+        end is not, and their stream records are not.
+        """
+        self.flush()
         return {
             "streambus_stats": STATE_VERSION,
             "relative_accuracy": self.relative_accuracy,

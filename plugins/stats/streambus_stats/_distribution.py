@@ -55,7 +55,7 @@ TOKEN_BUCKETS: tuple[float, ...] = tuple(float(4**i) for i in range(14))
 RATE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Bucket boundaries (tokens per second) for rates."""
 
-_FLUSH_AT = 4096
+_FLUSH_AT = 16384
 _NANO = 1_000_000_000
 
 Quantiles = dict[str, float | int | None]
@@ -69,7 +69,20 @@ class Distribution:
     and counted in :attr:`clamped` (a clock that stepped back).
     """
 
-    __slots__ = ("_count", "_max", "_max_key", "_min", "_pending", "bounds", "buckets", "clamped", "sketch", "sum_nano")
+    __slots__ = (
+        "_array_size",
+        "_arrays",
+        "_bounds_array",
+        "_count",
+        "_max",
+        "_min",
+        "_pending",
+        "bounds",
+        "buckets",
+        "clamped",
+        "sketch",
+        "sum_nano",
+    )
 
     def __init__(self, relative_accuracy: float = 0.01, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
         if not 0.0 < relative_accuracy < 1.0:
@@ -81,6 +94,7 @@ class Distribution:
             zero_count=0.0,
         )
         self.bounds = tuple(float(b) for b in bounds)
+        self._bounds_array = np.asarray(self.bounds, dtype=np.float64)
         self.buckets = [0] * (len(self.bounds) + 1)
         self._count = 0
         self.sum_nano = 0
@@ -88,8 +102,8 @@ class Distribution:
         self._max = -math.inf
         self.clamped = 0
         self._pending: list[float] = []
-        # Largest value whose nanounit sum of a full batch fits in int64.
-        self._max_key = 2**62 // (_NANO * _FLUSH_AT)
+        self._arrays: list[np.ndarray[Any, np.dtype[np.float64]]] = []
+        self._array_size = 0
 
     @property
     def relative_accuracy(self) -> float:
@@ -128,6 +142,14 @@ class Distribution:
         if len(self._pending) >= _FLUSH_AT:
             self.flush()
 
+    def add_array(self, values: np.ndarray[Any, np.dtype[np.float64]]) -> None:
+        """Record every value of a float64 array (the bulk path: no per-value Python work)."""
+        if values.size:
+            self._arrays.append(values)
+            self._array_size += int(values.size)
+            if self._array_size >= _FLUSH_AT:
+                self.flush()
+
     def maybe_flush(self) -> None:
         """Ingest the buffer if it is full (after appending to :attr:`pending` directly)."""
         if len(self._pending) >= _FLUSH_AT:
@@ -136,40 +158,59 @@ class Distribution:
     def flush(self) -> None:
         """Ingest buffered values into the sketch, buckets and exact totals."""
         pending = self._pending
-        if not pending:
+        if not pending and not self._arrays:
             return
-        values = np.asarray(pending, dtype=np.float64)
-        pending.clear()
-        values = values[~np.isnan(values)]
-        if values.size == 0:
-            return
-        negative = values < 0.0
-        if negative.any():
+        parts = self._arrays
+        if pending:
+            parts.append(np.fromiter(pending, dtype=np.float64, count=len(pending)))
+            pending.clear()
+        values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._arrays = []
+        self._array_size = 0
+        if np.isnan(values).any():
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                return
+        low = float(values.min())
+        if low < 0.0:
+            negative = values < 0.0
             self.clamped += int(negative.sum())
             values = np.where(negative, 0.0, values)
+            low = 0.0
+        high = float(values.max())
         self._count += int(values.size)
-        self._min = min(self._min, float(values.min()))
-        self._max = max(self._max, float(values.max()))
+        self._min = min(self._min, low)
+        self._max = max(self._max, high)
         nano = np.rint(values * _NANO)
-        if self._max < self._max_key:
+        if high * _NANO * values.size < 2**62:
             self.sum_nano += int(nano.astype(np.int64).sum())
         else:  # huge values: exact Python integers, slower but never overflowing
             self.sum_nano += sum(int(v) for v in nano.tolist())
-        index = np.searchsorted(np.asarray(self.bounds), values, side="left")
-        for i, n in zip(*np.unique(index, return_counts=True), strict=True):
-            self.buckets[int(i)] += int(n)
-        mapping = self.sketch._mapping
-        positive = values[values > mapping.min_possible]
-        zeros = values.size - positive.size
-        if zeros:
-            self.sketch._zero_count += zeros
-            self.sketch._count += zeros
+        index = np.searchsorted(self._bounds_array, values, side="left")
+        for i, n in enumerate(np.bincount(index, minlength=len(self.buckets)).tolist()):
+            self.buckets[i] += n
+        sketch = self.sketch
+        mapping = sketch._mapping
+        if low <= mapping.min_possible:
+            positive = values[values > mapping.min_possible]
+            zeros = values.size - positive.size
+            sketch._zero_count += zeros
+            sketch._count += zeros
+        else:
+            positive = values
         if positive.size:
             keys = np.ceil(np.log2(positive) * mapping._multiplier).astype(np.int64) + int(mapping._offset)
-            store = self.sketch._store
-            for key, n in zip(*np.unique(keys, return_counts=True), strict=True):
-                store.add(int(key), float(n))
-            self.sketch._count += float(positive.size)
+            kmin, kmax = int(keys.min()), int(keys.max())
+            store = sketch._store
+            # Let the library grow its dense store to cover [kmin, kmax], then add all counts at once.
+            store.add(kmin, 0.0)
+            store.add(kmax, 0.0)
+            counts = np.bincount(keys - kmin)
+            lo = kmin - store.offset
+            bins = store.bins
+            bins[lo : lo + counts.size] = (np.asarray(bins[lo : lo + counts.size]) + counts).tolist()
+            store.count += float(positive.size)
+            sketch._count += float(positive.size)
 
     # -- reading -------------------------------------------------------------
     @property
