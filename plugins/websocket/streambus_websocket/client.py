@@ -85,9 +85,12 @@ class Client:
         self.queue: deque[bytes | _Pending] = deque()
         self.queued_bytes = 0
         self.sending = False
+        self.done = False
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self.scope: anyio.CancelScope | None = None
+        self.closing = anyio.Event()
+        """Set once :meth:`close` was called."""
         self.sent = 0
         """Frames handed to the socket."""
         self.merged = 0
@@ -159,9 +162,14 @@ class Client:
         self.queue.clear()
         self._tails.clear()
         self.queued_bytes = 0
-        if self.scope is not None:
+        self.closing.set()
+        if self.scope is not None and (self._transport is not None or not self.sending):
+            # Under asyncio a cancelled send leaves its frame whole in the transport
+            # buffer; under trio a cancelled send_all breaks the stream, so the
+            # sender finishes its frame first (bounded by the connection's watchdog).
             self.scope.cancel()
         self._notify()
+        self._set_idle()
 
     def _notify(self) -> None:
         wake = self._wake
@@ -172,14 +180,22 @@ class Client:
     # -- sender task ------------------------------------------------------------------
     async def send_loop(self) -> None:
         """Drain the queue to the socket, in order, with backpressure; runs until cancelled."""
+        try:
+            await self._send_all()
+        finally:
+            # Whatever stopped the loop (closed socket, cancellation), nobody waits on it any more.
+            self.done = True
+            self._set_idle()
+
+    async def _send_all(self) -> None:
         ws = self.ws
         queue = self.queue
         while True:
             while not queue:
+                if self.close_code is not None:
+                    return
                 self.sending = False
-                if self._idle is not None:
-                    self._idle.set()
-                    self._idle = None
+                self._set_idle()
                 self._wake = anyio.Event()
                 await self._wake.wait()
             self.sending = True
@@ -194,10 +210,17 @@ class Client:
                 self.queued_bytes -= len(data) + _FRAME_OVERHEAD
             await ws.send(data, text=True)
             self.sent += 1
+            if self.close_code is not None:
+                return
+
+    def _set_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def wait_idle(self) -> None:
         """Wait until everything queued was handed to the socket."""
-        while self.queue or self.sending:
+        while (self.queue or self.sending) and not self.done:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()

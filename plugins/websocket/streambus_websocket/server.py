@@ -189,6 +189,7 @@ class WebSocketSink(PluginBase):
         self._clients: dict[Client, None] = {}
         self._routes: dict[str, dict[Client, None]] = {}
         self._bus: Bus | None = None
+        self._early: dict[str, StartEvent] = {}
         self._ready: anyio.Event | None = None
         self._port: int | None = None
         self._start_error: BaseException | None = None
@@ -225,8 +226,13 @@ class WebSocketSink(PluginBase):
 
     @property
     def clients(self) -> int:
-        """How many clients are connected."""
-        return len(self._clients)
+        """How many clients are connected (not counting those being closed)."""
+        return sum(1 for client in self._clients if client.close_code is None)
+
+    @property
+    def connections(self) -> list[Client]:
+        """The connected clients, with their counters (``sent``, ``merged``, ``queued_bytes``)."""
+        return list(self._clients)
 
     async def wait_ready(self) -> str:
         """Wait until the server listens; return its WebSocket URL.
@@ -249,8 +255,10 @@ class WebSocketSink(PluginBase):
 
     # -- sink protocol --------------------------------------------------------------------
     async def setup(self, bus: Bus) -> None:
-        """Remember the bus: streams already live are routed by their ``start``."""
+        """Remember the streams already live: they are routed by their ``start``."""
         self._bus = bus
+        # Copied now: such a stream may end before its first event here is dispatched.
+        self._early = dict(bus.live_streams)
 
     async def run(self, events: Subscription) -> None:
         """Serve clients and broadcast *events* until the subscription ends."""
@@ -456,6 +464,7 @@ class WebSocketSink(PluginBase):
                 client.scope = scope
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._send, client)
+                    tg.start_soon(self._watchdog, client)
                     await self._receive(client)
                     tg.cancel_scope.cancel()
         finally:
@@ -468,6 +477,14 @@ class WebSocketSink(PluginBase):
         with contextlib.suppress(ConnectionClosed):
             await client.send_loop()
         # The peer is gone or closing: stop reading too.
+        if client.scope is not None:
+            client.scope.cancel()
+
+    async def _watchdog(self, client: Client) -> None:
+        # A close requested while a frame is being written waits for that write,
+        # but not longer than close_timeout.
+        await client.closing.wait()
+        await anyio.sleep(self.options.close_timeout)
         if client.scope is not None:
             client.scope.cancel()
 
@@ -655,7 +672,9 @@ class WebSocketSink(PluginBase):
                 if targets is None and history.get(stream) is None:
                     # A stream that started before this sink subscribed: route it by its start.
                     stream_log = history.record(event, data)
-                    start = self._bus.live_streams.get(stream) if self._bus is not None else None
+                    start = self._early.pop(stream, None)
+                    if start is None and self._bus is not None:
+                        start = self._bus.live_streams.get(stream)
                     if start is not None and not is_terminal(event):
                         stream_log.start = start
                         targets = routes[stream] = self._match(start)
