@@ -12,7 +12,8 @@ Installing streambus makes these fixtures available in every test suite:
 ``replay_recording``
     ``await replay_recording(bus, "rec.jsonl", **options)`` replays a recording
     into a running bus (as fast as possible unless you pass ``speed`` or
-    ``burst=False``) and returns the :class:`~streambus.replay.ReplayProducer`;
+    ``burst=False``), waits until the bus's sinks took in every event, and
+    returns the :class:`~streambus.replay.ReplayProducer`;
     ``wait=False`` starts it in the background instead of waiting for it.
 ``event_capture``
     A factory: ``capture = event_capture(bus)`` records every event the bus
@@ -222,7 +223,9 @@ def replay_recording() -> Callable[..., Awaitable[ReplayProducer]]:
     """Return ``await replay(bus, path, wait=True, **options) -> ReplayProducer``.
 
     Options are those of :class:`~streambus.replay.ReplayProducer`; the
-    default is ``burst=True`` unless ``speed`` is given.
+    default is ``burst=True`` unless ``speed`` is given. With ``wait=True`` it
+    returns once the replay is over and every sink has taken in what it
+    published.
     """
 
     async def replay(bus: Bus, path: str | Path, *, wait: bool = True, **options: Any) -> ReplayProducer:
@@ -231,6 +234,8 @@ def replay_recording() -> Callable[..., Awaitable[ReplayProducer]]:
         producer = ReplayProducer(path=str(path), **options)
         if wait:
             await producer.run(bus)
+            # Let sinks (an EventCapture) take in everything just published.
+            await anyio.wait_all_tasks_blocked()
         else:
             bus.start_producer(producer, name="replay")
         return producer
