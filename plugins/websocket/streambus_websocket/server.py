@@ -661,6 +661,7 @@ class WebSocketSink(PluginBase):
         history = self.history
         routes = self._routes
         self.events += len(batch)
+        targets: dict[Client, None] | None
         for event in batch:
             data = encode(event)
             stream = event.stream
