@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 from ddsketch import DDSketch
-from streambus import Bus, DeltaEvent, EndEvent, Event, StartEvent, Subscription, Usage, configure_logging
 from streambus_stats import Distribution, StatsAggregator, StatsSink
+
+from streambus import Bus, DeltaEvent, EndEvent, Event, StartEvent, Subscription, Usage, configure_logging
 
 try:
     from hdrh.histogram import HdrHistogram
@@ -94,7 +95,8 @@ async def run_bus(events: list[Event], subs: int, with_stats: bool) -> float:
             if i % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         await all_done.wait()
-        while stats is not None and stats.aggregator.events < n:
+        # The stats sink may still be reading its buffer: give it loop turns until it has seen everything.
+        while stats is not None and stats.aggregator.events < n:  # noqa: ASYNC110
             await asyncio.sleep(0)
         elapsed = time.perf_counter() - t0
     if stats is not None:
@@ -127,7 +129,8 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
         kept_at[subs] = with_ / without
         overhead_ns = (best[True] - best[False]) / len(events) * 1e9
         lines.append(
-            f"| {subs} | {len(events):,} | {without:,.0f} | {with_:,.0f} | {kept_at[subs]:.0%} | {overhead_ns:,.0f} ns |"
+            f"| {subs} | {len(events):,} | {without:,.0f} | {with_:,.0f} | {kept_at[subs]:.0%} "
+            f"| {overhead_ns:,.0f} ns |"
         )
         print(f"subs={subs}: without {without:,.0f}/s with {with_:,.0f}/s kept {kept_at[subs]:.1%}", flush=True)
 
@@ -176,7 +179,8 @@ def accuracy(quick: bool) -> tuple[list[str], bool]:
     alpha = 0.01
     lines = [
         f"Quantile accuracy on {n:,} samples: the largest relative error over p50, p90, p99 and p99.9 against the "
-        f"exact quantile (numpy `method=\"lower\"`), and ingest time per value. Relative accuracy setting: {alpha:.0%}.",
+        f'exact quantile (numpy `method="lower"`), and ingest time per value. '
+        f"Relative accuracy setting: {alpha:.0%}.",
         "",
         "| distribution | streambus `Distribution` (ddsketch, batched) | ddsketch `DDSketch.add` | "
         "hdrhistogram (µs, 2 digits) | merge of 4 == union |",
