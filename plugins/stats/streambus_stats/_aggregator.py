@@ -235,6 +235,8 @@ class _Live:
     """
 
     __slots__ = (
+        "add_text",
+        "add_ts",
         "agg",
         "coalesced",
         "drained",
@@ -270,6 +272,9 @@ class _Live:
         self.gap_max = -math.inf
         self.texts: list[str] = []
         self.moderation: Counter[str] = Counter()
+        # Bound once: the hot path calls them for every chunk.
+        self.add_ts = self.ts.append
+        self.add_text = self.texts.append
 
     @property
     def chunks(self) -> int:
@@ -337,9 +342,10 @@ class StatsAggregator:
         if not isinstance(events, list | tuple):
             events = list(events)
         live_get = self.live.get
+        delta_type = DeltaEvent
         orphans = 0
         for event in events:
-            if type(event) is DeltaEvent:
+            if type(event) is delta_type:
                 st = live_get(event.stream)
                 if st is None:
                     orphans += 1
@@ -348,8 +354,8 @@ class StatsAggregator:
                 if not text:
                     st.empty += 1
                     continue
-                st.ts.append(event.ts)
-                st.texts.append(text)
+                st.add_ts(event.ts)
+                st.add_text(text)
                 if st.first_content is None or event.n != 1:
                     self._slow_delta(st, event)
             elif type(event) is StartEvent:
@@ -519,7 +525,7 @@ class StatsAggregator:
                 rate = (completion - 1) / (e2e - ttfc)
                 dists["output_tokens_per_second"].add(rate)
         eval_duration = timings.get("eval_duration")
-        if source == "provider" and completion and eval_duration is not None and eval_duration > 0:
+        if method == "provider" and completion and eval_duration is not None and eval_duration > 0:
             provider_rate = completion / eval_duration
             dists["provider_tokens_per_second"].add(provider_rate)
 

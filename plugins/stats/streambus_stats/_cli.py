@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,10 @@ def summarise(
         else:
             part = StatsAggregator(relative_accuracy=relative_accuracy, keep_streams=None, counter=total.counter)
             found: list[RecordingProblem] = []
-            part.feed_many(iter_recording(path, lenient=lenient, problems=found))
+            events = iter_recording(path, lenient=lenient, problems=found)
+            # In batches, so a large recording is never held in memory whole.
+            while batch := list(itertools.islice(events, 4096)):
+                part.feed_many(batch)
             part.close_incomplete()
             if problems is not None:
                 problems.extend((str(path), p) for p in found)
