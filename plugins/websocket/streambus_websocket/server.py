@@ -687,6 +687,7 @@ class WebSocketSink(PluginBase):
                 for client in targets:
                     if client.writable():
                         writable.append(client.ws)
+                        client.sent += 1
                     else:
                         client.push_event(stream, delta, data)
                 if writable:

@@ -1,0 +1,154 @@
+"""``streambus tail URL``: the real CLI entry point in a subprocess against a real broadcaster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from click.testing import CliRunner
+from streambus_websocket import WebSocketSink, tail_command
+from streambus_websocket.testing import running
+
+from streambus import Usage
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The tail is its own process (asyncio); the server's backends are covered by the other tests."""
+    return "asyncio"
+
+
+STREAMBUS = shutil.which("streambus", path=str(Path(sys.executable).parent)) or "streambus"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMBUS_TOKEN" and "proxy" not in k.lower()}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def _until_subscribed(sink: WebSocketSink, count: int = 1) -> None:
+    # The tail is another process: poll the server side, bounded.
+    for _ in range(1000):
+        if sum(1 for c in sink.connections if c.subscriptions) >= count:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError("the tail never subscribed")
+
+
+async def _finish(process: anyio.abc.Process) -> tuple[int, str, str]:
+    with anyio.fail_after(30):
+        await process.wait()
+    assert process.stdout is not None and process.stderr is not None
+    out = b"".join([chunk async for chunk in process.stdout]).decode()
+    err = b"".join([chunk async for chunk in process.stderr]).decode()
+    return process.returncode or 0, out, err
+
+
+async def test_tail_prints_text_as_it_arrives() -> None:
+    async with running() as (bus, sink):
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=_env())
+        await _until_subscribed(sink)
+        async with bus.stream(model="llama") as w:
+            await w.delta("hmm", channel="reasoning")
+            await w.delta("Hello, ")
+            await w.delta("world")
+            await w.end("stop", usage=Usage(completion_tokens=2))
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    assert out == f"── {w.stream} (llama) ──\nHello, world\n"
+    assert f"[{w.stream}: stop, 2 tokens]" in err
+
+
+async def test_tail_json_filters_and_since() -> None:
+    async with running() as (bus, sink):
+        async with bus.stream(model="a") as w:
+            for piece in ("one ", "two ", "three"):
+                await w.delta(piece)
+            argv = [STREAMBUS, "tail", sink.url, "--json", "--model", "a", "--since", f"{w.stream}:2"]
+            process = await anyio.open_process([*argv, "--max-streams", "1"], env=_env())
+            await _until_subscribed(sink)
+            await w.delta("!")
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["type"], e["seq"]) for e in events] == [("delta", 3), ("delta", 4), ("end", 5)]
+    assert "".join(e.get("text", "") for e in events) == "three!"
+
+
+async def test_tail_reconnects_and_resumes_without_repeating() -> None:
+    async with running() as (bus, sink):
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=_env())
+        await _until_subscribed(sink)
+        async with bus.stream(model="m") as w:
+            await w.delta("before ")
+            for _ in range(1000):
+                if sink.connections and sink.connections[0].sent >= 3:
+                    break
+                await anyio.sleep(0.01)
+            sink.close_clients()
+            await w.delta("during ")
+            await _until_subscribed(sink)
+            await w.delta("after")
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    assert out.endswith("before during after\n")
+    assert out.count("before") == 1
+    assert "resuming" in err
+
+
+async def test_tail_unauthorized_exits_with_a_message() -> None:
+    async with running(token="s3cret") as (_bus, sink):
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url], env=_env())
+        code, _out, err = await _finish(process)
+        assert code == 1
+        assert "unauthorized" in err and "Traceback" not in err
+        env = {**_env(), "STREAMBUS_TOKEN": "s3cret"}
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=env)
+        await _until_subscribed(sink)
+        process.terminate()
+        with anyio.fail_after(30):
+            await process.wait()
+
+
+def test_tail_is_a_streambus_command() -> None:
+    result = subprocess.run([STREAMBUS, "tail", "--help"], capture_output=True, text=True, env=_env(), check=False)
+    assert result.returncode == 0 and "--since" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["http://x"], "expected a ws:// or wss:// URL"),
+        (["ws://127.0.0.1:1/ws", "--since", "nocolon"], "expected STREAM:SEQ"),
+        (["ws://127.0.0.1:1/ws", "--meta", "novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_tail_bad_arguments(args: list[str], problem: str) -> None:
+    result = CliRunner().invoke(tail_command, args)
+    assert result.exit_code == 2
+    assert problem in result.output
+
+
+def test_tail_cannot_connect_without_reconnect() -> None:
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [STREAMBUS, "tail", f"ws://127.0.0.1:{port}/ws", "--no-reconnect"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
