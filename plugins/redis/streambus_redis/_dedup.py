@@ -7,9 +7,11 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from streambus import DeltaEvent, Event, is_terminal
+from streambus import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event
 
 __all__ = ["Deduplicator", "Verdict"]
+
+_TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
 
 
 class Verdict(enum.Enum):
@@ -45,18 +47,20 @@ class Deduplicator:
 
     def check(self, event: Event) -> Verdict:
         """Judge *event*; a ``NEW`` event is recorded as delivered."""
+        # The hot path of every consumer: one dict lookup for the usual case.
         stream = event.stream
-        if stream in self._ended:
-            return Verdict.DUPLICATE
-        last = self._last.get(stream)
         seq = event.seq
-        if last is not None:
-            if seq <= last:
+        last = self._last.get(stream)
+        if last is None:
+            if stream in self._ended:
                 return Verdict.DUPLICATE
+        elif seq <= last:
+            return Verdict.DUPLICATE
+        elif seq != last + 1:
             low = event.first_seq if type(event) is DeltaEvent and event.first_seq is not None else seq
             if low > last + 1:
                 return Verdict.GAP
-        if is_terminal(event):
+        if type(event) in _TERMINAL:
             self.end(stream, seq)
         else:
             self._last[stream] = seq

@@ -157,8 +157,11 @@ class RedisSink(PluginBase):
 
     def _entries(self, origin: str, batch: list[Event]) -> list[tuple[str, dict[Any, Any], int]]:
         per_key: dict[str, list[Event]] = {}
-        for event in batch:
-            per_key.setdefault(self._key(event), []).append(event)
+        if self.options.namespace_tag is None:
+            per_key[self.options.stream] = batch
+        else:
+            for event in batch:
+                per_key.setdefault(self._key(event), []).append(event)
         size = self.options.entry_max_events
         entries: list[tuple[str, dict[Any, Any], int]] = []
         for key, group in per_key.items():

@@ -1,0 +1,308 @@
+"""Distributed mode end to end: producer process -> Redis (loopback) -> consumer process.
+
+Side by side in one run, each through the same Redis (``STREAMBUS_REDIS_URL``,
+default ``redis://127.0.0.1:6379/0``) on a fresh key deleted afterwards:
+
+* **streambus** -- a producer process publishes streams through ``RedisSink``;
+  a consumer process reads them with ``RedisSource`` (de-duplication, position
+  commits, origin checks all on) into a lossless sink on its bus. Once with
+  the default packing (many events per entry), once with one event per entry.
+* **plain redis-py** -- a hand-written loop: pipelined ``XADD`` of one JSON
+  event per entry (pipelines of 1000), ``XREAD COUNT 1000`` on the other side.
+* **broadcaster** -- encode/broadcaster's Redis *Streams* backend
+  (``redis-stream://``: ``XADD`` per publish, ``XREAD COUNT 1`` per message)
+  and, for reference, its pub/sub backend (``redis://``, no history at all).
+
+Each row is one run at full speed: events/s counts from the producer's first
+event to the consumer's last; latency is the consumer's receive time minus the
+event's ``ts`` (same host, same clock), so at full speed it includes queueing.
+A second streambus run offers a fixed 100k events/s to read latency at the
+goal's rate. Every run is capped in time; a capped run reports what arrived.
+
+Usage: ``python bench/bench_redis.py`` (about a minute). Writes ``bench/results/redis.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+URL = os.environ.get("STREAMBUS_REDIS_URL", "redis://127.0.0.1:6379/0")
+RESULTS = Path(__file__).resolve().parent / "results"
+CAP_S = 20.0
+STREAMS = 100
+
+
+def _report(received: int, first_ts: float | None, latencies: list[float]) -> None:
+    end = time.time()
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        if not latencies:
+            return float("nan")
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+    print(json.dumps({"received": received, "end": end, "p50": pct(0.50), "p99": pct(0.99)}), flush=True)
+
+
+# -- streambus -------------------------------------------------------------------------------
+async def sb_produce(url: str, key: str, n: int, rate: float, entry: int) -> None:
+    import anyio
+    from streambus import Bus
+    from streambus_redis import RedisSink
+
+    per_stream = n // STREAMS
+    async with Bus(buffer=4096) as bus:
+        bus.add_sink(RedisSink(url=url, stream=key, entry_max_events=entry, batch_max_ms=1, maxlen=0))
+        start = time.time()
+        print(json.dumps({"start": start}), flush=True)
+        sent = [0]
+
+        async def one() -> None:
+            async with bus.stream(model="bench") as w:
+                for i in range(per_stream - 2):
+                    await w.delta("tok ")
+                    sent[0] += 1
+                    if i % 20 == 19:
+                        # Interleave the streams; when paced, hold the offered rate.
+                        ahead = start + sent[0] / rate - time.time() if rate else 0.0
+                        await anyio.sleep(max(ahead, 0.0))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(STREAMS):
+                tg.start_soon(one)
+
+
+async def sb_consume(url: str, key: str, n: int) -> None:
+    from streambus import Bus, Subscription, is_terminal
+    from streambus_redis import RedisSource
+
+    source = RedisSource(url=url, stream=key, start="$", position="none", consumer="bench", count=1000)
+    latencies: list[float] = []
+    state = {"received": 0, "ended": 0}
+
+    class Meter:
+        overflow = "block"
+
+        async def run(self, events: Subscription) -> None:
+            while batch := await events.receive_batch():
+                now = time.time()
+                for e in batch:
+                    latencies.append(now - e.ts)
+                    if is_terminal(e):
+                        state["ended"] += 1
+                state["received"] += len(batch)
+                if state["ended"] >= STREAMS:
+                    source.stop()
+
+    async with Bus(buffer=4096) as bus:
+        bus.add_sink(Meter())
+        bus.start_producer(source)
+        await source.wait_ready()
+        print("ready", flush=True)
+        with_cap = asyncio.get_running_loop().call_later(CAP_S, source.stop)
+    with_cap.cancel()
+    _report(state["received"], None, latencies)
+
+
+# -- plain redis-py ------------------------------------------------------------------------------
+async def raw_produce(url: str, key: str, n: int) -> None:
+    import orjson
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    start = time.time()
+    print(json.dumps({"start": start}), flush=True)
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd(key, {"e": orjson.dumps({"type": "delta", "stream": "s", "seq": i, "ts": time.time(), "text": "tok "})})
+        if len(pipe) >= 1000:
+            await pipe.execute()
+    await pipe.execute()
+    await client.aclose()
+
+
+async def raw_consume(url: str, key: str, n: int) -> None:
+    import orjson
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    last = "$"
+    info = await client.exists(key)
+    if info:
+        last = (await client.xinfo_stream(key))["last-generated-id"]
+    else:
+        last = "0-0"
+    print("ready", flush=True)
+    latencies: list[float] = []
+    received = 0
+    deadline = time.monotonic() + CAP_S
+    while received < n and time.monotonic() < deadline:
+        resp = await client.xread({key: last}, count=1000, block=500)
+        now = time.time()
+        for _, entries in resp or ():
+            for entry_id, fields in entries:
+                event = orjson.loads(fields[b"e"])
+                latencies.append(now - event["ts"])
+                received += 1
+                last = entry_id
+    await client.aclose()
+    _report(received, None, latencies)
+
+
+# -- broadcaster -----------------------------------------------------------------------------------
+def _bc_url(url: str, streams: bool) -> str:
+    return url.replace("redis://", "redis-stream://", 1) if streams else url
+
+
+async def bc_produce(url: str, key: str, n: int, streams: bool) -> None:
+    import orjson
+    from broadcaster import Broadcast
+
+    async with Broadcast(_bc_url(url, streams)) as broadcast:
+        start = time.time()
+        print(json.dumps({"start": start}), flush=True)
+        deadline = time.monotonic() + CAP_S
+        for i in range(n):
+            message = orjson.dumps({"type": "delta", "stream": "s", "seq": i, "ts": time.time(), "text": "tok "})
+            await broadcast.publish(channel=key, message=message.decode())
+            if i % 1000 == 0 and time.monotonic() > deadline:
+                break
+
+
+async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
+    import orjson
+    from broadcaster import Broadcast
+
+    latencies: list[float] = []
+    received = 0
+    async with Broadcast(_bc_url(url, streams)) as broadcast:
+        async with broadcast.subscribe(channel=key) as subscriber:
+            print("ready", flush=True)
+            deadline = time.monotonic() + CAP_S + 2
+            iterator = subscriber.__aiter__()
+            while received < n:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    event = await asyncio.wait_for(iterator.__anext__(), timeout)
+                except (TimeoutError, StopAsyncIteration):
+                    break
+                latencies.append(time.time() - orjson.loads(event.message)["ts"])
+                received += 1
+    _report(received, None, latencies)
+
+
+# -- orchestration ---------------------------------------------------------------------------------------
+def _child(role: str, variant: str, key: str, n: int, extra: str = "0") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, role, variant, key, str(n), extra],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(variant: str, n: int, extra: str = "0") -> dict[str, Any]:
+    import redis
+
+    key = f"bench:streambus:{uuid.uuid4().hex[:10]}"
+    consumer = _child("consume", variant, key, n, extra)
+    producer: subprocess.Popen[str] | None = None
+    try:
+        assert consumer.stdout is not None
+        ready = consumer.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"{variant} consumer did not start: {ready!r}")
+        producer = _child("produce", variant, key, n, extra)
+        out, _ = producer.communicate(timeout=CAP_S + 30)
+        start = json.loads(out.splitlines()[0])["start"]
+        rest, _ = consumer.communicate(timeout=CAP_S + 30)
+        result = json.loads(rest.strip().splitlines()[-1])
+    finally:
+        for proc in (consumer, producer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        client = redis.Redis.from_url(URL)
+        client.delete(key)
+        client.close()
+    elapsed = result["end"] - start
+    result["rate"] = result["received"] / elapsed if elapsed > 0 else 0.0
+    result["offered"] = n
+    return result
+
+
+def child_main(argv: list[str]) -> None:
+    from streambus import configure_logging
+
+    configure_logging("warning")  # to stderr: stdout carries the results
+    role, variant, key, n_s, extra = argv
+    n = int(n_s)
+    if variant == "streambus":
+        coro = sb_produce(URL, key, n, float(extra), 128) if role == "produce" else sb_consume(URL, key, n)
+    elif variant == "streambus-1":
+        coro = sb_produce(URL, key, n, float(extra), 1) if role == "produce" else sb_consume(URL, key, n)
+    elif variant == "redis-py":
+        coro = raw_produce(URL, key, n) if role == "produce" else raw_consume(URL, key, n)
+    else:
+        streams = variant == "broadcaster-streams"
+        coro = bc_produce(URL, key, n, streams) if role == "produce" else bc_consume(URL, key, n, streams)
+    asyncio.run(coro)
+
+
+def main() -> int:
+    rows = [
+        ("streambus RedisSink -> RedisSource (128 events/entry)", "streambus", 300_000, "0"),
+        ("streambus, paced at 100k events/s offered", "streambus", 300_000, "100000"),
+        ("streambus, one event per entry", "streambus-1", 100_000, "0"),
+        ("plain redis-py: pipelined XADD / XREAD COUNT 1000", "redis-py", 100_000, "0"),
+        ("broadcaster redis-stream:// (Redis Streams backend)", "broadcaster-streams", 30_000, "0"),
+        ("broadcaster redis:// (pub/sub backend, no history)", "broadcaster-pubsub", 30_000, "0"),
+    ]
+    lines = [
+        "## Redis distributed mode (producer process -> Redis loopback -> consumer process)",
+        "",
+        "| path | events sent | events received | events/s | p50 latency ms | p99 latency ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    results: dict[str, dict[str, Any]] = {}
+    for label, variant, n, extra in rows:
+        print(f"-- {label}", flush=True)
+        r = run(variant, n, extra)
+        results[label] = r
+        print(f"   {r['received']} events, {r['rate']:,.0f}/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms", flush=True)
+        lines.append(
+            f"| {label} | {n:,} | {r['received']:,} | {r['rate']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} |"
+        )
+    full = results[rows[0][0]]
+    paced = results[rows[1][0]]
+    met = full["rate"] >= 100_000 and paced["p99"] <= 20.0 and paced["rate"] >= 95_000
+    lines += [
+        "",
+        f"Goal: >= 100k events/s end to end at p99 <= 20 ms. Full speed: {full['rate']:,.0f} events/s; "
+        f"at 100k events/s offered: {paced['rate']:,.0f} events/s delivered, p99 {paced['p99']:.1f} ms "
+        f"-> **{'met' if met else 'not met'}**.",
+        "",
+        f"Events are {STREAMS} interleaved streams of deltas; latency = consumer receive time - event ts "
+        "(full-speed rows include queueing). Runs capped at "
+        f"{CAP_S:.0f} s; a capped run reports what arrived in time.",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "redis.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        child_main(sys.argv[1:])
+    else:
+        sys.exit(main())
