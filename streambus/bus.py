@@ -28,13 +28,15 @@ import anyio.lowlevel
 import structlog
 
 from .errors import BusClosed, SinkFailed
-from .events import Event, StartEvent, is_terminal
-from .subscription import Filter, OverflowPolicy, Subscription
+from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
+from .subscription import Filter, OverflowPolicy, Subscription, _Tier
 from .writer import StreamWriter
 
 __all__ = ["Bus", "Producer", "Sink"]
 
 log = structlog.get_logger("streambus.bus")
+
+_TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
 
 
 @runtime_checkable
@@ -88,8 +90,8 @@ class Bus:
         self.max_bytes = max_bytes
         self.drain_timeout = drain_timeout
         self._subs: list[Subscription] = []
-        self._plain: list[Subscription] = []
-        self._raw: list[Subscription] = []
+        self._tier = _Tier()
+        self._raw_tier = _Tier()  # producers' events while a stage is interposed
         self._interposed = 0
         self._live: dict[str, StartEvent] = {}
         self._writers: dict[str, StreamWriter] = {}
@@ -101,6 +103,7 @@ class Bus:
         self._producer_scopes: set[anyio.CancelScope] = set()
         self._stopped: anyio.Event | None = None
         self._sink_count = 0
+        self._stages: list[tuple[Subscription, anyio.Event]] = []  # interposed stages and their "finished"
         self.published = 0
         """How many events were published (a cheap counter for monitoring)."""
 
@@ -142,6 +145,7 @@ class Bus:
                         self._writers_idle = anyio.Event()
                         await self._writers_idle.wait()
                 self._running = False
+                await self._drain_stages()
                 for sub in list(self._subs):
                     sub._close()
                 # Sinks drain what was already accepted, shielded from the
@@ -273,32 +277,52 @@ class Bus:
         if not self._running and not self._subs:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
         self.published += 1
-        if self._interposed and not processed:
-            targets = self._raw
-        elif self._interposed:
-            targets = self._plain
-        else:
-            targets = self._subs
-        if type(event) is StartEvent:
+        tier = self._raw_tier if self._interposed and not processed else self._tier
+        # Snapshot first: a reader detached by the lag check below already
+        # got this event from the shared log.
+        private = tier.private
+        control = type(event) is not DeltaEvent
+        if control and type(event) is StartEvent:
             if not processed:
-                self._live[event.stream] = event
-            for sub in targets:
-                if not sub._all and sub.filter.matches(event):
+                self._live[event.stream] = event  # type: ignore[assignment]
+            for sub in private:
+                if not sub._all and sub.filter.matches(event):  # type: ignore[arg-type]
                     sub._streams.add(event.stream)
-        for sub in targets:
-            if (sub._all or event.stream in sub._streams) and not sub._offer(event):
-                await sub._wait_space()
+        if tier.attached:
+            # Inlined _Tier.append: this is the hot path of every delivery.
+            items = tier.items
+            items.append(event)
+            if tier.waiters:
+                waiters, tier.waiters = tier.waiters, []
+                for waiter in waiters:
+                    waiter.set()
+            if tier.base + len(items) >= tier.next_check:
+                for sub in tier.check():
+                    await sub._wait_space()
+        if private:
+            await self._deliver_private(private, event)
+        if control and type(event) in _TERMINAL:
+            if not processed:
+                self._live.pop(event.stream, None)
+            for sub in private:
+                if not sub._all:
+                    sub._streams.discard(event.stream)
+
+    @staticmethod
+    async def _deliver_private(private: list[Subscription], event: Event) -> None:
+        stream = event.stream
+        for sub in private:
+            if (sub._all or stream in sub._streams) and not sub._offer(event):
+                sub._pushers += 1  # keeps the reader from re-attaching meanwhile
+                try:
+                    await sub._wait_space()
+                finally:
+                    sub._pushers -= 1
                 if not sub._closed:
                     sub._buf.append(event)
                     if sub._waiter is not None:
                         waiter, sub._waiter = sub._waiter, None
                         waiter.set()
-        if is_terminal(event):
-            if not processed:
-                self._live.pop(event.stream, None)
-            for sub in targets:
-                if not sub._all:
-                    sub._streams.discard(event.stream)
 
     # -- subscribing -------------------------------------------------------------
     def subscribe(
@@ -336,10 +360,7 @@ class Bus:
         # Copy-on-write: publish() iterates these lists without copying, and a
         # subscriber may close (and be forgotten) in the middle of a delivery.
         self._subs = [*self._subs, sub]
-        if raw:
-            self._raw = [*self._raw, sub]
-        else:
-            self._plain = [*self._plain, sub]
+        sub._join(self._raw_tier if raw and self._interposed else self._tier)
         return sub
 
     def interpose(self, *, name: str = "stage", buffer: int | None = None) -> Subscription:
@@ -350,14 +371,18 @@ class Bus:
         with ``publish(event, processed=True)``; raw subscribers keep seeing
         the producers' events.
         """
-        sub = self.subscribe(buffer=buffer, overflow=OverflowPolicy.BLOCK, name=name, raw=True)
         self._interposed += 1
-        return sub
+        if self._interposed == 1:
+            # Raw subscribers that joined before the stage keep seeing producers' events.
+            for existing in self._subs:
+                if existing.raw and existing._tier is self._tier:
+                    existing._leave()
+                    existing._tier = self._raw_tier
+                    self._raw_tier.private = [*self._raw_tier.private, existing]
+        return self.subscribe(buffer=buffer, overflow=OverflowPolicy.BLOCK, name=name, raw=True)
 
     def _forget(self, sub: Subscription) -> None:
         self._subs = [s for s in self._subs if s is not sub]
-        self._raw = [s for s in self._raw if s is not sub]
-        self._plain = [s for s in self._plain if s is not sub]
 
     # -- sinks -----------------------------------------------------------------
     def add_sink(
@@ -387,7 +412,11 @@ class Bus:
             # A processing stage (moderation): it reads what producers publish
             # and republishes with processed=True for everyone else.
             sub = self.interpose(name=label, buffer=buffer or getattr(sink, "buffer", None))
-            self._sink_tg.start_soon(self._supervise, sink, sub, label, critical, max_restarts, name=f"sink:{label}")
+            done = anyio.Event()
+            self._stages.append((sub, done))
+            self._sink_tg.start_soon(
+                self._supervise_stage, sink, sub, label, critical, max_restarts, done, name=f"sink:{label}"
+            )
             return sub
         sub = self.subscribe(
             filter,
@@ -398,6 +427,32 @@ class Bus:
         )
         self._sink_tg.start_soon(self._supervise, sink, sub, label, critical, max_restarts, name=f"sink:{label}")
         return sub
+
+    async def _supervise_stage(
+        self, sink: Sink, sub: Subscription, name: str, critical: bool, max_restarts: float, done: anyio.Event
+    ) -> None:
+        try:
+            await self._supervise(sink, sub, name, critical, max_restarts)
+        finally:
+            done.set()
+
+    async def _drain_stages(self) -> None:
+        """Let interposed stages finish before their readers' subscriptions close.
+
+        A stage republishes what producers already published (moderation
+        checks the final window at the end), so it drains first, bounded by
+        ``drain_timeout``, while the subscriptions it publishes to stay open.
+        """
+        if not self._stages:
+            return
+        for sub, _ in self._stages:
+            sub._close()
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.drain_timeout
+            for _, done in self._stages:
+                await done.wait()
+        if scope.cancelled_caught:
+            log.warning("bus.stage_drain_timeout", timeout=self.drain_timeout)
 
     async def _supervise(self, sink: Sink, sub: Subscription, name: str, critical: bool, max_restarts: float) -> None:
         delay = 0.05

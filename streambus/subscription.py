@@ -180,6 +180,63 @@ def _size(item: Event | _Merged) -> int:
     return _CONTROL_SIZE
 
 
+class _Tier:
+    """A shared log of events and the subscribers reading it.
+
+    Unfiltered subscribers that keep up are *attached*: publishing appends an
+    event once, whatever their number, and each reads the log from its own
+    cursor (batches are C-level slices). Every ``check_every`` events the bus
+    looks for attached readers lagging past their buffer: a ``block`` reader
+    makes the publisher wait; any other is *detached* into a private buffer,
+    where its overflow policy applies event by event. Filtered subscribers
+    are always private. A private reader that drains its buffer re-attaches.
+    """
+
+    __slots__ = ("attached", "base", "check_every", "items", "next_check", "private", "waiters")
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []
+        self.base = 0
+        self.attached: list[Subscription] = []
+        self.private: list[Subscription] = []
+        self.waiters: list[anyio.Event] = []
+        self.check_every = 1
+        self.next_check = 0
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.items)
+
+    def append(self, event: Event) -> bool:
+        """Append for attached readers; return True when a lag check is due."""
+        self.items.append(event)
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                waiter.set()
+        return self.base + len(self.items) >= self.next_check
+
+    def check(self) -> list[Subscription]:
+        """Detach or report lagging readers, trim the log; return blocked ``block`` readers."""
+        end = self.end
+        blocked: list[Subscription] = []
+        lowest = end
+        for sub in list(self.attached):
+            if end - sub._cursor > sub.buffer:
+                if sub._policy is OverflowPolicy.BLOCK:
+                    blocked.append(sub)
+                else:
+                    sub._detach()
+                    continue
+            lowest = min(lowest, sub._cursor)
+        if lowest > self.base:
+            del self.items[: lowest - self.base]
+            self.base = lowest
+        self.check_every = max(1, min((s.buffer for s in self.attached), default=64) // 4)
+        self.next_check = end + self.check_every
+        return blocked
+
+
 class Subscription:
     """A subscriber's bounded buffer of events, read as an async iterator.
 
@@ -196,11 +253,14 @@ class Subscription:
         "_bus",
         "_bytes",
         "_closed",
+        "_cursor",
         "_error",
         "_policy",
+        "_pushers",
         "_since_yield",
         "_space_waiter",
         "_streams",
+        "_tier",
         "_waiter",
         "buffer",
         "dropped",
@@ -241,6 +301,9 @@ class Subscription:
         self._waiter: anyio.Event | None = None
         self._space_waiter: anyio.Event | None = None
         self._since_yield = 0
+        self._tier: _Tier | None = None
+        self._cursor = -1  # >= 0 while attached to the tier's shared log
+        self._pushers = 0  # publishers waiting to push to this private buffer
 
     # -- publisher side -------------------------------------------------
     @property
@@ -256,13 +319,65 @@ class Subscription:
     @property
     def pending(self) -> int:
         """How many items are buffered and not yet read."""
-        return len(self._buf)
+        shared = self._tier.end - self._cursor if self._cursor >= 0 and self._tier is not None else 0
+        return shared + len(self._buf)
 
-    def _wants(self, event: Event) -> bool:
-        return self._all or event.stream in self._streams
+    def _join(self, tier: _Tier) -> None:
+        """Join *tier*: attached to its log when unfiltered, private otherwise."""
+        self._tier = tier
+        if self._all:
+            self._cursor = tier.end
+            tier.attached = [*tier.attached, self]
+            every = max(1, self.buffer // 4)
+            if len(tier.attached) == 1:
+                tier.check_every, tier.next_check = every, tier.end + every
+            else:
+                tier.check_every = min(tier.check_every, every)
+                tier.next_check = min(tier.next_check, tier.end + every)
+        else:
+            tier.private = [*tier.private, self]
+
+    def _leave(self) -> None:
+        """Leave the tier, keeping unread shared events in the private buffer (in order)."""
+        tier = self._tier
+        if tier is None:
+            return
+        if self._cursor >= 0:
+            self._buf.extend(tier.items[self._cursor - tier.base :])
+            self._cursor = -1
+            tier.attached = [s for s in tier.attached if s is not self]
+        else:
+            tier.private = [s for s in tier.private if s is not self]
+        self._tier = None
+
+    def _detach(self) -> None:
+        """Move from the shared log to a private buffer, applying the overflow policy."""
+        tier = self._tier
+        assert tier is not None
+        unread = tier.items[self._cursor - tier.base :]
+        self._cursor = -1
+        tier.attached = [s for s in tier.attached if s is not self]
+        tier.private = [*tier.private, self]
+        for event in unread:
+            self._offer(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def _reattach(self) -> bool:
+        # Called by the reader when its private buffer is empty: back to the fast path.
+        tier = self._tier
+        if tier is None or not self._all or self._closed or self._pushers:
+            return False
+        tier.private = [s for s in tier.private if s is not self]
+        self._cursor = tier.end
+        tier.attached = [*tier.attached, self]
+        tier.next_check = min(tier.next_check, tier.end + max(1, self.buffer // 4))
+        return True
 
     def _offer(self, event: Event) -> bool:
-        """Buffer *event*; return False only if a ``block`` subscriber is full."""
+        """Buffer *event* privately; return False only if a ``block`` subscriber is full."""
         if self._closed:
             return True
         buf = self._buf
@@ -345,6 +460,9 @@ class Subscription:
     def _close(self, error: SubscriptionClosed | None = None) -> None:
         if self._closed:
             return
+        self._leave()  # a clean close still delivers what was published before it
+        if error is not None:
+            self._buf.clear()
         self._closed = True
         self._error = error
         if self._bus is not None:
@@ -358,7 +476,14 @@ class Subscription:
     async def _wait_space(self) -> None:
         # Several publishers may wait on one full subscriber: they share one
         # event, and each re-checks for room after waking.
-        while len(self._buf) >= self.buffer and not self._closed:
+        while not self._closed:
+            if self._cursor >= 0:
+                tier = self._tier
+                assert tier is not None
+                if tier.end - self._cursor <= self.buffer:
+                    return
+            elif len(self._buf) < self.buffer:
+                return
             waiter = self._space_waiter
             if waiter is None:
                 waiter = self._space_waiter = anyio.Event()
@@ -378,19 +503,35 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
+    def _ready(self) -> bool:
+        if self._buf:
+            return True
+        if self._cursor >= 0:
+            tier = self._tier
+            assert tier is not None
+            return self._cursor < tier.end
+        return False
+
     async def _wait(self) -> None:
-        while not self._buf:
+        while not self._ready():
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
+            if self._cursor < 0 and self._all and self._reattach():
+                continue
             waiter = self._waiter
-            if waiter is None:
+            if waiter is None or waiter.is_set():
+                # The shared log wakes readers without clearing their slot.
                 waiter = self._waiter = anyio.Event()
+            if self._cursor >= 0:
+                tier = self._tier
+                assert tier is not None
+                tier.waiters.append(waiter)
             await waiter.wait()
         self._since_yield = 0
 
-    def _popped(self, n: int, size: int) -> None:
+    def _popped(self, size: int) -> None:
         if self._policy is OverflowPolicy.COALESCE:
             self._bytes -= size
         waiter = self._space_waiter
@@ -399,7 +540,7 @@ class Subscription:
             waiter.set()
 
     async def __anext__(self) -> Event:
-        if not self._buf:
+        if not self._ready():
             await self._wait()
         else:
             self._since_yield += 1
@@ -407,17 +548,25 @@ class Subscription:
                 # A reader that never finds its buffer empty would never yield.
                 self._since_yield = 0
                 await anyio.lowlevel.checkpoint()
-                if not self._buf:
+                if not self._ready():
                     await self._wait()
-        item = self._buf.popleft()
-        if type(item) is _Merged:
-            self._popped(1, _size(item))
-            return item.event()
-        self._popped(1, _size(item) if self._policy is OverflowPolicy.COALESCE else 0)
-        return item  # type: ignore[return-value]
+        if self._buf:
+            item = self._buf.popleft()
+            if type(item) is _Merged:
+                self._popped(_size(item))
+                return item.event()
+            self._popped(_size(item) if self._policy is OverflowPolicy.COALESCE else 0)
+            return item  # type: ignore[return-value]
+        tier = self._tier
+        assert tier is not None
+        event = tier.items[self._cursor - tier.base]
+        self._cursor += 1
+        if self._space_waiter is not None:
+            self._popped(0)
+        return event
 
     async def receive(self) -> Event:
-        """Return the next event; raise ``EndOfStream``-like ``StopAsyncIteration`` at the end."""
+        """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
         return await self.__anext__()
 
     async def receive_batch(self, limit: int | None = None) -> list[Event]:
@@ -427,13 +576,26 @@ class Subscription:
         drained; raises :class:`~streambus.errors.Overflowed` after an overflow.
         """
         try:
-            if not self._buf:
+            if not self._ready():
                 await self._wait()
             else:
                 await anyio.lowlevel.checkpoint()
+                if not self._ready():
+                    await self._wait()
         except StopAsyncIteration:
             return []
         buf = self._buf
+        if not buf:
+            # Attached: one C-level slice of the shared log.
+            tier = self._tier
+            assert tier is not None
+            start = self._cursor - tier.base
+            stop = len(tier.items) if limit is None else min(len(tier.items), start + limit)
+            events = tier.items[start:stop]
+            self._cursor += len(events)
+            if self._space_waiter is not None:
+                self._popped(0)
+            return events
         if limit is None or limit >= len(buf):
             items = list(buf)
             buf.clear()
@@ -443,15 +605,10 @@ class Subscription:
         size = 0
         out: list[Event] = []
         for item in items:
-            if type(item) is _Merged:
-                if coalesce:
-                    size += _size(item)
-                out.append(item.event())
-            else:
-                if coalesce:
-                    size += _size(item)
-                out.append(item)  # type: ignore[arg-type]
-        self._popped(len(out), size)
+            if coalesce:
+                size += _size(item)
+            out.append(item.event() if type(item) is _Merged else item)  # type: ignore[arg-type]
+        self._popped(size)
         return out
 
     async def text(self, channel: str = "content", *, raise_on_failure: bool = True) -> AsyncIterator[str]:
