@@ -284,9 +284,9 @@ class Bus:
         control = type(event) is not DeltaEvent
         if control and type(event) is StartEvent:
             if not processed:
-                self._live[event.stream] = event  # type: ignore[assignment]
+                self._live[event.stream] = event
             for sub in private:
-                if not sub._all and sub.filter.matches(event):  # type: ignore[arg-type]
+                if not sub._all and sub.filter.matches(event):
                     sub._streams.add(event.stream)
         if tier.attached:
             # Inlined _Tier.append: this is the hot path of every delivery.
