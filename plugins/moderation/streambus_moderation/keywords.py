@@ -1,0 +1,155 @@
+"""The ``keywords`` moderator: word lists and regular expressions, Unicode-aware.
+
+::
+
+    KeywordModerator(KeywordModerator.Options(
+        words={"violence": ["kill", "殺す"]},
+        patterns={"pii": [r"\\b\\d{3}-\\d{4}-\\d{4}\\b"]},
+    ))
+
+Text and terms are compared after NFKC normalisation and case folding, so
+``ＫＩＬＬ``, ``Kill`` and ``kill`` are the same word, and half-width
+``ｺﾛｽ`` is ``コロス``. Terms written in scripts that separate words with
+spaces (Latin, Greek, Cyrillic, digits) match whole words only (``kill`` does
+not match ``skills``) unless ``whole_words = false``; terms in scripts
+without spaces (Japanese, Chinese) match anywhere. Regular expressions run on
+the normalised text (write them in lower case) and are never wrapped in word
+boundaries.
+"""  # noqa: RUF002
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import msgspec
+
+from streambus.plugins import PluginBase
+
+from .normalize import _fold, normalize
+from .verdict import Span, Verdict
+
+__all__ = ["KeywordModerator"]
+
+# Characters of scripts that put spaces between words: a term starting or
+# ending with one must not touch another such character to match.
+_SPACED = (
+    r"0-9a-z\u00aa\u00b5\u00ba\u00c0-\u024f\u0370-\u03ff\u0400-\u052f\u0531-\u058f"
+    r"\u0590-\u05ff\u0600-\u06ff\u0e00-\u0e7f\u1e00-\u1fff\uac00-\ud7af"
+)
+_SPACED_CHAR = re.compile(f"[{_SPACED}]")
+
+
+class KeywordModerator(PluginBase):
+    """Flag windows that contain listed words or match listed regular expressions.
+
+    Each match becomes one :class:`~streambus_moderation.Span` with its
+    category, so the stage retracts or redacts exactly the matched text.
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``keywords`` moderator."""
+
+        words: dict[str, list[str]] = {}
+        """Category -> terms, e.g. ``{violence = ["kill", "殺す"]}``."""
+        patterns: dict[str, list[str]] = {}
+        """Category -> regular expressions, matched against normalised text."""
+        files: dict[str, str] = {}
+        """Category -> path of a word list (one term per line, ``#`` comments)."""
+        whole_words: bool = True
+        """Match terms of spaced scripts as whole words only."""
+
+        def __post_init__(self) -> None:
+            for category, terms in self.words.items():
+                for i, term in enumerate(terms):
+                    if not _fold(term).strip():
+                        raise ValueError(f"words.{category}[{i}]: empty term")
+            for category, patterns in self.patterns.items():
+                for i, pattern in enumerate(patterns):
+                    try:
+                        compiled = re.compile(pattern)
+                    except re.error as exc:
+                        raise ValueError(f"patterns.{category}[{i}]: invalid regular expression: {exc}") from None
+                    if compiled.match(""):
+                        raise ValueError(f"patterns.{category}[{i}]: matches the empty string")
+            if not (self.words or self.patterns or self.files):
+                raise ValueError("words: no words, patterns or files given; the moderator would flag nothing")
+
+    name: ClassVar[str] = "keywords"
+
+    def __init__(self, options: Options | None = None, **kwargs: object) -> None:
+        if options is None:
+            options = msgspec.convert(kwargs, self.Options)
+        elif kwargs:
+            raise TypeError("pass either options or keyword arguments, not both")
+        self.options = options
+        words: dict[str, list[str]] = {c: list(t) for c, t in options.words.items()}
+        for category, path in options.files.items():
+            try:
+                lines = Path(path).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"files.{category}: cannot read {path}: {exc.strerror or exc}") from None
+            words.setdefault(category, []).extend(
+                line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+            )
+        alternatives: list[str] = []
+        self._categories: list[str] = []
+        longest = 0
+        for category, terms in words.items():
+            folded = sorted({_fold(t).strip() for t in terms if _fold(t).strip()}, key=len, reverse=True)
+            if not folded:
+                continue
+            longest = max(longest, *map(len, folded))
+            body = "|".join(self._term(t, options.whole_words) for t in folded)
+            alternatives.append(f"(?P<g{len(self._categories)}>{body})")
+            self._categories.append(category)
+        self._words = re.compile("|".join(alternatives)) if alternatives else None
+        # Patterns run one by one: combined, their own groups and backreferences would clash.
+        self._patterns = [
+            (re.compile(pattern, re.IGNORECASE), category)
+            for category, patterns in options.patterns.items()
+            for pattern in patterns
+        ]
+        self.context_chars = 2 * longest
+        """Overlap the stage needs so no listed word is cut between windows.
+
+        Twice the longest normalised term: a normalised character can come
+        from two original ones (``ｶﾞ``)."""
+
+    @staticmethod
+    def _term(term: str, whole_words: bool) -> str:
+        body = re.escape(term)
+        if not whole_words:
+            return body
+        if _SPACED_CHAR.match(term[0]):
+            body = f"(?<![{_SPACED}])" + body
+        if _SPACED_CHAR.match(term[-1]):
+            body += f"(?![{_SPACED}])"
+        return body
+
+    def scan(self, text: str) -> list[Span]:
+        """Return every match in *text* as spans of the original text (synchronous)."""
+        norm = normalize(text)
+        spans: list[Span] = []
+        if self._words is not None:
+            for match in self._words.finditer(norm.text):
+                group = match.lastgroup
+                category = self._categories[int(group[1:])] if group else None
+                start, end = norm.source_span(match.start(), match.end())
+                spans.append(Span(start=start, end=end, category=category))
+        for regex, category in self._patterns:
+            for match in regex.finditer(norm.text):
+                if match.end() > match.start():
+                    start, end = norm.source_span(match.start(), match.end())
+                    spans.append(Span(start=start, end=end, category=category))
+        spans.sort(key=lambda s: (s.start, s.end))
+        return spans
+
+    async def check(self, text: str) -> Verdict:
+        """Return a flagged verdict with one span per match, or a clean one."""
+        spans = self.scan(text)
+        if not spans:
+            return Verdict()
+        categories = sorted({s.category for s in spans if s.category})
+        return Verdict(flagged=True, categories=categories, scores=dict.fromkeys(categories, 1.0), spans=spans)
