@@ -66,7 +66,8 @@ def make_events(n: int, streams: int = 100) -> list[Event]:
     return events
 
 
-async def run_bus(events: list[Event], subs: int, with_stats: bool) -> float:
+async def run_bus(events: list[Event], subs: int, with_stats: bool) -> tuple[float, float]:
+    """Return (wall seconds, CPU seconds of this process) from the first publish to the last event seen."""
     n = len(events)
     finished = 0
     all_done = asyncio.Event()
@@ -89,6 +90,7 @@ async def run_bus(events: list[Event], subs: int, with_stats: bool) -> float:
             bus.add_sink(stats)
         await asyncio.sleep(0)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         publish = bus.publish
         for i, e in enumerate(events):
             await publish(e)
@@ -99,40 +101,53 @@ async def run_bus(events: list[Event], subs: int, with_stats: bool) -> float:
         while stats is not None and stats.aggregator.events < n:  # noqa: ASYNC110
             await asyncio.sleep(0)
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
     if stats is not None:
         assert stats.aggregator.aggregate().finished == 100, "stats missed streams"
-    return elapsed
+    return elapsed, cpu
 
 
 def throughput(quick: bool) -> tuple[list[str], bool]:
-    runs = 1 if quick else 3
+    runs = 1 if quick else 5
     lines = [
         "## Stats sink: overhead on the bus fan-out, and quantile accuracy",
         "",
         "Bus throughput: 100 concurrent streams (start, deltas, end with usage) published in one loop "
-        f"(yielding every {YIELD_EVERY}) to N counting `block` subscribers, without and with the `stats` sink; "
-        f"events/s until every subscriber (and the stats sink) saw the last event, best of {runs} alternating runs.",
+        f"(yielding every {YIELD_EVERY}) to N counting `block` subscribers, without and with the `stats` sink, "
+        f"until every subscriber (and the stats sink) saw the last event; best of {runs} alternating runs. "
+        "The machine is shared (2 cores, several other test suites running), so wall-clock rates swing by 2x "
+        "between runs; the CPU time of the benchmark process (`time.process_time`, the bus is one thread) is "
+        "the steadier measure and the goal is judged on it. Wall-clock figures are given beside it.",
         "",
-        "| subscribers | events | without stats (events/s) | with stats (events/s) | kept | overhead per event |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| subscribers | events | without stats (events/CPU-s) | with stats (events/CPU-s) | kept (CPU) "
+        "| overhead per event (CPU) | kept (wall clock) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     kept_at: dict[int, float] = {}
     for subs, n in ((1, 100_000), (10, 100_000), (100, 20_000)):
         if quick:
             n //= 5
         events = make_events(n)
-        best = {False: float("inf"), True: float("inf")}
+        wall = {False: float("inf"), True: float("inf")}
+        cpu = {False: float("inf"), True: float("inf")}
         for _ in range(runs):
             for with_stats in (False, True):
-                best[with_stats] = min(best[with_stats], asyncio.run(run_bus(events, subs, with_stats)))
-        without, with_ = len(events) / best[False], len(events) / best[True]
+                w, c = asyncio.run(run_bus(events, subs, with_stats))
+                wall[with_stats] = min(wall[with_stats], w)
+                cpu[with_stats] = min(cpu[with_stats], c)
+        without, with_ = len(events) / cpu[False], len(events) / cpu[True]
         kept_at[subs] = with_ / without
-        overhead_ns = (best[True] - best[False]) / len(events) * 1e9
+        kept_wall = wall[False] / wall[True]
+        overhead_ns = (cpu[True] - cpu[False]) / len(events) * 1e9
         lines.append(
             f"| {subs} | {len(events):,} | {without:,.0f} | {with_:,.0f} | {kept_at[subs]:.0%} "
-            f"| {overhead_ns:,.0f} ns |"
+            f"| {overhead_ns:,.0f} ns | {kept_wall:.0%} |"
         )
-        print(f"subs={subs}: without {without:,.0f}/s with {with_:,.0f}/s kept {kept_at[subs]:.1%}", flush=True)
+        print(
+            f"subs={subs}: cpu without {without:,.0f}/s with {with_:,.0f}/s kept {kept_at[subs]:.1%}; "
+            f"wall kept {kept_wall:.1%}",
+            flush=True,
+        )
 
     events = make_events(20_000 if quick else 200_000)
     best_feed = float("inf")
@@ -150,7 +165,7 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
     ]
     met = kept_at[10] >= 0.9 and kept_at[100] >= 0.9
     lines.append(
-        f"Goal: with stats attached the bus keeps >= 90% of its throughput at 10 and 100 subscribers "
+        f"Goal: with stats attached the bus keeps >= 90% of its throughput (CPU) at 10 and 100 subscribers "
         f"(the fan-out benchmark's settings) — {'met' if met else 'NOT met'} "
         f"({kept_at[10]:.0%} and {kept_at[100]:.0%}). With a single subscriber the stats sink doubles the "
         f"number of readers, so the bus keeps {kept_at[1]:.0%} there."

@@ -206,6 +206,7 @@ def test_options_are_validated_with_the_key_named() -> None:
         ({"quantiles": [0.5, 2]}, "quantiles"),
         ({"quantiles": []}, "quantiles"),
         ({"keep_streams": -2}, "keep_streams"),
+        ({"read_pause": 5}, "read_pause"),
     ):
         with pytest.raises(ValueError, match=f"^{key}: "):
             StatsSink(**kwargs)
