@@ -225,3 +225,23 @@ def test_options_are_validated_with_the_key_named() -> None:
 def test_entry_points() -> None:
     assert load("sinks", "stats") is StatsSink
     assert load("commands", "stats") is stats_command
+
+
+async def test_live_figures_equal_offline_figures_of_the_recording(tmp_path: Path) -> None:
+    # The same run measured live by the sink and later from the recorder's file: timing comes
+    # from `ts` in both, so every figure must be identical.
+    from streambus_stats import summarise
+
+    from streambus.builtins.recorder import RecorderSink
+
+    path = tmp_path / "run.jsonl"
+    sink = StatsSink(interval=0, tokenizer="approx")
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        bus.add_sink(RecorderSink(RecorderSink.Options(path=str(path))))
+        await produce(bus)
+    offline = summarise([path], tokenizer="approx").snapshot()
+    live = sink.snapshot()
+    assert offline["overall"] == live["overall"]
+    assert offline["models"] == live["models"]
+    assert sorted(offline["streams"], key=lambda r: r["stream"]) == sorted(live["streams"], key=lambda r: r["stream"])
