@@ -55,12 +55,16 @@ class WireError(StreamBusError):
     """A sans-I/O parser met input it cannot accept.
 
     ``offset`` is the byte offset, from the start of everything fed to the
-    parser, where the bad input begins.
+    parser, where the bad input begins. ``partial`` is the text a decoding
+    parser (:class:`streambus.wire.Utf8Decoder`) accepted in the same call
+    before the bad input, so the caller loses nothing.
     """
 
-    def __init__(self, message: str, *, offset: int) -> None:
+    def __init__(self, message: str, *, offset: int, partial: str = "") -> None:
         super().__init__(f"{message} (at byte {offset})")
         self.offset = offset
+        self.partial = partial
+        """Text a decoding parser accepted in the same call before the bad input (else ``""``)."""
 
 
 class ConfigError(StreamBusError):

@@ -1,0 +1,333 @@
+"""The ``ollama`` producer: stream ``/api/chat`` or ``/api/generate`` into the bus.
+
+aiohttp moves the bytes; :class:`~streambus_ollama.OllamaStreamParser` does
+all the parsing. Every failure becomes one ``error`` event with a stable
+``kind`` and the text already streamed is kept; retries happen only before
+the first delta, so no text is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+import anyio
+import msgspec
+import orjson
+import structlog
+
+from streambus import PluginBase, WireError
+
+from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
+
+if TYPE_CHECKING:
+    from streambus import Bus, StreamWriter
+
+__all__ = ["Failure", "OllamaProducer", "OllamaRequest", "require_asyncio"]
+
+log = structlog.get_logger("streambus.ollama")
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def require_asyncio(plugin: str) -> None:
+    """Raise a clear error unless running on asyncio (aiohttp cannot run on trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
+            "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
+        ) from None
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """Why one attempt failed: becomes the stream's ``error`` event unless retried."""
+
+    kind: str
+    message: str
+    retryable: bool = False
+
+
+class OllamaRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One request of a ``requests = [...]`` list; unset keys take the producer's values."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    system: str | None = None
+    options: dict[str, Any] | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    meta: dict[str, Any] = {}
+
+
+class OllamaProducer(PluginBase):
+    """Stream answers from an Ollama server (``/api/chat`` or ``/api/generate``) into the bus.
+
+    ::
+
+        producer = OllamaProducer(model="llama3.2", messages=[{"role": "user", "content": "Hi"}])
+        async with Bus() as bus:
+            bus.start_producer(producer)
+
+    Runs on asyncio only (aiohttp).
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``ollama`` producer."""
+
+        url: str = "http://127.0.0.1:11434"
+        """The Ollama server (``/api/...`` is appended)."""
+        model: str = ""
+        """The model to run (required here or in every request)."""
+        endpoint: Literal["chat", "generate"] = "chat"
+        """``chat`` (``/api/chat``, messages) or ``generate`` (``/api/generate``, prompt)."""
+        messages: list[dict[str, Any]] | None = None
+        """Chat history: ``{role, content}`` tables (``chat`` only)."""
+        prompt: str | None = None
+        """The prompt (``generate``); with ``chat``, appended as the last user message."""
+        system: str | None = None
+        """A system prompt (a leading system message for ``chat``)."""
+        options: dict[str, Any] = {}
+        """Ollama model options (``temperature``, ``num_ctx``, ``seed``, ...)."""
+        think: bool | Literal["low", "medium", "high"] | None = None
+        """Ask a thinking model to think; its thoughts become ``reasoning`` deltas."""
+        keep_alive: str | float | None = None
+        """How long the server keeps the model loaded (``"5m"``, seconds, ``-1``)."""
+        format: str | dict[str, Any] | None = None
+        """``"json"`` or a JSON schema for structured output."""
+        tools: list[dict[str, Any]] | None = None
+        """Tool definitions (``chat``); calls become ``tool`` deltas."""
+        headers: dict[str, str] = {}
+        """Extra HTTP headers (e.g. for an authenticating reverse proxy)."""
+        timeout: float = 60.0
+        """Seconds allowed between two chunks once the stream has started."""
+        first_chunk_timeout: float = 300.0
+        """Seconds allowed from sending the request to the first chunk (model loading included)."""
+        connect_timeout: float = 10.0
+        """Seconds allowed to open the TCP connection."""
+        retries: int = 2
+        """Attempts after the first, only while no delta was published."""
+        retry_backoff: float = 0.5
+        """Seconds before the first retry; doubles each time."""
+        meta: dict[str, Any] = {}
+        """Tags for the ``start`` event (merged under each request's ``meta``)."""
+        requests: list[OllamaRequest] = []
+        """Several requests, one stream each; unset keys come from the keys above."""
+        concurrency: int = 4
+        """How many of ``requests`` run at once."""
+
+        def __post_init__(self) -> None:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url: expected an http:// or https:// URL, got {self.url!r}")
+            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
+                if not getattr(self, key) > 0:
+                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
+            if self.retries < 0:
+                raise ValueError(f"retries: must be 0 or more, got {self.retries}")
+            if self.retry_backoff < 0:
+                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            if self.concurrency < 1:
+                raise ValueError(f"concurrency: must be at least 1, got {self.concurrency}")
+            for i, request in enumerate(self.requests or [OllamaRequest()]):
+                where = f"requests[{i}]." if self.requests else ""
+                if not (request.model or self.model):
+                    raise ValueError(f"{where}model: required (the model to run)")
+                messages = request.messages if request.messages is not None else self.messages
+                prompt = request.prompt if request.prompt is not None else self.prompt
+                if self.endpoint == "generate":
+                    if prompt is None:
+                        raise ValueError(f"{where}prompt: required with endpoint = 'generate'")
+                    if request.messages is not None or self.messages is not None:
+                        raise ValueError(f"{where}messages: only for endpoint = 'chat'; use prompt")
+                elif not messages and prompt is None:
+                    raise ValueError(f"{where}messages: required with endpoint = 'chat' (or give a prompt)")
+                for j, message in enumerate(messages or []):
+                    if not isinstance(message.get("role"), str):
+                        raise ValueError(f"{where}messages[{j}].role: required (system, user, assistant, tool)")
+
+    def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
+        if keys:
+            base = msgspec.structs.asdict(options) if options is not None else {}
+            options = msgspec.convert({**base, **keys}, self.Options)
+        self.options = options or self.Options()
+        self.stream_ids: list[str] = []
+        """Ids of the streams produced so far, in start order."""
+
+    # -- request building ------------------------------------------------------
+    def requests(self) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """Every request as ``(model, JSON body, meta)``, in order."""
+        o = self.options
+        out = []
+        many = len(o.requests) > 1
+        for index, request in enumerate(o.requests or [OllamaRequest()]):
+            model = request.model or o.model
+            system = request.system if request.system is not None else o.system
+            prompt = request.prompt if request.prompt is not None else o.prompt
+            body: dict[str, Any] = {"model": model, "stream": True}
+            if o.endpoint == "chat":
+                messages = list(request.messages if request.messages is not None else o.messages or [])
+                if system is not None:
+                    messages.insert(0, {"role": "system", "content": system})
+                if prompt is not None:
+                    messages.append({"role": "user", "content": prompt})
+                body["messages"] = messages
+                if o.tools:
+                    body["tools"] = o.tools
+            else:
+                body["prompt"] = prompt
+                if system is not None:
+                    body["system"] = system
+            options = {**o.options, **(request.options or {})}
+            if options:
+                body["options"] = options
+            think = request.think if request.think is not None else o.think
+            if think is not None:
+                body["think"] = think
+            if o.keep_alive is not None:
+                body["keep_alive"] = o.keep_alive
+            if o.format is not None:
+                body["format"] = o.format
+            meta = {**o.meta, **request.meta}
+            if many:
+                meta.setdefault("request_index", index)
+            out.append((model, body, meta))
+        return out
+
+    # -- running -----------------------------------------------------------------
+    async def run(self, bus: Bus) -> None:
+        """Run every request (``concurrency`` at a time), one bus stream each."""
+        require_asyncio("ollama")
+        o = self.options
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=o.connect_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            limiter = anyio.Semaphore(o.concurrency)
+            async with anyio.create_task_group() as tg:
+                for model, body, meta in self.requests():
+                    await limiter.acquire()
+                    tg.start_soon(self._stream, bus, session, model, body, meta, limiter)
+
+    async def _stream(
+        self,
+        bus: Bus,
+        session: aiohttp.ClientSession,
+        model: str,
+        body: dict[str, Any],
+        meta: dict[str, Any],
+        limiter: anyio.Semaphore,
+    ) -> None:
+        o = self.options
+        try:
+            async with bus.stream(model=model, provider="ollama", meta=meta) as w:
+                self.stream_ids.append(w.stream)
+                attempt = 0
+                while True:
+                    failure = await self._attempt(session, body, w)
+                    if failure is None:
+                        return
+                    if failure.retryable and attempt < o.retries and w.seq == 0:
+                        delay = o.retry_backoff * 2**attempt
+                        attempt += 1
+                        log.warning(
+                            "ollama.retry", stream=w.stream, kind=failure.kind, error=failure.message, delay=delay
+                        )
+                        await anyio.sleep(delay)
+                        continue
+                    log.warning("ollama.failed", stream=w.stream, kind=failure.kind, error=failure.message)
+                    await w.error(failure.kind, failure.message, retryable=failure.retryable)
+                    return
+        finally:
+            limiter.release()
+
+    async def _attempt(self, session: aiohttp.ClientSession, body: dict[str, Any], w: StreamWriter) -> Failure | None:
+        o = self.options
+        route: OllamaRoute = o.endpoint
+        url = f"{o.url.rstrip('/')}/api/{route}"
+        headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson", **o.headers}
+        deadline = anyio.current_time() + o.first_chunk_timeout
+        clean = False
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                response = await session.post(url, data=orjson.dumps(body), headers=headers)
+            if scope.cancelled_caught:
+                return Failure("timeout", f"no response within first_chunk_timeout={o.first_chunk_timeout}s", True)
+        except aiohttp.ServerTimeoutError as exc:
+            return Failure("timeout", f"timed out connecting to {o.url}: {exc}", True)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            return Failure("connect", f"cannot reach {o.url}: {exc}", True)
+        except aiohttp.ClientError as exc:
+            return Failure("connect", f"request to {url} failed: {type(exc).__name__}: {exc}", True)
+        try:
+            if response.status != 200:
+                return await _status_failure(response, deadline)
+            parser = OllamaStreamParser(route)
+            first = True
+            while True:
+                with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + o.timeout) as scope:
+                    data = await response.content.readany()
+                if scope.cancelled_caught:
+                    limit = f"first_chunk_timeout={o.first_chunk_timeout}s" if first else f"timeout={o.timeout}s"
+                    what = "the first chunk" if first else "the next chunk"
+                    return Failure("timeout", f"no data for {what} within {limit}", True)
+                first = False
+                pieces = parser.feed(data) if data else parser.close()
+                failure = await _publish(pieces, w)
+                if failure is not None or parser.done:
+                    clean = failure is None
+                    return failure
+                if not data:
+                    return Failure("truncated", "the server closed the stream before the final done object", True)
+        except WireError as exc:
+            kind = "truncated" if "truncated" in str(exc) else "malformed"
+            return Failure(kind, str(exc), kind == "truncated")
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
+        finally:
+            # Closing (not releasing) drops the connection at once: that is how
+            # an abort or a failure stops the server from generating.
+            if clean:
+                response.release()
+            else:
+                response.close()
+
+
+async def _publish(pieces: Any, w: StreamWriter) -> Failure | None:
+    for piece in pieces:
+        if isinstance(piece, DonePiece):
+            await w.end(piece.reason, usage=piece.usage, timings=piece.timings)
+            return None
+        if isinstance(piece, ErrorPiece):
+            return Failure("upstream_error", f"the server reported an error mid-stream: {piece.message}")
+        await w.delta(piece.text, channel=piece.channel)
+    return None
+
+
+async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
+    status = response.status
+    raw = b""
+    with anyio.CancelScope(deadline=deadline):
+        with contextlib.suppress(aiohttp.ClientError):
+            raw = await response.content.read(_ERROR_BODY_LIMIT)
+    message = _error_message(raw) or response.reason or ""
+    retryable = status in (408, 409, 429) or status >= 500
+    lowered = message.lower()
+    if status == 404 and "model" in lowered and "not found" in lowered:
+        return Failure("model_not_found", f"HTTP 404: {message}")
+    return Failure("http_status", f"HTTP {status}: {message}", retryable)
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace").strip()[:500]
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, str):
+            return error
+        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    return raw.decode("utf-8", "replace").strip()[:500]

@@ -1,0 +1,50 @@
+"""streambus-openai: OpenAI-compatible streams into the bus, and bus events back into that format.
+
+- :class:`OpenAIProducer` (entry point ``openai`` in ``streambus.producers``)
+  streams ``/chat/completions`` (or the legacy ``/completions``) from any
+  OpenAI-compatible server into bus events, one stream per choice;
+- :class:`OpenAIFormat` (entry point ``openai`` in ``streambus.formats``)
+  encodes events back into OpenAI SSE chunks for the mock server and proxy;
+- :class:`OpenAIStreamParser` is the sans-I/O parser both use.
+
+The producer runs on asyncio only (it uses aiohttp); the parser and the
+format are plain functions of bytes and events and run anywhere.
+"""
+
+from __future__ import annotations
+
+from ._format import DONE, OpenAIFormat, OpenAIStreamEncoder, sse_chunk
+from ._producer import Failure, OpenAIProducer, OpenAIRequest, require_asyncio
+from ._protocol import (
+    DonePiece,
+    ErrorPiece,
+    FinishPiece,
+    OpenAIRoute,
+    OpenAIStreamParser,
+    Piece,
+    TextPiece,
+    UsagePiece,
+    chunk_pieces,
+    error_piece,
+)
+
+__all__ = [
+    "DONE",
+    "DonePiece",
+    "ErrorPiece",
+    "Failure",
+    "FinishPiece",
+    "OpenAIFormat",
+    "OpenAIProducer",
+    "OpenAIRequest",
+    "OpenAIRoute",
+    "OpenAIStreamEncoder",
+    "OpenAIStreamParser",
+    "Piece",
+    "TextPiece",
+    "UsagePiece",
+    "chunk_pieces",
+    "error_piece",
+    "require_asyncio",
+    "sse_chunk",
+]

@@ -1,0 +1,479 @@
+"""The ``openai`` producer: stream any OpenAI-compatible server into the bus.
+
+aiohttp moves the bytes; :class:`~streambus_openai.OpenAIStreamParser` does
+all the parsing. ``n > 1`` gives one bus stream per choice. Every failure
+becomes one ``error`` event per choice with a stable ``kind`` and the text
+already streamed is kept; retries happen only before the first delta, so no
+text is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import aiohttp
+import anyio
+import msgspec
+import orjson
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from streambus import PluginBase, Usage, WireError
+
+from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
+
+if TYPE_CHECKING:
+    from streambus import Bus
+
+__all__ = ["Failure", "OpenAIProducer", "OpenAIRequest", "require_asyncio"]
+
+log = structlog.get_logger("streambus.openai")
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def require_asyncio(plugin: str) -> None:
+    """Raise a clear error unless running on asyncio (aiohttp cannot run on trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
+            "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
+        ) from None
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """Why one attempt failed: becomes each choice's ``error`` event unless retried."""
+
+    kind: str
+    message: str
+    retryable: bool = False
+
+
+class _End(msgspec.Struct, frozen=True):
+    reason: str
+    usage: Usage | None
+
+
+class _Text(msgspec.Struct, frozen=True):
+    text: str
+    channel: Literal["content", "reasoning", "tool"]
+
+
+_Item: TypeAlias = _Text | _End | Failure
+
+
+class OpenAIRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One request of a ``requests = [...]`` list; unset keys take the producer's values."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    extra_body: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+
+
+class _Choices:
+    """What the reader of one request shares with the per-choice writer tasks."""
+
+    def __init__(self, n: int) -> None:
+        self.listening = n
+        self.finished = False
+        self.reader = anyio.CancelScope()
+
+    def left_early(self) -> None:
+        # When every choice was aborted nobody wants the rest: stop reading,
+        # which closes the HTTP response at once.
+        self.listening -= 1
+        if self.listening == 0 and not self.finished:
+            self.reader.cancel()
+
+
+class OpenAIProducer(PluginBase):
+    """Stream completions from an OpenAI-compatible server into the bus.
+
+    ::
+
+        producer = OpenAIProducer(base_url="http://127.0.0.1:8000/v1", model="qwen",
+                                  messages=[{"role": "user", "content": "Hi"}])
+        async with Bus() as bus:
+            bus.start_producer(producer)
+
+    ``messages`` use ``/chat/completions``; a ``prompt`` alone uses the
+    legacy ``/completions``. Runs on asyncio only (aiohttp).
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``openai`` producer."""
+
+        base_url: str = "https://api.openai.com/v1"
+        """The API root; ``/chat/completions`` or ``/completions`` is appended."""
+        model: str = ""
+        """The model to run (required here or in every request)."""
+        api_key_env: str | None = "OPENAI_API_KEY"
+        """The environment variable holding the API key (sent as a bearer token, never logged)."""
+        endpoint: Literal["auto", "chat", "completions"] = "auto"
+        """``chat``, ``completions`` (legacy), or ``auto``: ``completions`` when only a prompt is given."""
+        messages: list[dict[str, Any]] | None = None
+        """Chat history: ``{role, content}`` tables."""
+        prompt: str | None = None
+        """The legacy completions prompt; with ``chat``, appended as the last user message."""
+        system: str | None = None
+        """A system prompt (a leading system message for ``chat``)."""
+        temperature: float | None = None
+        """Sampling temperature."""
+        max_tokens: int | None = None
+        """The completion's token limit."""
+        n: int = 1
+        """Choices per request; each becomes its own bus stream (``meta.choice``)."""
+        tools: list[dict[str, Any]] | None = None
+        """Tool definitions (``chat``); calls become ``tool`` deltas."""
+        extra_body: dict[str, Any] = {}
+        """More request fields, merged last (``top_p``, ``seed``, server-specific keys)."""
+        include_usage: bool = True
+        """Ask for the usage chunk (``stream_options.include_usage``)."""
+        headers: dict[str, str] = {}
+        """Extra HTTP headers."""
+        timeout: float = 60.0
+        """Seconds allowed between two chunks once the stream has started."""
+        first_chunk_timeout: float = 120.0
+        """Seconds allowed from sending the request to the first chunk."""
+        connect_timeout: float = 10.0
+        """Seconds allowed to open the TCP connection."""
+        retries: int = 2
+        """Attempts after the first, only while no delta was published."""
+        retry_backoff: float = 0.5
+        """Seconds before the first retry; doubles each time."""
+        meta: dict[str, Any] = {}
+        """Tags for the ``start`` event (merged under each request's ``meta``)."""
+        requests: list[OpenAIRequest] = []
+        """Several requests, one stream (per choice) each; unset keys come from the keys above."""
+        concurrency: int = 4
+        """How many of ``requests`` run at once."""
+
+        def __post_init__(self) -> None:
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
+            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
+                if not getattr(self, key) > 0:
+                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
+            for key, low in (("retries", 0), ("concurrency", 1), ("n", 1)):
+                if getattr(self, key) < low:
+                    raise ValueError(f"{key}: must be at least {low}, got {getattr(self, key)}")
+            if self.retry_backoff < 0:
+                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            if self.max_tokens is not None and self.max_tokens < 1:
+                raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
+            if self.api_key_env is not None and not self.api_key_env:
+                raise ValueError("api_key_env: must name an environment variable (or be left out)")
+            for i, request in enumerate(self.requests or [OpenAIRequest()]):
+                where = f"requests[{i}]." if self.requests else ""
+                if not (request.model or self.model):
+                    raise ValueError(f"{where}model: required (the model to run)")
+                messages = request.messages if request.messages is not None else self.messages
+                prompt = request.prompt if request.prompt is not None else self.prompt
+                if self.endpoint == "completions" and prompt is None:
+                    raise ValueError(f"{where}prompt: required with endpoint = 'completions'")
+                if not messages and prompt is None:
+                    raise ValueError(f"{where}messages: required (or a prompt for the legacy completions)")
+                if request.n is not None and request.n < 1:
+                    raise ValueError(f"{where}n: must be at least 1, got {request.n}")
+                for j, message in enumerate(messages or []):
+                    if not isinstance(message.get("role"), str):
+                        raise ValueError(f"{where}messages[{j}].role: required (system, user, assistant, tool)")
+
+    def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
+        if keys:
+            base = msgspec.to_builtins(options) if options is not None else {}
+            options = msgspec.convert({**base, **keys}, self.Options)
+        self.options = options or self.Options()
+        self.stream_ids: list[str] = []
+        """Ids of the streams produced so far, in start order."""
+
+    # -- request building --------------------------------------------------------
+    def requests(self) -> list[tuple[OpenAIRoute, str, dict[str, Any], dict[str, Any]]]:
+        """Every request as ``(route, model, JSON body, meta)``, in order."""
+        o = self.options
+        out: list[tuple[OpenAIRoute, str, dict[str, Any], dict[str, Any]]] = []
+        many = len(o.requests) > 1
+        for index, request in enumerate(o.requests or [OpenAIRequest()]):
+            model = request.model or o.model
+            messages = request.messages if request.messages is not None else o.messages
+            prompt = request.prompt if request.prompt is not None else o.prompt
+            system = request.system if request.system is not None else o.system
+            route: OpenAIRoute = ("completions" if not messages else "chat") if o.endpoint == "auto" else o.endpoint
+            body: dict[str, Any] = {"model": model}
+            if route == "chat":
+                chat = list(messages or [])
+                if system is not None:
+                    chat.insert(0, {"role": "system", "content": system})
+                if prompt is not None:
+                    chat.append({"role": "user", "content": prompt})
+                body["messages"] = chat
+                if o.tools:
+                    body["tools"] = o.tools
+            else:
+                body["prompt"] = prompt if system is None else f"{system}\n\n{prompt}"
+            body["stream"] = True
+            if o.include_usage:
+                body["stream_options"] = {"include_usage": True}
+            temperature = request.temperature if request.temperature is not None else o.temperature
+            if temperature is not None:
+                body["temperature"] = temperature
+            max_tokens = request.max_tokens if request.max_tokens is not None else o.max_tokens
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            n = request.n if request.n is not None else o.n
+            if n != 1:
+                body["n"] = n
+            body.update(o.extra_body)
+            body.update(request.extra_body)
+            meta = {**o.meta, **request.meta}
+            if many:
+                meta.setdefault("request_index", index)
+            out.append((route, model, body, meta))
+        return out
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **self.options.headers}
+        name = self.options.api_key_env
+        key = os.environ.get(name) if name else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    # -- running -----------------------------------------------------------------
+    async def run(self, bus: Bus) -> None:
+        """Run every request (``concurrency`` at a time), one bus stream per choice."""
+        require_asyncio("openai")
+        o = self.options
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=o.connect_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            limiter = anyio.Semaphore(o.concurrency)
+            async with anyio.create_task_group() as tg:
+                for route, model, body, meta in self.requests():
+                    await limiter.acquire()
+                    tg.start_soon(self._request, bus, session, route, model, body, meta, limiter)
+
+    async def _request(
+        self,
+        bus: Bus,
+        session: aiohttp.ClientSession,
+        route: OpenAIRoute,
+        model: str,
+        body: dict[str, Any],
+        meta: dict[str, Any],
+        limiter: anyio.Semaphore,
+    ) -> None:
+        n = int(body.get("n", 1))
+        choices = _Choices(n)
+        senders: list[MemoryObjectSendStream[_Item]] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                for index in range(n):
+                    send, receive = anyio.create_memory_object_stream[_Item](64)
+                    senders.append(send)
+                    choice_meta = {**meta, "choice": index, "n": n} if n > 1 else meta
+                    tg.start_soon(self._choice, bus, model, choice_meta, receive, choices)
+                try:
+                    with choices.reader:
+                        await self._read(session, route, body, senders)
+                finally:
+                    choices.finished = True
+                    for send in senders:
+                        send.close()
+        finally:
+            limiter.release()
+
+    async def _choice(
+        self,
+        bus: Bus,
+        model: str,
+        meta: dict[str, Any],
+        receive: MemoryObjectReceiveStream[_Item],
+        choices: _Choices,
+    ) -> None:
+        ended = False
+        try:
+            async with bus.stream(model=model, provider="openai", meta=meta) as w, receive:
+                self.stream_ids.append(w.stream)
+                async for item in receive:
+                    if isinstance(item, _Text):
+                        await w.delta(item.text, channel=item.channel)
+                        continue
+                    ended = True
+                    if isinstance(item, _End):
+                        await w.end(item.reason, usage=item.usage)
+                    else:
+                        log.warning("openai.failed", stream=w.stream, kind=item.kind, error=item.message)
+                        await w.error(item.kind, item.message, retryable=item.retryable)
+                    return
+        finally:
+            if not ended:
+                choices.left_early()
+
+    async def _read(
+        self,
+        session: aiohttp.ClientSession,
+        route: OpenAIRoute,
+        body: dict[str, Any],
+        senders: list[MemoryObjectSendStream[_Item]],
+    ) -> None:
+        o = self.options
+        attempt = 0
+        progress = _Progress(len(senders))
+        while True:
+            failure = await self._attempt(session, route, body, senders, progress)
+            if failure is None:
+                return
+            if failure.retryable and attempt < o.retries and not progress.delta_sent:
+                delay = o.retry_backoff * 2**attempt
+                attempt += 1
+                log.warning("openai.retry", url=o.base_url, kind=failure.kind, error=failure.message, delay=delay)
+                await anyio.sleep(delay)
+                progress = _Progress(len(senders))
+                continue
+            await _broadcast(senders, failure)
+            return
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        route: OpenAIRoute,
+        body: dict[str, Any],
+        senders: list[MemoryObjectSendStream[_Item]],
+        progress: _Progress,
+    ) -> Failure | None:
+        o = self.options
+        url = o.base_url.rstrip("/") + ("/chat/completions" if route == "chat" else "/completions")
+        deadline = anyio.current_time() + o.first_chunk_timeout
+        clean = False
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                response = await session.post(url, data=orjson.dumps(body), headers=self._headers())
+            if scope.cancelled_caught:
+                return Failure("timeout", f"no response within first_chunk_timeout={o.first_chunk_timeout}s", True)
+        except aiohttp.ServerTimeoutError as exc:
+            return Failure("timeout", f"timed out connecting to {o.base_url}: {exc}", True)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            return Failure("connect", f"cannot reach {o.base_url}: {exc}", True)
+        except aiohttp.ClientError as exc:
+            return Failure("connect", f"request to {url} failed: {type(exc).__name__}: {exc}", True)
+        try:
+            if response.status != 200:
+                return await _status_failure(response, deadline)
+            parser = OpenAIStreamParser(route)
+            first = True
+            while True:
+                with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + o.timeout) as scope:
+                    data = await response.content.readany()
+                if scope.cancelled_caught:
+                    limit = f"first_chunk_timeout={o.first_chunk_timeout}s" if first else f"timeout={o.timeout}s"
+                    what = "the first chunk" if first else "the next chunk"
+                    return Failure("timeout", f"no data for {what} within {limit}", True)
+                first = False
+                failure = await progress.apply(parser.feed(data) if data else parser.close(), senders)
+                if failure is not None or parser.done:
+                    clean = failure is None
+                    return failure
+                if not data:
+                    return Failure("truncated", "the server closed the stream before data: [DONE]", True)
+        except WireError as exc:
+            return Failure("malformed", str(exc))
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
+        finally:
+            # Closing (not releasing) drops the connection at once: that is how
+            # an abort or a failure stops the server from generating.
+            if clean:
+                response.release()
+            else:
+                response.close()
+
+
+class _Progress:
+    """One attempt's view of the stream: finish reasons and usage until ``[DONE]``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.delta_sent = False
+        self.reasons: dict[int, str] = {}
+        self.usage: Usage | None = None
+
+    async def apply(self, pieces: Iterator[Piece], senders: list[MemoryObjectSendStream[_Item]]) -> Failure | None:
+        for piece in pieces:
+            if isinstance(piece, DonePiece):
+                for index, send in enumerate(senders):
+                    await _send(send, _End(self.reasons.get(index, "stop"), self.usage if index == 0 else None))
+                return None
+            if isinstance(piece, FinishPiece):
+                self.reasons[piece.index] = piece.reason
+            elif isinstance(piece, UsagePiece):
+                self.usage = piece.usage
+            elif isinstance(piece, ErrorPiece):
+                detail = f" ({piece.code})" if piece.code else ""
+                return Failure("upstream_error", f"the server reported an error mid-stream{detail}: {piece.message}")
+            else:
+                if not 0 <= piece.index < self.n:
+                    return Failure("malformed", f"chunk for choice {piece.index}, but the request asked for n={self.n}")
+                self.delta_sent = True
+                await _send(senders[piece.index], _Text(piece.text, piece.channel))
+        return None
+
+
+async def _send(send: MemoryObjectSendStream[_Item], item: _Item) -> None:
+    # A choice that was aborted no longer listens; the others go on.
+    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        await send.send(item)
+
+
+async def _broadcast(senders: list[MemoryObjectSendStream[_Item]], item: _Item) -> None:
+    for send in senders:
+        await _send(send, item)
+
+
+async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
+    status = response.status
+    raw = b""
+    with anyio.CancelScope(deadline=deadline):
+        try:
+            raw = await response.content.read(_ERROR_BODY_LIMIT)
+        except aiohttp.ClientError:
+            raw = b""
+    message, code = _error_message(raw)
+    message = message or response.reason or ""
+    retryable = status in (408, 409, 429) or status >= 500
+    lowered = message.lower()
+    if code == "model_not_found" or (
+        status == 404 and "model" in lowered and ("not found" in lowered or "does not exist" in lowered)
+    ):
+        return Failure("model_not_found", f"HTTP {status}: {message}")
+    detail = f" ({code})" if code else ""
+    return Failure("http_status", f"HTTP {status}{detail}: {message}", retryable)
+
+
+def _error_message(raw: bytes) -> tuple[str, str | None]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace").strip()[:500], None
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, str):
+            return error, None
+        if isinstance(error, Mapping):
+            code = error.get("code")
+            message = error.get("message")
+            return (message if isinstance(message, str) else orjson.dumps(error).decode()), (
+                str(code) if code is not None else None
+            )
+    return raw.decode("utf-8", "replace").strip()[:500], None
