@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .recorder import RecorderSink
 from .stdout import StdoutSink
 from .synthetic import SyntheticProducer
 
-__all__ = ["StdoutSink", "SyntheticProducer"]
+__all__ = ["RecorderSink", "StdoutSink", "SyntheticProducer"]
