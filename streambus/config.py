@@ -176,10 +176,7 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError("unknown table (expected bus, log, producers, sinks)", path=path, location=key)
-    try:
-        bus = validate_options(BusConfig, _table(data.get("bus", {}), "bus", path), path=path, location="bus")
-    except ValueError as exc:  # __post_init__ checks
-        raise ConfigError(str(exc).split(": ", 1)[-1], path=path, location="bus." + str(exc).split(":")[0]) from None
+    bus = validate_options(BusConfig, _table(data.get("bus", {}), "bus", path), path=path, location="bus")
     logcfg = validate_options(LogConfig, _table(data.get("log", {}), "log", path), path=path, location="log")
 
     producers: list[Producer] = []

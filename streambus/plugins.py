@@ -204,8 +204,14 @@ def validate_options(
                 location=_join(location, f"{sub.lstrip('.')}.{key}".strip(".")),
             ) from None
         problem = message
+        key = where[1:].lstrip(".") or None
+        field_names = {f.name for f in msgspec.structs.fields(options_type)}
+        head, sep, rest = message.partition(": ")
+        if key is None and sep and head in field_names:
+            # A check in __post_init__ raised ValueError("key: problem").
+            raise ConfigError(rest, path=path, location=_join(location, head)) from None
         if message.startswith("Expected "):
-            expected = message[len("Expected ") :].split(", got ")[0]
+            expected = message[len("Expected ") :].split(", got ")[0].replace(" | null", "")
             for raw, word in _TYPE_WORDS.items():
                 expected = expected.replace(raw, word)
             value = _lookup(dict(data), where)
@@ -213,7 +219,7 @@ def validate_options(
         elif message.startswith("Invalid enum value"):
             value = _lookup(dict(data), where)
             problem = f"invalid value {_describe_value(value)}"
-        raise ConfigError(problem, path=path, location=_join(location, where[1:].lstrip(".") or None)) from None
+        raise ConfigError(problem, path=path, location=_join(location, key)) from None
 
 
 def _join(location: str | None, key: str | None) -> str | None:

@@ -72,11 +72,15 @@ class SyntheticProducer(PluginBase):
         meta: dict[str, str] = {}
 
         def __post_init__(self) -> None:
-            for key in ("count", "concurrency", "tokens"):
-                if getattr(self, key) < (0 if key == "count" else 1):
-                    raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-            if self.tokens_per_second < 0 or self.ttft < 0 or not 0 <= self.jitter <= 1:
-                raise ValueError("tokens_per_second and ttft must be >= 0 and jitter within [0, 1]")
+            for key in ("count", "concurrency", "tokens", "reasoning_tokens"):
+                minimum = 0 if key in ("count", "reasoning_tokens") else 1
+                if getattr(self, key) < minimum:
+                    raise ValueError(f"{key}: must be at least {minimum}, got {getattr(self, key)}")
+            for key in ("tokens_per_second", "ttft"):
+                if getattr(self, key) < 0:
+                    raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+            if not 0 <= self.jitter <= 1:
+                raise ValueError(f"jitter: must be within [0, 1], got {self.jitter}")
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
