@@ -297,6 +297,15 @@ def test_serve_mock_command_serves_until_sigterm() -> None:
         with ollama.Client(host=url) as client:
             parts = list(client.chat(model="llama3.2", messages=ASK, stream=True))
         assert "".join(p.message.content for p in parts) == ENGLISH
+        assert parts[-1].eval_count == 14 and parts[-1].total_duration == 601234567
+        with openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0) as oai:
+            chunks = list(
+                oai.chat.completions.create(
+                    model="llama3.2", messages=ASK, stream=True, stream_options={"include_usage": True}
+                )
+            )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == JAPANESE
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 45
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 0
     finally:
@@ -316,3 +325,18 @@ def test_serve_mock_command_errors(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "cannot open recording" in missing.stderr
     bad = CliRunner().invoke(main, ["serve-mock", "--speed", "-1", str(CHAT)])
     assert bad.exit_code == 2 and "speed: must be positive" in bad.stderr
+
+
+def test_missing_aiohttp_gives_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from click.testing import CliRunner
+
+    from streambus.cli import main
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "streambus.mockserver")
+    with pytest.raises(ImportError, match=r"pip install 'streambus\[testing\]'"):
+        importlib.import_module("streambus.mockserver")
+    result = CliRunner().invoke(main, ["serve-mock", str(CHAT)])
+    assert result.exit_code == 1 and "pip install 'streambus[testing]'" in result.stderr
