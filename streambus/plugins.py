@@ -204,10 +204,10 @@ def validate_options(
                 location=_join(location, f"{sub.lstrip('.')}.{key}".strip(".")),
             ) from None
         problem = message
-        key = where[1:].lstrip(".") or None
+        at: str | None = where[1:].lstrip(".") or None
         field_names = {f.name for f in msgspec.structs.fields(options_type)}
         head, sep, rest = message.partition(": ")
-        if key is None and sep and head in field_names:
+        if at is None and sep and head in field_names:
             # A check in __post_init__ raised ValueError("key: problem").
             raise ConfigError(rest, path=path, location=_join(location, head)) from None
         if message.startswith("Expected "):
@@ -219,7 +219,7 @@ def validate_options(
         elif message.startswith("Invalid enum value"):
             value = _lookup(dict(data), where)
             problem = f"invalid value {_describe_value(value)}"
-        raise ConfigError(problem, path=path, location=_join(location, key)) from None
+        raise ConfigError(problem, path=path, location=_join(location, at)) from None
 
 
 def _join(location: str | None, key: str | None) -> str | None:
