@@ -255,3 +255,35 @@ def test_bad_aggregator_arguments() -> None:
         StatsAggregator(keep_streams=-1)
     with pytest.raises(ValueError, match="quantiles"):
         StatsAggregator(quantiles=(0.5, 1.0))
+
+
+def test_coalesced_first_delta_has_no_gap_before_it() -> None:
+    events = Script(t0=0.0).delta(1.0, "abc", n=3).delta(2.0, "d").end(2.5, Usage(completion_tokens=4))
+    agg, r = run(events)
+    assert r["chunks"] == 4
+    assert r["time_to_first_chunk"] == 1.0
+    gaps = agg.aggregate().dists["inter_chunk_latency_seconds"]
+    assert (gaps.count, gaps.min, gaps.max) == (1, 1.0, 1.0)
+
+
+def test_live_stream_figures_are_visible_before_it_ends() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from streambus_stats import render_metrics
+
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(Script(t0=0.0, model="m", provider="p").delta(0.5, "a").delta(0.75, "b").events)
+    snap = agg.snapshot()
+    assert snap["live_streams"] == 1
+    assert snap["overall"]["time_to_first_chunk_seconds"]["max"] == 0.5
+    assert snap["overall"]["inter_chunk_latency_seconds"]["max"] == 0.25
+    families = {f.name: f for f in text_string_to_metric_families(render_metrics(agg).decode())}
+    (live,) = families["streambus_streams_live"].samples
+    assert live.value == 1
+    ttfc_count = [
+        s for s in families["gen_ai_client_operation_time_to_first_chunk_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert [s.value for s in ttfc_count] == [1]
+    duration_count = [
+        s for s in families["gen_ai_client_operation_duration_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert [s.value for s in duration_count] == [0]
