@@ -219,10 +219,10 @@ def stats_command(
 ) -> None:
     """Print time to first chunk, inter-chunk latency, tokens/s and usage of RECORDINGS, per model and overall.
 
-    RECORDINGS are files the recorder wrote (``.jsonl`` or ``.jsonl.gz``)
-    or stats states saved with ``--state`` / the sink's ``state_file``;
-    they are aggregated separately and merged. Timing comes from each
-    event's ``ts``.
+    RECORDINGS are files the recorder wrote (.jsonl or .jsonl.gz) or stats
+    states saved with --state or the sink's state_file; each is aggregated
+    separately and the results merged. Timing comes from each event's ts.
+    Figures are defined in docs/stats.md.
     """
     # Log lines (tokenizer fallbacks) go to stderr, so --json output stays clean.
     if not structlog.is_configured():
