@@ -80,7 +80,10 @@ class KeywordModerator(PluginBase):
 
     def __init__(self, options: Options | None = None, **kwargs: object) -> None:
         if options is None:
-            options = msgspec.convert(kwargs, self.Options)
+            try:
+                options = msgspec.convert(kwargs, self.Options)
+            except msgspec.ValidationError as exc:
+                raise ValueError(str(exc)) from None
         elif kwargs:
             raise TypeError("pass either options or keyword arguments, not both")
         self.options = options

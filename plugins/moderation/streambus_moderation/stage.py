@@ -54,7 +54,7 @@ import msgspec
 import structlog
 from msgspec.structs import replace
 
-from streambus import Bus, Subscription
+from streambus import Bus, BusClosed, Subscription
 from streambus.events import (
     AbortEvent,
     Channel,
@@ -176,10 +176,10 @@ class _Channel:
         self.masked.append((start, end))
 
     def redact(self, redaction: _Redaction) -> None:
-        """Add a redaction, merging it with any it touches."""
+        """Add a redaction, merging it with any it overlaps."""
         keep: list[_Redaction] = []
         for r in self.redactions:
-            if r.end < redaction.start or r.start > redaction.end:
+            if r.end <= redaction.start or r.start >= redaction.end:
                 keep.append(r)
                 continue
             redaction.start = min(r.start, redaction.start)
@@ -300,8 +300,9 @@ class ModerationStage(PluginBase):
         ``retract`` (default), ``flag`` or ``abort`` in observe mode."""
         window_chars: int = 256
         """Characters per checked window, overlap included."""
-        overlap_chars: int = 32
-        """Characters of the previous window carried into the next (raised to the moderator's ``context_chars``)."""
+        overlap_chars: int | None = None
+        """Characters of the previous window carried into the next (default: a quarter of the
+        window, at most 32; raised to the moderator's ``context_chars``)."""
         channels: list[Channel] = msgspec.field(default_factory=lambda: ["content", "reasoning"])
         """Channels to moderate; others pass through in order."""
         timeout_ms: float = 5000.0
@@ -320,6 +321,8 @@ class ModerationStage(PluginBase):
         def __post_init__(self) -> None:
             if self.window_chars < 1:
                 raise ValueError(f"window_chars: must be at least 1, got {self.window_chars}")
+            if self.overlap_chars is None:
+                self.overlap_chars = min(32, self.window_chars // 4)
             if not 0 <= self.overlap_chars < self.window_chars:
                 raise ValueError(
                     f"overlap_chars: must be at least 0 and below window_chars ({self.window_chars}), "
@@ -348,7 +351,10 @@ class ModerationStage(PluginBase):
 
     def __init__(self, options: Options | None = None, *, moderator: Moderator | None = None, **kwargs: Any) -> None:
         if options is None:
-            options = msgspec.convert(kwargs, self.Options)
+            try:
+                options = msgspec.convert(kwargs, self.Options)
+            except msgspec.ValidationError as exc:
+                raise ValueError(str(exc)) from None
         elif kwargs:
             raise TypeError("pass either options or keyword arguments, not both")
         if moderator is None:
@@ -360,7 +366,7 @@ class ModerationStage(PluginBase):
         self.mode: Mode = options.mode
         self.action: Action = options.action or ("redact" if options.mode == "gate" else "retract")
         context = int(getattr(moderator, "context_chars", 0) or 0)
-        self.overlap = max(options.overlap_chars, context)
+        self.overlap = max(options.overlap_chars or 0, context)
         if self.overlap >= options.window_chars:
             raise ValueError(
                 f"window_chars: the moderator needs {context} characters of overlap (its longest term), "
@@ -676,7 +682,11 @@ class ModerationStage(PluginBase):
         assert self._bus is not None
         if is_terminal(event):
             st.ended = True
-        await self._bus.publish(replace(event, seq=st.next_seq()), processed=True)
+        try:
+            await self._bus.publish(replace(event, seq=st.next_seq()), processed=True)
+        except BusClosed:
+            # Only when the bus closed with no subscriber left to read the output.
+            log.debug("moderation.dropped_after_close", stream=st.id, type=type(event).__name__)
 
     async def _release(self, st: _Stream) -> None:
         """Publish everything at the head of the queue that may go out (lock held)."""
