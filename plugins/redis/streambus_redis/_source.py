@@ -63,10 +63,18 @@ def _sinks_caught_up(bus: Bus) -> bool:
     parked waiting for more, i.e. it came back after handling its last batch.
     Only then may a position be committed without risking loss at a crash.
     """
+    # The bus has no public "handled" signal yet, so this reads the reader's
+    # wait slot: parked = an unset waiter event (a set or missing one means
+    # the reader was woken and may still be working on what it took).
+    # test_position_is_committed_only_after_lossless_sinks_handled_the_events
+    # guards this against changes in the core.
     for sub in getattr(bus, "_subs", ()):
         if sub.closed or sub.overflow is not OverflowPolicy.BLOCK:
             continue
-        if sub.pending or getattr(sub, "_waiter", None) is None:
+        if sub.pending:
+            return False
+        waiter = getattr(sub, "_waiter", None)
+        if waiter is None or waiter.is_set():
             return False
     return True
 
@@ -441,23 +449,32 @@ class RedisSource(PluginBase):
                 self._producers.popitem(last=False)
         bus = self._bus
         assert bus is not None
-        foreign = local_state(bus)
+        local = local_state(bus)
+        foreign = local.foreign
         dedup = self.dedup
+        check = dedup.check
+        publish = bus.publish
+        new = Verdict.NEW
         gapped = key in self._gapped
-        for event in entry.events:
-            if gapped and event.seq > 0 and type(event) is not StartEvent and not dedup.knows(event.stream):
-                # After a gap, a stream first met in its middle lost its beginning.
-                await self._end_with_gap(event.stream, key, event)
-                continue
-            verdict = dedup.check(event)
-            if verdict is Verdict.NEW:
-                foreign.mark_foreign(event.stream)
-                await bus.publish(event)
-                self.delivered += 1
-            elif verdict is Verdict.DUPLICATE:
-                self.duplicates += 1
-            else:
-                await self._end_with_gap(event.stream, key, event)
+        delivered = 0
+        try:
+            for event in entry.events:
+                if gapped and event.seq > 0 and type(event) is not StartEvent and not dedup.knows(event.stream):
+                    # After a gap, a stream first met in its middle lost its beginning.
+                    await self._end_with_gap(event.stream, key, event)
+                    continue
+                verdict = check(event)
+                if verdict is new:
+                    if event.stream not in foreign:
+                        local.mark_foreign(event.stream)
+                    await publish(event)
+                    delivered += 1
+                elif verdict is Verdict.DUPLICATE:
+                    self.duplicates += 1
+                else:
+                    await self._end_with_gap(event.stream, key, event)
+        finally:
+            self.delivered += delivered
 
     async def _end_with_gap(self, stream: str, key: str, event: Event) -> None:
         last = self.dedup.last(stream)

@@ -253,8 +253,8 @@ async def test_consumer_group_shares_acks_and_claims_stale_entries(
     async with Bus() as b1, Bus() as b2:
         b1.add_sink(c1)
         b2.add_sink(c2)
-        s1 = source(redis_url, key, group=group, consumer="r1", claim_idle_ms=20, count=1)
-        s2 = source(redis_url, key, group=group, consumer="r2", claim_idle_ms=20, count=1)
+        s1 = source(redis_url, key, group=group, consumer="r1", claim_idle_ms=1000, count=1)
+        s2 = source(redis_url, key, group=group, consumer="r2", claim_idle_ms=1000, count=1)
         b1.start_producer(s1)
         b2.start_producer(s2)
         # Two processes' worth of state in Redis: poll it, bounded.
@@ -425,3 +425,42 @@ async def test_trio_gets_a_clear_error(redis_url: str) -> None:
     async with Bus() as bus:
         with pytest.raises(AsyncioRequired, match='backend="asyncio"'):
             await RedisSource(url=redis_url).run(bus)
+
+
+async def test_position_is_committed_only_after_lossless_sinks_handled_the_events(
+    redis_url: str, key: str, sync_redis: redis.Redis
+) -> None:
+    release = anyio.Event()
+    holding = anyio.Event()
+    handled: list[Any] = []
+
+    class SlowRecorder:
+        overflow = "block"
+
+        async def run(self, events: Any) -> None:
+            while batch := await events.receive_batch():
+                holding.set()
+                await release.wait()  # e.g. a disk write in progress
+                handled.extend(batch)
+
+    async with Bus() as producer:
+        producer.add_sink(RedisSink(url=redis_url, stream=key))
+        await produce(producer, 1, 3)
+    src = source(redis_url, key, start="last", position="redis", consumer="slow", commit_interval_ms=1)
+    async with Bus() as bus:
+        bus.add_sink(SlowRecorder())
+        bus.start_producer(src)
+        await holding.wait()
+        # The source read everything, but the recorder has not written it: nothing is committed.
+        for _ in range(20):
+            await anyio.sleep(0.005)  # several commit intervals pass
+        assert src.positions[key] != "0-0"
+        assert sync_redis.get(src.position_key) is None
+        release.set()
+        with anyio.fail_after(10):
+            while sync_redis.get(src.position_key) is None:  # noqa: ASYNC110 - state inside Redis
+                await anyio.sleep(0.005)
+        src.stop()
+    saved = msgspec.json.decode(sync_redis.get(src.position_key))
+    assert saved["positions"][key] == src.positions[key]
+    assert len(handled) == 5
