@@ -28,7 +28,7 @@ class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
     retry: int | None = None
     """A ``retry:`` value (milliseconds) seen since the previous event, if any."""
     offset: int = 0
-    """Byte offset of the event's first line in the stream; use it in error messages."""
+    """Byte offset of the event's first ``data`` line in the stream; use it in error messages."""
 
 
 class SseParser:
