@@ -14,9 +14,10 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from streambus import Bus, Filter, StreamWriter, new_stream_id
 from streambus_http import StreamHub
 from streambus_http.asgi import EventStreamResponse
+
+from streambus import Bus, Filter, StreamWriter, new_stream_id
 
 DELAY = float(os.environ.get("ECHO_DELAY", "0.02"))
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import anyio
 import gradio as gr
-from streambus import StreamWriter
 from streambus_http import BackgroundBus
+
+from streambus import StreamWriter
 
 DELAY = float(os.environ.get("ECHO_DELAY", "0.02"))
 

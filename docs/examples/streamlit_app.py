@@ -10,8 +10,9 @@ import os
 
 import anyio
 import streamlit as st
-from streambus import StreamWriter
 from streambus_http import BackgroundBus
+
+from streambus import StreamWriter
 
 DELAY = float(os.environ.get("ECHO_DELAY", "0.02"))
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.from_thread
+
 from streambus import Bus, Producer, StreamWriter, new_stream_id
 from streambus.events import AbortEvent, DeltaEvent, ErrorEvent
 from streambus.subscription import StreamFailed
@@ -186,7 +187,7 @@ class BackgroundBus:
         """
         portal = self.portal
         hub = self.hub
-        portal.call(functools.partial(hub.wait_stream, stream, timeout=self.start_timeout))
+        portal.call(functools.partial(hub.wait_stream, stream, max_wait=self.start_timeout))
         cursor = portal.call(hub.stream_cursor, stream)
         while True:
             batch = portal.call(cursor.next_batch)

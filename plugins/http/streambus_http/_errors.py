@@ -1,8 +1,8 @@
 """Errors of the HTTP outputs, all under :class:`streambus.StreamBusError`::
 
-    StreamBusError
-    └── HttpStreamError     a request cannot be served (carries the HTTP status)
-        └── ResumeError     Last-Event-ID is malformed (400) or no longer in the history (409)
+StreamBusError
+└── HttpStreamError     a request cannot be served (carries the HTTP status)
+    └── ResumeError     Last-Event-ID is malformed (400) or no longer in the history (409)
 """
 
 from __future__ import annotations

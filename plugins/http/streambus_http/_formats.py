@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol, TypeAlias
 
 import orjson
+
 from streambus import encode, encode_many
 from streambus.events import (
     AbortEvent,
@@ -298,7 +299,12 @@ class UIMessageStreamEncoder:
             self._part_id = f"{stream}-tool-{self._part}"
             out.append(
                 self._frame(
-                    {"type": "tool-input-start", "toolCallId": self._part_id, "toolName": self.tool_name, "dynamic": True}
+                    {
+                        "type": "tool-input-start",
+                        "toolCallId": self._part_id,
+                        "toolName": self.tool_name,
+                        "dynamic": True,
+                    }
                 )
             )
 
@@ -331,7 +337,9 @@ class UIMessageStreamEncoder:
                 else:
                     self._tool_text.append(event.text)
                     out.append(
-                        self._frame({"type": "tool-input-delta", "toolCallId": self._part_id, "inputTextDelta": event.text})
+                        self._frame(
+                            {"type": "tool-input-delta", "toolCallId": self._part_id, "inputTextDelta": event.text}
+                        )
                     )
             elif kind is EndEvent:
                 assert isinstance(event, EndEvent)

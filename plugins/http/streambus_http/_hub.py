@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
+
 import anyio
 import structlog
+
 from streambus import Bus, Filter, StartEvent, Subscription
 from streambus.events import Event, is_terminal
 
@@ -170,14 +172,14 @@ class StreamHub:
             self._changed = None
             changed.set()
 
-    async def wait_changed(self, timeout: float | None = None) -> None:
-        """Wait until something is recorded or the hub closes (or *timeout* passes)."""
+    async def wait_changed(self, max_wait: float | None = None) -> None:
+        """Wait until something is recorded, a request starts waiting, or the hub closes (at most *max_wait* s)."""
         if self._closed:
             return
         if self._changed is None:
             self._changed = anyio.Event()
         changed = self._changed
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(max_wait):
             await changed.wait()
 
     # -- reader side --------------------------------------------------------
@@ -277,22 +279,23 @@ class StreamHub:
                     return rec.start.stream
         return None
 
-    async def wait_stream(self, stream: str | None = None, flt: Filter | None = None, *, timeout: float) -> str:
+    async def wait_stream(self, stream: str | None = None, flt: Filter | None = None, *, max_wait: float) -> str:
         """Wait until *stream* is known, or a stream matching *flt* is live or starts; return its id.
 
         A matching stream that starts (and perhaps already ends) while waiting counts.
 
-        Raises :class:`HttpStreamError` (404) after *timeout* seconds, or (503) if the hub closes.
+        Raises :class:`HttpStreamError` (404) after *max_wait* seconds, or (503) if the hub closes.
         """
         since = self._pos
         self.waiting += 1
+        self._notify()  # lets tests and monitors see the new waiter without polling
         try:
-            return await self._wait_stream(stream, flt, since, timeout)
+            return await self._wait_stream(stream, flt, since, max_wait)
         finally:
             self.waiting -= 1
 
-    async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, timeout: float) -> str:
-        with anyio.move_on_after(timeout):
+    async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, max_wait: float) -> str:
+        with anyio.move_on_after(max_wait):
             while True:
                 if stream is not None and stream in self._records:
                     return stream
@@ -304,7 +307,7 @@ class StreamHub:
                     raise HttpStreamError("the bus is shutting down", status=503)
                 await self.wait_changed()
         what = f"stream {stream!r}" if stream is not None else "a stream matching the filter"
-        raise HttpStreamError(f"{what} did not start within {timeout:g} s", status=404)
+        raise HttpStreamError(f"{what} did not start within {max_wait:g} s", status=404)
 
 
 class Cursor:
@@ -370,7 +373,7 @@ class Cursor:
         streams = self.streams
         flt = self.filter
         everything = flt.matches_all
-        out: list[Event] = []
+        out = []
         for _, event in entries:
             if type(event) is StartEvent and (everything or flt.matches(event)):
                 streams.add(event.stream)
@@ -380,14 +383,14 @@ class Cursor:
                     streams.discard(event.stream)
         return out
 
-    async def next_batch(self, timeout: float | None = None) -> list[Event]:
-        """Return the next events in order; ``[]`` after *timeout* seconds idle or at the end.
+    async def next_batch(self, max_wait: float | None = None) -> list[Event]:
+        """Return the next events in order; ``[]`` after *max_wait* seconds idle or at the end.
 
         Check :attr:`done` (and :attr:`lost`) after an empty batch.
         """
         if self.done:
             return []
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(max_wait):
             while True:
                 batch = self._read()
                 if batch or self.done:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+
 from streambus import Filter
 
 from ._errors import HttpStreamError, ResumeError
@@ -61,14 +62,14 @@ async def open_stream(
         if resume:
             stream = parse_event_id(resume)[0]
         else:
-            stream = await hub.wait_stream(flt=filter, timeout=start_timeout)
+            stream = await hub.wait_stream(flt=filter, max_wait=start_timeout)
     if stream is not None:
         after = -1
         if resume:
             resumed, after = parse_event_id(resume)
             if resumed != stream:
                 raise ResumeError(f"Last-Event-ID {resume!r} names another stream than {stream!r}", status=400)
-        await hub.wait_stream(stream, timeout=start_timeout)
+        await hub.wait_stream(stream, max_wait=start_timeout)
         try:
             cursor = hub.stream_cursor(stream, after=after)
         except ResumeError as exc:
@@ -118,7 +119,7 @@ async def _body(
         yield head
     last = anyio.current_time()
     while True:
-        batch = await cursor.next_batch(timeout=tick)
+        batch = await cursor.next_batch(max_wait=tick)
         if batch:
             data = encoder.encode(batch)
             if data:

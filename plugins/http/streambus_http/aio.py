@@ -21,6 +21,7 @@ from typing import Any
 import sniffio
 import structlog
 from aiohttp import web
+
 from streambus import Filter
 
 from ._errors import HttpStreamError
@@ -202,9 +203,7 @@ def add_routes(
     async def one_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
         fmt = request.match_info["format"]
         check_format(fmt)
-        return await stream_response(
-            request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors)
-        )
+        return await stream_response(request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors))
 
     async def filtered(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
         fmt = request.match_info["format"]

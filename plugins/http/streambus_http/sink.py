@@ -20,10 +20,11 @@ import anyio
 import msgspec
 import structlog
 from aiohttp import web
+
 from streambus import Bus, PluginBase, Subscription
 
-from .aio import _require_asyncio, add_routes
 from ._hub import StreamHub
+from .aio import _require_asyncio, add_routes
 
 __all__ = ["HttpSink"]
 

@@ -9,13 +9,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
 os.environ.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import pytest  # noqa: E402
-from streambus import Bus, StreamWriter, Usage  # noqa: E402
-from streambus_http import HttpSink  # noqa: E402
+import pytest
+from streambus_http import HttpSink
+
+from streambus import Bus, StreamWriter, Usage
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+
 from streambus import Bus
 
 pytestmark = pytest.mark.anyio
@@ -57,13 +58,21 @@ async def chat_with(served: Any, writer: Any, prompt: str, **write_options: Any)
         tg.start_soon(client)
         with anyio.fail_after(30):
             while not hub.waiting:
-                await anyio.sleep(0.02)
+                await hub.wait_changed()
         await writer(served.bus, "ans", write_options.pop("parts"), meta={"chat": "chat-1"}, **write_options)
     return out
 
 
 async def test_use_chat_builds_the_message_from_a_bus_stream(served: Any, writer: Any) -> None:
-    parts = [("reasoning", "Let me "), ("reasoning", "think."), "Hello", ", world", ("tool", '{"city": '), ("tool", '"Oslo"}'), "!"]
+    parts = [
+        ("reasoning", "Let me "),
+        ("reasoning", "think."),
+        "Hello",
+        ", world",
+        ("tool", '{"city": '),
+        ("tool", '"Oslo"}'),
+        "!",
+    ]
     result = await chat_with(served, writer, "hi", parts=parts)
     assert result["status"] == "ready"
     assert result["error"] is None

@@ -18,9 +18,10 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
-from streambus import Bus, decode
 from streambus_http import StreamHub
 from streambus_http.asgi import EventStreamResponse, ndjson_response, openai_response, sse_response, text_response
+
+from streambus import Bus, decode
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,7 @@ async def app_url() -> AsyncIterator[tuple[Any, str]]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(10):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                 await anyio.sleep(0.01)
         yield module.app, f"http://127.0.0.1:{port}"
         server.should_exit = True
@@ -85,10 +86,14 @@ async def test_fastapi_example_serves_every_format(app_url: tuple[Any, str]) -> 
         # resume in the middle: exactly the rest
         r = await client.get(f"/streams/{sid}/events", headers={"Last-Event-ID": f"{sid}:3"})
         assert [decode(f["data"]).seq for f in _frames(r.text)] == [e.seq for e in events[4:]]
-        assert (await client.get(f"/streams/{sid}/events", headers={"Last-Event-ID": frames[-1]["id"]})).status_code == 204
+        assert (
+            await client.get(f"/streams/{sid}/events", headers={"Last-Event-ID": frames[-1]["id"]})
+        ).status_code == 204
         assert (await client.get("/streams/x/events", headers={"Last-Event-ID": "oops"})).status_code == 400
 
-        ui = await client.post("/api/chat", json={"id": "c", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]})
+        ui = await client.post(
+            "/api/chat", json={"id": "c", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+        )
         assert ui.headers["x-vercel-ai-ui-message-stream"] == "v1"
         chunks = [f["data"] for f in _frames(ui.text)]
         assert chunks[-1] == "[DONE]"
@@ -193,7 +198,7 @@ async def test_asgi_responses_run_under_asyncio_and_trio(writer: Any) -> None:
             async def later() -> None:
                 with anyio.fail_after(10):
                     while not hub.waiting:
-                        await anyio.sleep(0.01)
+                        await hub.wait_changed()
                 await writer(bus, "t2", ["next"])
 
             async with anyio.create_task_group() as tg:

@@ -9,10 +9,11 @@ import anyio
 import httpx
 import orjson
 import pytest
+from streambus_http import HttpSink
+
 from streambus import Bus, decode
 from streambus.config import parse_config
 from streambus.errors import ConfigError, SinkFailed
-from streambus_http import HttpSink
 
 pytestmark = pytest.mark.anyio
 
@@ -46,7 +47,13 @@ async def test_each_format_serves_one_stream(served: Any, writer: Any) -> None:
         frames = _parse_sse(sse.text)
         assert [f["id"] for f in frames] == [f"s1:{i}" for i in range(5)]
         events = [decode(f["data"]) for f in frames]
-        assert [type(e).__name__ for e in events] == ["StartEvent", "DeltaEvent", "DeltaEvent", "DeltaEvent", "EndEvent"]
+        assert [type(e).__name__ for e in events] == [
+            "StartEvent",
+            "DeltaEvent",
+            "DeltaEvent",
+            "DeltaEvent",
+            "EndEvent",
+        ]
 
         text = await client.get("/streams/s1/text")
         assert text.headers["content-type"].startswith("text/plain")
@@ -335,7 +342,9 @@ async def test_token_and_cors(served: Any, writer: Any) -> None:
     async with httpx.AsyncClient(base_url=served.url) as client:
         assert (await client.get("/streams/t/text")).status_code == 401
         assert (await client.get("/streams/t/text", headers={"Authorization": "Bearer wrong"})).status_code == 401
-        r = await client.get("/streams/t/text", headers={"Authorization": "Bearer s3cret", "Origin": "http://app.example"})
+        r = await client.get(
+            "/streams/t/text", headers={"Authorization": "Bearer s3cret", "Origin": "http://app.example"}
+        )
         assert r.text == "ok"
         assert r.headers["access-control-allow-origin"] == "http://app.example"
         r = await client.get("/streams/t/text", params={"token": "s3cret"}, headers={"Origin": "http://evil.example"})
@@ -371,12 +380,14 @@ async def test_streams_listing_and_ai_sdk_chat_routes(served: Any, writer: Any) 
             tg.start_soon(run_post)
             with anyio.fail_after(10):
                 while not served.sink.hub.waiting:
-                    await anyio.sleep(0.01)
+                    await served.sink.hub.wait_changed()
             gate.set()
         deltas = [orjson.loads(c)["delta"] for c in result[0][:-1] if '"text-delta"' in c]
         assert "".join(deltas) == "Hi there"
         listing = (await client.get("/streams")).json()["streams"]
-        assert listing == [{"stream": "chat-stream", "model": "m", "provider": "test", "meta": {"chat": "c1"}, "live": False}]
+        assert listing == [
+            {"stream": "chat-stream", "model": "m", "provider": "test", "meta": {"chat": "c1"}, "live": False}
+        ]
 
 
 def test_sink_under_trio_fails_with_a_clear_error() -> None:
@@ -436,7 +447,7 @@ async def test_official_openai_client_against_the_sink(served: Any, writer: Any)
         async def later() -> None:
             with anyio.fail_after(10):
                 while not served.sink.hub.waiting:
-                    await anyio.sleep(0.01)
+                    await served.sink.hub.wait_changed()
             await writer(bus, "oa3", ["other"], model="other-model")
             await writer(bus, "oa4", ["next one"], model="llama")
 

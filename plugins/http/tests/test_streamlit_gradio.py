@@ -11,9 +11,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from streambus_http import BackgroundBus, HttpStreamError
+
 from streambus import StreamWriter
 from streambus.subscription import StreamFailed
-from streambus_http import BackgroundBus, HttpStreamError
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
 
