@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (full-width and half-width characters are the point of these tests)
 """The keywords moderator: normalisation, Japanese, whole words, regexes, option errors."""
 
 from __future__ import annotations
