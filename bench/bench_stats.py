@@ -124,6 +124,7 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     kept_at: dict[int, float] = {}
+    cost_10 = 0.0
     for subs, n in ((1, 100_000), (10, 100_000), (100, 20_000)):
         if quick:
             n //= 5
@@ -137,6 +138,8 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
                 cpu[with_stats] = min(cpu[with_stats], c)
         without, with_ = len(events) / cpu[False], len(events) / cpu[True]
         kept_at[subs] = with_ / without
+        if subs == 10:
+            cost_10 = 1e9 / without
         kept_wall = wall[False] / wall[True]
         overhead_ns = (cpu[True] - cpu[False]) / len(events) * 1e9
         lines.append(
@@ -153,14 +156,15 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
     best_feed = float("inf")
     for _ in range(runs):
         agg = StatsAggregator(tokenizer="approx")
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for i in range(0, len(events), 256):
             agg.feed_many(events[i : i + 256])
-        best_feed = min(best_feed, time.perf_counter() - t0)
+        agg.flush()
+        best_feed = min(best_feed, time.process_time() - t0)
     per_event = best_feed / len(events) * 1e9
     lines += [
         "",
-        f"The aggregator alone (`StatsAggregator.feed_many`, batches of 256): {per_event:,.0f} ns per event.",
+        f"The aggregator alone (`StatsAggregator.feed_many`, batches of 256, CPU time): {per_event:,.0f} ns per event.",
         "",
     ]
     met = kept_at[10] >= 0.9 and kept_at[100] >= 0.9
@@ -170,6 +174,16 @@ def throughput(quick: bool) -> tuple[list[str], bool]:
         f"({kept_at[10]:.0%} and {kept_at[100]:.0%}). With a single subscriber the stats sink doubles the "
         f"number of readers, so the bus keeps {kept_at[1]:.0%} there."
     )
+    if not met:
+        lines += [
+            "",
+            f"Why: the core's shared-log fan-out hands readers C-level slices, so the bus moves one event to 10 "
+            f"counting readers in about {cost_10:,.0f} ns of CPU, while the stats sink must look at every event in "
+            f"Python (stream lookup, the arrival time and text appended for later bulk processing: the "
+            f"{per_event:,.0f} ns per event above). A realistic reader (WebSocket, recorder) does far more per "
+            "event than these counters, so the share is smaller in practice; meeting the goal at 10 bare readers "
+            "would take the per-event work out of Python (a C extension) or dropping figures.",
+        ]
     return lines, met
 
 
