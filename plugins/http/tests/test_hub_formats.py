@@ -8,7 +8,6 @@ import anyio
 import orjson
 import pytest
 import streambus_http
-from streambus import AbortEvent, Bus, DeltaEvent, EndEvent, Filter, StartEvent, Usage
 from streambus_http import (
     HttpSink,
     OpenAIChunkEncoder,
@@ -18,6 +17,8 @@ from streambus_http import (
     make_encoder,
     parse_event_id,
 )
+
+from streambus import AbortEvent, Bus, DeltaEvent, EndEvent, Filter, StartEvent, Usage
 
 pytestmark = pytest.mark.anyio
 
