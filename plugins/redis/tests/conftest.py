@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -71,22 +72,24 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of the test's own on a free port, so the shared one is never restarted."""
 
-    def __init__(self, directory: Path, extra: list[str]) -> None:
+    def __init__(self, directory: Path, extra: list[str], tls_ca: str | None = None) -> None:
         self.port = free_port()
         self.directory = directory
         self.extra = extra
+        self.tls_ca = tls_ca
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls_ca else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary is not None
         self.proc = subprocess.Popen(
             [
-                *(binary, "--port", str(self.port), "--bind", "127.0.0.1"),
+                *(binary, "--bind", "127.0.0.1"),
+                *(("--port", "0", "--tls-port", str(self.port)) if self.tls_ca else ("--port", str(self.port))),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
                 *self.extra,
             ],
@@ -99,7 +102,10 @@ class PrivateRedis:
             password = self.extra[self.extra.index("--requirepass") + 1]
         while True:
             try:
-                client = redis.Redis(port=self.port, password=password, socket_connect_timeout=0.5)
+                tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.tls_ca} if self.tls_ca else {}
+                client = redis.Redis(
+                    host="127.0.0.1", port=self.port, password=password, socket_connect_timeout=0.5, **tls
+                )
                 client.ping()
                 client.close()
                 return
@@ -124,8 +130,8 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
         pytest.skip(reason)
     servers: list[PrivateRedis] = []
 
-    def make(*extra: str) -> PrivateRedis:
-        server = PrivateRedis(tmp_path, list(extra))
+    def make(*extra: str, tls_ca: str | None = None) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, list(extra), tls_ca)
         servers.append(server)
         server.start()
         return server

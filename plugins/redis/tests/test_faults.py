@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,71 @@ async def test_password_from_environment(private_redis: Any, collector: Any, mon
                 await w.delta("hi")
     assert "AuthenticationError" in type(info.value.__cause__).__name__ or "invalid" in str(info.value.__cause__)
     assert any(entry["event"] == "redis.sink_auth_failed" for entry in logs)
+
+
+def _certificates(directory: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    ca_key, ca, key, csr, cert = (str(directory / n) for n in ("ca.key", "ca.pem", "s.key", "s.csr", "s.pem"))
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=t",
+        ],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        [
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-extfile",
+            str(ext),
+        ],
+    ):
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    return ca, cert, key
+
+
+async def test_tls_with_the_ca_from_the_environment(
+    private_redis: Any, tmp_path: Path, collector: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    ca, cert, key = await anyio.to_thread.run_sync(_certificates, tmp_path)
+    tls = ("--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no")
+    server = private_redis(*tls, tls_ca=ca)
+    assert server.url.startswith("rediss://")
+    monkeypatch.setenv("STREAMBUS_REDIS_TLS_CA_FILE", ca)
+    async with Bus() as consumer:
+        consumer.add_sink(collector)
+        src = source(server.url, "k", start="0")
+        consumer.start_producer(src)
+        async with Bus() as producer:
+            producer.add_sink(RedisSink(url=server.url, stream="k"))
+            async with producer.stream(model="m") as w:
+                await w.delta("over TLS")
+        await collector.wait_terminals(1)
+        src.stop()
+    assert [e.seq for e in collector.events] == [0, 1, 2]
+    assert collector.events[1].text == "over TLS"

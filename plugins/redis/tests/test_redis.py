@@ -464,3 +464,22 @@ async def test_position_is_committed_only_after_lossless_sinks_handled_the_event
     saved = msgspec.json.decode(sync_redis.get(src.position_key))
     assert saved["positions"][key] == src.positions[key]
     assert len(handled) == 5
+
+
+async def test_a_lone_event_is_sent_after_batch_max_ms_not_held_for_a_full_batch(
+    redis_url: str, key: str, collector: Any
+) -> None:
+    async with Bus() as consumer:
+        consumer.add_sink(collector)
+        src = source(redis_url, key)
+        consumer.start_producer(src)
+        await src.wait_ready()
+        async with Bus() as producer:
+            producer.add_sink(RedisSink(url=redis_url, stream=key, batch_max_events=1000, batch_max_ms=20))
+            async with producer.stream(model="m") as w:
+                await w.delta("alone")
+                # The producer bus stays open and the batch is far from full: the time bound sends it.
+                await collector.wait_count(2)
+        await collector.wait_terminals(1)
+        src.stop()
+    assert [e.seq for e in collector.events] == [0, 1, 2]
