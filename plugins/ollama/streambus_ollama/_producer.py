@@ -249,6 +249,7 @@ class OllamaProducer(PluginBase):
         headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson", **o.headers}
         deadline = anyio.current_time() + o.first_chunk_timeout
         clean = False
+        eof = False
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
                 response = await session.post(url, data=orjson.dumps(body), headers=headers)
@@ -273,7 +274,8 @@ class OllamaProducer(PluginBase):
                     what = "the first chunk" if first else "the next chunk"
                     return Failure("timeout", f"no data for {what} within {limit}", True)
                 first = False
-                pieces = parser.feed(data) if data else parser.close()
+                eof = not data
+                pieces = parser.close() if eof else parser.feed(data)
                 failure = await _publish(pieces, w)
                 if failure is not None or parser.done:
                     clean = failure is None
@@ -281,8 +283,9 @@ class OllamaProducer(PluginBase):
                 if not data:
                     return Failure("truncated", "the server closed the stream before the final done object", True)
         except WireError as exc:
-            kind = "truncated" if "truncated" in str(exc) else "malformed"
-            return Failure(kind, str(exc), kind == "truncated")
+            if eof:  # the last line was cut short by the end of the body
+                return Failure("truncated", f"the stream ended inside a line: {exc}", True)
+            return Failure("malformed", str(exc))
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
         finally:

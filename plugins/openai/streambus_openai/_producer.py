@@ -357,6 +357,7 @@ class OpenAIProducer(PluginBase):
         url = o.base_url.rstrip("/") + ("/chat/completions" if route == "chat" else "/completions")
         deadline = anyio.current_time() + o.first_chunk_timeout
         clean = False
+        eof = False
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
                 response = await session.post(url, data=orjson.dumps(body), headers=self._headers())
@@ -381,13 +382,16 @@ class OpenAIProducer(PluginBase):
                     what = "the first chunk" if first else "the next chunk"
                     return Failure("timeout", f"no data for {what} within {limit}", True)
                 first = False
-                failure = await progress.apply(parser.feed(data) if data else parser.close(), senders)
+                eof = not data
+                failure = await progress.apply(parser.close() if eof else parser.feed(data), senders)
                 if failure is not None or parser.done:
                     clean = failure is None
                     return failure
                 if not data:
                     return Failure("truncated", "the server closed the stream before data: [DONE]", True)
         except WireError as exc:
+            if eof:  # the last event was cut short by the end of the body
+                return Failure("truncated", f"the stream ended inside an event: {exc}", True)
             return Failure("malformed", str(exc))
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)

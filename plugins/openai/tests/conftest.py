@@ -46,6 +46,8 @@ class Upstream:
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: int = 0
+    max_inflight: int = 0
 
     def reply_for(self, index: int) -> Reply:
         return self.replies[min(index, len(self.replies) - 1)]
@@ -60,6 +62,15 @@ async def _handle(upstream: Upstream, request: web.Request) -> web.StreamRespons
     upstream.requests.append(body)
     upstream.headers.append(dict(request.headers))
     reply = upstream.reply_for(index)
+    upstream.inflight += 1
+    upstream.max_inflight = max(upstream.max_inflight, upstream.inflight)
+    try:
+        return await _reply(upstream, request, reply)
+    finally:
+        upstream.inflight -= 1
+
+
+async def _reply(upstream: Upstream, request: web.Request, reply: Reply) -> web.StreamResponse:
     if reply.body is not None:
         return web.Response(status=reply.status, body=reply.body, content_type="application/json")
     response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
