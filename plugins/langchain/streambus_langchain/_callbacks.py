@@ -253,6 +253,7 @@ class BusCallbackHandler(AsyncCallbackHandler):
                 await run.done.wait()
         if run.aborted is not None and op == "delta":
             self._runs.pop(run_id, None)
+            run.send.close()
             raise StreamAborted(str(run_id), run.aborted.reason, run.aborted.by)
         return run
 
@@ -282,6 +283,8 @@ class BusCallbackHandler(AsyncCallbackHandler):
             return
         run.streamed = True
         if not pieces and run.aborted is not None:
+            self._runs.pop(run_id, None)
+            run.send.close()
             raise StreamAborted(str(run_id), run.aborted.reason, run.aborted.by)
         for piece in pieces:
             await self._send(run_id, "delta", piece)

@@ -16,6 +16,13 @@ from streambus.recording import write_recording
 from streambus.wire import ToolCallFragment, tool_text
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # langchain-tests marks tests with pytest-benchmark and pytest-recording markers;
+    # those plugins are not installed here (see test_standard.py), so declare the marker.
+    config.addinivalue_line("markers", "benchmark: pytest-benchmark timing test (langchain-tests)")
+    config.addinivalue_line("markers", "vcr: pytest-recording cassette test (langchain-tests)")
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """LangChain's async API is asyncio-bound; trio is tested only for the clear error it gets."""
