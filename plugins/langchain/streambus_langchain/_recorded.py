@@ -58,8 +58,9 @@ class RecordedChatModel(BaseChatModel):
         assert model.invoke("hi").content == "Hello there!"
 
     Each call (``invoke``, ``stream``, ``astream``, ``batch`` ...) answers with
-    the next recorded stream (or the one named by ``stream_id``), cycling when
-    ``loop`` is true. Content deltas become ``AIMessageChunk`` content,
+    the next recorded stream (or the one named by ``stream_id``; with
+    ``model``, or a per-call ``model=`` override, the next one recorded from
+    that model), cycling when ``loop`` is true. Content deltas become ``AIMessageChunk`` content,
     reasoning deltas ``additional_kwargs["reasoning_content"]`` (LangChain
     shows them as ``reasoning`` content blocks), tool deltas
     ``tool_call_chunks`` (whole ``tool_calls`` on ``invoke``); the final chunk
@@ -83,10 +84,10 @@ class RecordedChatModel(BaseChatModel):
     stop: list[str] | None = None
     """Stop sequences: the answer is cut before the first one (reason ``stop``)."""
     model_name: str | None = Field(default=None, alias="model")
-    """The model name reported to LangChain (default: the recording's)."""
+    """Answer only with streams recorded from this model (default: any)."""
 
     _answers: list[_Answer] = PrivateAttr(default_factory=list)
-    _order: Iterator[int] = PrivateAttr()
+    _orders: dict[str | None, Iterator[int]] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @model_validator(mode="after")
@@ -104,9 +105,19 @@ class RecordedChatModel(BaseChatModel):
         if not answers:
             raise ValueError(f"path: {self.path} holds no complete stream (a start event and what follows)")
         self._answers = answers
-        count = len(answers)
-        self._order = itertools.cycle(range(count)) if self.loop else iter(range(count))
+        if self.model_name is not None:
+            self._order_for(self.model_name)  # fail now, naming the recorded models
         return self
+
+    def _order_for(self, model: str | None) -> Iterator[int]:
+        order = self._orders.get(model)
+        if order is None:
+            indexes = [i for i, a in enumerate(self._answers) if model is None or a.model == model]
+            if not indexes:
+                known = ", ".join(sorted({a.model for a in self._answers}))
+                raise ValueError(f"model: no stream of {self.path} was recorded from {model!r} (models: {known})")
+            order = self._orders[model] = itertools.cycle(indexes) if self.loop else iter(indexes)
+        return order
 
     @property
     def _llm_type(self) -> str:
@@ -119,12 +130,14 @@ class RecordedChatModel(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "streambus"
-        params["ls_model_name"] = self.model_name or self._answers[0].model
+        params["ls_model_name"] = kwargs.get("model") or self.model_name or self._answers[0].model
         return params
 
-    def _next(self) -> _Answer:
+    def _next(self, kwargs: dict[str, Any]) -> _Answer:
+        # A per-call ``model=`` picks among that model's recorded streams.
+        model = kwargs.get("model") or self.model_name
         with self._lock:
-            index = next(self._order, None)
+            index = next(self._order_for(model), None)
         if index is None:
             raise RecordedStreamError("exhausted", f"every stream of {self.path} was already used (loop=False)")
         return self._answers[index]
@@ -135,7 +148,7 @@ class RecordedChatModel(BaseChatModel):
         stops = [s for s in (stop if stop is not None else self.stop) or [] if s]
         text_so_far = ""
         reason = answer.reason
-        name = self.model_name or answer.model
+        name = answer.model
         for delay, delta in answer.chunks:
             if delta.channel == "content":
                 text = delta.text
@@ -200,7 +213,7 @@ class RecordedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        answer = self._next()
+        answer = self._next(kwargs)
         full: AIMessageChunk | None = None
         for _, chunk in self._chunks(answer, stop):
             if chunk is None:
@@ -233,7 +246,7 @@ class RecordedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        answer = self._next()
+        answer = self._next(kwargs)
         for delay, chunk in self._chunks(answer, stop):
             if chunk is None:
                 self._raise(answer)
@@ -252,7 +265,7 @@ class RecordedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        answer = self._next()
+        answer = self._next(kwargs)
         for delay, chunk in self._chunks(answer, stop):
             if chunk is None:
                 self._raise(answer)

@@ -121,7 +121,7 @@ def rich_model() -> ScriptedChatModel:
 
 
 def make_recording(path: Path) -> Path:
-    """Two recorded streams: a plain answer with usage, and reasoning + a tool call."""
+    """Three recorded streams: llama3 answers plainly, then with reasoning and a tool call; then qwen3."""
     events = [
         StartEvent(stream="s1", seq=0, ts=100.0, model="llama3", provider="ollama"),
         DeltaEvent(stream="s1", seq=1, ts=100.1, text="Hello"),
@@ -154,6 +154,9 @@ def make_recording(path: Path) -> Path:
             reason="tool_calls",
             usage=Usage(prompt_tokens=20, completion_tokens=8, total_tokens=28),
         ),
+        StartEvent(stream="s3", seq=0, ts=300.0, model="qwen3", provider="ollama"),
+        DeltaEvent(stream="s3", seq=1, ts=300.1, text="Hi from qwen."),
+        EndEvent(stream="s3", seq=2, ts=300.2, usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)),
     ]
     write_recording(path, events)
     return path

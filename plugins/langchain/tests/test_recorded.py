@@ -29,8 +29,26 @@ def test_invoke_answers_with_each_recorded_stream_in_turn(recording: Path) -> No
     assert [b["type"] for b in second.content_blocks] == ["reasoning", "text", "tool_call"]
     assert second.tool_calls == [{"name": "weather", "args": {"city": "Oslo"}, "id": "c1", "type": "tool_call"}]
     assert second.response_metadata["finish_reason"] == "tool_calls"
+    third = model.invoke("and you?")
+    assert (third.content, third.response_metadata["model_name"]) == ("Hi from qwen.", "qwen3")
     # loop=True (the default) starts over.
     assert model.invoke("again").content == "Hello there, friend!"
+
+
+def test_model_selects_that_models_streams(recording: Path) -> None:
+    model = RecordedChatModel(path=str(recording), model="llama3")
+    assert [model.invoke("x").content for _ in range(3)] == [
+        "Hello there, friend!",
+        "Checking the weather.",
+        "Hello there, friend!",
+    ]
+    # A per-call model= overrides it (as provider chat models allow).
+    override = model.invoke("x", model="qwen3")
+    assert (override.content, override.response_metadata["model_name"]) == ("Hi from qwen.", "qwen3")
+    with pytest.raises(ValueError, match=r"model: no stream of .* was recorded from 'gpt-4' \(models: llama3, qwen3\)"):
+        model.invoke("x", model="gpt-4")
+    with pytest.raises(ValidationError, match="model: no stream of"):
+        RecordedChatModel(path=str(recording), model="gpt-4")
 
 
 def test_stream_replays_chunk_for_chunk(recording: Path) -> None:
@@ -111,10 +129,10 @@ def test_recorded_error_raises_after_the_text(tmp_path: Path) -> None:
 
 def test_loop_false_is_exhausted(recording: Path) -> None:
     model = RecordedChatModel(path=str(recording), loop=False)
-    model.invoke("1")
-    model.invoke("2")
+    for _ in range(3):
+        model.invoke("x")
     with pytest.raises(RecordedStreamError, match="exhausted"):
-        model.invoke("3")
+        model.invoke("x")
 
 
 async def test_speed_replays_the_recorded_gaps(tmp_path: Path) -> None:
@@ -184,7 +202,7 @@ async def test_standard_stream_and_astream(recording: Path, output_version: Any)
     model = _model(recording)
     if output_version:
         model = RecordedChatModel(path=str(recording), stream_id="s1", output_version=output_version)
-    for chunks in ([c for c in model.stream("Hello")], [c async for c in model.astream("Hello")]):
+    for chunks in (list(model.stream("Hello")), [c async for c in model.astream("Hello")]):
         full: AIMessageChunk | None = None
         for chunk in chunks:
             assert isinstance(chunk, AIMessageChunk)

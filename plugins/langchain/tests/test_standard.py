@@ -19,7 +19,7 @@ from streambus_langchain import RecordedChatModel
 
 pytestmark = pytest.mark.anyio
 
-RECORDING = Path(__file__).parent / "data" / "two_streams.jsonl"
+RECORDING = Path(__file__).parent / "data" / "recorded.jsonl"
 
 
 class TestRecordedChatModelStandard(ChatModelIntegrationTests):
@@ -31,7 +31,7 @@ class TestRecordedChatModelStandard(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"path": str(RECORDING), "stream_id": "s1"}
+        return {"path": str(RECORDING), "model": "llama3"}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -43,7 +43,11 @@ class TestRecordedChatModelStandard(ChatModelIntegrationTests):
 
     @property
     def supports_model_override(self) -> bool:
-        return False
+        return True
+
+    @property
+    def model_override_value(self) -> str:
+        return "qwen3"
 
     @pytest.mark.xfail(
         reason="needs pytest-benchmark's benchmark and pytest-recording's vcr fixtures, "
