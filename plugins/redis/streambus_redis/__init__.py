@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"streambus-redis needs redis-py ({exc}); install it with: pip install 'streambus-redis' 'redis[hiredis]>=5'"
     ) from exc
 
-from ._codec import Entry, decode_entry, encode_entry
+from ._codec import Entry, decode_entry, decode_events, encode_entry, entry_header
 from ._common import DEFAULT_STREAM, DEFAULT_URL, AsyncioRequired, RedisGap
 from ._dedup import Deduplicator, Verdict
 from ._sink import RedisSink
@@ -37,5 +37,7 @@ __all__ = [
     "RedisSource",
     "Verdict",
     "decode_entry",
+    "decode_events",
     "encode_entry",
+    "entry_header",
 ]

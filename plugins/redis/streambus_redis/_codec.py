@@ -20,7 +20,7 @@ import structlog
 
 from streambus import DecodeError, Event, decode, encode_many
 
-__all__ = ["Entry", "decode_entry", "encode_entry"]
+__all__ = ["Entry", "decode_entry", "decode_events", "encode_entry", "entry_header"]
 
 log = structlog.get_logger("streambus.redis")
 
@@ -42,27 +42,30 @@ def encode_entry(origin: str, producer: str, counter: int, events: list[Event]) 
     return {"o": origin, "p": producer, "c": counter, "e": encode_many(events)}
 
 
-def decode_entry(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) -> Entry | None:
-    """Decode one entry's fields; ``None`` for an entry that is not ours (logged).
+def entry_header(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) -> tuple[str, str, int] | None:
+    """``(origin, producer, counter)`` of an entry, without decoding its events.
 
-    A line that is not a valid event is logged with its entry id and line
-    number and skipped; every valid event of the entry is kept.
+    ``None`` (logged) for an entry that is not ours.
     """
     if not fields or b"e" not in fields:
-        log.warning(
-            "redis.foreign_entry", key=key, id=entry_id, fields=sorted(f.decode(errors="replace") for f in fields or {})
-        )
+        names = sorted(f.decode(errors="replace") for f in fields or {})
+        log.warning("redis.foreign_entry", key=key, id=entry_id, fields=names)
         return None
-    payload = fields[b"e"]
     try:
         counter = int(fields.get(b"c", b"0"))
     except ValueError:
         counter = 0
-    origin = fields.get(b"o", b"").decode(errors="replace")
-    producer = fields.get(b"p", b"").decode(errors="replace")
+    return fields.get(b"o", b"").decode(errors="replace"), fields.get(b"p", b"").decode(errors="replace"), counter
+
+
+def decode_events(key: str, entry_id: str, payload: bytes) -> tuple[list[Event], int]:
+    """The events of an entry's ``e`` field and how many lines were bad.
+
+    A line that is not a valid event is logged with its entry id and line
+    number and skipped; every valid event of the entry is kept.
+    """
     try:
-        events = _lines_decoder.decode_lines(payload)
-        return Entry(origin, producer, counter, events)
+        return _lines_decoder.decode_lines(payload), 0
     except (msgspec.ValidationError, msgspec.DecodeError):
         pass
     # Slow path: find the bad lines, keep the good ones.
@@ -76,4 +79,16 @@ def decode_entry(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) 
         except DecodeError as exc:
             bad += 1
             log.error("redis.bad_event", key=key, id=entry_id, line=number, error=str(exc), field=exc.field)
-    return Entry(origin, producer, counter, events, bad)
+    return events, bad
+
+
+def decode_entry(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) -> Entry | None:
+    """Decode one entry's fields; ``None`` for an entry that is not ours (logged).
+
+    Bad lines are logged and skipped (see :func:`decode_events`).
+    """
+    header = entry_header(key, entry_id, fields)
+    if header is None or fields is None:
+        return None
+    events, bad = decode_events(key, entry_id, fields[b"e"])
+    return Entry(header[0], header[1], header[2], events, bad)

@@ -109,7 +109,7 @@ class RedisSink(PluginBase):
         opts = self.options
         local = local_state(self._bus) if self._bus is not None else None
         origin = opts.origin or (local.origin if local is not None else secrets.token_hex(8))
-        foreign = local.foreign if local is not None and opts.origin is None else {}
+        foreign = local.foreign if local is not None else {}
         client = connect(opts.url, tls=opts.tls, password_env=opts.password_env, socket_timeout=10.0)
         log.info("redis.sink_started", url=redact(resolve_url(opts.url)), stream=opts.stream, origin=origin)
         limit = opts.batch_max_events

@@ -483,3 +483,11 @@ async def test_a_lone_event_is_sent_after_batch_max_ms_not_held_for_a_full_batch
         await collector.wait_terminals(1)
         src.stop()
     assert [e.seq for e in collector.events] == [0, 1, 2]
+
+
+def test_public_api_is_exported_and_sorted() -> None:
+    import streambus_redis
+
+    assert streambus_redis.__all__ == sorted(streambus_redis.__all__, key=lambda n: (not n.isupper(), n))
+    for name in streambus_redis.__all__:
+        assert getattr(streambus_redis, name).__doc__ or name.isupper(), name
