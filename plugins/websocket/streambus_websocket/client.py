@@ -15,6 +15,7 @@ closed with :attr:`~streambus_websocket.protocol.CloseCode.LAGGED`.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -75,7 +76,15 @@ class Client:
     ``ws`` is the ``websockets`` server connection (asyncio or trio flavour).
     """
 
-    def __init__(self, ws: Any, *, buffer_bytes: int, direct: bool, peer: str) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        *,
+        buffer_bytes: int,
+        direct: bool,
+        peer: str,
+        write_now: Callable[..., None] | None = None,
+    ) -> None:
         self.ws = ws
         self.peer = peer
         self.buffer_bytes = buffer_bytes
@@ -100,6 +109,8 @@ class Client:
         self._idle: anyio.Event | None = None
         # asyncio only: the transport tells whether a synchronous write is safe.
         self._transport = getattr(ws, "transport", None) if direct else None
+        self.write_now = write_now
+        """``websockets.asyncio.server.broadcast`` (a synchronous write), or None under trio."""
         self._write_limit = getattr(ws, "write_limit_high", 2**15)
 
     # -- fan-out side (synchronous: never waits on this client) -------------------
@@ -124,28 +135,28 @@ class Client:
         self._notify()
 
     def push_event(self, stream: str, event: DeltaEvent | None, data: bytes) -> None:
-        """Queue one live event; a delta merges into this client's queued delta when it can."""
+        """Queue one live event; a delta merges into this client's queued delta when the buffer is full."""
         if self.close_code is not None:
             return
-        if event is not None:
+        if event is not None and self.queued_bytes >= self.coalesce_bytes:
             tail = self._tails.get(stream)
-            if tail is not None and tail.channel == event.channel and self.queued_bytes >= self.coalesce_bytes:
+            if tail is not None and tail.channel == event.channel:
                 tail.add(event)
                 self.merged += 1
                 self.queued_bytes += len(event.text)
                 self._check()
                 return
+            # Later deltas of this stream and channel merge into this one.
             pending = _Pending(event, data)
             self._tails[stream] = pending
             self.queue.append(pending)
             self.queued_bytes += pending.size
-            self._check()
-            self._notify()
-            return
         else:
-            self._tails.pop(stream, None)
+            # Below the mark (or a control event): queued as encoded, nothing merges into it.
+            if self._tails:
+                self._tails.pop(stream, None)
             self.queue.append(data)
-        self.queued_bytes += len(data) + _FRAME_OVERHEAD
+            self.queued_bytes += len(data) + _FRAME_OVERHEAD
         self._check()
         self._notify()
 
@@ -190,6 +201,8 @@ class Client:
     async def _send_all(self) -> None:
         ws = self.ws
         queue = self.queue
+        transport = self._transport
+        write_now = self.write_now
         while True:
             while not queue:
                 if self.close_code is not None:
@@ -199,19 +212,28 @@ class Client:
                 self._wake = anyio.Event()
                 await self._wake.wait()
             self.sending = True
-            item = queue.popleft()
-            if type(item) is _Pending:
-                if self._tails.get(item.stream) is item:
-                    del self._tails[item.stream]
-                data = item.encode()
-                self.queued_bytes -= item.size
-            else:
-                data = item  # type: ignore[assignment]
-                self.queued_bytes -= len(data) + _FRAME_OVERHEAD
-            await ws.send(data, text=True)
+            # send() waits until the socket drains below its high-water mark...
+            await ws.send(self._pop(), text=True)
             self.sent += 1
             if self.close_code is not None:
                 return
+            # ... then, while it stays below, the backlog goes out without a
+            # task switch per frame (asyncio only: trio has no synchronous write).
+            if transport is not None and write_now is not None:
+                while queue and transport.get_write_buffer_size() <= self._write_limit:
+                    write_now([ws], self._pop(), text=True)
+                    self.sent += 1
+
+    def _pop(self) -> bytes:
+        item = self.queue.popleft()
+        if type(item) is _Pending:
+            if self._tails.get(item.stream) is item:
+                del self._tails[item.stream]
+            self.queued_bytes -= item.size
+            return item.encode()
+        data: bytes = item  # type: ignore[assignment]
+        self.queued_bytes -= len(data) + _FRAME_OVERHEAD
+        return data
 
     def _set_idle(self) -> None:
         if self._idle is not None:

@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import socket
 import urllib.parse
 from collections.abc import Callable, Iterable
 from importlib.resources import files
@@ -121,6 +122,7 @@ class WebSocketSink(PluginBase):
         ping_interval: float | None = 20.0
         ping_timeout: float | None = 20.0
         close_timeout: float = 5.0
+        socket_send_buffer: int | None = None
         compression: bool = False
         page: bool = True
 
@@ -138,6 +140,8 @@ class WebSocketSink(PluginBase):
                 raise ValueError("history_events: must be >= 0 (and history_streams >= 1)")
             if self.max_message_rate <= 0:
                 raise ValueError(f"max_message_rate: must be positive, got {self.max_message_rate}")
+            if self.socket_send_buffer is not None and self.socket_send_buffer < 4096:
+                raise ValueError(f"socket_send_buffer: must be at least 4096 bytes, got {self.socket_send_buffer}")
             for key in ("history_ttl", "close_timeout"):
                 if getattr(self, key) < 0:
                     raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
@@ -439,7 +443,11 @@ class WebSocketSink(PluginBase):
                 ws, ErrorCode.TOO_MANY_CLIENTS, CloseCode.TOO_MANY_CLIENTS, f"server full ({opts.max_clients} clients)"
             )
             return
-        client = Client(ws, buffer_bytes=opts.client_buffer_bytes, direct=self._direct, peer=peer)
+        if opts.socket_send_buffer is not None:
+            self._shrink_send_buffer(ws, opts.socket_send_buffer)
+        client = Client(
+            ws, buffer_bytes=opts.client_buffer_bytes, direct=self._direct, peer=peer, write_now=self._write_many
+        )
         hello = control_frame(
             "hello",
             protocol=PROTOCOL_VERSION,
@@ -471,7 +479,19 @@ class WebSocketSink(PluginBase):
             self._forget(client)
         if client.close_code is not None:
             log.info("websocket.closing", peer=peer, code=int(client.close_code), reason=client.close_reason)
-            await self._close(ws, client.close_code, client.close_reason)
+            lagged = client.close_code == CloseCode.LAGGED
+            notice = error_frame(ErrorCode.LAGGED, client.close_reason) if lagged else None
+            await self._close(ws, client.close_code, client.close_reason, notice)
+
+    @staticmethod
+    def _shrink_send_buffer(ws: Any, size: int) -> None:
+        # The kernel would otherwise hide megabytes of backlog from the
+        # per-client buffer (Linux autotunes send buffers up to tcp_wmem[2]).
+        transport = getattr(ws, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else getattr(ws.stream, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     async def _send(self, client: Client) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -495,9 +515,13 @@ class WebSocketSink(PluginBase):
             return
         await self._close(ws, code, message)
 
-    async def _close(self, ws: Any, code: CloseCode, reason: str) -> None:
+    async def _close(self, ws: Any, code: CloseCode, reason: str, notice: bytes | None = None) -> None:
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.options.close_timeout + 1
+            if notice is not None:
+                # Queued behind whatever the socket still holds; the client reads it just before the close.
+                with contextlib.suppress(Exception):
+                    await ws.send(notice, text=True)
             closer = getattr(ws, "aclose", None) or ws.close
 
             async def discard() -> None:

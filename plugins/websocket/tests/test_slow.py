@@ -40,8 +40,9 @@ async def test_stalled_client_is_closed_as_lagged_and_never_delays_the_others() 
                             await anyio.wait_all_tasks_blocked()
                     assert sink.clients == 1, "the stalled client should have been closed"
                     await w.delta("tail")
-            code, _frames = await stalled.closed(within=30)
+            code, frames = await stalled.closed(within=30)
         assert code == CloseCode.LAGGED
+        assert frames[-1] == {**frames[-1], "op": "error", "code": "lagged"}
         text = "".join(e["text"] for e in fast_events if e["type"] == "delta")
         assert text == PIECE * sent + "tail"
         seqs = [e["seq"] for e in fast_events]
