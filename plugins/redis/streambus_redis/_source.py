@@ -460,8 +460,18 @@ class RedisSource(PluginBase):
         new = Verdict.NEW
         gapped = key in self._gapped
         delivered = 0
+        live = dedup._last
         try:
             for event in events:
+                stream = event.stream
+                if type(event) is DeltaEvent and live.get(stream, -2) == event.seq - 1:
+                    # The common case, inlined: the next delta of a known live stream.
+                    live[stream] = event.seq
+                    if stream not in foreign:
+                        local.mark_foreign(stream)
+                    await publish(event)
+                    delivered += 1
+                    continue
                 if gapped and event.seq > 0 and type(event) is not StartEvent and not dedup.knows(event.stream):
                     # After a gap, a stream first met in its middle lost its beginning.
                     await self._end_with_gap(event.stream, key, event)
