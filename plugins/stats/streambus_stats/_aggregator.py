@@ -603,8 +603,9 @@ class StatsAggregator:
         """Add everything *other* aggregated (same relative accuracy required).
 
         Finished-stream records are appended (bounded by ``keep_streams``);
-        *other*'s live streams are not carried over: finish them first
-        (:meth:`close_incomplete`) if they should count.
+        *other*'s live streams are not carried over, only their first chunks
+        and gaps so far: finish them first (:meth:`close_incomplete`) if they
+        should count. Merging copies: merge each aggregator (or state) once.
         """
         if other.relative_accuracy != self.relative_accuracy:
             raise ValueError(
