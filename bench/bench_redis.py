@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -49,7 +50,22 @@ def _report(received: int, first_ts: float | None, latencies: list[float]) -> No
             return float("nan")
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
 
-    print(json.dumps({"received": received, "end": end, "p50": pct(0.50), "p99": pct(0.99)}), flush=True)
+    print(json.dumps({"received": received, "end": end, "p50": pct(0.50), "p99": pct(0.99), "cpu": _cpu()}), flush=True)
+
+
+_CPU_START = [0.0]
+
+
+def _cpu() -> float:
+    """CPU seconds used since :func:`_mark` (user + system): a measure the machine's load does not distort."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime - _CPU_START[0]
+
+
+def _mark() -> None:
+    """Start counting CPU here (after imports and connecting)."""
+    _CPU_START[0] = 0.0
+    _CPU_START[0] = _cpu()
 
 
 # -- streambus -------------------------------------------------------------------------------
@@ -64,6 +80,7 @@ async def sb_produce(url: str, key: str, n: int, rate: float, entry: int) -> Non
         bus.add_sink(RedisSink(url=url, stream=key, entry_max_events=entry, batch_max_ms=1, maxlen=0))
         start = time.time()
         print(json.dumps({"start": start}), flush=True)
+        _mark()
         sent = [0]
 
         async def one() -> None:
@@ -109,6 +126,7 @@ async def sb_consume(url: str, key: str, n: int) -> None:
         bus.start_producer(source)
         await source.wait_ready()
         print("ready", flush=True)
+        _mark()
         with_cap = asyncio.get_running_loop().call_later(CAP_S, source.stop)
     with_cap.cancel()
     _report(state["received"], None, latencies)
@@ -122,6 +140,7 @@ async def raw_produce(url: str, key: str, n: int) -> None:
     client = aioredis.Redis.from_url(url)
     start = time.time()
     print(json.dumps({"start": start}), flush=True)
+    _mark()
     pipe = client.pipeline(transaction=False)
     for i in range(n):
         pipe.xadd(
@@ -141,6 +160,7 @@ async def raw_consume(url: str, key: str, n: int) -> None:
     # Resolve "$" once: re-reading with "$" would skip what arrives between two reads.
     last = (await client.xinfo_stream(key))["last-generated-id"] if await client.exists(key) else "0-0"
     print("ready", flush=True)
+    _mark()
     latencies: list[float] = []
     received = 0
     deadline = time.monotonic() + CAP_S
@@ -169,6 +189,7 @@ async def bc_produce(url: str, key: str, n: int, streams: bool) -> None:
     async with Broadcast(_bc_url(url, streams)) as broadcast:
         start = time.time()
         print(json.dumps({"start": start}), flush=True)
+        _mark()
         deadline = time.monotonic() + CAP_S
         for i in range(n):
             message = orjson.dumps({"type": "delta", "stream": "s", "seq": i, "ts": time.time(), "text": "tok "})
@@ -186,6 +207,7 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
     async with Broadcast(_bc_url(url, streams)) as broadcast:
         async with broadcast.subscribe(channel=key) as subscriber:
             print("ready", flush=True)
+            _mark()
             deadline = time.monotonic() + CAP_S + 2
             iterator = subscriber.__aiter__()
             while received < n:
@@ -225,6 +247,7 @@ def run(variant: str, n: int, extra: str = "0") -> dict[str, Any]:
         producer = _child("produce", variant, key, n, extra)
         out, _ = producer.communicate(timeout=CAP_S + 30)
         start = json.loads(out.splitlines()[0])["start"]
+        producer_cpu = json.loads(out.splitlines()[-1])["cpu"]
         rest, _ = consumer.communicate(timeout=CAP_S + 30)
         result = json.loads(rest.strip().splitlines()[-1])
     finally:
@@ -237,6 +260,7 @@ def run(variant: str, n: int, extra: str = "0") -> dict[str, Any]:
         client.close()
     elapsed = result["end"] - start
     result["rate"] = result["received"] / elapsed if elapsed > 0 else 0.0
+    result["cpu_us"] = (producer_cpu + result["cpu"]) / result["received"] * 1e6 if result["received"] else float("nan")
     result["offered"] = n
     return result
 
@@ -257,6 +281,8 @@ def child_main(argv: list[str]) -> None:
         streams = variant == "broadcaster-streams"
         coro = bc_produce(URL, key, n, streams) if role == "produce" else bc_consume(URL, key, n, streams)
     asyncio.run(coro)
+    if role == "produce":
+        print(json.dumps({"cpu": _cpu()}), flush=True)
 
 
 def main() -> int:
@@ -272,8 +298,8 @@ def main() -> int:
     lines = [
         "## Redis distributed mode (producer process -> Redis loopback -> consumer process)",
         "",
-        "| path | events sent | events received | events/s | p50 latency ms | p99 latency ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | events sent | events received | events/s | p50 latency ms | p99 latency ms | CPU µs/event |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     results: dict[str, dict[str, Any]] = {}
     for label, variant, n, extra in rows:
@@ -294,7 +320,9 @@ def main() -> int:
         f"-> **{'met' if met else 'not met'}**.",
         "",
         f"Events are {STREAMS} interleaved streams of deltas; latency = consumer receive time - event ts "
-        "(full-speed rows include queueing). Runs capped at "
+        "(full-speed rows include queueing). CPU µs/event = user+system CPU of the producer and consumer "
+        "processes (not Redis) per event received, after start-up: it does not depend on "
+        "how busy the machine is. Runs capped at "
         f"{CAP_S:.0f} s; a capped run reports what arrived in time. "
         f"Load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
         "(the machine is shared; the three processes of each run compete for the same cores).",
