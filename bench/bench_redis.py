@@ -309,7 +309,10 @@ def main() -> int:
         print(
             f"   {r['received']} events, {r['rate']:,.0f}/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms", flush=True
         )
-        lines.append(f"| {label} | {n:,} | {r['received']:,} | {r['rate']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} |")
+        lines.append(
+            f"| {label} | {n:,} | {r['received']:,} | {r['rate']:,.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
+            f"| {r['cpu_us']:.1f} |"
+        )
     full = results[rows[0][0]]
     paced = results[rows[1][0]]
     met = full["rate"] >= 100_000 and paced["p99"] <= 20.0 and paced["rate"] >= 95_000
