@@ -92,12 +92,17 @@ async def open_stream(
     return Opened(cursor, encoder, None)
 
 
-async def body(opened: Opened, *, keepalive: float = 15.0, tick: float | None = None) -> AsyncIterator[bytes]:
+async def body(
+    opened: Opened, *, keepalive: float = 15.0, tick: float | None = None, write_interval: float = 0.005
+) -> AsyncIterator[bytes]:
     """Yield the response body; an empty ``bytes`` marks an idle *tick* (a chance to check the client).
 
     Sends the format's keepalive (an SSE comment) after *keepalive* seconds of
-    silence. Ends after the stream's terminal event (one stream), when the hub
-    closes, or when the reader fell behind the bounded history.
+    silence. After a write, waits *write_interval* seconds before the next one
+    so that events arriving meanwhile go out in one write (the first event
+    after a pause goes out at once; 0 writes every batch as it comes). Ends
+    after the stream's terminal event (one stream), when the hub closes, or
+    when the reader fell behind the bounded history.
     """
     encoder = opened.encoder
     cursor = opened.cursor
@@ -105,14 +110,14 @@ async def body(opened: Opened, *, keepalive: float = 15.0, tick: float | None = 
     hub = cursor.hub
     hub.readers += 1
     try:
-        async for chunk in _body(encoder, cursor, opened.stream, keepalive, tick):
+        async for chunk in _body(encoder, cursor, opened.stream, keepalive, tick, write_interval):
             yield chunk
     finally:
         hub.readers -= 1
 
 
 async def _body(
-    encoder: Encoder, cursor: Cursor, stream: str | None, keepalive: float, tick: float
+    encoder: Encoder, cursor: Cursor, stream: str | None, keepalive: float, tick: float, write_interval: float
 ) -> AsyncIterator[bytes]:
     head = encoder.begin()
     if head:
@@ -125,6 +130,9 @@ async def _body(
             if data:
                 last = anyio.current_time()
                 yield data
+                if write_interval > 0 and not cursor.done:
+                    # Nagle-like: one syscall per window instead of one per token under load.
+                    await anyio.sleep(write_interval)
             continue
         if cursor.done:
             if cursor.lost:

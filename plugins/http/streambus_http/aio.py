@@ -71,6 +71,7 @@ async def stream_response(
     start_timeout: float = 30.0,
     keepalive: float = 15.0,
     tick: float = 1.0,
+    write_interval: float = 0.005,
     headers: Mapping[str, str] | None = None,
     **format_options: Any,
 ) -> web.StreamResponse:
@@ -78,7 +79,9 @@ async def stream_response(
 
     Reads ``Last-Event-ID`` (or the ``last_event_id`` query parameter) unless
     *resume* is given. Answers 404/400/409/204 with a plain text reason
-    before any body when the request cannot be served. Returns the finished
+    before any body when the request cannot be served. *write_interval* is the
+    least time between two writes (tokens arriving meanwhile share one write).
+    Returns the finished
     response (aiohttp handlers return it as is).
     """
     _require_asyncio()
@@ -97,7 +100,7 @@ async def stream_response(
         response.charset = encoder.media_type.split("charset=")[1]
     try:
         await response.prepare(request)
-        async for chunk in body(opened, keepalive=keepalive, tick=tick):
+        async for chunk in body(opened, keepalive=keepalive, tick=tick, write_interval=write_interval):
             if chunk:
                 await response.write(chunk)
             elif _client_gone(request):
@@ -140,6 +143,7 @@ def add_routes(
     start_timeout: float = 30.0,
     keepalive: float = 15.0,
     retry_ms: int = 3000,
+    write_interval: float = 0.005,
 ) -> None:
     """Mount the standard routes of the ``http`` sink on *app*.
 
@@ -175,7 +179,7 @@ def add_routes(
 
         return wrapped
 
-    common: dict[str, Any] = {"start_timeout": start_timeout, "keepalive": keepalive}
+    common: dict[str, Any] = {"start_timeout": start_timeout, "keepalive": keepalive, "write_interval": write_interval}
 
     def options_for(fmt: str, cors: dict[str, str]) -> dict[str, Any]:
         opts: dict[str, Any] = dict(common, headers=cors)

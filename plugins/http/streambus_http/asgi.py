@@ -70,6 +70,7 @@ class EventStreamResponse(Response):
     :param resume: an event id to resume after; by default the request's ``Last-Event-ID``.
     :param start_timeout: seconds to wait for a stream that has not started (then 404).
     :param keepalive: seconds of silence before an SSE comment keeps proxies from closing.
+    :param write_interval: seconds between writes, so tokens arriving meanwhile share one write (0: no wait).
     :param format_options: passed to the format's encoder (e.g. ``include_usage=True``).
     """
 
@@ -83,6 +84,7 @@ class EventStreamResponse(Response):
         resume: str | None = None,
         start_timeout: float = 30.0,
         keepalive: float = 15.0,
+        write_interval: float = 0.005,
         headers: Mapping[str, str] | None = None,
         **format_options: Any,
     ) -> None:
@@ -93,6 +95,7 @@ class EventStreamResponse(Response):
         self.resume = resume
         self.start_timeout = start_timeout
         self.keepalive = keepalive
+        self.write_interval = write_interval
         self.status_code = 200
         self.media_type = self.encoder.media_type
         self.background = None
@@ -125,7 +128,7 @@ class EventStreamResponse(Response):
                 return
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                async for chunk in body(opened, keepalive=self.keepalive):
+                async for chunk in body(opened, keepalive=self.keepalive, write_interval=self.write_interval):
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -62,6 +62,8 @@ class HttpSink(PluginBase):
         """Seconds of silence before an SSE keepalive comment."""
         retry_ms: int = 3000
         """The SSE ``retry`` field: the browser's reconnect delay."""
+        write_interval: float = 0.005
+        """Least seconds between two writes to one client: tokens arriving meanwhile share a write (0: none)."""
         chat_meta_key: str = "chat"
         """The ``start.meta`` tag that ``POST /api/chat`` matches the AI SDK chat id against."""
 
@@ -73,6 +75,8 @@ class HttpSink(PluginBase):
             for key in ("per_stream", "max_streams", "max_events", "retry_ms"):
                 if getattr(self, key) < 1:
                     raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+            if self.write_interval < 0:
+                raise ValueError(f"write_interval: must not be negative, got {self.write_interval}")
             for key in ("start_timeout", "keepalive"):
                 if getattr(self, key) <= 0:
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
@@ -123,6 +127,7 @@ class HttpSink(PluginBase):
             start_timeout=opts.start_timeout,
             keepalive=opts.keepalive,
             retry_ms=opts.retry_ms,
+            write_interval=opts.write_interval,
         )
         return app
 
