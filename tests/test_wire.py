@@ -139,13 +139,11 @@ def test_ndjson_malformed_line_keeps_values_before_and_after() -> None:
     assert list(parser.feed(b"")) == [{"c": 3}]  # the parser stays usable
 
 
-def test_ndjson_line_offset_and_unconsumed_lines_survive() -> None:
+def test_ndjson_lines_after_a_bad_one_wait_for_the_next_feed() -> None:
     parser = NdjsonParser()
-    parser.feed(b"1\n22\n")  # not iterated: the lines wait for the next iterator
-    values = []
-    for value in parser.feed(b"333\n"):
-        values.append((value, parser.line_offset))
-    assert values == [(1, 0), (22, 2), (333, 5)]
+    with pytest.raises(WireError):
+        list(parser.feed(b"1\n{\n22\n"))
+    assert list(parser.feed(b"333\n")) == [22, 333]
 
 
 def test_ndjson_line_limit() -> None:
@@ -154,6 +152,9 @@ def test_ndjson_line_limit() -> None:
     with pytest.raises(WireError, match="longer than 8 bytes") as info:
         parser.feed(b"[1,2,3,4,5")
     assert info.value.offset == 6
+    with pytest.raises(WireError, match="longer than 8 bytes") as info:
+        list(NdjsonParser(max_line=8).feed(b'1\n"0123456789"\n2\n'))
+    assert info.value.offset == 2
     with pytest.raises(ValueError, match="max_line"):
         NdjsonParser(max_line=0)
 

@@ -16,7 +16,7 @@ missing last newline) is testable without a network. Bad input raises
 from __future__ import annotations
 
 from ..errors import WireError
-from ._ndjson import DEFAULT_MAX_LINE, NdjsonParser
+from ._ndjson import DEFAULT_MAX_LINE, NdjsonParser, yield_then_raise
 from ._sse import SseEvent, SseParser, format_sse
 from ._tools import ToolCall, ToolCallFragment, merge_tool_calls, parse_tool_text, tool_text
 from ._utf8 import Utf8Decoder
@@ -34,4 +34,5 @@ __all__ = [
     "merge_tool_calls",
     "parse_tool_text",
     "tool_text",
+    "yield_then_raise",
 ]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from typing import Literal
 
 import msgspec
 
 from ..errors import WireError
-from ._ndjson import DEFAULT_MAX_LINE
+from ._ndjson import DEFAULT_MAX_LINE, yield_then_raise
 
 __all__ = ["SseEvent", "SseParser", "format_sse"]
 
@@ -57,11 +56,13 @@ class SseParser:
     blank line never came (many servers end that way); pass
     ``dispatch_at_close=False`` for the strict browser behaviour of dropping it.
 
-    :meth:`feed` returns an iterator; iterate it before feeding again.
-    Invalid UTF-8 raises :class:`~streambus.errors.WireError` (with
-    ``errors="strict"``, the default; ``"replace"`` substitutes U+FFFD as
-    browsers do) from the iterator at the bad line, after every event before
-    it; the line is dropped and the parser stays usable.
+    :meth:`feed` parses what *data* completes at once and returns an
+    iterator over the events. Invalid UTF-8 (with ``errors="strict"``, the
+    default; ``"replace"`` substitutes U+FFFD as browsers do) makes that
+    iterator raise :class:`~streambus.errors.WireError` at the bad line,
+    after every event before it; the line is dropped and the lines after it
+    are kept for the next :meth:`feed` (``b""`` will do), so the parser stays
+    usable and loses nothing.
     """
 
     __slots__ = (
@@ -72,8 +73,8 @@ class SseParser:
         "_dispatch_at_close",
         "_errors",
         "_event_offset",
-        "_lines",
         "_max_line",
+        "_pending",
         "_retry",
         "_skip_lf",
         "_type",
@@ -99,7 +100,7 @@ class SseParser:
         self._base = 0  # byte offset of self._buf[0]
         self._bom = True  # still at the start, where a BOM may be
         self._skip_lf = False  # the last line ended with CR: a leading LF belongs to it
-        self._lines: deque[tuple[int, bytes]] = deque()
+        self._pending: tuple[int, list[bytes]] | None = None  # lines left after a bad one
         self._data: list[str] = []
         self._type = ""
         self._retry: int | None = None
@@ -116,91 +117,119 @@ class SseParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[SseEvent]:
         """Add *data*; return an iterator over the events it completed."""
+        if isinstance(data, memoryview):
+            data = data.tobytes()
         if self._skip_lf and data:
             self._skip_lf = False
             if data[0] == 0x0A:
                 data = data[1:]
                 self._base += 1
         buf = self._buf
-        buf += data
         if self._bom:
+            buf += data
             if len(buf) < 3 and _BOM.startswith(buf):
-                return self._drain()
+                return iter(())
             self._bom = False
             if buf.startswith(_BOM):
                 del buf[:3]
                 self._base += 3
-        end = max(buf.rfind(b"\n"), buf.rfind(b"\r"))
+            data = b""
+        if buf:
+            buf += data
+            src: bytes | bytearray | memoryview = buf
+        else:
+            src = data  # the usual case: no partial line held, no copy through the buffer
+        # Usually the read ends at a line end; only otherwise search for the last one.
+        last_is_eol = src and src[-1] in (0x0A, 0x0D)
+        end = len(src) - 1 if last_is_eol else max(src.rfind(b"\n"), src.rfind(b"\r"))  # type: ignore[union-attr]
         if end < 0:
+            if src is not buf:
+                buf += src
             if len(buf) > self._max_line:
                 raise WireError(f"line longer than {self._max_line} bytes", offset=self._base)
-            return self._drain()
-        complete = bytes(buf[: end + 1])
-        del buf[: end + 1]
+            return self._process(b"", self._base) if self._pending else iter(())
+        complete = bytes(src[: end + 1])
+        if src is buf:
+            del buf[: end + 1]
+        elif end + 1 < len(src):
+            buf += src[end + 1 :]
         # A CR ending the read may be the first half of a CRLF split across reads.
         self._skip_lf = complete[-1] == 0x0D and not buf
-        pos = self._base
-        append = self._lines.append
-        for line in complete.splitlines(keepends=True):
-            append((pos, line))
-            pos += len(line)
-        self._base = pos
-        return self._drain()
+        base = self._base
+        self._base = base + len(complete)
+        return self._process(complete, base)
 
     def close(self) -> Iterator[SseEvent]:
-        """End of input: return an iterator over the last event, if one was pending."""
-        if self._buf:
-            tail = bytes(self._buf)
-            self._buf.clear()
-            self._lines.append((self._base, tail))
-            self._base += len(tail)
-        return self._drain(final=True)
+        """End of input: an iterator over the last event, if one was pending."""
+        tail = bytes(self._buf)
+        self._buf.clear()
+        base = self._base
+        self._base += len(tail)
+        return self._process(tail, base, final=True)
 
-    def _drain(self, final: bool = False) -> Iterator[SseEvent]:
-        lines = self._lines
+    def _process(self, complete: bytes, pos: int, final: bool = False) -> Iterator[SseEvent]:
+        lines: list[bytes] = complete.splitlines(keepends=True)
+        if self._pending:
+            pos, earlier = self._pending
+            lines = earlier + lines
+            self._pending = None
+        events: list[SseEvent] = []
         max_line = self._max_line
-        while lines:
-            offset, raw = lines.popleft()
+        errors = self._errors
+        data = self._data
+        for i, raw in enumerate(lines):
+            offset = pos
+            pos += len(raw)
             # A line never contains CR or LF, so stripping both removes exactly its terminator.
             line = raw.rstrip(b"\r\n")
             if not line:
-                event = self._dispatch()
-                if event is not None:
-                    yield event
+                if data:
+                    events.append(self._dispatch())
+                    data = self._data
+                else:
+                    self._type = ""
                 continue
             if line[0] == 0x3A:  # ":" starts a comment (keep-alive)
                 continue
-            if len(line) > max_line:
-                raise WireError(f"line longer than {max_line} bytes", offset=offset)
             try:
-                text = line.decode("utf-8", self._errors)
+                if len(line) > max_line:
+                    raise WireError(f"line longer than {max_line} bytes", offset=offset)
+                if line.startswith(b"data:"):
+                    value = line[6:] if line[5:6] == b" " else line[5:]
+                    if not data:
+                        self._event_offset = offset
+                    data.append(value.decode("utf-8", errors))
+                    continue
+                text = line.decode("utf-8", errors)
             except UnicodeDecodeError as exc:
-                raise WireError(f"invalid UTF-8 in event stream ({exc.reason})", offset=offset + exc.start) from None
-            field, colon, value = text.partition(":")
-            if colon and value[:1] == " ":
-                value = value[1:]
+                start = exc.start + (len(line) - len(exc.object))
+                error = WireError(f"invalid UTF-8 in event stream ({exc.reason})", offset=offset + start)
+                self._pending = (pos, lines[i + 1 :])
+                return yield_then_raise(events, error)
+            except WireError as exc:
+                self._pending = (pos, lines[i + 1 :])
+                return yield_then_raise(events, exc)
+            field, colon, value_text = text.partition(":")
+            if colon and value_text[:1] == " ":
+                value_text = value_text[1:]
             if field == "data":
-                if not self._data:
+                if not data:
                     self._event_offset = offset
-                self._data.append(value)
+                data.append(value_text)
             elif field == "event":
-                self._type = value
+                self._type = value_text
             elif field == "id":
-                if "\0" not in value:
-                    self.last_event_id = value
-            elif field == "retry" and value.isascii() and value.isdigit():
-                self._retry = self.retry = int(value)
+                if "\0" not in value_text:
+                    self.last_event_id = value_text
+            elif field == "retry" and value_text.isascii() and value_text.isdigit():
+                self._retry = self.retry = int(value_text)
             # Any other field name is ignored, as the standard says.
-        if final and self._dispatch_at_close:
-            event = self._dispatch()
-            if event is not None:
-                yield event
+        if final and self._dispatch_at_close and data:
+            events.append(self._dispatch())
+        return iter(events)
 
-    def _dispatch(self) -> SseEvent | None:
+    def _dispatch(self) -> SseEvent:
         data = self._data
-        if not data:
-            self._type = ""
-            return None
         event = SseEvent(
             data=data[0] if len(data) == 1 else "\n".join(data),
             event=self._type or "message",

@@ -17,7 +17,7 @@ so the producer and the proxy share it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -25,7 +25,7 @@ import orjson
 
 from streambus import Usage, WireError
 from streambus.events import Channel
-from streambus.wire import NdjsonParser, ToolCallFragment, tool_text
+from streambus.wire import NdjsonParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
     "TIMING_KEYS",
@@ -68,20 +68,94 @@ class ErrorPiece(msgspec.Struct, frozen=True):
 Piece: TypeAlias = TextPiece | DonePiece | ErrorPiece
 
 
-def _str_field(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"{where}{key} is {type(value).__name__}, expected a string")
+class _Function(msgspec.Struct):
+    name: str
+    arguments: Any = None
+    index: int | None = None
 
 
-def _int_field(obj: Mapping[str, Any], key: str) -> int | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key} is {type(value).__name__}, expected a number")
-    return int(value)
+class _ToolCall(msgspec.Struct):
+    function: _Function
+    id: str | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    thinking: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a stream object we read; msgspec validates them while decoding."""
+
+    message: _Message | None = None
+    response: str | None = None
+    thinking: str | None = None
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    total_duration: int | float | None = None
+    load_duration: int | float | None = None
+    prompt_eval_duration: int | float | None = None
+    eval_duration: int | float | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def _pieces(chunk: _Chunk, route: OllamaRoute, tool_index: int) -> list[Piece]:
+    if chunk.error is not None:
+        error = chunk.error
+        return [ErrorPiece(error if isinstance(error, str) else orjson.dumps(error).decode())]
+    pieces: list[Piece] = []
+    tool_calls = None
+    if route == "chat":
+        message = chunk.message
+        if message is None:
+            thinking = content = None
+        else:
+            thinking, content, tool_calls = message.thinking, message.content, message.tool_calls
+    else:
+        thinking, content = chunk.thinking, chunk.response
+    if thinking:
+        pieces.append(TextPiece(thinking, "reasoning"))
+    if content:
+        pieces.append(TextPiece(content, "content"))
+    if tool_calls:
+        for i, call in enumerate(tool_calls):
+            function = call.function
+            arguments = function.arguments if function.arguments is not None else {}
+            fragment = ToolCallFragment(
+                index=function.index if function.index is not None else tool_index + i,
+                id=call.id,
+                name=function.name,
+                arguments=arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode(),
+            )
+            pieces.append(TextPiece(tool_text(fragment), "tool"))
+    if chunk.done:
+        prompt, completion = chunk.prompt_eval_count, chunk.eval_count
+        usage = None
+        if prompt is not None or completion is not None:
+            total = (prompt or 0) + (completion or 0)
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+        timings: dict[str, float] = {}
+        for key in TIMING_KEYS:
+            ns = getattr(chunk, key)
+            if ns is not None:
+                timings[key] = ns / 1e9
+        pieces.append(DonePiece(reason=chunk.done_reason or "stop", usage=usage, timings=timings))
+    return pieces
+
+
+def _problem(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `str`, got `int` - at `$.message.content`": name the field first.
+    message = str(exc)
+    if " - at `$." in message:
+        message, where = message.rsplit(" - at `$.", 1)
+        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
+    return message[0].lower() + message[1:]
 
 
 def chunk_pieces(obj: Any, route: OllamaRoute, tool_index: int = 0) -> list[Piece]:
@@ -91,60 +165,11 @@ def chunk_pieces(obj: Any, route: OllamaRoute, tool_index: int = 0) -> list[Piec
     may arrive across several objects). Raises :class:`ValueError` naming the
     field when the object is not shaped like an Ollama stream object.
     """
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "error" in obj:
-        error = obj["error"]
-        return [ErrorPiece(error if isinstance(error, str) else orjson.dumps(error).decode())]
-    pieces: list[Piece] = []
-    tool_calls: Any = None
-    if route == "chat":
-        message = obj.get("message")
-        if message is None:
-            message = {}
-        elif not isinstance(message, dict):
-            raise ValueError(f"message is {type(message).__name__}, expected an object")
-        thinking = _str_field(message, "thinking", "message.")
-        content = _str_field(message, "content", "message.")
-        tool_calls = message.get("tool_calls")
-    else:
-        thinking = _str_field(obj, "thinking", "")
-        content = _str_field(obj, "response", "")
-    if thinking:
-        pieces.append(TextPiece(thinking, "reasoning"))
-    if content:
-        pieces.append(TextPiece(content, "content"))
-    if tool_calls:
-        if not isinstance(tool_calls, list):
-            raise ValueError("message.tool_calls is not a list")
-        for i, call in enumerate(tool_calls):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise ValueError(f"message.tool_calls[{i}].function.name is missing")
-            arguments = function.get("arguments", {})
-            index = function.get("index")
-            fragment = ToolCallFragment(
-                index=index if isinstance(index, int) else tool_index + i,
-                id=call.get("id") if isinstance(call.get("id"), str) else None,
-                name=function["name"],
-                arguments=arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode(),
-            )
-            pieces.append(TextPiece(tool_text(fragment), "tool"))
-    if obj.get("done") is True:
-        prompt = _int_field(obj, "prompt_eval_count")
-        completion = _int_field(obj, "eval_count")
-        usage = None
-        if prompt is not None or completion is not None:
-            total = (prompt or 0) + (completion or 0)
-            usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
-        timings: dict[str, float] = {}
-        for key in TIMING_KEYS:
-            ns = _int_field(obj, key)
-            if ns is not None:
-                timings[key] = ns / 1e9
-        reason = _str_field(obj, "done_reason", "") or "stop"
-        pieces.append(DonePiece(reason=reason, usage=usage, timings=timings))
-    return pieces
+    try:
+        chunk = msgspec.convert(obj, _Chunk)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_problem(exc)) from None
+    return _pieces(chunk, route, tool_index)
 
 
 class OllamaStreamParser:
@@ -162,9 +187,11 @@ class OllamaStreamParser:
             ...  # the server closed before the final object: truncated
 
     Iterate what :meth:`feed` returns before feeding again. Bad input
-    (invalid JSON, a line that is not an Ollama object) raises
-    :class:`~streambus.errors.WireError` with the byte offset of the line,
-    after every piece before it. Objects after the final one are ignored.
+    (invalid JSON, a line that is not an Ollama object, a field of the wrong
+    type) raises :class:`~streambus.errors.WireError` naming the problem and
+    the byte offset of the line, after every piece before it. Objects after
+    the final one are ignored. Lines are decoded straight into typed structs
+    (msgspec), which validates them at no extra cost.
     """
 
     __slots__ = ("_lines", "_tools", "done", "route")
@@ -173,7 +200,7 @@ class OllamaStreamParser:
         if route not in ("chat", "generate"):
             raise ValueError(f"route: expected 'chat' or 'generate', got {route!r}")
         self.route: OllamaRoute = route
-        self._lines = NdjsonParser()
+        self._lines = NdjsonParser(loads=_decode_chunk)
         self._tools = 0
         self.done = False
         """Whether the final ``done: true`` object (or an error object) arrived."""
@@ -186,17 +213,20 @@ class OllamaStreamParser:
         """End of input: the pieces of a last line that had no newline."""
         return self._pieces(self._lines.close())
 
-    def _pieces(self, objects: Iterator[Any]) -> Iterator[Piece]:
-        for obj in objects:
-            if self.done:
-                continue
-            try:
-                pieces = chunk_pieces(obj, self.route, self._tools)
-            except ValueError as exc:
-                raise WireError(f"not an Ollama stream object: {exc}", offset=self._lines.line_offset) from None
-            for piece in pieces:
-                if isinstance(piece, TextPiece) and piece.channel == "tool":
-                    self._tools += 1
-                elif not isinstance(piece, TextPiece):
-                    self.done = True
-                yield piece
+    def _pieces(self, chunks: Iterator[_Chunk]) -> Iterator[Piece]:
+        route = self.route
+        out: list[Piece] = []
+        try:
+            for chunk in chunks:
+                if self.done:
+                    continue
+                for piece in _pieces(chunk, route, self._tools):
+                    if piece.__class__ is TextPiece:
+                        if piece.channel == "tool":
+                            self._tools += 1
+                    else:
+                        self.done = True
+                    out.append(piece)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)

@@ -28,7 +28,7 @@ import orjson
 
 from streambus import Usage, WireError
 from streambus.events import Channel
-from streambus.wire import SseEvent, SseParser, ToolCallFragment, tool_text
+from streambus.wire import SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
     "DonePiece",
@@ -96,29 +96,95 @@ def error_piece(error: Any) -> ErrorPiece:
     return ErrorPiece(message=error if isinstance(error, str) else orjson.dumps(error).decode())
 
 
-def _text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"{where}.{key} is {type(value).__name__}, expected a string")
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
 
 
-def _usage(raw: Any) -> Usage:
-    if not isinstance(raw, Mapping):
-        raise ValueError("usage is not an object")
-    counts: dict[str, int | None] = {}
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"usage.{key} is {type(value).__name__}, expected an integer")
-        counts[key] = value
-    if counts["total_tokens"] is None and counts["prompt_tokens"] is not None:
-        counts["total_tokens"] = counts["prompt_tokens"] + (counts["completion_tokens"] or 0)
-    return Usage(
-        prompt_tokens=counts["prompt_tokens"],
-        completion_tokens=counts["completion_tokens"],
-        total_tokens=counts["total_tokens"],
-    )
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = None
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a stream chunk we read; msgspec validates them while decoding."""
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
+    if chunk.error:
+        return [error_piece(chunk.error)]
+    pieces: list[Piece] = []
+    for position, choice in enumerate(chunk.choices or ()):
+        index = choice.index if choice.index is not None else position
+        if route == "chat":
+            delta = choice.delta
+            if delta is not None:
+                reasoning = delta.reasoning_content or delta.reasoning
+                if reasoning:
+                    pieces.append(TextPiece(reasoning, "reasoning", index))
+                if delta.content:
+                    pieces.append(TextPiece(delta.content, "content", index))
+                for i, call in enumerate(delta.tool_calls or ()):
+                    function = call.function
+                    fragment = ToolCallFragment(
+                        index=call.index if call.index is not None else i,
+                        id=call.id,
+                        name=function.name if function is not None else None,
+                        arguments=(function.arguments or "") if function is not None else "",
+                    )
+                    pieces.append(TextPiece(tool_text(fragment), "tool", index))
+        elif choice.text:
+            pieces.append(TextPiece(choice.text, "content", index))
+        if choice.finish_reason is not None:
+            pieces.append(FinishPiece(choice.finish_reason, index))
+    usage = chunk.usage
+    if usage is not None:
+        total = usage.total_tokens
+        if total is None and usage.prompt_tokens is not None:
+            total = usage.prompt_tokens + (usage.completion_tokens or 0)
+        pieces.append(
+            UsagePiece(
+                Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=total)
+            )
+        )
+    return pieces
+
+
+def _problem(exc: msgspec.DecodeError) -> str:
+    # msgspec says "Expected `str`, got `int` - at `$.choices[0].delta.content`": name the field first.
+    message = str(exc)
+    if " - at `$." in message:
+        message, where = message.rsplit(" - at `$.", 1)
+        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
+    return message[0].lower() + message[1:]
 
 
 def chunk_pieces(obj: Any, route: OpenAIRoute) -> list[Piece]:
@@ -127,63 +193,11 @@ def chunk_pieces(obj: Any, route: OpenAIRoute) -> list[Piece]:
     Raises :class:`ValueError` naming the field when the chunk is not shaped
     like an OpenAI stream chunk.
     """
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if obj.get("error"):
-        return [error_piece(obj["error"])]
-    pieces: list[Piece] = []
-    choices = obj.get("choices") or []
-    if not isinstance(choices, list):
-        raise ValueError("choices is not a list")
-    for position, choice in enumerate(choices):
-        where = f"choices[{position}]"
-        if not isinstance(choice, dict):
-            raise ValueError(f"{where} is not an object")
-        index = choice.get("index", position)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError(f"{where}.index is not an integer")
-        if route == "chat":
-            delta = choice.get("delta") or {}
-            if not isinstance(delta, dict):
-                raise ValueError(f"{where}.delta is not an object")
-            where += ".delta"
-            reasoning = _text(delta, "reasoning_content", where) or _text(delta, "reasoning", where)
-            if reasoning:
-                pieces.append(TextPiece(reasoning, "reasoning", index))
-            content = _text(delta, "content", where)
-            if content:
-                pieces.append(TextPiece(content, "content", index))
-            calls = delta.get("tool_calls")
-            if calls:
-                if not isinstance(calls, list):
-                    raise ValueError(f"{where}.tool_calls is not a list")
-                for i, call in enumerate(calls):
-                    if not isinstance(call, dict):
-                        raise ValueError(f"{where}.tool_calls[{i}] is not an object")
-                    function = call.get("function") or {}
-                    if not isinstance(function, dict):
-                        raise ValueError(f"{where}.tool_calls[{i}].function is not an object")
-                    call_index = call.get("index", i)
-                    fragment = ToolCallFragment(
-                        index=call_index if isinstance(call_index, int) else i,
-                        id=_text(call, "id", f"{where}.tool_calls[{i}]"),
-                        name=_text(function, "name", f"{where}.tool_calls[{i}].function"),
-                        arguments=_text(function, "arguments", f"{where}.tool_calls[{i}].function") or "",
-                    )
-                    pieces.append(TextPiece(tool_text(fragment), "tool", index))
-        else:
-            text = _text(choice, "text", where)
-            if text:
-                pieces.append(TextPiece(text, "content", index))
-        reason = choice.get("finish_reason")
-        if reason is not None:
-            if not isinstance(reason, str):
-                raise ValueError(f"{where}.finish_reason is not a string")
-            pieces.append(FinishPiece(reason, index))
-    usage = obj.get("usage")
-    if usage is not None:
-        pieces.append(UsagePiece(_usage(usage)))
-    return pieces
+    try:
+        chunk = msgspec.convert(obj, _Chunk)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_problem(exc)) from None
+    return _pieces(chunk, route)
 
 
 class OpenAIStreamParser:
@@ -201,9 +215,11 @@ class OpenAIStreamParser:
             ...  # no data: [DONE]: the stream was truncated
 
     Iterate what :meth:`feed` returns before feeding again. An event whose
-    data is not JSON, or not a chunk, raises :class:`~streambus.errors.WireError`
-    with the byte offset of the event, after every piece before it.
-    Events after ``[DONE]`` are ignored.
+    data is not JSON, or not a chunk (a field of the wrong type), raises
+    :class:`~streambus.errors.WireError` naming the problem and the byte
+    offset of the event, after every piece before it. Events after
+    ``[DONE]`` are ignored. Data is decoded straight into typed structs
+    (msgspec), which validates it at no extra cost.
     """
 
     __slots__ = ("_sse", "done", "route")
@@ -226,23 +242,32 @@ class OpenAIStreamParser:
 
     def _pieces(self, events: Iterator[SseEvent]) -> Iterator[Piece]:
         route = self.route
-        for event in events:
-            if self.done:
-                continue
-            data = event.data
-            if data == "[DONE]" or data.strip() == "[DONE]":
-                self.done = True
-                yield DonePiece()
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                raise WireError(f"event data is not JSON: {exc}", offset=event.offset) from None
-            try:
-                if event.event == "error":
-                    yield error_piece(obj.get("error", obj) if isinstance(obj, dict) else obj)
+        out: list[Piece] = []
+        try:
+            for event in events:
+                if self.done:
                     continue
-                pieces = chunk_pieces(obj, route)
-            except ValueError as exc:
-                raise WireError(f"not an OpenAI stream chunk: {exc}", offset=event.offset) from None
-            yield from pieces
+                data = event.data
+                if data == "[DONE]" or data.strip() == "[DONE]":
+                    self.done = True
+                    out.append(DonePiece())
+                elif event.event == "error":
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        obj = data
+                    out.append(error_piece(obj.get("error", obj) if isinstance(obj, dict) else obj))
+                else:
+                    out.extend(_pieces(_decode(data, event.offset), route))
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
+
+
+def _decode(data: str, offset: int) -> _Chunk:
+    try:
+        return _decode_chunk(data)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"not an OpenAI stream chunk: {_problem(exc)}", offset=offset) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"event data is not JSON: {exc}", offset=offset) from None
