@@ -164,16 +164,23 @@ class Client:
         if self.queued_bytes > self.buffer_bytes:
             self.close(CloseCode.LAGGED, f"client buffer passed {self.buffer_bytes} bytes")
 
-    def close(self, code: CloseCode, reason: str) -> None:
-        """Drop everything queued and have the connection closed with *code*."""
+    def close(self, code: CloseCode, reason: str, *, flush: bool = False) -> None:
+        """Have the connection closed with *code*.
+
+        Everything queued is dropped, unless *flush*: then the queued frames
+        (answers, error frames) are sent first and nothing new is queued.
+        """
         if self.close_code is not None:
             return
         self.close_code = code
         self.close_reason = reason
+        self.closing.set()
+        if flush:
+            self._notify()
+            return
         self.queue.clear()
         self._tails.clear()
         self.queued_bytes = 0
-        self.closing.set()
         if self.scope is not None and (self._transport is not None or not self.sending):
             # Under asyncio a cancelled send leaves its frame whole in the transport
             # buffer; under trio a cancelled send_all breaks the stream, so the
@@ -215,7 +222,7 @@ class Client:
             # send() waits until the socket drains below its high-water mark...
             await ws.send(self._pop(), text=True)
             self.sent += 1
-            if self.close_code is not None:
+            if self.close_code is not None and not queue:
                 return
             # ... then, while it stays below, the backlog goes out without a
             # task switch per frame (asyncio only: trio has no synchronous write).

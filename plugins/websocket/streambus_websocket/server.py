@@ -561,7 +561,9 @@ class WebSocketSink(PluginBase):
                 if allowance < 1:
                     strikes += 1
                     if strikes > burst:
-                        client.close(CloseCode.RATE_LIMITED, f"more than {rate:g} messages/s")
+                        client.close(CloseCode.RATE_LIMITED, f"more than {rate:g} messages/s", flush=True)
+                        with anyio.move_on_after(opts.close_timeout):
+                            await client.wait_idle()
                         return
                     client.push(error_frame(ErrorCode.RATE_LIMITED, f"message dropped: limit is {rate:g} messages/s"))
                     continue

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import anyio
 import pytest
 from streambus_websocket import PROTOCOL_VERSION, CloseCode, ErrorCode, WebSocketSink
 from streambus_websocket.testing import connect, publish_text, running
+from websockets.exceptions import ConnectionClosed
 
 from streambus import Usage
 
@@ -164,14 +166,15 @@ async def test_oversize_frame_closes_with_1009() -> None:
 
 
 async def test_flooding_client_is_warned_then_closed() -> None:
-    async with running(max_message_rate=5) as (_bus, sink), connect(sink.url) as peer:
-        for _ in range(60):
-            await peer.send({"op": "ping"})
+    # One message per second, bursts of two: the third message in a row is over the limit.
+    async with running(max_message_rate=1) as (_bus, sink), connect(sink.url) as peer:
+        with contextlib.suppress(ConnectionClosed):  # the server may close before the loop ends
+            for _ in range(60):
+                await peer.send({"op": "ping"})
         code, frames = await peer.closed()
         assert code == CloseCode.RATE_LIMITED
+        assert frames[0] == {"op": "pong"}
         assert any(f.get("code") == ErrorCode.RATE_LIMITED.value for f in frames)
-        # Within the burst, pings were answered.
-        assert [f["op"] for f in frames[:10]] == ["pong"] * 10
 
 
 async def _http_get(port: int, path: str, headers: str = "") -> tuple[int, bytes]:

@@ -145,7 +145,7 @@ def test_config_file_builds_the_sink() -> None:
 
 async def test_many_clients_each_get_the_whole_stream(anyio_backend: str) -> None:
     # trio's websockets connections are heavier; the benchmark holds 1000 clients.
-    count = 200 if anyio_backend == "asyncio" else 100
+    count = 200 if anyio_backend == "asyncio" else 50
     async with running() as (bus, sink):
         texts: dict[int, str] = {}
         async with anyio.create_task_group() as tg:
