@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +17,8 @@ from streambus.config import parse_config
 from streambus.errors import ConfigError, SinkFailed
 
 pytestmark = pytest.mark.anyio
+
+AIOHTTP_EXAMPLE = Path(__file__).resolve().parents[3] / "docs" / "examples" / "aiohttp_app.py"
 
 
 @pytest.fixture
@@ -456,3 +459,28 @@ async def test_official_openai_client_against_the_sink(served: Any, writer: Any)
             stream = await client.chat.completions.create(model="llama", messages=[], stream=True)
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == "next one"
+
+
+async def test_aiohttp_example_app(writer: Any) -> None:
+    import importlib.util
+
+    from aiohttp import web
+
+    spec = importlib.util.spec_from_file_location("aiohttp_example", AIOHTTP_EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    app = module.create_app()
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        await writer(app[module.BUS], "ex", ["from ", "aiohttp"])
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/answers/ex")).text == "from aiohttp"
+            frames = _parse_sse((await client.get("/bus/streams/ex/sse")).text)
+            assert [f["id"] for f in frames] == ["ex:0", "ex:1", "ex:2", "ex:3"]
+    finally:
+        await runner.cleanup()
