@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -39,6 +39,28 @@ _SPACED = (
     r"\u0590-\u05ff\u0600-\u06ff\u0e00-\u0e7f\u1e00-\u1fff\uac00-\ud7af"
 )
 _SPACED_CHAR = re.compile(f"[{_SPACED}]")
+
+
+def _trie_regex(terms: list[str]) -> str:
+    """A regex matching any of *terms*, longest first, built from their trie."""
+    trie: dict[str, Any] = {}
+    for term in terms:
+        node = trie
+        for char in term:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def render(node: dict[str, Any]) -> str:
+        ends_here = "" in node
+        branches = [re.escape(char) + render(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 and len(branches[0]) == 1 else f"(?:{'|'.join(branches)})"
+        if len(branches) == 1 and not ends_here:
+            return branches[0]
+        return f"{body}?" if ends_here else body
+
+    return render(trie)
 
 
 class KeywordModerator(PluginBase):
@@ -100,12 +122,11 @@ class KeywordModerator(PluginBase):
         self._categories: list[str] = []
         longest = 0
         for category, terms in words.items():
-            folded = sorted({_fold(t).strip() for t in terms if _fold(t).strip()}, key=len, reverse=True)
+            folded = {_fold(t).strip() for t in terms if _fold(t).strip()}
             if not folded:
                 continue
             longest = max(longest, *map(len, folded))
-            body = "|".join(self._term(t, options.whole_words) for t in folded)
-            alternatives.append(f"(?P<g{len(self._categories)}>{body})")
+            alternatives.append(f"(?P<g{len(self._categories)}>{self._category_regex(folded, options.whole_words)})")
             self._categories.append(category)
         self._words = re.compile("|".join(alternatives)) if alternatives else None
         # Patterns run one by one: combined, their own groups and backreferences would clash.
@@ -121,15 +142,25 @@ class KeywordModerator(PluginBase):
         from two original ones (``ｶﾞ``)."""
 
     @staticmethod
-    def _term(term: str, whole_words: bool) -> str:
-        body = re.escape(term)
-        if not whole_words:
-            return body
-        if _SPACED_CHAR.match(term[0]):
-            body = f"(?<![{_SPACED}])" + body
-        if _SPACED_CHAR.match(term[-1]):
-            body += f"(?![{_SPACED}])"
-        return body
+    def _category_regex(terms: set[str], whole_words: bool) -> str:
+        """One regex for a category's terms: a trie per kind of word edge.
+
+        A plain alternation of hundreds of words makes ``re`` try every word
+        at every position; a trie shares prefixes, so each position costs
+        about one branch. Terms are grouped by whether each edge needs a word
+        boundary (only edges in spaced scripts do), and the lookarounds wrap
+        the whole trie of a group.
+        """
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for term in terms:
+            left = whole_words and bool(_SPACED_CHAR.match(term[0]))
+            right = whole_words and bool(_SPACED_CHAR.match(term[-1]))
+            groups.setdefault((left, right), []).append(term)
+        parts = []
+        for (left, right), group in sorted(groups.items()):
+            body = _trie_regex(group)
+            parts.append((f"(?<![{_SPACED}])" if left else "") + f"(?:{body})" + (f"(?![{_SPACED}])" if right else ""))
+        return "|".join(parts)
 
     def scan(self, text: str) -> list[Span]:
         """Return every match in *text* as spans of the original text (synchronous)."""

@@ -19,6 +19,11 @@ __all__ = ["Normalized", "normalize"]
 _ATTACHING = frozenset("\uff9e\uff9f")
 
 
+# Folding one character at a time is the slow path's cost: text repeats its
+# characters, so each is folded once (bounded by the characters in use).
+_CHAR_CACHE: dict[str, str] = {}
+
+
 def _fold(text: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
@@ -70,7 +75,13 @@ def normalize(text: str) -> Normalized:
         j = i + 1
         while j < n and (unicodedata.combining(text[j]) or text[j] in _ATTACHING):
             j += 1
-        piece = _fold(text[i:j])
+        if j == i + 1:
+            char = text[i]
+            piece = _CHAR_CACHE.get(char)
+            if piece is None:
+                piece = _CHAR_CACHE[char] = _fold(char)
+        else:
+            piece = _fold(text[i:j])
         out.append(piece)
         starts.extend([i] * len(piece))
         ends.extend([j] * len(piece))

@@ -43,6 +43,7 @@ with ``abort`` by ``moderation``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections import deque
@@ -131,14 +132,32 @@ class _Redaction:
 class _Channel:
     """Moderation state of one channel of one stream (offsets count source characters)."""
 
-    __slots__ = ("allowed", "arrivals", "base", "checked", "masked", "name", "redactions", "released", "text", "total")
+    __slots__ = (
+        "allowed",
+        "arrivals",
+        "checked",
+        "chunks",
+        "head",
+        "masked",
+        "name",
+        "redactions",
+        "released",
+        "scheduled",
+        "starts",
+        "total",
+    )
 
     def __init__(self, name: Channel) -> None:
         self.name = name
-        self.text = ""  # source text from `base` on
-        self.base = 0
+        # Source text as the deltas brought it: chunks[i] starts at offset starts[i].
+        # Appending and slicing a window cost what they touch, however far the
+        # producer runs ahead of the moderator.
+        self.chunks: list[str] = []
+        self.starts: list[int] = []
+        self.head = 0  # chunks before this index were trimmed
         self.total = 0
-        self.checked = 0  # windows cover [0, checked)
+        self.checked = 0  # verdicts applied for [0, checked)
+        self.scheduled = 0  # checks started for [0, scheduled)
         self.allowed = 0  # text before this may be released
         self.released = 0  # text before this was released
         self.redactions: list[_Redaction] = []
@@ -147,7 +166,8 @@ class _Channel:
 
     def append(self, text: str, now: float) -> tuple[int, int]:
         start = self.total
-        self.text += text
+        self.chunks.append(text)
+        self.starts.append(start)
         self.total += len(text)
         self.arrivals.append((self.total, now))
         return start, self.total
@@ -161,7 +181,7 @@ class _Channel:
 
     def window(self, start: int, end: int) -> str:
         """Source text ``[start, end)`` with already reported spans blanked out."""
-        text = self.text[start - self.base : end - self.base]
+        text = self.slice(start, end)
         for ms, me in self.masked:
             if me <= start or ms >= end:
                 continue
@@ -218,20 +238,51 @@ class _Channel:
             if r.start >= end:
                 break
             if r.start > pos:
-                parts.append(self.text[pos - self.base : r.start - self.base])
+                parts.append(self.slice(pos, r.start))
             if r.start >= start:
                 parts.append(replacement)
             pos = max(pos, r.end)
         if pos < end:
-            parts.append(self.text[pos - self.base : end - self.base])
+            parts.append(self.slice(pos, end))
+        return "".join(parts)
+
+    def slice(self, start: int, end: int) -> str:
+        """Source text ``[start, end)``."""
+        if end <= start:
+            return ""
+        starts, chunks = self.starts, self.chunks
+        i = max(self.head, bisect.bisect_right(starts, start, lo=self.head) - 1)
+        parts: list[str] = []
+        while i < len(chunks) and starts[i] < end:
+            offset = starts[i]
+            parts.append(chunks[i][max(0, start - offset) : end - offset])
+            i += 1
         return "".join(parts)
 
     def trim(self, overlap: int) -> None:
+        """Forget text no window or release needs any more."""
         keep = min(self.released, max(0, self.checked - overlap))
-        if keep - self.base > 4096:
-            self.text = self.text[keep - self.base :]
-            self.base = keep
+        starts = self.starts
+        while self.head + 1 < len(starts) and starts[self.head + 1] <= keep:
+            self.head += 1
+        if self.head > 1024:
+            del self.chunks[: self.head]
+            del self.starts[: self.head]
+            self.head = 0
             self.masked = [(s, e) for s, e in self.masked if e > keep]
+
+
+class _Pending:
+    """A window whose check is in flight; ``result`` is set when the verdict is in."""
+
+    __slots__ = ("ch", "end", "final", "result", "start")
+
+    def __init__(self, ch: _Channel, start: int, end: int, final: bool) -> None:
+        self.ch = ch
+        self.start = start
+        self.end = end
+        self.final = final
+        self.result: tuple[Verdict, str] | None = None
 
 
 class _Stream:
@@ -315,6 +366,8 @@ class ModerationStage(PluginBase):
         """When ``max_hold_ms`` passes: release the text unapproved, or withhold it as flagged."""
         replacement: str = "[removed]"
         """Text that replaces a redacted span in gate mode."""
+        max_concurrent_checks: int = 4
+        """Windows of one stream checked at the same time (verdicts still apply in order)."""
         max_pending_chars: int = 1_000_000
         """Unchecked characters per stream channel before the stage stops reading (backpressure)."""
 
@@ -343,6 +396,8 @@ class ModerationStage(PluginBase):
                     raise ValueError("max_hold_ms: only applies to mode = 'gate' (observe never holds text)")
                 if self.max_hold_ms <= 0:
                     raise ValueError(f"max_hold_ms: must be positive, got {self.max_hold_ms}")
+            if self.max_concurrent_checks < 1:
+                raise ValueError(f"max_concurrent_checks: must be at least 1, got {self.max_concurrent_checks}")
             if self.max_pending_chars < self.window_chars:
                 raise ValueError(f"max_pending_chars: must be at least window_chars ({self.window_chars})")
 
@@ -456,17 +511,29 @@ class ModerationStage(PluginBase):
 
     # -- checking ----------------------------------------------------------------
     async def _checker(self, st: _Stream) -> None:
+        """Check one stream's windows: several in flight, verdicts applied in order."""
         try:
-            while not st.finished:
-                wake = st.wake = anyio.Event()
-                checked = await self._check_ready(st)
-                if st.finished:
-                    break
-                if not checked:
-                    if st.terminal is not None or st.closing:
+            async with anyio.create_task_group() as tg:
+                inflight: deque[_Pending] = deque()
+                while not st.finished:
+                    wake = st.wake = anyio.Event()
+                    self._launch(st, tg, inflight)
+                    progressed = False
+                    while inflight and inflight[0].result is not None and not st.finished:
+                        await self._conclude(st, inflight.popleft())
+                        progressed = True
+                    if st.finished:
+                        break
+                    if (
+                        not inflight
+                        and (st.terminal is not None or st.closing)
+                        and all(ch.scheduled >= ch.total for ch in st.channels.values())
+                    ):
                         await self._finish(st)
                         break
-                    await wake.wait()
+                    if not progressed:
+                        await wake.wait()
+                tg.cancel_scope.cancel()  # an abort leaves checks in flight: they no longer matter
         except Exception as exc:
             log.error("moderation.stage_failed", stream=st.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             await self._fail_stream(st, exc)
@@ -476,21 +543,31 @@ class ModerationStage(PluginBase):
             if self._streams.get(st.id) is st:
                 del self._streams[st.id]
 
-    async def _check_ready(self, st: _Stream) -> bool:
-        for ch in list(st.channels.values()):
-            start = max(0, ch.checked - self.overlap)
-            end = start + self.window
-            if ch.total >= end and end > ch.checked:
-                await self._check_window(st, ch, start, end, final=False)
-                return True
-        return False
+    def _launch(self, st: _Stream, tg: anyio.abc.TaskGroup, inflight: deque[_Pending]) -> None:
+        """Start checks of every window that is ready, up to ``max_concurrent_checks``."""
+        closing = st.terminal is not None or st.closing
+        limit = self.options.max_concurrent_checks
+        for ch in st.channels.values():
+            while len(inflight) < limit:
+                start = max(0, ch.scheduled - self.overlap)
+                end = start + self.window
+                final = False
+                if not (ch.total >= end and end > ch.scheduled):
+                    if not (closing and ch.total > ch.scheduled):
+                        break
+                    end, final = ch.total, True
+                now = anyio.current_time()
+                ready_at = ch.ready_at(end, st.terminal_at if final and st.terminal is not None else now)
+                pending = _Pending(ch, start, end, final)
+                ch.scheduled = end
+                inflight.append(pending)
+                tg.start_soon(self._run_check, st, pending, ch.window(start, end), ready_at)
+
+    async def _run_check(self, st: _Stream, pending: _Pending, text: str, ready_at: float) -> None:
+        pending.result = await self._judge(st, pending.ch, text, pending.end, ready_at)
+        st.poke()
 
     async def _finish(self, st: _Stream) -> None:
-        for ch in list(st.channels.values()):
-            if ch.total > ch.checked:
-                await self._check_window(st, ch, max(0, ch.checked - self.overlap), ch.total, final=True)
-                if st.finished:
-                    return
         async with st.lock:
             for ch in st.channels.values():
                 ch.allow(ch.total)
@@ -499,19 +576,18 @@ class ModerationStage(PluginBase):
             await self._release(st)
         st.finished = True
 
-    async def _check_window(self, st: _Stream, ch: _Channel, start: int, end: int, *, final: bool) -> None:
-        text = ch.window(start, end)
-        ready_at = ch.ready_at(end, st.terminal_at if final and st.terminal is not None else anyio.current_time())
-        verdict, label = await self._judge(st, ch, text, end, ready_at)
-        if st.finished:
-            return
-        ch.checked = end
+    async def _conclude(self, st: _Stream, pending: _Pending) -> None:
+        """Apply one window's verdict, then release what it approved."""
+        assert pending.result is not None
+        verdict, label = pending.result
+        ch, start, end = pending.ch, pending.start, pending.end
+        ch.checked = max(ch.checked, end)
         if verdict.flagged:
             await self._apply(st, ch, verdict, label, start, end)
             if st.finished:
                 return
         async with st.lock:
-            ch.allow(end if final or self.mode == "observe" else end - self.overlap)
+            ch.allow(end if pending.final or self.mode == "observe" else end - self.overlap)
             await self._release(st)
         ch.trim(self.overlap)
         st.progress.set()
