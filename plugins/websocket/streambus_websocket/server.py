@@ -680,7 +680,7 @@ class WebSocketSink(PluginBase):
             )
         )
         for frame in frames:
-            client.push(frame)
+            client.push(frame, shared=True)
 
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:

@@ -44,3 +44,10 @@ def test_every_error_and_close_code_is_documented() -> None:
         assert f"| `{code.value}` |" in page, code
     for close in CloseCode:
         assert f"| {int(close)} |" in page, close
+
+
+def test_shipped_demo_config_validates() -> None:
+    from streambus import load_config
+
+    pipeline = load_config(DOCS.parent / "configs" / "websocket-demo.toml")
+    assert [type(entry.sink).__name__ for entry in pipeline.sinks] == ["WebSocketSink"]

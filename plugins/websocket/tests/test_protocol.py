@@ -218,3 +218,14 @@ async def test_port_in_use_is_a_clear_error() -> None:
             bus.add_sink(sink, max_restarts=0)
             with pytest.raises(BroadcasterError, match=f"cannot listen on 127.0.0.1:{port}"):
                 await sink.wait_ready()
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_compression_is_negotiated_only_when_enabled(compression: bool) -> None:
+    async with running(compression=compression) as (bus, sink), connect(sink.url) as peer:
+        extensions = peer.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert ("permessage-deflate" in extensions) is compression
+        await peer.subscribe(id=1)
+        await publish_text(bus, ["compressed " * 20])
+        events = await peer.events_until_end()
+        assert events[1]["text"] == "compressed " * 20

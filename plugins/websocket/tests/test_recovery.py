@@ -229,3 +229,17 @@ def test_history_evicts_ended_streams_first() -> None:
     assert history.get("done") is None
     assert history.get("live") is not None and history.get("new") is not None
     assert [log.start.stream for log in history.live() if log.start] == ["live", "new"]
+
+
+async def test_recovering_more_than_the_client_buffer_is_not_lagging() -> None:
+    piece = "x" * 200
+    async with running(client_buffer_bytes=4096) as (bus, sink):
+        async with bus.stream(model="m") as w:
+            for _ in range(50):  # 10 KB missed, more than the 4 KiB client buffer
+                await w.delta(piece)
+            async with connect(sink.url) as peer:
+                sub = await peer.subscribe(id=1, since={w.stream: 0})
+                assert sub["recovered"] and sub["replayed"] == 50
+                await w.end()
+                events = await peer.events_until_end(w.stream)
+        assert _text(events) == piece * 50
