@@ -433,3 +433,40 @@ def test_endpoint_auto_picks_the_route() -> None:
     assert OpenAIProducer(model="m", prompt="x").requests()[0][0] == "completions"
     built = build("producers", "openai", {"model": "m", "prompt": "x", "n": 3})
     assert isinstance(built, OpenAIProducer) and built.requests()[0][2]["n"] == 3
+
+
+class AbortAll(Collect):
+    """Aborts every stream at its first delta."""
+
+    async def run(self, events: Any) -> None:
+        aborted: set[str] = set()
+        async for event in events:
+            self.events.append(event)
+            if isinstance(event, DeltaEvent) and event.stream not in aborted and self.bus is not None:
+                aborted.add(event.stream)
+                self.bus.abort(event.stream, "enough", by="client")
+
+
+async def test_aborting_every_choice_closes_the_http_response(upstream: Upstream) -> None:
+    body = chunk([delta({"content": "A"}, index=0), delta({"content": "B"}, index=1)])
+    upstream.replies = [Reply([body], then="hang")]
+    sink = AbortAll()
+    async with Bus() as bus:
+        bus.add_sink(sink, name="collect")
+        p = producer(upstream, n=2, timeout=30)
+        bus.start_producer(p)
+        with anyio.fail_after(10):
+            await upstream.disconnected.wait()
+    ends = [e for e in sink.events if isinstance(e, AbortEvent)]
+    assert len(ends) == 2
+
+
+async def test_aborting_one_choice_lets_the_others_go_on(upstream: Upstream) -> None:
+    upstream.replies = [Reply([chunk([delta({"content": "A"}, index=0)])], then="hang")]
+    sink = Collect(abort_at_first_delta=True)
+    sink_events = await run(producer(upstream, n=2, timeout=0.3, retries=0), sink)
+    kinds = sorted(type(e).__name__ for e in sink_events.events if isinstance(e, AbortEvent | ErrorEvent))
+    # Choice 0 was aborted; choice 1 kept reading until the upstream went quiet.
+    assert kinds == ["AbortEvent", "ErrorEvent"]
+    (error,) = [e for e in sink_events.events if isinstance(e, ErrorEvent)]
+    assert error.kind == "timeout"
