@@ -56,6 +56,12 @@ def _auth_errors() -> tuple[type[BaseException], ...]:
     return (rex.AuthenticationError, rex.AuthorizationError)
 
 
+def _response_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions as rex
+
+    return (rex.ResponseError,)
+
+
 def _sinks_caught_up(bus: Bus) -> bool:
     """Whether every lossless (``block``) subscriber handled all it was given.
 
@@ -270,6 +276,15 @@ class RedisSource(PluginBase):
             except _auth_errors() as exc:
                 log.error("redis.source_auth_failed", error=str(exc))
                 raise
+            except _response_errors() as exc:
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    raise
+                # The key or the group was deleted while we read (or Redis restarted empty):
+                # Redis answers NOGROUP, or UNBLOCKED to a read blocked on the deleted key. Recreate.
+                log.warning("redis.group_missing", error=str(exc), group=opts.group)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                fresh = True
             except _connection_errors() as exc:
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
@@ -525,6 +540,14 @@ class RedisSource(PluginBase):
                     await self._claim(client)
             except _connection_errors() as exc:
                 log.warning("redis.commit_retry", error=f"{type(exc).__name__}: {exc}")
+            except _response_errors() as exc:
+                if "NOGROUP" in str(exc):
+                    # The group went away with its pending list: nothing left to acknowledge.
+                    for ids in self._unacked.values():
+                        ids.clear()
+                    log.warning("redis.group_missing", error=str(exc), group=opts.group)
+                else:
+                    log.error("redis.commit_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _commit(self, client: aioredis.Redis) -> bool:
         """Save positions / acknowledge entries if every lossless sink caught up; return whether it did."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
 from streambus_redis import RedisSink, RedisSource
 from structlog.testing import capture_logs
 
@@ -252,3 +253,35 @@ async def test_tls_with_the_ca_from_the_environment(
         src.stop()
     assert [e.seq for e in collector.events] == [0, 1, 2]
     assert collector.events[1].text == "over TLS"
+
+
+async def test_group_recreated_after_redis_restart(private_redis: Any, collector: Any, exactly_once: Any) -> None:
+    server = private_redis()
+    with anyio.fail_after(30):
+        async with Bus() as consumer, Bus() as producer:
+            consumer.add_sink(collector)
+            src = source(server.url, "k", group="g", consumer="r1", start="0")
+            consumer.start_producer(src)
+            await src.wait_ready()
+            producer.add_sink(RedisSink(url=server.url, stream="k", batch_max_ms=0))
+            async with producer.stream(model="m") as w:
+                await w.delta("before")
+                await collector.wait_count(2)
+                # Restarted without persistence: the stream and its group are gone.
+                server.stop()
+                server.start()
+                await w.delta("after")
+                await collector.wait_count(3)
+                # Deleted while the consumer is connected: its next read finds no group.
+                with capture_logs() as logs:
+                    client = redis.Redis.from_url(server.url)
+                    client.delete("k")
+                    client.close()
+                    await w.delta("deleted")
+                    await collector.wait_count(4)
+            await collector.wait_terminals(1, 20)
+            src.stop()
+    per = exactly_once(collector.events)
+    assert per[w.stream] == [0, 1, 2, 3, 4]
+    assert src.reconnects >= 1
+    assert any(entry["event"] == "redis.group_missing" for entry in logs)
