@@ -484,3 +484,11 @@ async def test_aiohttp_example_app(writer: Any) -> None:
             assert [f["id"] for f in frames] == ["ex:0", "ex:1", "ex:2", "ex:3"]
     finally:
         await runner.cleanup()
+
+
+def test_shipped_config_is_valid() -> None:
+    from streambus import load_config
+
+    pipeline = load_config(AIOHTTP_EXAMPLE.parents[2] / "configs" / "http.toml")
+    assert isinstance(pipeline.sinks[0].sink, HttpSink)
+    assert pipeline.sinks[0].sink.options.port == 8090
