@@ -53,7 +53,7 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     """Producer wall clock, UNIX seconds."""
 
 
-class StartEvent(_Base, frozen=True, tag="start"):
+class StartEvent(_Base, frozen=True, kw_only=True, tag="start"):
     """First event of every stream: who is answering, and the request's tags."""
 
     model: str = ""
@@ -61,7 +61,7 @@ class StartEvent(_Base, frozen=True, tag="start"):
     meta: dict[str, Any] = {}
 
 
-class DeltaEvent(_Base, frozen=True, tag="delta"):
+class DeltaEvent(_Base, frozen=True, kw_only=True, tag="delta"):
     """A piece of generated text.
 
     ``n`` counts the provider chunks merged into this delta (1 at the source).
@@ -89,7 +89,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     source: Literal["provider", "counted"] = "provider"
 
 
-class EndEvent(_Base, frozen=True, tag="end"):
+class EndEvent(_Base, frozen=True, kw_only=True, tag="end"):
     """Normal end of a stream, with usage and provider timings when known."""
 
     reason: str = "stop"
@@ -97,7 +97,7 @@ class EndEvent(_Base, frozen=True, tag="end"):
     timings: dict[str, float] = {}
 
 
-class ErrorEvent(_Base, frozen=True, tag="error"):
+class ErrorEvent(_Base, frozen=True, kw_only=True, tag="error"):
     """The stream failed. ``kind`` is a stable machine-readable name."""
 
     kind: str
@@ -105,14 +105,14 @@ class ErrorEvent(_Base, frozen=True, tag="error"):
     retryable: bool = False
 
 
-class AbortEvent(_Base, frozen=True, tag="abort"):
+class AbortEvent(_Base, frozen=True, kw_only=True, tag="abort"):
     """The stream was stopped on purpose; ``by`` says who stopped it."""
 
     reason: str = ""
     by: str = "client"
 
 
-class ModerationEvent(_Base, frozen=True, tag="moderation"):
+class ModerationEvent(_Base, frozen=True, kw_only=True, tag="moderation"):
     """A moderation verdict about the characters ``[start, end)`` of a channel.
 
     Offsets count characters of that channel's text from the stream's start.
