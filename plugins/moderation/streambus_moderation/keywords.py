@@ -164,21 +164,36 @@ class KeywordModerator(PluginBase):
 
     def scan(self, text: str) -> list[Span]:
         """Return every match in *text* as spans of the original text (synchronous)."""
+        ascii = text.isascii()
+        # Most text is clean: search a whole-string normalisation first (fast,
+        # in C) and build the offset map only when something matched.
+        fast = [] if ascii else self._matches(_fold(text))
+        if not ascii and not fast:
+            return []
         norm = normalize(text)
-        spans: list[Span] = []
-        if self._words is not None:
-            for match in self._words.finditer(norm.text):
-                group = match.lastgroup
-                category = self._categories[int(group[1:])] if group else None
-                start, end = norm.source_span(match.start(), match.end())
-                spans.append(Span(start=start, end=end, category=category))
-        for regex, category in self._patterns:
-            for match in regex.finditer(norm.text):
-                if match.end() > match.start():
-                    start, end = norm.source_span(match.start(), match.end())
-                    spans.append(Span(start=start, end=end, category=category))
+        spans = [
+            Span(start=start, end=end, category=category)
+            for a, b, category in self._matches(norm.text)
+            for start, end in [norm.source_span(a, b)]
+        ]
+        if not spans and not ascii:
+            # Composition across segments found what segment-wise folding cannot
+            # place: report the whole text rather than let it through.
+            return [Span(start=0, end=len(text), category=fast[0][2])]
         spans.sort(key=lambda s: (s.start, s.end))
         return spans
+
+    def _matches(self, folded: str) -> list[tuple[int, int, str | None]]:
+        found: list[tuple[int, int, str | None]] = []
+        if self._words is not None:
+            for match in self._words.finditer(folded):
+                group = match.lastgroup
+                found.append((match.start(), match.end(), self._categories[int(group[1:])] if group else None))
+        for regex, category in self._patterns:
+            for match in regex.finditer(folded):
+                if match.end() > match.start():
+                    found.append((match.start(), match.end(), category))
+        return found
 
     async def check(self, text: str) -> Verdict:
         """Return a flagged verdict with one span per match, or a clean one."""

@@ -493,7 +493,9 @@ class ModerationStage(PluginBase):
                 await st.progress.wait()
             if st.finished:
                 return
-            start, end = ch.append(delta.text, anyio.current_time())
+            # time.monotonic rather than anyio.current_time: only differences are
+            # used (max_hold_ms), and this runs once per delta.
+            start, end = ch.append(delta.text, time.monotonic())
             st.queue.append(_Text(delta.channel, start, end, delta.n, delta.ts))
             if self.mode == "observe":
                 ch.allow(end)
@@ -502,7 +504,7 @@ class ModerationStage(PluginBase):
             st.poke()
         elif is_terminal(event):
             st.terminal = event
-            st.terminal_at = anyio.current_time()
+            st.terminal_at = time.monotonic()
             st.poke()
         else:
             st.queue.append(event)
@@ -556,7 +558,7 @@ class ModerationStage(PluginBase):
                     if not (closing and ch.total > ch.scheduled):
                         break
                     end, final = ch.total, True
-                now = anyio.current_time()
+                now = time.monotonic()
                 ready_at = ch.ready_at(end, st.terminal_at if final and st.terminal is not None else now)
                 pending = _Pending(ch, start, end, final)
                 ch.scheduled = end
@@ -606,7 +608,7 @@ class ModerationStage(PluginBase):
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
-            with anyio.move_on_after(max(0.0, ready_at + hold / 1000 - anyio.current_time())):
+            with anyio.move_on_after(max(0.0, ready_at + hold / 1000 - time.monotonic())):
                 await done.wait()
             if not done.is_set():
                 if self.options.hold_policy == "block":
