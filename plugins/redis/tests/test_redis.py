@@ -296,7 +296,7 @@ async def test_bad_lines_are_reported_and_good_events_kept(
     redis_url: str, key: str, sync_redis: redis.Redis, collector: Any
 ) -> None:
     good = [StartEvent(stream="s", seq=0, ts=1.0), EndEvent(stream="s", seq=2, ts=1.2)]
-    payload = encode(good[0]) + b'\n{"type": "delta", "stream": "s", "seq": 1}\n' + encode(good[1]) + b"\n"
+    payload = encode(good[0]) + b'\n{"type": "delta", "stream": "s", "seq": 1, "ts": 1.1}\n' + encode(good[1]) + b"\n"
     sync_redis.xadd(key, {"x": "not ours"})
     sync_redis.xadd(key, {"o": "o", "p": "p", "c": 1, "e": payload})
     with capture_logs() as logs:
