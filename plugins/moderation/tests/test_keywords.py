@@ -106,3 +106,12 @@ def test_normalize_maps_every_character_back() -> None:
     assert norm.source_span(4, 6) == (6, 7)  # ss came from ß
     plain = normalize("plain ascii")
     assert plain.text == "plain ascii" and plain.source_span(1, 3) == (1, 3)
+
+
+def test_composition_across_characters_is_still_flagged() -> None:
+    # Conjoining Hangul jamo compose under NFKC (U+1100 U+1161 -> U+AC00) although
+    # neither is a combining mark: the match cannot be mapped to exact characters,
+    # so the whole text is reported rather than let through.
+    moderator = KeywordModerator(words={"x": ["\uac00\ub098"]}, whole_words=False)
+    text = "ok \u1100\u1161\u1102\u1161 ok"
+    assert [(s.start, s.end, s.category) for s in moderator.scan(text)] == [(0, len(text), "x")]
