@@ -17,8 +17,11 @@ Counts made either way are reported with ``source = "counted"``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import structlog
@@ -70,11 +73,12 @@ class TokenCounter:
             self._fail(key, "tiktoken is not installed (pip install 'streambus-stats[tiktoken]')")
             return None
         try:
-            enc = tiktoken.get_encoding(self.encoding) if self.encoding else tiktoken.encoding_for_model(model)
+            with _cache_only():
+                enc = tiktoken.get_encoding(self.encoding) if self.encoding else tiktoken.encoding_for_model(model)
         except KeyError:
             self._fail(key, f"tiktoken does not know the encoding of model {model!r}")
             return None
-        except Exception as exc:  # network errors while fetching the BPE file, bad cache, ...
+        except Exception as exc:  # the BPE file is not cached, or the cache is bad
             # The full text of a connection error is a screenful; its first line says enough.
             detail = str(exc).splitlines()[0][:160] if str(exc) else ""
             self._fail(key, f"tiktoken could not load the encoding (offline?): {type(exc).__name__}: {detail}")
@@ -99,3 +103,29 @@ class TokenCounter:
     def fallbacks(self) -> dict[str, str]:
         """Models (or encodings) that fell back to the approximation, with the reason."""
         return dict(self._failed)
+
+
+_cache_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _cache_only() -> Iterator[None]:
+    """Let tiktoken read its BPE files from its cache but never download them.
+
+    tiktoken fetches a missing encoding file over the internet on first use;
+    a stats sink must not make network calls behind the user's back (and on
+    an offline machine the attempt only costs a DNS timeout). Its module-level
+    ``read_file`` is what fetches; swap it for the duration of the load.
+    """
+    import tiktoken.load
+
+    def refuse(blobpath: str) -> bytes:
+        raise OSError(f"{blobpath} is not in tiktoken's cache (TIKTOKEN_CACHE_DIR) and streambus never downloads it")
+
+    with _cache_lock:
+        original = tiktoken.load.read_file
+        tiktoken.load.read_file = refuse
+        try:
+            yield
+        finally:
+            tiktoken.load.read_file = original
