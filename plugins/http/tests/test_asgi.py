@@ -208,3 +208,66 @@ async def test_asgi_responses_run_under_asyncio_and_trio(writer: Any) -> None:
             assert orjson.loads(chunks[0]) == {"type": "start", "messageId": "t2"}
             assert chunks[-1] == "[DONE]"
         await bus.shutdown()
+
+
+async def test_asgi_over_real_http_under_both_backends(anyio_backend: str, writer: Any) -> None:
+    """Hypercorn serves the ASGI blocks on loopback under asyncio and trio: live SSE, disconnect, resume, abort."""
+    from hypercorn.config import Config
+
+    if anyio_backend == "trio":
+        from hypercorn.trio import serve
+    else:
+        from hypercorn.asyncio import serve  # type: ignore[assignment]
+
+    port = _free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    stop = anyio.Event()
+    async with Bus() as bus:
+        hub = StreamHub.attach(bus)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: serve(_starlette(hub), config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                        break
+                    except OSError:
+                        await anyio.sleep(0.02)
+            step = anyio.Event()
+
+            async def produce() -> None:
+                async with bus.stream(model="m", stream="hc") as w:
+                    await w.delta("a")
+                    await w.delta("b")
+                    await step.wait()
+                    await w.delta("c")
+                    await anyio.sleep_forever()
+
+            tg.start_soon(produce)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                # A raw socket client (httpx's nested generators warn under trio when left early).
+                raw = await anyio.connect_tcp("127.0.0.1", port)
+                await raw.send(b"GET /s/hc/sse HTTP/1.1\r\nHost: t\r\n\r\n")
+                received = b""
+                with anyio.fail_after(10):
+                    while b"id: hc:1\n" not in received:
+                        received += await raw.receive()
+                await raw.aclose()  # disconnect mid-stream
+                last = "hc:1"
+                with anyio.fail_after(5):
+                    while hub.readers:
+                        await hub.wait_changed(0.05)
+                step.set()
+                with anyio.fail_after(5):
+                    while hub.last_seq("hc") < 3:
+                        await hub.wait_changed(0.05)
+                bus.abort("hc", "stop", by="client")
+                r = await client.get("/s/hc/sse", headers={"Last-Event-ID": last})
+                assert [f["id"] for f in _frames(r.text)] == ["hc:2", "hc:3", "hc:4"]
+                assert (await client.get("/s/hc/text")).text == "abc\n[aborted by client: stop]\n"
+            stop.set()
+        await bus.shutdown()
