@@ -280,7 +280,7 @@ async def main() -> None:
     rows: list[str] = []
     ratios: dict[int, float] = {}
     held = False
-    for count, messages, rounds in ((1, 20_000, 2), (100, 1_000, 2), (1000, 150, 1)):
+    for count, messages, rounds in ((1, 20_000, 2), (100, 800, 2), (1000, 100, 1)):
         # The machine is shared: the best of `rounds` alternating runs of each system.
         raw = ours = None
         for _ in range(rounds):
@@ -302,7 +302,7 @@ async def main() -> None:
         print(f"throughput {count} clients: raw {_rate(raw):,.0f}/s, streambus {_rate(ours):,.0f}/s", flush=True)
 
     overload_rows: list[str] = []
-    slow, tokens, rate, delay = 10, 3000, 3000.0, 0.001
+    slow, tokens, rate, delay = 10, 2400, 3000.0, 0.001
     raw = await run_raw(slow, tokens, rate=rate, delay=delay)
     ours = await run_streambus(slow, tokens, rate=rate, delay=delay)
     for name, r in (("raw broadcast()", raw), ("streambus-websocket", ours)):
