@@ -501,7 +501,8 @@ class ModerationStage(PluginBase):
                 ch.allow(end)
                 async with st.lock:
                     await self._release(st)
-            st.poke()
+            if end >= max(0, ch.scheduled - self.overlap) + self.window:
+                st.poke()  # a window is ready; waking the checker per delta would cost a task switch each
         elif is_terminal(event):
             st.terminal = event
             st.terminal_at = time.monotonic()
