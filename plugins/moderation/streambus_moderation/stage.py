@@ -462,6 +462,13 @@ class ModerationStage(PluginBase):
             try:
                 async for event in events:
                     await self._feed(event, tg)
+            except Exception as exc:
+                # A bug here must not leave streams hanging half-moderated: end
+                # each live one with an error before the supervisor restarts us.
+                log.error("moderation.stage_crashed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                for st in list(self._streams.values()):
+                    await self._fail_stream(st, exc)
+                raise
             finally:
                 # The raw stream ended (bus closing): flush what is held.
                 for st in list(self._streams.values()):

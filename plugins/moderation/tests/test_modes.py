@@ -199,3 +199,46 @@ async def test_custom_moderator_without_spans_covers_the_whole_window() -> None:
     _, moderated = await run_chunks(stage, ["0123456789", "abcd bad e"])
     notes = [(e.start, e.end) for e in moderated if isinstance(e, ModerationEvent)]
     assert notes == [(10, 20)]
+
+
+async def test_a_slow_moderator_backpressures_the_producer_without_losing_text() -> None:
+    gated = GatedModerator()
+    stage = ModerationStage(moderator=gated, window_chars=32, overlap_chars=0, max_pending_chars=64)
+    written = 0
+    async with Bus(buffer=16) as bus:
+        bus.add_sink(stage)
+        moderated = bus.subscribe(overflow="block", buffer=100_000)
+
+        async def produce() -> None:
+            nonlocal written
+            async with bus.stream(stream="bp") as w:
+                for _ in range(2000):
+                    await w.delta("x")
+                    written += 1
+
+        bus.start_soon(produce)
+        await gated.waiting.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert written < 200  # the producer waits: 64 pending characters plus the stage's buffer
+        gated.open()
+    events = [e async for e in moderated]
+    assert written == 2000
+    assert delivered_text(events) == "x" * 2000
+    assert_well_formed(events)
+
+
+async def test_a_crash_inside_the_stage_ends_live_streams_with_an_error() -> None:
+    stage = ModerationStage(moderator=keywords(), window_chars=64)
+
+    async def broken_release(st: object) -> None:
+        raise RuntimeError("bug in release")
+
+    stage._release = broken_release  # type: ignore[method-assign]
+    async with Bus() as bus:
+        bus.add_sink(stage, max_restarts=0)
+        moderated = bus.subscribe(overflow="block")
+        async with bus.stream(stream="c") as w:
+            await w.delta("hello")
+    events = [e async for e in moderated]
+    assert [type(e).__name__ for e in events] == ["ErrorEvent"]
+    assert events[0].kind == "moderation_failed" and "bug in release" in events[0].message  # type: ignore[union-attr]
