@@ -102,8 +102,12 @@ class Deduplicator:
                 count += 1
         return count
 
-    def snapshot(self, *, ended: int = 1000) -> dict[str, Any]:
-        """A JSON-able state: every live stream and the last *ended* ended streams."""
+    def snapshot(self, *, ended: int = 100) -> dict[str, Any]:
+        """A JSON-able state: every live stream and the last *ended* ended streams.
+
+        Saved with a consumer's position: events after that position belong to
+        live streams (or are re-sent duplicates of recently ended ones).
+        """
         tail = list(self._ended.items())[-ended:] if ended else []
         return {"live": dict(self._last), "ended": dict(tail)}
 

@@ -181,7 +181,7 @@ class RedisSource(PluginBase):
         self.dedup = Deduplicator(max_ended=opts.dedup_ended)
         """The (stream, seq) de-duplicator; seed it before :meth:`run` to skip what was delivered before."""
         self.gaps: list[RedisGap] = []
-        """Every gap found (entries trimmed before this source read them)."""
+        """Gaps found (entries trimmed before this source read them), the last 1000."""
         self.delivered = 0
         """Events published on the local bus."""
         self.duplicates = 0
@@ -523,6 +523,7 @@ class RedisSource(PluginBase):
 
     def _report_gap(self, key: str, gap: RedisGap) -> None:
         self.gaps.append(gap)
+        del self.gaps[:-1000]  # the most recent ones; every gap is logged anyway
         self._gapped.add(key)
         log.error("redis.gap", key=key, after=gap.after, until=gap.until, lost=gap.lost, error=str(gap))
 
