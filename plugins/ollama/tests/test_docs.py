@@ -55,3 +55,25 @@ def test_every_option_is_documented() -> None:
 
     for field in msgspec.structs.fields(OllamaProducer.Options):
         assert f"| `{field.name}` |" in TEXT, field.name
+
+
+@pytest.mark.anyio
+async def test_shipped_config_runs(upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streambus.config import load_config
+    from streambus.events import DeltaEvent, EndEvent, StartEvent
+
+    events = [
+        StartEvent(stream="s", seq=0, ts=1.0),
+        DeltaEvent(stream="s", seq=1, ts=1.1, text="Because."),
+        EndEvent(stream="s", seq=2, ts=1.2),
+    ]
+    upstream.replies = [Reply([OllamaFormat().encode_stream("chat", {"model": "llama3.2"}, events)])]
+    source = (DOC.parents[2] / "configs" / "ollama.toml").read_text(encoding="utf-8")
+    config = tmp_path / "ollama.toml"
+    config.write_text(source.replace("http://127.0.0.1:11434", upstream.url), encoding="utf-8")
+    await load_config(config).run()
+    assert sorted(r["messages"][-1]["content"] for r in upstream.requests) == [
+        "Why is the sea salty?",
+        "Why is the sky blue?",
+    ]
+    assert "Because." in capsys.readouterr().out

@@ -65,3 +65,18 @@ def test_pipeline_example_is_valid() -> None:
 def test_every_option_is_documented() -> None:
     for field in msgspec.structs.fields(OpenAIProducer.Options):
         assert f"| `{field.name}` |" in TEXT, field.name
+
+
+@pytest.mark.anyio
+async def test_shipped_config_runs(upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streambus.config import load_config
+
+    body = _choice_stream(0, "Whiskers") + _choice_stream(1, "Mochi") + b"data: [DONE]\n\n"
+    upstream.replies = [Reply([body])]
+    source = (DOC.parents[2] / "configs" / "openai.toml").read_text(encoding="utf-8")
+    config = tmp_path / "openai.toml"
+    config.write_text(source.replace("http://127.0.0.1:8000/v1", upstream.url + "/v1"), encoding="utf-8")
+    await load_config(config).run()
+    assert upstream.requests[0]["n"] == 2
+    out = capsys.readouterr().out
+    assert "Whiskers" in out and "Mochi" in out
