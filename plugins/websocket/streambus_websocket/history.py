@@ -33,12 +33,6 @@ class _Channel:
         self.n = delta.n
         self.pieces = [delta.text]
 
-    def add(self, delta: DeltaEvent) -> None:
-        self.pieces.append(delta.text)
-        self.seq = delta.seq
-        self.ts = delta.ts
-        self.n += delta.n
-
 
 class StreamLog:
     """History of one stream: its ``start``, its last events, its state."""
@@ -100,16 +94,24 @@ class History:
         if type(event) is StartEvent:
             log.start = event
             log.start_data = data
-        first = event.seq_range[0] if type(event) is DeltaEvent else event.seq
-        log.entries.append((first, event.seq, data))
-        log.last_seq = event.seq
-        if type(event) is DeltaEvent and not log.ended:
-            chan = log.channels.get(event.channel)
-            if chan is None:
-                log.channels[event.channel] = _Channel(event)
-            else:
-                chan.add(event)
-        elif is_terminal(event):
+        seq = event.seq
+        if type(event) is DeltaEvent:
+            first = seq if event.first_seq is None else event.first_seq
+            log.entries.append((first, seq, data))
+            log.last_seq = seq
+            if not log.ended:
+                chan = log.channels.get(event.channel)
+                if chan is None:
+                    log.channels[event.channel] = _Channel(event)
+                else:
+                    chan.pieces.append(event.text)
+                    chan.seq = seq
+                    chan.ts = event.ts
+                    chan.n += event.n
+            return log
+        log.entries.append((seq, seq, data))
+        log.last_seq = seq
+        if is_terminal(event):
             log.ended = True
             log.channels = {}
             log.expires = self._clock() + self.ttl

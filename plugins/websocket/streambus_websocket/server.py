@@ -42,8 +42,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from streambus import (
+    AbortEvent,
     Bus,
     DeltaEvent,
+    EndEvent,
+    ErrorEvent,
     Event,
     PluginBase,
     StartEvent,
@@ -75,6 +78,7 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+_TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
@@ -711,7 +715,15 @@ class WebSocketSink(PluginBase):
                 delta = event if type(event) is DeltaEvent else None
                 writable = []
                 for client in targets:
-                    if client.writable():
+                    # Client.writable(), inlined: this loop runs once per client per event.
+                    transport = client._transport
+                    if (
+                        transport is not None
+                        and not client.queue
+                        and not client.sending
+                        and client.close_code is None
+                        and transport.get_write_buffer_size() <= client._write_limit
+                    ):
                         writable.append(client.ws)
                         client.sent += 1
                     else:
@@ -719,7 +731,7 @@ class WebSocketSink(PluginBase):
                 if writable:
                     assert self._write_many is not None
                     self._write_many(writable, data, text=True)
-            if is_terminal(event):
+            if type(event) in _TERMINAL:
                 routes.pop(stream, None)
                 history.expire()
 

@@ -76,3 +76,19 @@ async def test_slow_client_gets_coalesced_deltas_without_losing_a_character() ->
             assert e.get("n", 1) == e["seq"] - first + 1
             expected = e["seq"] + 1
         assert expected == sent + 1
+
+
+async def test_socket_send_buffer_is_applied_on_both_backends() -> None:
+    async with running(socket_send_buffer=65536) as (bus, sink), connect(sink.url) as peer:
+        await peer.subscribe(id=1)
+        (client,) = sink.connections
+        transport = getattr(client.ws, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else client.ws.stream.socket
+        import socket
+
+        # Linux doubles the requested size for its own bookkeeping.
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) in (65536, 131072)
+        async with bus.stream(model="m") as w:
+            await w.delta("ok")
+        events = await peer.events_until_end()
+        assert events[-2]["text"] == "ok"
