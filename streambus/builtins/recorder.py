@@ -23,7 +23,6 @@ the lines it could not write are retried first, so nothing accepted is lost.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import gzip as gzip_module
@@ -127,21 +126,74 @@ class _File:
             assert isinstance(gz, gzip_module.GzipFile)
             gz.flush(zlib.Z_SYNC_FLUSH)
 
-    def fsync(self) -> None:
-        self.flush_to_os()
-        os.fsync(self.fh.fileno())
-        if self.created:
-            # A new file's directory entry must reach the disk too.
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-            self.created = False
-        self.dirty = False
+    def sync_job(self, *, close: bool = False, quiet: bool = False) -> _Job:
+        """Describe the sync (and close) of this file; call in the event loop's thread.
 
-    def close(self) -> None:
-        self.fh.close()
+        The gzip flush happens here, so the worker thread never touches the
+        compressor the loop keeps writing into; later writes mark the file
+        dirty again and are caught by the next job.
+        """
+        sync = self.dirty or self.created
+        if sync and not quiet:
+            self.flush_to_os()
+        job = _Job(self, sync=sync and not quiet, directory=self.created and not quiet, close=close, quiet=quiet)
+        self.dirty = False
+        self.created = False
+        return job
+
+
+class _Job:
+    """Work for the sync thread: fsync a file (and its new directory entry), maybe close it."""
+
+    __slots__ = ("close", "directory", "file", "quiet", "sync")
+
+    def __init__(self, file: _File, *, sync: bool, directory: bool, close: bool, quiet: bool) -> None:
+        self.file = file
+        self.sync = sync
+        self.directory = directory
+        self.close = close
+        self.quiet = quiet
+
+    def merge(self, later: _Job) -> None:
+        self.sync = self.sync or later.sync
+        self.directory = self.directory or later.directory
+        self.close = self.close or later.close
+        self.quiet = self.quiet and later.quiet
+
+    def __call__(self) -> tuple[str, OSError] | None:
+        """Run in a worker thread; return the first error instead of raising, after closing."""
+        f = self.file
+        error: OSError | None = None
+        try:
+            if self.sync:
+                os.fsync(f.fh.fileno())
+            if self.directory:
+                # A new file's directory entry must reach the disk too.
+                directory = os.open(os.path.dirname(os.path.abspath(f.path)), os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError as exc:
+            error = exc
+        finally:
+            if self.close:
+                try:
+                    f.fh.close()
+                except OSError as exc:
+                    error = error or exc
+        if error is None or self.quiet:
+            return None
+        return (f.path, error)
+
+
+def _run_jobs(jobs: list[_Job]) -> list[tuple[str, OSError]]:
+    failures = []
+    for job in jobs:
+        failure = job()
+        if failure is not None:
+            failures.append(failure)
+    return failures
 
 
 class RecorderSink(PluginBase):
@@ -203,6 +255,11 @@ class RecorderSink(PluginBase):
         self._open: OrderedDict[str, _File] = OrderedDict()  # rendered base path -> file
         self._pending: list[tuple[str, bytes]] = []
         self._last_fsync = time.monotonic()
+        self._jobs: dict[_File, _Job] = {}
+        self._wake: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        self._syncing = False
+        self._stopping = False
         self.paths: list[str] = []
         """Every file this sink created or appended to, in order."""
         self.recorded = 0
@@ -222,9 +279,37 @@ class RecorderSink(PluginBase):
         """Force everything written to the disk and close every file."""
         for base in list(self._open):
             self._close(base)
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            failure = await anyio.to_thread.run_sync(job)
+            if failure is not None:
+                log.error("recorder.sync_failed", path=failure[0], error=failure[1].strerror or str(failure[1]))
 
     async def run(self, events: Subscription) -> None:
-        """Write events until the subscription ends, syncing per the ``fsync`` policy."""
+        """Write events until the subscription ends, syncing per the ``fsync`` policy.
+
+        Syncs run in a worker thread beside the writing, so a slow disk
+        flush does not hold back the next batch (``every_event`` waits for
+        each one, as it promises).
+        """
+        self._stopping = False
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._syncer)
+                try:
+                    await self._run(events)
+                finally:
+                    self._sync_open()
+                    self._stopping = True
+                    self._poke()
+        except BaseExceptionGroup as group:
+            # One task's failure: surface it as itself, not as a group.
+            failures = [e for e in group.exceptions if isinstance(e, RecorderError)]
+            if failures:
+                raise failures[0] from None
+            raise
+
+    async def _run(self, events: Subscription) -> None:
         if self._pending:
             # Lines a failed run could not write come first, in their order.
             try:
@@ -246,7 +331,7 @@ class RecorderSink(PluginBase):
                 with anyio.move_on_after(max(0.0, self._last_fsync + interval - time.monotonic())):
                     batch = await events.receive_batch()
                 if batch is None:
-                    await self._fsync_dirty()
+                    self._sync_open()
                     continue
             else:
                 batch = await events.receive_batch()
@@ -254,7 +339,6 @@ class RecorderSink(PluginBase):
                 break
             self._pending = self._lines(batch)
             await self._write(self._pending, terminal=any(is_terminal(e) for e in batch))
-        await self._fsync_dirty()
 
     # -- internals ---------------------------------------------------------------
     def _render(self, event: Event) -> str:
@@ -318,12 +402,13 @@ class RecorderSink(PluginBase):
         self._pending = []
         policy = self.options.fsync
         if policy == "every_event" or (policy == "stream_end" and terminal):
-            await self._sync(touched)
-        elif policy == "interval" and time.monotonic() - self._last_fsync >= self.options.fsync_interval:
-            await self._fsync_dirty()
-        else:
             for f in touched:
-                if f.gz and terminal:
+                self._enqueue(f.sync_job())
+        elif policy == "interval" and time.monotonic() - self._last_fsync >= self.options.fsync_interval:
+            self._sync_open()
+        elif terminal:
+            for f in touched:
+                if f.gz:
                     f.flush_to_os()
         limit = self.options.rotate_bytes
         live = set(self._targets.values()) if self._per_stream else set()
@@ -334,22 +419,67 @@ class RecorderSink(PluginBase):
             elif self._per_stream and base not in live:
                 # Per-stream files are finished at the stream's terminal event.
                 self._close(base)
+        if policy == "every_event":
+            await self._until_synced()
 
-    async def _sync(self, files: list[_File]) -> None:
-        for f in files:
-            if not f.dirty:
-                continue
-            try:
-                await anyio.to_thread.run_sync(f.fsync)
-            except OSError as exc:
-                base = next((b for b, o in self._open.items() if o is f), None)
-                if base is not None:
-                    self._drop(base)
-                raise self._failed(f.path, exc, "cannot sync the recording to disk") from exc
+    # -- syncing ---------------------------------------------------------------------
+    def _enqueue(self, job: _Job) -> None:
+        if not (job.sync or job.directory or job.close):
+            return
+        queued = self._jobs.get(job.file)
+        if queued is None:
+            self._jobs[job.file] = job
+        else:
+            queued.merge(job)
+        self._poke()
+
+    def _poke(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
+
+    def _sync_open(self) -> None:
+        """Queue a sync of every open file with unsynced lines."""
+        for f in self._open.values():
+            if f.dirty or f.created:
+                self._enqueue(f.sync_job())
         self._last_fsync = time.monotonic()
 
-    async def _fsync_dirty(self) -> None:
-        await self._sync([f for f in self._open.values() if f.dirty])
+    async def _until_synced(self) -> None:
+        while self._jobs or self._syncing:
+            idle = self._idle = self._idle or anyio.Event()
+            await idle.wait()
+
+    async def _syncer(self) -> None:
+        """Run queued syncs and closes in order, one worker thread call per round."""
+        while True:
+            if not self._jobs:
+                idle, self._idle = self._idle, None
+                if idle is not None:
+                    idle.set()
+                if self._stopping:
+                    return
+                wake = self._wake = self._wake or anyio.Event()
+                await wake.wait()
+                continue
+            jobs, self._jobs = list(self._jobs.values()), {}
+            self._syncing = True
+            try:
+                # Shielded: jobs taken off the queue must run (they close files).
+                with anyio.CancelScope(shield=True):
+                    failures = await anyio.to_thread.run_sync(_run_jobs, jobs)
+            finally:
+                self._syncing = False
+            self._last_fsync = time.monotonic()
+            if failures:
+                path, exc = failures[0]
+                for f, job in zip([j.file for j in jobs], jobs, strict=True):
+                    if not job.close:
+                        # A file whose sync failed is not trusted further: reopen on the next write.
+                        for base, opened in list(self._open.items()):
+                            if opened is f:
+                                self._drop(base)
+                raise self._failed(path, exc, "cannot sync the recording to disk")
 
     def _file(self, base: str) -> _File:
         f = self._open.get(base)
@@ -436,25 +566,16 @@ class RecorderSink(PluginBase):
         return keep
 
     def _close(self, base: str) -> None:
-        f = self._open.pop(base, None)
-        if f is None:
-            return
-        try:
-            if f.dirty:
-                f.fsync()
-        except OSError as exc:
-            log.error("recorder.sync_failed", path=f.path, error=exc.strerror or str(exc))
-        finally:
-            try:
-                f.close()
-            except OSError as exc:
-                log.error("recorder.close_failed", path=f.path, error=exc.strerror or str(exc))
-
-    def _drop(self, base: str) -> None:
+        """Sync (if needed) and close a file, in the sync thread's order."""
         f = self._open.pop(base, None)
         if f is not None:
-            with contextlib.suppress(OSError):  # the error that made us drop it was already reported
-                f.close()
+            self._enqueue(f.sync_job(close=True))
+
+    def _drop(self, base: str) -> None:
+        """Close a file after an error without syncing it (the error was reported)."""
+        f = self._open.pop(base, None)
+        if f is not None:
+            self._enqueue(f.sync_job(close=True, quiet=True))
 
     def _failed(self, path: str, exc: OSError, what: str) -> RecorderError:
         reason = exc.strerror or str(exc)
