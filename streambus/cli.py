@@ -7,8 +7,6 @@ Core commands live here; plugins add their own through the
 from __future__ import annotations
 
 import sys
-from importlib.resources import as_file, files
-from pathlib import Path
 
 import anyio
 import click
@@ -20,6 +18,15 @@ from .logging import configure_logging
 from .plugins import GROUPS, discover, load
 
 __all__ = ["main"]
+
+
+# Commands the project's own plugins provide, for a helpful hint when one is missing.
+_PLUGIN_COMMANDS = {
+    "demo": "streambus-demo",
+    "proxy": "streambus-proxy",
+    "stats": "streambus-stats",
+    "tail": "streambus-websocket",
+}
 
 
 class _Group(click.Group):
@@ -39,6 +46,11 @@ class _Group(click.Group):
             loaded = load("commands", cmd_name)
         except StreamBusError as exc:
             if "unknown command" in str(exc):
+                dist = _PLUGIN_COMMANDS.get(cmd_name)
+                if dist is not None:
+                    raise click.UsageError(
+                        f"'streambus {cmd_name}' comes with the {dist} plugin. Install it with: pip install {dist}"
+                    ) from None
                 return None
             raise click.ClickException(str(exc)) from None
         return loaded if isinstance(loaded, click.Command) else None
@@ -93,19 +105,6 @@ def _run(pipeline: Pipeline, serve: bool) -> None:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
-
-
-@main.command()
-@click.option(
-    "--config", "config", type=click.Path(dir_okay=False), help="Run this pipeline instead of the built-in one."
-)
-def demo(config: str | None) -> None:
-    """Run the demo pipeline (synthetic streams printed as they arrive)."""
-    if config is not None:
-        _run(_load(config), serve=False)
-        return
-    with as_file(files("streambus") / "data" / "demo.toml") as path:
-        _run(_load(str(Path(path))), serve=False)
 
 
 @main.command(name="plugins")

@@ -116,7 +116,7 @@ def test_plugin_import_failure_is_reported_with_install_hint(tmp_path: Path) -> 
     assert "pip install streambus-fake" in checked.stderr
 
 
-def test_demo_runs_bounded() -> None:
+def test_demo_command_comes_from_its_plugin() -> None:
     result = run_cli("demo", "--help")
     assert result.returncode == 0
     assert "demo" in result.stdout

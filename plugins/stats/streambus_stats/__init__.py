@@ -14,7 +14,7 @@ Every figure is defined in ``docs/stats.md``.
 from __future__ import annotations
 
 from ._aggregator import FIGURES, STATE_VERSION, Aggregate, StatsAggregator, StreamRecord
-from ._cli import stats_command, summarise
+from ._cli import render_tables, stats_command, summarise
 from ._distribution import Distribution
 from ._plot import plot
 from ._prometheus import StatsCollector, render_metrics
@@ -34,6 +34,7 @@ __all__ = [
     "approximate_tokens",
     "plot",
     "render_metrics",
+    "render_tables",
     "stats_command",
     "summarise",
 ]

@@ -82,6 +82,13 @@ def _rows(agg: StatsAggregator) -> list[tuple[str, Aggregate]]:
     return rows
 
 
+def render_tables(agg: StatsAggregator, out: Any = None, *, show_streams: bool = False) -> None:
+    """Print the latency, token and outcome tables of *agg* (as ``streambus stats`` does) to *out*."""
+    import sys
+
+    _render(agg, out if out is not None else sys.stdout, show_streams)
+
+
 def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
     from rich.console import Console
     from rich.table import Table
