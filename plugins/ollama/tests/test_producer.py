@@ -393,3 +393,12 @@ def test_built_from_config_like_in_python() -> None:
     assert p.requests()[0][1]["think"] == "high"
     same = OllamaProducer(OllamaProducer.Options(model="m", prompt="hi", endpoint="generate", think="high"))
     assert same.requests() == p.requests()
+
+
+def test_python_keywords_are_validated_too() -> None:
+    with pytest.raises(ValueError, match="unknown field `modle`"):
+        OllamaProducer(modle="x")
+    with pytest.raises(ValueError, match="timeout: must be more than 0"):
+        OllamaProducer(model="m", prompt="p", timeout=0)
+    base = OllamaProducer.Options(model="m", prompt="p")
+    assert OllamaProducer(base, model="other").options.model == "other"

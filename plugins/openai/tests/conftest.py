@@ -45,7 +45,6 @@ class Upstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-    first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: int = 0
     max_inflight: int = 0
 
@@ -78,7 +77,6 @@ async def _reply(upstream: Upstream, request: web.Request, reply: Reply) -> web.
     try:
         for chunk in reply.chunks:
             await response.write(chunk)
-            upstream.first_chunk_sent.set()
             await asyncio.sleep(0)
         if reply.then == "drop":
             assert request.transport is not None

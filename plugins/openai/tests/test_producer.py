@@ -470,3 +470,12 @@ async def test_aborting_one_choice_lets_the_others_go_on(upstream: Upstream) -> 
     assert kinds == ["AbortEvent", "ErrorEvent"]
     (error,) = [e for e in sink_events.events if isinstance(e, ErrorEvent)]
     assert error.kind == "timeout"
+
+
+def test_python_keywords_are_validated_too() -> None:
+    with pytest.raises(ValueError, match="unknown field `temprature`"):
+        OpenAIProducer(model="m", prompt="p", temprature=1)
+    with pytest.raises(ValueError, match="n: must be at least 1"):
+        OpenAIProducer(model="m", prompt="p", n=0)
+    base = OpenAIProducer.Options(model="m", prompt="p")
+    assert OpenAIProducer(base, n=3).requests()[0][2]["n"] == 3
