@@ -1,0 +1,610 @@
+"""The proxy: an aiohttp app that forwards to an upstream model server and publishes what it answers.
+
+Model routes (Ollama's ``/api/chat`` and ``/api/generate``, OpenAI's
+``/v1/chat/completions`` and ``/v1/completions``, i.e. the routes of the
+``ollama`` and ``openai`` wire formats) are forwarded and their answers
+published on the bus; every other path is passed through untouched.
+
+Without an interposed stage on the bus, the client gets the upstream's bytes
+as they arrive (one ``write`` per read, nothing held back) and a *copy* is
+parsed by the provider plugin's sans-I/O parser into a bus stream. With a
+stage (moderation), the client gets what the stage republishes, re-encoded by
+the provider plugin's :class:`~streambus.formats.WireFormat`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+import sniffio
+import structlog
+from aiohttp import web
+from streambus_ollama import _protocol as ollama_protocol
+from streambus_openai import _protocol as openai_protocol
+
+from streambus import Bus, Filter, StreamWriter, Usage, WireError
+from streambus.events import AbortEvent, EndEvent, ErrorEvent, Event, is_terminal
+from streambus.formats import StreamEncoder, WireFormat, load_format
+from streambus.writer import new_stream_id
+
+__all__ = ["CONTENT_FILTER", "Proxy", "ProxyError", "create_app", "parse_tags"]
+
+log = structlog.get_logger("streambus.proxy")
+
+CONTENT_FILTER = "content_filter"
+"""The ``finish_reason`` (OpenAI) / ``done_reason`` (Ollama) of a stream moderation aborted."""
+
+TAGS_HEADER = "X-Streambus-Tags"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the ones aiohttp recomputes for us.
+_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+_NOT_UPSTREAM = _HOP | {TAGS_HEADER.lower()}
+# Response headers that stop being true once the proxy re-frames the body.
+_NOT_DOWNSTREAM = _HOP | {"date", "server"}
+
+_MODEL_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
+
+
+class ProxyError(Exception):
+    """A bad proxy setting (upstream URL, tags header); the message names what was wrong."""
+
+
+def parse_tags(value: str) -> dict[str, Any]:
+    """Parse an ``X-Streambus-Tags`` header: ``key=value, key2=value2`` or a JSON object.
+
+    Raises :class:`ProxyError` naming the problem (the proxy answers 400 with it).
+    """
+    value = value.strip()
+    if not value:
+        return {}
+    if value.startswith("{"):
+        try:
+            tags = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ProxyError(f"{TAGS_HEADER}: not valid JSON: {exc}") from None
+        if not isinstance(tags, dict):
+            raise ProxyError(f"{TAGS_HEADER}: must be a JSON object")
+        return tags
+    out: dict[str, Any] = {}
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ProxyError(f"{TAGS_HEADER}: expected key=value pairs separated by commas, got {part!r}")
+        out[key] = val.strip()
+    return out
+
+
+def _upstream_url(upstream: str) -> str:
+    url = upstream.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ProxyError(f"upstream: expected an http:// or https:// URL, got {upstream!r}")
+    return url
+
+
+class _Publisher:
+    """Turns provider pieces into writer calls (choice 0 of an OpenAI answer)."""
+
+    def __init__(self, provider: str, w: StreamWriter) -> None:
+        self.provider = provider
+        self.w = w
+        self.reason = "stop"
+        self.usage: Usage | None = None
+        self.failed = False
+
+    async def apply(self, pieces: Iterable[Any]) -> None:
+        w = self.w
+        for piece in pieces:
+            if w.finished:
+                return
+            if isinstance(piece, ollama_protocol.TextPiece | openai_protocol.TextPiece):
+                if getattr(piece, "index", 0) == 0 and piece.text:
+                    await w.delta(piece.text, channel=piece.channel)
+            elif isinstance(piece, ollama_protocol.DonePiece):
+                await w.end(piece.reason, usage=piece.usage, timings=piece.timings)
+            elif isinstance(piece, openai_protocol.FinishPiece):
+                if piece.index == 0:
+                    self.reason = piece.reason
+            elif isinstance(piece, openai_protocol.UsagePiece):
+                self.usage = piece.usage
+            elif isinstance(piece, openai_protocol.DonePiece):
+                await w.end(self.reason, usage=self.usage)
+            elif isinstance(piece, ollama_protocol.ErrorPiece | openai_protocol.ErrorPiece):
+                self.failed = True
+                await w.error("upstream_error", f"the server reported an error mid-stream: {piece.message}")
+
+
+def _parser(provider: str, route: str) -> Any:
+    if provider == "ollama":
+        return ollama_protocol.OllamaStreamParser(route)  # type: ignore[arg-type,unused-ignore]
+    return openai_protocol.OpenAIStreamParser(route)  # type: ignore[arg-type,unused-ignore]
+
+
+def _whole_body_pieces(provider: str, route: str, data: bytes) -> list[Any]:
+    """The pieces of a non-streamed (``stream: false``) answer body."""
+    obj = orjson.loads(data)
+    if provider == "ollama":
+        return list(ollama_protocol.chunk_pieces(obj, route))  # type: ignore[arg-type,unused-ignore]
+    if not isinstance(obj, dict):
+        raise ValueError("the body is not a JSON object")
+    if route == "chat" and isinstance(obj.get("choices"), list):
+        # A chat.completion carries "message" where a chunk carries "delta": same fields.
+        obj = {**obj, "choices": [{**c, "delta": c.get("message")} for c in obj["choices"] if isinstance(c, dict)]}
+    pieces = openai_protocol.chunk_pieces(obj, route)  # type: ignore[arg-type,unused-ignore]
+    return [*pieces, openai_protocol.DonePiece()]
+
+
+def _as_filtered(event: Event) -> Event:
+    """An abort by moderation becomes the normal end a filtering server sends."""
+    if isinstance(event, AbortEvent) and event.by == "moderation":
+        return EndEvent(stream=event.stream, seq=event.seq, ts=event.ts, reason=CONTENT_FILTER)
+    return event
+
+
+def _response_headers(upstream: aiohttp.ClientResponse, *, drop: Iterable[str] = ()) -> dict[str, str]:
+    skip = _NOT_DOWNSTREAM | {h.lower() for h in drop}
+    out: dict[str, str] = {}
+    for key, value in upstream.headers.items():
+        if key.lower() not in skip:
+            out[key] = value
+    return out
+
+
+class Proxy:
+    """Forward model requests to *upstream* and publish every answer on *bus*.
+
+    ::
+
+        async with Bus() as bus:
+            bus.add_sink(RecorderSink(path="proxy.jsonl"))
+            runner = web.AppRunner(Proxy(bus, "http://127.0.0.1:11434").app())
+            ...
+
+    :param bus: a running :class:`~streambus.Bus`; its sinks get every proxied stream.
+    :param upstream: the model server's base URL (``http://127.0.0.1:11434``,
+        ``https://api.openai.com``); request paths are appended to it unchanged.
+    :param moderated: whether clients get the processed (moderated) stream
+        re-encoded; ``None`` (default) decides per request: yes when the bus
+        has an interposed stage such as a moderation gate.
+    :param connect_timeout: seconds to connect to the upstream before answering 502.
+    :param read_timeout: seconds without a byte from the upstream before the
+        stream is ended as a ``timeout`` failure (the client is never left hanging).
+    :param formats: wire format names whose routes are published.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        upstream: str,
+        *,
+        moderated: bool | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        formats: Iterable[str] = ("ollama", "openai"),
+    ) -> None:
+        self.bus = bus
+        self.upstream = _upstream_url(upstream)
+        if not connect_timeout > 0:
+            raise ProxyError(f"connect_timeout: must be positive, got {connect_timeout}")
+        if not read_timeout > 0:
+            raise ProxyError(f"read_timeout: must be positive, got {read_timeout}")
+        self.moderated = moderated
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.formats: dict[str, WireFormat] = {name: load_format(name) for name in formats}
+        self.routes: dict[str, tuple[WireFormat, str]] = {}
+        for fmt in self.formats.values():
+            for path, route in fmt.routes.items():
+                if path in _MODEL_PATHS:
+                    self.routes[path] = (fmt, route)
+        self._session: aiohttp.ClientSession | None = None
+        self.disconnect_poll = 0.05
+        """Seconds between checks that a streaming client is still connected."""
+
+    # -- the application ---------------------------------------------------------
+    def app(self) -> web.Application:
+        """The :class:`aiohttp.web.Application` (its upstream session opens and closes with it)."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.cleanup_ctx.append(self._session_ctx)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _session_ctx(self, app: web.Application) -> Any:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+        # auto_decompress=False: pass-through bodies keep their Content-Encoding, byte for byte.
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        yield
+        await self._session.close()
+        self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the proxy app is not running (start it with an aiohttp AppRunner)")
+        return self._session
+
+    def _is_moderated(self) -> bool:
+        if self.moderated is not None:
+            return self.moderated
+        return bool(getattr(self.bus, "_interposed", 0))
+
+    def _forward_headers(self, request: web.Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() not in _NOT_UPSTREAM}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        target = self.routes.get(request.path) if request.method == "POST" else None
+        if target is None:
+            return await self._pass_through(request)
+        return await self._model(request, *target)
+
+    # -- anything that is not a model route ----------------------------------------------
+    async def _pass_through(self, request: web.Request) -> web.StreamResponse:
+        url = self.upstream + request.rel_url.raw_path_qs
+        body = await request.read() if request.can_read_body else None
+        try:
+            upstream = await self.session.request(
+                request.method, url, data=body, headers=self._forward_headers(request), allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("proxy.unreachable", path=request.path, error=_describe(exc))
+            return web.json_response({"error": f"upstream {self.upstream} unreachable: {_describe(exc)}"}, status=502)
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.update(_response_headers(upstream))
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("proxy.upstream_cut", path=request.path, error=_describe(exc))
+            except ConnectionError:
+                log.info("proxy.client_gone", path=request.path)
+        return response
+
+    # -- model routes -----------------------------------------------------------------
+    def _meta(self, request: web.Request, path: str, body: Mapping[str, Any], streaming: bool) -> dict[str, Any]:
+        tags = parse_tags(request.headers.get(TAGS_HEADER, ""))
+        meta: dict[str, Any] = dict(tags)
+        meta.update(
+            {
+                "client": request.remote or "",
+                "request_id": request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex,
+                "path": path,
+                "streamed": streaming,
+                "upstream": self.upstream,
+            }
+        )
+        if tags:
+            meta["tags"] = tags
+        return meta
+
+    async def _model(self, request: web.Request, fmt: WireFormat, route: str) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            # Not ours to judge: the upstream answers a bad body with its own error.
+            return await self._pass_through(request)
+        try:
+            streaming = fmt.is_streaming(route, body)
+            meta = self._meta(request, request.path, body, streaming)
+        except ProxyError as exc:
+            return web.json_response(fmt.error_body(400, str(exc)), status=400)
+        model = body.get("model")
+        model = model if isinstance(model, str) else ""
+        stream = new_stream_id()
+        headers = self._forward_headers(request)
+        headers["Accept-Encoding"] = "identity"  # the parser reads a copy of these bytes
+        log.info("proxy.request", stream=stream, path=request.path, model=model, streamed=streaming)
+        url = self.upstream + request.rel_url.raw_path_qs
+        try:
+            upstream = await self.session.post(url, data=raw, headers=headers, allow_redirects=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
+            kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
+            await self._publish_failure(stream, model, fmt.name, meta, kind, message)
+            log.warning("proxy.unreachable", stream=stream, error=_describe(exc))
+            return web.json_response(fmt.error_body(502, message), status=502)
+        async with upstream:
+            if upstream.status >= 400:
+                return await self._upstream_status(stream, model, fmt, meta, upstream)
+            if self._is_moderated():
+                return await self._moderated(request, fmt, route, body, stream, model, meta, upstream, streaming)
+            if not streaming:
+                return await self._whole(request, fmt, route, stream, model, meta, upstream)
+            return await self._stream(request, fmt, route, body, stream, model, meta, upstream)
+
+    async def _publish_failure(
+        self,
+        stream: str,
+        model: str,
+        provider: str,
+        meta: dict[str, Any],
+        kind: str,
+        message: str,
+        retryable: bool = True,
+    ) -> None:
+        async with self.bus.stream(stream=stream, model=model, provider=provider, meta=meta) as w:
+            await w.error(kind, message, retryable=retryable)
+
+    async def _upstream_status(
+        self, stream: str, model: str, fmt: WireFormat, meta: dict[str, Any], upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        status = upstream.status
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError):
+            data = b""
+        kind = "model_not_found" if status == 404 else "http_status"
+        message = f"HTTP {status}: {_error_message(data) or upstream.reason or ''}"
+        await self._publish_failure(stream, model, fmt.name, meta, kind, message, status >= 500 or status == 429)
+        log.info("proxy.upstream_status", stream=stream, status=status)
+        return web.Response(status=status, reason=upstream.reason, body=data, headers=_response_headers(upstream))
+
+    async def _whole(
+        self,
+        request: web.Request,
+        fmt: WireFormat,
+        route: str,
+        stream: str,
+        model: str,
+        meta: dict[str, Any],
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        response_headers = _response_headers(upstream)
+        async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                message = f"the upstream broke off the answer: {_describe(exc)}"
+                await w.error("truncated", message, retryable=True)
+                return web.json_response(fmt.error_body(502, message), status=502)
+            publisher = _Publisher(fmt.name, w)
+            try:
+                await publisher.apply(_whole_body_pieces(fmt.name, route, data))
+            except (ValueError, orjson.JSONDecodeError) as exc:
+                await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
+        return web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=response_headers)
+
+    async def _watch_client(self, request: web.Request, stream: str) -> None:
+        """Abort *stream* by ``client`` once the client's connection is gone."""
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                if self.bus.abort(stream, "client disconnected", by="client"):
+                    log.info("proxy.client_gone", stream=stream)
+                return
+            await anyio.sleep(self.disconnect_poll)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        fmt: WireFormat,
+        route: str,
+        body: Mapping[str, Any],
+        stream: str,
+        model: str,
+        meta: dict[str, Any],
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(_response_headers(upstream))
+        await response.prepare(request)
+        parser = _parser(fmt.name, route)
+        async with anyio.create_task_group() as tg:
+            async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
+                tg.start_soon(self._watch_client, request, stream)
+                publisher = _Publisher(fmt.name, w)
+                parsing = True
+                failure: tuple[str, str] | None = None
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        try:
+                            await response.write(chunk)
+                        except ConnectionError:
+                            upstream.close()
+                            await w.abort("client disconnected", by="client")
+                            log.info("proxy.client_gone", stream=stream)
+                            break
+                        if parsing:
+                            try:
+                                await publisher.apply(parser.feed(chunk))
+                            except WireError as exc:
+                                parsing = False
+                                await w.error("malformed", str(exc))
+                    else:
+                        if parsing:
+                            await publisher.apply(parser.close())
+                        if not w.finished:
+                            failure = ("truncated", "the upstream closed the stream before its end")
+                except WireError as exc:
+                    failure = ("truncated", f"the stream ended inside a line: {exc}")
+                except TimeoutError:
+                    failure = ("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
+                except aiohttp.ClientError as exc:
+                    failure = ("truncated", f"the upstream connection broke mid-stream: {_describe(exc)}")
+                if failure is not None and not w.finished:
+                    kind, message = failure
+                    log.warning("proxy.upstream_cut", stream=stream, kind=kind, error=message)
+                    await w.error(kind, message, retryable=True)
+                    # End the client's stream the way the provider ends a failed one, in band.
+                    await self._write_quietly(response, _error_bytes(fmt, route, body, w.terminal))
+                if not w.finished or not isinstance(w.terminal, AbortEvent):
+                    with contextlib.suppress(ConnectionError):
+                        await response.write_eof()
+            tg.cancel_scope.cancel()
+        if isinstance(w.terminal, AbortEvent):
+            upstream.close()
+        return response
+
+    async def _write_quietly(self, response: web.StreamResponse, data: bytes) -> None:
+        if data:
+            with contextlib.suppress(ConnectionError):
+                await response.write(data)
+
+    # -- moderated: the client gets the processed stream -------------------------------------
+    async def _moderated(
+        self,
+        request: web.Request,
+        fmt: WireFormat,
+        route: str,
+        body: Mapping[str, Any],
+        stream: str,
+        model: str,
+        meta: dict[str, Any],
+        upstream: aiohttp.ClientResponse,
+        streaming: bool,
+    ) -> web.StreamResponse:
+        sub = self.bus.subscribe(Filter.of(streams=stream), overflow="block", name=f"proxy:{stream}")
+        parser = _parser(fmt.name, route)
+
+        async def produce() -> None:
+            async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
+                publisher = _Publisher(fmt.name, w)
+                try:
+                    if not streaming:
+                        data = await upstream.read()
+                        try:
+                            await publisher.apply(_whole_body_pieces(fmt.name, route, data))
+                        except (ValueError, orjson.JSONDecodeError) as exc:
+                            await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
+                        return
+                    async for chunk in upstream.content.iter_any():
+                        await publisher.apply(parser.feed(chunk))
+                    await publisher.apply(parser.close())
+                    if not w.finished:
+                        await w.error("truncated", "the upstream closed the stream before its end", retryable=True)
+                except WireError as exc:
+                    await w.error("malformed", str(exc))
+                except TimeoutError:
+                    await w.error("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
+                except aiohttp.ClientError as exc:
+                    await w.error(
+                        "truncated", f"the upstream connection broke mid-stream: {_describe(exc)}", retryable=True
+                    )
+            if isinstance(w.terminal, AbortEvent | ErrorEvent):
+                upstream.close()
+
+        response: web.StreamResponse
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                if not streaming:
+                    events: list[Event] = []
+                    async for event in sub:
+                        events.append(_as_filtered(event))
+                        if is_terminal(event):
+                            break
+                    assembled = fmt.assemble(route, body, events)
+                    status = 502 if "error" in assembled else upstream.status
+                    response = web.json_response(assembled, status=status, dumps=_dumps)
+                else:
+                    tg.start_soon(self._watch_client, request, stream)
+                    encoder = fmt.stream_encoder(route, body)
+                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                    response.headers.update(_response_headers(upstream, drop=("content-type", "content-encoding")))
+                    response.content_type = encoder.content_type
+                    await response.prepare(request)
+                    await self._relay(sub, encoder, response, stream)
+                    tg.cancel_scope.cancel()
+        finally:
+            sub.close()
+        return response
+
+    async def _relay(self, sub: Any, encoder: StreamEncoder, response: web.StreamResponse, stream: str) -> None:
+        async for event in sub:
+            data = encoder.encode(_as_filtered(event))
+            try:
+                if data:
+                    await response.write(data)
+                if is_terminal(event):
+                    if not (isinstance(event, AbortEvent) and event.by == "client"):
+                        tail = encoder.close()
+                        if tail:
+                            await response.write(tail)
+                        await response.write_eof()
+                    return
+            except ConnectionError:
+                self.bus.abort(stream, "client disconnected", by="client")
+                log.info("proxy.client_gone", stream=stream)
+                return
+
+
+def _error_bytes(fmt: WireFormat, route: str, body: Mapping[str, Any], terminal: Event | None) -> bytes:
+    if terminal is None:
+        return b""
+    encoder = fmt.stream_encoder(route, body)
+    return encoder.encode(terminal) + encoder.close()
+
+
+def _error_message(data: bytes) -> str:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data[:200].decode("utf-8", "replace")
+    if isinstance(obj, dict):
+        error = obj.get("error", obj)
+        if isinstance(error, dict):
+            message = error.get("message")
+            return message if isinstance(message, str) else orjson.dumps(error).decode()
+        if isinstance(error, str):
+            return error
+    return orjson.dumps(obj).decode()[:200]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def create_app(bus: Bus, upstream: str, **options: Any) -> web.Application:
+    """Return the proxy's :class:`aiohttp.web.Application` for a running *bus*.
+
+    *options* are those of :class:`Proxy` (``moderated``, ``connect_timeout``,
+    ``read_timeout``, ``formats``). Serve it with an :class:`aiohttp.web.AppRunner`
+    in the bus's asyncio loop; aiohttp is asyncio-only, so under trio this
+    raises :class:`RuntimeError` saying so.
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "asyncio"
+    if library != "asyncio":
+        raise RuntimeError(f"streambus proxy runs on asyncio (aiohttp), not {library}; run the bus with asyncio")
+    return Proxy(bus, upstream, **options).app()
