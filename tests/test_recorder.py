@@ -416,3 +416,31 @@ async def test_events_of_a_stream_joined_midway_still_get_a_file(tmp_path: Path)
         await bus.publish(EndEvent(stream="late", seq=6, ts=1.0))
     assert [p.name for p in tmp_path.iterdir()] == ["unknown.jsonl"]
     assert header_line()[:22] == (tmp_path / "unknown.jsonl").read_bytes()[:22]
+
+
+async def test_a_failed_background_fsync_is_a_logged_sink_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fsync
+    failed = {"n": 0}
+
+    def broken_once(fd: int) -> None:
+        if failed["n"] == 0:
+            failed["n"] += 1
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_once)
+    capture = EventCapture()
+    with structlog.testing.capture_logs() as logs:
+        async with Bus() as bus:
+            bus.add_sink(RecorderSink(path=str(tmp_path / "r.jsonl")))
+            capture.attach(bus)
+            await two_streams(bus, tokens=3)
+            await two_streams(bus, tokens=3)
+    failure = next(e for e in logs if e["event"] == "recorder.write_failed")
+    assert failure["errno"] == "EIO" and failure["action"] == "cannot sync the recording to disk"
+    sink_failure = next(e for e in logs if e["event"] == "sink.failed")
+    assert "RecorderError" in str(sink_failure["error"]) and "Input/output error" in str(sink_failure["error"])
+    # The lines had reached the file before the sync failed; nothing is lost or doubled.
+    assert read_recording(tmp_path / "r.jsonl").events == capture.events

@@ -306,7 +306,7 @@ class RecorderSink(PluginBase):
             # One task's failure: surface it as itself, not as a group.
             failures = [e for e in group.exceptions if isinstance(e, RecorderError)]
             if failures:
-                raise failures[0] from None
+                raise failures[0] from failures[0].__cause__  # the OSError
             raise
 
     async def _run(self, events: Subscription) -> None:
