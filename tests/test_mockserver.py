@@ -17,7 +17,7 @@ import httpx
 import msgspec
 import pytest
 
-from streambus import Bus, DeltaEvent, ErrorEvent, Event, PluginError, StartEvent, Usage
+from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, Event, PluginError, StartEvent, Usage
 from streambus.recording import read_recording, write_recording
 from streambus.testing import EventCapture
 
@@ -340,3 +340,38 @@ def test_missing_aiohttp_gives_the_install_command(monkeypatch: pytest.MonkeyPat
         importlib.import_module("streambus.mockserver")
     result = CliRunner().invoke(main, ["serve-mock", str(CHAT)])
     assert result.exit_code == 1 and "pip install 'streambus[testing]'" in result.stderr
+
+
+async def test_reasoning_and_finish_reason_round_trip_through_both_formats() -> None:
+    from streambus_ollama import OllamaProducer
+    from streambus_openai import OpenAIProducer
+
+    recorded: list[Event] = [
+        StartEvent(stream="r", seq=0, ts=1.0, model="qwen3", provider="ollama"),
+        DeltaEvent(stream="r", seq=1, ts=1.1, text="Let me think", channel="reasoning"),
+        DeltaEvent(stream="r", seq=2, ts=1.2, text=" hard.", channel="reasoning"),
+        DeltaEvent(stream="r", seq=3, ts=1.3, text="答えは42"),
+        EndEvent(
+            stream="r",
+            seq=4,
+            ts=1.4,
+            reason="length",
+            usage=Usage(prompt_tokens=3, completion_tokens=5, total_tokens=8),
+            timings={"total_duration": 1.25},
+        ),
+    ]
+    ask = [{"role": "user", "content": "?"}]
+    async with MockServer(recorded, burst=True) as server:
+        ollama_capture, openai_capture = EventCapture(), EventCapture()
+        async with Bus() as bus:
+            ollama_capture.attach(bus)
+            await OllamaProducer(url=server.url, model="qwen3", messages=ask, retries=0).run(bus)
+        async with Bus() as bus:
+            openai_capture.attach(bus)
+            await OpenAIProducer(base_url=server.url + "/v1", model="qwen3", messages=ask, retries=0).run(bus)
+    assert comparable(ollama_capture.events) == comparable(recorded)
+    # OpenAI's format names its own provider and carries no server timings; the rest is identical.
+    via_openai = comparable(recorded)
+    via_openai[0] = msgspec.structs.replace(via_openai[0], provider="openai")
+    via_openai[-1] = msgspec.structs.replace(via_openai[-1], timings={})
+    assert comparable(openai_capture.events) == via_openai
