@@ -63,6 +63,7 @@ class _Tail:
         self.last_seq: dict[str, int] = dict(subscribe.get("since") or {})
         self.ended: set[str] = set()
         self.current: str | None = None
+        self.channel: str | None = None
         self.models: dict[str, str] = {}
         self.resuming = "since" in subscribe
 
@@ -168,6 +169,9 @@ class _Tail:
                 model = self.models.get(stream)
                 out.write(f"── {stream}{f' ({model})' if model else ''} ──\n")
                 self.current = stream
+            elif channel != self.channel:
+                out.write("\n")  # reasoning and answer on their own lines
+            self.channel = channel
             text = str(msg.get("text", ""))
             out.write(click.style(text, dim=True) if channel == "reasoning" and out.isatty() else text)
             out.flush()

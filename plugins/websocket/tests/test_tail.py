@@ -53,9 +53,11 @@ async def _finish(process: anyio.abc.Process) -> tuple[int, str, str]:
     return process.returncode or 0, out, err
 
 
-async def test_tail_prints_text_as_it_arrives() -> None:
+@pytest.mark.parametrize("reasoning", [False, True])
+async def test_tail_prints_text_as_it_arrives(reasoning: bool) -> None:
+    flags = ["--reasoning"] if reasoning else []
     async with running() as (bus, sink):
-        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=_env())
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1", *flags], env=_env())
         await _until_subscribed(sink)
         async with bus.stream(model="llama") as w:
             await w.delta("hmm", channel="reasoning")
@@ -64,7 +66,8 @@ async def test_tail_prints_text_as_it_arrives() -> None:
             await w.end("stop", usage=Usage(completion_tokens=2))
         code, out, err = await _finish(process)
     assert code == 0, err
-    assert out == f"── {w.stream} (llama) ──\nHello, world\n"
+    shown = "hmm\nHello, world" if reasoning else "Hello, world"
+    assert out == f"── {w.stream} (llama) ──\n{shown}\n"
     assert f"[{w.stream}: stop, 2 tokens]" in err
 
 
