@@ -267,13 +267,17 @@ class Proxy:
         return await self._model(request, *target)
 
     # -- anything that is not a model route ----------------------------------------------
-    async def _pass_through(self, request: web.Request) -> web.StreamResponse:
+    async def _pass_through(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         url = self.upstream + request.rel_url.raw_path_qs
-        body = await request.read() if request.can_read_body else None
+        headers = self._forward_headers(request)
+        data: Any = body
+        if body is None and request.can_read_body:
+            # Stream uploads (model blobs can be gigabytes) instead of holding them.
+            data = request.content.iter_chunked(1 << 16)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
         try:
-            upstream = await self.session.request(
-                request.method, url, data=body, headers=self._forward_headers(request), allow_redirects=False
-            )
+            upstream = await self.session.request(request.method, url, data=data, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("proxy.unreachable", path=request.path, error=_describe(exc))
             return web.json_response({"error": f"upstream {self.upstream} unreachable: {_describe(exc)}"}, status=502)
@@ -316,7 +320,7 @@ class Proxy:
             body = None
         if not isinstance(body, dict):
             # Not ours to judge: the upstream answers a bad body with its own error.
-            return await self._pass_through(request)
+            return await self._pass_through(request, raw)
         try:
             streaming = fmt.is_streaming(route, body)
             meta = self._meta(request, request.path, body, streaming)

@@ -114,6 +114,7 @@ class Upstream:
     url: str = ""
     reply: Reply = field(default_factory=Reply)
     headers: list[dict[str, str]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -123,7 +124,7 @@ async def scripted() -> AsyncIterator[Upstream]:
     state = Upstream()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
+        state.bodies.append(await request.read())
         state.headers.append(dict(request.headers))
         reply = state.reply
         response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})

@@ -207,3 +207,16 @@ async def test_bad_tags_header_is_a_400_naming_the_header(
         await client.chat(model="llama3.2", messages=[], stream=False)
         await env.capture.wait_for(lambda c: len(c.ended) == 1)
         assert env.capture.start().meta["tags"] == {"team": "red", "n": 2}
+
+
+async def test_uploads_to_other_endpoints_are_streamed_through(
+    scripted: Any, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.chunks = [b"{}"]
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    async with proxy_env(scripted.url) as env, aiohttp.ClientSession() as http:
+        async with http.post(env.url + "/api/blobs/sha256:abc?x=1", data=blob) as response:
+            assert response.status == 200 and await response.read() == b"{}"
+        assert env.capture.streams == []
+    assert scripted.bodies == [blob]
+    assert scripted.headers[0]["Content-Length"] == str(len(blob))

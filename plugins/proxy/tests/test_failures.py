@@ -1,0 +1,181 @@
+"""Failures: unreachable upstream, error status, a cut mid-stream, a client that leaves, a silent upstream."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import anyio
+import ollama
+import openai
+import pytest
+
+from streambus.events import AbortEvent, ErrorEvent
+from streambus.mockserver import MockServer
+
+from .conftest import FAKE_KEY, Upstream
+
+pytestmark = pytest.mark.anyio
+
+LINE = b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant","content":"%s"},"done":false}\n'
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_unreachable_upstream_is_a_502_in_the_providers_shape(
+    proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    async with proxy_env(f"http://127.0.0.1:{_closed_port()}", connect_timeout=2) as env:
+        with pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="llama3.2", messages=[], stream=True):
+                pass
+        assert info.value.status_code == 502 and "unreachable" in info.value.error
+        with pytest.raises(openai.InternalServerError) as err:
+            await clients.openai(env.url, api_key=FAKE_KEY).chat.completions.create(
+                model="gpt-4o-mini", messages=[], stream=True
+            )
+        assert err.value.status_code == 502
+        await env.capture.wait_for(lambda c: len(c.ended) == 2)
+        for stream in env.capture.streams:
+            terminal = env.capture.terminal(stream)
+            assert isinstance(terminal, ErrorEvent) and terminal.kind == "connect" and terminal.retryable
+        async with aiohttp.ClientSession() as http, http.get(env.url + "/api/tags") as response:
+            assert response.status == 502
+
+
+async def test_upstream_error_status_and_body_reach_the_client(
+    mock: MockServer, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    async with proxy_env(mock.url) as env:
+        with pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="missing", messages=[], stream=True):
+                pass
+        assert info.value.status_code == 404 and info.value.error == "model 'missing' not found"
+        with pytest.raises(openai.NotFoundError) as err:
+            await clients.openai(env.url, api_key=FAKE_KEY).chat.completions.create(
+                model="missing", messages=[], stream=True
+            )
+        assert err.value.code == "model_not_found"
+        await env.capture.wait_for(lambda c: len(c.ended) == 2)
+        for stream in env.capture.streams:
+            terminal = env.capture.terminal(stream)
+            assert isinstance(terminal, ErrorEvent) and terminal.kind == "model_not_found"
+            assert "404" in terminal.message
+
+
+async def test_upstream_5xx_is_forwarded_and_retryable(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.status = 503
+    scripted.reply.content_type = "application/json"
+    scripted.reply.chunks = [b'{"error":"server busy"}']
+    async with proxy_env(scripted.url) as env:
+        with pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                pass
+        assert info.value.status_code == 503 and info.value.error == "server busy"
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "http_status" and terminal.retryable
+
+
+async def test_upstream_cut_mid_stream_ends_the_client_stream_with_an_error(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.chunks = [LINE % b"Hel", LINE % b"lo"]
+    scripted.reply.then = "drop"
+    async with proxy_env(scripted.url) as env:
+        seen: list[str] = []
+        with pytest.raises(ollama.ResponseError) as info:
+            async for part in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                seen.append(part.message.content or "")
+        assert seen == ["Hel", "lo"]
+        assert "upstream" in info.value.error
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        env.capture.assert_text("Hello")
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "truncated" and terminal.retryable
+
+
+async def test_openai_cut_mid_stream(scripted: Upstream, proxy_env: Callable[..., Any], clients: Any) -> None:
+    chunk = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    scripted.reply.chunks = [chunk]
+    scripted.reply.content_type = "text/event-stream"
+    scripted.reply.then = "drop"
+    async with proxy_env(scripted.url) as env:
+        stream = await clients.openai(env.url, api_key=FAKE_KEY).chat.completions.create(
+            model="m", messages=[], stream=True
+        )
+        seen: list[str] = []
+        with pytest.raises(openai.APIError):
+            async for part in stream:
+                seen.append(part.choices[0].delta.content or "")
+        assert seen == ["Hi"]
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "truncated"
+
+
+async def test_client_disconnect_cancels_the_upstream_request_and_aborts_by_client(
+    scripted: Upstream, proxy_env: Callable[..., Any]
+) -> None:
+    scripted.reply.chunks = [LINE % b"Hel"]
+    scripted.reply.then = "hang"
+    async with proxy_env(scripted.url) as env:
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(env.url + "/api/chat", json={"model": "m", "messages": []})
+            assert await response.content.readline() == LINE % b"Hel"
+            response.close()  # the client goes away mid-stream
+        with anyio.fail_after(10):
+            await scripted.disconnected.wait()  # the proxy closed its upstream request
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, AbortEvent) and terminal.by == "client"
+        env.capture.assert_text("Hel")
+
+
+async def test_silent_upstream_never_hangs_the_client(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.chunks = [LINE % b"Hel"]
+    scripted.reply.then = "hang"
+    async with proxy_env(scripted.url, read_timeout=0.3) as env:
+        with anyio.fail_after(10), pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                pass
+        assert "read_timeout" in info.value.error
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "timeout"
+
+
+async def test_malformed_upstream_bytes_still_reach_the_client(
+    scripted: Upstream, proxy_env: Callable[..., Any]
+) -> None:
+    scripted.reply.chunks = [LINE % b"ok", b"not json\n", b'{"done":true}\n']
+    async with proxy_env(scripted.url) as env:
+        async with aiohttp.ClientSession() as http, http.post(env.url + "/api/chat", json={"model": "m"}) as response:
+            body = await response.read()
+        assert body == b"".join(scripted.reply.chunks)
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "malformed"
+        assert "JSON" in terminal.message or "json" in terminal.message
+
+
+async def test_non_json_request_body_is_passed_through_unpublished(
+    mock: MockServer, proxy_env: Callable[..., Any]
+) -> None:
+    async with proxy_env(mock.url) as env, aiohttp.ClientSession() as http:
+        async with http.post(mock.url + "/api/chat", data=b"{nope") as a:
+            direct = (a.status, await a.read())
+        async with http.post(env.url + "/api/chat", data=b"{nope") as b:
+            proxied = (b.status, await b.read())
+        assert proxied == direct and proxied[0] == 400
+        assert env.capture.streams == []
