@@ -39,30 +39,26 @@ class Collect:
         return self.events[-1]
 
 
-class AbortAfterFirstDelta(Collect):
-    """Aborts the stream as soon as its first delta arrives."""
+class PauseAt(LogitsProcessor):
+    """Counts decoding steps (in the worker thread) and holds the worker at step ``at``.
 
-    def __init__(self, bus: Bus) -> None:
-        super().__init__()
-        self.bus = bus
+    The test waits for ``reached``, acts, then sets ``release``: a deterministic
+    "mid-generation" without sleeping.
+    """
 
-    async def run(self, events: Any) -> None:
-        async for event in events:
-            self.events.append(event)
-            if isinstance(event, DeltaEvent) and len(self.events) == 2:
-                assert self.bus.abort(event.stream, "enough", "client")
-
-
-class StepCounter(LogitsProcessor):  # type: ignore[misc]
-    """Counts decoding steps (called once per generated token, in the worker thread)."""
-
-    def __init__(self) -> None:
+    def __init__(self, at: int = 3) -> None:
+        self.at = at
         self.steps = 0
         self.threads: set[int] = set()
+        self.reached = threading.Event()
+        self.release = threading.Event()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.steps += 1
         self.threads.add(threading.get_ident())
+        if self.steps == self.at:
+            self.reached.set()
+            self.release.wait(timeout=30)
         return scores
 
 
@@ -184,49 +180,60 @@ async def test_chat_without_template_renders_role_lines(model: Any, tokenizer: A
 
 async def test_abort_mid_generation_stops_and_joins_the_thread(model: Any, tokenizer: Any) -> None:
     spy = SpyModel(model)
-    counter = StepCounter()
-    producer = TransformersProducer(model=spy, tokenizer=tokenizer, max_new_tokens=400, do_sample=False, buffer=4)
+    pause = PauseAt(3)
+    # min_new_tokens: without the abort, generation would run all 400 steps.
+    producer = TransformersProducer(
+        model=spy, tokenizer=tokenizer, max_new_tokens=400, do_sample=False, generation={"min_new_tokens": 400}
+    )
+    sink = Collect()
     async with Bus() as bus:
-        sink = AbortAfterFirstDelta(bus)
         bus.add_sink(sink)
-        stream_id = await producer.generate(bus, prompt=PROMPT, logits_processor=LogitsProcessorList([counter]))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: producer.generate(bus, prompt=PROMPT, logits_processor=LogitsProcessorList([pause])))
+            await anyio.to_thread.run_sync(pause.reached.wait)
+            (stream_id,) = producer.stream_ids
+            assert bus.abort(stream_id, "enough", "client")
+            # Everything in the loop now waits for the worker thread: the stop flag is set.
+            await anyio.wait_all_tasks_blocked()
+            assert not spy.returned.is_set()
+            pause.release.set()
         # generate() returned: the worker thread has finished generate, not merely been abandoned.
         assert spy.returned.is_set()
-        steps = counter.steps
     terminal = sink.terminal
     assert isinstance(terminal, AbortEvent)
     assert (terminal.stream, terminal.reason, terminal.by) == (stream_id, "enough", "client")
-    assert steps < 400
-    assert counter.steps == steps
-    assert threading.get_ident() not in counter.threads
+    # The stopping criterion ends generation right after the step in progress.
+    assert pause.steps == 3
+    assert threading.get_ident() not in pause.threads
 
 
 async def test_cancelling_the_caller_stops_generation(model: Any, tokenizer: Any) -> None:
     spy = SpyModel(model)
-    counter = StepCounter()
-    producer = TransformersProducer(model=spy, tokenizer=tokenizer, max_new_tokens=400, do_sample=False)
+    pause = PauseAt(3)
+    producer = TransformersProducer(
+        model=spy, tokenizer=tokenizer, max_new_tokens=400, do_sample=False, generation={"min_new_tokens": 400}
+    )
     sink = Collect()
     async with Bus() as bus:
         bus.add_sink(sink)
-        with anyio.CancelScope() as scope:
-            first = anyio.Event()
+        caller = anyio.CancelScope()
 
-            class Watch:
-                async def run(self, events: Any) -> None:
-                    async for event in events:
-                        if isinstance(event, DeltaEvent):
-                            first.set()
+        async def call() -> None:
+            with caller:
+                await producer.generate(bus, prompt=PROMPT, logits_processor=[pause])
 
-            bus.add_sink(Watch())
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: producer.generate(bus, prompt=PROMPT, logits_processor=[counter]))
-                await first.wait()
-                scope.cancel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(pause.reached.wait)
+            caller.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert not spy.returned.is_set()
+            pause.release.set()
         assert spy.returned.is_set()
     terminal = sink.terminal
     assert isinstance(terminal, AbortEvent)
     assert terminal.by == "cancelled"
-    assert counter.steps < 400
+    assert pause.steps == 3
 
 
 async def test_generate_failure_ends_the_stream_with_an_error(model: Any, tokenizer: Any) -> None:
