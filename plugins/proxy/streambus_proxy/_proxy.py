@@ -277,7 +277,9 @@ class Proxy:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         try:
-            upstream = await self.session.request(request.method, url, data=data, headers=headers, allow_redirects=False)
+            upstream = await self.session.request(
+                request.method, url, data=data, headers=headers, allow_redirects=False
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("proxy.unreachable", path=request.path, error=_describe(exc))
             return web.json_response({"error": f"upstream {self.upstream} unreachable: {_describe(exc)}"}, status=502)
