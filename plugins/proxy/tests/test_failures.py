@@ -105,7 +105,10 @@ async def test_upstream_cut_mid_stream_ends_the_client_stream_with_an_error(
 
 
 async def test_openai_cut_mid_stream(scripted: Upstream, proxy_env: Callable[..., Any], clients: Any) -> None:
-    chunk = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    chunk = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    )
     scripted.reply.chunks = [chunk]
     scripted.reply.content_type = "text/event-stream"
     scripted.reply.then = "drop"
