@@ -11,6 +11,9 @@ test:
 	bash scripts/bootstrap.sh --browser
 	.venv/bin/python -m pytest
 
+docs: setup
+	.venv/bin/mkdocs build --strict
+
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .

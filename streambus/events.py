@@ -43,7 +43,12 @@ Channel: TypeAlias = Literal["content", "reasoning", "tool"]
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
-    """Fields common to every event."""
+    """Fields common to every event.
+
+    Only ``delta`` (the hot path) omits fields equal to their defaults on the
+    wire; every other event carries all its fields, so a reader in any
+    language needs no table of defaults for them.
+    """
 
     stream: str
     """Id of one model response: unique, URL-safe."""
@@ -53,7 +58,7 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     """Producer wall clock, UNIX seconds."""
 
 
-class StartEvent(_Base, frozen=True, kw_only=True, tag="start"):
+class StartEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="start"):
     """First event of every stream: who is answering, and the request's tags."""
 
     model: str = ""
@@ -89,7 +94,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     source: Literal["provider", "counted"] = "provider"
 
 
-class EndEvent(_Base, frozen=True, kw_only=True, tag="end"):
+class EndEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="end"):
     """Normal end of a stream, with usage and provider timings when known."""
 
     reason: str = "stop"
@@ -97,7 +102,7 @@ class EndEvent(_Base, frozen=True, kw_only=True, tag="end"):
     timings: dict[str, float] = {}
 
 
-class ErrorEvent(_Base, frozen=True, kw_only=True, tag="error"):
+class ErrorEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="error"):
     """The stream failed. ``kind`` is a stable machine-readable name."""
 
     kind: str
@@ -105,14 +110,14 @@ class ErrorEvent(_Base, frozen=True, kw_only=True, tag="error"):
     retryable: bool = False
 
 
-class AbortEvent(_Base, frozen=True, kw_only=True, tag="abort"):
+class AbortEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="abort"):
     """The stream was stopped on purpose; ``by`` says who stopped it."""
 
     reason: str = ""
     by: str = "client"
 
 
-class ModerationEvent(_Base, frozen=True, kw_only=True, tag="moderation"):
+class ModerationEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="moderation"):
     """A moderation verdict about the characters ``[start, end)`` of a channel.
 
     Offsets count characters of that channel's text from the stream's start.
