@@ -260,6 +260,11 @@ class Bus:
                 self._writers_idle.set()
 
     @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """Every open subscription, sinks' included."""
+        return tuple(self._subs)
+
+    @property
     def live_streams(self) -> Mapping[str, StartEvent]:
         """The ``start`` event of every stream that has not ended yet."""
         return self._live

@@ -322,6 +322,17 @@ class Subscription:
         shared = self._tier.end - self._cursor if self._cursor >= 0 and self._tier is not None else 0
         return shared + len(self._buf)
 
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is buffered and the reader is waiting for more.
+
+        A reader parks only after handling everything it took, so an idle
+        ``block`` subscription has processed every event published before now:
+        a source may then commit its read position (see the redis plugin).
+        """
+        waiter = self._waiter
+        return not self.pending and waiter is not None and not waiter.is_set()
+
     def _join(self, tier: _Tier) -> None:
         """Join *tier*: attached to its log when unfiltered, private otherwise."""
         self._tier = tier

@@ -450,3 +450,28 @@ async def test_interposed_stage_separates_raw_and_processed() -> None:
         mod_text = [e.text for e in await moderated.receive_batch() if isinstance(e, DeltaEvent)]
     assert raw_text == ["abc"]
     assert mod_text == ["ABC"]
+
+
+async def test_idle_means_the_reader_handled_everything_it_took() -> None:
+    handled: list[Event] = []
+    release = anyio.Event()
+
+    class Slow:
+        async def run(self, events: Subscription) -> None:
+            async for e in events:
+                await release.wait()
+                handled.append(e)
+
+    async with Bus() as bus:
+        sub = bus.add_sink(Slow(), overflow="block")
+        assert sub in bus.subscriptions
+        await wait_all_tasks_blocked()
+        assert sub.idle  # parked, nothing published yet
+        async with bus.stream() as w:
+            await w.delta("x")
+        await wait_all_tasks_blocked()
+        assert not sub.idle  # took the start event, still working on it
+        release.set()
+        await wait_all_tasks_blocked()
+        assert sub.idle
+        assert len(handled) == 3

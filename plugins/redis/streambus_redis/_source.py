@@ -69,18 +69,10 @@ def _sinks_caught_up(bus: Bus) -> bool:
     parked waiting for more, i.e. it came back after handling its last batch.
     Only then may a position be committed without risking loss at a crash.
     """
-    # The bus has no public "handled" signal yet, so this reads the reader's
-    # wait slot: parked = an unset waiter event (a set or missing one means
-    # the reader was woken and may still be working on what it took).
-    # test_position_is_committed_only_after_lossless_sinks_handled_the_events
-    # guards this against changes in the core.
-    for sub in getattr(bus, "_subs", ()):
+    for sub in bus.subscriptions:
         if sub.closed or sub.overflow is not OverflowPolicy.BLOCK:
             continue
-        if sub.pending:
-            return False
-        waiter = getattr(sub, "_waiter", None)
-        if waiter is None or waiter.is_set():
+        if not sub.idle:
             return False
     return True
 
