@@ -22,7 +22,7 @@ Installing streambus makes these fixtures available in every test suite:
 ``streambus_bus``
     A running :class:`~streambus.Bus` for the test (async tests, anyio plugin).
 
-Everything here is also importable for use without pytest
+Everything here is also importable outside fixtures (pytest must be installed)
 (``from streambus.testing import EventCapture``), as structlog ships
 ``structlog.testing``.
 """
