@@ -28,9 +28,9 @@ from aiohttp import web
 from streambus_ollama import _protocol as ollama_protocol
 from streambus_openai import _protocol as openai_protocol
 
-from streambus import Bus, Filter, StreamWriter, Usage, WireError
-from streambus.events import AbortEvent, EndEvent, ErrorEvent, Event, is_terminal
-from streambus.formats import StreamEncoder, WireFormat, load_format
+from streambus import Bus, Filter, StreamWriter, Subscription, Usage, WireError
+from streambus.events import AbortEvent, EndEvent, Event, is_terminal
+from streambus.formats import WireFormat, load_format
 from streambus.writer import new_stream_id
 
 __all__ = ["CONTENT_FILTER", "Proxy", "ProxyError", "create_app", "parse_tags"]
@@ -41,6 +41,7 @@ CONTENT_FILTER = "content_filter"
 """The ``finish_reason`` (OpenAI) / ``done_reason`` (Ollama) of a stream moderation aborted."""
 
 TAGS_HEADER = "X-Streambus-Tags"
+STREAM_HEADER = "X-Streambus-Stream"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the ones aiohttp recomputes for us.
@@ -109,8 +110,7 @@ def _upstream_url(upstream: str) -> str:
 class _Publisher:
     """Turns provider pieces into writer calls (choice 0 of an OpenAI answer)."""
 
-    def __init__(self, provider: str, w: StreamWriter) -> None:
-        self.provider = provider
+    def __init__(self, w: StreamWriter) -> None:
         self.w = w
         self.reason = "stop"
         self.usage: Usage | None = None
@@ -172,6 +172,52 @@ def _response_headers(upstream: aiohttp.ClientResponse, *, drop: Iterable[str] =
         if key.lower() not in skip:
             out[key] = value
     return out
+
+
+class _Call:
+    """One proxied model request, shared by the forwarding side and the relay."""
+
+    def __init__(
+        self,
+        *,
+        request: web.Request,
+        fmt: WireFormat,
+        route: str,
+        body: dict[str, Any],
+        raw: bytes,
+        streaming: bool,
+        stream: str,
+        model: str,
+        meta: dict[str, Any],
+    ) -> None:
+        self.request = request
+        self.fmt = fmt
+        self.route = route
+        self.body = body
+        self.raw = raw
+        self.streaming = streaming
+        self.stream = stream
+        self.model = model
+        self.meta = meta
+        self.moderated = False
+        self.relayed: anyio.Event | None = None
+        self.ready = anyio.Event()
+        self.response: web.StreamResponse | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream_status = 200
+        self.upstream_headers: dict[str, str] = {}
+        self.w_terminal: Event | None = None
+
+    def answer(self, response: web.StreamResponse) -> None:
+        if self.response is None:
+            self.response = response
+        self.ready.set()
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    if data:
+        with contextlib.suppress(ConnectionError):
+            await response.write(data)
 
 
 class Proxy:
@@ -329,80 +375,114 @@ class Proxy:
         except ProxyError as exc:
             return web.json_response(fmt.error_body(400, str(exc)), status=400)
         model = body.get("model")
-        model = model if isinstance(model, str) else ""
-        stream = new_stream_id()
-        headers = self._forward_headers(request)
-        headers["Accept-Encoding"] = "identity"  # the parser reads a copy of these bytes
-        log.info("proxy.request", stream=stream, path=request.path, model=model, streamed=streaming)
-        url = self.upstream + request.rel_url.raw_path_qs
+        call = _Call(
+            request=request,
+            fmt=fmt,
+            route=route,
+            body=body,
+            raw=raw,
+            streaming=streaming,
+            stream=new_stream_id(),
+            model=model if isinstance(model, str) else "",
+            meta=meta,
+        )
+        log.info("proxy.request", stream=call.stream, path=request.path, model=call.model, streamed=streaming)
+        sub = None
+        if self._is_moderated():
+            # Subscribed before the stream starts, so the client misses none of the processed events.
+            sub = self.bus.subscribe(Filter.of(streams=call.stream), overflow="block", name=f"proxy:{call.stream}")
         try:
-            upstream = await self.session.post(url, data=raw, headers=headers, allow_redirects=False)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
-            kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
-            await self._publish_failure(stream, model, fmt.name, meta, kind, message)
-            log.warning("proxy.unreachable", stream=stream, error=_describe(exc))
-            return web.json_response(fmt.error_body(502, message), status=502)
-        async with upstream:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_client, request, call.stream)
+                if sub is not None:
+                    call.moderated = True
+                    call.relayed = anyio.Event()
+                    tg.start_soon(self._relay, call, sub)
+                # The stream starts when the request arrives, so time to first chunk includes the upstream's.
+                async with self.bus.stream(stream=call.stream, model=call.model, provider=fmt.name, meta=meta) as w:
+                    await self._forward(call, w)
+                if call.relayed is not None:
+                    await call.relayed.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if sub is not None:
+                sub.close()
+            if call.upstream is not None:
+                if isinstance(call.w_terminal, AbortEvent):
+                    call.upstream.close()
+                call.upstream.release()
+        if call.response is None:
+            # Only when the client left before anything was answered: there is nobody to answer.
+            return web.Response(status=499)
+        return call.response
+
+    async def _forward(self, call: _Call, w: StreamWriter) -> None:
+        """Send the request upstream and answer the client (pass-through) or feed the relay (moderated)."""
+        fmt, headers = call.fmt, self._forward_headers(call.request)
+        headers["Accept-Encoding"] = "identity"  # the parser reads a copy of these bytes
+        url = self.upstream + call.request.rel_url.raw_path_qs
+        try:
+            try:
+                upstream = await self.session.post(url, data=call.raw, headers=headers, allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
+                log.warning("proxy.unreachable", stream=call.stream, error=_describe(exc))
+                await w.error("timeout" if isinstance(exc, TimeoutError) else "connect", message, retryable=True)
+                call.answer(web.json_response(fmt.error_body(502, message), status=502))
+                return
+            call.upstream = upstream
+            upstream_id = upstream.headers.get("x-request-id")
+            if upstream_id:
+                w.meta["upstream_request_id"] = upstream_id
             if upstream.status >= 400:
-                return await self._upstream_status(stream, model, fmt, meta, upstream)
-            if self._is_moderated():
-                return await self._moderated(request, fmt, route, body, stream, model, meta, upstream, streaming)
-            if not streaming:
-                return await self._whole(request, fmt, route, stream, model, meta, upstream)
-            return await self._stream(request, fmt, route, body, stream, model, meta, upstream)
+                await self._upstream_status(call, w, upstream)
+            elif call.relayed is not None and call.moderated:
+                await self._feed(call, w, upstream)
+            elif not call.streaming:
+                await self._whole(call, w, upstream)
+            else:
+                await self._stream(call, w, upstream)
+        finally:
+            call.w_terminal = w.terminal
+            call.ready.set()
 
-    async def _publish_failure(
-        self,
-        stream: str,
-        model: str,
-        provider: str,
-        meta: dict[str, Any],
-        kind: str,
-        message: str,
-        retryable: bool = True,
-    ) -> None:
-        async with self.bus.stream(stream=stream, model=model, provider=provider, meta=meta) as w:
-            await w.error(kind, message, retryable=retryable)
-
-    async def _upstream_status(
-        self, stream: str, model: str, fmt: WireFormat, meta: dict[str, Any], upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
+    async def _upstream_status(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
         status = upstream.status
         try:
             data = await upstream.read()
         except (aiohttp.ClientError, TimeoutError):
             data = b""
+        call.answer(
+            web.Response(status=status, reason=upstream.reason, body=data, headers=self._headers(call, upstream))
+        )
         kind = "model_not_found" if status == 404 else "http_status"
         message = f"HTTP {status}: {_error_message(data) or upstream.reason or ''}"
-        await self._publish_failure(stream, model, fmt.name, meta, kind, message, status >= 500 or status == 429)
-        log.info("proxy.upstream_status", stream=stream, status=status)
-        return web.Response(status=status, reason=upstream.reason, body=data, headers=_response_headers(upstream))
+        log.info("proxy.upstream_status", stream=call.stream, status=status)
+        await w.error(kind, message, retryable=status >= 500 or status == 429)
 
-    async def _whole(
-        self,
-        request: web.Request,
-        fmt: WireFormat,
-        route: str,
-        stream: str,
-        model: str,
-        meta: dict[str, Any],
-        upstream: aiohttp.ClientResponse,
-    ) -> web.StreamResponse:
-        response_headers = _response_headers(upstream)
-        async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                message = f"the upstream broke off the answer: {_describe(exc)}"
-                await w.error("truncated", message, retryable=True)
-                return web.json_response(fmt.error_body(502, message), status=502)
-            publisher = _Publisher(fmt.name, w)
-            try:
-                await publisher.apply(_whole_body_pieces(fmt.name, route, data))
-            except (ValueError, orjson.JSONDecodeError) as exc:
-                await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
-        return web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=response_headers)
+    def _headers(self, call: _Call, upstream: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> dict[str, str]:
+        headers = _response_headers(upstream, drop=drop)
+        headers[STREAM_HEADER] = call.stream
+        return headers
+
+    async def _whole(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+        fmt = call.fmt
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            message = f"the upstream broke off the answer: {_describe(exc)}"
+            call.answer(web.json_response(fmt.error_body(502, message), status=502))
+            await w.error("truncated", message, retryable=True)
+            return
+        call.answer(
+            web.Response(
+                status=upstream.status, reason=upstream.reason, body=data, headers=self._headers(call, upstream)
+            )
+        )
+        try:
+            await _Publisher(w).apply(_whole_body_pieces(fmt.name, call.route, data))
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
 
     async def _watch_client(self, request: web.Request, stream: str) -> None:
         """Abort *stream* by ``client`` once the client's connection is gone."""
@@ -414,158 +494,123 @@ class Proxy:
                 return
             await anyio.sleep(self.disconnect_poll)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        fmt: WireFormat,
-        route: str,
-        body: Mapping[str, Any],
-        stream: str,
-        model: str,
-        meta: dict[str, Any],
-        upstream: aiohttp.ClientResponse,
-    ) -> web.StreamResponse:
+    async def _stream(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+        """Pass-through: every upstream read goes to the client first, then a copy is parsed and published."""
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.update(_response_headers(upstream))
-        await response.prepare(request)
-        parser = _parser(fmt.name, route)
-        async with anyio.create_task_group() as tg:
-            async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
-                tg.start_soon(self._watch_client, request, stream)
-                publisher = _Publisher(fmt.name, w)
-                parsing = True
-                failure: tuple[str, str] | None = None
+        response.headers.update(self._headers(call, upstream))
+        call.answer(response)
+        await response.prepare(call.request)
+        parser = _parser(call.fmt.name, call.route)
+        publisher = _Publisher(w)
+        parsing = True
+        failure: tuple[str, str] | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
                 try:
-                    async for chunk in upstream.content.iter_any():
-                        try:
-                            await response.write(chunk)
-                        except ConnectionError:
-                            upstream.close()
-                            await w.abort("client disconnected", by="client")
-                            log.info("proxy.client_gone", stream=stream)
-                            break
-                        if parsing:
-                            try:
-                                await publisher.apply(parser.feed(chunk))
-                            except WireError as exc:
-                                parsing = False
-                                await w.error("malformed", str(exc))
-                    else:
-                        if parsing:
-                            await publisher.apply(parser.close())
-                        if not w.finished:
-                            failure = ("truncated", "the upstream closed the stream before its end")
-                except WireError as exc:
-                    failure = ("truncated", f"the stream ended inside a line: {exc}")
-                except TimeoutError:
-                    failure = ("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
-                except aiohttp.ClientError as exc:
-                    failure = ("truncated", f"the upstream connection broke mid-stream: {_describe(exc)}")
-                if failure is not None and not w.finished:
-                    kind, message = failure
-                    log.warning("proxy.upstream_cut", stream=stream, kind=kind, error=message)
-                    await w.error(kind, message, retryable=True)
-                    # End the client's stream the way the provider ends a failed one, in band.
-                    await self._write_quietly(response, _error_bytes(fmt, route, body, w.terminal))
-                if not w.finished or not isinstance(w.terminal, AbortEvent):
-                    with contextlib.suppress(ConnectionError):
-                        await response.write_eof()
-            tg.cancel_scope.cancel()
-        if isinstance(w.terminal, AbortEvent):
-            upstream.close()
-        return response
-
-    async def _write_quietly(self, response: web.StreamResponse, data: bytes) -> None:
-        if data:
-            with contextlib.suppress(ConnectionError):
-                await response.write(data)
+                    await response.write(chunk)
+                except ConnectionError:
+                    log.info("proxy.client_gone", stream=call.stream)
+                    await w.abort("client disconnected", by="client")
+                    return
+                if parsing:
+                    try:
+                        await publisher.apply(parser.feed(chunk))
+                    except WireError as exc:
+                        parsing = False
+                        await w.error("malformed", str(exc))
+            if parsing:
+                await publisher.apply(parser.close())
+            if not w.finished:
+                failure = ("truncated", "the upstream closed the stream before its end")
+        except WireError as exc:
+            failure = ("truncated", f"the stream ended inside a line: {exc}")
+        except TimeoutError:
+            failure = ("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
+        except aiohttp.ClientError as exc:
+            failure = ("truncated", f"the upstream connection broke mid-stream: {_describe(exc)}")
+        if failure is not None and not w.finished:
+            kind, message = failure
+            log.warning("proxy.upstream_cut", stream=call.stream, kind=kind, error=message)
+            await w.error(kind, message, retryable=True)
+            # End the client's stream the way the provider ends a failed one: in band.
+            await _write_quietly(response, _error_bytes(call.fmt, call.route, call.body, w.terminal))
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
 
     # -- moderated: the client gets the processed stream -------------------------------------
-    async def _moderated(
-        self,
-        request: web.Request,
-        fmt: WireFormat,
-        route: str,
-        body: Mapping[str, Any],
-        stream: str,
-        model: str,
-        meta: dict[str, Any],
-        upstream: aiohttp.ClientResponse,
-        streaming: bool,
-    ) -> web.StreamResponse:
-        sub = self.bus.subscribe(Filter.of(streams=stream), overflow="block", name=f"proxy:{stream}")
-        parser = _parser(fmt.name, route)
-
-        async def produce() -> None:
-            async with self.bus.stream(stream=stream, model=model, provider=fmt.name, meta=meta) as w:
-                publisher = _Publisher(fmt.name, w)
-                try:
-                    if not streaming:
-                        data = await upstream.read()
-                        try:
-                            await publisher.apply(_whole_body_pieces(fmt.name, route, data))
-                        except (ValueError, orjson.JSONDecodeError) as exc:
-                            await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
-                        return
-                    async for chunk in upstream.content.iter_any():
-                        await publisher.apply(parser.feed(chunk))
-                    await publisher.apply(parser.close())
-                    if not w.finished:
-                        await w.error("truncated", "the upstream closed the stream before its end", retryable=True)
-                except WireError as exc:
-                    await w.error("malformed", str(exc))
-                except TimeoutError:
-                    await w.error("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
-                except aiohttp.ClientError as exc:
-                    await w.error(
-                        "truncated", f"the upstream connection broke mid-stream: {_describe(exc)}", retryable=True
-                    )
-            if isinstance(w.terminal, AbortEvent | ErrorEvent):
-                upstream.close()
-
-        response: web.StreamResponse
+    async def _feed(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+        """Moderated: parse the upstream's answer onto the bus; :meth:`_relay` answers the client."""
+        call.upstream_status = upstream.status
+        call.upstream_headers = self._headers(call, upstream, drop=("content-type", "content-encoding"))
+        call.ready.set()
+        publisher = _Publisher(w)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(produce)
-                if not streaming:
-                    events: list[Event] = []
-                    async for event in sub:
-                        events.append(_as_filtered(event))
-                        if is_terminal(event):
-                            break
-                    assembled = fmt.assemble(route, body, events)
-                    status = 502 if "error" in assembled else upstream.status
-                    response = web.json_response(assembled, status=status, dumps=_dumps)
-                else:
-                    tg.start_soon(self._watch_client, request, stream)
-                    encoder = fmt.stream_encoder(route, body)
-                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                    response.headers.update(_response_headers(upstream, drop=("content-type", "content-encoding")))
-                    response.content_type = encoder.content_type
-                    await response.prepare(request)
-                    await self._relay(sub, encoder, response, stream)
-                    tg.cancel_scope.cancel()
-        finally:
-            sub.close()
-        return response
-
-    async def _relay(self, sub: Any, encoder: StreamEncoder, response: web.StreamResponse, stream: str) -> None:
-        async for event in sub:
-            data = encoder.encode(_as_filtered(event))
-            try:
-                if data:
-                    await response.write(data)
-                if is_terminal(event):
-                    if not (isinstance(event, AbortEvent) and event.by == "client"):
-                        tail = encoder.close()
-                        if tail:
-                            await response.write(tail)
-                        await response.write_eof()
-                    return
-            except ConnectionError:
-                self.bus.abort(stream, "client disconnected", by="client")
-                log.info("proxy.client_gone", stream=stream)
+            if not call.streaming:
+                data = await upstream.read()
+                try:
+                    await publisher.apply(_whole_body_pieces(call.fmt.name, call.route, data))
+                except (ValueError, orjson.JSONDecodeError) as exc:
+                    await w.error("malformed", f"the upstream's answer is not a {call.fmt.name} body: {exc}")
                 return
+            parser = _parser(call.fmt.name, call.route)
+            async for chunk in upstream.content.iter_any():
+                await publisher.apply(parser.feed(chunk))
+            await publisher.apply(parser.close())
+            if not w.finished:
+                await w.error("truncated", "the upstream closed the stream before its end", retryable=True)
+        except WireError as exc:
+            await w.error("malformed", str(exc))
+        except TimeoutError:
+            await w.error("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
+        except aiohttp.ClientError as exc:
+            message = f"the upstream connection broke mid-stream: {_describe(exc)}"
+            await w.error("truncated", message, retryable=True)
+
+    async def _relay(self, call: _Call, sub: Subscription) -> None:
+        """Moderated: answer the client from the processed stream, re-encoded in its wire format."""
+        assert call.relayed is not None
+        try:
+            events: list[Event] = []
+            response: web.StreamResponse | None = None
+            encoder = call.fmt.stream_encoder(call.route, call.body)
+            async for event in sub:
+                if call.response is not None and response is None:
+                    return  # answered without the relay (upstream error status, unreachable)
+                if not call.streaming:
+                    events.append(_as_filtered(event))
+                    if is_terminal(event):
+                        if call.response is None:
+                            assembled = call.fmt.assemble(call.route, call.body, events)
+                            status = 502 if "error" in assembled else call.upstream_status
+                            call.answer(web.json_response(assembled, status=status, dumps=_dumps))
+                        return
+                    continue
+                if response is None:
+                    if is_terminal(event) and not call.ready.is_set():
+                        return  # failed before the upstream answered: _forward answered
+                    await call.ready.wait()
+                    if call.response is not None or call.upstream is None:
+                        return  # answered already, or the client left before the upstream did
+                    response = web.StreamResponse(status=call.upstream_status)
+                    response.headers.update(call.upstream_headers)
+                    response.content_type = encoder.content_type
+                    call.answer(response)
+                    await response.prepare(call.request)
+                data = encoder.encode(_as_filtered(event))
+                try:
+                    if data:
+                        await response.write(data)
+                    if is_terminal(event):
+                        if not (isinstance(event, AbortEvent) and event.by == "client"):
+                            await response.write(encoder.close())
+                            await response.write_eof()
+                        return
+                except ConnectionError:
+                    self.bus.abort(call.stream, "client disconnected", by="client")
+                    log.info("proxy.client_gone", stream=call.stream)
+                    return
+        finally:
+            call.relayed.set()
 
 
 def _error_bytes(fmt: WireFormat, route: str, body: Mapping[str, Any], terminal: Event | None) -> bytes:

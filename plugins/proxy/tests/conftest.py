@@ -105,6 +105,8 @@ class Reply:
     status: int = 200
     content_type: str = "application/x-ndjson"
     then: str = "end"
+    stall_headers: bool = False
+    """Send no headers until the client goes away (a model that takes forever to load)."""
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Upstream:
     headers: list[dict[str, str]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @pytest.fixture
@@ -127,6 +130,14 @@ async def scripted() -> AsyncIterator[Upstream]:
         state.bodies.append(await request.read())
         state.headers.append(dict(request.headers))
         reply = state.reply
+        state.arrived.set()
+        if reply.stall_headers:
+            for _ in range(2000):
+                await asyncio.sleep(0.005)
+                if request.transport is None or request.transport.is_closing():
+                    break
+            state.disconnected.set()
+            return web.Response(status=504)
         response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
         await response.prepare(request)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -185,3 +186,33 @@ async def test_non_json_request_body_is_passed_through_unpublished(
             proxied = (b.status, await b.read())
         assert proxied == direct and proxied[0] == 400
         assert env.capture.streams == []
+
+
+@pytest.mark.parametrize("moderated", [False, True])
+async def test_client_leaving_before_the_upstream_answers_cancels_the_request(
+    scripted: Upstream, proxy_env: Callable[..., Any], moderated: bool
+) -> None:
+    scripted.reply.stall_headers = True
+    stage = ModerationStage(moderator=KeywordModerator(words={"x": ["zzz"]})) if moderated else None
+    async with proxy_env(scripted.url, stage=stage) as env:
+        async with aiohttp.ClientSession() as http:
+            request = asyncio.ensure_future(http.post(env.url + "/api/chat", json={"model": "m"}))
+            with anyio.fail_after(10):
+                await scripted.arrived.wait()
+            request.cancel()  # the client gives up while the model is still loading
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        with anyio.fail_after(10):
+            await scripted.disconnected.wait()
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, AbortEvent) and terminal.by == "client"
+
+
+async def test_stream_id_header_names_the_bus_stream(mock: MockServer, proxy_env: Callable[..., Any]) -> None:
+    async with proxy_env(mock.url) as env, aiohttp.ClientSession() as http:
+        async with http.post(env.url + "/api/chat", json={"model": "llama3.2"}) as response:
+            await response.read()
+            stream = response.headers["X-Streambus-Stream"]
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        assert env.capture.streams == [stream]
