@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+import structlog
 
 from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, Event, PluginError, StartEvent, Usage
 from streambus.recording import read_recording, write_recording
@@ -30,6 +31,15 @@ import openai
 from streambus.mockserver import MockServer
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The CLI configures structlog globally; later tests must not inherit its level.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 CHAT = Path(__file__).parent / "data" / "chat.jsonl"
 RECORDED = read_recording(CHAT).events

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -30,6 +30,14 @@ from streambus.recording import header_line, read_recording, write_recording
 from streambus.testing import EventCapture
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The CLI configures structlog globally; later tests must not inherit its level.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 async def two_streams(bus: Bus, *, tokens: int = 5) -> list[str]:

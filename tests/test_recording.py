@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+import structlog
 from click.testing import CliRunner
 
 from streambus import DeltaEvent, EndEvent, RecordingError, StartEvent, Usage, encode
@@ -19,6 +21,15 @@ from streambus.recording import (
     read_recording,
     write_recording,
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The CLI configures structlog globally; later tests must not inherit its level.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 DATA = Path(__file__).parent / "data"
 

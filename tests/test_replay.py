@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import msgspec
 import pytest
+import structlog
 from click.testing import CliRunner
 from trio.testing import MockClock
 
@@ -31,6 +33,15 @@ from streambus.replay import ReplayProducer, plan_streams
 from streambus.testing import EventCapture
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    # The CLI configures structlog globally; later tests must not inherit its level.
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
 
 DATA = Path(__file__).parent / "data"
 CHAT = DATA / "chat.jsonl"
