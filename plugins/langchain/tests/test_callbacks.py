@@ -177,3 +177,22 @@ async def test_trio_gets_a_clear_error() -> None:
     async with Bus() as bus:
         with pytest.raises(WrongEventLoop, match="BusCallbackHandler needs asyncio"):
             BusCallbackHandler(bus)
+
+
+async def test_completion_llms_are_published_too() -> None:
+    from langchain_core.language_models import FakeListLLM
+
+    llm = FakeListLLM(responses=["plain completion"])
+    async with Bus() as bus:
+        capture = EventCapture().attach(bus)
+        handler = BusCallbackHandler(bus)
+        assert await llm.ainvoke("hi", config={"callbacks": [handler]}) == "plain completion"
+        # A sync, non-streamed run from a worker thread takes the same path.
+        answer = await anyio.to_thread.run_sync(lambda: llm.invoke("again", config={"callbacks": [handler]}))
+        assert answer == "plain completion"
+        await capture.wait_streams(2)
+    assert len(handler.stream_ids) == 2
+    for stream_id in handler.stream_ids:
+        capture.assert_text("plain completion", stream_id)
+        assert capture.end(stream_id).reason == "stop"
+        assert capture.start(stream_id).meta["run_id"] == stream_id
