@@ -71,6 +71,7 @@ class SinkContract:
 
     @pytest.mark.anyio
     async def test_contract_receives_every_stream_whole(self, tmp_path: Path) -> None:
+        """Interleaved streams (Japanese included), every terminal kind: each stream's text arrives whole."""
         sink = self.make_sink(tmp_path)
         async with Bus() as bus:
             bus.add_sink(sink, critical=True)
@@ -82,6 +83,7 @@ class SinkContract:
 
     @pytest.mark.anyio
     async def test_contract_drains_on_shutdown(self, tmp_path: Path) -> None:
+        """Leaving the bus right after publishing: the sink still handles everything accepted."""
         sink = self.make_sink(tmp_path)
         async with Bus() as bus:
             bus.add_sink(sink, critical=True)
@@ -93,6 +95,7 @@ class SinkContract:
 
     @pytest.mark.anyio
     async def test_contract_survives_restart_on_same_subscription(self, tmp_path: Path) -> None:
+        """Cancelled mid-run and run again on the same subscription, as the bus does after a crash."""
         sink = self.make_sink(tmp_path)
         async with Bus() as bus:
             setup = getattr(sink, "setup", None)
@@ -122,6 +125,7 @@ class SinkContract:
         assert got.get("contract-restart-2") == "after"
 
     def test_contract_entry_point(self) -> None:
+        """The sink is registered under ``streambus.sinks`` and imports cleanly."""
         if self.entry_point is None:
             pytest.skip("this sink registers no entry point")
         from .plugins import discover

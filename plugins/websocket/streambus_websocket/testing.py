@@ -54,6 +54,7 @@ class Peer:
         self.ws = ws
 
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        """Send a frame: a dict is encoded as JSON, text and bytes go as they are."""
         data = message if isinstance(message, str | bytes) else msgspec.json.encode(message).decode()
         await self.ws.send(data)
 
