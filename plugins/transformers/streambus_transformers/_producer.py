@@ -158,15 +158,17 @@ class TransformersProducer(PluginBase):
         self.model: Any = model
         self.tokenizer: Any = tokenizer
         self._lock = anyio.Lock()
+        self._load_lock = anyio.Lock()
         self.stream_ids: list[str] = []
         """Ids of the streams produced so far, in start order."""
 
     # -- loading ---------------------------------------------------------------
     async def load(self) -> None:
         """Load the model and tokenizer named in the options (in a worker thread), if not given as objects."""
-        if self.model is not None and self.tokenizer is not None:
-            return
-        await anyio.to_thread.run_sync(self._load_sync)
+        async with self._load_lock:  # concurrent first generations load once
+            if self.model is not None and self.tokenizer is not None:
+                return
+            await anyio.to_thread.run_sync(self._load_sync)
 
     def _load_sync(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

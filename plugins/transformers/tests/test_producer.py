@@ -335,3 +335,19 @@ async def test_constructor_errors(model: Any, tokenizer: Any) -> None:
             await producer.generate(bus, prompt="x", streamer=None)
         with pytest.raises(ValueError, match="prompt: give a prompt or messages"):
             await producer.run(bus)
+
+
+async def test_concurrent_generations_share_the_model_one_at_a_time(model: Any, tokenizer: Any) -> None:
+    producer = TransformersProducer(model=model, tokenizer=tokenizer, max_new_tokens=6, do_sample=False)
+    sink = Collect()
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        async with anyio.create_task_group() as tg:
+            for text in ("hello world", "the lazy dog"):
+                tg.start_soon(lambda t=text: producer.generate(bus, prompt=t))
+    first, second = producer.stream_ids
+    order = [e.stream for e in sink.events]
+    # The second stream starts only after the first one ended.
+    assert order == [first] * order.count(first) + [second] * order.count(second)
+    ends = [e for e in sink.events if isinstance(e, EndEvent)]
+    assert [e.reason for e in ends] == ["length", "length"]
