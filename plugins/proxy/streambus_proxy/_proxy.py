@@ -294,6 +294,7 @@ class Proxy:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """The upstream HTTP session (open while the app runs)."""
         if self._session is None:
             raise RuntimeError("the proxy app is not running (start it with an aiohttp AppRunner)")
         return self._session
