@@ -169,6 +169,11 @@ class Bus:
         """Whether the bus accepts events."""
         return self._running
 
+    @property
+    def interposed(self) -> bool:
+        """Whether a processing stage (e.g. moderation) sits between producers and non-raw subscribers."""
+        return self._interposed > 0
+
     def _check_running(self) -> None:
         if not self._running:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")

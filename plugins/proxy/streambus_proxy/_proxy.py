@@ -14,6 +14,7 @@ the provider plugin's :class:`~streambus.formats.WireFormat`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import uuid
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ import structlog
 from aiohttp import web
 from streambus_ollama import _protocol as ollama_protocol
 from streambus_openai import _protocol as openai_protocol
+from yarl import URL
 
 from streambus import Bus, Filter, StreamWriter, Subscription, Usage, WireError
 from streambus.events import AbortEvent, EndEvent, Event, is_terminal
@@ -100,11 +102,19 @@ def parse_tags(value: str) -> dict[str, Any]:
     return out
 
 
-def _upstream_url(upstream: str) -> str:
-    url = upstream.rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ProxyError(f"upstream: expected an http:// or https:// URL, got {upstream!r}")
-    return url
+def _upstream_url(upstream: str) -> tuple[str, str | None]:
+    """The upstream base URL without credentials, and the Basic auth header its userinfo asked for."""
+    if not upstream.startswith(("http://", "https://")):
+        shown = str(URL(upstream).with_user(None)) if "@" in upstream else upstream
+        raise ProxyError(f"upstream: expected an http:// or https:// URL, got {shown!r}")
+    url = URL(upstream)
+    auth = None
+    if url.user is not None:
+        # Credentials in the URL become a header, so the URL itself (recorded in
+        # meta, shown in logs and error messages) never carries them.
+        auth = "Basic " + base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode()
+        url = url.with_user(None)
+    return str(url).rstrip("/"), auth
 
 
 class _Publisher:
@@ -253,7 +263,7 @@ class Proxy:
         formats: Iterable[str] = ("ollama", "openai"),
     ) -> None:
         self.bus = bus
-        self.upstream = _upstream_url(upstream)
+        self.upstream, self._auth = _upstream_url(upstream)
         if not connect_timeout > 0:
             raise ProxyError(f"connect_timeout: must be positive, got {connect_timeout}")
         if not read_timeout > 0:
@@ -302,10 +312,13 @@ class Proxy:
     def _is_moderated(self) -> bool:
         if self.moderated is not None:
             return self.moderated
-        return bool(getattr(self.bus, "_interposed", 0))
+        return self.bus.interposed
 
     def _forward_headers(self, request: web.Request) -> dict[str, str]:
-        return {k: v for k, v in request.headers.items() if k.lower() not in _NOT_UPSTREAM}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_UPSTREAM}
+        if self._auth is not None and "Authorization" not in request.headers:
+            headers["Authorization"] = self._auth
+        return headers
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = self.routes.get(request.path) if request.method == "POST" else None

@@ -12,6 +12,7 @@ import anyio
 import click
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from streambus import Bus
 from streambus.config import Pipeline, load_config
@@ -54,10 +55,18 @@ async def serve_proxy(
         await web.SockSite(runner, sock).start()
         bound = sock.getsockname()[1]
         url = f"http://[{host}]:{bound}" if family == socket.AF_INET6 else f"http://{host}:{bound}"
-        log.info("proxy.listening", url=url, upstream=upstream)
+        log.info("proxy.listening", url=url, upstream=_shown(upstream))
         yield url
     finally:
         await runner.cleanup()
+
+
+def _shown(upstream: str) -> str:
+    """*upstream* without the credentials a URL may carry (for logs)."""
+    try:
+        return str(URL(upstream).with_user(None))
+    except ValueError:
+        return "<invalid URL>"
 
 
 async def _serve(pipeline: Pipeline | None, upstream: str, host: str, port: int, options: dict[str, Any]) -> None:

@@ -216,3 +216,34 @@ async def test_stream_id_header_names_the_bus_stream(mock: MockServer, proxy_env
             stream = response.headers["X-Streambus-Stream"]
         await env.capture.wait_for(lambda c: len(c.ended) == 1)
         assert env.capture.streams == [stream]
+
+
+async def test_credentials_in_the_upstream_url_become_a_header_and_are_never_recorded(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import base64
+    import logging
+
+    from structlog.testing import capture_logs
+
+    caplog.set_level(logging.DEBUG)
+    scripted.reply.chunks = [LINE % b"ok", b'{"message":{"role":"assistant","content":""},"done":true}\n']
+    secret_url = scripted.url.replace("http://", f"http://user:{FAKE_KEY}@")
+    dead_url = f"http://user:{FAKE_KEY}@127.0.0.1:{_closed_port()}"
+    with capture_logs() as logs:
+        async with proxy_env(secret_url) as env:
+            async for _ in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                pass
+            await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        async with proxy_env(dead_url) as env2:
+            with pytest.raises(ollama.ResponseError) as info:
+                async for _ in await clients.ollama(env2.url).chat(model="m", messages=[], stream=True):
+                    pass
+            await env2.capture.wait_for(lambda c: len(c.ended) == 1)
+    expected = "Basic " + base64.b64encode(f"user:{FAKE_KEY}".encode()).decode()
+    assert scripted.headers[0]["Authorization"] == expected
+    assert FAKE_KEY not in info.value.error
+    for seen in (repr(env.capture.of()), repr(env2.capture.of()), repr(logs), caplog.text):
+        assert FAKE_KEY not in seen
+    assert FAKE_KEY not in env.recorder_path.read_text()
+    assert env.capture.start().meta["upstream"] == scripted.url
