@@ -30,7 +30,7 @@ from streambus_ollama import _protocol as ollama_protocol
 from streambus_openai import _protocol as openai_protocol
 from yarl import URL
 
-from streambus import Bus, Filter, StreamWriter, Subscription, Usage, WireError
+from streambus import Bus, Filter, StreamWriter, Subscription, SubscriptionClosed, Usage, WireError
 from streambus.events import AbortEvent, EndEvent, Event, is_terminal
 from streambus.formats import WireFormat, load_format
 from streambus.writer import new_stream_id
@@ -404,7 +404,9 @@ class Proxy:
         sub = None
         if self._is_moderated():
             # Subscribed before the stream starts, so the client misses none of the processed events.
-            sub = self.bus.subscribe(Filter.of(streams=call.stream), overflow="block", name=f"proxy:{call.stream}")
+            # coalesce: a slow client gets bigger chunks (never fewer characters) instead of
+            # holding up the moderation stage, which every other stream goes through too.
+            sub = self.bus.subscribe(Filter.of(streams=call.stream), overflow="coalesce", name=f"proxy:{call.stream}")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_client, request, call.stream)
@@ -623,6 +625,10 @@ class Proxy:
                     self.bus.abort(call.stream, "client disconnected", by="client")
                     log.info("proxy.client_gone", stream=call.stream)
                     return
+        except SubscriptionClosed as exc:
+            # Past the coalescing byte cap: this client reads far slower than the model writes.
+            log.warning("proxy.client_too_slow", stream=call.stream, error=str(exc))
+            self.bus.abort(call.stream, "client too slow", by="client")
         finally:
             call.relayed.set()
 
