@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.util
 import os
@@ -96,6 +97,10 @@ def _load(name: str) -> ModuleType:
     return module
 
 
+def _event_loops() -> set[asyncio.AbstractEventLoop]:
+    return {o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,6 +115,7 @@ def _free_port() -> int:
 def test_gradio_example_with_gradio_client(bg: BackgroundBus) -> None:
     from gradio_client import Client
 
+    loops_before = _event_loops()
     module = _load("gradio_app")
     module.DELAY = 0.0
     demo = module.build(bg)
@@ -127,4 +133,9 @@ def test_gradio_example_with_gradio_client(bg: BackgroundBus) -> None:
         client.close()
     finally:
         demo.close()
+        # Close the loop Gradio's launch thread left behind, so no later test
+        # meets its ResourceWarning when the garbage collector finalises it.
+        for loop in _event_loops() - loops_before:
+            if not loop.is_running() and not loop.is_closed():
+                loop.close()
         gc.collect()
