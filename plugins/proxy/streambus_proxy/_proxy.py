@@ -444,7 +444,8 @@ class Proxy:
                 message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
                 log.warning("proxy.unreachable", stream=call.stream, error=_describe(exc))
                 await w.error("timeout" if isinstance(exc, TimeoutError) else "connect", message, retryable=True)
-                call.answer(web.json_response(fmt.error_body(502, message), status=502))
+                headers = {STREAM_HEADER: call.stream}
+                call.answer(web.json_response(fmt.error_body(502, message), status=502, headers=headers))
                 return
             call.upstream = upstream
             upstream_id = upstream.headers.get("x-request-id")
@@ -598,7 +599,8 @@ class Proxy:
                         if call.response is None:
                             assembled = call.fmt.assemble(call.route, call.body, events)
                             status = 502 if "error" in assembled else call.upstream_status
-                            call.answer(web.json_response(assembled, status=status, dumps=_dumps))
+                            headers = {STREAM_HEADER: call.stream}
+                            call.answer(web.json_response(assembled, status=status, dumps=_dumps, headers=headers))
                         return
                     continue
                 if response is None:

@@ -247,3 +247,21 @@ async def test_credentials_in_the_upstream_url_become_a_header_and_are_never_rec
         assert FAKE_KEY not in seen
     assert FAKE_KEY not in env.recorder_path.read_text()
     assert env.capture.start().meta["upstream"] == scripted.url
+
+
+async def test_stream_id_header_on_failures_and_moderated_answers(
+    mock: MockServer, proxy_env: Callable[..., Any]
+) -> None:
+    stage = ModerationStage(moderator=KeywordModerator(words={"x": ["zzz"]}))
+    async with proxy_env(mock.url, stage=stage) as env, aiohttp.ClientSession() as http:
+        async with http.post(env.url + "/api/chat", json={"model": "llama3.2", "stream": False}) as response:
+            assert response.status == 200
+            moderated = response.headers["X-Streambus-Stream"]
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        assert env.capture.streams == [moderated]
+    async with proxy_env(f"http://127.0.0.1:{_closed_port()}") as env, aiohttp.ClientSession() as http:
+        async with http.post(env.url + "/api/chat", json={"model": "llama3.2"}) as response:
+            assert response.status == 502
+            failed = response.headers["X-Streambus-Stream"]
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        assert env.capture.streams == [failed]
