@@ -59,6 +59,7 @@ class Peer:
         await self.ws.send(data)
 
     async def frame(self, within: float = 10) -> dict[str, Any]:
+        """Receive the next frame as a dict; fail if none comes *within* seconds."""
         with anyio.fail_after(within):
             data = await self.ws.recv()
         decoded: dict[str, Any] = _json.decode(data)
