@@ -66,11 +66,13 @@ class Peer:
         return decoded
 
     async def expect(self, op: str) -> dict[str, Any]:
+        """Receive the next frame and assert it is the control frame *op*."""
         msg = await self.frame()
         assert msg.get("op") == op, msg
         return msg
 
     async def subscribe(self, **fields: Any) -> dict[str, Any]:
+        """Send ``subscribe`` with *fields*; return the server's ``subscribed`` reply."""
         await self.send({"op": "subscribe", **fields})
         return await self.expect("subscribed")
 
