@@ -95,10 +95,17 @@ class BusCallbackHandler(AsyncCallbackHandler):
 
     # -- bridging ------------------------------------------------------------------
     async def _on_loop(self, func: Any, *args: Any) -> Any:
-        if threading.get_ident() == self._loop_thread:
-            return await func(*args)
-        # A sync run: LangChain drives this coroutine on a private loop in another thread.
-        return anyio.from_thread.run(func, *args, token=self._token)
+        try:
+            if threading.get_ident() == self._loop_thread:
+                return await func(*args)
+            # A sync run: LangChain drives this coroutine on a private loop in another thread.
+            return anyio.from_thread.run(func, *args, token=self._token)
+        except StreamAborted:
+            raise
+        except Exception as exc:
+            # Publishing must never break the app (a closed bus, a full shutdown).
+            log.warning("langchain.callback_failed", callback=func.__name__, error=f"{type(exc).__name__}: {exc}")
+            return None
 
     # -- run tree ----------------------------------------------------------------------
     def _ancestry(self, parent: UUID | None) -> list[str]:
@@ -208,11 +215,17 @@ class BusCallbackHandler(AsyncCallbackHandler):
             meta["langchain"] = {k: v for k, v in md.items() if isinstance(v, str | int | float | bool | None)}
         send, receive = anyio.create_memory_object_stream[_Op](self.buffer)
         run = _Run(send)
+        try:
+            self.bus.start_soon(
+                self._write, run, receive, str(model), str(provider), meta, str(run_id), name=f"langchain:{run_id}"
+            )
+        except BaseException:
+            # No writer (the bus is closed): the run goes on untracked.
+            send.close()
+            receive.close()
+            raise
         self._runs[run_id] = run
         self.stream_ids.append(str(run_id))
-        self.bus.start_soon(
-            self._write, run, receive, str(model), str(provider), meta, str(run_id), name=f"langchain:{run_id}"
-        )
 
     async def _write(
         self,

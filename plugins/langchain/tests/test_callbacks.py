@@ -196,3 +196,13 @@ async def test_completion_llms_are_published_too() -> None:
         capture.assert_text("plain completion", stream_id)
         assert capture.end(stream_id).reason == "stop"
         assert capture.start(stream_id).meta["run_id"] == stream_id
+
+
+async def test_a_closed_bus_never_breaks_the_app() -> None:
+    async with Bus() as bus:
+        handler = BusCallbackHandler(bus)
+    # The bus is gone: publishing fails, the chain does not.
+    model = GenericFakeChatModel(messages=iter(["still works"]))
+    text = "".join([str(c.content) async for c in model.astream("x", config={"callbacks": [handler]})])
+    assert text == "still works"
+    assert handler.stream_ids == []
