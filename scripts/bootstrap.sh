@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
   done
   # torch: the CPU wheel this machine keeps on disk (pip takes it from there).
   .venv/bin/python -m pip install --quiet "torch==2.13.0" "${args[@]}"
+  # langchain-core's own standard chat-model tests, without the six pytest
+  # plugins its dependencies would load into every streambus test run.
+  .venv/bin/python -m pip install --quiet --no-deps "langchain-tests==1.1.9"
   echo "$inputs" > "$stamp"
 fi
 
