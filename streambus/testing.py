@@ -29,8 +29,11 @@ Everything here is also importable outside fixtures (pytest must be installed)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import difflib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,9 +50,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EventCapture",
+    "Reply",
+    "ScriptedUpstream",
     "event_capture",
     "mock_model_server",
     "replay_recording",
+    "scripted_upstream",
     "streambus_bus",
 ]
 
@@ -263,3 +269,128 @@ def mock_model_server() -> Iterator[Callable[..., MockServer]]:
             return server
 
         yield start
+
+
+# -- a scripted upstream HTTP server, for provider plugins' tests ----------------
+
+
+@dataclass
+class Reply:
+    """How the fake upstream answers one request.
+
+    ``chunks`` are written one ``write`` each (with a yield in between, so
+    the client usually sees them as separate reads). ``then`` says what
+    happens after the last chunk: ``end`` (clean end of body), ``drop``
+    (close the connection mid-body) or ``hang`` (keep the connection open,
+    sending nothing, until the client goes away).
+    """
+
+    chunks: list[bytes] = field(default_factory=list)
+    status: int = 200
+    content_type: str | None = None
+    """Defaults to the upstream's ``default_content_type``."""
+    then: str = "end"
+    body: bytes | None = None
+
+
+@dataclass
+class ScriptedUpstream:
+    """A scripted model server: ``replies`` are used in order (the last one repeats)."""
+
+    url: str = ""
+    default_content_type: str = "application/x-ndjson"
+    replies: list[Reply] = field(default_factory=list)
+    by_path: dict[str, Callable[[Any, Any], Awaitable[Any]]] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: int = 0
+    max_inflight: int = 0
+
+    def reply_for(self, index: int) -> Reply:
+        """The reply for the *index*-th request (the last reply repeats)."""
+        return self.replies[min(index, len(self.replies) - 1)]
+
+
+async def _scripted_handle(upstream: ScriptedUpstream, request: Any) -> Any:
+    body = await request.json() if request.can_read_body else {}
+    custom = upstream.by_path.get(request.path)
+    if custom is not None:
+        return await custom(request, body)
+    index = len(upstream.requests)
+    upstream.requests.append(body)
+    upstream.headers.append(dict(request.headers))
+    reply = upstream.reply_for(index)
+    upstream.inflight += 1
+    upstream.max_inflight = max(upstream.max_inflight, upstream.inflight)
+    try:
+        return await _scripted_reply(upstream, request, reply)
+    finally:
+        upstream.inflight -= 1
+
+
+async def _scripted_reply(upstream: ScriptedUpstream, request: Any, reply: Reply) -> Any:
+    from aiohttp import web
+
+    if reply.body is not None:
+        return web.Response(status=reply.status, body=reply.body, content_type="application/json")
+    content_type = reply.content_type or upstream.default_content_type
+    response = web.StreamResponse(status=reply.status, headers={"Content-Type": content_type})
+    await response.prepare(request)
+    try:
+        for chunk in reply.chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0)
+        if reply.then == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if reply.then == "hang":
+            # Keep the response open; a client that goes away makes writes fail.
+            for _ in range(4000):
+                await asyncio.sleep(0.005)
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await response.write(b"")
+            upstream.disconnected.set()
+            return response
+        await response.write_eof()
+    except ConnectionError:
+        upstream.disconnected.set()
+    return response
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(content_type: str = "application/x-ndjson") -> AsyncIterator[ScriptedUpstream]:
+    """Serve scripted byte streams on 127.0.0.1 (a free port) as a fake model server.
+
+    Set ``upstream.replies`` to :class:`Reply` objects (used in order, the last
+    one repeating); requests, their headers and client disconnects are
+    recorded. *content_type* is the default of replies built with
+    ``Reply(...)`` defaults replaced. Needs aiohttp (``pip install 'streambus[testing]'``)
+    and asyncio::
+
+        async with scripted_upstream() as upstream:
+            upstream.replies = [Reply(chunks=[b'{"response":"Hi","done":false}\\n'])]
+            ...  # point a producer at upstream.url
+    """
+    from aiohttp import web
+
+    state = ScriptedUpstream(default_content_type=content_type)
+    app = web.Application()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        result: web.StreamResponse = await _scripted_handle(state, request)
+        return result
+
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    state.url = f"http://{host}:{port}"
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
