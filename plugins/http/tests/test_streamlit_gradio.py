@@ -98,7 +98,9 @@ def _load(name: str) -> ModuleType:
 
 
 def _event_loops() -> set[asyncio.AbstractEventLoop]:
-    return {o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)}
+    # type(), not isinstance(): isinstance reads __class__, which on some lazy
+    # module proxies (torch.distributed) runs a deprecation warning.
+    return {o for o in gc.get_objects() if issubclass(type(o), asyncio.AbstractEventLoop)}
 
 
 def _free_port() -> int:
