@@ -302,10 +302,10 @@ class Bus:
             # Inlined _Tier.append: this is the hot path of every delivery.
             items = tier.items
             items.append(event)
-            if tier.waiters:
-                waiters, tier.waiters = tier.waiters, []
-                for waiter in waiters:
-                    waiter.set()
+            wakeup = tier.wakeup
+            if wakeup is not None:
+                tier.wakeup = None
+                wakeup.set()
             if tier.base + len(items) >= tier.next_check:
                 for sub in tier.check():
                     await sub._wait_space()

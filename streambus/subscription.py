@@ -192,14 +192,14 @@ class _Tier:
     are always private. A private reader that drains its buffer re-attaches.
     """
 
-    __slots__ = ("attached", "base", "check_every", "items", "next_check", "private", "waiters")
+    __slots__ = ("attached", "base", "check_every", "items", "next_check", "private", "wakeup")
 
     def __init__(self) -> None:
         self.items: list[Event] = []
         self.base = 0
         self.attached: list[Subscription] = []
         self.private: list[Subscription] = []
-        self.waiters: list[anyio.Event] = []
+        self.wakeup: anyio.Event | None = None  # one event all parked attached readers share
         self.check_every = 1
         self.next_check = 0
 
@@ -210,10 +210,10 @@ class _Tier:
     def append(self, event: Event) -> bool:
         """Append for attached readers; return True when a lag check is due."""
         self.items.append(event)
-        if self.waiters:
-            waiters, self.waiters = self.waiters, []
-            for waiter in waiters:
-                waiter.set()
+        wakeup = self.wakeup
+        if wakeup is not None:
+            self.wakeup = None
+            wakeup.set()
         return self.base + len(self.items) >= self.next_check
 
     def check(self) -> list[Subscription]:
@@ -531,14 +531,19 @@ class Subscription:
                 raise StopAsyncIteration
             if self._cursor < 0 and self._all and self._reattach():
                 continue
-            waiter = self._waiter
-            if waiter is None or waiter.is_set():
-                # The shared log wakes readers without clearing their slot.
-                waiter = self._waiter = anyio.Event()
             if self._cursor >= 0:
+                # Attached readers share one wake-up event per log: a publish
+                # sets one event, however many readers are parked on it.
                 tier = self._tier
                 assert tier is not None
-                tier.waiters.append(waiter)
+                waiter = tier.wakeup
+                if waiter is None or waiter.is_set():
+                    waiter = tier.wakeup = anyio.Event()
+                self._waiter = waiter
+            else:
+                waiter = self._waiter
+                if waiter is None or waiter.is_set():
+                    waiter = self._waiter = anyio.Event()
             await waiter.wait()
         self._since_yield = 0
 
