@@ -248,7 +248,7 @@ class OllamaFormat:
         return {"error": message}
 
     def models_body(self, models: Sequence[str]) -> dict[str, Any]:
-        """The ``/api/tags`` body listing *models* (sizes and digests are placeholders)."""
+        """The ``/api/tags`` body listing *models* (sizes and digests are synthetic: a mock serves no model files)."""
         return {
             "models": [
                 {

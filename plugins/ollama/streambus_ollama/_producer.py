@@ -8,7 +8,6 @@ the first delta, so no text is ever duplicated.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,6 +19,7 @@ import orjson
 import structlog
 
 from streambus import PluginBase, WireError
+from streambus.producing import Failure, require_asyncio
 
 from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
 
@@ -31,25 +31,6 @@ __all__ = ["Failure", "OllamaProducer", "OllamaRequest", "require_asyncio"]
 log = structlog.get_logger("streambus.ollama")
 
 _ERROR_BODY_LIMIT = 64 * 1024
-
-
-def require_asyncio(plugin: str) -> None:
-    """Raise a clear error unless running on asyncio (aiohttp cannot run on trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
-            "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
-        ) from None
-
-
-class Failure(msgspec.Struct, frozen=True):
-    """Why one attempt failed: becomes the stream's ``error`` event unless retried."""
-
-    kind: str
-    message: str
-    retryable: bool = False
 
 
 class OllamaRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

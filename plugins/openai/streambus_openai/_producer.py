@@ -9,7 +9,6 @@ text is ever duplicated.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
@@ -23,6 +22,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streambus import PluginBase, Usage, WireError
+from streambus.producing import Failure, require_asyncio
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
 
@@ -34,25 +34,6 @@ __all__ = ["Failure", "OpenAIProducer", "OpenAIRequest", "require_asyncio"]
 log = structlog.get_logger("streambus.openai")
 
 _ERROR_BODY_LIMIT = 64 * 1024
-
-
-def require_asyncio(plugin: str) -> None:
-    """Raise a clear error unless running on asyncio (aiohttp cannot run on trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
-            "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
-        ) from None
-
-
-class Failure(msgspec.Struct, frozen=True):
-    """Why one attempt failed: becomes each choice's ``error`` event unless retried."""
-
-    kind: str
-    message: str
-    retryable: bool = False
 
 
 class _End(msgspec.Struct, frozen=True):
