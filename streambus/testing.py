@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
+import orjson
 import pytest
 
 from .bus import Bus
@@ -282,7 +283,8 @@ class Reply:
     the client usually sees them as separate reads). ``then`` says what
     happens after the last chunk: ``end`` (clean end of body), ``drop``
     (close the connection mid-body) or ``hang`` (keep the connection open,
-    sending nothing, until the client goes away).
+    sending nothing, until the client goes away). ``stall_headers`` sends
+    nothing at all, not even the status line, until the client goes away.
     """
 
     chunks: list[bytes] = field(default_factory=list)
@@ -291,6 +293,7 @@ class Reply:
     """Defaults to the upstream's ``default_content_type``."""
     then: str = "end"
     body: bytes | None = None
+    stall_headers: bool = False
 
 
 @dataclass
@@ -301,25 +304,45 @@ class ScriptedUpstream:
     default_content_type: str = "application/x-ndjson"
     replies: list[Reply] = field(default_factory=list)
     by_path: dict[str, Callable[[Any, Any], Awaitable[Any]]] = field(default_factory=dict)
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[Any] = field(default_factory=list)
+    """Each request's JSON body (``{}`` when empty, ``None`` when not JSON)."""
+    bodies: list[bytes] = field(default_factory=list)
+    """Each request's raw body."""
     headers: list[dict[str, str]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a request has arrived."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: int = 0
     max_inflight: int = 0
 
+    @property
+    def reply(self) -> Reply:
+        """The reply every request gets when only one is scripted (created on first use)."""
+        if not self.replies:
+            self.replies.append(Reply())
+        return self.replies[-1]
+
     def reply_for(self, index: int) -> Reply:
         """The reply for the *index*-th request (the last reply repeats)."""
+        if not self.replies:
+            return self.reply
         return self.replies[min(index, len(self.replies) - 1)]
 
 
 async def _scripted_handle(upstream: ScriptedUpstream, request: Any) -> Any:
-    body = await request.json() if request.can_read_body else {}
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        body = None
     custom = upstream.by_path.get(request.path)
     if custom is not None:
         return await custom(request, body)
     index = len(upstream.requests)
     upstream.requests.append(body)
+    upstream.bodies.append(raw)
     upstream.headers.append(dict(request.headers))
+    upstream.arrived.set()
     reply = upstream.reply_for(index)
     upstream.inflight += 1
     upstream.max_inflight = max(upstream.max_inflight, upstream.inflight)
@@ -329,11 +352,29 @@ async def _scripted_handle(upstream: ScriptedUpstream, request: Any) -> Any:
         upstream.inflight -= 1
 
 
+async def _until_client_gone(
+    request: Any, tick: Callable[[], Awaitable[Any]] | None = None, limit: float = 20.0
+) -> None:
+    """Return once the client closed its connection (or after *limit* seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while loop.time() < deadline:
+        await asyncio.sleep(0.005)
+        if request.transport is None or request.transport.is_closing():
+            return
+        if tick is not None:
+            await tick()
+
+
 async def _scripted_reply(upstream: ScriptedUpstream, request: Any, reply: Reply) -> Any:
     from aiohttp import web
 
     if reply.body is not None:
         return web.Response(status=reply.status, body=reply.body, content_type="application/json")
+    if reply.stall_headers:
+        await _until_client_gone(request)
+        upstream.disconnected.set()
+        return web.Response(status=504)
     content_type = reply.content_type or upstream.default_content_type
     response = web.StreamResponse(status=reply.status, headers={"Content-Type": content_type})
     await response.prepare(request)
@@ -347,11 +388,7 @@ async def _scripted_reply(upstream: ScriptedUpstream, request: Any, reply: Reply
             return response
         if reply.then == "hang":
             # Keep the response open; a client that goes away makes writes fail.
-            for _ in range(4000):
-                await asyncio.sleep(0.005)
-                if request.transport is None or request.transport.is_closing():
-                    break
-                await response.write(b"")
+            await _until_client_gone(request, tick=lambda: response.write(b""))
             upstream.disconnected.set()
             return response
         await response.write_eof()

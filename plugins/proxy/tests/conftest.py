@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from streambus_proxy import serve_proxy
 from streambus_stats import StatsSink
 
@@ -19,7 +17,7 @@ from streambus.builtins.recorder import RecorderSink
 from streambus.events import DeltaEvent, EndEvent, StartEvent, Usage
 from streambus.mockserver import MockServer
 from streambus.recording import write_recording
-from streambus.testing import EventCapture
+from streambus.testing import EventCapture, ScriptedUpstream, scripted_upstream
 
 FAKE_KEY = "sk-streambus-FAKE-KEY-0123456789abcdef"
 """A recognisable fake credential: it must never appear in a recording or a log."""
@@ -97,79 +95,14 @@ def proxy_env(tmp_path: Path) -> Callable[..., Any]:
 # -- a scripted upstream for the failure cases ------------------------------------------------
 
 
-@dataclass
-class Reply:
-    """How the scripted upstream answers: ``chunks`` then ``then`` = ``end`` | ``drop`` | ``hang``."""
-
-    chunks: list[bytes] = field(default_factory=list)
-    status: int = 200
-    content_type: str = "application/x-ndjson"
-    then: str = "end"
-    stall_headers: bool = False
-    """Send no headers until the client goes away (a model that takes forever to load)."""
-
-
-@dataclass
-class Upstream:
-    """A scripted model server recording the headers it received."""
-
-    url: str = ""
-    reply: Reply = field(default_factory=Reply)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
-    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+Upstream = ScriptedUpstream
 
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[Upstream]:
     """Start the scripted upstream on 127.0.0.1 (a free port)."""
-    state = Upstream()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        state.bodies.append(await request.read())
-        state.headers.append(dict(request.headers))
-        reply = state.reply
-        state.arrived.set()
-        if reply.stall_headers:
-            for _ in range(2000):
-                await asyncio.sleep(0.005)
-                if request.transport is None or request.transport.is_closing():
-                    break
-            state.disconnected.set()
-            return web.Response(status=504)
-        response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
-        await response.prepare(request)
-        try:
-            for chunk in reply.chunks:
-                await response.write(chunk)
-                await asyncio.sleep(0)
-            if reply.then == "drop":
-                assert request.transport is not None
-                request.transport.close()
-                return response
-            if reply.then == "hang":
-                for _ in range(2000):
-                    await asyncio.sleep(0.005)
-                    if request.transport is None or request.transport.is_closing():
-                        break
-                state.disconnected.set()
-                return response
-            await response.write_eof()
-        except ConnectionError:
-            state.disconnected.set()
-        return response
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    state.url = f"http://{host}:{port}"
-    yield state
-    await runner.cleanup()
+    async with scripted_upstream("application/x-ndjson") as state:
+        yield state
 
 
 @pytest.fixture
