@@ -282,7 +282,7 @@ async def test_fsync_interval_syncs_while_idle(tmp_path: Path, fsyncs: list[int]
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"path": "{oops}.jsonl"}, "path: unknown placeholder {oops}"),
+        ({"path": "{oops}.jsonl"}, "path: unknown template field {oops}"),
         ({"path": ""}, "path: must not be empty"),
         ({"fsync": "sometimes"}, "sinks[0].fsync: invalid value"),
         ({"fsync_interval": 0}, "fsync_interval: must be positive"),

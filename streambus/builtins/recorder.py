@@ -230,7 +230,7 @@ class RecorderSink(PluginBase):
             for field in fields:
                 if field not in _PLACEHOLDERS:
                     known = ", ".join("{" + p + "}" for p in _PLACEHOLDERS)
-                    raise ValueError(f"path: unknown placeholder {{{field}}} (use {known})")
+                    raise ValueError(f"path: unknown template field {{{field}}} (use {known})")
             if self.fsync_interval <= 0:
                 raise ValueError(f"fsync_interval: must be positive, got {self.fsync_interval}")
             if self.rotate_bytes is not None and self.rotate_bytes < 1:
