@@ -33,6 +33,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from ._signal import Signal, new_signal
 from .errors import Overflowed, StreamBusError, SubscriptionClosed
 from .events import DeltaEvent, Event, StartEvent, is_terminal
 
@@ -199,7 +200,7 @@ class _Tier:
         self.base = 0
         self.attached: list[Subscription] = []
         self.private: list[Subscription] = []
-        self.wakeup: anyio.Event | None = None  # one event all parked attached readers share
+        self.wakeup: Signal | None = None  # one event all parked attached readers share
         self.check_every = 1
         self.next_check = 0
 
@@ -298,8 +299,8 @@ class Subscription:
         self._bytes = 0
         self._closed = False
         self._error: SubscriptionClosed | None = None
-        self._waiter: anyio.Event | None = None
-        self._space_waiter: anyio.Event | None = None
+        self._waiter: Signal | None = None
+        self._space_waiter: Signal | None = None
         self._since_yield = 0
         self._tier: _Tier | None = None
         self._cursor = -1  # >= 0 while attached to the tier's shared log
@@ -497,7 +498,7 @@ class Subscription:
                 return
             waiter = self._space_waiter
             if waiter is None:
-                waiter = self._space_waiter = anyio.Event()
+                waiter = self._space_waiter = new_signal()
             await waiter.wait()
 
     # -- reader side ----------------------------------------------------
@@ -538,12 +539,12 @@ class Subscription:
                 assert tier is not None
                 waiter = tier.wakeup
                 if waiter is None or waiter.is_set():
-                    waiter = tier.wakeup = anyio.Event()
+                    waiter = tier.wakeup = new_signal()
                 self._waiter = waiter
             else:
                 waiter = self._waiter
                 if waiter is None or waiter.is_set():
-                    waiter = self._waiter = anyio.Event()
+                    waiter = self._waiter = new_signal()
             await waiter.wait()
         self._since_yield = 0
 
@@ -556,6 +557,35 @@ class Subscription:
             waiter.set()
 
     async def __anext__(self) -> Event:
+        tier = self._tier
+        cursor = self._cursor
+        if cursor >= 0 and tier is not None:
+            # Attached (the common case), inlined: this runs once per delivery.
+            items = tier.items
+            index = cursor - tier.base
+            if index < len(items):
+                self._since_yield += 1
+                if self._since_yield < _YIELD_EVERY:
+                    self._cursor = cursor + 1
+                    if self._space_waiter is not None:
+                        self._popped(0)
+                    return items[index]
+            elif not self._closed:
+                # Park on the log's shared signal; the next publish sets it.
+                waiter = tier.wakeup
+                if waiter is None or waiter.is_set():
+                    waiter = tier.wakeup = new_signal()
+                self._waiter = waiter
+                await waiter.wait()
+                if self._tier is tier and self._cursor == cursor and cursor - tier.base < len(tier.items):
+                    self._since_yield = 0
+                    self._cursor = cursor + 1
+                    if self._space_waiter is not None:
+                        self._popped(0)
+                    return tier.items[cursor - tier.base]
+        return await self._next_slow()
+
+    async def _next_slow(self) -> Event:
         if not self._ready():
             await self._wait()
         else:

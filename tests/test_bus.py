@@ -475,3 +475,37 @@ async def test_idle_means_the_reader_handled_everything_it_took() -> None:
         await wait_all_tasks_blocked()
         assert sub.idle
         assert len(handled) == 3
+
+
+async def test_cancelling_one_parked_reader_leaves_the_others_parked() -> None:
+    # Parked readers share one wake-up signal per log; cancelling one must not wake or cancel the rest.
+    got: list[list[str]] = [[], [], []]
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in got]
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i].append(event.text)
+
+        async with anyio.create_task_group() as tg:
+            scopes = []
+            for i in range(len(got)):
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+
+                async def run(i: int = i, scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await read(i)
+
+                tg.start_soon(run)
+            await wait_all_tasks_blocked()
+            scopes[1].cancel()
+            await wait_all_tasks_blocked()
+            async with bus.stream(model="m") as w:
+                await w.delta("a")
+                await wait_all_tasks_blocked()
+                await w.delta("b")
+            for sub in subs:
+                sub.close()
+    assert got == [["a", "b"], [], ["a", "b"]]
