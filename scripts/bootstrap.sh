@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything streambus needs on a machine that has only python3:
 # a virtualenv in .venv with the core and every plugin (editable) plus test
-# tools, and Debian's chromium for the browser tests. Safe to run again.
+# tools and the benchmarks' peer libraries, and Debian's chromium for the
+# browser tests (--browser). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,7 +14,7 @@ stamp=.venv/.streambus-installed
 inputs=$(cat pyproject.toml plugins/*/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  args=(-e ".[test,dev]")
+  args=(-e ".[test,dev,bench]")
   for plugin in plugins/*/; do
     [ -f "$plugin/pyproject.toml" ] || continue
     args+=(-e "${plugin%/}[test]")
