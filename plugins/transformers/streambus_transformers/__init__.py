@@ -18,16 +18,19 @@ See ``docs/plugins/transformers.md``.
 
 from __future__ import annotations
 
-try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        f"streambus-transformers needs torch and transformers ({exc}). "
-        "Install them with: pip install 'streambus-transformers[transformers]'"
-    ) from exc
+import importlib.util
 
 from ._handoff import Handoff
 from ._producer import TransformersProducer
+
+# Checked, not imported: importing torch and transformers takes seconds, and
+# listing plugins or running a pipeline without this producer should not pay
+# for it. The producer imports them when it loads a model.
+_missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+if _missing:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f"streambus-transformers needs torch and transformers (missing: {', '.join(_missing)}). "
+        "Install them with: pip install 'streambus-transformers[transformers]'"
+    )
 
 __all__ = ["Handoff", "TransformersProducer"]

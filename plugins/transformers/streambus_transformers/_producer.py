@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,58 +11,23 @@ import anyio
 import anyio.to_thread
 import msgspec
 import structlog
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from streambus import PluginBase, Usage
 
 from ._handoff import Handoff
 
 if TYPE_CHECKING:
+    import torch
+
     from streambus import Bus, StreamWriter
+
+    from ._hf import HandoffStreamer
 
 __all__ = ["TransformersProducer"]
 
 log = structlog.get_logger("streambus.transformers")
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class _AbortCriterion(StoppingCriteria):
-    """Stops ``generate`` after the current token once :meth:`set` was called."""
-
-    def __init__(self) -> None:
-        self.flag = threading.Event()
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        stop: torch.BoolTensor = torch.full(
-            (input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device
-        )  # type: ignore[assignment]
-        return stop
-
-
-class _HandoffStreamer(TextStreamer):
-    """A :class:`TextStreamer` whose print-ready text goes into a :class:`Handoff`.
-
-    ``TextStreamer`` does the incremental detokenising (it holds back text
-    until a word or a complete character is ready); this class only moves it.
-    """
-
-    def __init__(self, tokenizer: Any, handoff: Handoff, criterion: _AbortCriterion, **decode_kwargs: Any) -> None:
-        super().__init__(tokenizer, skip_prompt=True, **decode_kwargs)
-        self.handoff = handoff
-        self.criterion = criterion
-        self.first_token_at: float | None = None
-
-    def put(self, value: Any) -> None:
-        # The first call carries the prompt (skipped); the second the first new token.
-        if self.next_tokens_are_prompt is False and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        super().put(value)  # type: ignore[no-untyped-call]
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text and not self.handoff.put(text):
-            self.criterion.flag.set()
 
 
 class TransformersProducer(PluginBase):
@@ -171,6 +135,7 @@ class TransformersProducer(PluginBase):
             await anyio.to_thread.run_sync(self._load_sync)
 
     def _load_sync(self) -> None:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         o = self.options
@@ -296,8 +261,10 @@ class TransformersProducer(PluginBase):
         async with self._lock, bus.stream(model=self.model_name, provider=o.provider, meta=tags, stream=stream) as w:
             self.stream_ids.append(w.stream)
             handoff = Handoff(o.buffer)
-            criterion = _AbortCriterion()
-            streamer = _HandoffStreamer(self.tokenizer, handoff, criterion, skip_special_tokens=o.skip_special_tokens)
+            from ._hf import AbortCriterion, HandoffStreamer, StoppingCriteriaList, torch
+
+            criterion = AbortCriterion()
+            streamer = HandoffStreamer(self.tokenizer, handoff, criterion, skip_special_tokens=o.skip_special_tokens)
             outcome: dict[str, Any] = {}
 
             def work() -> None:
@@ -347,7 +314,7 @@ class TransformersProducer(PluginBase):
         self,
         w: StreamWriter,
         outcome: dict[str, Any],
-        streamer: _HandoffStreamer,
+        streamer: HandoffStreamer,
         kwargs: dict[str, Any],
         prompt_tokens: int,
     ) -> None:
