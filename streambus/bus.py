@@ -27,7 +27,7 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
-from .errors import BusClosed, SinkFailed
+from .errors import BusClosed, SinkFailed, StreamBusError
 from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
 from .subscription import Filter, OverflowPolicy, Subscription, _Tier
 from .writer import StreamWriter
@@ -380,7 +380,18 @@ class Bus:
         From now on, non-raw subscribers only see what the stage republishes
         with ``publish(event, processed=True)``; raw subscribers keep seeing
         the producers' events.
+
+        A bus takes one stage: a second would read the same raw events and
+        republish them again, so every subscriber would see each event
+        twice. Asking for a second raises :class:`~streambus.errors.StreamBusError`
+        (do both kinds of processing inside one stage).
         """
+        self._check_running()
+        if self._interposed:
+            raise StreamBusError(
+                f"interpose: this bus already has a processing stage; {name!r} would be a second one, "
+                "and both would republish every event (combine them into one stage)"
+            )
         self._interposed += 1
         if self._interposed == 1:
             # Raw subscribers that joined before the stage keep seeing producers' events.

@@ -19,6 +19,7 @@ from streambus import (
     Overflowed,
     SinkFailed,
     StartEvent,
+    StreamBusError,
     StreamClosed,
     StreamFailed,
     Subscription,
@@ -509,3 +510,27 @@ async def test_cancelling_one_parked_reader_leaves_the_others_parked() -> None:
             for sub in subs:
                 sub.close()
     assert got == [["a", "b"], [], ["a", "b"]]
+
+
+async def test_a_second_processing_stage_is_refused_and_the_first_keeps_working() -> None:
+    class Upper:
+        interpose = True
+
+        def __init__(self, bus: Bus) -> None:
+            self.bus = bus
+
+        async def run(self, sub: Subscription) -> None:
+            async for event in sub:
+                if isinstance(event, DeltaEvent):
+                    event = DeltaEvent(stream=event.stream, seq=event.seq, ts=event.ts, text=event.text.upper())
+                await self.bus.publish(event, processed=True)
+
+    async with Bus() as bus:
+        bus.add_sink(Upper(bus), name="upper")
+        with pytest.raises(StreamBusError, match=r"already has a processing stage; 'second' would be a second"):
+            bus.add_sink(Upper(bus), name="second")
+        sub = bus.subscribe()
+        async with bus.stream(model="m") as w:
+            await w.delta("ab")
+        text = "".join([chunk async for chunk in sub.text()])
+    assert text == "AB"
