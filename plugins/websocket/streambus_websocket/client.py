@@ -1,7 +1,7 @@
 """One connected client: its subscriptions and its bounded outbound buffer.
 
-Frames normally go straight to the socket (the same synchronous write
-``websockets.broadcast()`` does). Once the socket's write buffer is full, the
+Frames normally go straight to the socket, written by the sink (under
+asyncio, one write per batch of events). Once the socket's write buffer is full, the
 client falls behind: frames queue here, and a per-client sender task drains
 the queue with backpressure. Once the queue holds ``coalesce_bytes`` (a
 quarter of ``client_buffer_bytes``, at most 64 KiB), the buffer counts as

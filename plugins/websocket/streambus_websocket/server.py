@@ -8,14 +8,21 @@
         url = await sink.wait_ready()      # "ws://127.0.0.1:8765/ws"
         ...
 
-Each event is encoded once and written to every subscribed client whose
-socket can take it (the synchronous write ``websockets.broadcast()`` does);
-a client that falls behind gets its own bounded queue where deltas coalesce,
-and is closed with the *lagged* close code past ``client_buffer_bytes``. A
-bounded per-stream history serves recovery (``since``) and snapshots. The
-same server answers ``GET /`` with the live page. Runs under asyncio and trio
-(``websockets`` has both implementations); the asyncio flavour is the fast
-path (direct writes), trio queues every frame through the per-client sender.
+Each event is encoded once. The sink takes events from the bus in batches
+(everything published since it last ran); under asyncio, a client whose
+socket can take data when the batch reaches it gets the batch's frames
+appended through its sans-I/O protocol (``protocol.send_text``) and then
+written with one transport write: one ``send()`` per client per batch, where
+``websockets.broadcast()`` makes one per client per event. Writability (write
+buffer at most the connection's ``write_limit``) is checked once per client
+per chunk of at most 64 KiB of a batch, so a client's buffer can pass that
+limit by at most one chunk plus one frame. A client that falls behind gets
+its own bounded queue where deltas coalesce, and is closed with the *lagged*
+close code past ``client_buffer_bytes``. A bounded per-stream history serves
+recovery (``since``) and snapshots. The same server answers ``GET /`` with
+the live page. Runs under asyncio and trio (``websockets`` has both
+implementations); the asyncio flavour is the fast path (direct writes), trio
+queues every frame through the per-client sender.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import structlog
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, SEND_EOF
 
 from streambus import (
     AbortEvent,
@@ -690,8 +698,14 @@ class WebSocketSink(PluginBase):
     def _dispatch(self, batch: list[Event]) -> None:
         history = self.history
         routes = self._routes
+        direct = self._direct
         self.events += len(batch)
         targets: dict[Client, None] | None
+        # Per client, decided at its first event of the current chunk: its sans-I/O
+        # protocol (frames are appended there and written once, by _flush), _QUEUE
+        # (push_event) or _SKIP (closing: nothing can reach it any more).
+        ways: dict[Client, Any] = {}
+        chunk = 0
         for event in batch:
             data = encode(event)
             stream = event.stream
@@ -713,32 +727,99 @@ class WebSocketSink(PluginBase):
                     history.record(event, data)
             if targets:
                 delta = event if type(event) is DeltaEvent else None
-                writable = []
-                for client in targets:
-                    # Client.writable(), inlined: this loop runs once per client per event.
-                    transport = client._transport
-                    if (
-                        transport is not None
-                        and not client.queue
-                        and not client.sending
-                        and client.close_code is None
-                        and transport.get_write_buffer_size() <= client._write_limit
-                    ):
-                        writable.append(client.ws)
-                        client.sent += 1
-                    else:
+                if not direct:
+                    # trio: every frame goes through the client's queue and sender task.
+                    for client in targets:
                         client.push_event(stream, delta, data)
-                if writable:
-                    assert self._write_many is not None
-                    self._write_many(writable, data, text=True)
+                else:
+                    for client in targets:
+                        way = ways.get(client)
+                        if way is None:
+                            way = ways[client] = _way(client)
+                        if way is _QUEUE:
+                            client.push_event(stream, delta, data)
+                        elif way is not _SKIP:
+                            try:
+                                way.send_text(data)
+                            except Exception as exc:
+                                # Never raised for an open connection; if it is, only this client misses
+                                # out: what it was given so far goes out, the rest of the chunk does not.
+                                log.warning("websocket.write_failed", peer=client.peer, error=repr(exc))
+                                _flush({client: way})
+                                ways[client] = _SKIP
+                                continue
+                            client.sent += 1
+                    chunk += len(data)
+                    if chunk >= _CHUNK_BYTES:
+                        # Bounds how far past its write limit a client's buffer can go.
+                        _flush(ways)
+                        ways = {}
+                        chunk = 0
             if type(event) in _TERMINAL:
                 routes.pop(stream, None)
                 history.expire()
+        if ways:
+            _flush(ways)
 
     def _match(self, start: StartEvent) -> dict[Client, None]:
         return {
             client: None for client in self._clients if any(flt.matches(start) for flt in client.subscriptions.values())
         }
+
+
+# How a client gets the frames of the current chunk of a batch (asyncio).
+_QUEUE = object()
+_SKIP = object()
+# A batch is written in chunks of about this many bytes: a client's transport
+# buffer passes its write limit by at most one chunk (plus one frame).
+_CHUNK_BYTES = 65536
+
+
+def _way(client: Client) -> Any:
+    """Decide, once per chunk, whether *client*'s frames go straight to its socket (asyncio)."""
+    if client.close_code is not None:
+        return _SKIP
+    transport = client._transport
+    if transport is None or client.queue or client.sending or transport.get_write_buffer_size() > client._write_limit:
+        return _QUEUE
+    ws = client.ws
+    protocol = ws.protocol
+    if protocol.state is not OPEN or transport.is_closing():
+        # Closing handshake under way (websockets.broadcast() skips such connections too),
+        # or the socket already failed (a write found the peer gone): nothing would arrive.
+        return _SKIP
+    if getattr(ws, "send_in_progress", None) is not None or getattr(ws, "fragmented_send_waiter", None) is not None:
+        # A fragmented send owns the connection (older websockets: fragmented_send_waiter): queue behind it.
+        return _QUEUE
+    return protocol
+
+
+def _flush(ways: dict[Client, Any]) -> None:
+    """Write each direct client's frames of the chunk with one transport write (what ``send_data()`` does)."""
+    for client, way in ways.items():
+        if way is _QUEUE or way is _SKIP:
+            continue
+        writes: list[bytes] = way.data_to_send()
+        if not writes:
+            continue
+        transport = client._transport
+        assert transport is not None
+        try:
+            if SEND_EOF not in writes:
+                # One send() for the whole chunk, however many frames it holds.
+                transport.writelines(writes)
+                continue
+            # The protocol asked to end the stream: as Connection.send_data() does.
+            for data in writes:
+                if data:
+                    transport.write(data)
+                elif transport.can_write_eof():
+                    with contextlib.suppress(Exception):
+                        transport.write_eof()
+                else:
+                    transport.close()
+        except Exception as exc:
+            log.warning("websocket.write_failed", peer=client.peer, error=repr(exc))
 
 
 def _response(status: int, reason: str, content_type: str, body: bytes) -> Response:

@@ -1,0 +1,182 @@
+"""Events published together (one batch for the sink): complete, in order, and isolated per client.
+
+Publishing does not yield to the event loop, so events published without an
+``await`` that blocks reach the broadcaster as one batch. Under asyncio a
+writable client gets a whole batch (in chunks of at most 64 KiB) with one
+socket write; these tests hold that path to the same guarantees as the
+per-event one.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import struct
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from streambus_websocket.testing import Peer, connect, running
+from websockets.client import ClientProtocol
+from websockets.frames import Frame
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+pytestmark = pytest.mark.anyio
+
+PIECE = "0123456789abcdef" * 64  # 1 KiB
+_wait_readable = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable
+
+
+async def _read_until_ends(peer: Peer, out: list[dict[str, Any]], streams: int = 1) -> None:
+    ended = 0
+    while ended < streams:
+        frame = await peer.frame(within=60)
+        out.append(frame)
+        if frame.get("type") in ("end", "error", "abort"):
+            ended += 1
+
+
+def _check_stream(events: list[dict[str, Any]], stream: str, text: str) -> None:
+    """*events* of *stream* cover every seq once, in order, and their deltas spell *text*."""
+    mine = [e for e in events if e.get("stream") == stream]
+    assert mine[0]["type"] == "start" and mine[-1]["type"] == "end"
+    expected = mine[0]["seq"]
+    for e in mine:
+        first = e.get("first_seq", e["seq"])
+        assert first == expected, (first, expected)
+        expected = e["seq"] + 1
+    assert "".join(e["text"] for e in mine if e["type"] == "delta") == text
+
+
+async def test_events_published_together_arrive_complete_and_in_order() -> None:
+    async with running() as (bus, sink), connect(sink.url) as peer:
+        await peer.subscribe(id="all")
+        # Few enough that a client reading along never falls behind (nothing coalesces).
+        pieces = [f"<{i}x>" for i in range(150)]
+        async with bus.stream(model="a") as a, bus.stream(model="b") as b:
+            # Deltas of two streams interleaved, with no await that yields in between.
+            for piece in pieces:
+                await a.delta(piece)
+                await b.delta(piece.upper())
+        events: list[dict[str, Any]] = []
+        await _read_until_ends(peer, events, streams=2)
+        _check_stream(events, a.stream, "".join(pieces))
+        _check_stream(events, b.stream, "".join(pieces).upper())
+        # Every event as it was published: none merged, none missing.
+        assert len(events) == 2 * (len(pieces) + 2)
+        assert all(e.get("n", 1) == 1 for e in events)
+        (client,) = sink.connections
+        assert client.merged == 0
+        assert client.sent == 1 + len(events)  # the "subscribed" answer, then the events
+
+
+async def test_client_that_stops_taking_data_mid_batch_loses_nothing() -> None:
+    async with (
+        running(client_buffer_bytes=256 * 2**20, socket_send_buffer=65536) as (bus, sink),
+        connect(sink.url, rcvbuf=4096, max_queue=1) as slow,
+    ):
+        await slow.subscribe(id=1)
+        count = 2000
+        # 2 MiB in one batch: far more than the sockets take, so the client stops being writable partway.
+        async with bus.stream(model="m") as w:
+            for i in range(count):
+                await w.delta(f"{i:06d}{PIECE}")
+        await anyio.wait_all_tasks_blocked()
+        (client,) = sink.connections
+        assert client.merged > 0, "the client should have fallen behind within the batch"
+        events: list[dict[str, Any]] = []
+        await _read_until_ends(slow, events)
+        _check_stream(events, w.stream, "".join(f"{i:06d}{PIECE}" for i in range(count)))
+
+
+class _RawPeer:
+    """A client on a plain socket, so that a test can reset its connection at once, between two publishes."""
+
+    def __init__(self, url: str, *, rcvbuf: int | None) -> None:
+        host, port = url.split("/")[2].rsplit(":", 1)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect((host, int(port)))
+        self.sock.setblocking(False)
+        self.protocol = ClientProtocol(parse_uri(url), max_size=None)
+        self._events: collections.deque[Any] = collections.deque()
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)  # a few small frames: the empty socket buffer takes them
+
+    async def _next(self) -> Any:
+        while not self._events:
+            await _wait_readable(self.sock)
+            data = self.sock.recv(65536)
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.protocol.receive_eof()
+            self._events.extend(self.protocol.events_received())
+            self._flush()
+        return self._events.popleft()
+
+    async def _message(self) -> dict[str, Any]:
+        frame = await self._next()
+        assert isinstance(frame, Frame)
+        decoded: dict[str, Any] = msgspec.json.decode(frame.data)
+        return decoded
+
+    async def subscribe(self) -> None:
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+        response = await self._next()
+        assert isinstance(response, Response) and response.status_code == 101
+        assert (await self._message())["op"] == "hello"
+        self.protocol.send_text(b'{"op": "subscribe", "id": 1}')
+        self._flush()
+        assert (await self._message())["op"] == "subscribed"
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset, right now (no closing handshake)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+@pytest.mark.parametrize("stalled", [False, True], ids=["writable", "stalled"])
+async def test_client_reset_mid_batch_does_not_disturb_another(stalled: bool) -> None:
+    async with (
+        running(client_buffer_bytes=64 * 2**20, socket_send_buffer=65536) as (bus, sink),
+        connect(sink.url) as peer,
+    ):
+        await peer.subscribe(id=1)
+        # Writable: the doomed client takes everything until it dies. Stalled: it never
+        # reads, so when it dies part of what it was sent still waits in the server.
+        doomed = _RawPeer(sink.url, rcvbuf=4096 if stalled else None)
+        try:
+            await doomed.subscribe()
+            assert sink.clients == 2
+            events: list[dict[str, Any]] = []
+            before = 256 if stalled else 4
+            pieces = [f"{i:06d}{PIECE if stalled else ''}" for i in range(before + 256)]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_read_until_ends, peer, events)
+                async with bus.stream(model="m") as w:
+                    for piece in pieces[:before]:
+                        await w.delta(piece)
+                    await anyio.wait_all_tasks_blocked()
+                    # One batch, with the reset in its middle: no await in here yields.
+                    for i, piece in enumerate(pieces[before:]):
+                        if i == 128:
+                            doomed.reset()
+                        await w.delta(piece)
+        finally:
+            doomed.sock.close()
+        _check_stream(events, w.stream, "".join(pieces))
+        with anyio.fail_after(10):
+            while sink.clients != 1:  # noqa: ASYNC110 - the sink offers no event for a disconnect
+                await anyio.sleep(0.01)
+        # The broadcaster goes on serving the survivor.
+        async with bus.stream(model="m") as w2:
+            await w2.delta("after")
+        assert (await peer.events_until_end())[-2]["text"] == "after"
