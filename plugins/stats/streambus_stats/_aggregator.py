@@ -27,11 +27,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
-import numpy as np
 
-from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
+from streambus.events import AbortEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
 
+from . import _impl
 from ._distribution import CHUNK_BUCKETS, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
+from ._hot import Live
 from ._tokens import TokenCounter, TokenizerChoice
 
 __all__ = ["FIGURES", "STATE_VERSION", "Aggregate", "StatsAggregator", "StreamRecord"]
@@ -102,6 +103,7 @@ class Aggregate:
         "end_reasons",
         "errors",
         "first_ts",
+        "gaps",
         "last_ts",
         "moderation",
         "outcomes",
@@ -125,6 +127,8 @@ class Aggregate:
         """Token totals keyed ``"<prompt|completion|total>:<provider|counted>"``."""
         self.first_ts = math.inf
         self.last_ts = -math.inf
+        self.gaps: Any = None
+        """The hot path's buffer of inter-chunk gaps on their way to ``dists`` (set by :class:`StatsAggregator`)."""
 
     @property
     def finished(self) -> int:
@@ -226,63 +230,8 @@ class Aggregate:
         return agg
 
 
-class _Live:
-    """What the aggregator tracks of a stream between its start and its terminal event.
-
-    The hot path only appends each non-empty delta's ``ts`` (and text) to
-    lists; gaps are computed from ``ts`` in bulk by :meth:`StatsAggregator._drain`
-    (at the stream's end, before any read, and when much is pending).
-    """
-
-    __slots__ = (
-        "add_text",
-        "add_ts",
-        "agg",
-        "coalesced",
-        "drained",
-        "empty",
-        "extra",
-        "first",
-        "first_content",
-        "gap_max",
-        "gap_sum",
-        "last",
-        "moderation",
-        "ngaps",
-        "start",
-        "texts",
-        "ts",
-    )
-
-    def __init__(self, start: StartEvent, agg: Aggregate) -> None:
-        self.start = start
-        self.agg = agg
-        self.ts: list[float] = []
-        """Arrival times of non-empty deltas not yet turned into gaps."""
-        self.coalesced: list[tuple[int, int]] = []
-        """``(index in ts, n)`` of pending deltas that carry n > 1 chunks."""
-        self.first: float | None = None
-        self.first_content: float | None = None
-        self.last: float | None = None
-        self.drained = 0
-        self.extra = 0
-        self.empty = 0
-        self.gap_sum = 0.0
-        self.ngaps = 0
-        self.gap_max = -math.inf
-        self.texts: list[str] = []
-        self.moderation: Counter[str] = Counter()
-        # Bound once: the hot path calls them for every chunk.
-        self.add_ts = self.ts.append
-        self.add_text = self.texts.append
-
-    @property
-    def chunks(self) -> int:
-        return self.drained + len(self.ts) + self.extra
-
-
-_DRAIN_EVERY = 65536
-_SMALL = 32
+_SLICE = 16384
+"""Events fed to the hot path at a time, so gap buffers are ingested at least this often."""
 
 
 class StatsAggregator:
@@ -319,9 +268,11 @@ class StatsAggregator:
         """One :class:`Aggregate` per ``(model, provider)``."""
         self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)
         """The most recent finished streams' records."""
-        self.live: dict[str, _Live] = {}
+        # The hot path (compiled or pure Python, see _impl), fixed for this aggregator's life.
+        self._feed, self._live, self._gaps = _impl.feed, _impl.Live, _impl.Gaps
+        self.live: dict[str, Live] = {}
+        """Streams started and not finished (a compiled ``Live`` when the hot path is compiled)."""
         self.events = 0
-        self._undrained = 0
         self.orphans = 0
         """Events of streams whose ``start`` was not seen (joined mid-stream), or after their terminal event."""
 
@@ -331,6 +282,8 @@ class StatsAggregator:
         agg = self.groups.get(key)
         if agg is None:
             agg = self.groups[key] = Aggregate(self.relative_accuracy)
+        if agg.gaps is None:
+            agg.gaps = self._gaps(agg.dists["inter_chunk_latency_seconds"])
         return agg
 
     def feed(self, event: Event) -> None:
@@ -341,106 +294,48 @@ class StatsAggregator:
         """Account for *events* (the hot path: one batch from a subscription)."""
         if not isinstance(events, list | tuple):
             events = list(events)
-        live_get = self.live.get
-        delta_type = DeltaEvent
-        orphans = 0
-        for event in events:
-            if type(event) is delta_type:
-                st = live_get(event.stream)
-                if st is None:
-                    orphans += 1
-                    continue
-                text = event.text
-                if not text:
-                    st.empty += 1
-                    continue
-                st.add_ts(event.ts)
-                st.add_text(text)
-                if st.first_content is None or event.n != 1:
-                    self._slow_delta(st, event)
-            elif type(event) is StartEvent:
-                self._start(event)
-            elif type(event) is ModerationEvent:
-                st = live_get(event.stream)
-                if st is None:
-                    orphans += 1
-                    continue
-                st.moderation[event.action] += 1
-                st.agg.moderation[event.action] += 1
-            else:
-                st = self.live.pop(event.stream, None)
-                if st is None:
-                    orphans += 1
-                    continue
-                self._finish(st, event)
+        feed = self._feed
+        # (Not `self.orphans += feed(...)`: feed calls _other, which counts orphans too.)
+        if len(events) <= _SLICE:
+            orphans = feed(self.live, events, self._other)
+        else:
+            orphans = 0
+            for i in range(0, len(events), _SLICE):
+                orphans += feed(self.live, events[i : i + _SLICE], self._other)
+                self._ingest_full()
         self.orphans += orphans
         self.events += len(events)
-        self._undrained += len(events)
-        if self._undrained >= _DRAIN_EVERY:
-            self.flush()
+        self._ingest_full()
 
-    def _slow_delta(self, st: _Live, event: DeltaEvent) -> None:
-        # The first chunks of a stream (until its first content) and coalesced deltas.
-        if event.n != 1:
-            st.coalesced.append((len(st.ts) - 1, event.n))
-            st.extra += event.n - 1
-        if event.channel == "tool":
-            return
-        if st.first is None:
-            st.first = event.ts
-            st.agg.dists["time_to_first_chunk_seconds"].add(event.ts - st.start.ts)
-        if st.first_content is None and event.channel == "content":
-            st.first_content = event.ts
-            st.agg.dists["time_to_first_content_seconds"].add(event.ts - st.start.ts)
+    def _other(self, event: Event) -> None:
+        # Every event but a delta: starts, moderation actions and terminal events.
+        if type(event) is StartEvent:
+            self._start(event)
+        elif type(event) is ModerationEvent:
+            st = self.live.get(event.stream)
+            if st is None:
+                self.orphans += 1
+                return
+            st.moderation[event.action] += 1
+            st.agg.moderation[event.action] += 1
+        else:
+            st = self.live.pop(event.stream, None)
+            if st is None:
+                self.orphans += 1
+                return
+            self._finish(st, event)
+
+    def _ingest_full(self) -> None:
+        for agg in self.groups.values():
+            agg.dists["inter_chunk_latency_seconds"].maybe_flush()
 
     def flush(self) -> None:
-        """Turn every live stream's pending arrivals into inter-chunk gaps (done before every read)."""
-        for st in self.live.values():
-            if st.ts:
-                self._drain(st)
-        self._undrained = 0
-
-    @staticmethod
-    def _drain(st: _Live) -> None:
-        ts = st.ts
-        prev = st.last
-        dist = st.agg.dists["inter_chunk_latency_seconds"]
-        if len(ts) < _SMALL and not st.coalesced:
-            gaps: list[float] = []
-            if prev is None:
-                prev = ts[0]
-                rest = ts[1:]
-            else:
-                rest = ts
-            for t in rest:
-                gaps.append(t - prev)
-                prev = t
-            if gaps:
-                st.gap_sum += sum(gaps)
-                st.ngaps += len(gaps)
-                st.gap_max = max(st.gap_max, *gaps)
-                dist.pending.extend(gaps)
-                dist.maybe_flush()
-        else:
-            arr = np.fromiter(ts, dtype=np.float64, count=len(ts))
-            diffs = np.diff(arr) if prev is None else np.diff(arr, prepend=prev)
-            if st.coalesced:
-                # A delta that carries n chunks: its gap is taken as n equal gaps (evenly spread).
-                ns = np.ones(len(ts), dtype=np.int64)
-                for index, n in st.coalesced:
-                    ns[index] = n
-                if prev is None:
-                    ns = ns[1:]
-                diffs = np.repeat(diffs / ns, ns)
-                st.coalesced.clear()
-            if diffs.size:
-                st.gap_sum += float(diffs.sum())
-                st.ngaps += int(diffs.size)
-                st.gap_max = max(st.gap_max, float(diffs.max()))
-                dist.add_array(diffs)
-        st.last = ts[-1]
-        st.drained += len(ts)
-        ts.clear()
+        """Ingest every buffered value into its distribution (reads do it anyway; for timing the whole work)."""
+        for agg in self.groups.values():
+            if agg.gaps is not None:
+                agg.gaps.flush()
+            for dist in agg.dists.values():
+                dist.flush()
 
     def _start(self, event: StartEvent) -> None:
         if event.stream in self.live:
@@ -449,7 +344,7 @@ class StatsAggregator:
         agg = self._group(event.model, event.provider)
         agg.started += 1
         agg.first_ts = min(agg.first_ts, event.ts)
-        self.live[event.stream] = _Live(event, agg)
+        self.live[event.stream] = self._live(event, agg)
 
     def close_incomplete(self) -> None:
         """Finish every live stream as ``incomplete`` (end of a recording that cut streams short)."""
@@ -457,9 +352,7 @@ class StatsAggregator:
             del self.live[st.start.stream]
             self._finish(st, None)
 
-    def _finish(self, st: _Live, event: Event | None) -> None:
-        if st.ts:
-            self._drain(st)
+    def _finish(self, st: Live, event: Event | None) -> None:
         start = st.start
         agg = st.agg
         dists = agg.dists

@@ -1,0 +1,207 @@
+"""The aggregator's hot path: pure Python (the reference) and compiled give the same figures, however batched."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from streambus_stats import StatsAggregator, _hot, _impl
+
+from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent, Usage
+
+try:
+    from streambus_stats import _hot_c
+except ImportError:  # not built (no C compiler when the plugin was installed)
+    _hot_c = None  # type: ignore[assignment]
+
+IMPLS = ["pure"] if _hot_c is None else ["pure", "compiled"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with each built hot path."""
+    previous = _impl.load()
+    _impl.select(_hot if request.param == "pure" else _hot_c)
+    yield str(request.param)
+    _impl.select(previous)
+
+
+def aggregator(impl: str) -> StatsAggregator:
+    previous = _impl.load()
+    _impl.select(_hot if impl == "pure" else _hot_c)
+    try:
+        return StatsAggregator(tokenizer="approx", keep_streams=None)
+    finally:
+        _impl.select(previous)
+
+
+def test_the_compiled_hot_path_is_built_and_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _hot_c is None:
+        pytest.skip("streambus_stats._hot_c is not built: pip install -e plugins/stats with a C compiler")
+    monkeypatch.delenv("STREAMBUS_STATS_PURE", raising=False)
+    assert _impl.load() is _hot_c  # not stale: built from the current _hot_c.pyx
+
+
+def test_pure_python_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMBUS_STATS_PURE", "1")
+    assert _impl.load() is _hot
+
+
+def deltas(stream: str, times: list[float], texts: list[str], ns: list[int] | None = None) -> list[Event]:
+    ns = ns or [1] * len(times)
+    return [
+        DeltaEvent(stream=stream, seq=i + 1, ts=t, text=text, n=n)
+        for i, (t, text, n) in enumerate(zip(times, texts, ns, strict=True))
+    ]
+
+
+def test_coalesced_delta_after_many_plain_ones_in_one_batch(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    times = [1.0 + 0.5 * i for i in range(50)]
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
+    events += deltas("s", times, ["x"] * 50)
+    events.append(DeltaEvent(stream="s", seq=51, ts=times[-1] + 2.0, text="abcd", n=4))
+    events.append(EndEvent(stream="s", seq=52, ts=30.0, usage=Usage(completion_tokens=54)))
+    agg.feed_many(events)
+    (r,) = agg.snapshot()["streams"]
+    assert r["chunks"] == 54
+    assert r["time_to_first_chunk"] == 1.0
+    assert r["inter_chunk_max"] == 0.5
+    assert r["inter_chunk_mean"] == pytest.approx((times[-1] + 2.0 - 1.0) / 53)
+    gaps = agg.aggregate().dists["inter_chunk_latency_seconds"]
+    assert (gaps.count, gaps.min, gaps.max) == (53, 0.5, 0.5)  # 49 gaps of 0.5, then 2.0 spread over 4
+
+
+def test_empty_deltas_inside_a_batch_are_counted_and_not_timed(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
+    events += deltas("s", [1.0, 1.25, 1.5, 1.75, 2.0], ["a", "", "b", "", "c"])
+    events.append(EndEvent(stream="s", seq=6, ts=2.5))
+    agg.feed_many(events)
+    (r,) = agg.snapshot()["streams"]
+    assert (r["chunks"], r["empty_deltas"]) == (3, 2)
+    assert (r["inter_chunk_mean"], r["inter_chunk_max"]) == (0.5, 0.5)
+    assert agg.aggregate().dists["inter_chunk_latency_seconds"].count == 2
+
+
+def test_a_stream_id_used_again_starts_from_nothing(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    first: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
+    first += deltas("s", [1.0, 2.0], ["a", "b"])
+    first.append(EndEvent(stream="s", seq=3, ts=3.0))
+    second: list[Event] = [StartEvent(stream="s", seq=0, ts=10.0, model="m", provider="p")]
+    second += deltas("s", [10.5, 10.75], ["c", "d"])
+    second.append(EndEvent(stream="s", seq=3, ts=11.0))
+    agg.feed_many(first + second)
+    a, b = agg.snapshot()["streams"]
+    assert (a["time_to_first_chunk"], a["inter_chunk_max"], a["chunks"]) == (1.0, 1.0, 2)
+    assert (b["time_to_first_chunk"], b["inter_chunk_max"], b["chunks"]) == (0.5, 0.25, 2)
+
+
+def test_a_second_start_finishes_the_live_stream_as_incomplete(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
+    events += deltas("s", [1.0, 1.5], ["a", "b"])
+    events.append(StartEvent(stream="s", seq=0, ts=5.0, model="m", provider="p"))
+    events += deltas("s", [6.0], ["c"])
+    agg.feed_many(events)
+    agg.close_incomplete()
+    a, b = agg.snapshot()["streams"]
+    assert (a["outcome"], a["chunks"], a["inter_chunk_mean"]) == ("incomplete", 2, 0.5)
+    assert (b["outcome"], b["chunks"], b["inter_chunk_mean"]) == ("incomplete", 1, None)
+
+
+def test_integer_timestamps_take_the_general_path(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0, model="m", provider="p")]
+    events += deltas("s", [1, 3, 4.5, 5], ["a", "b", "c", "d"])  # type: ignore[list-item]
+    events.append(EndEvent(stream="s", seq=5, ts=6))
+    agg.feed_many(events)
+    (r,) = agg.snapshot()["streams"]
+    assert (r["time_to_first_chunk"], r["inter_chunk_max"], r["inter_chunk_mean"]) == (1, 2, 4 / 3)
+
+
+def test_orphan_deltas_and_moderation_are_counted(impl: str) -> None:
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(
+        [
+            DeltaEvent(stream="ghost", seq=4, ts=1.0, text="x"),
+            DeltaEvent(stream="ghost", seq=5, ts=1.5, text=""),
+            ModerationEvent(stream="ghost", seq=6, ts=2.0, action="flag", start=0, end=1),
+            AbortEvent(stream="ghost", seq=7, ts=2.5, by="client"),
+        ]
+    )
+    assert agg.orphans == 4
+    assert agg.snapshot()["overall"]["streams"]["started"] == 0
+
+
+# -- the property: same figures whatever the batching and whichever implementation ---------------------------
+
+
+@st.composite
+def stream_events(draw: st.DrawFn, sid: str) -> list[Event]:
+    t = draw(st.floats(0, 100, allow_nan=False))
+    events: list[Event] = [StartEvent(stream=sid, seq=0, ts=t, model=draw(st.sampled_from("ab")), provider="p")]
+    for _ in range(draw(st.integers(0, 25))):
+        t += draw(st.sampled_from([0.0, 0.001, 0.02, 0.25, 1.5, -0.01]))
+        kind = draw(st.integers(0, 9))
+        if kind == 0:
+            action = draw(st.sampled_from(["flag", "redact"]))
+            events.append(ModerationEvent(stream=sid, seq=len(events), ts=t, action=action, start=0, end=1))
+            continue
+        text = draw(st.sampled_from(["", "tok", "en ", "日本"]))
+        channel = draw(st.sampled_from(["content", "content", "reasoning", "tool"]))
+        n = draw(st.sampled_from([1, 1, 1, 1, 2, 5]))
+        events.append(DeltaEvent(stream=sid, seq=len(events), ts=t, text=text, channel=channel, n=n))
+    fate = draw(st.integers(0, 4))
+    t += 0.5
+    if fate == 0:
+        events.append(ErrorEvent(stream=sid, seq=len(events), ts=t, kind="timeout"))
+    elif fate == 1:
+        events.append(AbortEvent(stream=sid, seq=len(events), ts=t, by="client"))
+    elif fate < 4:
+        usage = Usage(completion_tokens=7) if fate == 3 else None
+        events.append(EndEvent(stream=sid, seq=len(events), ts=t, usage=usage))
+    return events  # fate 4: no terminal event (incomplete)
+
+
+@st.composite
+def feeds(draw: st.DrawFn) -> tuple[list[Event], list[int]]:
+    count = draw(st.integers(1, 6))
+    # Stream ids may repeat: a later stream reuses the id of an earlier one.
+    groups = [draw(stream_events(f"s{draw(st.integers(0, count))}")) for _ in range(count)]
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    merged: list[Event] = []
+    queues = [list(g) for g in groups]
+    while queues:
+        q = rng.choice(queues)
+        merged.append(q.pop(0))
+        if not q:
+            queues.remove(q)
+    merged.insert(rng.randrange(len(merged) + 1), DeltaEvent(stream="nobody", seq=1, ts=1.0, text="x"))
+    cuts = sorted(draw(st.lists(st.integers(0, len(merged)), max_size=6)))
+    return merged, cuts
+
+
+def figures(agg: StatsAggregator) -> dict[str, object]:
+    agg.close_incomplete()
+    state = agg.to_state()
+    return {"snapshot": agg.snapshot(), "state": state}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(feeds())
+def test_batches_and_implementations_give_the_same_figures(feed: tuple[list[Event], list[int]]) -> None:
+    events, cuts = feed
+    reference = aggregator("pure")
+    for event in events:  # one event at a time
+        reference.feed(event)
+    expected = figures(reference)
+    for impl in IMPLS:
+        agg = aggregator(impl)
+        for lo, hi in zip([0, *cuts], [*cuts, len(events)], strict=True):
+            agg.feed_many(events[lo:hi])
+        assert figures(agg) == expected, impl
