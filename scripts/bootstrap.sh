@@ -11,7 +11,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.streambus-installed
-inputs=$(cat pyproject.toml plugins/*/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+# Compiled plugin code (plugins/stats/setup.py builds a .pyx) is rebuilt when its sources change.
+inputs=$({ cat pyproject.toml plugins/*/pyproject.toml plugins/*/setup.py plugins/*/*/*.pyx scripts/bootstrap.sh 2>/dev/null \
+  || true; } | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   args=(-e ".[test,dev,bench]")
