@@ -8,12 +8,15 @@
         url = await sink.wait_ready()      # "ws://127.0.0.1:8765/ws"
         ...
 
-Each event is encoded once. The sink takes events from the bus in batches
-(everything published since it last ran); under asyncio, a client whose
-socket can take data when the batch reaches it gets the batch's frames
-appended through its sans-I/O protocol (``protocol.send_text``) and then
-written with one transport write: one ``send()`` per client per batch, where
-``websockets.broadcast()`` makes one per client per event. Writability (write
+Each event is encoded once, and its WebSocket frame built once
+(:func:`~streambus_websocket.protocol.server_text_frame`) for every client
+that negotiated no extension (compression is off by default). The sink takes
+events from the bus in batches (everything published since it last ran);
+under asyncio, a client whose socket can take data when the batch reaches it
+gets the batch's frames (through its sans-I/O protocol, ``send_text``, when
+it negotiated compression) written with one transport write: one ``send()``
+per client per batch, where ``websockets.broadcast()`` serialises a frame and
+makes one ``send()`` per client per event. Writability (write
 buffer at most the connection's ``write_limit``) is checked once per client
 per chunk of at most 64 KiB of a batch, so a client's buffer can pass that
 limit by at most one chunk plus one frame. A client that falls behind gets
@@ -78,6 +81,7 @@ from .protocol import (
     control_frame,
     error_frame,
     parse_client_message,
+    server_text_frame,
 )
 
 __all__ = ["BroadcasterError", "WebSocketSink"]
@@ -732,11 +736,19 @@ class WebSocketSink(PluginBase):
                     for client in targets:
                         client.push_event(stream, delta, data)
                 else:
+                    frame = None
                     for client in targets:
                         way = ways.get(client)
                         if way is None:
                             way = ways[client] = _way(client)
-                        if way is _QUEUE:
+                        if type(way) is list:
+                            # No extension negotiated: the frame is the same bytes for every
+                            # such client, so it is built once per event, not once per client.
+                            if frame is None:
+                                frame = server_text_frame(data)
+                            way.append(frame)
+                            client.sent += 1
+                        elif way is _QUEUE:
                             client.push_event(stream, delta, data)
                         elif way is not _SKIP:
                             try:
@@ -791,6 +803,9 @@ def _way(client: Client) -> Any:
     if getattr(ws, "send_in_progress", None) is not None or getattr(ws, "fragmented_send_waiter", None) is not None:
         # A fragmented send owns the connection (older websockets: fragmented_send_waiter): queue behind it.
         return _QUEUE
+    if not protocol.extensions:
+        # Frames built once per event (server_text_frame) are collected here and written by _flush.
+        return []
     return protocol
 
 
@@ -799,7 +814,12 @@ def _flush(ways: dict[Client, Any]) -> None:
     for client, way in ways.items():
         if way is _QUEUE or way is _SKIP:
             continue
-        writes: list[bytes] = way.data_to_send()
+        if type(way) is list:
+            # Prebuilt frames; anything the protocol itself has queued (a pong) goes first.
+            pending = client.ws.protocol.data_to_send()
+            writes: list[bytes] = [*pending, *way] if pending else way
+        else:
+            writes = way.data_to_send()
         if not writes:
             continue
         transport = client._transport
