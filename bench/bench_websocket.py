@@ -12,7 +12,7 @@ process (``python bench/bench_websocket.py --clients ...``):
    ``broadcast()`` writes the same pre-encoded events to every connection,
    one write per event.
 2. Overload: slow clients (each reads one frame per 1 ms through a 64 KiB
-   socket buffer) while tokens are published at 2000/s. Every token carries
+   socket buffer) while tokens are published at 3000/s. Every token carries
    its publish time in its text, so the publish-to-client latency of every
    character is measured, coalesced or not. Reports characters lost, p99
    latency, and the broadcaster's peak memory (RSS growth).
