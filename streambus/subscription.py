@@ -559,8 +559,11 @@ class Subscription:
     async def __anext__(self) -> Event:
         tier = self._tier
         cursor = self._cursor
-        if cursor >= 0 and tier is not None:
-            # Attached (the common case), inlined: this runs once per delivery.
+        if cursor >= 0 and tier is not None and not self._buf:
+            # Attached (the common case), inlined: this runs once per delivery. An
+            # attached reader can still hold buffered events (one that re-attached while a
+            # publisher was between its snapshot of private readers and delivering to them):
+            # those come first, through the general path.
             items = tier.items
             index = cursor - tier.base
             if index < len(items):
@@ -577,7 +580,12 @@ class Subscription:
                     waiter = tier.wakeup = new_signal()
                 self._waiter = waiter
                 await waiter.wait()
-                if self._tier is tier and self._cursor == cursor and cursor - tier.base < len(tier.items):
+                if (
+                    self._tier is tier
+                    and self._cursor == cursor
+                    and not self._buf
+                    and cursor - tier.base < len(tier.items)
+                ):
                     self._since_yield = 0
                     self._cursor = cursor + 1
                     if self._space_waiter is not None:

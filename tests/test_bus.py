@@ -534,3 +534,55 @@ async def test_a_second_processing_stage_is_refused_and_the_first_keeps_working(
             await w.delta("ab")
         text = "".join([chunk async for chunk in sub.text()])
     assert text == "AB"
+
+
+async def test_reader_reattaching_while_a_publisher_waits_keeps_order() -> None:
+    # A detached reader can re-attach while a publisher that counted it as detached waits
+    # for a full `block` subscriber; that publisher's event then reaches it through its
+    # own buffer, and must still come before what the shared log got meanwhile.
+    got: list[Event] = []
+    with anyio.fail_after(10):
+        async with Bus(buffer=4) as bus:
+            slow = bus.subscribe(overflow="block", name="slow")
+            reader = bus.subscribe(overflow="coalesce", name="reader")
+
+            def delta(seq: int) -> DeltaEvent:
+                return DeltaEvent(stream="s", seq=seq, ts=0.0, text=f"{seq};")
+
+            async def read() -> None:
+                async for event in reader:
+                    got.append(event)
+
+            async with anyio.create_task_group() as tg:
+                await bus.publish(StartEvent(stream="s", seq=0, ts=0.0))
+                for seq in range(1, 4):
+                    await bus.publish(delta(seq))
+                # `slow` falls 5 behind: this publish waits for it, and `reader` is detached.
+                tg.start_soon(bus.publish, delta(4))
+                await wait_all_tasks_blocked()
+                await slow.receive()
+                await wait_all_tasks_blocked()
+
+                async def write_on() -> None:
+                    # Like a stream writer: the next delta right after the previous publish returns.
+                    await bus.publish(delta(5))
+                    await bus.publish(delta(6))
+
+                # `reader` is private: publishing delta 5 counts it so, then waits for `slow`...
+                tg.start_soon(write_on)
+                await wait_all_tasks_blocked()
+                # ... while `reader` drains its buffer, re-attaches, reads another stream's
+                # start from the shared log and parks there.
+                tg.start_soon(read)
+                await wait_all_tasks_blocked()
+                tg.start_soon(bus.publish, StartEvent(stream="x", seq=0, ts=0.0))
+                await wait_all_tasks_blocked()
+                # Delta 5 then goes to `reader`'s buffer, and delta 6 to the shared log, before
+                # `reader` runs again: it must read 5 first.
+                for _ in range(6):
+                    await slow.receive()
+                await wait_all_tasks_blocked()
+                reader.close()
+    mine = [e for e in got if e.stream == "s"]
+    assert [e.seq for e in mine] == sorted(e.seq for e in mine)
+    assert "".join(e.text for e in mine if isinstance(e, DeltaEvent)) == "1;2;3;4;5;6;"
