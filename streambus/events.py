@@ -42,8 +42,14 @@ __all__ = [
 Channel: TypeAlias = Literal["content", "reasoning", "tool"]
 
 
-class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True, gc=False):
     """Fields common to every event.
+
+    Events are not tracked by Python's cyclic garbage collector (``gc=False``):
+    they are immutable and hold JSON data, so they cannot form a reference
+    cycle, and a bus allocates so many of them that tracking them triggered
+    full collections of ~30 ms mid-stream (see ``docs/decisions.md``). Put
+    only JSON data in ``meta`` (the wire format demands it anyway).
 
     Only ``delta`` (the hot path) omits fields equal to their defaults on the
     wire; every other event carries all its fields, so a reader in any
@@ -85,7 +91,7 @@ class DeltaEvent(_Base, frozen=True, kw_only=True, tag="delta"):
         return (self.seq if self.first_seq is None else self.first_seq, self.seq)
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """Token counts of a response; ``source`` says who counted them."""
 
     prompt_tokens: int | None = None

@@ -89,6 +89,17 @@ def test_codec_round_trip(event: Event) -> None:
     assert decode(encode(event)) == event
 
 
+@given(events)
+def test_events_are_not_tracked_by_the_cyclic_gc(event: Event) -> None:
+    # Neither built nor decoded events (nor their usage) add to the collector's work.
+    import gc
+
+    for e in (event, decode(encode(event))):
+        assert not gc.is_tracked(e)
+        usage = getattr(e, "usage", None)
+        assert usage is None or not gc.is_tracked(usage)
+
+
 @given(events, st.dictionaries(st.text(min_size=1, max_size=6).filter(lambda k: k not in _KNOWN), json_values))
 def test_decoder_ignores_unknown_fields(event: Event, extra: dict[str, object]) -> None:
     import orjson
