@@ -77,7 +77,9 @@ async def sb_produce(url: str, key: str, n: int, rate: float, entry: int) -> Non
 
     per_stream = n // STREAMS
     async with Bus(buffer=4096) as bus:
-        bus.add_sink(RedisSink(url=url, stream=key, entry_max_events=entry, batch_max_ms=1, maxlen=0))
+        sink = RedisSink(url=url, stream=key, entry_max_events=entry, batch_max_ms=1, maxlen=0)
+        bus.add_sink(sink)
+        await sink.wait_ready()  # connected, as the consumer is before the producer starts
         start = time.time()
         print(json.dumps({"start": start}), flush=True)
         _mark()

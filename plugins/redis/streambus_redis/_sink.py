@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -98,6 +99,17 @@ class RedisSink(PluginBase):
         self._counters: dict[str, int] = defaultdict(int)
         self._keys: dict[str, str] = {}
         self._unsent: list[Event] = []
+        self._ready = asyncio.Event()
+
+    async def wait_ready(self) -> None:
+        """Wait until the sink is connected to Redis (it connects as it starts, before the first event).
+
+        A pipeline can hold its producers until then, so the first events do
+        not wait for the connection. If Redis cannot be reached at start, the
+        sink keeps retrying as it does for any dropped connection, and this
+        waits on.
+        """
+        await self._ready.wait()
 
     async def setup(self, bus: Bus) -> None:
         """Remember the bus (for its origin id and the streams its sources brought in)."""
@@ -115,6 +127,7 @@ class RedisSink(PluginBase):
         limit = opts.batch_max_events
         wait = opts.batch_max_ms / 1000
         try:
+            await self._connect(client)
             if self._unsent:
                 # What a failed run could not send goes first, in order.
                 await self._send(client, origin, self._unsent)
@@ -140,6 +153,25 @@ class RedisSink(PluginBase):
         finally:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
+
+    async def _connect(self, client: aioredis.Redis) -> None:
+        # Connect before the first event, so it does not wait for the handshake;
+        # until Redis answers, events wait in the block subscription as on any outage.
+        import redis.exceptions as rex
+
+        delay = 0.05
+        while True:
+            try:
+                await client.ping()
+                break
+            except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+                log.error("redis.sink_auth_failed", error=str(exc), events_held=0)
+                raise
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=0)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self._ready.set()
 
     def _key(self, event: Event) -> str:
         tag = self.options.namespace_tag

@@ -285,3 +285,34 @@ async def test_group_recreated_after_redis_restart(private_redis: Any, collector
     assert per[w.stream] == [0, 1, 2, 3, 4]
     assert src.reconnects >= 1
     assert any(entry["event"] == "redis.group_missing" for entry in logs)
+
+
+async def test_sink_connects_before_the_first_event_and_waits_for_a_late_redis(
+    private_redis: Any, collector: Any, exactly_once: Any
+) -> None:
+    server = private_redis()
+    server.stop()
+    with anyio.fail_after(30):  # no hang
+        async with Bus() as producer:
+            sink = RedisSink(url=server.url, stream="k", batch_max_ms=0)
+            producer.add_sink(sink)
+            with capture_logs() as logs:
+                # Redis is down: the sink is not ready, and keeps retrying.
+                with anyio.move_on_after(0.3) as waited:
+                    await sink.wait_ready()
+                assert waited.cancelled_caught
+                assert any(entry["event"] == "redis.sink_retry" for entry in logs)
+                async with producer.stream(model="m") as w:
+                    await w.delta("held")  # accepted while Redis is down; nothing lost
+                    server.start()
+                    await sink.wait_ready()
+                    await w.delta("after")
+            async with Bus() as consumer:
+                consumer.add_sink(collector)
+                src = source(server.url, "k", start="0")
+                consumer.start_producer(src)
+                await collector.wait_terminals(1, 20)
+                src.stop()
+    per = exactly_once(collector.events)
+    assert per[w.stream] == [0, 1, 2, 3]
+    assert [e.text for e in collector.events if isinstance(e, DeltaEvent)] == ["held", "after"]
