@@ -162,30 +162,39 @@ async def tp_pyee_async(events: list[Event], subs: int) -> float:
     return time.perf_counter() - t0
 
 
+class Counters:
+    """*subs* counting sinks that each read *n* events (``receive_batch`` or ``async for``); ``all_done`` then.
+
+    Shared with ``bench_stats.py``, which measures the stats sink on this same fan-out.
+    """
+
+    def __init__(self, n: int, subs: int, batch: bool) -> None:
+        self.n, self.subs, self.batch = n, subs, batch
+        self.finished = 0
+        self.all_done = asyncio.Event()
+
+    async def run(self, sub: Subscription) -> None:
+        n = self.n
+        seen = 0
+        if self.batch:
+            while seen < n:
+                seen += len(await sub.receive_batch())
+        else:
+            async for _ in sub:
+                seen += 1
+                if seen == n:
+                    break
+        self.finished += 1
+        if self.finished == self.subs:
+            self.all_done.set()
+
+
 async def _streambus(events: list[Event], subs: int, batch: bool) -> float:
-    n = len(events)
-    finished = 0
-    all_done = asyncio.Event()
-
-    class Counter:
-        async def run(self, sub: Subscription) -> None:
-            nonlocal finished
-            seen = 0
-            if batch:
-                while seen < n:
-                    seen += len(await sub.receive_batch())
-            else:
-                async for _ in sub:
-                    seen += 1
-                    if seen == n:
-                        break
-            finished += 1
-            if finished == subs:
-                all_done.set()
-
+    counters = Counters(len(events), subs, batch)
+    all_done = counters.all_done
     async with Bus(buffer=4096, overflow="block") as bus:
         for _ in range(subs):
-            bus.add_sink(Counter())
+            bus.add_sink(counters)
         await asyncio.sleep(0)
         t0 = time.perf_counter()
         publish = bus.publish

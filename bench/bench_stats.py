@@ -32,10 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from bench_core import Counters  # the fan-out benchmark's counting readers, shared
 from ddsketch import DDSketch
 from streambus_stats import Distribution, StatsAggregator, StatsSink, _impl
 
-from streambus import Bus, DeltaEvent, EndEvent, Event, StartEvent, Subscription, Usage, configure_logging
+from streambus import Bus, DeltaEvent, EndEvent, Event, StartEvent, Usage, configure_logging
 
 try:
     from hdrh.histogram import HdrHistogram
@@ -73,30 +74,12 @@ def make_events(n: int, streams: int = 100) -> list[Event]:
 async def run_bus(events: list[Event], subs: int, with_stats: bool, reader: str) -> tuple[float, float]:
     """Return (wall seconds, CPU seconds of this process) from the first publish to the last event seen."""
     n = len(events)
-    finished = 0
-    all_done = asyncio.Event()
-    batch = reader == "receive_batch"
-
-    class Counter:
-        async def run(self, sub: Subscription) -> None:
-            nonlocal finished
-            seen = 0
-            if batch:
-                while seen < n:
-                    seen += len(await sub.receive_batch())
-            else:
-                async for _ in sub:
-                    seen += 1
-                    if seen == n:
-                        break
-            finished += 1
-            if finished == subs:
-                all_done.set()
-
+    counters = Counters(n, subs, reader == "receive_batch")
+    all_done = counters.all_done
     stats = StatsSink(interval=0, tokenizer="approx") if with_stats else None
     async with Bus(buffer=4096, overflow="block") as bus:
         for _ in range(subs):
-            bus.add_sink(Counter())
+            bus.add_sink(counters)
         if stats is not None:
             bus.add_sink(stats)
         await asyncio.sleep(0)
