@@ -7,15 +7,26 @@ failure only while it has published no text, then turns the last one into
 the stream's ``error`` event (``writer.error(f.kind, f.message,
 retryable=f.retryable)``). :func:`require_asyncio` gives the clear error a
 producer built on an asyncio-only library (aiohttp) owes a trio user.
+:func:`stream_attempt` is one streamed HTTP request over aiohttp, with the
+timeouts and failure kinds every streaming producer needs; the provider
+supplies its sans-I/O parser and what to do with the pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 import msgspec
 
-__all__ = ["Failure", "require_asyncio"]
+from .errors import WireError
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["Failure", "StreamParser", "require_asyncio", "stream_attempt"]
 
 
 class Failure(msgspec.Struct, frozen=True):
@@ -35,3 +46,92 @@ def require_asyncio(plugin: str) -> None:
             f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
             "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
         ) from None
+
+
+class StreamParser(Protocol):
+    """A provider's sans-I/O stream parser: bytes in, pieces out."""
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream's final marker was seen."""
+
+    def feed(self, data: bytes) -> Iterable[Any]:
+        """Parse *data*; return the pieces it completed."""
+
+    def close(self) -> Iterable[Any]:
+        """End of input: return what is left, or raise :class:`~streambus.errors.WireError`."""
+
+
+async def stream_attempt(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    parser: StreamParser,
+    handle: Callable[[Iterable[Any]], Awaitable[Failure | None]],
+    status_failure: Callable[[aiohttp.ClientResponse, float], Awaitable[Failure]],
+    first_chunk_timeout: float,
+    chunk_timeout: float,
+    server: str,
+    end_marker: str,
+    unit: str,
+) -> Failure | None:
+    """POST *body* to *url* and feed the streamed answer through *parser* to *handle*.
+
+    Returns ``None`` once the parser saw the end (*handle* published it), or
+    the :class:`Failure` of this attempt: ``connect`` and ``timeout`` (the
+    first chunk within *first_chunk_timeout*, each next one within
+    *chunk_timeout*), what *status_failure* makes of a non-200 answer, ``truncated``
+    (the body ended before *end_marker*, or inside a *unit*), ``malformed``,
+    or what *handle* returned. A failed or aborted attempt closes the
+    connection, which is how the server learns to stop generating.
+    """
+    import aiohttp
+
+    deadline = anyio.current_time() + first_chunk_timeout
+    try:
+        with anyio.CancelScope(deadline=deadline) as scope:
+            response = await session.post(url, data=body, headers=dict(headers))
+        if scope.cancelled_caught:
+            return Failure("timeout", f"no response within first_chunk_timeout={first_chunk_timeout}s", True)
+    except aiohttp.ServerTimeoutError as exc:
+        return Failure("timeout", f"timed out connecting to {server}: {exc}", True)
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        return Failure("connect", f"cannot reach {server}: {exc}", True)
+    except aiohttp.ClientError as exc:
+        return Failure("connect", f"request to {url} failed: {type(exc).__name__}: {exc}", True)
+    clean = False
+    eof = False
+    try:
+        if response.status != 200:
+            return await status_failure(response, deadline)
+        first = True
+        while True:
+            with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + chunk_timeout) as scope:
+                data = await response.content.readany()
+            if scope.cancelled_caught:
+                limit = f"first_chunk_timeout={first_chunk_timeout}s" if first else f"timeout={chunk_timeout}s"
+                what = "the first chunk" if first else "the next chunk"
+                return Failure("timeout", f"no data for {what} within {limit}", True)
+            first = False
+            eof = not data
+            failure = await handle(parser.close() if eof else parser.feed(data))
+            if failure is not None or parser.done:
+                clean = failure is None
+                return failure
+            if eof:
+                return Failure("truncated", f"the server closed the stream before {end_marker}", True)
+    except WireError as exc:
+        if eof:  # the last one was cut short by the end of the body
+            return Failure("truncated", f"the stream ended inside {unit}: {exc}", True)
+        return Failure("malformed", str(exc))
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
+    finally:
+        # Closing (not releasing) drops the connection at once: that is how
+        # an abort or a failure stops the server from generating.
+        if clean:
+            response.release()
+        else:
+            response.close()

@@ -9,7 +9,7 @@ the first delta, so no text is ever duplicated.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
@@ -18,8 +18,8 @@ import msgspec
 import orjson
 import structlog
 
-from streambus import PluginBase, WireError
-from streambus.producing import Failure, require_asyncio
+from streambus import PluginBase
+from streambus.producing import Failure, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
 
@@ -226,56 +226,24 @@ class OllamaProducer(PluginBase):
     async def _attempt(self, session: aiohttp.ClientSession, body: dict[str, Any], w: StreamWriter) -> Failure | None:
         o = self.options
         route: OllamaRoute = o.endpoint
-        url = f"{o.url.rstrip('/')}/api/{route}"
-        headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson", **o.headers}
-        deadline = anyio.current_time() + o.first_chunk_timeout
-        clean = False
-        eof = False
-        try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                response = await session.post(url, data=orjson.dumps(body), headers=headers)
-            if scope.cancelled_caught:
-                return Failure("timeout", f"no response within first_chunk_timeout={o.first_chunk_timeout}s", True)
-        except aiohttp.ServerTimeoutError as exc:
-            return Failure("timeout", f"timed out connecting to {o.url}: {exc}", True)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            return Failure("connect", f"cannot reach {o.url}: {exc}", True)
-        except aiohttp.ClientError as exc:
-            return Failure("connect", f"request to {url} failed: {type(exc).__name__}: {exc}", True)
-        try:
-            if response.status != 200:
-                return await _status_failure(response, deadline)
-            parser = OllamaStreamParser(route)
-            first = True
-            while True:
-                with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + o.timeout) as scope:
-                    data = await response.content.readany()
-                if scope.cancelled_caught:
-                    limit = f"first_chunk_timeout={o.first_chunk_timeout}s" if first else f"timeout={o.timeout}s"
-                    what = "the first chunk" if first else "the next chunk"
-                    return Failure("timeout", f"no data for {what} within {limit}", True)
-                first = False
-                eof = not data
-                pieces = parser.close() if eof else parser.feed(data)
-                failure = await _publish(pieces, w)
-                if failure is not None or parser.done:
-                    clean = failure is None
-                    return failure
-                if not data:
-                    return Failure("truncated", "the server closed the stream before the final done object", True)
-        except WireError as exc:
-            if eof:  # the last line was cut short by the end of the body
-                return Failure("truncated", f"the stream ended inside a line: {exc}", True)
-            return Failure("malformed", str(exc))
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
-        finally:
-            # Closing (not releasing) drops the connection at once: that is how
-            # an abort or a failure stops the server from generating.
-            if clean:
-                response.release()
-            else:
-                response.close()
+
+        async def publish(pieces: Iterable[Any]) -> Failure | None:
+            return await _publish(pieces, w)
+
+        return await stream_attempt(
+            session,
+            f"{o.url.rstrip('/')}/api/{route}",
+            orjson.dumps(body),
+            {"Content-Type": "application/json", "Accept": "application/x-ndjson", **o.headers},
+            parser=OllamaStreamParser(route),
+            handle=publish,
+            status_failure=_status_failure,
+            first_chunk_timeout=o.first_chunk_timeout,
+            chunk_timeout=o.timeout,
+            server=o.url,
+            end_marker="the final done object",
+            unit="a line",
+        )
 
 
 async def _publish(pieces: Any, w: StreamWriter) -> Failure | None:

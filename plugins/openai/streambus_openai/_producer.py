@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import aiohttp
@@ -21,8 +21,8 @@ import orjson
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from streambus import PluginBase, Usage, WireError
-from streambus.producing import Failure, require_asyncio
+from streambus import PluginBase, Usage
+from streambus.producing import Failure, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
 
@@ -335,54 +335,24 @@ class OpenAIProducer(PluginBase):
         progress: _Progress,
     ) -> Failure | None:
         o = self.options
-        url = o.base_url.rstrip("/") + ("/chat/completions" if route == "chat" else "/completions")
-        deadline = anyio.current_time() + o.first_chunk_timeout
-        clean = False
-        eof = False
-        try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                response = await session.post(url, data=orjson.dumps(body), headers=self._headers())
-            if scope.cancelled_caught:
-                return Failure("timeout", f"no response within first_chunk_timeout={o.first_chunk_timeout}s", True)
-        except aiohttp.ServerTimeoutError as exc:
-            return Failure("timeout", f"timed out connecting to {o.base_url}: {exc}", True)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            return Failure("connect", f"cannot reach {o.base_url}: {exc}", True)
-        except aiohttp.ClientError as exc:
-            return Failure("connect", f"request to {url} failed: {type(exc).__name__}: {exc}", True)
-        try:
-            if response.status != 200:
-                return await _status_failure(response, deadline)
-            parser = OpenAIStreamParser(route)
-            first = True
-            while True:
-                with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + o.timeout) as scope:
-                    data = await response.content.readany()
-                if scope.cancelled_caught:
-                    limit = f"first_chunk_timeout={o.first_chunk_timeout}s" if first else f"timeout={o.timeout}s"
-                    what = "the first chunk" if first else "the next chunk"
-                    return Failure("timeout", f"no data for {what} within {limit}", True)
-                first = False
-                eof = not data
-                failure = await progress.apply(parser.close() if eof else parser.feed(data), senders)
-                if failure is not None or parser.done:
-                    clean = failure is None
-                    return failure
-                if not data:
-                    return Failure("truncated", "the server closed the stream before data: [DONE]", True)
-        except WireError as exc:
-            if eof:  # the last event was cut short by the end of the body
-                return Failure("truncated", f"the stream ended inside an event: {exc}", True)
-            return Failure("malformed", str(exc))
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            return Failure("truncated", f"the connection broke mid-stream: {type(exc).__name__}: {exc}", True)
-        finally:
-            # Closing (not releasing) drops the connection at once: that is how
-            # an abort or a failure stops the server from generating.
-            if clean:
-                response.release()
-            else:
-                response.close()
+
+        async def apply(pieces: Iterable[Any]) -> Failure | None:
+            return await progress.apply(pieces, senders)
+
+        return await stream_attempt(
+            session,
+            o.base_url.rstrip("/") + ("/chat/completions" if route == "chat" else "/completions"),
+            orjson.dumps(body),
+            self._headers(),
+            parser=OpenAIStreamParser(route),
+            handle=apply,
+            status_failure=_status_failure,
+            first_chunk_timeout=o.first_chunk_timeout,
+            chunk_timeout=o.timeout,
+            server=o.base_url,
+            end_marker="data: [DONE]",
+            unit="an event",
+        )
 
 
 class _Progress:
@@ -394,7 +364,7 @@ class _Progress:
         self.reasons: dict[int, str] = {}
         self.usage: Usage | None = None
 
-    async def apply(self, pieces: Iterator[Piece], senders: list[MemoryObjectSendStream[_Item]]) -> Failure | None:
+    async def apply(self, pieces: Iterable[Piece], senders: list[MemoryObjectSendStream[_Item]]) -> Failure | None:
         for piece in pieces:
             if isinstance(piece, DonePiece):
                 for index, send in enumerate(senders):
