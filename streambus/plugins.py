@@ -65,6 +65,20 @@ class PluginBase:
         """Build the plugin from validated options."""
         return cls(options)  # type: ignore[call-arg]
 
+    @classmethod
+    def resolve_options(cls, options: Any, keys: Mapping[str, Any]) -> Any:
+        """The options an ``__init__(options=None, **keys)`` was given: *options*, or *keys* validated.
+
+        Raises ``TypeError`` when both are given (one would be silently
+        ignored) and ``ValueError`` naming the key when a keyword option is
+        invalid (``msgspec.ValidationError`` is one).
+        """
+        if options is not None:
+            if keys:
+                raise TypeError(f"{cls.__name__}: pass either options or keyword options, not both")
+            return options
+        return msgspec.convert(dict(keys), cls.Options)
+
 
 @dataclasses.dataclass(frozen=True)
 class PluginInfo:

@@ -89,3 +89,24 @@ def test_parse_config_from_mapping() -> None:
     pipeline = parse_config({"producers": [{"type": "synthetic", "count": 1}]}, path="inline")
     assert len(pipeline.producers) == 1
     assert pipeline.sinks == []
+
+
+def test_resolve_options_takes_options_or_keys_never_both() -> None:
+    import msgspec
+
+    from streambus import PluginBase
+
+    class Thing(PluginBase):
+        class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+            size: int = 1
+
+    given = Thing.Options(size=3)
+    assert Thing.resolve_options(given, {}) is given
+    assert Thing.resolve_options(None, {"size": 5}) == Thing.Options(size=5)
+    assert Thing.resolve_options(None, {}) == Thing.Options()
+    with pytest.raises(TypeError, match="Thing: pass either options or keyword options, not both"):
+        Thing.resolve_options(given, {"size": 5})
+    with pytest.raises(ValueError, match=r"\$\.size"):
+        Thing.resolve_options(None, {"size": "big"})
+    with pytest.raises(ValueError, match="colour"):
+        Thing.resolve_options(None, {"colour": "red"})

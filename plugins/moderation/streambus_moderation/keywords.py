@@ -101,13 +101,7 @@ class KeywordModerator(PluginBase):
     name: ClassVar[str] = "keywords"
 
     def __init__(self, options: Options | None = None, **kwargs: object) -> None:
-        if options is None:
-            try:
-                options = msgspec.convert(kwargs, self.Options)
-            except msgspec.ValidationError as exc:
-                raise ValueError(str(exc)) from None
-        elif kwargs:
-            raise TypeError("pass either options or keyword arguments, not both")
+        options = self.resolve_options(options, kwargs)
         self.options = options
         words: dict[str, list[str]] = {c: list(t) for c, t in options.words.items()}
         for category, path in options.files.items():

@@ -92,13 +92,7 @@ class OpenAIModerator(PluginBase):
     name: ClassVar[str] = "openai"
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
-        if options is None:
-            try:
-                options = msgspec.convert(kwargs, self.Options)
-            except msgspec.ValidationError as exc:
-                raise ValueError(str(exc)) from None
-        elif kwargs:
-            raise TypeError("pass either options or keyword arguments, not both")
+        options = self.resolve_options(options, kwargs)
         self.options = options
         self.url = options.base_url.rstrip("/") + "/moderations"
         self._session: aiohttp.ClientSession | None = None

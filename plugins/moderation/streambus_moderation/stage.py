@@ -405,13 +405,7 @@ class ModerationStage(PluginBase):
     name: ClassVar[str] = "moderation"
 
     def __init__(self, options: Options | None = None, *, moderator: Moderator | None = None, **kwargs: Any) -> None:
-        if options is None:
-            try:
-                options = msgspec.convert(kwargs, self.Options)
-            except msgspec.ValidationError as exc:
-                raise ValueError(str(exc)) from None
-        elif kwargs:
-            raise TypeError("pass either options or keyword arguments, not both")
+        options = self.resolve_options(options, kwargs)
         if moderator is None:
             if options.moderator is None:
                 raise ValueError("moderator: required (a moderator object, or a table with its type)")

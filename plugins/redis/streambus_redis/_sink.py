@@ -86,9 +86,7 @@ class RedisSink(PluginBase):
     overflow: ClassVar[str] = "block"
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either options or keyword options, not both")
-        self.options = options if options is not None else msgspec.convert(kwargs, self.Options)
+        self.options: RedisSink.Options = self.resolve_options(options, kwargs)
         self.producer_id = secrets.token_hex(6)
         """This sink instance's id on every entry it writes (entry counters are per instance)."""
         self.sent_events = 0

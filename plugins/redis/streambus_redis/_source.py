@@ -162,9 +162,7 @@ class RedisSource(PluginBase):
                 raise ValueError("group: must not be empty")
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either options or keyword options, not both")
-        self.options = options if options is not None else msgspec.convert(kwargs, self.Options)
+        self.options: RedisSource.Options = self.resolve_options(options, kwargs)
         opts = self.options
         self.keys = [f"{opts.stream}:{ns}" for ns in opts.namespaces] or [opts.stream]
         """The Redis stream keys this source reads."""
