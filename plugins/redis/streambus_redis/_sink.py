@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -155,21 +156,35 @@ class RedisSink(PluginBase):
     async def _connect(self, client: aioredis.Redis) -> None:
         # Connect before the first event, so it does not wait for the handshake;
         # until Redis answers, events wait in the block subscription as on any outage.
+        await self._retrying(client.ping, events=0)
+        self._ready.set()
+
+    async def _retrying(self, action: Callable[[], Awaitable[Any]], *, events: int) -> None:
+        """Run *action* until Redis takes it: a dropped connection is retried with backoff, forever."""
         import redis.exceptions as rex
 
         delay = 0.05
+        attempts = 0
         while True:
             try:
-                await client.ping()
-                break
+                await action()
+                return
             except (rex.AuthenticationError, rex.AuthorizationError) as exc:
-                log.error("redis.sink_auth_failed", error=str(exc), events_held=0)
+                # Retrying will not fix a wrong password: fail loudly (the bus restarts the sink).
+                log.error("redis.sink_auth_failed", error=str(exc), events_held=events)
                 raise
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=0)
+                # Connection trouble: the entries may or may not have landed;
+                # re-sending is safe (consumers drop the duplicates), losing is not.
+                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=events)
+            except rex.RedisError as exc:
+                attempts += 1
+                if attempts >= self.options.max_attempts:
+                    log.error("redis.sink_failed", error=str(exc), events_held=events, attempts=attempts)
+                    raise
+                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=events)
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        self._ready.set()
 
     def _key(self, event: Event) -> str:
         tag = self.options.namespace_tag
@@ -202,36 +217,17 @@ class RedisSink(PluginBase):
         return entries
 
     async def _send(self, client: aioredis.Redis, origin: str, batch: list[Event]) -> None:
-        import redis.exceptions as rex
-
         self._unsent = batch
         entries = self._entries(origin, batch)
         maxlen = self.options.maxlen or None
-        delay = 0.05
-        attempts = 0
-        while True:
-            try:
-                pipe = client.pipeline(transaction=False)
-                for key, fields, _ in entries:
-                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
-                await pipe.execute()
-                break
-            except (rex.AuthenticationError, rex.AuthorizationError) as exc:
-                # Retrying will not fix a wrong password: fail loudly (the bus restarts the sink).
-                log.error("redis.sink_auth_failed", error=str(exc), events_held=len(batch))
-                raise
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                # Connection trouble: the entries may or may not have landed;
-                # re-sending is safe (consumers drop the duplicates), losing is not.
-                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=len(batch))
-            except rex.RedisError as exc:
-                attempts += 1
-                if attempts >= self.options.max_attempts:
-                    log.error("redis.sink_failed", error=str(exc), events_held=len(batch), attempts=attempts)
-                    raise
-                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=len(batch))
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+        async def xadd() -> None:
+            pipe = client.pipeline(transaction=False)
+            for key, fields, _ in entries:
+                pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+            await pipe.execute()
+
+        await self._retrying(xadd, events=len(batch))
         self._unsent = []
         self.sent_entries += len(entries)
         self.sent_events += len(batch)
