@@ -42,7 +42,8 @@ __all__ = ["StatsSink"]
 
 log = structlog.get_logger("streambus.stats")
 
-_BIG_BATCH = 4096
+_FIRST_PAUSE = 0.001
+"""Seconds of the first pause after a read that found the bus idle (no rate to go by yet)."""
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -78,8 +79,10 @@ class StatsSink(PluginBase):
         """A tiktoken encoding name to use for every model."""
         state_file: str | None = None
         """Write the mergeable aggregator state (JSON) here when the bus stops."""
-        read_pause: float = 0.002
-        """Seconds to pause after reading a small batch, so the sink wakes once per many events; 0: never."""
+        read_batch: int = 2048
+        """Events to let pile up between reads (the pause is set from the rate the sink sees); 1: read at once."""
+        read_pause: float = 0.01
+        """The longest pause between reads, in seconds: figures lag by at most this much; 0: never pause."""
 
         def __post_init__(self) -> None:
             if self.port is not None and not 0 <= self.port <= 65535:
@@ -97,6 +100,8 @@ class StatsSink(PluginBase):
                     raise ValueError(f"quantiles: each must be between 0 and 1 (exclusive), got {q}")
             if not 0 <= self.read_pause <= 1:
                 raise ValueError(f"read_pause: must be between 0 and 1 second, got {self.read_pause}")
+            if self.read_batch < 1:
+                raise ValueError(f"read_batch: must be 1 or more, got {self.read_batch}")
             if self.keep_streams < 0:
                 raise ValueError(f"keep_streams: must be 0 or more, got {self.keep_streams}")
 
@@ -188,18 +193,32 @@ class StatsSink(PluginBase):
         async with anyio.create_task_group() as tg:
             if self.options.interval > 0:
                 tg.start_soon(self._tick)
-            feed = self.aggregator.feed_many
-            pause = self.options.read_pause
-            while batch := await events.receive_batch():
-                feed(batch)
-                if pause and len(batch) < _BIG_BATCH:
-                    # Waking once per publish costs as much as aggregating; let events pile up a little.
-                    await anyio.sleep(pause)
+            await self._read(events)
             tg.cancel_scope.cancel()
         self.log_summary(final=True)
         if self.options.state_file:
             await anyio.Path(self.options.state_file).write_bytes(orjson.dumps(self.aggregator.to_state()))
             log.info("stats.state_written", path=self.options.state_file)
+
+    async def _read(self, events: Subscription) -> None:
+        # Waking up costs about as much as aggregating a few hundred events, so the sink lets
+        # about `read_batch` of them pile up between reads: it pauses for as long as that took at
+        # the rate of its last read, never longer than `read_pause`. The pause is set from
+        # counts, not fixed in seconds, so a slow bus (many subscribers, a profiler) is read in
+        # batches as big as a fast one's.
+        feed = self.aggregator.feed_many
+        target, longest = self.options.read_batch, self.options.read_pause
+        now = anyio.current_time
+        pause = 0.0
+        while True:
+            before = now()
+            batch = await events.receive_batch()
+            if not batch:
+                return
+            feed(batch)
+            pause = next_pause(pause, now() - before, len(batch), target, longest)
+            if pause:
+                await anyio.sleep(pause)
 
     async def _tick(self) -> None:
         while True:
@@ -234,3 +253,18 @@ def _fields(agg: Aggregate) -> dict[str, Any]:
         "prompt_tokens": agg.token_total("prompt"),
         "completion_tokens": agg.token_total("completion"),
     }
+
+
+def next_pause(pause: float, waited: float, got: int, target: int, longest: float) -> float:
+    """Seconds to pause before the next read, after a read of *got* events.
+
+    *pause* is the pause before that read (0: there was none) and *waited* the time the read
+    itself took (waiting for events and aggregating them).
+    """
+    if not longest or got >= target:
+        return 0.0
+    if not pause:
+        # Read right after a big batch, or after the bus was idle: no rate to go by yet.
+        return min(longest, _FIRST_PAUSE)
+    # The batch piled up over (pause + waited): pause as long as `target` events take at that rate.
+    return min(longest, (pause + waited) * target / got)

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from streambus_stats import StatsAggregator, StatsSink, stats_command
+from streambus_stats._sink import next_pause
 from structlog.testing import capture_logs
 
 from streambus import Bus, ConfigError, Usage
@@ -207,6 +208,8 @@ def test_options_are_validated_with_the_key_named() -> None:
         ({"quantiles": []}, "quantiles"),
         ({"keep_streams": -2}, "keep_streams"),
         ({"read_pause": 5}, "read_pause"),
+        ({"read_pause": -0.5}, "read_pause"),
+        ({"read_batch": 0}, "read_batch"),
     ):
         with pytest.raises(ValueError, match=f"^{key}: "):
             StatsSink(**kwargs)
@@ -220,6 +223,33 @@ def test_options_are_validated_with_the_key_named() -> None:
         build("sinks", "stats", {"interval": -5}, location="sinks[0]")
     sink = build("sinks", "stats", {"port": 9464, "tokenizer": "approx"})
     assert isinstance(sink, StatsSink) and sink.options.port == 9464
+
+
+def test_the_pause_between_reads_follows_the_rate_and_is_capped() -> None:
+    # 512 events came in over 1 ms (0.8 ms pause + 0.2 ms read): 2048 take 4 ms at that rate.
+    assert next_pause(0.0008, 0.0002, 512, 2048, 0.01) == pytest.approx(0.004)
+    # A slow bus: 100 events over 5 ms would mean a 102 ms pause; read_pause caps it.
+    assert next_pause(0.004, 0.001, 100, 2048, 0.01) == 0.01
+    # A full batch: read again at once; after that (no pause to measure a rate over) a short first pause.
+    assert next_pause(0.004, 0.0, 2048, 2048, 0.01) == 0.0
+    assert next_pause(0.0, 0.0, 10, 2048, 0.01) == 0.001
+    # read_pause=0 never pauses; read_batch=1 never pauses either (every read is a full batch).
+    assert next_pause(0.004, 0.001, 100, 2048, 0.0) == 0.0
+    assert next_pause(0.004, 0.001, 1, 1, 0.01) == 0.0
+
+
+async def test_without_a_read_pause_the_sink_reads_each_event_as_it_comes() -> None:
+    sink = StatsSink(interval=0, tokenizer="approx", read_pause=0)
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        await anyio.wait_all_tasks_blocked()
+        async with bus.stream(model="m", provider="p") as w:
+            for k in range(5):
+                await w.delta(f"chunk {k}")
+                await anyio.wait_all_tasks_blocked()
+                assert sink.aggregator.events == 2 + k  # the start and every delta so far, no pause between
+            await w.end()
+    assert sink.snapshot()["overall"]["chunks"] == 5
 
 
 def test_entry_points() -> None:
