@@ -38,6 +38,8 @@ cdef extern from "structmember.h":
 
 
 cdef extern from "Python.h":
+    bint PyUnicode_CheckExact(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
     ctypedef struct PyMemberDescrObject:
         PyMemberDef *d_member
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
@@ -109,11 +111,15 @@ cdef class Gaps:
 cdef class Live:
     """What the aggregator tracks of a stream between its start and its terminal event (see ``_hot.Live``)."""
 
-    cdef public object start, agg, moderation, first, first_content, first_ts, last
+    cdef public object start, agg, moderation, first, first_content, first_ts
     cdef public list texts
     cdef public Gaps gaps
     cdef public Py_ssize_t empty, extra, first_n
     cdef public double gap_max
+    # The latest chunk's ts, as a C double (no float object to reach and count references on);
+    # ``last`` below shows it to Python (None until the first chunk).
+    cdef double last_ts
+    cdef bint has_last
 
     def __init__(self, start, agg):
         self.start = start
@@ -127,8 +133,22 @@ cdef class Live:
         self.first_content = None
         self.first_ts = None
         self.first_n = 0
-        self.last = None
+        self.has_last = False
+        self.last_ts = 0.0
         self.gap_max = -math.inf
+
+    @property
+    def last(self):
+        """ts of the latest chunk (None before the first)."""
+        return self.last_ts if self.has_last else None
+
+    @last.setter
+    def last(self, value):
+        if value is None:
+            self.has_last = False
+        else:
+            self.last_ts = value
+            self.has_last = True
 
     @property
     def chunks(self):
@@ -148,9 +168,9 @@ cdef class Live:
 
     @property
     def gap_sum(self):
-        if self.first_ts is None or self.last is None:
+        if self.first_ts is None or not self.has_last:
             return 0.0
-        return self.last - self.first_ts
+        return self.last_ts - self.first_ts
 
 
 def feed(dict live, events, other):
@@ -161,8 +181,7 @@ def feed(dict live, events, other):
     cdef PyObject *text
     cdef PyObject *ts
     cdef Live st
-    cdef object last
-    cdef double gap
+    cdef double gap, now
     if type(events) is not list and type(events) is not tuple:
         events = list(events)
     for event in events:
@@ -179,22 +198,21 @@ def feed(dict live, events, other):
             orphans += 1
             continue
         st = <Live?>found
-        if not <object>text:
+        if (PyUnicode_GET_LENGTH(<object>text) == 0) if PyUnicode_CheckExact(<object>text) else not <object>text:
             st.empty += 1
             continue
         st.texts.append(<object>text)
-        last = st.last
         if (
-            last is None
+            not st.has_last
             or st.first_content is None
             or _slot(event, N) is not <PyObject *>ONE
             or not PyFloat_CheckExact(<object>ts)
-            or not PyFloat_CheckExact(last)
         ):
             slow_delta(st, event)
             continue
-        st.last = <object>ts
-        gap = PyFloat_AS_DOUBLE(<object>ts) - PyFloat_AS_DOUBLE(last)
+        now = PyFloat_AS_DOUBLE(<object>ts)
+        gap = now - st.last_ts
+        st.last_ts = now
         st.gaps.add(gap)
         if gap > st.gap_max:
             st.gap_max = gap

@@ -100,3 +100,19 @@ def test_nan_is_ignored_and_large_values_sum_exactly() -> None:
     assert dist.count == 2
     assert dist.total == 2e12
     assert dist.bins()[0][2] == 2
+
+
+def test_bucket_counts_match_a_count_per_value_in_big_batches() -> None:
+    # Values on, just below and just above every bound, ingested in one vectorised flush, against a count
+    # made value by value with the `le` rule (bounds[i-1] < v <= bounds[i]).
+    bounds = (0.01, 0.1, 1.0, 10.0)
+    rng = random.Random(7)
+    vals = [b * f for b in bounds for f in (1.0, 1 - 1e-12, 1 + 1e-12)] + [rng.uniform(0, 20) for _ in range(5000)]
+    dist = Distribution(0.01, bounds)
+    for v in vals:
+        dist.add(v)
+    expected = [0] * (len(bounds) + 1)
+    for v in vals:
+        expected[next((i for i, b in enumerate(bounds) if v <= b), len(bounds))] += 1
+    assert dist.count == len(vals)
+    assert dist.buckets == expected

@@ -141,6 +141,11 @@ def test_orphan_deltas_and_moderation_are_counted(impl: str) -> None:
 # -- the property: same figures whatever the batching and whichever implementation ---------------------------
 
 
+def fresh(sid: str) -> str:
+    """An equal but distinct str object, as events decoded from the wire carry (one per event)."""
+    return "".join(list(sid)) if len(sid) > 1 else sid
+
+
 @st.composite
 def stream_events(draw: st.DrawFn, sid: str) -> list[Event]:
     t = draw(st.floats(0, 100, allow_nan=False))
@@ -155,7 +160,7 @@ def stream_events(draw: st.DrawFn, sid: str) -> list[Event]:
         text = draw(st.sampled_from(["", "tok", "en ", "日本"]))
         channel = draw(st.sampled_from(["content", "content", "reasoning", "tool"]))
         n = draw(st.sampled_from([1, 1, 1, 1, 2, 5]))
-        events.append(DeltaEvent(stream=sid, seq=len(events), ts=t, text=text, channel=channel, n=n))
+        events.append(DeltaEvent(stream=fresh(sid), seq=len(events), ts=t, text=text, channel=channel, n=n))
     fate = draw(st.integers(0, 4))
     t += 0.5
     if fate == 0:
@@ -171,8 +176,10 @@ def stream_events(draw: st.DrawFn, sid: str) -> list[Event]:
 @st.composite
 def feeds(draw: st.DrawFn) -> tuple[list[Event], list[int]]:
     count = draw(st.integers(1, 6))
-    # Stream ids may repeat: a later stream reuses the id of an earlier one.
-    groups = [draw(stream_events(f"s{draw(st.integers(0, count))}")) for _ in range(count)]
+    # Stream ids may repeat: a later stream reuses the id of an earlier one. They come in every width CPython
+    # stores (1, 2 and 4 bytes per character) and lengths around the compiled path's 8-byte hash words.
+    ids = [f"{prefix}{i}" for prefix in ("s", "stream-0123456789abcdef-", "流れ", "s🙂") for i in range(count + 1)]
+    groups = [draw(stream_events(draw(st.sampled_from(ids)))) for _ in range(count)]
     rng = random.Random(draw(st.integers(0, 2**32)))
     merged: list[Event] = []
     queues = [list(g) for g in groups]
@@ -205,3 +212,35 @@ def test_batches_and_implementations_give_the_same_figures(feed: tuple[list[Even
         for lo, hi in zip([0, *cuts], [*cuts, len(events)], strict=True):
             agg.feed_many(events[lo:hi])
         assert figures(agg) == expected, impl
+
+
+def test_many_streams_with_lookalike_ids_give_the_same_figures() -> None:
+    # More live streams than the compiled path's id table has slots, ids that differ in one character
+    # (same length, same hash words but one), and every delta carrying its own copy of the id.
+    ids = [f"req-{i:06d}" for i in range(1500)]
+    events: list[Event] = [StartEvent(stream=sid, seq=0, ts=0.0, model="m", provider="p") for sid in ids]
+    for k in range(1, 4):
+        events += [DeltaEvent(stream=fresh(sid), seq=k, ts=k * 0.5 + i * 1e-4, text="ab") for i, sid in enumerate(ids)]
+    events += [EndEvent(stream=fresh(sid), seq=4, ts=3.0) for sid in ids]
+    results = {}
+    for impl in IMPLS:
+        agg = aggregator(impl)
+        for lo in range(0, len(events), 700):
+            agg.feed_many(events[lo : lo + 700])
+        results[impl] = figures(agg)
+        assert agg.orphans == 0
+        assert agg.aggregate().dists["inter_chunk_latency_seconds"].count == 2 * len(ids)
+    assert all(r == results["pure"] for r in results.values())
+
+
+def test_a_str_subclass_stream_id_is_looked_up_like_a_str(impl: str) -> None:
+    class Sid(str):
+        pass
+
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
+    events += [DeltaEvent(stream=Sid("s"), seq=k, ts=float(k), text="x") for k in range(1, 4)]
+    events.append(EndEvent(stream="s", seq=4, ts=5.0))
+    agg = aggregator(impl)
+    agg.feed_many(events)
+    assert agg.orphans == 0
+    assert agg.aggregate().chunks == 3
