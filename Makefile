@@ -19,5 +19,6 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy --strict streambus
 
-bench: setup
+bench:
+	bash scripts/bootstrap.sh --bench
 	.venv/bin/python bench/run.py

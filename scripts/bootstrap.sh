@@ -2,7 +2,7 @@
 # Set up everything streambus needs on a machine that has only python3:
 # a virtualenv in .venv with the core and every plugin (editable) plus test
 # tools and the benchmarks' peer libraries, and Debian's chromium for the
-# browser tests (--browser). Safe to run again.
+# browser tests (--browser), valgrind for the benchmarks (--bench). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,6 +35,17 @@ if [ "${1:-}" = "--browser" ] && { ! command -v chromium >/dev/null 2>&1 || ! fc
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
   else
     echo "bootstrap: chromium is missing; browser tests need Debian's chromium (sudo apt-get install chromium)" >&2
+  fi
+fi
+
+# Benchmarks (--bench): valgrind, for the stats benchmark's deterministic count of
+# instructions and simulated cache misses (the shared machine's clock is too noisy to
+# judge a 10% overhead on). Without it that benchmark reports CPU time only.
+if [ "${1:-}" = "--bench" ] && ! command -v valgrind >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+  else
+    echo "bootstrap: valgrind is missing; the stats benchmark counts instructions with it (sudo apt-get install valgrind)" >&2
   fi
 fi
 
