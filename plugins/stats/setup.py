@@ -5,6 +5,8 @@ build says so and the plugin runs its pure-Python hot path
 (``streambus_stats/_hot.py``), slower but with the same figures.
 """
 
+import sys
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -23,7 +25,16 @@ class OptionalBuildExt(build_ext):
 
 setup(
     ext_modules=cythonize(
-        [Extension("streambus_stats._hot_c", ["streambus_stats/_hot_c.pyx"])],
+        [
+            Extension(
+                "streambus_stats._hot_c",
+                ["streambus_stats/_hot_c.pyx"],
+                # libm linked by name, so log2 binds to its current version (not the errno-setting
+                # compatibility wrapper an unversioned symbol resolves to); llrint/ceil inline without errno.
+                libraries=[] if sys.platform == "win32" else ["m"],
+                extra_compile_args=[] if sys.platform == "win32" else ["-fno-math-errno"],
+            )
+        ],
         build_dir="build/cython",
         compiler_directives={"language_level": "3"},
     ),

@@ -269,9 +269,13 @@ class StatsAggregator:
         self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)
         """The most recent finished streams' records."""
         # The hot path (compiled or pure Python, see _impl), fixed for this aggregator's life.
-        self._feed, self._live, self._gaps = _impl.feed, _impl.Live, _impl.Gaps
+        self._live, self._gaps = _impl.Live, _impl.Gaps
         self.live: dict[str, Live] = {}
-        """Streams started and not finished (a compiled ``Live`` when the hot path is compiled)."""
+        """Streams started and not finished (a compiled ``Live`` when the hot path is compiled).
+
+        Every stream taken out of it must be closed (``Live.close``, as :meth:`_finish` does): the compiled
+        hot path's id index trusts a Live that is not done to be the one this dict has for its id."""
+        self._feed = _impl.Feeder(self.live).feed
         self.events = 0
         self.orphans = 0
         """Events of streams whose ``start`` was not seen (joined mid-stream), or after their terminal event."""
@@ -297,11 +301,11 @@ class StatsAggregator:
         feed = self._feed
         # (Not `self.orphans += feed(...)`: feed calls _other, which counts orphans too.)
         if len(events) <= _SLICE:
-            orphans = feed(self.live, events, self._other)
+            orphans = feed(events, self._other)
         else:
             orphans = 0
             for i in range(0, len(events), _SLICE):
-                orphans += feed(self.live, events[i : i + _SLICE], self._other)
+                orphans += feed(events[i : i + _SLICE], self._other)
                 self._ingest_full()
         self.orphans += orphans
         self.events += len(events)
@@ -448,6 +452,7 @@ class StatsAggregator:
             provider_tokens_per_second=provider_rate,
             moderation=dict(st.moderation),
         )
+        st.close()
         if self.streams.maxlen != 0:
             self.streams.append(record)
 

@@ -172,46 +172,86 @@ class Distribution:
             if values.size == 0:
                 return
         low = float(values.min())
+        clamped = 0
         if low < 0.0:
             negative = values < 0.0
-            self.clamped += int(negative.sum())
+            clamped = int(negative.sum())
             values = np.where(negative, 0.0, values)
             low = 0.0
         high = float(values.max())
-        self._count += int(values.size)
-        self._min = min(self._min, low)
-        self._max = max(self._max, high)
         nano = np.rint(values * _NANO)
         if high * _NANO * values.size < 2**62:
-            self.sum_nano += int(nano.astype(np.int64).sum())
+            sum_nano = int(nano.astype(np.int64).sum())
         else:  # huge values: exact Python integers, slower but never overflowing
-            self.sum_nano += sum(int(v) for v in nano.tolist())
+            sum_nano = sum(int(v) for v in nano.tolist())
         # Bucket i holds bounds[i-1] < v <= bounds[i]: the index a left-sided search of the bounds gives v.
-        counts = np.bincount(np.searchsorted(self._bounds_array, values, side="left"), minlength=len(self.buckets))
-        for i, n in enumerate(counts.tolist()):
-            self.buckets[i] += n
-        sketch = self.sketch
-        mapping = sketch._mapping
-        if low <= mapping.min_possible:
-            positive = values[values > mapping.min_possible]
-            zeros = values.size - positive.size
-            sketch._zero_count += zeros
-            sketch._count += zeros
-        else:
-            positive = values
+        buckets = np.bincount(np.searchsorted(self._bounds_array, values, side="left"), minlength=len(self.buckets))
+        mapping = self.sketch._mapping
+        positive = values[values > mapping.min_possible] if low <= mapping.min_possible else values
+        kmin = 0
+        key_counts = None
         if positive.size:
             keys = np.ceil(np.log2(positive) * mapping._multiplier).astype(np.int64) + int(mapping._offset)
-            kmin, kmax = int(keys.min()), int(keys.max())
+            kmin = int(keys.min())
+            key_counts = np.bincount(keys - kmin)
+        self.add_digest(
+            count=int(values.size),
+            clamped=clamped,
+            low=low,
+            high=high,
+            sum_nano=sum_nano,
+            buckets=buckets.tolist(),
+            zeros=int(values.size - positive.size),
+            kmin=kmin,
+            key_counts=key_counts,
+        )
+
+    def add_digest(
+        self,
+        *,
+        count: int,
+        clamped: int,
+        low: float,
+        high: float,
+        sum_nano: int,
+        buckets: Sequence[int],
+        zeros: int,
+        kmin: int,
+        key_counts: np.ndarray[Any, np.dtype[np.int64]] | None,
+    ) -> None:
+        """Add values digested elsewhere (the compiled hot path does it as they come), as :meth:`flush` does.
+
+        *count* values (none of them NaN; negatives already clamped to 0, *clamped* of them), with
+        *low*/*high* their min/max, *sum_nano* the sum of ``rint(v * 1e9)``, *buckets* the count per
+        bucket of :attr:`bounds`, *zeros* how many are at most the sketch mapping's ``min_possible``, and
+        ``key_counts[i]`` how many of the others have the sketch key ``kmin + i``
+        (``ceil(log2(v) * multiplier) + offset`` of this distribution's mapping).
+        """
+        if len(buckets) != len(self.buckets):
+            raise ValueError(f"buckets: expected {len(self.buckets)} counts, got {len(buckets)}")
+        self._count += count
+        self.clamped += clamped
+        self._min = min(self._min, low)
+        self._max = max(self._max, high)
+        self.sum_nano += sum_nano
+        for i, n in enumerate(buckets):
+            self.buckets[i] += n
+        sketch = self.sketch
+        if zeros:
+            sketch._zero_count += zeros
+            sketch._count += zeros
+        if key_counts is not None and key_counts.size:
+            kmax = kmin + int(key_counts.size) - 1
             store = sketch._store
             # Let the library grow its dense store to cover [kmin, kmax], then add all counts at once.
             store.add(kmin, 0.0)
             store.add(kmax, 0.0)
-            counts = np.bincount(keys - kmin)
             lo = kmin - store.offset
             bins = store.bins
-            bins[lo : lo + counts.size] = (np.asarray(bins[lo : lo + counts.size]) + counts).tolist()
-            store.count += float(positive.size)
-            sketch._count += float(positive.size)
+            bins[lo : lo + key_counts.size] = (np.asarray(bins[lo : lo + key_counts.size]) + key_counts).tolist()
+            positive = float(count - zeros)
+            store.count += positive
+            sketch._count += positive
 
     # -- reading -------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._aggregator import Aggregate
     from ._distribution import Distribution
 
-__all__ = ["Gaps", "Live", "feed", "slow_delta"]
+__all__ = ["Feeder", "Gaps", "Live", "feed", "slow_delta"]
 
 COMPILED = False
 
@@ -54,6 +54,7 @@ class Live:
 
     __slots__ = (
         "agg",
+        "done",
         "empty",
         "extra",
         "first",
@@ -88,6 +89,15 @@ class Live:
         self.last: float | None = None
         """ts of the latest chunk."""
         self.gap_max = -math.inf
+        self.done = False
+        """Whether the stream has finished (left the live streams): see :meth:`close`."""
+
+    def close(self) -> None:
+        """The stream has finished (it left the live streams): mark it done.
+
+        (The compiled ``Live`` also lets its texts go here: its id index may hold it a while longer.)
+        """
+        self.done = True
 
     @property
     def chunks(self) -> int:
@@ -110,6 +120,23 @@ class Live:
         if self.first_ts is None or self.last is None:
             return 0.0
         return self.last - self.first_ts
+
+
+class Feeder:
+    """Feeds batches of events to one aggregator's live streams (by :func:`feed`).
+
+    The compiled module's ``Feeder`` also keeps an index of stream ids in
+    front of *live*, so a delta's id is not hashed afresh for every event.
+    """
+
+    __slots__ = ("live",)
+
+    def __init__(self, live: dict[str, Live]) -> None:
+        self.live = live
+
+    def feed(self, events: Sequence[Event], other: Callable[[Event], None]) -> int:
+        """Account for *events*; hand every non-delta event to *other*; return the orphan deltas."""
+        return feed(self.live, events, other)
 
 
 def feed(live: dict[str, Live], events: Sequence[Event], other: Callable[[Event], None]) -> int:

@@ -14,7 +14,11 @@ module refuses to import and the pure-Python path is used).
 
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
-from cpython.ref cimport Py_TYPE
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_TYPE, Py_XDECREF
+from libc.math cimport ceil, llrint, log2
+from libc.stdint cimport uint64_t
+from libc.string cimport memcmp, memcpy, memset
 
 import math
 import types
@@ -40,6 +44,9 @@ cdef extern from "structmember.h":
 cdef extern from "Python.h":
     bint PyUnicode_CheckExact(object)
     Py_ssize_t PyUnicode_GET_LENGTH(object)
+    int PyUnicode_READY(object) except -1
+    int PyUnicode_KIND(object)
+    void *PyUnicode_DATA(object)
     ctypedef struct PyMemberDescrObject:
         PyMemberDef *d_member
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
@@ -74,57 +81,167 @@ cdef inline PyObject *_slot(object obj, Py_ssize_t offset):
 
 
 cdef enum:
-    GAPS_BLOCK = 16384
+    GAPS_BLOCK = 16384  # gaps digested between hand-overs to the distribution
+    MAX_BOUNDS = 64
+
+cdef double HUGE_GAP = 1e5
+# Gaps from here up (27 hours; and NaN, inf) go to the distribution's own buffer instead: their sum in
+# nanounits would risk overflowing the 64-bit integer this digest keeps it in.
 
 
 cdef class Gaps:
-    """A group's inter-chunk gaps on their way to its distribution, in a float64 array handed over when full."""
+    """A group's inter-chunk gaps, digested as they come (what ``Distribution.flush`` does with numpy, per value).
+
+    Each gap is counted into its bucket and its sketch key right away, with the distribution's own
+    bounds and mapping (``ceil(log2(v) * multiplier) + offset``, C's ``log2`` as numpy's is on this
+    platform), and the totals are handed over with ``Distribution.add_digest`` every GAPS_BLOCK gaps
+    and on :meth:`flush`: no buffer of values, no numpy temporaries.
+    """
 
     cdef public object dist
-    cdef object array
-    cdef double[::1] data
-    cdef Py_ssize_t fill
+    cdef double bounds[MAX_BOUNDS]
+    cdef Py_ssize_t nbounds
+    cdef long long buckets[MAX_BOUNDS + 1]
+    cdef double multiplier, min_possible
+    cdef long long key_offset
+    # Key counts, dense over [kbase, kbase + klen) (``counts`` points into ``key_array``'s data).
+    cdef object key_array
+    cdef long long *counts
+    cdef long long kbase
+    cdef Py_ssize_t klen
+    cdef Py_ssize_t count, zeros, clamped
+    cdef double low, high
+    cdef long long sum_nano
 
     def __init__(self, dist):
         self.dist = dist
-        self._new()
+        bounds = dist.bounds
+        if len(bounds) > MAX_BOUNDS:
+            raise ValueError(f"at most {MAX_BOUNDS} bucket bounds, got {len(bounds)}")
+        self.nbounds = len(bounds)
+        for i, b in enumerate(bounds):
+            self.bounds[i] = b
+        mapping = dist.sketch._mapping
+        self.multiplier = mapping._multiplier
+        self.key_offset = int(mapping._offset)
+        self.min_possible = mapping.min_possible
+        self.key_array = None
+        self.counts = NULL
+        self.kbase = self.klen = 0
+        self._reset()
 
-    cdef _new(self):
-        self.array = np.empty(GAPS_BLOCK, dtype=np.float64)
-        self.data = self.array
-        self.fill = 0
+    cdef void _reset(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.nbounds + 1):
+            self.buckets[i] = 0
+        self.count = self.zeros = self.clamped = 0
+        self.sum_nano = 0
+        self.low = math.inf
+        self.high = -math.inf
+
+    cdef int _grow(self, long long key) except -1:
+        """Widen the dense key counts to cover *key* (with room around it)."""
+        cdef long long lo = key - 512
+        cdef long long hi = key + 512
+        if self.klen:
+            lo = min(lo, self.kbase)
+            hi = max(hi, self.kbase + self.klen)
+        grown = np.zeros(hi - lo, dtype=np.int64)
+        if self.klen:
+            grown[self.kbase - lo : self.kbase - lo + self.klen] = self.key_array
+        cdef long long[::1] view = grown
+        self.key_array = grown
+        self.counts = &view[0]
+        self.kbase = lo
+        self.klen = hi - lo
+        return 0
 
     cdef inline int add(self, double gap) except -1:
-        self.data[self.fill] = gap
-        self.fill += 1
-        if self.fill == GAPS_BLOCK:
+        cdef Py_ssize_t i
+        cdef long long key
+        if not gap < HUGE_GAP:  # also NaN and inf
+            self.dist.add(gap)
+            return 0
+        if gap < 0.0:
+            self.clamped += 1
+            gap = 0.0
+        if gap < self.low:
+            self.low = gap
+        if gap > self.high:
+            self.high = gap
+        self.sum_nano += llrint(gap * 1e9)  # = rint() as an integer: round half to even
+        i = 0
+        while i < self.nbounds and self.bounds[i] < gap:
+            i += 1
+        self.buckets[i] += 1
+        if gap <= self.min_possible:
+            self.zeros += 1
+        else:
+            key = <long long>ceil(log2(gap) * self.multiplier) + self.key_offset
+            if <unsigned long long>(key - self.kbase) >= <unsigned long long>self.klen:
+                self._grow(key)
+            self.counts[key - self.kbase] += 1
+        self.count += 1
+        if self.count == GAPS_BLOCK:
             self.flush()
         return 0
 
     def flush(self):
-        """Hand the gaps collected so far to the distribution."""
-        if self.fill:
-            self.dist.add_array(self.array[: self.fill])
-            self._new()
+        """Hand the gaps digested so far to the distribution."""
+        if not self.count:
+            return
+        key_counts = None
+        kmin = 0
+        if self.count > self.zeros:
+            used = np.flatnonzero(self.key_array)
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            key_counts = self.key_array[lo:hi].copy()
+            self.key_array[lo:hi] = 0
+            kmin = self.kbase + lo
+        self.dist.add_digest(
+            count=self.count,
+            clamped=self.clamped,
+            low=self.low,
+            high=self.high,
+            sum_nano=self.sum_nano,
+            buckets=[self.buckets[i] for i in range(self.nbounds + 1)],
+            zeros=self.zeros,
+            kmin=kmin,
+            key_counts=key_counts,
+        )
+        self._reset()
+
+
+cdef enum:
+    FIRST_TEXT_BLOCK = 8  # then twice as large each time, up to
+    TEXT_BLOCK = 1024
 
 
 cdef class Live:
     """What the aggregator tracks of a stream between its start and its terminal event (see ``_hot.Live``)."""
 
     cdef public object start, agg, moderation, first, first_content, first_ts
-    cdef public list texts
     cdef public Gaps gaps
     cdef public Py_ssize_t empty, extra, first_n
     cdef public double gap_max
+    cdef public bint done
     # The latest chunk's ts, as a C double (no float object to reach and count references on);
     # ``last`` below shows it to Python (None until the first chunk).
     cdef double last_ts
     cdef bint has_last
+    # The texts, in blocks of 8, 16, 32, ... up to TEXT_BLOCK pointers: each filled in place, never reallocated
+    # and copied as a growing list is (a list of n items has copied about 8n pointers by the time it holds them).
+    cdef list blocks
+    cdef list block
+    cdef Py_ssize_t fill, size, ntexts
 
     def __init__(self, start, agg):
         self.start = start
         self.agg = agg
-        self.texts = []
+        self.blocks = []
+        self.block = None
+        self.fill = self.size = 0
+        self.ntexts = 0
         self.gaps = agg.gaps
         self.moderation = Counter()
         self.empty = 0
@@ -136,6 +253,37 @@ cdef class Live:
         self.has_last = False
         self.last_ts = 0.0
         self.gap_max = -math.inf
+        self.done = False
+
+    cdef inline int add_text(self, object text) except -1:
+        if self.fill == self.size:
+            self.size = min(2 * self.size, TEXT_BLOCK) if self.size else FIRST_TEXT_BLOCK
+            self.block = [None] * self.size
+            self.blocks.append(self.block)
+            self.fill = 0
+        cdef PyObject *old = PyList_GET_ITEM(self.block, self.fill)
+        Py_INCREF(text)
+        PyList_SET_ITEM(self.block, self.fill, text)
+        Py_DECREF(<object>old)
+        self.fill += 1
+        self.ntexts += 1
+        return 0
+
+    @property
+    def texts(self):
+        """The text of every non-empty delta so far, in order (a new list)."""
+        out = []
+        for block in self.blocks:
+            out.extend(block)
+        del out[self.ntexts :]  # the last block's unfilled tail
+        return out
+
+    def close(self):
+        """The stream has finished (it left the live streams): mark it done and let its texts go."""
+        self.done = True
+        self.blocks = []
+        self.block = None
+        self.fill = self.size = 0
 
     @property
     def last(self):
@@ -152,7 +300,7 @@ cdef class Live:
 
     @property
     def chunks(self):
-        return len(self.texts) + self.extra
+        return self.ntexts + self.extra
 
     @property
     def ngaps(self):
@@ -173,47 +321,164 @@ cdef class Live:
         return self.last_ts - self.first_ts
 
 
-def feed(dict live, events, other):
-    """Account for *events*; hand every non-delta event to *other*; return the orphan deltas."""
-    cdef Py_ssize_t orphans = 0
-    cdef PyObject *found
-    cdef PyObject *stream
-    cdef PyObject *text
-    cdef PyObject *ts
-    cdef Live st
-    cdef double gap, now
-    if type(events) is not list and type(events) is not tuple:
-        events = list(events)
-    for event in events:
-        if <PyTypeObject *>Py_TYPE(event) is not DELTA:
-            other(event)
-            continue
-        stream = _slot(event, STREAM)
-        text = _slot(event, TEXT)
-        ts = _slot(event, TS)
-        if stream is NULL or text is NULL or ts is NULL or _slot(event, N) is NULL:
-            raise AttributeError("DeltaEvent with an unset field")
-        found = PyDict_GetItemWithError(live, <object>stream)
-        if found is NULL:
-            orphans += 1
-            continue
-        st = <Live?>found
-        if (PyUnicode_GET_LENGTH(<object>text) == 0) if PyUnicode_CheckExact(<object>text) else not <object>text:
-            st.empty += 1
-            continue
-        st.texts.append(<object>text)
-        if (
-            not st.has_last
-            or st.first_content is None
-            or _slot(event, N) is not <PyObject *>ONE
-            or not PyFloat_CheckExact(<object>ts)
-        ):
-            slow_delta(st, event)
-            continue
-        now = PyFloat_AS_DOUBLE(<object>ts)
-        gap = now - st.last_ts
-        st.last_ts = now
-        st.gaps.add(gap)
-        if gap > st.gap_max:
-            st.gap_max = gap
-    return orphans
+# -- the id index: a stream id's Live without hashing the id ---------------------------------------
+#
+# Events decoded from the wire (Redis, a recording) carry a new str per event, so a dict lookup
+# hashes every id afresh (siphash) before comparing it. The index sits in front of the live dict:
+# 2-way sets keyed by a cheap hash of the id's characters, each entry holding its id (a str) and
+# the Live the dict had for it. A hit is confirmed by comparing the characters and checking that
+# the Live is not done (Live.close() is called whenever a stream leaves the dict), so the dict stays
+# the truth: anything the index does not answer is looked up there, as before.
+
+cdef enum:
+    INDEX_SETS = 512  # a power of two; 2 entries each
+
+
+cdef struct Entry:
+    PyObject *key  # owned: the id the entry was made for
+    PyObject *live  # owned: the Live the dict had for it
+    uint64_t hash
+
+
+cdef inline uint64_t _id_hash(object sid) except? 0:
+    cdef const unsigned char *p
+    cdef Py_ssize_t nbytes, i
+    cdef uint64_t h, w
+    PyUnicode_READY(sid)
+    p = <const unsigned char *>PyUnicode_DATA(sid)
+    nbytes = PyUnicode_GET_LENGTH(sid) * PyUnicode_KIND(sid)
+    h = <uint64_t>nbytes * 0x9E3779B97F4A7C15ULL + <uint64_t>PyUnicode_KIND(sid)
+    while nbytes >= 8:
+        memcpy(&w, p, 8)
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL
+        h ^= h >> 29
+        p += 8
+        nbytes -= 8
+    w = 0
+    for i in range(nbytes):
+        w |= (<uint64_t>p[i]) << (8 * i)
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL
+    h ^= h >> 32
+    return h | 1  # never 0: 0 marks an empty entry (and the error return)
+
+
+cdef inline bint _same_id(PyObject *key, object sid) noexcept:
+    if key is <PyObject *>sid:
+        return True
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(sid)
+    cdef int kind = PyUnicode_KIND(sid)
+    cdef const unsigned char *a
+    cdef const unsigned char *b
+    cdef Py_ssize_t i
+    if PyUnicode_GET_LENGTH(<object>key) != n or PyUnicode_KIND(<object>key) != kind:
+        return False
+    n *= kind
+    a = <const unsigned char *>PyUnicode_DATA(<object>key)
+    b = <const unsigned char *>PyUnicode_DATA(sid)
+    if n > 16:
+        return memcmp(a, b, n) == 0
+    for i in range(n):  # short ids: no call
+        if a[i] != b[i]:
+            return False
+    return True
+
+
+cdef class Feeder:
+    """Feeds batches of events to one aggregator's live streams (``_hot.Feeder``, compiled, with an id index)."""
+
+    cdef readonly dict live
+    cdef Entry entries[2 * INDEX_SETS]
+
+    def __cinit__(self, dict live not None):
+        self.live = live
+        memset(self.entries, 0, sizeof(self.entries))
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(2 * INDEX_SETS):
+            Py_XDECREF(self.entries[i].key)
+            Py_XDECREF(self.entries[i].live)
+
+    cdef PyObject *find(self, object sid) except? NULL:
+        """sid's Live (borrowed), or NULL when it has none; through the index for an exact str id."""
+        cdef PyObject *found
+        cdef Entry *entry
+        cdef Entry moved
+        cdef uint64_t h
+        if not PyUnicode_CheckExact(sid):
+            return PyDict_GetItemWithError(self.live, sid)
+        h = _id_hash(sid)
+        entry = &self.entries[2 * (h & (INDEX_SETS - 1))]
+        if entry[0].hash == h and _same_id(entry[0].key, sid) and not (<Live><object>entry[0].live).done:
+            return entry[0].live
+        if entry[1].hash == h and _same_id(entry[1].key, sid) and not (<Live><object>entry[1].live).done:
+            moved = entry[1]  # most recently used first
+            entry[1] = entry[0]
+            entry[0] = moved
+            return entry[0].live
+        found = PyDict_GetItemWithError(self.live, sid)
+        if found is NULL or type(<object>found) is not Live:
+            return found
+        if entry[0].hash == h and _same_id(entry[0].key, sid):
+            pass  # this id's stale entry, in front: renew it
+        elif entry[1].hash == h and _same_id(entry[1].key, sid):
+            moved = entry[1]  # this id's stale entry: renew it, in front
+            entry[1] = entry[0]
+            entry[0] = moved
+        else:  # the set's least recently used entry makes room
+            Py_XDECREF(entry[1].key)
+            Py_XDECREF(entry[1].live)
+            entry[1] = entry[0]
+            Py_INCREF(sid)
+            entry[0].key = <PyObject *>sid
+            entry[0].live = NULL
+        Py_INCREF(<object>found)
+        Py_XDECREF(entry[0].live)
+        entry[0].live = found
+        entry[0].hash = h
+        return found
+
+    def feed(self, events, other):
+        """Account for *events*; hand every non-delta event to *other*; return the orphan deltas."""
+        cdef Py_ssize_t orphans = 0
+        cdef PyObject *found
+        cdef PyObject *stream
+        cdef PyObject *text
+        cdef PyObject *ts
+        cdef Live st
+        cdef double gap, now
+        if type(events) is not list and type(events) is not tuple:
+            events = list(events)
+        for event in events:
+            if <PyTypeObject *>Py_TYPE(event) is not DELTA:
+                other(event)
+                continue
+            stream = _slot(event, STREAM)
+            text = _slot(event, TEXT)
+            ts = _slot(event, TS)
+            if stream is NULL or text is NULL or ts is NULL or _slot(event, N) is NULL:
+                raise AttributeError("DeltaEvent with an unset field")
+            found = self.find(<object>stream)
+            if found is NULL:
+                orphans += 1
+                continue
+            st = <Live?>found
+            if (PyUnicode_GET_LENGTH(<object>text) == 0) if PyUnicode_CheckExact(<object>text) else not <object>text:
+                st.empty += 1
+                continue
+            st.add_text(<object>text)
+            if (
+                not st.has_last
+                or st.first_content is None
+                or _slot(event, N) is not <PyObject *>ONE
+                or not PyFloat_CheckExact(<object>ts)
+            ):
+                slow_delta(st, event)
+                continue
+            now = PyFloat_AS_DOUBLE(<object>ts)
+            gap = now - st.last_ts
+            st.last_ts = now
+            st.gaps.add(gap)
+            if gap > st.gap_max:
+                st.gap_max = gap
+        return orphans

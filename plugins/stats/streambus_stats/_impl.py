@@ -19,7 +19,7 @@ import structlog
 
 from . import _hot
 
-__all__ = ["COMPILED", "Gaps", "Live", "feed", "load", "select"]
+__all__ = ["COMPILED", "Feeder", "Gaps", "Live", "load", "select"]
 
 
 def load(*, pure: bool = False) -> ModuleType:
@@ -44,11 +44,11 @@ def load(*, pure: bool = False) -> ModuleType:
 
 def select(module: ModuleType) -> None:
     """Make aggregators created from now on run *module*'s hot path (``_hot`` or ``_hot_c``): for tests, benchmarks."""
-    globals().update(Gaps=module.Gaps, Live=module.Live, feed=module.feed, COMPILED=module is not _hot)
+    globals().update(Feeder=module.Feeder, Gaps=module.Gaps, Live=module.Live, COMPILED=module is not _hot)
 
 
 if TYPE_CHECKING:
-    from ._hot import Gaps, Live, feed
+    from ._hot import Feeder, Gaps, Live
 
 COMPILED = False
 """Whether the aggregator runs the compiled hot path."""

@@ -43,6 +43,8 @@ __all__ = ["StatsSink"]
 log = structlog.get_logger("streambus.stats")
 
 _FIRST_PAUSE = 0.001
+_BEHIND = 4
+"""A read of this many times ``read_batch`` events or more is followed by the next at once."""
 """Seconds of the first pause after a read that found the bus idle (no rate to go by yet)."""
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -261,10 +263,12 @@ def next_pause(pause: float, waited: float, got: int, target: int, longest: floa
     *pause* is the pause before that read (0: there was none) and *waited* the time the read
     itself took (waiting for events and aggregating them).
     """
-    if not longest or got >= target:
-        return 0.0
+    if not longest or got >= _BEHIND * target:
+        return 0.0  # (a batch that big: the sink is falling behind, read on at once)
     if not pause:
-        # Read right after a big batch, or after the bus was idle: no rate to go by yet.
-        return min(longest, _FIRST_PAUSE)
-    # The batch piled up over (pause + waited): pause as long as `target` events take at that rate.
+        # No rate to go by yet: read again at once after a big batch (the sink may be behind),
+        # else (the bus was idle, or this is the first read) pause briefly to measure one.
+        return 0.0 if got >= target else min(longest, _FIRST_PAUSE)
+    # The batch piled up over (pause + waited): pause as long as `target` events take at that rate
+    # (shorter than before when the batch was bigger than `target`, so the reads stay near it).
     return min(longest, (pause + waited) * target / got)

@@ -230,12 +230,16 @@ def test_the_pause_between_reads_follows_the_rate_and_is_capped() -> None:
     assert next_pause(0.0008, 0.0002, 512, 2048, 0.01) == pytest.approx(0.004)
     # A slow bus: 100 events over 5 ms would mean a 102 ms pause; read_pause caps it.
     assert next_pause(0.004, 0.001, 100, 2048, 0.01) == 0.01
-    # A full batch: read again at once; after that (no pause to measure a rate over) a short first pause.
-    assert next_pause(0.004, 0.0, 2048, 2048, 0.01) == 0.0
+    # A batch bigger than read_batch: a shorter pause, so the reads come back to about 2048 events.
+    assert next_pause(0.004, 0.001, 2560, 2048, 0.01) == pytest.approx(0.004)
+    # Four times read_batch or more: the sink is falling behind, so it reads again at once; after that
+    # (no pause to measure a rate over) a full batch is read at once again, a small one after a short pause.
+    assert next_pause(0.004, 0.001, 4 * 2048, 2048, 0.01) == 0.0
+    assert next_pause(0.0, 0.001, 2048, 2048, 0.01) == 0.0
     assert next_pause(0.0, 0.0, 10, 2048, 0.01) == 0.001
-    # read_pause=0 never pauses; read_batch=1 never pauses either (every read is a full batch).
+    # read_pause=0 never pauses; read_batch=1 never pauses either (every read is a full batch, from pause 0).
     assert next_pause(0.004, 0.001, 100, 2048, 0.0) == 0.0
-    assert next_pause(0.004, 0.001, 1, 1, 0.01) == 0.0
+    assert next_pause(0.0, 0.001, 1, 1, 0.01) == 0.0
 
 
 async def test_without_a_read_pause_the_sink_reads_each_event_as_it_comes() -> None:
