@@ -231,6 +231,10 @@ class Aggregate:
 
 
 _SLICE = 16384
+_TOKEN_KEYS = {
+    source: tuple(f"{kind}:{source}" for kind in ("prompt", "completion", "total"))
+    for source in ("provider", "counted")
+}
 """Events fed to the hot path at a time, so gap buffers are ingested at least this often."""
 
 
@@ -320,7 +324,7 @@ class StatsAggregator:
             if st is None:
                 self.orphans += 1
                 return
-            st.moderation[event.action] += 1
+            st.moderation[event.action] = st.moderation.get(event.action, 0) + 1
             st.agg.moderation[event.action] += 1
         else:
             st = self.live.pop(event.stream, None)
@@ -407,9 +411,10 @@ class StatsAggregator:
         source: Literal["provider", "counted"] = "counted" if counted else "provider"
         if method is None:
             method = "counted"
-        for kind, value in (("prompt", prompt), ("completion", completion), ("total", total)):
+        tokens = agg.tokens
+        for key, value in zip(_TOKEN_KEYS[source], (prompt, completion, total), strict=True):
             if value is not None:
-                agg.tokens[f"{kind}:{source}"] += value
+                tokens[key] += value
         if prompt is not None:
             dists["prompt_tokens"].add(prompt)
         dists["completion_tokens"].add(completion)

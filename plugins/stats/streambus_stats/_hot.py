@@ -18,7 +18,6 @@ mean gap is ``(last - first) / gaps``: the sum of the gaps, telescoped.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +75,8 @@ class Live:
         """The text of every non-empty delta so far (one entry per delta)."""
         self.pending: list[float] = agg.gaps.pending
         """The group's inter-chunk gap buffer."""
-        self.moderation: Counter[str] = Counter()
+        self.moderation: dict[str, int] = {}
+        """Moderation actions on this stream, by action."""
         self.empty = 0
         self.extra = 0
         """Chunks beyond one carried by coalesced deltas (sum of ``n - 1``)."""

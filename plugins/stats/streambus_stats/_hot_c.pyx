@@ -16,13 +16,12 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_TYPE, Py_XDECREF
-from libc.math cimport ceil, llrint, log2
+from libc.math cimport INFINITY, ceil, llrint, log2
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 import math
 import types
-from collections import Counter
 
 import numpy as np
 
@@ -136,8 +135,8 @@ cdef class Gaps:
             self.buckets[i] = 0
         self.count = self.zeros = self.clamped = 0
         self.sum_nano = 0
-        self.low = math.inf
-        self.high = -math.inf
+        self.low = INFINITY
+        self.high = -INFINITY
 
     cdef int _grow(self, long long key) except -1:
         """Widen the dense key counts to cover *key* (with room around it)."""
@@ -243,7 +242,7 @@ cdef class Live:
         self.fill = self.size = 0
         self.ntexts = 0
         self.gaps = agg.gaps
-        self.moderation = Counter()
+        self.moderation = {}
         self.empty = 0
         self.extra = 0
         self.first = None
@@ -252,7 +251,7 @@ cdef class Live:
         self.first_n = 0
         self.has_last = False
         self.last_ts = 0.0
-        self.gap_max = -math.inf
+        self.gap_max = -INFINITY
         self.done = False
 
     cdef inline int add_text(self, object text) except -1:
@@ -325,29 +324,46 @@ cdef class Live:
 #
 # Events decoded from the wire (Redis, a recording) carry a new str per event, so a dict lookup
 # hashes every id afresh (siphash) before comparing it. The index sits in front of the live dict:
-# 2-way sets keyed by a cheap hash of the id's characters, each entry holding its id (a str) and
-# the Live the dict had for it. A hit is confirmed by comparing the characters and checking that
-# the Live is not done (Live.close() is called whenever a stream leaves the dict), so the dict stays
-# the truth: anything the index does not answer is looked up there, as before.
+# 2-way sets keyed by a cheap hash of the id's characters, each entry holding its id (a str), its
+# fingerprint (size, kind and first 8 bytes: the whole id when it is that short) and the Live the
+# dict had for it. A hit is confirmed by comparing the characters and checking that the Live is
+# not done (Live.close() is called whenever a stream leaves the dict), so the dict stays the truth:
+# anything the index does not answer is looked up there, as before.
 
 cdef enum:
     INDEX_SETS = 512  # a power of two; 2 entries each
 
 
 cdef struct Entry:
+    uint64_t hash  # 0: an empty entry
+    uint64_t head  # the id's first 8 bytes (zero-padded)
+    Py_ssize_t size  # the id's size in bytes, times 4, plus its kind (1, 2 or 4 bytes per character)
     PyObject *key  # owned: the id the entry was made for
     PyObject *live  # owned: the Live the dict had for it
-    uint64_t hash
 
 
-cdef inline uint64_t _id_hash(object sid) except? 0:
+cdef struct Id:
+    const unsigned char *data
+    uint64_t hash, head
+    Py_ssize_t size, nbytes
+
+
+cdef inline int _id(object sid, Id *out) except -1:
+    """Read *sid* (an exact str): its bytes, hash and fingerprint."""
     cdef const unsigned char *p
     cdef Py_ssize_t nbytes, i
     cdef uint64_t h, w
+    cdef int kind
     PyUnicode_READY(sid)
+    kind = PyUnicode_KIND(sid)
     p = <const unsigned char *>PyUnicode_DATA(sid)
-    nbytes = PyUnicode_GET_LENGTH(sid) * PyUnicode_KIND(sid)
-    h = <uint64_t>nbytes * 0x9E3779B97F4A7C15ULL + <uint64_t>PyUnicode_KIND(sid)
+    nbytes = PyUnicode_GET_LENGTH(sid) * kind
+    out.data = p
+    out.nbytes = nbytes
+    out.size = nbytes * 4 + kind
+    h = <uint64_t>out.size * 0x9E3779B97F4A7C15ULL
+    if nbytes >= 8:
+        memcpy(&out.head, p, 8)
     while nbytes >= 8:
         memcpy(&w, p, 8)
         h = (h ^ w) * 0xFF51AFD7ED558CCDULL
@@ -357,30 +373,38 @@ cdef inline uint64_t _id_hash(object sid) except? 0:
     w = 0
     for i in range(nbytes):
         w |= (<uint64_t>p[i]) << (8 * i)
+    if out.nbytes < 8:
+        out.head = w
     h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL
     h ^= h >> 32
-    return h | 1  # never 0: 0 marks an empty entry (and the error return)
+    out.hash = h | 1  # never 0: 0 marks an empty entry
+    return 0
 
 
-cdef inline bint _same_id(PyObject *key, object sid) noexcept:
-    if key is <PyObject *>sid:
-        return True
-    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(sid)
-    cdef int kind = PyUnicode_KIND(sid)
-    cdef const unsigned char *a
-    cdef const unsigned char *b
-    cdef Py_ssize_t i
-    if PyUnicode_GET_LENGTH(<object>key) != n or PyUnicode_KIND(<object>key) != kind:
+cdef inline bint _is(Entry *entry, Id *sid) noexcept:
+    """Whether *entry* was made for the id *sid* (equal characters)."""
+    if entry.hash != sid.hash or entry.head != sid.head or entry.size != sid.size:
         return False
-    n *= kind
-    a = <const unsigned char *>PyUnicode_DATA(<object>key)
-    b = <const unsigned char *>PyUnicode_DATA(sid)
-    if n > 16:
-        return memcmp(a, b, n) == 0
-    for i in range(n):  # short ids: no call
-        if a[i] != b[i]:
-            return False
-    return True
+    return sid.nbytes <= 8 or memcmp(PyUnicode_DATA(<object>entry.key), sid.data, sid.nbytes) == 0
+
+
+cdef inline PyObject *_find(Feeder self, object sid) except? NULL:
+    """sid's Live (borrowed), or NULL when it has none: through the index for an exact str id."""
+    cdef Id key
+    cdef Entry *entry
+    cdef Entry moved
+    if not PyUnicode_CheckExact(sid):
+        return PyDict_GetItemWithError(self.live, sid)
+    _id(sid, &key)
+    entry = &self.entries[2 * (key.hash & (INDEX_SETS - 1))]
+    if _is(&entry[0], &key) and not (<Live><object>entry[0].live).done:
+        return entry[0].live
+    if _is(&entry[1], &key) and not (<Live><object>entry[1].live).done:
+        moved = entry[1]  # most recently used first
+        entry[1] = entry[0]
+        entry[0] = moved
+        return entry[0].live
+    return self.miss(sid, &key, entry)
 
 
 cdef class Feeder:
@@ -399,29 +423,15 @@ cdef class Feeder:
             Py_XDECREF(self.entries[i].key)
             Py_XDECREF(self.entries[i].live)
 
-    cdef PyObject *find(self, object sid) except? NULL:
-        """sid's Live (borrowed), or NULL when it has none; through the index for an exact str id."""
-        cdef PyObject *found
-        cdef Entry *entry
+    cdef PyObject *miss(self, object sid, Id *key, Entry *entry) except? NULL:
+        """Look *sid* up in the live dict; remember its Live in *entry*'s set."""
         cdef Entry moved
-        cdef uint64_t h
-        if not PyUnicode_CheckExact(sid):
-            return PyDict_GetItemWithError(self.live, sid)
-        h = _id_hash(sid)
-        entry = &self.entries[2 * (h & (INDEX_SETS - 1))]
-        if entry[0].hash == h and _same_id(entry[0].key, sid) and not (<Live><object>entry[0].live).done:
-            return entry[0].live
-        if entry[1].hash == h and _same_id(entry[1].key, sid) and not (<Live><object>entry[1].live).done:
-            moved = entry[1]  # most recently used first
-            entry[1] = entry[0]
-            entry[0] = moved
-            return entry[0].live
-        found = PyDict_GetItemWithError(self.live, sid)
+        cdef PyObject *found = PyDict_GetItemWithError(self.live, sid)
         if found is NULL or type(<object>found) is not Live:
             return found
-        if entry[0].hash == h and _same_id(entry[0].key, sid):
+        if _is(&entry[0], key):
             pass  # this id's stale entry, in front: renew it
-        elif entry[1].hash == h and _same_id(entry[1].key, sid):
+        elif _is(&entry[1], key):
             moved = entry[1]  # this id's stale entry: renew it, in front
             entry[1] = entry[0]
             entry[0] = moved
@@ -432,10 +442,12 @@ cdef class Feeder:
             Py_INCREF(sid)
             entry[0].key = <PyObject *>sid
             entry[0].live = NULL
+            entry[0].hash = key.hash
+            entry[0].head = key.head
+            entry[0].size = key.size
         Py_INCREF(<object>found)
         Py_XDECREF(entry[0].live)
         entry[0].live = found
-        entry[0].hash = h
         return found
 
     def feed(self, events, other):
@@ -458,7 +470,7 @@ cdef class Feeder:
             ts = _slot(event, TS)
             if stream is NULL or text is NULL or ts is NULL or _slot(event, N) is NULL:
                 raise AttributeError("DeltaEvent with an unset field")
-            found = self.find(<object>stream)
+            found = _find(self, <object>stream)
             if found is NULL:
                 orphans += 1
                 continue

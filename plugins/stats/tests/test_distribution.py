@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import numpy as np
@@ -116,3 +118,37 @@ def test_bucket_counts_match_a_count_per_value_in_big_batches() -> None:
         expected[next((i for i, b in enumerate(bounds) if v <= b), len(bounds))] += 1
     assert dist.count == len(vals)
     assert dist.buckets == expected
+
+
+def test_a_digest_adds_what_the_values_would_and_a_bad_one_is_refused() -> None:
+    values = [0.0, 0.003, 0.02, 0.02, 0.5, 7.0]
+    direct = Distribution()
+    for v in values:
+        direct.add(v)
+    direct.add(-1.0)  # clamped to 0
+    digested = Distribution()
+    keys = [math.ceil(math.log2(v) * digested.sketch._mapping._multiplier) for v in values[1:]]
+    kmin = min(keys)
+    digested.add_digest(
+        count=7,
+        clamped=1,
+        low=0.0,
+        high=7.0,
+        sum_nano=sum(round(v * 1e9) for v in values),
+        buckets=[sum(1 for v in [*values, 0.0] if lo < v <= hi) for lo, hi in pairwise_bounds(digested.bounds)],
+        zeros=2,
+        kmin=kmin,
+        key_counts=np.bincount(np.array(keys) - kmin),
+    )
+    assert digested.to_state() == direct.to_state()
+    with pytest.raises(ValueError, match=r"buckets: expected 15 counts, got 3"):
+        digested.add_digest(
+            count=1, clamped=0, low=1.0, high=1.0, sum_nano=10**9, buckets=[1, 0, 0], zeros=0, kmin=0, key_counts=None
+        )
+    assert digested.count == 7  # nothing of the refused digest was taken
+
+
+def pairwise_bounds(bounds: tuple[float, ...]) -> list[tuple[float, float]]:
+    """(lower, upper] of every bucket, the last one open."""
+    edges = [-math.inf, *bounds, math.inf]
+    return list(itertools.pairwise(edges))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Iterator
 
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streambus_stats import StatsAggregator, _hot, _impl
+from streambus_stats._tokens import approximate_tokens
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent, Usage
 
@@ -244,3 +247,62 @@ def test_a_str_subclass_stream_id_is_looked_up_like_a_str(impl: str) -> None:
     agg.feed_many(events)
     assert agg.orphans == 0
     assert agg.aggregate().chunks == 3
+
+
+# -- the compiled path's own machinery: id index, text blocks, gap digest --------------------------------------
+
+
+def test_special_gaps_and_long_streams_give_the_same_figures() -> None:
+    # Gaps on, just under and just over every bucket bound of the inter-chunk figure; zero, negative (clamped),
+    # tiny, and from 1e5 s up (which the compiled digest hands to the distribution's own buffer). Then one
+    # stream long enough to fill the digest's block more than once and the text blocks past their largest
+    # size, with no usage, so its completion tokens are counted from every text it kept, in order.
+    bounds = StatsAggregator().aggregate().dists["inter_chunk_latency_seconds"].bounds
+    specials = [0.0, -0.01, 1e-12, 99_999.0, 1e5, 2e5]
+    for b in bounds:
+        specials += [b, math.nextafter(b, 0.0), math.nextafter(b, math.inf)]
+    events: list[Event] = []
+    for i, gap in enumerate(specials):
+        sid = f"special-{i}"
+        events.append(StartEvent(stream=sid, seq=0, ts=-1.0, model="m", provider="p"))
+        events += deltas(sid, [0.0, gap], ["a", "b"])  # the gap is exactly `gap` (gap - 0.0)
+        events.append(EndEvent(stream=sid, seq=3, ts=3e5))
+    count = 20_000
+    rng = random.Random(7)
+    texts = [rng.choice(["tok", "en ", "日本", " a b"]) + str(k % 10) for k in range(count)]
+    times = list(itertools.accumulate(rng.choice([0.0, 0.001, 0.02, 0.3, 2.5]) for _ in range(count)))
+    events.append(StartEvent(stream="long", seq=0, ts=-1.0, model="m", provider="p"))
+    events += deltas("long", times, texts)
+    events.append(EndEvent(stream="long", seq=count + 1, ts=times[-1] + 1.0))
+    results = {}
+    for impl in IMPLS:
+        agg = aggregator(impl)
+        for lo in range(0, len(events), 3000):
+            agg.feed_many(events[lo : lo + 3000])
+        results[impl] = figures(agg)
+        dist = agg.aggregate().dists["inter_chunk_latency_seconds"]
+        assert dist.count == len(specials) + count - 1
+        assert dist.clamped == 1
+        assert dist.max == 2e5
+        (long,) = [r for r in agg.snapshot()["streams"] if r["stream"] == "long"]
+        assert long["chunks"] == count
+        assert long["completion_tokens"] == approximate_tokens("".join(texts))
+    assert all(r == results["pure"] for r in results.values())
+
+
+def test_a_finished_stream_lets_its_texts_go(impl: str) -> None:
+    sid = "stream-s"
+    agg = aggregator(impl)
+    agg.feed(StartEvent(stream=sid, seq=0, ts=0.0, model="m", provider="p"))
+    agg.feed_many(deltas(fresh(sid), [float(k) for k in range(1, 41)], ["x"] * 40))
+    live = agg.live[sid]
+    assert live.texts == ["x"] * 40 and not live.done
+    agg.feed(EndEvent(stream=sid, seq=41, ts=50.0))
+    assert live.done and live.chunks == 40
+    if impl == "compiled":  # its id index may keep the Live a while longer: the texts must not stay with it
+        assert live.texts == []
+    # The id used again: deltas go to the new stream, not to the finished one the index remembers.
+    agg.feed(StartEvent(stream=sid, seq=0, ts=100.0, model="m", provider="p"))
+    agg.feed_many(deltas(fresh(sid), [101.0, 103.0], ["y", "z"]))
+    assert agg.live[sid].texts == ["y", "z"] and agg.live[sid].gap_sum == 2.0
+    assert agg.orphans == 0
