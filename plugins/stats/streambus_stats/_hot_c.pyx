@@ -15,8 +15,9 @@ module refuses to import and the pure-Python path is used).
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_TYPE, Py_XDECREF
-from libc.math cimport INFINITY, ceil, llrint, log2
+from libc.math cimport INFINITY, llrint, log2
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -75,6 +76,21 @@ cdef Py_ssize_t N = _slot_offset(DeltaEvent, "n")
 cdef object ONE = 1
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define SB_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    #else
+    #define SB_PREFETCH(p) ((void)0)
+    #endif
+    """
+    void SB_PREFETCH(const void *p) noexcept
+
+
+cdef enum:
+    PREFETCH = 8  # how many events ahead the loop prefetches a delta's id and time
+
+
 cdef inline PyObject *_slot(object obj, Py_ssize_t offset):
     return (<PyObject **>((<char *><PyObject *>obj) + offset))[0]
 
@@ -86,6 +102,12 @@ cdef enum:
 cdef double HUGE_GAP = 1e5
 # Gaps from here up (27 hours; and NaN, inf) go to the distribution's own buffer instead: their sum in
 # nanounits would risk overflowing the 64-bit integer this digest keeps it in.
+
+
+cdef inline long long _ceil(double x) noexcept:
+    """``ceil(x)`` as an integer (|x| < 2**62), without a call to libm's ``ceil``."""
+    cdef long long k = <long long>x  # toward zero: the ceiling already for x <= 0
+    return k + 1 if <double>k < x else k
 
 
 cdef class Gaps:
@@ -176,7 +198,7 @@ cdef class Gaps:
         if gap <= self.min_possible:
             self.zeros += 1
         else:
-            key = <long long>ceil(log2(gap) * self.multiplier) + self.key_offset
+            key = _ceil(log2(gap) * self.multiplier) + self.key_offset
             if <unsigned long long>(key - self.kbase) >= <unsigned long long>self.klen:
                 self._grow(key)
             self.counts[key - self.kbase] += 1
@@ -461,7 +483,18 @@ cdef class Feeder:
         cdef double gap, now
         if type(events) is not list and type(events) is not tuple:
             events = list(events)
-        for event in events:
+        cdef Py_ssize_t i = 0
+        cdef PyObject *ahead
+        while i < PySequence_Fast_GET_SIZE(events):  # (read again: `other` runs Python code)
+            # Ask the memory for a later delta's id and time now: those objects are cold (nothing else
+            # reads them), and by the time the loop gets there they have arrived.
+            if i + PREFETCH < PySequence_Fast_GET_SIZE(events):
+                ahead = PySequence_Fast_GET_ITEM(events, i + PREFETCH)
+                if <PyTypeObject *>Py_TYPE(<object>ahead) is DELTA:
+                    SB_PREFETCH(_slot(<object>ahead, STREAM))
+                    SB_PREFETCH(_slot(<object>ahead, TS))
+            event = <object>PySequence_Fast_GET_ITEM(events, i)
+            i += 1
             if <PyTypeObject *>Py_TYPE(event) is not DELTA:
                 other(event)
                 continue

@@ -306,3 +306,27 @@ def test_a_finished_stream_lets_its_texts_go(impl: str) -> None:
     agg.feed_many(deltas(fresh(sid), [101.0, 103.0], ["y", "z"]))
     assert agg.live[sid].texts == ["y", "z"] and agg.live[sid].gap_sum == 2.0
     assert agg.orphans == 0
+
+
+def test_sketch_keys_match_the_pure_path_on_and_next_to_every_key_boundary() -> None:
+    # The compiled digest computes a gap's sketch key ceil(log2(v) * multiplier) in C, value by value; it must
+    # land every value in the same bin as the pure path's numpy, right next to bin boundaries too.
+    multiplier = StatsAggregator().aggregate().dists["inter_chunk_latency_seconds"].sketch._mapping._multiplier
+    rng = random.Random(11)
+    values = [10 ** rng.uniform(-9, 4.9) for _ in range(4000)]
+    for k in range(-700, 580, 3):  # bin boundaries from about 1e-9 s to 1e5 s
+        edge = 2 ** (k / multiplier)
+        values += [edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf)]
+    values += [1.0, 2.0, 0.5, 1e-300, 5e-324, 2.2250738585072014e-308]  # exact powers of two, tiny and subnormal
+    events: list[Event] = []
+    for i, gap in enumerate(values):
+        sid = f"k{i}"
+        events.append(StartEvent(stream=sid, seq=0, ts=-1.0, model="m", provider="p"))
+        events += deltas(sid, [0.0, gap], ["a", "b"])
+    results = {}
+    for impl in IMPLS:
+        agg = aggregator(impl)
+        agg.feed_many(events)
+        agg.close_incomplete()
+        results[impl] = agg.aggregate().dists["inter_chunk_latency_seconds"].to_state()
+    assert all(r == results["pure"] for r in results.values())
