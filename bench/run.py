@@ -11,6 +11,7 @@ Usage: ``python bench/run.py [NAME ...]`` (default: all).
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -21,6 +22,9 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DOCS = ROOT.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
+"""No benchmark calls BLAS, but numpy starts OpenBLAS worker threads on import, and their spinning after
+start-up counts in a process's CPU time (measured: 6% of a stats benchmark run's samples)."""
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +36,7 @@ def main(argv: list[str]) -> int:
     for script in scripts:
         print(f"== {script.stem}", flush=True)
         started = time.perf_counter()
-        code = subprocess.call([sys.executable, str(script)], cwd=ROOT.parent)
+        code = subprocess.call([sys.executable, str(script)], cwd=ROOT.parent, env=ENV)
         print(f"   {script.stem}: exit {code} in {time.perf_counter() - started:.1f}s", flush=True)
         if code:
             failed.append(script.stem)

@@ -12,9 +12,10 @@ import, and checked: if ``DeltaEvent`` is ever not laid out as slots this
 module refuses to import and the pure-Python path is used).
 """
 
+cimport cython
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.object cimport PyObject, PyTypeObject
-from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_TYPE, Py_XDECREF
 from libc.math cimport INFINITY, llrint, log2
@@ -110,6 +111,7 @@ cdef inline long long _ceil(double x) noexcept:
     return k + 1 if <double>k < x else k
 
 
+@cython.final  # (its C methods are called directly, so they can be inlined)
 cdef class Gaps:
     """A group's inter-chunk gaps, digested as they come (what ``Distribution.flush`` does with numpy, per value).
 
@@ -181,8 +183,7 @@ cdef class Gaps:
         cdef Py_ssize_t i
         cdef long long key
         if not gap < HUGE_GAP:  # also NaN and inf
-            self.dist.add(gap)
-            return 0
+            return self._to_dist(gap)
         if gap < 0.0:
             self.clamped += 1
             gap = 0.0
@@ -204,7 +205,15 @@ cdef class Gaps:
             self.counts[key - self.kbase] += 1
         self.count += 1
         if self.count == GAPS_BLOCK:
-            self.flush()
+            return self._hand_over()
+        return 0
+
+    cdef int _to_dist(self, double gap) except -1:
+        self.dist.add(gap)
+        return 0
+
+    cdef int _hand_over(self) except -1:
+        self.flush()
         return 0
 
     def flush(self):
@@ -234,10 +243,10 @@ cdef class Gaps:
 
 
 cdef enum:
-    FIRST_TEXT_BLOCK = 8  # then twice as large each time, up to
-    TEXT_BLOCK = 1024
+    FIRST_TEXTS = 16  # room for this many texts at first, then twice as much each time it is full
 
 
+@cython.final  # (its C methods are called directly, so they can be inlined)
 cdef class Live:
     """What the aggregator tracks of a stream between its start and its terminal event (see ``_hot.Live``)."""
 
@@ -250,18 +259,14 @@ cdef class Live:
     # ``last`` below shows it to Python (None until the first chunk).
     cdef double last_ts
     cdef bint has_last
-    # The texts, in blocks of 8, 16, 32, ... up to TEXT_BLOCK pointers: each filled in place, never reallocated
-    # and copied as a growing list is (a list of n items has copied about 8n pointers by the time it holds them).
-    cdef list blocks
-    cdef list block
-    cdef Py_ssize_t fill, size, ntexts
+    # The texts (owned references) in a C array that doubles when full: one reference count and one store
+    # per text (a list would fill its room with None first, and copy itself about 8 times as it grows).
+    cdef PyObject **text_refs
+    cdef Py_ssize_t ntexts, room, kept
 
     def __init__(self, start, agg):
         self.start = start
         self.agg = agg
-        self.blocks = []
-        self.block = None
-        self.fill = self.size = 0
         self.ntexts = 0
         self.gaps = agg.gaps
         self.moderation = {}
@@ -276,35 +281,47 @@ cdef class Live:
         self.gap_max = -INFINITY
         self.done = False
 
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self) noexcept:
+        cdef Py_ssize_t i
+        cdef PyObject **refs = self.text_refs
+        cdef Py_ssize_t kept = self.kept
+        self.text_refs = NULL
+        self.kept = self.room = 0
+        for i in range(kept):
+            Py_DECREF(<object>refs[i])
+        PyMem_Free(refs)
+
     cdef inline int add_text(self, object text) except -1:
-        if self.fill == self.size:
-            self.size = min(2 * self.size, TEXT_BLOCK) if self.size else FIRST_TEXT_BLOCK
-            self.block = [None] * self.size
-            self.blocks.append(self.block)
-            self.fill = 0
-        cdef PyObject *old = PyList_GET_ITEM(self.block, self.fill)
+        cdef PyObject **grown
+        cdef Py_ssize_t room
+        if self.done:  # (no texts kept after close)
+            self.ntexts += 1
+            return 0
+        if self.kept == self.room:
+            room = 2 * self.room if self.room else FIRST_TEXTS
+            grown = <PyObject **>PyMem_Realloc(self.text_refs, room * sizeof(PyObject *))
+            if grown is NULL:
+                raise MemoryError()
+            self.text_refs = grown
+            self.room = room
         Py_INCREF(text)
-        PyList_SET_ITEM(self.block, self.fill, text)
-        Py_DECREF(<object>old)
-        self.fill += 1
+        self.text_refs[self.kept] = <PyObject *>text
+        self.kept += 1
         self.ntexts += 1
         return 0
 
     @property
     def texts(self):
         """The text of every non-empty delta so far, in order (a new list)."""
-        out = []
-        for block in self.blocks:
-            out.extend(block)
-        del out[self.ntexts :]  # the last block's unfilled tail
-        return out
+        return [<object>self.text_refs[i] for i in range(self.kept)]
 
     def close(self):
         """The stream has finished (it left the live streams): mark it done and let its texts go."""
         self.done = True
-        self.blocks = []
-        self.block = None
-        self.fill = self.size = 0
+        self._release()
 
     @property
     def last(self):
@@ -429,6 +446,7 @@ cdef inline PyObject *_find(Feeder self, object sid) except? NULL:
     return self.miss(sid, &key, entry)
 
 
+@cython.final  # (its C methods are called directly, so they can be inlined)
 cdef class Feeder:
     """Feeds batches of events to one aggregator's live streams (``_hot.Feeder``, compiled, with an id index)."""
 
