@@ -116,9 +116,11 @@ cdef class Gaps:
     """A group's inter-chunk gaps, digested as they come (what ``Distribution.flush`` does with numpy, per value).
 
     Each gap is counted into its bucket and its sketch key right away, with the distribution's own
-    bounds and mapping (``ceil(log2(v) * multiplier) + offset``, C's ``log2`` as numpy's is on this
-    platform), and the totals are handed over with ``Distribution.add_digest`` every GAPS_BLOCK gaps
-    and on :meth:`flush`: no buffer of values, no numpy temporaries.
+    bounds and mapping (``ceil(log2(v) * multiplier) + offset``, with libm's ``log2``), and the totals
+    are handed over with ``Distribution.add_digest`` every GAPS_BLOCK gaps and on :meth:`flush`: no
+    buffer of values, no numpy temporaries. (numpy may compute ``log2`` with its own vector code, SVML
+    on AVX-512 machines, which can differ from libm in the last bit: a value within about 1e-16 of a
+    bin edge could then land in the neighbouring bin, still within the sketch's relative accuracy.)
     """
 
     cdef public object dist
