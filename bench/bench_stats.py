@@ -374,8 +374,8 @@ def throughput(quick: bool) -> tuple[list[str], dict[tuple[str, int], float]]:
         "therefore compiles its hot path with Cython when it is installed (`streambus_stats/_hot_c.pyx`, a mirror of "
         "the pure-Python reference `_hot.py`, tested against it): it reads a delta's fields straight from its slots "
         "finds a stream through an index keyed by its id's characters (a wire-decoded id is a new `str` per event, "
-        "which a dict would hash each time), keeps texts in blocks, and digests each inter-chunk gap into its "
-        "bucket and sketch bin as it comes (no numpy temporaries); everything but a plain chunk "
+        "which a dict would hash each time), keeps texts in a C array, and digests inter-chunk gaps into their "
+        "buckets and sketch bins in C, 512 at a time (no numpy temporaries); everything but a plain chunk "
         "goes through the same Python code. A realistic reader (WebSocket, recorder) does far more per event than "
         "these counters, so the share is smaller in practice.",
     ]

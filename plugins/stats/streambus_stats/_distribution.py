@@ -70,8 +70,6 @@ class Distribution:
     """
 
     __slots__ = (
-        "_array_size",
-        "_arrays",
         "_bounds_array",
         "_count",
         "_max",
@@ -102,8 +100,6 @@ class Distribution:
         self._max = -math.inf
         self.clamped = 0
         self._pending: list[float] = []
-        self._arrays: list[np.ndarray[Any, np.dtype[np.float64]]] = []
-        self._array_size = 0
 
     @property
     def relative_accuracy(self) -> float:
@@ -142,14 +138,6 @@ class Distribution:
         if len(self._pending) >= _FLUSH_AT:
             self.flush()
 
-    def add_array(self, values: np.ndarray[Any, np.dtype[np.float64]]) -> None:
-        """Record every value of a float64 array (the bulk path: no per-value Python work)."""
-        if values.size:
-            self._arrays.append(values)
-            self._array_size += int(values.size)
-            if self._array_size >= _FLUSH_AT:
-                self.flush()
-
     def maybe_flush(self) -> None:
         """Ingest the buffer if it is full (after appending to :attr:`pending` directly)."""
         if len(self._pending) >= _FLUSH_AT:
@@ -158,15 +146,10 @@ class Distribution:
     def flush(self) -> None:
         """Ingest buffered values into the sketch, buckets and exact totals."""
         pending = self._pending
-        if not pending and not self._arrays:
+        if not pending:
             return
-        parts = self._arrays
-        if pending:
-            parts.append(np.fromiter(pending, dtype=np.float64, count=len(pending)))
-            pending.clear()
-        values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._arrays = []
-        self._array_size = 0
+        values = np.fromiter(pending, dtype=np.float64, count=len(pending))
+        pending.clear()
         if np.isnan(values).any():
             values = values[~np.isnan(values)]
             if values.size == 0:

@@ -1,10 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The aggregator's per-event hot path, compiled: a mirror of ``_hot.py`` (the behaviour reference).
 
-Only :func:`feed`'s fast path is here (a one-chunk delta of a stream that
+Only ``Feeder.feed``'s fast path is here (a one-chunk delta of a stream that
 already has its first content); every other delta goes to the same
 :func:`streambus_stats._hot.slow_delta` the pure-Python path uses. Change
 ``_hot.py`` and this file together; the tests compare them figure by figure.
+Beyond the mirror, three things are compiled only: the id index in front of
+the live dict (``Feeder``), the gap digest (``Gaps``) and each stream's texts
+in a C array (``Live``); each is described where it is defined.
 
 What makes it fast: a delta's fields are read straight from the event's
 slots, at the offsets its class's member descriptors give (looked up once, at
@@ -22,7 +25,6 @@ from libc.math cimport INFINITY, llrint, log2
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-import math
 import types
 
 import numpy as np
@@ -229,7 +231,6 @@ cdef class Gaps:
         self.dist.add(gap)
         return 0
 
-
     def flush(self):
         """Hand the gaps so far to the distribution."""
         self._digest()
@@ -312,9 +313,6 @@ cdef class Live:
     cdef inline int add_text(self, object text) except -1:
         cdef PyObject **grown
         cdef Py_ssize_t room
-        if self.done:  # (no texts kept after close)
-            self.ntexts += 1
-            return 0
         if self.kept == self.room:
             room = 2 * self.room if self.room else FIRST_TEXTS
             grown = <PyObject **>PyMem_Realloc(self.text_refs, room * sizeof(PyObject *))
