@@ -1,20 +1,23 @@
 # The two commands a new machine needs: `make demo` and `make test`.
-.PHONY: setup demo test lint bench docs
+# `make demo` installs only what the demo runs; `make test` installs everything else too.
+.PHONY: setup setup-all demo test lint bench docs
 
 setup:
 	bash scripts/bootstrap.sh
 
+setup-all:
+	bash scripts/bootstrap.sh --test
+
 demo: setup
 	.venv/bin/streambus demo $(ARGS)
 
-test:
-	bash scripts/bootstrap.sh --browser
+test: setup-all
 	.venv/bin/python -m pytest
 
-docs: setup
+docs: setup-all
 	.venv/bin/mkdocs build --strict
 
-lint: setup
+lint: setup-all
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy --strict streambus

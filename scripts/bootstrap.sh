@@ -1,20 +1,52 @@
 #!/usr/bin/env bash
-# Set up everything streambus needs on a machine that has only python3:
-# a virtualenv in .venv with the core and every plugin (editable) plus test
-# tools and the benchmarks' peer libraries, and Debian's chromium for the
-# browser tests (--browser), valgrind for the benchmarks (--bench). Safe to run again.
+# Set up what streambus needs on a machine that has only python3, in .venv. Safe to run again.
+#
+#   bootstrap.sh            the demo: the core and the demo's plugins (ollama, openai, moderation,
+#                           stats, websocket, demo), nothing else, so `make demo` is quick and small
+#   bootstrap.sh --test     everything: the core and every plugin (editable) with their test extras,
+#                           dev tools, the benchmarks' peers, torch's CPU wheel, Debian's chromium
+#                           (browser tests) and the npm packages the Node tests use
+#   bootstrap.sh --bench    --test, plus valgrind for the stats benchmark's counted runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+mode=demo
+for arg in "$@"; do
+  case "$arg" in
+    --test | --browser) [ "$mode" = bench ] || mode=test ;;  # --browser: the old name of --test
+    --bench) mode=bench ;;
+    *) echo "bootstrap: unknown option $arg (use --test or --bench)" >&2; exit 2 ;;
+  esac
+done
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.streambus-installed
-# Compiled plugin code (plugins/stats/setup.py builds a .pyx) is rebuilt when its sources change.
+
+# A stamp per install level records a hash of what it was built from, so a change to any
+# pyproject (or to this script, or to compiled sources) reinstalls, and nothing else does.
 inputs=$({ cat pyproject.toml plugins/*/pyproject.toml plugins/*/setup.py plugins/*/*/*.pyx scripts/bootstrap.sh 2>/dev/null \
   || true; } | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
+full_stamp=.venv/.streambus-installed
+demo_stamp=.venv/.streambus-demo
+
+installed() { [ -f "$1" ] && [ "$(cat "$1")" = "$inputs" ]; }
+
+if [ "$mode" = demo ]; then
+  if ! installed "$demo_stamp" && ! installed "$full_stamp"; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    args=(-e .)
+    for plugin in ollama openai moderation stats websocket demo; do
+      args+=(-e "plugins/$plugin")
+    done
+    .venv/bin/python -m pip install --quiet "${args[@]}"
+    echo "$inputs" > "$demo_stamp"
+  fi
+  exit 0
+fi
+
+if ! installed "$full_stamp"; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   args=(-e ".[test,dev,bench]")
   for plugin in plugins/*/; do
@@ -26,11 +58,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ]; then
   # langchain-core's own standard chat-model tests, without the six pytest
   # plugins its dependencies would load into every streambus test run.
   .venv/bin/python -m pip install --quiet --no-deps "langchain-tests==1.1.9"
-  echo "$inputs" > "$stamp"
+  echo "$inputs" > "$full_stamp"
 fi
 
 # Browser tests: Debian's chromium, and a CJK font so Japanese text renders.
-if [ "${1:-}" = "--browser" ] && { ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; }; then
+if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
   else
@@ -41,7 +73,7 @@ fi
 # Benchmarks (--bench): valgrind, for the stats benchmark's deterministic count of
 # instructions and simulated cache misses (the shared machine's clock is too noisy to
 # judge a 10% overhead on). Without it that benchmark reports CPU time only.
-if [ "${1:-}" = "--bench" ] && ! command -v valgrind >/dev/null 2>&1; then
+if [ "$mode" = bench ] && ! command -v valgrind >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
   else
@@ -49,12 +81,15 @@ if [ "${1:-}" = "--bench" ] && ! command -v valgrind >/dev/null 2>&1; then
   fi
 fi
 
-# The http plugin's AI SDK tests read streams with the `ai` npm package (pinned
-# in its package-lock.json); install it where Node is present. Safe to run again.
-node_dir=plugins/http/tests/node
-if command -v npm >/dev/null 2>&1 && [ -f "$node_dir/package-lock.json" ]; then
-  if ! cmp -s "$node_dir/package-lock.json" "$node_dir/node_modules/.streambus-lock" 2>/dev/null; then
-    (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error) \
-      && cp "$node_dir/package-lock.json" "$node_dir/node_modules/.streambus-lock"
-  fi
+# Node tests read streams with npm packages pinned in each folder's package-lock.json;
+# install them where Node is present. Safe to run again.
+if command -v npm >/dev/null 2>&1; then
+  for lock in plugins/*/tests/node/package-lock.json clients/*/package-lock.json; do
+    [ -f "$lock" ] || continue
+    node_dir=$(dirname "$lock")
+    if ! cmp -s "$lock" "$node_dir/node_modules/.streambus-lock" 2>/dev/null; then
+      (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error) \
+        && cp "$lock" "$node_dir/node_modules/.streambus-lock"
+    fi
+  done
 fi

@@ -258,5 +258,8 @@ def stats_command(
     if plot_path:
         from ._plot import plot
 
-        plot(agg, plot_path, title=", ".join(Path(r).name for r in recordings))
+        try:
+            plot(agg, plot_path, title=", ".join(Path(r).name for r in recordings))
+        except StreamBusError as exc:  # matplotlib missing: the message says what to install
+            raise click.ClickException(str(exc)) from None
         click.echo(f"plot written to {plot_path}", err=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from streambus.errors import StreamBusError
+
 from ._aggregator import StatsAggregator
 from ._distribution import Distribution
 
@@ -47,7 +49,13 @@ def plot(aggregator: StatsAggregator, path: str | Path, *, title: str | None = N
     from the sketches), and output tokens/s per stream over time (bus-measured
     and provider-reported, needs the aggregator's stream records).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise StreamBusError(
+            "drawing figures needs matplotlib: pip install 'streambus-stats[plot]' "
+            "(from a clone: pip install -e 'plugins/stats[plot]')"
+        ) from exc
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import orjson
@@ -101,6 +102,19 @@ def test_plot_writes_a_valid_png(recording: Path, tmp_path: Path) -> None:
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[0] == 1100 and pixels.shape[1] == 1000
     assert pixels.std() > 0.01  # something is drawn
+
+
+def test_plot_without_matplotlib_says_what_to_install(
+    recording: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is the `plot` extra's: without it, --plot names the install line, and the tables still print."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = tmp_path / "stats.png"
+    code, out, err = invoke(str(recording), "--plot", str(png), "--tokenizer", "approx")
+    assert code == 1
+    assert "pip install 'streambus-stats[plot]'" in err
+    assert "Traceback" not in err
+    assert not png.exists()
 
 
 def test_several_recordings_and_saved_states_merge(recording: Path, tmp_path: Path) -> None:
