@@ -112,6 +112,7 @@ def test_plot_without_matplotlib_says_what_to_install(
     png = tmp_path / "stats.png"
     code, out, err = invoke(str(recording), "--plot", str(png), "--tokenizer", "approx")
     assert code == 1
+    assert "llama3" in out  # the tables came first
     assert "pip install 'streambus-stats[plot]'" in err
     assert "Traceback" not in err
     assert not png.exists()
