@@ -22,6 +22,7 @@ import anyio
 
 from streambus import Bus, Usage
 from streambus.builtins.recorder import RecorderSink
+from streambus.wire import ToolCallFragment, tool_text
 
 OUT = Path(__file__).resolve().parent.parent / "streambus" / "data" / "recordings" / "demo.jsonl"
 
@@ -48,7 +49,18 @@ ANSWER_AFTER_THINKING = (
     "stream. The broadcaster sends every missed event, in order and without duplicates, or tells the "
     "client to reload if its history no longer covers the gap."
 )
-TOOL_CALL = '{"name": "get_weather", "arguments": {"city": "Kyoto", "unit": "celsius"}}'
+# A tool call as docs/wire.md says tool deltas carry it: one fragment per line, name first,
+# then the arguments' JSON in pieces (as OpenAI streams them).
+TOOL_NAME = "get_weather"
+TOOL_ARGUMENTS = '{"city": "Kyoto", "unit": "celsius"}'
+
+
+def tool_deltas(name: str, arguments: str) -> list[str]:
+    """The texts of the ``tool`` deltas that stream one call: a header fragment, then argument pieces."""
+    texts = [tool_text(ToolCallFragment(index=0, id="call_0", name=name))]
+    texts += [tool_text(ToolCallFragment(index=0, arguments=arguments[i : i + 6])) for i in range(0, len(arguments), 6)]
+    return texts
+
 
 _WORDS = re.compile(r"\s*\S+|\s+")
 
@@ -73,7 +85,7 @@ async def stream(
     prompt: str,
     text: str = "",
     thinking: str = "",
-    tool: str = "",
+    tool: tuple[str, str] | None = None,
     tps: float = 40.0,
     ending: str = "end",
 ) -> None:
@@ -86,8 +98,8 @@ async def stream(
             count += 1
             await anyio.sleep(rng.uniform(0.6, 1.4) / tps)
         if tool:
-            for i in range(0, len(tool), 12):
-                await w.delta(tool[i : i + 12], channel="tool")
+            for piece in tool_deltas(*tool):
+                await w.delta(piece, channel="tool")
                 count += 1
                 await anyio.sleep(rng.uniform(0.6, 1.4) / tps)
         pieces = tokens(text)
@@ -170,7 +182,12 @@ async def main() -> None:
             )
             tg.start_soon(
                 lambda: stream(
-                    bus, rng, model="qwen3", provider="ollama", prompt="What is the weather in Kyoto?", tool=TOOL_CALL
+                    bus,
+                    rng,
+                    model="qwen3",
+                    provider="ollama",
+                    prompt="What is the weather in Kyoto?",
+                    tool=(TOOL_NAME, TOOL_ARGUMENTS),
                 )
             )
         async with anyio.create_task_group() as tg:

@@ -15,13 +15,54 @@ client sent.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .events import Event
-from .plugins import load
+import structlog
 
-__all__ = ["StreamEncoder", "WireFormat", "load_format"]
+from .errors import WireError
+from .events import DeltaEvent, Event
+from .plugins import load
+from .wire import ToolCallFragment, parse_tool_text
+
+__all__ = ["StreamEncoder", "WireFormat", "load_format", "tool_fragments"]
+
+log = structlog.get_logger("streambus.formats")
+
+# Streams already warned about, newest last; bounded so a long-running server forgets old ones.
+_warned: OrderedDict[str, None] = OrderedDict()
+_WARNED_MAX = 1024
+
+
+def tool_fragments(event: DeltaEvent) -> list[ToolCallFragment]:
+    """The tool-call fragments a ``tool`` delta carries (``docs/wire.md``: one JSON line each).
+
+    Encoders call this instead of :func:`~streambus.wire.parse_tool_text` so
+    that text which is not in that format is never dropped in silence: each
+    bad line is skipped, the good lines around it are kept, and the first bad
+    line of a stream logs one warning (``formats.tool_text_unparsed``) naming
+    the stream id and the position.
+    """
+    fragments: list[ToolCallFragment] = []
+    offset = 0
+    for line in event.text.split("\n"):
+        try:
+            fragments.extend(parse_tool_text(line))
+        except WireError:
+            if event.stream not in _warned:
+                _warned[event.stream] = None
+                if len(_warned) > _WARNED_MAX:
+                    _warned.popitem(last=False)
+                log.warning(
+                    "formats.tool_text_unparsed",
+                    stream=event.stream,
+                    seq=event.seq,
+                    offset=offset,
+                    hint="tool deltas carry one JSON fragment per line (docs/wire.md); this text is not shown",
+                )
+        offset += len(line) + 1
+    return fragments
 
 
 @runtime_checkable

@@ -385,3 +385,51 @@ async def test_reasoning_and_finish_reason_round_trip_through_both_formats() -> 
     via_openai[0] = msgspec.structs.replace(via_openai[0], provider="openai")
     via_openai[-1] = msgspec.structs.replace(via_openai[-1], timings={})
     assert comparable(openai_capture.events) == via_openai
+
+
+DEMO = Path(__file__).parents[1] / "streambus" / "data" / "recordings" / "demo.jsonl"
+WEATHER = {"city": "Kyoto", "unit": "celsius"}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Kyoto?"}]
+
+
+def test_demo_recording_tool_call_reaches_the_official_clients() -> None:
+    """The bundled demo's qwen3 tool call, served to both official clients, streamed and whole.
+
+    The mock cycles through a model's recorded streams: qwen3's first is an
+    answer with reasoning, its second the weather call, so each client's
+    first request takes the reasoning answer.
+    """
+    with (
+        MockServer(DEMO, burst=True).running() as url,
+        ollama.Client(host=url) as ollama_client,
+        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
+        first = ollama_client.chat(model="qwen3", messages=ASK_WEATHER, stream=False)
+        assert not first.message.tool_calls
+        assert first.message.thinking
+        streamed = list(ollama_client.chat(model="qwen3", messages=ASK_WEATHER, stream=True))
+        calls = [call for c in streamed for call in (c.message.tool_calls or [])]
+        assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("get_weather", WEATHER)]
+        assert streamed[-1].done
+        ollama_client.chat(model="qwen3", messages=ASK_WEATHER, stream=False)  # the reasoning answer again
+        whole = ollama_client.chat(model="qwen3", messages=ASK_WEATHER, stream=False)
+        assert [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls or []] == [
+            ("get_weather", WEATHER)
+        ]
+
+        client.chat.completions.create(model="qwen3", messages=ASK_WEATHER)  # the reasoning answer
+        chunks = list(client.chat.completions.create(model="qwen3", messages=ASK_WEATHER, stream=True))
+        pieces = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+        assert pieces[0].function is not None and pieces[0].function.name == "get_weather"
+        assert pieces[0].id == "call_0"
+        arguments = "".join(p.function.arguments or "" for p in pieces if p.function is not None)
+        assert msgspec.json.decode(arguments) == WEATHER
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "tool_calls"
+        ]
+        client.chat.completions.create(model="qwen3", messages=ASK_WEATHER)  # the reasoning answer
+        completion = client.chat.completions.create(model="qwen3", messages=ASK_WEATHER)
+        (call,) = completion.choices[0].message.tool_calls or []
+        assert call.type == "function"
+        assert call.function.name == "get_weather"
+        assert msgspec.json.decode(call.function.arguments) == WEATHER

@@ -254,6 +254,7 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> dict[str, An
             await _wait_listening(websocket, opts.host, opts.port)
             page = websocket.page_url
             print(f"streambus demo: open {page} to watch the streams live", file=out, flush=True)
+            print(f"  WebSocket: {websocket.url} (streambus tail {websocket.url})", file=out, flush=True)
             print(f"  recordings: {record_dir}", file=out, flush=True)
             if mock is not None:
                 print(f"  mock model server: {mock.url} (Ollama API) and {mock.url}/v1 (OpenAI API)", file=out)

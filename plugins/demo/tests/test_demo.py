@@ -19,6 +19,7 @@ from anyio.abc import Process
 
 from streambus import DeltaEvent, EndEvent, ErrorEvent, ModerationEvent, StartEvent
 from streambus.recording import read_recording
+from streambus.wire import ToolCall, merge_tool_calls, parse_tool_text
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +91,7 @@ async def test_bounded_demo_exercises_every_component(tmp_path: Path) -> None:
                         break
     assert process.returncode == 0, "\n".join(lines)
     output = "\n".join(lines)
+    assert f"WebSocket: {ws_url} " in output  # the demo says where to attach clients
     # a WebSocket client received text
     assert len(received) >= 3
     # the final stats are printed and non-empty
@@ -115,6 +117,19 @@ async def test_bounded_demo_exercises_every_component(tmp_path: Path) -> None:
     # what the WebSocket client saw is exactly what was recorded for those streams
     for stream, text in received.items():
         assert text in recorded[stream]
+    # the recorded tool call reached the bus whole (the demo asks qwen3 through the Ollama API)
+    ends = {e.stream: e for e in events if isinstance(e, EndEvent)}
+    providers = {s.stream: s.provider for s in starts}
+    calls: dict[str, list[ToolCall]] = {}
+    for stream, end in ends.items():
+        if end.reason == "tool_calls":
+            tool = [e for e in events if isinstance(e, DeltaEvent) and e.stream == stream and e.channel == "tool"]
+            calls[providers[stream]] = merge_tool_calls(f for d in tool for f in parse_tool_text(d.text))
+    assert set(calls) == {"ollama"}, calls
+    for provider_calls in calls.values():
+        (call,) = provider_calls
+        assert call.name == "get_weather"
+        assert orjson.loads(call.arguments) == {"city": "Kyoto", "unit": "celsius"}
 
 
 async def test_demo_page_in_chromium_shows_streams_complete(tmp_path: Path) -> None:
@@ -136,6 +151,13 @@ async def test_demo_page_in_chromium_shows_streams_complete(tmp_path: Path) -> N
                 await page.wait_for_function(
                     "document.querySelectorAll('[data-stream][data-state=end]').length >= 3", timeout=60_000
                 )
+                await page.wait_for_function(
+                    "[...document.querySelectorAll('.tool-text')].some(e => e.textContent.includes('get_weather('))",
+                    timeout=60_000,
+                )
+                tool_call = await page.eval_on_selector_all(
+                    ".tool-text", "els => els.map(e => e.textContent).find(t => t.includes('get_weather(')) || ''"
+                )
                 ended = await page.eval_on_selector_all(
                     "[data-stream][data-state=end]",
                     "els => els.map(e => e.querySelector('.content')?.textContent || '')",
@@ -146,6 +168,9 @@ async def test_demo_page_in_chromium_shows_streams_complete(tmp_path: Path) -> N
             finally:
                 await browser.close()
     assert errors == []
+    name, _, arguments = tool_call.partition("(")
+    assert name == "get_weather"
+    assert orjson.loads(arguments.removesuffix(")")) == {"city": "Kyoto", "unit": "celsius"}
     assert len(ended) >= 3
     assert sum(len(text) > 20 for text in ended) >= 2
 

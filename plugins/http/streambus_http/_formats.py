@@ -35,6 +35,8 @@ from streambus.events import (
     StartEvent,
     to_builtins,
 )
+from streambus.formats import tool_fragments
+from streambus.wire import ToolCallFragment
 
 __all__ = [
     "FORMATS",
@@ -208,6 +210,17 @@ _UI_FINISH_REASONS = {
 }
 
 
+class _UICall:
+    """One tool call of an open tool part: its id, name and argument pieces."""
+
+    __slots__ = ("arguments", "id", "name")
+
+    def __init__(self, call_id: str, name: str) -> None:
+        self.id = call_id
+        self.name = name
+        self.arguments: list[str] = []
+
+
 class UIMessageStreamEncoder:
     """The Vercel AI SDK UI message stream protocol v1 (what ``useChat`` reads).
 
@@ -215,9 +228,9 @@ class UIMessageStreamEncoder:
     the stream id), ``start-step``, then ``text-start``/``text-delta``/
     ``text-end`` for the content channel, ``reasoning-start``/``-delta``/
     ``-end`` for reasoning, ``tool-input-start``/``tool-input-delta``/
-    ``tool-input-available`` for the tool channel (a dynamic tool named
-    *tool_name*; input parsed as JSON, or ``tool-input-error`` when it is not
-    JSON), moderation verdicts as transient ``data-moderation`` parts, and
+    ``tool-input-available`` per tool call of the tool channel (a dynamic
+    tool named as the call's fragments say, else *tool_name*; input parsed as
+    JSON, or ``tool-input-error`` when it is not JSON), moderation verdicts as transient ``data-moderation`` parts, and
     ``finish-step`` + ``finish`` (``finishReason``), ``abort`` or ``error``,
     then ``data: [DONE]``. *message_metadata* adds the model, provider and
     usage as ``messageMetadata``.
@@ -234,7 +247,7 @@ class UIMessageStreamEncoder:
         self._open: str | None = None  # channel of the open part
         self._part = 0
         self._part_id = ""
-        self._tool_text: list[str] = []
+        self._tool_calls: dict[int, _UICall] = {}  # the open tool part's calls, by fragment index
         self._started = False
 
     def begin(self) -> bytes:
@@ -255,35 +268,37 @@ class UIMessageStreamEncoder:
         elif channel == "reasoning":
             out.append(self._frame({"type": "reasoning-end", "id": self._part_id}))
         else:
-            raw = "".join(self._tool_text)
-            self._tool_text = []
-            try:
-                value = orjson.loads(raw) if raw.strip() else {}
-            except orjson.JSONDecodeError as exc:
+            calls, self._tool_calls = self._tool_calls, {}
+            for index in sorted(calls):
+                call = calls[index]
+                raw = "".join(call.arguments)
+                try:
+                    value = orjson.loads(raw) if raw.strip() else {}
+                except orjson.JSONDecodeError as exc:
+                    out.append(
+                        self._frame(
+                            {
+                                "type": "tool-input-error",
+                                "toolCallId": call.id,
+                                "toolName": call.name,
+                                "input": raw,
+                                "dynamic": True,
+                                "errorText": f"tool input is not valid JSON: {exc}",
+                            }
+                        )
+                    )
+                    continue
                 out.append(
                     self._frame(
                         {
-                            "type": "tool-input-error",
-                            "toolCallId": self._part_id,
-                            "toolName": self.tool_name,
-                            "input": raw,
+                            "type": "tool-input-available",
+                            "toolCallId": call.id,
+                            "toolName": call.name,
+                            "input": value,
                             "dynamic": True,
-                            "errorText": f"tool input is not valid JSON: {exc}",
                         }
                     )
                 )
-                return
-            out.append(
-                self._frame(
-                    {
-                        "type": "tool-input-available",
-                        "toolCallId": self._part_id,
-                        "toolName": self.tool_name,
-                        "input": value,
-                        "dynamic": True,
-                    }
-                )
-            )
 
     def _open_part(self, channel: str, stream: str, out: list[bytes]) -> None:
         self._close_part(out)
@@ -297,16 +312,26 @@ class UIMessageStreamEncoder:
             out.append(self._frame({"type": "reasoning-start", "id": self._part_id}))
         else:
             self._part_id = f"{stream}-tool-{self._part}"
-            out.append(
-                self._frame(
-                    {
-                        "type": "tool-input-start",
-                        "toolCallId": self._part_id,
-                        "toolName": self.tool_name,
-                        "dynamic": True,
-                    }
+
+    def _tool_delta(self, event: DeltaEvent, out: list[bytes]) -> None:
+        """Each call (fragment ``index``) is one dynamic tool part: start on its first fragment, then input deltas."""
+        for fragment in tool_fragments(event):
+            call = self._tool_calls.get(fragment.index)
+            if call is None:
+                call_id = fragment.id or f"{self._part_id}-{fragment.index}"
+                call = self._tool_calls[fragment.index] = _UICall(call_id, fragment.name or self.tool_name)
+                out.append(
+                    self._frame(
+                        {"type": "tool-input-start", "toolCallId": call.id, "toolName": call.name, "dynamic": True}
+                    )
                 )
-            )
+            if fragment.arguments:
+                call.arguments.append(fragment.arguments)
+                out.append(
+                    self._frame(
+                        {"type": "tool-input-delta", "toolCallId": call.id, "inputTextDelta": fragment.arguments}
+                    )
+                )
 
     def _ensure_started(self, event: Event, out: list[bytes]) -> None:
         if self._started:
@@ -335,12 +360,7 @@ class UIMessageStreamEncoder:
                 elif event.channel == "reasoning":
                     out.append(self._frame({"type": "reasoning-delta", "id": self._part_id, "delta": event.text}))
                 else:
-                    self._tool_text.append(event.text)
-                    out.append(
-                        self._frame(
-                            {"type": "tool-input-delta", "toolCallId": self._part_id, "inputTextDelta": event.text}
-                        )
-                    )
+                    self._tool_delta(event, out)
             elif kind is EndEvent:
                 assert isinstance(event, EndEvent)
                 self._close_part(out)
@@ -382,8 +402,8 @@ class OpenAIChunkEncoder:
 
     Any OpenAI client reads it as a streamed chat completion: ``content``
     deltas as ``delta.content``, ``reasoning`` as ``delta.reasoning_content``
-    (the DeepSeek/vLLM convention), ``tool`` as one function call's
-    ``arguments`` (named *tool_name*). ``end`` sends ``finish_reason`` and,
+    (the DeepSeek/vLLM convention), ``tool`` fragments as ``tool_calls``
+    (named as the fragments say, else *tool_name*). ``end`` sends ``finish_reason`` and,
     with *include_usage* (``stream_options.include_usage``), a usage chunk.
     ``error`` sends ``{"error": {...}}`` (the ``openai`` client raises
     ``APIError``); an ``abort`` by moderation ends with ``finish_reason:
@@ -402,11 +422,27 @@ class OpenAIChunkEncoder:
         self._id = ""
         self._created = 0
         self._model = ""
-        self._tool_started = False
+        self._tools_started: set[int] = set()
 
     def begin(self) -> bytes:
         """Nothing: the role chunk is sent with the stream's ``start``."""
         return b""
+
+    def _call_id(self, index: int) -> str:
+        stream = self._id.removeprefix("chatcmpl-")
+        return f"call_{stream}" if index == 0 else f"call_{stream}_{index}"
+
+    def _tool_call(self, fragment: ToolCallFragment) -> dict[str, Any]:
+        """One ``tool_calls`` entry: id, type and name on a call's first chunk, then arguments only."""
+        if fragment.index in self._tools_started:
+            return {"index": fragment.index, "function": {"arguments": fragment.arguments}}
+        self._tools_started.add(fragment.index)
+        return {
+            "index": fragment.index,
+            "id": fragment.id or self._call_id(fragment.index),
+            "type": "function",
+            "function": {"name": fragment.name or self.tool_name, "arguments": fragment.arguments},
+        }
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         body = {
@@ -440,16 +476,9 @@ class OpenAIChunkEncoder:
                 elif event.channel == "reasoning":
                     out.append(self._chunk({"reasoning_content": event.text}))
                 else:
-                    call: dict[str, Any] = {"index": 0, "function": {"arguments": event.text}}
-                    if not self._tool_started:
-                        self._tool_started = True
-                        call = {
-                            "index": 0,
-                            "id": f"call_{event.stream}",
-                            "type": "function",
-                            "function": {"name": self.tool_name, "arguments": event.text},
-                        }
-                    out.append(self._chunk({"tool_calls": [call]}))
+                    calls = [self._tool_call(fragment) for fragment in tool_fragments(event)]
+                    if calls:
+                        out.append(self._chunk({"tool_calls": calls}))
             elif kind is EndEvent:
                 assert isinstance(event, EndEvent)
                 reason = _OPENAI_FINISH.get(event.reason, "stop")

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from streambus import Bus
+from streambus.wire import ToolCallFragment, tool_text
 
 pytestmark = pytest.mark.anyio
 
@@ -69,8 +70,9 @@ async def test_use_chat_builds_the_message_from_a_bus_stream(served: Any, writer
         ("reasoning", "think."),
         "Hello",
         ", world",
-        ("tool", '{"city": '),
-        ("tool", '"Oslo"}'),
+        ("tool", tool_text(ToolCallFragment(index=0, id="call_1", name="get_weather"))),
+        ("tool", tool_text(ToolCallFragment(index=0, arguments='{"city": '))),
+        ("tool", tool_text(ToolCallFragment(index=0, arguments='"Oslo"}'))),
         "!",
     ]
     result = await chat_with(served, writer, "hi", parts=parts)
@@ -85,7 +87,10 @@ async def test_use_chat_builds_the_message_from_a_bus_stream(served: Any, writer
     reasoning, text, tool, tail = assistant["parts"][1:]
     assert reasoning["text"] == "Let me think." and reasoning["state"] == "done"
     assert text["text"] == "Hello, world" and text["state"] == "done"
-    assert tool["state"] == "input-available" and tool["input"] == {"city": "Oslo"} and tool["toolName"] == "tool"
+    assert (
+        tool["state"] == "input-available" and tool["input"] == {"city": "Oslo"} and tool["toolName"] == "get_weather"
+    )
+    assert tool["toolCallId"] == "call_1"
     assert tail["text"] == "!"
 
 
@@ -105,7 +110,7 @@ async def test_every_chunk_passes_the_sdk_schema(served: Any, writer: Any, endin
         await w.delta("Some ")
         await w.moderation(action="flag", start=0, end=4, categories=["x"])
         await w.delta("text")
-        await w.delta("{broken", channel="tool")
+        await w.delta(tool_text(ToolCallFragment(index=0, arguments="{broken")), channel="tool")
         if ending == "abort":
             await w.abort("unsafe", by="moderation")
     result = await run_node("chunks", served.url + "/streams/ch/ui")

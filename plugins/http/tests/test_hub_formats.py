@@ -19,6 +19,7 @@ from streambus_http import (
 )
 
 from streambus import AbortEvent, Bus, DeltaEvent, EndEvent, Filter, StartEvent, Usage
+from streambus.wire import ToolCallFragment, tool_text
 
 pytestmark = pytest.mark.anyio
 
@@ -137,7 +138,7 @@ def _ui(events: list[Any], **options: Any) -> list[dict[str, Any]]:
 def test_ui_encoder_tool_parts_metadata_and_finish_reasons() -> None:
     events = [
         StartEvent(stream="s", seq=0, ts=1.0, model="m", provider="p"),
-        DeltaEvent(stream="s", seq=1, ts=1.0, text='{"q": 1}', channel="tool"),
+        DeltaEvent(stream="s", seq=1, ts=1.0, text=tool_text(ToolCallFragment(arguments='{"q": 1}')), channel="tool"),
         EndEvent(stream="s", seq=2, ts=1.0, reason="tool_calls", usage=Usage(prompt_tokens=1, completion_tokens=2)),
     ]
     chunks = _ui(events, tool_name="search", message_metadata=True)
@@ -146,7 +147,7 @@ def test_ui_encoder_tool_parts_metadata_and_finish_reasons() -> None:
         "messageId": "s",
         "messageMetadata": {"stream": "s", "model": "m", "provider": "p"},
     }
-    assert chunks[2] == {"type": "tool-input-start", "toolCallId": "s-tool-1", "toolName": "search", "dynamic": True}
+    assert chunks[2] == {"type": "tool-input-start", "toolCallId": "s-tool-1-0", "toolName": "search", "dynamic": True}
     assert chunks[4]["type"] == "tool-input-available" and chunks[4]["input"] == {"q": 1}
     assert chunks[-1]["finishReason"] == "tool-calls"
     assert chunks[-1]["messageMetadata"]["usage"] == {"prompt_tokens": 1, "completion_tokens": 2}
@@ -160,8 +161,8 @@ def test_openai_encoder_tool_calls_and_client_abort() -> None:
     raw = enc.encode(
         [
             StartEvent(stream="s", seq=0, ts=5.0, model="m"),
-            DeltaEvent(stream="s", seq=1, ts=5.0, text='{"a"', channel="tool"),
-            DeltaEvent(stream="s", seq=2, ts=5.0, text=": 1}", channel="tool"),
+            DeltaEvent(stream="s", seq=1, ts=5.0, text=tool_text(ToolCallFragment(arguments='{"a"')), channel="tool"),
+            DeltaEvent(stream="s", seq=2, ts=5.0, text=tool_text(ToolCallFragment(arguments=": 1}")), channel="tool"),
             AbortEvent(stream="s", seq=3, ts=5.0, reason="stop", by="client"),
         ]
     ).decode()

@@ -17,8 +17,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
+from streambus.formats import tool_fragments
 from streambus.recording import read_recording
-from streambus.wire import merge_tool_calls, parse_tool_text
+from streambus.wire import merge_tool_calls
 
 from ._errors import RecordedStreamError
 from ._mapping import langchain_usage
@@ -166,7 +167,7 @@ class RecordedChatModel(BaseChatModel):
             elif delta.channel == "reasoning":
                 yield delay, AIMessageChunk(content="", additional_kwargs={"reasoning_content": delta.text})
             else:
-                fragments = parse_tool_text(delta.text)
+                fragments = tool_fragments(delta)
                 yield (
                     delay,
                     AIMessageChunk(
@@ -230,8 +231,8 @@ class RecordedChatModel(BaseChatModel):
         )
         if not message.tool_calls:
             # Calls whose arguments were not valid JSON: keep them visible, as invalid calls.
-            tool_text = "".join(d.text for _, d in answer.chunks if d.channel == "tool")
-            for call in merge_tool_calls(parse_tool_text(tool_text)):
+            tool_deltas = (d for _, d in answer.chunks if d.channel == "tool")
+            for call in merge_tool_calls(f for d in tool_deltas for f in tool_fragments(d)):
                 try:
                     args = orjson.loads(call.arguments or "{}")
                 except orjson.JSONDecodeError:

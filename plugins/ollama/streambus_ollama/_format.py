@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from streambus import WireError
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
-from streambus.wire import ToolCallFragment, merge_tool_calls, parse_tool_text
+from streambus.formats import tool_fragments
+from streambus.wire import ToolCallFragment, merge_tool_calls
 
 from ._protocol import TIMING_KEYS, OllamaRoute
 
@@ -80,14 +80,16 @@ class _ToolBuffer:
     def __init__(self) -> None:
         self.fragments: dict[int, list[ToolCallFragment]] = {}
 
-    def add(self, text: str) -> None:
-        for fragment in parse_tool_text(text):
+    def add(self, event: DeltaEvent) -> None:
+        for fragment in tool_fragments(event):
             self.fragments.setdefault(fragment.index, []).append(fragment)
 
     def take(self, *, final: bool) -> list[dict[str, Any]]:
         ready: list[dict[str, Any]] = []
         for index in sorted(self.fragments):
             (call,) = merge_tool_calls(self.fragments[index])
+            if not final and not call.arguments.strip():
+                continue  # only the call's name so far: its arguments are still to come
             arguments = _arguments(call.arguments)
             if arguments is None and not final:
                 continue
@@ -153,10 +155,7 @@ class OllamaStreamEncoder:
                 return self._chunk(event.ts, content=event.text)
             if event.channel == "reasoning":
                 return self._chunk(event.ts, thinking=event.text)
-            try:
-                self._tools.add(event.text)
-            except WireError:
-                return b""  # not our tool format: nothing Ollama could show
+            self._tools.add(event)
             return self._flush_tools(event.ts, final=False)
         if isinstance(event, StartEvent):
             self.model = self.model or event.model
@@ -222,7 +221,7 @@ class OllamaFormat:
                 elif event.channel == "reasoning":
                     thinking.append(event.text)
                 else:
-                    tools.add(event.text)
+                    tools.add(event)
             elif isinstance(event, EndEvent):
                 end = event
             elif isinstance(event, ErrorEvent | AbortEvent):

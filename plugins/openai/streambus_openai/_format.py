@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from streambus import WireError
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
-from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls, parse_tool_text
+from streambus.formats import tool_fragments
+from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
 
 from ._protocol import OpenAIRoute
 
@@ -82,13 +82,6 @@ def _tool_entry(call: ToolCall, *, delta: bool) -> dict[str, Any]:
     return entry
 
 
-def _fragments(text: str) -> list[ToolCallFragment]:
-    try:
-        return parse_tool_text(text)
-    except WireError:
-        return []  # not the tool-call line format: nothing OpenAI could show
-
-
 class OpenAIStreamEncoder:
     """Encodes one stream's events as an OpenAI SSE response body.
 
@@ -139,7 +132,7 @@ class OpenAIStreamEncoder:
                 return self._chunk([self._choice({"content": event.text})])
             if event.channel == "reasoning":
                 return self._chunk([self._choice({"reasoning_content": event.text})])
-            calls = merge_tool_calls(_fragments(event.text))
+            calls = merge_tool_calls(tool_fragments(event))
             if not calls:
                 return b""
             return self._chunk([self._choice({"tool_calls": [_tool_entry(c, delta=True) for c in calls]})])
@@ -216,7 +209,7 @@ class OpenAIFormat:
                 elif event.channel == "reasoning":
                     reasoning.append(event.text)
                 else:
-                    fragments.extend(_fragments(event.text))
+                    fragments.extend(tool_fragments(event))
             elif isinstance(event, EndEvent):
                 end = event
             elif isinstance(event, ErrorEvent | AbortEvent):
