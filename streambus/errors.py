@@ -97,11 +97,13 @@ class PluginError(StreamBusError):
 class RecordingError(StreamBusError):
     """A recording file is damaged or of an unsupported version.
 
-    ``line`` is the 1-based line number of the offending line.
+    ``line`` is the 1-based line number of the offending line, or 0 when the
+    fault is the file's, not a line's (missing, unreadable): the message then
+    names the file alone (``path: message``), never a ``path:0`` position.
     """
 
     def __init__(self, message: str, *, path: str, line: int) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{path}:{line}: {message}" if line > 0 else f"{path}: {message}")
         self.path = path
         self.line = line
 

@@ -18,6 +18,7 @@ distribution, never a traceback (as opentelemetry's loader does).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -90,6 +91,7 @@ class PluginInfo:
     distribution: str | None
     version: str | None
     summary: str
+    """The first line of the plugin's docstring, as plain text (reST literals unquoted)."""
     error: str | None = None
 
     @property
@@ -136,6 +138,12 @@ def load(kind: PluginKind, name: str) -> Any:
         ) from None
 
 
+def _plain(line: str) -> str:
+    """A docstring line for a terminal: ``literal`` and :role:`target` markup become their text."""
+    line = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", line)
+    return line.replace("``", "")
+
+
 def discover(kind: PluginKind | None = None) -> list[PluginInfo]:
     """List every plugin found (importing each to report failures), sorted."""
     kinds: list[PluginKind] = [kind] if kind else list(GROUPS)
@@ -150,7 +158,7 @@ def discover(kind: PluginKind | None = None) -> list[PluginInfo]:
                 found.append(PluginInfo(k, name, ep.value, dist, version, "", _failure_message(ep, exc)))
                 continue
             doc = (getattr(target, "help", None) if k == "commands" else None) or getattr(target, "__doc__", "") or ""
-            summary = doc.strip().splitlines()[0] if doc.strip() else ""
+            summary = _plain(doc.strip().splitlines()[0]) if doc.strip() else ""
             found.append(PluginInfo(k, name, ep.value, dist, version, summary))
     return found
 

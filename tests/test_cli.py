@@ -94,6 +94,8 @@ def test_plugins_lists_builtins() -> None:
     assert "stdout" in result.stdout
     assert "producers:" in result.stdout
     assert "sinks:" in result.stdout
+    assert "``" not in result.stdout  # docstring markup is not for a terminal
+    assert "Generate count realistic token streams" in result.stdout
 
 
 def test_plugin_import_failure_is_reported_with_install_hint(tmp_path: Path) -> None:
@@ -138,3 +140,13 @@ def test_stdout_jsonl_is_a_valid_recording_body(tmp_path: Path, fmt: str) -> Non
     events = read_recording(recording).events
     assert len({e.stream for e in events}) == 2
     assert [type(e).__name__ for e in events].count("EndEvent") == 2
+
+
+@pytest.mark.parametrize("command", ["replay", "serve-mock"])
+def test_a_missing_recording_is_named_without_a_line(command: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    result = run_cli(command, str(missing))
+    assert result.returncode != 0
+    assert f"{missing}: cannot open recording: No such file or directory" in result.stderr
+    assert f"{missing}:0" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -255,7 +255,7 @@ def test_plan_streams_never_goes_back_in_time() -> None:
         ({"keep_ids": True, "loop": 2}, r"keep_ids: cannot be combined with loop"),
         ({"speeed": 2}, r"producers\[0\]\.speeed: unknown key"),
         ({"path": ""}, r"producers\[0\][.:] ?path: a recording file is required"),
-        ({"path": "missing.jsonl"}, r"producers\[0\][.:] ?path: missing.jsonl:0: cannot open recording"),
+        ({"path": "missing.jsonl"}, r"producers\[0\][.:] ?path: missing.jsonl: cannot open recording"),
     ],
 )
 def test_config_errors_name_the_key(options: dict[str, object], message: str) -> None:
