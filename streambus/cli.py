@@ -15,7 +15,7 @@ from . import __version__
 from .config import Pipeline, load_config
 from .errors import StreamBusError
 from .logging import configure_logging
-from .plugins import GROUPS, discover, load
+from .plugins import GROUPS, discover, install_hint, load
 
 __all__ = ["main"]
 
@@ -49,7 +49,7 @@ class _Group(click.Group):
                 dist = _PLUGIN_COMMANDS.get(cmd_name)
                 if dist is not None:
                     raise click.UsageError(
-                        f"'streambus {cmd_name}' comes with the {dist} plugin. Install it with: pip install {dist}"
+                        f"'streambus {cmd_name}' comes with the {dist} plugin. Install it with: {install_hint(dist)}"
                     ) from None
                 return None
             raise click.ClickException(str(exc)) from None

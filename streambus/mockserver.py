@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .errors import PluginError
 from .events import Event, StartEvent
 from .formats import WireFormat, load_format
+from .plugins import install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
 
@@ -148,7 +149,7 @@ class MockServer:
             raise PluginError(
                 "no provider wire format could be loaded: " + "; ".join(failures),
                 name=",".join(formats),
-                hint="Install one with: pip install streambus-ollama streambus-openai",
+                hint=f"Install one with: {install_hint('streambus-ollama')}, or {install_hint('streambus-openai')}",
             )
         self.requests: list[ServedRequest] = []
         """Every request answered so far, in order."""

@@ -35,6 +35,7 @@ __all__ = [
     "PluginKind",
     "build",
     "discover",
+    "install_hint",
     "load",
     "validate_options",
 ]
@@ -100,9 +101,25 @@ class PluginInfo:
         return self.error is None
 
 
+def install_hint(distribution: str, extra: str | None = None) -> str:
+    """The install line for *distribution* (optionally with *extra*), as error messages show it.
+
+    streambus's own plugin distributions are not on PyPI, so for a
+    ``streambus-NAME`` distribution the line also says how to install it from
+    a clone (``pip install -e plugins/NAME``).
+    """
+    wanted = f"{distribution}[{extra}]" if extra else distribution
+    line = f"pip install '{wanted}'" if extra else f"pip install {wanted}"
+    if distribution.startswith("streambus-"):
+        folder = "plugins/" + distribution.removeprefix("streambus-")
+        local = f"'{folder}[{extra}]'" if extra else folder
+        line += f" (from a streambus clone: pip install -e {local})"
+    return line
+
+
 def _hint(ep: EntryPoint) -> str | None:
     dist = ep.dist.name if ep.dist is not None else None
-    return f"Install it with: pip install {dist}" if dist else None
+    return f"Install it with: {install_hint(dist)}" if dist else None
 
 
 def _entry_points(kind: PluginKind) -> dict[str, EntryPoint]:

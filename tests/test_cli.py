@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from streambus.plugins import install_hint
 from streambus.recording import read_recording
 
 CLI = [sys.executable, "-m", "streambus"]
@@ -150,3 +151,14 @@ def test_a_missing_recording_is_named_without_a_line(command: str, tmp_path: Pat
     assert f"{missing}: cannot open recording: No such file or directory" in result.stderr
     assert f"{missing}:0" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_install_hints_say_how_to_install_from_a_clone() -> None:
+    """Our plugin distributions are not on PyPI: every install hint also gives the clone's line."""
+    assert install_hint("streambus-redis") == (
+        "pip install streambus-redis (from a streambus clone: pip install -e plugins/redis)"
+    )
+    assert install_hint("streambus-stats", "plot") == (
+        "pip install 'streambus-stats[plot]' (from a streambus clone: pip install -e 'plugins/stats[plot]')"
+    )
+    assert install_hint("somebody-elses-plugin") == "pip install somebody-elses-plugin"
