@@ -8,12 +8,14 @@ recording.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import anyio
 import click
+from streambus_websocket import BroadcasterError
 
-from streambus import StreamBusError
+from streambus import SinkFailed, StreamBusError
 from streambus.logging import configure_logging
 
 from ._demo import DemoError, DemoOptions, LiveView, run_demo
@@ -80,5 +82,15 @@ def demo_command(
     try:
         anyio.run(run_demo, options)
     except (DemoError, StreamBusError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_explain(exc, host, port)}", err=True)
         sys.exit(1)
+
+
+def _explain(exc: BaseException, host: str, port: int) -> str:
+    """What to tell the person at the terminal: the failing part's own error, with the demo's fix."""
+    cause = exc.__cause__ if isinstance(exc, SinkFailed) and exc.__cause__ is not None else exc
+    if isinstance(cause, BroadcasterError):
+        reason = cause.__cause__
+        if isinstance(reason, OSError) and reason.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is in use: try --port 0 (a free port) or another --port"
+    return str(cause)

@@ -210,7 +210,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             timeout=90,
         )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "error:" in result.stderr
+    assert f"error: port {port} on 127.0.0.1 is in use: try --port 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -31,6 +31,7 @@ queues every frame through the per-client sender.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hmac
 import ipaddress
@@ -352,7 +353,14 @@ class WebSocketSink(PluginBase):
         self._port = None
 
     def _fail_start(self, exc: OSError) -> BroadcasterError:
-        error = BroadcasterError(f"cannot listen on {self.options.host}:{self.options.port}: {exc}")
+        where = f"{self.options.host}:{self.options.port}"
+        if exc.errno == errno.EADDRINUSE:
+            error = BroadcasterError(
+                f"cannot listen on {where}: the port is in use (choose another, or 0 for a free one)"
+            )
+        else:
+            error = BroadcasterError(f"cannot listen on {where}: {exc}")
+        error.__cause__ = exc  # the OSError, for callers that react to its errno
         self._start_error = error
         assert self._ready is not None
         self._ready.set()
