@@ -219,6 +219,11 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> dict[str, An
 
     mock: MockServer | None = None
     ollama_url, openai_url = opts.ollama_url, opts.openai_url
+    # A real server that does not answer is said once, before anything starts (not one error per round).
+    if ollama_url:
+        await _reachable("Ollama", ollama_url, ollama_url.rstrip("/") + "/api/version")
+    if openai_url:
+        await _reachable("the OpenAI-compatible server", openai_url, openai_url.rstrip("/") + "/models")
     if not ollama_url and not openai_url:
         with as_file(files("streambus") / "data" / "recordings" / "demo.jsonl") as recording:
             mock = MockServer(Path(recording), speed=opts.speed)
@@ -310,6 +315,24 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> dict[str, An
         "delivered_chars": view.delivered_chars,
     }
     return summary
+
+
+async def _reachable(what: str, url: str, probe: str) -> None:
+    """Raise :class:`DemoError` "cannot reach WHAT at URL: reason" when *probe* gets no HTTP answer at all.
+
+    Any HTTP status counts as reachable (a 401 or 404 is the server's answer,
+    which the producers then report per stream); only a connection that fails
+    or times out stops the demo.
+    """
+    import aiohttp
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(probe) as response:
+            await response.read()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DemoError(f"cannot reach {what} at {url}: {reason}") from None
 
 
 async def _wait_listening(websocket: Any, host: str, port: int) -> None:

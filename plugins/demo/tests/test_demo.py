@@ -214,6 +214,39 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("flag", "what"), [("--ollama", "Ollama"), ("--openai", "the OpenAI-compatible server")])
+def test_unreachable_server_is_said_once(flag: str, what: str, tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streambus",
+            "demo",
+            flag,
+            url,
+            "--model",
+            "m",
+            "--port",
+            "0",
+            "--no-live",
+            "--duration",
+            "5",
+            "--record-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.count(f"error: cannot reach {what} at {url}: ") == 1, result.stderr
+    assert "connect" not in result.stdout  # no rounds were played, no per-stream errors
+    assert "Traceback" not in result.stderr
+
+
 def _recordings(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.jsonl"))
 
