@@ -470,19 +470,17 @@ class RedisSource(PluginBase):
     # -- reading -----------------------------------------------------------------------
     async def _xread(self, client: aioredis.Redis) -> None:
         opts = self.options
-        # The epochs and the entries come from one connection, hence one server run.
+        # The epochs come from the same connection (the same server run) right after the
+        # entries: a key lost before or while the read blocked shows as a changed epoch.
         pipe = client.pipeline(transaction=False)
-        fresh = self._ask_epochs(pipe)
         pipe.xread(self.positions, count=opts.count, block=opts.block_ms)  # type: ignore[arg-type]
-        *answers, response = await pipe.execute()
+        fresh = self._ask_epochs(pipe)
+        response, *answers = await pipe.execute()
         self._busy += 1
         try:
-            changed = await self._check_epochs(client, fresh, answers)
             answered: set[str] = set()
             for key_b, entries in response or ():
                 key = _s(key_b)
-                if key in changed:
-                    continue  # read from the old position: read the new key again, from its start
                 if entries:
                     answered.add(key)
                 for entry_id_b, fields in entries:
@@ -490,6 +488,9 @@ class RedisSource(PluginBase):
                     await self._handle(key, entry_id, fields, check_counter=True)
                     self.positions[key] = entry_id
                     self._dirty = True
+            # Entries of the new key may sit below the old position: a changed key is read again
+            # from its start (what was just handled comes back as duplicates).
+            changed = await self._check_epochs(client, fresh, answers)
             await self._settle_doubts(set(self.keys) - answered - changed)
         finally:
             self._busy -= 1
@@ -498,7 +499,6 @@ class RedisSource(PluginBase):
         opts = self.options
         assert opts.group is not None
         pipe = client.pipeline(transaction=False)
-        fresh = self._ask_epochs(pipe)
         pipe.xreadgroup(
             opts.group,
             self.consumer,
@@ -506,15 +506,13 @@ class RedisSource(PluginBase):
             count=opts.count,
             block=opts.block_ms,
         )
-        *answers, response = await pipe.execute()
+        fresh = self._ask_epochs(pipe)
+        response, *answers = await pipe.execute()
         self._busy += 1
         try:
-            changed = await self._check_epochs(client, fresh, answers)
             answered: set[str] = set()
             for key_b, entries in response or ():
                 key = _s(key_b)
-                if key in changed:
-                    continue
                 if not entries and self.positions.get(key) != ">":
                     self.positions[key] = ">"  # own pending entries done: now new ones
                     answered.add(key)
@@ -526,6 +524,7 @@ class RedisSource(PluginBase):
                     if self.positions.get(key) != ">":
                         self.positions[key] = entry_id
                     await self._handle_group_entry(key, entry_id, fields)
+            changed = await self._check_epochs(client, fresh, answers)
             await self._settle_doubts(set(self.keys) - answered - changed)
         finally:
             self._busy -= 1
