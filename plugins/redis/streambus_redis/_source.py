@@ -347,16 +347,19 @@ class RedisSource(PluginBase):
             return
         if not self.positions:
             saved = await self._load_state(client)
+            positions = {}
             for key in self.keys:
                 if opts.start == "0":
-                    self.positions[key] = "0-0"
+                    positions[key] = "0-0"
                 elif opts.start == "last" and key in saved and key in self.epochs:
-                    self.positions[key] = saved[key]
+                    positions[key] = saved[key]
                 elif opts.start == "last":
-                    self.positions[key] = "0-0"
+                    positions[key] = "0-0"  # no position, or none an epoch vouches for: all that is retained
                 else:
-                    self.positions[key] = await self._last_generated(client, key)
+                    positions[key] = await self._last_generated(client, key)
             await self._doubt_unvouched(client)
+            # Only now: if the connection dropped above, the next attempt starts over.
+            self.positions = positions
         for key, pos in self.positions.items():
             if pos != "0-0":
                 await self._check_trim(client, key, pos)
@@ -662,6 +665,7 @@ class RedisSource(PluginBase):
         self._owners.pop(stream, None)
         bus = self._bus
         assert bus is not None
+        local_state(bus).mark_foreign(stream)  # a redis sink on this bus must not send it back
         await bus.publish(
             ErrorEvent(stream=stream, seq=seq, ts=time.time(), kind="redis_gap", message=message, retryable=False)
         )
