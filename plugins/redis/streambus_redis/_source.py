@@ -410,11 +410,17 @@ class RedisSource(PluginBase):
         except rex.ResponseError:
             return
         deleted = _s(info.get("max-deleted-entry-id", "0-0"))
+        head = _s(info["last-generated-id"])
         if parse_id(deleted) > parse_id(after):
             first = info.get("first-entry")
             log_first = _s(first[0]) if first else None
             gap = RedisGap(key, after, deleted, None, f"trimmed; oldest retained entry is {log_first}")
-            self._report_gap(gap, until=_s(info["last-generated-id"]))
+            self._report_gap(gap, until=head)
+        elif parse_id(head) < parse_id(after):
+            # Same epoch, but the key is behind what this consumer read: Redis restarted from an
+            # older save (RDB interval, AOF everysec); what followed that save is gone.
+            how = f"the key went back to {head}: Redis restarted from a save older than its last writes"
+            self._report_gap(RedisGap(key, head, None, None, how), until=head)
 
     async def _check_group_trim(self, client: aioredis.Redis) -> None:
         import redis.exceptions as rex

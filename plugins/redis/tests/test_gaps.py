@@ -164,6 +164,35 @@ async def test_position_file_beside_the_recording_survives_a_lost_key(
     assert "events 2..4" in gap_errors(second.events)[0].message
 
 
+async def test_key_gone_back_to_an_older_save_is_a_gap(
+    redis_url: str, key: str, sync_redis: redis.Redis, tmp_path: Path, make_collector: Any
+) -> None:
+    """Redis restarted from a save older than its last writes: same epoch, but the key is behind the consumer."""
+    first, second = make_collector(), make_collector()
+    state = tmp_path / "state.json"
+    sync_redis.xadd(key, encode_entry("o", "p", 1, [start("a")]))
+    sync_redis.xadd(key, encode_entry("o", "p", 2, [delta("a", 1)]))
+    async with Bus() as bus:
+        bus.add_sink(first)
+        src = source(redis_url, key, start="last", position="file", position_file=str(state))
+        bus.start_producer(src)
+        await first.wait_count(2)
+        src.stop()
+    # The save held only entry 1; a's end followed the lost entry 2. The epoch key was saved with it.
+    sync_redis.delete(key)
+    sync_redis.xadd(key, encode_entry("o", "p", 1, [start("a")]), id="1-1")
+    with capture_logs() as logs:
+        async with Bus() as bus:
+            bus.add_sink(second)
+            src = source(redis_url, key, start="last", position="file", position_file=str(state))
+            bus.start_producer(src)
+            await second.wait_terminals(1)
+            src.stop()
+    assert per_stream(second.events) == {"a": ["error2"]}
+    assert "went back to 1-1" in gap_errors(second.events)[0].message
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["redis.gap", "redis.stream_gap"]
+
+
 async def test_seeded_streams_with_nothing_to_vouch_for_the_key_end_unless_their_history_is_there(
     redis_url: str, key: str, sync_redis: redis.Redis, tmp_path: Path, collector: Any
 ) -> None:
