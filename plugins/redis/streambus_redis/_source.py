@@ -222,6 +222,7 @@ class RedisSource(PluginBase):
             self.state_file = Path(opts.position_file or f"{opts.seed_recording}.redis-position")
         self._owners: dict[str, tuple[str, str]] = {}
         self._doubts: dict[str, _Doubt] = {}
+        self._settled: set[tuple[str, str]] = set()  # senders whose streams were cleared since the last gap
         self._producers: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._unacked: dict[str, list[str]] = {}
         self._dirty = False
@@ -595,7 +596,7 @@ class RedisSource(PluginBase):
                     gap = RedisGap(key, after, entry_id, lost, f"sender {producer} skipped")
                     # This entry is the first after the hole: streams of that sender it does not settle end here.
                     self._report_gap(gap, until=entry_id, producer=producer)
-                elif self._doubts:
+                elif self._doubts and ident not in self._settled:
                     self._settle_sender(key, producer)
             self._producers[ident] = counter
             self._producers.move_to_end(ident)
@@ -685,6 +686,7 @@ class RedisSource(PluginBase):
         settled = [s for s, d in self._doubts.items() if d.by_sender and self._owners.get(s) == owner]
         for stream in settled:
             del self._doubts[stream]
+        self._settled.add(owner)  # once per sender and gap: a scan per entry would cost O(doubts) each
 
     def _may_belong(self, stream: str, key: str, producer: str | None) -> bool:
         owner = self._owners.get(stream)
@@ -703,6 +705,7 @@ class RedisSource(PluginBase):
         self.gaps.append(gap)
         del self.gaps[:-1000]  # the most recent ones; every gap is logged anyway
         log.error("redis.gap", key=gap.key, after=gap.after, until=gap.until, lost=gap.lost, error=str(gap))
+        self._settled.clear()
         key = gap.key
         for stream, last in self.dedup.live.items():
             if not self._may_belong(stream, key, producer):
