@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._codec import Entry, decode_entry, decode_events, encode_entry, entry_header
-from ._common import DEFAULT_STREAM, DEFAULT_URL, AsyncioRequired, RedisGap
+from ._common import DEFAULT_STREAM, DEFAULT_URL, AsyncioRequired, RedisGap, epoch_key
 from ._dedup import Deduplicator, Verdict
 from ._sink import RedisSink
 from ._source import RedisSource
@@ -40,4 +40,5 @@ __all__ = [
     "decode_events",
     "encode_entry",
     "entry_header",
+    "epoch_key",
 ]

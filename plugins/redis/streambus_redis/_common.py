@@ -24,6 +24,7 @@ __all__ = [
     "Local",
     "RedisGap",
     "connect",
+    "epoch_key",
     "local_state",
     "require_asyncio",
 ]
@@ -52,26 +53,47 @@ class AsyncioRequired(StreamBusError):
 
 
 class RedisGap(StreamBusError):
-    """Entries a consumer had not read yet were trimmed away (``MAXLEN``) before it read them.
+    """Entries a consumer had not read yet were lost before it read them.
 
-    Not raised: the source logs it (``redis.gap``), appends it to
-    :attr:`RedisSource.gaps` and ends every stream that lost events with an
-    ``error`` event of kind ``redis_gap``. Raise ``maxlen``, or keep consumers
-    closer to the head, to avoid it. ``key`` is the Redis stream; ``after`` the
-    last id read before the gap; ``until`` the newest id known lost (or ``None``
-    when only a sender's entry counter revealed it); ``lost`` how many entries
-    are known lost (``None`` when unknown).
+    They were trimmed (``MAXLEN``), or the whole key was lost (Redis restarted
+    without its data, the key was deleted: its epoch changed), or a sender's
+    entry counter jumped. Not raised: the source logs it (``redis.gap``),
+    appends it to :attr:`RedisSource.gaps` and ends every stream that may have
+    lost events with an ``error`` event of kind ``redis_gap``. ``key`` is the
+    Redis stream; ``after`` the last id read before the gap; ``until`` the
+    newest id known lost (or ``None`` when unknown); ``lost`` how many entries
+    are known lost (``None`` when unknown); ``how`` what revealed it.
+    Keep consumers closer to the head, raise ``maxlen``, or give Redis
+    persistence to avoid it.
     """
 
     def __init__(self, key: str, after: str, until: str | None, lost: int | None, how: str) -> None:
         what = f"{lost} entries" if lost is not None else "entries"
         upto = f" up to {until}" if until else ""
-        super().__init__(f"{key}: {what} after {after}{upto} were trimmed before this consumer read them ({how})")
+        super().__init__(f"{key}: {what} after {after}{upto} were lost before this consumer read them ({how})")
         self.key = key
         self.after = after
         self.until = until
         self.lost = lost
         self.how = how
+
+
+def epoch_key(key: str) -> str:
+    """The Redis string holding the epoch (incarnation id) of the stream *key*.
+
+    Whoever touches the key first (a sink writing, a source reading) creates
+    it with a random id (``SET NX``), in the same pipeline as its ``XADD`` or
+    ``XREAD``, so the id it gets back belongs to the very data it wrote or
+    read. Redis losing its data (or the key being deleted with its epoch)
+    gives the key a new id: a consumer that knew the old one knows the
+    entries it had not read are gone.
+    """
+    return f"{key}#epoch"
+
+
+def new_epoch() -> str:
+    """A fresh random epoch id."""
+    return secrets.token_hex(8)
 
 
 def require_asyncio(what: str) -> None:

@@ -66,6 +66,20 @@ class Deduplicator:
             self._last[stream] = seq
         return Verdict.NEW
 
+    def accept_next(self, stream: str, seq: int) -> bool:
+        """Record *seq* as delivered if it directly follows the last seq of the live *stream*.
+
+        The fast path for the usual event, a plain delta right after its
+        predecessor: ``True`` means deliver it. ``False`` decides nothing
+        (unknown or ended stream, duplicate, hole, terminal event): judge the
+        event with :meth:`check`. Never use it for a terminal event.
+        """
+        last = self._last.get(stream)
+        if last is None or seq != last + 1:
+            return False
+        self._last[stream] = seq
+        return True
+
     def last(self, stream: str) -> int | None:
         """The last seq delivered of *stream*, or ``None`` if never seen."""
         if stream in self._ended:

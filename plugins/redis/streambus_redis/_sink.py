@@ -15,7 +15,17 @@ import structlog
 from streambus import Event, PluginBase, StartEvent, Subscription, is_terminal
 
 from ._codec import encode_entry
-from ._common import DEFAULT_STREAM, ENV_PASSWORD, connect, local_state, redact, require_asyncio, resolve_url
+from ._common import (
+    DEFAULT_STREAM,
+    ENV_PASSWORD,
+    connect,
+    epoch_key,
+    local_state,
+    new_epoch,
+    redact,
+    require_asyncio,
+    resolve_url,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -36,8 +46,12 @@ class RedisSink(PluginBase):
     ``MAXLEN ~ maxlen``. A dropped connection is retried with backoff until
     Redis answers again, the same entries re-sent (consumers drop the
     duplicates), so nothing accepted is lost; meanwhile the sink's ``block``
-    subscription slows producers down. Streams that a :class:`RedisSource`
-    on the same bus brought in are not sent back. Needs asyncio.
+    subscription slows producers down. Every pipeline also creates (or reads)
+    the key's epoch (``<key>#epoch``, see :func:`epoch_key`), so consumers can
+    tell a key that Redis lost and the sink recreated from the old one; the
+    sink logs ``redis.epoch_changed`` when that happens. Streams that a
+    :class:`RedisSource` on the same bus brought in are not sent back. Needs
+    asyncio.
 
     ::
 
@@ -94,6 +108,8 @@ class RedisSink(PluginBase):
         """Events written to Redis so far."""
         self.sent_entries = 0
         """Stream entries written so far."""
+        self.epochs: dict[str, str] = {}
+        """The epoch of each key this sink wrote to, as Redis last answered."""
         self._bus: Bus | None = None
         self._counters: dict[str, int] = defaultdict(int)
         self._keys: dict[str, str] = {}
@@ -219,15 +235,40 @@ class RedisSink(PluginBase):
     async def _send(self, client: aioredis.Redis, origin: str, batch: list[Event]) -> None:
         self._unsent = batch
         entries = self._entries(origin, batch)
+        keys = list(dict.fromkeys(key for key, _, _ in entries))
         maxlen = self.options.maxlen or None
+        answers: list[Any] = []
+        fresh: list[str] = []
 
         async def xadd() -> None:
+            # The epoch goes in the same pipeline, on the same connection: if Redis
+            # restarted empty, these entries land in the new key and the answer says so.
+            fresh[:] = [new_epoch() for _ in keys]
             pipe = client.pipeline(transaction=False)
+            for key, epoch in zip(keys, fresh, strict=True):
+                pipe.set(epoch_key(key), epoch, nx=True, get=True)
             for key, fields, _ in entries:
                 pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
-            await pipe.execute()
+            answers[:] = await pipe.execute()
 
         await self._retrying(xadd, events=len(batch))
         self._unsent = []
         self.sent_entries += len(entries)
         self.sent_events += len(batch)
+        for key, mine, answer in zip(keys, fresh, answers, strict=False):
+            # No previous value: this pipeline created the epoch (a new key, or a lost one).
+            self._note_epoch(key, mine if answer is None else answer.decode(errors="replace"))
+
+    def _note_epoch(self, key: str, epoch: str) -> None:
+        known = self.epochs.get(key)
+        self.epochs[key] = epoch
+        if known is not None and epoch != known:
+            log.warning(
+                "redis.epoch_changed",
+                key=key,
+                old=known,
+                new=epoch,
+                note="Redis lost the key (restarted without its data, or it was deleted): "
+                "entries written before that which consumers had not read are gone; "
+                "consumers end the streams concerned with a redis_gap error",
+            )

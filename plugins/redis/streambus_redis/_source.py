@@ -15,7 +15,7 @@ import msgspec
 import orjson
 import structlog
 
-from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent
+from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, is_terminal
 from streambus.recording import iter_recording
 
 from ._codec import decode_events, entry_header
@@ -24,7 +24,9 @@ from ._common import (
     ENV_PASSWORD,
     RedisGap,
     connect,
+    epoch_key,
     local_state,
+    new_epoch,
     parse_id,
     redact,
     require_asyncio,
@@ -42,6 +44,24 @@ __all__ = ["RedisSource"]
 log = structlog.get_logger("streambus.redis")
 
 _MAX_PRODUCERS = 10_000
+
+
+class _Doubt:
+    """A live stream that may have lost events.
+
+    Settled by its next event (or its sender's next entry, in sequence);
+    ended once the reader passed ``until`` and the grace period is over.
+    """
+
+    __slots__ = ("by_sender", "deadline", "history", "last", "reason", "until")
+
+    def __init__(self, last: int, until: dict[str, str], history: bool, reason: str, deadline: float) -> None:
+        self.last = last
+        self.until = until  # per key: the entry id the reader must pass before the stream is given up
+        self.history = history  # a re-read event at or below ``last`` proves the key still holds the stream
+        self.reason = reason
+        self.deadline = deadline  # not given up before this (anyio clock): a live sender re-sends what it held
+        self.by_sender = True  # False once its sender is known to have lost entries
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -94,10 +114,12 @@ class RedisSource(PluginBase):
     what was already delivered, so sinks see every event once and in order.
     A position is committed only when every ``block`` sink handled all events
     before it. Connection loss is retried with backoff and reading resumes
-    from the last id; entries trimmed before they were read are reported as
-    a :class:`RedisGap` (log ``redis.gap``, :attr:`gaps`, and an ``error``
-    event of kind ``redis_gap`` ending each stream that lost events).
-    Needs asyncio. Call :meth:`stop` to end :meth:`run` cleanly.
+    from the last id. Entries lost before they were read (trimmed, or the
+    key lost with Redis's data: its epoch changed) are reported as a
+    :class:`RedisGap` (log ``redis.gap``, :attr:`gaps`), and every stream
+    that may have lost events ends with one ``error`` event of kind
+    ``redis_gap`` naming what is missing; so does a stream first met in its
+    middle. Needs asyncio. Call :meth:`stop` to end :meth:`run` cleanly.
     """
 
     class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -116,10 +138,11 @@ class RedisSource(PluginBase):
         start: Literal["last", "$", "0"] = "last"
         """``last``: resume from the saved position (else from the oldest retained entry); ``$``: new entries only;
         ``0``: everything retained."""
-        position: Literal["redis", "file", "none"] = "redis"
-        """Where an XREAD position (and de-duplication state) is saved."""
+        position: Literal["auto", "redis", "file", "none"] = "auto"
+        """Where an XREAD position (with the key epochs and de-duplication state) is saved; ``auto``: a file when
+        ``position_file`` or ``seed_recording`` is set, else Redis (which cannot survive Redis losing its data)."""
         position_file: str | None = None
-        """The file for ``position = "file"``."""
+        """The state file; default ``<seed_recording>.redis-position`` (beside the recording)."""
         count: int = 500
         """Entries per read."""
         block_ms: int = 1000
@@ -140,12 +163,18 @@ class RedisSource(PluginBase):
         """Skip entries with this origin id; default: the bus's own (what its redis sinks wrote)."""
         skip_own: bool = True
         """Skip entries this bus's own sinks wrote."""
+        gap_grace_ms: int = 5000
+        """After a gap, how long a stream that may have lost events waits for its next event (or its sender's next
+        entry) before it ends with a ``redis_gap`` error. Covers a sink that re-sends what it held while Redis was
+        down."""
 
         def __post_init__(self) -> None:
             if not self.stream:
                 raise ValueError("stream: must not be empty")
-            if self.position == "file" and not self.position_file:
-                raise ValueError('position_file: required when position = "file"')
+            if self.position == "file" and not self.position_file and not self.seed_recording:
+                raise ValueError('position_file: required when position = "file" (or set seed_recording)')
+            if self.position_file is not None and self.position in ("redis", "none"):
+                raise ValueError(f'position_file: only used with position = "file" or "auto", not "{self.position}"')
             if self.count < 1:
                 raise ValueError(f"count: must be at least 1, got {self.count}")
             if not 1 <= self.block_ms <= 60_000:
@@ -154,6 +183,8 @@ class RedisSource(PluginBase):
                 raise ValueError(f"commit_interval_ms: must be at least 1, got {self.commit_interval_ms}")
             if self.claim_idle_ms < 1:
                 raise ValueError(f"claim_idle_ms: must be at least 1, got {self.claim_idle_ms}")
+            if not 0 <= self.gap_grace_ms <= 600_000:
+                raise ValueError(f"gap_grace_ms: must be between 0 and 600000, got {self.gap_grace_ms}")
             if self.dedup_ended < 1:
                 raise ValueError(f"dedup_ended: must be at least 1, got {self.dedup_ended}")
             if self.consumer is not None and not self.consumer:
@@ -180,11 +211,22 @@ class RedisSource(PluginBase):
         """How many times the connection was lost and re-established."""
         self.positions: dict[str, str] = {}
         """The last entry id handled per key."""
+        self.epochs: dict[str, str] = {}
+        """The epoch (incarnation id, see :func:`epoch_key`) of each key as last read."""
+        self.state_file: Path | None = None
+        """Where the position is saved when it is kept in a file (``None``: in Redis, or nowhere)."""
+        self.store: Literal["redis", "file", "none"] = "redis" if opts.position == "auto" else opts.position
+        """Where the position is saved: ``redis``, ``file`` or ``none``."""
+        if opts.position in ("auto", "file") and (opts.position_file or opts.seed_recording):
+            self.store = "file"
+            self.state_file = Path(opts.position_file or f"{opts.seed_recording}.redis-position")
+        self._owners: dict[str, tuple[str, str]] = {}
+        self._doubts: dict[str, _Doubt] = {}
+        self._settled: set[tuple[str, str]] = set()  # senders whose streams were cleared since the last gap
         self._producers: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._unacked: dict[str, list[str]] = {}
         self._dirty = False
-        self._in_entry = False
-        self._gapped: set[str] = set()
+        self._busy = 0  # >0 while events are being handled: no commit then
         self._stopping = False
         self._read_scope: anyio.CancelScope | None = None
         self._ready = asyncio.Event()
@@ -306,18 +348,51 @@ class RedisSource(PluginBase):
             return
         if not self.positions:
             saved = await self._load_state(client)
+            positions = {}
             for key in self.keys:
                 if opts.start == "0":
-                    self.positions[key] = "0-0"
-                elif opts.start == "last" and key in saved:
-                    self.positions[key] = saved[key]
+                    positions[key] = "0-0"
+                elif opts.start == "last" and key in saved and key in self.epochs:
+                    positions[key] = saved[key]
                 elif opts.start == "last":
-                    self.positions[key] = "0-0"
+                    positions[key] = "0-0"  # no position, or none an epoch vouches for: all that is retained
                 else:
-                    self.positions[key] = await self._last_generated(client, key)
+                    positions[key] = await self._last_generated(client, key)
+            await self._doubt_unvouched(client)
+            # Only now: if the connection dropped above, the next attempt starts over.
+            self.positions = positions
         for key, pos in self.positions.items():
             if pos != "0-0":
                 await self._check_trim(client, key, pos)
+
+    async def _doubt_unvouched(self, client: aioredis.Redis) -> None:
+        """Streams known live (seeded, restored) with no saved epoch to vouch for the key: put them in doubt.
+
+        Without the epoch the key had when they were delivered, nothing says the
+        key still holds them (Redis may have lost it while this process was
+        down). Reading on settles each: its history re-read, or its next event,
+        proves it; one still unsettled when the reader reaches the head ends
+        with a ``redis_gap`` error.
+        """
+        live = self.dedup.live
+        for key in self.keys:
+            vouched = key in self.epochs
+            head: str | None = None
+            unvouched = 0
+            for stream, last in live.items():
+                doubt = self._doubts.get(stream)
+                if (doubt is None and vouched) or not self._may_belong(stream, key, None):
+                    continue
+                if head is None:
+                    head = await self._last_generated(client, key)
+                if doubt is None:
+                    reason = f"no saved epoch of {key} vouches that Redis still holds it"
+                    self._doubts[stream] = _Doubt(last, {key: head}, True, reason, self._deadline())
+                    unvouched += 1
+                else:
+                    doubt.until[key] = head
+            if unvouched:
+                log.warning("redis.unvouched", key=key, streams=unvouched, until=head, store=self.store)
 
     async def _last_generated(self, client: aioredis.Redis, key: str) -> str:
         import redis.exceptions as rex
@@ -336,11 +411,17 @@ class RedisSource(PluginBase):
         except rex.ResponseError:
             return
         deleted = _s(info.get("max-deleted-entry-id", "0-0"))
+        head = _s(info["last-generated-id"])
         if parse_id(deleted) > parse_id(after):
             first = info.get("first-entry")
-            until = deleted
             log_first = _s(first[0]) if first else None
-            self._report_gap(key, RedisGap(key, after, until, None, f"oldest retained entry is {log_first}"))
+            gap = RedisGap(key, after, deleted, None, f"trimmed; oldest retained entry is {log_first}")
+            self._report_gap(gap, until=head)
+        elif parse_id(head) < parse_id(after):
+            # Same epoch, but the key is behind what this consumer read: Redis restarted from an
+            # older save (RDB interval, AOF everysec); what followed that save is gone.
+            how = f"the key went back to {head}: Redis restarted from a save older than its last writes"
+            self._report_gap(RedisGap(key, head, None, None, how), until=head)
 
     async def _check_group_trim(self, client: aioredis.Redis) -> None:
         import redis.exceptions as rex
@@ -357,55 +438,113 @@ class RedisSource(PluginBase):
                     continue
                 delivered = _s(group["last-delivered-id"])
                 if parse_id(deleted) > parse_id(delivered) and delivered != "0-0":
-                    self._report_gap(key, RedisGap(key, delivered, deleted, None, "group fell behind trimming"))
+                    gap = RedisGap(key, delivered, deleted, None, "group fell behind trimming")
+                    self._report_gap(gap, until=_s(info["last-generated-id"]))
+
+    # -- epochs ------------------------------------------------------------------------
+    def _ask_epochs(self, pipe: Any) -> dict[str, str]:
+        """Queue ``SET <key>#epoch <fresh> NX GET`` for every key; return the fresh ids offered."""
+        fresh = {key: new_epoch() for key in self.keys}
+        for key, epoch in fresh.items():
+            pipe.set(epoch_key(key), epoch, nx=True, get=True)
+        return fresh
+
+    async def _check_epochs(self, client: aioredis.Redis, fresh: dict[str, str], answers: list[Any]) -> set[str]:
+        """Compare each key's epoch with the one known; return the keys that were lost and recreated."""
+        changed: set[str] = set()
+        for key, answer in zip(self.keys, answers, strict=True):
+            epoch = fresh[key] if answer is None else _s(answer)
+            known = self.epochs.get(key)
+            if known == epoch:
+                continue
+            if known is None:
+                self.epochs[key] = epoch
+                self._dirty = True
+                continue
+            changed.add(key)
+            head = await self._last_generated(client, key)
+            # From here to the position reset, no await: a commit sees all or none of it.
+            after = self.positions.get(key, "0-0")
+            how = (
+                f"the key was lost and recreated, epoch {known} -> {epoch}: "
+                "Redis restarted without its data, or the key was deleted"
+            )
+            self.epochs[key] = epoch
+            self._report_gap(RedisGap(key, after, None, None, how), until=head)
+            # The new key's entries may have ids below the old position: read it from its start.
+            self.positions[key] = "0-0" if self.options.group is None else "0"
+            self._unacked.get(key, []).clear()
+            self._dirty = True
+        return changed
 
     # -- reading -----------------------------------------------------------------------
     async def _xread(self, client: aioredis.Redis) -> None:
         opts = self.options
-        response: Any = await client.xread(self.positions, count=opts.count, block=opts.block_ms)  # type: ignore[arg-type]
-        for key_b, entries in response or ():
-            key = _s(key_b)
-            for entry_id_b, fields in entries:
-                entry_id = _s(entry_id_b)
-                self._in_entry = True
-                try:
+        # The epochs come from the same connection (the same server run) right after the
+        # entries: a key lost before or while the read blocked shows as a changed epoch.
+        pipe = client.pipeline(transaction=False)
+        pipe.xread(self.positions, count=opts.count, block=opts.block_ms)  # type: ignore[arg-type]
+        fresh = self._ask_epochs(pipe)
+        response, *answers = await pipe.execute()
+        self._busy += 1
+        try:
+            answered: set[str] = set()
+            for key_b, entries in response or ():
+                key = _s(key_b)
+                if entries:
+                    answered.add(key)
+                for entry_id_b, fields in entries:
+                    entry_id = _s(entry_id_b)
                     await self._handle(key, entry_id, fields, check_counter=True)
-                finally:
-                    self._in_entry = False
-                self.positions[key] = entry_id
-                self._dirty = True
+                    self.positions[key] = entry_id
+                    self._dirty = True
+            # Entries of the new key may sit below the old position: a changed key is read again
+            # from its start (what was just handled comes back as duplicates).
+            changed = await self._check_epochs(client, fresh, answers)
+            await self._settle_doubts(set(self.keys) - answered - changed)
+        finally:
+            self._busy -= 1
 
     async def _xreadgroup(self, client: aioredis.Redis) -> None:
         opts = self.options
         assert opts.group is not None
-        response: Any = await client.xreadgroup(
+        pipe = client.pipeline(transaction=False)
+        pipe.xreadgroup(
             opts.group,
             self.consumer,
             self.positions,  # type: ignore[arg-type]
             count=opts.count,
             block=opts.block_ms,
         )
-        for key_b, entries in response or ():
-            key = _s(key_b)
-            if not entries and self.positions.get(key) != ">":
-                self.positions[key] = ">"  # own pending entries done: now new ones
-                continue
-            for entry_id_b, fields in entries:
-                entry_id = _s(entry_id_b)
-                if self.positions.get(key) != ">":
-                    self.positions[key] = entry_id
-                await self._handle_group_entry(key, entry_id, fields)
+        fresh = self._ask_epochs(pipe)
+        response, *answers = await pipe.execute()
+        self._busy += 1
+        try:
+            answered: set[str] = set()
+            for key_b, entries in response or ():
+                key = _s(key_b)
+                if not entries and self.positions.get(key) != ">":
+                    self.positions[key] = ">"  # own pending entries done: now new ones
+                    answered.add(key)
+                    continue
+                if entries:
+                    answered.add(key)
+                for entry_id_b, fields in entries:
+                    entry_id = _s(entry_id_b)
+                    if self.positions.get(key) != ">":
+                        self.positions[key] = entry_id
+                    await self._handle_group_entry(key, entry_id, fields)
+            changed = await self._check_epochs(client, fresh, answers)
+            await self._settle_doubts(set(self.keys) - answered - changed)
+        finally:
+            self._busy -= 1
 
     async def _handle_group_entry(self, key: str, entry_id: str, fields: Any) -> None:
-        self._in_entry = True
-        try:
-            if not fields:
-                # Pending, but trimmed away before it was handled.
-                self._report_gap(key, RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed"))
-            else:
-                await self._handle(key, entry_id, fields, check_counter=False)
-        finally:
-            self._in_entry = False
+        if not fields:
+            # Pending, but trimmed away before it was handled.
+            self._report_gap(RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed"), until=entry_id)
+        else:
+            await self._handle(key, entry_id, fields, check_counter=False)
         self._unacked[key].append(entry_id)
         self._dirty = True
 
@@ -421,13 +560,18 @@ class RedisSource(PluginBase):
                 start = _s(reply[0])
                 claimed = reply[1]
                 deleted = reply[2] if len(reply) > 2 else []
-                for entry_id_b, fields in claimed:
-                    entry_id = _s(entry_id_b)
-                    log.info("redis.claimed", key=key, id=entry_id)
-                    await self._handle_group_entry(key, entry_id, fields)
-                for entry_id_b in deleted:
-                    entry_id = _s(entry_id_b)
-                    self._report_gap(key, RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed"))
+                self._busy += 1
+                try:
+                    for entry_id_b, fields in claimed:
+                        entry_id = _s(entry_id_b)
+                        log.info("redis.claimed", key=key, id=entry_id)
+                        await self._handle_group_entry(key, entry_id, fields)
+                    for entry_id_b in deleted:
+                        entry_id = _s(entry_id_b)
+                        gap = RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed")
+                        self._report_gap(gap, until=entry_id)
+                finally:
+                    self._busy -= 1
                 if start == "0-0":
                     break
 
@@ -449,7 +593,11 @@ class RedisSource(PluginBase):
                 if counter > last + 1:
                     lost = counter - last - 1
                     after = self.positions.get(key, "0-0")
-                    self._report_gap(key, RedisGap(key, after, entry_id, lost, f"sender {producer} skipped"))
+                    gap = RedisGap(key, after, entry_id, lost, f"sender {producer} skipped")
+                    # This entry is the first after the hole: streams of that sender it does not settle end here.
+                    self._report_gap(gap, until=entry_id, producer=producer)
+                elif self._doubts and ident not in self._settled:
+                    self._settle_sender(key, producer)
             self._producers[ident] = counter
             self._producers.move_to_end(ident)
             if len(self._producers) > _MAX_PRODUCERS:
@@ -460,37 +608,48 @@ class RedisSource(PluginBase):
         local = local_state(bus)
         foreign = local.foreign
         dedup = self.dedup
-        check = dedup.check
+        accept_next = dedup.accept_next
         publish = bus.publish
-        new = Verdict.NEW
-        gapped = key in self._gapped
+        doubts = self._doubts
+        # Every XREAD consumer sees every entry, so a stream met in its middle lost its beginning;
+        # in a group the beginning may simply have gone to another consumer.
+        whole = self.options.group is None
         delivered = 0
-        live = dedup._last
         try:
             for event in events:
                 stream = event.stream
-                if type(event) is DeltaEvent and live.get(stream, -2) == event.seq - 1:
-                    # The common case, inlined: the next delta of a known live stream.
-                    live[stream] = event.seq
+                if type(event) is DeltaEvent and accept_next(stream, event.seq):
+                    # The usual case: the next delta of a known live stream.
+                    if doubts:
+                        doubts.pop(stream, None)  # its next event arrived: nothing of it was lost
                     if stream not in foreign:
                         local.mark_foreign(stream)
                     await publish(event)
                     delivered += 1
                     continue
-                if gapped and event.seq > 0 and type(event) is not StartEvent and not dedup.knows(event.stream):
-                    # After a gap, a stream first met in its middle lost its beginning.
-                    await self._end_with_gap(event.stream, key, event)
+                low = event.seq_range[0] if type(event) is DeltaEvent else event.seq
+                if whole and low > 0 and not dedup.knows(stream):
+                    await self._end_with_gap(stream, key, event)
                     continue
-                verdict = check(event)
-                if verdict is new:
-                    if event.stream not in foreign:
-                        local.mark_foreign(event.stream)
+                verdict = dedup.check(event)
+                if verdict is Verdict.NEW:
+                    if doubts:
+                        doubts.pop(stream, None)
+                    if type(event) is StartEvent:
+                        self._owners[stream] = (key, producer)
+                    elif is_terminal(event):
+                        self._owners.pop(stream, None)
+                    if stream not in foreign:
+                        local.mark_foreign(stream)
                     await publish(event)
                     delivered += 1
                 elif verdict is Verdict.DUPLICATE:
                     self.duplicates += 1
+                    doubt = doubts.get(stream) if doubts else None
+                    if doubt is not None and doubt.history and event.seq <= doubt.last:
+                        del doubts[stream]  # the key still holds this stream's history
                 else:
-                    await self._end_with_gap(event.stream, key, event)
+                    await self._end_with_gap(stream, key, event)
         finally:
             self.delivered += delivered
 
@@ -499,23 +658,100 @@ class RedisSource(PluginBase):
         seq = (last if last is not None else -1) + 1
         low = event.seq_range[0] if isinstance(event, DeltaEvent) else event.seq
         message = (
-            f"events {seq}..{low - 1} of this stream never arrived from Redis "
-            "(trimmed before this consumer read them, or undecodable: see the redis.gap / redis.bad_event logs)"
+            f"events {seq}..{low - 1} of this stream never arrived from {key} after entry "
+            f"{self.positions.get(key, '0-0')} (lost in Redis before this consumer read them, or undecodable: "
+            "see the redis.gap / redis.bad_event logs)"
         )
         log.error("redis.stream_gap", key=key, stream=stream, missing_from=seq, resumed_at=low)
         # Everything later of this stream is dropped: it already has its terminal event here.
-        self.dedup.end(stream, max(event.seq, seq))
+        await self._end_stream(stream, seq, max(event.seq, seq), message)
+
+    async def _end_stream(self, stream: str, seq: int, last: int, message: str) -> None:
+        self.dedup.end(stream, last)
+        self._doubts.pop(stream, None)
+        self._owners.pop(stream, None)
         bus = self._bus
         assert bus is not None
+        local_state(bus).mark_foreign(stream)  # a redis sink on this bus must not send it back
         await bus.publish(
             ErrorEvent(stream=stream, seq=seq, ts=time.time(), kind="redis_gap", message=message, retryable=False)
         )
 
-    def _report_gap(self, key: str, gap: RedisGap) -> None:
+    def _deadline(self) -> float:
+        return anyio.current_time() + self.options.gap_grace_ms / 1000
+
+    def _settle_sender(self, key: str, producer: str) -> None:
+        """The sender's next entry came in sequence: none of its entries was lost, so none of its streams."""
+        owner = (key, producer)
+        settled = [s for s, d in self._doubts.items() if d.by_sender and self._owners.get(s) == owner]
+        for stream in settled:
+            del self._doubts[stream]
+        self._settled.add(owner)  # once per sender and gap: a scan per entry would cost O(doubts) each
+
+    def _may_belong(self, stream: str, key: str, producer: str | None) -> bool:
+        owner = self._owners.get(stream)
+        # A stream of unknown origin (seeded, restored from an older state) may belong to any key and sender.
+        return owner is None or (owner[0] == key and (producer is None or owner[1] == producer))
+
+    def _report_gap(self, gap: RedisGap, *, until: str, producer: str | None = None) -> None:
+        """Log *gap*, keep it, and put every live stream that may have lost events in it in doubt.
+
+        Each such stream is settled by its next event (or, unless *producer*
+        is the sender that lost entries, by its sender's next entry in
+        sequence), or ends with a ``redis_gap`` error once the reader has
+        passed *until* on the gap's key and ``gap_grace_ms`` is over without
+        meeting it (its tail, ``end`` included, was lost).
+        """
         self.gaps.append(gap)
         del self.gaps[:-1000]  # the most recent ones; every gap is logged anyway
-        self._gapped.add(key)
-        log.error("redis.gap", key=key, after=gap.after, until=gap.until, lost=gap.lost, error=str(gap))
+        log.error("redis.gap", key=gap.key, after=gap.after, until=gap.until, lost=gap.lost, error=str(gap))
+        self._settled.clear()
+        key = gap.key
+        for stream, last in self.dedup.live.items():
+            if not self._may_belong(stream, key, producer):
+                continue
+            doubt = self._doubts.get(stream)
+            if doubt is None:
+                doubt = self._doubts[stream] = _Doubt(last, {key: until}, False, str(gap), self._deadline())
+            else:
+                doubt.history = False
+                doubt.deadline = self._deadline()
+                if key not in doubt.until or parse_id(until) > parse_id(doubt.until[key]):
+                    doubt.until[key] = until
+            if producer is not None:
+                doubt.by_sender = False  # that sender did lose entries: only the stream's own next event settles it
+
+    async def _settle_doubts(self, caught_up: set[str]) -> None:
+        """End the doubted streams the reader has passed the gap for without meeting their next event."""
+        if not self._doubts:
+            return
+        live = self.dedup.live
+        now = anyio.current_time()
+        done = [
+            stream
+            for stream, doubt in self._doubts.items()
+            if now >= doubt.deadline and all(self._passed(key, until, caught_up) for key, until in doubt.until.items())
+        ]
+        for stream in done:
+            doubt = self._doubts.pop(stream)
+            if stream not in live:
+                continue  # ended meanwhile
+            seq = live[stream] + 1
+            where = ", ".join(f"{key} up to {until}" for key, until in doubt.until.items())
+            message = (
+                f"events from {seq} on of this stream were lost in Redis: read {where} "
+                f"without finding event {seq} ({doubt.reason})"
+            )
+            log.error("redis.stream_gap", stream=stream, missing_from=seq, reason=doubt.reason, searched=where)
+            await self._end_stream(stream, seq, seq, message)
+
+    def _passed(self, key: str, until: str, caught_up: set[str]) -> bool:
+        if key in caught_up:
+            return True
+        position = self.positions.get(key, "0-0")
+        if position in (">", "0"):
+            return False
+        return parse_id(position) >= parse_id(until)
 
     # -- positions -----------------------------------------------------------------------
     async def _committer(self, client: aioredis.Redis) -> None:
@@ -542,7 +778,7 @@ class RedisSource(PluginBase):
 
     async def _commit(self, client: aioredis.Redis) -> bool:
         """Save positions / acknowledge entries if every lossless sink caught up; return whether it did."""
-        if not self._dirty or self._in_entry:
+        if not self._dirty or self._busy:
             return False
         bus = self._bus
         if bus is not None and not _sinks_caught_up(bus):
@@ -580,30 +816,32 @@ class RedisSource(PluginBase):
             log.warning("redis.final_commit_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _state(self, positions: dict[str, str]) -> dict[str, Any]:
+        # The epochs say which incarnation of each key the positions point into;
+        # owners and doubts let a restarted consumer end exactly the streams a gap concerns.
+        dedup = self.dedup.snapshot()
         return {
             "positions": positions if self.options.group is None else {},
-            "dedup": self.dedup.snapshot(),
+            "epochs": dict(self.epochs),
+            "dedup": dedup,
+            "owners": {s: list(self._owners[s]) for s in dedup["live"] if s in self._owners},
+            "doubts": {s: d.last for s, d in self._doubts.items()},
             "producers": [[k, p, c] for (k, p), c in list(self._producers.items())[-1000:]],
             "saved": time.time(),
         }
 
     async def _save_state(self, client: aioredis.Redis, state: dict[str, Any]) -> None:
-        opts = self.options
         data = orjson.dumps(state)
-        if opts.position == "redis":
+        if self.store == "redis":
             await client.set(self.position_key, data)
-        elif opts.position == "file":
-            assert opts.position_file is not None
-            await anyio.to_thread.run_sync(_write_atomic, Path(opts.position_file), data)
+        elif self.state_file is not None:
+            await anyio.to_thread.run_sync(_write_atomic, self.state_file, data)
 
     async def _load_state(self, client: aioredis.Redis) -> dict[str, str]:
-        opts = self.options
         raw: bytes | None = None
-        if opts.position == "redis":
+        if self.store == "redis":
             raw = await client.get(self.position_key)  # type: ignore[assignment]
-        elif opts.position == "file":
-            assert opts.position_file is not None
-            raw = await anyio.to_thread.run_sync(_read_if_exists, Path(opts.position_file))
+        elif self.state_file is not None:
+            raw = await anyio.to_thread.run_sync(_read_if_exists, self.state_file)
         if not raw:
             return {}
         try:
@@ -612,10 +850,21 @@ class RedisSource(PluginBase):
             for key, producer, counter in state.get("producers") or ():
                 self._producers[(key, producer)] = int(counter)
             positions = {str(k): str(v) for k, v in (state.get("positions") or {}).items()}
+            epochs = {str(k): str(v) for k, v in (state.get("epochs") or {}).items()}
+            owners = {str(s): (str(k), str(p)) for s, (k, p) in (state.get("owners") or {}).items()}
+            doubts = {str(s): int(last) for s, last in (state.get("doubts") or {}).items()}
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-            log.error("redis.bad_position", where=opts.position, error=str(exc))
+            log.error("redis.bad_position", where=self.store, file=str(self.state_file), error=str(exc))
             return {}
-        log.info("redis.resumed", consumer=self.consumer, positions=positions)
+        # A position without the epoch of its key vouches for nothing: such keys start over (see _doubt_unvouched).
+        self.epochs.update(epochs)
+        live = self.dedup.live
+        self._owners.update((s, owner) for s, owner in owners.items() if s in live)
+        for stream, last in doubts.items():
+            if stream in live:
+                reason = "it was in doubt when this consumer stopped"
+                self._doubts[stream] = _Doubt(last, {}, False, reason, self._deadline())
+        log.info("redis.resumed", consumer=self.consumer, positions=positions, epochs=epochs)
         return positions
 
 

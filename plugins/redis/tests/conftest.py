@@ -130,8 +130,9 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
         pytest.skip(reason)
     servers: list[PrivateRedis] = []
 
-    def make(*extra: str, tls_ca: str | None = None) -> PrivateRedis:
-        server = PrivateRedis(tmp_path, list(extra), tls_ca)
+    def make(*extra: str, tls_ca: str | None = None, directory: Path | None = None) -> PrivateRedis:
+        # Its own directory for a server whose data must survive a restart (dump.rdb lives there).
+        server = PrivateRedis(directory or tmp_path, list(extra), tls_ca)
         servers.append(server)
         server.start()
         return server

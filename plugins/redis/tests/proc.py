@@ -4,10 +4,11 @@
 streams of DELTAS deltas each through a RedisSink, then exit.
 
 ``python proc.py consume URL KEY CONSUMER OUT EXPECT``: read KEY with a
-RedisSource (position saved in Redis under CONSUMER), record into OUT with
-the built-in recorder, and exit once OUT holds EXPECT finished streams.
-Restarting it after a kill resumes where it left off (the recording seeds
-the de-duplicator). Prints ``ready`` once reading.
+RedisSource (``start = "last"``, position saved beside OUT in
+``OUT.redis-position``), record into OUT with the built-in recorder, and exit
+once OUT holds EXPECT finished streams. Restarting it after a kill resumes
+where it left off (the recording seeds the de-duplicator). Prints ``ready``
+once reading; logs (warning and up) go to stderr.
 """
 
 from __future__ import annotations

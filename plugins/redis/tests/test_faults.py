@@ -58,7 +58,9 @@ async def test_redis_restart_mid_stream_reconnects_and_loses_nothing(
     assert per[w.stream] == list(range(12))
     text = "".join(e.text for e in collector.events if isinstance(e, DeltaEvent))
     assert text == "".join(f"a{i}" for i in range(5)) + "".join(f"b{i}" for i in range(5))
-    assert src.reconnects >= 1 and not src.gaps
+    assert src.reconnects >= 1
+    # Redis came back empty: the lost key is reported, but this stream's next event proved it lost nothing.
+    assert [gap.how.split(",")[0] for gap in src.gaps] == ["the key was lost and recreated"]
 
 
 def _lines(path: Path) -> int:
