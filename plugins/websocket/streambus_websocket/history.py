@@ -14,7 +14,7 @@ the gap.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from streambus import DeltaEvent, Event, StartEvent, encode, is_terminal
 
@@ -117,6 +117,14 @@ class History:
             log.expires = self._clock() + self.ttl
             self._ended.append((log.expires, stream))
         return log
+
+    def recently_ended(self) -> Iterator[StreamLog]:
+        """Ended streams still held whole (from their ``start``), the most recently ended first."""
+        for expires, stream in reversed(self._ended):
+            log = self._logs.get(stream)
+            # A stream id can end twice (a recording replayed with its ids): count its latest end only.
+            if log is not None and log.ended and log.expires == expires and log.complete:
+                yield log
 
     def expire(self) -> None:
         """Forget ended streams whose ``history_ttl`` has passed."""

@@ -68,7 +68,7 @@ from streambus import (
 )
 
 from .client import Client
-from .history import History
+from .history import History, StreamLog
 from .protocol import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -674,6 +674,18 @@ class WebSocketSink(PluginBase):
                 replayed = len(frames)
             else:
                 frames = []
+        recent = 0
+        if message.recent and not recovering:
+            # A page that opens after streams ended still shows them (oldest first, as they happened).
+            ended: list[StreamLog] = []
+            for stream_log in history.recently_ended():
+                if len(ended) >= message.recent:
+                    break
+                if stream_log.start is not None and flt.matches(stream_log.start):
+                    ended.append(stream_log)
+            for stream_log in reversed(ended):
+                frames.extend(data for _, _, data in stream_log.entries)
+            recent = len(ended)
         if message.snapshot and not (recovering and recovered):
             for stream in new_live:
                 snap = history.snapshot(stream)
@@ -691,6 +703,7 @@ class WebSocketSink(PluginBase):
                 recovered=recovered,
                 replayed=replayed,
                 snapshot=snapshots,
+                recent=recent,
                 streams=[lg.start.stream for lg in live if lg.start is not None],
                 unrecovered=unrecovered or None,
             )
