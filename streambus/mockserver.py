@@ -299,7 +299,7 @@ class MockServer:
                     body = orjson.loads(await request.read())
                 except orjson.JSONDecodeError as exc:
                     return self._error(request, fmt, 400, f"invalid JSON request body: {exc}", None)
-                model = body.get("model") or body.get("name") if isinstance(body, dict) else None
+                model = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
                 if not isinstance(model, str) or not model:
                     return self._error(request, fmt, 400, "model is required", None)
             name = self._known(model)
