@@ -68,7 +68,7 @@ from streambus import (
 )
 
 from .client import Client
-from .history import History, StreamLog
+from .history import History
 from .protocol import (
     PROTOCOL_VERSION,
     ClientMessage,
@@ -674,18 +674,10 @@ class WebSocketSink(PluginBase):
                 replayed = len(frames)
             else:
                 frames = []
-        recent = 0
-        if message.recent and not recovering:
-            # A page that opens after streams ended still shows them (oldest first, as they happened).
-            ended: list[StreamLog] = []
-            for stream_log in history.recently_ended():
-                if len(ended) >= message.recent:
-                    break
-                if stream_log.start is not None and flt.matches(stream_log.start):
-                    ended.append(stream_log)
-            for stream_log in reversed(ended):
-                frames.extend(data for _, _, data in stream_log.entries)
-            recent = len(ended)
+        # A page that opens after streams ended still shows them; a resuming client asks for what it missed instead.
+        recent = history.recently_ended(message.recent, flt.matches) if message.recent and not recovering else []
+        for whole in recent:
+            frames.extend(whole)
         if message.snapshot and not (recovering and recovered):
             for stream in new_live:
                 snap = history.snapshot(stream)
@@ -703,7 +695,7 @@ class WebSocketSink(PluginBase):
                 recovered=recovered,
                 replayed=replayed,
                 snapshot=snapshots,
-                recent=recent,
+                recent=len(recent),
                 streams=[lg.start.stream for lg in live if lg.start is not None],
                 unrecovered=unrecovered or None,
             )
