@@ -16,7 +16,7 @@ client sent.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -26,7 +26,7 @@ from .events import DeltaEvent, Event
 from .plugins import load
 from .wire import ToolCallFragment, parse_tool_text
 
-__all__ = ["StreamEncoder", "WireFormat", "load_format", "tool_fragments"]
+__all__ = ["LoadedModels", "ModelDetails", "StreamEncoder", "WireFormat", "load_format", "tool_fragments"]
 
 log = structlog.get_logger("streambus.formats")
 
@@ -103,6 +103,27 @@ class WireFormat(Protocol):
 
     def models_body(self, models: Sequence[str]) -> dict[str, Any]:
         """The body of the provider's model list (``/api/tags``, ``/v1/models``)."""
+
+
+@runtime_checkable
+class ModelDetails(Protocol):
+    """Optional for a :class:`WireFormat`: describe one model, as clients ask before they chat.
+
+    The mock model server serves it where the provider does: Ollama's
+    ``POST /api/show``, OpenAI's ``GET /v1/models/{id}``.
+    """
+
+    def model_body(self, model: str, channels: Collection[str]) -> dict[str, Any]:
+        """The body describing *model*; *channels* are the delta channels its recordings use
+        (``content``, ``reasoning``, ``tool``), i.e. what the model can do."""
+
+
+@runtime_checkable
+class LoadedModels(Protocol):
+    """Optional for a :class:`WireFormat`: list the models loaded now (Ollama's ``GET /api/ps``)."""
+
+    def loaded_body(self, models: Mapping[str, float]) -> dict[str, Any]:
+        """The body listing *models*: name -> UNIX time at which the model would be unloaded."""
 
 
 def load_format(name: str) -> WireFormat:

@@ -14,10 +14,14 @@
 
 The server answers the routes of every installed provider wire format
 (:func:`streambus.formats.load_format`): Ollama's ``/api/chat``,
-``/api/generate``, ``/api/tags``, ``/api/version`` and OpenAI's
-``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``. The bytes come
-from the provider plugin's own encoder, so what a client receives is what the
-plugin's producer parses.
+``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version`` and OpenAI's ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/models``, ``/v1/models/{id}``. The bytes come from the provider
+plugin's own encoder, so what a client receives is what the plugin's
+producer parses. ``/api/show`` reports the capabilities the recordings show
+(``thinking`` for reasoning, ``tools`` for tool calls); ``/api/ps`` lists the
+models answered in the last :data:`KEEP_ALIVE` seconds, as Ollama keeps a
+model loaded that long after its last use.
 
 Which recording answers a request: the recorded streams of the requested
 model, in recorded order, cycling (``llama3.2`` and ``llama3.2:latest`` are
@@ -25,6 +29,12 @@ the same model). An unknown model gets the provider's own error body and
 status (404). A streamed answer reproduces the recorded gaps between events
 (scaled by *speed*, capped by *idle_limit*, or none with *burst*); a request
 with ``stream: false`` waits the recorded duration and gets the assembled body.
+
+A recorded ``end`` without provider timings (an OpenAI recording, say) gets
+them from the recorded timestamps, so Ollama clients can compute tokens per
+second: ``prompt_eval_duration`` = start to first delta,
+``eval_duration`` = first delta to end (at least 1 µs), ``total_duration`` =
+start to end, ``load_duration`` = 0 (the model counts as loaded).
 
 This module needs :mod:`aiohttp` (``pip install 'streambus[testing]'``) and its
 async API runs on asyncio; :meth:`MockServer.running` works from any code,
@@ -39,11 +49,13 @@ import contextlib
 import dataclasses
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import msgspec
 import orjson
 import sniffio
 import structlog
@@ -57,15 +69,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .errors import PluginError
-from .events import Event, StartEvent
-from .formats import WireFormat, load_format
+from .events import DeltaEvent, EndEvent, Event, StartEvent
+from .formats import LoadedModels, ModelDetails, WireFormat, load_format
 from .plugins import install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
 
-__all__ = ["MockServer", "ServedRequest"]
+__all__ = ["KEEP_ALIVE", "MockServer", "ServedRequest"]
 
 log = structlog.get_logger("streambus.mockserver")
+
+KEEP_ALIVE = 300.0
+"""Seconds a model stays listed by ``/api/ps`` after it answered (Ollama's default ``keep_alive``)."""
 
 _NOT_FOUND = {
     "ollama": "model '{model}' not found",
@@ -94,6 +109,24 @@ class _Answer:
 
 def _base_model(name: str) -> str:
     return name.removesuffix(":latest")
+
+
+def _with_timings(events: Sequence[Event]) -> Sequence[Event]:
+    """*events*, their ``end`` given timings from the recorded timestamps if it has none."""
+    end = events[-1]
+    if not isinstance(end, EndEvent) or end.timings:
+        return events
+    begun = events[0].ts
+    first = next((e.ts for e in events if isinstance(e, DeltaEvent)), end.ts)
+    # Rounded to the microsecond: that is all a float UNIX time holds.
+    timings = {
+        "total_duration": round(max(0.0, end.ts - begun), 6),
+        "load_duration": 0.0,
+        "prompt_eval_duration": round(max(0.0, first - begun), 6),
+        # Never 0: clients divide eval_count by it.
+        "eval_duration": round(max(1e-6, end.ts - first), 6),
+    }
+    return [*events[:-1], msgspec.structs.replace(end, timings=timings)]
 
 
 class MockServer:
@@ -132,8 +165,13 @@ class MockServer:
         events = self._events(source, lenient)
         plans, _, _ = plan_streams(events)
         self._answers: dict[str, list[_Answer]] = {}
+        self._channels: dict[str, set[str]] = {}
         for plan in plans:
-            self._answers.setdefault(_base_model(plan.start.model), []).append(self._answer(plan.events))
+            key = _base_model(plan.start.model)
+            self._answers.setdefault(key, []).append(self._answer(_with_timings(plan.events)))
+            channels = self._channels.setdefault(key, set())
+            channels.update(e.channel for e in plan.events if isinstance(e, DeltaEvent))
+        self._loaded: dict[str, float] = {}  # model -> UNIX time its keep-alive ends
         self._cursor: dict[str, int] = {}
         self._lock = threading.Lock()
         self.formats: dict[str, WireFormat] = {}
@@ -197,7 +235,20 @@ class MockServer:
         with self._lock:
             index = self._cursor.get(key, 0)
             self._cursor[key] = index + 1
-        return answers[index % len(answers)]
+            answer = answers[index % len(answers)]
+            start = answer.events[0]
+            assert isinstance(start, StartEvent)
+            self._loaded[start.model] = time.time() + KEEP_ALIVE
+        return answer
+
+    def _known(self, model: str) -> str | None:
+        """The recorded name of *model* (``:latest`` or not), or ``None``."""
+        answers = self._answers.get(_base_model(model))
+        if not answers:
+            return None
+        start = answers[0].events[0]
+        assert isinstance(start, StartEvent)
+        return start.model
 
     # -- the aiohttp application ---------------------------------------------------
     def app(self) -> web.Application:
@@ -211,11 +262,19 @@ class MockServer:
                 app.router.add_post(path, self._handler(fmt, path, route))
                 served.add(path)
         if "ollama" in self.formats:
-            app.router.add_get("/api/tags", self._models_handler(self.formats["ollama"]))
+            ollama = self.formats["ollama"]
+            app.router.add_get("/api/tags", self._models_handler(ollama))
             app.router.add_get("/api/version", self._version)
             app.router.add_get("/", self._root)
+            if isinstance(ollama, ModelDetails):
+                app.router.add_post("/api/show", self._show_handler(ollama, ollama))
+            if isinstance(ollama, LoadedModels):
+                app.router.add_get("/api/ps", self._loaded_handler(ollama))
         if "openai" in self.formats:
-            app.router.add_get("/v1/models", self._models_handler(self.formats["openai"]))
+            openai = self.formats["openai"]
+            app.router.add_get("/v1/models", self._models_handler(openai))
+            if isinstance(openai, ModelDetails):
+                app.router.add_get("/v1/models/{model:.+}", self._show_handler(openai, openai))
         return app
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
@@ -229,6 +288,37 @@ class MockServer:
         async def handler(request: web.Request) -> web.StreamResponse:
             self._log(request, None, 200, None, False)
             return web.json_response(fmt.models_body(self.models))
+
+        return handler
+
+    def _show_handler(self, fmt: WireFormat, details: ModelDetails) -> Any:
+        # Ollama: POST /api/show {"model": ...} (older clients send "name"); OpenAI: GET /v1/models/{id}.
+        async def handler(request: web.Request) -> web.StreamResponse:
+            model: Any = request.match_info.get("model")
+            if model is None:
+                try:
+                    body = orjson.loads(await request.read())
+                except orjson.JSONDecodeError as exc:
+                    return self._error(request, fmt, 400, f"invalid JSON request body: {exc}", None)
+                model = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+                if not isinstance(model, str) or not model:
+                    return self._error(request, fmt, 400, "model is required", None)
+            name = self._known(model)
+            if name is None:
+                message = _NOT_FOUND.get(fmt.name, "model '{model}' not found").format(model=model)
+                return self._error(request, fmt, 404, message, model)
+            self._log(request, model, 200, None, False)
+            return web.json_response(details.model_body(name, sorted(self._channels[_base_model(name)])))
+
+        return handler
+
+    def _loaded_handler(self, fmt: LoadedModels) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            now = time.time()
+            with self._lock:
+                loaded = {model: until for model, until in self._loaded.items() if until > now}
+            self._log(request, None, 200, None, False)
+            return web.json_response(fmt.loaded_body(loaded))
 
         return handler
 

@@ -53,8 +53,25 @@ async def test_stdout_reports_error_and_abort() -> None:
             await w.error("timeout", "no chunk for 5 s")
         async with bus.stream() as w:
             await w.abort("stop", by="client")
-    assert "partial[error timeout: no chunk for 5 s]\n" in out.getvalue()
-    assert "[aborted by client: stop]\n" in out.getvalue()
+    assert out.getvalue() == "partial\n[error timeout: no chunk for 5 s]\n[aborted by client: stop]\n"
+
+
+@pytest.mark.anyio
+async def test_stdout_notes_of_interleaved_streams_stay_with_their_stream() -> None:
+    # b fails mid-line while a still prints: b's note waits for b's turn, on its own line.
+    out = io.StringIO()
+    async with Bus() as bus:
+        bus.add_sink(StdoutSink(file=out))
+        async with bus.stream(stream="a") as a:
+            await a.delta("one ")
+            async with bus.stream(stream="b") as b:
+                await b.delta("half")
+                await b.error("upstream", "model crashed")
+            await a.delta("two\n")
+            await a.abort("enough", by="client")
+    assert out.getvalue() == (
+        "── a ──\none two\n[aborted by client: enough]\n── b ──\nhalf\n[error upstream: model crashed]\n"
+    )
 
 
 @pytest.mark.anyio

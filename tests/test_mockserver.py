@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import msgspec
 import pytest
 import structlog
 
+import streambus
 from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, Event, PluginError, StartEvent, Usage
 from streambus.recording import read_recording, write_recording
 from streambus.testing import EventCapture
@@ -123,6 +125,47 @@ def test_ollama_client_lists_models_and_version(server_url: str, ollama_client: 
     assert httpx.get(server_url + "/").text == "Ollama is running"
 
 
+def test_ollama_client_show_and_ps_answer_as_ollama_does(ollama_client: ollama.Client) -> None:
+    # `ollama run` and other tools ask /api/show (and /api/ps) before they chat.
+    assert ollama_client.ps().models == []  # nothing answered yet: nothing loaded
+    shown = ollama_client.show("llama3.2:latest")
+    assert shown.capabilities == ["completion"]  # the recordings hold neither reasoning nor tool calls
+    assert shown.details is not None and shown.details.format == "gguf"
+    assert shown.modelfile is not None and "FROM llama3.2" in shown.modelfile
+    with pytest.raises(ollama.ResponseError) as info:
+        ollama_client.show("mistral")
+    assert (info.value.status_code, info.value.error) == (404, "model 'mistral' not found")
+    list(ollama_client.chat(model="llama3.2", messages=ASK, stream=True))
+    (loaded,) = ollama_client.ps().models
+    assert loaded.model == "llama3.2"
+    assert loaded.expires_at is not None and loaded.expires_at.timestamp() > time.time()
+    assert loaded.details is not None and loaded.details.format == "gguf"
+
+
+def test_ollama_show_reports_the_capabilities_the_recordings_show() -> None:
+    demo = Path(streambus.__file__).parent / "data" / "recordings" / "demo.jsonl"
+    with MockServer(demo, burst=True).running() as url, ollama.Client(host=url) as client:
+        qwen = client.show("qwen3")
+        assert qwen.capabilities is not None and set(qwen.capabilities) == {"completion", "thinking", "tools"}
+        raw = httpx.post(url + "/api/show", json={"name": "qwen3"})  # what older clients send
+        assert raw.status_code == 200 and raw.json()["capabilities"] == qwen.capabilities
+        assert httpx.post(url + "/api/show", json={}).json() == {"error": "model is required"}
+
+
+def test_ollama_durations_come_from_the_recorded_timestamps_when_missing(ollama_client: ollama.Client) -> None:
+    # rec-openai-en was recorded from an OpenAI server: no timings; its start, first delta and end are
+    # at 0, 0.12 and 0.335999 s.
+    final = list(ollama_client.chat(model="gpt-4o-mini", messages=ASK, stream=True))[-1]
+    assert final.done and final.eval_count == 9
+    assert final.prompt_eval_duration == 120_000_000
+    assert final.eval_duration == 215_999_000
+    assert final.total_duration == 335_999_000
+    assert final.load_duration == 0
+    assert final.eval_count / final.eval_duration * 1e9 == pytest.approx(41.67, abs=0.01)  # tokens/s
+    whole = ollama_client.chat(model="gpt-4o-mini", messages=ASK, stream=False)
+    assert whole.eval_duration == 215_999_000
+
+
 def test_ollama_unknown_model_is_404_in_ollama_shape(server_url: str, ollama_client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         ollama_client.chat(model="mistral", messages=ASK)
@@ -176,6 +219,15 @@ def test_openai_legacy_completions_and_models(openai_client: openai.OpenAI) -> N
     stream = client.completions.create(model="gpt-4o-mini", prompt="Hi", stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == HELLO
     assert [m.id for m in client.models.list()] == ["llama3.2", "gpt-4o-mini"]
+
+
+def test_openai_client_retrieves_one_model(openai_client: openai.OpenAI) -> None:
+    model = openai_client.models.retrieve("gpt-4o-mini")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o-mini", "model", "streambus")
+    assert openai_client.models.retrieve("llama3.2:latest").id == "llama3.2"
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client.models.retrieve("gpt-9")
+    assert info.value.code == "model_not_found" and "gpt-9" in info.value.message
 
 
 def test_openai_unknown_model_is_404_in_openai_shape(openai_client: openai.OpenAI) -> None:
@@ -316,6 +368,11 @@ def test_serve_mock_command_serves_until_sigterm() -> None:
             )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == JAPANESE
         assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 45
+        with ollama.Client(host=url) as client:
+            assert client.show("llama3.2").capabilities == ["completion"]
+            assert [m.model for m in client.ps().models] == ["llama3.2"]
+        with openai.OpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0) as oai:
+            assert oai.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=30) == 0
     finally:

@@ -283,6 +283,26 @@ def test_cli_prints_the_text_of_each_stream() -> None:
     assert "Hello!" not in result.stdout
 
 
+def test_cli_puts_failure_notes_on_their_own_line(tmp_path: Path) -> None:
+    path = tmp_path / "failed.jsonl"
+    write_recording(
+        path,
+        [
+            StartEvent(stream="a", seq=0, ts=1.0, model="m"),
+            DeltaEvent(stream="a", seq=1, ts=1.1, text="half an answ"),
+            ErrorEvent(stream="a", seq=2, ts=1.2, kind="upstream", message="model crashed"),
+            StartEvent(stream="b", seq=0, ts=2.0, model="m"),
+            DeltaEvent(stream="b", seq=1, ts=2.1, text="cut"),
+            AbortEvent(stream="b", seq=2, ts=2.2, reason="flagged", by="moderation"),
+        ],
+    )
+    result = CliRunner().invoke(main, ["replay", "--burst", "--keep-ids", str(path)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (
+        "── a ──\nhalf an answ\n[error upstream: model crashed]\n── b ──\ncut\n[aborted by moderation: flagged]\n"
+    )
+
+
 def test_cli_jsonl_with_keep_ids() -> None:
     result = CliRunner().invoke(main, ["replay", "--burst", "--keep-ids", "--format", "jsonl", str(CHAT)])
     assert result.exit_code == 0, result.stderr

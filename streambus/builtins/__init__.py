@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .recorder import RecorderSink
-from .stdout import StdoutSink
+from .stdout import StdoutSink, TextLayout
 from .synthetic import SyntheticProducer
 
-__all__ = ["RecorderSink", "StdoutSink", "SyntheticProducer"]
+__all__ = ["RecorderSink", "StdoutSink", "SyntheticProducer", "TextLayout"]

@@ -4,7 +4,10 @@ A mock model server replays the bundled recording in the Ollama and OpenAI
 wire formats; the real ``ollama`` and ``openai`` producers read several
 concurrent streams from it over HTTP; the bus fans them out to moderation
 (observe mode, a demo word list), stats, the recorder and the WebSocket
-broadcaster with its live page; the terminal shows a live table.
+broadcaster with its live page; the terminal shows a live table, fitted to
+the terminal's width: columns that do not fit go, least important first
+(provider, flags, chunks/s, TTFC ...; stream, status and model stay), and
+the latest text takes what room is left.
 """
 
 from __future__ import annotations
@@ -92,6 +95,13 @@ class LiveView:
     def __init__(self) -> None:
         self.rows: dict[str, _Row] = {}
         self.delivered_chars = 0
+        self._changed: anyio.Event | None = None
+
+    async def settled(self) -> None:
+        """Wait until every stream the view has seen has ended."""
+        while any(row.status == "streaming" for row in self.rows.values()):
+            self._changed = anyio.Event()
+            await self._changed.wait()
 
     async def run(self, events: Subscription) -> None:
         """Update rows from events until the subscription ends."""
@@ -121,40 +131,78 @@ class LiveView:
                     row.status = f"error: {event.kind}"
                 elif isinstance(event, AbortEvent):
                     row.status = f"abort: {event.by}"
+            if self._changed is not None:
+                self._changed.set()
 
-    def table(self) -> Any:
-        """A rich Table of the most recent streams."""
+    def _cells(self, row: _Row) -> dict[str, str]:
+        rate = ""
+        if row.first and row.last and row.last > row.first:
+            rate = f"{row.chunks / (row.last - row.first):.1f}"
+        return {
+            "stream": row.stream[-10:],
+            "model": row.model,
+            "provider": row.provider,
+            "status": row.status,
+            "chars": str(row.chars),
+            "chunks/s": rate,
+            "TTFC": f"{(row.first - row.started) * 1000:.0f} ms" if row.first else "…",
+            "flags": str(row.flags or ""),
+            "latest text": row.tail.replace("\n", " "),
+        }
+
+    def table(self, width: int = 120) -> Any:
+        """A rich Table of the most recent streams that fits in *width* terminal columns.
+
+        Columns that do not fit are left out, least important first (see
+        ``_COLUMNS``); the latest text takes the room that is left, if any.
+        """
+        from rich.cells import cell_len
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title="streambus demo — live streams", expand=True)
-        for name, justify in (
-            ("stream", "left"),
-            ("model", "left"),
-            ("status", "left"),
-            ("chars", "right"),
-            ("chunks/s", "right"),
-            ("TTFC", "right"),
-            ("flags", "right"),
-            ("latest text", "left"),
-        ):
-            table.add_column(name, justify=justify, no_wrap=name != "latest text")  # type: ignore[arg-type]
-        for row in list(self.rows.values())[-12:]:
-            ttfc = f"{(row.first - row.started) * 1000:.0f} ms" if row.first else "…"
-            rate = ""
-            if row.first and row.last and row.last > row.first:
-                rate = f"{row.chunks / (row.last - row.first):.1f}"
-            style = "green" if row.status.startswith("end") else "red" if "error" in row.status else ""
+        rows = [self._cells(row) for row in list(self.rows.values())[-12:]]
+        chosen: set[str] = set()
+        used = 1  # the table's right border
+        for name in _COLUMNS:
+            need = max([cell_len(name), *(cell_len(cells[name]) for cells in rows)]) + 3  # padding and border
+            if used + need <= width:
+                chosen.add(name)
+                used += need
+        text_width = width - used - 3
+        if text_width >= 8:
+            chosen.add("latest text")
+        table = Table(title="streambus demo — live streams", title_justify="left")
+        for name, justify in _DISPLAY:
+            if name in chosen:
+                table.add_column(
+                    name,
+                    justify=justify,  # type: ignore[arg-type]
+                    no_wrap=True,
+                    overflow="ellipsis",
+                    width=text_width if name == "latest text" else None,
+                )
+        for cells in rows:
+            status = cells["status"]
+            style = "green" if status.startswith("end") else "red" if "error" in status else ""
             table.add_row(
-                row.stream[-10:],
-                f"{row.model} ({row.provider})",
-                f"[{style}]{row.status}[/{style}]" if style else row.status,
-                str(row.chars),
-                rate,
-                ttfc,
-                str(row.flags or ""),
-                row.tail.replace("\n", " "),
+                *(Text(cells[name], style=style if name == "status" else "") for name, _ in _DISPLAY if name in chosen)
             )
         return table
+
+
+# The live table's columns, most important first: at 80 columns the last ones go.
+_COLUMNS = ("stream", "status", "model", "chars", "TTFC", "chunks/s", "flags", "provider")
+_DISPLAY = (
+    ("stream", "left"),
+    ("model", "left"),
+    ("provider", "left"),
+    ("status", "left"),
+    ("chars", "right"),
+    ("chunks/s", "right"),
+    ("TTFC", "right"),
+    ("flags", "right"),
+    ("latest text", "left"),
+)
 
 
 def _producers(opts: DemoOptions, ollama_url: str | None, openai_url: str | None) -> list[Any]:
@@ -291,6 +339,9 @@ async def run_demo(opts: DemoOptions, out: TextIO | None = None) -> dict[str, An
 
                 async def main() -> None:
                     await play()
+                    # Every stream has ended on the bus; let the live view catch up (bounded) before it is drawn last.
+                    with anyio.move_on_after(2):
+                        await view.settled()
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stop_on_signal)
@@ -351,7 +402,10 @@ async def _render_live(view: LiveView, out: TextIO) -> None:
     from rich.live import Live
 
     console = Console(file=out)
-    with Live(view.table(), console=console, refresh_per_second=4, transient=False) as live:
-        while True:
-            await anyio.sleep(0.25)
-            live.update(view.table())
+    with Live(view.table(console.width), console=console, refresh_per_second=4, transient=False) as live:
+        try:
+            while True:
+                await anyio.sleep(0.25)
+                live.update(view.table(console.width))  # the terminal may have been resized
+        finally:
+            live.update(view.table(console.width))  # what stays on screen (or in the file) is the final state

@@ -186,6 +186,33 @@ def test_openai_without_model_is_a_usage_error() -> None:
     assert "--openai needs --model" in result.stderr
 
 
+@pytest.mark.parametrize("columns", [80, 130])
+def test_live_table_fits_the_terminal_and_keeps_the_key_columns(columns: int, tmp_path: Path) -> None:
+    from rich.cells import cell_len
+
+    argv = ["demo", "--port", "0", "--live", "--rounds", "1", "--speed", "20", "--record-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "streambus", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": str(columns)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    # Without a terminal, rich prints the live table once, in its final state, before the final stats.
+    first = lines.index(next(line for line in lines if line.startswith("streambus demo — live streams")))
+    table = lines[first : lines.index(next(line for line in lines if line.startswith("final stats")))]
+    assert max(cell_len(line) for line in table) <= columns, "\n".join(table)
+    header = [cell.strip() for cell in table[2].strip("┃").split("┃")]
+    assert {"stream", "model", "status", "chars"} <= set(header), header
+    assert ("latest text" in header) == (columns > 100)
+    rows = [line for line in table if line.startswith("│")]
+    assert len(rows) == 5  # one round of the bundled recording: 3 Ollama + 2 OpenAI streams
+    statuses = [[cell.strip() for cell in row.strip("│").split("│")][header.index("status")] for row in rows]
+    assert all(status.startswith(("end: ", "error: ")) for status in statuses), statuses
+
+
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

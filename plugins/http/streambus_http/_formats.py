@@ -47,6 +47,7 @@ __all__ = [
     "SSEEncoder",
     "TextEncoder",
     "UIMessageStreamEncoder",
+    "error_body",
     "make_encoder",
 ]
 
@@ -91,8 +92,11 @@ class SSEEncoder:
 
     A browser ``EventSource`` reconnects by itself and sends the last id as
     ``Last-Event-ID``; the server resumes right after it. ``retry`` (ms) sets
-    the browser's reconnect delay. A resume whose position was evicted starts
-    with an ``event: reset`` frame (``{"recovered": false, ...}``): reload.
+    the browser's reconnect delay; it rides in the first frame, never in a
+    frame of its own (a frame with no ``data`` would reach clients such as
+    ``httpx-sse`` as an event with empty data). A resume whose position was
+    evicted starts with an ``event: reset`` frame (``{"recovered": false,
+    ...}``): reload.
     """
 
     media_type = "text/event-stream"
@@ -103,11 +107,16 @@ class SSEEncoder:
         self.headers = dict(_NO_CACHE)
         self.retry_ms = retry_ms
         self.preamble = preamble
+        self._retry = f"retry: {retry_ms}\n".encode() if retry_ms is not None else b""
+
+    def _first(self, frame: bytes) -> bytes:
+        # The retry field joins the first frame: a frame holding only `retry:` is an empty event to some clients.
+        head, self._retry = self._retry, b""
+        return head + frame
 
     def begin(self) -> bytes:
-        """The ``retry`` field (and a pending ``reset`` frame)."""
-        head = f"retry: {self.retry_ms}\n\n".encode() if self.retry_ms is not None else b""
-        return head + self.preamble
+        """A pending ``reset`` frame (with the ``retry`` field), else nothing."""
+        return self._first(self.preamble) if self.preamble else b""
 
     @staticmethod
     def reset_frame(reason: str) -> bytes:
@@ -119,7 +128,8 @@ class SSEEncoder:
         parts: list[bytes] = []
         for event in events:
             parts.append(b"id: %s:%d\ndata: %s\n\n" % (event.stream.encode(), event.seq, encode(event)))
-        return b"".join(parts)
+        data = b"".join(parts)
+        return self._first(data) if self._retry and data else data
 
     def finish(self, cause: EndCause) -> bytes:
         """Nothing: the browser reconnects and resumes."""
@@ -428,6 +438,16 @@ class OpenAIChunkEncoder:
         """Nothing: the role chunk is sent with the stream's ``start``."""
         return b""
 
+    def resume(self, start: StartEvent) -> None:
+        """Continue a stream after its start (a ``Last-Event-ID`` resume): chunks keep its id, model and time.
+
+        The resumed response does not see *start*, so without this its chunks
+        would name no model; the role chunk is not sent again.
+        """
+        self._id = f"chatcmpl-{start.stream}"
+        self._created = int(start.ts)
+        self._model = self.model or start.model
+
     def _call_id(self, index: int) -> str:
         stream = self._id.removeprefix("chatcmpl-")
         return f"call_{stream}" if index == 0 else f"call_{stream}_{index}"
@@ -517,6 +537,30 @@ class OpenAIChunkEncoder:
         """An error object: the completion stopped before its end."""
         why = "the server is shutting down" if cause == "closed" else "the reader fell behind"
         return self._error(f"stream interrupted: {why}", "interrupted")
+
+
+# OpenAI's error `type` and `code` for the statuses this server answers with.
+_OPENAI_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "stream_not_found"),
+    409: ("invalid_request_error", "resume_position_evicted"),
+    503: ("server_error", "service_unavailable"),
+}
+
+
+def error_body(fmt: str | Encoder, status: int, message: str) -> tuple[str, bytes]:
+    """The ``(content-type, body)`` answering a request of format *fmt* that fails with *status*.
+
+    The OpenAI format answers OpenAI's error object ``{"error": {"message",
+    "type", "param", "code"}}``, so OpenAI clients raise with *message*;
+    every other format answers *message* as plain text.
+    """
+    if fmt == "openai" or isinstance(fmt, OpenAIChunkEncoder):
+        kind, code = _OPENAI_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+        error = {"message": message, "type": kind, "param": None, "code": code}
+        return "application/json", _dumps({"error": error})
+    return "text/plain; charset=utf-8", (message + "\n").encode()
 
 
 def make_encoder(fmt: str, **options: Any) -> Encoder:

@@ -17,10 +17,13 @@ import anyio
 from streambus import Filter
 
 from ._errors import HttpStreamError, ResumeError
-from ._formats import Encoder, SSEEncoder, make_encoder
+from ._formats import Encoder, OpenAIChunkEncoder, SSEEncoder, make_encoder
 from ._hub import Cursor, StreamHub, parse_event_id
 
-__all__ = ["Opened", "body", "open_stream"]
+__all__ = ["UNKNOWN_STREAM_TIMEOUT", "Opened", "body", "open_stream"]
+
+UNKNOWN_STREAM_TIMEOUT = 3.0
+"""Seconds a request naming a stream id the hub does not know waits for it, then 404."""
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ async def open_stream(
     filter: Filter | None = None,
     resume: str | None = None,
     start_timeout: float = 30.0,
+    unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT,
     **format_options: Any,
 ) -> Opened:
     """Resolve what to serve; raise :class:`HttpStreamError` with the status to answer otherwise.
@@ -50,7 +54,10 @@ async def open_stream(
     *stream* serves one stream; *filter* serves every matching stream for
     ``sse``/``ndjson``, and the oldest live (or next) matching stream for the
     one-stream formats. *resume* is an event id ``<stream>:<seq>`` (the
-    ``Last-Event-ID``): serve what follows it.
+    ``Last-Event-ID``): serve what follows it. A filter waits up to
+    *start_timeout* seconds for a matching stream to start; a *stream* id the
+    hub does not know waits *unknown_stream_timeout* seconds (the producer
+    may not have started it yet), then 404.
     """
     encoder = make_encoder(fmt, **format_options) if isinstance(fmt, str) else fmt
     if stream is None and filter is None:
@@ -69,7 +76,7 @@ async def open_stream(
             resumed, after = parse_event_id(resume)
             if resumed != stream:
                 raise ResumeError(f"Last-Event-ID {resume!r} names another stream than {stream!r}", status=400)
-        await hub.wait_stream(stream, max_wait=start_timeout)
+        await hub.wait_stream(stream, max_wait=unknown_stream_timeout)
         try:
             cursor = hub.stream_cursor(stream, after=after)
         except ResumeError as exc:
@@ -80,6 +87,9 @@ async def open_stream(
             return Opened(cursor, encoder, stream, recovered=False)
         if resume and hub.ended(stream) and after >= hub.last_seq(stream):
             raise HttpStreamError(f"stream {stream} already ended", status=204)
+        start = hub.start_of(stream)
+        if after >= 0 and start is not None and isinstance(encoder, OpenAIChunkEncoder):
+            encoder.resume(start)
         return Opened(cursor, encoder, stream)
     assert filter is not None
     try:

@@ -25,9 +25,9 @@ from aiohttp import web
 from streambus import Filter
 
 from ._errors import HttpStreamError
-from ._formats import FORMATS, FormatName, make_encoder
+from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
 from ._hub import StreamHub
-from ._serve import body, open_stream
+from ._serve import UNKNOWN_STREAM_TIMEOUT, body, open_stream
 
 __all__ = ["add_routes", "filter_from_query", "stream_response"]
 
@@ -54,10 +54,11 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _error_response(exc: HttpStreamError) -> web.Response:
+def _error_response(exc: HttpStreamError, encoder: Encoder | str) -> web.Response:
     if exc.status == 204:
         return web.Response(status=204)
-    return web.Response(status=exc.status, text=exc.message + "\n")
+    content_type, data = error_body(encoder, exc.status, exc.message)
+    return web.Response(status=exc.status, body=data, headers={"Content-Type": content_type})
 
 
 async def stream_response(
@@ -69,6 +70,7 @@ async def stream_response(
     filter: Filter | None = None,
     resume: str | None = None,
     start_timeout: float = 30.0,
+    unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT,
     keepalive: float = 15.0,
     tick: float = 1.0,
     write_interval: float = 0.005,
@@ -79,7 +81,9 @@ async def stream_response(
 
     Reads ``Last-Event-ID`` (or the ``last_event_id`` query parameter) unless
     *resume* is given. Answers 404/400/409/204 with a plain text reason
-    before any body when the request cannot be served. *write_interval* is the
+    before any body when the request cannot be served (a *stream* id the hub
+    does not know after *unknown_stream_timeout* seconds, no stream matching
+    *filter* after *start_timeout* seconds). *write_interval* is the
     least time between two writes (tokens arriving meanwhile share one write).
     Returns the finished
     response (aiohttp handlers return it as is).
@@ -90,10 +94,16 @@ async def stream_response(
         resume = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or None
     try:
         opened = await open_stream(
-            hub, encoder, stream=stream, filter=filter, resume=resume, start_timeout=start_timeout
+            hub,
+            encoder,
+            stream=stream,
+            filter=filter,
+            resume=resume,
+            start_timeout=start_timeout,
+            unknown_stream_timeout=unknown_stream_timeout,
         )
     except HttpStreamError as exc:
-        return _error_response(exc)
+        return _error_response(exc, encoder)
     response = web.StreamResponse(status=200, headers={**encoder.headers, **(headers or {})})
     response.content_type = encoder.media_type.split(";")[0]
     if "charset=" in encoder.media_type:
@@ -141,6 +151,7 @@ def add_routes(
     cors_origins: Sequence[str] = (),
     chat_meta_key: str = "chat",
     start_timeout: float = 30.0,
+    unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT,
     keepalive: float = 15.0,
     retry_ms: int = 3000,
     write_interval: float = 0.005,
@@ -165,7 +176,7 @@ def add_routes(
     expected = token.encode() if token else None
     origins = set(cors_origins)
 
-    def guard(handler: _CorsHandler) -> _Handler:
+    def guard(handler: _CorsHandler, fmt: str = "text") -> _Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
@@ -174,12 +185,18 @@ def add_routes(
                 given = request.headers.get("Authorization", "")
                 presented = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
                 if not hmac.compare_digest(presented.encode(), expected):
-                    return web.Response(status=401, text="missing or wrong bearer token\n", headers=cors)
+                    content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
+                    return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
             return await handler(request, cors)
 
         return wrapped
 
-    common: dict[str, Any] = {"start_timeout": start_timeout, "keepalive": keepalive, "write_interval": write_interval}
+    common: dict[str, Any] = {
+        "start_timeout": start_timeout,
+        "unknown_stream_timeout": unknown_stream_timeout,
+        "keepalive": keepalive,
+        "write_interval": write_interval,
+    }
 
     def options_for(fmt: str, cors: dict[str, str]) -> dict[str, Any]:
         opts: dict[str, Any] = dict(common, headers=cors)
@@ -225,9 +242,17 @@ def add_routes(
         return data
 
     async def chat_completions(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
-        data = await json_body(request)
+        def refuse(message: str) -> web.Response:
+            # OpenAI's error object, so OpenAI clients raise with the message.
+            content_type, data = error_body("openai", 400, message)
+            return web.Response(status=400, body=data, headers={**cors, "Content-Type": content_type})
+
+        try:
+            data = await json_body(request)
+        except web.HTTPBadRequest as exc:
+            return refuse((exc.text or "").strip())
         if data.get("stream") is not True:
-            raise web.HTTPBadRequest(text='only streamed completions are served: send "stream": true\n')
+            return refuse('only streamed completions are served: send "stream": true')
         options = data.get("stream_options") or {}
         include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
         model = data.get("model")
@@ -267,7 +292,7 @@ def add_routes(
         ("GET", "/api/chat/{chat}/stream", ui_resume),
     ]
     for method, path, handler in routes:
-        wrapped = guard(handler)
+        wrapped = guard(handler, "openai" if handler is chat_completions else "text")
         app.router.add_route(method, prefix + path, wrapped)
         if origins:
             app.router.add_route("OPTIONS", prefix + path, wrapped)

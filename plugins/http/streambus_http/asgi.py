@@ -36,9 +36,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without starlett
 from streambus import Filter
 
 from ._errors import HttpStreamError
-from ._formats import FormatName, make_encoder
+from ._formats import Encoder, FormatName, error_body, make_encoder
 from ._hub import StreamHub
-from ._serve import body, open_stream
+from ._serve import UNKNOWN_STREAM_TIMEOUT, body, open_stream
 
 __all__ = [
     "EventStreamResponse",
@@ -68,7 +68,8 @@ class EventStreamResponse(Response):
     :param hub: the :class:`~streambus_http.StreamHub` attached to the bus.
     :param format: ``sse``, ``text``, ``ndjson``, ``ui`` (Vercel AI SDK) or ``openai``.
     :param resume: an event id to resume after; by default the request's ``Last-Event-ID``.
-    :param start_timeout: seconds to wait for a stream that has not started (then 404).
+    :param start_timeout: seconds to wait for a stream matching *filter* to start (then 404).
+    :param unknown_stream_timeout: seconds to wait for a *stream* id the hub does not know (then 404).
     :param keepalive: seconds of silence before an SSE comment keeps proxies from closing.
     :param write_interval: seconds between writes, so tokens arriving meanwhile share one write (0: no wait).
     :param format_options: passed to the format's encoder (e.g. ``include_usage=True``).
@@ -83,6 +84,7 @@ class EventStreamResponse(Response):
         filter: Filter | None = None,
         resume: str | None = None,
         start_timeout: float = 30.0,
+        unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT,
         keepalive: float = 15.0,
         write_interval: float = 0.005,
         headers: Mapping[str, str] | None = None,
@@ -94,6 +96,7 @@ class EventStreamResponse(Response):
         self.filter = filter
         self.resume = resume
         self.start_timeout = start_timeout
+        self.unknown_stream_timeout = unknown_stream_timeout
         self.keepalive = keepalive
         self.write_interval = write_interval
         self.status_code = 200
@@ -121,9 +124,10 @@ class EventStreamResponse(Response):
                     filter=self.filter,
                     resume=self.resume or _resume_from(scope),
                     start_timeout=self.start_timeout,
+                    unknown_stream_timeout=self.unknown_stream_timeout,
                 )
             except HttpStreamError as exc:
-                await _send_error(send, exc)
+                await _send_error(send, exc, self.encoder)
                 tg.cancel_scope.cancel()
                 return
             try:
@@ -137,9 +141,11 @@ class EventStreamResponse(Response):
             tg.cancel_scope.cancel()
 
 
-async def _send_error(send: Send, exc: HttpStreamError) -> None:
-    body_bytes = b"" if exc.status == 204 else (exc.message + "\n").encode()
-    headers = [] if exc.status == 204 else [(b"content-type", b"text/plain; charset=utf-8")]
+async def _send_error(send: Send, exc: HttpStreamError, encoder: Encoder) -> None:
+    body_bytes, headers = b"", []
+    if exc.status != 204:
+        content_type, body_bytes = error_body(encoder, exc.status, exc.message)
+        headers = [(b"content-type", content_type.encode())]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body_bytes, "more_body": False})
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from streambus import Bus, PluginBase, Subscription
 
 from ._hub import StreamHub
+from ._serve import UNKNOWN_STREAM_TIMEOUT
 from .aio import _require_asyncio, add_routes
 
 __all__ = ["HttpSink"]
@@ -57,7 +58,9 @@ class HttpSink(PluginBase):
         max_events: int = 100_000
         """Events kept in the global log that filter readers resume from."""
         start_timeout: float = 30.0
-        """Seconds a request waits for a stream that has not started (then 404)."""
+        """Seconds a request for the live or next stream of a filter (a model, a chat) waits for one (then 404)."""
+        unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT
+        """Seconds a request naming a stream id the history does not hold waits for it to start (then 404)."""
         keepalive: float = 15.0
         """Seconds of silence before an SSE keepalive comment."""
         retry_ms: int = 3000
@@ -77,7 +80,7 @@ class HttpSink(PluginBase):
                     raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
             if self.write_interval < 0:
                 raise ValueError(f"write_interval: must not be negative, got {self.write_interval}")
-            for key in ("start_timeout", "keepalive"):
+            for key in ("start_timeout", "unknown_stream_timeout", "keepalive"):
                 if getattr(self, key) <= 0:
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
             if self.token is not None and not self.token:
@@ -125,6 +128,7 @@ class HttpSink(PluginBase):
             cors_origins=opts.cors_origins,
             chat_meta_key=opts.chat_meta_key,
             start_timeout=opts.start_timeout,
+            unknown_stream_timeout=opts.unknown_stream_timeout,
             keepalive=opts.keepalive,
             retry_ms=opts.retry_ms,
             write_interval=opts.write_interval,

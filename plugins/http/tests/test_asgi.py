@@ -170,7 +170,7 @@ def _starlette(hub: StreamHub) -> Starlette:
         fmt = request.path_params["fmt"]
         stream = request.path_params["sid"]
         maker = {"sse": sse_response, "text": text_response, "ndjson": ndjson_response, "openai": openai_response}
-        return maker[fmt](hub, stream=stream, start_timeout=0.5)
+        return maker[fmt](hub, stream=stream, start_timeout=0.5, unknown_stream_timeout=0.5)
 
     async def many(request: Request) -> EventStreamResponse:
         return EventStreamResponse(hub, "ui", filter=None)
@@ -194,6 +194,14 @@ async def test_asgi_responses_run_under_asyncio_and_trio(writer: Any) -> None:
             r = await client.get("/s/missing/sse")
             assert r.status_code == 404
             assert "did not start" in r.text
+            r = await client.get("/s/missing/openai")  # OpenAI's error object, which OpenAI clients show
+            assert (r.status_code, r.headers["content-type"]) == (404, "application/json")
+            assert r.json()["error"] == {
+                "message": "stream 'missing' did not start within 0.5 s",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "stream_not_found",
+            }
 
             async def later() -> None:
                 with anyio.fail_after(10):

@@ -241,12 +241,12 @@ async def test_live_abort_reaches_an_open_response(served: Any) -> None:
         assert orjson.loads(chunks[-2]) == {"type": "abort", "reason": "aborted by client: stop button"}
 
 
-@pytest.mark.sink_options(start_timeout=0.2)
+@pytest.mark.sink_options(unknown_stream_timeout=0.2)
 async def test_unknown_stream_is_404_and_bad_requests_name_the_problem(served: Any) -> None:
     async with httpx.AsyncClient(base_url=served.url) as client:
         r = await client.get("/streams/nope/sse")
         assert r.status_code == 404
-        assert "nope" in r.text
+        assert r.text == "stream 'nope' did not start within 0.2 s\n"
         r = await client.get("/streams/nope/xml")
         assert r.status_code == 404
         assert "unknown format 'xml'" in r.text
@@ -258,10 +258,17 @@ async def test_unknown_stream_is_404_and_bad_requests_name_the_problem(served: A
         assert "another stream" in r.text
         r = await client.post("/v1/chat/completions", content=b"{not json")
         assert r.status_code == 400
-        assert "not JSON" in r.text
+        assert "not JSON" in r.json()["error"]["message"]
         r = await client.post("/v1/chat/completions", json={"model": "m", "stream": False})
         assert r.status_code == 400
-        assert '"stream": true' in r.text
+        assert r.json() == {
+            "error": {
+                "message": 'only streamed completions are served: send "stream": true',
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
         r = await client.post("/api/chat", json={"messages": []})
         assert r.status_code == 400
         assert '"id"' in r.text
@@ -459,6 +466,82 @@ async def test_official_openai_client_against_the_sink(served: Any, writer: Any)
             stream = await client.chat.completions.create(model="llama", messages=[], stream=True)
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == "next one"
+
+
+async def test_httpx_sse_json_loop_reads_every_frame(served: Any, writer: Any) -> None:
+    # httpx-sse's documented loop calls sse.json() on every event: no frame may be data-less.
+    from httpx_sse import aconnect_sse
+
+    await writer(served.bus, "hs", ["Hel", "lo"])
+    async with httpx.AsyncClient(base_url=served.url) as client:
+        async with aconnect_sse(client, "GET", "/streams/hs/sse") as source:
+            received = [(sse.id, sse.retry, sse.json()) async for sse in source.aiter_sse()]
+    assert [(event_id, data["type"]) for event_id, _, data in received] == [
+        ("hs:0", "start"),
+        ("hs:1", "delta"),
+        ("hs:2", "delta"),
+        ("hs:3", "end"),
+    ]
+    assert received[0][1] == 3000  # the reconnect delay rides in the first event's frame
+
+
+@pytest.mark.sink_options(per_stream=4, retry_ms=1500)
+async def test_httpx_sse_reads_the_reset_frame_of_an_evicted_resume(served: Any, writer: Any) -> None:
+    from httpx_sse import aconnect_sse
+
+    await writer(served.bus, "ev", [f"w{i} " for i in range(20)])
+    async with httpx.AsyncClient(base_url=served.url) as client:
+        async with aconnect_sse(client, "GET", "/streams/ev/sse", headers={"Last-Event-ID": "ev:1"}) as source:
+            first = await anext(source.aiter_sse())
+    assert (first.event, first.retry, first.json()["recovered"]) == ("reset", 1500, False)
+
+
+@pytest.mark.sink_options(unknown_stream_timeout=0.2, token="s3cret")
+async def test_openai_client_shows_the_message_of_every_refusal(served: Any) -> None:
+    import openai
+
+    url = served.url + "/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key="s3cret", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError, match="stream 'nope' did not start within 0.2 s") as missing:
+            await client.chat.completions.create(model="m", messages=[], stream=True, extra_body={"stream_id": "nope"})
+        assert missing.value.code == "stream_not_found"
+        with pytest.raises(openai.BadRequestError, match="only streamed completions are served"):
+            await client.chat.completions.create(model="m", messages=[])
+        with pytest.raises(openai.BadRequestError, match="Last-Event-ID 'junk'"):
+            await client.chat.completions.create(
+                model="m",
+                messages=[],
+                stream=True,
+                extra_body={"stream_id": "x"},
+                extra_headers={"Last-Event-ID": "junk"},
+            )
+    async with openai.AsyncOpenAI(base_url=url, api_key="wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong bearer token"):
+            await client.chat.completions.create(model="m", messages=[], stream=True)
+
+
+async def test_openai_resume_after_last_event_id_keeps_model_and_id(served: Any, writer: Any) -> None:
+    import openai
+
+    await writer(served.bus, "rs", ["one ", "two ", "three"], model="llama3")
+    async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="llama3",
+            messages=[],
+            stream=True,
+            extra_body={"stream_id": "rs"},
+            extra_headers={"Last-Event-ID": "rs:1"},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "two three"
+    assert {(c.model, c.id) for c in chunks} == {("llama3", "chatcmpl-rs")}
+    assert all(c.choices[0].delta.role is None for c in chunks)  # the role came before the resume point
+
+
+def test_unknown_stream_wait_is_short_by_default_and_validated() -> None:
+    assert HttpSink.Options().unknown_stream_timeout <= 5
+    with pytest.raises(ConfigError, match=r"sinks\[0\].unknown_stream_timeout: must be positive, got 0"):
+        parse_config({"sinks": [{"type": "http", "unknown_stream_timeout": 0}]})
 
 
 async def test_aiohttp_example_app(writer: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -248,23 +248,70 @@ class OllamaFormat:
 
     def models_body(self, models: Sequence[str]) -> dict[str, Any]:
         """The ``/api/tags`` body listing *models* (sizes and digests are synthetic: a mock serves no model files)."""
+        return {"models": [_model_entry(name) for name in models]}
+
+    def model_body(self, model: str, channels: Collection[str]) -> dict[str, Any]:
+        """The ``/api/show`` body of *model*: ``capabilities`` from the recorded *channels*, the rest synthetic.
+
+        ``completion`` always; ``thinking`` when its recordings have reasoning,
+        ``tools`` when they have tool calls (clients such as ``ollama run``
+        read these before they chat).
+        """
+        capabilities = ["completion"]
+        if "tool" in channels:
+            capabilities.append("tools")
+        if "reasoning" in channels:
+            capabilities.append("thinking")
+        return {
+            "license": "",
+            "modelfile": f"# served by the streambus mock from a recording\nFROM {model}\n",
+            "parameters": "",
+            "template": "{{ .Prompt }}",
+            "details": _details(),
+            "model_info": {"general.architecture": "", "general.basename": model},
+            "capabilities": capabilities,
+            "modified_at": _MODIFIED_AT,
+        }
+
+    def loaded_body(self, models: Mapping[str, float]) -> dict[str, Any]:
+        """The ``/api/ps`` body: *models* (name -> UNIX time its keep-alive ends) as loaded, sizes synthetic."""
         return {
             "models": [
                 {
                     "name": name,
                     "model": name,
-                    "modified_at": "2026-01-01T00:00:00Z",
                     "size": 0,
                     "digest": hashlib.sha256(name.encode()).hexdigest(),
-                    "details": {
-                        "parent_model": "",
-                        "format": "gguf",
-                        "family": "",
-                        "families": None,
-                        "parameter_size": "",
-                        "quantization_level": "",
-                    },
+                    "details": _details(),
+                    "expires_at": datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat(),
+                    "size_vram": 0,
+                    "context_length": 4096,
                 }
-                for name in models
+                for name, until in models.items()
             ]
         }
+
+
+_MODIFIED_AT = "2026-01-01T00:00:00Z"
+
+
+def _details() -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def _model_entry(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _MODIFIED_AT,
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": _details(),
+    }

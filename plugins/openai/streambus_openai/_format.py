@@ -11,7 +11,7 @@ accepts the output.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -253,7 +253,8 @@ class OpenAIFormat:
 
     def models_body(self, models: Sequence[str]) -> dict[str, Any]:
         """The ``/v1/models`` body listing *models*."""
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "streambus"} for name in models],
-        }
+        return {"object": "list", "data": [self.model_body(name, ()) for name in models]}
+
+    def model_body(self, model: str, channels: Collection[str]) -> dict[str, Any]:
+        """The ``GET /v1/models/{id}`` body: OpenAI's model object (*channels* are not part of it)."""
+        return {"id": model, "object": "model", "created": 0, "owned_by": "streambus"}

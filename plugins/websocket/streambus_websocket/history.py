@@ -118,6 +118,25 @@ class History:
             self._ended.append((log.expires, stream))
         return log
 
+    def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[bytes]]:
+        """Every event of up to *limit* ended streams whose ``start`` *matches*, the streams in the order they ended.
+
+        Only streams still held whole (from their ``start``) count: the most
+        recently ended ones, since older ones are the first to expire.
+        """
+        found: list[list[bytes]] = []
+        for expires, stream in reversed(self._ended):
+            if len(found) >= limit:
+                break
+            log = self._logs.get(stream)
+            # A stream id can end twice (a recording replayed with its ids): count its latest end only.
+            if log is None or not log.ended or log.expires != expires or not log.complete:
+                continue
+            if log.start is not None and matches(log.start):
+                found.append([data for _, _, data in log.entries])
+        found.reverse()
+        return found
+
     def expire(self) -> None:
         """Forget ended streams whose ``history_ttl`` has passed."""
         now = self._clock()

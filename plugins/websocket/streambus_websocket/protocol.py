@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -109,7 +109,8 @@ class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_
 
     ``since`` maps stream ids to the last ``seq`` the client saw: missed events
     are replayed from history, all or nothing. ``snapshot`` asks for the text
-    so far of every live stream as one coalesced delta per channel.
+    so far of every live stream as one coalesced delta per channel. ``recent``
+    asks for up to that many recently ended streams, whole, from history.
     """
 
     id: str | int = 0
@@ -119,6 +120,7 @@ class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_
     meta: dict[str, Any] | None = None
     since: dict[str, int] | None = None
     snapshot: bool = False
+    recent: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def to_filter(self) -> Filter:
         """The bus :class:`~streambus.Filter` this subscription describes."""

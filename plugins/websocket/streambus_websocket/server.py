@@ -682,6 +682,10 @@ class WebSocketSink(PluginBase):
                 replayed = len(frames)
             else:
                 frames = []
+        # A page that opens after streams ended still shows them; a resuming client asks for what it missed instead.
+        recent = history.recently_ended(message.recent, flt.matches) if message.recent and not recovering else []
+        for whole in recent:
+            frames.extend(whole)
         if message.snapshot and not (recovering and recovered):
             for stream in new_live:
                 snap = history.snapshot(stream)
@@ -699,6 +703,7 @@ class WebSocketSink(PluginBase):
                 recovered=recovered,
                 replayed=replayed,
                 snapshot=snapshots,
+                recent=len(recent),
                 streams=[lg.start.stream for lg in live if lg.start is not None],
                 unrecovered=unrecovered or None,
             )

@@ -1,7 +1,10 @@
 """``streambus tail URL``: follow a broadcaster from the terminal.
 
 Subscribes with the given filters and prints text as it arrives (or every
-event in wire form with ``--json``). When the connection drops it reconnects
+event in wire form with ``--json``). Concurrent streams print one after
+another under a header each (:class:`streambus.builtins.TextLayout`): the
+oldest live stream prints as it arrives, the others follow when it ends, and
+each stream's closing note is on its own line after its text. When the connection drops it reconnects
 and resumes with ``since``, so nothing is printed twice and nothing is lost
 while the server's history covers the gap.
 """
@@ -17,6 +20,10 @@ import click
 import msgspec
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+
+from streambus import AbortEvent, EndEvent, ErrorEvent, Event, StartEvent, decode
+from streambus.builtins import TextLayout
+from streambus.errors import StreamBusError
 
 from .protocol import PROTOCOL_VERSION, CloseCode
 
@@ -62,10 +69,15 @@ class _Tail:
         self.err = err
         self.last_seq: dict[str, int] = dict(subscribe.get("since") or {})
         self.ended: set[str] = set()
-        self.current: str | None = None
-        self.channel: str | None = None
-        self.models: dict[str, str] = {}
         self.resuming = "since" in subscribe
+        dim = out.isatty()
+        self.layout = TextLayout(
+            channels=("reasoning", "content") if reasoning else ("content",),
+            header=_header,
+            note=_note,
+            style=lambda channel, text: click.style(text, dim=True) if dim and channel == "reasoning" else text,
+            unstarted=True,  # --since resumes streams whose start this process never saw
+        )
 
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -146,49 +158,40 @@ class _Tail:
             self.out.write("\n")
             self.out.flush()
         else:
-            self._print(stream, kind, msg)
+            self._print(frame)
         if kind in ("end", "error", "abort"):
             self.ended.add(stream)
             if self.max_streams is not None and len(self.ended) >= self.max_streams:
                 return True
         return False
 
-    def _print(self, stream: str, kind: Any, msg: dict[str, Any]) -> None:
-        out = self.out
-        if kind == "start":
-            self.models[stream] = str(msg.get("model") or "")
-        if kind == "delta":
-            channel = msg.get("channel", "content")
-            if channel == "reasoning" and not self.reasoning:
-                return
-            if channel == "tool":
-                return
-            if self.current != stream:
-                if self.current is not None:
-                    out.write("\n")
-                model = self.models.get(stream)
-                out.write(f"── {stream}{f' ({model})' if model else ''} ──\n")
-                self.current = stream
-            elif channel != self.channel:
-                out.write("\n")  # reasoning and answer on their own lines
-            self.channel = channel
-            text = str(msg.get("text", ""))
-            out.write(click.style(text, dim=True) if channel == "reasoning" and out.isatty() else text)
-            out.flush()
-        elif kind in ("end", "error", "abort"):
-            if self.current == stream:
-                out.write("\n")
-                self.current = None
-            if kind == "end":
-                usage = msg.get("usage") or {}
-                tokens = usage.get("completion_tokens")
-                detail = f"{msg.get('reason', 'stop')}" + (f", {tokens} tokens" if tokens is not None else "")
-            elif kind == "error":
-                detail = f"error {msg.get('kind')}: {msg.get('message', '')}"
-            else:
-                detail = f"aborted by {msg.get('by')}: {msg.get('reason', '')}"
-            self.note(f"[{stream}: {detail}]")
-            out.flush()
+    def _print(self, frame: str | bytes) -> None:
+        try:
+            event = decode(frame)
+        except StreamBusError as exc:
+            self.note(f"streambus tail: skipped an event the server sent: {exc}")
+            return
+        text = self.layout.feed(event)
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
+def _header(stream: str, start: StartEvent | None) -> str:
+    return f"── {stream}{f' ({start.model})' if start is not None and start.model else ''} ──\n"
+
+
+def _note(event: Event) -> str:
+    if isinstance(event, EndEvent):
+        tokens = event.usage.completion_tokens if event.usage is not None else None
+        detail = event.reason + (f", {tokens} tokens" if tokens is not None else "")
+    elif isinstance(event, ErrorEvent):
+        detail = f"error {event.kind}: {event.message}"
+    elif isinstance(event, AbortEvent):
+        detail = f"aborted by {event.by}: {event.reason}"
+    else:
+        return ""
+    return f"[{event.stream}: {detail}]"
 
 
 def _since(values: tuple[str, ...]) -> dict[str, int] | None:

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import anyio
 import pytest
 from streambus_websocket.testing import running
 
@@ -138,3 +139,56 @@ async def test_live_page_shows_a_replayed_stream_and_resumes_after_a_drop(tmp_pa
                 await page.screenshot(path=screenshot)
         finally:
             await browser.close()
+
+
+async def test_page_opened_after_streams_ended_shows_them_from_history() -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing: run scripts/bootstrap.sh --browser (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with running() as (bus, sink), async_playwright() as pw:
+        async with bus.stream(stream="done", model="llama3.2", provider="ollama") as w:
+            await w.delta("Paris is ")
+            await w.delta("the capital.")
+            await w.end("stop", usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7))
+        async with bus.stream(stream="failed", model="qwen3", provider="ollama") as w:
+            await w.delta("half")
+            await w.error("upstream", "model crashed")
+        for _ in range(1000):  # the broadcaster records in its own task: poll its history, bounded
+            if all((log := sink.history.get(s)) is not None and log.ended for s in ("done", "failed")):
+                break
+            await anyio.sleep(0.01)
+        live = bus.stream(stream="live", model="gpt-4o-mini", provider="openai")
+        async with live as w:
+            await w.delta("still ")
+            browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = await browser.new_page(bypass_csp=True)
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                await page.goto(sink.page_url)
+                await page.wait_for_function(
+                    "document.querySelector('#status').dataset.state === 'live'", timeout=20_000
+                )
+                await w.delta("writing")
+                await page.wait_for_function(
+                    "document.querySelector('[data-stream=live] .content')?.textContent === 'still writing'",
+                    timeout=20_000,
+                )
+                assert await page.get_attribute("[data-stream=done]", "data-state") == "end"
+                assert await page.text_content("[data-stream=done] .content") == "Paris is the capital."
+                assert await page.text_content("[data-stream=done] .model") == "llama3.2"
+                assert "total 7 tokens" in (await page.text_content("[data-stream=done] .foot") or "")
+                assert await page.get_attribute("[data-stream=failed]", "data-state") == "error"
+                assert "model crashed" in (await page.text_content("[data-stream=failed] .foot") or "")
+                # Newest on top: the live stream, then the streams in the order they ended, latest first.
+                order = await page.eval_on_selector_all("article.stream", "els => els.map(e => e.dataset.stream)")
+                assert order == ["live", "failed", "done"]
+                log = await page.text_content("#connlog") or ""
+                assert "2 recently ended from history" in log
+                assert errors == []
+            finally:
+                await browser.close()

@@ -30,6 +30,7 @@ async def test_hello_subscribe_and_events_in_wire_form() -> None:
             "recovered": False,
             "replayed": 0,
             "snapshot": 0,
+            "recent": 0,
             "streams": [],
         }
         async with bus.stream(model="m1", provider="p1", meta={"user": "u1"}) as w:
@@ -110,6 +111,7 @@ async def test_ping_pong() -> None:
         ('{"op": "subscribe", "streams": "abc"}', ErrorCode.BAD_MESSAGE, "streams"),
         ('{"op": "subscribe", "since": {"s": "x"}}', ErrorCode.BAD_MESSAGE, "since[...]"),
         ('{"op": "subscribe", "colour": "red"}', ErrorCode.BAD_MESSAGE, "colour"),
+        ('{"op": "subscribe", "recent": -1}', ErrorCode.BAD_MESSAGE, "recent"),
         (b"\x00binary", ErrorCode.BINARY_FRAME, None),
     ],
 )
@@ -124,6 +126,42 @@ async def test_malformed_frames_get_error_frames_and_the_connection_lives(
         assert error["message"] and "Traceback" not in error["message"]
         await peer.send({"op": "ping"})
         await peer.expect("pong")
+
+
+async def _until_ended(sink: WebSocketSink, stream: str) -> None:
+    # The broadcaster records what the bus published in its own task: poll its history, bounded.
+    for _ in range(1000):
+        log = sink.history.get(stream)
+        if log is not None and log.ended:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"{stream} never ended in the broadcaster's history")
+
+
+async def test_recent_replays_recently_ended_streams_whole_in_the_order_they_ended() -> None:
+    async with running() as (bus, sink):
+        old = await publish_text(bus, ["old"], model="a")
+        other = await publish_text(bus, ["other"], model="b")
+        new = await publish_text(bus, ["new ", "one"], model="a")
+        await _until_ended(sink, new)
+        async with connect(sink.url) as peer:
+            subscribed = await peer.subscribe(id="a", models=["a"], recent=1)
+            assert (subscribed["recent"], subscribed["streams"]) == (1, [])
+            events = await peer.events_until_end()
+            assert [(e["stream"], e["type"]) for e in events] == [
+                (new, "start"),
+                (new, "delta"),
+                (new, "delta"),
+                (new, "end"),
+            ]
+            # A second subscription asking for all of them gets each ended stream once, oldest first.
+            assert (await peer.subscribe(id="all", recent=10))["recent"] == 3
+            whole = [e for _ in range(3) for e in await peer.events_until_end()]
+            assert [e["stream"] for e in whole if e["type"] == "start"] == [old, other, new]
+            # A resuming client (since) gets what it missed, not the ended streams again.
+            assert (await peer.subscribe(id="resume", since={}, recent=10))["recent"] == 0
+            await peer.send({"op": "ping", "id": 1})
+            assert await peer.expect("pong") == {"op": "pong", "id": 1}
 
 
 async def test_subscription_errors() -> None:

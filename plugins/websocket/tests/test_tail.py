@@ -67,8 +67,32 @@ async def test_tail_prints_text_as_it_arrives(reasoning: bool) -> None:
         code, out, err = await _finish(process)
     assert code == 0, err
     shown = "hmm\nHello, world" if reasoning else "Hello, world"
-    assert out == f"── {w.stream} (llama) ──\n{shown}\n"
-    assert f"[{w.stream}: stop, 2 tokens]" in err
+    assert out == f"── {w.stream} (llama) ──\n{shown}\n[{w.stream}: stop, 2 tokens]\n"
+
+
+async def test_tail_groups_interleaved_streams_and_keeps_each_note_with_its_stream() -> None:
+    async with running() as (bus, sink):
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "3"], env=_env())
+        await _until_subscribed(sink)
+        async with bus.stream(stream="A", model="m") as a:
+            await a.delta("a1 ")
+            async with bus.stream(stream="B", model="m") as b:
+                await b.delta("b1 ")
+                await a.delta("a2")
+                async with bus.stream(stream="C", model="m") as c:
+                    await c.delta("c1")
+                    await c.error("upstream", "model crashed")
+                await b.delta("b2")
+                await b.end("stop")
+            await a.delta(" a3")
+            await a.abort("enough", by="client")
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    assert out == (
+        "── A (m) ──\na1 a2 a3\n[A: aborted by client: enough]\n"
+        "── B (m) ──\nb1 b2\n[B: stop]\n"
+        "── C (m) ──\nc1\n[C: error upstream: model crashed]\n"
+    )
 
 
 async def test_tail_json_filters_and_since() -> None:
@@ -87,6 +111,20 @@ async def test_tail_json_filters_and_since() -> None:
     assert "".join(e.get("text", "") for e in events) == "three!"
 
 
+async def test_tail_text_since_prints_a_stream_whose_start_it_never_saw() -> None:
+    async with running() as (bus, sink):
+        async with bus.stream(model="a") as w:
+            for piece in ("one ", "two ", "three"):
+                await w.delta(piece)
+            argv = [STREAMBUS, "tail", sink.url, "--since", f"{w.stream}:2", "--max-streams", "1"]
+            process = await anyio.open_process(argv, env=_env())
+            await _until_subscribed(sink)
+            await w.delta("!")
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    assert out == f"── {w.stream} ──\nthree!\n[{w.stream}: stop]\n"
+
+
 async def test_tail_reconnects_and_resumes_without_repeating() -> None:
     async with running() as (bus, sink):
         process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=_env())
@@ -103,7 +141,7 @@ async def test_tail_reconnects_and_resumes_without_repeating() -> None:
             await w.delta("after")
         code, out, err = await _finish(process)
     assert code == 0, err
-    assert out.endswith("before during after\n")
+    assert out.endswith(f"before during after\n[{w.stream}: stop]\n")
     assert out.count("before") == 1
     assert "resuming" in err
 
