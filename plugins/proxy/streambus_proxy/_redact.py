@@ -1,0 +1,158 @@
+"""Keeping the credentials the proxy forwarded out of what it publishes, records and logs.
+
+An upstream may echo a key back (``Incorrect API key provided: Bearer sk-...``)
+in an error body, an in-band error or even the generated text. The proxy
+knows the exact values it forwarded, so it searches for exactly those
+(:func:`secrets_of`) and replaces them with :data:`REDACTED`. Text that
+arrives in pieces goes through a :class:`StreamRedactor`, which holds back a
+piece's tail while it could be the start of a secret, so a key split across
+two deltas is still caught.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, AnyStr, Generic
+
+__all__ = ["MIN_SECRET", "REDACTED", "Redactor", "StreamRedactor", "secrets_of"]
+
+REDACTED = "[redacted]"
+"""What a secret is replaced with."""
+
+MIN_SECRET = 8
+"""Shorter values are not searched for on their own: they would mangle ordinary text (a Basic
+password ``pw`` would strike every ``pw``), and no issued API key is that short. The whole
+header value that carried them (``Basic Ym9iOnB3``) is still redacted."""
+
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+"""Request headers whose values the proxy treats as secrets (case-insensitive)."""
+
+
+def secrets_of(values: Iterable[str]) -> list[str]:
+    """The strings to redact for credential header *values*: each value, and its parts an upstream may echo.
+
+    ``Bearer sk-x`` gives ``Bearer sk-x`` and ``sk-x``; ``Basic <b64>`` gives the
+    base64 text, the decoded ``user:password`` and the password.
+    """
+    found: set[str] = set()
+    for value in values:
+        value = value.strip()
+        found.add(value)
+        scheme, _, credential = value.partition(" ")
+        credential = credential.strip()
+        if not credential:
+            continue
+        found.add(credential)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credential, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                continue
+            found.add(decoded)
+            found.add(decoded.partition(":")[2])
+    return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
+
+
+class Redactor:
+    """Replaces every occurrence of *secrets* (exact strings) with :data:`REDACTED`.
+
+    A redactor without secrets returns its input unchanged at no cost, so one
+    can be used for every request whether or not it carried credentials.
+    """
+
+    __slots__ = ("pattern", "secrets")
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a header value wins over the key inside it.
+        self.secrets: tuple[str, ...] = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        self.pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
+
+    def __bool__(self) -> bool:
+        return self.pattern is not None
+
+    def text(self, value: str) -> str:
+        """*value* with every secret replaced."""
+        if self.pattern is None:
+            return value
+        return self.pattern.sub(REDACTED, value)
+
+    def value(self, obj: Any) -> Any:
+        """A JSON-like *obj* (dicts, lists, strings) with every string redacted, keys included."""
+        if self.pattern is None:
+            return obj
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, Mapping):
+            return {self.value(k): self.value(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [self.value(v) for v in obj]
+        return obj
+
+    def body(self, data: bytes) -> bytes:
+        """A whole UTF-8 body with every secret replaced."""
+        if self.pattern is None:
+            return data
+        stream = self.byte_stream()
+        return stream.feed(data) + stream.flush()
+
+    def stream(self) -> StreamRedactor[str]:
+        """A :class:`StreamRedactor` over text pieces."""
+        return StreamRedactor(self.secrets, REDACTED)
+
+    def byte_stream(self) -> StreamRedactor[bytes]:
+        """A :class:`StreamRedactor` over UTF-8 byte chunks."""
+        return StreamRedactor(tuple(s.encode() for s in self.secrets), REDACTED.encode())
+
+
+class StreamRedactor(Generic[AnyStr]):
+    """Redacts a text (or byte) stream that arrives in pieces of any size.
+
+    :meth:`feed` returns what is safe to pass on now; a tail that could be the
+    beginning of a secret is held back until the next piece shows whether it
+    is. Call :meth:`flush` at the end of the stream for what is still held.
+    """
+
+    __slots__ = ("held", "marker", "pattern", "secrets")
+
+    def __init__(self, secrets: tuple[AnyStr, ...], marker: AnyStr) -> None:
+        self.secrets: tuple[AnyStr, ...] = secrets
+        self.marker: AnyStr = marker
+        self.held: AnyStr = marker[:0]
+        self.pattern: re.Pattern[AnyStr] | None = _alternation(secrets) if secrets else None
+
+    def feed(self, piece: AnyStr) -> AnyStr:
+        """Take the next *piece*; return the part of the stream that is safe to pass on now."""
+        if self.pattern is None:
+            return piece
+        text = self.pattern.sub(self.marker, self.held + piece)
+        cut = _partial_start(text, self.secrets)
+        self.held = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> AnyStr:
+        """The held-back tail (no secret: the stream ended before one completed)."""
+        held, self.held = self.held, self.held[:0]
+        return held
+
+
+def _alternation(secrets: tuple[AnyStr, ...]) -> re.Pattern[AnyStr]:
+    first = secrets[0]
+    bar = "|" if isinstance(first, str) else b"|"
+    return re.compile(bar.join(re.escape(s) for s in secrets))
+
+
+def _partial_start(text: AnyStr, secrets: tuple[AnyStr, ...]) -> int:
+    """Where the longest tail of *text* that is a proper prefix of a secret begins (``len(text)``: none)."""
+    cut = len(text)
+    for secret in secrets:
+        head = secret[:1]
+        i = text.find(head, max(0, len(text) - len(secret) + 1))
+        while i != -1 and i < cut:
+            if secret.startswith(text[i:]):
+                cut = i
+                break
+            i = text.find(head, i + 1)
+    return cut
