@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, AnyStr, Generic
 
-__all__ = ["MIN_SECRET", "REDACTED", "Redactor", "StreamRedactor", "secrets_of"]
+__all__ = ["HOLD_FROM", "MIN_SECRET", "REDACTED", "Redactor", "StreamRedactor", "secrets_of"]
 
 REDACTED = "[redacted]"
 """What a secret is replaced with."""
@@ -107,30 +107,59 @@ class Redactor:
         return StreamRedactor(tuple(s.encode() for s in self.secrets), REDACTED.encode())
 
 
+HOLD_FROM = 4
+"""A piece's tail is held back once it matches this many characters of a secret's start. A shorter
+match passes (at most ``HOLD_FROM - 1`` characters: ``sk-``, ``Bea``); if the next pieces complete the
+secret, the rest of it is redacted. Holding every one-character match instead would hold back the last
+``s`` of one word in four of English text whenever a key starts with ``sk-``."""
+
+
 class StreamRedactor(Generic[AnyStr]):
     """Redacts a text (or byte) stream that arrives in pieces of any size.
 
-    :meth:`feed` returns what is safe to pass on now; a tail that could be the
-    beginning of a secret is held back until the next piece shows whether it
-    is. Call :meth:`flush` at the end of the stream for what is still held.
+    :meth:`feed` returns what is safe to pass on now: every secret replaced,
+    also one split across pieces. A tail that matches the first
+    :data:`HOLD_FROM` characters of a secret or more is held back until the
+    next piece shows whether it is one. Call :meth:`flush` at the end of the
+    stream for what is still held.
     """
 
-    __slots__ = ("held", "marker", "pattern", "secrets")
+    __slots__ = ("held", "keep", "marker", "pattern", "secrets", "tail")
 
     def __init__(self, secrets: tuple[AnyStr, ...], marker: AnyStr) -> None:
         self.secrets: tuple[AnyStr, ...] = secrets
         self.marker: AnyStr = marker
         self.held: AnyStr = marker[:0]
+        self.tail: AnyStr = marker[:0]
+        """The end of what was passed on, where a secret completed by the next piece may have begun
+        (a longer start would have been held back, so ``HOLD_FROM - 1`` characters suffice)."""
+        self.keep = HOLD_FROM - 1
         self.pattern: re.Pattern[AnyStr] | None = _alternation(secrets) if secrets else None
 
     def feed(self, piece: AnyStr) -> AnyStr:
         """Take the next *piece*; return the part of the stream that is safe to pass on now."""
         if self.pattern is None:
             return piece
-        text = self.pattern.sub(self.marker, self.held + piece)
-        cut = _partial_start(text, self.secrets)
-        self.held = text[cut:]
-        return text[:cut]
+        passed = len(self.tail)
+        joined = self.tail + self.held + piece
+        if self.pattern.search(joined) is None:
+            text = joined[passed:]  # the usual case
+        else:
+            parts: list[AnyStr] = []
+            pos = passed
+            for match in self.pattern.finditer(joined):
+                if match.end() > passed:  # (one wholly in the tail was redacted when it passed)
+                    # A secret whose start was already passed on loses the rest.
+                    start = max(match.start(), passed)
+                    parts += (joined[pos:start], self.marker)
+                    pos = match.end()
+            parts.append(joined[pos:])
+            text = self.marker[:0].join(parts)
+        cut = max(_partial_start(self.tail + text, self.secrets) - passed, 0)
+        out, self.held = text[:cut], text[cut:]
+        if self.keep:
+            self.tail = (self.tail + out)[-self.keep :]
+        return out
 
     def flush(self) -> AnyStr:
         """The held-back tail (no secret: the stream ended before one completed)."""
@@ -145,10 +174,15 @@ def _alternation(secrets: tuple[AnyStr, ...]) -> re.Pattern[AnyStr]:
 
 
 def _partial_start(text: AnyStr, secrets: tuple[AnyStr, ...]) -> int:
-    """Where the longest tail of *text* that is a proper prefix of a secret begins (``len(text)``: none)."""
+    """Where the longest tail of *text* that is a proper prefix of a secret, :data:`HOLD_FROM` long or more, begins.
+
+    ``len(text)`` when there is none.
+    """
     cut = len(text)
     for secret in secrets:
-        head = secret[:1]
+        if len(secret) <= HOLD_FROM:
+            continue  # its proper prefixes are all too short to hold
+        head = secret[:HOLD_FROM]  # a tail to hold starts with these: searched in C, rarely found
         i = text.find(head, max(0, len(text) - len(secret) + 1))
         while i != -1 and i < cut:
             if secret.startswith(text[i:]):

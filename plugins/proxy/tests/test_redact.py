@@ -6,7 +6,7 @@ import base64
 
 import pytest
 from streambus_proxy import REDACTED
-from streambus_proxy._redact import MIN_SECRET, Redactor, secrets_of
+from streambus_proxy._redact import HOLD_FROM, MIN_SECRET, Redactor, secrets_of
 
 KEY = "sk-proj-0123456789abcdefXYZ"
 
@@ -39,6 +39,14 @@ def test_a_secret_split_at_any_point_is_caught(kind: str) -> None:
     whole = f"say Bearer {KEY} then {KEY[:5]} and {KEY}!"
     expected = r.text(whole)
     assert KEY not in expected
+
+    def unprefixed(text: str) -> str:
+        # A split within a secret's first HOLD_FROM - 1 characters passes them on: those only.
+        for secret in r.secrets:
+            for k in range(HOLD_FROM - 1, 0, -1):
+                text = text.replace(secret[:k] + REDACTED, REDACTED)
+        return text
+
     for cut in range(len(whole) + 1):
         for second in range(cut, len(whole) + 1):
             pieces = [whole[:cut], whole[cut:second], whole[second:]]
@@ -48,12 +56,22 @@ def test_a_secret_split_at_any_point_is_caught(kind: str) -> None:
             else:
                 b = r.byte_stream()
                 out = (b"".join(b.feed(p.encode()) for p in pieces) + b.flush()).decode()
-            assert out == expected, pieces
+            assert KEY[HOLD_FROM - 1 :] not in out, pieces
+            assert unprefixed(out) == expected, pieces
 
 
-def test_only_a_possible_secret_start_is_held_back() -> None:
+def test_one_character_pieces() -> None:
+    s = Redactor([KEY]).stream()
+    out = [s.feed(c) for c in f"ask {KEY}."] + [s.flush()]
+    assert "".join(out) == f"ask {KEY[: HOLD_FROM - 1]}{REDACTED}."
+
+
+def test_only_a_likely_secret_start_is_held_back() -> None:
     s = Redactor([KEY]).stream()
     assert s.feed("the sky is blue") == "the sky is blue"
-    assert s.feed(" sk-pr") == " "  # could be the key: held
-    assert s.feed("ay") == "sk-pray"  # was not
+    assert s.feed(" it is") == " it is"  # "s" alone could start the key, but is too common to hold
+    assert s.feed(" sk-pr") == " "  # four characters of the key: held
+    assert s.feed("ay") == "sk-pray"  # it was not the key
+    assert s.feed(" s") == " s"
+    assert s.feed(KEY[1:] + " ok") == f"{REDACTED} ok"  # the rest of the key, after its passed "s"
     assert s.flush() == ""

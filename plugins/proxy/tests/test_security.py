@@ -193,8 +193,12 @@ async def test_client_token_is_required_and_never_forwarded(scripted: ScriptedUp
             pass
         async with http.get(url + "/api/tags", headers={"Authorization": f"Bearer {token}"}) as response:
             assert response.status == 200
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(url + "/api/chat", json=body, headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 200
         await bus.shutdown()
-    first, second = scripted.headers
+    first, second, third = scripted.headers
+    assert scripted.requests[2] == body and third["Authorization"] == second["Authorization"]
     # The token header is the proxy's: the upstream gets the client's own Authorization...
     assert TOKEN_HEADER not in first and first["Authorization"] == "Bearer sk-x"
     # ...and when the token came as the Bearer, it is replaced by the --upstream credentials.
