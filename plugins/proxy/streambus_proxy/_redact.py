@@ -124,7 +124,7 @@ class StreamRedactor(Generic[AnyStr]):
     stream for what is still held.
     """
 
-    __slots__ = ("held", "keep", "marker", "pattern", "secrets", "tail")
+    __slots__ = ("heads", "held", "keep", "marker", "pattern", "secrets", "tail")
 
     def __init__(self, secrets: tuple[AnyStr, ...], marker: AnyStr) -> None:
         self.secrets: tuple[AnyStr, ...] = secrets
@@ -135,6 +135,8 @@ class StreamRedactor(Generic[AnyStr]):
         (a longer start would have been held back, so ``HOLD_FROM - 1`` characters suffice)."""
         self.keep = HOLD_FROM - 1
         self.pattern: re.Pattern[AnyStr] | None = _alternation(secrets) if secrets else None
+        # Every secret, and every tail worth holding, starts with one of these: one search rules both out.
+        self.heads: tuple[AnyStr, ...] = tuple({s[:HOLD_FROM] for s in secrets})
 
     def feed(self, piece: AnyStr) -> AnyStr:
         """Take the next *piece*; return the part of the stream that is safe to pass on now."""
@@ -142,8 +144,13 @@ class StreamRedactor(Generic[AnyStr]):
             return piece
         passed = len(self.tail)
         joined = self.tail + self.held + piece
+        if not any(head in joined for head in self.heads):
+            # The usual case: no secret and nothing to hold.
+            self.held = joined[:0]
+            self.tail = joined[-self.keep :] if self.keep else self.tail
+            return joined[passed:]
         if self.pattern.search(joined) is None:
-            text = joined[passed:]  # the usual case
+            text = joined[passed:]
         else:
             parts: list[AnyStr] = []
             pos = passed
