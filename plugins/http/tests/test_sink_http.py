@@ -482,6 +482,7 @@ async def test_aiohttp_example_app(writer: Any) -> None:
             assert (await client.get("/answers/ex")).text == "from aiohttp"
             frames = _parse_sse((await client.get("/bus/streams/ex/sse")).text)
             assert [f["id"] for f in frames] == ["ex:0", "ex:1", "ex:2", "ex:3"]
+            assert (await client.get("/answers/ex", headers={"Host": "attacker.example"})).status_code == 403
     finally:
         await runner.cleanup()
 
