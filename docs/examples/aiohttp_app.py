@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from streambus_http import StreamHub
-from streambus_http.aio import add_routes, stream_response
+from streambus_http.aio import add_routes, origin_guard, stream_response
 
 from streambus import Bus
+from streambus.access import OriginPolicy
 
 HUB = web.AppKey("hub", StreamHub)
 BUS = web.AppKey("bus", Bus)
@@ -34,7 +35,8 @@ async def answer_text(request: web.Request) -> web.StreamResponse:
 
 
 def create_app() -> web.Application:
-    app = web.Application()
+    # Host and Origin first: a page elsewhere, or a DNS name rebound to 127.0.0.1, gets 403.
+    app = web.Application(middlewares=[origin_guard(OriginPolicy(bind_host="127.0.0.1", port=8080))])
     app.cleanup_ctx.append(bus_context)
     app.router.add_get("/answers/{id}", answer_text)
     return app

@@ -15,21 +15,25 @@ disconnects ends the response cleanly (at the latest one idle tick later).
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import sniffio
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
+from aiohttp.typedefs import Middleware
 
 from streambus import Filter
+from streambus.access import OriginPolicy
 
 from ._errors import HttpStreamError
 from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT, body, open_stream
 
-__all__ = ["add_routes", "filter_from_query", "stream_response"]
+__all__ = ["add_routes", "filter_from_query", "origin_guard", "server_logger", "stream_response"]
 
 log = structlog.get_logger("streambus.http")
 
@@ -47,6 +51,79 @@ def _require_asyncio() -> None:
             f"streambus_http's aiohttp server needs asyncio (aiohttp is asyncio-bound), but runs under {library}; "
             "use the ASGI building blocks (streambus_http.asgi) under trio"
         )
+
+
+# Remote addresses already logged for a refusal: a client hammering the server gets one line.
+_LOGGED_LIMIT = 4096
+
+
+class _OnePerClient(logging.Filter):
+    """aiohttp logs a traceback for every malformed request (a duplicate ``Host``...): keep one line per client.
+
+    Only :class:`aiohttp.http.HttpProcessingError` (the client's fault) is
+    shortened and de-duplicated; any other error keeps its traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        client = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        if client in self.seen:
+            return False
+        if len(self.seen) >= _LOGGED_LIMIT:
+            self.seen.clear()
+        self.seen.add(client)
+        record.msg, record.args = "refused a malformed request from %s: %s", (client, " ".join(str(exc).split()))
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def server_logger(name: str) -> logging.Logger:
+    """The logger to give ``aiohttp.web.AppRunner(logger=...)``: malformed requests make one line per client."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OnePerClient) for f in logger.filters):
+        logger.addFilter(_OnePerClient())
+    return logger
+
+
+def origin_guard(policy: OriginPolicy) -> Middleware:
+    """An aiohttp middleware applying *policy* (:class:`streambus.access.OriginPolicy`) to every request.
+
+    Duplicate ``Host``/``Origin``/``Authorization`` headers get 400; a ``Host``
+    that is not one of the server's names (DNS rebinding) or an ``Origin``
+    the policy does not allow gets 403, with a one-line reason, before any
+    handler runs. Each client address is logged once. Use it first in the
+    application's middlewares::
+
+        app = web.Application(middlewares=[origin_guard(OriginPolicy(bind_host="127.0.0.1", port=8090))])
+    """
+    logged: set[str] = set()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        headers = request.headers
+        refusal = policy.check(
+            hosts=headers.getall("Host", []),
+            origins=headers.getall("Origin", []),
+            authorizations=len(headers.getall("Authorization", [])),
+        )
+        if refusal is None:
+            return await handler(request)
+        client = request.remote or ""
+        if client not in logged:
+            if len(logged) >= _LOGGED_LIMIT:
+                logged.clear()
+            logged.add(client)
+            log.warning("http.refused", client=client, status=refusal.status, reason=refusal.reason)
+        return web.Response(status=refusal.status, text=refusal.reason + "\n")
+
+    return guard
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -172,6 +249,8 @@ def add_routes(
     With *token*, every route needs ``Authorization: Bearer <token>`` (or
     ``?token=`` for ``EventSource``), compared in constant time.
     *cors_origins* lists origins allowed to read from a browser (``*`` for any).
+    Host and Origin are checked by :func:`origin_guard`, which the ``http``
+    sink installs; an application mounting these routes installs it too.
     """
     expected = token.encode() if token else None
     origins = set(cors_origins)

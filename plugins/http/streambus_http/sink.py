@@ -7,13 +7,17 @@
     host = "127.0.0.1"
     port = 8090
     cors_origins = ["http://localhost:3000"]
+    allowed_hosts = ["streams.example.com"]
 
-Routes are those of :func:`streambus_http.aio.add_routes`. aiohttp is bound to
-asyncio: under trio the sink fails at start with a clear error.
+Routes are those of :func:`streambus_http.aio.add_routes`; every request first
+meets :func:`streambus_http.aio.origin_guard` (``Host`` must be one of the
+sink's names, ``Origin`` one of ``cors_origins`` or the sink's own). aiohttp is
+bound to asyncio: under trio the sink fails at start with a clear error.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import anyio
@@ -22,10 +26,13 @@ import structlog
 from aiohttp import web
 
 from streambus import Bus, PluginBase, Subscription
+from streambus.access import OriginPolicy
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
 from .aio import _require_asyncio, add_routes
+
+from .aio import _require_asyncio, add_routes, origin_guard, server_logger
 
 __all__ = ["HttpSink"]
 
@@ -50,7 +57,11 @@ class HttpSink(PluginBase):
         token: str | None = None
         """Bearer token every request must present (header, or ``?token=``)."""
         cors_origins: list[str] = msgspec.field(default_factory=list)
-        """Browser origins allowed to read (``*`` for any)."""
+        """Browser origins allowed to read (``*`` for any); other pages' requests get 403."""
+        allowed_hosts: list[str] = msgspec.field(default_factory=list)
+        """Names the sink is reached by besides the loopback names and ``host`` (``*``: any).
+
+        Requests with another ``Host`` get 403 (DNS rebinding)."""
         per_stream: int = 10_000
         """Events kept per stream for late readers and ``Last-Event-ID`` resume."""
         max_streams: int = 1000
@@ -85,6 +96,13 @@ class HttpSink(PluginBase):
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
             if self.token is not None and not self.token:
                 raise ValueError("token: must not be empty (leave it out to serve without a token)")
+            try:
+                OriginPolicy(bind_host=self.host, allowed_hosts=self.allowed_hosts, allowed_origins=self.cors_origins)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("allowed_origins", "cors_origins")) from None
+            for name in self.allowed_hosts:
+                if not name.strip():
+                    raise ValueError("allowed_hosts: a name must not be empty")
 
     overflow = "coalesce"
     buffer = 4096
@@ -116,10 +134,17 @@ class HttpSink(PluginBase):
             await self._started.wait()
         return self.url
 
-    def make_app(self) -> web.Application:
-        """The aiohttp application with every route (to embed in a larger server)."""
+    def make_app(self, port: int | None = None) -> web.Application:
+        """The aiohttp application with every route, behind the Host/Origin guard (to embed in a larger server).
+
+        *port* is the port it is served on (``None``: unknown, then a same-origin
+        page may be on any port).
+        """
         opts = self.options
-        app = web.Application()
+        policy = OriginPolicy(
+            bind_host=opts.host, port=port, allowed_hosts=opts.allowed_hosts, allowed_origins=opts.cors_origins
+        )
+        app = web.Application(middlewares=[origin_guard(policy)])
         add_routes(
             app,
             self.hub,
@@ -143,14 +168,18 @@ class HttpSink(PluginBase):
     async def run(self, events: Subscription) -> None:
         """Serve HTTP while recording events into the hub; stop when the bus closes."""
         _require_asyncio()
-        runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
-        await runner.setup()
+        sock = _bind(self.options.host, self.options.port)
+        port = sock.getsockname()[1]
+        runner = web.AppRunner(
+            self.make_app(port),
+            handler_cancellation=True,
+            access_log=None,
+            logger=server_logger("streambus.http.server"),
+        )
         try:
-            site = web.TCPSite(runner, self.options.host, self.options.port)
-            await site.start()
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1] if sockets else self.options.port
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            self.port = port
             log.info("http.serving", url=self.url)
             if self._started is not None:
                 self._started.set()
@@ -160,4 +189,18 @@ class HttpSink(PluginBase):
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(5):
                     await runner.cleanup()
+            sock.close()
             self.port = None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on *host*:*port*, bound here so the port (0: a free one) is known before serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

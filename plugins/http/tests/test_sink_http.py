@@ -358,7 +358,7 @@ async def test_token_and_cors(served: Any, writer: Any) -> None:
         assert r.text == "ok"
         assert r.headers["access-control-allow-origin"] == "http://app.example"
         r = await client.get("/streams/t/text", params={"token": "s3cret"}, headers={"Origin": "http://evil.example"})
-        assert r.text == "ok"
+        assert r.status_code == 403
         assert "access-control-allow-origin" not in r.headers
         pre = await client.options("/api/chat", headers={"Origin": "http://app.example"})
         assert pre.status_code == 204
@@ -565,6 +565,7 @@ async def test_aiohttp_example_app(writer: Any) -> None:
             assert (await client.get("/answers/ex")).text == "from aiohttp"
             frames = _parse_sse((await client.get("/bus/streams/ex/sse")).text)
             assert [f["id"] for f in frames] == ["ex:0", "ex:1", "ex:2", "ex:3"]
+            assert (await client.get("/answers/ex", headers={"Host": "attacker.example"})).status_code == 403
     finally:
         await runner.cleanup()
 

@@ -11,15 +11,21 @@ asyncio-only: the proxy raises a clear :class:`RuntimeError` under trio.
 See ``docs/proxy.md``.
 """
 
-from ._proxy import CONTENT_FILTER, Proxy, ProxyError, create_app, parse_tags
-from ._server import proxy_command, serve_proxy
+from ._access import TOKEN_HEADER
+from ._proxy import CONTENT_FILTER, Proxy, ProxyError, create_app, parse_tags, parse_upstream
+from ._redact import REDACTED
+from ._server import check_public_bind, proxy_command, serve_proxy
 
 __all__ = [
     "CONTENT_FILTER",
+    "REDACTED",
+    "TOKEN_HEADER",
     "Proxy",
     "ProxyError",
+    "check_public_bind",
     "create_app",
     "parse_tags",
+    "parse_upstream",
     "proxy_command",
     "serve_proxy",
 ]

@@ -31,11 +31,15 @@ from streambus_openai import _protocol as openai_protocol
 from yarl import URL
 
 from streambus import Bus, Filter, StreamWriter, Subscription, SubscriptionClosed, Usage, WireError
-from streambus.events import AbortEvent, EndEvent, Event, is_terminal
+from streambus.access import OriginPolicy
+from streambus.events import AbortEvent, Channel, EndEvent, Event, is_terminal
 from streambus.formats import WireFormat, load_format
 from streambus.writer import new_stream_id
 
-__all__ = ["CONTENT_FILTER", "Proxy", "ProxyError", "create_app", "parse_tags"]
+from ._access import TOKEN_HEADER, Access
+from ._redact import CREDENTIAL_HEADERS, Redactor, StreamRedactor, secrets_of
+
+__all__ = ["CONTENT_FILTER", "Proxy", "ProxyError", "create_app", "parse_tags", "parse_upstream", "require_asyncio"]
 
 log = structlog.get_logger("streambus.proxy")
 
@@ -62,7 +66,7 @@ _HOP = frozenset(
         "Content-Length",
     )
 )
-_NOT_UPSTREAM = _HOP | {TAGS_HEADER.lower()}
+_NOT_UPSTREAM = _HOP | {TAGS_HEADER.lower(), TOKEN_HEADER.lower()}
 # Response headers that stop being true once the proxy re-frames the body.
 _NOT_DOWNSTREAM = _HOP | {"date", "server"}
 
@@ -102,12 +106,40 @@ def parse_tags(value: str) -> dict[str, Any]:
     return out
 
 
-def _upstream_url(upstream: str) -> tuple[str, str | None]:
-    """The upstream base URL without credentials, and the Basic auth header its userinfo asked for."""
+def _masked(value: str) -> str:
+    """*value* with the password of a ``user:password@`` part replaced, for error messages."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return value
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
+
+
+def parse_upstream(upstream: str) -> tuple[str, str | None]:
+    """Check an ``--upstream`` URL; return the base URL without credentials, and the Basic auth its userinfo asks for.
+
+    Raises :class:`ProxyError` naming what is wrong with the value (its
+    password masked): no ``http://``/``https://`` scheme, no host, a port that
+    is not a number, an unclosed IPv6 bracket...
+    """
+    shown = repr(_masked(upstream))
     if not upstream.startswith(("http://", "https://")):
-        shown = str(URL(upstream).with_user(None)) if "@" in upstream else upstream
-        raise ProxyError(f"upstream: expected an http:// or https:// URL, got {shown!r}")
-    url = URL(upstream)
+        raise ProxyError(f"upstream: expected an http:// or https:// URL, got {shown}")
+    try:
+        url = URL(upstream)
+        port = url.port
+    except ValueError as exc:
+        reason = str(exc).removeprefix("Invalid URL: ")
+        raise ProxyError(f"upstream: {shown} is not a valid URL ({reason})") from None
+    if not url.host:
+        raise ProxyError(f"upstream: {shown} names no host")
+    if port is not None and not 0 < port < 65536:
+        raise ProxyError(f"upstream: {shown} has port {port}, outside 1-65535")
+    if url.query_string or url.fragment:
+        raise ProxyError(f"upstream: {shown} must be a base URL, without a query or fragment")
     auth = None
     if url.user is not None:
         # Credentials in the URL become a header, so the URL itself (recorded in
@@ -118,13 +150,45 @@ def _upstream_url(upstream: str) -> tuple[str, str | None]:
 
 
 class _Publisher:
-    """Turns provider pieces into writer calls (choice 0 of an OpenAI answer)."""
+    """Turns provider pieces into writer calls (choice 0 of an OpenAI answer), with the call's secrets redacted.
 
-    def __init__(self, w: StreamWriter) -> None:
+    Every text that reaches the bus goes through here: deltas through one
+    :class:`StreamRedactor` per channel (a key split across chunks is still
+    caught), error messages through the :class:`Redactor`.
+    """
+
+    def __init__(self, w: StreamWriter, redactor: Redactor) -> None:
         self.w = w
+        self.redactor = redactor
+        self.channels: dict[Channel, StreamRedactor[str]] = {}
         self.reason = "stop"
         self.usage: Usage | None = None
         self.failed = False
+
+    async def delta(self, text: str, channel: Channel) -> None:
+        stream = self.channels.get(channel)
+        if stream is None:
+            stream = self.channels[channel] = self.redactor.stream()
+        safe = stream.feed(text)
+        if safe:
+            await self.w.delta(safe, channel=channel)
+
+    async def flush(self) -> None:
+        """Publish the text each channel still holds back, before the stream's terminal event."""
+        for channel, stream in self.channels.items():
+            held = stream.flush()
+            if held and not self.w.finished:
+                await self.w.delta(held, channel=channel)
+
+    async def end(self, reason: str, **fields: Any) -> None:
+        await self.flush()
+        await self.w.end(reason, **fields)
+
+    async def error(self, kind: str, message: str, *, retryable: bool = False) -> None:
+        if self.w.finished:
+            return
+        await self.flush()
+        await self.w.error(kind, self.redactor.text(message), retryable=retryable)
 
     async def apply(self, pieces: Iterable[Any]) -> None:
         w = self.w
@@ -133,19 +197,19 @@ class _Publisher:
                 return
             if isinstance(piece, ollama_protocol.TextPiece | openai_protocol.TextPiece):
                 if getattr(piece, "index", 0) == 0 and piece.text:
-                    await w.delta(piece.text, channel=piece.channel)
+                    await self.delta(piece.text, piece.channel)
             elif isinstance(piece, ollama_protocol.DonePiece):
-                await w.end(piece.reason, usage=piece.usage, timings=piece.timings)
+                await self.end(piece.reason, usage=piece.usage, timings=piece.timings)
             elif isinstance(piece, openai_protocol.FinishPiece):
                 if piece.index == 0:
                     self.reason = piece.reason
             elif isinstance(piece, openai_protocol.UsagePiece):
                 self.usage = piece.usage
             elif isinstance(piece, openai_protocol.DonePiece):
-                await w.end(self.reason, usage=self.usage)
+                await self.end(self.reason, usage=self.usage)
             elif isinstance(piece, ollama_protocol.ErrorPiece | openai_protocol.ErrorPiece):
                 self.failed = True
-                await w.error("upstream_error", f"the server reported an error mid-stream: {piece.message}")
+                await self.error("upstream_error", f"the server reported an error mid-stream: {piece.message}")
 
 
 def _parser(provider: str, route: str) -> Any:
@@ -199,8 +263,14 @@ class _Call:
         stream: str,
         model: str,
         meta: dict[str, Any],
+        headers: dict[str, str],
+        redactor: Redactor,
     ) -> None:
         self.request = request
+        self.headers = headers
+        """What is forwarded upstream."""
+        self.redactor = redactor
+        """The forwarded credentials, kept out of every event and log line of this call."""
         self.fmt = fmt
         self.route = route
         self.body = body
@@ -250,6 +320,14 @@ class Proxy:
     :param read_timeout: seconds without a byte from the upstream before the
         stream is ended as a ``timeout`` failure (the client is never left hanging).
     :param formats: wire format names whose routes are published.
+    :param token: a client token: every request must carry it (``X-Streambus-Token``,
+        or ``Authorization: Bearer``, which is then not forwarded). ``None``: no token.
+    :param bind_host: the address the proxy is served on; with the loopback
+        names it is a name a request's ``Host`` may carry.
+    :param port: the port it is served on (``None``: unknown, any port is same-origin).
+    :param allowed_hosts: further names clients reach the proxy by (``"*"``: any).
+    :param allowed_origins: web origins whose pages may call the proxy (``"*"``: any);
+        other browser requests are refused with 403 before anything is forwarded.
     """
 
     def __init__(
@@ -261,9 +339,23 @@ class Proxy:
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         formats: Iterable[str] = ("ollama", "openai"),
+        token: str | None = None,
+        bind_host: str = "127.0.0.1",
+        port: int | None = None,
+        allowed_hosts: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         self.bus = bus
-        self.upstream, self._auth = _upstream_url(upstream)
+        self.upstream, self._auth = parse_upstream(upstream)
+        # The proxy's own credentials (from the URL) are kept from the client's answer too.
+        self._own = Redactor(secrets_of([self._auth] if self._auth else []))
+        try:
+            policy = OriginPolicy(
+                bind_host=bind_host, port=port, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins
+            )
+            self.access = Access(policy, token)
+        except ValueError as exc:
+            raise ProxyError(str(exc)) from None
         if not connect_timeout > 0:
             raise ProxyError(f"connect_timeout: must be positive, got {connect_timeout}")
         if not read_timeout > 0:
@@ -284,7 +376,8 @@ class Proxy:
     # -- the application ---------------------------------------------------------
     def app(self) -> web.Application:
         """The :class:`aiohttp.web.Application` (its upstream session opens and closes with it)."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self.access.guard])
+        app.on_response_prepare.append(self.access.add_cors)
         app.cleanup_ctx.append(self._session_ctx)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
@@ -316,9 +409,18 @@ class Proxy:
 
     def _forward_headers(self, request: web.Request) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_UPSTREAM}
-        if self._auth is not None and "Authorization" not in request.headers:
+        if self._auth is not None and not any(k.lower() == "authorization" for k in headers):
             headers["Authorization"] = self._auth
+        if self._own:
+            # Bodies are searched for the proxy's credentials: they must not arrive compressed.
+            headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+            headers["Accept-Encoding"] = "identity"
         return headers
+
+    def _redactor(self, headers: Mapping[str, str]) -> Redactor:
+        """What must not reach the bus or the logs for a request forwarded with *headers*."""
+        sent = [v for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS]
+        return Redactor(secrets_of(sent))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = self.routes.get(request.path) if request.method == "POST" else None
@@ -330,6 +432,7 @@ class Proxy:
     async def _pass_through(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         url = self.upstream + request.rel_url.raw_path_qs
         headers = self._forward_headers(request)
+        redactor = self._redactor(headers)
         data: Any = body
         if body is None and request.can_read_body:
             # Stream uploads (model blobs can be gigabytes) instead of holding them.
@@ -341,18 +444,20 @@ class Proxy:
                 request.method, url, data=data, headers=headers, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("proxy.unreachable", path=request.path, error=_describe(exc))
+            log.warning("proxy.unreachable", path=request.path, error=redactor.text(_describe(exc)))
             return web.json_response({"error": f"upstream {self.upstream} unreachable: {_describe(exc)}"}, status=502)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(_response_headers(upstream))
             await response.prepare(request)
+            own = self._own.byte_stream()
             try:
                 async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+                    await response.write(own.feed(chunk))
+                await response.write(own.flush())
                 await response.write_eof()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("proxy.upstream_cut", path=request.path, error=_describe(exc))
+                log.warning("proxy.upstream_cut", path=request.path, error=redactor.text(_describe(exc)))
             except ConnectionError:
                 log.info("proxy.client_gone", path=request.path)
         return response
@@ -388,6 +493,8 @@ class Proxy:
             meta = self._meta(request, request.path, body, streaming)
         except ProxyError as exc:
             return web.json_response(fmt.error_body(400, str(exc)), status=400)
+        headers = self._forward_headers(request)
+        redactor = self._redactor(headers)
         model = body.get("model")
         call = _Call(
             request=request,
@@ -397,8 +504,10 @@ class Proxy:
             raw=raw,
             streaming=streaming,
             stream=new_stream_id(),
-            model=model if isinstance(model, str) else "",
-            meta=meta,
+            model=redactor.text(model) if isinstance(model, str) else "",
+            meta=redactor.value(meta),
+            headers=headers,
+            redactor=redactor,
         )
         log.info("proxy.request", stream=call.stream, path=request.path, model=call.model, streamed=streaming)
         sub = None
@@ -415,7 +524,9 @@ class Proxy:
                     call.relayed = anyio.Event()
                     tg.start_soon(self._relay, call, sub)
                 # The stream starts when the request arrives, so time to first chunk includes the upstream's.
-                async with self.bus.stream(stream=call.stream, model=call.model, provider=fmt.name, meta=meta) as w:
+                async with self.bus.stream(
+                    stream=call.stream, model=call.model, provider=fmt.name, meta=call.meta
+                ) as w:
                     await self._forward(call, w)
                 if call.relayed is not None:
                     await call.relayed.wait()
@@ -434,72 +545,79 @@ class Proxy:
 
     async def _forward(self, call: _Call, w: StreamWriter) -> None:
         """Send the request upstream and answer the client (pass-through) or feed the relay (moderated)."""
-        fmt, headers = call.fmt, self._forward_headers(call.request)
+        fmt = call.fmt
+        headers = {k: v for k, v in call.headers.items() if k.lower() != "accept-encoding"}
         headers["Accept-Encoding"] = "identity"  # the parser reads a copy of these bytes
         url = self.upstream + call.request.rel_url.raw_path_qs
+        pub = _Publisher(w, call.redactor)
         try:
             try:
                 upstream = await self.session.post(url, data=call.raw, headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
-                log.warning("proxy.unreachable", stream=call.stream, error=_describe(exc))
-                await w.error("timeout" if isinstance(exc, TimeoutError) else "connect", message, retryable=True)
-                headers = {STREAM_HEADER: call.stream}
-                call.answer(web.json_response(fmt.error_body(502, message), status=502, headers=headers))
+                log.warning("proxy.unreachable", stream=call.stream, error=call.redactor.text(_describe(exc)))
+                await pub.error("timeout" if isinstance(exc, TimeoutError) else "connect", message, retryable=True)
+                answer = {STREAM_HEADER: call.stream}
+                call.answer(web.json_response(fmt.error_body(502, message), status=502, headers=answer))
                 return
             call.upstream = upstream
             upstream_id = upstream.headers.get("x-request-id")
             if upstream_id:
-                w.meta["upstream_request_id"] = upstream_id
+                w.meta["upstream_request_id"] = call.redactor.text(upstream_id)
             if upstream.status >= 400:
-                await self._upstream_status(call, w, upstream)
+                await self._upstream_status(call, pub, upstream)
             elif call.relayed is not None and call.moderated:
-                await self._feed(call, w, upstream)
+                await self._feed(call, pub, upstream)
             elif not call.streaming:
-                await self._whole(call, w, upstream)
+                await self._whole(call, pub, upstream)
             else:
-                await self._stream(call, w, upstream)
+                await self._stream(call, pub, upstream)
+            await pub.flush()
         finally:
             call.w_terminal = w.terminal
             call.ready.set()
 
-    async def _upstream_status(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+    async def _upstream_status(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
         status = upstream.status
         try:
             data = await upstream.read()
         except (aiohttp.ClientError, TimeoutError):
             data = b""
+        body = self._own.body(data)
         call.answer(
-            web.Response(status=status, reason=upstream.reason, body=data, headers=self._headers(call, upstream))
+            web.Response(status=status, reason=upstream.reason, body=body, headers=self._headers(call, upstream))
         )
         kind = "model_not_found" if status == 404 else "http_status"
         message = f"HTTP {status}: {_error_message(data) or upstream.reason or ''}"
         log.info("proxy.upstream_status", stream=call.stream, status=status)
-        await w.error(kind, message, retryable=status >= 500 or status == 429)
+        await pub.error(kind, message, retryable=status >= 500 or status == 429)
 
     def _headers(self, call: _Call, upstream: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> dict[str, str]:
         headers = _response_headers(upstream, drop=drop)
         headers[STREAM_HEADER] = call.stream
         return headers
 
-    async def _whole(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+    async def _whole(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
         fmt = call.fmt
         try:
             data = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             message = f"the upstream broke off the answer: {_describe(exc)}"
             call.answer(web.json_response(fmt.error_body(502, message), status=502))
-            await w.error("truncated", message, retryable=True)
+            await pub.error("truncated", message, retryable=True)
             return
         call.answer(
             web.Response(
-                status=upstream.status, reason=upstream.reason, body=data, headers=self._headers(call, upstream)
+                status=upstream.status,
+                reason=upstream.reason,
+                body=self._own.body(data),
+                headers=self._headers(call, upstream),
             )
         )
         try:
-            await _Publisher(w).apply(_whole_body_pieces(fmt.name, call.route, data))
+            await pub.apply(_whole_body_pieces(fmt.name, call.route, data))
         except (ValueError, orjson.JSONDecodeError) as exc:
-            await w.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
+            await pub.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
 
     async def _watch_client(self, request: web.Request, stream: str) -> None:
         """Abort *stream* by ``client`` once the client's connection is gone."""
@@ -511,32 +629,34 @@ class Proxy:
                 return
             await anyio.sleep(self.disconnect_poll)
 
-    async def _stream(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+    async def _stream(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
         """Pass-through: every upstream read goes to the client first, then a copy is parsed and published."""
+        w = pub.w
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.update(self._headers(call, upstream))
         call.answer(response)
         await response.prepare(call.request)
         parser = _parser(call.fmt.name, call.route)
-        publisher = _Publisher(w)
+        own = self._own.byte_stream()
         parsing = True
         failure: tuple[str, str] | None = None
         try:
             async for chunk in upstream.content.iter_any():
                 try:
-                    await response.write(chunk)
+                    await response.write(own.feed(chunk))
                 except ConnectionError:
                     log.info("proxy.client_gone", stream=call.stream)
                     await w.abort("client disconnected", by="client")
                     return
                 if parsing:
                     try:
-                        await publisher.apply(parser.feed(chunk))
+                        await pub.apply(parser.feed(chunk))
                     except WireError as exc:
                         parsing = False
-                        await w.error("malformed", str(exc))
+                        await pub.error("malformed", str(exc))
+            await _write_quietly(response, own.flush())
             if parsing:
-                await publisher.apply(parser.close())
+                await pub.apply(parser.close())
             if not w.finished:
                 failure = ("truncated", "the upstream closed the stream before its end")
         except WireError as exc:
@@ -547,41 +667,41 @@ class Proxy:
             failure = ("truncated", f"the upstream connection broke mid-stream: {_describe(exc)}")
         if failure is not None and not w.finished:
             kind, message = failure
-            log.warning("proxy.upstream_cut", stream=call.stream, kind=kind, error=message)
-            await w.error(kind, message, retryable=True)
+            log.warning("proxy.upstream_cut", stream=call.stream, kind=kind, error=call.redactor.text(message))
+            await _write_quietly(response, own.flush())
+            await pub.error(kind, message, retryable=True)
             # End the client's stream the way the provider ends a failed one: in band.
             await _write_quietly(response, _error_bytes(call.fmt, call.route, call.body, w.terminal))
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
 
     # -- moderated: the client gets the processed stream -------------------------------------
-    async def _feed(self, call: _Call, w: StreamWriter, upstream: aiohttp.ClientResponse) -> None:
+    async def _feed(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
         """Moderated: parse the upstream's answer onto the bus; :meth:`_relay` answers the client."""
         call.upstream_status = upstream.status
         call.upstream_headers = self._headers(call, upstream, drop=("content-type", "content-encoding"))
         call.ready.set()
-        publisher = _Publisher(w)
         try:
             if not call.streaming:
                 data = await upstream.read()
                 try:
-                    await publisher.apply(_whole_body_pieces(call.fmt.name, call.route, data))
+                    await pub.apply(_whole_body_pieces(call.fmt.name, call.route, data))
                 except (ValueError, orjson.JSONDecodeError) as exc:
-                    await w.error("malformed", f"the upstream's answer is not a {call.fmt.name} body: {exc}")
+                    await pub.error("malformed", f"the upstream's answer is not a {call.fmt.name} body: {exc}")
                 return
             parser = _parser(call.fmt.name, call.route)
             async for chunk in upstream.content.iter_any():
-                await publisher.apply(parser.feed(chunk))
-            await publisher.apply(parser.close())
-            if not w.finished:
-                await w.error("truncated", "the upstream closed the stream before its end", retryable=True)
+                await pub.apply(parser.feed(chunk))
+            await pub.apply(parser.close())
+            if not pub.w.finished:
+                await pub.error("truncated", "the upstream closed the stream before its end", retryable=True)
         except WireError as exc:
-            await w.error("malformed", str(exc))
+            await pub.error("malformed", str(exc))
         except TimeoutError:
-            await w.error("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
+            await pub.error("timeout", f"no data from the upstream within read_timeout={self.read_timeout}s")
         except aiohttp.ClientError as exc:
             message = f"the upstream connection broke mid-stream: {_describe(exc)}"
-            await w.error("truncated", message, retryable=True)
+            await pub.error("truncated", message, retryable=True)
 
     async def _relay(self, call: _Call, sub: Subscription) -> None:
         """Moderated: answer the client from the processed stream, re-encoded in its wire format."""
@@ -666,18 +786,24 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def create_app(bus: Bus, upstream: str, **options: Any) -> web.Application:
-    """Return the proxy's :class:`aiohttp.web.Application` for a running *bus*.
-
-    *options* are those of :class:`Proxy` (``moderated``, ``connect_timeout``,
-    ``read_timeout``, ``formats``). Serve it with an :class:`aiohttp.web.AppRunner`
-    in the bus's asyncio loop; aiohttp is asyncio-only, so under trio this
-    raises :class:`RuntimeError` saying so.
-    """
+def require_asyncio() -> None:
+    """Raise :class:`RuntimeError` unless running under asyncio (aiohttp is asyncio-only)."""
     try:
         library = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
         library = "asyncio"
     if library != "asyncio":
         raise RuntimeError(f"streambus proxy runs on asyncio (aiohttp), not {library}; run the bus with asyncio")
+
+
+def create_app(bus: Bus, upstream: str, **options: Any) -> web.Application:
+    """Return the proxy's :class:`aiohttp.web.Application` for a running *bus*.
+
+    *options* are those of :class:`Proxy` (``moderated``, ``connect_timeout``,
+    ``read_timeout``, ``formats``, ``token``, ``bind_host``, ``port``,
+    ``allowed_hosts``, ``allowed_origins``). Serve it with an
+    :class:`aiohttp.web.AppRunner` in the bus's asyncio loop; aiohttp is
+    asyncio-only, so under trio this raises :class:`RuntimeError` saying so.
+    """
+    require_asyncio()
     return Proxy(bus, upstream, **options).app()
