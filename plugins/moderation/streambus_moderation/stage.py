@@ -193,6 +193,12 @@ class ModerationStage(PluginBase):
     name: ClassVar[str] = "moderation"
 
     def __init__(self, options: Options | None = None, *, moderator: Moderator | None = None, **kwargs: Any) -> None:
+        if options is not None and not isinstance(options, ModerationStage.Options):
+            # The likely slip is ModerationStage(my_moderator): say so instead of an AttributeError later.
+            raise TypeError(
+                f"ModerationStage: got a {type(options).__name__} as the first argument, which takes "
+                "ModerationStage.Options; pass the moderator as moderator=... and options as keywords"
+            )
         options = self.resolve_options(options, kwargs)
         if moderator is None:
             if options.moderator is None:
