@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import msgspec
 import sniffio
 
+from streambus.errors import StreamBusError
 from streambus.plugins import PluginBase
 
 from .verdict import Verdict
@@ -38,8 +39,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["ModerationAPIError", "OpenAIModerator"]
 
 
-class ModerationAPIError(Exception):
-    """The moderation endpoint answered with an error status or an unexpected body."""
+class ModerationAPIError(StreamBusError):
+    """The moderation endpoint answered with an error status or an unexpected body.
+
+    ``status`` is the HTTP status (200 when the body was the problem). Part of
+    streambus's error tree (``except StreamBusError`` catches it); inside a
+    stage it never reaches you: the stage counts it in ``stats.errors`` and
+    applies ``on_error``. React to ``status`` (429/5xx: retry later), not to the message.
+    """
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)

@@ -90,8 +90,13 @@ class PythonModerator(PluginBase):
         kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if options is not None:
+            if not isinstance(options, PythonModerator.Options):
+                raise TypeError(
+                    f"PythonModerator: got a {type(options).__name__} as the first argument, which takes "
+                    "PythonModerator.Options; pass your async function as function=..."
+                )
             if function is not None:
-                raise TypeError("pass either options or function, not both")
+                raise TypeError("PythonModerator: pass either options or function, not both")
             target = _import(options.function)
             kwargs = options.kwargs
         elif function is not None:

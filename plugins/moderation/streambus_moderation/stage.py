@@ -32,6 +32,21 @@ Modes:
     ``moderation`` event with action ``flag``, ``retract`` (clients remove
     the span already shown) or ``abort``.
 
+How it works, for a reader of this file:
+
+1. *Intake* (:meth:`ModerationStage._feed`): a moderated delta's text is
+   appended to its channel (:class:`~._windows.ChannelText`) and queued for
+   output; every other event is queued behind it.
+2. *Scheduling* (:class:`~._windows.WindowScheduler`, one task per stream):
+   cuts the text into overlapping windows, checks several at once with the
+   moderator (:meth:`ModerationStage._moderate`) and hands verdicts back in
+   order to :meth:`ModerationStage._conclude`.
+3. *Strategy* (:class:`Gate` or :class:`Observe`, chosen by ``mode``): when
+   text may go out, how long a verdict may take, and what a violating span
+   becomes. ``abort`` is the same in both modes (:meth:`ModerationStage._abort`).
+4. *Output* (:meth:`ModerationStage._release`): publishes the head of the
+   queue up to what is allowed, renumbered, redactions replaced.
+
 Moderated output is renumbered: ``seq`` is gap-free per stream, counting the
 inserted ``moderation`` events and merged deltas (released text of one
 channel is sent as one delta whose ``n`` sums the merged chunks). Offsets in
@@ -43,10 +58,8 @@ with ``abort`` by ``moderation``.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import time
-from collections import deque
 from typing import Any, ClassVar, Literal
 
 import anyio
@@ -68,6 +81,7 @@ from streambus.events import (
 )
 from streambus.plugins import PluginBase
 
+from ._windows import ChannelText, Finding, HeldText, StreamState, Window, WindowScheduler
 from .verdict import Moderator, Span, Verdict, load_moderator
 
 __all__ = ["ModerationStage", "ModerationStats"]
@@ -76,8 +90,6 @@ log = structlog.get_logger("streambus.moderation")
 
 Mode = Literal["gate", "observe"]
 Action = Literal["redact", "abort", "flag", "retract"]
-_GATE_ACTIONS = ("redact", "abort")
-_OBSERVE_ACTIONS = ("flag", "retract", "abort")
 
 
 @dataclasses.dataclass
@@ -105,231 +117,6 @@ class ModerationStats:
     aborted: int = 0
 
 
-class _Text:
-    """Held text of one delta: source offsets ``[start, end)`` of its channel."""
-
-    __slots__ = ("channel", "end", "n", "start", "ts")
-
-    def __init__(self, channel: Channel, start: int, end: int, n: int, ts: float) -> None:
-        self.channel = channel
-        self.start = start
-        self.end = end
-        self.n = n
-        self.ts = ts
-
-
-class _Redaction:
-    __slots__ = ("categories", "end", "scores", "start", "verdict")
-
-    def __init__(self, start: int, end: int, categories: list[str], scores: dict[str, float], verdict: str) -> None:
-        self.start = start
-        self.end = end
-        self.categories = categories
-        self.scores = scores
-        self.verdict = verdict
-
-
-class _Channel:
-    """Moderation state of one channel of one stream (offsets count source characters)."""
-
-    __slots__ = (
-        "allowed",
-        "arrivals",
-        "checked",
-        "chunks",
-        "head",
-        "masked",
-        "name",
-        "redactions",
-        "released",
-        "scheduled",
-        "starts",
-        "total",
-    )
-
-    def __init__(self, name: Channel) -> None:
-        self.name = name
-        # Source text as the deltas brought it: chunks[i] starts at offset starts[i].
-        # Appending and slicing a window cost what they touch, however far the
-        # producer runs ahead of the moderator.
-        self.chunks: list[str] = []
-        self.starts: list[int] = []
-        self.head = 0  # chunks before this index were trimmed
-        self.total = 0
-        self.checked = 0  # verdicts applied for [0, checked)
-        self.scheduled = 0  # checks started for [0, scheduled)
-        self.allowed = 0  # text before this may be released
-        self.released = 0  # text before this was released
-        self.redactions: list[_Redaction] = []
-        self.masked: list[tuple[int, int]] = []  # reported spans, hidden from later windows' context
-        self.arrivals: deque[tuple[int, float]] = deque()  # (end offset, monotonic time) per delta
-
-    def append(self, text: str, now: float) -> tuple[int, int]:
-        start = self.total
-        self.chunks.append(text)
-        self.starts.append(start)
-        self.total += len(text)
-        self.arrivals.append((self.total, now))
-        return start, self.total
-
-    def ready_at(self, end: int, default: float) -> float:
-        """When the text up to *end* had arrived."""
-        arrivals = self.arrivals
-        while arrivals and arrivals[0][0] < end:
-            arrivals.popleft()
-        return arrivals[0][1] if arrivals else default
-
-    def window(self, start: int, end: int) -> str:
-        """Source text ``[start, end)`` with already reported spans blanked out."""
-        text = self.slice(start, end)
-        for ms, me in self.masked:
-            if me <= start or ms >= end:
-                continue
-            a, b = max(ms, start) - start, min(me, end) - start
-            text = text[:a] + " " * (b - a) + text[b:]
-        return text
-
-    def is_masked(self, start: int, end: int) -> bool:
-        return any(ms <= start and end <= me for ms, me in self.masked)
-
-    def mask(self, start: int, end: int) -> None:
-        self.masked.append((start, end))
-
-    def redact(self, redaction: _Redaction) -> None:
-        """Add a redaction, merging it with any it overlaps."""
-        keep: list[_Redaction] = []
-        for r in self.redactions:
-            if r.end <= redaction.start or r.start >= redaction.end:
-                keep.append(r)
-                continue
-            redaction.start = min(r.start, redaction.start)
-            redaction.end = max(r.end, redaction.end)
-            redaction.categories = sorted({*r.categories, *redaction.categories})
-            redaction.scores = {**r.scores, **redaction.scores}
-        keep.append(redaction)
-        keep.sort(key=lambda r: r.start)
-        self.redactions = keep
-
-    def allow(self, upto: int) -> None:
-        """Let text before *upto* out, never stopping inside a redaction."""
-        upto = max(self.allowed, upto)
-        for r in self.redactions:
-            if r.start < upto < r.end:
-                upto = r.end
-        self.allowed = min(max(upto, self.allowed), self.total)
-
-    def to_output(self, pos: int, replacement: str) -> int:
-        """Map a source offset to an offset in the delivered text."""
-        shift = 0
-        for r in self.redactions:
-            if r.end <= pos:
-                shift += len(replacement) - (r.end - r.start)
-            elif r.start < pos:
-                return r.start + shift
-        return pos + shift
-
-    def output(self, start: int, end: int, replacement: str) -> str:
-        """The delivered form of source ``[start, end)``: redactions replaced."""
-        parts: list[str] = []
-        pos = start
-        for r in self.redactions:
-            if r.end <= start:
-                continue
-            if r.start >= end:
-                break
-            if r.start > pos:
-                parts.append(self.slice(pos, r.start))
-            if r.start >= start:
-                parts.append(replacement)
-            pos = max(pos, r.end)
-        if pos < end:
-            parts.append(self.slice(pos, end))
-        return "".join(parts)
-
-    def slice(self, start: int, end: int) -> str:
-        """Source text ``[start, end)``."""
-        if end <= start:
-            return ""
-        starts, chunks = self.starts, self.chunks
-        i = max(self.head, bisect.bisect_right(starts, start, lo=self.head) - 1)
-        parts: list[str] = []
-        while i < len(chunks) and starts[i] < end:
-            offset = starts[i]
-            parts.append(chunks[i][max(0, start - offset) : end - offset])
-            i += 1
-        return "".join(parts)
-
-    def trim(self, overlap: int) -> None:
-        """Forget text no window or release needs any more."""
-        keep = min(self.released, max(0, self.checked - overlap))
-        starts = self.starts
-        while self.head + 1 < len(starts) and starts[self.head + 1] <= keep:
-            self.head += 1
-        if self.head > 1024:
-            del self.chunks[: self.head]
-            del self.starts[: self.head]
-            self.head = 0
-            self.masked = [(s, e) for s, e in self.masked if e > keep]
-
-
-class _Pending:
-    """A window whose check is in flight; ``result`` is set when the verdict is in."""
-
-    __slots__ = ("ch", "end", "final", "result", "start")
-
-    def __init__(self, ch: _Channel, start: int, end: int, final: bool) -> None:
-        self.ch = ch
-        self.start = start
-        self.end = end
-        self.final = final
-        self.result: tuple[Verdict, str] | None = None
-
-
-class _Stream:
-    __slots__ = (
-        "channels",
-        "closing",
-        "ended",
-        "finished",
-        "id",
-        "lock",
-        "progress",
-        "queue",
-        "seq",
-        "terminal",
-        "terminal_at",
-        "wake",
-    )
-
-    def __init__(self, stream: str, first_seq: int) -> None:
-        self.id = stream
-        self.seq = first_seq
-        self.channels: dict[str, _Channel] = {}
-        self.queue: deque[_Text | Event] = deque()
-        self.terminal: Event | None = None
-        self.terminal_at = 0.0
-        self.closing = False
-        self.finished = False
-        self.ended = False  # the moderated stream's terminal event went out
-        self.lock = anyio.Lock()
-        self.wake = anyio.Event()
-        self.progress = anyio.Event()
-
-    def channel(self, name: Channel) -> _Channel:
-        ch = self.channels.get(name)
-        if ch is None:
-            ch = self.channels[name] = _Channel(name)
-        return ch
-
-    def next_seq(self) -> int:
-        seq = self.seq
-        self.seq += 1
-        return seq
-
-    def poke(self) -> None:
-        self.wake.set()
-
-
 class ModerationStage(PluginBase):
     """Moderate streamed text between producers and the sinks that must see it moderated.
 
@@ -346,6 +133,7 @@ class ModerationStage(PluginBase):
         moderator: dict[str, Any] | None = None
         """The moderator table: ``type`` (an entry point of ``streambus.moderators``) and its options."""
         mode: Mode = "gate"
+        """``gate`` holds text until its window is approved; ``observe`` passes it at once, verdicts after."""
         action: Action | None = None
         """On a violation: ``redact`` (default) or ``abort`` in gate mode;
         ``retract`` (default), ``flag`` or ``abort`` in observe mode."""
@@ -383,7 +171,7 @@ class ModerationStage(PluginBase):
                 )
             if not self.channels:
                 raise ValueError("channels: name at least one channel to moderate")
-            allowed = _GATE_ACTIONS if self.mode == "gate" else _OBSERVE_ACTIONS
+            allowed = STRATEGIES[self.mode].actions
             if self.action is not None and self.action not in allowed:
                 raise ValueError(
                     f"action: {self.action!r} does not apply to mode {self.mode!r} "
@@ -405,6 +193,12 @@ class ModerationStage(PluginBase):
     name: ClassVar[str] = "moderation"
 
     def __init__(self, options: Options | None = None, *, moderator: Moderator | None = None, **kwargs: Any) -> None:
+        if options is not None and not isinstance(options, ModerationStage.Options):
+            # The likely slip is ModerationStage(my_moderator): say so instead of an AttributeError later.
+            raise TypeError(
+                f"ModerationStage: got a {type(options).__name__} as the first argument, which takes "
+                "ModerationStage.Options; pass the moderator as moderator=... and options as keywords"
+            )
         options = self.resolve_options(options, kwargs)
         if moderator is None:
             if options.moderator is None:
@@ -413,7 +207,8 @@ class ModerationStage(PluginBase):
         self.options = options
         self.moderator = moderator
         self.mode: Mode = options.mode
-        self.action: Action = options.action or ("redact" if options.mode == "gate" else "retract")
+        self._strategy: Strategy = STRATEGIES[options.mode](self)
+        self.action: Action = options.action or self._strategy.actions[0]
         context = int(getattr(moderator, "context_chars", 0) or 0)
         self.overlap = max(options.overlap_chars or 0, context)
         if self.overlap >= options.window_chars:
@@ -422,11 +217,12 @@ class ModerationStage(PluginBase):
                 f"so window_chars must be above that, got {options.window_chars}"
             )
         self.window = options.window_chars
+        self._scheduler = WindowScheduler(self.window, self.overlap, options.max_concurrent_checks)
         self.channels = frozenset(options.channels)
         self.stats = ModerationStats()
         """Counters; see :class:`ModerationStats`."""
         self._bus: Bus | None = None
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, StreamState] = {}
         self._dropping: set[str] = set()  # aborted here, producer's terminal not seen yet
 
     @classmethod
@@ -480,7 +276,7 @@ class ModerationStage(PluginBase):
                     self._dropping.discard(stream)
                 return
             # A stream whose start this stage did not see keeps its numbering.
-            st = _Stream(stream, 0 if type(event) is StartEvent else event.seq)
+            st = StreamState(stream, 0 if type(event) is StartEvent else event.seq)
             self._streams[stream] = st
             tg.start_soon(self._checker, st, name=f"moderation:{stream}")
         if st.finished:
@@ -497,12 +293,9 @@ class ModerationStage(PluginBase):
             # time.monotonic rather than anyio.current_time: only differences are
             # used (max_hold_ms), and this runs once per delta.
             start, end = ch.append(delta.text, time.monotonic())
-            st.queue.append(_Text(delta.channel, start, end, delta.n, delta.ts))
-            if self.mode == "observe":
-                ch.allow(end)
-                async with st.lock:
-                    await self._release(st)
-            if end >= max(0, ch.scheduled - self.overlap) + self.window:
+            st.queue.append(HeldText(delta.channel, start, end, delta.n, delta.ts))
+            await self._strategy.text_arrived(st, ch, end)
+            if self._scheduler.has_full_window(ch):
                 st.poke()  # a window is ready; waking the checker per delta would cost a task switch each
         elif is_terminal(event):
             st.terminal = event
@@ -514,30 +307,12 @@ class ModerationStage(PluginBase):
                 await self._release(st)
 
     # -- checking ----------------------------------------------------------------
-    async def _checker(self, st: _Stream) -> None:
-        """Check one stream's windows: several in flight, verdicts applied in order."""
+    async def _checker(self, st: StreamState) -> None:
+        """Check one stream's windows, then release what is left and its terminal event."""
         try:
-            async with anyio.create_task_group() as tg:
-                inflight: deque[_Pending] = deque()
-                while not st.finished:
-                    wake = st.wake = anyio.Event()
-                    self._launch(st, tg, inflight)
-                    progressed = False
-                    while inflight and inflight[0].result is not None and not st.finished:
-                        await self._conclude(st, inflight.popleft())
-                        progressed = True
-                    if st.finished:
-                        break
-                    if (
-                        not inflight
-                        and (st.terminal is not None or st.closing)
-                        and all(ch.scheduled >= ch.total for ch in st.channels.values())
-                    ):
-                        await self._finish(st)
-                        break
-                    if not progressed:
-                        await wake.wait()
-                tg.cancel_scope.cancel()  # an abort leaves checks in flight: they no longer matter
+            await self._scheduler.run(st, self._strategy.judge, self._conclude)
+            if not st.finished:
+                await self._finish(st)
         except Exception as exc:
             log.error("moderation.stage_failed", stream=st.id, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             await self._fail_stream(st, exc)
@@ -547,31 +322,7 @@ class ModerationStage(PluginBase):
             if self._streams.get(st.id) is st:
                 del self._streams[st.id]
 
-    def _launch(self, st: _Stream, tg: anyio.abc.TaskGroup, inflight: deque[_Pending]) -> None:
-        """Start checks of every window that is ready, up to ``max_concurrent_checks``."""
-        closing = st.terminal is not None or st.closing
-        limit = self.options.max_concurrent_checks
-        for ch in st.channels.values():
-            while len(inflight) < limit:
-                start = max(0, ch.scheduled - self.overlap)
-                end = start + self.window
-                final = False
-                if not (ch.total >= end and end > ch.scheduled):
-                    if not (closing and ch.total > ch.scheduled):
-                        break
-                    end, final = ch.total, True
-                now = time.monotonic()
-                ready_at = ch.ready_at(end, st.terminal_at if final and st.terminal is not None else now)
-                pending = _Pending(ch, start, end, final)
-                ch.scheduled = end
-                inflight.append(pending)
-                tg.start_soon(self._run_check, st, pending, ch.window(start, end), ready_at)
-
-    async def _run_check(self, st: _Stream, pending: _Pending, text: str, ready_at: float) -> None:
-        pending.result = await self._judge(st, pending.ch, text, pending.end, ready_at)
-        st.poke()
-
-    async def _finish(self, st: _Stream) -> None:
+    async def _finish(self, st: StreamState) -> None:
         async with st.lock:
             for ch in st.channels.values():
                 ch.allow(ch.total)
@@ -580,53 +331,24 @@ class ModerationStage(PluginBase):
             await self._release(st)
         st.finished = True
 
-    async def _conclude(self, st: _Stream, pending: _Pending) -> None:
+    async def _conclude(self, st: StreamState, window: Window) -> None:
         """Apply one window's verdict, then release what it approved."""
-        assert pending.result is not None
-        verdict, label = pending.result
-        ch, start, end = pending.ch, pending.start, pending.end
-        ch.checked = max(ch.checked, end)
+        assert window.result is not None
+        verdict, label = window.result
+        ch = window.channel
+        ch.checked = max(ch.checked, window.end)
         if verdict.flagged:
-            await self._apply(st, ch, verdict, label, start, end)
+            await self._apply(st, ch, verdict, label, window.start, window.end)
             if st.finished:
                 return
         async with st.lock:
-            ch.allow(end if pending.final or self.mode == "observe" else end - self.overlap)
+            ch.allow(self._strategy.approved_upto(window))
             await self._release(st)
         ch.trim(self.overlap)
         st.progress.set()
 
-    async def _judge(self, st: _Stream, ch: _Channel, text: str, end: int, ready_at: float) -> tuple[Verdict, str]:
-        """Moderate one window, applying ``max_hold_ms`` in gate mode."""
-        hold = self.options.max_hold_ms
-        if self.mode == "observe" or hold is None:
-            return await self._moderate(st, text)
-        box: list[tuple[Verdict, str]] = []
-        done = anyio.Event()
-
-        async def call() -> None:
-            box.append(await self._moderate(st, text))
-            done.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(call)
-            with anyio.move_on_after(max(0.0, ready_at + hold / 1000 - time.monotonic())):
-                await done.wait()
-            if not done.is_set():
-                if self.options.hold_policy == "block":
-                    tg.cancel_scope.cancel()
-                    self.stats.hold_blocked += 1
-                    log.warning("moderation.hold_blocked", stream=st.id, channel=ch.name, max_hold_ms=hold)
-                    return Verdict(flagged=True, categories=["moderation_hold_exceeded"]), "timeout"
-                self.stats.hold_released += 1
-                log.warning("moderation.hold_released", stream=st.id, channel=ch.name, max_hold_ms=hold)
-                async with st.lock:
-                    ch.allow(end)
-                    await self._release(st)
-                await done.wait()
-        return box[0]
-
-    async def _moderate(self, st: _Stream, text: str) -> tuple[Verdict, str]:
+    async def _moderate(self, st: StreamState, text: str) -> tuple[Verdict, str]:
+        """Ask the moderator about *text*, bounded by ``timeout_ms``; failures follow ``on_error``."""
         self.stats.windows += 1
         try:
             with anyio.fail_after(self.options.timeout_ms / 1000):
@@ -653,14 +375,18 @@ class ModerationStage(PluginBase):
         return Verdict(flagged=True, categories=[f"moderation_{kind}"]), kind
 
     # -- acting on verdicts --------------------------------------------------------
-    async def _apply(self, st: _Stream, ch: _Channel, verdict: Verdict, label: str, start: int, end: int) -> None:
-        spans: list[tuple[int, int, list[str]]] = []
+    async def _apply(
+        self, st: StreamState, ch: ChannelText, verdict: Verdict, label: str, start: int, end: int
+    ) -> None:
+        """Act on a flagged verdict about source ``[start, end)`` of *ch*."""
+        findings: list[Finding] = []
         for span in verdict.spans or [Span(start=0, end=end - start)]:
             a, b = max(start, start + span.start), min(end, start + span.end)
             if b <= a or ch.is_masked(a, b):
                 continue
-            spans.append((a, b, [span.category] if span.category else list(verdict.categories)))
-        if not spans:
+            categories = [span.category] if span.category else list(verdict.categories)
+            findings.append(Finding(a, b, categories, dict(verdict.scores), label))
+        if not findings:
             return
         self.stats.flagged += 1
         log.info(
@@ -669,62 +395,42 @@ class ModerationStage(PluginBase):
             channel=ch.name,
             categories=verdict.categories,
             action=self.action,
-            spans=[(a, b) for a, b, _ in spans],
+            spans=[(f.start, f.end) for f in findings],
         )
         if self.action == "abort":
-            await self._abort(st, ch, verdict, label, spans)
+            await self._abort(st, ch, findings)
             return
         async with st.lock:
-            for a, b, categories in spans:
-                ch.mask(a, b)
-                if self.mode == "observe":
-                    if self.action == "retract":
-                        self.stats.retracted += 1
-                    await self._note(st, ch, self.action, a, b, categories, verdict, label)
-                    continue
-                if a < ch.released:  # released unapproved (max_hold_ms passed): take it back
-                    self.stats.retracted += 1
-                    await self._note(st, ch, "retract", a, min(b, ch.released), categories, verdict, label)
-                if b > ch.released:
-                    self.stats.redacted += 1
-                    ch.redact(_Redaction(max(a, ch.released), b, categories, dict(verdict.scores), label))
-            ch.allow(ch.allowed)
+            for finding in findings:
+                ch.mask(finding.start, finding.end)
+                await self._strategy.violation(st, ch, finding)
+            ch.allow(ch.allowed)  # a new redaction may cover where release was to stop
 
-    async def _note(
-        self,
-        st: _Stream,
-        ch: _Channel,
-        action: Action,
-        start: int,
-        end: int,
-        categories: list[str],
-        verdict: Verdict,
-        label: str,
-    ) -> None:
+    async def _note(self, st: StreamState, ch: ChannelText, action: Action, finding: Finding) -> None:
+        """Publish a ``moderation`` event about *finding*, in offsets of the delivered text."""
         rep = self.options.replacement
-        out_start = ch.to_output(start, rep)
+        start = ch.to_output(finding.start, rep)
+        length = len(rep) if action == "redact" else finding.end - finding.start
         await self._emit(
             st,
             ModerationEvent(
                 stream=st.id,
                 seq=0,
                 ts=time.time(),
-                verdict=label,
-                categories=categories,
+                verdict=finding.verdict,
+                categories=finding.categories,
                 action=action,
-                start=out_start,
-                end=out_start + (end - start),
+                start=start,
+                end=start + length,
                 channel=ch.name,
-                scores=dict(verdict.scores),
+                scores=finding.scores,
             ),
         )
 
-    async def _abort(
-        self, st: _Stream, ch: _Channel, verdict: Verdict, label: str, spans: list[tuple[int, int, list[str]]]
-    ) -> None:
+    async def _abort(self, st: StreamState, ch: ChannelText, findings: list[Finding]) -> None:
         st.finished = True
         self.stats.aborted += 1
-        categories = sorted({c for _, _, cs in spans for c in cs}) or list(verdict.categories)
+        categories = sorted({c for f in findings for c in f.categories})
         reason = f"moderation flagged {', '.join(categories) or 'content'}"
         if st.terminal is None:
             self._dropping.add(st.id)
@@ -733,11 +439,12 @@ class ModerationStage(PluginBase):
         self._bus.abort(st.id, reason=reason, by="moderation")
         async with st.lock:
             st.queue.clear()
-            a, b = spans[0][0], spans[-1][1]
-            await self._note(st, ch, "abort", a, b, categories, verdict, label)
+            first = findings[0]
+            whole = Finding(first.start, findings[-1].end, categories, first.scores, first.verdict)
+            await self._note(st, ch, "abort", whole)
             await self._emit(st, AbortEvent(stream=st.id, seq=0, ts=time.time(), reason=reason, by="moderation"))
 
-    async def _fail_stream(self, st: _Stream, exc: BaseException) -> None:
+    async def _fail_stream(self, st: StreamState, exc: BaseException) -> None:
         if st.ended:
             return
         st.finished = True
@@ -758,7 +465,7 @@ class ModerationStage(PluginBase):
                 )
 
     # -- output ------------------------------------------------------------------------
-    async def _emit(self, st: _Stream, event: Event) -> None:
+    async def _emit(self, st: StreamState, event: Event) -> None:
         assert self._bus is not None
         if is_terminal(event):
             st.ended = True
@@ -768,15 +475,15 @@ class ModerationStage(PluginBase):
             # Only when the bus closed with no subscriber left to read the output.
             log.debug("moderation.dropped_after_close", stream=st.id, type=type(event).__name__)
 
-    async def _release(self, st: _Stream) -> None:
+    async def _release(self, st: StreamState) -> None:
         """Publish everything at the head of the queue that may go out (lock held)."""
         queue = st.queue
-        acc: _Channel | None = None
+        acc: ChannelText | None = None
         acc_start = acc_end = acc_n = 0
         acc_ts = 0.0
         while queue:
             item = queue[0]
-            if type(item) is _Text:
+            if type(item) is HeldText:
                 ch = st.channels[item.channel]
                 if item.start >= ch.allowed:
                     break
@@ -802,27 +509,116 @@ class ModerationStage(PluginBase):
         if acc is not None:
             await self._flush(st, acc, acc_start, acc_end, acc_n, acc_ts)
 
-    async def _flush(self, st: _Stream, ch: _Channel, start: int, end: int, n: int, ts: float) -> None:
-        rep = self.options.replacement
-        text = ch.output(start, end, rep)
+    async def _flush(self, st: StreamState, ch: ChannelText, start: int, end: int, n: int, ts: float) -> None:
+        text = ch.output(start, end, self.options.replacement)
         ch.released = max(ch.released, end)
         if text:
             await self._emit(st, DeltaEvent(stream=st.id, seq=0, ts=ts, text=text, channel=ch.name, n=max(1, n)))
         for r in ch.redactions:
             if start <= r.start < end:
-                out_start = ch.to_output(r.start, rep)
-                await self._emit(
-                    st,
-                    ModerationEvent(
-                        stream=st.id,
-                        seq=0,
-                        ts=time.time(),
-                        verdict=r.verdict,
-                        categories=r.categories,
-                        action="redact",
-                        start=out_start,
-                        end=out_start + len(rep),
-                        channel=ch.name,
-                        scores=r.scores,
-                    ),
-                )
+                await self._note(st, ch, "redact", r)
+
+
+class Strategy:
+    """What one ``mode`` does with text and verdicts; both modes share the window scheduler.
+
+    The defaults hold text until the stage allows it and judge a window with
+    one plain moderator call. A strategy never sees ``action = "abort"``: the
+    stage aborts the same way in every mode.
+    """
+
+    actions: ClassVar[tuple[Action, ...]]
+    """The actions this mode accepts; the first is its default."""
+
+    def __init__(self, stage: ModerationStage) -> None:
+        self.stage = stage
+
+    async def text_arrived(self, st: StreamState, ch: ChannelText, end: int) -> None:
+        """Text of *ch* up to source offset *end* was queued for output."""
+
+    async def judge(self, st: StreamState, window: Window) -> tuple[Verdict, str]:
+        """The verdict on *window* and its label (``flagged``, ``timeout`` or ``error``)."""
+        return await self.stage._moderate(st, window.text)
+
+    def approved_upto(self, window: Window) -> int:
+        """The source offset before which text may go out once *window*'s verdict is applied."""
+        return window.end
+
+    async def violation(self, st: StreamState, ch: ChannelText, finding: Finding) -> None:
+        """Act on *finding* in *ch* (``st.lock`` is held)."""
+        raise NotImplementedError
+
+
+class Gate(Strategy):
+    """Hold text until a window containing it is approved; a violating span is redacted."""
+
+    actions = ("redact", "abort")
+
+    def approved_upto(self, window: Window) -> int:
+        # The last overlap characters open the next window: they stay held until
+        # that one is approved too, so not even the first half of a split term leaks.
+        return window.end if window.final else window.end - self.stage.overlap
+
+    async def judge(self, st: StreamState, window: Window) -> tuple[Verdict, str]:
+        """Judge *window*; past ``max_hold_ms`` release it unapproved or withhold it (``hold_policy``)."""
+        stage = self.stage
+        hold = stage.options.max_hold_ms
+        if hold is None:
+            return await super().judge(st, window)
+        box: list[tuple[Verdict, str]] = []
+        done = anyio.Event()
+
+        async def call() -> None:
+            box.append(await stage._moderate(st, window.text))
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            with anyio.move_on_after(max(0.0, window.ready_at + hold / 1000 - time.monotonic())):
+                await done.wait()
+            if not done.is_set():
+                channel = window.channel
+                if stage.options.hold_policy == "block":
+                    tg.cancel_scope.cancel()
+                    stage.stats.hold_blocked += 1
+                    log.warning("moderation.hold_blocked", stream=st.id, channel=channel.name, max_hold_ms=hold)
+                    return Verdict(flagged=True, categories=["moderation_hold_exceeded"]), "timeout"
+                stage.stats.hold_released += 1
+                log.warning("moderation.hold_released", stream=st.id, channel=channel.name, max_hold_ms=hold)
+                async with st.lock:
+                    channel.allow(window.end)
+                    await stage._release(st)
+                await done.wait()  # a late violation becomes a retraction
+        return box[0]
+
+    async def violation(self, st: StreamState, ch: ChannelText, finding: Finding) -> None:
+        """Redact what is still held; retract what ``max_hold_ms`` let out unapproved."""
+        stats, released = self.stage.stats, ch.released
+        if finding.start < released:
+            stats.retracted += 1
+            shown = dataclasses.replace(finding, end=min(finding.end, released))
+            await self.stage._note(st, ch, "retract", shown)
+        if finding.end > released:
+            stats.redacted += 1
+            ch.redact(dataclasses.replace(finding, start=max(finding.start, released)))
+
+
+class Observe(Strategy):
+    """Pass text through at once; a violating span is published after it (``flag`` or ``retract``)."""
+
+    actions = ("retract", "flag", "abort")
+
+    async def text_arrived(self, st: StreamState, ch: ChannelText, end: int) -> None:
+        """Release the new text now: the verdict follows it."""
+        ch.allow(end)
+        async with st.lock:
+            await self.stage._release(st)
+
+    async def violation(self, st: StreamState, ch: ChannelText, finding: Finding) -> None:
+        """Publish a ``moderation`` event with the stage's action about the span already shown."""
+        if self.stage.action == "retract":
+            self.stage.stats.retracted += 1
+        await self.stage._note(st, ch, self.stage.action, finding)
+
+
+STRATEGIES: dict[Mode, type[Strategy]] = {"gate": Gate, "observe": Observe}

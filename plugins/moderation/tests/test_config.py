@@ -181,3 +181,20 @@ def test_bad_moderator_tables_name_the_key(moderator: str, message: str) -> None
     with pytest.raises(ConfigError, match=message) as info:
         parse_config(tomllib.loads(text), path="bad.toml")
     assert str(info.value).startswith("bad.toml: sinks[0]")
+
+
+def test_a_moderator_given_as_the_options_argument_is_named_with_the_fix() -> None:
+    moderator = KeywordModerator(words={"violence": ["kill"]})
+    with pytest.raises(TypeError, match=r"ModerationStage: got a KeywordModerator .*moderator=") as info:
+        ModerationStage(moderator)  # type: ignore[arg-type]
+    assert "ModerationStage.Options" in str(info.value)
+    with pytest.raises(TypeError, match=r"ModerationStage: got a dict .*ModerationStage.Options"):
+        ModerationStage({"moderator": {"type": "keywords"}})  # type: ignore[arg-type]
+
+    async def check(text: str) -> bool:
+        return "kill" in text
+
+    with pytest.raises(TypeError, match=r"PythonModerator: got a function .*function="):
+        PythonModerator(check)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"PythonModerator: pass either options or function, not both"):
+        PythonModerator(PythonModerator.Options(function="x:y"), function=check)

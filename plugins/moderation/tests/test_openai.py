@@ -18,7 +18,7 @@ from streambus_moderation import ModerationStage, load_moderator
 from streambus_moderation.openai_moderator import ModerationAPIError, OpenAIModerator
 from streambus_moderation.testing import assert_well_formed, delivered_text, run_chunks
 
-from streambus import ModerationEvent
+from streambus import ModerationEvent, StreamBusError
 
 pytestmark = pytest.mark.anyio
 
@@ -139,6 +139,18 @@ async def test_error_status_and_bad_body_raise_clear_errors(endpoint: FakeEndpoi
         endpoint.body = json.dumps({"results": [{"categories": {}}]}).encode()
         with pytest.raises(ModerationAPIError, match="unexpected body.*flagged"):
             await moderator.check("x")
+    finally:
+        await moderator.aclose()
+
+
+async def test_api_errors_are_caught_as_streambus_errors_and_carry_the_status(endpoint: FakeEndpoint) -> None:
+    moderator = OpenAIModerator(base_url=endpoint.base_url)
+    try:
+        for status, body in ((503, None), (200, b'{"results": []}')):
+            endpoint.status, endpoint.body = status, body
+            with pytest.raises(StreamBusError) as info:  # one except for every error streambus raises on purpose
+                await moderator.check("x")
+            assert isinstance(info.value, ModerationAPIError) and info.value.status == status
     finally:
         await moderator.aclose()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from streambus_moderation import KeywordModerator, ModerationStage
-from streambus_moderation.testing import assert_well_formed, delivered_text, run_chunks
+from streambus_moderation.testing import RecordingModerator, assert_well_formed, delivered_text, run_chunks
 
 from streambus import AbortEvent, ModerationEvent
 
@@ -84,3 +84,15 @@ async def test_overlap_is_raised_to_what_the_moderator_needs() -> None:
     assert s.overlap == 2 * len("kill")  # the longest term
     with pytest.raises(ValueError, match="window_chars: the moderator needs 8 characters of overlap"):
         stage("gate", window=6, overlap=0)
+
+
+async def test_gate_and_observe_check_the_same_windows() -> None:
+    # One scheduler cuts the windows; the mode only decides what a verdict does.
+    text = "clean text that fills several windows"
+    checked: dict[str, list[str]] = {}
+    for mode in ("gate", "observe"):
+        moderator = RecordingModerator(KeywordModerator(words={"violence": ["kill"]}))
+        await run_chunks(ModerationStage(moderator=moderator, mode=mode, window_chars=12), list(text))
+        checked[mode] = sorted(window for window, _ in moderator.calls)  # checks may finish in any order
+    # windows of 12 characters, each starting 8 (twice "kill") before the previous one ended
+    assert checked["gate"] == checked["observe"] == sorted(text[a : a + 12] for a in range(0, len(text) - 8, 4))
