@@ -30,8 +30,6 @@ from streambus.access import OriginPolicy
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
-from .aio import _require_asyncio, add_routes
-
 from .aio import _require_asyncio, add_routes, origin_guard, server_logger
 
 __all__ = ["HttpSink"]
