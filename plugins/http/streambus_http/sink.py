@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from streambus import Bus, PluginBase, Subscription
-from streambus.access import OriginPolicy
+from streambus.access import OriginPolicy, is_loopback_host
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
@@ -54,6 +54,8 @@ class HttpSink(PluginBase):
         """Path prefix of every route, e.g. ``/bus``."""
         token: str | None = None
         """Bearer token every request must present (header, or ``?token=``)."""
+        allow_public_without_token: bool = False
+        """Bind a non-loopback ``host`` without a ``token`` (every stream readable by anyone who can connect)."""
         cors_origins: list[str] = msgspec.field(default_factory=list)
         """Browser origins allowed to read (``*`` for any); other pages' requests get 403."""
         allowed_hosts: list[str] = msgspec.field(default_factory=list)
@@ -94,6 +96,11 @@ class HttpSink(PluginBase):
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
             if self.token is not None and not self.token:
                 raise ValueError("token: must not be empty (leave it out to serve without a token)")
+            if self.token is None and not self.allow_public_without_token and not is_loopback_host(self.host):
+                raise ValueError(
+                    f"host: binding {self.host or 'every interface'!r} without a token would expose every stream; "
+                    "set token, bind 127.0.0.1, or set allow_public_without_token = true"
+                )
             try:
                 OriginPolicy(bind_host=self.host, allowed_hosts=self.allowed_hosts, allowed_origins=self.cors_origins)
             except ValueError as exc:

@@ -112,3 +112,17 @@ def test_bad_access_options_name_the_key() -> None:
         parse_config({"sinks": [{"type": "http", "cors_origins": ["app.example"]}]})
     with pytest.raises(ConfigError, match="allowed_hosts: a name must not be empty"):
         parse_config({"sinks": [{"type": "http", "allowed_hosts": [" "]}]})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.0.2.10"])
+def test_a_public_bind_needs_a_token(host: str) -> None:
+    """Anything but loopback without a token would let anyone who can connect read every stream."""
+    with pytest.raises(ConfigError, match="without a token would expose every stream"):
+        parse_config({"sinks": [{"type": "http", "host": host}]})
+    parse_config({"sinks": [{"type": "http", "host": host, "token": "s3cret"}]})
+    parse_config({"sinks": [{"type": "http", "host": host, "allow_public_without_token": True}]})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_binds_need_no_token(host: str) -> None:
+    parse_config({"sinks": [{"type": "http", "host": host}]})
