@@ -2,10 +2,13 @@
 
 :class:`Failure` is what one request attempt ends with when it fails: a
 stable ``kind`` (``connect``, ``http_status``, ``timeout``, ``truncated``...),
-a message, and whether retrying may help. A producer retries a retryable
-failure only while it has published no text, then turns the last one into
-the stream's ``error`` event (``writer.error(f.kind, f.message,
-retryable=f.retryable)``). :func:`require_asyncio` gives the clear error a
+a message, whether retrying may help, and how long the server asked to wait
+(``Retry-After``). :class:`RetryPolicy` decides when to try again
+(exponential backoff with jitter, or the server's ``Retry-After``, on
+tenacity); a producer retries a retryable failure only while it has
+published no text, then turns the last one into the stream's ``error``
+event (``writer.error(f.kind, f.message, retryable=f.retryable)``).
+:func:`retry_after` reads a ``Retry-After`` header. :func:`require_asyncio` gives the clear error a
 producer built on an asyncio-only library (aiohttp) owes a trio user.
 :func:`stream_attempt` is one streamed HTTP request over aiohttp, with the
 timeouts and failure kinds every streaming producer needs; the provider
@@ -15,18 +18,24 @@ supplies its sans-I/O parser and what to do with the pieces.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import msgspec
+import tenacity
 
 from .errors import WireError
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Failure", "StreamParser", "require_asyncio", "stream_attempt"]
+__all__ = ["Failure", "RetryPolicy", "StreamParser", "require_asyncio", "retry_after", "stream_attempt"]
 
 
 class Failure(msgspec.Struct, frozen=True):
@@ -35,6 +44,130 @@ class Failure(msgspec.Struct, frozen=True):
     kind: str
     message: str
     retryable: bool = False
+    retry_after: float | None = None
+    """Seconds the server asked to wait before trying again (``Retry-After`` on a 429 or 503), if it did."""
+
+
+def retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """The wait a ``Retry-After`` header value asks for, in seconds.
+
+    *value* is delta-seconds (``"120"``) or an HTTP date (``"Wed, 21 Oct 2026
+    07:28:00 GMT"``, compared with *now*, default the wall clock; a date in the
+    past gives ``0``). ``None`` when *value* is missing or neither form: then
+    back off as usual.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class RetryPolicy:
+    """When to try a failed attempt again: exponential backoff with jitter, or what the server asked.
+
+    Retry number *n* (1 for the first) waits ``backoff * 2**(n-1)`` plus a
+    random jitter of up to ``backoff`` seconds (so clients that failed
+    together do not come back together), at most ``max_wait``. A failure that
+    carries :attr:`Failure.retry_after` (the server's ``Retry-After`` on a 429
+    or 503) waits exactly that instead; one asking for more than ``max_wait``
+    is not retried, and its message says how long the server asked for.
+    ``retries`` is how many attempts follow the first (``None``: no limit).
+
+    Built on tenacity, sleeping with ``sleep`` (:func:`anyio.sleep`), so it
+    runs on asyncio and trio. Each wait is appended to :attr:`waits` before
+    sleeping; a test can replace :attr:`sleep` to skip the waiting::
+
+        policy = RetryPolicy(retries=2, backoff=0.5)
+        failure = await policy.run(attempt, may_retry=lambda f: writer.seq == 0)
+        if failure is not None:
+            await writer.error(failure.kind, failure.message, retryable=failure.retryable)
+    """
+
+    def __init__(
+        self,
+        *,
+        retries: int | None = 2,
+        backoff: float = 0.5,
+        max_wait: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries: must be 0 or more, got {retries}")
+        if not (backoff >= 0 and math.isfinite(backoff)):
+            raise ValueError(f"backoff: must be 0 or more seconds, got {backoff}")
+        if not (max_wait >= 0 and math.isfinite(max_wait)):
+            raise ValueError(f"max_wait: must be 0 or more seconds, got {max_wait}")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+        self.sleep = sleep
+        """How to wait (``anyio.sleep``)."""
+        self.waits: deque[float] = deque(maxlen=100)
+        """The waits requested, in seconds, newest last (the last 100)."""
+
+    async def run(
+        self,
+        attempt: Callable[[], Awaitable[Failure | None]],
+        *,
+        may_retry: Callable[[Failure], bool] | None = None,
+        on_retry: Callable[[Failure, float], object] | None = None,
+    ) -> Failure | None:
+        """Call *attempt* until it returns ``None`` (success) or a failure not to retry; return that.
+
+        A failure is retried while it is ``retryable``, *may_retry* (if given)
+        agrees, retries are left and any ``retry_after`` fits in ``max_wait``.
+        *on_retry* is told each failure retried and the seconds it waits. An
+        exception from *attempt* is not retried: it propagates.
+        """
+        backoff = tenacity.wait_exponential(multiplier=self.backoff) + tenacity.wait_random(0, self.backoff)
+
+        def retry(state: tenacity.RetryCallState) -> bool:
+            outcome = state.outcome
+            if outcome is None or outcome.failed:
+                return False
+            failure: Failure | None = outcome.result()
+            if failure is None or not failure.retryable or (may_retry is not None and not may_retry(failure)):
+                return False
+            return failure.retry_after is None or failure.retry_after <= self.max_wait
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            failure = state.outcome.result() if state.outcome is not None else None
+            if failure is not None and failure.retry_after is not None:
+                return float(failure.retry_after)
+            return min(self.max_wait, float(backoff(state)))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if on_retry is not None and state.outcome is not None and state.next_action is not None:
+                on_retry(state.outcome.result(), state.next_action.sleep)
+
+        async def pause(seconds: float) -> None:
+            self.waits.append(seconds)
+            await self.sleep(seconds)
+
+        async def call() -> Failure | None:
+            return await attempt()
+
+        retrying = tenacity.AsyncRetrying(
+            sleep=pause,
+            stop=tenacity.stop_never if self.retries is None else tenacity.stop_after_attempt(self.retries + 1),
+            wait=wait,
+            retry=retry,
+            before_sleep=before_sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
+        )
+        failure: Failure | None = await retrying(call)
+        if failure is not None and failure.retry_after is not None and failure.retry_after > self.max_wait:
+            asked = f"the server asked to wait {failure.retry_after:g} s, more than the {self.max_wait:g} s allowed"
+            failure = msgspec.structs.replace(failure, message=f"{failure.message} ({asked})")
+        return failure
 
 
 def require_asyncio(plugin: str) -> None:
@@ -82,7 +215,8 @@ async def stream_attempt(
     Returns ``None`` once the parser saw the end (*handle* published it), or
     the :class:`Failure` of this attempt: ``connect`` and ``timeout`` (the
     first chunk within *first_chunk_timeout*, each next one within
-    *chunk_timeout*), what *status_failure* makes of a non-200 answer, ``truncated``
+    *chunk_timeout*), what *status_failure* makes of a non-200 answer (with
+    the ``Retry-After`` of a retryable 429 or 503 in ``retry_after``), ``truncated``
     (the body ended before *end_marker*, or inside a *unit*), ``malformed``,
     or what *handle* returned. A failed or aborted attempt closes the
     connection, which is how the server learns to stop generating.
@@ -105,7 +239,11 @@ async def stream_attempt(
     eof = False
     try:
         if response.status != 200:
-            return await status_failure(response, deadline)
+            refused = await status_failure(response, deadline)
+            if response.status in (429, 503) and refused.retryable:
+                wait = retry_after(response.headers.get("Retry-After"))
+                refused = msgspec.structs.replace(refused, retry_after=wait)
+            return refused
         first = True
         while True:
             with anyio.CancelScope(deadline=deadline if first else anyio.current_time() + chunk_timeout) as scope:

@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from streambus import PluginBase
-from streambus.producing import Failure, require_asyncio, stream_attempt
+from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
 
@@ -93,7 +93,9 @@ class OllamaProducer(PluginBase):
         retries: int = 2
         """Attempts after the first, only while no delta was published."""
         retry_backoff: float = 0.5
-        """Seconds before the first retry; doubles each time."""
+        """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
+        retry_max_wait: float = 30.0
+        """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
         meta: dict[str, Any] = {}
         """Tags for the ``start`` event (merged under each request's ``meta``)."""
         requests: list[OllamaRequest] = []
@@ -109,8 +111,9 @@ class OllamaProducer(PluginBase):
                     raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
             if self.retries < 0:
                 raise ValueError(f"retries: must be 0 or more, got {self.retries}")
-            if self.retry_backoff < 0:
-                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            for key in ("retry_backoff", "retry_max_wait"):
+                if not 0 <= getattr(self, key) < float("inf"):
+                    raise ValueError(f"{key}: must be 0 or more seconds, got {getattr(self, key)}")
             if self.concurrency < 1:
                 raise ValueError(f"concurrency: must be at least 1, got {self.concurrency}")
             for i, request in enumerate(self.requests or [OllamaRequest()]):
@@ -135,6 +138,9 @@ class OllamaProducer(PluginBase):
             base = msgspec.structs.asdict(options) if options is not None else {}
             options = msgspec.convert({**base, **keys}, self.Options)
         self.options = options or self.Options()
+        o = self.options
+        self.retry = RetryPolicy(retries=o.retries, backoff=o.retry_backoff, max_wait=o.retry_max_wait)
+        """When a failed request is tried again (from ``retries``, ``retry_backoff``, ``retry_max_wait``)."""
         self.stream_ids: list[str] = []
         """Ids of the streams produced so far, in start order."""
 
@@ -200,26 +206,21 @@ class OllamaProducer(PluginBase):
         meta: dict[str, Any],
         limiter: anyio.Semaphore,
     ) -> None:
-        o = self.options
         try:
             async with bus.stream(model=model, provider="ollama", meta=meta) as w:
                 self.stream_ids.append(w.stream)
-                attempt = 0
-                while True:
-                    failure = await self._attempt(session, body, w)
-                    if failure is None:
-                        return
-                    if failure.retryable and attempt < o.retries and w.seq == 0:
-                        delay = o.retry_backoff * 2**attempt
-                        attempt += 1
-                        log.warning(
-                            "ollama.retry", stream=w.stream, kind=failure.kind, error=failure.message, delay=delay
-                        )
-                        await anyio.sleep(delay)
-                        continue
+
+                def retrying(failure: Failure, delay: float) -> None:
+                    log.warning("ollama.retry", stream=w.stream, kind=failure.kind, error=failure.message, delay=delay)
+
+                failure = await self.retry.run(
+                    lambda: self._attempt(session, body, w),
+                    may_retry=lambda _: w.seq == 0,  # once text is out, a retry would repeat it
+                    on_retry=retrying,
+                )
+                if failure is not None:
                     log.warning("ollama.failed", stream=w.stream, kind=failure.kind, error=failure.message)
                     await w.error(failure.kind, failure.message, retryable=failure.retryable)
-                    return
         finally:
             limiter.release()
 

@@ -22,7 +22,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streambus import PluginBase, Usage
-from streambus.producing import Failure, require_asyncio, stream_attempt
+from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
 
@@ -133,7 +133,9 @@ class OpenAIProducer(PluginBase):
         retries: int = 2
         """Attempts after the first, only while no delta was published."""
         retry_backoff: float = 0.5
-        """Seconds before the first retry; doubles each time."""
+        """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
+        retry_max_wait: float = 30.0
+        """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
         meta: dict[str, Any] = {}
         """Tags for the ``start`` event (merged under each request's ``meta``)."""
         requests: list[OpenAIRequest] = []
@@ -150,8 +152,9 @@ class OpenAIProducer(PluginBase):
             for key, low in (("retries", 0), ("concurrency", 1), ("n", 1)):
                 if getattr(self, key) < low:
                     raise ValueError(f"{key}: must be at least {low}, got {getattr(self, key)}")
-            if self.retry_backoff < 0:
-                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            for key in ("retry_backoff", "retry_max_wait"):
+                if not 0 <= getattr(self, key) < float("inf"):
+                    raise ValueError(f"{key}: must be 0 or more seconds, got {getattr(self, key)}")
             if self.max_tokens is not None and self.max_tokens < 1:
                 raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
             if self.api_key_env is not None and not self.api_key_env:
@@ -177,6 +180,9 @@ class OpenAIProducer(PluginBase):
             base = msgspec.to_builtins(options) if options is not None else {}
             options = msgspec.convert({**base, **keys}, self.Options)
         self.options = options or self.Options()
+        o = self.options
+        self.retry = RetryPolicy(retries=o.retries, backoff=o.retry_backoff, max_wait=o.retry_max_wait)
+        """When a failed request is tried again (from ``retries``, ``retry_backoff``, ``retry_max_wait``)."""
         self.stream_ids: list[str] = []
         """Ids of the streams produced so far, in start order."""
 
@@ -309,22 +315,24 @@ class OpenAIProducer(PluginBase):
         body: dict[str, Any],
         senders: list[MemoryObjectSendStream[_Item]],
     ) -> None:
-        o = self.options
-        attempt = 0
         progress = _Progress(len(senders))
-        while True:
-            failure = await self._attempt(session, route, body, senders, progress)
-            if failure is None:
-                return
-            if failure.retryable and attempt < o.retries and not progress.delta_sent:
-                delay = o.retry_backoff * 2**attempt
-                attempt += 1
-                log.warning("openai.retry", url=o.base_url, kind=failure.kind, error=failure.message, delay=delay)
-                await anyio.sleep(delay)
-                progress = _Progress(len(senders))
-                continue
+
+        async def attempt() -> Failure | None:
+            nonlocal progress
+            progress = _Progress(len(senders))
+            return await self._attempt(session, route, body, senders, progress)
+
+        def retrying(failure: Failure, delay: float) -> None:
+            url = self.options.base_url
+            log.warning("openai.retry", url=url, kind=failure.kind, error=failure.message, delay=delay)
+
+        failure = await self.retry.run(
+            attempt,
+            may_retry=lambda _: not progress.delta_sent,  # once text is out, a retry would repeat it
+            on_retry=retrying,
+        )
+        if failure is not None:
             await _broadcast(senders, failure)
-            return
 
     async def _attempt(
         self,

@@ -23,6 +23,7 @@ __all__ = [
     "AsyncioRequired",
     "Local",
     "RedisGap",
+    "as_str",
     "connect",
     "epoch_key",
     "local_state",
@@ -200,3 +201,8 @@ def parse_id(entry_id: str) -> tuple[int, int]:
     """``"1700000000000-3"`` -> ``(1700000000000, 3)`` (``"0"`` and ``"0-0"`` -> ``(0, 0)``)."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def as_str(value: Any) -> str:
+    """A value from a redis-py reply (bytes, or already decoded) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,6 +13,7 @@ import msgspec
 import structlog
 
 from streambus import Event, PluginBase, StartEvent, Subscription, is_terminal
+from streambus.producing import Failure, RetryPolicy
 
 from ._codec import encode_entry
 from ._common import (
@@ -114,6 +115,8 @@ class RedisSink(PluginBase):
         self._counters: dict[str, int] = defaultdict(int)
         self._keys: dict[str, str] = {}
         self._unsent: list[Event] = []
+        self.retry = RetryPolicy(retries=None, backoff=0.05, max_wait=2.0)
+        """How writes are retried: 50 ms doubling to 2 s, with jitter, without limit (see ``max_attempts``)."""
         self._ready = asyncio.Event()
 
     async def wait_ready(self) -> None:
@@ -179,12 +182,12 @@ class RedisSink(PluginBase):
         """Run *action* until Redis takes it: a dropped connection is retried with backoff, forever."""
         import redis.exceptions as rex
 
-        delay = 0.05
-        attempts = 0
-        while True:
+        answered = 0
+
+        async def attempt() -> Failure | None:
+            nonlocal answered
             try:
                 await action()
-                return
             except (rex.AuthenticationError, rex.AuthorizationError) as exc:
                 # Retrying will not fix a wrong password: fail loudly (the bus restarts the sink).
                 log.error("redis.sink_auth_failed", error=str(exc), events_held=events)
@@ -192,15 +195,19 @@ class RedisSink(PluginBase):
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 # Connection trouble: the entries may or may not have landed;
                 # re-sending is safe (consumers drop the duplicates), losing is not.
-                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=events)
+                return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
             except rex.RedisError as exc:
-                attempts += 1
-                if attempts >= self.options.max_attempts:
-                    log.error("redis.sink_failed", error=str(exc), events_held=events, attempts=attempts)
+                answered += 1
+                if answered >= self.options.max_attempts:
+                    log.error("redis.sink_failed", error=str(exc), events_held=events, attempts=answered)
                     raise
-                log.warning("redis.sink_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay, events=events)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+                return Failure("redis", f"{type(exc).__name__}: {exc}", retryable=True)
+            return None
+
+        def retrying(failure: Failure, delay: float) -> None:
+            log.warning("redis.sink_retry", error=failure.message, retry_in=delay, events=events)
+
+        await self.retry.run(attempt, on_retry=retrying)
 
     def _key(self, event: Event) -> str:
         tag = self.options.namespace_tag

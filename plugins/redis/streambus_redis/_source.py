@@ -23,6 +23,7 @@ from ._common import (
     DEFAULT_STREAM,
     ENV_PASSWORD,
     RedisGap,
+    as_str,
     connect,
     epoch_key,
     local_state,
@@ -33,6 +34,7 @@ from ._common import (
     resolve_url,
 )
 from ._dedup import Deduplicator, Verdict
+from ._readers import GroupReader, Hooks, Reader, XReadReader, last_generated
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -209,8 +211,6 @@ class RedisSource(PluginBase):
         """Events dropped as already delivered."""
         self.reconnects = 0
         """How many times the connection was lost and re-established."""
-        self.positions: dict[str, str] = {}
-        """The last entry id handled per key."""
         self.epochs: dict[str, str] = {}
         """The epoch (incarnation id, see :func:`epoch_key`) of each key as last read."""
         self.state_file: Path | None = None
@@ -224,7 +224,12 @@ class RedisSource(PluginBase):
         self._doubts: dict[str, _Doubt] = {}
         self._settled: set[tuple[str, str]] = set()  # senders whose streams were cleared since the last gap
         self._producers: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._unacked: dict[str, list[str]] = {}
+        hooks = Hooks(restore=self._load_state, vouch=self._doubt_unvouched, entry=self._handle, gap=self._report_gap)
+        self._reader: Reader = (
+            XReadReader(self.keys, opts, hooks)
+            if opts.group is None
+            else GroupReader(self.keys, opts, hooks, self.consumer)
+        )
         self._dirty = False
         self._busy = 0  # >0 while events are being handled: no commit then
         self._stopping = False
@@ -249,6 +254,12 @@ class RedisSource(PluginBase):
         With ``start = "$"``, events published after this are guaranteed to be read.
         """
         await self._ready.wait()
+
+    @property
+    def positions(self) -> dict[str, str]:
+        """The id each key is read from next: the last entry handled (a group: ``0`` while own pending entries
+        are re-read, then ``>``)."""
+        return self._reader.positions
 
     @property
     def position_key(self) -> str:
@@ -297,13 +308,10 @@ class RedisSource(PluginBase):
         while not self._stopping:
             try:
                 if fresh:
-                    await self._prepare(client)
+                    await self._reader.prepare(client)
                     fresh = False
                 self._ready.set()
-                if opts.group is None:
-                    await self._xread(client)
-                else:
-                    await self._xreadgroup(client)
+                await self._read(client)
                 delay = 0.05
             except _auth_errors() as exc:
                 log.error("redis.source_auth_failed", error=str(exc))
@@ -325,46 +333,6 @@ class RedisSource(PluginBase):
                 fresh = True
 
     # -- start positions -----------------------------------------------------------
-    async def _prepare(self, client: aioredis.Redis) -> None:
-        """(Re)connect: resolve start positions, check for trimmed entries, create the group."""
-        import redis.exceptions as rex
-
-        opts = self.options
-        if opts.group is not None:
-            for key in self.keys:
-                start = "$" if opts.start == "$" else "0"
-                try:
-                    await client.xgroup_create(key, opts.group, id=start, mkstream=True)
-                except rex.ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
-                self._unacked.setdefault(key, [])
-            if not self.positions:
-                await self._load_state(client)
-            # Own pending entries first (after a restart or a dropped reply): read
-            # but never acknowledged. Duplicates among them are dropped by the dedup.
-            self.positions = dict.fromkeys(self.keys, "0")
-            await self._check_group_trim(client)
-            return
-        if not self.positions:
-            saved = await self._load_state(client)
-            positions = {}
-            for key in self.keys:
-                if opts.start == "0":
-                    positions[key] = "0-0"
-                elif opts.start == "last" and key in saved and key in self.epochs:
-                    positions[key] = saved[key]
-                elif opts.start == "last":
-                    positions[key] = "0-0"  # no position, or none an epoch vouches for: all that is retained
-                else:
-                    positions[key] = await self._last_generated(client, key)
-            await self._doubt_unvouched(client)
-            # Only now: if the connection dropped above, the next attempt starts over.
-            self.positions = positions
-        for key, pos in self.positions.items():
-            if pos != "0-0":
-                await self._check_trim(client, key, pos)
-
     async def _doubt_unvouched(self, client: aioredis.Redis) -> None:
         """Streams known live (seeded, restored) with no saved epoch to vouch for the key: put them in doubt.
 
@@ -384,7 +352,7 @@ class RedisSource(PluginBase):
                 if (doubt is None and vouched) or not self._may_belong(stream, key, None):
                     continue
                 if head is None:
-                    head = await self._last_generated(client, key)
+                    head = await last_generated(client, key)
                 if doubt is None:
                     reason = f"no saved epoch of {key} vouches that Redis still holds it"
                     self._doubts[stream] = _Doubt(last, {key: head}, True, reason, self._deadline())
@@ -393,53 +361,6 @@ class RedisSource(PluginBase):
                     doubt.until[key] = head
             if unvouched:
                 log.warning("redis.unvouched", key=key, streams=unvouched, until=head, store=self.store)
-
-    async def _last_generated(self, client: aioredis.Redis, key: str) -> str:
-        import redis.exceptions as rex
-
-        try:
-            info = await client.xinfo_stream(key)
-        except rex.ResponseError:
-            return "0-0"  # no such key yet: everything that comes is new
-        return _s(info["last-generated-id"])
-
-    async def _check_trim(self, client: aioredis.Redis, key: str, after: str) -> None:
-        import redis.exceptions as rex
-
-        try:
-            info = await client.xinfo_stream(key)
-        except rex.ResponseError:
-            return
-        deleted = _s(info.get("max-deleted-entry-id", "0-0"))
-        head = _s(info["last-generated-id"])
-        if parse_id(deleted) > parse_id(after):
-            first = info.get("first-entry")
-            log_first = _s(first[0]) if first else None
-            gap = RedisGap(key, after, deleted, None, f"trimmed; oldest retained entry is {log_first}")
-            self._report_gap(gap, until=head)
-        elif parse_id(head) < parse_id(after):
-            # Same epoch, but the key is behind what this consumer read: Redis restarted from an
-            # older save (RDB interval, AOF everysec); what followed that save is gone.
-            how = f"the key went back to {head}: Redis restarted from a save older than its last writes"
-            self._report_gap(RedisGap(key, head, None, None, how), until=head)
-
-    async def _check_group_trim(self, client: aioredis.Redis) -> None:
-        import redis.exceptions as rex
-
-        for key in self.keys:
-            try:
-                info = await client.xinfo_stream(key)
-                groups = await client.xinfo_groups(key)
-            except rex.ResponseError:
-                continue
-            deleted = _s(info.get("max-deleted-entry-id", "0-0"))
-            for group in groups:
-                if _s(group["name"]) != self.options.group:
-                    continue
-                delivered = _s(group["last-delivered-id"])
-                if parse_id(deleted) > parse_id(delivered) and delivered != "0-0":
-                    gap = RedisGap(key, delivered, deleted, None, "group fell behind trimming")
-                    self._report_gap(gap, until=_s(info["last-generated-id"]))
 
     # -- epochs ------------------------------------------------------------------------
     def _ask_epochs(self, pipe: Any) -> dict[str, str]:
@@ -453,7 +374,7 @@ class RedisSource(PluginBase):
         """Compare each key's epoch with the one known; return the keys that were lost and recreated."""
         changed: set[str] = set()
         for key, answer in zip(self.keys, answers, strict=True):
-            epoch = fresh[key] if answer is None else _s(answer)
+            epoch = fresh[key] if answer is None else as_str(answer)
             known = self.epochs.get(key)
             if known == epoch:
                 continue
@@ -462,7 +383,7 @@ class RedisSource(PluginBase):
                 self._dirty = True
                 continue
             changed.add(key)
-            head = await self._last_generated(client, key)
+            head = await last_generated(client, key)
             # From here to the position reset, no await: a commit sees all or none of it.
             after = self.positions.get(key, "0-0")
             how = (
@@ -470,119 +391,44 @@ class RedisSource(PluginBase):
                 "Redis restarted without its data, or the key was deleted"
             )
             self.epochs[key] = epoch
-            self._report_gap(RedisGap(key, after, None, None, how), until=head)
-            # The new key's entries may have ids below the old position: read it from its start.
-            self.positions[key] = "0-0" if self.options.group is None else "0"
-            self._unacked.get(key, []).clear()
+            self._report_gap(RedisGap(key, after, None, None, how), head)
+            self._reader.restart(key)
             self._dirty = True
         return changed
 
     # -- reading -----------------------------------------------------------------------
-    async def _xread(self, client: aioredis.Redis) -> None:
-        opts = self.options
+    async def _read(self, client: aioredis.Redis) -> None:
         # The epochs come from the same connection (the same server run) right after the
         # entries: a key lost before or while the read blocked shows as a changed epoch.
         pipe = client.pipeline(transaction=False)
-        pipe.xread(self.positions, count=opts.count, block=opts.block_ms)  # type: ignore[arg-type]
+        self._reader.queue_read(pipe)
         fresh = self._ask_epochs(pipe)
         response, *answers = await pipe.execute()
         self._busy += 1
         try:
-            answered: set[str] = set()
-            for key_b, entries in response or ():
-                key = _s(key_b)
-                if entries:
-                    answered.add(key)
-                for entry_id_b, fields in entries:
-                    entry_id = _s(entry_id_b)
-                    await self._handle(key, entry_id, fields, check_counter=True)
-                    self.positions[key] = entry_id
-                    self._dirty = True
-            # Entries of the new key may sit below the old position: a changed key is read again
+            answered = await self._reader.take(response)
+            # Entries of a new key may sit below the old position: a changed key is read again
             # from its start (what was just handled comes back as duplicates).
             changed = await self._check_epochs(client, fresh, answers)
             await self._settle_doubts(set(self.keys) - answered - changed)
         finally:
             self._busy -= 1
 
-    async def _xreadgroup(self, client: aioredis.Redis) -> None:
-        opts = self.options
-        assert opts.group is not None
-        pipe = client.pipeline(transaction=False)
-        pipe.xreadgroup(
-            opts.group,
-            self.consumer,
-            self.positions,  # type: ignore[arg-type]
-            count=opts.count,
-            block=opts.block_ms,
-        )
-        fresh = self._ask_epochs(pipe)
-        response, *answers = await pipe.execute()
-        self._busy += 1
-        try:
-            answered: set[str] = set()
-            for key_b, entries in response or ():
-                key = _s(key_b)
-                if not entries and self.positions.get(key) != ">":
-                    self.positions[key] = ">"  # own pending entries done: now new ones
-                    answered.add(key)
-                    continue
-                if entries:
-                    answered.add(key)
-                for entry_id_b, fields in entries:
-                    entry_id = _s(entry_id_b)
-                    if self.positions.get(key) != ">":
-                        self.positions[key] = entry_id
-                    await self._handle_group_entry(key, entry_id, fields)
-            changed = await self._check_epochs(client, fresh, answers)
-            await self._settle_doubts(set(self.keys) - answered - changed)
-        finally:
-            self._busy -= 1
-
-    async def _handle_group_entry(self, key: str, entry_id: str, fields: Any) -> None:
-        if not fields:
-            # Pending, but trimmed away before it was handled.
-            self._report_gap(RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed"), until=entry_id)
-        else:
-            await self._handle(key, entry_id, fields, check_counter=False)
-        self._unacked[key].append(entry_id)
+    async def _handle(self, key: str, entry_id: str, fields: Any) -> None:
+        """Republish the events of one entry that are new; report what it shows was lost."""
         self._dirty = True
-
-    async def _claim(self, client: aioredis.Redis) -> None:
-        opts = self.options
-        assert opts.group is not None
-        for key in self.keys:
-            start = "0-0"
-            for _ in range(100):  # bounded sweep of the pending list
-                reply: Any = await client.xautoclaim(
-                    key, opts.group, self.consumer, opts.claim_idle_ms, start_id=start, count=opts.count
-                )
-                start = _s(reply[0])
-                claimed = reply[1]
-                deleted = reply[2] if len(reply) > 2 else []
-                self._busy += 1
-                try:
-                    for entry_id_b, fields in claimed:
-                        entry_id = _s(entry_id_b)
-                        log.info("redis.claimed", key=key, id=entry_id)
-                        await self._handle_group_entry(key, entry_id, fields)
-                    for entry_id_b in deleted:
-                        entry_id = _s(entry_id_b)
-                        gap = RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed")
-                        self._report_gap(gap, until=entry_id)
-                finally:
-                    self._busy -= 1
-                if start == "0-0":
-                    break
-
-    async def _handle(self, key: str, entry_id: str, fields: Any, *, check_counter: bool) -> None:
+        if not fields:
+            # Pending in a group, but trimmed away before it was handled.
+            self._report_gap(RedisGap(key, entry_id, entry_id, 1, "pending entry was trimmed"), entry_id)
+            return
         header = entry_header(key, entry_id, fields)
         if header is None:
             return
         origin, producer, counter = header
         if self.options.skip_own and origin == self._origin:
             return
-        if check_counter and producer:
+        # Only a consumer that sees every entry can tell a skipped counter from entries read by another.
+        if self._reader.sees_all and producer:
             ident = (key, producer)
             last = self._producers.get(ident)
             if last is not None:
@@ -595,7 +441,7 @@ class RedisSource(PluginBase):
                     after = self.positions.get(key, "0-0")
                     gap = RedisGap(key, after, entry_id, lost, f"sender {producer} skipped")
                     # This entry is the first after the hole: streams of that sender it does not settle end here.
-                    self._report_gap(gap, until=entry_id, producer=producer)
+                    self._report_gap(gap, entry_id, producer=producer)
                 elif self._doubts and ident not in self._settled:
                     self._settle_sender(key, producer)
             self._producers[ident] = counter
@@ -613,7 +459,7 @@ class RedisSource(PluginBase):
         doubts = self._doubts
         # Every XREAD consumer sees every entry, so a stream met in its middle lost its beginning;
         # in a group the beginning may simply have gone to another consumer.
-        whole = self.options.group is None
+        whole = self._reader.sees_all
         delivered = 0
         try:
             for event in events:
@@ -693,7 +539,7 @@ class RedisSource(PluginBase):
         # A stream of unknown origin (seeded, restored from an older state) may belong to any key and sender.
         return owner is None or (owner[0] == key and (producer is None or owner[1] == producer))
 
-    def _report_gap(self, gap: RedisGap, *, until: str, producer: str | None = None) -> None:
+    def _report_gap(self, gap: RedisGap, until: str, *, producer: str | None = None) -> None:
         """Log *gap*, keep it, and put every live stream that may have lost events in it in doubt.
 
         Each such stream is settled by its next event (or, unless *producer*
@@ -755,26 +601,16 @@ class RedisSource(PluginBase):
 
     # -- positions -----------------------------------------------------------------------
     async def _committer(self, client: aioredis.Redis) -> None:
-        opts = self.options
-        interval = opts.commit_interval_ms / 1000
-        next_claim = anyio.current_time() + opts.claim_idle_ms / 2000
+        interval = self.options.commit_interval_ms / 1000
         while True:
             await anyio.sleep(interval)
             try:
                 await self._commit(client)
-                if opts.group is not None and anyio.current_time() >= next_claim:
-                    next_claim = anyio.current_time() + opts.claim_idle_ms / 2000
-                    await self._claim(client)
+                await self._reader.tend(client)
             except _connection_errors() as exc:
                 log.warning("redis.commit_retry", error=f"{type(exc).__name__}: {exc}")
             except _response_errors() as exc:
-                if "NOGROUP" in str(exc):
-                    # The group went away with its pending list: nothing left to acknowledge.
-                    for ids in self._unacked.values():
-                        ids.clear()
-                    log.warning("redis.group_missing", error=str(exc), group=opts.group)
-                else:
-                    log.error("redis.commit_failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("redis.commit_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _commit(self, client: aioredis.Redis) -> bool:
         """Save positions / acknowledge entries if every lossless sink caught up; return whether it did."""
@@ -784,23 +620,14 @@ class RedisSource(PluginBase):
         if bus is not None and not _sinks_caught_up(bus):
             return False
         # Snapshot now, synchronously: this is exactly what the sinks have handled.
-        positions = dict(self.positions)
-        unacked = {key: ids for key, ids in self._unacked.items() if ids}
-        for key in unacked:
-            self._unacked[key] = []
-        state = self._state(positions)
+        acks = self._reader.take_acks()
+        state = self._state(self._reader.saved_positions())
         self._dirty = False
         try:
-            if unacked:
-                assert self.options.group is not None
-                pipe = client.pipeline(transaction=False)
-                for key, ids in unacked.items():
-                    pipe.xack(key, self.options.group, *ids)
-                await pipe.execute()
+            await self._reader.acknowledge(client, acks)
             await self._save_state(client, state)
         except BaseException:
-            for key, ids in unacked.items():
-                self._unacked[key] = ids + self._unacked[key]
+            self._reader.give_back(acks)
             self._dirty = True
             raise
         return True
@@ -820,7 +647,7 @@ class RedisSource(PluginBase):
         # owners and doubts let a restarted consumer end exactly the streams a gap concerns.
         dedup = self.dedup.snapshot()
         return {
-            "positions": positions if self.options.group is None else {},
+            "positions": positions,
             "epochs": dict(self.epochs),
             "dedup": dedup,
             "owners": {s: list(self._owners[s]) for s in dedup["live"] if s in self._owners},
@@ -837,6 +664,7 @@ class RedisSource(PluginBase):
             await anyio.to_thread.run_sync(_write_atomic, self.state_file, data)
 
     async def _load_state(self, client: aioredis.Redis) -> dict[str, str]:
+        """Load the saved state; return the saved positions that the saved epoch of their key vouches for."""
         raw: bytes | None = None
         if self.store == "redis":
             raw = await client.get(self.position_key)  # type: ignore[assignment]
@@ -856,7 +684,6 @@ class RedisSource(PluginBase):
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             log.error("redis.bad_position", where=self.store, file=str(self.state_file), error=str(exc))
             return {}
-        # A position without the epoch of its key vouches for nothing: such keys start over (see _doubt_unvouched).
         self.epochs.update(epochs)
         live = self.dedup.live
         self._owners.update((s, owner) for s, owner in owners.items() if s in live)
@@ -865,7 +692,8 @@ class RedisSource(PluginBase):
                 reason = "it was in doubt when this consumer stopped"
                 self._doubts[stream] = _Doubt(last, {}, False, reason, self._deadline())
         log.info("redis.resumed", consumer=self.consumer, positions=positions, epochs=epochs)
-        return positions
+        # A position without the epoch of its key vouches for nothing: such keys start over (see _doubt_unvouched).
+        return {key: position for key, position in positions.items() if key in self.epochs}
 
 
 def _read_if_exists(path: Path) -> bytes | None:
@@ -882,7 +710,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
