@@ -70,15 +70,6 @@ class _Pending:
         )
 
 
-class _Shared:
-    """A frame already held by the history (a replay): queued by reference, not counted as buffered."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
 class Client:
     """State of one connection. Built by the sink; read its counters for monitoring.
 
@@ -100,7 +91,7 @@ class Client:
         self.coalesce_bytes = min(65536, buffer_bytes // 4)
         """Queued bytes from which new deltas merge into queued ones (the buffer counts as full)."""
         self.subscriptions: dict[str | int, Filter] = {}
-        self.queue: deque[bytes | _Pending | _Shared] = deque()
+        self.queue: deque[bytes | _Pending] = deque()
         self.queued_bytes = 0
         self.sending = False
         self.done = False
@@ -134,21 +125,37 @@ class Client:
             and transport.get_write_buffer_size() <= self._write_limit
         )
 
-    def push(self, data: bytes, *, shared: bool = False) -> None:
-        """Queue a frame that must never merge (control frames, replayed events).
-
-        *shared* frames (replays from the history) cost no memory of their own,
-        so they do not count toward ``client_buffer_bytes``: recovering a long
-        gap does not make the client look lagged.
-        """
+    def push(self, data: bytes) -> None:
+        """Queue a frame that must never merge (a control frame)."""
         if self.close_code is not None:
             return
-        if shared:
-            self.queue.append(_Shared(data))
-        else:
-            self.queue.append(data)
-            self.queued_bytes += len(data) + _FRAME_OVERHEAD
-            self._check()
+        self.queue.append(data)
+        self.queued_bytes += len(data) + _FRAME_OVERHEAD
+        self._check()
+        self._notify()
+
+    @staticmethod
+    def cost(frames: list[bytes]) -> int:
+        """What queuing *frames* adds to ``queued_bytes`` (compare it with :attr:`room`)."""
+        return sum(map(len, frames)) + _FRAME_OVERHEAD * len(frames)
+
+    @property
+    def room(self) -> int:
+        """Bytes that may still be queued before the client passes ``client_buffer_bytes``."""
+        return self.buffer_bytes - self.queued_bytes
+
+    def push_many(self, frames: list[bytes]) -> None:
+        """Queue replayed events (recovery, snapshots): never merged, counted like any queued frame.
+
+        Past ``client_buffer_bytes`` the client is closed as lagged: a replay
+        held for a client that does not read costs memory like any backlog
+        (frames the history has since dropped stay alive here).
+        """
+        if self.close_code is not None or not frames:
+            return
+        self.queue.extend(frames)
+        self.queued_bytes += self.cost(frames)
+        self._check()
         self._notify()
 
     def push_event(self, stream: str, event: DeltaEvent | None, data: bytes) -> None:
@@ -255,8 +262,6 @@ class Client:
                 del self._tails[item.stream]
             self.queued_bytes -= item.size
             return item.encode()
-        if type(item) is _Shared:
-            return item.data
         data: bytes = item  # type: ignore[assignment]
         self.queued_bytes -= len(data) + _FRAME_OVERHEAD
         return data

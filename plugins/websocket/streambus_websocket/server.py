@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
-import ipaddress
 import os
 import secrets
 import socket
@@ -66,6 +65,7 @@ from streambus import (
     encode,
     is_terminal,
 )
+from streambus.access import OriginPolicy, is_loopback_host, split_host_port
 
 from .client import Client
 from .history import History
@@ -89,7 +89,6 @@ __all__ = ["BroadcasterError", "WebSocketSink"]
 log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
@@ -99,13 +98,12 @@ class BroadcasterError(StreamBusError):
     """The broadcaster could not start (port in use, token missing, ...); the message says what to fix."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
+def _host_name(value: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        _name, port = split_host_port(value)
     except ValueError:
         return False
+    return port is None
 
 
 class WebSocketSink(PluginBase):
@@ -127,10 +125,12 @@ class WebSocketSink(PluginBase):
         tokens_file: str | None = None
         allow_public_without_token: bool = False
         allowed_origins: list[str] = []
+        allowed_hosts: list[str] = []
         max_clients: int = 2000
         max_message_bytes: int = 65536
         max_message_rate: float = 20.0
         max_subscriptions: int = 16
+        max_subscribe_streams: int = 256
         client_buffer_bytes: int = 1048576
         history_events: int = 2000
         history_ttl: float = 300.0
@@ -149,7 +149,13 @@ class WebSocketSink(PluginBase):
                 raise ValueError(f"path: must start with '/' and have no query, got {self.path!r}")
             if self.page and self.path in ("/", "/index.html"):
                 raise ValueError("path: '/' serves the live page; use another path or set page = false")
-            for key in ("max_clients", "max_message_bytes", "max_subscriptions", "client_buffer_bytes"):
+            for key in (
+                "max_clients",
+                "max_message_bytes",
+                "max_subscriptions",
+                "max_subscribe_streams",
+                "client_buffer_bytes",
+            ):
                 if getattr(self, key) < 1:
                     raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
             if self.history_events < 0 or self.history_streams < 1:
@@ -168,6 +174,9 @@ class WebSocketSink(PluginBase):
             for origin in self.allowed_origins:
                 if origin != "*" and not origin.startswith(("http://", "https://")):
                     raise ValueError(f"allowed_origins: {origin!r} must be '*' or start with http:// or https://")
+            for name in self.allowed_hosts:
+                if name != "*" and not _host_name(name):
+                    raise ValueError(f"allowed_hosts: {name!r} must be '*' or a host name (no scheme, port or path)")
             if self.token_env is not None and not self.token_env:
                 raise ValueError("token_env: must name an environment variable")
 
@@ -176,8 +185,14 @@ class WebSocketSink(PluginBase):
             """Whether a token is configured (``token_env`` or ``tokens_file``)."""
             return bool(self.token_env or self.tokens_file)
 
-    overflow: ClassVar[str] = "block"
-    """The sink never blocks on clients, so a lossless bus subscription costs nothing."""
+    overflow: ClassVar[str] = "coalesce"
+    """Never ``block``: the bus must not wait for this sink, whatever its clients do.
+
+    The sink's own loop never awaits a client (it hands frames to sockets or
+    per-client queues synchronously), so it keeps up; if the loop is ever
+    too busy to run it, deltas coalesce (the text stays whole) instead of
+    slowing every producer and every other sink.
+    """
     buffer: ClassVar[int] = 4096
 
     def __init__(
@@ -198,7 +213,7 @@ class WebSocketSink(PluginBase):
             self._tokens = [t.encode() for t in given]
         opts = self.options
         if not (
-            _is_loopback(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
+            is_loopback_host(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
         ):
             raise ValueError(
                 f"host: binding {opts.host or 'every interface'!r} without a token would expose every stream; "
@@ -206,6 +221,10 @@ class WebSocketSink(PluginBase):
             )
         self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
         """The per-stream history recovery and snapshots are served from."""
+        # Host and Origin are judged against the server's own names, never the request's Host.
+        self._policy = OriginPolicy(
+            bind_host=opts.host, allowed_hosts=opts.allowed_hosts, allowed_origins=opts.allowed_origins
+        )
         self._clients: dict[Client, None] = {}
         self._routes: dict[str, dict[Client, None]] = {}
         self._bus: Bus | None = None
@@ -360,6 +379,7 @@ class WebSocketSink(PluginBase):
 
     def _listening(self, names: list[Any]) -> None:
         self._port = int(names[0][1])
+        self._policy = self._policy.with_port(self._port)
         log.info("websocket.listening", url=self.url, page=self.page_url if self.options.page else None)
         assert self._ready is not None
         self._ready.set()
@@ -402,8 +422,21 @@ class WebSocketSink(PluginBase):
 
     # -- HTTP: page, routing, origin -------------------------------------------------
     def _process_request(self, ws: Any, request: Request) -> Response | None:
+        headers = request.headers
+        # Before anything else, on every path: DNS rebinding (a foreign Host), foreign
+        # origins and duplicate Host/Origin/Authorization headers are refused.
+        refusal = self._policy.check(
+            hosts=headers.get_all("Host"),
+            origins=headers.get_all("Origin"),
+            authorizations=len(headers.get_all("Authorization")),
+        )
+        if refusal is not None:
+            peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+            log.warning("websocket.refused", peer=peer, status=refusal.status, reason=refusal.reason)
+            phrase = "Bad Request" if refusal.status == 400 else "Forbidden"
+            return _response(refusal.status, phrase, "text/plain; charset=utf-8", (refusal.reason + "\n").encode())
         path, _, _query = request.path.partition("?")
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        upgrade = any("websocket" in value.lower() for value in headers.get_all("Upgrade"))
         if not upgrade:
             if self.options.page and path in ("/", "/index.html") and self._page is not None:
                 return _response(200, "OK", "text/html; charset=utf-8", self._page)
@@ -412,25 +445,15 @@ class WebSocketSink(PluginBase):
             return _response(404, "Not Found", "text/plain; charset=utf-8", b"not found\n")
         if path != self.options.path:
             return _response(404, "Not Found", "text/plain; charset=utf-8", b"no WebSocket endpoint here\n")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
-            log.warning("websocket.origin_refused", origin=origin)
-            return _response(403, "Forbidden", "text/plain; charset=utf-8", b"origin not allowed\n")
         return None
-
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        allowed = self.options.allowed_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        # Same origin: the live page served by this very server.
-        return origin in (f"http://{host}", f"https://{host}")
 
     def _authorized(self, request: Request) -> bool:
         tokens = self._tokens
         if tokens is None:
             return True
         given = ""
-        header = request.headers.get("Authorization", "")
+        # One value at most: _process_request refused duplicates before the upgrade.
+        header = (request.headers.get_all("Authorization") or [""])[0]
         if header[:7].lower() == "bearer ":
             given = header[7:].strip()
         else:
@@ -473,6 +496,7 @@ class WebSocketSink(PluginBase):
                 "max_message_bytes": opts.max_message_bytes,
                 "max_message_rate": opts.max_message_rate,
                 "max_subscriptions": opts.max_subscriptions,
+                "max_subscribe_streams": opts.max_subscribe_streams,
                 "client_buffer_bytes": opts.client_buffer_bytes,
             },
             history={"events": opts.history_events, "ttl": opts.history_ttl},
@@ -566,6 +590,7 @@ class WebSocketSink(PluginBase):
         allowance = burst
         last = anyio.current_time()
         strikes = 0
+        failed = False
         ws = client.ws
         try:
             while True:
@@ -593,8 +618,11 @@ class WebSocketSink(PluginBase):
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
-                    # Logged here with its traceback; the client only learns that it failed.
-                    log.error("websocket.handler_failed", peer=client.peer, error=repr(exc), exc_info=exc)
+                    # Logged here with its traceback, once per client: a client that keeps
+                    # sending what fails must not flood the log. It only learns that it failed.
+                    if not failed:
+                        failed = True
+                        log.error("websocket.handler_failed", peer=client.peer, error=repr(exc), exc_info=exc)
                     client.push(error_frame(ErrorCode.INTERNAL, "the server failed handling this message"))
         except ConnectionClosed:
             pass
@@ -634,6 +662,15 @@ class WebSocketSink(PluginBase):
                 f"at most {opts.max_subscriptions} subscriptions per client",
                 id=message.id,
             )
+        named = len(set(message.streams or ()).union(message.since or ()))
+        if named > opts.max_subscribe_streams:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"a subscribe may name at most {opts.max_subscribe_streams} streams (streams and since together), "
+                f"this one names {named}",
+                field="since" if len(message.since or ()) > len(message.streams or ()) else "streams",
+                id=message.id,
+            )
         flt = message.to_filter()
         history = self.history
         history.expire()
@@ -641,44 +678,51 @@ class WebSocketSink(PluginBase):
         already = {stream for stream, targets in self._routes.items() if client in targets}
         live = [lg for lg in history.live() if lg.start is not None and flt.matches(lg.start)]
         new_live = [lg.start.stream for lg in live if lg.start is not None and lg.start.stream not in already]
+        # What the replay will add to the client's queue. Gathering stops once it passes
+        # the client's whole budget, so one subscribe costs the loop at most that much work.
         frames: list[bytes] = []
+        cost = 0
+        budget = client.buffer_bytes
         unrecovered: list[str] = []
         recovering = message.since is not None
         recovered = False
+        too_large = False
         replayed = 0
         snapshots = 0
         if message.since is not None:
             since = message.since
+            replays: list[tuple[str, list[bytes] | None]] = []
             for stream, last_seq in since.items():
                 if stream in already:
                     continue
                 stream_log = history.get(stream)
                 if stream_log is not None and stream_log.start is not None and not flt.matches(stream_log.start):
                     continue
-                missed = history.missed(stream, last_seq)
+                replays.append((stream, history.missed(stream, last_seq)))
+            # Live streams the client never saw started while it was away: replay them whole.
+            replays.extend((stream, history.replay_all(stream)) for stream in new_live if stream not in since)
+            for stream, missed in replays:
                 if missed is None:
                     unrecovered.append(stream)
-                else:
+                elif not too_large:
+                    cost += Client.cost(missed)
+                    too_large = cost > budget
                     frames.extend(missed)
-            # Live streams the client never saw started while it was away: replay them whole.
-            for stream in new_live:
-                if stream in since:
-                    continue
-                whole = history.replay_all(stream)
-                if whole is None:
-                    unrecovered.append(stream)
-                else:
-                    frames.extend(whole)
-            recovered = not unrecovered
+            recovered = not unrecovered and not too_large
             if recovered:
                 replayed = len(frames)
             else:
+                if too_large:
+                    # It could never fit, even in an empty buffer: reload instead (all or nothing).
+                    unrecovered = [stream for stream, _ in replays]
                 frames = []
+                cost = 0
         if message.snapshot and not (recovering and recovered):
             for stream in new_live:
                 snap = history.snapshot(stream)
                 if snap is not None:
                     frames.extend(snap)
+                    cost += Client.cost(snap)
                     snapshots += 1
         client.subscriptions[message.id] = flt
         for stream in new_live:
@@ -693,10 +737,18 @@ class WebSocketSink(PluginBase):
                 snapshot=snapshots,
                 streams=[lg.start.stream for lg in live if lg.start is not None],
                 unrecovered=unrecovered or None,
+                reason="too_large" if too_large else None,
             )
         )
-        for frame in frames:
-            client.push(frame, shared=True)
+        if cost > client.room:
+            # Counted like any backlog: a client that does not read its replays is lagged.
+            client.close(
+                CloseCode.LAGGED,
+                f"the events this subscribe replays ({cost} bytes) do not fit in what is left of "
+                f"client_buffer_bytes ({client.room} of {client.buffer_bytes})",
+            )
+            return
+        client.push_many(frames)
 
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:
