@@ -58,6 +58,7 @@ from streambus import (
     EndEvent,
     ErrorEvent,
     Event,
+    Overflowed,
     PluginBase,
     StartEvent,
     StreamBusError,
@@ -385,8 +386,44 @@ class WebSocketSink(PluginBase):
         self._ready.set()
 
     async def _pump(self, events: Subscription) -> None:
-        while batch := await events.receive_batch():
-            self._dispatch(batch)
+        own: Subscription | None = None
+        try:
+            while True:
+                try:
+                    batch = await events.receive_batch()
+                except Overflowed as exc:
+                    if self._bus is None or not self._bus.running:
+                        raise
+                    events = own = self._resubscribe(self._bus, events, exc)
+                    continue
+                if not batch:
+                    return
+                self._dispatch(batch)
+        finally:
+            if own is not None:
+                own.close()
+
+    def _resubscribe(self, bus: Bus, lost: Subscription, exc: Overflowed) -> Subscription:
+        """Start over after the sink's own subscription overflowed (the loop was too busy to run it).
+
+        Events were lost between the two subscriptions, so nothing may pretend
+        otherwise: every client is told to reconnect, and the history is
+        emptied, so a ``since`` over the gap answers ``recovered: false``.
+        """
+        log.error("websocket.fell_behind", error=str(exc), clients=len(self._clients))
+        self.close_clients(CloseCode.SERVICE_RESTART, "the broadcaster fell behind the bus; reconnect")
+        opts = self.options
+        self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
+        self._routes.clear()
+        self._early = dict(bus.live_streams)
+        return bus.subscribe(
+            lost.filter,
+            buffer=lost.buffer,
+            overflow=lost.overflow,
+            max_bytes=lost.max_bytes,
+            name=lost.name,
+            raw=lost.raw,
+        )
 
     async def _drain(self) -> None:
         # Give connected clients what was already accepted, bounded in time.

@@ -30,7 +30,7 @@ from streambus_websocket import CloseCode, ErrorCode, WebSocketSink
 from streambus_websocket.testing import connect, publish_text, running
 from structlog.testing import capture_logs
 
-from streambus import DeltaEvent, EndEvent, OverflowPolicy, StartEvent
+from streambus import Bus, DeltaEvent, EndEvent, OverflowPolicy, StartEvent
 
 pytestmark = pytest.mark.anyio
 
@@ -379,3 +379,33 @@ async def test_the_sink_never_holds_the_bus_back() -> None:
         received = await peer.events_until_end()
         assert "".join(e.get("text", "") for e in received) == "".join(f"{i}," for i in range(1, count + 1))
         assert any(e.get("n", 1) > 1 for e in received)  # it fell behind: deltas coalesced, nothing lost
+
+
+async def test_a_sink_that_fell_behind_starts_over_and_says_so() -> None:
+    """Past the bus's byte cap the sink's subscription overflows: clients are told, nothing is silently lost."""
+    async with Bus(max_bytes=4096) as bus:
+        sink = WebSocketSink(port=0)
+        bus.add_sink(sink, name="websocket")
+        await sink.wait_ready()
+        async with connect(sink.url) as before:
+            await before.subscribe(id=1)
+            count = 2 * WebSocketSink.buffer
+            events: list[Any] = [StartEvent(stream="s", seq=0, ts=0.0, model="m")]
+            events += [DeltaEvent(stream="s", seq=i, ts=0.0, text="0123456789") for i in range(1, count + 1)]
+            with capture_logs() as logs:
+                with anyio.CancelScope() as scope:
+                    scope.cancel()  # published without ever letting the sink run
+                    for event in events:
+                        await bus.publish(event)
+                code, _frames = await before.closed()
+        assert code == CloseCode.SERVICE_RESTART
+        assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["websocket.fell_behind"]
+        # The history was emptied: resuming over the gap says so, and the sink serves on.
+        async with connect(sink.url) as after:
+            reply = await after.subscribe(id=1, since={"s": 5})
+            assert (reply["recovered"], reply["unrecovered"]) == (False, ["s"])
+            await bus.publish(EndEvent(stream="s", seq=count + 1, ts=0.0))
+            text = await publish_text(bus, ["still ", "here"], model="m")
+            received = await after.events_until_end(text)
+            assert "".join(e.get("text", "") for e in received if e["stream"] == text) == "still here"
+        await bus.shutdown()
