@@ -49,7 +49,7 @@ import structlog
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN, SEND_EOF
+from websockets.protocol import CLOSED, OPEN, SEND_EOF
 
 from streambus import (
     AbortEvent,
@@ -613,6 +613,19 @@ class WebSocketSink(PluginBase):
                 with contextlib.suppress(ConnectionClosed):
                     await closer(int(code), reason[:120])
                 tg.cancel_scope.cancel()
+        if ws.state is not CLOSED:
+            # websockets' close first waits for the peer to read what is buffered: a peer
+            # that never reads would hold the connection, its buffers and its handler
+            # forever, outside max_clients. Past the deadline, the socket goes.
+            log.info("websocket.aborted", peer=str(ws.remote_address[0]) if ws.remote_address else "?")
+            transport = getattr(ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+            else:
+                import trio
+
+                with anyio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(ws.stream)
 
     def _forget(self, client: Client) -> None:
         self._clients.pop(client, None)

@@ -23,6 +23,7 @@ import struct
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 import pytest
@@ -409,3 +410,33 @@ async def test_a_sink_that_fell_behind_starts_over_and_says_so() -> None:
             received = await after.events_until_end(text)
             assert "".join(e.get("text", "") for e in received if e["stream"] == text) == "still here"
         await bus.shutdown()
+
+
+async def test_a_client_that_never_reads_is_cut_off_after_close_timeout() -> None:
+    """Closing waits for the peer to read what is buffered; a peer that never does must not keep the socket."""
+    async with running(client_buffer_bytes=65536, socket_send_buffer=4096, close_timeout=0.5) as (bus, sink):
+        attacker = RawClient(sink.port)
+        await anyio.to_thread.run_sync(attacker.connect)
+        try:
+            await anyio.to_thread.run_sync(attacker.send, {"op": "subscribe", "id": "a"})
+            with capture_logs() as logs:
+                async with bus.stream(model="m") as writer:
+                    # Bounded: 4 MB at most, far past the budget and the 4 KiB socket buffers.
+                    for _ in range(4000):
+                        await writer.delta("v" * 1000)
+                        await anyio.lowlevel.checkpoint()
+                        if any(entry["event"] == "websocket.closing" for entry in logs):
+                            break
+                cut_off = False
+                for _round in range(200):  # bounded: close_timeout is 0.5 s
+                    try:
+                        await anyio.to_thread.run_sync(attacker.send, {"op": "ping"})
+                    except OSError:
+                        cut_off = True  # the server reset the connection
+                        break
+                    await anyio.sleep(0.05)
+            events = [entry["event"] for entry in logs]
+        finally:
+            attacker.close()
+        assert cut_off, events
+        assert sink.clients == 0
