@@ -19,14 +19,18 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+from websockets.protocol import OPEN
 
 from streambus import DeltaEvent, Filter, encode
 
-from .protocol import CloseCode
+from .protocol import CloseCode, server_text_frame
 
 __all__ = ["Client"]
 
 _FRAME_OVERHEAD = 64
+# What the sender writes at once before letting the loop serve others.
+_CHUNK_BYTES = 65536
 
 
 class _Pending:
@@ -104,6 +108,8 @@ class Client:
         """Frames handed to the socket."""
         self.merged = 0
         """Deltas merged into an already queued delta (the client was behind)."""
+        self.replayed = 0
+        """Bytes of replays (recovery, snapshots) queued on this connection, counted as in ``queued_bytes``."""
         self._tails: dict[str, _Pending] = {}
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
@@ -248,12 +254,34 @@ class Client:
             self.sent += 1
             if self.close_code is not None and not queue:
                 return
-            # ... then, while it stays below, the backlog goes out without a
-            # task switch per frame (asyncio only: trio has no synchronous write).
+            # ... then, while it stays below, the backlog goes out a chunk per write
+            # (asyncio only: trio has no synchronous write). The kernel may take
+            # megabytes without blocking, so the loop serves others between chunks.
             if transport is not None and write_now is not None:
                 while queue and transport.get_write_buffer_size() <= self._write_limit:
-                    write_now([ws], self._pop(), text=True)
-                    self.sent += 1
+                    if transport.is_closing():
+                        break  # the peer is gone: the next send() says so
+                    self._write_chunk(ws, transport, write_now)
+                    await anyio.lowlevel.checkpoint()
+
+    def _write_chunk(self, ws: Any, transport: Any, write_now: Callable[..., None]) -> None:
+        """Write up to 64 KiB of queued frames with one transport write (asyncio, no extension)."""
+        protocol = ws.protocol
+        if protocol.extensions or protocol.state is not OPEN:
+            # Compressed frames differ per client, and a closing connection is websockets' to handle.
+            write_now([ws], self._pop(), text=True)
+            self.sent += 1
+            return
+        queue = self.queue
+        frames: list[bytes] = []
+        size = 0
+        while queue and size < _CHUNK_BYTES:
+            data = self._pop()
+            frames.append(server_text_frame(data))
+            size += len(data)
+        # Whatever the protocol queued itself (a pong) goes first; it sends no EOF while OPEN.
+        transport.writelines([*protocol.data_to_send(), *frames])
+        self.sent += len(frames)
 
     def _pop(self) -> bytes:
         item = self.queue.popleft()

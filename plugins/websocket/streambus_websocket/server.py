@@ -732,7 +732,6 @@ class WebSocketSink(PluginBase):
         # the client's whole budget, so one subscribe costs the loop at most that much work.
         frames: list[bytes] = []
         cost = 0
-        budget = client.buffer_bytes
         unrecovered: list[str] = []
         recovering = message.since is not None
         recovered = False
@@ -756,7 +755,7 @@ class WebSocketSink(PluginBase):
                     unrecovered.append(stream)
                 elif not too_large:
                     cost += Client.cost(missed)
-                    too_large = cost > budget
+                    too_large = cost > client.buffer_bytes
                     frames.extend(missed)
             recovered = not unrecovered and not too_large
             if recovered:
@@ -790,14 +789,26 @@ class WebSocketSink(PluginBase):
                 reason="too_large" if too_large else None,
             )
         )
+        budget = client.buffer_bytes
+        if client.replayed + cost > budget:
+            # The kernel's socket buffers (megabytes) hide what a client has not read, so
+            # replays are also capped per connection: asking again and again for replays
+            # it never reads makes a client pay a reconnect per budget of them.
+            client.close(
+                CloseCode.LAGGED,
+                f"replays on this connection would pass client_buffer_bytes ({client.replayed} + {cost} > "
+                f"{budget} bytes); reconnect to resume",
+            )
+            return
         if cost > client.room:
             # Counted like any backlog: a client that does not read its replays is lagged.
             client.close(
                 CloseCode.LAGGED,
                 f"the events this subscribe replays ({cost} bytes) do not fit in what is left of "
-                f"client_buffer_bytes ({client.room} of {client.buffer_bytes})",
+                f"client_buffer_bytes ({client.room} of {budget})",
             )
             return
+        client.replayed += cost
         client.push_many(frames)
 
     # -- the hot path -------------------------------------------------------------------
