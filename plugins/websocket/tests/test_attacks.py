@@ -440,3 +440,35 @@ async def test_a_client_that_never_reads_is_cut_off_after_close_timeout() -> Non
             attacker.close()
         assert cut_off, events
         assert sink.clients == 0
+
+
+async def test_a_replay_that_does_not_fit_behind_a_backlog_closes_lagged(anyio_backend: str) -> None:
+    if anyio_backend == "trio":
+        # websockets' trio connection reads nothing while a send waits for the socket, so the
+        # subscribe is never read: the client stays within its queue until live events lag it.
+        pytest.skip("under trio a client whose socket is full is not read from")
+    async with running(client_buffer_bytes=65536, socket_send_buffer=4096, close_timeout=0.5) as (bus, sink):
+        ended = await publish_text(bus, ["e" * 1500] * 10, model="old")  # about 19 KB to replay
+        attacker = RawClient(sink.port)
+        await anyio.to_thread.run_sync(attacker.connect)
+        try:
+            await anyio.to_thread.run_sync(attacker.send, {"op": "subscribe", "id": "live", "models": ["live"]})
+            with capture_logs() as logs:
+                async with bus.stream(model="live") as writer:
+                    # Bounded: a backlog of at least 50 KB builds up well within 2 MB.
+                    for _ in range(2000):
+                        await writer.delta("l" * 1000)
+                        await anyio.lowlevel.checkpoint()
+                        if any(c.queued_bytes >= 50_000 for c in sink.connections):
+                            break
+                    assert any(c.queued_bytes >= 50_000 for c in sink.connections)
+                    await anyio.to_thread.run_sync(attacker.send, {"op": "subscribe", "id": "r", "since": {ended: -1}})
+                    for _ in range(500):  # bounded poll for the server to handle it
+                        if any(entry["event"] == "websocket.closing" for entry in logs):
+                            break
+                        await anyio.sleep(0.01)
+        finally:
+            attacker.close()
+        (closing,) = [entry for entry in logs if entry["event"] == "websocket.closing"]
+        assert closing["code"] == CloseCode.LAGGED
+        assert "do not fit in what is left of client_buffer_bytes" in closing["reason"]
