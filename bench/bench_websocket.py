@@ -269,6 +269,264 @@ async def run_streambus(count: int, messages: int, *, rate: float | None = None,
         return result
 
 
+# -- attack: clients that never read (issue 18) ---------------------------------------------
+
+ATTACK_OUT = OUT.with_name("websocket-attack.md")
+ENDED, ENDED_DELTAS, ENDED_TEXT = 1100, 50, "an ended answer, "
+HONEST, WINDOW, STREAM_DELTAS = 10, 4.0, 200
+ATTACK_PACE = 0.12
+BENCH_TEXT = "".join(f"{i:04d} " for i in range(STREAM_DELTAS))
+
+
+def _client_frame(payload: bytes) -> bytes:
+    """A masked client text frame (RFC 6455 5.2); the all-zero mask key leaves the payload as it is."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+async def _attack_main(url: str, honest: int, attackers: int, ids: list[str]) -> None:
+    """Client process of the attack run: honest readers, and raw sockets that never read."""
+    from websockets.asyncio.client import connect
+
+    loop = asyncio.get_running_loop()
+    host, port = url.split("/")[2].rsplit(":", 1)
+    subscribe = json.dumps({"op": "subscribe", "id": "a", "streams": ids, "since": dict.fromkeys(ids, -1)})
+    burst = _client_frame(subscribe.encode()) + _client_frame(b'{"op":"unsubscribe","id":"a"}')
+    handshake = (
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    decoder = msgspec.json.Decoder()
+    ready = asyncio.Event()
+    subscribed = 0
+    gate = asyncio.Event()
+    stop = asyncio.Event()
+    honest_results: list[dict[str, Any]] = []
+    attack = {"subscribes": 0, "connections": 0}
+
+    async def reader() -> None:
+        nonlocal subscribed
+        async with connect(url, proxy=None, max_size=None, compression=None, open_timeout=60) as ws:
+            await ws.recv()  # hello
+            await ws.send('{"op":"subscribe","id":1,"models":["bench","bench-stop"]}')
+            await ws.recv()  # subscribed
+            subscribed += 1
+            if subscribed == honest:
+                ready.set()
+            texts: dict[str, list[str]] = {}
+            ok = bad = 0
+            code = None
+            try:
+                while True:
+                    msg = decoder.decode(await ws.recv(decode=False))
+                    kind = msg.get("type")
+                    if kind == "start":
+                        texts[msg["stream"]] = [] if msg["model"] == "bench" else ["stop"]
+                    elif kind == "delta" and msg["stream"] in texts:
+                        texts[msg["stream"]].append(msg["text"])
+                    elif kind in ("end", "error", "abort") and msg["stream"] in texts:
+                        text = "".join(texts.pop(msg["stream"]))
+                        if text.startswith("stop"):
+                            break
+                        ok, bad = (ok + 1, bad) if text == BENCH_TEXT and kind == "end" else (ok, bad + 1)
+            except Exception as exc:  # a close is a loss for an honest client: report it
+                code = getattr(getattr(exc, "rcvd", None), "code", repr(exc))
+            honest_results.append({"ok": ok, "bad": bad, "closed": code})
+
+    async def attacker() -> None:
+        await gate.wait()
+        while not stop.is_set():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (host, int(port)))
+                attack["connections"] += 1
+                await loop.sock_sendall(sock, handshake)
+                while not stop.is_set():
+                    await asyncio.wait_for(loop.sock_sendall(sock, burst), 5)
+                    attack["subscribes"] += 1
+                    await asyncio.sleep(ATTACK_PACE)
+            except (OSError, TimeoutError):
+                pass  # closed by the server (4003, or its socket gone): come back
+            finally:
+                sock.close()
+
+    readers = [asyncio.create_task(reader()) for _ in range(honest)]
+    attacks = [asyncio.create_task(attacker()) for _ in range(attackers)]
+    await asyncio.wait_for(ready.wait(), 60)
+    print("READY", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    gate.set()
+    await asyncio.gather(*readers)
+    stop.set()
+    await asyncio.gather(*attacks)
+    print("RESULT " + json.dumps({"honest": honest_results, **attack}), flush=True)
+
+
+class AttackProcess(ClientProcess):
+    def __init__(self, url: str, honest: int, attackers: int, ids_path: str) -> None:
+        argv = [sys.executable, __file__, "--attack-clients", url, str(honest), str(attackers), ids_path]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+async def _loop_lag(into: list[float]) -> None:
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(0.005)
+        into.append(time.perf_counter() - before - 0.005)
+
+
+async def run_attack(attackers: int, named: int) -> dict[str, Any]:
+    """Publish as fast as the bus goes for WINDOW seconds while *attackers* raw clients attack."""
+    from streambus_websocket import WebSocketSink
+
+    from streambus import Bus
+
+    async with Bus() as bus:
+        sink = WebSocketSink(port=0, ping_interval=None, close_timeout=1.0)
+        bus.add_sink(sink)
+        url = await sink.wait_ready()
+        ended: list[str] = []
+        for _ in range(ENDED):
+            async with bus.stream(model="old") as w:
+                for _ in range(ENDED_DELTAS):
+                    await w.delta(ENDED_TEXT)
+            ended.append(w.stream)
+            await asyncio.sleep(0)
+        # The recorder's view of the bus: a lossless `block` subscriber counting what it gets.
+        recorder = bus.subscribe(overflow="block", name="recorder")
+        counted = [0]
+
+        async def record() -> None:
+            while batch := await recorder.receive_batch():
+                counted[0] += len(batch)
+
+        recording = asyncio.get_running_loop().create_task(record())
+        ids_path = OUT.parent / f".attack-ids-{os.getpid()}.json"
+        ids_path.write_text(json.dumps(ended[:named]))
+        clients = AttackProcess(url, HONEST, attackers, str(ids_path))
+        try:
+            await clients.ready()
+        finally:
+            ids_path.unlink()
+        lags: list[float] = []
+        lagging = asyncio.get_running_loop().create_task(_loop_lag(lags))
+        with MemoryWatch() as mem:
+            clients.go()
+            await asyncio.sleep(0.5)  # the attackers' first wave is in
+            streams = 0
+            first = counted[0]
+            start = time.perf_counter()
+            while time.perf_counter() - start < WINDOW:
+                async with bus.stream(model="bench") as w:
+                    for i in range(STREAM_DELTAS):
+                        await w.delta(f"{i:04d} ")
+                        if i % 16 == 15:
+                            await asyncio.sleep(0)
+                streams += 1
+            elapsed = time.perf_counter() - start
+            await asyncio.sleep(0)
+            rate = (counted[0] - first) / elapsed
+            async with bus.stream(model="bench-stop") as w:
+                await w.delta("stop")
+            result = await clients.result()
+        lagging.cancel()
+        opts = sink.options
+        # Per connection, at most: its queue (client_buffer_bytes), what the transport holds past
+        # its write limit (one 64 KiB chunk plus its 32 KiB limit), and websockets' inbound queue
+        # (max_queue = 16 frames of at most max_message_bytes, plus the frame being read).
+        per_client = opts.client_buffer_bytes + 96 * 1024 + 17 * opts.max_message_bytes
+        result.update(
+            rate=rate,
+            streams=streams,
+            mem=mem.growth_mb,
+            per_client_mb=per_client / 2**20,
+            max_lag_ms=max(lags, default=0.0) * 1e3,
+            expected=streams,
+        )
+        recording.cancel()
+        await bus.shutdown()
+        return result
+
+
+def _attack_run(attackers: int, named: int) -> dict[str, Any]:
+    """One run in a fresh server process, so its RSS growth is its own (freed memory stays with a process)."""
+    argv = [sys.executable, __file__, "--attack-run", str(attackers), str(named)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return result
+
+
+def attack_section() -> list[str]:
+    started = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    plan = [
+        ("none", 0, 0),
+        ("1,100 ids (the issue's): refused", 10, ENDED),
+        ("256 ids (the limit): replay too large", 10, 256),
+        ("64 ids: replay fits, unread, 4003", 10, 64),
+    ]
+    for _round in range(3):  # alternated, best of three each: the machine is shared
+        for name, attackers, named in plan:
+            r = _attack_run(attackers, named)
+            print(f"attack {name}: {r['rate']:,.0f} events/s, RSS +{r['mem']:.1f} MiB", flush=True)
+            mem = max(r["mem"], runs[name]["mem"]) if name in runs else r["mem"]
+            if name not in runs or r["rate"] > runs[name]["rate"]:
+                runs[name] = r
+            runs[name]["mem"] = mem
+    base = runs["none"]
+    rows = []
+    goals = []
+    for name, attackers, _named in plan:
+        r = runs[name]
+        honest_ok = all(h["ok"] == r["expected"] and not h["bad"] and h["closed"] is None for h in r["honest"])
+        ratio = r["rate"] / base["rate"]
+        bound = base["mem"] + attackers * r["per_client_mb"]
+        within = r["mem"] <= bound
+        if attackers:
+            goals.append(ratio >= 0.9 and honest_ok and within)
+        rows.append(
+            f"| {name} | {attackers} | {r['rate']:,.0f} | {ratio:.2f} | {r['max_lag_ms']:.0f} | "
+            f"{r['connections']} / {r['subscribes']} | {sum(h['ok'] for h in r['honest'])} of "
+            f"{HONEST * r['expected']} | {r['mem']:.1f} | {bound:.1f} |"
+        )
+    elapsed = time.perf_counter() - started
+    return [
+        "## WebSocket broadcaster under attack (issue 18)",
+        "",
+        f"{ENDED:,} ended streams of {ENDED_DELTAS} deltas in the history. Each attacker is a raw socket that never "
+        f"reads (4 KiB receive buffer) and sends, every {ATTACK_PACE} s, a `subscribe` naming ids of those streams "
+        "with `since` -1, then `unsubscribe`; when the server closes it, it connects again. "
+        f"Meanwhile the bus publishes {STREAM_DELTAS}-delta streams as fast as it goes for {WINDOW:.0f} s; "
+        "throughput is what a lossless `block` subscriber (the recorder's view) received per second. "
+        f"{HONEST} honest clients (in the clients' process) follow every stream and check each text. "
+        "Default options (`client_buffer_bytes` 1 MiB, `max_subscribe_streams` 256, `close_timeout` 1 s), "
+        "asyncio; each run in a fresh server process (RSS growth: peak during the run minus RSS once the "
+        "history was filled and the clients connected); best of three alternated runs per row by throughput, "
+        "with the largest RSS growth of the three.",
+        "",
+        "| attack | attackers | bus events/s | vs none | max loop lag ms | attacker connections / subscribes sent "
+        "| honest streams complete | server RSS growth MiB | bound MiB |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
+        *rows,
+        "",
+        "Bound = RSS growth without attackers + attackers x (client_buffer_bytes + 96 KiB + 17 x max_message_bytes) "
+        f"= + {base['per_client_mb']:.2f} MiB per attacker (the formula is in docs/plugins/websocket.md).",
+        "",
+        f"Goal: >= 0.9x the unattacked bus throughput with 10 attackers, RSS within the bound, honest clients lose "
+        f"nothing: {'met' if goals and all(goals) else 'NOT met'}. (Run took {elapsed:.0f} s.)",
+        "",
+    ]
+
+
 # -- the report -----------------------------------------------------------------------------
 
 
@@ -368,14 +626,31 @@ async def main() -> None:
     print("\n".join(lines))
 
 
+def attack_main() -> None:
+    lines = attack_section()
+    ATTACK_OUT.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--clients":
         _raise_fd_limit()
         url, count, mode, expect, delay, rcvbuf = sys.argv[2:8]
         asyncio.run(_client_main(url, int(count), mode, int(expect), float(delay), int(rcvbuf) or None))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--attack-clients":
+        _raise_fd_limit()
+        url, honest, attackers, ids_path = sys.argv[2:6]
+        ids = json.loads(Path(ids_path).read_text())
+        asyncio.run(_attack_main(url, int(honest), int(attackers), ids))
     else:
         os.environ.setdefault("PYTHONHASHSEED", "0")
         import structlog
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-        asyncio.run(main())
+        if sys.argv[1:2] == ["--attack-run"]:
+            _raise_fd_limit()
+            print("RESULT " + json.dumps(asyncio.run(run_attack(int(sys.argv[2]), int(sys.argv[3])))), flush=True)
+        else:
+            if sys.argv[1:] != ["--attack"]:
+                asyncio.run(main())
+            attack_main()

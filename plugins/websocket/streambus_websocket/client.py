@@ -19,14 +19,18 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+from websockets.protocol import OPEN
 
 from streambus import DeltaEvent, Filter, encode
 
-from .protocol import CloseCode
+from .protocol import CloseCode, server_text_frame
 
 __all__ = ["Client"]
 
 _FRAME_OVERHEAD = 64
+# What the sender writes at once before letting the loop serve others.
+_CHUNK_BYTES = 65536
 
 
 class _Pending:
@@ -70,15 +74,6 @@ class _Pending:
         )
 
 
-class _Shared:
-    """A frame already held by the history (a replay): queued by reference, not counted as buffered."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
 class Client:
     """State of one connection. Built by the sink; read its counters for monitoring.
 
@@ -100,7 +95,7 @@ class Client:
         self.coalesce_bytes = min(65536, buffer_bytes // 4)
         """Queued bytes from which new deltas merge into queued ones (the buffer counts as full)."""
         self.subscriptions: dict[str | int, Filter] = {}
-        self.queue: deque[bytes | _Pending | _Shared] = deque()
+        self.queue: deque[bytes | _Pending] = deque()
         self.queued_bytes = 0
         self.sending = False
         self.done = False
@@ -113,6 +108,8 @@ class Client:
         """Frames handed to the socket."""
         self.merged = 0
         """Deltas merged into an already queued delta (the client was behind)."""
+        self.replayed = 0
+        """Bytes of replays (recovery, snapshots) queued on this connection, counted as in ``queued_bytes``."""
         self._tails: dict[str, _Pending] = {}
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
@@ -134,21 +131,37 @@ class Client:
             and transport.get_write_buffer_size() <= self._write_limit
         )
 
-    def push(self, data: bytes, *, shared: bool = False) -> None:
-        """Queue a frame that must never merge (control frames, replayed events).
-
-        *shared* frames (replays from the history) cost no memory of their own,
-        so they do not count toward ``client_buffer_bytes``: recovering a long
-        gap does not make the client look lagged.
-        """
+    def push(self, data: bytes) -> None:
+        """Queue a frame that must never merge (a control frame)."""
         if self.close_code is not None:
             return
-        if shared:
-            self.queue.append(_Shared(data))
-        else:
-            self.queue.append(data)
-            self.queued_bytes += len(data) + _FRAME_OVERHEAD
-            self._check()
+        self.queue.append(data)
+        self.queued_bytes += len(data) + _FRAME_OVERHEAD
+        self._check()
+        self._notify()
+
+    @staticmethod
+    def cost(frames: list[bytes]) -> int:
+        """What queuing *frames* adds to ``queued_bytes`` (compare it with :attr:`room`)."""
+        return sum(map(len, frames)) + _FRAME_OVERHEAD * len(frames)
+
+    @property
+    def room(self) -> int:
+        """Bytes that may still be queued before the client passes ``client_buffer_bytes``."""
+        return self.buffer_bytes - self.queued_bytes
+
+    def push_many(self, frames: list[bytes]) -> None:
+        """Queue replayed events (recovery, snapshots): never merged, counted like any queued frame.
+
+        Past ``client_buffer_bytes`` the client is closed as lagged: a replay
+        held for a client that does not read costs memory like any backlog
+        (frames the history has since dropped stay alive here).
+        """
+        if self.close_code is not None or not frames:
+            return
+        self.queue.extend(frames)
+        self.queued_bytes += self.cost(frames)
+        self._check()
         self._notify()
 
     def push_event(self, stream: str, event: DeltaEvent | None, data: bytes) -> None:
@@ -241,12 +254,34 @@ class Client:
             self.sent += 1
             if self.close_code is not None and not queue:
                 return
-            # ... then, while it stays below, the backlog goes out without a
-            # task switch per frame (asyncio only: trio has no synchronous write).
+            # ... then, while it stays below, the backlog goes out a chunk per write
+            # (asyncio only: trio has no synchronous write). The kernel may take
+            # megabytes without blocking, so the loop serves others between chunks.
             if transport is not None and write_now is not None:
                 while queue and transport.get_write_buffer_size() <= self._write_limit:
-                    write_now([ws], self._pop(), text=True)
-                    self.sent += 1
+                    if transport.is_closing():
+                        break  # the peer is gone: the next send() says so
+                    self._write_chunk(ws, transport, write_now)
+                    await anyio.lowlevel.checkpoint()
+
+    def _write_chunk(self, ws: Any, transport: Any, write_now: Callable[..., None]) -> None:
+        """Write up to 64 KiB of queued frames with one transport write (asyncio, no extension)."""
+        protocol = ws.protocol
+        if protocol.extensions or protocol.state is not OPEN:
+            # Compressed frames differ per client, and a closing connection is websockets' to handle.
+            write_now([ws], self._pop(), text=True)
+            self.sent += 1
+            return
+        queue = self.queue
+        frames: list[bytes] = []
+        size = 0
+        while queue and size < _CHUNK_BYTES:
+            data = self._pop()
+            frames.append(server_text_frame(data))
+            size += len(data)
+        # Whatever the protocol queued itself (a pong) goes first; it sends no EOF while OPEN.
+        transport.writelines([*protocol.data_to_send(), *frames])
+        self.sent += len(frames)
 
     def _pop(self) -> bytes:
         item = self.queue.popleft()
@@ -255,8 +290,6 @@ class Client:
                 del self._tails[item.stream]
             self.queued_bytes -= item.size
             return item.encode()
-        if type(item) is _Shared:
-            return item.data
         data: bytes = item  # type: ignore[assignment]
         self.queued_bytes -= len(data) + _FRAME_OVERHEAD
         return data

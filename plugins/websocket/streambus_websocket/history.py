@@ -13,6 +13,8 @@ the gap.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -32,6 +34,10 @@ class _Channel:
         self.ts = delta.ts
         self.n = delta.n
         self.pieces = [delta.text]
+
+
+def _seq(entry: tuple[int, int, bytes]) -> int:
+    return entry[1]
 
 
 class StreamLog:
@@ -169,15 +175,13 @@ class History:
         entries = log.entries
         if not entries or entries[0][0] > last_seq + 1:
             return None
-        out: list[bytes] = []
-        for first, seq, data in entries:
-            if seq <= last_seq:
-                continue
-            if first <= last_seq:
-                # The client holds half of a coalesced delta: it cannot be split.
-                return None
-            out.append(data)
-        return out
+        # Entries are in seq order: find the first one after last_seq without scanning
+        # the ones before it (a client may name many streams, each nearly caught up).
+        index = bisect.bisect_right(entries, last_seq, key=_seq)
+        if index < len(entries) and entries[index][0] <= last_seq:
+            # The client holds half of a coalesced delta: it cannot be split.
+            return None
+        return [data for _, _, data in itertools.islice(entries, index, None)]
 
     def replay_all(self, stream: str) -> list[bytes] | None:
         """Every event of *stream* from its ``start``; ``None`` if the start was already dropped."""

@@ -77,6 +77,8 @@ class ErrorCode(enum.StrEnum):
     """The protocol uses text frames only."""
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     """The client already holds ``max_subscriptions`` subscriptions."""
+    TOO_MANY_STREAMS = "too_many_streams"
+    """A ``subscribe`` named more than ``max_subscribe_streams`` streams (``streams`` and ``since`` together)."""
     DUPLICATE_SUBSCRIPTION = "duplicate_subscription"
     """A subscription with this ``id`` exists; unsubscribe it first."""
     UNKNOWN_SUBSCRIPTION = "unknown_subscription"
@@ -104,6 +106,10 @@ class ProtocolError(StreamBusError):
         self.id = id
 
 
+# A ``meta`` filter value: a JSON scalar.
+_Scalar = str | int | float | bool | None
+
+
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_fields=True, kw_only=True):
     """``subscribe``: receive the streams matching the filters (all streams when none is given).
 
@@ -117,7 +123,8 @@ class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_
     streams: list[str] | None = None
     models: list[str] | None = None
     providers: list[str] | None = None
-    meta: dict[str, Any] | None = None
+    # A value, or a list of accepted values (what Filter.matches compares): nothing nested.
+    meta: dict[str, _Scalar | list[_Scalar]] | None = None
     since: dict[str, int] | None = None
     snapshot: bool = False
     recent: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -172,6 +179,9 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
+    except RecursionError:
+        # msgspec recurses into values it skips (an unknown field before "op"); ~1000 levels run out.
+        raise ProtocolError(ErrorCode.BAD_JSON, "JSON nested too deeply") from None
 
 
 def control_frame(op: str, **fields: Any) -> bytes:

@@ -34,7 +34,6 @@ import contextlib
 import errno
 import functools
 import hmac
-import ipaddress
 import os
 import secrets
 import socket
@@ -51,7 +50,7 @@ import structlog
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN, SEND_EOF
+from websockets.protocol import CLOSED, OPEN, SEND_EOF
 
 from streambus import (
     AbortEvent,
@@ -60,6 +59,7 @@ from streambus import (
     EndEvent,
     ErrorEvent,
     Event,
+    Overflowed,
     PluginBase,
     StartEvent,
     StreamBusError,
@@ -67,6 +67,7 @@ from streambus import (
     encode,
     is_terminal,
 )
+from streambus.access import OriginPolicy, is_loopback_host, split_host_port
 
 from .client import Client
 from .history import History
@@ -90,7 +91,6 @@ __all__ = ["BroadcasterError", "WebSocketSink"]
 log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
@@ -100,13 +100,12 @@ class BroadcasterError(StreamBusError):
     """The broadcaster could not start (port in use, token missing, ...); the message says what to fix."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
+def _host_name(value: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        _name, port = split_host_port(value)
     except ValueError:
         return False
+    return port is None
 
 
 class WebSocketSink(PluginBase):
@@ -128,10 +127,12 @@ class WebSocketSink(PluginBase):
         tokens_file: str | None = None
         allow_public_without_token: bool = False
         allowed_origins: list[str] = []
+        allowed_hosts: list[str] = []
         max_clients: int = 2000
         max_message_bytes: int = 65536
         max_message_rate: float = 20.0
         max_subscriptions: int = 16
+        max_subscribe_streams: int = 256
         client_buffer_bytes: int = 1048576
         history_events: int = 2000
         history_ttl: float = 300.0
@@ -150,7 +151,13 @@ class WebSocketSink(PluginBase):
                 raise ValueError(f"path: must start with '/' and have no query, got {self.path!r}")
             if self.page and self.path in ("/", "/index.html"):
                 raise ValueError("path: '/' serves the live page; use another path or set page = false")
-            for key in ("max_clients", "max_message_bytes", "max_subscriptions", "client_buffer_bytes"):
+            for key in (
+                "max_clients",
+                "max_message_bytes",
+                "max_subscriptions",
+                "max_subscribe_streams",
+                "client_buffer_bytes",
+            ):
                 if getattr(self, key) < 1:
                     raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
             if self.history_events < 0 or self.history_streams < 1:
@@ -169,6 +176,9 @@ class WebSocketSink(PluginBase):
             for origin in self.allowed_origins:
                 if origin != "*" and not origin.startswith(("http://", "https://")):
                     raise ValueError(f"allowed_origins: {origin!r} must be '*' or start with http:// or https://")
+            for name in self.allowed_hosts:
+                if name != "*" and not _host_name(name):
+                    raise ValueError(f"allowed_hosts: {name!r} must be '*' or a host name (no scheme, port or path)")
             if self.token_env is not None and not self.token_env:
                 raise ValueError("token_env: must name an environment variable")
 
@@ -177,8 +187,14 @@ class WebSocketSink(PluginBase):
             """Whether a token is configured (``token_env`` or ``tokens_file``)."""
             return bool(self.token_env or self.tokens_file)
 
-    overflow: ClassVar[str] = "block"
-    """The sink never blocks on clients, so a lossless bus subscription costs nothing."""
+    overflow: ClassVar[str] = "coalesce"
+    """Never ``block``: the bus must not wait for this sink, whatever its clients do.
+
+    The sink's own loop never awaits a client (it hands frames to sockets or
+    per-client queues synchronously), so it keeps up; if the loop is ever
+    too busy to run it, deltas coalesce (the text stays whole) instead of
+    slowing every producer and every other sink.
+    """
     buffer: ClassVar[int] = 4096
 
     def __init__(
@@ -199,7 +215,7 @@ class WebSocketSink(PluginBase):
             self._tokens = [t.encode() for t in given]
         opts = self.options
         if not (
-            _is_loopback(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
+            is_loopback_host(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
         ):
             raise ValueError(
                 f"host: binding {opts.host or 'every interface'!r} without a token would expose every stream; "
@@ -207,6 +223,10 @@ class WebSocketSink(PluginBase):
             )
         self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
         """The per-stream history recovery and snapshots are served from."""
+        # Host and Origin are judged against the server's own names, never the request's Host.
+        self._policy = OriginPolicy(
+            bind_host=opts.host, allowed_hosts=opts.allowed_hosts, allowed_origins=opts.allowed_origins
+        )
         self._clients: dict[Client, None] = {}
         self._routes: dict[str, dict[Client, None]] = {}
         self._bus: Bus | None = None
@@ -368,13 +388,50 @@ class WebSocketSink(PluginBase):
 
     def _listening(self, names: list[Any]) -> None:
         self._port = int(names[0][1])
+        self._policy = self._policy.with_port(self._port)
         log.info("websocket.listening", url=self.url, page=self.page_url if self.options.page else None)
         assert self._ready is not None
         self._ready.set()
 
     async def _pump(self, events: Subscription) -> None:
-        while batch := await events.receive_batch():
-            self._dispatch(batch)
+        own: Subscription | None = None
+        try:
+            while True:
+                try:
+                    batch = await events.receive_batch()
+                except Overflowed as exc:
+                    if self._bus is None or not self._bus.running:
+                        raise
+                    events = own = self._resubscribe(self._bus, events, exc)
+                    continue
+                if not batch:
+                    return
+                self._dispatch(batch)
+        finally:
+            if own is not None:
+                own.close()
+
+    def _resubscribe(self, bus: Bus, lost: Subscription, exc: Overflowed) -> Subscription:
+        """Start over after the sink's own subscription overflowed (the loop was too busy to run it).
+
+        Events were lost between the two subscriptions, so nothing may pretend
+        otherwise: every client is told to reconnect, and the history is
+        emptied, so a ``since`` over the gap answers ``recovered: false``.
+        """
+        log.error("websocket.fell_behind", error=str(exc), clients=len(self._clients))
+        self.close_clients(CloseCode.SERVICE_RESTART, "the broadcaster fell behind the bus; reconnect")
+        opts = self.options
+        self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
+        self._routes.clear()
+        self._early = dict(bus.live_streams)
+        return bus.subscribe(
+            lost.filter,
+            buffer=lost.buffer,
+            overflow=lost.overflow,
+            max_bytes=lost.max_bytes,
+            name=lost.name,
+            raw=lost.raw,
+        )
 
     async def _drain(self) -> None:
         # Give connected clients what was already accepted, bounded in time.
@@ -410,8 +467,21 @@ class WebSocketSink(PluginBase):
 
     # -- HTTP: page, routing, origin -------------------------------------------------
     def _process_request(self, ws: Any, request: Request) -> Response | None:
+        headers = request.headers
+        # Before anything else, on every path: DNS rebinding (a foreign Host), foreign
+        # origins and duplicate Host/Origin/Authorization headers are refused.
+        refusal = self._policy.check(
+            hosts=headers.get_all("Host"),
+            origins=headers.get_all("Origin"),
+            authorizations=len(headers.get_all("Authorization")),
+        )
+        if refusal is not None:
+            peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+            log.warning("websocket.refused", peer=peer, status=refusal.status, reason=refusal.reason)
+            phrase = "Bad Request" if refusal.status == 400 else "Forbidden"
+            return _response(refusal.status, phrase, "text/plain; charset=utf-8", (refusal.reason + "\n").encode())
         path, _, _query = request.path.partition("?")
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        upgrade = any("websocket" in value.lower() for value in headers.get_all("Upgrade"))
         if not upgrade:
             if self.options.page and path in ("/", "/index.html") and self._page is not None:
                 return _response(200, "OK", "text/html; charset=utf-8", self._page)
@@ -420,25 +490,15 @@ class WebSocketSink(PluginBase):
             return _response(404, "Not Found", "text/plain; charset=utf-8", b"not found\n")
         if path != self.options.path:
             return _response(404, "Not Found", "text/plain; charset=utf-8", b"no WebSocket endpoint here\n")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
-            log.warning("websocket.origin_refused", origin=origin)
-            return _response(403, "Forbidden", "text/plain; charset=utf-8", b"origin not allowed\n")
         return None
-
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        allowed = self.options.allowed_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        # Same origin: the live page served by this very server.
-        return origin in (f"http://{host}", f"https://{host}")
 
     def _authorized(self, request: Request) -> bool:
         tokens = self._tokens
         if tokens is None:
             return True
         given = ""
-        header = request.headers.get("Authorization", "")
+        # One value at most: _process_request refused duplicates before the upgrade.
+        header = (request.headers.get_all("Authorization") or [""])[0]
         if header[:7].lower() == "bearer ":
             given = header[7:].strip()
         else:
@@ -481,6 +541,7 @@ class WebSocketSink(PluginBase):
                 "max_message_bytes": opts.max_message_bytes,
                 "max_message_rate": opts.max_message_rate,
                 "max_subscriptions": opts.max_subscriptions,
+                "max_subscribe_streams": opts.max_subscribe_streams,
                 "client_buffer_bytes": opts.client_buffer_bytes,
             },
             history={"events": opts.history_events, "ttl": opts.history_ttl},
@@ -560,6 +621,19 @@ class WebSocketSink(PluginBase):
                 with contextlib.suppress(ConnectionClosed):
                     await closer(int(code), reason[:120])
                 tg.cancel_scope.cancel()
+        if ws.state is not CLOSED:
+            # websockets' close first waits for the peer to read what is buffered: a peer
+            # that never reads would hold the connection, its buffers and its handler
+            # forever, outside max_clients. Past the deadline, the socket goes.
+            log.info("websocket.aborted", peer=str(ws.remote_address[0]) if ws.remote_address else "?")
+            transport = getattr(ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+            else:
+                import trio
+
+                with anyio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(ws.stream)
 
     def _forget(self, client: Client) -> None:
         self._clients.pop(client, None)
@@ -574,6 +648,7 @@ class WebSocketSink(PluginBase):
         allowance = burst
         last = anyio.current_time()
         strikes = 0
+        failed = False
         ws = client.ws
         try:
             while True:
@@ -601,8 +676,11 @@ class WebSocketSink(PluginBase):
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
-                    # Logged here with its traceback; the client only learns that it failed.
-                    log.error("websocket.handler_failed", peer=client.peer, error=repr(exc), exc_info=exc)
+                    # Logged here with its traceback, once per client: a client that keeps
+                    # sending what fails must not flood the log. It only learns that it failed.
+                    if not failed:
+                        failed = True
+                        log.error("websocket.handler_failed", peer=client.peer, error=repr(exc), exc_info=exc)
                     client.push(error_frame(ErrorCode.INTERNAL, "the server failed handling this message"))
         except ConnectionClosed:
             pass
@@ -642,6 +720,15 @@ class WebSocketSink(PluginBase):
                 f"at most {opts.max_subscriptions} subscriptions per client",
                 id=message.id,
             )
+        named = len(set(message.streams or ()).union(message.since or ()))
+        if named > opts.max_subscribe_streams:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"a subscribe may name at most {opts.max_subscribe_streams} streams (streams and since together), "
+                f"this one names {named}",
+                field="since" if len(message.since or ()) > len(message.streams or ()) else "streams",
+                id=message.id,
+            )
         flt = message.to_filter()
         history = self.history
         history.expire()
@@ -649,48 +736,64 @@ class WebSocketSink(PluginBase):
         already = {stream for stream, targets in self._routes.items() if client in targets}
         live = [lg for lg in history.live() if lg.start is not None and flt.matches(lg.start)]
         new_live = [lg.start.stream for lg in live if lg.start is not None and lg.start.stream not in already]
+        # What the replay will add to the client's queue. Gathering stops once it passes
+        # the client's whole budget, so one subscribe costs the loop at most that much work.
         frames: list[bytes] = []
+        cost = 0
         unrecovered: list[str] = []
         recovering = message.since is not None
         recovered = False
+        too_large = False
         replayed = 0
         snapshots = 0
         if message.since is not None:
             since = message.since
+            replays: list[tuple[str, list[bytes] | None]] = []
             for stream, last_seq in since.items():
                 if stream in already:
                     continue
                 stream_log = history.get(stream)
                 if stream_log is not None and stream_log.start is not None and not flt.matches(stream_log.start):
                     continue
-                missed = history.missed(stream, last_seq)
+                replays.append((stream, history.missed(stream, last_seq)))
+            # Live streams the client never saw started while it was away: replay them whole.
+            replays.extend((stream, history.replay_all(stream)) for stream in new_live if stream not in since)
+            for stream, missed in replays:
                 if missed is None:
                     unrecovered.append(stream)
-                else:
+                elif not too_large:
+                    cost += Client.cost(missed)
+                    too_large = cost > client.buffer_bytes
                     frames.extend(missed)
-            # Live streams the client never saw started while it was away: replay them whole.
-            for stream in new_live:
-                if stream in since:
-                    continue
-                whole = history.replay_all(stream)
-                if whole is None:
-                    unrecovered.append(stream)
-                else:
-                    frames.extend(whole)
-            recovered = not unrecovered
+            recovered = not unrecovered and not too_large
             if recovered:
                 replayed = len(frames)
             else:
+                if too_large:
+                    # It could never fit, even in an empty buffer: reload instead (all or nothing).
+                    unrecovered = [stream for stream, _ in replays]
                 frames = []
-        # A page that opens after streams ended still shows them; a resuming client asks for what it missed instead.
-        recent = history.recently_ended(message.recent, flt.matches) if message.recent and not recovering else []
-        for whole in recent:
-            frames.extend(whole)
+                cost = 0
+        # A page that opens after streams ended still shows them; a resuming client asks for what it missed
+        # instead. They count toward the budget like a replay: gathering stops before they would not fit.
+        # The newest are kept when not all fit; they are sent in the order they ended.
+        recent: list[list[bytes]] = []
+        if message.recent and not recovering:
+            for whole in reversed(history.recently_ended(message.recent, flt.matches)):
+                whole_cost = Client.cost(whole)
+                if cost + whole_cost > client.room:
+                    break
+                cost += whole_cost
+                recent.append(whole)
+            recent.reverse()
+            for whole in recent:
+                frames.extend(whole)
         if message.snapshot and not (recovering and recovered):
             for stream in new_live:
                 snap = history.snapshot(stream)
                 if snap is not None:
                     frames.extend(snap)
+                    cost += Client.cost(snap)
                     snapshots += 1
         client.subscriptions[message.id] = flt
         for stream in new_live:
@@ -706,10 +809,30 @@ class WebSocketSink(PluginBase):
                 recent=len(recent),
                 streams=[lg.start.stream for lg in live if lg.start is not None],
                 unrecovered=unrecovered or None,
+                reason="too_large" if too_large else None,
             )
         )
-        for frame in frames:
-            client.push(frame, shared=True)
+        budget = client.buffer_bytes
+        if client.replayed + cost > budget:
+            # The kernel's socket buffers (megabytes) hide what a client has not read, so
+            # replays are also capped per connection: asking again and again for replays
+            # it never reads makes a client pay a reconnect per budget of them.
+            client.close(
+                CloseCode.LAGGED,
+                f"replays on this connection would pass client_buffer_bytes ({client.replayed} + {cost} > "
+                f"{budget} bytes); reconnect to resume",
+            )
+            return
+        if cost > client.room:
+            # Counted like any backlog: a client that does not read its replays is lagged.
+            client.close(
+                CloseCode.LAGGED,
+                f"the events this subscribe replays ({cost} bytes) do not fit in what is left of "
+                f"client_buffer_bytes ({client.room} of {budget})",
+            )
+            return
+        client.replayed += cost
+        client.push_many(frames)
 
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:

@@ -115,7 +115,16 @@ class _Tail:
                 raise TailError(f"server speaks protocol {hello.get('protocol')}, this client {PROTOCOL_VERSION}")
             request = dict(self.subscribe)
             if self.resuming:
-                request["since"] = {s: q for s, q in self.last_seq.items() if s not in self.ended}
+                since = {s: q for s, q in self.last_seq.items() if s not in self.ended}
+                limit = (hello.get("limits") or {}).get("max_subscribe_streams")
+                if isinstance(limit, int) and len(since) + len(request.get("streams") or ()) > limit:
+                    # The server would refuse the whole subscribe (too_many_streams): follow on, and say what is lost.
+                    self.note(
+                        f"streambus tail: {len(since)} streams to resume, more than the server's "
+                        f"max_subscribe_streams ({limit}); they continue from now on, what was missed is lost"
+                    )
+                else:
+                    request["since"] = since
             await ws.send(msgspec.json.encode({"op": "subscribe", "id": "tail", **request}).decode())
             try:
                 async for frame in ws:

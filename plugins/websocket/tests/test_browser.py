@@ -192,3 +192,41 @@ async def test_page_opened_after_streams_ended_shows_them_from_history() -> None
                 assert errors == []
             finally:
                 await browser.close()
+
+
+async def test_live_page_reloads_when_it_follows_more_streams_than_a_subscribe_may_name() -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing: run scripts/bootstrap.sh --browser (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with running(max_subscribe_streams=1) as (bus, sink), async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page(bypass_csp=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(sink.page_url)
+            await page.wait_for_function("document.querySelector('#status').dataset.state === 'live'", timeout=20_000)
+            async with bus.stream(model="m") as one, bus.stream(model="m") as two:
+                await one.delta("one")
+                await two.delta("two")
+                ids = f"['{one.stream}', '{two.stream}']"
+                shown = ids + ".every(s => document.querySelector(`[data-stream='${s}'] .content`)"
+                await page.wait_for_function(shown + "?.textContent)", timeout=20_000)
+                # Two streams to resume, one allowed per subscribe: the page reloads them from their snapshot.
+                assert sink.close_clients() == 1
+                await page.wait_for_function(
+                    "(document.querySelector('#connlog').textContent || '').includes('reloaded from snapshot')",
+                    timeout=20_000,
+                )
+                await one.delta(" more")
+                await two.delta(" more")
+            await page.wait_for_function(shown + "?.closest('[data-stream]').dataset.state === 'end')", timeout=20_000)
+            assert await page.text_content(f"[data-stream='{one.stream}'] .content") == "one more"
+            assert await page.text_content(f"[data-stream='{two.stream}'] .content") == "two more"
+            assert errors == []
+        finally:
+            await browser.close()

@@ -231,11 +231,19 @@ def test_history_evicts_ended_streams_first() -> None:
     assert [log.start.stream for log in history.live() if log.start] == ["live", "new"]
 
 
-async def test_recovering_more_than_the_client_buffer_is_not_lagging() -> None:
+async def test_recovery_counts_toward_the_client_buffer() -> None:
+    """Replayed frames are queued bytes like any other (issue 18): a replay that can never fit is not queued."""
     piece = "x" * 200
     async with running(client_buffer_bytes=4096) as (bus, sink):
         async with bus.stream(model="m") as w:
             for _ in range(50):  # 10 KB missed, more than the 4 KiB client buffer
+                await w.delta(piece)
+            async with connect(sink.url) as peer:
+                sub = await peer.subscribe(id=1, since={w.stream: 0})
+                assert (sub["recovered"], sub["reason"], sub["unrecovered"]) == (False, "too_large", [w.stream])
+    async with running(client_buffer_bytes=32768) as (bus, sink):
+        async with bus.stream(model="m") as w:
+            for _ in range(50):
                 await w.delta(piece)
             async with connect(sink.url) as peer:
                 sub = await peer.subscribe(id=1, since={w.stream: 0})

@@ -193,3 +193,28 @@ def test_tail_cannot_connect_without_reconnect() -> None:
     )
     assert result.returncode == 1
     assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_tail_resumes_more_streams_than_a_subscribe_may_name() -> None:
+    """Past max_subscribe_streams the server refuses a since; the tail follows on and says what is lost."""
+    async with running(max_subscribe_streams=1) as (bus, sink):
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "2"], env=_env())
+        await _until_subscribed(sink)
+        async with bus.stream(model="m") as one, bus.stream(model="m") as two:
+            await one.delta("one ")
+            await two.delta("two ")
+            for _ in range(1000):
+                if sink.connections and sink.connections[0].sent >= 5:
+                    break
+                await anyio.sleep(0.01)
+            sink.close_clients()
+            for _ in range(1000):  # bounded: the tail's new connection has subscribed
+                if any(c.subscriptions and c.close_code is None for c in sink.connections):
+                    break
+                await anyio.sleep(0.01)
+            await one.delta("more")
+            await two.delta("more")
+        code, out, err = await _finish(process)
+    assert code == 0, err
+    assert "max_subscribe_streams (1)" in err
+    assert out.count("more") == 2
