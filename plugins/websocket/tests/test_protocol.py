@@ -164,6 +164,24 @@ async def test_recent_replays_recently_ended_streams_whole_in_the_order_they_end
             assert await peer.expect("pong") == {"op": "pong", "id": 1}
 
 
+async def test_recent_streams_count_toward_the_client_buffer_newest_kept() -> None:
+    """Recently ended streams are queued like a replay: only those that fit the client's budget, the newest."""
+    big = "x" * 3000
+    async with running(client_buffer_bytes=8192) as (bus, sink):
+        first = await publish_text(bus, [big], model="a")
+        second = await publish_text(bus, [big], model="a")
+        third = await publish_text(bus, [big], model="a")
+        await _until_ended(sink, third)
+        async with connect(sink.url) as peer:
+            subscribed = await peer.subscribe(id="a", recent=3)
+            assert subscribed["recent"] == 2  # three would pass 8 KiB: the oldest is left out
+            whole = [e for _ in range(2) for e in await peer.events_until_end()]
+            assert [e["stream"] for e in whole if e["type"] == "start"] == [second, third]
+            assert first not in {e["stream"] for e in whole}
+            await peer.send({"op": "ping", "id": 1})
+            assert await peer.expect("pong") == {"op": "pong", "id": 1}  # not closed as lagged
+
+
 async def test_subscription_errors() -> None:
     async with running(max_subscriptions=2) as (_bus, sink), connect(sink.url) as peer:
         await peer.subscribe(id="x")
