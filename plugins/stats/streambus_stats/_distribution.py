@@ -60,6 +60,17 @@ _NANO_FLOAT = 1e9
 
 Quantiles = dict[str, float | int | None]
 
+_SURELY_BELOW, _SURELY_ABOVE = 1 - 1e-9, 1 + 1e-9
+"""A value this close to a bin edge (relatively) is placed by the mapping's key, not by the edge."""
+
+
+def _power(gamma: float, key: int) -> float:
+    """``gamma ** key``, infinite past the largest float (the top bins of a huge value)."""
+    try:
+        return gamma**key
+    except OverflowError:
+        return math.inf
+
 
 class Distribution:
     """The distribution of one figure (seconds, tokens, tokens/s), mergeable exactly.
@@ -131,26 +142,25 @@ class Distribution:
         self._sketch_ordered(ordered)
 
     def _sketch_ordered(self, ordered: list[float]) -> None:
-        # Values that share a bin go into the sketch as one weighted value. The mapping decides the bins (its key
-        # never decreases as the value grows): a run of one bin ends near gamma ** key, the bin's upper edge, and
-        # the mapping itself checks the values either side, so each value lands in the bin `sketch.add` gives it.
-        sketch, mapping = self.sketch, self.mapping
-        key_of = mapping.key
-        edge = (1.0 + mapping.gamma) / 2.0  # mapping.value(key) * edge == gamma ** key
+        # Values that share a bin go into the sketch as one weighted `add`. The mapping's key never decreases as
+        # the value grows, so a bin's values are a run of the sorted batch, ending at gamma ** key (the bin's upper
+        # edge). Where a value lies so close to that edge that rounding could put it either side, the mapping's own
+        # key decides: every value lands in the bin `sketch.add(value)` gives it.
+        sketch, key_of, gamma = self.sketch, self.mapping.key, self.mapping.gamma
         n = len(ordered)
-        i = bisect_right(ordered, mapping.min_possible)
+        i = bisect_right(ordered, self.mapping.min_possible)
         if i:
             sketch.add(0.0, float(i))  # the sketch counts these as zero
         key = key_of(ordered[i]) if i < n else 0
         while i < n:
-            j = bisect_right(ordered, mapping.value(key) * edge, i)
-            while j > i + 1 and key_of(ordered[j - 1]) > key:
-                j -= 1
-            next_key = key
-            while j < n and (next_key := key_of(ordered[j])) <= key:
+            upper = _power(gamma, key)
+            j = bisect_right(ordered, upper * _SURELY_BELOW, i)
+            while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
                 j += 1
             sketch.add(ordered[i], float(j - i))
-            i, key = j, next_key
+            if j < n:
+                key = key_of(ordered[j])
+            i = j
 
     # -- reading -------------------------------------------------------------
     @property
