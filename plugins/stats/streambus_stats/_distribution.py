@@ -1,11 +1,12 @@
 """One distribution of a figure: exact count, sum, min and max, fixed buckets, and a DDSketch for quantiles.
 
-The sketch is the ``ddsketch`` library's, through its public API: a
-:class:`~ddsketch.ddsketch.BaseDDSketch` over a
-:class:`~ddsketch.mapping.LogarithmicMapping` and a :class:`~ddsketch.store.DenseStore`
-(what ``ddsketch.DDSketch`` builds, and what ``ddsketch.pb`` builds when it
-reads a sketch back), made here so that the store's documented ``bins`` and
-``offset`` can be saved and plotted. Any quantile read from it is within
+The sketch is the ``ddsketch`` library's, through its public API. Its
+:class:`~ddsketch.mapping.LogarithmicMapping` decides which bin each value
+falls in; the counts per bin are kept here (a dict by bin key, plus the
+values counted as zero), and the :class:`~ddsketch.ddsketch.BaseDDSketch`
+that answers quantiles is built from them over a
+:class:`~ddsketch.store.DenseStore` when one is asked for, the way
+``ddsketch.pb`` reads a sketch back. Any quantile read from it is within
 ``relative_accuracy`` of the exact quantile (for values above zero; zero is
 counted exactly).
 
@@ -81,7 +82,19 @@ class Distribution:
     counted in :attr:`clamped` (a clock that stepped back).
     """
 
-    __slots__ = ("bounds", "buckets", "clamped", "count", "mapping", "max", "min", "sketch", "store", "sum_nano")
+    __slots__ = (
+        "_sketch",
+        "bounds",
+        "buckets",
+        "clamped",
+        "count",
+        "keyed",
+        "mapping",
+        "max",
+        "min",
+        "sum_nano",
+        "zeros",
+    )
 
     def __init__(self, relative_accuracy: float = 0.01, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
         if not 0.0 < relative_accuracy < 1.0:
@@ -102,10 +115,21 @@ class Distribution:
         """Negative values recorded as 0."""
         self.mapping = LogarithmicMapping(relative_accuracy)
         """The sketch's mapping of values to bins."""
-        self.store = DenseStore()
-        """The sketch's store of values above zero (read its ``bins`` and ``offset``; add through the sketch)."""
-        self.sketch = BaseDDSketch(self.mapping, self.store, DenseStore(), 0.0)
-        """The DDSketch the quantiles come from."""
+        self.keyed: dict[int, int] = {}
+        """Values above the mapping's ``min_possible``, counted per sketch bin (by the mapping's key)."""
+        self.zeros = 0
+        """Values the sketch counts as zero (at most the mapping's ``min_possible``, clamped ones included)."""
+        self._sketch: BaseDDSketch | None = None
+
+    @property
+    def sketch(self) -> BaseDDSketch:
+        """The DDSketch of the values, for quantiles (built from :attr:`keyed` when first read after a change)."""
+        if self._sketch is None:
+            store = DenseStore()
+            for key, n in sorted(self.keyed.items()):
+                store.add(key, float(n))
+            self._sketch = BaseDDSketch(self.mapping, store, DenseStore(), float(self.zeros))
+        return self._sketch
 
     @property
     def relative_accuracy(self) -> float:
@@ -139,25 +163,25 @@ class Distribution:
             self.buckets[i] += high - low
             low = high
         self.buckets[-1] += n - low
-        self._sketch_ordered(ordered)
+        self._count_bins(ordered)
+        self._sketch = None
 
-    def _sketch_ordered(self, ordered: list[float]) -> None:
-        # Values that share a bin go into the sketch as one weighted `add`. The mapping's key never decreases as
-        # the value grows, so a bin's values are a run of the sorted batch, ending at gamma ** key (the bin's upper
-        # edge). Where a value lies so close to that edge that rounding could put it either side, the mapping's own
-        # key decides: every value lands in the bin `sketch.add(value)` gives it.
-        sketch, key_of, gamma = self.sketch, self.mapping.key, self.mapping.gamma
+    def _count_bins(self, ordered: list[float]) -> None:
+        # The mapping's key never decreases as the value grows, so a bin's values are a run of the sorted batch,
+        # ending at gamma ** key (the bin's upper edge). Where a value lies so close to that edge that rounding
+        # could put it either side, the mapping's own key decides: every value lands in the bin it would get from
+        # `sketch.add(value)`, at the cost of a key or two per bin, not per value.
+        keyed, key_of, gamma = self.keyed, self.mapping.key, self.mapping.gamma
         n = len(ordered)
         i = bisect_right(ordered, self.mapping.min_possible)
-        if i:
-            sketch.add(0.0, float(i))  # the sketch counts these as zero
+        self.zeros += i
         key = key_of(ordered[i]) if i < n else 0
         while i < n:
             upper = _power(gamma, key)
             j = bisect_right(ordered, upper * _SURELY_BELOW, i)
             while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
                 j += 1
-            sketch.add(ordered[i], float(j - i))
+            keyed[key] = keyed.get(key, 0) + j - i
             if j < n:
                 key = key_of(ordered[j])
             i = j
@@ -172,11 +196,6 @@ class Distribution:
     def total(self) -> float:
         """The exact sum (to 1e-9)."""
         return self.sum_nano / _NANO
-
-    @property
-    def zeros(self) -> int:
-        """Values the sketch counts as zero (at most its mapping's ``min_possible``, clamped ones included)."""
-        return int(self.sketch.count - self.store.count)
 
     def quantile(self, q: float) -> float | None:
         """Return the *q*-quantile (0..1) within the relative accuracy, or ``None`` when empty.
@@ -220,11 +239,9 @@ class Distribution:
         if self.zeros:
             out.append((0.0, 0.0, self.zeros))
         gamma = self.mapping.gamma
-        edge = (1.0 + gamma) / 2.0
-        for i, n in enumerate(self.store.bins):
-            if n:
-                high = self.mapping.value(self.store.offset + i) * edge
-                out.append((high / gamma, high, int(n)))
+        for key, n in sorted(self.keyed.items()):
+            high = _power(gamma, key)
+            out.append((high / gamma, high, n))
         return out
 
     # -- merging and state ---------------------------------------------------------
@@ -237,8 +254,10 @@ class Distribution:
             )
         if other.bounds != self.bounds:
             raise ValueError("cannot merge distributions with different bucket bounds")
-        if other.count:
-            self.sketch.merge(other.sketch)
+        for key, n in other.keyed.items():
+            self.keyed[key] = self.keyed.get(key, 0) + n
+        self.zeros += other.zeros
+        self._sketch = None
         self.count += other.count
         self.sum_nano += other.sum_nano
         self.min = min(self.min, other.min)
@@ -254,11 +273,9 @@ class Distribution:
 
     def to_state(self) -> dict[str, Any]:
         """Return a JSON-able dict that :meth:`from_state` turns back into an equal distribution."""
-        # The store pads its bin list; keep only first..last non-empty bin so equal sketches give equal states.
-        counts = [int(n) for n in self.store.bins]
-        nonzero = [i for i, n in enumerate(counts) if n]
-        bins = counts[nonzero[0] : nonzero[-1] + 1] if nonzero else []
-        offset = int(self.store.offset) + nonzero[0] if nonzero else 0
+        # Bins from the first non-empty one to the last (the layout of ddsketch's dense store and protobuf).
+        offset = min(self.keyed, default=0)
+        bins = [self.keyed.get(key, 0) for key in range(offset, max(self.keyed, default=-1) + 1)]
         return {
             "relative_accuracy": self.relative_accuracy,
             "bounds": list(self.bounds),
@@ -298,11 +315,8 @@ class Distribution:
             raise ValueError("distribution state: negative counts")
         if zero + sum(bins) != dist.count:
             raise ValueError("distribution state: bins do not add up to count")
-        # As ddsketch.pb reads a sketch back: fill a store, then build the sketch over it.
-        for i, n in enumerate(bins):
-            if n:
-                dist.store.add(offset + i, float(n))
-        dist.sketch = BaseDDSketch(dist.mapping, dist.store, DenseStore(), float(zero))
+        dist.keyed = {offset + i: n for i, n in enumerate(bins) if n}
+        dist.zeros = zero
         return dist
 
     def __eq__(self, other: object) -> bool:
