@@ -182,8 +182,8 @@ class Distribution:
             while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
                 j += 1
             keyed[key] = keyed.get(key, 0) + j - i
-            if j < n:
-                key = key_of(ordered[j])
+            if j < n:  # the next value's bin: the next one when it is surely below that one's edge
+                key = key + 1 if ordered[j] < upper * gamma * _SURELY_BELOW else key_of(ordered[j])
             i = j
 
     # -- reading -------------------------------------------------------------
