@@ -6,7 +6,7 @@
 #   bootstrap.sh --test     everything: the core and every plugin (editable) with their test extras,
 #                           dev tools, the benchmarks' peers, torch's CPU wheel, Debian's chromium
 #                           (browser tests) and the npm packages the Node tests use
-#   bootstrap.sh --bench    --test, plus valgrind for the stats benchmark's counted runs
+#   bootstrap.sh --bench    the same as --test (what the benchmarks need is in the test extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -67,17 +67,6 @@ if ! command -v chromium >/dev/null 2>&1 || ! fc-list 2>/dev/null | grep -qi "No
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
   else
     echo "bootstrap: chromium is missing; browser tests need Debian's chromium (sudo apt-get install chromium)" >&2
-  fi
-fi
-
-# Benchmarks (--bench): valgrind, for the stats benchmark's deterministic count of
-# instructions and simulated cache misses (the shared machine's clock is too noisy to
-# judge a 10% overhead on). Without it that benchmark reports CPU time only.
-if [ "$mode" = bench ] && ! command -v valgrind >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
-  else
-    echo "bootstrap: valgrind is missing; the stats benchmark counts instructions with it (sudo apt-get install valgrind)" >&2
   fi
 fi
 

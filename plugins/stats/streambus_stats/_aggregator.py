@@ -13,6 +13,11 @@ a subscription or a recording delivers them) and read
 - output tokens/s (bus) = (completion_tokens - 1) / (e2e - ttfc) = 1 / TPOT
 - provider tokens/s = completion_tokens / timings["eval_duration"] (Ollama's eval rate)
 
+:meth:`StatsAggregator.feed_many` takes one batch (what the sink reads from its
+subscription at once): it walks the events, gathers every value a stream
+contributes to a distribution, and adds each distribution's values in one go
+at the end of the batch, so every figure is up to date when it returns.
+
 Aggregators merge exactly (:meth:`StatsAggregator.merge`) and serialise
 (:meth:`StatsAggregator.to_state` / :meth:`StatsAggregator.from_state`), so
 processes or recordings can be summarised separately and combined.
@@ -28,14 +33,12 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from streambus.events import AbortEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
+from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
 
-from . import _impl
 from ._distribution import CHUNK_BUCKETS, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
-from ._hot import Live
 from ._tokens import TokenCounter, TokenizerChoice
 
-__all__ = ["FIGURES", "STATE_VERSION", "Aggregate", "StatsAggregator", "StreamRecord"]
+__all__ = ["FIGURES", "STATE_VERSION", "Aggregate", "Live", "StatsAggregator", "StreamRecord"]
 
 STATE_VERSION: Final = 1
 """Version of the JSON state :meth:`StatsAggregator.to_state` writes."""
@@ -103,10 +106,10 @@ class Aggregate:
         "end_reasons",
         "errors",
         "first_ts",
-        "gaps",
         "last_ts",
         "moderation",
         "outcomes",
+        "pending",
         "relative_accuracy",
         "started",
         "tokens",
@@ -127,8 +130,15 @@ class Aggregate:
         """Token totals keyed ``"<prompt|completion|total>:<provider|counted>"``."""
         self.first_ts = math.inf
         self.last_ts = -math.inf
-        self.gaps: Any = None
-        """The hot path's buffer of inter-chunk gaps on their way to ``dists`` (set by :class:`StatsAggregator`)."""
+        self.pending: dict[str, list[float]] = {name: [] for name in FIGURES}
+        """Values gathered for :attr:`dists` during a batch, by figure; :meth:`ingest` adds them."""
+
+    def ingest(self) -> None:
+        """Add the :attr:`pending` values to their distributions (the aggregator does it after every batch)."""
+        for name, values in self.pending.items():
+            if values:
+                self.dists[name].add_many(values)
+                values.clear()
 
     @property
     def finished(self) -> int:
@@ -230,12 +240,100 @@ class Aggregate:
         return agg
 
 
-_SLICE = 16384
 _TOKEN_KEYS = {
     source: tuple(f"{kind}:{source}" for kind in ("prompt", "completion", "total"))
     for source in ("provider", "counted")
 }
-"""Events fed to the hot path at a time, so gap buffers are ingested at least this often."""
+
+
+class Live:
+    """What the aggregator tracks of a stream between its start and its terminal event.
+
+    Each non-empty delta's text is kept (to count tokens when the provider
+    did not report them) and its gap to the previous non-empty delta goes to
+    the group's pending inter-chunk values. The stream's mean gap is
+    ``(last - first_ts) / ngaps``: the sum of its gaps, telescoped.
+    """
+
+    __slots__ = (
+        "agg",
+        "empty",
+        "extra",
+        "first",
+        "first_content",
+        "first_n",
+        "first_ts",
+        "gap_max",
+        "gaps",
+        "last",
+        "moderation",
+        "start",
+        "texts",
+    )
+
+    def __init__(self, start: StartEvent, agg: Aggregate) -> None:
+        self.start = start
+        self.agg = agg
+        self.gaps = agg.pending["inter_chunk_latency_seconds"]
+        """The group's pending inter-chunk gaps (shared by its live streams)."""
+        self.texts: list[str] = []
+        """The text of every non-empty delta so far."""
+        self.moderation: dict[str, int] = {}
+        """Moderation actions on this stream, by action."""
+        self.empty = 0
+        self.extra = 0
+        """Chunks beyond one carried by coalesced deltas (sum of ``n - 1``)."""
+        self.first: float | None = None
+        """ts of the first content or reasoning chunk (time to first chunk)."""
+        self.first_content: float | None = None
+        self.first_ts: float | None = None
+        """ts of the first chunk on any channel: where the gaps start."""
+        self.first_n = 0
+        self.last: float | None = None
+        """ts of the latest chunk."""
+        self.gap_max = -math.inf
+
+    @property
+    def chunks(self) -> int:
+        """Chunks so far (a coalesced delta counts its ``n``)."""
+        return len(self.texts) + self.extra
+
+    @property
+    def ngaps(self) -> int:
+        """Gaps so far: one per chunk after the first delta's."""
+        return self.chunks - self.first_n if self.first_ts is not None else 0
+
+    @property
+    def gap_sum(self) -> float:
+        """The sum of the gaps (raw, before clamping): the span from first to latest chunk."""
+        if self.first_ts is None or self.last is None:
+            return 0.0
+        return self.last - self.first_ts
+
+    def chunk(self, event: DeltaEvent) -> None:
+        """Account for a non-empty delta (:meth:`StatsAggregator.feed_many` inlines the commonest case)."""
+        self.texts.append(event.text)
+        ts, n = event.ts, event.n
+        if n != 1:
+            self.extra += n - 1
+        if event.channel != "tool":
+            if self.first is None:
+                self.first = ts
+                self.agg.pending["time_to_first_chunk_seconds"].append(ts - self.start.ts)
+            if self.first_content is None and event.channel == "content":
+                self.first_content = ts
+                self.agg.pending["time_to_first_content_seconds"].append(ts - self.start.ts)
+        last, self.last = self.last, ts
+        if last is None:
+            self.first_ts, self.first_n = ts, n
+            return
+        if n < 1:  # not a valid delta: it carries no chunk to time
+            return
+        # A delta that carries n chunks: its gap is taken as n equal gaps (evenly spread).
+        gap = ts - last if n == 1 else (ts - last) / n
+        self.gaps.extend([gap] * n)
+        if gap > self.gap_max:
+            self.gap_max = gap
 
 
 class StatsAggregator:
@@ -272,14 +370,8 @@ class StatsAggregator:
         """One :class:`Aggregate` per ``(model, provider)``."""
         self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)
         """The most recent finished streams' records."""
-        # The hot path (compiled or pure Python, see _impl), fixed for this aggregator's life.
-        self._live, self._gaps = _impl.Live, _impl.Gaps
         self.live: dict[str, Live] = {}
-        """Streams started and not finished (a compiled ``Live`` when the hot path is compiled).
-
-        Every stream taken out of it must be closed (``Live.close``, as :meth:`_finish` does): the compiled
-        hot path's id index trusts a Live that is not done to be the one this dict has for its id."""
-        self._feed = _impl.Feeder(self.live).feed
+        """Streams started and not finished, by id."""
         self.events = 0
         self.orphans = 0
         """Events of streams whose ``start`` was not seen (joined mid-stream), or after their terminal event."""
@@ -290,8 +382,6 @@ class StatsAggregator:
         agg = self.groups.get(key)
         if agg is None:
             agg = self.groups[key] = Aggregate(self.relative_accuracy)
-        if agg.gaps is None:
-            agg.gaps = self._gaps(agg.dists["inter_chunk_latency_seconds"])
         return agg
 
     def feed(self, event: Event) -> None:
@@ -299,21 +389,32 @@ class StatsAggregator:
         self.feed_many((event,))
 
     def feed_many(self, events: Iterable[Event]) -> None:
-        """Account for *events* (the hot path: one batch from a subscription)."""
+        """Account for *events*, in order: one batch, as the sink reads it from its subscription."""
         if not isinstance(events, list | tuple):
             events = list(events)
-        feed = self._feed
-        # (Not `self.orphans += feed(...)`: feed calls _other, which counts orphans too.)
-        if len(events) <= _SLICE:
-            orphans = feed(events, self._other)
-        else:
-            orphans = 0
-            for i in range(0, len(events), _SLICE):
-                orphans += feed(events[i : i + _SLICE], self._other)
-                self._ingest_full()
-        self.orphans += orphans
+        live = self.live
+        for event in events:
+            if type(event) is not DeltaEvent:
+                self._other(event)
+                continue
+            st = live.get(event.stream)
+            if st is None:
+                self.orphans += 1
+            elif not event.text:
+                st.empty += 1
+            elif st.first_content is None or event.n != 1:
+                st.chunk(event)
+            else:
+                # The commonest event by far, inlined: one more chunk of a stream that has its first content.
+                st.texts.append(event.text)
+                ts = event.ts
+                gap = ts - st.last  # type: ignore[operator]  # (set with first_content)
+                st.last = ts
+                st.gaps.append(gap)
+                if gap > st.gap_max:
+                    st.gap_max = gap
         self.events += len(events)
-        self._ingest_full()
+        self._ingest()
 
     def _other(self, event: Event) -> None:
         # Every event but a delta: starts, moderation actions and terminal events.
@@ -333,17 +434,9 @@ class StatsAggregator:
                 return
             self._finish(st, event)
 
-    def _ingest_full(self) -> None:
+    def _ingest(self) -> None:
         for agg in self.groups.values():
-            agg.dists["inter_chunk_latency_seconds"].maybe_flush()
-
-    def flush(self) -> None:
-        """Ingest every buffered value into its distribution (reads do it anyway; for timing the whole work)."""
-        for agg in self.groups.values():
-            if agg.gaps is not None:
-                agg.gaps.flush()
-            for dist in agg.dists.values():
-                dist.flush()
+            agg.ingest()
 
     def _start(self, event: StartEvent) -> None:
         if event.stream in self.live:
@@ -352,18 +445,19 @@ class StatsAggregator:
         agg = self._group(event.model, event.provider)
         agg.started += 1
         agg.first_ts = min(agg.first_ts, event.ts)
-        self.live[event.stream] = self._live(event, agg)
+        self.live[event.stream] = Live(event, agg)
 
     def close_incomplete(self) -> None:
         """Finish every live stream as ``incomplete`` (end of a recording that cut streams short)."""
         for st in list(self.live.values()):
             del self.live[st.start.stream]
             self._finish(st, None)
+        self._ingest()
 
     def _finish(self, st: Live, event: Event | None) -> None:
         start = st.start
         agg = st.agg
-        dists = agg.dists
+        pending = agg.pending
         usage = None
         timings: dict[str, float] = {}
         outcome: Outcome
@@ -386,7 +480,7 @@ class StatsAggregator:
         e2e = end_ts - start.ts if end_ts is not None else None
         if end_ts is not None:
             agg.last_ts = max(agg.last_ts, end_ts)
-            dists["e2e_seconds"].add(e2e)  # type: ignore[arg-type]
+            pending["e2e_seconds"].append(e2e)  # type: ignore[arg-type]
         ttfc = st.first - start.ts if st.first is not None else None
         ttf_content = st.first_content - start.ts if st.first_content is not None else None
 
@@ -416,20 +510,20 @@ class StatsAggregator:
             if value is not None:
                 tokens[key] += value
         if prompt is not None:
-            dists["prompt_tokens"].add(prompt)
-        dists["completion_tokens"].add(completion)
+            pending["prompt_tokens"].append(prompt)
+        pending["completion_tokens"].append(completion)
 
         tpot = rate = provider_rate = None
         if ttfc is not None and e2e is not None and completion >= 2:
             tpot = (e2e - ttfc) / (completion - 1)
-            dists["time_per_output_token_seconds"].add(tpot)
+            pending["time_per_output_token_seconds"].append(tpot)
             if e2e > ttfc:
                 rate = (completion - 1) / (e2e - ttfc)
-                dists["output_tokens_per_second"].add(rate)
+                pending["output_tokens_per_second"].append(rate)
         eval_duration = timings.get("eval_duration")
         if method == "provider" and completion and eval_duration is not None and eval_duration > 0:
             provider_rate = completion / eval_duration
-            dists["provider_tokens_per_second"].add(provider_rate)
+            pending["provider_tokens_per_second"].append(provider_rate)
 
         gaps = st.ngaps
         record = StreamRecord(
@@ -457,14 +551,12 @@ class StatsAggregator:
             provider_tokens_per_second=provider_rate,
             moderation=dict(st.moderation),
         )
-        st.close()
         if self.streams.maxlen != 0:
             self.streams.append(record)
 
     # -- reading -------------------------------------------------------------------
     def aggregate(self, *, model: str | None = None, provider: str | None = None) -> Aggregate:
         """Return the merged aggregate of the groups matching *model* and/or *provider* (all by default)."""
-        self.flush()
         out = Aggregate(self.relative_accuracy)
         for (m, p), agg in self.groups.items():
             if (model is None or m == model) and (provider is None or p == provider):
@@ -483,7 +575,6 @@ class StatsAggregator:
 
     def snapshot(self, *, streams: bool = True) -> dict[str, Any]:
         """Return everything as JSON-able data: ``overall``, ``models``, ``providers``, ``groups``, ``streams``."""
-        self.flush()
         q = self.quantiles
         out: dict[str, Any] = {
             "relative_accuracy": self.relative_accuracy,
@@ -515,8 +606,6 @@ class StatsAggregator:
                 f"cannot merge aggregators of different relative accuracy "
                 f"({other.relative_accuracy} into {self.relative_accuracy})"
             )
-        self.flush()
-        other.flush()
         for key, agg in other.groups.items():
             self._group(*key).merge(agg)
         self.streams.extend(other.streams)
@@ -529,7 +618,6 @@ class StatsAggregator:
         Live streams' figures so far (first chunks, gaps) are included; their
         end is not, and their stream records are not.
         """
-        self.flush()
         return {
             "streambus_stats": STATE_VERSION,
             "relative_accuracy": self.relative_accuracy,

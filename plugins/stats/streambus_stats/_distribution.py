@@ -1,13 +1,14 @@
-"""One distribution of a figure: exact count/sum/min/max, fixed buckets and a DDSketch.
+"""One distribution of a figure: exact count, sum, min and max, fixed buckets, and a DDSketch for quantiles.
 
-Values are buffered and ingested in vectorised batches: the per-value cost
-on the bus's hot path is one ``list.append``. The sketch is the ``ddsketch``
-library's (a :class:`~ddsketch.mapping.LogarithmicMapping` over a
-:class:`~ddsketch.store.DenseStore`); only the bin index is computed here,
-with numpy, from the mapping's own ``gamma`` and offset, so every value lands
-in the bin ``ceil(log_gamma(v)) + offset`` and any quantile read from the
-sketch is within ``relative_accuracy`` of the exact quantile (for values
-above zero; zero is counted exactly).
+The sketch is the ``ddsketch`` library's, through its public API. Its
+:class:`~ddsketch.mapping.LogarithmicMapping` decides which bin each value
+falls in; the counts per bin are kept here (a dict by bin key, plus the
+values counted as zero), and the :class:`~ddsketch.ddsketch.BaseDDSketch`
+that answers quantiles is built from them over a
+:class:`~ddsketch.store.DenseStore` when one is asked for, the way
+``ddsketch.pb`` reads a sketch back. Any quantile read from it is within
+``relative_accuracy`` of the exact quantile (for values above zero; zero is
+counted exactly).
 
 Everything merges exactly: two distributions fed disjoint values and merged
 hold the same bins, counts, bucket counts, min and max as one distribution
@@ -18,15 +19,15 @@ depend on the order of additions either.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.store import DenseStore
 
-__all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "Distribution", "Quantiles"]
+__all__ = ["CHUNK_BUCKETS", "DURATION_BUCKETS", "RATE_BUCKETS", "TOKEN_BUCKETS", "Distribution", "Quantiles"]
 
 DURATION_BUCKETS: tuple[float, ...] = (
     0.01,
@@ -55,198 +56,145 @@ TOKEN_BUCKETS: tuple[float, ...] = tuple(float(4**i) for i in range(14))
 RATE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Bucket boundaries (tokens per second) for rates."""
 
-_FLUSH_AT = 16384
 _NANO = 1_000_000_000
+_NANO_FLOAT = 1e9
 
 Quantiles = dict[str, float | int | None]
+
+_SURELY_BELOW, _SURELY_ABOVE = 1 - 1e-9, 1 + 1e-9
+"""A value this close to a bin edge (relatively) is placed by the mapping's key, not by the edge."""
+
+
+def _power(gamma: float, key: int) -> float:
+    """``gamma ** key``, infinite past the largest float (the top bins of a huge value)."""
+    try:
+        return gamma**key
+    except OverflowError:
+        return math.inf
 
 
 class Distribution:
     """The distribution of one figure (seconds, tokens, tokens/s), mergeable exactly.
 
-    Call :meth:`add` for each value; read :meth:`summary` (count, mean, min,
-    p50/p90/p99, max) or :meth:`quantile`. Negative values are clamped to 0
-    and counted in :attr:`clamped` (a clock that stepped back).
+    Record values with :meth:`add` or, a batch at a time, :meth:`add_many`;
+    read :meth:`summary` (count, mean, min, p50/p90/p99, max) or
+    :meth:`quantile`. NaN and infinities are ignored; negative values are recorded as 0 and
+    counted in :attr:`clamped` (a clock that stepped back).
     """
 
     __slots__ = (
-        "_bounds_array",
-        "_count",
-        "_max",
-        "_min",
-        "_pending",
+        "_sketch",
         "bounds",
         "buckets",
         "clamped",
-        "sketch",
+        "count",
+        "keyed",
+        "mapping",
+        "max",
+        "min",
         "sum_nano",
+        "zeros",
     )
 
     def __init__(self, relative_accuracy: float = 0.01, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
         if not 0.0 < relative_accuracy < 1.0:
             raise ValueError(f"relative_accuracy: must be between 0 and 1 (exclusive), got {relative_accuracy}")
-        self.sketch = BaseDDSketch(
-            mapping=LogarithmicMapping(relative_accuracy),
-            store=DenseStore(),
-            negative_store=DenseStore(),
-            zero_count=0.0,
-        )
         self.bounds = tuple(float(b) for b in bounds)
-        self._bounds_array = np.asarray(self.bounds, dtype=np.float64)
+        """Upper bounds of the fixed buckets (Prometheus ``le``), ascending; a last bucket is open."""
         self.buckets = [0] * (len(self.bounds) + 1)
-        self._count = 0
+        """Values per bucket: bucket ``i`` holds ``bounds[i-1] < v <= bounds[i]``."""
+        self.count = 0
+        """How many values were recorded."""
         self.sum_nano = 0
-        self._min = math.inf
-        self._max = -math.inf
+        """The exact sum, in nanounits: the sum of ``round(v * 1e9)``."""
+        self.min = math.inf
+        """The exact smallest value (``inf`` when empty)."""
+        self.max = -math.inf
+        """The exact largest value (``-inf`` when empty)."""
         self.clamped = 0
-        self._pending: list[float] = []
+        """Negative values recorded as 0."""
+        self.mapping = LogarithmicMapping(relative_accuracy)
+        """The sketch's mapping of values to bins."""
+        self.keyed: dict[int, int] = {}
+        """Values above the mapping's ``min_possible``, counted per sketch bin (by the mapping's key)."""
+        self.zeros = 0
+        """Values the sketch counts as zero (at most the mapping's ``min_possible``, clamped ones included)."""
+        self._sketch: BaseDDSketch | None = None
+
+    @property
+    def sketch(self) -> BaseDDSketch:
+        """The DDSketch of the values, for quantiles (built from :attr:`keyed` when first read after a change)."""
+        if self._sketch is None:
+            store = DenseStore()
+            for key, n in sorted(self.keyed.items()):
+                store.add(key, float(n))
+            self._sketch = BaseDDSketch(self.mapping, store, DenseStore(), float(self.zeros))
+        return self._sketch
 
     @property
     def relative_accuracy(self) -> float:
         """The sketch's guaranteed relative error on quantiles."""
-        return float(self.sketch._relative_accuracy)
+        return float(self.mapping.relative_accuracy)
 
-    @property
-    def count(self) -> int:
-        """How many values were recorded."""
-        self.flush()
-        return self._count
-
-    @property
-    def min(self) -> float:
-        """The exact smallest value (``inf`` when empty)."""
-        self.flush()
-        return self._min
-
-    @property
-    def max(self) -> float:
-        """The exact largest value (``-inf`` when empty)."""
-        self.flush()
-        return self._max
-
-    @property
-    def pending(self) -> list[float]:
-        """The buffer :meth:`add` appends to (hot paths may append to it directly, then call :meth:`maybe_flush`)."""
-        return self._pending
-
+    # -- recording -------------------------------------------------------------
     def add(self, value: float, weight: int = 1) -> None:
         """Record *value* (*weight* times)."""
-        if weight == 1:
-            self._pending.append(value)
-        else:
-            self._pending.extend([value] * weight)
-        if len(self._pending) >= _FLUSH_AT:
-            self.flush()
+        self.add_many([value] * weight)
 
-    def maybe_flush(self) -> None:
-        """Ingest the buffer if it is full (after appending to :attr:`pending` directly)."""
-        if len(self._pending) >= _FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        """Ingest buffered values into the sketch, buckets and exact totals."""
-        pending = self._pending
-        if not pending:
+    def add_many(self, values: Iterable[float]) -> None:
+        """Record every value of *values*: a batch costs one sort, and one sketch update per bin its values fill."""
+        ordered = sorted(values)
+        if not math.isfinite(sum(ordered)):  # a NaN or an infinity among them (rare): those are no values
+            ordered = sorted(v for v in ordered if math.isfinite(v))
+        if not ordered:
             return
-        values = np.fromiter(pending, dtype=np.float64, count=len(pending))
-        pending.clear()
-        if np.isnan(values).any():
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                return
-        low = float(values.min())
-        clamped = 0
-        if low < 0.0:
-            negative = values < 0.0
-            clamped = int(negative.sum())
-            values = np.where(negative, 0.0, values)
-            low = 0.0
-        high = float(values.max())
-        nano = np.rint(values * _NANO)
-        if high * _NANO * values.size < 2**62:
-            sum_nano = int(nano.astype(np.int64).sum())
-        else:  # huge values: exact Python integers, slower but never overflowing
-            sum_nano = sum(int(v) for v in nano.tolist())
-        # Bucket i holds bounds[i-1] < v <= bounds[i]: the index a left-sided search of the bounds gives v.
-        buckets = np.bincount(np.searchsorted(self._bounds_array, values, side="left"), minlength=len(self.buckets))
-        mapping = self.sketch._mapping
-        positive = values[values > mapping.min_possible] if low <= mapping.min_possible else values
-        kmin = 0
-        key_counts = None
-        if positive.size:
-            keys = np.ceil(np.log2(positive) * mapping._multiplier).astype(np.int64) + int(mapping._offset)
-            kmin = int(keys.min())
-            key_counts = np.bincount(keys - kmin)
-        self.add_digest(
-            count=int(values.size),
-            clamped=clamped,
-            low=low,
-            high=high,
-            sum_nano=sum_nano,
-            buckets=buckets.tolist(),
-            zeros=int(values.size - positive.size),
-            kmin=kmin,
-            key_counts=key_counts,
-        )
+        negative = bisect_left(ordered, 0.0)
+        if negative:
+            self.clamped += negative
+            ordered[:negative] = [0.0] * negative
+        n = len(ordered)
+        self.count += n
+        self.min = min(self.min, float(ordered[0]))
+        self.max = max(self.max, float(ordered[-1]))
+        self.sum_nano += sum(map(round, map(_NANO_FLOAT.__mul__, ordered)))  # (round(v * 1e9) for each v)
+        low = 0
+        for i, bound in enumerate(self.bounds):
+            high = bisect_right(ordered, bound, low)
+            self.buckets[i] += high - low
+            low = high
+        self.buckets[-1] += n - low
+        self._count_bins(ordered)
+        self._sketch = None
 
-    def add_digest(
-        self,
-        *,
-        count: int,
-        clamped: int,
-        low: float,
-        high: float,
-        sum_nano: int,
-        buckets: Sequence[int],
-        zeros: int,
-        kmin: int,
-        key_counts: np.ndarray[Any, np.dtype[np.int64]] | None,
-    ) -> None:
-        """Add values digested elsewhere (the compiled hot path does it as they come), as :meth:`flush` does.
-
-        *count* values (none of them NaN; negatives already clamped to 0, *clamped* of them), with
-        *low*/*high* their min/max, *sum_nano* the sum of ``rint(v * 1e9)``, *buckets* the count per
-        bucket of :attr:`bounds`, *zeros* how many are at most the sketch mapping's ``min_possible``, and
-        ``key_counts[i]`` how many of the others have the sketch key ``kmin + i``
-        (``ceil(log2(v) * multiplier) + offset`` of this distribution's mapping).
-        """
-        if len(buckets) != len(self.buckets):
-            raise ValueError(f"buckets: expected {len(self.buckets)} counts, got {len(buckets)}")
-        self._count += count
-        self.clamped += clamped
-        self._min = min(self._min, low)
-        self._max = max(self._max, high)
-        self.sum_nano += sum_nano
-        for i, n in enumerate(buckets):
-            self.buckets[i] += n
-        sketch = self.sketch
-        if zeros:
-            sketch._zero_count += zeros
-            sketch._count += zeros
-        if key_counts is not None and key_counts.size:
-            kmax = kmin + int(key_counts.size) - 1
-            store = sketch._store
-            # Let the library grow its dense store to cover [kmin, kmax], then add all counts at once.
-            store.add(kmin, 0.0)
-            store.add(kmax, 0.0)
-            lo = kmin - store.offset
-            bins = store.bins
-            bins[lo : lo + key_counts.size] = (np.asarray(bins[lo : lo + key_counts.size]) + key_counts).tolist()
-            positive = float(count - zeros)
-            store.count += positive
-            sketch._count += positive
+    def _count_bins(self, ordered: list[float]) -> None:
+        # The mapping's key never decreases as the value grows, so a bin's values are a run of the sorted batch,
+        # ending at gamma ** key (the bin's upper edge). Where a value lies so close to that edge that rounding
+        # could put it either side, the mapping's own key decides: every value lands in the bin it would get from
+        # `sketch.add(value)`, at the cost of a key or two per bin, not per value.
+        keyed, key_of, gamma = self.keyed, self.mapping.key, self.mapping.gamma
+        n = len(ordered)
+        i = bisect_right(ordered, self.mapping.min_possible)
+        self.zeros += i
+        key = key_of(ordered[i]) if i < n else 0
+        while i < n:
+            upper = _power(gamma, key)
+            j = bisect_right(ordered, upper * _SURELY_BELOW, i)
+            while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
+                j += 1
+            keyed[key] = keyed.get(key, 0) + j - i
+            if j < n:  # the next value's bin: the next one when it is surely below that one's edge
+                key = key + 1 if ordered[j] < upper * gamma * _SURELY_BELOW else key_of(ordered[j])
+            i = j
 
     # -- reading -------------------------------------------------------------
     @property
     def mean(self) -> float | None:
         """The exact mean, or ``None`` when empty."""
-        self.flush()
-        return self.sum_nano / _NANO / self._count if self._count else None
+        return self.sum_nano / _NANO / self.count if self.count else None
 
     @property
     def total(self) -> float:
         """The exact sum (to 1e-9)."""
-        self.flush()
         return self.sum_nano / _NANO
 
     def quantile(self, q: float) -> float | None:
@@ -257,30 +205,27 @@ class Distribution:
         """
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be between 0 and 1, got {q}")
-        self.flush()
-        if not self._count:
+        if not self.count:
             return None
         if q == 0.0:
-            return self._min
+            return self.min
         if q == 1.0:
-            return self._max
+            return self.max
         value = self.sketch.get_quantile_value(q)
         if value is None:
             return None
-        return min(max(float(value), self._min), self._max)
+        return min(max(float(value), self.min), self.max)
 
     def summary(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> Quantiles:
         """Return ``{count, mean, min, p50, p90, p99, max}`` (``None`` figures when empty)."""
-        self.flush()
-        out: Quantiles = {"count": self._count, "mean": self.mean, "min": self._min if self._count else None}
+        out: Quantiles = {"count": self.count, "mean": self.mean, "min": self.min if self.count else None}
         for q in quantiles:
             out[_label(q)] = self.quantile(q)
-        out["max"] = self._max if self._count else None
+        out["max"] = self.max if self.count else None
         return out
 
     def cumulative_buckets(self) -> list[tuple[float, int]]:
         """Return ``[(upper_bound, count_le), ..., (inf, count)]`` as a Prometheus histogram wants."""
-        self.flush()
         out: list[tuple[float, int]] = []
         running = 0
         for bound, n in zip((*self.bounds, math.inf), self.buckets, strict=True):
@@ -290,38 +235,33 @@ class Distribution:
 
     def bins(self) -> list[tuple[float, float, int]]:
         """Return the sketch's non-empty bins as ``(low, high, count)`` (zero as ``(0, 0, n)``), for plotting."""
-        self.flush()
         out: list[tuple[float, float, int]] = []
-        if self.sketch._zero_count:
-            out.append((0.0, 0.0, int(self.sketch._zero_count)))
-        store = self.sketch._store
-        mapping = self.sketch._mapping
-        for i, n in enumerate(store.bins):
-            if n:
-                key = store.offset + i
-                out.append(
-                    (mapping._pow_gamma(key - 1 - mapping._offset), mapping._pow_gamma(key - mapping._offset), int(n))
-                )
+        if self.zeros:
+            out.append((0.0, 0.0, self.zeros))
+        gamma = self.mapping.gamma
+        for key, n in sorted(self.keyed.items()):
+            high = _power(gamma, key)
+            out.append((high / gamma, high, n))
         return out
 
     # -- merging and state ---------------------------------------------------------
     def merge(self, other: Distribution) -> None:
         """Add everything *other* holds (same accuracy and bounds required)."""
-        self.flush()
-        other.flush()
-        if other.sketch._mapping.gamma != self.sketch._mapping.gamma:
+        if other.mapping.gamma != self.mapping.gamma:
             raise ValueError(
                 f"cannot merge distributions of different relative accuracy "
                 f"({other.relative_accuracy} into {self.relative_accuracy})"
             )
         if other.bounds != self.bounds:
             raise ValueError("cannot merge distributions with different bucket bounds")
-        if other._count:
-            self.sketch.merge(other.sketch)
-        self._count += other._count
+        for key, n in other.keyed.items():
+            self.keyed[key] = self.keyed.get(key, 0) + n
+        self.zeros += other.zeros
+        self._sketch = None
+        self.count += other.count
         self.sum_nano += other.sum_nano
-        self._min = min(self._min, other._min)
-        self._max = max(self._max, other._max)
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
         self.clamped += other.clamped
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
 
@@ -333,23 +273,19 @@ class Distribution:
 
     def to_state(self) -> dict[str, Any]:
         """Return a JSON-able dict that :meth:`from_state` turns back into an equal distribution."""
-        self.flush()
-        store = self.sketch._store
-        # The store pads its bin list; keep only first..last non-empty bin so equal sketches give equal states.
-        counts = [int(n) for n in store.bins]
-        nonzero = [i for i, n in enumerate(counts) if n]
-        bins = counts[nonzero[0] : nonzero[-1] + 1] if nonzero else []
-        offset = int(store.offset) + nonzero[0] if nonzero else 0
+        # Bins from the first non-empty one to the last (the layout of ddsketch's dense store and protobuf).
+        offset = min(self.keyed, default=0)
+        bins = [self.keyed.get(key, 0) for key in range(offset, max(self.keyed, default=-1) + 1)]
         return {
             "relative_accuracy": self.relative_accuracy,
             "bounds": list(self.bounds),
             "buckets": list(self.buckets),
-            "count": self._count,
+            "count": self.count,
             "sum_nano": self.sum_nano,
-            "min": self._min if self._count else None,
-            "max": self._max if self._count else None,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
             "clamped": self.clamped,
-            "zero": int(self.sketch._zero_count),
+            "zero": self.zeros,
             "offset": offset,
             "bins": bins,
         }
@@ -363,10 +299,10 @@ class Distribution:
             if len(buckets) != len(dist.buckets):
                 raise ValueError("buckets: length does not match bounds")
             dist.buckets = buckets
-            dist._count = int(state["count"])
+            dist.count = int(state["count"])
             dist.sum_nano = int(state["sum_nano"])
-            dist._min = math.inf if state["min"] is None else float(state["min"])
-            dist._max = -math.inf if state["max"] is None else float(state["max"])
+            dist.min = math.inf if state["min"] is None else float(state["min"])
+            dist.max = -math.inf if state["max"] is None else float(state["max"])
             dist.clamped = int(state.get("clamped", 0))
             zero = int(state["zero"])
             offset = int(state["offset"])
@@ -375,14 +311,12 @@ class Distribution:
             raise ValueError(f"distribution state: missing key {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"distribution state: {exc}") from None
-        if zero + sum(bins) != dist._count:
+        if zero < 0 or any(n < 0 for n in bins):
+            raise ValueError("distribution state: negative counts")
+        if zero + sum(bins) != dist.count:
             raise ValueError("distribution state: bins do not add up to count")
-        sketch = dist.sketch
-        sketch._zero_count = float(zero)
-        for i, n in enumerate(bins):
-            if n:
-                sketch._store.add(offset + i, float(n))
-        sketch._count = float(dist._count)
+        dist.keyed = {offset + i: n for i, n in enumerate(bins) if n}
+        dist.zeros = zero
         return dist
 
     def __eq__(self, other: object) -> bool:
@@ -393,7 +327,7 @@ class Distribution:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Distribution(count={self._count}, mean={self.mean}, max={self._max if self._count else None})"
+        return f"Distribution(count={self.count}, mean={self.mean}, max={self.max if self.count else None})"
 
 
 def _label(q: float) -> str:

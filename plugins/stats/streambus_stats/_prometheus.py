@@ -84,7 +84,6 @@ class StatsCollector(Collector):
 
     def collect(self) -> Iterator[HistogramMetricFamily | CounterMetricFamily | GaugeMetricFamily]:
         """Yield every metric family (see the module docstring for names)."""
-        self.aggregator.flush()
         groups = sorted(self.aggregator.groups.items())
         for name, doc, figure in _HISTOGRAMS:
             family = HistogramMetricFamily(name, doc, labels=_LABELS, unit="seconds")

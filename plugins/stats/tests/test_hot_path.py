@@ -1,56 +1,23 @@
-"""The aggregator's hot path: pure Python (the reference) and compiled give the same figures, however batched."""
+"""The aggregator's per-event path: the same figures however the events are batched, and edge cases of it."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import random
-from collections.abc import Iterator
 
 import pytest
+from ddsketch import DDSketch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from streambus_stats import StatsAggregator, _hot, _impl
+from streambus_stats import StatsAggregator
 from streambus_stats._tokens import approximate_tokens
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent, Usage
 
-try:
-    from streambus_stats import _hot_c
-except ImportError:  # not built (no C compiler when the plugin was installed)
-    _hot_c = None  # type: ignore[assignment]
 
-IMPLS = ["pure"] if _hot_c is None else ["pure", "compiled"]
-
-
-@pytest.fixture(params=IMPLS)
-def impl(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with each built hot path."""
-    previous = _impl.load()
-    _impl.select(_hot if request.param == "pure" else _hot_c)
-    yield str(request.param)
-    _impl.select(previous)
-
-
-def aggregator(impl: str) -> StatsAggregator:
-    previous = _impl.load()
-    _impl.select(_hot if impl == "pure" else _hot_c)
-    try:
-        return StatsAggregator(tokenizer="approx", keep_streams=None)
-    finally:
-        _impl.select(previous)
-
-
-def test_the_compiled_hot_path_is_built_and_current(monkeypatch: pytest.MonkeyPatch) -> None:
-    if _hot_c is None:
-        pytest.skip("streambus_stats._hot_c is not built: pip install -e plugins/stats with a C compiler")
-    monkeypatch.delenv("STREAMBUS_STATS_PURE", raising=False)
-    assert _impl.load() is _hot_c  # not stale: built from the current _hot_c.pyx
-
-
-def test_pure_python_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STREAMBUS_STATS_PURE", "1")
-    assert _impl.load() is _hot
+def aggregator() -> StatsAggregator:
+    return StatsAggregator(tokenizer="approx", keep_streams=None)
 
 
 def deltas(stream: str, times: list[float], texts: list[str], ns: list[int] | None = None) -> list[Event]:
@@ -61,7 +28,7 @@ def deltas(stream: str, times: list[float], texts: list[str], ns: list[int] | No
     ]
 
 
-def test_coalesced_delta_after_many_plain_ones_in_one_batch(impl: str) -> None:
+def test_coalesced_delta_after_many_plain_ones_in_one_batch() -> None:
     agg = StatsAggregator(tokenizer="approx")
     times = [1.0 + 0.5 * i for i in range(50)]
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
@@ -78,7 +45,7 @@ def test_coalesced_delta_after_many_plain_ones_in_one_batch(impl: str) -> None:
     assert (gaps.count, gaps.min, gaps.max) == (53, 0.5, 0.5)  # 49 gaps of 0.5, then 2.0 spread over 4
 
 
-def test_empty_deltas_inside_a_batch_are_counted_and_not_timed(impl: str) -> None:
+def test_empty_deltas_inside_a_batch_are_counted_and_not_timed() -> None:
     agg = StatsAggregator(tokenizer="approx")
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
     events += deltas("s", [1.0, 1.25, 1.5, 1.75, 2.0], ["a", "", "b", "", "c"])
@@ -90,7 +57,7 @@ def test_empty_deltas_inside_a_batch_are_counted_and_not_timed(impl: str) -> Non
     assert agg.aggregate().dists["inter_chunk_latency_seconds"].count == 2
 
 
-def test_a_stream_id_used_again_starts_from_nothing(impl: str) -> None:
+def test_a_stream_id_used_again_starts_from_nothing() -> None:
     agg = StatsAggregator(tokenizer="approx")
     first: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
     first += deltas("s", [1.0, 2.0], ["a", "b"])
@@ -104,7 +71,7 @@ def test_a_stream_id_used_again_starts_from_nothing(impl: str) -> None:
     assert (b["time_to_first_chunk"], b["inter_chunk_max"], b["chunks"]) == (0.5, 0.25, 2)
 
 
-def test_a_second_start_finishes_the_live_stream_as_incomplete(impl: str) -> None:
+def test_a_second_start_finishes_the_live_stream_as_incomplete() -> None:
     agg = StatsAggregator(tokenizer="approx")
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
     events += deltas("s", [1.0, 1.5], ["a", "b"])
@@ -117,7 +84,7 @@ def test_a_second_start_finishes_the_live_stream_as_incomplete(impl: str) -> Non
     assert (b["outcome"], b["chunks"], b["inter_chunk_mean"]) == ("incomplete", 1, None)
 
 
-def test_integer_timestamps_take_the_general_path(impl: str) -> None:
+def test_integer_timestamps_take_the_general_path() -> None:
     agg = StatsAggregator(tokenizer="approx")
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0, model="m", provider="p")]
     events += deltas("s", [1, 3, 4.5, 5], ["a", "b", "c", "d"])  # type: ignore[list-item]
@@ -127,7 +94,7 @@ def test_integer_timestamps_take_the_general_path(impl: str) -> None:
     assert (r["time_to_first_chunk"], r["inter_chunk_max"], r["inter_chunk_mean"]) == (1, 2, 4 / 3)
 
 
-def test_orphan_deltas_and_moderation_are_counted(impl: str) -> None:
+def test_orphan_deltas_and_moderation_are_counted() -> None:
     agg = StatsAggregator(tokenizer="approx")
     agg.feed_many(
         [
@@ -141,7 +108,7 @@ def test_orphan_deltas_and_moderation_are_counted(impl: str) -> None:
     assert agg.snapshot()["overall"]["streams"]["started"] == 0
 
 
-# -- the property: same figures whatever the batching and whichever implementation ---------------------------
+# -- the property: the same figures whatever the batching ------------------------------------------------------
 
 
 def fresh(sid: str) -> str:
@@ -180,7 +147,7 @@ def stream_events(draw: st.DrawFn, sid: str) -> list[Event]:
 def feeds(draw: st.DrawFn) -> tuple[list[Event], list[int]]:
     count = draw(st.integers(1, 6))
     # Stream ids may repeat: a later stream reuses the id of an earlier one. They come in every width CPython
-    # stores (1, 2 and 4 bytes per character) and lengths around the compiled path's 8-byte hash words.
+    # stores (1, 2 and 4 bytes per character).
     ids = [f"{prefix}{i}" for prefix in ("s", "stream-0123456789abcdef-", "流れ", "s🙂") for i in range(count + 1)]
     groups = [draw(stream_events(draw(st.sampled_from(ids)))) for _ in range(count)]
     rng = random.Random(draw(st.integers(0, 2**32)))
@@ -204,59 +171,56 @@ def figures(agg: StatsAggregator) -> dict[str, object]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(feeds())
-def test_batches_and_implementations_give_the_same_figures(feed: tuple[list[Event], list[int]]) -> None:
+def test_batches_give_the_same_figures(feed: tuple[list[Event], list[int]]) -> None:
     events, cuts = feed
-    reference = aggregator("pure")
+    reference = aggregator()
     for event in events:  # one event at a time
         reference.feed(event)
     expected = figures(reference)
-    for impl in IMPLS:
-        agg = aggregator(impl)
-        for lo, hi in zip([0, *cuts], [*cuts, len(events)], strict=True):
-            agg.feed_many(events[lo:hi])
-        assert figures(agg) == expected, impl
+    agg = aggregator()
+    for lo, hi in zip([0, *cuts], [*cuts, len(events)], strict=True):
+        agg.feed_many(events[lo:hi])
+    assert figures(agg) == expected
+    whole = aggregator()
+    whole.feed_many(iter(events))  # one batch, and any iterable does
+    assert figures(whole) == expected
 
 
 def test_many_streams_with_lookalike_ids_give_the_same_figures() -> None:
-    # More live streams than the compiled path's id table has slots, ids that differ in one character
-    # (same length, same hash words but one), and every delta carrying its own copy of the id.
+    # Many live streams, ids that differ in one character, and every delta carrying its own copy of the id.
     ids = [f"req-{i:06d}" for i in range(1500)]
     events: list[Event] = [StartEvent(stream=sid, seq=0, ts=0.0, model="m", provider="p") for sid in ids]
     for k in range(1, 4):
         events += [DeltaEvent(stream=fresh(sid), seq=k, ts=k * 0.5 + i * 1e-4, text="ab") for i, sid in enumerate(ids)]
     events += [EndEvent(stream=fresh(sid), seq=4, ts=3.0) for sid in ids]
-    results = {}
-    for impl in IMPLS:
-        agg = aggregator(impl)
-        for lo in range(0, len(events), 700):
-            agg.feed_many(events[lo : lo + 700])
-        results[impl] = figures(agg)
+    results = []
+    for size in (700, len(events)):
+        agg = aggregator()
+        for lo in range(0, len(events), size):
+            agg.feed_many(events[lo : lo + size])
+        results.append(figures(agg))
         assert agg.orphans == 0
         assert agg.aggregate().dists["inter_chunk_latency_seconds"].count == 2 * len(ids)
-    assert all(r == results["pure"] for r in results.values())
+    assert results[0] == results[1]
 
 
-def test_a_str_subclass_stream_id_is_looked_up_like_a_str(impl: str) -> None:
+def test_a_str_subclass_stream_id_is_looked_up_like_a_str() -> None:
     class Sid(str):
         pass
 
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0, model="m", provider="p")]
     events += [DeltaEvent(stream=Sid("s"), seq=k, ts=float(k), text="x") for k in range(1, 4)]
     events.append(EndEvent(stream="s", seq=4, ts=5.0))
-    agg = aggregator(impl)
+    agg = aggregator()
     agg.feed_many(events)
     assert agg.orphans == 0
     assert agg.aggregate().chunks == 3
 
 
-# -- the compiled path's own machinery: id index, text blocks, gap digest --------------------------------------
-
-
-def test_special_gaps_and_long_streams_give_the_same_figures() -> None:
+def test_special_gaps_and_long_streams() -> None:
     # Gaps on, just under and just over every bucket bound of the inter-chunk figure; zero, negative (clamped),
-    # tiny, and from 1e5 s up (which the compiled digest hands to the distribution's own buffer). Then one
-    # stream long enough to fill the digest's block more than once and the text blocks past their largest
-    # size, with no usage, so its completion tokens are counted from every text it kept, in order.
+    # tiny and huge. Then one stream of 20,000 chunks with no usage, so its completion tokens are counted from
+    # every text it kept, in order. Batched or not, the figures are the same.
     bounds = StatsAggregator().aggregate().dists["inter_chunk_latency_seconds"].bounds
     specials = [0.0, -0.01, 1e-12, 99_999.0, 1e5, 2e5]
     for b in bounds:
@@ -274,12 +238,12 @@ def test_special_gaps_and_long_streams_give_the_same_figures() -> None:
     events.append(StartEvent(stream="long", seq=0, ts=-1.0, model="m", provider="p"))
     events += deltas("long", times, texts)
     events.append(EndEvent(stream="long", seq=count + 1, ts=times[-1] + 1.0))
-    results = {}
-    for impl in IMPLS:
-        agg = aggregator(impl)
-        for lo in range(0, len(events), 3000):
-            agg.feed_many(events[lo : lo + 3000])
-        results[impl] = figures(agg)
+    results = []
+    for size in (3000, 1):
+        agg = aggregator()
+        for lo in range(0, len(events), size):
+            agg.feed_many(events[lo : lo + size])
+        results.append(figures(agg))
         dist = agg.aggregate().dists["inter_chunk_latency_seconds"]
         assert dist.count == len(specials) + count - 1
         assert dist.clamped == 1
@@ -287,35 +251,32 @@ def test_special_gaps_and_long_streams_give_the_same_figures() -> None:
         (long,) = [r for r in agg.snapshot()["streams"] if r["stream"] == "long"]
         assert long["chunks"] == count
         assert long["completion_tokens"] == approximate_tokens("".join(texts))
-    assert all(r == results["pure"] for r in results.values())
+    assert results[0] == results[1]
 
 
-def test_a_finished_stream_lets_its_texts_go(impl: str) -> None:
+def test_a_finished_stream_id_used_again_starts_afresh() -> None:
     sid = "stream-s"
-    agg = aggregator(impl)
+    agg = aggregator()
     agg.feed(StartEvent(stream=sid, seq=0, ts=0.0, model="m", provider="p"))
     agg.feed_many(deltas(fresh(sid), [float(k) for k in range(1, 41)], ["x"] * 40))
-    live = agg.live[sid]
-    assert live.texts == ["x"] * 40 and not live.done
+    assert agg.live[sid].texts == ["x"] * 40
     agg.feed(EndEvent(stream=sid, seq=41, ts=50.0))
-    assert live.done and live.chunks == 40
-    if impl == "compiled":  # its id index may keep the Live a while longer: the texts must not stay with it
-        assert live.texts == []
-    # The id used again: deltas go to the new stream, not to the finished one the index remembers.
+    assert sid not in agg.live
     agg.feed(StartEvent(stream=sid, seq=0, ts=100.0, model="m", provider="p"))
     agg.feed_many(deltas(fresh(sid), [101.0, 103.0], ["y", "z"]))
     assert agg.live[sid].texts == ["y", "z"] and agg.live[sid].gap_sum == 2.0
     assert agg.orphans == 0
 
 
-def test_sketch_keys_match_the_pure_path_on_and_next_to_every_key_boundary() -> None:
-    # The compiled digest computes a gap's sketch key ceil(log2(v) * multiplier) in C, value by value; it must
-    # land every value in the same bin as the pure path's numpy, right next to bin boundaries too.
-    multiplier = StatsAggregator().aggregate().dists["inter_chunk_latency_seconds"].sketch._mapping._multiplier
+def test_every_gap_lands_in_the_bin_ddsketch_gives_it() -> None:
+    # Gaps go into the sketch a batch at a time, those of one bin as one weighted value; the bins must be the
+    # ones ddsketch's own add puts each value in, on and right next to bin edges too.
+    dist = StatsAggregator().aggregate().dists["inter_chunk_latency_seconds"]
+    gamma = dist.mapping.gamma
     rng = random.Random(11)
     values = [10 ** rng.uniform(-9, 4.9) for _ in range(4000)]
-    for k in range(-700, 580, 3):  # bin boundaries from about 1e-9 s to 1e5 s
-        edge = 2 ** (k / multiplier)
+    for k in range(-1000, 580, 3):  # bin edges gamma**k, from about 1e-9 s to 1e5 s
+        edge = dist.mapping.value(k) * (1 + gamma) / 2
         values += [edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf)]
     values += [1.0, 2.0, 0.5, 1e-300, 5e-324, 2.2250738585072014e-308]  # exact powers of two, tiny and subnormal
     events: list[Event] = []
@@ -323,10 +284,15 @@ def test_sketch_keys_match_the_pure_path_on_and_next_to_every_key_boundary() -> 
         sid = f"k{i}"
         events.append(StartEvent(stream=sid, seq=0, ts=-1.0, model="m", provider="p"))
         events += deltas(sid, [0.0, gap], ["a", "b"])
-    results = {}
-    for impl in IMPLS:
-        agg = aggregator(impl)
-        agg.feed_many(events)
-        agg.close_incomplete()
-        results[impl] = agg.aggregate().dists["inter_chunk_latency_seconds"].to_state()
-    assert all(r == results["pure"] for r in results.values())
+    agg = aggregator()
+    agg.feed_many(events)
+    got = agg.aggregate().dists["inter_chunk_latency_seconds"]
+    reference = DDSketch(got.relative_accuracy)
+    for v in values:
+        reference.add(v)
+    for q in (0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999):
+        assert got.sketch.get_quantile_value(q) == reference.get_quantile_value(q), q
+    single = type(got)(got.relative_accuracy, got.bounds)
+    for v in values:
+        single.add(v)
+    assert got == single  # bins, zero count, buckets, sum, min and max

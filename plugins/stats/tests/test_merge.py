@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import msgspec
 import orjson
@@ -120,3 +121,16 @@ def test_keep_streams_bounds_the_records() -> None:
     none_kept.feed_many(data["s0"])
     assert list(none_kept.streams) == []
     assert msgspec.json.encode(none_kept.snapshot())  # JSON-able
+
+
+def test_a_state_saved_by_the_previous_aggregator_reads_back_equal() -> None:
+    # Saved by the numpy-and-Cython aggregator this one replaced (commit 0e8e236), from these same events:
+    # the state format (version 1) is unchanged, so saved states keep loading and merging.
+    saved = orjson.loads(Path(__file__).with_name("state-v1-from-0e8e236.json").read_bytes())
+    agg = StatsAggregator(tokenizer="approx", keep_streams=None)
+    agg.feed_many(interleave(list(streams(60, 21).values()), 22))
+    agg.close_incomplete()
+    assert comparable(StatsAggregator.from_state(saved)) == comparable(agg)
+    both = StatsAggregator.from_state(saved)
+    both.merge(agg)
+    assert both.aggregate().finished == 2 * agg.aggregate().finished

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -259,6 +261,30 @@ async def test_without_a_read_pause_the_sink_reads_each_event_as_it_comes() -> N
 def test_entry_points() -> None:
     assert load("sinks", "stats") is StatsSink
     assert load("commands", "stats") is stats_command
+
+
+def test_the_sink_and_the_command_run_without_numpy(tmp_path: Path) -> None:
+    # numpy is no dependency (only --plot's matplotlib brings it): aggregating, /metrics, tables and states
+    # must not import it. A fresh interpreter, so that other tests' imports do not count.
+    script = """
+import sys
+from click.testing import CliRunner
+from streambus.events import DeltaEvent, EndEvent, StartEvent
+from streambus_stats import StatsAggregator, render_metrics, stats_command
+agg = StatsAggregator(tokenizer="approx")
+agg.feed_many([StartEvent(stream="s", seq=0, ts=0.0, model="m"), DeltaEvent(stream="s", seq=1, ts=0.5, text="hi"),
+               DeltaEvent(stream="s", seq=2, ts=0.75, text="!"), EndEvent(stream="s", seq=3, ts=1.0)])
+assert agg.aggregate().dists["inter_chunk_latency_seconds"].quantile(0.5) is not None
+render_metrics(agg)
+state = sys.argv[1] + "/s.json"
+open(state, "wb").write(__import__("orjson").dumps(agg.to_state()))
+result = CliRunner().invoke(stats_command, [state, "--json"])
+assert result.exit_code == 0, result.output
+print("numpy" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 async def test_live_figures_equal_offline_figures_of_the_recording(tmp_path: Path) -> None:
