@@ -176,8 +176,8 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
     """Decode one wire-form JSON object into an event.
 
     Unknown fields are ignored. Raises :class:`~streambus.errors.DecodeError`
-    naming the field when the JSON is invalid, ``type`` is unknown, or a
-    required field is missing or of the wrong type.
+    naming the field when the JSON is invalid (nested too deeply included),
+    ``type`` is unknown, or a required field is missing or of the wrong type.
     """
     try:
         return _decoder.decode(data)
@@ -190,6 +190,10 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
         raise DecodeError(f"invalid event: {message}", field=field) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"invalid event JSON: {exc}") from None
+    except RecursionError:
+        # msgspec stops at Python's recursion limit (it raises, it does not crash):
+        # a value nested that deep is hostile input, not an event.
+        raise DecodeError("invalid event JSON: nested too deeply") from None
 
 
 def to_builtins(event: Event) -> dict[str, Any]:
