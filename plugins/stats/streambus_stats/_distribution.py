@@ -18,6 +18,7 @@ depend on the order of additions either.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ RATE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 200
 
 _FLUSH_AT = 16384
 _NANO = 1_000_000_000
+_LARGEST = sys.float_info.max / _NANO  # the largest value whose nanounits are still a finite float
 
 Quantiles = dict[str, float | int | None]
 
@@ -150,8 +152,12 @@ class Distribution:
             return
         values = np.fromiter(pending, dtype=np.float64, count=len(pending))
         pending.clear()
-        if np.isnan(values).any():
-            values = values[~np.isnan(values)]
+        usable = np.abs(values) <= _LARGEST  # False for NaN too
+        if not usable.all():
+            # NaN, infinities and values whose nanounits overflow a float (a recording with
+            # ts = 1e308 gives such gaps) have no place in a sketch or an integer sum: they
+            # are left out, as a missing figure would be.
+            values = values[usable]
             if values.size == 0:
                 return
         low = float(values.min())

@@ -164,3 +164,48 @@ def test_summarise_api_reads_gzip(tmp_path: Path) -> None:
     agg = summarise([path], tokenizer="approx")
     assert agg.aggregate().started == 3
     assert agg.models == ["llama3", "qwen"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b'{"type":"delta","stream":"orphan","seq":3,"ts":1.0,"text":"hi"}\n',
+        b'{"type":"end","stream":"orphan","seq":4,"ts":2.0,"reason":"stop"}\n',
+    ],
+    ids=["header-only", "delta-without-start", "end-without-start"],
+)
+def test_recording_without_a_start_prints_empty_tables(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "nostart.jsonl"
+    path.write_bytes(header_line() + body)
+    result = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx", "--streams"])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "overall" in result.stdout and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # A start at -1e308 and later events at +1e308: every gap and the e2e time are infinite.
+        (-1e308, 1e308, 1e308, 1e308),
+        (0.0, 1e308, 1e308, 1e308),
+        (1e308, -1e308, 1e308, -1e308),
+        (0.0, 5e-324, 1e-323, 1.5e-323),  # tokens per second overflow to infinity
+    ],
+)
+def test_extreme_timestamps_never_crash(tmp_path: Path, values: tuple[float, ...]) -> None:
+    path = tmp_path / "huge.jsonl"
+    t0, t1, t2, t3 = values
+    events = [
+        StartEvent(stream="s", seq=0, ts=t0, model="m", provider="p"),
+        DeltaEvent(stream="s", seq=1, ts=t1, text="a b"),
+        DeltaEvent(stream="s", seq=2, ts=t2, text="c d"),
+        EndEvent(stream="s", seq=3, ts=t3, usage=Usage(completion_tokens=5), timings={"eval_duration": 5e-324}),
+    ]
+    path.write_bytes(header_line() + b"".join(encode(e) + b"\n" for e in events))
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx", "--streams", *extra])
+        assert result.exit_code == 0, result.output
+        assert result.exception is None
+    assert orjson.loads(result.stdout)["overall"]["streams"]["started"] == 1
