@@ -291,3 +291,23 @@ def test_replay_cli_deep_nesting_is_one_line_and_exit_1(tmp_path: Path) -> None:
     lenient = CliRunner().invoke(main, ["replay", "--burst", "--lenient", str(path)])
     assert lenient.exit_code == 0, lenient.output
     assert f"{path}:2: skipped: invalid event JSON: nested too deeply" in lenient.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seq", 2**53),
+        ("seq", -1),
+        ("n", 0),
+        ("n", 2**31),
+        ("n", 18446744073709551615),
+        ("first_seq", -5),
+    ],
+)
+def test_out_of_range_integers_name_their_field_and_line(tmp_path: Path, field: str, value: int) -> None:
+    path = tmp_path / "big.jsonl"
+    delta = {"type": "delta", "stream": "s1", "seq": 1, "ts": 10.1, "text": "x", field: value}
+    path.write_bytes(header_line() + encode(sample()[0]) + b"\n" + orjson.dumps(delta) + b"\n")
+    with pytest.raises(RecordingError, match=rf"big.jsonl:3: invalid event: .* - at `\$\.{field}`"):
+        read_recording(path)
+    assert [p.line for p in read_recording(path, lenient=True).problems] == [3]
