@@ -311,3 +311,20 @@ def test_out_of_range_integers_name_their_field_and_line(tmp_path: Path, field: 
     with pytest.raises(RecordingError, match=rf"big.jsonl:3: invalid event: .* - at `\$\.{field}`"):
         read_recording(path)
     assert [p.line for p in read_recording(path, lenient=True).problems] == [3]
+
+
+def test_replay_real_process_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.jsonl"
+    meta = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    path.write_bytes(header_line() + b'{"type":"start","stream":"s","seq":0,"ts":1,"meta":' + meta + b"}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambus", "replay", "--burst", str(path)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n".encode()

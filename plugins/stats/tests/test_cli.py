@@ -209,3 +209,41 @@ def test_extreme_timestamps_never_crash(tmp_path: Path, values: tuple[float, ...
         assert result.exit_code == 0, result.output
         assert result.exception is None
     assert orjson.loads(result.stdout)["overall"]["streams"]["started"] == 1
+
+
+HOSTILE_LINES = {
+    "deep-meta": b'{"type":"start","stream":"s","seq":0,"ts":1.0,"meta":' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+    "huge-n": b'{"type":"delta","stream":"s","seq":1,"ts":1.0,"text":"x","n":18446744073709551615}',
+    "ts-overflow": b'{"type":"delta","stream":"s","seq":1,"ts":1e400,"text":"x"}',
+    "nan": b'{"type":"delta","stream":"s","seq":1,"ts":NaN,"text":"x"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_LINES))
+def test_hostile_line_is_one_line_error_or_counted_skip(tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.jsonl"
+    good = [encode(e) + b"\n" for e in recording_events()]
+    path.write_bytes(header_line() + good[0] + HOSTILE_LINES[name] + b"\n" + b"".join(good[1:]))
+    strict = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx"])
+    assert strict.exit_code == 1
+    assert isinstance(strict.exception, SystemExit)  # a handled error, not a crash
+    assert strict.stderr.startswith(f"Error: {path}:3: invalid event")
+    assert strict.stderr.count("\n") == 1 and "Traceback" not in strict.output
+    lenient = CliRunner().invoke(main, ["stats", str(path), "--lenient", "--json", "--tokenizer", "approx"])
+    assert lenient.exit_code == 0, lenient.output
+    assert lenient.stderr == f"warning: {path}:3: invalid: " + strict.stderr.split(":3: ", 1)[1]
+    assert orjson.loads(lenient.stdout)["overall"]["streams"]["started"] == 3
+
+
+def test_real_process_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(header_line() + HOSTILE_LINES["deep-meta"] + b"\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambus", "stats", str(path)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n".encode()
