@@ -115,7 +115,7 @@ class Pipeline:
     """``(location, plugin)`` of every producer and sink in file order, e.g. ``("sinks[1]", recorder)``."""
 
     def check(self) -> None:
-        """Run every plugin's ``check()``: files it reads exist, directories it writes to are writable.
+        """Run every plugin's ``preflight()``: files it reads exist, directories it writes to are writable.
 
         Raises :class:`~streambus.errors.ConfigError` naming the file, table
         and key of the first problem. Nothing is opened or created.

@@ -27,7 +27,7 @@ msgspec checks these bounds when a config is validated (NaN fails every
 bound; the ``le=`` of float max refuses infinities); ``validate_options``
 turns a violation into ``table.key: must be more than 0 and finite, got nan``.
 What only a look at the machine can tell (a file that must exist, a directory
-that must be writable) goes in the plugin's :meth:`PluginBase.check`.
+that must be writable) goes in the plugin's :meth:`PluginBase.preflight`.
 """
 
 from __future__ import annotations
@@ -110,15 +110,16 @@ class PluginBase:
 
     Options: ClassVar[type[msgspec.Struct]]
 
-    def check(self) -> None:
+    def preflight(self) -> None:
         """Check what the options need from this machine, without side effects.
 
         ``streambus check`` and ``streambus run`` (before starting anything)
-        call it. Override it to verify that files the plugin will read exist
-        and directories it will write to are writable, and raise
-        ``ValueError("key: problem")`` naming the option (use
-        :func:`require_readable_file` and :func:`require_writable_directory`).
-        Do not open sockets or create files here. The default checks nothing.
+        call it (it is not named ``check``: moderators use that name). Override
+        it to verify that files the plugin will read exist and directories it
+        will write to are writable, and raise ``ValueError("key: problem")``
+        naming the option (:func:`require_readable_file` and
+        :func:`require_writable_directory` do). Do not open sockets or create
+        files here. The default checks nothing.
         """
 
     @classmethod
@@ -138,7 +139,17 @@ class PluginBase:
             if keys:
                 raise TypeError(f"{cls.__name__}: pass either options or keyword options, not both")
             return options
-        return msgspec.convert(dict(keys), cls.Options)
+        try:
+            return msgspec.convert(dict(keys), cls.Options)
+        except msgspec.ValidationError as exc:
+            message, _, where = str(exc).rpartition(" - at `")
+            bounded = _BOUND.match(message)
+            if bounded is None:
+                raise
+            where = where.rstrip("`")
+            value = _describe_value(_lookup(dict(keys), where))
+            key = where[1:].lstrip(".")
+            raise ValueError(f"{key}: {_describe_bounds(cls.Options, where, bounded)}, got {value}") from None
 
 
 def require_readable_file(key: str, path: str | Path) -> None:
@@ -202,16 +213,16 @@ def _within(value: float, info: Any) -> bool:
 
 
 def check_plugin(plugin: Any, *, path: str | None = None, location: str | None = None) -> None:
-    """Call *plugin*'s ``check()`` (when it has one), as ``streambus check`` does.
+    """Call *plugin*'s ``preflight()`` (when it has one), as ``streambus check`` does.
 
     Raises :class:`~streambus.errors.ConfigError` naming the file, table and
     key from the plugin's ``ValueError("key: problem")`` (or ``OSError``).
     """
-    check = getattr(plugin, "check", None)
-    if check is None:
+    preflight = getattr(plugin, "preflight", None)
+    if preflight is None:
         return
     try:
-        check()
+        preflight()
     except ValueError as exc:
         key, sep, problem = str(exc).partition(": ")
         if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", key):

@@ -263,7 +263,7 @@ class RecorderSink(PluginBase):
         """How many events were written."""
 
     # -- lifecycle -------------------------------------------------------------
-    def check(self) -> None:
+    def preflight(self) -> None:
         """Check that recordings can be created where ``path`` points (nothing is created).
 
         Raises ``ValueError("path: ...")`` when the directory (or the first

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from streambus import Bus, PluginBase, Subscription
+from streambus.plugins import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from ._hub import StreamHub
 from .aio import _require_asyncio, add_routes
@@ -50,19 +51,19 @@ class HttpSink(PluginBase):
         """Bearer token every request must present (header, or ``?token=``)."""
         cors_origins: list[str] = msgspec.field(default_factory=list)
         """Browser origins allowed to read (``*`` for any)."""
-        per_stream: int = 10_000
+        per_stream: PositiveInt = 10_000
         """Events kept per stream for late readers and ``Last-Event-ID`` resume."""
-        max_streams: int = 1000
+        max_streams: PositiveInt = 1000
         """Ended streams kept in the history."""
-        max_events: int = 100_000
+        max_events: PositiveInt = 100_000
         """Events kept in the global log that filter readers resume from."""
-        start_timeout: float = 30.0
+        start_timeout: PositiveFloat = 30.0
         """Seconds a request waits for a stream that has not started (then 404)."""
-        keepalive: float = 15.0
+        keepalive: PositiveFloat = 15.0
         """Seconds of silence before an SSE keepalive comment."""
-        retry_ms: int = 3000
+        retry_ms: PositiveInt = 3000
         """The SSE ``retry`` field: the browser's reconnect delay."""
-        write_interval: float = 0.005
+        write_interval: NonNegativeFloat = 0.005
         """Least seconds between two writes to one client: tokens arriving meanwhile share a write (0: none)."""
         chat_meta_key: str = "chat"
         """The ``start.meta`` tag that ``POST /api/chat`` matches the AI SDK chat id against."""

@@ -66,6 +66,7 @@ from streambus import (
     encode,
     is_terminal,
 )
+from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require_readable_file
 
 from .client import Client
 from .history import History
@@ -127,18 +128,18 @@ class WebSocketSink(PluginBase):
         tokens_file: str | None = None
         allow_public_without_token: bool = False
         allowed_origins: list[str] = []
-        max_clients: int = 2000
-        max_message_bytes: int = 65536
-        max_message_rate: float = 20.0
-        max_subscriptions: int = 16
-        client_buffer_bytes: int = 1048576
-        history_events: int = 2000
-        history_ttl: float = 300.0
-        history_streams: int = 10000
-        ping_interval: float | None = 20.0
-        ping_timeout: float | None = 20.0
-        close_timeout: float = 5.0
-        socket_send_buffer: int | None = None
+        max_clients: PositiveInt = 2000
+        max_message_bytes: PositiveInt = 65536
+        max_message_rate: PositiveFloat = 20.0
+        max_subscriptions: PositiveInt = 16
+        client_buffer_bytes: PositiveInt = 1048576
+        history_events: NonNegativeInt = 2000
+        history_ttl: NonNegativeFloat = 300.0
+        history_streams: PositiveInt = 10000
+        ping_interval: PositiveFloat | None = 20.0
+        ping_timeout: PositiveFloat | None = 20.0
+        close_timeout: NonNegativeFloat = 5.0
+        socket_send_buffer: PositiveInt | None = None
         compression: bool = False
         page: bool = True
 
@@ -179,6 +180,18 @@ class WebSocketSink(PluginBase):
     overflow: ClassVar[str] = "block"
     """The sink never blocks on clients, so a lossless bus subscription costs nothing."""
     buffer: ClassVar[int] = 4096
+
+    def preflight(self) -> None:
+        """Check that ``tokens_file`` (when set) is a readable file holding a token; nothing is opened for serving."""
+        path = self.options.tokens_file
+        if path:
+            require_readable_file("tokens_file", path)
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"tokens_file: cannot read {path}: {exc}") from None
+            if not any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines()):
+                raise ValueError(f"tokens_file: {path} holds no token (one per line)")
 
     def __init__(
         self,
