@@ -224,12 +224,17 @@ def check_plugin(plugin: Any, *, path: str | None = None, location: str | None =
     try:
         preflight()
     except ValueError as exc:
-        key, sep, problem = str(exc).partition(": ")
-        if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", key):
-            raise ConfigError(problem, path=path, location=_join(location, key)) from None
-        raise ConfigError(str(exc), path=path, location=location) from None
+        raise _keyed(exc, path, location) from None
     except OSError as exc:
         raise ConfigError(_os_problem(exc), path=path, location=location) from None
+
+
+def _keyed(exc: Exception, path: str | None, location: str | None) -> ConfigError:
+    """A plugin's ``ValueError("key: problem")`` as ``path: location.key: problem``."""
+    key, sep, problem = str(exc).partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", key):
+        return ConfigError(problem, path=path, location=_join(location, key))
+    return ConfigError(str(exc), path=path, location=location)
 
 
 def _os_problem(exc: OSError) -> str:
@@ -482,6 +487,6 @@ def build(
     try:
         return factory(opts) if factory is not None else cls(opts)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc), path=path, location=location) from None
+        raise _keyed(exc, path, location) from None
     except OSError as exc:  # a file option the plugin opens while being built
         raise ConfigError(_os_problem(exc), path=path, location=location) from None
