@@ -39,7 +39,7 @@ import msgspec
 import structlog
 
 from .bus import Bus, Producer, Sink
-from .errors import ConfigError, PipelineFailed
+from .errors import ConfigError, PipelineFailed, StreamBusError, SubscriptionClosed
 from .plugins import NonNegativeFloat, PositiveInt, build, check_bounds, check_plugin, validate_options
 from .subscription import Filter, OverflowPolicy
 
@@ -144,10 +144,12 @@ class Pipeline:
         on a signal, live streams are aborted with ``by="shutdown"`` and sinks drain.
 
         Fails fast: :meth:`check` runs first (raising
-        :class:`~streambus.errors.ConfigError`); a sink whose ``setup`` fails
-        (a port in use) stops the bus at once, and a producer that raises is
-        logged; either way :class:`~streambus.errors.PipelineFailed` names the
-        first failing table once everything has drained.
+        :class:`~streambus.errors.ConfigError`); a sink that cannot start (its
+        ``setup`` raises, or its first ``run`` raises a
+        :class:`~streambus.errors.StreamBusError`, as a port in use does)
+        stops the bus at once instead of being restarted, and a producer that
+        raises is logged; either way :class:`~streambus.errors.PipelineFailed`
+        names the first failing table once everything has drained.
         """
         self.check()
         failures: list[PipelineFailed] = []
@@ -194,6 +196,7 @@ class _FailFastSink:
         self._bus = bus
         self._failures = failures
         self._failed = False
+        self._started = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sink, name)
@@ -205,17 +208,28 @@ class _FailFastSink:
         try:
             await setup(bus)
         except Exception as exc:
-            # Logged once, without a traceback: the message says what to fix.
-            self._failed = True
-            failure = PipelineFailed(f"could not start: {_describe(exc)}", path=self._path, location=self._where)
-            failure.__cause__ = exc
-            self._failures.append(failure)
-            log.error("pipeline.sink_failed", sink=self._where, error=_describe(exc))
-            await self._bus.shutdown("a sink could not start")
+            await self._cannot_start(exc)
 
     async def run(self, events: Any) -> None:
-        if not self._failed:
+        if self._failed:
+            return
+        first, self._started = not self._started, True
+        try:
             await self._sink.run(events)
+        except StreamBusError as exc:
+            # A deliberate error on the first run (a port in use, a token file that vanished)
+            # means the sink cannot start; restarting it with backoff would only repeat it.
+            if not first or isinstance(exc, SubscriptionClosed):
+                raise
+            await self._cannot_start(exc)
+
+    async def _cannot_start(self, exc: Exception) -> None:
+        # Not logged: the run ends at once with this error, which says what to fix.
+        self._failed = True
+        failure = PipelineFailed(f"could not start: {_describe(exc)}", path=self._path, location=self._where)
+        failure.__cause__ = exc
+        self._failures.append(failure)
+        await self._bus.shutdown("a sink could not start")
 
 
 class _FailFastProducer:

@@ -8,6 +8,7 @@ plugin that is not installed are skipped.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+from streambus import Bus, DeltaEvent, EndEvent, Event, PipelineFailed, StartEvent, Subscription, is_terminal
+from streambus.builtins.synthetic import SyntheticProducer
 from streambus.cli import main
+from streambus.config import BusConfig, LogConfig, Pipeline, SinkEntry
 
 
 @pytest.fixture(autouse=True)
@@ -316,3 +320,92 @@ def test_check_and_run_name_the_table_and_key(tmp_path: Path, case: Case) -> Non
     assert ran.exit_code == 1, ran.output
     assert isinstance(ran.exception, SystemExit)  # a handled error, not a crash
     assert ran.stderr == checked.stderr.replace("error: ", "Error: ", 1)
+
+
+# --- what only running can tell: `run` fails fast and exits non-zero ------------------------
+
+
+class _CannotStart:
+    """A sink whose resource is taken (as a port in use would be)."""
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    async def setup(self, bus: Bus) -> None:
+        raise OSError(98, "Address already in use")
+
+    async def run(self, events: Subscription) -> None:
+        self.ran = True
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def run(self, events: Subscription) -> None:
+        while batch := await events.receive_batch():
+            self.events.extend(batch)
+
+
+class _Boom:
+    async def run(self, bus: Bus) -> None:
+        async with bus.stream(model="m") as w:
+            await w.delta("half")
+            raise RuntimeError("upstream went away")
+
+
+def _pipeline(producers: list[object], sinks: list[object]) -> Pipeline:
+    plugins = [(f"producers[{i}]", p) for i, p in enumerate(producers)]
+    plugins += [(f"sinks[{i}]", s) for i, s in enumerate(sinks)]
+    return Pipeline(
+        path="p.toml",
+        bus=BusConfig(drain_timeout=5),
+        log=LogConfig(),
+        producers=producers,  # type: ignore[arg-type]
+        sinks=[SinkEntry(sink=s, name=f"sink{i}") for i, s in enumerate(sinks)],  # type: ignore[arg-type]
+        plugins=plugins,
+    )
+
+
+@pytest.mark.anyio
+async def test_a_sink_that_cannot_start_stops_the_run() -> None:
+    # Endless without the stop: 10,000 streams at one token per second.
+    endless = SyntheticProducer(SyntheticProducer.Options(count=10_000, tokens_per_second=1.0, ttft=0))
+    failing, collected = _CannotStart(), _Collect()
+    with pytest.raises(PipelineFailed, match=r"^p\.toml: sinks\[0\]: could not start: .*Address already in use$"):
+        await _pipeline([endless], [failing, collected]).run()
+    assert not failing.ran
+    assert len(endless.stream_ids) < 10_000
+    # Every stream that started was closed, so the other sinks saw complete streams.
+    assert sum(isinstance(e, StartEvent) for e in collected.events) == sum(is_terminal(e) for e in collected.events)
+
+
+@pytest.mark.anyio
+async def test_a_failed_producer_makes_the_run_fail_after_the_others_finish() -> None:
+    fine = SyntheticProducer(SyntheticProducer.Options(count=2, tokens=3, tokens_per_second=0, ttft=0))
+    collected = _Collect()
+    with pytest.raises(PipelineFailed, match=r"^p\.toml: producers\[1\]: failed: upstream went away$"):
+        await _pipeline([fine, _Boom()], [collected]).run()
+    ended = [e for e in collected.events if isinstance(e, EndEvent)]
+    assert len(ended) == 2  # the healthy producer finished its streams
+    assert "half" in [e.text for e in collected.events if isinstance(e, DeltaEvent)]
+
+
+def test_cli_run_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    if not _installed("streambus.sinks:websocket"):
+        pytest.skip("streambus-websocket is not installed")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "p.toml"
+        config.write_text(
+            '[[producers]]\ntype = "synthetic"\ncount = 100\ntokens_per_second = 1\n'
+            f'[[sinks]]\ntype = "websocket"\nport = {port}\n'
+        )
+        assert CliRunner().invoke(main, ["check", str(config)]).exit_code == 0  # only running can tell
+        ran = CliRunner().invoke(main, ["run", str(config)])
+    assert ran.exit_code == 1, ran.output
+    assert isinstance(ran.exception, SystemExit)
+    assert ran.stderr.startswith(f"Error: {config}: sinks[0]: could not start: ")
+    assert ran.stderr.endswith("\n") and ran.stderr.count("\n") == 1
