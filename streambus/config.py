@@ -153,14 +153,15 @@ class Pipeline:
         """
         self.check()
         failures: list[PipelineFailed] = []
+        sink_down = anyio.Event()  # set when a sink could not start: producers not yet running stay off
         async with self.make_bus() as bus:
             names = {id(plugin): location for location, plugin in self.plugins}
             for entry in self.sinks:
                 where = names.get(id(entry.sink), entry.name or "sink")
-                self._attach_one(bus, entry, _FailFastSink(entry.sink, self.path, where, bus, failures))
+                self._attach_one(bus, entry, _FailFastSink(entry.sink, self.path, where, bus, failures, sink_down))
             for producer in self.producers:
                 where = names.get(id(producer), type(producer).__name__)
-                bus.start_producer(_FailFastProducer(producer, self.path, where, failures), name=where)
+                bus.start_producer(_FailFastProducer(producer, self.path, where, failures, sink_down), name=where)
             if serve:
                 await _serve_until_signal(bus)
         if failures:
@@ -189,12 +190,15 @@ class _FailFastSink:
     Every other attribute (``overflow``, ``interpose``, ...) is the wrapped sink's own.
     """
 
-    def __init__(self, sink: Any, path: str, where: str, bus: Bus, failures: list[PipelineFailed]) -> None:
+    def __init__(
+        self, sink: Any, path: str, where: str, bus: Bus, failures: list[PipelineFailed], down: anyio.Event
+    ) -> None:
         self._sink = sink
         self._path = path
         self._where = where
         self._bus = bus
         self._failures = failures
+        self._down = down
         self._failed = False
         self._started = False
 
@@ -229,20 +233,24 @@ class _FailFastSink:
         failure = PipelineFailed(f"could not start: {_describe(exc)}", path=self._path, location=self._where)
         failure.__cause__ = exc
         self._failures.append(failure)
+        self._down.set()
         await self._bus.shutdown("a sink could not start")
 
 
 class _FailFastProducer:
     """A configured producer whose exception makes ``streambus run`` exit non-zero (after draining)."""
 
-    def __init__(self, producer: Any, path: str, where: str, failures: list[PipelineFailed]) -> None:
+    def __init__(
+        self, producer: Any, path: str, where: str, failures: list[PipelineFailed], sink_down: anyio.Event
+    ) -> None:
         self._producer = producer
         self._path = path
         self._where = where
         self._failures = failures
+        self._sink_down = sink_down
 
     async def run(self, bus: Bus) -> None:
-        if self._failures:
+        if self._sink_down.is_set():
             return  # a sink could not start: the pipeline is stopping
         try:
             await self._producer.run(bus)

@@ -174,6 +174,8 @@ def require_writable_directory(key: str, path: str | Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
+        if existing == p:
+            raise ValueError(f"{key}: {p} is not a directory")
         raise ValueError(f"{key}: {existing} is not a directory, so {p} cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "not writable" if existing == p else f"cannot be created ({existing} is not writable)"

@@ -409,3 +409,13 @@ def test_cli_run_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert isinstance(ran.exception, SystemExit)
     assert ran.stderr.startswith(f"Error: {config}: sinks[0]: could not start: ")
     assert ran.stderr.endswith("\n") and ran.stderr.count("\n") == 1
+
+
+def test_replay_into_a_pipeline_runs_its_preflight(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("not a directory\n")
+    config = tmp_path / "p.toml"
+    config.write_text(f'[[sinks]]\ntype = "recorder"\npath = "{tmp_path}/file.txt/rec.jsonl"\n')
+    recording = Path(__file__).parent / "data" / "chat.jsonl"
+    ran = CliRunner().invoke(main, ["replay", "--burst", "--config", str(config), str(recording)])
+    assert ran.exit_code == 1
+    assert ran.stderr == f"Error: {config}: sinks[0].path: {tmp_path}/file.txt is not a directory\n"
