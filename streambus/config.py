@@ -185,7 +185,10 @@ def _describe(exc: BaseException) -> str:
 
 
 class _FailFastSink:
-    """A configured sink whose failed ``setup`` stops the pipeline instead of leaving it running without it.
+    """A configured sink that, when it cannot start, stops the pipeline instead of being restarted in a loop.
+
+    "Cannot start" is a ``setup`` that raises, or a first ``run`` that raises a
+    :class:`~streambus.errors.StreamBusError`; later failures keep the bus's restarts.
 
     Every other attribute (``overflow``, ``interpose``, ...) is the wrapped sink's own.
     """
