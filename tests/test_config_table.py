@@ -8,6 +8,7 @@ plugin that is not installed are skipped.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -419,3 +420,22 @@ def test_replay_into_a_pipeline_runs_its_preflight(tmp_path: Path) -> None:
     ran = CliRunner().invoke(main, ["replay", "--burst", "--config", str(config), str(recording)])
     assert ran.exit_code == 1
     assert ran.stderr == f"Error: {config}: sinks[0].path: {tmp_path}/file.txt is not a directory\n"
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self").is_dir() or os.geteuid() != 0,
+    reason="needs Linux /proc as root: permissions allow writing, only creating the directory fails",
+)
+def test_run_recorder_directory_that_cannot_be_created_is_exit_1(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text(SYNTHETIC + '[[sinks]]\ntype = "recorder"\npath = "/proc/streambus-rec/{date}.jsonl"\n')
+    checked = CliRunner().invoke(main, ["check", str(config)])
+    assert checked.exit_code == 0  # writable as far as permissions go: only creating it tells
+    ran = CliRunner().invoke(main, ["run", str(config)])
+    assert ran.exit_code == 1, ran.output
+    assert isinstance(ran.exception, SystemExit)
+    assert "Traceback" not in ran.output
+    assert ran.stderr.splitlines()[-1] == (
+        f"Error: {config}: sinks[0]: could not start: "
+        "/proc/streambus-rec: cannot create the recording directory: No such file or directory (ENOENT)"
+    )
