@@ -72,11 +72,16 @@ def _load(path: str) -> Pipeline:
 @main.command()
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def check(configs: tuple[str, ...]) -> None:
-    """Validate pipeline CONFIGS; exit 1 naming the file, table and key on the first error."""
+    """Validate pipeline CONFIGS; exit 1 naming the file, table and key on the first error.
+
+    Besides the options, each plugin's own check runs: files it reads must
+    exist, directories it writes to must be writable. Nothing is started.
+    """
     failed = False
     for path in configs:
         try:
             pipeline = load_config(path)
+            pipeline.check()
         except StreamBusError as exc:
             click.echo(f"error: {exc}", err=True)
             failed = True

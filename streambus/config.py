@@ -21,7 +21,9 @@
 
 Every validation error names the file, the table and the key, e.g.
 ``configs/x.toml: sinks[1].port: expected integer, got "abc"``.
-Load with :func:`load_config`, run with :meth:`Pipeline.run`.
+Load with :func:`load_config`, check what the plugins need from the machine
+(files to read, directories to write) with :meth:`Pipeline.check`, run with
+:meth:`Pipeline.run`.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import msgspec
 import structlog
 
 from .bus import Bus, Producer, Sink
-from .errors import ConfigError
-from .plugins import build, validate_options
+from .errors import ConfigError, PipelineFailed, StreamBusError, SubscriptionClosed
+from .plugins import NonNegativeFloat, PositiveInt, build, check_bounds, check_plugin, validate_options
 from .subscription import Filter, OverflowPolicy
 
 __all__ = ["BusConfig", "LogConfig", "Pipeline", "SinkEntry", "load_config", "parse_config"]
@@ -47,16 +49,18 @@ log = structlog.get_logger("streambus.config")
 
 
 class BusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The ``[bus]`` table."""
+    """The ``[bus]`` table (bounds in ``docs/configuration.md``)."""
 
-    buffer: int = 1024
+    buffer: PositiveInt = 1024
+    """Events per subscriber: at least 1."""
     overflow: Literal["block", "coalesce", "drop_oldest", "disconnect"] = "coalesce"
-    max_bytes: int = 8 * 1024 * 1024
-    drain_timeout: float = 10.0
+    max_bytes: PositiveInt = 8 * 1024 * 1024
+    """Byte cap of a ``coalesce`` subscriber's buffer: at least 1."""
+    drain_timeout: NonNegativeFloat = 10.0
+    """Seconds sinks get to drain at shutdown: finite, at least 0."""
 
     def __post_init__(self) -> None:
-        if self.buffer < 1:
-            raise ValueError("buffer: must be at least 1")
+        check_bounds(self)
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,7 +80,7 @@ class _FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class _SinkCommon(msgspec.Struct, kw_only=True):
     name: str | None = None
     overflow: Literal["block", "coalesce", "drop_oldest", "disconnect"] | None = None
-    buffer: int | None = None
+    buffer: PositiveInt | None = None
     critical: bool = False
     raw: bool | None = None
     filter: _FilterConfig | None = None
@@ -107,6 +111,17 @@ class Pipeline:
     log: LogConfig
     producers: list[Producer]
     sinks: list[SinkEntry]
+    plugins: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    """``(location, plugin)`` of every producer and sink in file order, e.g. ``("sinks[1]", recorder)``."""
+
+    def check(self) -> None:
+        """Run every plugin's ``preflight()``: files it reads exist, directories it writes to are writable.
+
+        Raises :class:`~streambus.errors.ConfigError` naming the file, table
+        and key of the first problem. Nothing is opened or created.
+        """
+        for location, plugin in self.plugins:
+            check_plugin(plugin, path=self.path, location=location)
 
     def make_bus(self) -> Bus:
         """Return a :class:`Bus` with this pipeline's ``[bus]`` settings."""
@@ -120,28 +135,133 @@ class Pipeline:
     def attach(self, bus: Bus) -> None:
         """Add this pipeline's sinks to a running *bus* (before producers start)."""
         for entry in self.sinks:
-            bus.add_sink(
-                entry.sink,
-                name=entry.name,
-                filter=entry.filter,
-                buffer=entry.buffer,
-                overflow=entry.overflow,
-                critical=entry.critical,
-                raw=entry.raw,
-            )
+            self._attach_one(bus, entry, entry.sink)
 
     async def run(self, *, serve: bool = False) -> None:
-        """Run until every producer finished and every sink drained.
+        """Check, then run until every producer finished and every sink drained.
 
         With *serve*, keep running until SIGINT/SIGTERM (or :meth:`Bus.shutdown`);
         on a signal, live streams are aborted with ``by="shutdown"`` and sinks drain.
+
+        Fails fast: :meth:`check` runs first (raising
+        :class:`~streambus.errors.ConfigError`); a sink that cannot start (its
+        ``setup`` raises, or its first ``run`` raises a
+        :class:`~streambus.errors.StreamBusError`, as a port in use does)
+        stops the bus at once instead of being restarted, and a producer that
+        raises is logged; either way :class:`~streambus.errors.PipelineFailed`
+        names the first failing table once everything has drained.
         """
+        self.check()
+        failures: list[PipelineFailed] = []
+        sink_down = anyio.Event()  # set when a sink could not start: producers not yet running stay off
         async with self.make_bus() as bus:
-            self.attach(bus)
+            names = {id(plugin): location for location, plugin in self.plugins}
+            for entry in self.sinks:
+                where = names.get(id(entry.sink), entry.name or "sink")
+                self._attach_one(bus, entry, _FailFastSink(entry.sink, self.path, where, bus, failures, sink_down))
             for producer in self.producers:
-                bus.start_producer(producer)
+                where = names.get(id(producer), type(producer).__name__)
+                bus.start_producer(_FailFastProducer(producer, self.path, where, failures, sink_down), name=where)
             if serve:
                 await _serve_until_signal(bus)
+        if failures:
+            raise failures[0]
+
+    @staticmethod
+    def _attach_one(bus: Bus, entry: SinkEntry, sink: Sink) -> None:
+        bus.add_sink(
+            sink,
+            name=entry.name,
+            filter=entry.filter,
+            buffer=entry.buffer,
+            overflow=entry.overflow,
+            critical=entry.critical,
+            raw=entry.raw,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class _FailFastSink:
+    """A configured sink that, when it cannot start, stops the pipeline instead of being restarted in a loop.
+
+    "Cannot start" is a ``setup`` that raises, or a first ``run`` that raises a
+    :class:`~streambus.errors.StreamBusError`; later failures keep the bus's restarts.
+
+    Every other attribute (``overflow``, ``interpose``, ...) is the wrapped sink's own.
+    """
+
+    def __init__(
+        self, sink: Any, path: str, where: str, bus: Bus, failures: list[PipelineFailed], down: anyio.Event
+    ) -> None:
+        self._sink = sink
+        self._path = path
+        self._where = where
+        self._bus = bus
+        self._failures = failures
+        self._down = down
+        self._failed = False
+        self._started = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)
+
+    async def setup(self, bus: Bus) -> None:
+        setup = getattr(self._sink, "setup", None)
+        if setup is None:
+            return
+        try:
+            await setup(bus)
+        except Exception as exc:
+            await self._cannot_start(exc)
+
+    async def run(self, events: Any) -> None:
+        if self._failed:
+            return
+        first, self._started = not self._started, True
+        try:
+            await self._sink.run(events)
+        except StreamBusError as exc:
+            # A deliberate error on the first run (a port in use, a token file that vanished)
+            # means the sink cannot start; restarting it with backoff would only repeat it.
+            if not first or isinstance(exc, SubscriptionClosed):
+                raise
+            await self._cannot_start(exc)
+
+    async def _cannot_start(self, exc: Exception) -> None:
+        # Not logged: the run ends at once with this error, which says what to fix.
+        self._failed = True
+        failure = PipelineFailed(f"could not start: {_describe(exc)}", path=self._path, location=self._where)
+        failure.__cause__ = exc
+        self._failures.append(failure)
+        self._down.set()
+        await self._bus.shutdown("a sink could not start")
+
+
+class _FailFastProducer:
+    """A configured producer whose exception makes ``streambus run`` exit non-zero (after draining)."""
+
+    def __init__(
+        self, producer: Any, path: str, where: str, failures: list[PipelineFailed], sink_down: anyio.Event
+    ) -> None:
+        self._producer = producer
+        self._path = path
+        self._where = where
+        self._failures = failures
+        self._sink_down = sink_down
+
+    async def run(self, bus: Bus) -> None:
+        if self._sink_down.is_set():
+            return  # a sink could not start: the pipeline is stopping
+        try:
+            await self._producer.run(bus)
+        except Exception as exc:
+            failure = PipelineFailed(f"failed: {_describe(exc)}", path=self._path, location=self._where)
+            failure.__cause__ = exc
+            self._failures.append(failure)
+            log.error("pipeline.producer_failed", producer=self._where, error=_describe(exc))
 
 
 async def _serve_until_signal(bus: Bus) -> None:
@@ -179,12 +299,14 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline
     bus = validate_options(BusConfig, _table(data.get("bus", {}), "bus", path), path=path, location="bus")
     logcfg = validate_options(LogConfig, _table(data.get("log", {}), "log", path), path=path, location="log")
 
+    plugins: list[tuple[str, Any]] = []
     producers: list[Producer] = []
     for i, raw in enumerate(_list(data.get("producers", []), "producers", path)):
         where = f"producers[{i}]"
         table = dict(_table(raw, where, path))
         kind = _type_of(table, where, path)
         producers.append(build("producers", kind, table, path=path, location=where))
+        plugins.append((where, producers[-1]))
 
     sinks: list[SinkEntry] = []
     for i, raw in enumerate(_list(data.get("sinks", []), "sinks", path)):
@@ -193,9 +315,8 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline
         kind = _type_of(table, where, path)
         common_raw = {k: table.pop(k) for k in list(table) if k in _SINK_KEYS}
         common = validate_options(_SinkCommon, common_raw, path=path, location=where)
-        if common.buffer is not None and common.buffer < 1:
-            raise ConfigError(f"must be at least 1, got {common.buffer}", path=path, location=f"{where}.buffer")
         sink = build("sinks", kind, table, path=path, location=where)
+        plugins.append((where, sink))
         flt = None
         if common.filter is not None:
             f = common.filter
@@ -211,7 +332,7 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline
                 filter=flt,
             )
         )
-    return Pipeline(path=path, bus=bus, log=logcfg, producers=producers, sinks=sinks)
+    return Pipeline(path=path, bus=bus, log=logcfg, producers=producers, sinks=sinks, plugins=plugins)
 
 
 def _list(value: Any, where: str, path: str) -> list[Any]:

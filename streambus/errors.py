@@ -7,6 +7,7 @@ so ``except StreamBusError`` catches them all::
     ├── DecodeError            bytes that are not a valid event (names the field)
     ├── WireError              a sans-I/O parser met bad bytes (carries the offset)
     ├── ConfigError            a pipeline file is wrong (names file, table and key)
+    ├── PipelineFailed         a configured plugin failed while the pipeline ran
     ├── PluginError            a plugin is unknown or failed to import
     ├── RecordingError         a recording file is damaged (names the line)
     ├── BusClosed              publishing to, or subscribing on, a closed bus
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "Overflowed",
+    "PipelineFailed",
     "PluginError",
     "RecordingError",
     "SinkFailed",
@@ -77,6 +79,20 @@ class ConfigError(StreamBusError):
     def __init__(self, problem: str, *, path: str | None = None, location: str | None = None) -> None:
         parts = [p for p in (path, location) if p]
         super().__init__(": ".join([*parts, problem]))
+        self.path = path
+        self.location = location
+        self.problem = problem
+
+
+class PipelineFailed(StreamBusError):
+    """A producer or sink of a configured pipeline failed while it ran.
+
+    The message reads ``file: table[index] (type): problem``; ``location``
+    names the table (``sinks[1]``). The plugin's exception is the ``__cause__``.
+    """
+
+    def __init__(self, problem: str, *, path: str, location: str) -> None:
+        super().__init__(f"{path}: {location}: {problem}")
         self.path = path
         self.location = location
         self.problem = problem

@@ -14,7 +14,7 @@ fields (so newer producers can talk to older consumers) and raises
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
@@ -41,6 +41,13 @@ __all__ = [
 
 Channel: TypeAlias = Literal["content", "reasoning", "tool"]
 
+# Bounds a decoded event must respect (constructing an event does not check them).
+# 2**53 - 1 is the largest integer every JSON reader, JavaScript included, holds
+# exactly; a delta never merges more chunks than a 32-bit counter holds.
+_JSON_INT_MAX: Final = 2**53 - 1
+_Count: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=_JSON_INT_MAX)]
+_Chunks: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True, gc=False):
     """Fields common to every event.
@@ -58,7 +65,7 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
 
     stream: str
     """Id of one model response: unique, URL-safe."""
-    seq: int
+    seq: _Count
     """0 for ``start``, +1 for each later event of the stream."""
     ts: float
     """Producer wall clock, UNIX seconds."""
@@ -82,8 +89,8 @@ class DeltaEvent(_Base, frozen=True, kw_only=True, tag="delta"):
 
     text: str
     channel: Channel = "content"
-    n: int = 1
-    first_seq: int | None = None
+    n: _Chunks = 1
+    first_seq: _Count | None = None
 
     @property
     def seq_range(self) -> tuple[int, int]:
@@ -94,9 +101,9 @@ class DeltaEvent(_Base, frozen=True, kw_only=True, tag="delta"):
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """Token counts of a response; ``source`` says who counted them."""
 
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
+    prompt_tokens: _Count | None = None
+    completion_tokens: _Count | None = None
+    total_tokens: _Count | None = None
     source: Literal["provider", "counted"] = "provider"
 
 
@@ -134,8 +141,8 @@ class ModerationEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag
     verdict: str = "flagged"
     categories: list[str] = []
     action: Literal["flag", "redact", "retract", "abort"] = "flag"
-    start: int = 0
-    end: int = 0
+    start: _Count = 0
+    end: _Count = 0
     channel: Channel = "content"
     scores: dict[str, float] = {}
 
@@ -176,8 +183,10 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
     """Decode one wire-form JSON object into an event.
 
     Unknown fields are ignored. Raises :class:`~streambus.errors.DecodeError`
-    naming the field when the JSON is invalid, ``type`` is unknown, or a
-    required field is missing or of the wrong type.
+    naming the field when the JSON is invalid (nested too deeply included),
+    ``type`` is unknown, or a required field is missing, of the wrong type or
+    out of bounds (integers: ``seq``, token counts and offsets within
+    0..2**53-1, ``n`` within 1..2**31-1).
     """
     try:
         return _decoder.decode(data)
@@ -190,6 +199,10 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
         raise DecodeError(f"invalid event: {message}", field=field) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"invalid event JSON: {exc}") from None
+    except RecursionError:
+        # msgspec stops at Python's recursion limit (it raises, it does not crash):
+        # a value nested that deep is hostile input, not an event.
+        raise DecodeError("invalid event JSON: nested too deeply") from None
 
 
 def to_builtins(event: Event) -> dict[str, Any]:

@@ -13,15 +13,34 @@ Entry point groups (built-in plugins are registered exactly the same way):
 
 A plugin whose import fails is reported with the install hint of its
 distribution, never a traceback (as opentelemetry's loader does).
+
+Numeric options state their bounds in their annotations, so a config can
+never smuggle in ``nan``, ``inf`` or a sign the plugin cannot handle::
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        timeout: PositiveFloat = 10.0        # finite, > 0
+        retries: NonNegativeInt = 2          # >= 0
+        ratio: Fraction = 0.5                # 0 <= x <= 1
+        port: Port = 8080                    # 0..65535
+
+msgspec checks these bounds when a config is validated (NaN fails every
+bound; the ``le=`` of float max refuses infinities); ``validate_options``
+turns a violation into ``table.key: must be more than 0 and finite, got nan``.
+What only a look at the machine can tell (a file that must exist, a directory
+that must be writable) goes in the plugin's :meth:`PluginBase.preflight`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
+import sys
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, ClassVar, Literal, TypeAlias
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias
 
 import msgspec
 import structlog
@@ -30,13 +49,24 @@ from .errors import ConfigError, PluginError
 
 __all__ = [
     "GROUPS",
+    "FiniteFloat",
+    "Fraction",
+    "NonNegativeFloat",
+    "NonNegativeInt",
     "PluginBase",
     "PluginInfo",
     "PluginKind",
+    "Port",
+    "PositiveFloat",
+    "PositiveInt",
     "build",
+    "check_bounds",
+    "check_plugin",
     "discover",
     "install_hint",
     "load",
+    "require_readable_file",
+    "require_writable_directory",
     "validate_options",
 ]
 
@@ -52,15 +82,46 @@ GROUPS: dict[PluginKind, str] = {
 }
 
 
+_FLOAT_MAX = sys.float_info.max
+
+PositiveInt: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
+"""An integer option of at least 1 (a count, a size)."""
+NonNegativeInt: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]
+"""An integer option of at least 0."""
+Port: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+"""A TCP port; 0 usually means "pick a free one"."""
+PositiveFloat: TypeAlias = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
+"""A finite number above 0 (a timeout, a rate): ``nan``, ``inf``, 0 and negatives are refused."""
+NonNegativeFloat: TypeAlias = Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)]
+"""A finite number of at least 0 (a delay where 0 means none): ``nan``, ``inf`` and negatives are refused."""
+FiniteFloat: TypeAlias = Annotated[float, msgspec.Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+"""Any finite number: only ``nan`` and the infinities are refused."""
+Fraction: TypeAlias = Annotated[float, msgspec.Meta(ge=0, le=1)]
+"""A number within [0, 1] (a ratio, a probability, a threshold)."""
+
+
 class PluginBase:
     """Convenience base for plugins configured by an ``Options`` struct.
 
     Subclasses set ``Options`` to a ``msgspec.Struct`` type (use
-    ``forbid_unknown_fields=True`` so typos in configs are caught) and accept
-    one argument, the options, in ``__init__``.
+    ``forbid_unknown_fields=True`` so typos in configs are caught, and the
+    bounded types above for numbers) and accept one argument, the options,
+    in ``__init__``.
     """
 
     Options: ClassVar[type[msgspec.Struct]]
+
+    def preflight(self) -> None:
+        """Check what the options need from this machine, without side effects.
+
+        ``streambus check`` and ``streambus run`` (before starting anything)
+        call it (it is not named ``check``: moderators use that name). Override
+        it to verify that files the plugin will read exist and directories it
+        will write to are writable, and raise ``ValueError("key: problem")``
+        naming the option (:func:`require_readable_file` and
+        :func:`require_writable_directory` do). Do not open sockets or create
+        files here. The default checks nothing.
+        """
 
     @classmethod
     def from_options(cls, options: Any) -> Any:
@@ -79,7 +140,108 @@ class PluginBase:
             if keys:
                 raise TypeError(f"{cls.__name__}: pass either options or keyword options, not both")
             return options
-        return msgspec.convert(dict(keys), cls.Options)
+        try:
+            return msgspec.convert(dict(keys), cls.Options)
+        except msgspec.ValidationError as exc:
+            message, _, where = str(exc).rpartition(" - at `")
+            bounded = _BOUND.match(message)
+            if bounded is None:
+                raise
+            where = where.rstrip("`")
+            value = _describe_value(_lookup(dict(keys), where))
+            key = where[1:].lstrip(".")
+            raise ValueError(f"{key}: {_describe_bounds(cls.Options, where, bounded)}, got {value}") from None
+
+
+def require_readable_file(key: str, path: str | Path) -> None:
+    """Raise ``ValueError("key: ...")`` unless *path* is a regular file this process can read."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{key}: no such file: {p}")
+    if not p.is_file():
+        raise ValueError(f"{key}: not a regular file: {p}")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{key}: not readable: {p}")
+
+
+def require_writable_directory(key: str, path: str | Path) -> None:
+    """Raise ``ValueError("key: ...")`` unless files can be created in directory *path*.
+
+    A directory that does not exist yet passes when its nearest existing
+    ancestor is a writable directory (it will be created). Nothing is created.
+    """
+    p = Path(path).absolute()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == p:
+            raise ValueError(f"{key}: {p} is not a directory")
+        raise ValueError(f"{key}: {existing} is not a directory, so {p} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "not writable" if existing == p else f"cannot be created ({existing} is not writable)"
+        raise ValueError(f"{key}: directory {p} {what}")
+
+
+def check_bounds(options: msgspec.Struct) -> None:
+    """Raise ``ValueError("key: must be ..., got ...")`` for a number outside its annotated bounds.
+
+    msgspec checks ``Meta`` bounds when a config is validated, not when an
+    ``Options`` struct is built in Python; call this from ``__post_init__``
+    so both paths refuse ``nan``, ``inf`` and wrong signs alike.
+    """
+    for field in _struct_info(type(options)).fields:
+        info = _numeric_info(field.type, "")
+        value = getattr(options, field.name)
+        if info is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not _within(value, info):
+            raise ValueError(f"{field.name}: {_describe(info)}, got {_describe_value(value)}")
+
+
+@functools.cache
+def _struct_info(cls: type[msgspec.Struct]) -> Any:
+    return msgspec.inspect.type_info(cls)
+
+
+def _within(value: float, info: Any) -> bool:
+    if value != value:  # NaN: every bound refuses it (bounded types always have one)
+        return False
+    return not (
+        (info.ge is not None and value < info.ge)
+        or (info.gt is not None and value <= info.gt)
+        or (info.le is not None and value > info.le)
+        or (info.lt is not None and value >= info.lt)
+    )
+
+
+def check_plugin(plugin: Any, *, path: str | None = None, location: str | None = None) -> None:
+    """Call *plugin*'s ``preflight()`` (when it has one), as ``streambus check`` does.
+
+    Raises :class:`~streambus.errors.ConfigError` naming the file, table and
+    key from the plugin's ``ValueError("key: problem")`` (or ``OSError``).
+    """
+    preflight = getattr(plugin, "preflight", None)
+    if preflight is None:
+        return
+    try:
+        preflight()
+    except ValueError as exc:
+        raise _keyed(exc, path, location) from None
+    except OSError as exc:
+        raise ConfigError(_os_problem(exc), path=path, location=location) from None
+
+
+def _keyed(exc: Exception, path: str | None, location: str | None) -> ConfigError:
+    """A plugin's ``ValueError("key: problem")`` as ``path: location.key: problem``."""
+    key, sep, problem = str(exc).partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", key):
+        return ConfigError(problem, path=path, location=_join(location, key))
+    return ConfigError(str(exc), path=path, location=location)
+
+
+def _os_problem(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +411,11 @@ def validate_options(
         if at is None and sep and head in field_names:
             # A check in __post_init__ raised ValueError("key: problem").
             raise ConfigError(rest, path=path, location=_join(location, head)) from None
-        if message.startswith("Expected "):
+        bounded = _BOUND.match(message)
+        if bounded:
+            value = _lookup(dict(data), where)
+            problem = f"{_describe_bounds(options_type, where, bounded)}, got {_describe_value(value)}"
+        elif message.startswith("Expected "):
             expected = message[len("Expected ") :].split(", got ")[0].replace(" | null", "")
             for raw, word in _TYPE_WORDS.items():
                 expected = expected.replace(raw, word)
@@ -259,6 +425,61 @@ def validate_options(
             value = _lookup(dict(data), where)
             problem = f"invalid value {_describe_value(value)}"
         raise ConfigError(problem, path=path, location=_join(location, at)) from None
+
+
+_BOUND = re.compile(r"Expected `(int|float)` (>=|>|<=|<) (\S+)$")
+_WORDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _describe_bounds(options_type: type[msgspec.Struct], where: str, match: re.Match[str]) -> str:
+    info = _numeric_info(_struct_info(options_type), where)
+    if info is None:  # not found: say what msgspec said
+        return f"must be {match.group(2)} {match.group(3)}"
+    return _describe(info)
+
+
+def _describe(info: Any) -> str:
+    """``must be at least 0 and finite``: the bounds of an int/float type, in words."""
+    parts = []
+    finite = False
+    for name in ("ge", "gt", "le", "lt"):
+        bound = getattr(info, name)
+        if bound is None:
+            continue
+        if abs(bound) == _FLOAT_MAX:
+            finite = True
+            continue
+        parts.append(f"{_WORDS[name]} {_number(bound)}")
+    if finite:
+        parts.append("finite")
+    return "must be " + " and ".join(parts)
+
+
+def _numeric_info(info: Any, where: str) -> Any:
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", where):
+        info = _container(info)
+        if isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == part[0]), None)
+        elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.SetType | msgspec.inspect.VarTupleType):
+            info = info.item_type
+        elif isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        else:
+            return None
+    if isinstance(info, msgspec.inspect.UnionType):
+        info = next((t for t in info.types if isinstance(t, msgspec.inspect.IntType | msgspec.inspect.FloatType)), None)
+    return info if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType) else None
+
+
+def _container(info: Any) -> Any:
+    if isinstance(info, msgspec.inspect.UnionType):
+        kinds = (msgspec.inspect.StructType, msgspec.inspect.ListType, msgspec.inspect.DictType)
+        return next((t for t in info.types if isinstance(t, kinds)), info)
+    return info
 
 
 def _join(location: str | None, key: str | None) -> str | None:
@@ -292,4 +513,6 @@ def build(
     try:
         return factory(opts) if factory is not None else cls(opts)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc), path=path, location=location) from None
+        raise _keyed(exc, path, location) from None
+    except OSError as exc:  # a file option the plugin opens while being built
+        raise ConfigError(_os_problem(exc), path=path, location=location) from None

@@ -40,7 +40,7 @@ import structlog
 
 from .errors import RecordingError
 from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
-from .plugins import PluginBase
+from .plugins import NonNegativeFloat, NonNegativeInt, PluginBase, PositiveFloat, check_bounds
 from .recording import RecordingProblem, read_recording
 from .subscription import Filter
 
@@ -135,11 +135,11 @@ class ReplayProducer(PluginBase):
 
         path: str | list[str] = ""
         """The recording file, or several (rotated parts) replayed as one."""
-        speed: float = 1.0
+        speed: PositiveFloat = 1.0
         """Playback speed: recorded pauses are divided by it."""
         burst: bool = False
         """Publish as fast as possible, ignoring recorded timing."""
-        idle_limit: float | None = None
+        idle_limit: NonNegativeFloat | None = None
         """Cap every recorded pause at this many seconds."""
         streams: list[str] = []
         """Only these recorded stream ids."""
@@ -147,7 +147,7 @@ class ReplayProducer(PluginBase):
         """Only streams of these models."""
         providers: list[str] = []
         """Only streams of these providers."""
-        loop: int = 1
+        loop: NonNegativeInt = 1
         """How many passes over the recording; 0 repeats until the bus stops."""
         keep_ids: bool = False
         """Publish the recorded stream ids instead of new ones."""
@@ -155,12 +155,7 @@ class ReplayProducer(PluginBase):
         """Skip (and count) invalid lines instead of failing."""
 
         def __post_init__(self) -> None:
-            if not self.speed > 0:
-                raise ValueError(f"speed: must be positive, got {self.speed}")
-            if self.idle_limit is not None and self.idle_limit < 0:
-                raise ValueError(f"idle_limit: must be at least 0, got {self.idle_limit}")
-            if self.loop < 0:
-                raise ValueError(f"loop: must be at least 0 (0 = forever), got {self.loop}")
+            check_bounds(self)
             if self.keep_ids and self.loop != 1:
                 raise ValueError("keep_ids: cannot be combined with loop (each pass would reuse the same stream ids)")
 

@@ -85,6 +85,7 @@ def replay_command(
     if config is not None:
         try:
             pipeline = load_config(config)
+            pipeline.check()  # the sinks' preflight: an unwritable recorder path fails here, not mid-replay
         except StreamBusError as exc:
             raise click.ClickException(str(exc)) from None
         if pipeline.producers:

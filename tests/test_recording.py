@@ -244,3 +244,87 @@ def test_replay_cli_rejects_wrong_version(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["replay", str(path)])
     assert result.exit_code == 1
     assert "1: unsupported recording version 3" in result.stderr
+
+
+def _deep(depth: int, opener: bytes = b"[", closer: bytes = b"]") -> bytes:
+    return opener * depth + closer * depth
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type":"start","stream":"s","seq":0,"ts":1.0,"meta":{"x":' + _deep(5000) + b"}}",
+        b'{"type":"start","stream":"s","seq":0,"ts":1.0,"meta":' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
+        b'{"type":"delta","unknown":' + _deep(100_000) + b"}",
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    ],
+    ids=["deep-list-in-meta", "deep-objects-in-meta", "deep-unknown-field", "deep-objects-line"],
+)
+def test_deeply_nested_line_is_an_error_naming_its_line(tmp_path: Path, line: bytes) -> None:
+    path = tmp_path / "deep.jsonl"
+    events = sample()
+    path.write_bytes(header_line() + encode(events[0]) + b"\n" + line + b"\n" + encode(events[1]) + b"\n")
+    with pytest.raises(RecordingError, match="nested too deeply") as info:
+        read_recording(path)
+    assert info.value.line == 3
+    lenient = read_recording(path, lenient=True)
+    assert lenient.events == events[:2]  # the lines around it are kept
+    assert [(p.line, p.kind) for p in lenient.problems] == [(3, "invalid")]
+
+
+def test_deeply_nested_last_line_without_newline_is_a_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(header_line() + encode(sample()[0]) + b"\n" + _deep(5000))
+    recording = read_recording(path)
+    assert recording.events == sample()[:1]
+    assert [(p.line, p.kind) for p in recording.problems] == [(3, "truncated")]
+
+
+def test_replay_cli_deep_nesting_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    meta = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    path.write_bytes(header_line() + b'{"type":"start","stream":"s","seq":0,"ts":1,"meta":' + meta + b"}\n")
+    result = CliRunner().invoke(main, ["replay", "--burst", str(path)])
+    assert result.exit_code == 1
+    assert not isinstance(result.exception, RecursionError)
+    assert result.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n"
+    lenient = CliRunner().invoke(main, ["replay", "--burst", "--lenient", str(path)])
+    assert lenient.exit_code == 0, lenient.output
+    assert f"{path}:2: skipped: invalid event JSON: nested too deeply" in lenient.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seq", 2**53),
+        ("seq", -1),
+        ("n", 0),
+        ("n", 2**31),
+        ("n", 18446744073709551615),
+        ("first_seq", -5),
+    ],
+)
+def test_out_of_range_integers_name_their_field_and_line(tmp_path: Path, field: str, value: int) -> None:
+    path = tmp_path / "big.jsonl"
+    delta = {"type": "delta", "stream": "s1", "seq": 1, "ts": 10.1, "text": "x", field: value}
+    path.write_bytes(header_line() + encode(sample()[0]) + b"\n" + orjson.dumps(delta) + b"\n")
+    with pytest.raises(RecordingError, match=rf"big.jsonl:3: invalid event: .* - at `\$\.{field}`"):
+        read_recording(path)
+    assert [p.line for p in read_recording(path, lenient=True).problems] == [3]
+
+
+def test_replay_real_process_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.jsonl"
+    meta = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    path.write_bytes(header_line() + b'{"type":"start","stream":"s","seq":0,"ts":1,"meta":' + meta + b"}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambus", "replay", "--burst", str(path)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n".encode()

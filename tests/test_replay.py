@@ -249,7 +249,7 @@ def test_plan_streams_never_goes_back_in_time() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"speed": 0}, r"producers\[0\][.:] ?speed: must be positive"),
+        ({"speed": 0}, r"producers\[0\][.:] ?speed: must be more than 0 and finite, got 0"),
         ({"idle_limit": -1}, r"producers\[0\][.:] ?idle_limit: must be at least 0"),
         ({"loop": -2}, r"producers\[0\][.:] ?loop: must be at least 0"),
         ({"keep_ids": True, "loop": 2}, r"keep_ids: cannot be combined with loop"),
@@ -332,7 +332,7 @@ def test_cli_feeds_the_sinks_of_a_config(tmp_path: Path) -> None:
 
 def test_cli_bad_options_and_files(tmp_path: Path) -> None:
     bad_speed = CliRunner().invoke(main, ["replay", "--speed", "0", str(CHAT)])
-    assert bad_speed.exit_code == 2 and "speed: must be positive" in bad_speed.stderr
+    assert bad_speed.exit_code == 2 and "speed: must be more than 0 and finite, got 0" in bad_speed.stderr
     missing = CliRunner().invoke(main, ["replay", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 1 and "cannot open recording" in missing.stderr
     config = tmp_path / "bad.toml"

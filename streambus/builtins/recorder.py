@@ -42,7 +42,7 @@ import structlog
 
 from ..errors import StreamBusError
 from ..events import Event, StartEvent, encode, is_terminal
-from ..plugins import PluginBase
+from ..plugins import PluginBase, PositiveFloat, PositiveInt, check_bounds, require_writable_directory
 from ..recording import header_line
 
 if TYPE_CHECKING:
@@ -211,9 +211,9 @@ class RecorderSink(PluginBase):
         """File path template; ``{date}`` (UTC, of the stream's start), ``{stream}``, ``{model}``, ``{provider}``."""
         fsync: Literal["every_event", "stream_end", "interval"] = "stream_end"
         """When written lines are forced to the disk."""
-        fsync_interval: float = 1.0
+        fsync_interval: PositiveFloat = 1.0
         """Seconds between fsyncs with ``fsync = "interval"``."""
-        rotate_bytes: int | None = None
+        rotate_bytes: PositiveInt | None = None
         """Start a new part (``name.1.jsonl``, ...) once a file holds this many (uncompressed) bytes."""
         gzip: bool = False
         """Compress with gzip (also implied by a path ending in ``.gz``; the suffix is added when missing)."""
@@ -221,6 +221,7 @@ class RecorderSink(PluginBase):
         """Free JSON object written into each file's header."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if not self.path.strip():
                 raise ValueError("path: must not be empty")
             try:
@@ -231,10 +232,6 @@ class RecorderSink(PluginBase):
                 if field not in _PLACEHOLDERS:
                     known = ", ".join("{" + p + "}" for p in _PLACEHOLDERS)
                     raise ValueError(f"path: unknown template field {{{field}}} (use {known})")
-            if self.fsync_interval <= 0:
-                raise ValueError(f"fsync_interval: must be positive, got {self.fsync_interval}")
-            if self.rotate_bytes is not None and self.rotate_bytes < 1:
-                raise ValueError(f"rotate_bytes: must be at least 1, got {self.rotate_bytes}")
 
     overflow: ClassVar[str] = "block"
 
@@ -266,6 +263,21 @@ class RecorderSink(PluginBase):
         """How many events were written."""
 
     # -- lifecycle -------------------------------------------------------------
+    def preflight(self) -> None:
+        """Check that recordings can be created where ``path`` points (nothing is created).
+
+        Raises ``ValueError("path: ...")`` when the directory (or the first
+        of its ancestors that exists) is not a writable directory, or when a
+        fixed ``path`` names a directory or a file that cannot be appended to.
+        """
+        sample = Path(self._render(StartEvent(stream="x", seq=0, ts=time.time(), model="m", provider="p")))
+        require_writable_directory("path", sample.parent)
+        if self._fixed and sample.exists():
+            if sample.is_dir():
+                raise ValueError(f"path: {sample} is a directory; name a file (or use a template such as {{date}})")
+            if not os.access(sample, os.W_OK):
+                raise ValueError(f"path: {sample} exists and is not writable")
+
     async def setup(self, bus: Bus) -> None:
         """Check that the recording directory can be created before any event arrives."""
         sample = self._render(StartEvent(stream="x", seq=0, ts=time.time(), model="m", provider="p"))

@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from ..events import Usage
-from ..plugins import PluginBase
+from ..plugins import Fraction, NonNegativeFloat, NonNegativeInt, PluginBase, PositiveInt, check_bounds
 
 if TYPE_CHECKING:
     from ..bus import Bus
@@ -57,35 +57,34 @@ class SyntheticProducer(PluginBase):
     class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """Config keys of the ``synthetic`` producer."""
 
-        count: int = 3
-        concurrency: int = 3
-        tokens: int = 60
-        tokens_per_second: float = 50.0
-        ttft: float = 0.2
-        jitter: float = 0.2
+        count: NonNegativeInt = 3
+        """Streams to produce."""
+        concurrency: PositiveInt = 3
+        """Streams live at once."""
+        tokens: PositiveInt = 60
+        """Content deltas per stream."""
+        tokens_per_second: NonNegativeFloat = 50.0
+        """Pace of the deltas; 0: no pause."""
+        ttft: NonNegativeFloat = 0.2
+        """Seconds before the first delta."""
+        jitter: Fraction = 0.2
+        """Each pause varies by up to this fraction."""
         text: Literal["english", "japanese"] | None = "english"
         text_file: str | None = None
-        reasoning_tokens: int = 0
+        """A UTF-8 text file whose words are streamed instead of a built-in corpus."""
+        reasoning_tokens: NonNegativeInt = 0
         model: str = "synthetic-1"
         provider: str = "synthetic"
         seed: int | None = None
         meta: dict[str, str] = {}
 
         def __post_init__(self) -> None:
-            for key in ("count", "concurrency", "tokens", "reasoning_tokens"):
-                minimum = 0 if key in ("count", "reasoning_tokens") else 1
-                if getattr(self, key) < minimum:
-                    raise ValueError(f"{key}: must be at least {minimum}, got {getattr(self, key)}")
-            for key in ("tokens_per_second", "ttft"):
-                if getattr(self, key) < 0:
-                    raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
-            if not 0 <= self.jitter <= 1:
-                raise ValueError(f"jitter: must be within [0, 1], got {self.jitter}")
+            check_bounds(self)
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options or self.Options()
         if self.options.text_file is not None:
-            source = Path(self.options.text_file).read_text(encoding="utf-8")
+            source = _read_text_file(self.options.text_file)
         else:
             source = _CORPORA[self.options.text or "english"]
         self._vocab = _tokens(source)
@@ -132,3 +131,14 @@ class SyntheticProducer(PluginBase):
                 )
         finally:
             limiter.release()
+
+
+def _read_text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ValueError(f"text_file: {path} is a directory, not a text file") from None
+    except OSError as exc:
+        raise ValueError(f"text_file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text_file: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None

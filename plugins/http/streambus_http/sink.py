@@ -27,6 +27,7 @@ from aiohttp import web
 
 from streambus import Bus, PluginBase, Subscription
 from streambus.access import OriginPolicy, is_loopback_host
+from streambus.plugins import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
@@ -62,21 +63,21 @@ class HttpSink(PluginBase):
         """Names the sink is reached by besides the loopback names and ``host`` (``*``: any).
 
         Requests with another ``Host`` get 403 (DNS rebinding)."""
-        per_stream: int = 10_000
+        per_stream: PositiveInt = 10_000
         """Events kept per stream for late readers and ``Last-Event-ID`` resume."""
-        max_streams: int = 1000
+        max_streams: PositiveInt = 1000
         """Ended streams kept in the history."""
-        max_events: int = 100_000
+        max_events: PositiveInt = 100_000
         """Events kept in the global log that filter readers resume from."""
-        start_timeout: float = 30.0
+        start_timeout: PositiveFloat = 30.0
         """Seconds a request for the live or next stream of a filter (a model, a chat) waits for one (then 404)."""
-        unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT
+        unknown_stream_timeout: PositiveFloat = UNKNOWN_STREAM_TIMEOUT
         """Seconds a request naming a stream id the history does not hold waits for it to start (then 404)."""
-        keepalive: float = 15.0
+        keepalive: PositiveFloat = 15.0
         """Seconds of silence before an SSE keepalive comment."""
-        retry_ms: int = 3000
+        retry_ms: PositiveInt = 3000
         """The SSE ``retry`` field: the browser's reconnect delay."""
-        write_interval: float = 0.005
+        write_interval: NonNegativeFloat = 0.005
         """Least seconds between two writes to one client: tokens arriving meanwhile share a write (0: none)."""
         chat_meta_key: str = "chat"
         """The ``start.meta`` tag that ``POST /api/chat`` matches the AI SDK chat id against."""

@@ -27,7 +27,7 @@ import msgspec
 import sniffio
 
 from streambus.errors import StreamBusError
-from streambus.plugins import PluginBase
+from streambus.plugins import Fraction, PluginBase, check_bounds
 
 from .verdict import Verdict
 
@@ -83,12 +83,13 @@ class OpenAIModerator(PluginBase):
         """Environment variable holding the API key (no header is sent when it is unset)."""
         categories: list[str] | None = None
         """Only these categories count (default: all)."""
-        threshold: float | None = None
+        threshold: Fraction | None = None
         """Flag when a counted category's score reaches this, instead of using ``flagged``."""
         headers: dict[str, str] = {}
         """Extra request headers (e.g. an organisation or gateway header)."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
             if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -79,7 +79,7 @@ from streambus.events import (
     StartEvent,
     is_terminal,
 )
-from streambus.plugins import PluginBase
+from streambus.plugins import NonNegativeInt, PluginBase, PositiveFloat, PositiveInt, check_bounds
 
 from ._windows import ChannelText, Finding, HeldText, StreamState, Window, WindowScheduler
 from .verdict import Moderator, Span, Verdict, load_moderator
@@ -137,29 +137,30 @@ class ModerationStage(PluginBase):
         action: Action | None = None
         """On a violation: ``redact`` (default) or ``abort`` in gate mode;
         ``retract`` (default), ``flag`` or ``abort`` in observe mode."""
-        window_chars: int = 256
+        window_chars: PositiveInt = 256
         """Characters per checked window, overlap included."""
-        overlap_chars: int | None = None
+        overlap_chars: NonNegativeInt | None = None
         """Characters of the previous window carried into the next (default: a quarter of the
         window, at most 32; raised to the moderator's ``context_chars``)."""
         channels: list[Channel] = msgspec.field(default_factory=lambda: ["content", "reasoning"])
         """Channels to moderate; others pass through in order."""
-        timeout_ms: float = 5000.0
+        timeout_ms: PositiveFloat = 5000.0
         """Longest a moderator call may take before ``on_error`` applies."""
         on_error: Literal["fail_open", "fail_closed"] = "fail_closed"
         """Moderator timeouts and errors: let the window through, or treat it as a violation."""
-        max_hold_ms: float | None = None
+        max_hold_ms: PositiveFloat | None = None
         """Gate mode: longest a ready window may wait for its verdict (default: no bound)."""
         hold_policy: Literal["release", "block"] = "release"
         """When ``max_hold_ms`` passes: release the text unapproved, or withhold it as flagged."""
         replacement: str = "[removed]"
         """Text that replaces a redacted span in gate mode."""
-        max_concurrent_checks: int = 4
+        max_concurrent_checks: PositiveInt = 4
         """Windows of one stream checked at the same time (verdicts still apply in order)."""
-        max_pending_chars: int = 1_000_000
+        max_pending_chars: PositiveInt = 1_000_000
         """Unchecked characters per stream channel before the stage stops reading (backpressure)."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if self.window_chars < 1:
                 raise ValueError(f"window_chars: must be at least 1, got {self.window_chars}")
             if self.overlap_chars is None:

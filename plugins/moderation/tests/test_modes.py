@@ -173,7 +173,7 @@ async def test_stage_options_are_validated_with_the_key() -> None:
         ModerationStage(moderator=m, window_chars=10, overlap_chars=10)
     with pytest.raises(ValueError, match="moderator: required"):
         ModerationStage()
-    with pytest.raises(ValueError, match="timeout_ms: must be positive"):
+    with pytest.raises(ValueError, match="timeout_ms: must be more than 0 and finite, got 0"):
         ModerationStage(moderator=m, timeout_ms=0)
 
 
@@ -242,3 +242,11 @@ async def test_a_crash_inside_the_stage_ends_live_streams_with_an_error() -> Non
     events = [e async for e in moderated]
     assert [type(e).__name__ for e in events] == ["ErrorEvent"]
     assert events[0].kind == "moderation_failed" and "bug in release" in events[0].message  # type: ignore[union-attr]
+
+
+async def test_stage_refuses_nan_and_inf() -> None:
+    m = keywords()
+    with pytest.raises(ValueError, match="timeout_ms: must be more than 0 and finite, got nan"):
+        ModerationStage(moderator=m, timeout_ms=float("nan"))
+    with pytest.raises(ValueError, match="max_hold_ms: must be more than 0 and finite, got inf"):
+        ModerationStage(moderator=m, max_hold_ms=float("inf"))

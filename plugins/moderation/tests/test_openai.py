@@ -184,7 +184,7 @@ async def test_endpoint_down_follows_on_error(endpoint: FakeEndpoint) -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="base_url: expected an http"):
         OpenAIModerator(base_url="ftp://x")
-    with pytest.raises(ValueError, match="threshold: must be between 0 and 1"):
+    with pytest.raises(ValueError, match="threshold: must be at least 0 and at most 1, got 3"):
         load_moderator({"type": "openai", "threshold": 3})
 
 

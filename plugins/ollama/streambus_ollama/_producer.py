@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from streambus import PluginBase
+from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
 from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
@@ -84,26 +85,27 @@ class OllamaProducer(PluginBase):
         """Tool definitions (``chat``); calls become ``tool`` deltas."""
         headers: dict[str, str] = {}
         """Extra HTTP headers (e.g. for an authenticating reverse proxy)."""
-        timeout: float = 60.0
+        timeout: PositiveFloat = 60.0
         """Seconds allowed between two chunks once the stream has started."""
-        first_chunk_timeout: float = 300.0
+        first_chunk_timeout: PositiveFloat = 300.0
         """Seconds allowed from sending the request to the first chunk (model loading included)."""
-        connect_timeout: float = 10.0
+        connect_timeout: PositiveFloat = 10.0
         """Seconds allowed to open the TCP connection."""
-        retries: int = 2
+        retries: NonNegativeInt = 2
         """Attempts after the first, only while no delta was published."""
-        retry_backoff: float = 0.5
+        retry_backoff: NonNegativeFloat = 0.5
         """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
-        retry_max_wait: float = 30.0
+        retry_max_wait: PositiveFloat = 30.0
         """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
         meta: dict[str, Any] = {}
         """Tags for the ``start`` event (merged under each request's ``meta``)."""
         requests: list[OllamaRequest] = []
         """Several requests, one stream each; unset keys come from the keys above."""
-        concurrency: int = 4
+        concurrency: PositiveInt = 4
         """How many of ``requests`` run at once."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"url: expected an http:// or https:// URL, got {self.url!r}")
             for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
@@ -136,7 +138,7 @@ class OllamaProducer(PluginBase):
     def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
         if keys:
             base = msgspec.structs.asdict(options) if options is not None else {}
-            options = msgspec.convert({**base, **keys}, self.Options)
+            options = self.resolve_options(None, {**base, **keys})
         self.options = options or self.Options()
         o = self.options
         self.retry = RetryPolicy(retries=o.retries, backoff=o.retry_backoff, max_wait=o.retry_max_wait)

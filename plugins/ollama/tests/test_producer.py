@@ -366,7 +366,7 @@ async def test_trio_gets_a_clear_error() -> None:
         ({"url": "localhost:11434"}, "url: expected an http"),
         ({"timeout": 0}, "timeout: must be more than 0"),
         ({"first_chunk_timeout": -1}, "first_chunk_timeout"),
-        ({"retries": -1}, "retries: must be 0 or more"),
+        ({"retries": -1}, "retries: must be at least 0, got -1"),
         ({"concurrency": 0}, "concurrency: must be at least 1"),
         ({"endpoint": "generate", "messages": [{"role": "user", "content": "x"}]}, "prompt: required"),
         ({"messages": None}, "messages: required"),

@@ -22,6 +22,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streambus import PluginBase, Usage
+from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
 from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
@@ -56,9 +57,9 @@ class OpenAIRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     system: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    n: int | None = None
+    temperature: NonNegativeFloat | None = None
+    max_tokens: PositiveInt | None = None
+    n: PositiveInt | None = None
     extra_body: dict[str, Any] = {}
     meta: dict[str, Any] = {}
 
@@ -110,11 +111,11 @@ class OpenAIProducer(PluginBase):
         """The legacy completions prompt; with ``chat``, appended as the last user message."""
         system: str | None = None
         """A system prompt (a leading system message for ``chat``)."""
-        temperature: float | None = None
+        temperature: NonNegativeFloat | None = None
         """Sampling temperature."""
-        max_tokens: int | None = None
+        max_tokens: PositiveInt | None = None
         """The completion's token limit."""
-        n: int = 1
+        n: PositiveInt = 1
         """Choices per request; each becomes its own bus stream (``meta.choice``)."""
         tools: list[dict[str, Any]] | None = None
         """Tool definitions (``chat``); calls become ``tool`` deltas."""
@@ -124,26 +125,27 @@ class OpenAIProducer(PluginBase):
         """Ask for the usage chunk (``stream_options.include_usage``)."""
         headers: dict[str, str] = {}
         """Extra HTTP headers."""
-        timeout: float = 60.0
+        timeout: PositiveFloat = 60.0
         """Seconds allowed between two chunks once the stream has started."""
-        first_chunk_timeout: float = 120.0
+        first_chunk_timeout: PositiveFloat = 120.0
         """Seconds allowed from sending the request to the first chunk."""
-        connect_timeout: float = 10.0
+        connect_timeout: PositiveFloat = 10.0
         """Seconds allowed to open the TCP connection."""
-        retries: int = 2
+        retries: NonNegativeInt = 2
         """Attempts after the first, only while no delta was published."""
-        retry_backoff: float = 0.5
+        retry_backoff: NonNegativeFloat = 0.5
         """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
-        retry_max_wait: float = 30.0
+        retry_max_wait: PositiveFloat = 30.0
         """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
         meta: dict[str, Any] = {}
         """Tags for the ``start`` event (merged under each request's ``meta``)."""
         requests: list[OpenAIRequest] = []
         """Several requests, one stream (per choice) each; unset keys come from the keys above."""
-        concurrency: int = 4
+        concurrency: PositiveInt = 4
         """How many of ``requests`` run at once."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
             for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
@@ -178,7 +180,7 @@ class OpenAIProducer(PluginBase):
     def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
         if keys:
             base = msgspec.to_builtins(options) if options is not None else {}
-            options = msgspec.convert({**base, **keys}, self.Options)
+            options = self.resolve_options(None, {**base, **keys})
         self.options = options or self.Options()
         o = self.options
         self.retry = RetryPolicy(retries=o.retries, backoff=o.retry_backoff, max_wait=o.retry_max_wait)

@@ -6,13 +6,14 @@ import asyncio
 import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import anyio
 import msgspec
 import structlog
 
 from streambus import Event, PluginBase, StartEvent, Subscription, is_terminal
+from streambus.plugins import NonNegativeInt, PositiveInt
 from streambus.producing import Failure, RetryPolicy
 
 from ._codec import encode_entry
@@ -68,13 +69,13 @@ class RedisSink(PluginBase):
         """The Redis stream key."""
         namespace_tag: str | None = None
         """A ``meta`` tag whose value picks the key ``<stream>:<value>`` (one key per namespace)."""
-        maxlen: int = 100_000
+        maxlen: NonNegativeInt = 100_000
         """Approximate entries kept (``MAXLEN ~``); 0 keeps everything."""
-        batch_max_events: int = 1000
+        batch_max_events: PositiveInt = 1000
         """Send as soon as this many events wait."""
-        batch_max_ms: float = 2.0
+        batch_max_ms: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 2.0
         """Longest an event waits for others to share its pipeline; 0 sends what is buffered at once."""
-        entry_max_events: int = 128
+        entry_max_events: PositiveInt = 128
         """Events packed into one stream entry (1 = one entry per event)."""
         tls: bool | None = None
         """Force TLS even for a ``redis://`` URL (CA and client cert from ``STREAMBUS_REDIS_TLS_*_FILE``)."""
@@ -82,7 +83,7 @@ class RedisSink(PluginBase):
         """The environment variable holding the password."""
         origin: str | None = None
         """Origin id written on each entry; default: the bus's own (its sources skip it)."""
-        max_attempts: int = 5
+        max_attempts: PositiveInt = 5
         """Attempts for an error Redis answered (not a dropped connection, which retries forever)."""
 
         def __post_init__(self) -> None:

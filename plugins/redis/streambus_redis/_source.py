@@ -8,7 +8,7 @@ import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -16,6 +16,7 @@ import orjson
 import structlog
 
 from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, is_terminal
+from streambus.plugins import PositiveInt, require_readable_file, require_writable_directory
 from streambus.recording import iter_recording
 
 from ._codec import decode_events, entry_header
@@ -145,15 +146,15 @@ class RedisSource(PluginBase):
         ``position_file`` or ``seed_recording`` is set, else Redis (which cannot survive Redis losing its data)."""
         position_file: str | None = None
         """The state file; default ``<seed_recording>.redis-position`` (beside the recording)."""
-        count: int = 500
+        count: PositiveInt = 500
         """Entries per read."""
-        block_ms: int = 1000
+        block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
         """How long one read waits for new entries."""
-        commit_interval_ms: int = 100
+        commit_interval_ms: PositiveInt = 100
         """How often the position is saved / entries acknowledged."""
-        claim_idle_ms: int = 30_000
+        claim_idle_ms: PositiveInt = 30_000
         """Group mode: claim entries another consumer left pending this long."""
-        dedup_ended: int = 100_000
+        dedup_ended: PositiveInt = 100_000
         """Ended streams remembered for de-duplication."""
         seed_recording: str | None = None
         """A recording this process wrote before: its events count as delivered (a restarted recorder)."""
@@ -193,6 +194,16 @@ class RedisSource(PluginBase):
                 raise ValueError("consumer: must not be empty")
             if self.group is not None and not self.group:
                 raise ValueError("group: must not be empty")
+
+    def preflight(self) -> None:
+        """Check that ``seed_recording`` (when it exists yet) can be read and ``position_file``'s directory written."""
+        opts = self.options
+        if opts.seed_recording and Path(opts.seed_recording).exists():
+            require_readable_file("seed_recording", opts.seed_recording)
+        if opts.position in ("auto", "file") and (opts.position_file or opts.seed_recording):
+            # The position file is written beside the recording unless position_file names another.
+            state_file = Path(opts.position_file or f"{opts.seed_recording}.redis-position")
+            require_writable_directory("position_file", state_file.parent)
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         self.options: RedisSource.Options = self.resolve_options(options, kwargs)

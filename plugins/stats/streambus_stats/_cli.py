@@ -76,9 +76,12 @@ def _fmt(value: float | int | None, unit: str = "s") -> str:
     return str(value)
 
 
-def _rows(agg: StatsAggregator) -> list[tuple[str, Aggregate]]:
-    rows = [(model or "(no model)", agg.aggregate(model=model)) for model in agg.models]
-    rows.append(("overall", agg.aggregate()))
+def _rows(agg: StatsAggregator) -> list[tuple[str, Aggregate, bool]]:
+    """``(name, aggregate, end_section)`` per model, then overall; a rule separates the overall row."""
+    models = agg.models
+    rows = [(model or "(no model)", agg.aggregate(model=model), i == len(models) - 1) for i, model in enumerate(models)]
+    # A recording without any start (a header-only file included) has no model rows, only overall.
+    rows.append(("overall", agg.aggregate(), False))
     return rows
 
 
@@ -101,7 +104,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
     latency.add_column("streams", justify="right")
     for name in ("TTFC p50", "p90", "p99", "max", "chunk gap p50", "p90", "p99", "max", "e2e p50", "p99"):
         latency.add_column(name, justify="right")
-    for name, a in rows:
+    for name, a, last_model in rows:
         ttfc = a.dists["time_to_first_chunk_seconds"]
         gap = a.dists["inter_chunk_latency_seconds"]
         e2e = a.dists["e2e_seconds"]
@@ -111,7 +114,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
             *(_fmt(ttfc.quantile(q)) for q in (0.5, 0.9, 0.99, 1.0)),
             *(_fmt(gap.quantile(q)) for q in (0.5, 0.9, 0.99, 1.0)),
             *(_fmt(e2e.quantile(q)) for q in (0.5, 0.99)),
-            end_section=name == rows[-2][0],
+            end_section=last_model,
         )
     console.print(latency)
 
@@ -128,7 +131,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
         "counted",
     ):
         speed.add_column(name, justify="right")
-    for name, a in rows:
+    for name, a, last_model in rows:
         counted = a.tokens["completion:counted"]
         completion = a.token_total("completion")
         speed.add_row(
@@ -141,7 +144,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
             str(a.token_total("prompt")),
             str(completion),
             f"{counted / completion:.0%}" if completion else "-",
-            end_section=name == rows[-2][0],
+            end_section=last_model,
         )
     console.print(speed)
 
@@ -153,7 +156,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
     def counts(c: Any) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "-"
 
-    for name, a in rows:
+    for name, a, last_model in rows:
         outcomes.add_row(
             name,
             counts(a.end_reasons),
@@ -161,7 +164,7 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
             counts(a.aborts),
             counts(a.moderation),
             str(a.outcomes["incomplete"]),
-            end_section=name == rows[-2][0],
+            end_section=last_model,
         )
     console.print(outcomes)
 

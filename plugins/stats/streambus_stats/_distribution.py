@@ -19,6 +19,7 @@ depend on the order of additions either.
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -58,6 +59,7 @@ RATE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 200
 
 _NANO = 1_000_000_000
 _NANO_FLOAT = 1e9
+_LARGEST = sys.float_info.max / _NANO  # the largest value whose nanounits are still a finite float
 
 Quantiles = dict[str, float | int | None]
 
@@ -144,8 +146,10 @@ class Distribution:
     def add_many(self, values: Iterable[float]) -> None:
         """Record every value of *values*: a batch costs one sort, and one sketch update per bin its values fill."""
         ordered = sorted(values)
-        if not math.isfinite(sum(ordered)):  # a NaN or an infinity among them (rare): those are no values
-            ordered = sorted(v for v in ordered if math.isfinite(v))
+        if ordered and (not math.isfinite(sum(ordered)) or ordered[-1] > _LARGEST or ordered[0] < -_LARGEST):
+            # NaN, infinities and values whose nanounits overflow a float (a recording with ts = 1e308
+            # gives such gaps) have no place in a sketch or an integer sum: left out, as a missing figure.
+            ordered = sorted(v for v in ordered if abs(v) <= _LARGEST)
         if not ordered:
             return
         negative = bisect_left(ordered, 0.0)

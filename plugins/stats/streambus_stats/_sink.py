@@ -19,7 +19,8 @@ The HTTP endpoint uses aiohttp and therefore needs the asyncio backend; with
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -27,7 +28,16 @@ import orjson
 import sniffio
 import structlog
 
-from streambus.plugins import PluginBase
+from streambus.plugins import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PluginBase,
+    Port,
+    PositiveInt,
+    check_bounds,
+    require_writable_directory,
+)
 from streambus.subscription import Subscription
 
 from ._aggregator import Aggregate, StatsAggregator
@@ -50,6 +60,9 @@ _BEHIND = 4
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+_Quantile = Annotated[float, msgspec.Meta(gt=0, lt=1)]
+
+
 class StatsSink(PluginBase):
     """Aggregates stream figures (TTFC, inter-chunk latency, tokens/s, usage) per model and provider.
 
@@ -63,17 +76,19 @@ class StatsSink(PluginBase):
     class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """Config keys of the ``stats`` sink (see ``docs/plugins/stats.md``)."""
 
-        port: int | None = None
+        port: Port | None = None
         """Serve ``/metrics`` and ``/stats`` on this TCP port (0: any free port); unset: no HTTP."""
         host: str = "127.0.0.1"
         """Address to listen on."""
-        interval: float = 60.0
+        interval: NonNegativeFloat = 60.0
         """Seconds between ``stats.summary`` log lines; 0 turns them off."""
-        relative_accuracy: float = 0.01
+        relative_accuracy: _Quantile = 0.01
         """Relative error of quantiles (the DDSketch's alpha)."""
-        quantiles: list[float] = msgspec.field(default_factory=lambda: [0.5, 0.9, 0.99])
+        quantiles: list[Annotated[float, msgspec.Meta(gt=0, lt=1)]] = msgspec.field(
+            default_factory=lambda: [0.5, 0.9, 0.99]
+        )
         """Quantiles reported besides min and max."""
-        keep_streams: int = 1000
+        keep_streams: NonNegativeInt = 1000
         """Finished streams whose per-stream figures are kept for ``/stats``."""
         tokenizer: Literal["auto", "tiktoken", "approx"] = "auto"
         """How to count tokens the provider did not report."""
@@ -81,12 +96,13 @@ class StatsSink(PluginBase):
         """A tiktoken encoding name to use for every model."""
         state_file: str | None = None
         """Write the mergeable aggregator state (JSON) here when the bus stops."""
-        read_batch: int = 2048
+        read_batch: PositiveInt = 2048
         """Events to let pile up between reads (the pause is set from the rate the sink sees); 1: read at once."""
-        read_pause: float = 0.01
+        read_pause: Fraction = 0.01
         """The longest pause between reads, in seconds: figures lag by at most this much; 0: never pause."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if self.port is not None and not 0 <= self.port <= 65535:
                 raise ValueError(f"port: must be between 0 and 65535, got {self.port}")
             if not self.interval >= 0 or math.isinf(self.interval):
@@ -109,6 +125,14 @@ class StatsSink(PluginBase):
 
     overflow = "block"
     buffer = 16384
+
+    def preflight(self) -> None:
+        """Check that ``state_file`` (when set) can be written when the bus stops; nothing is created."""
+        path = self.options.state_file
+        if path:
+            require_writable_directory("state_file", Path(path).parent)
+            if Path(path).is_dir():
+                raise ValueError(f"state_file: {path} is a directory; name a file")
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

@@ -179,3 +179,86 @@ def test_summarise_api_reads_gzip(tmp_path: Path) -> None:
     agg = summarise([path], tokenizer="approx")
     assert agg.aggregate().started == 3
     assert agg.models == ["llama3", "qwen"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b'{"type":"delta","stream":"orphan","seq":3,"ts":1.0,"text":"hi"}\n',
+        b'{"type":"end","stream":"orphan","seq":4,"ts":2.0,"reason":"stop"}\n',
+    ],
+    ids=["header-only", "delta-without-start", "end-without-start"],
+)
+def test_recording_without_a_start_prints_empty_tables(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "nostart.jsonl"
+    path.write_bytes(header_line() + body)
+    result = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx", "--streams"])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "overall" in result.stdout and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # A start at -1e308 and later events at +1e308: every gap and the e2e time are infinite.
+        (-1e308, 1e308, 1e308, 1e308),
+        (0.0, 1e308, 1e308, 1e308),
+        (1e308, -1e308, 1e308, -1e308),
+        (0.0, 5e-324, 1e-323, 1.5e-323),  # tokens per second overflow to infinity
+    ],
+)
+def test_extreme_timestamps_never_crash(tmp_path: Path, values: tuple[float, ...]) -> None:
+    path = tmp_path / "huge.jsonl"
+    t0, t1, t2, t3 = values
+    events = [
+        StartEvent(stream="s", seq=0, ts=t0, model="m", provider="p"),
+        DeltaEvent(stream="s", seq=1, ts=t1, text="a b"),
+        DeltaEvent(stream="s", seq=2, ts=t2, text="c d"),
+        EndEvent(stream="s", seq=3, ts=t3, usage=Usage(completion_tokens=5), timings={"eval_duration": 5e-324}),
+    ]
+    path.write_bytes(header_line() + b"".join(encode(e) + b"\n" for e in events))
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx", "--streams", *extra])
+        assert result.exit_code == 0, result.output
+        assert result.exception is None
+    assert orjson.loads(result.stdout)["overall"]["streams"]["started"] == 1
+
+
+HOSTILE_LINES = {
+    "deep-meta": b'{"type":"start","stream":"s","seq":0,"ts":1.0,"meta":' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+    "huge-n": b'{"type":"delta","stream":"s","seq":1,"ts":1.0,"text":"x","n":18446744073709551615}',
+    "ts-overflow": b'{"type":"delta","stream":"s","seq":1,"ts":1e400,"text":"x"}',
+    "nan": b'{"type":"delta","stream":"s","seq":1,"ts":NaN,"text":"x"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_LINES))
+def test_hostile_line_is_one_line_error_or_counted_skip(tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.jsonl"
+    good = [encode(e) + b"\n" for e in recording_events()]
+    path.write_bytes(header_line() + good[0] + HOSTILE_LINES[name] + b"\n" + b"".join(good[1:]))
+    strict = CliRunner().invoke(main, ["stats", str(path), "--tokenizer", "approx"])
+    assert strict.exit_code == 1
+    assert isinstance(strict.exception, SystemExit)  # a handled error, not a crash
+    assert strict.stderr.startswith(f"Error: {path}:3: invalid event")
+    assert strict.stderr.count("\n") == 1 and "Traceback" not in strict.output
+    lenient = CliRunner().invoke(main, ["stats", str(path), "--lenient", "--json", "--tokenizer", "approx"])
+    assert lenient.exit_code == 0, lenient.output
+    assert lenient.stderr == f"warning: {path}:3: invalid: " + strict.stderr.split(":3: ", 1)[1]
+    assert orjson.loads(lenient.stdout)["overall"]["streams"]["started"] == 3
+
+
+def test_real_process_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(header_line() + HOSTILE_LINES["deep-meta"] + b"\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambus", "stats", str(path)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert done.stdout == b""
+    assert done.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n".encode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -13,6 +13,7 @@ import msgspec
 import structlog
 
 from streambus import PluginBase, Usage
+from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
 
 from ._handoff import Handoff
 
@@ -55,12 +56,12 @@ class TransformersProducer(PluginBase):
         """Chat messages (``role``/``content``), rendered with the tokenizer's chat template."""
         chat_template: str | None = None
         """A Jinja chat template to use instead of the tokenizer's own."""
-        max_new_tokens: int = 256
+        max_new_tokens: PositiveInt = 256
         do_sample: bool | None = None
-        temperature: float | None = None
-        top_p: float | None = None
-        top_k: int | None = None
-        repetition_penalty: float | None = None
+        temperature: NonNegativeFloat | None = None
+        top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+        top_k: NonNegativeInt | None = None
+        repetition_penalty: PositiveFloat | None = None
         seed: int | None = None
         """Seed torch's generator before each generation (reproducible sampling)."""
         generation: dict[str, Any] = {}
@@ -74,10 +75,11 @@ class TransformersProducer(PluginBase):
         """The ``model`` written on ``start`` events (default: the checkpoint's name)."""
         provider: str = "transformers"
         meta: dict[str, Any] = {}
-        buffer: int = 64
+        buffer: PositiveInt = 64
         """How many text pieces may wait between the worker thread and the bus."""
 
         def __post_init__(self) -> None:
+            check_bounds(self)
             if self.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
             if self.buffer < 1:

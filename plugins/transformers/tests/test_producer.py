@@ -305,8 +305,8 @@ async def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     [
         ({"max_new_tokens": 0}, "max_new_tokens: must be at least 1"),
         ({"buffer": 0}, "buffer: must be at least 1"),
-        ({"temperature": -1.0}, "temperature: must be >= 0"),
-        ({"top_p": 1.5}, r"top_p: must be within \(0, 1\]"),
+        ({"temperature": -1.0}, "temperature: must be at least 0 and finite, got -1.0"),
+        ({"top_p": 1.5}, r"top_p: must be more than 0 and at most 1, got 1.5"),
         ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "messages: give either prompt or messages"),
         ({"messages": [{"role": "user"}]}, r"messages\[0\].content: expected a string"),
         ({"messages": []}, "messages: must not be empty"),

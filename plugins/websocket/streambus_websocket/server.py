@@ -68,6 +68,7 @@ from streambus import (
     is_terminal,
 )
 from streambus.access import OriginPolicy, is_loopback_host, split_host_port
+from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require_readable_file
 
 from .client import Client
 from .history import History
@@ -128,19 +129,19 @@ class WebSocketSink(PluginBase):
         allow_public_without_token: bool = False
         allowed_origins: list[str] = []
         allowed_hosts: list[str] = []
-        max_clients: int = 2000
-        max_message_bytes: int = 65536
-        max_message_rate: float = 20.0
-        max_subscriptions: int = 16
-        max_subscribe_streams: int = 256
-        client_buffer_bytes: int = 1048576
-        history_events: int = 2000
-        history_ttl: float = 300.0
-        history_streams: int = 10000
-        ping_interval: float | None = 20.0
-        ping_timeout: float | None = 20.0
-        close_timeout: float = 5.0
-        socket_send_buffer: int | None = None
+        max_clients: PositiveInt = 2000
+        max_message_bytes: PositiveInt = 65536
+        max_message_rate: PositiveFloat = 20.0
+        max_subscriptions: PositiveInt = 16
+        max_subscribe_streams: PositiveInt = 256
+        client_buffer_bytes: PositiveInt = 1048576
+        history_events: NonNegativeInt = 2000
+        history_ttl: NonNegativeFloat = 300.0
+        history_streams: PositiveInt = 10000
+        ping_interval: PositiveFloat | None = 20.0
+        ping_timeout: PositiveFloat | None = 20.0
+        close_timeout: NonNegativeFloat = 5.0
+        socket_send_buffer: PositiveInt | None = None
         compression: bool = False
         page: bool = True
 
@@ -196,6 +197,18 @@ class WebSocketSink(PluginBase):
     slowing every producer and every other sink.
     """
     buffer: ClassVar[int] = 4096
+
+    def preflight(self) -> None:
+        """Check that ``tokens_file`` (when set) is a readable file holding a token; nothing is opened for serving."""
+        path = self.options.tokens_file
+        if path:
+            require_readable_file("tokens_file", path)
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"tokens_file: cannot read {path}: {exc}") from None
+            if not any(ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines()):
+                raise ValueError(f"tokens_file: {path} holds no token (one per line)")
 
     def __init__(
         self,
