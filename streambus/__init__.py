@@ -22,6 +22,7 @@ from .errors import (
     SinkFailed,
     StreamBusError,
     StreamClosed,
+    StreamsFailed,
     SubscriptionClosed,
     WireError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "StartEvent",
     "StreamBusError",
     "StreamClosed",
+    "StreamsFailed",
     "StreamFailed",
     "StreamWriter",
     "Subscription",

@@ -39,11 +39,12 @@ import msgspec
 import structlog
 
 from .bus import Bus, Producer, Sink
-from .errors import ConfigError, PipelineFailed, StreamBusError, SubscriptionClosed
+from .errors import ConfigError, PipelineFailed, StreamBusError, StreamsFailed, SubscriptionClosed
+from .events import ErrorEvent
 from .plugins import NonNegativeFloat, PositiveInt, build, check_bounds, check_plugin, validate_options
-from .subscription import Filter, OverflowPolicy
+from .subscription import Filter, OverflowPolicy, Subscription
 
-__all__ = ["BusConfig", "LogConfig", "Pipeline", "SinkEntry", "load_config", "parse_config"]
+__all__ = ["BusConfig", "LogConfig", "Pipeline", "RunConfig", "SinkEntry", "load_config", "parse_config"]
 
 log = structlog.get_logger("streambus.config")
 
@@ -68,6 +69,13 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["console", "json"] = "console"
+
+
+class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The ``[run]`` table: what makes ``streambus run`` fail."""
+
+    fail_on_stream_error: bool = True
+    """Exit 1 when any stream ended with an ``error`` event; ``false`` for long-running pipelines."""
 
 
 class _FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -113,6 +121,8 @@ class Pipeline:
     sinks: list[SinkEntry]
     plugins: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
     """``(location, plugin)`` of every producer and sink in file order, e.g. ``("sinks[1]", recorder)``."""
+    run_config: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """The ``[run]`` table."""
 
     def check(self) -> None:
         """Run every plugin's ``preflight()``: files it reads exist, directories it writes to are writable.
@@ -149,12 +159,19 @@ class Pipeline:
         :class:`~streambus.errors.StreamBusError`, as a port in use does)
         stops the bus at once instead of being restarted, and a producer that
         raises is logged; either way :class:`~streambus.errors.PipelineFailed`
-        names the first failing table once everything has drained.
+        names the first failing table once everything has drained. Streams
+        that ended with an ``error`` event raise
+        :class:`~streambus.errors.StreamsFailed` at the end, unless ``[run]
+        fail_on_stream_error = false``.
         """
         self.check()
         failures: list[PipelineFailed] = []
         sink_down = anyio.Event()  # set when a sink could not start: producers not yet running stay off
+        stream_errors = _StreamErrors()
         async with self.make_bus() as bus:
+            if self.run_config.fail_on_stream_error:
+                # Lossless but cheap: it only looks at each event's type.
+                bus.add_sink(stream_errors, name="stream-errors", overflow="block")
             names = {id(plugin): location for location, plugin in self.plugins}
             for entry in self.sinks:
                 where = names.get(id(entry.sink), entry.name or "sink")
@@ -166,6 +183,8 @@ class Pipeline:
                 await _serve_until_signal(bus)
         if failures:
             raise failures[0]
+        if stream_errors.first is not None:
+            raise StreamsFailed(self.path, stream_errors.count, stream_errors.first)
 
     @staticmethod
     def _attach_one(bus: Bus, entry: SinkEntry, sink: Sink) -> None:
@@ -178,6 +197,22 @@ class Pipeline:
             critical=entry.critical,
             raw=entry.raw,
         )
+
+
+class _StreamErrors:
+    """Counts the streams that ended with an ``error`` event, keeping the first."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: ErrorEvent | None = None
+
+    async def run(self, events: Subscription) -> None:
+        while batch := await events.receive_batch():
+            for event in batch:
+                if isinstance(event, ErrorEvent):
+                    self.count += 1
+                    if self.first is None:
+                        self.first = event
 
 
 def _describe(exc: BaseException) -> str:
@@ -292,12 +327,13 @@ def _table(data: Any, where: str, path: str) -> dict[str, Any]:
 
 def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline:
     """Validate a parsed TOML document and build its plugins."""
-    unknown = set(data) - {"bus", "log", "producers", "sinks"}
+    unknown = set(data) - {"bus", "log", "run", "producers", "sinks"}
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError("unknown table (expected bus, log, producers, sinks)", path=path, location=key)
+        raise ConfigError("unknown table (expected bus, log, run, producers, sinks)", path=path, location=key)
     bus = validate_options(BusConfig, _table(data.get("bus", {}), "bus", path), path=path, location="bus")
     logcfg = validate_options(LogConfig, _table(data.get("log", {}), "log", path), path=path, location="log")
+    runcfg = validate_options(RunConfig, _table(data.get("run", {}), "run", path), path=path, location="run")
 
     plugins: list[tuple[str, Any]] = []
     producers: list[Producer] = []
@@ -332,7 +368,9 @@ def parse_config(data: Mapping[str, Any], *, path: str = "<config>") -> Pipeline
                 filter=flt,
             )
         )
-    return Pipeline(path=path, bus=bus, log=logcfg, producers=producers, sinks=sinks, plugins=plugins)
+    return Pipeline(
+        path=path, bus=bus, log=logcfg, producers=producers, sinks=sinks, plugins=plugins, run_config=runcfg
+    )
 
 
 def _list(value: Any, where: str, path: str) -> list[Any]:

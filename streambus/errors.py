@@ -8,6 +8,7 @@ so ``except StreamBusError`` catches them all::
     ├── WireError              a sans-I/O parser met bad bytes (carries the offset)
     ├── ConfigError            a pipeline file is wrong (names file, table and key)
     ├── PipelineFailed         a configured plugin failed while the pipeline ran
+    ├── StreamsFailed          streams of a pipeline run ended in ``error`` (``streambus run`` exits 1)
     ├── PluginError            a plugin is unknown or failed to import
     ├── RecordingError         a recording file is damaged (names the line)
     ├── BusClosed              publishing to, or subscribing on, a closed bus
@@ -22,6 +23,11 @@ react without parsing the message.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .events import ErrorEvent
+
 __all__ = [
     "BusClosed",
     "ConfigError",
@@ -33,6 +39,7 @@ __all__ = [
     "SinkFailed",
     "StreamBusError",
     "StreamClosed",
+    "StreamsFailed",
     "SubscriptionClosed",
     "WireError",
 ]
@@ -122,6 +129,25 @@ class RecordingError(StreamBusError):
         super().__init__(f"{path}:{line}: {message}" if line > 0 else f"{path}: {message}")
         self.path = path
         self.line = line
+
+
+class StreamsFailed(StreamBusError):
+    """Streams of a pipeline run ended with an ``error`` event, so ``streambus run`` fails.
+
+    ``count`` is how many streams failed; ``first`` is the first such
+    ``error`` event (its ``stream``, ``kind`` and ``message`` say what went
+    wrong). ``[run] fail_on_stream_error = false`` turns this off.
+    """
+
+    def __init__(self, path: str, count: int, first: ErrorEvent) -> None:
+        detail = f"{first.kind}: {first.message}" if first.message else first.kind
+        super().__init__(
+            f"{path}: {count} stream(s) ended in error (first: stream {first.stream}: {detail}); "
+            "set [run] fail_on_stream_error = false to exit 0 anyway"
+        )
+        self.path = path
+        self.count = count
+        self.first = first
 
 
 class BusClosed(StreamBusError):

@@ -18,10 +18,21 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-from streambus import Bus, DeltaEvent, EndEvent, Event, PipelineFailed, StartEvent, Subscription, is_terminal
+from streambus import (
+    Bus,
+    DeltaEvent,
+    EndEvent,
+    ErrorEvent,
+    Event,
+    PipelineFailed,
+    StartEvent,
+    Subscription,
+    is_terminal,
+)
 from streambus.builtins.synthetic import SyntheticProducer
 from streambus.cli import main
 from streambus.config import BusConfig, LogConfig, Pipeline, SinkEntry
+from streambus.recording import write_recording
 
 
 @pytest.fixture(autouse=True)
@@ -439,3 +450,49 @@ def test_run_recorder_directory_that_cannot_be_created_is_exit_1(tmp_path: Path)
         f"Error: {config}: sinks[0]: could not start: "
         "/proc/streambus-rec: cannot create the recording directory: No such file or directory (ENOENT)"
     )
+
+
+def _failing_recording(path: Path) -> Path:
+    """One stream that ends well and one that ends in an upstream error."""
+    write_recording(
+        path,
+        [
+            StartEvent(stream="good", seq=0, ts=1.0, model="m"),
+            DeltaEvent(stream="good", seq=1, ts=1.0, text="fine"),
+            EndEvent(stream="good", seq=2, ts=1.0),
+            StartEvent(stream="bad", seq=0, ts=1.0, model="m"),
+            DeltaEvent(stream="bad", seq=1, ts=1.0, text="par"),
+            ErrorEvent(stream="bad", seq=2, ts=1.0, kind="upstream_error", message="model crashed"),
+        ],
+    )
+    return path
+
+
+def test_run_exits_1_when_a_stream_ended_in_error(tmp_path: Path) -> None:
+    recording = _failing_recording(tmp_path / "rec.jsonl")
+    config = tmp_path / "p.toml"
+    config.write_text(f'[[producers]]\ntype = "replay"\npath = "{recording}"\nburst = true\n')
+    ran = CliRunner().invoke(main, ["run", str(config)])
+    assert ran.exit_code == 1, ran.output
+    assert ran.stderr.count("\n") == 1
+    assert "1 stream(s) ended in error (first: stream " in ran.stderr
+    assert "upstream_error: model crashed); set [run] fail_on_stream_error = false" in ran.stderr
+
+
+def test_run_keeps_going_when_told_to(tmp_path: Path) -> None:
+    """Long-running pipelines keep today's behaviour: streams that fail are the producers' business."""
+    recording = _failing_recording(tmp_path / "rec.jsonl")
+    config = tmp_path / "p.toml"
+    config.write_text(
+        f'[run]\nfail_on_stream_error = false\n[[producers]]\ntype = "replay"\npath = "{recording}"\nburst = true\n'
+    )
+    ran = CliRunner().invoke(main, ["run", str(config)])
+    assert ran.exit_code == 0, ran.output
+
+
+def test_run_table_is_validated(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text('[run]\nfail_on_stream_error = "yes"\n')
+    checked = CliRunner().invoke(main, ["check", str(config)])
+    assert checked.exit_code == 1
+    assert "run.fail_on_stream_error" in checked.stderr
