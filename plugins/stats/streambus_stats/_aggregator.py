@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
@@ -85,7 +85,7 @@ class StreamRecord(msgspec.Struct, kw_only=True):
     total_tokens: int | None
     usage_source: Literal["provider", "counted"] | None
     token_method: str | None
-    """``provider``, ``tiktoken:<encoding>`` or ``approx``: how completion tokens were known."""
+    """``provider``, ``hf:<tokenizer>``, ``tiktoken:<encoding>`` or ``approx``: how completion tokens were known."""
     time_per_output_token: float | None
     output_tokens_per_second: float | None
     provider_tokens_per_second: float | None
@@ -342,6 +342,7 @@ class StatsAggregator:
     :param relative_accuracy: the DDSketch's relative error on quantiles (0.01 = 1%).
     :param tokenizer: how to count tokens when the provider did not (see :class:`TokenCounter`).
     :param encoding: a tiktoken encoding to use for every model.
+    :param hf_tokenizers: model name -> its own tokenizer on this machine (see :class:`TokenCounter`).
     :param keep_streams: how many finished :class:`StreamRecord` to keep (``None``: all).
     :param quantiles: the quantiles summaries report.
     """
@@ -352,6 +353,7 @@ class StatsAggregator:
         relative_accuracy: float = 0.01,
         tokenizer: TokenizerChoice = "auto",
         encoding: str | None = None,
+        hf_tokenizers: Mapping[str, str] | None = None,
         keep_streams: int | None = 1000,
         quantiles: Sequence[float] = (0.5, 0.9, 0.99),
         counter: TokenCounter | None = None,
@@ -365,7 +367,7 @@ class StatsAggregator:
                 raise ValueError(f"quantiles: each must be between 0 and 1 (exclusive), got {q}")
         self.relative_accuracy = relative_accuracy
         self.quantiles = tuple(quantiles)
-        self.counter = counter or TokenCounter(tokenizer, encoding)
+        self.counter = counter or TokenCounter(tokenizer, encoding, hf_tokenizers)
         self.groups: dict[tuple[str, str], Aggregate] = {}
         """One :class:`Aggregate` per ``(model, provider)``."""
         self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)

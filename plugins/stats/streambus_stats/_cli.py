@@ -25,6 +25,17 @@ def _is_state(path: Path) -> bool:
         return f.read(64).lstrip().startswith(b'{"streambus_stats"')
 
 
+def _pairs(values: tuple[str, ...]) -> dict[str, str]:
+    """``MODEL=TOKENIZER`` options as a mapping; a value without ``=`` is a usage error naming it."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        model, sep, source = value.partition("=")
+        if not sep or not model or not source:
+            raise click.BadParameter(f"{value!r}: expected MODEL=TOKENIZER", param_hint="--hf-tokenizer")
+        pairs[model] = source
+    return pairs
+
+
 def summarise(
     paths: list[str | Path],
     *,
@@ -32,6 +43,7 @@ def summarise(
     relative_accuracy: float = 0.01,
     tokenizer: str = "auto",
     encoding: str | None = None,
+    hf_tokenizers: dict[str, str] | None = None,
     problems: list[tuple[str, RecordingProblem]] | None = None,
 ) -> StatsAggregator:
     """Aggregate each recording (or saved stats state) separately and merge them.
@@ -45,6 +57,7 @@ def summarise(
         keep_streams=None,
         tokenizer=tokenizer,  # type: ignore[arg-type]
         encoding=encoding,
+        hf_tokenizers=hf_tokenizers,
     )
     for path in map(Path, paths):
         if _is_state(path):
@@ -210,6 +223,13 @@ def _render(agg: StatsAggregator, out: Any, show_streams: bool) -> None:
 )
 @click.option("--encoding", default=None, help="tiktoken encoding to use for every model (e.g. o200k_base).")
 @click.option(
+    "--hf-tokenizer",
+    "hf_tokenizers",
+    multiple=True,
+    metavar="MODEL=TOKENIZER",
+    help="Count MODEL's tokens with its own tokenizer: a tokenizer.json, a directory, or a cached hub repo id.",
+)
+@click.option(
     "--relative-accuracy",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.01,
@@ -225,6 +245,7 @@ def stats_command(
     lenient: bool,
     tokenizer: str,
     encoding: str | None,
+    hf_tokenizers: tuple[str, ...],
     relative_accuracy: float,
 ) -> None:
     """Print time to first chunk, inter-chunk latency, tokens/s and usage of RECORDINGS, per model and overall.
@@ -245,6 +266,7 @@ def stats_command(
             relative_accuracy=relative_accuracy,
             tokenizer=tokenizer,
             encoding=encoding,
+            hf_tokenizers=_pairs(hf_tokenizers),
             problems=problems,
         )
     except StreamBusError as exc:

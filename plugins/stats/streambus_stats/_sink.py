@@ -94,6 +94,8 @@ class StatsSink(PluginBase):
         """How to count tokens the provider did not report."""
         encoding: str | None = None
         """A tiktoken encoding name to use for every model."""
+        hf_tokenizers: dict[str, str] = msgspec.field(default_factory=dict)
+        """Model -> its own tokenizer on this machine: a ``tokenizer.json``, a directory, or a cached hub repo id."""
         state_file: str | None = None
         """Write the mergeable aggregator state (JSON) here when the bus stops."""
         read_batch: PositiveInt = 2048
@@ -143,6 +145,7 @@ class StatsSink(PluginBase):
             relative_accuracy=opts.relative_accuracy,
             tokenizer=opts.tokenizer,
             encoding=opts.encoding,
+            hf_tokenizers=opts.hf_tokenizers,
             keep_streams=opts.keep_streams,
             quantiles=opts.quantiles,
         )

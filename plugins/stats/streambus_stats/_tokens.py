@@ -1,18 +1,27 @@
 """Counting tokens when the provider did not report them.
 
-:class:`TokenCounter` uses ``tiktoken`` when it is installed *and* can load
-the encoding of the model (``tiktoken.encoding_for_model``, or the encoding
-named in the options). tiktoken downloads its BPE files on first use; on a
-machine without network access (or for models it does not know, such as
-``llama3``) loading fails, the failure is remembered (one warning per
-encoding, no retry per stream) and the documented approximation is used:
+:class:`TokenCounter` counts with the best tokenizer it can find *on this
+machine*, never downloading anything:
+
+1. the model's own tokenizer, from the Hugging Face ``tokenizers`` library:
+   a ``tokenizer.json`` named for the model in ``hf_tokenizers`` (a file, a
+   directory holding one, or a hub repo id), or, for a model named like a hub
+   repo (``Qwen/Qwen3-8B``), one already in the local Hugging Face cache;
+2. ``tiktoken``, when it is installed *and* its BPE file for the model's
+   encoding is cached (``tiktoken.encoding_for_model``, or ``encoding``);
+3. the documented approximation:
 
     tokens(text) = sum over the pieces of ``\\w+|[^\\w\\s]`` of ceil(len(piece) / 4)
 
 i.e. every word or punctuation mark is at least one token and long words are
 one token per four characters (OpenAI's rule of thumb). On English prose it
 lands within about 25% of BPE tokenizers; it is a fallback, not a tokenizer.
-Counts made either way are reported with ``source = "counted"``.
+
+Counts made any of these ways are reported with ``source = "counted"``, and
+the stream's ``usage_method`` says which (``hf:<tokenizer>``,
+``tiktoken:<encoding>`` or ``approx``). Falling back to the approximation is
+said once per counter, in one short log line; :attr:`TokenCounter.fallbacks`
+keeps every model's reason.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import structlog
@@ -50,13 +60,44 @@ class TokenCounter:
         model instead of looking the model up.
     """
 
-    def __init__(self, tokenizer: TokenizerChoice = "auto", encoding: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: TokenizerChoice = "auto",
+        encoding: str | None = None,
+        hf_tokenizers: Mapping[str, str] | None = None,
+    ) -> None:
         if tokenizer not in ("auto", "tiktoken", "approx"):
             raise ValueError(f"tokenizer: expected auto, tiktoken or approx, got {tokenizer!r}")
         self.tokenizer = tokenizer
         self.encoding = encoding
+        self.hf_tokenizers = dict(hf_tokenizers or {})
+        """Model name -> a ``tokenizer.json`` file, a directory holding one, or a hub repo id in the local cache."""
         self._encoders: dict[str, Any] = {}
+        self._hf: dict[str, tuple[Any, str] | None] = {}
         self._failed: dict[str, str] = {}
+        self._warned = False
+
+    def hf_tokenizer_for(self, model: str) -> tuple[Any, str] | None:
+        """The model's own ``tokenizers.Tokenizer`` and its name, when one is on this machine (cached per model)."""
+        if self.tokenizer != "auto":
+            return None
+        if model in self._hf:
+            return self._hf[model]
+        found = None
+        source = self.hf_tokenizers.get(model) or (model if "/" in model else None)
+        if source is not None:
+            path = _local_tokenizer_file(source)
+            if path is None and model in self.hf_tokenizers:
+                self._fail(model, f"no tokenizer.json at {source!r} (a file, a directory, or a cached hub repo)")
+            elif path is not None:
+                try:
+                    from tokenizers import Tokenizer
+
+                    found = (Tokenizer.from_file(str(path)), source)
+                except Exception as exc:  # ImportError, or tokenizers' own errors (plain Exception) for a bad file
+                    self._fail(model, f"cannot load the tokenizer {source!r}: {type(exc).__name__}: {exc}")
+        self._hf[model] = found
+        return found
 
     def encoder_for(self, model: str) -> Any | None:
         """Return the tiktoken encoding for *model*, or ``None`` when it cannot be had (cached)."""
@@ -88,12 +129,18 @@ class TokenCounter:
 
     def _fail(self, key: str, why: str) -> None:
         self._failed[key] = why
-        log.warning("stats.tokenizer_fallback", model=key, reason=why, method="approx")
+        if not self._warned:  # one short line per counter; every reason stays in `fallbacks`
+            self._warned = True
+            log.warning("stats.tokens_approximated", model=key, reason=why)
 
     def count(self, text: str, model: str) -> tuple[int, str]:
-        """Return ``(tokens, method)`` with method ``tiktoken:<encoding>`` or ``approx``."""
+        """Return ``(tokens, method)`` with method ``hf:<tokenizer>``, ``tiktoken:<encoding>`` or ``approx``."""
         if not text:
             return 0, "none"
+        own = self.hf_tokenizer_for(model)
+        if own is not None:
+            hf, name = own
+            return len(hf.encode(text, add_special_tokens=False).ids), f"hf:{name}"
         enc = self.encoder_for(model)
         if enc is not None:
             return len(enc.encode(text, disallowed_special=())), f"tiktoken:{enc.name}"
@@ -103,6 +150,24 @@ class TokenCounter:
     def fallbacks(self) -> dict[str, str]:
         """Models (or encodings) that fell back to the approximation, with the reason."""
         return dict(self._failed)
+
+
+def _local_tokenizer_file(source: str) -> Path | None:
+    """A ``tokenizer.json`` for *source* already on this machine: a file, a directory, or a cached hub repo."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        inside = path / "tokenizer.json"
+        return inside if inside.is_file() else None
+    if source.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(source, "tokenizer.json")
+    return Path(cached) if isinstance(cached, str) else None
 
 
 _cache_lock = threading.Lock()

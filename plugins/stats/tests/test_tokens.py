@@ -111,3 +111,88 @@ def test_approx_tokenizer_never_tries_tiktoken(monkeypatch: pytest.MonkeyPatch) 
     assert TokenCounter("approx").count("Hi", "gpt-4o") == (1, "approx")
     with pytest.raises(ValueError, match="tokenizer"):
         TokenCounter("bpe")  # type: ignore[arg-type]
+
+
+def _train_tokenizer(directory: Any) -> Any:
+    """A small BPE tokenizer trained here (no download), saved as ``tokenizer.json`` in *directory*."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"])
+    tok.train_from_iterator(["Hello, world! Hello again, world."] * 50, trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def test_the_models_own_tokenizer_counts_when_it_is_on_this_machine(tmp_path: Any) -> None:
+    tok = _train_tokenizer(tmp_path / "llama")
+    expected = len(tok.encode("Hello, world!", add_special_tokens=False).ids)
+    assert expected != approximate_tokens("Hello, world!")  # so the test tells the two apart
+    source = str(tmp_path / "llama")
+    agg = StatsAggregator(hf_tokenizers={"llama3.2": source})
+    agg.feed_many(stream(None, model="llama3.2"))
+    record = agg.streams[0]
+    assert (record.usage_source, record.token_method) == ("counted", f"hf:{source}")
+    assert record.completion_tokens == expected
+    # a file works as well as its directory
+    counter = TokenCounter(hf_tokenizers={"m": str(tmp_path / "llama" / "tokenizer.json")})
+    assert counter.count("Hello, world!", "m") == (expected, f"hf:{tmp_path / 'llama' / 'tokenizer.json'}")
+
+
+def test_a_hub_model_name_finds_its_tokenizer_in_the_local_cache(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model served under its hub name (vLLM, TGI) is counted with the cached tokenizer, never a download."""
+    pytest.importorskip("huggingface_hub")
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    tok = _train_tokenizer(snapshot)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    counter = TokenCounter()
+    expected = len(tok.encode("Hello, world!", add_special_tokens=False).ids)
+    assert counter.count("Hello, world!", "acme/tiny") == (expected, "hf:acme/tiny")
+    assert counter.count("Hello", "acme/not-cached") == (2, "approx")
+
+
+def test_falling_back_is_said_once_in_one_short_line(tmp_path: Any) -> None:
+    from structlog.testing import capture_logs
+
+    counter = TokenCounter(hf_tokenizers={"a": str(tmp_path / "missing"), "b": str(tmp_path / "also-missing")})
+    with capture_logs() as logs:
+        assert counter.count("Hello", "a")[1] == "approx"
+        assert counter.count("Hello", "b")[1] == "approx"
+        assert counter.count("Hello", "llama3.2")[1] == "approx"
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 1
+    assert warnings[0]["event"] == "stats.tokens_approximated"
+    assert "no tokenizer.json at" in counter.fallbacks["a"]
+    assert "no tokenizer.json at" in counter.fallbacks["b"]
+
+
+def test_cli_hf_tokenizer_option(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from streambus.cli import main
+    from streambus.recording import write_recording
+
+    tok = _train_tokenizer(tmp_path / "tok")
+    recording = tmp_path / "r.jsonl"
+    write_recording(recording, stream(None, model="llama3.2"))
+    ran = CliRunner().invoke(
+        main, ["stats", str(recording), "--json", "--streams", "--hf-tokenizer", f"llama3.2={tmp_path / 'tok'}"]
+    )
+    assert ran.exit_code == 0, ran.output
+    import orjson
+
+    (record,) = orjson.loads(ran.stdout)["streams"]
+    assert record["completion_tokens"] == len(tok.encode("Hello, world!", add_special_tokens=False).ids)
+    bad = CliRunner().invoke(main, ["stats", str(recording), "--hf-tokenizer", "no-equals-sign"])
+    assert bad.exit_code == 2
+    assert "'no-equals-sign': expected MODEL=TOKENIZER" in bad.stderr
