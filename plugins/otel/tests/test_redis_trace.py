@@ -21,7 +21,7 @@ from streambus_redis import RedisSource
 
 from streambus import Bus, Subscription, is_terminal
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 URL = os.environ.get("STREAMBUS_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROC = Path(__file__).with_name("otel_proc.py")
