@@ -30,7 +30,7 @@ import structlog
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
 from streambus.events import (
@@ -157,13 +157,27 @@ class OtelSink(PluginBase):
     ) -> None:
         self.options: OtelSink.Options = self.resolve_options(options, keys)
         self._owned: _Owned | None = None
-        if tracer_provider is None and meter_provider is None and self.options.exporter == "otlp":
-            self._owned = _otlp_providers(self.options)
-            tracer_provider, meter_provider = self._owned.tracer_provider, self._owned.meter_provider
-        self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(INSTRUMENTATION_NAME)
-        meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION_NAME)
-        self._metrics = GenAIMetrics(meter, self.options.metrics)
+        self._tracer: Tracer | None = None
+        self._metrics: GenAIMetrics | None = None
+        self._own = tracer_provider is None and meter_provider is None and self.options.exporter == "otlp"
+        if self._own:
+            _otlp_exporters()  # fail here, with the install line, not when the bus starts the sink
+        else:
+            self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(INSTRUMENTATION_NAME)
+            meter = (meter_provider or metrics.get_meter_provider()).get_meter(INSTRUMENTATION_NAME)
+            self._metrics = GenAIMetrics(meter, self.options.metrics)
         self._open: dict[str, _Open] = {}
+
+    def _providers(self) -> tuple[Tracer, GenAIMetrics]:
+        # The sink's own OTLP providers start export threads: built when the sink starts,
+        # not when a config is merely checked (`streambus check` builds every plugin).
+        if self._tracer is None or self._metrics is None:
+            self._owned = _otlp_providers(self.options)
+            self._tracer = self._owned.tracer_provider.get_tracer(INSTRUMENTATION_NAME)
+            self._metrics = GenAIMetrics(
+                self._owned.meter_provider.get_meter(INSTRUMENTATION_NAME), self.options.metrics
+            )
+        return self._tracer, self._metrics
 
     @property
     def open_streams(self) -> int:
@@ -172,6 +186,7 @@ class OtelSink(PluginBase):
 
     async def run(self, events: Subscription) -> None:
         """Open a span at each ``start``, note chunks, end the span at the terminal event."""
+        self._providers()
         live = self._open
         pause = self.options.read_pause
         while batch := await events.receive_batch():
@@ -208,10 +223,12 @@ class OtelSink(PluginBase):
             self._close_incomplete(stream)
         if self._owned is not None:
             owned, self._owned = self._owned, None
+            self._tracer = self._metrics = None  # a next bus gets fresh providers
             await anyio.to_thread.run_sync(_shutdown, owned)
 
     async def setup(self, bus: Bus) -> None:
-        """Nothing to open: the providers export from their own threads."""
+        """Build the sink's own OTLP providers (``exporter = "otlp"``); they export from their own threads."""
+        self._providers()
 
     # -- per event -----------------------------------------------------------------
     def _control(self, event: Event) -> None:
@@ -261,7 +278,8 @@ class OtelSink(PluginBase):
                 break
         parent: Context | None = context_from_meta(meta)
         name = f"{self.options.operation} {request_model}" if request_model else self.options.operation
-        span = self._tracer.start_span(
+        tracer, _ = self._providers()
+        span = tracer.start_span(
             name,
             # An explicit empty context: without a traceparent the stream is a
             # root span, never a child of whatever runs the sink.
@@ -329,7 +347,8 @@ class OtelSink(PluginBase):
                 span.set_attribute("streambus.content_truncated", True)
         span.end(end_time=int(end * _NS))
         attrs = state.attrs
-        self._metrics.finished(
+        _, recorder = self._providers()
+        recorder.finished(
             attrs,
             duration=max(0.0, end - state.start),
             ttfc=ttfc,
@@ -337,9 +356,9 @@ class OtelSink(PluginBase):
             output_tokens=output_tokens,
         )
         if state.gaps:
-            self._metrics.chunk_gaps(state.gaps, attrs)
+            recorder.chunk_gaps(state.gaps, attrs)
         elif self.options.chunk_gaps == "mean" and state.first is not None and state.chunks > 1:
-            self._metrics.chunk_gaps([(state.last - state.first) / (state.chunks - 1)], attrs)
+            recorder.chunk_gaps([(state.last - state.first) / (state.chunks - 1)], attrs)
 
     def _capture(self, state: _Open, event: DeltaEvent) -> None:
         assert state.parts is not None
@@ -381,7 +400,8 @@ def _output_messages(parts: dict[str, list[str]], reason: str | None) -> str:
     return orjson.dumps([message]).decode()
 
 
-def _otlp_providers(options: OtelSink.Options) -> _Owned:
+def _otlp_exporters() -> tuple[Any, Any]:
+    """The OTLP/HTTP span and metric exporter classes, or an ImportError with the install line."""
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -389,6 +409,11 @@ def _otlp_providers(options: OtelSink.Options) -> _Owned:
         raise ImportError(
             f"otel: exporter = 'otlp' needs the OTLP exporter: {install_hint('streambus-otel', 'otlp')}"
         ) from exc
+    return OTLPSpanExporter, OTLPMetricExporter
+
+
+def _otlp_providers(options: OtelSink.Options) -> _Owned:
+    OTLPSpanExporter, OTLPMetricExporter = _otlp_exporters()
     from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,19 @@ def test_the_config_example_in_the_docs_is_valid() -> None:
             if table.get("type") == "otel":
                 options = {k: v for k, v in table.items() if k != "type"}
                 assert isinstance(build("sinks", "otel", options), OtelSink)
+
+
+def test_otlp_without_the_exporter_installed_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with pytest.raises(ImportError, match=r"pip install 'streambus-otel\[otlp\]'"):
+        OtelSink(exporter="otlp")
+    assert isinstance(OtelSink(exporter="global"), OtelSink)  # the default needs no exporter package
+
+
+def test_building_an_otlp_sink_starts_no_export_thread() -> None:
+    # `streambus check` builds every plugin of a config without running it.
+    before = threading.active_count()
+    sink = build("sinks", "otel", {"exporter": "otlp", "endpoint": "http://127.0.0.1:9"})
+    assert isinstance(sink, OtelSink)
+    assert threading.active_count() == before
