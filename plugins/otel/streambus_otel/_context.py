@@ -1,7 +1,8 @@
 """W3C trace context in a stream's ``start.meta``, so a stream's span joins its producer's trace.
 
-A producer that runs inside a span (an HTTP request handler, an agent step)
-passes its meta through :func:`inject_context`; the ``start`` event then
+With :func:`propagate_trace_context` on, every stream started inside a span
+(by any producer, built-in ones included) gets that span's context; a
+caller may also pass its meta through :func:`inject_context`. The ``start`` event then
 carries ``traceparent`` (and ``tracestate``) as plain strings, which survive
 the wire format, recordings and Redis. The otel sink reads them back with
 :func:`context_from_meta` and parents the stream's span on them, on whatever
@@ -10,14 +11,16 @@ host the sink runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["TRACE_KEYS", "context_from_meta", "inject_context"]
+from streambus.hooks import add_start_hook
+
+__all__ = ["TRACE_KEYS", "context_from_meta", "inject_context", "propagate_trace_context"]
 
 TRACE_KEYS: Final = ("traceparent", "tracestate")
 """The ``start.meta`` keys that carry the W3C trace context."""
@@ -64,3 +67,23 @@ def context_from_meta(meta: Mapping[str, Any]) -> Context | None:
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
     return context
+
+
+def _inject_hook(meta: dict[str, Any]) -> None:
+    if "traceparent" in meta:
+        return  # the producer named a parent itself (inject_context, or a stream relayed from elsewhere)
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    meta.update(carrier)
+
+
+def propagate_trace_context() -> Callable[[], None]:
+    """Put the current span's ``traceparent`` into every stream started inside a span, from now on.
+
+    Call it once at start-up, in the process whose producers run inside
+    spans (the one handling requests); the otel sink may run elsewhere.
+    A ``traceparent`` the producer already put in ``meta`` is kept. Returns
+    the function that turns it off again. Process-wide (a
+    :func:`streambus.hooks.add_start_hook` hook).
+    """
+    return add_start_hook(_inject_hook)

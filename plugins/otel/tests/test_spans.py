@@ -10,7 +10,7 @@ import orjson
 import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
-from streambus_otel import inject_context
+from streambus_otel import inject_context, propagate_trace_context
 
 from streambus import (
     AbortEvent,
@@ -268,3 +268,42 @@ async def test_content_is_captured_only_when_asked(telemetry: Telemetry) -> None
         {"type": "text", "content": "Bo"},
     ]
     assert cut_attrs["streambus.content_truncated"] is True
+
+
+class Countdown:
+    """A producer that knows nothing of tracing, like the built-in ones."""
+
+    async def run(self, bus: Bus) -> None:
+        async with bus.stream(model="countdown", provider="example", meta={"user": "u1"}) as w:
+            await w.delta("3, 2, 1")
+
+
+async def test_with_propagation_on_any_producer_started_inside_a_span_parents_its_stream(
+    telemetry: Telemetry,
+) -> None:
+    tracer = telemetry.tracer_provider.get_tracer("app")
+    stop = propagate_trace_context()
+    try:
+        async with Bus() as bus:
+            bus.add_sink(telemetry.sink())
+            with tracer.start_as_current_span("agent step") as step:
+                bus.start_producer(Countdown())
+            bus.start_producer(Countdown())  # outside any span: a root span
+            with tracer.start_as_current_span("relay"):
+                # A traceparent already in meta (relayed from elsewhere) is kept.
+                relayed = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                async with bus.stream(model="m", meta={"traceparent": relayed}):
+                    pass
+    finally:
+        stop()
+    children = telemetry.spans("chat countdown")
+    assert len(children) == 2
+    [child] = [s for s in children if s.parent is not None]
+    [root] = [s for s in children if s.parent is None]
+    assert child.parent is not None
+    assert child.parent.span_id == step.get_span_context().span_id
+    assert root.context is not None
+    assert root.context.trace_id != step.get_span_context().trace_id
+    [kept] = telemetry.spans("chat m")
+    assert kept.parent is not None
+    assert f"{kept.parent.span_id:016x}" == "b7ad6b7169203331"
