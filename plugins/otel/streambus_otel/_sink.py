@@ -19,7 +19,7 @@ trio): the SDK exports from its own threads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -68,7 +68,7 @@ _INCOMPLETE: Final = "incomplete"
 class _Open:
     """What the sink keeps of a live stream until its terminal event."""
 
-    __slots__ = ("attrs", "chunks", "first", "gaps", "last", "parts", "seen", "span", "start", "truncated")
+    __slots__ = ("attrs", "chars", "chunks", "first", "gaps", "last", "parts", "seen", "span", "start", "truncated")
 
     def __init__(
         self, span: Span, start: float, attrs: dict[str, AttributeValue], *, each_gap: bool, capture: bool
@@ -82,6 +82,7 @@ class _Open:
         self.chunks = 0
         self.gaps: list[float] | None = [] if each_gap else None
         self.parts: dict[str, list[str]] | None = {} if capture else None
+        self.chars = 0  # captured so far
         self.truncated = False
 
 
@@ -91,7 +92,6 @@ class _Owned:
 
     tracer_provider: Any
     meter_provider: Any
-    closers: list[Any] = field(default_factory=list)
 
 
 class OtelSink(PluginBase):
@@ -364,12 +364,13 @@ class OtelSink(PluginBase):
         assert state.parts is not None
         if event.channel == "tool":
             return  # tool-call fragments have no name or id here: not a valid tool_call part
-        room = self.options.max_content_chars - sum(len(t) for parts in state.parts.values() for t in parts)
+        room = self.options.max_content_chars - state.chars
         text = event.text
         if len(text) > room:
             text, state.truncated = text[: max(room, 0)], True
         if text:
             state.parts.setdefault(event.channel, []).append(text)
+            state.chars += len(text)
 
 
 def _server(meta: dict[str, Any]) -> dict[str, AttributeValue]:
