@@ -159,8 +159,7 @@ class OtelSink(PluginBase):
         self._owned: _Owned | None = None
         self._tracer: Tracer | None = None
         self._metrics: GenAIMetrics | None = None
-        self._own = tracer_provider is None and meter_provider is None and self.options.exporter == "otlp"
-        if self._own:
+        if tracer_provider is None and meter_provider is None and self.options.exporter == "otlp":
             _otlp_exporters()  # fail here, with the install line, not when the bus starts the sink
         else:
             self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(INSTRUMENTATION_NAME)
