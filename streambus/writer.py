@@ -43,6 +43,7 @@ from .events import (
     StartEvent,
     Usage,
 )
+from .hooks import run_start_hooks
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -118,6 +119,7 @@ class StreamWriter:
         self._scope.__enter__()
         try:
             self._bus._register_writer(self)
+            run_start_hooks(self.meta)
             await self._bus.publish(
                 StartEvent(
                     stream=self.stream,
