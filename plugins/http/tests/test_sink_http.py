@@ -540,7 +540,7 @@ async def test_openai_resume_after_last_event_id_keeps_model_and_id(served: Any,
 
 def test_unknown_stream_wait_is_short_by_default_and_validated() -> None:
     assert HttpSink.Options().unknown_stream_timeout <= 5
-    with pytest.raises(ConfigError, match=r"sinks\[0\].unknown_stream_timeout: must be positive, got 0"):
+    with pytest.raises(ConfigError, match=r"sinks\[0\].unknown_stream_timeout: must be more than 0 and finite, got 0"):
         parse_config({"sinks": [{"type": "http", "unknown_stream_timeout": 0}]})
 
 

@@ -95,7 +95,7 @@ class OllamaProducer(PluginBase):
         """Attempts after the first, only while no delta was published."""
         retry_backoff: NonNegativeFloat = 0.5
         """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
-        retry_max_wait: PositiveFloat = 30.0
+        retry_max_wait: NonNegativeFloat = 30.0
         """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
         meta: dict[str, Any] = {}
         """Tags for the ``start`` event (merged under each request's ``meta``)."""

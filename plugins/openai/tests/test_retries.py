@@ -95,5 +95,5 @@ def test_retry_keys_build_the_policy() -> None:
 
 @pytest.mark.parametrize("key", ["retry_backoff", "retry_max_wait"])
 def test_bad_retry_keys_are_named(key: str) -> None:
-    with pytest.raises(ConfigError, match=f"{key}: must be 0 or more seconds, got -1"):
+    with pytest.raises(ConfigError, match=f"producers\\[0\\].{key}: must be at least 0 and finite, got -1"):
         build("producers", "openai", {"model": "m", "prompt": "hi", key: -1}, path="pipe.toml", location="producers[0]")
