@@ -117,7 +117,7 @@ class StreamWriter:
         self._scope = anyio.CancelScope()
         self._scope.__enter__()
         try:
-            self._bus._register_writer(self)
+            self._bus.register_writer(self)
             await self._bus.publish(
                 StartEvent(
                     stream=self.stream,
@@ -130,7 +130,7 @@ class StreamWriter:
             )
         except BaseException:
             self._scope.__exit__(None, None, None)
-            self._bus._unregister_writer(self)
+            self._bus.unregister_writer(self)
             raise
         return self
 
@@ -157,7 +157,7 @@ class StreamWriter:
                     else:
                         await self._publish_abort(type(exc).__name__, "shutdown")
         finally:
-            self._bus._unregister_writer(self)
+            self._bus.unregister_writer(self)
             swallowed = scope.__exit__(exc_type, exc, tb)
         return bool(swallowed)
 
@@ -227,7 +227,13 @@ class StreamWriter:
         self._terminal = event
         await self._bus.publish(event)
 
-    def _request_abort(self, reason: str, by: str) -> bool:
+    def request_abort(self, reason: str, by: str) -> bool:
+        """Abort this stream from outside its producer: what :meth:`Bus.abort <streambus.Bus.abort>` does.
+
+        Cancels the writer's block, which then publishes ``abort`` with
+        *reason* and *by*. Returns False if the stream already ended or its
+        block was not entered.
+        """
         if self._terminal is not None or self._scope is None:
             return False
         if self._abort is None:
