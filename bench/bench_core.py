@@ -570,6 +570,7 @@ def per_user_section(quick: bool) -> list[str]:
         "",
         f"M concurrent streams, each read by its own subscriber `bus.subscribe(Filter.of(streams=id))`, "
         f"each producer a `bus.stream()` writer yielding to the loop after every token; {total:,} tokens in all "
+        "(at least 30 per stream) "
         f"per run. Peer: one `asyncio.Queue` per user fed the same typed events. Lowest CPU time of {rounds} "
         "alternating runs; tokens/s = tokens / CPU seconds.",
         "",

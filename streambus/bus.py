@@ -29,7 +29,7 @@ import structlog
 
 from .errors import BusClosed, SinkFailed, StreamBusError
 from .events import AbortEvent, EndEvent, ErrorEvent, Event, StartEvent
-from .subscription import Filter, OverflowPolicy, Subscription
+from .subscription import Filter, Firehose, OverflowPolicy, Subscription
 from .writer import StreamWriter
 
 __all__ = ["Bus", "Producer", "Sink"]
@@ -54,7 +54,7 @@ class _Routes:
     __slots__ = ("by_id", "firehose", "following", "scan")
 
     def __init__(self) -> None:
-        self.firehose: list[Subscription] = []  # unfiltered: offered every event
+        self.firehose = Firehose()  # unfiltered subscribers: offered every event
         self.by_id: dict[str, list[Subscription]] = {}  # filters naming stream ids, by id
         self.scan: list[Subscription] = []  # other filters (model, provider, meta): tried on every start
         self.following: dict[str, list[Subscription]] = {}  # live stream -> filtered subscribers it matched
@@ -75,7 +75,7 @@ class _Routes:
         """Route to *sub* from now on, including the *live* streams its filter matches."""
         flt = sub.filter
         if flt.matches_all:
-            self.firehose = [*self.firehose, sub]
+            self.firehose.add(sub)
             return
         candidates: Iterable[str]
         if flt.streams is not None:
@@ -93,7 +93,7 @@ class _Routes:
         """Stop routing to *sub*."""
         flt = sub.filter
         if flt.matches_all:
-            self.firehose = _without(self.firehose, sub)
+            self.firehose.remove(sub)
             return
         streams: Iterable[str]
         if flt.streams is not None:
@@ -388,10 +388,9 @@ class Bus:
             followers = routes.start(event)  # type: ignore[arg-type]
         else:
             followers = routes.following.get(event.stream, _NOBODY)
-        for sub in routes.firehose:
-            wait = sub.offer(event)
-            if wait is not None:
-                await wait
+        wait = routes.firehose.offer(event)
+        if wait is not None:
+            await wait
         for sub in followers:
             wait = sub.offer(event)
             if wait is not None:

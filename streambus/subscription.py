@@ -42,7 +42,7 @@ from ._signal import Parking
 from .errors import Overflowed, StreamBusError, SubscriptionClosed
 from .events import DeltaEvent, Event, StartEvent, is_terminal
 
-__all__ = ["Filter", "OverflowPolicy", "StreamFailed", "Subscription"]
+__all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription"]
 
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
@@ -183,6 +183,108 @@ def _size(item: Event | _Merged) -> int:
     return _CONTROL_SIZE
 
 
+class Firehose:
+    """The unfiltered subscribers of one side of a bus, offered every event.
+
+    Readers that keep up are *attached*: an event is appended once to a
+    shared log that each reads from its own cursor (a batch is one slice),
+    and one wake-up releases every parked reader, so publishing costs about
+    the same for 1 or 100 of them. Every ``buffer / 4`` events the log looks
+    for attached readers lagging past their buffer: a ``block`` reader makes
+    the publisher wait; any other is *detached* and offered events one by
+    one, so its overflow policy applies; it re-attaches once it has read
+    everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
+    """
+
+    __slots__ = ("attached", "base", "detached", "items", "next_check", "parking")
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []  # the shared log, from position ``base`` on
+        self.base = 0
+        self.attached: list[Subscription] = []
+        self.detached: list[Subscription] = []
+        self.parking = Parking()  # attached readers with nothing to read
+        self.next_check = 0  # log position of the next lag check
+        # The lists are replaced, never changed in place: offer() iterates them
+        # while a delivery may close (and remove) a subscriber.
+
+    def add(self, sub: Subscription) -> None:
+        """Offer *sub* every event from now on."""
+        sub._firehose = self
+        self._attach(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        """Stop offering events to *sub*; what it had not read yet moves to its own buffer, in order."""
+        if sub._cursor >= 0:
+            sub._buf.extend(self.items[sub._cursor - self.base :])
+            sub._cursor = -1
+            self.attached = [s for s in self.attached if s is not sub]
+            if not self.attached:
+                self.base += len(self.items)
+                self.items = []
+            if self.parking.waiting:
+                self.parking.wake()  # its reader may be parked here (the others look again, and park again)
+        else:
+            self.detached = [s for s in self.detached if s is not sub]
+        sub._firehose = None
+
+    def offer(self, event: Event) -> Awaitable[None] | None:
+        """Deliver *event* to every unfiltered subscriber; return an awaitable if the publisher must wait."""
+        detached = self.detached  # before the lag check: a reader it detaches has this event already
+        wait = None
+        if self.attached:
+            items = self.items
+            items.append(event)
+            if self.parking.waiting:
+                self.parking.wake()
+            if self.base + len(items) >= self.next_check:
+                blocked = self._check()
+                if blocked:
+                    wait = _wait_all([sub._log_room() for sub in blocked])
+        for sub in detached:
+            sub.offer(event)  # never a ``block`` subscriber: those are never detached
+        return wait
+
+    def _attach(self, sub: Subscription) -> None:
+        end = self.base + len(self.items)
+        sub._cursor = end
+        self.detached = [s for s in self.detached if s is not sub]
+        self.attached = [*self.attached, sub]
+        self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
+
+    def _check(self) -> list[Subscription]:
+        """Detach lagging readers, trim the log; return the ``block`` readers the publisher must wait for."""
+        end = self.base + len(self.items)
+        blocked: list[Subscription] = []
+        lowest = end
+        for sub in self.attached:
+            if end - sub._cursor > sub.buffer:
+                if sub._policy is OverflowPolicy.BLOCK:
+                    blocked.append(sub)
+                else:
+                    self._detach(sub)
+                    continue
+            lowest = min(lowest, sub._cursor)
+        if lowest > self.base:
+            del self.items[: lowest - self.base]
+            self.base = lowest
+        self.next_check = end + max(1, min((s.buffer for s in self.attached), default=4) // 4)
+        return blocked
+
+    def _detach(self, sub: Subscription) -> None:
+        unread = self.items[sub._cursor - self.base :]
+        sub._cursor = -1
+        self.attached = [s for s in self.attached if s is not sub]
+        self.detached = [*self.detached, sub]
+        for event in unread:
+            sub.offer(event)
+
+
+async def _wait_all(waits: list[Awaitable[None]]) -> None:
+    for wait in waits:
+        await wait
+
+
 class Subscription:
     """A subscriber's bounded buffer of events, read as an async iterator.
 
@@ -203,8 +305,11 @@ class Subscription:
         "_buf",
         "_bytes",
         "_closed",
+        "_cursor",
         "_error",
+        "_firehose",
         "_on_close",
+        "_parked",
         "_policy",
         "_reader",
         "_since_yield",
@@ -246,6 +351,9 @@ class Subscription:
         self._reader = Parking()  # woken when something arrives
         self._space = Parking()  # publishers waiting for room in a full ``block`` buffer
         self._since_yield = 0
+        self._parked = False
+        self._firehose: Firehose | None = None  # set while unfiltered on a bus
+        self._cursor = -1  # position in the firehose's shared log while attached to it
 
     @property
     def overflow(self) -> OverflowPolicy:
@@ -260,7 +368,9 @@ class Subscription:
     @property
     def pending(self) -> int:
         """How many items are buffered and not yet read."""
-        return len(self._buf)
+        firehose = self._firehose
+        shared = firehose.base + len(firehose.items) - self._cursor if firehose and self._cursor >= 0 else 0
+        return len(self._buf) + shared
 
     @property
     def idle(self) -> bool:
@@ -270,7 +380,7 @@ class Subscription:
         ``block`` subscription has processed every event published before now:
         a source may then commit its read position (see the redis plugin).
         """
-        return not self._buf and self._reader.waiting
+        return self._parked and not self._available()
 
     # -- publisher side -------------------------------------------------
     def offer(self, event: Event) -> Awaitable[None] | None:
@@ -368,11 +478,13 @@ class Subscription:
             return
         self._closed = True
         self._error = error
+        if self._on_close is not None:
+            self._on_close(self)  # a clean close still delivers what was published before it
         if error is not None:
             self._buf.clear()
             self._bytes = 0
-        if self._on_close is not None:
-            self._on_close(self)
+        if self._firehose is not None:
+            self._firehose.remove(self)
         self._reader.wake()
         self._space.wake()
 
@@ -390,32 +502,61 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
+    def _available(self) -> bool:
+        if self._buf:
+            return True
+        firehose = self._firehose
+        return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
+
     async def _wait(self) -> None:
         """The one way a reader waits: until something is buffered, or the end.
 
         Raises ``StopAsyncIteration`` after a clean close, or the overflow error.
         """
-        if self._buf:
+        if self._available():
             # A reader that always finds events waiting would never let other tasks run.
             await anyio.lowlevel.checkpoint()
-        while not self._buf:
+        while not self._available():
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            await self._reader.wait()
+            firehose = self._firehose
+            if firehose is not None and self._cursor < 0:
+                firehose._attach(self)  # detached, and read everything: back to the shared log
+                continue
+            self._parked = True
+            try:
+                await (firehose.parking if firehose is not None else self._reader).wait()
+            finally:
+                self._parked = False
         self._since_yield = 0
 
+    async def _log_room(self) -> None:
+        # A ``block`` reader attached to the firehose: the publisher waits until it catches up.
+        while (firehose := self._firehose) is not None and firehose.base + len(
+            firehose.items
+        ) - self._cursor > self.buffer:
+            await self._space.wait()
+
     async def __anext__(self) -> Event:
-        if not self._buf or self._since_yield >= _YIELD_EVERY:
+        if self._since_yield >= _YIELD_EVERY or not self._available():
             await self._wait()
         self._since_yield += 1
-        item = self._buf.popleft()
-        if self._policy is OverflowPolicy.COALESCE:
-            self._bytes -= _size(item)
+        buf = self._buf
+        if buf:
+            item = buf.popleft()
+            if self._policy is OverflowPolicy.COALESCE:
+                self._bytes -= _size(item)
+            event = item.event() if type(item) is _Merged else item
+        else:
+            firehose = self._firehose
+            assert firehose is not None
+            event = firehose.items[self._cursor - firehose.base]
+            self._cursor += 1
         if self._space.waiting:
             self._space.wake()
-        return item.event() if type(item) is _Merged else item  # type: ignore[return-value]
+        return event  # type: ignore[return-value]
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -434,6 +575,15 @@ class Subscription:
         except StopAsyncIteration:
             return []
         buf = self._buf
+        if not buf:
+            firehose = self._firehose
+            assert firehose is not None
+            start = self._cursor - firehose.base
+            events = firehose.items[start : None if limit is None else start + limit]
+            self._cursor += len(events)
+            if self._space.waiting:
+                self._space.wake()
+            return events
         if limit is None or limit >= len(buf):
             items = list(buf)
             buf.clear()

@@ -586,3 +586,30 @@ async def test_reader_reattaching_while_a_publisher_waits_keeps_order() -> None:
     mine = [e for e in got if e.stream == "s"]
     assert [e.seq for e in mine] == sorted(e.seq for e in mine)
     assert "".join(e.text for e in mine if isinstance(e, DeltaEvent)) == "1;2;3;4;5;6;"
+
+
+async def test_closing_a_parked_reader_ends_its_iteration() -> None:
+    # Unfiltered readers park together on the shared log's wake-up, filtered ones on their own:
+    # closing any subscription must wake its reader, and only end that one.
+    ended: list[str] = []
+    async with Bus() as bus:
+        subs = {"a": bus.subscribe(), "b": bus.subscribe(), "s": bus.subscribe(Filter.of(streams="s"))}
+
+        async def read(name: str) -> None:
+            async for _ in subs[name]:
+                pass
+            ended.append(name)
+
+        async with anyio.create_task_group() as tg:
+            for name in subs:
+                tg.start_soon(read, name)
+            await wait_all_tasks_blocked()
+            subs["a"].close()
+            await wait_all_tasks_blocked()
+            assert ended == ["a"]
+            subs["s"].close()
+            await wait_all_tasks_blocked()
+            assert ended == ["a", "s"]
+            assert subs["b"].idle
+            subs["b"].close()
+    assert ended == ["a", "s", "b"]
