@@ -236,7 +236,7 @@ class Firehose:
             items = self.items
             items.append(event)
             if self.parking.waiting:
-                self.parking.wake()
+                self.parking.wake_soon()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
@@ -508,13 +508,14 @@ class Subscription:
         firehose = self._firehose
         return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
-    async def _wait(self) -> None:
+    async def _wait(self, ready: bool) -> None:
         """The one way a reader waits: until something is buffered, or the end.
 
+        *ready* says something is buffered already: then only let other tasks
+        run (a reader that always finds events waiting would never yield).
         Raises ``StopAsyncIteration`` after a clean close, or the overflow error.
         """
-        if self._available():
-            # A reader that always finds events waiting would never let other tasks run.
+        if ready:
             await anyio.lowlevel.checkpoint()
         while not self._available():
             if self._closed:
@@ -540,8 +541,9 @@ class Subscription:
             await self._space.wait()
 
     async def __anext__(self) -> Event:
-        if self._since_yield >= _YIELD_EVERY or not self._available():
-            await self._wait()
+        ready = self._available()
+        if not ready or self._since_yield >= _YIELD_EVERY:
+            await self._wait(ready)
         self._since_yield += 1
         buf = self._buf
         if buf:
@@ -571,7 +573,7 @@ class Subscription:
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         try:
-            await self._wait()
+            await self._wait(self._available())
         except StopAsyncIteration:
             return []
         buf = self._buf
