@@ -22,7 +22,7 @@ __all__ = ["Parking"]
 class Parking:
     """Tasks waiting for the next :meth:`wake`; check :attr:`waiting` before waking."""
 
-    __slots__ = ("_event", "_futures", "_loop", "_soon", "waiting")
+    __slots__ = ("_event", "_futures", "_loop", "waiting")
 
     def __init__(self) -> None:
         self.waiting = False
@@ -30,7 +30,6 @@ class Parking:
         self._futures: list[asyncio.Future[None]] = []
         self._event: anyio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._soon = False
 
     def wait(self) -> Awaitable[None]:
         """Return what to await until the next :meth:`wake` (a spurious wake-up is possible: re-check)."""
@@ -47,17 +46,8 @@ class Parking:
         self._futures.append(future)
         return future
 
-    def wake_soon(self) -> None:
-        """Release the parked tasks on the event loop's next turn (on asyncio; at once elsewhere)."""
-        if self._loop is None:
-            self.wake()
-        elif not self._soon:
-            self._soon = True
-            self._loop.call_soon(self.wake)
-
     def wake(self) -> None:
         """Release every task parked now."""
-        self._soon = False
         self.waiting = False
         futures = self._futures
         for future in futures:

@@ -236,7 +236,7 @@ class Firehose:
             items = self.items
             items.append(event)
             if self.parking.waiting:
-                self.parking.wake_soon()
+                self.parking.wake()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
