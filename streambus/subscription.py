@@ -305,6 +305,7 @@ class Subscription:
         "_buf",
         "_bytes",
         "_closed",
+        "_coalesce",
         "_cursor",
         "_error",
         "_firehose",
@@ -343,6 +344,9 @@ class Subscription:
         self.dropped = 0
         """How many events ``drop_oldest`` discarded."""
         self._policy = OverflowPolicy.parse(overflow)
+        # A bool, not `self._policy is OverflowPolicy.COALESCE`: an enum member's
+        # look-up costs more than the rest of a delivery's bookkeeping.
+        self._coalesce = self._policy is OverflowPolicy.COALESCE
         self._on_close = on_close
         self._buf: deque[Event | _Merged] = deque()
         self._bytes = 0  # buffered text, counted for the ``coalesce`` byte cap only
@@ -399,7 +403,7 @@ class Subscription:
         if len(buf) >= self.buffer:
             return self._full(event)
         buf.append(event)
-        if self._policy is OverflowPolicy.COALESCE:
+        if self._coalesce:
             self._bytes += len(event.text) + _DELTA_OVERHEAD if type(event) is DeltaEvent else _CONTROL_SIZE
             if self._bytes > self.max_bytes:
                 self._overflow(f"buffered more than {self.max_bytes} bytes")
@@ -548,7 +552,7 @@ class Subscription:
         buf = self._buf
         if buf:
             item = buf.popleft()
-            if self._policy is OverflowPolicy.COALESCE:
+            if self._coalesce:
                 self._bytes -= _size(item)
             event = item.event() if type(item) is _Merged else item
         else:
@@ -591,7 +595,7 @@ class Subscription:
             buf.clear()
         else:
             items = [buf.popleft() for _ in range(limit)]
-        if self._policy is OverflowPolicy.COALESCE:
+        if self._coalesce:
             self._bytes -= sum(map(_size, items))
         if self._space.waiting:
             self._space.wake()

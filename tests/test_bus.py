@@ -613,3 +613,71 @@ async def test_closing_a_parked_reader_ends_its_iteration() -> None:
             assert subs["b"].idle
             subs["b"].close()
     assert ended == ["a", "s", "b"]
+
+
+async def test_a_standalone_subscription_applies_its_policy_to_what_it_is_offered() -> None:
+    sub = Subscription(overflow="block", buffer=2, name="standalone")
+    start = StartEvent(stream="s", seq=0, ts=0.0)
+    deltas = [DeltaEvent(stream="s", seq=i, ts=0.0, text=str(i)) for i in (1, 2, 3)]
+    assert sub.offer(start) is None
+    assert sub.offer(deltas[0]) is None
+    wait = sub.offer(deltas[1])  # full: a `block` subscription makes the publisher wait
+    assert wait is not None
+    done = anyio.Event()
+
+    async def publisher() -> None:
+        assert wait is not None
+        await wait
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publisher)
+        await wait_all_tasks_blocked()
+        assert not done.is_set() and sub.pending == 2
+        assert await sub.receive() == start
+        await done.wait()
+    assert sub.pending == 2
+    sub.close()
+    assert sub.offer(deltas[2]) is None  # closed: refused, nothing buffered
+    assert [e.seq async for e in sub] == [1, 2]
+
+
+async def test_bad_subscription_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="buffer must be at least 1, got 0"):
+        Subscription(buffer=0)
+    with pytest.raises(ValueError, match="unknown overflow policy 'lossy'; expected one of block, coalesce"):
+        Subscription(overflow="lossy")
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("kept")
+        with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+            await sub.receive_batch(limit=0)
+        # the bad call lost nothing
+        assert [type(e) for e in await sub.receive_batch()] == [StartEvent, DeltaEvent, EndEvent]
+
+
+async def test_a_subscriber_follows_only_the_streams_its_filter_matched_at_their_start() -> None:
+    async with Bus() as bus:
+        by_meta = bus.subscribe(Filter.of(meta={"user": "u1"}))
+        by_id = bus.subscribe(Filter.of(streams=["a", "b"], models="m1"))
+        firehose = bus.subscribe()
+        async with bus.stream(stream="a", model="m1", meta={"user": "u1"}) as a:
+            async with bus.stream(stream="b", model="m2", meta={"user": "u2"}) as b:
+                late = bus.subscribe(Filter.of(meta={"user": "u2"}))  # joins a live stream
+                await a.delta("a1")
+                await b.delta("b1")
+                by_meta.close()
+                await a.delta("a2")  # by_meta closed: not offered any more
+    assert [(e.stream, e.seq) async for e in by_meta] == [("a", 0), ("a", 1)]
+    assert {e.stream async for e in by_id} == {"a"}
+    assert [(e.stream, type(e)) async for e in late] == [("b", DeltaEvent), ("b", EndEvent)]
+    assert len([e async for e in firehose]) == 7
+    assert bus.live_streams == {}
+
+
+async def test_a_writer_not_entered_cannot_be_aborted() -> None:
+    async with Bus() as bus:
+        writer = bus.stream(stream="s")
+        assert not writer.request_abort("no", "client")
+        assert not bus.abort("s")
