@@ -216,7 +216,10 @@ class Firehose:
     def remove(self, sub: Subscription) -> None:
         """Stop offering events to *sub*; what it had not read yet moves to its own buffer, in order."""
         if sub._cursor >= 0:
-            sub._buf.extend(self.items[sub._cursor - self.base :])
+            unread = self.items[sub._cursor - self.base :]
+            sub._buf.extend(unread)
+            if sub._coalesce:
+                sub._bytes += sum(map(_size, unread))
             sub._cursor = -1
             self.attached = [s for s in self.attached if s is not sub]
             if not self.attached:
@@ -567,7 +570,7 @@ class Subscription:
         if buf:
             item = buf.popleft()
             if self._coalesce:
-                self._bytes -= _size(item)
+                self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
             event = item.event() if type(item) is _Merged else item
         else:
             firehose = self._firehose
