@@ -121,6 +121,13 @@ class _Routes:
 _NOBODY: list[Subscription] = []  # never changed in place, like every route list
 
 
+async def _in_turn(first: Awaitable[None], then: Awaitable[None]) -> None:
+    try:
+        await first
+    finally:
+        await then  # even when cancelled: a coroutine left unawaited would warn
+
+
 def _without(subs: list[Subscription], sub: Subscription) -> list[Subscription]:
     return [s for s in subs if s is not sub]
 
@@ -377,6 +384,19 @@ class Bus:
         full. *processed* is for interposed stages (moderation): see
         :meth:`interpose`.
         """
+        wait = self.offer(event, processed=processed)
+        if wait is not None:
+            await wait
+
+    def offer(self, event: Event, *, processed: bool = False) -> Awaitable[None] | None:
+        """Deliver *event* at once, as :meth:`publish` does, without a coroutine of its own.
+
+        Returns ``None`` when every subscriber took the event. Otherwise a
+        full ``block`` subscriber makes the publisher wait: await the returned
+        awaitable before offering the stream's next event (the event reaches
+        that subscriber when it finishes). :class:`StreamWriter` publishes
+        its deltas this way.
+        """
         if not self._running and not self._subs:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
         self.published += 1
@@ -389,16 +409,15 @@ class Bus:
         else:
             followers = routes.following.get(event.stream, _NOBODY)
         wait = routes.firehose.offer(event)
-        if wait is not None:
-            await wait
         for sub in followers:
-            wait = sub.offer(event)
-            if wait is not None:
-                await wait
+            more = sub.offer(event)
+            if more is not None:
+                wait = more if wait is None else _in_turn(wait, more)
         if kind in _TERMINAL:
             routes.following.pop(event.stream, None)
             if not processed:
                 self._live.pop(event.stream, None)
+        return wait
 
     # -- subscribing -------------------------------------------------------------
     def subscribe(

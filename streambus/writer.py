@@ -163,9 +163,11 @@ class StreamWriter:
 
     async def delta(self, text: str, channel: Channel = "content") -> None:
         """Publish a piece of text on *channel* (``content``, ``reasoning``, ``tool``)."""
-        await self._bus.publish(
+        wait = self._bus.offer(
             DeltaEvent(stream=self.stream, seq=self._next(), ts=time.time(), text=text, channel=channel)
         )
+        if wait is not None:  # a full ``block`` subscriber: wait for room
+            await wait
 
     async def moderation(
         self,

@@ -681,3 +681,33 @@ async def test_a_writer_not_entered_cannot_be_aborted() -> None:
         writer = bus.stream(stream="s")
         assert not writer.request_abort("no", "client")
         assert not bus.abort("s")
+
+
+async def test_bus_offer_delivers_at_once_and_returns_a_wait_only_for_full_block_subscribers() -> None:
+    async with Bus() as bus:
+        first = bus.subscribe(Filter.of(streams="s"), overflow="block", buffer=1)
+        second = bus.subscribe(overflow="block", buffer=1)
+        free = bus.subscribe(Filter.of(streams="s"), overflow="coalesce", buffer=1)
+        await bus.publish(StartEvent(stream="s", seq=0, ts=0.0))  # fills both `block` buffers
+        delta = DeltaEvent(stream="s", seq=1, ts=0.0, text="x")
+        wait = bus.offer(delta)
+        assert wait is not None
+        assert free.pending == 2  # the others got it at once
+        done = anyio.Event()
+
+        async def publisher() -> None:
+            assert wait is not None
+            await wait
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            await wait_all_tasks_blocked()
+            assert not done.is_set()
+            assert isinstance(await first.receive(), StartEvent)
+            assert isinstance(await second.receive(), StartEvent)
+            await done.wait()
+        assert await first.receive() == delta
+        assert await second.receive() == delta
+        assert bus.offer(DeltaEvent(stream="s", seq=2, ts=0.0, text="y")) is None  # room everywhere now
+        assert (first.pending, second.pending) == (1, 1)
