@@ -1,80 +1,59 @@
-"""One-shot wake-up signals for parked readers and publishers (private).
+"""Where parked readers and publishers wait to be woken (private).
 
-The bus parks a reader on a signal when it has nothing to read and sets the
-signal on the next publish. On trio (and anything else) that is an
-:class:`anyio.Event`. On asyncio it is :class:`FutureSignal`: ``wait()``
-returns a bare loop future, so a woken reader resumes through no wrapper
-coroutine (``anyio.Event.wait`` on asyncio nests ``asyncio.Event.wait``,
-whose extra frames and per-wait bookkeeping made the bus's wake-up about
-half as costly again as an ``asyncio.Queue`` getter's; see
-``docs/decisions.md``).
+A subscription parks its reader when its buffer is empty, and a publisher
+when a ``block`` subscription is full; :meth:`Parking.wake` releases them.
+One :class:`Parking` serves every wait of its subscription, so parking
+allocates nothing but what the backend needs: on asyncio a bare loop future
+per waiting task (a woken task resumes through no wrapper coroutine, and
+cancelling one waiter cancels only its own future); on trio, and anything
+else, an :class:`anyio.Event` per round. See ``docs/decisions.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Protocol
 
 import anyio
 
-__all__ = ["FutureSignal", "Signal", "new_signal"]
+__all__ = ["Parking"]
 
 
-class Signal(Protocol):
-    """What the bus needs of a wake-up signal: set once, test, wait."""
+class Parking:
+    """Tasks waiting for the next :meth:`wake`; check :attr:`waiting` before waking."""
 
-    def set(self) -> None:
-        """Wake every waiter (idempotent)."""
+    __slots__ = ("_event", "_futures", "_loop", "waiting")
 
-    def is_set(self) -> bool:
-        """Whether :meth:`set` was called."""
-
-    def wait(self) -> Awaitable[None]:
-        """Return an awaitable that finishes once the signal is set."""
-
-
-class FutureSignal:
-    """An asyncio signal: each waiter awaits its own loop future.
-
-    Each waiter gets its own future, so cancelling one waiting task cancels
-    only its future (a shared future would be cancelled for everyone).
-    """
-
-    __slots__ = ("_flag", "_loop", "_waiters")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flag = False
-
-    def set(self) -> None:
-        """Wake every waiter (idempotent)."""
-        if self._flag:
-            return
-        self._flag = True
-        for future in self._waiters:
-            if not future.done():
-                future.set_result(None)
-        self._waiters.clear()
-
-    def is_set(self) -> bool:
-        """Whether :meth:`set` was called."""
-        return self._flag
+    def __init__(self) -> None:
+        self.waiting = False
+        """Whether a task parked since the last :meth:`wake`."""
+        self._futures: list[asyncio.Future[None]] = []
+        self._event: anyio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def wait(self) -> Awaitable[None]:
-        """Return a future that completes on :meth:`set` (or a checkpoint if already set)."""
-        if self._flag:
-            return anyio.lowlevel.checkpoint()
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(future)
+        """Return what to await until the next :meth:`wake` (a spurious wake-up is possible: re-check)."""
+        self.waiting = True
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # not asyncio (trio)
+                if self._event is None:
+                    self._event = anyio.Event()
+                return self._event.wait()
+        future = loop.create_future()
+        self._futures.append(future)
         return future
 
-
-def new_signal() -> Signal:
-    """A fresh signal for the running event loop: :class:`FutureSignal` on asyncio, else an anyio Event."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.Event()
-    return FutureSignal(loop)
+    def wake(self) -> None:
+        """Release every task parked now."""
+        self.waiting = False
+        futures = self._futures
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+        futures.clear()
+        if self._event is not None:
+            self._event.set()
+            self._event = None

@@ -18,7 +18,7 @@ with :class:`~streambus.errors.SinkFailed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,8 +28,8 @@ import anyio.lowlevel
 import structlog
 
 from .errors import BusClosed, SinkFailed, StreamBusError
-from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
-from .subscription import Filter, OverflowPolicy, Subscription, _Tier
+from .events import AbortEvent, EndEvent, ErrorEvent, Event, StartEvent
+from .subscription import Filter, Firehose, OverflowPolicy, Subscription
 from .writer import StreamWriter
 
 __all__ = ["Bus", "Producer", "Sink"]
@@ -37,6 +37,99 @@ __all__ = ["Bus", "Producer", "Sink"]
 log = structlog.get_logger("streambus.bus")
 
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
+
+
+class _Routes:
+    """Who is offered the events of one side of the bus.
+
+    A bus has one for what producers publish and, once a processing stage is
+    interposed, a second one for the raw events only the stage and ``raw``
+    subscribers read. A filter is decided once per stream, on its ``start``:
+    the filtered subscribers it matches are indexed by the stream's id in
+    ``following``, so a later event of that stream costs one dictionary
+    look-up and one :meth:`Subscription.offer` per follower, however many
+    other streams and subscribers are live.
+    """
+
+    __slots__ = ("by_id", "firehose", "following", "scan")
+
+    def __init__(self) -> None:
+        self.firehose = Firehose()  # unfiltered subscribers: offered every event
+        self.by_id: dict[str, list[Subscription]] = {}  # filters naming stream ids, by id
+        self.scan: list[Subscription] = []  # other filters (model, provider, meta): tried on every start
+        self.following: dict[str, list[Subscription]] = {}  # live stream -> filtered subscribers it matched
+        # Every list is replaced, never changed in place: publish() iterates
+        # them across awaits while subscribers come and go.
+
+    def start(self, start: StartEvent) -> list[Subscription]:
+        """Decide who follows the stream *start* opens; return them."""
+        followers = [sub for sub in self.by_id.get(start.stream, ()) if sub.filter.matches(start)]
+        followers += [sub for sub in self.scan if sub.filter.matches(start)]
+        if followers:
+            self.following[start.stream] = followers
+        else:
+            self.following.pop(start.stream, None)
+        return followers
+
+    def add(self, sub: Subscription, live: Mapping[str, StartEvent]) -> None:
+        """Route to *sub* from now on, including the *live* streams its filter matches."""
+        flt = sub.filter
+        if flt.matches_all:
+            self.firehose.add(sub)
+            return
+        candidates: Iterable[str]
+        if flt.streams is not None:
+            for stream in flt.streams:
+                self.by_id[stream] = [*self.by_id.get(stream, ()), sub]
+            candidates = [stream for stream in flt.streams if stream in live]
+        else:
+            self.scan = [*self.scan, sub]
+            candidates = live
+        for stream in candidates:
+            if flt.matches(live[stream]):
+                self.following[stream] = [*self.following.get(stream, ()), sub]
+
+    def remove(self, sub: Subscription) -> None:
+        """Stop routing to *sub*."""
+        flt = sub.filter
+        if flt.matches_all:
+            self.firehose.remove(sub)
+            return
+        streams: Iterable[str]
+        if flt.streams is not None:
+            streams = flt.streams
+            for stream in streams:
+                rest = _without(self.by_id.get(stream, []), sub)
+                if rest:
+                    self.by_id[stream] = rest
+                else:
+                    self.by_id.pop(stream, None)
+        else:
+            # Rare (a sink filtered by model, say): a scan over the live streams.
+            self.scan = _without(self.scan, sub)
+            streams = list(self.following)
+        for stream in streams:
+            followers = self.following.get(stream)
+            if followers is not None and sub in followers:
+                rest = _without(followers, sub)
+                if rest:
+                    self.following[stream] = rest
+                else:
+                    del self.following[stream]
+
+
+_NOBODY: list[Subscription] = []  # never changed in place, like every route list
+
+
+async def _in_turn(first: Awaitable[None], then: Awaitable[None]) -> None:
+    try:
+        await first
+    finally:
+        await then  # even when cancelled: a coroutine left unawaited would warn
+
+
+def _without(subs: list[Subscription], sub: Subscription) -> list[Subscription]:
+    return [s for s in subs if s is not sub]
 
 
 @runtime_checkable
@@ -89,10 +182,10 @@ class Bus:
         self.overflow = OverflowPolicy.parse(overflow)
         self.max_bytes = max_bytes
         self.drain_timeout = drain_timeout
-        self._subs: list[Subscription] = []
-        self._tier = _Tier()
-        self._raw_tier = _Tier()  # producers' events while a stage is interposed
-        self._interposed = 0
+        self._subs: dict[Subscription, None] = {}  # an ordered set: closing one of 10,000 stays cheap
+        self._routes = _Routes()
+        self._raw = _Routes()  # producers' events, once a stage is interposed
+        self._interposed = False
         self._live: dict[str, StartEvent] = {}
         self._writers: dict[str, StreamWriter] = {}
         self._sink_tg: anyio.abc.TaskGroup | None = None
@@ -147,7 +240,7 @@ class Bus:
                 self._running = False
                 await self._drain_stages()
                 for sub in list(self._subs):
-                    sub._close()
+                    sub.close()
                 # Sinks drain what was already accepted, shielded from the
                 # cancellation that may be tearing the caller down, but bounded.
                 scope = self._sink_tg.cancel_scope
@@ -172,7 +265,7 @@ class Bus:
     @property
     def interposed(self) -> bool:
         """Whether a processing stage (e.g. moderation) sits between producers and non-raw subscribers."""
-        return self._interposed > 0
+        return self._interposed
 
     def _check_running(self) -> None:
         if not self._running:
@@ -246,19 +339,26 @@ class Bus:
         writer = self._writers.get(stream)
         if writer is None:
             return False
-        return writer._request_abort(reason, by)
+        return writer.request_abort(reason, by)
 
     def _abort_all(self, reason: str, by: str) -> None:
         for writer in list(self._writers.values()):
-            writer._request_abort(reason, by)
+            writer.request_abort(reason, by)
 
-    def _register_writer(self, writer: StreamWriter) -> None:
+    def register_writer(self, writer: StreamWriter) -> None:
+        """Claim *writer*'s stream id while it is open, so :meth:`abort` finds it.
+
+        :class:`StreamWriter` calls this as its block is entered (and
+        :meth:`unregister_writer` as it is left); you need neither unless you
+        write a writer of your own. Raises ``ValueError`` if the id is already live.
+        """
         self._check_running()
         if writer.stream in self._writers or writer.stream in self._live:
             raise ValueError(f"stream id {writer.stream!r} is already live on this bus")
         self._writers[writer.stream] = writer
 
-    def _unregister_writer(self, writer: StreamWriter) -> None:
+    def unregister_writer(self, writer: StreamWriter) -> None:
+        """Release *writer*'s stream id (see :meth:`register_writer`)."""
         if self._writers.get(writer.stream) is writer:
             del self._writers[writer.stream]
             if not self._writers and self._writers_idle is not None:
@@ -276,7 +376,7 @@ class Bus:
 
     # -- publishing ------------------------------------------------------------
     async def publish(self, event: Event, *, processed: bool = False) -> None:
-        """Deliver *event* to every matching subscriber.
+        """Deliver *event* to the subscribers that follow its stream, and to unfiltered ones.
 
         Producers normally publish through :meth:`stream`; call this directly
         to republish events that already carry their ``stream``/``seq`` (a
@@ -284,55 +384,40 @@ class Bus:
         full. *processed* is for interposed stages (moderation): see
         :meth:`interpose`.
         """
+        wait = self.offer(event, processed=processed)
+        if wait is not None:
+            await wait
+
+    def offer(self, event: Event, *, processed: bool = False) -> Awaitable[None] | None:
+        """Deliver *event* at once, as :meth:`publish` does, without a coroutine of its own.
+
+        Returns ``None`` when every subscriber took the event. Otherwise a
+        full ``block`` subscriber makes the publisher wait: await the returned
+        awaitable before offering the stream's next event (the event reaches
+        that subscriber when it finishes). :class:`StreamWriter` publishes
+        its deltas this way.
+        """
         if not self._running and not self._subs:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
         self.published += 1
-        tier = self._raw_tier if self._interposed and not processed else self._tier
-        # Snapshot first: a reader detached by the lag check below already
-        # got this event from the shared log.
-        private = tier.private
-        control = type(event) is not DeltaEvent
-        if control and type(event) is StartEvent:
+        routes = self._raw if self._interposed and not processed else self._routes
+        kind = type(event)
+        if kind is StartEvent:
             if not processed:
-                self._live[event.stream] = event
-            for sub in private:
-                if not sub._all and sub.filter.matches(event):
-                    sub._streams.add(event.stream)
-        if tier.attached:
-            # Inlined _Tier.append: this is the hot path of every delivery.
-            items = tier.items
-            items.append(event)
-            wakeup = tier.wakeup
-            if wakeup is not None:
-                tier.wakeup = None
-                wakeup.set()
-            if tier.base + len(items) >= tier.next_check:
-                for sub in tier.check():
-                    await sub._wait_space()
-        if private:
-            await self._deliver_private(private, event)
-        if control and type(event) in _TERMINAL:
+                self._live[event.stream] = event  # type: ignore[assignment]
+            followers = routes.start(event)  # type: ignore[arg-type]
+        else:
+            followers = routes.following.get(event.stream, _NOBODY)
+        wait = routes.firehose.offer(event)
+        for sub in followers:
+            more = sub.offer(event)
+            if more is not None:
+                wait = more if wait is None else _in_turn(wait, more)
+        if kind in _TERMINAL:
+            routes.following.pop(event.stream, None)
             if not processed:
                 self._live.pop(event.stream, None)
-            for sub in private:
-                if not sub._all:
-                    sub._streams.discard(event.stream)
-
-    @staticmethod
-    async def _deliver_private(private: list[Subscription], event: Event) -> None:
-        stream = event.stream
-        for sub in private:
-            if (sub._all or stream in sub._streams) and not sub._offer(event):
-                sub._pushers += 1  # keeps the reader from re-attaching meanwhile
-                try:
-                    await sub._wait_space()
-                finally:
-                    sub._pushers -= 1
-                if not sub._closed:
-                    sub._buf.append(event)
-                    if sub._waiter is not None:
-                        waiter, sub._waiter = sub._waiter, None
-                        waiter.set()
+        return wait
 
     # -- subscribing -------------------------------------------------------------
     def subscribe(
@@ -353,25 +438,21 @@ class Bus:
         """
         if not self._running:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
-        flt = filter or Filter()
         sub = Subscription(
-            self,
-            flt,
+            filter,
             buffer=buffer or self.buffer,
-            overflow=OverflowPolicy.parse(overflow) if overflow is not None else self.overflow,
+            overflow=overflow if overflow is not None else self.overflow,
             max_bytes=max_bytes or self.max_bytes,
             name=name,
             raw=raw,
+            on_close=self._forget,
         )
-        if not sub._all:
-            for stream, start in self._live.items():
-                if flt.matches(start):
-                    sub._streams.add(stream)
-        # Copy-on-write: publish() iterates these lists without copying, and a
-        # subscriber may close (and be forgotten) in the middle of a delivery.
-        self._subs = [*self._subs, sub]
-        sub._join(self._raw_tier if raw and self._interposed else self._tier)
+        self._subs[sub] = None
+        self._routes_of(sub).add(sub, self._live)
         return sub
+
+    def _routes_of(self, sub: Subscription) -> _Routes:
+        return self._raw if sub.raw and self._interposed else self._routes
 
     def interpose(self, *, name: str = "stage", buffer: int | None = None) -> Subscription:
         """Put a processing stage (e.g. moderation) between producers and subscribers.
@@ -392,18 +473,18 @@ class Bus:
                 f"interpose: this bus already has a processing stage; {name!r} would be a second one, "
                 "and both would republish every event (combine them into one stage)"
             )
-        self._interposed += 1
-        if self._interposed == 1:
-            # Raw subscribers that joined before the stage keep seeing producers' events.
-            for existing in self._subs:
-                if existing.raw and existing._tier is self._tier:
-                    existing._leave()
-                    existing._tier = self._raw_tier
-                    self._raw_tier.private = [*self._raw_tier.private, existing]
+        # Raw subscribers that joined before the stage keep seeing producers' events.
+        for existing in self._subs:
+            if existing.raw:
+                self._routes.remove(existing)
+                self._raw.add(existing, self._live)
+        self._interposed = True
         return self.subscribe(buffer=buffer, overflow=OverflowPolicy.BLOCK, name=name, raw=True)
 
     def _forget(self, sub: Subscription) -> None:
-        self._subs = [s for s in self._subs if s is not sub]
+        # The subscription's on_close: it is closed, so stop routing to it.
+        if self._subs.pop(sub, False) is None:
+            self._routes_of(sub).remove(sub)
 
     # -- sinks -----------------------------------------------------------------
     def add_sink(
@@ -467,7 +548,7 @@ class Bus:
         if not self._stages:
             return
         for sub, _ in self._stages:
-            sub._close()
+            sub.close()
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.drain_timeout
             for _, done in self._stages:
@@ -505,7 +586,7 @@ class Bus:
             else:
                 log.error("sink.setup_failed", sink=name, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         finally:
-            sub._close()
+            sub.close()
             teardown = getattr(sink, "teardown", None)
             if teardown is not None:
                 with anyio.CancelScope(shield=True):

@@ -4,7 +4,12 @@ A :class:`Subscription` is what :meth:`Bus.subscribe <streambus.Bus.subscribe>`
 returns and what a sink's ``run`` receives. Read it with ``async for``, or
 :meth:`Subscription.receive_batch` to take everything buffered at once (the
 fast path for sinks that write in batches), or :meth:`Subscription.text` to
-read the text of one stream.
+read the text of one stream. All three take from the same buffer the same
+way.
+
+The bus hands each event to :meth:`Subscription.offer`, which applies the
+overflow policy; a subscription is only offered the events of the streams
+its filter follows (see ``docs/architecture.md``).
 
 Overflow policies (what happens when the buffer is full):
 
@@ -26,21 +31,18 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._signal import Signal, new_signal
+from ._signal import Parking
 from .errors import Overflowed, StreamBusError, SubscriptionClosed
 from .events import DeltaEvent, Event, StartEvent, is_terminal
 
-if TYPE_CHECKING:
-    from .bus import Bus
-
-__all__ = ["Filter", "OverflowPolicy", "StreamFailed", "Subscription"]
+__all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription"]
 
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
@@ -181,88 +183,141 @@ def _size(item: Event | _Merged) -> int:
     return _CONTROL_SIZE
 
 
-class _Tier:
-    """A shared log of events and the subscribers reading it.
+class Firehose:
+    """The unfiltered subscribers of one side of a bus, offered every event.
 
-    Unfiltered subscribers that keep up are *attached*: publishing appends an
-    event once, whatever their number, and each reads the log from its own
-    cursor (batches are C-level slices). Every ``check_every`` events the bus
-    looks for attached readers lagging past their buffer: a ``block`` reader
-    makes the publisher wait; any other is *detached* into a private buffer,
-    where its overflow policy applies event by event. Filtered subscribers
-    are always private. A private reader that drains its buffer re-attaches.
+    Readers that keep up are *attached*: an event is appended once to a
+    shared log that each reads from its own cursor (a batch is one slice),
+    and one wake-up releases every parked reader, so publishing costs about
+    the same for 1 or 100 of them. Every ``buffer / 4`` events the log looks
+    for attached readers lagging past their buffer: a ``block`` reader makes
+    the publisher wait; any other is *detached* and offered events one by
+    one, so its overflow policy applies; it re-attaches once it has read
+    everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
     """
 
-    __slots__ = ("attached", "base", "check_every", "items", "next_check", "private", "wakeup")
+    __slots__ = ("attached", "base", "detached", "items", "next_check", "parking")
 
     def __init__(self) -> None:
-        self.items: list[Event] = []
+        self.items: list[Event] = []  # the shared log, from position ``base`` on
         self.base = 0
         self.attached: list[Subscription] = []
-        self.private: list[Subscription] = []
-        self.wakeup: Signal | None = None  # one event all parked attached readers share
-        self.check_every = 1
-        self.next_check = 0
+        self.detached: list[Subscription] = []
+        self.parking = Parking()  # attached readers with nothing to read
+        self.next_check = 0  # log position of the next lag check
+        # The lists are replaced, never changed in place: offer() iterates them
+        # while a delivery may close (and remove) a subscriber.
 
-    @property
-    def end(self) -> int:
-        return self.base + len(self.items)
+    def add(self, sub: Subscription) -> None:
+        """Offer *sub* every event from now on."""
+        sub._firehose = self
+        self._attach(sub)
 
-    def append(self, event: Event) -> bool:
-        """Append for attached readers; return True when a lag check is due."""
-        self.items.append(event)
-        wakeup = self.wakeup
-        if wakeup is not None:
-            self.wakeup = None
-            wakeup.set()
-        return self.base + len(self.items) >= self.next_check
+    def remove(self, sub: Subscription) -> None:
+        """Stop offering events to *sub*; what it had not read yet moves to its own buffer, in order."""
+        if sub._cursor >= 0:
+            unread = self.items[sub._cursor - self.base :]
+            sub._buf.extend(unread)
+            if sub._coalesce:
+                sub._bytes += sum(map(_size, unread))
+            sub._cursor = -1
+            self.attached = [s for s in self.attached if s is not sub]
+            if not self.attached:
+                self.base += len(self.items)
+                self.items = []
+            if self.parking.waiting:
+                self.parking.wake()  # its reader may be parked here (the others look again, and park again)
+        else:
+            self.detached = [s for s in self.detached if s is not sub]
+        sub._firehose = None
 
-    def check(self) -> list[Subscription]:
-        """Detach or report lagging readers, trim the log; return blocked ``block`` readers."""
-        end = self.end
+    def offer(self, event: Event) -> Awaitable[None] | None:
+        """Deliver *event* to every unfiltered subscriber; return an awaitable if the publisher must wait."""
+        detached = self.detached  # before the lag check: a reader it detaches has this event already
+        wait = None
+        if self.attached:
+            items = self.items
+            items.append(event)
+            if self.parking.waiting:
+                self.parking.wake()
+            if self.base + len(items) >= self.next_check:
+                blocked = self._check()
+                if blocked:
+                    wait = _wait_all([sub._log_room() for sub in blocked])
+        for sub in detached:
+            sub.offer(event)  # never a ``block`` subscriber: those are never detached
+        return wait
+
+    def _attach(self, sub: Subscription) -> None:
+        end = self.base + len(self.items)
+        sub._cursor = end
+        self.detached = [s for s in self.detached if s is not sub]
+        self.attached = [*self.attached, sub]
+        self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
+
+    def _check(self) -> list[Subscription]:
+        """Detach lagging readers, trim the log; return the ``block`` readers the publisher must wait for."""
+        end = self.base + len(self.items)
         blocked: list[Subscription] = []
         lowest = end
-        for sub in list(self.attached):
+        for sub in self.attached:
             if end - sub._cursor > sub.buffer:
                 if sub._policy is OverflowPolicy.BLOCK:
                     blocked.append(sub)
                 else:
-                    sub._detach()
+                    self._detach(sub)
                     continue
             lowest = min(lowest, sub._cursor)
         if lowest > self.base:
             del self.items[: lowest - self.base]
             self.base = lowest
-        self.check_every = max(1, min((s.buffer for s in self.attached), default=64) // 4)
-        self.next_check = end + self.check_every
+        self.next_check = end + max(1, min((s.buffer for s in self.attached), default=4) // 4)
         return blocked
+
+    def _detach(self, sub: Subscription) -> None:
+        unread = self.items[sub._cursor - self.base :]
+        sub._cursor = -1
+        self.attached = [s for s in self.attached if s is not sub]
+        self.detached = [*self.detached, sub]
+        for event in unread:
+            sub.offer(event)
+
+
+async def _wait_all(waits: list[Awaitable[None]]) -> None:
+    for wait in waits:
+        await wait
 
 
 class Subscription:
     """A subscriber's bounded buffer of events, read as an async iterator.
 
-    Created by :meth:`Bus.subscribe <streambus.Bus.subscribe>`; do not build
-    it directly. Iteration ends when the bus closes the subscription cleanly
-    (after everything buffered was read); it raises
-    :class:`~streambus.errors.Overflowed` when the reader fell behind past its
-    policy. Use ``async with`` (or :meth:`close`) to unsubscribe.
+    Normally created by :meth:`Bus.subscribe <streambus.Bus.subscribe>`; a
+    standalone one (fed with :meth:`offer`) is handy in tests. Iteration ends
+    when the subscription is closed cleanly and everything buffered was
+    read; it raises :class:`~streambus.errors.Overflowed` when the reader fell
+    behind past its policy. Use ``async with`` (or :meth:`close`) to
+    unsubscribe.
+
+    :param filter: which streams it follows (everything by default); the bus
+        decides this once per stream, on its ``start``.
+    :param on_close: called once with the subscription when it closes (the
+        bus uses it to stop routing events to it).
     """
 
     __slots__ = (
-        "_all",
         "_buf",
-        "_bus",
         "_bytes",
         "_closed",
+        "_coalesce",
         "_cursor",
         "_error",
+        "_firehose",
+        "_on_close",
+        "_parked",
         "_policy",
-        "_pushers",
+        "_reader",
         "_since_yield",
-        "_space_waiter",
-        "_streams",
-        "_tier",
-        "_waiter",
+        "_space",
         "buffer",
         "dropped",
         "filter",
@@ -273,40 +328,40 @@ class Subscription:
 
     def __init__(
         self,
-        bus: Bus | None,
-        filter: Filter,
+        filter: Filter | None = None,
         *,
-        buffer: int,
-        overflow: OverflowPolicy,
-        max_bytes: int,
-        name: str,
+        buffer: int = 1024,
+        overflow: OverflowPolicy | str = OverflowPolicy.COALESCE,
+        max_bytes: int = 8 * 1024 * 1024,
+        name: str = "subscriber",
         raw: bool = False,
+        on_close: Callable[[Subscription], None] | None = None,
     ) -> None:
         if buffer < 1:
             raise ValueError(f"buffer must be at least 1, got {buffer}")
-        self._bus = bus
-        self.filter = filter
+        self.filter = filter or Filter()
         self.buffer = buffer
         self.max_bytes = max_bytes
         self.name = name
         self.raw = raw
         self.dropped = 0
         """How many events ``drop_oldest`` discarded."""
-        self._policy = overflow
-        self._all = filter.matches_all
-        self._streams: set[str] = set()
+        self._policy = OverflowPolicy.parse(overflow)
+        # A bool, not `self._policy is OverflowPolicy.COALESCE`: an enum member's
+        # look-up costs more than the rest of a delivery's bookkeeping.
+        self._coalesce = self._policy is OverflowPolicy.COALESCE
+        self._on_close = on_close
         self._buf: deque[Event | _Merged] = deque()
-        self._bytes = 0
+        self._bytes = 0  # buffered text, counted for the ``coalesce`` byte cap only
         self._closed = False
         self._error: SubscriptionClosed | None = None
-        self._waiter: Signal | None = None
-        self._space_waiter: Signal | None = None
+        self._reader = Parking()  # woken when something arrives
+        self._space = Parking()  # publishers waiting for room in a full ``block`` buffer
         self._since_yield = 0
-        self._tier: _Tier | None = None
-        self._cursor = -1  # >= 0 while attached to the tier's shared log
-        self._pushers = 0  # publishers waiting to push to this private buffer
+        self._parked = False
+        self._firehose: Firehose | None = None  # set while unfiltered on a bus
+        self._cursor = -1  # position in the firehose's shared log while attached to it
 
-    # -- publisher side -------------------------------------------------
     @property
     def overflow(self) -> OverflowPolicy:
         """This subscriber's overflow policy."""
@@ -320,8 +375,9 @@ class Subscription:
     @property
     def pending(self) -> int:
         """How many items are buffered and not yet read."""
-        shared = self._tier.end - self._cursor if self._cursor >= 0 and self._tier is not None else 0
-        return shared + len(self._buf)
+        firehose = self._firehose
+        shared = firehose.base + len(firehose.items) - self._cursor if firehose and self._cursor >= 0 else 0
+        return len(self._buf) + shared
 
     @property
     def idle(self) -> bool:
@@ -331,114 +387,71 @@ class Subscription:
         ``block`` subscription has processed every event published before now:
         a source may then commit its read position (see the redis plugin).
         """
-        waiter = self._waiter
-        return not self.pending and waiter is not None and not waiter.is_set()
+        return self._parked and not self._available()
 
-    def _join(self, tier: _Tier) -> None:
-        """Join *tier*: attached to its log when unfiltered, private otherwise."""
-        self._tier = tier
-        if self._all:
-            self._cursor = tier.end
-            tier.attached = [*tier.attached, self]
-            every = max(1, self.buffer // 4)
-            if len(tier.attached) == 1:
-                tier.check_every, tier.next_check = every, tier.end + every
-            else:
-                tier.check_every = min(tier.check_every, every)
-                tier.next_check = min(tier.next_check, tier.end + every)
-        else:
-            tier.private = [*tier.private, self]
+    # -- publisher side -------------------------------------------------
+    def offer(self, event: Event) -> Awaitable[None] | None:
+        """Buffer *event* under the overflow policy; wake the reader if it waits.
 
-    def _leave(self) -> None:
-        """Leave the tier, keeping unread shared events in the private buffer (in order)."""
-        tier = self._tier
-        if tier is None:
-            return
-        if self._cursor >= 0:
-            self._buf.extend(tier.items[self._cursor - tier.base :])
-            self._cursor = -1
-            tier.attached = [s for s in tier.attached if s is not self]
-        else:
-            tier.private = [s for s in tier.private if s is not self]
-        self._tier = None
-
-    def _detach(self) -> None:
-        """Move from the shared log to a private buffer, applying the overflow policy."""
-        tier = self._tier
-        assert tier is not None
-        unread = tier.items[self._cursor - tier.base :]
-        self._cursor = -1
-        tier.attached = [s for s in tier.attached if s is not self]
-        tier.private = [*tier.private, self]
-        for event in unread:
-            self._offer(event)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set()
-
-    def _reattach(self) -> bool:
-        # Called by the reader when its private buffer is empty: back to the fast path.
-        tier = self._tier
-        if tier is None or not self._all or self._closed or self._pushers:
-            return False
-        tier.private = [s for s in tier.private if s is not self]
-        self._cursor = tier.end
-        tier.attached = [*tier.attached, self]
-        tier.next_check = min(tier.next_check, tier.end + max(1, self.buffer // 4))
-        return True
-
-    def _offer(self, event: Event) -> bool:
-        """Buffer *event* privately; return False only if a ``block`` subscriber is full."""
+        This is how the bus delivers every event. Returns ``None`` once the
+        event is buffered, merged, dropped, or refused because the
+        subscription is closed. Only a full ``block`` subscription returns an
+        awaitable instead: await it before offering this subscription another
+        event; it finishes once the event is buffered (or the subscription
+        closed).
+        """
         if self._closed:
-            return True
+            return None
         buf = self._buf
-        if len(buf) < self.buffer:
-            buf.append(event)
-            if self._policy is OverflowPolicy.COALESCE:
-                self._bytes += _size(event)
-                if self._bytes > self.max_bytes:
-                    self._overflow(f"buffered more than {self.max_bytes} bytes")
-                    return True
-            waiter = self._waiter
-            if waiter is not None:
-                self._waiter = None
-                waiter.set()
-            return True
-        return self._full(event)
-
-    def _full(self, event: Event) -> bool:
-        policy = self._policy
-        if policy is OverflowPolicy.BLOCK:
-            return False
-        if policy is OverflowPolicy.DISCONNECT:
-            self._overflow(f"buffer of {self.buffer} events full")
-            return True
-        buf = self._buf
-        if policy is OverflowPolicy.COALESCE:
-            if type(event) is DeltaEvent:
-                merged = self._merge(event)
-                if merged:
-                    self._bytes += len(event.text)
-                    if self._bytes > self.max_bytes:
-                        self._overflow(f"buffered more than {self.max_bytes} bytes")
-                    return True
-            # Not mergeable (control event, or the stream's last buffered item
-            # is not a delta of this channel): keep it anyway; the byte cap bounds memory.
-            buf.append(event)
-            self._bytes += _size(event)
+        if len(buf) >= self.buffer:
+            return self._full(event)
+        buf.append(event)
+        if self._coalesce:
+            self._bytes += len(event.text) + _DELTA_OVERHEAD if type(event) is DeltaEvent else _CONTROL_SIZE
             if self._bytes > self.max_bytes:
                 self._overflow(f"buffered more than {self.max_bytes} bytes")
-            return True
+                return None
+        if self._reader.waiting:
+            self._reader.wake()
+        return None
+
+    def _full(self, event: Event) -> Awaitable[None] | None:
+        policy = self._policy
+        if policy is OverflowPolicy.BLOCK:
+            return self._put_when_room(event)
+        if policy is OverflowPolicy.DISCONNECT:
+            self._overflow(f"buffer of {self.buffer} events full")
+            return None
+        buf = self._buf
+        if policy is OverflowPolicy.COALESCE:
+            if type(event) is DeltaEvent and self._merge(event):
+                self._bytes += len(event.text)
+            else:
+                # Not mergeable (control event, or the stream's last buffered item
+                # is not a delta of this channel): keep it anyway; the byte cap bounds memory.
+                buf.append(event)
+                self._bytes += _size(event)
+            if self._bytes > self.max_bytes:
+                self._overflow(f"buffered more than {self.max_bytes} bytes")
+            return None
         # DROP_OLDEST: drop the oldest delta; control events are kept so streams stay well formed.
         for i, item in enumerate(buf):
-            if type(item) is not DeltaEvent and type(item) is not _Merged:
-                continue
-            del buf[i]
-            self.dropped += 1
-            break
+            if type(item) is DeltaEvent or type(item) is _Merged:
+                del buf[i]
+                self.dropped += 1
+                break
         buf.append(event)
-        return True
+        return None
+
+    async def _put_when_room(self, event: Event) -> None:
+        # Several publishers (of different streams) may wait on one full
+        # subscriber: they share one signal, and each re-checks for room after waking.
+        while not self._closed and len(self._buf) >= self.buffer:
+            await self._space.wait()
+        if not self._closed:
+            self._buf.append(event)
+            if self._reader.waiting:
+                self._reader.wake()
 
     def _merge(self, delta: DeltaEvent) -> bool:
         buf = self._buf
@@ -465,159 +478,108 @@ class Subscription:
         return False
 
     def _overflow(self, why: str) -> None:
-        self._buf.clear()
-        self._bytes = 0
         self._close(Overflowed(f"subscription {self.name!r} overflowed ({self._policy.value}): {why}"))
 
-    def _close(self, error: SubscriptionClosed | None = None) -> None:
+    def _close(self, error: SubscriptionClosed | None) -> None:
         if self._closed:
             return
-        self._leave()  # a clean close still delivers what was published before it
-        if error is not None:
-            self._buf.clear()
         self._closed = True
         self._error = error
-        if self._bus is not None:
-            self._bus._forget(self)
-        for attr in ("_waiter", "_space_waiter"):
-            waiter = getattr(self, attr)
-            if waiter is not None:
-                setattr(self, attr, None)
-                waiter.set()
-
-    async def _wait_space(self) -> None:
-        # Several publishers may wait on one full subscriber: they share one
-        # event, and each re-checks for room after waking.
-        while not self._closed:
-            if self._cursor >= 0:
-                tier = self._tier
-                assert tier is not None
-                if tier.end - self._cursor <= self.buffer:
-                    return
-            elif len(self._buf) < self.buffer:
-                return
-            waiter = self._space_waiter
-            if waiter is None:
-                waiter = self._space_waiter = new_signal()
-            await waiter.wait()
+        if self._on_close is not None:
+            self._on_close(self)  # a clean close still delivers what was published before it
+        if error is not None:
+            self._buf.clear()
+            self._bytes = 0
+        if self._firehose is not None:
+            self._firehose.remove(self)
+        self._reader.wake()
+        self._space.wake()
 
     # -- reader side ----------------------------------------------------
     def close(self) -> None:
-        """Unsubscribe: nothing more is buffered, iteration ends after the buffer."""
-        self._close()
+        """Unsubscribe: nothing more is buffered; reading ends after what already was."""
+        self._close(None)
 
     async def __aenter__(self) -> Subscription:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._close()
+        self._close(None)
 
     def __aiter__(self) -> Subscription:
         return self
 
-    def _ready(self) -> bool:
+    def _available(self) -> bool:
         if self._buf:
             return True
-        if self._cursor >= 0:
-            tier = self._tier
-            assert tier is not None
-            return self._cursor < tier.end
-        return False
+        firehose = self._firehose
+        return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
-    async def _wait(self) -> None:
-        while not self._ready():
+    async def _wait(self, ready: bool) -> None:
+        """The one way a reader waits: until something is buffered, or the end.
+
+        *ready* says something is buffered already: then only let other tasks
+        run (a reader that always finds events waiting would never yield).
+        Raises ``StopAsyncIteration`` after a clean close, or the overflow error.
+        """
+        if ready:
+            await anyio.lowlevel.checkpoint()
+        while not self._available():
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            if self._cursor < 0 and self._all and self._reattach():
+            firehose = self._firehose
+            if firehose is not None and self._cursor < 0:
+                firehose._attach(self)  # detached, and read everything: back to the shared log
                 continue
-            if self._cursor >= 0:
-                # Attached readers share one wake-up event per log: a publish
-                # sets one event, however many readers are parked on it.
-                tier = self._tier
-                assert tier is not None
-                waiter = tier.wakeup
-                if waiter is None or waiter.is_set():
-                    waiter = tier.wakeup = new_signal()
-                self._waiter = waiter
-            else:
-                waiter = self._waiter
-                if waiter is None or waiter.is_set():
-                    waiter = self._waiter = new_signal()
-            await waiter.wait()
+            self._parked = True
+            try:
+                await (firehose.parking if firehose is not None else self._reader).wait()
+            finally:
+                self._parked = False
         self._since_yield = 0
 
-    def _popped(self, size: int) -> None:
-        if self._policy is OverflowPolicy.COALESCE:
-            self._bytes -= size
-        waiter = self._space_waiter
-        if waiter is not None:
-            self._space_waiter = None
-            waiter.set()
+    async def _log_room(self) -> None:
+        # A ``block`` reader attached to the firehose: the publisher waits until it catches up.
+        while (firehose := self._firehose) is not None and firehose.base + len(
+            firehose.items
+        ) - self._cursor > self.buffer:
+            await self._space.wait()
 
     async def __anext__(self) -> Event:
-        tier = self._tier
+        # Fast path: an attached reader with an event waiting in the shared log.
+        # Without it `async for` over a burst cost 2x the CPU per event
+        # (docs/decisions.md); everything else takes the general path below.
+        firehose = self._firehose
         cursor = self._cursor
-        if cursor >= 0 and tier is not None and not self._buf:
-            # Attached (the common case), inlined: this runs once per delivery. An
-            # attached reader can still hold buffered events (one that re-attached while a
-            # publisher was between its snapshot of private readers and delivering to them):
-            # those come first, through the general path.
-            items = tier.items
-            index = cursor - tier.base
+        if firehose is not None and cursor >= 0 and not self._buf and self._since_yield < _YIELD_EVERY:
+            index = cursor - firehose.base
+            items = firehose.items
             if index < len(items):
                 self._since_yield += 1
-                if self._since_yield < _YIELD_EVERY:
-                    self._cursor = cursor + 1
-                    if self._space_waiter is not None:
-                        self._popped(0)
-                    return items[index]
-            elif not self._closed:
-                # Park on the log's shared signal; the next publish sets it.
-                waiter = tier.wakeup
-                if waiter is None or waiter.is_set():
-                    waiter = tier.wakeup = new_signal()
-                self._waiter = waiter
-                await waiter.wait()
-                if (
-                    self._tier is tier
-                    and self._cursor == cursor
-                    and not self._buf
-                    and cursor - tier.base < len(tier.items)
-                ):
-                    self._since_yield = 0
-                    self._cursor = cursor + 1
-                    if self._space_waiter is not None:
-                        self._popped(0)
-                    return tier.items[cursor - tier.base]
-        return await self._next_slow()
-
-    async def _next_slow(self) -> Event:
-        if not self._ready():
-            await self._wait()
+                self._cursor = cursor + 1
+                if self._space.waiting:
+                    self._space.wake()
+                return items[index]
+        ready = self._available()
+        if not ready or self._since_yield >= _YIELD_EVERY:
+            await self._wait(ready)
+        self._since_yield += 1
+        buf = self._buf
+        if buf:
+            item = buf.popleft()
+            if self._coalesce:
+                self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
+            event = item.event() if type(item) is _Merged else item
         else:
-            self._since_yield += 1
-            if self._since_yield >= _YIELD_EVERY:
-                # A reader that never finds its buffer empty would never yield.
-                self._since_yield = 0
-                await anyio.lowlevel.checkpoint()
-                if not self._ready():
-                    await self._wait()
-        if self._buf:
-            item = self._buf.popleft()
-            if type(item) is _Merged:
-                self._popped(_size(item))
-                return item.event()
-            self._popped(_size(item) if self._policy is OverflowPolicy.COALESCE else 0)
-            return item  # type: ignore[return-value]
-        tier = self._tier
-        assert tier is not None
-        event = tier.items[self._cursor - tier.base]
-        self._cursor += 1
-        if self._space_waiter is not None:
-            self._popped(0)
-        return event
+            firehose = self._firehose
+            assert firehose is not None
+            event = firehose.items[self._cursor - firehose.base]
+            self._cursor += 1
+        if self._space.waiting:
+            self._space.wake()
+        return event  # type: ignore[return-value]
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -629,41 +591,32 @@ class Subscription:
         Returns an empty list when the subscription was closed cleanly and
         drained; raises :class:`~streambus.errors.Overflowed` after an overflow.
         """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         try:
-            if not self._ready():
-                await self._wait()
-            else:
-                await anyio.lowlevel.checkpoint()
-                if not self._ready():
-                    await self._wait()
+            await self._wait(self._available())
         except StopAsyncIteration:
             return []
         buf = self._buf
         if not buf:
-            # Attached: one C-level slice of the shared log.
-            tier = self._tier
-            assert tier is not None
-            start = self._cursor - tier.base
-            stop = len(tier.items) if limit is None else min(len(tier.items), start + limit)
-            events = tier.items[start:stop]
+            firehose = self._firehose
+            assert firehose is not None
+            start = self._cursor - firehose.base
+            events = firehose.items[start : None if limit is None else start + limit]
             self._cursor += len(events)
-            if self._space_waiter is not None:
-                self._popped(0)
+            if self._space.waiting:
+                self._space.wake()
             return events
         if limit is None or limit >= len(buf):
             items = list(buf)
             buf.clear()
         else:
             items = [buf.popleft() for _ in range(limit)]
-        coalesce = self._policy is OverflowPolicy.COALESCE
-        size = 0
-        out: list[Event] = []
-        for item in items:
-            if coalesce:
-                size += _size(item)
-            out.append(item.event() if type(item) is _Merged else item)  # type: ignore[arg-type]
-        self._popped(size)
-        return out
+        if self._coalesce:
+            self._bytes -= sum(map(_size, items))
+        if self._space.waiting:
+            self._space.wake()
+        return [item.event() if type(item) is _Merged else item for item in items]  # type: ignore[misc]
 
     async def text(self, channel: str = "content", *, raise_on_failure: bool = True) -> AsyncIterator[str]:
         """Yield the text of the first stream this subscription sees, until its end.

@@ -118,7 +118,7 @@ class StreamWriter:
         self._scope = anyio.CancelScope()
         self._scope.__enter__()
         try:
-            self._bus._register_writer(self)
+            self._bus.register_writer(self)
             run_start_hooks(self.meta)
             await self._bus.publish(
                 StartEvent(
@@ -132,7 +132,7 @@ class StreamWriter:
             )
         except BaseException:
             self._scope.__exit__(None, None, None)
-            self._bus._unregister_writer(self)
+            self._bus.unregister_writer(self)
             raise
         return self
 
@@ -159,15 +159,17 @@ class StreamWriter:
                     else:
                         await self._publish_abort(type(exc).__name__, "shutdown")
         finally:
-            self._bus._unregister_writer(self)
+            self._bus.unregister_writer(self)
             swallowed = scope.__exit__(exc_type, exc, tb)
         return bool(swallowed)
 
     async def delta(self, text: str, channel: Channel = "content") -> None:
         """Publish a piece of text on *channel* (``content``, ``reasoning``, ``tool``)."""
-        await self._bus.publish(
+        wait = self._bus.offer(
             DeltaEvent(stream=self.stream, seq=self._next(), ts=time.time(), text=text, channel=channel)
         )
+        if wait is not None:  # a full ``block`` subscriber: wait for room
+            await wait
 
     async def moderation(
         self,
@@ -229,7 +231,13 @@ class StreamWriter:
         self._terminal = event
         await self._bus.publish(event)
 
-    def _request_abort(self, reason: str, by: str) -> bool:
+    def request_abort(self, reason: str, by: str) -> bool:
+        """Abort this stream from outside its producer: what :meth:`Bus.abort <streambus.Bus.abort>` does.
+
+        Cancels the writer's block, which then publishes ``abort`` with
+        *reason* and *by*. Returns False if the stream already ended or its
+        block was not entered.
+        """
         if self._terminal is not None or self._scope is None:
             return False
         if self._abort is None:

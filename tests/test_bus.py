@@ -586,3 +586,128 @@ async def test_reader_reattaching_while_a_publisher_waits_keeps_order() -> None:
     mine = [e for e in got if e.stream == "s"]
     assert [e.seq for e in mine] == sorted(e.seq for e in mine)
     assert "".join(e.text for e in mine if isinstance(e, DeltaEvent)) == "1;2;3;4;5;6;"
+
+
+async def test_closing_a_parked_reader_ends_its_iteration() -> None:
+    # Unfiltered readers park together on the shared log's wake-up, filtered ones on their own:
+    # closing any subscription must wake its reader, and only end that one.
+    ended: list[str] = []
+    async with Bus() as bus:
+        subs = {"a": bus.subscribe(), "b": bus.subscribe(), "s": bus.subscribe(Filter.of(streams="s"))}
+
+        async def read(name: str) -> None:
+            async for _ in subs[name]:
+                pass
+            ended.append(name)
+
+        async with anyio.create_task_group() as tg:
+            for name in subs:
+                tg.start_soon(read, name)
+            await wait_all_tasks_blocked()
+            subs["a"].close()
+            await wait_all_tasks_blocked()
+            assert ended == ["a"]
+            subs["s"].close()
+            await wait_all_tasks_blocked()
+            assert ended == ["a", "s"]
+            assert subs["b"].idle
+            subs["b"].close()
+    assert ended == ["a", "s", "b"]
+
+
+async def test_a_standalone_subscription_applies_its_policy_to_what_it_is_offered() -> None:
+    sub = Subscription(overflow="block", buffer=2, name="standalone")
+    start = StartEvent(stream="s", seq=0, ts=0.0)
+    deltas = [DeltaEvent(stream="s", seq=i, ts=0.0, text=str(i)) for i in (1, 2, 3)]
+    assert sub.offer(start) is None
+    assert sub.offer(deltas[0]) is None
+    wait = sub.offer(deltas[1])  # full: a `block` subscription makes the publisher wait
+    assert wait is not None
+    done = anyio.Event()
+
+    async def publisher() -> None:
+        assert wait is not None
+        await wait
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(publisher)
+        await wait_all_tasks_blocked()
+        assert not done.is_set() and sub.pending == 2
+        assert await sub.receive() == start
+        await done.wait()
+    assert sub.pending == 2
+    sub.close()
+    assert sub.offer(deltas[2]) is None  # closed: refused, nothing buffered
+    assert [e.seq async for e in sub] == [1, 2]
+
+
+async def test_bad_subscription_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="buffer must be at least 1, got 0"):
+        Subscription(buffer=0)
+    with pytest.raises(ValueError, match="unknown overflow policy 'lossy'; expected one of block, coalesce"):
+        Subscription(overflow="lossy")
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("kept")
+        with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+            await sub.receive_batch(limit=0)
+        # the bad call lost nothing
+        assert [type(e) for e in await sub.receive_batch()] == [StartEvent, DeltaEvent, EndEvent]
+
+
+async def test_a_subscriber_follows_only_the_streams_its_filter_matched_at_their_start() -> None:
+    async with Bus() as bus:
+        by_meta = bus.subscribe(Filter.of(meta={"user": "u1"}))
+        by_id = bus.subscribe(Filter.of(streams=["a", "b"], models="m1"))
+        firehose = bus.subscribe()
+        async with bus.stream(stream="a", model="m1", meta={"user": "u1"}) as a:
+            async with bus.stream(stream="b", model="m2", meta={"user": "u2"}) as b:
+                late = bus.subscribe(Filter.of(meta={"user": "u2"}))  # joins a live stream
+                await a.delta("a1")
+                await b.delta("b1")
+                by_meta.close()
+                await a.delta("a2")  # by_meta closed: not offered any more
+    assert [(e.stream, e.seq) async for e in by_meta] == [("a", 0), ("a", 1)]
+    assert {e.stream async for e in by_id} == {"a"}
+    assert [(e.stream, type(e)) async for e in late] == [("b", DeltaEvent), ("b", EndEvent)]
+    assert len([e async for e in firehose]) == 7
+    assert bus.live_streams == {}
+
+
+async def test_a_writer_not_entered_cannot_be_aborted() -> None:
+    async with Bus() as bus:
+        writer = bus.stream(stream="s")
+        assert not writer.request_abort("no", "client")
+        assert not bus.abort("s")
+
+
+async def test_bus_offer_delivers_at_once_and_returns_a_wait_only_for_full_block_subscribers() -> None:
+    async with Bus() as bus:
+        first = bus.subscribe(Filter.of(streams="s"), overflow="block", buffer=1)
+        second = bus.subscribe(overflow="block", buffer=1)
+        free = bus.subscribe(Filter.of(streams="s"), overflow="coalesce", buffer=1)
+        await bus.publish(StartEvent(stream="s", seq=0, ts=0.0))  # fills both `block` buffers
+        delta = DeltaEvent(stream="s", seq=1, ts=0.0, text="x")
+        wait = bus.offer(delta)
+        assert wait is not None
+        assert free.pending == 2  # the others got it at once
+        done = anyio.Event()
+
+        async def publisher() -> None:
+            assert wait is not None
+            await wait
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            await wait_all_tasks_blocked()
+            assert not done.is_set()
+            assert isinstance(await first.receive(), StartEvent)
+            assert isinstance(await second.receive(), StartEvent)
+            await done.wait()
+        assert await first.receive() == delta
+        assert await second.receive() == delta
+        assert bus.offer(DeltaEvent(stream="s", seq=2, ts=0.0, text="y")) is None  # room everywhere now
+        assert (first.pending, second.pending) == (1, 1)

@@ -15,8 +15,10 @@ from streambus import (
     EndEvent,
     ErrorEvent,
     Event,
+    Filter,
     ModerationEvent,
     StartEvent,
+    StreamWriter,
     Usage,
     decode,
     encode,
@@ -215,3 +217,76 @@ def test_drop_oldest_keeps_seq_increasing_and_control_events(ops: list[tuple[obj
         assert sub.dropped + len([e for e in got if isinstance(e, DeltaEvent)]) == sum(1 for o in ops if o[0] == "pub")
 
     anyio.run(scenario)
+
+
+USERS = 2_000
+META_USERS = 50  # the first users follow their stream by a meta tag (matched on start), the rest by its id
+
+user_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("pub"), st.integers(0, USERS - 1) | st.integers(0, 5), st.text(max_size=4)),
+        st.tuples(st.just("read"), st.integers(0, USERS - 1) | st.integers(0, 5), st.integers(1, 8)),
+        st.tuples(st.just("close"), st.integers(0, USERS - 1) | st.integers(0, 5)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=user_ops, buffer=st.integers(1, 6), backend=st.sampled_from(["asyncio", "trio"]))
+def test_thousands_of_per_user_subscribers_each_get_exactly_their_stream(
+    ops: list[tuple[object, ...]], buffer: int, backend: str
+) -> None:
+    """A chat service: one subscriber per user, thousands of them. Each sees all of
+    its own stream, in order, and nothing else; a closed one gets nothing more; an
+    unfiltered reader still sees every stream."""
+
+    async def scenario() -> None:
+        published: dict[str, str] = {}
+        received: dict[int, list[Event]] = {u: [] for u in range(USERS)}
+        closed_at: dict[int, int] = {}  # user -> how many deltas of its stream were published before it closed
+        async with Bus(buffer=buffer, max_bytes=10**9) as bus:
+            firehose = bus.subscribe()
+            subs = [
+                bus.subscribe(Filter.of(meta={"user": f"u{u}"}) if u < META_USERS else Filter.of(streams=f"u{u}"))
+                for u in range(USERS)
+            ]
+            writers: dict[int, StreamWriter] = {}
+            counts: dict[int, int] = {}
+            for op in ops:
+                user = int(op[1])  # type: ignore[call-overload]
+                if op[0] == "pub":
+                    if user not in writers:
+                        writers[user] = bus.stream(stream=f"u{user}", meta={"user": f"u{user}"})
+                        await writers[user].__aenter__()
+                    await writers[user].delta(str(op[2]))
+                    published[f"u{user}"] = published.get(f"u{user}", "") + str(op[2])
+                    counts[user] = counts.get(user, 0) + 1
+                elif op[0] == "read" and subs[user].pending:
+                    received[user].extend(await subs[user].receive_batch(limit=int(op[2])))  # type: ignore[call-overload]
+                elif op[0] == "close" and user not in closed_at:
+                    subs[user].close()
+                    closed_at[user] = counts.get(user, 0)
+            for w in reversed(writers.values()):  # writers nest like `async with` blocks
+                await w.__aexit__(None, None, None)
+        everything = [e async for e in firehose]
+        for user, sub in enumerate(subs):
+            received[user].extend([e async for e in sub])
+        stream_of = {f"u{u}" for u in writers}
+        assert {e.stream for e in everything} == stream_of
+        for user, got in received.items():
+            assert {e.stream for e in got} <= {f"u{user}"}, "only its own stream"
+            seqs = [e.seq for e in got]
+            assert seqs == sorted(set(seqs)), "in seq order, once each"
+            text = "".join(e.text for e in got if isinstance(e, DeltaEvent))
+            if user in closed_at:
+                # Closed: what was buffered before it closed, then nothing more.
+                assert published.get(f"u{user}", "").startswith(text)
+                assert sum(isinstance(e, DeltaEvent) for e in got) <= closed_at[user]
+            elif user in writers:
+                assert text == published[f"u{user}"]
+                assert isinstance(got[0], StartEvent) and isinstance(got[-1], EndEvent)
+            else:
+                assert got == []
+
+    anyio.run(scenario, backend=backend)
