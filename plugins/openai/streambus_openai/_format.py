@@ -55,11 +55,17 @@ def _route(route: str) -> OpenAIRoute:
         ) from None
 
 
-def _usage_body(usage: Usage | None) -> dict[str, int]:
+def _usage_body(usage: Usage | None) -> dict[str, Any]:
     prompt = (usage.prompt_tokens if usage else None) or 0
     completion = (usage.completion_tokens if usage else None) or 0
     total = usage.total_tokens if usage and usage.total_tokens is not None else prompt + completion
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    body: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    # The details objects only when the recording knows them: a client must not read a made-up 0.
+    if usage is not None and usage.cached_input_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage is not None and usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def _error_object(event: ErrorEvent | AbortEvent) -> dict[str, Any]:

@@ -121,10 +121,20 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -170,9 +180,17 @@ def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
         total = usage.total_tokens
         if total is None and usage.prompt_tokens is not None:
             total = usage.prompt_tokens + (usage.completion_tokens or 0)
+        cached = usage.prompt_tokens_details
+        reasoning = usage.completion_tokens_details
         pieces.append(
             UsagePiece(
-                Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=total)
+                Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=total,
+                    cached_input_tokens=cached.cached_tokens if cached is not None else None,
+                    reasoning_tokens=reasoning.reasoning_tokens if reasoning is not None else None,
+                )
             )
         )
     return pieces
