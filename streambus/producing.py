@@ -10,6 +10,8 @@ producer built on an asyncio-only library (aiohttp) owes a trio user.
 :func:`stream_attempt` is one streamed HTTP request over aiohttp, with the
 timeouts and failure kinds every streaming producer needs; the provider
 supplies its sans-I/O parser and what to do with the pieces.
+:func:`retrying_stream` runs one bus stream around such attempts: the retry
+loop (only before the first delta) and the final ``error`` event.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import msgspec
+import structlog
 
 from .errors import WireError
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Failure", "StreamParser", "require_asyncio", "stream_attempt"]
+    from .bus import Bus
+    from .writer import StreamWriter
+
+__all__ = ["Failure", "StreamParser", "require_asyncio", "retrying_stream", "stream_attempt"]
+
+log = structlog.get_logger("streambus.producing")
 
 
 class Failure(msgspec.Struct, frozen=True):
@@ -135,3 +143,49 @@ async def stream_attempt(
             response.release()
         else:
             response.close()
+
+
+async def retrying_stream(
+    bus: Bus,
+    attempt: Callable[[StreamWriter], Awaitable[Failure | None]],
+    *,
+    model: str,
+    provider: str,
+    meta: Mapping[str, Any],
+    retries: int,
+    retry_backoff: float,
+    stream_ids: list[str] | None = None,
+) -> None:
+    """Run one bus stream: call *attempt* with its writer until it returns ``None``.
+
+    *attempt* publishes deltas and the ``end`` itself and returns ``None``, or
+    returns the :class:`Failure` that ended it. A retryable failure is tried
+    again after ``retry_backoff * 2**n`` seconds, at most *retries* times and
+    only while the stream has no delta (so no text is ever duplicated); the
+    last failure becomes the stream's ``error`` event. The new stream's id is
+    appended to *stream_ids*.
+    """
+    async with bus.stream(model=model, provider=provider, meta=dict(meta)) as w:
+        if stream_ids is not None:
+            stream_ids.append(w.stream)
+        tries = 0
+        while True:
+            failure = await attempt(w)
+            if failure is None:
+                return
+            if failure.retryable and tries < retries and w.seq == 0:
+                delay = retry_backoff * 2**tries
+                tries += 1
+                log.warning(
+                    "producer.retry",
+                    provider=provider,
+                    stream=w.stream,
+                    kind=failure.kind,
+                    error=failure.message,
+                    delay=delay,
+                )
+                await anyio.sleep(delay)
+                continue
+            log.warning("producer.failed", provider=provider, stream=w.stream, kind=failure.kind, error=failure.message)
+            await w.error(failure.kind, failure.message, retryable=failure.retryable)
+            return
