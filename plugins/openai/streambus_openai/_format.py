@@ -21,10 +21,15 @@ from streambus.formats import tool_fragments
 from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
 
 from ._protocol import OpenAIRoute
+from ._responses import ResponsesStreamEncoder
 
 __all__ = ["DONE", "OpenAIFormat", "OpenAIStreamEncoder", "sse_chunk"]
 
-_ROUTES: dict[str, OpenAIRoute] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_ROUTES: dict[str, OpenAIRoute] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+}
 
 DONE = b"data: [DONE]\n\n"
 """The event that ends every successful OpenAI stream."""
@@ -44,14 +49,14 @@ def sse_chunk(obj: Mapping[str, Any]) -> bytes:
 
 
 def _route(route: str) -> OpenAIRoute:
-    if route in ("chat", "completions"):
+    if route in ("chat", "completions", "responses"):
         return route  # type: ignore[return-value]
     path = route if route.startswith("/v1/") else "/v1" + route
     try:
         return _ROUTES[path]
     except KeyError:
         raise ValueError(
-            f"route: OpenAI serves {', '.join(_ROUTES)} (or 'chat', 'completions'), not {route!r}"
+            f"route: OpenAI serves {', '.join(_ROUTES)} (or 'chat', 'completions', 'responses'), not {route!r}"
         ) from None
 
 
@@ -168,16 +173,21 @@ class OpenAIStreamEncoder:
 
 
 class OpenAIFormat:
-    """The OpenAI HTTP format (``/v1/chat/completions``, ``/v1/completions``)."""
+    """The OpenAI HTTP format (``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``)."""
 
     name = "openai"
     routes: Mapping[str, str] = dict(_ROUTES)
 
-    def stream_encoder(self, route: str, request: Mapping[str, Any]) -> OpenAIStreamEncoder:
-        """An encoder for a streamed answer to *request* on *route* (a path or ``chat``/``completions``)."""
+    def stream_encoder(self, route: str, request: Mapping[str, Any]) -> OpenAIStreamEncoder | ResponsesStreamEncoder:
+        """An encoder for a streamed answer to *request* on *route*.
+
+        *route* is a path or ``chat``, ``completions``, ``responses``.
+        """
         options = request.get("stream_options")
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         model = request.get("model")
+        if _route(route) == "responses":
+            return ResponsesStreamEncoder(model=model if isinstance(model, str) and model else None)
         return OpenAIStreamEncoder(
             _route(route), model=model if isinstance(model, str) and model else None, include_usage=include_usage
         )
@@ -199,6 +209,8 @@ class OpenAIFormat:
         """
         kind = _route(route)
         model = request.get("model") if isinstance(request.get("model"), str) else None
+        if kind == "responses":
+            return ResponsesStreamEncoder(model=model).assemble(events)
         content: list[str] = []
         reasoning: list[str] = []
         fragments: list[ToolCallFragment] = []

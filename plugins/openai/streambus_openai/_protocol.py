@@ -43,7 +43,7 @@ __all__ = [
     "error_piece",
 ]
 
-OpenAIRoute: TypeAlias = Literal["chat", "completions"]
+OpenAIRoute: TypeAlias = Literal["chat", "completions", "responses"]
 
 
 class TextPiece(msgspec.Struct, frozen=True):
@@ -181,7 +181,7 @@ def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
         if total is None and usage.prompt_tokens is not None:
             total = usage.prompt_tokens + (usage.completion_tokens or 0)
         cached = usage.prompt_tokens_details
-        reasoning = usage.completion_tokens_details
+        thought = usage.completion_tokens_details
         pieces.append(
             UsagePiece(
                 Usage(
@@ -189,7 +189,7 @@ def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
                     completion_tokens=usage.completion_tokens,
                     total_tokens=total,
                     cached_input_tokens=cached.cached_tokens if cached is not None else None,
-                    reasoning_tokens=reasoning.reasoning_tokens if reasoning is not None else None,
+                    reasoning_tokens=thought.reasoning_tokens if thought is not None else None,
                 )
             )
         )
@@ -244,7 +244,8 @@ class OpenAIStreamParser:
 
     def __init__(self, route: OpenAIRoute = "chat") -> None:
         if route not in ("chat", "completions"):
-            raise ValueError(f"route: expected 'chat' or 'completions', got {route!r}")
+            hint = " (the Responses API has its own parser: ResponsesStreamParser)" if route == "responses" else ""
+            raise ValueError(f"route: expected 'chat' or 'completions', got {route!r}{hint}")
         self.route: OpenAIRoute = route
         self._sse = SseParser()
         self.done = False

@@ -47,7 +47,11 @@ def test_registered_as_openai_format() -> None:
     fmt = load_format("openai")
     assert isinstance(fmt, WireFormat)
     assert fmt.name == "openai"
-    assert dict(fmt.routes) == {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    assert dict(fmt.routes) == {
+        "/v1/chat/completions": "chat",
+        "/v1/completions": "completions",
+        "/v1/responses": "responses",
+    }
     assert isinstance(fmt.stream_encoder("/v1/chat/completions", {}), StreamEncoder)
 
 
