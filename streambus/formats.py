@@ -138,14 +138,15 @@ class LoadedModels(Protocol):
 class ModelsRoute(Protocol):
     """Optional for a :class:`WireFormat`: where its clients list models, for the mock server.
 
-    The mock serves ``GET models_path`` with :meth:`WireFormat.models_body`
-    and, when the format is also :class:`ModelDetails`, ``GET
-    models_path/{model}``. Formats may share a path (OpenAI's and
-    Anthropic's ``/v1/models``): :meth:`claims` tells which clients are its own.
+    The mock serves ``GET`` on each of ``models_paths`` with
+    :meth:`WireFormat.models_body` and, when the format is also
+    :class:`ModelDetails`, ``GET {path}/{model}``. Formats may share a path
+    (OpenAI's, Anthropic's and Gemini's ``/v1/models``): :meth:`claims` tells
+    which clients are its own.
     """
 
-    models_path: str
-    """E.g. ``/v1/models`` (Anthropic), ``/v1beta/models`` (Gemini)."""
+    models_paths: tuple[str, ...]
+    """E.g. ``("/v1/models",)`` (Anthropic), ``("/v1beta/models", "/v1/models")`` (Gemini)."""
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with *headers* comes from this format's clients."""

@@ -272,7 +272,8 @@ class MockServer:
                 app.router.add_post(path, self._handler(fmt, path, route))
                 served.add(path)
             if isinstance(fmt, ModelsRoute):
-                listings.setdefault(fmt.models_path, []).append(fmt)
+                for models_path in fmt.models_paths:
+                    listings.setdefault(models_path, []).append(fmt)
         if "ollama" in self.formats:
             ollama = self.formats["ollama"]
             app.router.add_get("/api/tags", self._models_handler(ollama))

@@ -172,7 +172,7 @@ class AnthropicFormat:
 
     name = "anthropic"
     routes: Mapping[str, str] = dict(_ROUTES)
-    models_path = "/v1/models"
+    models_paths = ("/v1/models",)
     """Where clients list models; OpenAI's clients use the same path (see :meth:`claims`)."""
 
     def claims(self, headers: Mapping[str, str]) -> bool:
