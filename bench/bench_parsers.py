@@ -10,7 +10,16 @@ Side by side in one run, on the same bytes cut the same ways:
 - OpenAI SSE: streambus's :class:`~streambus.wire.SseParser` + ``orjson.loads``
   and :class:`~streambus_openai.OpenAIStreamParser` (-> bus pieces) against
   the official ``openai`` client's ``SSEDecoder.iter_bytes`` then
-  ``sse.json()`` per event, as ``openai._streaming`` does.
+  ``sse.json()`` per event, as ``openai._streaming`` does;
+- OpenAI Responses SSE: :class:`~streambus_openai.ResponsesStreamParser`
+  against the same ``openai`` decoding (``responses.create(stream=True)``);
+- Anthropic Messages SSE: :class:`~streambus_anthropic.AnthropicStreamParser`
+  against the ``anthropic`` client's ``SSEDecoder.iter_bytes`` then
+  ``sse.json()``, as ``anthropic._streaming`` does;
+- Gemini SSE: :class:`~streambus_gemini.GeminiStreamParser` against
+  ``google-genai``'s ``HttpResponse.segments()`` over an httpx response (its
+  SSE line decoder, data joining and ``json.loads``), as
+  ``generate_content_stream`` does before building its pydantic models.
 
 The streams are made by the plugins' own encoders from a synthetic answer
 (English and Japanese tokens), so both sides parse byte-identical input. Two
@@ -35,9 +44,13 @@ from typing import Any
 
 import httpx
 import orjson
+from anthropic._streaming import SSEDecoder as AnthropicSSEDecoder
+from google.genai._api_client import HttpResponse as GenaiHttpResponse
 from openai._streaming import SSEDecoder
+from streambus_anthropic import AnthropicFormat, AnthropicStreamParser
+from streambus_gemini import GeminiFormat, GeminiStreamParser
 from streambus_ollama import OllamaFormat, OllamaStreamParser
-from streambus_openai import OpenAIFormat, OpenAIStreamParser
+from streambus_openai import OpenAIFormat, OpenAIStreamParser, ResponsesStreamParser
 
 from streambus.events import DeltaEvent, EndEvent, Event, StartEvent, Usage
 from streambus.wire import NdjsonParser, SseParser
@@ -148,6 +161,38 @@ def official_openai(reads: list[bytes]) -> int:
     return n
 
 
+def streambus_parser(parser_class: Callable[[], Any]) -> Callable[[list[bytes]], int]:
+    def run(reads: list[bytes]) -> int:
+        parser = parser_class()
+        n = 0
+        for data in reads:
+            for _ in parser.feed(data):
+                n += 1
+        for _ in parser.close():
+            n += 1
+        return n
+
+    return run
+
+
+def official_anthropic(reads: list[bytes]) -> int:
+    # What anthropic._streaming.Stream does: SSEDecoder.iter_bytes, then sse.json() per event.
+    n = 0
+    for sse in AnthropicSSEDecoder().iter_bytes(iter(reads)):
+        sse.json()
+        n += 1
+    return n
+
+
+def official_gemini(reads: list[bytes]) -> int:
+    # What google-genai's generate_content_stream does with the body: HttpResponse.segments()
+    # (SSE lines, data joined, json.loads), before its pydantic models.
+    n = 0
+    for _ in GenaiHttpResponse({}, httpx.Response(200, content=iter(reads))).segments():
+        n += 1
+    return n
+
+
 def measure(contenders: list[tuple[str, Callable[[list[bytes]], int]]], reads: list[bytes], chunks: int) -> list[float]:
     """Best CPU time per chunk of each contender, in ns; repetitions interleave the contenders.
 
@@ -175,6 +220,15 @@ def rows() -> Iterator[tuple[str, str, str, float, float]]:
          {"model": "bench-model", "stream_options": {"include_usage": True}},
          [("streambus SseParser + orjson", ours_sse), ("streambus OpenAIStreamParser", ours_openai)],
          ("openai client (SSEDecoder + sse.json)", official_openai)),
+        ("OpenAI Responses SSE", OpenAIFormat(), "/v1/responses", {"model": "bench-model"},
+         [("streambus ResponsesStreamParser", streambus_parser(ResponsesStreamParser))],
+         ("openai client (SSEDecoder + sse.json)", official_openai)),
+        ("Anthropic Messages SSE", AnthropicFormat(), "/v1/messages", {"model": "bench-model"},
+         [("streambus AnthropicStreamParser", streambus_parser(AnthropicStreamParser))],
+         ("anthropic client (SSEDecoder + sse.json)", official_anthropic)),
+        ("Gemini SSE", GeminiFormat(), "/v1beta/models/{model}:streamGenerateContent", {},
+         [("streambus GeminiStreamParser", streambus_parser(GeminiStreamParser))],
+         ("google-genai (HttpResponse.segments)", official_gemini)),
     ]  # fmt: skip
     for label, fmt, route, request, ours, official in cases:
         chunks = per_event(fmt, route, request, events)

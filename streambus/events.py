@@ -99,12 +99,25 @@ class DeltaEvent(_Base, frozen=True, kw_only=True, tag="delta"):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
-    """Token counts of a response; ``source`` says who counted them."""
+    """Token counts of a response; ``source`` says who counted them.
+
+    ``prompt_tokens`` counts every input token, cached ones included, and
+    ``completion_tokens`` every output token, reasoning included, whatever
+    the provider's own split (``docs/events.md`` maps each provider's fields).
+    The optional counts are ``None`` (and absent on the wire) when the
+    provider did not report them: ``cached_input_tokens`` (input read from a
+    prompt cache), ``cache_creation_input_tokens`` (input written to one;
+    Anthropic bills those apart) and ``reasoning_tokens`` (the part of the
+    output spent thinking).
+    """
 
     prompt_tokens: _Count | None = None
     completion_tokens: _Count | None = None
     total_tokens: _Count | None = None
     source: Literal["provider", "counted"] = "provider"
+    cached_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 class EndEvent(_Base, frozen=True, kw_only=True, omit_defaults=False, tag="end"):

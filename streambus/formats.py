@@ -26,7 +26,15 @@ from .events import DeltaEvent, Event
 from .plugins import load
 from .wire import ToolCallFragment, parse_tool_text
 
-__all__ = ["LoadedModels", "ModelDetails", "StreamEncoder", "WireFormat", "load_format", "tool_fragments"]
+__all__ = [
+    "LoadedModels",
+    "ModelDetails",
+    "ModelsRoute",
+    "StreamEncoder",
+    "WireFormat",
+    "load_format",
+    "tool_fragments",
+]
 
 log = structlog.get_logger("streambus.formats")
 
@@ -124,6 +132,24 @@ class LoadedModels(Protocol):
 
     def loaded_body(self, models: Mapping[str, float]) -> dict[str, Any]:
         """The body listing *models*: name -> UNIX time at which the model would be unloaded."""
+
+
+@runtime_checkable
+class ModelsRoute(Protocol):
+    """Optional for a :class:`WireFormat`: where its clients list models, for the mock server.
+
+    The mock serves ``GET`` on each of ``models_paths`` with
+    :meth:`WireFormat.models_body` and, when the format is also
+    :class:`ModelDetails`, ``GET {path}/{model}``. Formats may share a path
+    (OpenAI's, Anthropic's and Gemini's ``/v1/models``): :meth:`claims` tells
+    which clients are its own.
+    """
+
+    models_paths: tuple[str, ...]
+    """E.g. ``("/v1/models",)`` (Anthropic), ``("/v1beta/models", "/v1/models")`` (Gemini)."""
+
+    def claims(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request with *headers* comes from this format's clients."""
 
 
 def load_format(name: str) -> WireFormat:

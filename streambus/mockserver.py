@@ -16,7 +16,12 @@ The server answers the routes of every installed provider wire format
 (:func:`streambus.formats.load_format`): Ollama's ``/api/chat``,
 ``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/ps``,
 ``/api/version`` and OpenAI's ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models``, ``/v1/models/{id}``. The bytes come from the provider
+``/v1/responses``, ``/v1/models``, ``/v1/models/{id}``, and those of any
+other installed format (Anthropic's ``/v1/messages``, Gemini's
+``/v1beta/models/{model}:streamGenerateContent``...) with the model list at
+the format's :class:`~streambus.formats.ModelsRoute`. Two formats may share
+a models path (OpenAI's and Anthropic's ``/v1/models``): the one whose
+``claims`` accepts the request's headers answers, else the first. The bytes come from the provider
 plugin's own encoder, so what a client receives is what the plugin's
 producer parses. ``/api/show`` reports the capabilities the recordings show
 (``thinking`` for reasoning, ``tools`` for tool calls); ``/api/ps`` lists the
@@ -70,8 +75,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .errors import PluginError
 from .events import DeltaEvent, EndEvent, Event, StartEvent
-from .formats import LoadedModels, ModelDetails, WireFormat, load_format
-from .plugins import install_hint
+from .formats import LoadedModels, ModelDetails, ModelsRoute, WireFormat, load_format
+from .plugins import discover, install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
 
@@ -138,7 +143,8 @@ class MockServer:
     :param burst: send everything at once, no pauses.
     :param idle_limit: cap every recorded pause at this many seconds.
     :param formats: the wire formats to serve (entry point names); missing ones are skipped
-        with a warning, but at least one must load.
+        with a warning, but at least one must load. The default is ``ollama``, ``openai``
+        and every other installed format.
     :param lenient: read the recording skipping invalid lines.
     :param ollama_version: what ``/api/version`` reports.
     """
@@ -150,7 +156,7 @@ class MockServer:
         speed: float = 1.0,
         burst: bool = False,
         idle_limit: float | None = None,
-        formats: Sequence[str] = ("ollama", "openai"),
+        formats: Sequence[str] | None = None,
         lenient: bool = False,
         ollama_version: str = "0.6.0",
     ) -> None:
@@ -177,6 +183,9 @@ class MockServer:
         self.formats: dict[str, WireFormat] = {}
         """The loaded wire formats by name."""
         failures: list[str] = []
+        if formats is None:
+            others = [info.name for info in discover("formats") if info.ok and info.name not in ("ollama", "openai")]
+            formats = ["ollama", "openai", *others]
         for name in formats:
             try:
                 self.formats[name] = load_format(name)
@@ -255,27 +264,40 @@ class MockServer:
         """Build the :class:`aiohttp.web.Application` (to mount it in your own server)."""
         app = web.Application(client_max_size=16 * 1024 * 1024)
         served: set[str] = set()
+        listings: dict[str, list[WireFormat]] = {}
         for fmt in self.formats.values():
             for path, route in fmt.routes.items():
                 if path in ("/api/tags", "/api/version", "/v1/models"):
                     continue
                 app.router.add_post(path, self._handler(fmt, path, route))
                 served.add(path)
+            if isinstance(fmt, ModelsRoute):
+                for models_path in fmt.models_paths:
+                    listings.setdefault(models_path, []).append(fmt)
         if "ollama" in self.formats:
             ollama = self.formats["ollama"]
             app.router.add_get("/api/tags", self._models_handler(ollama))
             app.router.add_get("/api/version", self._version)
             app.router.add_get("/", self._root)
             if isinstance(ollama, ModelDetails):
-                app.router.add_post("/api/show", self._show_handler(ollama, ollama))
+                app.router.add_post("/api/show", self._show_handler(ollama))
             if isinstance(ollama, LoadedModels):
                 app.router.add_get("/api/ps", self._loaded_handler(ollama))
         if "openai" in self.formats:
-            openai = self.formats["openai"]
-            app.router.add_get("/v1/models", self._models_handler(openai))
-            if isinstance(openai, ModelDetails):
-                app.router.add_get("/v1/models/{model:.+}", self._show_handler(openai, openai))
+            listings.setdefault("/v1/models", []).insert(0, self.formats["openai"])
+        for path, fmts in listings.items():
+            app.router.add_get(path, self._models_handler(*fmts))
+            if any(isinstance(fmt, ModelDetails) for fmt in fmts):
+                app.router.add_get(path + "/{model:.+}", self._show_handler(*fmts))
         return app
+
+    @staticmethod
+    def _choose(fmts: Sequence[WireFormat], request: web.Request) -> WireFormat:
+        # A client that the format recognises (Anthropic's send anthropic-version) gets that format.
+        for fmt in fmts:
+            if isinstance(fmt, ModelsRoute) and fmt.claims(request.headers):
+                return fmt
+        return next((fmt for fmt in fmts if not isinstance(fmt, ModelsRoute)), fmts[0])
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="Ollama is running")
@@ -284,16 +306,21 @@ class MockServer:
         self._log(request, None, 200, None, False)
         return web.json_response({"version": self.ollama_version})
 
-    def _models_handler(self, fmt: WireFormat) -> Any:
+    def _models_handler(self, *fmts: WireFormat) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
+            fmt = self._choose(fmts, request)
             self._log(request, None, 200, None, False)
             return web.json_response(fmt.models_body(self.models))
 
         return handler
 
-    def _show_handler(self, fmt: WireFormat, details: ModelDetails) -> Any:
+    def _show_handler(self, *fmts: WireFormat) -> Any:
         # Ollama: POST /api/show {"model": ...} (older clients send "name"); OpenAI: GET /v1/models/{id}.
         async def handler(request: web.Request) -> web.StreamResponse:
+            fmt = self._choose(fmts, request)
+            if not isinstance(fmt, ModelDetails):
+                return self._error(request, fmt, 404, f"no route {request.path}", None)
+            details: ModelDetails = fmt
             model: Any = request.match_info.get("model")
             if model is None:
                 try:
@@ -341,7 +368,8 @@ class MockServer:
                 return self._error(request, fmt, 400, f"invalid JSON request body: {exc}", None)
             if not isinstance(body, dict):
                 return self._error(request, fmt, 400, "the request body must be a JSON object", None)
-            model = body.get("model")
+            # Gemini names the model in the path (/v1beta/models/{model}:...), the others in the body.
+            model = request.match_info.get("model") or body.get("model")
             if not isinstance(model, str) or not model:
                 return self._error(request, fmt, 400, "model is required", None)
             answer = self._pick(model)

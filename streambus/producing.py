@@ -13,6 +13,8 @@ producer built on an asyncio-only library (aiohttp) owes a trio user.
 :func:`stream_attempt` is one streamed HTTP request over aiohttp, with the
 timeouts and failure kinds every streaming producer needs; the provider
 supplies its sans-I/O parser and what to do with the pieces.
+:func:`retrying_stream` runs one bus stream around such attempts: the retry
+loop (only before the first delta) and the final ``error`` event.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import msgspec
+import structlog
 import tenacity
 
 from .errors import WireError
@@ -35,7 +38,20 @@ from .errors import WireError
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Failure", "RetryPolicy", "StreamParser", "require_asyncio", "retry_after", "stream_attempt"]
+    from .bus import Bus
+    from .writer import StreamWriter
+
+__all__ = [
+    "Failure",
+    "RetryPolicy",
+    "StreamParser",
+    "require_asyncio",
+    "retry_after",
+    "retrying_stream",
+    "stream_attempt",
+]
+
+log = structlog.get_logger("streambus.producing")
 
 
 class Failure(msgspec.Struct, frozen=True):
@@ -273,3 +289,45 @@ async def stream_attempt(
             response.release()
         else:
             response.close()
+
+
+async def retrying_stream(
+    bus: Bus,
+    attempt: Callable[[StreamWriter], Awaitable[Failure | None]],
+    *,
+    model: str,
+    provider: str,
+    meta: Mapping[str, Any],
+    retries: int,
+    retry_backoff: float,
+    retry_max_wait: float = 30.0,
+    stream_ids: list[str] | None = None,
+) -> None:
+    """Run one bus stream: call *attempt* with its writer until it returns ``None``.
+
+    *attempt* publishes deltas and the ``end`` itself and returns ``None``, or
+    returns the :class:`Failure` that ended it. A retryable failure is tried
+    again as :class:`RetryPolicy` says (backoff with jitter, or the server's
+    ``Retry-After``), at most *retries* times and only while the stream has no
+    delta (so no text is ever duplicated); the last failure becomes the
+    stream's ``error`` event. The new stream's id is appended to *stream_ids*.
+    """
+    policy = RetryPolicy(retries=retries, backoff=retry_backoff, max_wait=retry_max_wait)
+    async with bus.stream(model=model, provider=provider, meta=dict(meta)) as w:
+        if stream_ids is not None:
+            stream_ids.append(w.stream)
+
+        def retrying(failure: Failure, delay: float) -> None:
+            log.warning(
+                "producer.retry",
+                provider=provider,
+                stream=w.stream,
+                kind=failure.kind,
+                error=failure.message,
+                delay=delay,
+            )
+
+        failure = await policy.run(lambda: attempt(w), may_retry=lambda _: w.seq == 0, on_retry=retrying)
+        if failure is not None:
+            log.warning("producer.failed", provider=provider, stream=w.stream, kind=failure.kind, error=failure.message)
+            await w.error(failure.kind, failure.message, retryable=failure.retryable)

@@ -328,3 +328,22 @@ def test_replay_real_process_prints_one_line_and_exits_1(tmp_path: Path) -> None
     )
     assert done.returncode == 1
     assert done.stderr == f"Error: {path}:2: invalid event JSON: nested too deeply\n".encode()
+
+
+def test_usage_detail_counts_are_optional_on_the_wire() -> None:
+    """Old recordings (no cached/reasoning counts) decode; the counts appear on the wire only when known."""
+    from streambus import decode
+
+    old = b'{"type":"end","stream":"s","seq":2,"ts":1.0,"reason":"stop","usage":{"prompt_tokens":9},"timings":{}}'
+    end = decode(old)
+    assert isinstance(end, EndEvent) and end.usage is not None
+    assert (end.usage.cached_input_tokens, end.usage.cache_creation_input_tokens, end.usage.reasoning_tokens) == (
+        None,
+        None,
+        None,
+    )
+    assert encode(end) == old
+    usage = Usage(prompt_tokens=9, cached_input_tokens=0, cache_creation_input_tokens=4, reasoning_tokens=7)
+    new = encode(EndEvent(stream="s", seq=2, ts=1.0, usage=usage))
+    assert b'"cached_input_tokens":0,"cache_creation_input_tokens":4,"reasoning_tokens":7' in new
+    assert decode(new) == EndEvent(stream="s", seq=2, ts=1.0, usage=usage)

@@ -283,3 +283,21 @@ def test_tool_text_bad_line() -> None:
     with pytest.raises(WireError) as info:
         parse_tool_text('{"index":0}\nnope\n')
     assert info.value.offset == 12
+
+
+def test_skipped_types_count_per_parser_and_log_once_per_process() -> None:
+    from structlog.testing import capture_logs
+
+    from streambus.wire import SkippedTypes
+
+    first, second = SkippedTypes("test-provider"), SkippedTypes("test-provider")
+    with capture_logs() as logs:
+        first.note("test.novel_a")
+        first.note("test.novel_a")
+        second.note("test.novel_a")
+        second.note("test.novel_b")
+    assert dict(first) == {"test.novel_a": 2} and dict(second) == {"test.novel_a": 1, "test.novel_b": 1}
+    assert [(e["provider"], e["type"]) for e in logs if e["event"] == "wire.unknown_type"] == [
+        ("test-provider", "test.novel_a"),
+        ("test-provider", "test.novel_b"),
+    ]

@@ -4,6 +4,7 @@
 - :class:`NdjsonParser` — newline-delimited JSON (Ollama's stream format);
 - :class:`SseParser` — WHATWG server-sent events (OpenAI-compatible streams),
   with :func:`format_sse` for the other direction;
+- :class:`SkippedTypes` — what a provider parser skipped, counted and logged once;
 - :func:`tool_text` / :func:`parse_tool_text` / :func:`merge_tool_calls` —
   the JSON-lines text that ``tool`` channel deltas carry.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from ..errors import WireError
 from ._ndjson import DEFAULT_MAX_LINE, NdjsonParser, yield_then_raise
+from ._skipped import SkippedTypes
 from ._sse import SseEvent, SseParser, format_sse
 from ._tools import ToolCall, ToolCallFragment, merge_tool_calls, parse_tool_text, tool_text
 from ._utf8 import Utf8Decoder
@@ -24,6 +26,7 @@ from ._utf8 import Utf8Decoder
 __all__ = [
     "DEFAULT_MAX_LINE",
     "NdjsonParser",
+    "SkippedTypes",
     "SseEvent",
     "SseParser",
     "ToolCall",

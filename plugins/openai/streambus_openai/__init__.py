@@ -5,7 +5,9 @@
   OpenAI-compatible server into bus events, one stream per choice;
 - :class:`OpenAIFormat` (entry point ``openai`` in ``streambus.formats``)
   encodes events back into OpenAI SSE chunks for the mock server and proxy;
-- :class:`OpenAIStreamParser` is the sans-I/O parser both use.
+- :class:`OpenAIStreamParser` is the sans-I/O parser both use; the
+  Responses API (``/responses``, ``endpoint = "responses"``) has
+  :class:`ResponsesStreamParser` and :class:`ResponsesStreamEncoder`.
 
 The producer runs on asyncio only (it uses aiohttp); the parser and the
 format are plain functions of bytes and events and run anywhere.
@@ -27,6 +29,7 @@ from ._protocol import (
     chunk_pieces,
     error_piece,
 )
+from ._responses import ResponsesStreamEncoder, ResponsesStreamParser, responses_usage
 
 __all__ = [
     "DONE",
@@ -41,10 +44,13 @@ __all__ = [
     "OpenAIStreamEncoder",
     "OpenAIStreamParser",
     "Piece",
+    "ResponsesStreamEncoder",
+    "ResponsesStreamParser",
     "TextPiece",
     "UsagePiece",
     "chunk_pieces",
     "error_piece",
     "require_asyncio",
+    "responses_usage",
     "sse_chunk",
 ]

@@ -21,10 +21,15 @@ from streambus.formats import tool_fragments
 from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
 
 from ._protocol import OpenAIRoute
+from ._responses import ResponsesStreamEncoder
 
 __all__ = ["DONE", "OpenAIFormat", "OpenAIStreamEncoder", "sse_chunk"]
 
-_ROUTES: dict[str, OpenAIRoute] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_ROUTES: dict[str, OpenAIRoute] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+}
 
 DONE = b"data: [DONE]\n\n"
 """The event that ends every successful OpenAI stream."""
@@ -44,22 +49,28 @@ def sse_chunk(obj: Mapping[str, Any]) -> bytes:
 
 
 def _route(route: str) -> OpenAIRoute:
-    if route in ("chat", "completions"):
+    if route in ("chat", "completions", "responses"):
         return route  # type: ignore[return-value]
     path = route if route.startswith("/v1/") else "/v1" + route
     try:
         return _ROUTES[path]
     except KeyError:
         raise ValueError(
-            f"route: OpenAI serves {', '.join(_ROUTES)} (or 'chat', 'completions'), not {route!r}"
+            f"route: OpenAI serves {', '.join(_ROUTES)} (or 'chat', 'completions', 'responses'), not {route!r}"
         ) from None
 
 
-def _usage_body(usage: Usage | None) -> dict[str, int]:
+def _usage_body(usage: Usage | None) -> dict[str, Any]:
     prompt = (usage.prompt_tokens if usage else None) or 0
     completion = (usage.completion_tokens if usage else None) or 0
     total = usage.total_tokens if usage and usage.total_tokens is not None else prompt + completion
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    body: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+    # The details objects only when the recording knows them: a client must not read a made-up 0.
+    if usage is not None and usage.cached_input_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage is not None and usage.reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def _error_object(event: ErrorEvent | AbortEvent) -> dict[str, Any]:
@@ -162,16 +173,21 @@ class OpenAIStreamEncoder:
 
 
 class OpenAIFormat:
-    """The OpenAI HTTP format (``/v1/chat/completions``, ``/v1/completions``)."""
+    """The OpenAI HTTP format (``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``)."""
 
     name = "openai"
     routes: Mapping[str, str] = dict(_ROUTES)
 
-    def stream_encoder(self, route: str, request: Mapping[str, Any]) -> OpenAIStreamEncoder:
-        """An encoder for a streamed answer to *request* on *route* (a path or ``chat``/``completions``)."""
+    def stream_encoder(self, route: str, request: Mapping[str, Any]) -> OpenAIStreamEncoder | ResponsesStreamEncoder:
+        """An encoder for a streamed answer to *request* on *route*.
+
+        *route* is a path or ``chat``, ``completions``, ``responses``.
+        """
         options = request.get("stream_options")
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         model = request.get("model")
+        if _route(route) == "responses":
+            return ResponsesStreamEncoder(model=model if isinstance(model, str) and model else None)
         return OpenAIStreamEncoder(
             _route(route), model=model if isinstance(model, str) and model else None, include_usage=include_usage
         )
@@ -193,6 +209,8 @@ class OpenAIFormat:
         """
         kind = _route(route)
         model = request.get("model") if isinstance(request.get("model"), str) else None
+        if kind == "responses":
+            return ResponsesStreamEncoder(model=model).assemble(events)
         content: list[str] = []
         reasoning: list[str] = []
         fragments: list[ToolCallFragment] = []

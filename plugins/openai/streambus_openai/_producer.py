@@ -26,6 +26,7 @@ from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, P
 from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
+from ._responses import ResponsesStreamParser
 
 if TYPE_CHECKING:
     from streambus import Bus
@@ -35,6 +36,7 @@ __all__ = ["Failure", "OpenAIProducer", "OpenAIRequest", "require_asyncio"]
 log = structlog.get_logger("streambus.openai")
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_PATHS: dict[OpenAIRoute, str] = {"chat": "/chat/completions", "completions": "/completions", "responses": "/responses"}
 
 
 class _End(msgspec.Struct, frozen=True):
@@ -103,8 +105,9 @@ class OpenAIProducer(PluginBase):
         """The model to run (required here or in every request)."""
         api_key_env: str | None = "OPENAI_API_KEY"
         """The environment variable holding the API key (sent as a bearer token, never logged)."""
-        endpoint: Literal["auto", "chat", "completions"] = "auto"
-        """``chat``, ``completions`` (legacy), or ``auto``: ``completions`` when only a prompt is given."""
+        endpoint: Literal["auto", "chat", "completions", "responses"] = "auto"
+        """``chat``, ``completions`` (legacy), ``responses`` (the Responses API, ``/responses``),
+        or ``auto``: ``completions`` when only a prompt is given, else ``chat``."""
         messages: list[dict[str, Any]] | None = None
         """Chat history: ``{role, content}`` tables."""
         prompt: str | None = None
@@ -171,6 +174,8 @@ class OpenAIProducer(PluginBase):
                     raise ValueError(f"{where}prompt: required with endpoint = 'completions'")
                 if not messages and prompt is None:
                     raise ValueError(f"{where}messages: required (or a prompt for the legacy completions)")
+                if self.endpoint == "responses" and (request.n or self.n) != 1:
+                    raise ValueError(f"{where}n: the Responses API answers with one choice; leave n at 1")
                 if request.n is not None and request.n < 1:
                     raise ValueError(f"{where}n: must be at least 1, got {request.n}")
                 for j, message in enumerate(messages or []):
@@ -201,7 +206,17 @@ class OpenAIProducer(PluginBase):
             system = request.system if request.system is not None else o.system
             route: OpenAIRoute = ("completions" if not messages else "chat") if o.endpoint == "auto" else o.endpoint
             body: dict[str, Any] = {"model": model}
-            if route == "chat":
+            if route == "responses":
+                # The Responses API takes the conversation as `input` and the system prompt as `instructions`.
+                conversation = list(messages or [])
+                if prompt is not None:
+                    conversation.append({"role": "user", "content": prompt})
+                body["input"] = conversation
+                if system is not None:
+                    body["instructions"] = system
+                if o.tools:
+                    body["tools"] = o.tools
+            elif route == "chat":
                 chat = list(messages or [])
                 if system is not None:
                     chat.insert(0, {"role": "system", "content": system})
@@ -213,14 +228,14 @@ class OpenAIProducer(PluginBase):
             else:
                 body["prompt"] = prompt if system is None else f"{system}\n\n{prompt}"
             body["stream"] = True
-            if o.include_usage:
+            if o.include_usage and route != "responses":  # Responses always reports usage
                 body["stream_options"] = {"include_usage": True}
             temperature = request.temperature if request.temperature is not None else o.temperature
             if temperature is not None:
                 body["temperature"] = temperature
             max_tokens = request.max_tokens if request.max_tokens is not None else o.max_tokens
             if max_tokens is not None:
-                body["max_tokens"] = max_tokens
+                body["max_output_tokens" if route == "responses" else "max_tokens"] = max_tokens
             n = request.n if request.n is not None else o.n
             if n != 1:
                 body["n"] = n
@@ -351,16 +366,16 @@ class OpenAIProducer(PluginBase):
 
         return await stream_attempt(
             session,
-            o.base_url.rstrip("/") + ("/chat/completions" if route == "chat" else "/completions"),
+            o.base_url.rstrip("/") + _PATHS[route],
             orjson.dumps(body),
             self._headers(),
-            parser=OpenAIStreamParser(route),
+            parser=ResponsesStreamParser() if route == "responses" else OpenAIStreamParser(route),
             handle=apply,
             status_failure=_status_failure,
             first_chunk_timeout=o.first_chunk_timeout,
             chunk_timeout=o.timeout,
             server=o.base_url,
-            end_marker="data: [DONE]",
+            end_marker="response.completed" if route == "responses" else "data: [DONE]",
             unit="an event",
         )
 

@@ -43,7 +43,7 @@ __all__ = [
     "error_piece",
 ]
 
-OpenAIRoute: TypeAlias = Literal["chat", "completions"]
+OpenAIRoute: TypeAlias = Literal["chat", "completions", "responses"]
 
 
 class TextPiece(msgspec.Struct, frozen=True):
@@ -121,10 +121,20 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -170,9 +180,17 @@ def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
         total = usage.total_tokens
         if total is None and usage.prompt_tokens is not None:
             total = usage.prompt_tokens + (usage.completion_tokens or 0)
+        cached = usage.prompt_tokens_details
+        thought = usage.completion_tokens_details
         pieces.append(
             UsagePiece(
-                Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, total_tokens=total)
+                Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=total,
+                    cached_input_tokens=cached.cached_tokens if cached is not None else None,
+                    reasoning_tokens=thought.reasoning_tokens if thought is not None else None,
+                )
             )
         )
     return pieces
@@ -226,7 +244,8 @@ class OpenAIStreamParser:
 
     def __init__(self, route: OpenAIRoute = "chat") -> None:
         if route not in ("chat", "completions"):
-            raise ValueError(f"route: expected 'chat' or 'completions', got {route!r}")
+            hint = " (the Responses API has its own parser: ResponsesStreamParser)" if route == "responses" else ""
+            raise ValueError(f"route: expected 'chat' or 'completions', got {route!r}{hint}")
         self.route: OpenAIRoute = route
         self._sse = SseParser()
         self.done = False

@@ -47,7 +47,11 @@ def test_registered_as_openai_format() -> None:
     fmt = load_format("openai")
     assert isinstance(fmt, WireFormat)
     assert fmt.name == "openai"
-    assert dict(fmt.routes) == {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    assert dict(fmt.routes) == {
+        "/v1/chat/completions": "chat",
+        "/v1/completions": "completions",
+        "/v1/responses": "responses",
+    }
     assert isinstance(fmt.stream_encoder("/v1/chat/completions", {}), StreamEncoder)
 
 
@@ -238,3 +242,17 @@ async def test_official_client_raises_on_an_encoded_error(upstream: Upstream) ->
             async for chunk in stream:
                 seen.append(chunk.choices[0].delta.content or "")
         assert "".join(seen) == "partial"
+
+
+def test_usage_details_round_trip_through_our_parser() -> None:
+    """Cached and reasoning counts reach the client as OpenAI's details objects and come back."""
+    usage = Usage(
+        prompt_tokens=2006, completion_tokens=300, total_tokens=2306, cached_input_tokens=1920, reasoning_tokens=256
+    )
+    evs = events(("content", "hi"), end=EndEvent(stream="s1", seq=2, ts=TS, reason="stop", usage=usage))
+    body = OpenAIFormat().encode_stream("chat", REQUEST, evs)
+    assert b'"prompt_tokens_details":{"cached_tokens":1920}' in body
+    assert b'"completion_tokens_details":{"reasoning_tokens":256}' in body
+    parser = OpenAIStreamParser("chat")
+    (got,) = [p.usage for p in [*parser.feed(body), *parser.close()] if isinstance(p, UsagePiece)]
+    assert got == usage

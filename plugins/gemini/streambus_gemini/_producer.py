@@ -1,0 +1,261 @@
+"""The ``gemini`` producer: stream the Gemini API's ``streamGenerateContent`` into the bus.
+
+aiohttp moves the bytes; :class:`~streambus_gemini.GeminiStreamParser` does
+all the parsing. Every failure becomes one ``error`` event with a stable
+``kind`` (``http_status``, ``model_not_found``, ``upstream_error`` for an
+error chunk in the stream, ``timeout``, ``truncated``, ``malformed``...) and
+the text already streamed is kept; retries happen only before the first
+delta, so no text is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import aiohttp
+import anyio
+import msgspec
+import orjson
+
+from streambus import PluginBase
+from streambus.producing import Failure, require_asyncio, retrying_stream, stream_attempt
+
+from ._protocol import DonePiece, ErrorPiece, GeminiStreamParser
+
+if TYPE_CHECKING:
+    from streambus import Bus, StreamWriter
+
+__all__ = ["GeminiProducer"]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _content(message: Mapping[str, Any]) -> dict[str, Any]:
+    # {role, content} as the other producers take it -> Gemini's {role, parts}; Gemini's own form passes.
+    role = "model" if message["role"] in ("assistant", "model") else "user"
+    if "parts" in message:
+        return {"role": role, "parts": message["parts"]}
+    return {"role": role, "parts": [{"text": message.get("content", "")}]}
+
+
+class GeminiProducer(PluginBase):
+    """Stream one answer from the Gemini API into the bus.
+
+    ::
+
+        producer = GeminiProducer(model="gemini-2.5-flash", messages=[{"role": "user", "content": "Hi"}])
+        async with Bus() as bus:
+            bus.start_producer(producer)
+
+    Text parts become ``content`` deltas, thought parts (``include_thoughts``)
+    ``reasoning`` deltas, function calls ``tool`` deltas. Runs on asyncio
+    only (aiohttp).
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``gemini`` producer."""
+
+        base_url: str = "https://generativelanguage.googleapis.com"
+        """The API root; ``/{api_version}/models/{model}:streamGenerateContent?alt=sse`` is appended."""
+        api_version: str = "v1beta"
+        """The API version in the path."""
+        model: str = ""
+        """The model to run (required), e.g. ``gemini-2.5-flash``."""
+        api_key_env: str | None = "GEMINI_API_KEY"
+        """The environment variable holding the API key (sent as ``x-goog-api-key``, never logged)."""
+        messages: list[dict[str, Any]] | None = None
+        """The conversation: ``{role, content}`` tables (``assistant`` -> ``model``), or ``{role, parts}``."""
+        prompt: str | None = None
+        """Appended as the last user message."""
+        system: str | None = None
+        """The system instruction."""
+        temperature: float | None = None
+        """Sampling temperature."""
+        max_tokens: int | None = None
+        """``maxOutputTokens``."""
+        include_thoughts: bool = False
+        """Ask a thinking model for its thought summaries (``reasoning`` deltas)."""
+        thinking_budget: int | None = None
+        """``thinkingConfig.thinkingBudget`` in tokens."""
+        tools: list[dict[str, Any]] | None = None
+        """Tool definitions (``[{functionDeclarations = [...]}]``); calls become ``tool`` deltas."""
+        extra_body: dict[str, Any] = {}
+        """More request fields, merged last (``safetySettings``, ``cachedContent``...)."""
+        headers: dict[str, str] = {}
+        """Extra HTTP headers."""
+        timeout: float = 60.0
+        """Seconds allowed between two chunks once the stream has started."""
+        first_chunk_timeout: float = 120.0
+        """Seconds allowed from sending the request to the first chunk."""
+        connect_timeout: float = 10.0
+        """Seconds allowed to open the TCP connection."""
+        retries: int = 2
+        """Attempts after the first, only while no delta was published."""
+        retry_backoff: float = 0.5
+        """Seconds before the first retry; doubles each time."""
+        meta: dict[str, Any] = {}
+        """Tags for the ``start`` event."""
+
+        def __post_init__(self) -> None:
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
+            if not self.model:
+                raise ValueError("model: required (the model to run)")
+            if not self.messages and self.prompt is None:
+                raise ValueError("messages: required (or a prompt)")
+            for j, message in enumerate(self.messages or []):
+                if not isinstance(message.get("role"), str):
+                    raise ValueError(f"messages[{j}].role: required (user or assistant)")
+            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
+                if not getattr(self, key) > 0:
+                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
+            if self.max_tokens is not None and self.max_tokens < 1:
+                raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
+            if self.retries < 0:
+                raise ValueError(f"retries: must be 0 or more, got {self.retries}")
+            if self.retry_backoff < 0:
+                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            if self.api_key_env is not None and not self.api_key_env:
+                raise ValueError("api_key_env: must name an environment variable (or be left out)")
+
+    def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
+        if keys:
+            base = msgspec.structs.asdict(options) if options is not None else {}
+            options = msgspec.convert({**base, **keys}, self.Options)
+        if options is None:
+            raise ValueError("model: required (the model to run)")
+        self.options = options
+        self.stream_ids: list[str] = []
+        """Ids of the streams produced so far."""
+
+    @property
+    def url(self) -> str:
+        """The request URL."""
+        o = self.options
+        return (
+            f"{o.base_url.rstrip('/')}/{o.api_version}/models/{quote(o.model, safe='')}:streamGenerateContent?alt=sse"
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The JSON request body."""
+        o = self.options
+        contents = [_content(m) for m in o.messages or []]
+        if o.prompt is not None:
+            contents.append({"role": "user", "parts": [{"text": o.prompt}]})
+        body: dict[str, Any] = {"contents": contents}
+        if o.system is not None:
+            body["systemInstruction"] = {"parts": [{"text": o.system}]}
+        config: dict[str, Any] = {}
+        if o.temperature is not None:
+            config["temperature"] = o.temperature
+        if o.max_tokens is not None:
+            config["maxOutputTokens"] = o.max_tokens
+        thinking: dict[str, Any] = {}
+        if o.include_thoughts:
+            thinking["includeThoughts"] = True
+        if o.thinking_budget is not None:
+            thinking["thinkingBudget"] = o.thinking_budget
+        if thinking:
+            config["thinkingConfig"] = thinking
+        if config:
+            body["generationConfig"] = config
+        if o.tools:
+            body["tools"] = o.tools
+        body.update(o.extra_body)
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        o = self.options
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **o.headers}
+        key = os.environ.get(o.api_key_env) if o.api_key_env else None
+        if key:
+            headers["x-goog-api-key"] = key
+        return headers
+
+    async def run(self, bus: Bus) -> None:
+        """Run the request as one bus stream (retrying before the first delta)."""
+        require_asyncio("gemini")
+        o = self.options
+        body = orjson.dumps(self.body())
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=o.connect_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def attempt(w: StreamWriter) -> Failure | None:
+                async def publish(pieces: Iterable[Any]) -> Failure | None:
+                    return await _publish(pieces, w)
+
+                return await stream_attempt(
+                    session,
+                    self.url,
+                    body,
+                    self._headers(),
+                    parser=GeminiStreamParser(),
+                    handle=publish,
+                    status_failure=_status_failure,
+                    first_chunk_timeout=o.first_chunk_timeout,
+                    chunk_timeout=o.timeout,
+                    server=o.base_url,
+                    end_marker="a finishReason",
+                    unit="an event",
+                )
+
+            await retrying_stream(
+                bus,
+                attempt,
+                model=o.model,
+                provider="gemini",
+                meta=o.meta,
+                retries=o.retries,
+                retry_backoff=o.retry_backoff,
+                stream_ids=self.stream_ids,
+            )
+
+
+async def _publish(pieces: Iterable[Any], w: StreamWriter) -> Failure | None:
+    for piece in pieces:
+        if isinstance(piece, DonePiece):
+            await w.end(piece.reason, usage=piece.usage)
+            return None
+        if isinstance(piece, ErrorPiece):
+            detail = f" ({piece.status})" if piece.status else ""
+            return Failure(
+                "upstream_error", f"the server reported an error mid-stream{detail}: {piece.message}", piece.retryable
+            )
+        await w.delta(piece.text, channel=piece.channel)
+    return None
+
+
+async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
+    status = response.status
+    raw = b""
+    with anyio.CancelScope(deadline=deadline):
+        with contextlib.suppress(aiohttp.ClientError):
+            raw = await response.content.read(_ERROR_BODY_LIMIT)
+    kind, message = _error(raw)
+    message = message or response.reason or ""
+    retryable = status in (408, 409, 429) or status >= 500
+    detail = f" ({kind})" if kind else ""
+    if status == 404 and "model" in message.lower():
+        return Failure("model_not_found", f"HTTP 404{detail}: {message}")
+    return Failure("http_status", f"HTTP {status}{detail}: {message}", retryable)
+
+
+def _error(raw: bytes) -> tuple[str | None, str]:
+    # Gemini's error body: {"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}, sometimes in a list.
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, raw.decode("utf-8", "replace").strip()[:500]
+    if isinstance(body, list) and body:
+        body = body[0]
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if isinstance(error, Mapping):
+        status, message = error.get("status"), error.get("message")
+        return (status if isinstance(status, str) else None), (
+            message if isinstance(message, str) else orjson.dumps(error).decode()
+        )
+    return None, raw.decode("utf-8", "replace").strip()[:500]

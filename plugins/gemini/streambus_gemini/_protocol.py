@@ -1,0 +1,274 @@
+"""The Gemini API's streaming format, sans-I/O: SSE bytes in, stream pieces out.
+
+``POST /v1beta/models/{model}:streamGenerateContent?alt=sse`` answers with
+server-sent events, each one ``GenerateContentResponse``
+(https://ai.google.dev/api/generate-content#method:-models.streamgeneratecontent)::
+
+    data: {"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"index":0}],
+           "modelVersion":"gemini-2.5-flash","responseId":"r1"}
+
+    data: {"candidates":[{"content":{"parts":[{"text":"lo"}],"role":"model"},"finishReason":"STOP","index":0}],
+           "usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":3,"thoughtsTokenCount":20,
+                            "cachedContentTokenCount":4,"totalTokenCount":32}}
+
+There is no end marker: the chunk with a ``finishReason`` (or a
+``promptFeedback.blockReason``: the prompt itself was blocked) ends the
+answer. :class:`GeminiStreamParser` yields :class:`TextPiece` (text parts to
+``content``, ``thought: true`` parts to ``reasoning``, each ``functionCall``
+part to one whole ``tool`` fragment), then one :class:`DonePiece` with the
+end reason and usage, or an :class:`ErrorPiece` for an ``{"error": ...}`` chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Final, TypeAlias
+
+import msgspec
+import orjson
+
+from streambus import Usage, WireError
+from streambus.events import Channel
+from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
+
+__all__ = [
+    "FINISH_REASONS",
+    "DonePiece",
+    "ErrorPiece",
+    "GeminiStreamParser",
+    "Piece",
+    "TextPiece",
+    "gemini_usage",
+]
+
+FINISH_REASONS: Final = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+}
+"""Gemini's ``finishReason`` -> the bus ``end`` reason; others become their lower-case name."""
+
+_RETRYABLE: Final = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"})
+
+
+class TextPiece(msgspec.Struct, frozen=True):
+    """Generated text on a channel (``content``, ``reasoning`` or ``tool``)."""
+
+    text: str
+    channel: Channel = "content"
+
+
+class DonePiece(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer ended: the bus reason, Gemini's own ``finishReason`` or ``blockReason``, and the usage."""
+
+    reason: str = "stop"
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class ErrorPiece(msgspec.Struct, frozen=True, kw_only=True):
+    """An ``{"error": {"code", "message", "status"}}`` chunk."""
+
+    message: str
+    code: int | None = None
+    status: str | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later (unavailable, rate limited, internal)."""
+        return self.status in _RETRYABLE or self.code in (429, 500, 503, 504)
+
+
+Piece: TypeAlias = TextPiece | DonePiece | ErrorPiece
+
+
+class _FunctionCall(msgspec.Struct):
+    name: str = ""
+    args: Any = None
+    id: str | None = None
+
+
+class _Part(msgspec.Struct, rename="camel"):
+    text: str | None = None
+    thought: bool = False
+    function_call: _FunctionCall | None = None
+    thought_signature: str | None = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] | None = None
+
+
+class _Candidate(msgspec.Struct, rename="camel"):
+    content: _Content | None = None
+    finish_reason: str | None = None
+    index: int = 0
+
+
+class _Feedback(msgspec.Struct, rename="camel"):
+    block_reason: str | None = None
+
+
+class _UsageMetadata(msgspec.Struct, rename="camel"):
+    prompt_token_count: int | None = None
+    candidates_token_count: int | None = None
+    thoughts_token_count: int | None = None
+    cached_content_token_count: int | None = None
+    total_token_count: int | None = None
+
+
+class _Error(msgspec.Struct):
+    message: str = ""
+    code: int | None = None
+    status: str | None = None
+
+
+class _Chunk(msgspec.Struct, rename="camel"):
+    candidates: list[_Candidate] | None = None
+    prompt_feedback: _Feedback | None = None
+    usage_metadata: _UsageMetadata | None = None
+    error: _Error | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def gemini_usage(
+    prompt: int | None, candidates: int | None, thoughts: int | None, cached: int | None, total: int | None
+) -> Usage:
+    """The bus :class:`~streambus.Usage` for Gemini's ``usageMetadata`` counts.
+
+    Gemini's ``candidatesTokenCount`` leaves the thoughts out; the bus
+    ``completion_tokens`` counts every output token, so it adds them.
+    """
+    completion = None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
+    if total is None and (prompt is not None or completion is not None):
+        total = (prompt or 0) + (completion or 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_input_tokens=cached,
+        reasoning_tokens=thoughts,
+    )
+
+
+def _problem(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    if " - at `$." in message:
+        message, where = message.rsplit(" - at `$.", 1)
+        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
+    return message[0].lower() + message[1:]
+
+
+class GeminiStreamParser:
+    """Parse a Gemini ``streamGenerateContent?alt=sse`` body into pieces, incrementally.
+
+    ::
+
+        parser = GeminiStreamParser()
+        for chunk in reads:
+            for piece in parser.feed(chunk):
+                ...
+        for piece in parser.close():
+            ...
+        if not parser.done:
+            ...  # no finishReason: the stream was truncated
+
+    Iterate what :meth:`feed` returns before feeding again. Data that is not
+    JSON, or not a ``GenerateContentResponse`` (a field of the wrong type),
+    raises :class:`~streambus.errors.WireError` with the byte offset of the
+    event, after every piece before it. Part kinds it does not read
+    (``inlineData``, ``executableCode``...) are skipped and counted in
+    :attr:`skipped`, the first of each logged once per process. Only the
+    first candidate is read (the API streams one unless asked otherwise).
+    """
+
+    __slots__ = ("_sse", "_tools", "_usage", "done", "skipped")
+
+    def __init__(self) -> None:
+        self._sse = SseParser()
+        self._tools = 0
+        self._usage: _UsageMetadata | None = None
+        self.done = False
+        """Whether a ``finishReason``, a blocked prompt or an error arrived."""
+        self.skipped = SkippedTypes("gemini")
+        """Parts skipped because this parser does not read their kind, by kind."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Piece]:
+        """Add *data*; return an iterator over the pieces it completed."""
+        return self._pieces(self._sse.feed(data))
+
+    def close(self) -> Iterator[Piece]:
+        """End of input: the pieces of a last event that had no blank line after it."""
+        return self._pieces(self._sse.close())
+
+    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[Piece]:
+        out: list[Piece] = []
+        try:
+            for sse in events:
+                if not self.done:
+                    self._chunk(sse, out)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
+
+    def _chunk(self, sse: SseEvent, out: list[Piece]) -> None:
+        try:
+            chunk = _decode_chunk(sse.data)
+        except msgspec.ValidationError as exc:
+            raise WireError(f"not a Gemini stream chunk: {_problem(exc)}", offset=sse.offset) from None
+        except msgspec.DecodeError as exc:
+            raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
+        if chunk.error is not None:
+            self.done = True
+            e = chunk.error
+            out.append(ErrorPiece(message=e.message or e.status or "error", code=e.code, status=e.status))
+            return
+        if chunk.usage_metadata is not None:
+            self._usage = chunk.usage_metadata
+        finish: str | None = None
+        for candidate in (chunk.candidates or ())[:1]:
+            for part in (candidate.content.parts if candidate.content is not None else None) or ():
+                self._part(part, out)
+            finish = candidate.finish_reason
+        block = chunk.prompt_feedback.block_reason if chunk.prompt_feedback is not None else None
+        if finish is None and block is not None:
+            self.done = True
+            out.append(DonePiece(reason="content_filter", finish_reason=block, usage=self._total()))
+        elif finish is not None and finish != "FINISH_REASON_UNSPECIFIED":
+            self.done = True
+            reason = FINISH_REASONS.get(finish, finish.lower())
+            if reason == "stop" and self._tools:
+                reason = "tool_calls"
+            out.append(DonePiece(reason=reason, finish_reason=finish, usage=self._total()))
+
+    def _part(self, part: _Part, out: list[Piece]) -> None:
+        if part.function_call is not None:
+            call = part.function_call
+            arguments = orjson.dumps(call.args if call.args is not None else {}).decode()
+            fragment = ToolCallFragment(index=self._tools, id=call.id, name=call.name, arguments=arguments)
+            self._tools += 1
+            out.append(TextPiece(tool_text(fragment), "tool"))
+        elif part.text is not None:
+            if part.text:
+                out.append(TextPiece(part.text, "reasoning" if part.thought else "content"))
+        elif part.thought_signature is None:
+            self.skipped.note("part")
+
+    def _total(self) -> Usage | None:
+        u = self._usage
+        if u is None:
+            return None
+        return gemini_usage(
+            u.prompt_token_count,
+            u.candidates_token_count,
+            u.thoughts_token_count,
+            u.cached_content_token_count,
+            u.total_token_count,
+        )
