@@ -1,0 +1,101 @@
+"""A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
+
+Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
+[--history-events N] [--max-subscribe-streams N]``. It prints one JSON line with the URLs,
+then reads commands, one JSON object per line on stdin, and answers each with one JSON line
+(``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
+
+- ``{"cmd": "start", "id": "s1", "model": "m", "meta": {...}}`` opens a stream (writer kept open);
+- ``{"cmd": "delta", "id": "s1", "text": "...", "channel": "content"}``;
+- ``{"cmd": "moderation", "id": "s1", "action": "retract", "start": 0, "end": 3}``;
+- ``{"cmd": "end", "id": "s1", "usage": {...}}``, ``{"cmd": "error", "id", "kind", "message"}``,
+  ``{"cmd": "abort", "id", "reason"}`` close it;
+- ``{"cmd": "close_clients"}`` closes every WebSocket client with 1012 (a server restart).
+
+Closing stdin stops the bus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+import anyio
+import orjson
+
+from streambus import Bus, StreamWriter, Usage
+from streambus_http import HttpSink
+from streambus_websocket import WebSocketSink
+
+
+async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, tuple[StreamWriter, Any]]) -> None:
+    """Run one command; raises on a bad one (the caller answers with the error)."""
+    op = cmd["cmd"]
+    if op == "close_clients":
+        sink.close_clients()
+        return
+    sid = cmd["id"]
+    if op == "start":
+        writer = bus.stream(stream=sid, model=cmd.get("model", ""), provider=cmd.get("provider", ""), meta=cmd.get("meta"))
+        await writer.__aenter__()
+        writers[sid] = (writer, None)
+        return
+    writer = writers[sid][0]
+    if op == "delta":
+        await writer.delta(cmd["text"], channel=cmd.get("channel", "content"))
+    elif op == "moderation":
+        await writer.moderation(action=cmd["action"], start=cmd["start"], end=cmd["end"], channel=cmd.get("channel", "content"))
+    elif op == "end":
+        usage = Usage(**cmd["usage"]) if cmd.get("usage") else None
+        await writer.end(cmd.get("reason", "stop"), usage=usage)
+    elif op == "error":
+        await writer.error(cmd["kind"], cmd.get("message", ""))
+    elif op == "abort":
+        await writer.abort(cmd.get("reason", ""), by=cmd.get("by", "client"))
+    else:
+        raise ValueError(f"cmd: unknown command {op!r}")
+    if op in ("end", "error", "abort"):
+        await writers.pop(sid)[0].__aexit__(None, None, None)
+
+
+async def main() -> None:
+    """Serve until stdin closes."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token")
+    parser.add_argument("--history-events", type=int, default=2000)
+    parser.add_argument("--max-subscribe-streams", type=int, default=256)
+    args = parser.parse_args()
+    async with Bus() as bus:
+        sink = WebSocketSink(
+            port=0,
+            token=args.token,
+            history_events=args.history_events,
+            max_subscribe_streams=args.max_subscribe_streams,
+        )
+        http = HttpSink(port=0, token=args.token)
+        bus.add_sink(sink)
+        bus.add_sink(http)
+        ws_url = await sink.wait_ready()
+        http_url = await http.started()
+        print(orjson.dumps({"ws": ws_url, "http": http_url}).decode(), flush=True)
+        writers: dict[str, tuple[StreamWriter, Any]] = {}
+        stdin = anyio.wrap_file(sys.stdin)
+        async for line in stdin:
+            if not line.strip():
+                continue
+            try:
+                await handle(orjson.loads(line), bus, sink, writers)
+                answer: dict[str, Any] = {"ok": True}
+            except Exception as exc:  # noqa: BLE001 - the test reads the message
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            print(orjson.dumps(answer).decode(), flush=True)
+        for writer, _ in writers.values():
+            with contextlib.suppress(Exception):
+                await writer.__aexit__(None, None, None)
+        await bus.shutdown()
+
+
+if __name__ == "__main__":
+    anyio.run(main)
