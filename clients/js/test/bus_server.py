@@ -10,7 +10,10 @@ then reads commands, one JSON object per line on stdin, and answers each with on
 - ``{"cmd": "moderation", "id": "s1", "action": "retract", "start": 0, "end": 3}``;
 - ``{"cmd": "end", "id": "s1", "usage": {...}}``, ``{"cmd": "error", "id", "kind", "message"}``,
   ``{"cmd": "abort", "id", "reason"}`` close it;
-- ``{"cmd": "close_clients"}`` closes every WebSocket client with 1012 (a server restart).
+- ``{"cmd": "close_clients"}`` closes every WebSocket client with 1012 (a server restart);
+- ``{"cmd": "produce", "streams": 100, "tokens": 300, "rate": 50}`` starts that many streams
+  (``p0``...), each publishing ``tokens`` deltas ``"t0 "``, ``"t1 "``... at ``rate`` per second,
+  then ``end`` (the benchmark's load); answered at once.
 
 Closing stdin stops the bus.
 """
@@ -30,11 +33,25 @@ from streambus_http import HttpSink
 from streambus_websocket import WebSocketSink
 
 
+async def produce(bus: Bus, sid: str, tokens: int, interval: float) -> None:
+    """Publish ``tokens`` deltas at a steady rate (sleeping to a schedule, so lag does not accumulate)."""
+    async with bus.stream(stream=sid, model="bench") as writer:
+        began = anyio.current_time()
+        for i in range(tokens):
+            await anyio.sleep_until(began + i * interval)
+            await writer.delta(f"t{i} ")
+        await writer.end()
+
+
 async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, tuple[StreamWriter, Any]]) -> None:
     """Run one command; raises on a bad one (the caller answers with the error)."""
     op = cmd["cmd"]
     if op == "close_clients":
         sink.close_clients()
+        return
+    if op == "produce":
+        for i in range(cmd["streams"]):
+            bus.start_soon(produce, bus, f"p{i}", cmd["tokens"], 1 / cmd["rate"])
         return
     sid = cmd["id"]
     if op == "start":
