@@ -2,7 +2,7 @@
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
 [--history-events N] [--max-subscribe-streams N]``. It prints one JSON line with the URLs,
-then reads commands, one JSON object per line on stdin, and answers each with one JSON line
+(structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one JSON line
 (``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
 
 - ``{"cmd": "start", "id": "s1", "model": "m", "meta": {...}}`` opens a stream (writer kept open);
@@ -21,12 +21,12 @@ Closing stdin stops the bus.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import Any
 
 import anyio
 import orjson
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streambus import Bus, StreamWriter, Usage
 from streambus_http import HttpSink
@@ -43,23 +43,28 @@ async def produce(bus: Bus, sid: str, tokens: int, interval: float) -> None:
         await writer.end()
 
 
-async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, tuple[StreamWriter, Any]]) -> None:
-    """Run one command; raises on a bad one (the caller answers with the error)."""
+Job = tuple[dict[str, Any], anyio.Event, list[Exception]]
+
+
+async def scripted(bus: Bus, first: dict[str, Any], jobs: MemoryObjectReceiveStream[Job], ready: anyio.Event) -> None:
+    """One stream, written by its own task (a writer's cancel scope must be left by the task that entered it)."""
+    meta = first.get("meta")
+    async with bus.stream(stream=first["id"], model=first.get("model", ""), provider=first.get("provider", ""), meta=meta) as writer:
+        ready.set()
+        async with jobs:
+            async for cmd, done, errors in jobs:
+                try:
+                    await write(writer, cmd)
+                except Exception as exc:  # noqa: BLE001 - answered to the test
+                    errors.append(exc)
+                done.set()
+                if cmd["cmd"] in ("end", "error", "abort") and not errors:
+                    return
+
+
+async def write(writer: StreamWriter, cmd: dict[str, Any]) -> None:
+    """Publish one scripted event."""
     op = cmd["cmd"]
-    if op == "close_clients":
-        sink.close_clients()
-        return
-    if op == "produce":
-        for i in range(cmd["streams"]):
-            bus.start_soon(produce, bus, f"p{i}", cmd["tokens"], 1 / cmd["rate"])
-        return
-    sid = cmd["id"]
-    if op == "start":
-        writer = bus.stream(stream=sid, model=cmd.get("model", ""), provider=cmd.get("provider", ""), meta=cmd.get("meta"))
-        await writer.__aenter__()
-        writers[sid] = (writer, None)
-        return
-    writer = writers[sid][0]
     if op == "delta":
         await writer.delta(cmd["text"], channel=cmd.get("channel", "content"))
     elif op == "moderation":
@@ -73,8 +78,33 @@ async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: di
         await writer.abort(cmd.get("reason", ""), by=cmd.get("by", "client"))
     else:
         raise ValueError(f"cmd: unknown command {op!r}")
+
+
+async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, MemoryObjectSendStream[Job]]) -> None:
+    """Run one command; raises on a bad one (the caller answers with the error)."""
+    op = cmd["cmd"]
+    if op == "close_clients":
+        sink.close_clients()
+        return
+    if op == "produce":
+        for i in range(cmd["streams"]):
+            bus.start_soon(produce, bus, f"p{i}", cmd["tokens"], 1 / cmd["rate"])
+        return
+    sid = cmd["id"]
+    if op == "start":
+        send, receive = anyio.create_memory_object_stream[Job](16)
+        ready = anyio.Event()
+        writers[sid] = send
+        bus.start_soon(scripted, bus, cmd, receive, ready)
+        await ready.wait()
+        return
+    done, errors = anyio.Event(), []
+    await writers[sid].send((cmd, done, errors))
+    await done.wait()
+    if errors:
+        raise errors[0]
     if op in ("end", "error", "abort"):
-        await writers.pop(sid)[0].__aexit__(None, None, None)
+        await writers.pop(sid).aclose()
 
 
 async def main() -> None:
@@ -96,8 +126,8 @@ async def main() -> None:
         bus.add_sink(http)
         ws_url = await sink.wait_ready()
         http_url = await http.started()
-        print(orjson.dumps({"ws": ws_url, "http": http_url}).decode(), flush=True)
-        writers: dict[str, tuple[StreamWriter, Any]] = {}
+        print("@@" + orjson.dumps({"ws": ws_url, "http": http_url}).decode(), flush=True)
+        writers: dict[str, MemoryObjectSendStream[Job]] = {}
         stdin = anyio.wrap_file(sys.stdin)
         async for line in stdin:
             if not line.strip():
@@ -107,10 +137,9 @@ async def main() -> None:
                 answer: dict[str, Any] = {"ok": True}
             except Exception as exc:  # noqa: BLE001 - the test reads the message
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
-            print(orjson.dumps(answer).decode(), flush=True)
-        for writer, _ in writers.values():
-            with contextlib.suppress(Exception):
-                await writer.__aexit__(None, None, None)
+            print("@@" + orjson.dumps(answer).decode(), flush=True)
+        for send in writers.values():
+            await send.aclose()  # an unfinished stream ends as its writer leaves without a terminal event
         await bus.shutdown()
 
 

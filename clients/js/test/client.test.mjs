@@ -33,10 +33,13 @@ describe("resume", () => {
   before(async () => (bus = await startBus()));
   after(async () => bus.stop());
 
-  test("at every cut point: no gap, no duplicate, exact text", async () => {
+  test("at every cut point: no gap, no duplicate, exact text", async (t) => {
     const { WebSocket: Gated, gate } = gatedWebSocket();
     const client = new StreamBusClient({ url: bus.ws, WebSocket: Gated, backoff: { initial: 20, max: 200 }, random: () => 1 });
+    t.after(() => client.close());
     const seqs = recordSeqs(client);
+    const infos = [];
+    client.on("subscribed", (i) => infos.push(i));
     await client.connect();
     for (let cut = 0; cut <= SCRIPT.length; cut++) {
       const id = `cut-${cut}`;
@@ -47,7 +50,13 @@ describe("resume", () => {
       client.reconnect();
       await until(client, () => client.state === "reconnecting");
       for (const step of SCRIPT.slice(cut)) await bus.send({ ...step, id });
+      const resumed = new Promise((r) => {
+        const off = client.on("subscribed", (info) => (off(), r(info)));
+      });
       gate.open();
+      const info = await resumed;
+      assert.equal(info.recovered, true, `cut ${cut}`);
+      assert.equal(info.replayed, SCRIPT.length - cut, `cut ${cut}`);
       await until(client, () => client.stream(id)?.ended === true);
       const v = client.stream(id).view;
       assert.deepEqual(seqs.get(id), [0, 1, 2, 3, 4, 5, 6, 7], `cut ${cut}`);
@@ -59,13 +68,14 @@ describe("resume", () => {
       assert.equal(v.usage.total_tokens, 7);
     }
     assert.equal(client.stats.duplicates, 0);
-    assert.equal(client.stats.resumes, SCRIPT.length + 1);
+    assert.equal(client.stats.resumes, SCRIPT.length + 1, JSON.stringify(infos));
     assert.equal(client.stats.resets, 0);
     client.close();
   });
 
-  test("a server restart (close 1012) is resumed too", async () => {
+  test("a server restart (close 1012) is resumed too", async (t) => {
     const client = new StreamBusClient({ url: bus.ws, WebSocket, backoff: { initial: 20 } });
+    t.after(() => client.close());
     await client.connect();
     await bus.send({ cmd: "start", id: "restart", model: "m" });
     await bus.send({ cmd: "delta", id: "restart", text: "one " });
@@ -88,9 +98,10 @@ describe("reset", () => {
   before(async () => (bus = await startBus(["--history-events", "3"])));
   after(async () => bus.stop());
 
-  test("history gone: the stream is cleared and refilled from a snapshot, never shown with a hole", async () => {
+  test("history gone: the stream is cleared and refilled from a snapshot, never shown with a hole", async (t) => {
     const { WebSocket: Gated, gate } = gatedWebSocket();
     const client = new StreamBusClient({ url: bus.ws, WebSocket: Gated, backoff: { initial: 20 }, random: () => 1 });
+    t.after(() => client.close());
     await client.connect();
     await bus.send({ cmd: "start", id: "r", model: "m" });
     await bus.send({ cmd: "delta", id: "r", text: "a" });
@@ -127,8 +138,9 @@ describe("too many streams to resume", () => {
   before(async () => (bus = await startBus(["--max-subscribe-streams", "1"])));
   after(async () => bus.stop());
 
-  test("more unfinished streams than max_subscribe_streams: reloaded from a snapshot", async () => {
+  test("more unfinished streams than max_subscribe_streams: reloaded from a snapshot", async (t) => {
     const client = new StreamBusClient({ url: bus.ws, WebSocket, backoff: { initial: 20 } });
+    t.after(() => client.close());
     await client.connect();
     for (const id of ["x", "y"]) {
       await bus.send({ cmd: "start", id, model: "m" });
@@ -156,8 +168,9 @@ describe("moderation and endings", () => {
   before(async () => (bus = await startBus()));
   after(async () => bus.stop());
 
-  test("retract removes the span (code points), redact marks it, error and abort end streams", async () => {
+  test("retract removes the span (code points), redact marks it, error and abort end streams", async (t) => {
     const client = new StreamBusClient({ url: bus.ws, WebSocket });
+    t.after(() => client.close());
     await client.connect();
     await bus.send({ cmd: "start", id: "mod", model: "m" });
     await bus.send({ cmd: "delta", id: "mod", text: "Tschüß 🌍 nasty " });
@@ -191,17 +204,19 @@ describe("auth", () => {
   before(async () => (bus = await startBus(["--token", "s3cret"])));
   after(async () => bus.stop());
 
-  test("no token and a wrong token: UnauthorizedError (4001), no reconnect loop", async () => {
+  test("no token and a wrong token: UnauthorizedError (4001), no reconnect loop", async (t) => {
     for (const token of [undefined, "wrong"]) {
       const client = new StreamBusClient({ url: bus.ws, WebSocket, token });
+      t.after(() => client.close());
       await assert.rejects(client.connect(), (err) => err instanceof UnauthorizedError && err.code === 4001);
       assert.equal(client.state, "closed");
     }
   });
 
-  test("the token as a query parameter and as a header", async () => {
+  test("the token as a query parameter and as a header", async (t) => {
     for (const tokenIn of ["query", "header"]) {
       const client = new StreamBusClient({ url: bus.ws, WebSocket, token: "s3cret", tokenIn });
+      t.after(() => client.close());
       await client.connect();
       assert.equal(client.state, "live");
       client.close();

@@ -19,6 +19,8 @@ export async function startBus(args = []) {
   const waiting = [];
   const early = [];
   lines.on("line", (line) => {
+    if (!line.startsWith("@@")) return; // the bus's log lines
+    line = line.slice(2);
     const w = waiting.shift();
     if (w) w(JSON.parse(line));
     else early.push(JSON.parse(line));
