@@ -1,9 +1,10 @@
 """A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
-[--history-events N] [--max-subscribe-streams N]``. It prints one JSON line with the URLs,
-(structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one JSON line
-(``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
+[--history-events N] [--max-subscribe-streams N]``. It prints one JSON line with the URLs
+(structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one
+JSON object per line on stdin, and answers each with one JSON line (``{"ok": true}`` or
+``{"error": "..."}``) once the command's events are published:
 
 - ``{"cmd": "start", "id": "s1", "model": "m", "meta": {...}}`` opens a stream (writer kept open);
 - ``{"cmd": "delta", "id": "s1", "text": "...", "channel": "content"}``;
@@ -27,10 +28,10 @@ from typing import Any
 import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
-from streambus import Bus, StreamWriter, Usage
 from streambus_http import HttpSink
 from streambus_websocket import WebSocketSink
+
+from streambus import Bus, StreamWriter, Usage
 
 
 async def produce(bus: Bus, sid: str, tokens: int, interval: float) -> None:
@@ -49,13 +50,15 @@ Job = tuple[dict[str, Any], anyio.Event, list[Exception]]
 async def scripted(bus: Bus, first: dict[str, Any], jobs: MemoryObjectReceiveStream[Job], ready: anyio.Event) -> None:
     """One stream, written by its own task (a writer's cancel scope must be left by the task that entered it)."""
     meta = first.get("meta")
-    async with bus.stream(stream=first["id"], model=first.get("model", ""), provider=first.get("provider", ""), meta=meta) as writer:
+    async with bus.stream(
+        stream=first["id"], model=first.get("model", ""), provider=first.get("provider", ""), meta=meta
+    ) as writer:
         ready.set()
         async with jobs:
             async for cmd, done, errors in jobs:
                 try:
                     await write(writer, cmd)
-                except Exception as exc:  # noqa: BLE001 - answered to the test
+                except Exception as exc:  # answered to the test
                     errors.append(exc)
                 done.set()
                 if cmd["cmd"] in ("end", "error", "abort") and not errors:
@@ -68,7 +71,9 @@ async def write(writer: StreamWriter, cmd: dict[str, Any]) -> None:
     if op == "delta":
         await writer.delta(cmd["text"], channel=cmd.get("channel", "content"))
     elif op == "moderation":
-        await writer.moderation(action=cmd["action"], start=cmd["start"], end=cmd["end"], channel=cmd.get("channel", "content"))
+        await writer.moderation(
+            action=cmd["action"], start=cmd["start"], end=cmd["end"], channel=cmd.get("channel", "content")
+        )
     elif op == "end":
         usage = Usage(**cmd["usage"]) if cmd.get("usage") else None
         await writer.end(cmd.get("reason", "stop"), usage=usage)
@@ -80,7 +85,9 @@ async def write(writer: StreamWriter, cmd: dict[str, Any]) -> None:
         raise ValueError(f"cmd: unknown command {op!r}")
 
 
-async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, MemoryObjectSendStream[Job]]) -> None:
+async def handle(
+    cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: dict[str, MemoryObjectSendStream[Job]]
+) -> None:
     """Run one command; raises on a bad one (the caller answers with the error)."""
     op = cmd["cmd"]
     if op == "close_clients":
@@ -98,7 +105,7 @@ async def handle(cmd: dict[str, Any], bus: Bus, sink: WebSocketSink, writers: di
         bus.start_soon(scripted, bus, cmd, receive, ready)
         await ready.wait()
         return
-    done, errors = anyio.Event(), []
+    done, errors = anyio.Event(), list[Exception]()
     await writers[sid].send((cmd, done, errors))
     await done.wait()
     if errors:
@@ -135,7 +142,7 @@ async def main() -> None:
             try:
                 await handle(orjson.loads(line), bus, sink, writers)
                 answer: dict[str, Any] = {"ok": True}
-            except Exception as exc:  # noqa: BLE001 - the test reads the message
+            except Exception as exc:  # the test reads the message
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
             print("@@" + orjson.dumps(answer).decode(), flush=True)
         for send in writers.values():
