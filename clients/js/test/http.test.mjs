@@ -34,6 +34,52 @@ describe("http outputs", () => {
     assert.deepEqual(none, []);
   });
 
+  test("readSSE reconnects after a dropped response with Last-Event-ID: no gap, no duplicate", async () => {
+    await bus.send({ cmd: "start", id: "drop", model: "m" });
+    for (const t of ["a", "b", "c"]) await bus.send({ cmd: "delta", id: "drop", text: t });
+    // The first response breaks after its second event, as a network drop would.
+    const sent = [];
+    let calls = 0;
+    const breaking = async (url, init) => {
+      sent.push(new Headers(init.headers).get("Last-Event-ID"));
+      const res = await fetch(url, init);
+      if (calls++ > 0) return res;
+      const reader = res.body.getReader();
+      let text = "";
+      const body = new ReadableStream({
+        async pull(controller) {
+          if ((text.match(/\n\n/g) ?? []).length >= 2) {
+            await reader.cancel();
+            controller.error(new TypeError("network drop"));
+            return;
+          }
+          const { value, done } = await reader.read();
+          if (done) return controller.close();
+          text += new TextDecoder().decode(value);
+          controller.enqueue(value);
+        },
+      });
+      return new Response(body, { status: res.status, headers: res.headers });
+    };
+    const seqs = [];
+    const reconnects = [];
+    const reading = (async () => {
+      for await (const m of readSSE(`${bus.http}/streams/drop/sse`, { token: "tok", fetch: breaking, retryMs: 10, onReconnect: (i) => reconnects.push(i.lastEventId) })) {
+        const e = JSON.parse(m.data);
+        seqs.push(e.seq);
+        if (e.seq === 3) {
+          await bus.send({ cmd: "delta", id: "drop", text: "d" });
+          await bus.send({ cmd: "end", id: "drop" });
+        }
+      }
+    })();
+    await reading;
+    assert.deepEqual(seqs, [0, 1, 2, 3, 4, 5]);
+    assert.equal(reconnects.length, 1);
+    assert.deepEqual(sent, [null, reconnects[0]]);
+    assert.match(reconnects[0], /^drop:\d$/);
+  });
+
   test("readSSE: a wrong token is UnauthorizedError, a bad Last-Event-ID an HttpError 400 naming it", async () => {
     const url = `${bus.http}/streams/sse/sse`;
     await assert.rejects(readSSE(url, { token: "nope" }).next(), (e) => e instanceof UnauthorizedError && e.code === 401);
