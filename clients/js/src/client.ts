@@ -150,6 +150,7 @@ export class StreamBusClient {
    * client gives up before that. Later drops reconnect by themselves.
    */
   connect(): Promise<void> {
+    if (this.st !== "closed") return Promise.reject(new StreamBusError(`connect: the client is already ${this.st}; call close() first`));
     this.stopped = false;
     const done = new Promise<void>((resolve, reject) => (this.first = { resolve, reject }));
     this.open();

@@ -56,3 +56,32 @@ for (const [name, frame, field, pattern] of [
 test("a url that is not ws:// is refused at construction", () => {
   assert.throws(() => new StreamBusClient({ url: "http://127.0.0.1/ws" }), /url: expected ws:\/\/ or wss:\/\//);
 });
+
+test("reconnects back off with full jitter, doubling up to the maximum; connect() twice is refused", async () => {
+  // A server that closes every connection with 1011 right after hello: the client keeps retrying.
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.on("listening", r));
+  wss.on("connection", (ws) => {
+    ws.send(HELLO);
+    ws.close(1011, "boom");
+  });
+  const client = new StreamBusClient({
+    url: `ws://127.0.0.1:${wss.address().port}/ws`,
+    WebSocket,
+    backoff: { initial: 10, max: 40 },
+    random: () => 0.5,
+  });
+  const waits = [];
+  const fifth = new Promise((r) =>
+    client.on("state", (state, detail) => {
+      if (detail.retryIn !== undefined && waits.push(detail.retryIn) === 5) r();
+    }),
+  );
+  const connecting = client.connect();
+  await assert.rejects(client.connect(), /already connecting/);
+  await fifth;
+  assert.deepEqual(waits, [5, 10, 20, 20, 20]);
+  client.close();
+  await assert.rejects(connecting, (e) => e.code === 1000);
+  await new Promise((r) => wss.close(r));
+});
