@@ -1,7 +1,7 @@
 """A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
-[--history-events N] [--max-subscribe-streams N]``. It prints one JSON line with the URLs
+[--history-events N] [--max-subscribe-streams N] [--per-stream N]``. It prints one JSON line with the URLs
 (structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one
 JSON object per line on stdin, and answers each with one JSON line (``{"ok": true}`` or
 ``{"error": "..."}``) once the command's events are published:
@@ -120,6 +120,7 @@ async def main() -> None:
     parser.add_argument("--token")
     parser.add_argument("--history-events", type=int, default=2000)
     parser.add_argument("--max-subscribe-streams", type=int, default=256)
+    parser.add_argument("--per-stream", type=int, default=10000)
     args = parser.parse_args()
     async with Bus() as bus:
         sink = WebSocketSink(
@@ -128,7 +129,7 @@ async def main() -> None:
             history_events=args.history_events,
             max_subscribe_streams=args.max_subscribe_streams,
         )
-        http = HttpSink(port=0, token=args.token)
+        http = HttpSink(port=0, token=args.token, per_stream=args.per_stream)
         bus.add_sink(sink)
         bus.add_sink(http)
         ws_url = await sink.wait_ready()

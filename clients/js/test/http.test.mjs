@@ -122,3 +122,22 @@ test("SSEParser: CRLF, split chunks, multi-line data, comments, retry", () => {
     { event: "reset", data: "{}", id: "s:1" },
   ]);
 });
+
+describe("evicted resume", () => {
+  let bus;
+  before(async () => (bus = await startBus(["--per-stream", "3"])));
+  after(async () => bus.stop());
+
+  test("readSSE passes the server's `reset` on first, then the stream continues to its end", async () => {
+    await bus.send({ cmd: "start", id: "ev", model: "m" });
+    for (const t of ["a", "b", "c", "d", "e"]) await bus.send({ cmd: "delta", id: "ev", text: t });
+    const got = [];
+    for await (const m of readSSE(`${bus.http}/streams/ev/sse`, { lastEventId: "ev:1" })) {
+      got.push(m);
+      if (got.length === 1) await bus.send({ cmd: "end", id: "ev" });
+    }
+    assert.equal(got[0].event, "reset");
+    assert.equal(JSON.parse(got[0].data).recovered, false);
+    assert.equal(JSON.parse(got.at(-1).data).type, "end");
+  });
+});
