@@ -1,4 +1,4 @@
-"""Run every benchmark (``bench/bench_*.py``) and collect their result tables.
+"""Run every benchmark (``bench/bench_*.py``, and ``bench_*.mjs`` with Node) and collect their result tables.
 
 Each benchmark is a script that writes ``bench/results/<name>.md`` (a
 Markdown table with its peers side by side) when run as
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -29,14 +30,24 @@ start-up counts in a process's CPU time (measured: 6% of a stats benchmark run's
 
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
-    scripts = sorted(ROOT.glob("bench_*.py"))
+    scripts = sorted([*ROOT.glob("bench_*.py"), *ROOT.glob("bench_*.mjs")])
     if argv:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
     failed = []
     for script in scripts:
         print(f"== {script.stem}", flush=True)
         started = time.perf_counter()
-        code = subprocess.call([sys.executable, str(script)], cwd=ROOT.parent, env=ENV)
+        if script.suffix == ".mjs":
+            node, npm = shutil.which("node"), shutil.which("npm")
+            if node is None or npm is None:
+                print(f"   {script.stem}: skipped, Node.js is not installed", flush=True)
+                continue
+            # The JS client benchmark imports clients/js/dist: build it first (tsc from its node_modules).
+            subprocess.call([npm, "run", "--silent", "build"], cwd=ROOT.parent / "clients" / "js")
+            command = [node, str(script)]
+        else:
+            command = [sys.executable, str(script)]
+        code = subprocess.call(command, cwd=ROOT.parent, env={**ENV, "STREAMBUS_PYTHON": sys.executable})
         print(f"   {script.stem}: exit {code} in {time.perf_counter() - started:.1f}s", flush=True)
         if code:
             failed.append(script.stem)
