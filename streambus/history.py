@@ -41,13 +41,15 @@ def _seq(entry: tuple[int, int, bytes]) -> int:
 class StreamLog:
     """History of one stream: its ``start``, its last events, its state."""
 
-    __slots__ = ("channels", "ended", "entries", "expires", "last_seq", "start", "start_data")
+    __slots__ = ("bytes", "channels", "ended", "entries", "expires", "last_seq", "start", "start_data")
 
     def __init__(self, limit: int) -> None:
         self.start: StartEvent | None = None
         self.start_data: bytes | None = None
         # (first source seq, seq, encoded event), oldest first.
         self.entries: deque[tuple[int, int, bytes]] = deque(maxlen=limit)
+        self.bytes = 0
+        """Bytes of the payloads held in ``entries``."""
         self.last_seq = -1
         self.ended = False
         self.expires = 0.0
@@ -66,9 +68,26 @@ class StreamHistory:
     :param ttl: seconds an ended stream stays recoverable (``history_ttl``).
     :param max_streams: streams remembered at once.
     :param clock: monotonic clock (tests pass a fake one).
+    :param bytes_per_stream: payload bytes kept per stream (oldest dropped first), or ``None``.
     """
 
-    def __init__(self, events_per_stream: int, ttl: float, max_streams: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        events_per_stream: int,
+        ttl: float,
+        max_streams: int,
+        clock: Callable[[], float],
+        *,
+        bytes_per_stream: int | None = None,
+    ) -> None:
+        if events_per_stream < 0 or max_streams < 1 or ttl < 0:
+            raise ValueError(
+                f"StreamHistory: events_per_stream must be >= 0, max_streams >= 1 and ttl >= 0 "
+                f"(got {events_per_stream}, {max_streams}, {ttl})"
+            )
+        if bytes_per_stream is not None and bytes_per_stream < 1:
+            raise ValueError(f"StreamHistory: bytes_per_stream must be at least 1 or None, got {bytes_per_stream}")
+        self.bytes_per_stream = bytes_per_stream
         self.events_per_stream = events_per_stream
         self.ttl = ttl
         self.max_streams = max_streams
@@ -101,7 +120,7 @@ class StreamHistory:
         seq = event.seq
         if type(event) is DeltaEvent:
             first = seq if event.first_seq is None else event.first_seq
-            log.entries.append((first, seq, data))
+            self._append(log, first, seq, data)
             log.last_seq = seq
             if not log.ended:
                 chan = log.channels.get(event.channel)
@@ -110,7 +129,7 @@ class StreamHistory:
                 else:
                     chan.add(event)
             return log
-        log.entries.append((seq, seq, data))
+        self._append(log, seq, seq, data)
         log.last_seq = seq
         if is_terminal(event):
             log.ended = True
@@ -118,6 +137,20 @@ class StreamHistory:
             log.expires = self._clock() + self.ttl
             self._ended.append((log.expires, stream))
         return log
+
+    def _append(self, log: StreamLog, first: int, seq: int, data: bytes) -> None:
+        entries = log.entries
+        if entries.maxlen == 0:
+            return
+        if len(entries) == entries.maxlen:
+            log.bytes -= len(entries.popleft()[2])
+        entries.append((first, seq, data))
+        log.bytes += len(data)
+        limit = self.bytes_per_stream
+        if limit is not None:
+            # The oldest go first; the newest event stays even when it alone is larger.
+            while log.bytes > limit and len(entries) > 1:
+                log.bytes -= len(entries.popleft()[2])
 
     def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[bytes]]:
         """Every event of up to *limit* ended streams whose ``start`` *matches*, the streams in the order they ended.

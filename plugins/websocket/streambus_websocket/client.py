@@ -5,9 +5,10 @@ Under asyncio, a client that keeps up gets live frames written at once with
 of an event in one call). Those writes draw on a *credit* of ``write_limit``
 bytes: broadcast() does not wait for the socket, so the credit is what bounds
 the socket's write buffer. Once it is spent, frames queue here and the
-per-client sender writes them with ``await ws.send()``, which returns when the
-buffer is back under ``write_limit``; an empty queue after that restores the
-credit. Under trio every frame goes through the queue and ``send()``.
+per-client sender writes the next one with ``await ws.send()``, which returns
+when the buffer is back under ``write_limit``; that restores the credit, and
+the sender writes the backlog with ``broadcast([ws], ...)`` while it lasts.
+Under trio every frame goes through the queue and ``send()``.
 
 The queue is a :class:`streambus.coalesce.Coalescer`: once it holds
 ``coalesce_bytes`` (a quarter of ``client_buffer_bytes``, at most 64 KiB), a
@@ -19,9 +20,11 @@ Past ``client_buffer_bytes`` queued, the client is closed with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from streambus import DeltaEvent, Filter, encode
 from streambus.coalesce import Coalescer, MergedDelta
@@ -37,11 +40,20 @@ class Client:
     """State of one connection. Built by the sink; read its counters for monitoring.
 
     ``ws`` is the ``websockets`` server connection (asyncio or trio flavour).
-    ``write_limit`` is the credit of bytes that may be written without
-    waiting (asyncio), or ``None``: every frame goes through :meth:`send_loop`.
+    With *write_now* (``broadcast``, asyncio), ``write_limit`` bytes may be
+    written without waiting; without it (trio) every frame goes through
+    :meth:`send_loop`.
     """
 
-    def __init__(self, ws: Any, *, buffer_bytes: int, peer: str, write_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        *,
+        buffer_bytes: int,
+        peer: str,
+        write_limit: int | None = None,
+        write_now: Callable[..., None] | None = None,
+    ) -> None:
         self.ws = ws
         self.peer = peer
         self.buffer_bytes = buffer_bytes
@@ -63,7 +75,9 @@ class Client:
         """Deltas merged into an already queued delta (the client was behind)."""
         self.replayed = 0
         """Bytes of replays (recovery, snapshots) queued on this connection, counted as in ``queued_bytes``."""
-        self.write_limit = write_limit or 0
+        self.write_now = write_now
+        """``websockets.asyncio.server.broadcast`` (a write that does not wait), or None under trio."""
+        self.write_limit = write_limit if write_now is not None and write_limit else 0
         self.credit = self.write_limit
         """Bytes that may still be written at once (asyncio); 0 sends every frame through the queue."""
         self._wake: anyio.Event | None = None
@@ -173,13 +187,12 @@ class Client:
     async def _send_all(self) -> None:
         ws = self.ws
         queue = self.queue
+        write = self.write_now
         while True:
             while not queue:
                 if self.close_code is not None:
                     return
                 self.sending = False
-                # send() returned, so the socket's buffer is under write_limit again.
-                self.credit = self.write_limit
                 self._set_idle()
                 self._wake = anyio.Event()
                 await self._wake.wait()
@@ -189,6 +202,17 @@ class Client:
             self.sent += 1
             if self.close_code is not None and not queue:
                 return
+            if write is not None:
+                # The buffer is under write_limit again: the backlog goes out through
+                # broadcast() while the credit lasts (one send() per write_limit bytes,
+                # not per frame), then the loop serves others.
+                self.credit = self.write_limit
+                while queue and self.credit > 0 and self.close_code is None:
+                    data = self._pop()
+                    self.credit -= len(data)
+                    write([ws], data, text=True)
+                    self.sent += 1
+                await anyio.lowlevel.checkpoint()
 
     def _pop(self) -> bytes:
         item = self.queue.popleft()
