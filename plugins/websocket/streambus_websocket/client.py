@@ -2,9 +2,10 @@
 
 Under asyncio, a client that keeps up gets live frames written at once with
 ``websockets.asyncio.server.broadcast()`` (the sink groups every such client
-of an event in one call). Those writes draw on a *credit* of ``write_limit``
-bytes: broadcast() does not wait for the socket, so the credit is what bounds
-the socket's write buffer. Once it is spent, frames queue here and the
+of an event in one call). Those writes draw on a *credit* of 64 KiB:
+broadcast() does not wait for the socket, so the credit is what bounds the
+socket's write buffer (at most the connection's 32 KiB write limit, plus the
+credit, plus one frame). Once it is spent, frames queue here and the
 per-client sender writes the next one with ``await ws.send()``, which returns
 when the buffer is back under ``write_limit``; that restores the credit, and
 the sender writes the backlog with ``broadcast([ws], ...)`` while it lasts.
@@ -40,9 +41,9 @@ class Client:
     """State of one connection. Built by the sink; read its counters for monitoring.
 
     ``ws`` is the ``websockets`` server connection (asyncio or trio flavour).
-    With *write_now* (``broadcast``, asyncio), ``write_limit`` bytes may be
-    written without waiting; without it (trio) every frame goes through
-    :meth:`send_loop`.
+    With *write_now* (``broadcast``, asyncio), *credit* bytes may be written
+    without waiting each time ``send()`` found the socket's buffer under its
+    write limit; without it (trio) every frame goes through :meth:`send_loop`.
     """
 
     def __init__(
@@ -51,7 +52,7 @@ class Client:
         *,
         buffer_bytes: int,
         peer: str,
-        write_limit: int | None = None,
+        credit: int = 65536,
         write_now: Callable[..., None] | None = None,
     ) -> None:
         self.ws = ws
@@ -77,8 +78,9 @@ class Client:
         """Bytes of replays (recovery, snapshots) queued on this connection, counted as in ``queued_bytes``."""
         self.write_now = write_now
         """``websockets.asyncio.server.broadcast`` (a write that does not wait), or None under trio."""
-        self.write_limit = write_limit if write_now is not None and write_limit else 0
-        self.credit = self.write_limit
+        self.credit_bytes = credit if write_now is not None else 0
+        """What the credit is refilled to each time ``send()`` returns (0 under trio)."""
+        self.credit = self.credit_bytes
         """Bytes that may still be written at once (asyncio); 0 sends every frame through the queue."""
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
@@ -160,7 +162,7 @@ class Client:
             return
         self.queue.clear()
         self.queued_bytes = 0
-        if self.scope is not None and (self.write_limit or not self.sending):
+        if self.scope is not None and (self.credit_bytes or not self.sending):
             # Under asyncio a cancelled send leaves its frame whole in the socket's
             # buffer; under trio a cancelled send breaks the stream, so the sender
             # finishes its frame first (bounded by the connection's watchdog).
@@ -204,9 +206,9 @@ class Client:
                 return
             if write is not None:
                 # The buffer is under write_limit again: the backlog goes out through
-                # broadcast() while the credit lasts (one send() per write_limit bytes,
+                # broadcast() while the credit lasts (one send() per credit,
                 # not per frame), then the loop serves others.
-                self.credit = self.write_limit
+                self.credit = self.credit_bytes
                 while queue and self.credit > 0 and self.close_code is None:
                     data = self._pop()
                     self.credit -= len(data)

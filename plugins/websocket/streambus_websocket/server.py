@@ -84,9 +84,9 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
-# Each connection's write buffer high-water mark (twice websockets' default): send() waits
-# above it, and it is also the credit a client may take in broadcast() writes.
-_WRITE_LIMIT = 65536
+# Each connection's write buffer high-water mark (websockets' default): send() waits above
+# it. A client's broadcast() credit (64 KiB, client.py) comes on top: 96 KiB at most, plus a frame.
+_WRITE_LIMIT = 32768
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
@@ -531,7 +531,6 @@ class WebSocketSink(PluginBase):
             ws,
             buffer_bytes=opts.client_buffer_bytes,
             peer=peer,
-            write_limit=_WRITE_LIMIT,
             write_now=self._write_many,
         )
         hello = control_frame(
