@@ -2,9 +2,9 @@
 
 Under asyncio, a client that keeps up gets live frames written at once with
 ``websockets.asyncio.server.broadcast()`` (the sink groups every such client
-of an event in one call). Those writes draw on a *credit* of 64 KiB:
+of an event in one call). Those writes draw on a *credit* of 32 KiB:
 broadcast() does not wait for the socket, so the credit is what bounds the
-socket's write buffer (at most the connection's 32 KiB write limit, plus the
+socket's write buffer (at most the connection's 64 KiB write limit, plus the
 credit, plus one frame). Once it is spent, frames queue here and the
 per-client sender writes the next one with ``await ws.send()``, which returns
 when the buffer is back under ``write_limit``; that restores the credit, and
@@ -52,7 +52,7 @@ class Client:
         *,
         buffer_bytes: int,
         peer: str,
-        credit: int = 65536,
+        credit: int = 32768,
         write_now: Callable[..., None] | None = None,
     ) -> None:
         self.ws = ws

@@ -84,9 +84,9 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
-# Each connection's write buffer high-water mark (websockets' default): send() waits above
-# it. A client's broadcast() credit (64 KiB, client.py) comes on top: 96 KiB at most, plus a frame.
-_WRITE_LIMIT = 32768
+# Each connection's write buffer high-water mark (twice websockets' default): send() waits above
+# it. A client's broadcast() credit (32 KiB, client.py) comes on top: 96 KiB at most, plus a frame.
+_WRITE_LIMIT = 65536
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
