@@ -1,83 +1,49 @@
-"""One connected client: its subscriptions and its bounded outbound buffer.
+"""One connected client: its subscriptions and its bounded outbound queue.
 
-Frames normally go straight to the socket, written by the sink (under
-asyncio, one write per batch of events). Once the socket's write buffer is full, the
-client falls behind: frames queue here, and a per-client sender task drains
-the queue with backpressure. Once the queue holds ``coalesce_bytes`` (a
-quarter of ``client_buffer_bytes``, at most 64 KiB), the buffer counts as
-full: a new ``delta`` merges into the client's last queued delta of the same
-stream and channel (text concatenated,
-``n`` summed, ``first_seq`` kept), so a slow reader gets bigger chunks but
-never loses a character. Past ``client_buffer_bytes`` queued, the client is
-closed with :attr:`~streambus_websocket.protocol.CloseCode.LAGGED`.
+Under asyncio, a client that keeps up gets live frames written at once with
+``websockets.asyncio.server.broadcast()`` (the sink groups every such client
+of an event in one call). Those writes draw on a *credit* of 32 KiB:
+broadcast() does not wait for the socket, so the credit is what bounds the
+socket's write buffer (at most the connection's 64 KiB write limit, plus the
+credit, plus one frame). Once it is spent, frames queue here and the
+per-client sender writes the next one with ``await ws.send()``, which returns
+when the buffer is back under ``write_limit``; that restores the credit, and
+the sender writes the backlog with ``broadcast([ws], ...)`` while it lasts.
+Under trio every frame goes through the queue and ``send()``.
+
+The queue is a :class:`streambus.coalesce.Coalescer`: once it holds
+``coalesce_bytes`` (a quarter of ``client_buffer_bytes``, at most 64 KiB), a
+new ``delta`` merges into the client's last queued delta of the same stream
+and channel, so a slow reader gets bigger chunks but never loses a character.
+Past ``client_buffer_bytes`` queued, the client is closed with
+:attr:`~streambus_websocket.protocol.CloseCode.LAGGED`.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from websockets.protocol import OPEN
 
 from streambus import DeltaEvent, Filter, encode
+from streambus.coalesce import Coalescer, MergedDelta
 
-from .protocol import CloseCode, server_text_frame
+from .protocol import CloseCode
 
 __all__ = ["Client"]
 
 _FRAME_OVERHEAD = 64
-# What the sender writes at once before letting the loop serve others.
-_CHUNK_BYTES = 65536
-
-
-class _Pending:
-    """A queued delta that later deltas of the same stream and channel merge into."""
-
-    __slots__ = ("channel", "data", "first_seq", "n", "pieces", "seq", "size", "stream", "ts")
-
-    def __init__(self, delta: DeltaEvent, data: bytes) -> None:
-        self.stream = delta.stream
-        self.channel = delta.channel
-        self.first_seq = delta.seq_range[0]
-        self.seq = delta.seq
-        self.ts = delta.ts
-        self.n = delta.n
-        self.pieces = [delta.text]
-        self.data: bytes | None = data
-        self.size = len(data) + _FRAME_OVERHEAD
-
-    def add(self, delta: DeltaEvent) -> None:
-        self.pieces.append(delta.text)
-        self.seq = delta.seq
-        self.ts = delta.ts
-        self.n += delta.n
-        self.size += len(delta.text)
-        self.data = None
-
-    def encode(self) -> bytes:
-        if self.data is not None:
-            # Never merged: send the bytes encoded once for every client.
-            return self.data
-        return encode(
-            DeltaEvent(
-                stream=self.stream,
-                seq=self.seq,
-                ts=self.ts,
-                text="".join(self.pieces),
-                channel=self.channel,
-                n=self.n,
-                first_seq=self.first_seq,
-            )
-        )
 
 
 class Client:
     """State of one connection. Built by the sink; read its counters for monitoring.
 
     ``ws`` is the ``websockets`` server connection (asyncio or trio flavour).
+    With *write_now* (``broadcast``, asyncio), *credit* bytes may be written
+    without waiting each time ``send()`` found the socket's buffer under its
+    write limit; without it (trio) every frame goes through :meth:`send_loop`.
     """
 
     def __init__(
@@ -85,8 +51,8 @@ class Client:
         ws: Any,
         *,
         buffer_bytes: int,
-        direct: bool,
         peer: str,
+        credit: int = 32768,
         write_now: Callable[..., None] | None = None,
     ) -> None:
         self.ws = ws
@@ -95,7 +61,7 @@ class Client:
         self.coalesce_bytes = min(65536, buffer_bytes // 4)
         """Queued bytes from which new deltas merge into queued ones (the buffer counts as full)."""
         self.subscriptions: dict[str | int, Filter] = {}
-        self.queue: deque[bytes | _Pending] = deque()
+        self.queue: Coalescer[bytes] = Coalescer()
         self.queued_bytes = 0
         self.sending = False
         self.done = False
@@ -110,26 +76,23 @@ class Client:
         """Deltas merged into an already queued delta (the client was behind)."""
         self.replayed = 0
         """Bytes of replays (recovery, snapshots) queued on this connection, counted as in ``queued_bytes``."""
-        self._tails: dict[str, _Pending] = {}
+        self.write_now = write_now
+        """``websockets.asyncio.server.broadcast`` (a write that does not wait), or None under trio."""
+        self.credit_bytes = credit if write_now is not None else 0
+        """What the credit is refilled to each time ``send()`` returns (0 under trio)."""
+        self.credit = self.credit_bytes
+        """Bytes that may still be written at once (asyncio); 0 sends every frame through the queue."""
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
-        # asyncio only: the transport tells whether a synchronous write is safe.
-        self._transport = getattr(ws, "transport", None) if direct else None
-        self.write_now = write_now
-        """``websockets.asyncio.server.broadcast`` (a synchronous write), or None under trio."""
-        self._write_limit = getattr(ws, "write_limit_high", 2**15)
 
     # -- fan-out side (synchronous: never waits on this client) -------------------
-    def writable(self) -> bool:
-        """Whether a frame may be written straight to the socket, bypassing the queue."""
-        transport = self._transport
-        return (
-            transport is not None
-            and not self.queue
-            and not self.sending
-            and self.close_code is None
-            and transport.get_write_buffer_size() <= self._write_limit
-        )
+    def take(self, size: int) -> bool:
+        """Whether a frame of *size* bytes may be written at once (then the credit is spent on it)."""
+        if self.credit <= 0 or self.queue or self.sending or self.close_code is not None:
+            return False
+        self.credit -= size
+        self.sent += 1
+        return True
 
     def push(self, data: bytes) -> None:
         """Queue a frame that must never merge (a control frame)."""
@@ -138,7 +101,6 @@ class Client:
         self.queue.append(data)
         self.queued_bytes += len(data) + _FRAME_OVERHEAD
         self._check()
-        self._notify()
 
     @staticmethod
     def cost(frames: list[bytes]) -> int:
@@ -154,45 +116,35 @@ class Client:
         """Queue replayed events (recovery, snapshots): never merged, counted like any queued frame.
 
         Past ``client_buffer_bytes`` the client is closed as lagged: a replay
-        held for a client that does not read costs memory like any backlog
-        (frames the history has since dropped stay alive here).
+        held for a client that does not read costs memory like any backlog.
         """
         if self.close_code is not None or not frames:
             return
         self.queue.extend(frames)
         self.queued_bytes += self.cost(frames)
         self._check()
-        self._notify()
 
     def push_event(self, stream: str, event: DeltaEvent | None, data: bytes) -> None:
         """Queue one live event; a delta merges into this client's queued delta when the buffer is full."""
         if self.close_code is not None:
             return
-        if event is not None and self.queued_bytes >= self.coalesce_bytes:
-            tail = self._tails.get(stream)
-            if tail is not None and tail.channel == event.channel:
-                tail.add(event)
+        if event is None:
+            self.queue.append(data, stream)
+            self.queued_bytes += len(data) + _FRAME_OVERHEAD
+        else:
+            size = len(data) + _FRAME_OVERHEAD
+            if self.queue.add_delta(event, data, merge=self.queued_bytes >= self.coalesce_bytes, size=size) is None:
+                self.queued_bytes += size
+            else:
                 self.merged += 1
                 self.queued_bytes += len(event.text)
-                self._check()
-                return
-            # Later deltas of this stream and channel merge into this one.
-            pending = _Pending(event, data)
-            self._tails[stream] = pending
-            self.queue.append(pending)
-            self.queued_bytes += pending.size
-        else:
-            # Below the mark (or a control event): queued as encoded, nothing merges into it.
-            if self._tails:
-                self._tails.pop(stream, None)
-            self.queue.append(data)
-            self.queued_bytes += len(data) + _FRAME_OVERHEAD
         self._check()
-        self._notify()
 
     def _check(self) -> None:
         if self.queued_bytes > self.buffer_bytes:
             self.close(CloseCode.LAGGED, f"client buffer passed {self.buffer_bytes} bytes")
+        else:
+            self._notify()
 
     def close(self, code: CloseCode, reason: str, *, flush: bool = False) -> None:
         """Have the connection closed with *code*.
@@ -209,12 +161,11 @@ class Client:
             self._notify()
             return
         self.queue.clear()
-        self._tails.clear()
         self.queued_bytes = 0
-        if self.scope is not None and (self._transport is not None or not self.sending):
-            # Under asyncio a cancelled send leaves its frame whole in the transport
-            # buffer; under trio a cancelled send_all breaks the stream, so the
-            # sender finishes its frame first (bounded by the connection's watchdog).
+        if self.scope is not None and (self.credit_bytes or not self.sending):
+            # Under asyncio a cancelled send leaves its frame whole in the socket's
+            # buffer; under trio a cancelled send breaks the stream, so the sender
+            # finishes its frame first (bounded by the connection's watchdog).
             self.scope.cancel()
         self._notify()
         self._set_idle()
@@ -238,8 +189,7 @@ class Client:
     async def _send_all(self) -> None:
         ws = self.ws
         queue = self.queue
-        transport = self._transport
-        write_now = self.write_now
+        write = self.write_now
         while True:
             while not queue:
                 if self.close_code is not None:
@@ -249,47 +199,29 @@ class Client:
                 self._wake = anyio.Event()
                 await self._wake.wait()
             self.sending = True
-            # send() waits until the socket drains below its high-water mark...
+            # Returns once the socket's buffer is under write_limit: the backpressure.
             await ws.send(self._pop(), text=True)
             self.sent += 1
             if self.close_code is not None and not queue:
                 return
-            # ... then, while it stays below, the backlog goes out a chunk per write
-            # (asyncio only: trio has no synchronous write). The kernel may take
-            # megabytes without blocking, so the loop serves others between chunks.
-            if transport is not None and write_now is not None:
-                while queue and transport.get_write_buffer_size() <= self._write_limit:
-                    if transport.is_closing():
-                        break  # the peer is gone: the next send() says so
-                    self._write_chunk(ws, transport, write_now)
-                    await anyio.lowlevel.checkpoint()
-
-    def _write_chunk(self, ws: Any, transport: Any, write_now: Callable[..., None]) -> None:
-        """Write up to 64 KiB of queued frames with one transport write (asyncio, no extension)."""
-        protocol = ws.protocol
-        if protocol.extensions or protocol.state is not OPEN:
-            # Compressed frames differ per client, and a closing connection is websockets' to handle.
-            write_now([ws], self._pop(), text=True)
-            self.sent += 1
-            return
-        queue = self.queue
-        frames: list[bytes] = []
-        size = 0
-        while queue and size < _CHUNK_BYTES:
-            data = self._pop()
-            frames.append(server_text_frame(data))
-            size += len(data)
-        # Whatever the protocol queued itself (a pong) goes first; it sends no EOF while OPEN.
-        transport.writelines([*protocol.data_to_send(), *frames])
-        self.sent += len(frames)
+            if write is not None:
+                # The buffer is under write_limit again: the backlog goes out through
+                # broadcast() while the credit lasts (one send() per credit,
+                # not per frame), then the loop serves others.
+                self.credit = self.credit_bytes
+                while queue and self.credit > 0 and self.close_code is None:
+                    data = self._pop()
+                    self.credit -= len(data)
+                    write([ws], data, text=True)
+                    self.sent += 1
+                await anyio.lowlevel.checkpoint()
 
     def _pop(self) -> bytes:
         item = self.queue.popleft()
-        if type(item) is _Pending:
-            if self._tails.get(item.stream) is item:
-                del self._tails[item.stream]
+        if type(item) is MergedDelta:
             self.queued_bytes -= item.size
-            return item.encode()
+            # Never merged: the bytes encoded once for every client.
+            return item.payload if item.payload is not None else encode(item.event())
         data: bytes = item  # type: ignore[assignment]
         self.queued_bytes -= len(data) + _FRAME_OVERHEAD
         return data

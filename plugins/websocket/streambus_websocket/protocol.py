@@ -15,7 +15,6 @@ raises :class:`ProtocolError` carrying the error code to answer with.
 from __future__ import annotations
 
 import enum
-import struct
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -34,7 +33,6 @@ __all__ = [
     "control_frame",
     "error_frame",
     "parse_client_message",
-    "server_text_frame",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -192,24 +190,3 @@ def control_frame(op: str, **fields: Any) -> bytes:
 def error_frame(code: ErrorCode, message: str, *, field: str | None = None, id: str | int | None = None) -> bytes:
     """Encode an ``error`` frame; ``message`` must never contain internals (tracebacks, paths)."""
     return control_frame("error", code=code.value, message=message, field=field, id=id)
-
-
-_HEADER_16 = struct.Struct("!BBH")
-_HEADER_64 = struct.Struct("!BBQ")
-
-
-def server_text_frame(payload: bytes) -> bytes:
-    """The whole WebSocket frame (RFC 6455 section 5.2) of one server text message *payload*.
-
-    FIN set, opcode text, unmasked (servers never mask), no extension: what
-    ``websockets`` writes for ``send_text(payload)`` on a connection that
-    negotiated no extension, byte for byte. The broadcaster builds it once per
-    event and writes the same bytes to every such client (``websockets``
-    serialises a frame per connection, which cost more than the write itself).
-    """
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    if length < 65536:
-        return _HEADER_16.pack(0x81, 126, length) + payload
-    return _HEADER_64.pack(0x81, 127, length) + payload

@@ -8,24 +8,17 @@
         url = await sink.wait_ready()      # "ws://127.0.0.1:8765/ws"
         ...
 
-Each event is encoded once, and its WebSocket frame built once
-(:func:`~streambus_websocket.protocol.server_text_frame`) for every client
-that negotiated no extension (compression is off by default). The sink takes
-events from the bus in batches (everything published since it last ran);
-under asyncio, a client whose socket can take data when the batch reaches it
-gets the batch's frames (through its sans-I/O protocol, ``send_text``, when
-it negotiated compression) written with one transport write: one ``send()``
-per client per batch, where ``websockets.broadcast()`` serialises a frame and
-makes one ``send()`` per client per event. Writability (write
-buffer at most the connection's ``write_limit``) is checked once per client
-per chunk of at most 64 KiB of a batch, so a client's buffer can pass that
-limit by at most one chunk plus one frame. A client that falls behind gets
-its own bounded queue where deltas coalesce, and is closed with the *lagged*
-close code past ``client_buffer_bytes``. A bounded per-stream history serves
-recovery (``since``) and snapshots. The same server answers ``GET /`` with
-the live page. Runs under asyncio and trio (``websockets`` has both
-implementations); the asyncio flavour is the fast path (direct writes), trio
-queues every frame through the per-client sender.
+Each event is encoded once. The sink takes events from the bus in batches
+(everything published since it last ran) and writes only through websockets'
+public API: under asyncio, the clients of an event that have write credit
+(see :mod:`streambus_websocket.client`) get it in one
+``websockets.asyncio.server.broadcast()`` call; every other client queues it
+in its own bounded :class:`~streambus.coalesce.Coalescer`, drained by a
+per-client sender with ``await ws.send()`` (the backpressure), and is closed
+with the *lagged* close code past ``client_buffer_bytes``. Under trio every
+frame goes through that queue. A bounded per-stream history
+(:class:`streambus.history.StreamHistory`) serves recovery (``since``) and
+snapshots. The same server answers ``GET /`` with the live page.
 """
 
 from __future__ import annotations
@@ -50,7 +43,7 @@ import structlog
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import CLOSED, OPEN, SEND_EOF
+from websockets.protocol import CLOSED
 
 from streambus import (
     AbortEvent,
@@ -84,7 +77,6 @@ from .protocol import (
     control_frame,
     error_frame,
     parse_client_message,
-    server_text_frame,
 )
 
 __all__ = ["BroadcasterError", "WebSocketSink"]
@@ -93,6 +85,9 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
+# Each connection's write buffer high-water mark (twice websockets' default): send() waits above
+# it. A client's broadcast() credit (32 KiB, client.py) comes on top: 96 KiB at most, plus a frame.
+_WRITE_LIMIT = 65536
 # The page is one self-contained file: inline script and style, sockets to this host only.
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
@@ -247,7 +242,6 @@ class WebSocketSink(PluginBase):
         self._ready: anyio.Event | None = None
         self._port: int | None = None
         self._start_error: BaseException | None = None
-        self._direct = False
         # websockets.asyncio.server.broadcast under asyncio; trio queues every frame instead.
         self._write_many: Callable[..., None] | None = None
         self._page: bytes | None = None
@@ -347,10 +341,15 @@ class WebSocketSink(PluginBase):
     async def _run_asyncio(self, events: Subscription) -> None:
         from websockets.asyncio.server import broadcast, serve
 
-        self._direct = True
         self._write_many = broadcast
         try:
-            server = await serve(self._handle, self.options.host or None, self.options.port, **self._serve_kwargs())
+            server = await serve(
+                self._handle,
+                self.options.host or None,
+                self.options.port,
+                write_limit=_WRITE_LIMIT,
+                **self._serve_kwargs(),
+            )
         except OSError as exc:
             raise self._fail_start(exc) from exc
         async with server:
@@ -365,7 +364,6 @@ class WebSocketSink(PluginBase):
         import trio
         from websockets.trio.server import serve
 
-        self._direct = False
         async with trio.open_nursery() as nursery:
             try:
                 server = await nursery.start(
@@ -543,7 +541,10 @@ class WebSocketSink(PluginBase):
         if opts.socket_send_buffer is not None:
             self._shrink_send_buffer(ws, opts.socket_send_buffer)
         client = Client(
-            ws, buffer_bytes=opts.client_buffer_bytes, direct=self._direct, peer=peer, write_now=self._write_many
+            ws,
+            buffer_bytes=opts.client_buffer_bytes,
+            peer=peer,
+            write_now=self._write_many,
         )
         hello = control_frame(
             "hello",
@@ -849,146 +850,65 @@ class WebSocketSink(PluginBase):
 
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:
-        history = self.history
-        routes = self._routes
-        direct = self._direct
         self.events += len(batch)
-        targets: dict[Client, None] | None
-        # Per client, decided at its first event of the current chunk: its sans-I/O
-        # protocol (frames are appended there and written once, by _flush), _QUEUE
-        # (push_event) or _SKIP (closing: nothing can reach it any more).
-        ways: dict[Client, Any] = {}
-        chunk = 0
+        write = self._write_many
         for event in batch:
             data = encode(event)
-            stream = event.stream
-            if type(event) is StartEvent:
-                history.record(event, data)
-                targets = routes[stream] = self._match(event)
-            else:
-                targets = routes.get(stream)
-                if targets is None and history.get(stream) is None:
-                    # A stream that started before this sink subscribed: route it by its start.
-                    stream_log = history.record(event, data)
-                    start = self._early.pop(stream, None)
-                    if start is None and self._bus is not None:
-                        start = self._bus.live_streams.get(stream)
-                    if start is not None and not is_terminal(event):
-                        stream_log.start = start
-                        targets = routes[stream] = self._match(start)
-                else:
-                    history.record(event, data)
+            targets = self._route(event, data)
             if targets:
-                delta = event if type(event) is DeltaEvent else None
-                if not direct:
+                if write is None:
                     # trio: every frame goes through the client's queue and sender task.
+                    delta = event if type(event) is DeltaEvent else None
                     for client in targets:
-                        client.push_event(stream, delta, data)
+                        client.push_event(event.stream, delta, data)
                 else:
-                    frame = None
-                    for client in targets:
-                        way = ways.get(client)
-                        if way is None:
-                            way = ways[client] = _way(client)
-                        if type(way) is list:
-                            # No extension negotiated: the frame is the same bytes for every
-                            # such client, so it is built once per event, not once per client.
-                            if frame is None:
-                                frame = server_text_frame(data)
-                            way.append(frame)
-                            client.sent += 1
-                        elif way is _QUEUE:
-                            client.push_event(stream, delta, data)
-                        elif way is not _SKIP:
-                            try:
-                                way.send_text(data)
-                            except Exception as exc:
-                                # Never raised for an open connection; if it is, only this client misses
-                                # out: what it was given so far goes out, the rest of the chunk does not.
-                                log.warning("websocket.write_failed", peer=client.peer, error=repr(exc))
-                                _flush({client: way})
-                                ways[client] = _SKIP
-                                continue
-                            client.sent += 1
-                    chunk += len(data)
-                    if chunk >= _CHUNK_BYTES:
-                        # Bounds how far past its write limit a client's buffer can go.
-                        _flush(ways)
-                        ways = {}
-                        chunk = 0
+                    self._deliver(event, data, targets, write)
             if type(event) in _TERMINAL:
-                routes.pop(stream, None)
-                history.expire()
-        if ways:
-            _flush(ways)
+                self._routes.pop(event.stream, None)
+                self.history.expire()
+
+    def _route(self, event: Event, data: bytes) -> dict[Client, None] | None:
+        """Record *event* in the history; return the clients that follow its stream."""
+        stream = event.stream
+        history = self.history
+        routes = self._routes
+        if type(event) is StartEvent:
+            history.record(event, data)
+            routes[stream] = self._match(event)
+            return routes[stream]
+        targets = routes.get(stream)
+        if targets is not None or history.get(stream) is not None:
+            history.record(event, data)
+            return targets
+        # A stream that started before this sink subscribed: route it by its start.
+        stream_log = history.record(event, data)
+        start = self._early.pop(stream, None)
+        if start is None and self._bus is not None:
+            start = self._bus.live_streams.get(stream)
+        if start is None or is_terminal(event):
+            return None
+        stream_log.start = start
+        routes[stream] = self._match(start)
+        return routes[stream]
+
+    @staticmethod
+    def _deliver(event: Event, data: bytes, targets: dict[Client, None], write: Callable[..., None]) -> None:
+        """asyncio: one broadcast() to the clients that have credit; the others queue the event."""
+        size = len(data)
+        now = []
+        delta = event if type(event) is DeltaEvent else None
+        for client in targets:
+            if client.take(size):
+                now.append(client.ws)
+            else:
+                client.push_event(event.stream, delta, data)
+        if now:
+            write(now, data, text=True)
 
     def _match(self, start: StartEvent) -> dict[Client, None]:
         return {
             client: None for client in self._clients if any(flt.matches(start) for flt in client.subscriptions.values())
         }
-
-
-# How a client gets the frames of the current chunk of a batch (asyncio).
-_QUEUE = object()
-_SKIP = object()
-# A batch is written in chunks of about this many bytes: a client's transport
-# buffer passes its write limit by at most one chunk (plus one frame).
-_CHUNK_BYTES = 65536
-
-
-def _way(client: Client) -> Any:
-    """Decide, once per chunk, whether *client*'s frames go straight to its socket (asyncio)."""
-    if client.close_code is not None:
-        return _SKIP
-    transport = client._transport
-    if transport is None or client.queue or client.sending or transport.get_write_buffer_size() > client._write_limit:
-        return _QUEUE
-    ws = client.ws
-    protocol = ws.protocol
-    if protocol.state is not OPEN or transport.is_closing():
-        # Closing handshake under way (websockets.broadcast() skips such connections too),
-        # or the socket already failed (a write found the peer gone): nothing would arrive.
-        return _SKIP
-    if getattr(ws, "send_in_progress", None) is not None or getattr(ws, "fragmented_send_waiter", None) is not None:
-        # A fragmented send owns the connection (older websockets: fragmented_send_waiter): queue behind it.
-        return _QUEUE
-    if not protocol.extensions:
-        # Frames built once per event (server_text_frame) are collected here and written by _flush.
-        return []
-    return protocol
-
-
-def _flush(ways: dict[Client, Any]) -> None:
-    """Write each direct client's frames of the chunk with one transport write (what ``send_data()`` does)."""
-    for client, way in ways.items():
-        if way is _QUEUE or way is _SKIP:
-            continue
-        if type(way) is list:
-            # Prebuilt frames; anything the protocol itself has queued (a pong) goes first.
-            pending = client.ws.protocol.data_to_send()
-            writes: list[bytes] = [*pending, *way] if pending else way
-        else:
-            writes = way.data_to_send()
-        if not writes:
-            continue
-        transport = client._transport
-        assert transport is not None
-        try:
-            if SEND_EOF not in writes:
-                # One send() for the whole chunk, however many frames it holds.
-                transport.writelines(writes)
-                continue
-            # The protocol asked to end the stream: as Connection.send_data() does.
-            for data in writes:
-                if data:
-                    transport.write(data)
-                elif transport.can_write_eof():
-                    with contextlib.suppress(Exception):
-                        transport.write_eof()
-                else:
-                    transport.close()
-        except Exception as exc:
-            log.warning("websocket.write_failed", peer=client.peer, error=repr(exc))
 
 
 def _response(status: int, reason: str, content_type: str, body: bytes) -> Response:

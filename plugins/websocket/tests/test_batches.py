@@ -2,9 +2,9 @@
 
 Publishing does not yield to the event loop, so events published without an
 ``await`` that blocks reach the broadcaster as one batch. Under asyncio a
-writable client gets a whole batch (in chunks of at most 64 KiB) with one
-socket write; these tests hold that path to the same guarantees as the
-per-event one.
+client with write credit gets each event through one ``broadcast()`` shared
+with every such client; these tests hold that path to the same guarantees as
+the queued one.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from streambus_websocket.protocol import server_text_frame
 from streambus_websocket.testing import Peer, connect, running
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
@@ -181,10 +180,3 @@ async def test_client_reset_mid_batch_does_not_disturb_another(stalled: bool) ->
         async with bus.stream(model="m") as w2:
             await w2.delta("after")
         assert (await peer.events_until_end())[-2]["text"] == "after"
-
-
-@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])
-def test_server_text_frame_is_what_websockets_writes(length: int) -> None:
-    # websockets' own serializer is the oracle for the frames the broadcaster builds once per event.
-    payload = bytes(range(256)) * (length // 256) + bytes(range(length % 256))
-    assert server_text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])

@@ -1,0 +1,232 @@
+"""Resumable, bounded per-stream history: what recovery (``since``) and snapshots are served from.
+
+::
+
+    history = StreamHistory(events_per_stream=2000, ttl=300, max_streams=10000, clock=anyio.current_time)
+    history.record(event, encode(event))      # every event, in bus order
+    history.missed("s1", last_seq=41)         # every event after seq 41, or None: reload
+    history.snapshot("s1")                    # start + the text so far as one delta per channel
+
+
+Each stream keeps its last ``history_events`` encoded events (the bytes that
+were broadcast, so a replay costs no encoding) and, while it is live, the text
+so far of each channel for snapshots. An ended stream's history is kept for
+``history_ttl`` seconds, then forgotten. At most ``max_streams`` streams are
+remembered; past that the oldest ended (then the oldest live) stream goes.
+
+Recovery is all or nothing: :meth:`StreamHistory.missed` returns every event after
+the client's last seq, in order, or ``None`` when the history no longer covers
+the gap. The payloads are the caller's encoding of each event (the bytes it
+broadcast), so a replay costs no encoding. Time comes from the *clock* given
+(``anyio.current_time`` under asyncio and trio alike); nothing here awaits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from .coalesce import MergedDelta
+from .events import DeltaEvent, Event, StartEvent, encode, is_terminal
+
+__all__ = ["StreamHistory", "StreamLog"]
+
+
+def _seq(entry: tuple[int, int, bytes]) -> int:
+    return entry[1]
+
+
+class StreamLog:
+    """History of one stream: its ``start``, its last events, its state."""
+
+    __slots__ = ("bytes", "channels", "ended", "entries", "expires", "last_seq", "start", "start_data")
+
+    def __init__(self, limit: int) -> None:
+        self.start: StartEvent | None = None
+        self.start_data: bytes | None = None
+        # (first source seq, seq, encoded event), oldest first.
+        self.entries: deque[tuple[int, int, bytes]] = deque(maxlen=limit)
+        self.bytes = 0
+        """Bytes of the payloads held in ``entries``."""
+        self.last_seq = -1
+        self.ended = False
+        self.expires = 0.0
+        self.channels: dict[str, MergedDelta[bytes]] = {}
+
+    @property
+    def complete(self) -> bool:
+        """Whether the history still holds the stream from its ``start`` on."""
+        return bool(self.entries) and self.entries[0][0] == 0
+
+
+class StreamHistory:
+    """Recent events of every stream, bounded in events per stream, streams and time.
+
+    :param events_per_stream: events kept per stream (``history_events``).
+    :param ttl: seconds an ended stream stays recoverable (``history_ttl``).
+    :param max_streams: streams remembered at once.
+    :param clock: monotonic clock (tests pass a fake one).
+    :param bytes_per_stream: payload bytes kept per stream (oldest dropped first), or ``None``.
+    """
+
+    def __init__(
+        self,
+        events_per_stream: int,
+        ttl: float,
+        max_streams: int,
+        clock: Callable[[], float],
+        *,
+        bytes_per_stream: int | None = None,
+    ) -> None:
+        if events_per_stream < 0 or max_streams < 1 or ttl < 0:
+            raise ValueError(
+                f"StreamHistory: events_per_stream must be >= 0, max_streams >= 1 and ttl >= 0 "
+                f"(got {events_per_stream}, {max_streams}, {ttl})"
+            )
+        if bytes_per_stream is not None and bytes_per_stream < 1:
+            raise ValueError(f"StreamHistory: bytes_per_stream must be at least 1 or None, got {bytes_per_stream}")
+        self.bytes_per_stream = bytes_per_stream
+        self.events_per_stream = events_per_stream
+        self.ttl = ttl
+        self.max_streams = max_streams
+        self._clock = clock
+        self._logs: OrderedDict[str, StreamLog] = OrderedDict()
+        self._ended: deque[tuple[float, str]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def get(self, stream: str) -> StreamLog | None:
+        """The log of *stream*, if remembered."""
+        return self._logs.get(stream)
+
+    def live(self) -> list[StreamLog]:
+        """Logs of the streams that have not ended, oldest first."""
+        return [log for log in self._logs.values() if not log.ended]
+
+    def record(self, event: Event, data: bytes) -> StreamLog:
+        """Append *event* (already encoded as *data*) to its stream's history."""
+        stream = event.stream
+        log = self._logs.get(stream)
+        if log is None:
+            log = self._logs[stream] = StreamLog(self.events_per_stream)
+            if len(self._logs) > self.max_streams:
+                self._evict_one()
+        if type(event) is StartEvent:
+            log.start = event
+            log.start_data = data
+        seq = event.seq
+        if type(event) is DeltaEvent:
+            first = seq if event.first_seq is None else event.first_seq
+            self._append(log, first, seq, data)
+            log.last_seq = seq
+            if not log.ended:
+                chan = log.channels.get(event.channel)
+                if chan is None:
+                    log.channels[event.channel] = MergedDelta(event)
+                else:
+                    chan.add(event)
+            return log
+        self._append(log, seq, seq, data)
+        log.last_seq = seq
+        if is_terminal(event):
+            log.ended = True
+            log.channels = {}
+            log.expires = self._clock() + self.ttl
+            self._ended.append((log.expires, stream))
+        return log
+
+    def _append(self, log: StreamLog, first: int, seq: int, data: bytes) -> None:
+        entries = log.entries
+        if entries.maxlen == 0:
+            return
+        if len(entries) == entries.maxlen:
+            log.bytes -= len(entries.popleft()[2])
+        entries.append((first, seq, data))
+        log.bytes += len(data)
+        limit = self.bytes_per_stream
+        if limit is not None:
+            # The oldest go first; the newest event stays even when it alone is larger.
+            while log.bytes > limit and len(entries) > 1:
+                log.bytes -= len(entries.popleft()[2])
+
+    def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[bytes]]:
+        """Every event of up to *limit* ended streams whose ``start`` *matches*, the streams in the order they ended.
+
+        Only streams still held whole (from their ``start``) count: the most
+        recently ended ones, since older ones are the first to expire.
+        """
+        found: list[list[bytes]] = []
+        for expires, stream in reversed(self._ended):
+            if len(found) >= limit:
+                break
+            log = self._logs.get(stream)
+            # A stream id can end twice (a recording replayed with its ids): count its latest end only.
+            if log is None or not log.ended or log.expires != expires or not log.complete:
+                continue
+            if log.start is not None and matches(log.start):
+                found.append([data for _, _, data in log.entries])
+        found.reverse()
+        return found
+
+    def expire(self) -> None:
+        """Forget ended streams whose ``history_ttl`` has passed."""
+        now = self._clock()
+        ended = self._ended
+        while ended and ended[0][0] <= now:
+            _, stream = ended.popleft()
+            log = self._logs.get(stream)
+            if log is not None and log.ended and log.expires <= now:
+                del self._logs[stream]
+
+    def _evict_one(self) -> None:
+        for stream, log in self._logs.items():
+            if log.ended:
+                del self._logs[stream]
+                return
+        self._logs.popitem(last=False)
+
+    def missed(self, stream: str, last_seq: int) -> list[bytes] | None:
+        """Every event of *stream* after *last_seq*, in order; ``None`` if not fully covered.
+
+        An empty list means the client missed nothing. ``None`` means the
+        stream is unknown (expired, evicted, from another server) or its
+        oldest retained event is past ``last_seq + 1``: the client must reload.
+        """
+        log = self._logs.get(stream)
+        if log is None or last_seq > log.last_seq:
+            return None
+        if last_seq == log.last_seq:
+            return []
+        entries = log.entries
+        if not entries or entries[0][0] > last_seq + 1:
+            return None
+        # Entries are in seq order: find the first one after last_seq without scanning
+        # the ones before it (a client may name many streams, each nearly caught up).
+        index = bisect.bisect_right(entries, last_seq, key=_seq)
+        if index < len(entries) and entries[index][0] <= last_seq:
+            # The client holds half of a coalesced delta: it cannot be split.
+            return None
+        return [data for _, _, data in itertools.islice(entries, index, None)]
+
+    def replay_all(self, stream: str) -> list[bytes] | None:
+        """Every event of *stream* from its ``start``; ``None`` if the start was already dropped."""
+        log = self._logs.get(stream)
+        if log is None or not log.complete:
+            return None
+        return [data for _, _, data in log.entries]
+
+    def snapshot(self, stream: str) -> list[bytes] | None:
+        """The ``start`` of a live stream, then one coalesced delta per channel, in seq order.
+
+        ``None`` if the stream is not live here or its ``start`` was never seen.
+        """
+        log = self._logs.get(stream)
+        if log is None or log.ended or log.start_data is None:
+            return None
+        frames = [log.start_data]
+        for chan in sorted(log.channels.values(), key=lambda chan: chan.seq):
+            frames.append(encode(chan.event()))
+        return frames

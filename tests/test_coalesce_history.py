@@ -1,0 +1,164 @@
+"""The core's coalescer and resumable per-stream history (``streambus.coalesce``, ``streambus.history``)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from streambus import DeltaEvent, EndEvent, StartEvent, decode, encode
+from streambus.coalesce import Coalescer, MergedDelta
+from streambus.history import StreamHistory
+
+
+def _delta(seq: int, text: str, stream: str = "s", channel: str = "content", first: int | None = None) -> DeltaEvent:
+    return DeltaEvent(stream=stream, seq=seq, ts=float(seq), text=text, channel=channel, first_seq=first)  # type: ignore[arg-type]
+
+
+def _drain(queue: Coalescer[bytes]) -> list[object]:
+    out: list[object] = []
+    while queue:
+        item = queue.popleft()
+        if isinstance(item, MergedDelta):
+            out.append(item.payload if item.payload is not None else item.event())
+        else:
+            out.append(item)
+    return out
+
+
+# -- Coalescer ---------------------------------------------------------------------------
+
+
+def test_deltas_merge_only_when_asked_and_keep_every_character() -> None:
+    queue: Coalescer[bytes] = Coalescer()
+    queue.add_delta(_delta(1, "a"), b"1", merge=False)
+    assert queue.add_delta(_delta(2, "b"), b"2", merge=True) is None  # a new merge point
+    merged = queue.add_delta(_delta(3, "c"), b"3", merge=True)
+    assert merged is not None and merged.merged == 1 and merged.payload is None
+    queue.add_delta(_delta(4, "d"), b"4", merge=True)
+    assert len(queue) == 2
+    first, rest = _drain(queue)
+    assert first == b"1"
+    assert rest == DeltaEvent(stream="s", seq=4, ts=4.0, text="bcd", n=3, first_seq=2)
+
+
+def test_an_unmerged_merge_point_keeps_its_payload() -> None:
+    queue: Coalescer[bytes] = Coalescer()
+    queue.add_delta(_delta(1, "a"), b"encoded once", merge=True)
+    item = queue.popleft()
+    assert isinstance(item, MergedDelta) and item.payload == b"encoded once"
+    assert item.event() == _delta(1, "a")  # no first_seq for a single delta
+
+
+def test_merging_never_reorders_a_stream_or_crosses_channels() -> None:
+    queue: Coalescer[bytes] = Coalescer()
+    queue.add_delta(_delta(1, "a"), b"1", merge=True)
+    queue.append(b"control", "s")  # a barrier for stream s
+    queue.add_delta(_delta(2, "b"), b"2", merge=True)
+    queue.add_delta(_delta(3, "x", channel="reasoning"), b"3", merge=True)
+    queue.add_delta(_delta(4, "c"), b"4", merge=True)  # the stream's newest item is reasoning: no merge
+    queue.add_delta(_delta(1, "other", stream="t"), b"t1", merge=True)
+    queue.add_delta(_delta(2, "!", stream="t"), b"t2", merge=True)  # another stream merges independently
+    assert _drain(queue) == [
+        b"1",
+        b"control",
+        b"2",
+        b"3",
+        b"4",
+        DeltaEvent(stream="t", seq=2, ts=2.0, text="other!", n=2, first_seq=1),
+    ]
+
+
+def test_extend_resets_merge_points_and_clear_empties() -> None:
+    queue: Coalescer[bytes] = Coalescer()
+    queue.add_delta(_delta(1, "a"), b"1", merge=True)
+    queue.extend([b"replayed"])
+    assert queue.add_delta(_delta(2, "b"), b"2", merge=True) is None  # nothing merges past the replay
+    queue.clear()
+    assert not queue and len(queue) == 0
+    with pytest.raises(IndexError):
+        queue.popleft()
+
+
+# -- StreamHistory ---------------------------------------------------------------------------
+
+
+def _record(history: StreamHistory, *events: object) -> None:
+    for event in events:
+        history.record(event, encode(event))  # type: ignore[arg-type]
+
+
+def test_missed_is_all_or_nothing() -> None:
+    history = StreamHistory(events_per_stream=4, ttl=10, max_streams=2, clock=lambda: 0.0)
+    _record(history, StartEvent(stream="s", seq=0, ts=0.0), _delta(1, "a"), _delta(3, "bc", first=2))
+    assert [decode(d).seq for d in history.missed("s", 0) or []] == [1, 3]
+    assert history.missed("s", 3) == []
+    assert history.missed("s", 2) is None  # inside a coalesced delta: cannot be split
+    assert history.missed("s", 9) is None and history.missed("unknown", 0) is None
+
+
+def test_byte_bound_drops_the_oldest_events() -> None:
+    start = StartEvent(stream="s", seq=0, ts=0.0)
+    history = StreamHistory(
+        events_per_stream=100, ttl=10, max_streams=2, clock=lambda: 0.0, bytes_per_stream=len(encode(start)) + 10
+    )
+    _record(history, start)
+    assert history.replay_all("s") is not None
+    _record(history, _delta(1, "x" * 40))
+    log = history.get("s")
+    assert log is not None and len(log.entries) == 1 and log.bytes == len(encode(_delta(1, "x" * 40)))
+    assert history.replay_all("s") is None and history.missed("s", 0) is not None
+
+
+def test_snapshot_is_the_text_so_far_as_one_delta_per_channel() -> None:
+    history = StreamHistory(events_per_stream=2, ttl=10, max_streams=4, clock=lambda: 0.0)
+    _record(
+        history,
+        StartEvent(stream="s", seq=0, ts=0.0),
+        _delta(1, "think", channel="reasoning"),
+        _delta(2, "Hel"),
+        _delta(3, "lo"),
+    )
+    frames = history.snapshot("s") or []
+    events = [decode(f) for f in frames]
+    assert events[0] == StartEvent(stream="s", seq=0, ts=0.0)
+    assert events[1] == _delta(1, "think", channel="reasoning")
+    assert events[2] == DeltaEvent(stream="s", seq=3, ts=3.0, text="Hello", n=2, first_seq=2)
+    _record(history, EndEvent(stream="s", seq=4, ts=4.0))
+    assert history.snapshot("s") is None  # ended: recovered from its events instead
+
+
+def test_recently_ended_and_ttl() -> None:
+    now = [0.0]
+    history = StreamHistory(events_per_stream=10, ttl=5, max_streams=10, clock=lambda: now[0])
+    for stream in ("a", "b", "c"):
+        _record(history, StartEvent(stream=stream, seq=0, ts=0.0), EndEvent(stream=stream, seq=1, ts=0.0))
+    ended = history.recently_ended(2, lambda start: True)
+    assert [decode(whole[0]).stream for whole in ended] == ["b", "c"]  # the newest, in the order they ended
+    now[0] = 5.0
+    history.expire()
+    assert len(history) == 0 and history.recently_ended(5, lambda start: True) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"events_per_stream": -1}, "events_per_stream"),
+        ({"max_streams": 0}, "max_streams"),
+        ({"ttl": -1.0}, "ttl"),
+        ({"bytes_per_stream": 0}, "bytes_per_stream"),
+    ],
+)
+def test_bad_bounds_are_refused_by_name(kwargs: dict[str, float], named: str) -> None:
+    args: dict[str, object] = {"events_per_stream": 1, "ttl": 1.0, "max_streams": 1, "clock": lambda: 0.0}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=named):
+        StreamHistory(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_ttl_on_the_event_loop_clock() -> None:
+    # The sinks pass anyio.current_time: the same history on asyncio and trio.
+    history = StreamHistory(events_per_stream=4, ttl=0.0, max_streams=4, clock=anyio.current_time)
+    _record(history, StartEvent(stream="s", seq=0, ts=0.0), EndEvent(stream="s", seq=1, ts=0.0))
+    history.expire()
+    assert history.get("s") is None
