@@ -39,6 +39,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._signal import Parking
+from .coalesce import MergedDelta
 from .errors import Overflowed, StreamBusError, SubscriptionClosed
 from .events import DeltaEvent, Event, StartEvent, is_terminal
 
@@ -140,46 +141,11 @@ class StreamFailed(StreamBusError):
         self.event = event
 
 
-class _Merged:
-    """A delta being coalesced; materialised into a DeltaEvent when read.
-
-    Pieces are kept in a list so merging stays O(1) however far the reader lags.
-    """
-
-    __slots__ = ("channel", "first_seq", "n", "pieces", "seq", "stream", "ts")
-
-    def __init__(self, first: DeltaEvent) -> None:
-        self.stream = first.stream
-        self.channel = first.channel
-        self.first_seq = first.seq if first.first_seq is None else first.first_seq
-        self.seq = first.seq
-        self.ts = first.ts
-        self.n = first.n
-        self.pieces = [first.text]
-
-    def add(self, delta: DeltaEvent) -> None:
-        self.pieces.append(delta.text)
-        self.seq = delta.seq
-        self.ts = delta.ts
-        self.n += delta.n
-
-    def event(self) -> DeltaEvent:
-        return DeltaEvent(
-            stream=self.stream,
-            seq=self.seq,
-            ts=self.ts,
-            text="".join(self.pieces),
-            channel=self.channel,
-            n=self.n,
-            first_seq=self.first_seq,
-        )
-
-
-def _size(item: Event | _Merged) -> int:
+def _size(item: Event | MergedDelta[Event]) -> int:
     if type(item) is DeltaEvent:
         return len(item.text) + _DELTA_OVERHEAD
-    if type(item) is _Merged:
-        return sum(map(len, item.pieces)) + _DELTA_OVERHEAD
+    if type(item) is MergedDelta:
+        return item.size + _DELTA_OVERHEAD
     return _CONTROL_SIZE
 
 
@@ -351,7 +317,7 @@ class Subscription:
         # look-up costs more than the rest of a delivery's bookkeeping.
         self._coalesce = self._policy is OverflowPolicy.COALESCE
         self._on_close = on_close
-        self._buf: deque[Event | _Merged] = deque()
+        self._buf: deque[Event | MergedDelta[Event]] = deque()
         self._bytes = 0  # buffered text, counted for the ``coalesce`` byte cap only
         self._closed = False
         self._error: SubscriptionClosed | None = None
@@ -436,7 +402,7 @@ class Subscription:
             return None
         # DROP_OLDEST: drop the oldest delta; control events are kept so streams stay well formed.
         for i, item in enumerate(buf):
-            if type(item) is DeltaEvent or type(item) is _Merged:
+            if type(item) is DeltaEvent or type(item) is MergedDelta:
                 del buf[i]
                 self.dropped += 1
                 break
@@ -462,7 +428,7 @@ class Subscription:
             item = buf[i]
             if item.stream != stream:
                 continue
-            if type(item) is _Merged:
+            if type(item) is MergedDelta:
                 if item.channel != delta.channel:
                     return False
                 item.add(delta)
@@ -470,7 +436,7 @@ class Subscription:
             if type(item) is DeltaEvent:
                 if item.channel != delta.channel:
                     return False
-                merged = _Merged(item)
+                merged: MergedDelta[Event] = MergedDelta(item)
                 merged.add(delta)
                 buf[i] = merged
                 return True
@@ -571,7 +537,7 @@ class Subscription:
             item = buf.popleft()
             if self._coalesce:
                 self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
-            event = item.event() if type(item) is _Merged else item
+            event = item.event() if type(item) is MergedDelta else item
         else:
             firehose = self._firehose
             assert firehose is not None
@@ -616,7 +582,7 @@ class Subscription:
             self._bytes -= sum(map(_size, items))
         if self._space.waiting:
             self._space.wake()
-        return [item.event() if type(item) is _Merged else item for item in items]  # type: ignore[misc]
+        return [item.event() if type(item) is MergedDelta else item for item in items]  # type: ignore[misc]
 
     async def text(self, channel: str = "content", *, raise_on_failure: bool = True) -> AsyncIterator[str]:
         """Yield the text of the first stream this subscription sees, until its end.
