@@ -5,7 +5,10 @@
   OpenAI-compatible server into bus events, one stream per choice;
 - :class:`OpenAIFormat` (entry point ``openai`` in ``streambus.formats``)
   encodes events back into OpenAI SSE chunks for the mock server and proxy;
-- :class:`OpenAIStreamParser` is the sans-I/O parser both use.
+- :class:`OpenAIStreamParser` is the sans-I/O parser both use;
+  :class:`OpenAIPieceParser` is the same in :mod:`streambus.formats` pieces,
+  what the proxy reads, and :class:`UsageFilter` takes the usage the proxy
+  asked for back out of the client's bytes.
 
 The producer runs on asyncio only (it uses aiohttp); the parser and the
 format are plain functions of bytes and events and run anywhere.
@@ -19,11 +22,14 @@ from ._protocol import (
     DonePiece,
     ErrorPiece,
     FinishPiece,
+    OpenAIPieceParser,
     OpenAIRoute,
     OpenAIStreamParser,
     Piece,
     TextPiece,
+    UsageFilter,
     UsagePiece,
+    body_pieces,
     chunk_pieces,
     error_piece,
 )
@@ -35,6 +41,7 @@ __all__ = [
     "Failure",
     "FinishPiece",
     "OpenAIFormat",
+    "OpenAIPieceParser",
     "OpenAIProducer",
     "OpenAIRequest",
     "OpenAIRoute",
@@ -42,7 +49,9 @@ __all__ = [
     "OpenAIStreamParser",
     "Piece",
     "TextPiece",
+    "UsageFilter",
     "UsagePiece",
+    "body_pieces",
     "chunk_pieces",
     "error_piece",
     "require_asyncio",
