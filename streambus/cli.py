@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .config import Pipeline, load_config
-from .errors import StreamBusError
+from .errors import PluginNotFound, StreamBusError
 from .logging import configure_logging
 from .plugins import GROUPS, discover, install_hint, load
 
@@ -44,14 +44,14 @@ class _Group(click.Group):
             return command
         try:
             loaded = load("commands", cmd_name)
+        except PluginNotFound:
+            dist = _PLUGIN_COMMANDS.get(cmd_name)
+            if dist is not None:
+                raise click.UsageError(
+                    f"'streambus {cmd_name}' comes with the {dist} plugin. Install it with: {install_hint(dist)}"
+                ) from None
+            return None
         except StreamBusError as exc:
-            if "unknown command" in str(exc):
-                dist = _PLUGIN_COMMANDS.get(cmd_name)
-                if dist is not None:
-                    raise click.UsageError(
-                        f"'streambus {cmd_name}' comes with the {dist} plugin. Install it with: {install_hint(dist)}"
-                    ) from None
-                return None
             raise click.ClickException(str(exc)) from None
         return loaded if isinstance(loaded, click.Command) else None
 

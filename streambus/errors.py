@@ -10,15 +10,21 @@ so ``except StreamBusError`` catches them all::
     ├── PipelineFailed         a configured plugin failed while the pipeline ran
     ├── StreamsFailed          streams of a pipeline run ended in ``error`` (``streambus run`` exits 1)
     ├── PluginError            a plugin is unknown or failed to import
+    │   └── PluginNotFound     ... no plugin of that name is installed (``kind``, ``name``)
     ├── RecordingError         a recording file is damaged (names the line)
     ├── BusClosed              publishing to, or subscribing on, a closed bus
     ├── StreamClosed           writing to a stream that already ended
     ├── SubscriptionClosed     a subscription was closed by the bus
     │   └── Overflowed         ... because its reader fell too far behind
-    └── SinkFailed             a sink marked critical raised, so the bus stopped
+    ├── SinkFailed             a sink marked critical raised, so the bus stopped
+    │
+    │   raised by plugins, defined in their packages:
+    ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
+    └── ModerationAPIError     streambus_moderation: the moderation endpoint answered an error (``status``)
 
 Each error carries the offending piece of input as attributes, so callers can
-react without parsing the message.
+react without parsing the message: branch on the type and attributes, never
+on the text.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "Overflowed",
     "PipelineFailed",
     "PluginError",
+    "PluginNotFound",
     "RecordingError",
     "SinkFailed",
     "StreamBusError",
@@ -115,6 +122,18 @@ class PluginError(StreamBusError):
         super().__init__(f"{message}. {hint}" if hint else message)
         self.name = name
         self.hint = hint
+
+
+class PluginNotFound(PluginError):
+    """No plugin named ``name`` is installed in group ``kind`` (``producers``, ``commands``...).
+
+    The message lists the installed ones; install the missing distribution,
+    or fix the name.
+    """
+
+    def __init__(self, message: str, *, kind: str, name: str, hint: str | None = None) -> None:
+        super().__init__(message, name=name, hint=hint)
+        self.kind = kind
 
 
 class RecordingError(StreamBusError):

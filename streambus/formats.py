@@ -11,27 +11,43 @@ instance (or a zero-argument class).
 Routes are the HTTP paths a format answers, e.g. ``/api/chat`` for Ollama or
 ``/v1/chat/completions`` for OpenAI. A request body is the parsed JSON the
 client sent.
+
+The proxy (``streambus proxy``) also needs the way *in*: a format that
+implements :class:`AnswerParsing` gives it a sans-I/O :class:`PieceParser`
+per request, which turns the provider's answer bytes into the provider-neutral
+pieces below (:class:`TextPiece`, :class:`EndPiece`, :class:`ErrorPiece`).
+The proxy publishes pieces and nothing else, so a provider plugin installed
+later is proxied without editing the proxy (``docs/writing-plugins.md``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+import msgspec
 import structlog
 
 from .errors import WireError
-from .events import DeltaEvent, Event
-from .plugins import load
+from .events import Channel, DeltaEvent, Event, Usage
+from .plugins import discover, load
 from .wire import ToolCallFragment, parse_tool_text
 
 __all__ = [
+    "AnswerFilter",
+    "AnswerParsing",
+    "EndPiece",
+    "ErrorPiece",
     "LoadedModels",
     "ModelDetails",
     "ModelsRoute",
+    "Piece",
+    "PieceParser",
     "StreamEncoder",
+    "TextPiece",
     "WireFormat",
+    "installed_formats",
     "load_format",
     "tool_fragments",
 ]
@@ -150,6 +166,133 @@ class ModelsRoute(Protocol):
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request with *headers* comes from this format's clients."""
+
+
+class TextPiece(msgspec.Struct, frozen=True):
+    """Generated text: becomes a ``delta`` event on *channel* (``content``, ``reasoning``, ``tool``).
+
+    *choice* numbers the answer when one request asks for several (OpenAI's
+    ``n``); the proxy publishes choice 0. Tool text is one
+    :func:`~streambus.wire.tool_text` line per fragment (``docs/wire.md``).
+    """
+
+    text: str
+    channel: Channel = "content"
+    choice: int = 0
+
+
+class EndPiece(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer ended normally: becomes the ``end`` event.
+
+    A parser emits it once, when it has everything the end carries: for
+    OpenAI that is ``data: [DONE]``, after the finish reason and the usage chunk.
+    """
+
+    reason: str = "stop"
+    """Why choice 0 ended (``stop``, ``length``, ``tool_calls``...)."""
+    usage: Usage | None = None
+    """The provider's token counts, when it sent them."""
+    timings: dict[str, float] = {}
+    """Provider timings in seconds (Ollama's ``eval_duration``...)."""
+
+
+class ErrorPiece(msgspec.Struct, frozen=True, kw_only=True):
+    """The provider reported an error inside its answer (an ``{"error": ...}`` object).
+
+    Turn it into the stream's failure with
+    :func:`streambus.producing.stream_error_failure`, as the producers do.
+    """
+
+    message: str
+    code: str | None = None
+    """The provider's error code (OpenAI's ``error.code``), when it sent one."""
+
+
+Piece: TypeAlias = TextPiece | EndPiece | ErrorPiece
+"""What a :class:`PieceParser` returns: provider-neutral, one of three kinds."""
+
+
+class PieceParser(Protocol):
+    """A sans-I/O parser of one answer: the provider's bytes in, :data:`Piece` values out.
+
+    ::
+
+        parser = fmt.stream_parser("chat", request)
+        for data in reads:
+            for piece in parser.feed(data):
+                ...  # publish it
+        for piece in parser.close():
+            ...
+        if not parser.done:
+            ...  # the answer ended before its final marker: truncated
+
+    Iterate what :meth:`feed` returns before feeding again. Bad input raises
+    :class:`~streambus.errors.WireError` (naming the problem and the byte
+    offset) *while iterating*, after every piece before it, so nothing good is
+    lost. A parser never touches a socket.
+    """
+
+    @property
+    def done(self) -> bool:
+        """Whether the answer's final marker arrived (the :class:`EndPiece` was returned)."""
+
+    def feed(self, data: bytes) -> Iterable[Piece]:
+        """Add *data*; return the pieces it completed (possibly none)."""
+
+    def close(self) -> Iterable[Piece]:
+        """End of input: the pieces of a last unterminated unit (:class:`WireError` if it is cut short)."""
+
+
+class AnswerFilter(Protocol):
+    """Takes out of the answer bytes what the proxy added by asking for more (see :meth:`AnswerParsing.usage_request`).
+
+    Sans-I/O, like a parser: :meth:`feed` returns the bytes the client gets
+    for *data* now (it may hold back an incomplete unit), :meth:`close` the rest.
+    """
+
+    def feed(self, data: bytes) -> bytes:
+        """The client's bytes for the upstream's *data*."""
+
+    def close(self) -> bytes:
+        """What is still held back, at the end of the answer."""
+
+
+@runtime_checkable
+class AnswerParsing(Protocol):
+    """Optional for a :class:`WireFormat`, needed by the proxy: read the provider's answers.
+
+    Every path in the format's ``routes`` is then proxied: the request is
+    forwarded, the answer goes back to the client byte for byte, and a copy is
+    parsed into pieces and published on the bus.
+    """
+
+    def stream_parser(self, route: str, request: Mapping[str, Any]) -> PieceParser:
+        """A new parser for the streamed answer to *request* on *route* (a route kind, as in ``routes``)."""
+
+    def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[Piece]:
+        """The pieces of a whole (``stream: false``) answer *body*, ending with an :class:`EndPiece`.
+
+        Raises :class:`~streambus.errors.WireError` naming what is wrong when
+        *body* is not such an answer.
+        """
+
+    def usage_request(self, route: str, request: Mapping[str, Any]) -> tuple[dict[str, Any], AnswerFilter] | None:
+        """Ask the provider for token usage the client did not ask for, or ``None`` (nothing to ask).
+
+        Returns the request body to send instead of *request*, and a filter
+        that removes from the streamed answer what the client did not ask
+        for, so the client gets exactly the bytes it would have got. The
+        parser still sees the unfiltered answer, so the bus gets the usage.
+        """
+
+
+def installed_formats() -> dict[str, WireFormat]:
+    """Every wire format registered in ``streambus.formats`` that imports, by name.
+
+    A plugin that fails to import is left out (``streambus plugins`` shows
+    why); load one by name with :func:`load_format` to get the error.
+    """
+    return {info.name: load_format(info.name) for info in discover("formats") if info.ok}
 
 
 def load_format(name: str) -> WireFormat:

@@ -45,7 +45,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeAlias
 import msgspec
 import structlog
 
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, PluginError, PluginNotFound
 
 __all__ = [
     "GROUPS",
@@ -300,14 +300,15 @@ def _failure_message(ep: EntryPoint, exc: BaseException) -> str:
 def load(kind: PluginKind, name: str) -> Any:
     """Import and return the plugin *name* of *kind*.
 
-    Raises :class:`~streambus.errors.PluginError` naming the known plugins
-    when *name* is unknown, or carrying the install hint when the import fails.
+    Raises :class:`~streambus.errors.PluginNotFound` naming the known plugins
+    when *name* is unknown, or :class:`~streambus.errors.PluginError` carrying
+    the install hint when the import fails.
     """
     eps = _entry_points(kind)
     ep = eps.get(name)
     if ep is None:
         known = ", ".join(sorted(eps)) or "none"
-        raise PluginError(f"unknown {kind[:-1]} type {name!r} (installed: {known})", name=name)
+        raise PluginNotFound(f"unknown {kind[:-1]} type {name!r} (installed: {known})", kind=kind, name=name)
     try:
         return ep.load()
     except Exception as exc:

@@ -15,6 +15,10 @@ timeouts and failure kinds every streaming producer needs; the provider
 supplies its sans-I/O parser and what to do with the pieces.
 :func:`retrying_stream` runs one bus stream around such attempts: the retry
 loop (only before the first delta) and the final ``error`` event.
+
+The failure mapping is written once, here, and shared by the producers and
+the proxy: :func:`status_failure` for an HTTP error answer,
+:func:`stream_error_failure` for an error the server reports inside a stream.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import msgspec
+import orjson
 import structlog
 import tenacity
 
@@ -45,10 +50,13 @@ __all__ = [
     "Failure",
     "RetryPolicy",
     "StreamParser",
+    "error_message",
     "require_asyncio",
     "retry_after",
     "retrying_stream",
+    "status_failure",
     "stream_attempt",
+    "stream_error_failure",
 ]
 
 log = structlog.get_logger("streambus.producing")
@@ -331,3 +339,46 @@ async def retrying_stream(
         if failure is not None:
             log.warning("producer.failed", provider=provider, stream=w.stream, kind=failure.kind, error=failure.message)
             await w.error(failure.kind, failure.message, retryable=failure.retryable)
+
+
+def error_message(body: bytes) -> tuple[str, str | None]:
+    """The message and code of a provider's error *body*: ``{"error": "..."}`` (Ollama) or
+    ``{"error": {"message", "code"}}`` (OpenAI); else the body's first 500 characters as text."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, Mapping):
+        error = obj.get("error")
+        if isinstance(error, str):
+            return error, None
+        if isinstance(error, Mapping):
+            code = error.get("code")
+            message = error.get("message")
+            text = message if isinstance(message, str) else orjson.dumps(error).decode()
+            return text, str(code) if code is not None else None
+    return body.decode("utf-8", "replace").strip()[:500], None
+
+
+def status_failure(status: int, body: bytes, reason: str | None = None) -> Failure:
+    """The :class:`Failure` of an answer with HTTP *status* (400 or more) and error *body*.
+
+    ``model_not_found`` when the provider says so (its code, or a 404 naming a
+    missing model), else ``http_status``; retryable for 408, 409, 429 and 5xx.
+    *reason* (the HTTP reason phrase) stands in for an empty body.
+    """
+    message, code = error_message(body)
+    message = message or reason or ""
+    lowered = message.lower()
+    missing = "not found" in lowered or "does not exist" in lowered
+    if code == "model_not_found" or (status == 404 and "model" in lowered and missing):
+        return Failure("model_not_found", f"HTTP {status}: {message}")
+    detail = f" ({code})" if code else ""
+    return Failure("http_status", f"HTTP {status}{detail}: {message}", status in (408, 409, 429) or status >= 500)
+
+
+def stream_error_failure(message: str, code: str | None = None) -> Failure:
+    """The :class:`Failure` for an error the server reported inside its stream (an
+    :class:`~streambus.formats.ErrorPiece`): kind ``upstream_error``, not retryable."""
+    detail = f" ({code})" if code else ""
+    return Failure("upstream_error", f"the server reported an error mid-stream{detail}: {message}")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streambus.plugins import install_hint
+from streambus import PluginError, PluginNotFound
+from streambus.plugins import install_hint, load
 from streambus.recording import read_recording
 
 CLI = [sys.executable, "-m", "streambus"]
@@ -129,6 +130,28 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = run_cli("frobnicate")
     assert result.returncode == 2
     assert "No such command 'frobnicate'" in result.stderr
+
+
+def test_a_command_plugin_that_fails_to_import_is_reported_whatever_its_message(tmp_path: Path) -> None:
+    """The CLI decides on the error type: an import failure whose text says "unknown command" is still one."""
+    dist = tmp_path / "site"
+    info = dist / "streambus_broken-1.0.dist-info"
+    info.mkdir(parents=True)
+    (dist / "streambus_broken_cmd.py").write_text('raise ImportError("unknown command set: libfoo is too old")\n')
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: streambus-broken\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[streambus.commands]\nbroken = streambus_broken_cmd:main\n")
+    result = run_cli("broken", env={**os.environ, "PYTHONPATH": str(dist)})
+    assert result.returncode == 1, result.stderr
+    assert "command plugin 'broken' could not be imported: unknown command set: libfoo is too old" in result.stderr
+    assert "No such command" not in result.stderr
+
+
+def test_an_unknown_plugin_is_its_own_error_type() -> None:
+    with pytest.raises(PluginNotFound) as info:
+        load("commands", "frobnicate")
+    assert isinstance(info.value, PluginError)
+    assert (info.value.kind, info.value.name) == ("commands", "frobnicate")
+    assert "unknown command type 'frobnicate' (installed: " in str(info.value)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl"])

@@ -5,7 +5,9 @@
 - :class:`OllamaFormat` (entry point ``ollama`` in ``streambus.formats``)
   encodes events back into byte-exact Ollama NDJSON for the mock server and
   the proxy;
-- :class:`OllamaStreamParser` is the sans-I/O parser both use.
+- :class:`OllamaStreamParser` is the sans-I/O parser both use;
+  :class:`OllamaPieceParser` is the same in :mod:`streambus.formats` pieces,
+  what the proxy reads.
 
 The producer runs on asyncio only (it uses aiohttp); the parser and the
 format are plain functions of bytes and events and run anywhere.
@@ -19,11 +21,14 @@ from ._protocol import (
     TIMING_KEYS,
     DonePiece,
     ErrorPiece,
+    OllamaPieceParser,
     OllamaRoute,
     OllamaStreamParser,
     Piece,
     TextPiece,
+    body_pieces,
     chunk_pieces,
+    neutral_piece,
 )
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "ErrorPiece",
     "Failure",
     "OllamaFormat",
+    "OllamaPieceParser",
     "OllamaProducer",
     "OllamaRequest",
     "OllamaRoute",
@@ -39,7 +45,9 @@ __all__ = [
     "OllamaStreamParser",
     "Piece",
     "TextPiece",
+    "body_pieces",
     "chunk_pieces",
     "created_at",
+    "neutral_piece",
     "require_asyncio",
 ]

@@ -4,7 +4,8 @@
 entry point group; the mock model server and the proxy load it with
 ``streambus.formats.load_format("ollama")``. Its encoders write exactly what
 an Ollama server writes (key order included), so the official ``ollama``
-client and raw NDJSON readers accept the output.
+client and raw NDJSON readers accept the output. It also reads Ollama's
+answers for the proxy (:class:`streambus.formats.AnswerParsing`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import orjson
 
+from streambus import formats
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
 from streambus.formats import tool_fragments
 from streambus.wire import ToolCallFragment, merge_tool_calls
 
-from ._protocol import TIMING_KEYS, OllamaRoute
+from ._protocol import TIMING_KEYS, OllamaPieceParser, OllamaRoute, body_pieces
 
 __all__ = ["OllamaFormat", "OllamaStreamEncoder", "created_at"]
 
@@ -241,6 +243,18 @@ class OllamaFormat:
                 body["thinking"] = "".join(thinking)
         body.update(_final_fields(end or EndEvent(stream="", seq=0, ts=ts)))
         return body
+
+    def stream_parser(self, route: str, request: Mapping[str, Any]) -> OllamaPieceParser:
+        """A parser of Ollama's NDJSON answer on *route*, in provider-neutral pieces (for the proxy)."""
+        return OllamaPieceParser(_route(route))
+
+    def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[formats.Piece]:
+        """The pieces of a ``stream: false`` answer (one object); :class:`~streambus.errors.WireError` if not one."""
+        return body_pieces(body, _route(route))
+
+    def usage_request(self, route: str, request: Mapping[str, Any]) -> None:
+        """Nothing to ask: Ollama's final object always carries the token counts."""
+        return None
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """Ollama's error body: ``{"error": message}`` whatever the status."""

@@ -9,7 +9,7 @@ the first delta, so no text is ever duplicated.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
@@ -20,7 +20,14 @@ import structlog
 
 from streambus import PluginBase
 from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
-from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
+from streambus.producing import (
+    Failure,
+    RetryPolicy,
+    require_asyncio,
+    status_failure,
+    stream_attempt,
+    stream_error_failure,
+)
 
 from ._protocol import DonePiece, ErrorPiece, OllamaRoute, OllamaStreamParser
 
@@ -255,7 +262,7 @@ async def _publish(pieces: Any, w: StreamWriter) -> Failure | None:
             await w.end(piece.reason, usage=piece.usage, timings=piece.timings)
             return None
         if isinstance(piece, ErrorPiece):
-            return Failure("upstream_error", f"the server reported an error mid-stream: {piece.message}")
+            return stream_error_failure(piece.message)
         await w.delta(piece.text, channel=piece.channel)
     return None
 
@@ -266,23 +273,4 @@ async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> 
     with anyio.CancelScope(deadline=deadline):
         with contextlib.suppress(aiohttp.ClientError):
             raw = await response.content.read(_ERROR_BODY_LIMIT)
-    message = _error_message(raw) or response.reason or ""
-    retryable = status in (408, 409, 429) or status >= 500
-    lowered = message.lower()
-    if status == 404 and "model" in lowered and "not found" in lowered:
-        return Failure("model_not_found", f"HTTP 404: {message}")
-    return Failure("http_status", f"HTTP {status}: {message}", retryable)
-
-
-def _error_message(raw: bytes) -> str:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:500]
-    if isinstance(body, Mapping):
-        error = body.get("error")
-        if isinstance(error, str):
-            return error
-        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
-            return str(error["message"])
-    return raw.decode("utf-8", "replace").strip()[:500]
+    return status_failure(status, raw, response.reason)

@@ -12,7 +12,9 @@ line (documented at https://github.com/ollama/ollama/blob/main/docs/api.md)::
 A failure in the middle of a stream is a line ``{"error": "..."}``.
 :class:`OllamaStreamParser` turns those bytes into :class:`TextPiece`,
 :class:`DonePiece` and :class:`ErrorPiece` values; it never touches a socket,
-so the producer and the proxy share it.
+so the producer and the proxy share it. The proxy reads it through
+:class:`OllamaPieceParser`, which maps those pieces onto the provider-neutral
+ones of :mod:`streambus.formats`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Literal, TypeAlias
 import msgspec
 import orjson
 
-from streambus import Usage, WireError
+from streambus import Usage, WireError, formats
 from streambus.events import Channel
 from streambus.wire import NdjsonParser, ToolCallFragment, tool_text, yield_then_raise
 
@@ -31,11 +33,14 @@ __all__ = [
     "TIMING_KEYS",
     "DonePiece",
     "ErrorPiece",
+    "OllamaPieceParser",
     "OllamaRoute",
     "OllamaStreamParser",
     "Piece",
     "TextPiece",
+    "body_pieces",
     "chunk_pieces",
+    "neutral_piece",
 ]
 
 OllamaRoute: TypeAlias = Literal["chat", "generate"]
@@ -230,3 +235,52 @@ class OllamaStreamParser:
         except WireError as exc:
             return yield_then_raise(out, exc)
         return iter(out)
+
+
+def neutral_piece(piece: Piece) -> formats.Piece:
+    """The provider-neutral :mod:`streambus.formats` piece for an Ollama *piece*."""
+    if piece.__class__ is TextPiece:
+        assert isinstance(piece, TextPiece)
+        return formats.TextPiece(piece.text, piece.channel)
+    if isinstance(piece, DonePiece):
+        return formats.EndPiece(reason=piece.reason, usage=piece.usage, timings=piece.timings)
+    assert isinstance(piece, ErrorPiece)
+    return formats.ErrorPiece(message=piece.message)
+
+
+class OllamaPieceParser:
+    """:class:`OllamaStreamParser` speaking :class:`streambus.formats.PieceParser` (what the proxy reads)."""
+
+    __slots__ = ("_parser",)
+
+    def __init__(self, route: OllamaRoute = "chat") -> None:
+        self._parser = OllamaStreamParser(route)
+
+    @property
+    def done(self) -> bool:
+        """Whether the final ``done: true`` object (or an error object) arrived."""
+        return self._parser.done
+
+    def feed(self, data: bytes) -> Iterator[formats.Piece]:
+        """Add *data*; return an iterator over the pieces it completed (see :meth:`OllamaStreamParser.feed`)."""
+        return map(neutral_piece, self._parser.feed(data))
+
+    def close(self) -> Iterator[formats.Piece]:
+        """End of input: the pieces of a last line that had no newline."""
+        return map(neutral_piece, self._parser.close())
+
+
+def body_pieces(body: bytes, route: OllamaRoute) -> list[formats.Piece]:
+    """The pieces of a whole ``stream: false`` answer *body* (one JSON object).
+
+    Raises :class:`~streambus.errors.WireError` naming the problem when it is not one.
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"not JSON: {exc}", offset=0) from None
+    try:
+        pieces = chunk_pieces(obj, route)
+    except ValueError as exc:
+        raise WireError(f"not an Ollama answer: {exc}", offset=0) from None
+    return [neutral_piece(piece) for piece in pieces]

@@ -5,8 +5,11 @@
   OpenAI-compatible server into bus events, one stream per choice;
 - :class:`OpenAIFormat` (entry point ``openai`` in ``streambus.formats``)
   encodes events back into OpenAI SSE chunks for the mock server and proxy;
-- :class:`OpenAIStreamParser` is the sans-I/O parser both use; the
-  Responses API (``/responses``, ``endpoint = "responses"``) has
+- :class:`OpenAIStreamParser` is the sans-I/O parser both use;
+  :class:`OpenAIPieceParser` is the same in :mod:`streambus.formats` pieces,
+  what the proxy reads, and :class:`UsageFilter` takes the usage the proxy
+  asked for back out of the client's bytes; the Responses API
+  (``/responses``, ``endpoint = "responses"``) has
   :class:`ResponsesStreamParser` and :class:`ResponsesStreamEncoder`.
 
 The producer runs on asyncio only (it uses aiohttp); the parser and the
@@ -21,11 +24,14 @@ from ._protocol import (
     DonePiece,
     ErrorPiece,
     FinishPiece,
+    OpenAIPieceParser,
     OpenAIRoute,
     OpenAIStreamParser,
     Piece,
     TextPiece,
+    UsageFilter,
     UsagePiece,
+    body_pieces,
     chunk_pieces,
     error_piece,
 )
@@ -38,6 +44,7 @@ __all__ = [
     "Failure",
     "FinishPiece",
     "OpenAIFormat",
+    "OpenAIPieceParser",
     "OpenAIProducer",
     "OpenAIRequest",
     "OpenAIRoute",
@@ -47,7 +54,9 @@ __all__ = [
     "ResponsesStreamEncoder",
     "ResponsesStreamParser",
     "TextPiece",
+    "UsageFilter",
     "UsagePiece",
+    "body_pieces",
     "chunk_pieces",
     "error_piece",
     "require_asyncio",

@@ -6,7 +6,8 @@ entry point group; the mock model server and the proxy load it with
 ``chat.completion.chunk`` (or legacy ``text_completion``) server-sent events
 ended by ``data: [DONE]``, with a usage-only chunk first when the request
 asked for ``stream_options.include_usage``; the official ``openai`` client
-accepts the output.
+accepts the output. It also reads OpenAI answers for the proxy
+(:class:`streambus.formats.AnswerParsing`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import orjson
 
+from streambus import formats
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
 from streambus.formats import tool_fragments
 from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
 
-from ._protocol import OpenAIRoute
+from ._protocol import OpenAIPieceParser, OpenAIRoute, UsageFilter, body_pieces
 from ._responses import ResponsesStreamEncoder
 
 __all__ = ["DONE", "OpenAIFormat", "OpenAIStreamEncoder", "sse_chunk"]
@@ -263,6 +265,29 @@ class OpenAIFormat:
             "choices": [choice_body],
             "usage": _usage_body(end.usage if end is not None else None),
         }
+
+    def stream_parser(self, route: str, request: Mapping[str, Any]) -> OpenAIPieceParser:
+        """A parser of the SSE answer on *route*, in provider-neutral pieces (for the proxy)."""
+        return OpenAIPieceParser(_route(route))
+
+    def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[formats.Piece]:
+        """The pieces of a ``stream: false`` answer; :class:`~streambus.errors.WireError` if it is not one."""
+        return body_pieces(body, _route(route))
+
+    def usage_request(self, route: str, request: Mapping[str, Any]) -> tuple[dict[str, Any], UsageFilter] | None:
+        """For a streamed request without ``stream_options.include_usage``: the request asking for it,
+        and the :class:`UsageFilter` that takes the usage back out of the client's bytes.
+
+        ``None`` when the request already asks, does not stream (a whole answer
+        always carries usage), or has a ``stream_options`` that is not an
+        object (the upstream answers that with its own error).
+        """
+        options = request.get("stream_options")
+        if not self.is_streaming(route, request) or not (options is None or isinstance(options, Mapping)):
+            return None
+        if options is not None and options.get("include_usage") is True:
+            return None
+        return {**request, "stream_options": {**(options or {}), "include_usage": True}}, UsageFilter()
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` for *status*."""

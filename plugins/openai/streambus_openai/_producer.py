@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import aiohttp
@@ -23,7 +23,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from streambus import PluginBase, Usage
 from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
-from streambus.producing import Failure, RetryPolicy, require_asyncio, stream_attempt
+from streambus.producing import (
+    Failure,
+    RetryPolicy,
+    require_asyncio,
+    status_failure,
+    stream_attempt,
+    stream_error_failure,
+)
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIRoute, OpenAIStreamParser, Piece, UsagePiece
 from ._responses import ResponsesStreamParser
@@ -400,8 +407,7 @@ class _Progress:
             elif isinstance(piece, UsagePiece):
                 self.usage = piece.usage
             elif isinstance(piece, ErrorPiece):
-                detail = f" ({piece.code})" if piece.code else ""
-                return Failure("upstream_error", f"the server reported an error mid-stream{detail}: {piece.message}")
+                return stream_error_failure(piece.message, piece.code)
             else:
                 if not 0 <= piece.index < self.n:
                     return Failure("malformed", f"chunk for choice {piece.index}, but the request asked for n={self.n}")
@@ -429,31 +435,4 @@ async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> 
             raw = await response.content.read(_ERROR_BODY_LIMIT)
         except aiohttp.ClientError:
             raw = b""
-    message, code = _error_message(raw)
-    message = message or response.reason or ""
-    retryable = status in (408, 409, 429) or status >= 500
-    lowered = message.lower()
-    if code == "model_not_found" or (
-        status == 404 and "model" in lowered and ("not found" in lowered or "does not exist" in lowered)
-    ):
-        return Failure("model_not_found", f"HTTP {status}: {message}")
-    detail = f" ({code})" if code else ""
-    return Failure("http_status", f"HTTP {status}{detail}: {message}", retryable)
-
-
-def _error_message(raw: bytes) -> tuple[str, str | None]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:500], None
-    if isinstance(body, Mapping):
-        error = body.get("error")
-        if isinstance(error, str):
-            return error, None
-        if isinstance(error, Mapping):
-            code = error.get("code")
-            message = error.get("message")
-            return (message if isinstance(message, str) else orjson.dumps(error).decode()), (
-                str(code) if code is not None else None
-            )
-    return raw.decode("utf-8", "replace").strip()[:500], None
+    return status_failure(status, raw, response.reason)

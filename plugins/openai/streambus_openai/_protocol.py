@@ -15,18 +15,22 @@ https://platform.openai.com/docs/api-reference/chat-streaming)::
     data: [DONE]
 
 :class:`OpenAIStreamParser` turns those bytes into pieces; every piece names
-the choice ``index`` it belongs to (``n > 1`` interleaves choices).
+the choice ``index`` it belongs to (``n > 1`` interleaves choices). The proxy
+reads it through :class:`OpenAIPieceParser` (provider-neutral
+:mod:`streambus.formats` pieces), and takes the usage it asked for on the
+client's behalf back out with :class:`UsageFilter`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
 import msgspec
 import orjson
 
-from streambus import Usage, WireError
+from streambus import Usage, WireError, formats
 from streambus.events import Channel
 from streambus.wire import SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
@@ -34,11 +38,14 @@ __all__ = [
     "DonePiece",
     "ErrorPiece",
     "FinishPiece",
+    "OpenAIPieceParser",
     "OpenAIRoute",
     "OpenAIStreamParser",
     "Piece",
     "TextPiece",
+    "UsageFilter",
     "UsagePiece",
+    "body_pieces",
     "chunk_pieces",
     "error_piece",
 ]
@@ -290,3 +297,127 @@ def _decode(data: str, offset: int) -> _Chunk:
         raise WireError(f"not an OpenAI stream chunk: {_problem(exc)}", offset=offset) from None
     except msgspec.DecodeError as exc:
         raise WireError(f"event data is not JSON: {exc}", offset=offset) from None
+
+
+class OpenAIPieceParser:
+    """:class:`OpenAIStreamParser` speaking :class:`streambus.formats.PieceParser` (what the proxy reads).
+
+    Choice text keeps its choice number; the finish reason of choice 0 and
+    the usage chunk are held until ``data: [DONE]``, which becomes the one
+    :class:`~streambus.formats.EndPiece` carrying them.
+    """
+
+    __slots__ = ("_parser", "_reason", "_usage")
+
+    def __init__(self, route: OpenAIRoute = "chat") -> None:
+        self._parser = OpenAIStreamParser(route)
+        self._reason = "stop"
+        self._usage: Usage | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether ``data: [DONE]`` arrived."""
+        return self._parser.done
+
+    def feed(self, data: bytes) -> Iterator[formats.Piece]:
+        """Add *data*; return an iterator over the pieces it completed (see :meth:`OpenAIStreamParser.feed`)."""
+        return self._neutral(self._parser.feed(data))
+
+    def close(self) -> Iterator[formats.Piece]:
+        """End of input: the pieces of a last event that had no blank line after it."""
+        return self._neutral(self._parser.close())
+
+    def _neutral(self, pieces: Iterator[Piece]) -> Iterator[formats.Piece]:
+        for piece in pieces:
+            if isinstance(piece, TextPiece):
+                yield formats.TextPiece(piece.text, piece.channel, piece.index)
+            elif isinstance(piece, FinishPiece):
+                if piece.index == 0:
+                    self._reason = piece.reason
+            elif isinstance(piece, UsagePiece):
+                self._usage = piece.usage
+            elif isinstance(piece, DonePiece):
+                yield formats.EndPiece(reason=self._reason, usage=self._usage)
+            else:
+                yield formats.ErrorPiece(message=piece.message, code=piece.code)
+
+
+def body_pieces(body: bytes, route: OpenAIRoute) -> list[formats.Piece]:
+    """The pieces of a whole ``stream: false`` answer (``chat.completion`` or ``text_completion``).
+
+    Raises :class:`~streambus.errors.WireError` naming the problem when *body* is not one.
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"not JSON: {exc}", offset=0) from None
+    if not isinstance(obj, dict):
+        raise WireError("not an OpenAI answer: the body is not a JSON object", offset=0)
+    if route == "chat" and isinstance(obj.get("choices"), list):
+        # A chat.completion carries "message" where a chunk carries "delta": same fields.
+        obj = {**obj, "choices": [{**c, "delta": c.get("message")} for c in obj["choices"] if isinstance(c, dict)]}
+    try:
+        pieces = chunk_pieces(obj, route)
+    except ValueError as exc:
+        raise WireError(f"not an OpenAI answer: {exc}", offset=0) from None
+    parser = OpenAIPieceParser(route)
+    return [*parser._neutral(iter([*pieces, DonePiece()]))]
+
+
+# An SSE event ends at a blank line, whichever line ending the server uses.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# The ``"usage":null`` every chunk carries once include_usage is asked for.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+
+
+class UsageFilter:
+    """Take out of a streamed answer what ``stream_options.include_usage`` added, sans-I/O.
+
+    The proxy asks the upstream for usage when the client did not; OpenAI
+    then adds a last chunk with ``"choices": []`` and the usage, and a
+    ``"usage": null`` member to every other chunk (as documented at
+    https://platform.openai.com/docs/api-reference/chat/create#chat-create-stream_options).
+    This filter drops that chunk and that member, byte for byte otherwise,
+    so the client gets what it would have got without the proxy asking.
+    Bytes are passed on whole events at a time; :meth:`close` returns the rest.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The client's bytes for the upstream's *data* (an event cut by a read is held until it completes)."""
+        held = self._held + data if self._held else data
+        out: list[bytes] = []
+        start = 0
+        for end in _EVENT_END.finditer(held):
+            out.append(_without_usage(held[start : end.end()]))
+            start = end.end()
+        self._held = held[start:]
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """What is still held back (a last event without its blank line), filtered the same way."""
+        rest, self._held = self._held, b""
+        return _without_usage(rest) if rest else b""
+
+
+def _without_usage(event: bytes) -> bytes:
+    if b'"usage"' not in event:
+        return event
+    data = b"".join(
+        line[5:].removeprefix(b" ") for line in re.split(rb"\r\n|\n|\r", event) if line.startswith(b"data:")
+    )
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return event  # not a chunk: not ours to change
+    if not isinstance(obj, dict) or "usage" not in obj:
+        return event
+    if obj["usage"] is not None and obj.get("choices") == []:
+        return b""
+    if obj["usage"] is None:
+        return _NULL_USAGE.sub(b"", event, count=1)
+    return event

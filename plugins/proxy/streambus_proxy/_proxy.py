@@ -1,15 +1,18 @@
 """The proxy: an aiohttp app that forwards to an upstream model server and publishes what it answers.
 
-Model routes (Ollama's ``/api/chat`` and ``/api/generate``, OpenAI's
-``/v1/chat/completions`` and ``/v1/completions``, i.e. the routes of the
-``ollama`` and ``openai`` wire formats) are forwarded and their answers
-published on the bus; every other path is passed through untouched.
+Model routes are the ``routes`` of every installed wire format that can read
+its answers (:class:`~streambus.formats.AnswerParsing`): Ollama's
+``/api/chat`` and ``/api/generate``, OpenAI's ``/v1/chat/completions`` and
+``/v1/completions``, and those of any provider plugin installed later. They
+are forwarded and their answers published on the bus; every other path is
+passed through untouched. The proxy knows no provider: it publishes the
+provider-neutral pieces of :mod:`streambus.formats`.
 
 Without an interposed stage on the bus, the client gets the upstream's bytes
 as they arrive (one ``write`` per read, nothing held back) and a *copy* is
-parsed by the provider plugin's sans-I/O parser into a bus stream. With a
-stage (moderation), the client gets what the stage republishes, re-encoded by
-the provider plugin's :class:`~streambus.formats.WireFormat`.
+parsed by the format's sans-I/O parser into a bus stream. With a stage
+(moderation), the client gets what the stage republishes, re-encoded by the
+format's :class:`~streambus.formats.StreamEncoder`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import base64
 import contextlib
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -26,14 +29,23 @@ import orjson
 import sniffio
 import structlog
 from aiohttp import web
-from streambus_ollama import _protocol as ollama_protocol
-from streambus_openai import _protocol as openai_protocol
 from yarl import URL
 
-from streambus import Bus, Filter, StreamWriter, Subscription, SubscriptionClosed, Usage, WireError
+from streambus import Bus, Filter, StreamBusError, StreamWriter, Subscription, SubscriptionClosed, WireError
 from streambus.access import OriginPolicy
 from streambus.events import AbortEvent, Channel, EndEvent, Event, is_terminal
-from streambus.formats import WireFormat, load_format
+from streambus.formats import (
+    AnswerFilter,
+    AnswerParsing,
+    EndPiece,
+    ErrorPiece,
+    Piece,
+    TextPiece,
+    WireFormat,
+    installed_formats,
+    load_format,
+)
+from streambus.producing import status_failure, stream_error_failure
 from streambus.writer import new_stream_id
 
 from ._access import TOKEN_HEADER, Access
@@ -70,11 +82,13 @@ _NOT_UPSTREAM = _HOP | {TAGS_HEADER.lower(), TOKEN_HEADER.lower()}
 # Response headers that stop being true once the proxy re-frames the body.
 _NOT_DOWNSTREAM = _HOP | {"date", "server"}
 
-_MODEL_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
+
+class ProxyError(StreamBusError):
+    """A bad proxy setting (upstream URL, tags header, formats); the message names what was wrong."""
 
 
-class ProxyError(Exception):
-    """A bad proxy setting (upstream URL, tags header); the message names what was wrong."""
+class _Format(WireFormat, AnswerParsing, Protocol):
+    """A wire format the proxy can serve: it encodes events and parses answers."""
 
 
 def parse_tags(value: str) -> dict[str, Any]:
@@ -150,7 +164,7 @@ def parse_upstream(upstream: str) -> tuple[str, str | None]:
 
 
 class _Publisher:
-    """Turns provider pieces into writer calls (choice 0 of an OpenAI answer), with the call's secrets redacted.
+    """Turns pieces into writer calls (choice 0 of a multi-choice answer), with the call's secrets redacted.
 
     Every text that reaches the bus goes through here: deltas through one
     :class:`StreamRedactor` per channel (a key split across chunks is still
@@ -161,9 +175,6 @@ class _Publisher:
         self.w = w
         self.redactor = redactor
         self.channels: dict[Channel, StreamRedactor[str]] = {}
-        self.reason = "stop"
-        self.usage: Usage | None = None
-        self.failed = False
 
     async def delta(self, text: str, channel: Channel) -> None:
         stream = self.channels.get(channel)
@@ -190,46 +201,19 @@ class _Publisher:
         await self.flush()
         await self.w.error(kind, self.redactor.text(message), retryable=retryable)
 
-    async def apply(self, pieces: Iterable[Any]) -> None:
+    async def apply(self, pieces: Iterable[Piece]) -> None:
         w = self.w
         for piece in pieces:
             if w.finished:
                 return
-            if isinstance(piece, ollama_protocol.TextPiece | openai_protocol.TextPiece):
-                if getattr(piece, "index", 0) == 0 and piece.text:
+            if isinstance(piece, TextPiece):
+                if piece.choice == 0 and piece.text:
                     await self.delta(piece.text, piece.channel)
-            elif isinstance(piece, ollama_protocol.DonePiece):
+            elif isinstance(piece, EndPiece):
                 await self.end(piece.reason, usage=piece.usage, timings=piece.timings)
-            elif isinstance(piece, openai_protocol.FinishPiece):
-                if piece.index == 0:
-                    self.reason = piece.reason
-            elif isinstance(piece, openai_protocol.UsagePiece):
-                self.usage = piece.usage
-            elif isinstance(piece, openai_protocol.DonePiece):
-                await self.end(self.reason, usage=self.usage)
-            elif isinstance(piece, ollama_protocol.ErrorPiece | openai_protocol.ErrorPiece):
-                self.failed = True
-                await self.error("upstream_error", f"the server reported an error mid-stream: {piece.message}")
-
-
-def _parser(provider: str, route: str) -> Any:
-    if provider == "ollama":
-        return ollama_protocol.OllamaStreamParser(route)  # type: ignore[arg-type,unused-ignore]
-    return openai_protocol.OpenAIStreamParser(route)  # type: ignore[arg-type,unused-ignore]
-
-
-def _whole_body_pieces(provider: str, route: str, data: bytes) -> list[Any]:
-    """The pieces of a non-streamed (``stream: false``) answer body."""
-    obj = orjson.loads(data)
-    if provider == "ollama":
-        return list(ollama_protocol.chunk_pieces(obj, route))  # type: ignore[arg-type,unused-ignore]
-    if not isinstance(obj, dict):
-        raise ValueError("the body is not a JSON object")
-    if route == "chat" and isinstance(obj.get("choices"), list):
-        # A chat.completion carries "message" where a chunk carries "delta": same fields.
-        obj = {**obj, "choices": [{**c, "delta": c.get("message")} for c in obj["choices"] if isinstance(c, dict)]}
-    pieces = openai_protocol.chunk_pieces(obj, route)  # type: ignore[arg-type,unused-ignore]
-    return [*pieces, openai_protocol.DonePiece()]
+            elif isinstance(piece, ErrorPiece):
+                failure = stream_error_failure(piece.message, piece.code)
+                await self.error(failure.kind, failure.message, retryable=failure.retryable)
 
 
 def _as_filtered(event: Event) -> Event:
@@ -255,10 +239,11 @@ class _Call:
         self,
         *,
         request: web.Request,
-        fmt: WireFormat,
+        fmt: _Format,
         route: str,
         body: dict[str, Any],
         raw: bytes,
+        answer_filter: AnswerFilter | None,
         streaming: bool,
         stream: str,
         model: str,
@@ -275,6 +260,9 @@ class _Call:
         self.route = route
         self.body = body
         self.raw = raw
+        """The body sent upstream: the client's, or the format's :meth:`~AnswerParsing.usage_request`."""
+        self.answer_filter = answer_filter
+        """Takes what the proxy asked for on its own out of the client's bytes (``None``: nothing to take)."""
         self.streaming = streaming
         self.stream = stream
         self.model = model
@@ -319,7 +307,9 @@ class Proxy:
     :param connect_timeout: seconds to connect to the upstream before answering 502.
     :param read_timeout: seconds without a byte from the upstream before the
         stream is ended as a ``timeout`` failure (the client is never left hanging).
-    :param formats: wire format names whose routes are published.
+    :param formats: wire format names whose routes are published; ``None``
+        (default): every installed format that can parse its answers
+        (:class:`~streambus.formats.AnswerParsing`), found by entry point.
     :param token: a client token: every request must carry it (``X-Streambus-Token``,
         or ``Authorization: Bearer``, which is then not forwarded). ``None``: no token.
     :param bind_host: the address the proxy is served on; with the loopback
@@ -338,7 +328,7 @@ class Proxy:
         moderated: bool | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
-        formats: Iterable[str] = ("ollama", "openai"),
+        formats: Iterable[str] | None = None,
         token: str | None = None,
         bind_host: str = "127.0.0.1",
         port: int | None = None,
@@ -363,12 +353,15 @@ class Proxy:
         self.moderated = moderated
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.formats: dict[str, WireFormat] = {name: load_format(name) for name in formats}
-        self.routes: dict[str, tuple[WireFormat, str]] = {}
-        for fmt in self.formats.values():
+        self.formats = _proxied_formats(formats)
+        self.routes: dict[str, tuple[_Format, str]] = {}
+        served_by: dict[str, str] = {}
+        for name, fmt in self.formats.items():
             for path, route in fmt.routes.items():
-                if path in _MODEL_PATHS:
-                    self.routes[path] = (fmt, route)
+                if path in served_by:
+                    raise ProxyError(f"formats: {served_by[path]!r} and {name!r} both serve {path}; choose one")
+                served_by[path] = name
+                self.routes[path] = (fmt, route)
         self._session: aiohttp.ClientSession | None = None
         self.disconnect_poll = 0.05
         """Seconds between checks that a streaming client is still connected."""
@@ -479,7 +472,7 @@ class Proxy:
             meta["tags"] = tags
         return meta
 
-    async def _model(self, request: web.Request, fmt: WireFormat, route: str) -> web.StreamResponse:
+    async def _model(self, request: web.Request, fmt: _Format, route: str) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = orjson.loads(raw)
@@ -496,12 +489,19 @@ class Proxy:
         headers = self._forward_headers(request)
         redactor = self._redactor(headers)
         model = body.get("model")
+        answer_filter = None
+        # The bus gets the provider's usage even when the client did not ask for it.
+        asked = fmt.usage_request(route, body)
+        if asked is not None:
+            raw = orjson.dumps(asked[0])
+            answer_filter = asked[1]
         call = _Call(
             request=request,
             fmt=fmt,
             route=route,
             body=body,
             raw=raw,
+            answer_filter=answer_filter,
             streaming=streaming,
             stream=new_stream_id(),
             model=redactor.text(model) if isinstance(model, str) else "",
@@ -587,10 +587,9 @@ class Proxy:
         call.answer(
             web.Response(status=status, reason=upstream.reason, body=body, headers=self._headers(call, upstream))
         )
-        kind = "model_not_found" if status == 404 else "http_status"
-        message = f"HTTP {status}: {_error_message(data) or upstream.reason or ''}"
+        failure = status_failure(status, data, upstream.reason)
         log.info("proxy.upstream_status", stream=call.stream, status=status)
-        await pub.error(kind, message, retryable=status >= 500 or status == 429)
+        await pub.error(failure.kind, failure.message, retryable=failure.retryable)
 
     def _headers(self, call: _Call, upstream: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> dict[str, str]:
         headers = _response_headers(upstream, drop=drop)
@@ -614,10 +613,7 @@ class Proxy:
                 headers=self._headers(call, upstream),
             )
         )
-        try:
-            await pub.apply(_whole_body_pieces(fmt.name, call.route, data))
-        except (ValueError, orjson.JSONDecodeError) as exc:
-            await pub.error("malformed", f"the upstream's answer is not a {fmt.name} body: {exc}")
+        await _publish_body(call, pub, data)
 
     async def _watch_client(self, request: web.Request, stream: str) -> None:
         """Abort *stream* by ``client`` once the client's connection is gone."""
@@ -636,14 +632,14 @@ class Proxy:
         response.headers.update(self._headers(call, upstream))
         call.answer(response)
         await response.prepare(call.request)
-        parser = _parser(call.fmt.name, call.route)
-        own = self._own.byte_stream()
+        parser = call.fmt.stream_parser(call.route, call.body)
+        client = _ClientBytes(self._own, call.answer_filter)
         parsing = True
         failure: tuple[str, str] | None = None
         try:
             async for chunk in upstream.content.iter_any():
                 try:
-                    await response.write(own.feed(chunk))
+                    await response.write(client.feed(chunk))
                 except ConnectionError:
                     log.info("proxy.client_gone", stream=call.stream)
                     await w.abort("client disconnected", by="client")
@@ -654,7 +650,7 @@ class Proxy:
                     except WireError as exc:
                         parsing = False
                         await pub.error("malformed", str(exc))
-            await _write_quietly(response, own.flush())
+            await _write_quietly(response, client.flush())
             if parsing:
                 await pub.apply(parser.close())
             if not w.finished:
@@ -668,7 +664,7 @@ class Proxy:
         if failure is not None and not w.finished:
             kind, message = failure
             log.warning("proxy.upstream_cut", stream=call.stream, kind=kind, error=call.redactor.text(message))
-            await _write_quietly(response, own.flush())
+            await _write_quietly(response, client.flush())
             await pub.error(kind, message, retryable=True)
             # End the client's stream the way the provider ends a failed one: in band.
             await _write_quietly(response, _error_bytes(call.fmt, call.route, call.body, w.terminal))
@@ -683,13 +679,9 @@ class Proxy:
         call.ready.set()
         try:
             if not call.streaming:
-                data = await upstream.read()
-                try:
-                    await pub.apply(_whole_body_pieces(call.fmt.name, call.route, data))
-                except (ValueError, orjson.JSONDecodeError) as exc:
-                    await pub.error("malformed", f"the upstream's answer is not a {call.fmt.name} body: {exc}")
+                await _publish_body(call, pub, await upstream.read())
                 return
-            parser = _parser(call.fmt.name, call.route)
+            parser = call.fmt.stream_parser(call.route, call.body)
             async for chunk in upstream.content.iter_any():
                 await pub.apply(parser.feed(chunk))
             await pub.apply(parser.close())
@@ -755,26 +747,53 @@ class Proxy:
             call.relayed.set()
 
 
+class _ClientBytes:
+    """What the client gets of the upstream's bytes: the answer filter's, then the proxy's own secrets redacted."""
+
+    def __init__(self, own: Redactor, answer_filter: AnswerFilter | None) -> None:
+        self._own = own.byte_stream()
+        self._filter = answer_filter
+
+    def feed(self, data: bytes) -> bytes:
+        return self._own.feed(self._filter.feed(data) if self._filter is not None else data)
+
+    def flush(self) -> bytes:
+        rest = self._filter.close() if self._filter is not None else b""
+        return self._own.feed(rest) + self._own.flush()
+
+
+async def _publish_body(call: _Call, pub: _Publisher, data: bytes) -> None:
+    """Publish a whole (``stream: false``) answer."""
+    try:
+        pieces = call.fmt.body_pieces(call.route, call.body, data)
+    except WireError as exc:
+        await pub.error("malformed", f"the upstream's answer is not a {call.fmt.name} body: {exc}")
+        return
+    await pub.apply(pieces)
+
+
+def _proxied_formats(names: Iterable[str] | None) -> dict[str, _Format]:
+    """The formats to proxy: *names*, or every installed one that parses answers."""
+    chosen = installed_formats() if names is None else {name: load_format(name) for name in names}
+    out: dict[str, _Format] = {}
+    for name, fmt in chosen.items():
+        if isinstance(fmt, AnswerParsing):
+            out[name] = fmt
+        elif names is not None:
+            raise ProxyError(
+                f"formats: {name!r} cannot be proxied: its WireFormat has no stream_parser/body_pieces/usage_request"
+                " (streambus.formats.AnswerParsing)"
+            )
+    if not out and names is None:
+        raise ProxyError("formats: no installed wire format can parse answers (install streambus-ollama)")
+    return out
+
+
 def _error_bytes(fmt: WireFormat, route: str, body: Mapping[str, Any], terminal: Event | None) -> bytes:
     if terminal is None:
         return b""
     encoder = fmt.stream_encoder(route, body)
     return encoder.encode(terminal) + encoder.close()
-
-
-def _error_message(data: bytes) -> str:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return data[:200].decode("utf-8", "replace")
-    if isinstance(obj, dict):
-        error = obj.get("error", obj)
-        if isinstance(error, dict):
-            message = error.get("message")
-            return message if isinstance(message, str) else orjson.dumps(error).decode()
-        if isinstance(error, str):
-            return error
-    return orjson.dumps(obj).decode()[:200]
 
 
 def _describe(exc: BaseException) -> str:
