@@ -294,6 +294,8 @@ class Reply:
     then: str = "end"
     body: bytes | None = None
     stall_headers: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    """Further response headers (``Retry-After``...)."""
 
 
 @dataclass
@@ -370,13 +372,15 @@ async def _scripted_reply(upstream: ScriptedUpstream, request: Any, reply: Reply
     from aiohttp import web
 
     if reply.body is not None:
-        return web.Response(status=reply.status, body=reply.body, content_type="application/json")
+        return web.Response(
+            status=reply.status, body=reply.body, content_type="application/json", headers=reply.headers
+        )
     if reply.stall_headers:
         await _until_client_gone(request)
         upstream.disconnected.set()
         return web.Response(status=504)
     content_type = reply.content_type or upstream.default_content_type
-    response = web.StreamResponse(status=reply.status, headers={"Content-Type": content_type})
+    response = web.StreamResponse(status=reply.status, headers={**reply.headers, "Content-Type": content_type})
     await response.prepare(request)
     try:
         for chunk in reply.chunks:

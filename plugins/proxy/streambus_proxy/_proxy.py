@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import anyio
+import msgspec
 import orjson
 import sniffio
 import structlog
@@ -45,7 +46,7 @@ from streambus.formats import (
     installed_formats,
     load_format,
 )
-from streambus.producing import status_failure, stream_error_failure
+from streambus.producing import Failure, RetryPolicy, retry_after, status_failure, stream_error_failure
 from streambus.writer import new_stream_id
 
 from ._access import TOKEN_HEADER, Access
@@ -316,6 +317,12 @@ class Proxy:
         names it is a name a request's ``Host`` may carry.
     :param port: the port it is served on (``None``: unknown, any port is same-origin).
     :param allowed_hosts: further names clients reach the proxy by (``"*"``: any).
+    :param retries: how many times a 429 or 503 from the upstream is tried again
+        before the client sees it (0: never), waiting ``retry_backoff * 2**(n-1)``
+        plus jitter, or the upstream's ``Retry-After`` when it says one; a wait
+        longer than ``retry_max_wait`` is not made: the refusal goes to the client.
+    :param retry: a :class:`~streambus.producing.RetryPolicy` of your own instead
+        (its ``waits`` record every wait; a test gives it a ``sleep`` that returns at once).
     :param allowed_origins: web origins whose pages may call the proxy (``"*"``: any);
         other browser requests are refused with 403 before anything is forwarded.
     """
@@ -334,6 +341,10 @@ class Proxy:
         port: int | None = None,
         allowed_hosts: Iterable[str] = (),
         allowed_origins: Iterable[str] = (),
+        retries: int = 2,
+        retry_backoff: float = 0.5,
+        retry_max_wait: float = 10.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.bus = bus
         self.upstream, self._auth = parse_upstream(upstream)
@@ -350,6 +361,13 @@ class Proxy:
             raise ProxyError(f"connect_timeout: must be positive, got {connect_timeout}")
         if not read_timeout > 0:
             raise ProxyError(f"read_timeout: must be positive, got {read_timeout}")
+        if retries < 0:
+            raise ProxyError(f"retries: must be at least 0, got {retries}")
+        for key, value in (("retry_backoff", retry_backoff), ("retry_max_wait", retry_max_wait)):
+            if not 0 <= value < float("inf"):
+                raise ProxyError(f"{key}: must be at least 0 and finite, got {value}")
+        self.retry = retry or RetryPolicy(retries=retries, backoff=retry_backoff, max_wait=retry_max_wait)
+        """How a 429 or 503 from the upstream is tried again before the client sees it."""
         self.moderated = moderated
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -552,7 +570,7 @@ class Proxy:
         pub = _Publisher(w, call.redactor)
         try:
             try:
-                upstream = await self.session.post(url, data=call.raw, headers=headers, allow_redirects=False)
+                upstream = await self._post(call, url, headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 message = f"upstream {self.upstream} unreachable: {_describe(exc)}"
                 log.warning("proxy.unreachable", stream=call.stream, error=call.redactor.text(_describe(exc)))
@@ -576,6 +594,33 @@ class Proxy:
         finally:
             call.w_terminal = w.terminal
             call.ready.set()
+
+    async def _post(self, call: _Call, url: str, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """POST upstream; a 429 or 503 is tried again as :attr:`retry` says (jitter, or the server's ``Retry-After``).
+
+        Nothing has reached the client yet, so a retry is invisible to it; the
+        last answer (success or the final refusal) is returned for the caller
+        to pass on.
+        """
+        last: aiohttp.ClientResponse | None = None
+
+        async def attempt() -> Failure | None:
+            nonlocal last
+            if last is not None:
+                last.release()
+            last = await self.session.post(url, data=call.raw, headers=headers, allow_redirects=False)
+            if last.status not in (429, 503):
+                return None
+            data = await last.read()  # kept by aiohttp: the final refusal is still readable
+            failure = status_failure(last.status, data, last.reason)
+            return msgspec.structs.replace(failure, retry_after=retry_after(last.headers.get("Retry-After")))
+
+        def retrying(failure: Failure, delay: float) -> None:
+            log.info("proxy.upstream_retry", stream=call.stream, error=call.redactor.text(failure.message), delay=delay)
+
+        await self.retry.run(attempt, on_retry=retrying)
+        assert last is not None
+        return last
 
     async def _upstream_status(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
         status = upstream.status

@@ -168,6 +168,20 @@ def _read_token(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to connect upstream.")
 @click.option(
+    "--retries",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Times a 429 or 503 from the upstream is tried again (jitter, or its Retry-After) before the client sees it.",
+)
+@click.option(
+    "--retry-max-wait",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=3600),
+    help="The longest wait for a retry; an upstream asking for more has its refusal passed on.",
+)
+@click.option(
     "--token-env",
     "token",
     metavar="NAME",
@@ -204,6 +218,8 @@ def proxy_command(
     moderated: bool | None,
     read_timeout: float,
     connect_timeout: float,
+    retries: int,
+    retry_max_wait: float,
     token: str | None,
     allow_public: bool,
     allowed_hosts: tuple[str, ...],
@@ -229,6 +245,8 @@ def proxy_command(
             "moderated": moderated,
             "read_timeout": read_timeout,
             "connect_timeout": connect_timeout,
+            "retries": retries,
+            "retry_max_wait": retry_max_wait,
             "token": token,
             "allow_public": allow_public,
             "allowed_hosts": allowed_hosts,

@@ -13,9 +13,12 @@ import ollama
 import openai
 import pytest
 from streambus_moderation import KeywordModerator, ModerationStage
+from streambus_proxy import ProxyError
 
-from streambus.events import AbortEvent, ErrorEvent
+from streambus.events import AbortEvent, EndEvent, ErrorEvent
 from streambus.mockserver import MockServer
+from streambus.producing import RetryPolicy
+from streambus.testing import Reply
 
 from .conftest import FAKE_KEY, Upstream
 
@@ -265,3 +268,79 @@ async def test_stream_id_header_on_failures_and_moderated_answers(
             failed = response.headers["X-Streambus-Stream"]
         await env.capture.wait_for(lambda c: len(c.ended) == 1)
         assert env.capture.streams == [failed]
+
+
+DONE = b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant","content":""},"done":true}\n'
+
+
+async def _no_sleep(seconds: float) -> None:
+    """The retry policy's sleep in these tests: the wait is recorded in ``policy.waits``, not slept."""
+
+
+async def test_a_busy_upstream_is_tried_again_as_it_asks_before_the_client_sees_it(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    """429 with Retry-After, then 503 with an HTTP date, then the answer: the client gets only the answer."""
+    scripted.replies = [
+        Reply(status=429, body=b'{"error":"slow down"}', headers={"Retry-After": "1"}),
+        Reply(status=503, body=b'{"error":"busy"}', headers={"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}),
+        Reply(chunks=[LINE % b"Hel", LINE % b"lo", DONE]),
+    ]
+    policy = RetryPolicy(retries=2, backoff=0.5, max_wait=10.0, sleep=_no_sleep)
+    async with proxy_env(scripted.url, retry=policy) as env:
+        seen = [
+            part.message.content or ""
+            async for part in await clients.ollama(env.url).chat(model="m", messages=[], stream=True)
+        ]
+        assert "".join(seen) == "Hello"
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        env.capture.assert_text("Hello")
+        assert isinstance(env.capture.terminal(), EndEvent)
+    assert list(policy.waits) == [1.0, 0.0]  # exactly what the upstream asked, no backoff of our own on top
+    assert len(scripted.requests) == 3
+
+
+async def test_a_refusal_that_outlasts_the_retries_reaches_the_client(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.status = 429
+    scripted.reply.body = b'{"error":"slow down"}'
+    policy = RetryPolicy(retries=2, backoff=0.5, max_wait=10.0, sleep=_no_sleep)
+    async with proxy_env(scripted.url, retry=policy) as env:
+        with pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                pass
+        assert info.value.status_code == 429 and info.value.error == "slow down"
+        await env.capture.wait_for(lambda c: len(c.ended) == 1)
+        terminal = env.capture.terminal()
+        assert isinstance(terminal, ErrorEvent) and terminal.kind == "http_status" and terminal.retryable
+    assert len(scripted.requests) == 3
+    waits = list(policy.waits)
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 1.5  # exponential, with up to one backoff of jitter
+
+
+async def test_a_retry_after_beyond_the_limit_is_passed_on_at_once(
+    scripted: Upstream, proxy_env: Callable[..., Any], clients: Any
+) -> None:
+    scripted.reply.status = 503
+    scripted.reply.body = b'{"error":"down for maintenance"}'
+    scripted.reply.headers = {"Retry-After": "3600"}
+    policy = RetryPolicy(retries=2, backoff=0.5, max_wait=10.0, sleep=_no_sleep)
+    async with proxy_env(scripted.url, retry=policy) as env:
+        with pytest.raises(ollama.ResponseError) as info:
+            async for _ in await clients.ollama(env.url).chat(model="m", messages=[], stream=True):
+                pass
+        assert info.value.status_code == 503
+    assert list(policy.waits) == []
+    assert len(scripted.requests) == 1
+
+
+def test_bad_retry_options_are_named() -> None:
+    from streambus_proxy import Proxy
+
+    from streambus import Bus
+
+    with pytest.raises(ProxyError, match="retries: must be at least 0, got -1"):
+        Proxy(Bus(), "http://127.0.0.1:1", retries=-1)
+    with pytest.raises(ProxyError, match="retry_max_wait: must be at least 0 and finite, got nan"):
+        Proxy(Bus(), "http://127.0.0.1:1", retry_max_wait=float("nan"))
