@@ -19,6 +19,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 import msgspec
 
 from .errors import DecodeError
+from .validation import validation_problem
 
 __all__ = [
     "CONTROL_TYPES",
@@ -204,12 +205,9 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in message else None
-        if "missing required field `" in message:
-            name = message.split("`")[1]
-            field = f"{field}.{name}" if field else f"$.{name}"
-        raise DecodeError(f"invalid event: {message}", field=field) from None
+        problem = validation_problem(exc)
+        field = problem.field if problem.missing else problem.path
+        raise DecodeError(f"invalid event: {exc}", field=field) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"invalid event JSON: {exc}") from None
     except RecursionError:

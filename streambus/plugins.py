@@ -46,6 +46,7 @@ import msgspec
 import structlog
 
 from .errors import ConfigError, PluginError, PluginNotFound
+from .validation import validation_problem
 
 __all__ = [
     "GROUPS",
@@ -143,11 +144,11 @@ class PluginBase:
         try:
             return msgspec.convert(dict(keys), cls.Options)
         except msgspec.ValidationError as exc:
-            message, _, where = str(exc).rpartition(" - at `")
+            problem = validation_problem(exc)
+            message, where = problem.message, problem.path or ""
             bounded = _BOUND.match(message)
             if bounded is None:
                 raise
-            where = where.rstrip("`")
             value = _describe_value(_lookup(dict(keys), where))
             key = where[1:].lstrip(".")
             raise ValueError(f"{key}: {_describe_bounds(cls.Options, where, bounded)}, got {value}") from None
@@ -385,19 +386,16 @@ def validate_options(
     try:
         return msgspec.convert(dict(data), options_type, strict=False)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        where = ""
-        if " - at `" in message:
-            message, where = message.rsplit(" - at `", 1)
-            where = where.rstrip("`")
-        if message.startswith("Object missing required field `"):
-            key = message.split("`")[1]
+        found = validation_problem(exc)
+        message, where = found.message, found.path or ""
+        if found.missing is not None:
+            key = found.missing
             sub = where[1:] if where.startswith("$") else where
             raise ConfigError(
                 "missing required key", path=path, location=_join(location, f"{sub.lstrip('.')}.{key}".strip("."))
             ) from None
-        if message.startswith("Object contains unknown field `"):
-            key = message.split("`")[1]
+        if found.unknown is not None:
+            key = found.unknown
             sub = where[1:] if where.startswith("$") else where
             known = ", ".join(f.name for f in msgspec.structs.fields(options_type))
             raise ConfigError(

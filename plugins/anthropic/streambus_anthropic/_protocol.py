@@ -42,6 +42,7 @@ import orjson
 
 from streambus import Usage, WireError
 from streambus.events import Channel
+from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
@@ -173,15 +174,6 @@ def anthropic_usage(
     )
 
 
-def _problem(exc: msgspec.ValidationError) -> str:
-    # msgspec says "Expected `str`, got `int` - at `$.delta.text`": name the field first.
-    message = str(exc)
-    if " - at `$." in message:
-        message, where = message.rsplit(" - at `$.", 1)
-        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
-    return message[0].lower() + message[1:]
-
-
 class AnthropicStreamParser:
     """Parse an Anthropic Messages SSE body into pieces, incrementally.
 
@@ -242,7 +234,9 @@ class AnthropicStreamParser:
         try:
             event = _decode_event(sse.data)
         except msgspec.ValidationError as exc:
-            raise WireError(f"not an Anthropic stream event: {_problem(exc)}", offset=sse.offset) from None
+            raise WireError(
+                f"not an Anthropic stream event: {validation_problem(exc).describe()}", offset=sse.offset
+            ) from None
         except msgspec.DecodeError as exc:
             raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
         kind = event.type or sse.event

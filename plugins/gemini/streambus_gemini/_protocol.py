@@ -29,6 +29,7 @@ import orjson
 
 from streambus import Usage, WireError
 from streambus.events import Channel
+from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
@@ -158,14 +159,6 @@ def gemini_usage(
     )
 
 
-def _problem(exc: msgspec.ValidationError) -> str:
-    message = str(exc)
-    if " - at `$." in message:
-        message, where = message.rsplit(" - at `$.", 1)
-        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
-    return message[0].lower() + message[1:]
-
-
 class GeminiStreamParser:
     """Parse a Gemini ``streamGenerateContent?alt=sse`` body into pieces, incrementally.
 
@@ -222,7 +215,9 @@ class GeminiStreamParser:
         try:
             chunk = _decode_chunk(sse.data)
         except msgspec.ValidationError as exc:
-            raise WireError(f"not a Gemini stream chunk: {_problem(exc)}", offset=sse.offset) from None
+            raise WireError(
+                f"not a Gemini stream chunk: {validation_problem(exc).describe()}", offset=sse.offset
+            ) from None
         except msgspec.DecodeError as exc:
             raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
         if chunk.error is not None:

@@ -27,6 +27,7 @@ import orjson
 
 from streambus import Usage, WireError, formats
 from streambus.events import Channel
+from streambus.validation import validation_problem
 from streambus.wire import NdjsonParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
@@ -154,15 +155,6 @@ def _pieces(chunk: _Chunk, route: OllamaRoute, tool_index: int) -> list[Piece]:
     return pieces
 
 
-def _problem(exc: msgspec.ValidationError) -> str:
-    # msgspec says "Expected `str`, got `int` - at `$.message.content`": name the field first.
-    message = str(exc)
-    if " - at `$." in message:
-        message, where = message.rsplit(" - at `$.", 1)
-        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
-    return message[0].lower() + message[1:]
-
-
 def chunk_pieces(obj: Any, route: OllamaRoute, tool_index: int = 0) -> list[Piece]:
     """The pieces one decoded stream object carries, in order.
 
@@ -173,7 +165,7 @@ def chunk_pieces(obj: Any, route: OllamaRoute, tool_index: int = 0) -> list[Piec
     try:
         chunk = msgspec.convert(obj, _Chunk)
     except msgspec.ValidationError as exc:
-        raise ValueError(_problem(exc)) from None
+        raise ValueError(validation_problem(exc).describe()) from None
     return _pieces(chunk, route, tool_index)
 
 

@@ -32,6 +32,7 @@ import orjson
 
 from streambus import Usage, WireError, formats
 from streambus.events import Channel
+from streambus.validation import validation_problem
 from streambus.wire import SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
 __all__ = [
@@ -203,15 +204,6 @@ def _pieces(chunk: _Chunk, route: OpenAIRoute) -> list[Piece]:
     return pieces
 
 
-def _problem(exc: msgspec.DecodeError) -> str:
-    # msgspec says "Expected `str`, got `int` - at `$.choices[0].delta.content`": name the field first.
-    message = str(exc)
-    if " - at `$." in message:
-        message, where = message.rsplit(" - at `$.", 1)
-        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
-    return message[0].lower() + message[1:]
-
-
 def chunk_pieces(obj: Any, route: OpenAIRoute) -> list[Piece]:
     """The pieces one decoded chunk carries, in order.
 
@@ -221,7 +213,7 @@ def chunk_pieces(obj: Any, route: OpenAIRoute) -> list[Piece]:
     try:
         chunk = msgspec.convert(obj, _Chunk)
     except msgspec.ValidationError as exc:
-        raise ValueError(_problem(exc)) from None
+        raise ValueError(validation_problem(exc).describe()) from None
     return _pieces(chunk, route)
 
 
@@ -294,7 +286,7 @@ def _decode(data: str, offset: int) -> _Chunk:
     try:
         return _decode_chunk(data)
     except msgspec.ValidationError as exc:
-        raise WireError(f"not an OpenAI stream chunk: {_problem(exc)}", offset=offset) from None
+        raise WireError(f"not an OpenAI stream chunk: {validation_problem(exc).describe()}", offset=offset) from None
     except msgspec.DecodeError as exc:
         raise WireError(f"event data is not JSON: {exc}", offset=offset) from None
 

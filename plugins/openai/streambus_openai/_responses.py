@@ -39,6 +39,7 @@ import orjson
 from streambus import Usage, WireError
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
 from streambus.formats import tool_fragments
+from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
 from ._protocol import DonePiece, ErrorPiece, FinishPiece, Piece, TextPiece, UsagePiece
@@ -136,14 +137,6 @@ def responses_usage(usage: Any) -> Usage:
     )
 
 
-def _problem(exc: msgspec.ValidationError) -> str:
-    message = str(exc)
-    if " - at `$." in message:
-        message, where = message.rsplit(" - at `$.", 1)
-        return f"{where.rstrip('`')}: {message[0].lower()}{message[1:]}"
-    return message[0].lower() + message[1:]
-
-
 class ResponsesStreamParser:
     """Parse a Responses API SSE body into pieces, incrementally.
 
@@ -190,7 +183,9 @@ class ResponsesStreamParser:
         try:
             event = _decode_event(sse.data)
         except msgspec.ValidationError as exc:
-            raise WireError(f"not a Responses stream event: {_problem(exc)}", offset=sse.offset) from None
+            raise WireError(
+                f"not a Responses stream event: {validation_problem(exc).describe()}", offset=sse.offset
+            ) from None
         except msgspec.DecodeError as exc:
             raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
         kind = event.type or sse.event

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from streambus import Filter, StreamBusError
+from streambus.validation import validation_problem
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -161,18 +162,18 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        field = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else None
-        problem = text.rsplit(" - at `", 1)[0]
+        found = validation_problem(exc)
+        field, problem = found.path, found.message
         if field == "$.op":
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op") from None
-        if problem.startswith("Object missing required field `op`"):
+        if found.missing == "op":
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op") from None
         if problem.startswith("Expected `object`") and field is None:
             raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object") from None
-        if problem.startswith("Object contains unknown field `"):
-            name = problem.split("`")[1]
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown field {name!r}", field=name) from None
+        if found.unknown is not None:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown
+            ) from None
         path = field[2:] if field and field.startswith("$.") else field
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path) from None
     except msgspec.DecodeError as exc:
