@@ -134,10 +134,16 @@ class PluginBase:
         """The options an ``__init__(options=None, **keys)`` was given: *options*, or *keys* validated.
 
         Raises ``TypeError`` when both are given (one would be silently
-        ignored) and ``ValueError`` naming the key when a keyword option is
-        invalid (``msgspec.ValidationError`` is one).
+        ignored) or when *options* is not a ``cls.Options`` (the message names
+        what was given), and ``ValueError`` naming the key when a keyword
+        option is invalid (``msgspec.ValidationError`` is one).
         """
         if options is not None:
+            if not isinstance(options, cls.Options):
+                raise TypeError(
+                    f"{cls.__name__}: the first argument must be a {cls.__name__}.Options, got "
+                    f"{type(options).__name__}; give settings as keywords instead ({cls.__name__}(key=value, ...))"
+                )
             if keys:
                 raise TypeError(f"{cls.__name__}: pass either options or keyword options, not both")
             return options

@@ -50,3 +50,19 @@ def test_the_whole_value_has_no_path() -> None:
 def test_describe_reads_as_field_then_problem() -> None:
     assert _problem({"seq": "x", "meta": {"user": "u"}}).describe() == "seq: expected `int`, got `str`"
     assert _problem([1]).describe().startswith("expected `object`")
+
+
+def test_a_wrong_first_argument_names_what_was_given() -> None:
+    """A positional object that is not the plugin's Options (a URL, a model...) is named, not mistaken for options."""
+    from streambus import PluginBase
+
+    class Thing(PluginBase):
+        class Options(msgspec.Struct, kw_only=True):
+            size: int = 1
+
+        def __init__(self, options: Options | None = None, **keys: object) -> None:
+            self.options = self.resolve_options(options, keys)
+
+    with pytest.raises(TypeError, match=r"Thing: the first argument must be a Thing.Options, got str"):
+        Thing("redis://127.0.0.1")  # type: ignore[arg-type]
+    assert Thing(Thing.Options(size=2)).options.size == 2
