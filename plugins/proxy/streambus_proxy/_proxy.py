@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -488,6 +489,7 @@ class Proxy:
         )
         if tags:
             meta["tags"] = tags
+        meta.update(_trace_context(request.headers))
         return meta
 
     async def _model(self, request: web.Request, fmt: _Format, route: str) -> web.StreamResponse:
@@ -639,6 +641,10 @@ class Proxy:
     def _headers(self, call: _Call, upstream: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> dict[str, str]:
         headers = _response_headers(upstream, drop=drop)
         headers[STREAM_HEADER] = call.stream
+        # The client's trace goes back with the answer unless the upstream answered with its own.
+        trace = _trace_context(call.request.headers)
+        if "traceparent" in trace and not any(k.lower() == "traceparent" for k in headers):
+            headers["traceparent"] = trace["traceparent"]
         return headers
 
     async def _whole(self, call: _Call, pub: _Publisher, upstream: aiohttp.ClientResponse) -> None:
@@ -839,6 +845,26 @@ def _error_bytes(fmt: WireFormat, route: str, body: Mapping[str, Any], terminal:
         return b""
     encoder = fmt.stream_encoder(route, body)
     return encoder.encode(terminal) + encoder.close()
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def _trace_context(headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's W3C trace context (``traceparent``, ``tracestate``) when well formed, for the stream's meta.
+
+    The headers themselves are forwarded upstream unchanged, so the provider's
+    spans (if it traces) join the same trace; the ``otel`` sink parents the
+    stream's span on ``start.meta["traceparent"]``.
+    """
+    parent = headers.get("traceparent", "").strip().lower()
+    if not _TRACEPARENT.match(parent):
+        return {}
+    context = {"traceparent": parent}
+    state = headers.get("tracestate", "").strip()
+    if state and len(state) <= 512:
+        context["tracestate"] = state
+    return context
 
 
 def _describe(exc: BaseException) -> str:
