@@ -7,10 +7,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from streambus_proxy import serve_proxy
 
 from streambus import Bus, StartEvent
 from streambus.testing import EventCapture, Reply, scripted_upstream
-from streambus_proxy import serve_proxy
 
 pytestmark = pytest.mark.anyio
 
