@@ -308,6 +308,14 @@ class OtelSink(PluginBase):
                     span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
                 if output_tokens is not None:
                     span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+                usage = event.usage
+                for name, count in (
+                    ("gen_ai.usage.cache_read.input_tokens", usage.cached_input_tokens),
+                    ("gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens),
+                    ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens),
+                ):
+                    if count is not None:
+                        span.set_attribute(name, count)
                 span.set_attribute("streambus.usage.source", event.usage.source)
         elif isinstance(event, ErrorEvent):
             state.attrs["error.type"] = event.kind

@@ -82,6 +82,24 @@ async def test_a_finished_stream_is_one_span_with_the_conventions_attributes(tel
     assert dict(first.attributes or {}) == {"gen_ai.response.time_to_first_chunk": 0.5}
 
 
+async def test_cached_and_reasoning_tokens_are_set_when_known(telemetry: Telemetry) -> None:
+    usage = Usage(
+        prompt_tokens=100,
+        completion_tokens=40,
+        cached_input_tokens=64,
+        cache_creation_input_tokens=8,
+        reasoning_tokens=25,
+    )
+    async with Bus() as bus:
+        bus.add_sink(telemetry.sink())
+        await publish(bus, [start(), EndEvent(stream="s1", seq=1, ts=1001.0, usage=usage)])
+    [span] = telemetry.spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 64
+    assert attributes["gen_ai.usage.cache_creation.input_tokens"] == 8
+    assert attributes["gen_ai.usage.reasoning.output_tokens"] == 25
+
+
 async def test_server_and_request_model_from_explicit_meta_keys(telemetry: Telemetry) -> None:
     events: list[Event] = [
         start(**{"server.address": "api.example.com", "server.port": 443, "request_model": "gpt-4o"}),
