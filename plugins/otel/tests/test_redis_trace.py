@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
 URL = os.environ.get("STREAMBUS_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROC = Path(__file__).with_name("otel_proc.py")
+EDGE = Path(__file__).with_name("proxy_proc.py")
 
 
 @pytest.fixture
@@ -94,4 +95,30 @@ async def test_the_consumer_hosts_spans_continue_the_producers_trace(key: str) -
     assert failed.status.status_code is StatusCode.ERROR
     assert dict(failed.attributes or {})["error.type"] == "overloaded"
     assert dict(aborted.attributes or {})["streambus.abort.by"] == "client"
+    provider.shutdown()
+
+
+async def test_a_proxied_stream_continues_the_clients_trace_across_redis(key: str) -> None:
+    """Client -> proxy (its traceparent) -> bus -> Redis -> a second process whose otel sink parents the span."""
+    pytest.importorskip("streambus_proxy", reason="the proxy comes with plugins/proxy")
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    traceparent = f"00-{trace_id}-{parent_id}-01"
+    edge = await anyio.run_process([sys.executable, str(EDGE), URL, key, traceparent], check=False)
+    assert edge.returncode == 0, edge.stderr.decode()
+    assert orjson.loads(edge.stdout.splitlines()[-1]) == {"traceparent": traceparent}
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    source = RedisSource(url=URL, stream=key, consumer="otel-proxy", start="0", position="none", block_ms=100)
+    with anyio.fail_after(30):
+        async with Bus() as bus:
+            bus.add_sink(OtelSink(tracer_provider=provider, read_pause=0))
+            bus.add_sink(StopAfter(source, 1))
+            bus.start_producer(source)
+    (span,) = exporter.get_finished_spans()
+    assert span.context is not None and span.parent is not None
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert f"{span.parent.span_id:016x}" == parent_id
+    assert span.parent.is_remote
     provider.shutdown()
