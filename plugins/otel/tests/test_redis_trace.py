@@ -48,7 +48,7 @@ def key() -> Iterator[str]:
     try:
         yield name
     finally:
-        client.delete(name)
+        client.delete(name, name + "#epoch")  # the sink's epoch key too (docs/distributed.md)
         client.close()
 
 
