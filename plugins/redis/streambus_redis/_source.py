@@ -417,10 +417,14 @@ class RedisSource(PluginBase):
         response, *answers = await pipe.execute()
         self._busy += 1
         try:
-            answered = await self._reader.take(response)
-            # Entries of a new key may sit below the old position: a changed key is read again
-            # from its start (what was just handled comes back as duplicates).
+            # The epochs first: handling the entries publishes them, and a reader that has all it
+            # wanted may stop the source right then; a lost key must be reported before that.
+            # A changed key is read again from its start (what is handled below comes back as
+            # duplicates): entries of a new key may sit below the old position.
             changed = await self._check_epochs(client, fresh, answers)
+            answered = await self._reader.take(response)
+            for key in changed:
+                self._reader.restart(key)  # taking moved the position on: back to the new key's start
             await self._settle_doubts(set(self.keys) - answered - changed)
         finally:
             self._busy -= 1
