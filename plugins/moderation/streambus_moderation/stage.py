@@ -58,6 +58,7 @@ with ``abort`` by ``moderation``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import time
 from typing import Any, ClassVar, Literal
@@ -520,7 +521,7 @@ class ModerationStage(PluginBase):
                 await self._note(st, ch, "redact", r)
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """What one ``mode`` does with text and verdicts; both modes share the window scheduler.
 
     The defaults hold text until the stage allows it and judge a window with
@@ -535,7 +536,8 @@ class Strategy:
         self.stage = stage
 
     async def text_arrived(self, st: StreamState, ch: ChannelText, end: int) -> None:
-        """Text of *ch* up to source offset *end* was queued for output."""
+        """Text of *ch* up to source offset *end* was queued for output (by default: nothing to do)."""
+        return
 
     async def judge(self, st: StreamState, window: Window) -> tuple[Verdict, str]:
         """The verdict on *window* and its label (``flagged``, ``timeout`` or ``error``)."""
@@ -545,9 +547,9 @@ class Strategy:
         """The source offset before which text may go out once *window*'s verdict is applied."""
         return window.end
 
+    @abc.abstractmethod
     async def violation(self, st: StreamState, ch: ChannelText, finding: Finding) -> None:
-        """Act on *finding* in *ch* (``st.lock`` is held)."""
-        raise NotImplementedError
+        """Act on *finding* in *ch* (``st.lock`` is held): each strategy says what a violation becomes."""
 
 
 class Gate(Strategy):
