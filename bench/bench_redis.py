@@ -19,7 +19,17 @@ event's ``ts`` (same host, same clock), so at full speed it includes queueing.
 Two more streambus runs offer a fixed rate (100k events/s, the goal's, and
 20k events/s) to read latency below saturation. Every run is capped in time; a capped run reports what arrived.
 
-Usage: ``python bench/bench_redis.py`` (about a minute). Writes ``bench/results/redis.md``.
+A second table measures an *edge* (a RedisSource feeding a WebSocketSink, the
+process browsers connect to) while 1,000 streams are live, tokens arriving one
+at a time, and the edge's WebSocket clients (a subscriber per user, in a
+process of their own) follow 10 of them (1%): CPU of the edge process per
+token delivered to its clients, today's read-everything edge (``single``
+layout: every edge reads every event) against interest routing
+(``per_stream`` layout: the edge reads the index and the 10 followed streams),
+same run, same producer workload.
+
+Usage: ``python bench/bench_redis.py`` (about two minutes; ``edges`` runs the edge table alone).
+Writes ``bench/results/redis.md`` (``bench/results/redis-edges.md`` for the edge table).
 """
 
 from __future__ import annotations
@@ -226,10 +236,183 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
     _report(received, None, latencies)
 
 
+# -- edges: 1,000 live streams, clients following 1% ---------------------------------------------------------
+EDGE_STREAMS = 1000
+EDGE_FOLLOWED = 10
+EDGE_TOKENS = 100  # per stream
+EDGE_PACE = 0.05  # seconds between two tokens of a stream: 20 tokens/s each, 20k tokens/s in all
+
+
+async def edge_serve(url: str, key: str, layout: str) -> None:
+    """The edge: RedisSource -> Bus -> WebSocketSink; prints its URL, its CPU when stdin says so."""
+    import anyio
+    from streambus_redis import RedisSource
+    from streambus_websocket import WebSocketSink
+
+    from streambus import Bus
+
+    source = RedisSource(url=url, stream=key, layout=layout, start="$", position="none", consumer="edge", count=1000)
+    sink = WebSocketSink(port=0)
+    async with Bus(buffer=4096) as bus:
+        bus.add_sink(sink, name="websocket")
+        bus.start_producer(source)
+        ws_url = await sink.wait_ready()
+        await source.wait_ready()
+        _mark()
+        print(f"ready {ws_url}", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered, "broadcast": sink.events}), flush=True)
+        source.stop()
+
+
+async def edge_clients(url: str) -> None:
+    """EDGE_FOLLOWED WebSocket clients, one per user; each reads its user's stream to its end."""
+    import anyio
+    import orjson
+    from websockets.asyncio.client import connect
+
+    tokens = [0]
+
+    async def user(i: int, ready: anyio.Event) -> None:
+        async with connect(url, max_size=None, proxy=None) as ws:
+            await ws.recv()  # hello
+            await ws.send(orjson.dumps({"op": "subscribe", "id": 1, "meta": {"user": i}}).decode())
+            await ws.recv()  # subscribed
+            ready.set()
+            while True:
+                event = orjson.loads(await ws.recv())
+                if event.get("type") == "delta":
+                    tokens[0] += 1
+                elif event.get("type") in ("end", "error", "abort"):
+                    return
+
+    async with anyio.create_task_group() as tg:
+        for i in range(EDGE_FOLLOWED):
+            ready = anyio.Event()
+            tg.start_soon(user, i, ready)
+            await ready.wait()
+        print("ready", flush=True)
+    print(json.dumps({"tokens": tokens[0]}), flush=True)
+
+
+async def edge_produce(url: str, key: str, layout: str) -> None:
+    """EDGE_STREAMS streams of EDGE_TOKENS tokens, each paced, all live at once; meta user = stream number."""
+    import anyio
+    from streambus_redis import RedisSink
+
+    from streambus import Bus
+
+    async with Bus(buffer=4096) as bus:
+        sink = RedisSink(url=url, stream=key, layout=layout, batch_max_ms=2)
+        bus.add_sink(sink)
+        await sink.wait_ready()
+
+        async def one(i: int) -> None:
+            async with bus.stream(model="bench", meta={"user": i}) as w:
+                for _ in range(EDGE_TOKENS):
+                    await w.delta("tok ")
+                    await anyio.sleep(EDGE_PACE)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(EDGE_STREAMS):
+                tg.start_soon(one, i)
+
+
+def run_edge(layout: str) -> dict[str, Any]:
+    """One edge run: edge process, clients process, producer process; the edge's CPU per delivered token."""
+    import redis
+
+    key = f"bench:streambus:{uuid.uuid4().hex[:10]}"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        edge = _child("edge-serve", layout, key, 0)
+        procs.append(edge)
+        assert edge.stdout is not None
+        line = edge.stdout.readline().strip()
+        if not line.startswith("ready "):
+            raise RuntimeError(f"edge ({layout}) did not start: {line!r}")
+        clients = _child("edge-clients", layout, key, 0, line.removeprefix("ready "))
+        procs.append(clients)
+        assert clients.stdout is not None
+        if clients.stdout.readline().strip() != "ready":
+            raise RuntimeError("the edge clients did not start")
+        started = time.perf_counter()
+        producer = _child("edge-produce", layout, key, 0)
+        procs.append(producer)
+        producer.communicate(timeout=CAP_S + 60)
+        out, _ = clients.communicate(timeout=CAP_S + 30)
+        tokens = json.loads(out.strip().splitlines()[-1])["tokens"]
+        elapsed = time.perf_counter() - started
+        assert edge.stdin is not None
+        rest, _ = edge.communicate("report\n", timeout=30)
+        stats = json.loads(rest.strip().splitlines()[-1])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        client = redis.Redis.from_url(URL)
+        names = list(client.scan_iter(match=key + "*", count=1000))
+        for i in range(0, len(names), 500):
+            client.delete(*names[i : i + 500])
+        client.close()
+    return {
+        "tokens": tokens,
+        "cpu": stats["cpu"],
+        "read": stats["delivered"],
+        "elapsed": elapsed,
+        "cpu_us": stats["cpu"] / tokens * 1e6 if tokens else float("nan"),
+    }
+
+
+def edges_table() -> list[str]:
+    rows = [("today: every edge reads every event (`single` layout)", "single")]
+    rows.append(("interest routing (`per_stream` layout, `follow = \"interested\"`)", "per_stream"))
+    results = {}
+    for label, layout in rows:
+        print(f"-- edge: {label}", flush=True)
+        results[layout] = r = run_edge(layout)
+        print(f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
+    offered = EDGE_STREAMS * EDGE_TOKENS
+    expected = EDGE_FOLLOWED * EDGE_TOKENS
+    lines = [
+        f"## An edge while {EDGE_STREAMS:,} streams are live and its clients follow {EDGE_FOLLOWED} (1%)",
+        "",
+        "| edge | tokens produced | events the edge's source delivered | tokens delivered to its clients "
+        "| edge CPU s | edge CPU µs per delivered token | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = results["single"]["cpu_us"]
+    for label, layout in rows:
+        r = results[layout]
+        lines.append(
+            f"| {label} | {offered:,} | {r['read']:,} | {r['tokens']:,} | {r['cpu']:.2f} | {r['cpu_us']:.0f} "
+            f"| {r['cpu_us'] / base:.3f}x |"
+        )
+    ratio = results["per_stream"]["cpu_us"] / base
+    whole = all(results[layout]["tokens"] == expected for _, layout in rows)
+    lines += [
+        "",
+        f"Goal: edge CPU per delivered token with 1% interest at most 0.1x today's: **{ratio:.3f}x -> "
+        f"{'met' if ratio <= 0.1 and whole else 'not met'}**"
+        f"{'' if whole else f' (a run delivered other than the {expected:,} tokens expected)'}.",
+        "",
+        f"Workload: {EDGE_STREAMS:,} streams live at once, each {EDGE_TOKENS} tokens one at a time every "
+        f"{EDGE_PACE * 1000:.0f} ms ({EDGE_STREAMS / EDGE_PACE:,.0f} tokens/s in all), from a producer process; "
+        f"the edge process (RedisSource + WebSocketSink) serves {EDGE_FOLLOWED} WebSocket clients in a third "
+        "process, one per user, each subscribed by its user's meta tag before the streams start. Edge CPU = "
+        "user+system CPU of the edge process from ready to the last token (not Redis, not the clients). "
+        f"Runs took {results['single']['elapsed']:.1f} s and {results['per_stream']['elapsed']:.1f} s. "
+        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
+    ]
+    return lines
+
+
 # -- orchestration ---------------------------------------------------------------------------------------
 def _child(role: str, variant: str, key: str, n: int, extra: str = "0") -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, role, variant, key, str(n), extra],
+        stdin=subprocess.PIPE if role == "edge-serve" else None,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -273,6 +456,14 @@ def child_main(argv: list[str]) -> None:
     configure_logging("warning")  # to stderr: stdout carries the results
     role, variant, key, n_s, extra = argv
     n = int(n_s)
+    if role.startswith("edge-"):
+        if role == "edge-serve":
+            asyncio.run(edge_serve(URL, key, variant))
+        elif role == "edge-clients":
+            asyncio.run(edge_clients(extra))
+        else:
+            asyncio.run(edge_produce(URL, key, variant))
+        return
     if variant == "streambus":
         coro = sb_produce(URL, key, n, float(extra), 128) if role == "produce" else sb_consume(URL, key, n)
     elif variant == "streambus-1":
@@ -287,7 +478,13 @@ def child_main(argv: list[str]) -> None:
         print(json.dumps({"cpu": _cpu()}), flush=True)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if argv == ["edges"]:
+        edges = edges_table()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "redis-edges.md").write_text("\n".join(edges) + "\n", encoding="utf-8")
+        print("\n".join(edges))
+        return 0
     rows = [
         ("streambus RedisSink -> RedisSource (128 events/entry)", "streambus", 300_000, "0"),
         ("streambus, paced at 100k events/s offered", "streambus", 300_000, "100000"),
@@ -338,14 +535,16 @@ def main() -> int:
             "starts `PubSub.listen()` before `SUBSCRIBE` is registered, `listen()` returns at once "
             "(no channels yet), and the listener then waits for a subscribe that already happened."
         )
+    edges = edges_table()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "redis.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    (RESULTS / "redis-edges.md").write_text("\n".join(edges) + "\n", encoding="utf-8")
+    print("\n".join([*lines, "", *edges]))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 2:
         child_main(sys.argv[1:])
     else:
-        sys.exit(main())
+        sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .coalesce import MergedDelta
 from .events import DeltaEvent, Event, StartEvent, encode, is_terminal
@@ -151,6 +151,28 @@ class StreamHistory:
             # The oldest go first; the newest event stays even when it alone is larger.
             while log.bytes > limit and len(entries) > 1:
                 log.bytes -= len(entries.popleft()[2])
+
+    def fill(self, events: Sequence[Event]) -> bool:
+        """Hold a stream as fetched from an engine (:meth:`streambus.archive.StreamArchive.fetch`).
+
+        *events* are one stream's events from its ``start`` on, gap-free, in
+        seq order. They replace what the history holds of that stream unless
+        it already holds as much (its last seq is at or past theirs). Returns
+        whether they were taken; the caller then drops the stream's events up
+        to the last seq filled when they arrive through the bus again.
+        """
+        if not events or type(events[0]) is not StartEvent or events[0].seq != 0:
+            raise ValueError("StreamHistory.fill: the events must begin with the stream's start (seq 0)")
+        stream = events[0].stream
+        held = self._logs.get(stream)
+        if held is not None and held.last_seq >= events[-1].seq:
+            return False
+        self._logs.pop(stream, None)
+        for event in events:
+            if event.stream != stream:
+                raise ValueError(f"StreamHistory.fill: event of stream {event.stream!r} among those of {stream!r}")
+            self.record(event, encode(event))
+        return True
 
     def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[bytes]]:
         """Every event of up to *limit* ended streams whose ``start`` *matches*, the streams in the order they ended.

@@ -6,6 +6,9 @@ One entry carries one or more events of one sink::
     p   the writing sink instance (random per sink run)
     c   that instance's entry counter: 1, 2, 3, ... (a jump reveals lost entries)
     e   the events, wire form, as JSON Lines (``streambus.encode_many``)
+    h   (optional) the sender's heartbeat timeout in ms: it keeps
+        ``<prefix>:producer:<p>`` alive, and a consumer ends its streams with
+        ``producer_lost`` once that key is gone
 
 Packing many events into one entry is what makes the throughput: Redis's
 cost is per entry, the JSON is the same either way (see ``bench/bench_redis.py``).
@@ -37,9 +40,14 @@ class Entry(msgspec.Struct, frozen=True):
     bad_lines: int = 0
 
 
-def encode_entry(origin: str, producer: str, counter: int, events: list[Event]) -> dict[str | bytes, bytes | str | int]:
-    """The fields of one entry carrying *events*."""
-    return {"o": origin, "p": producer, "c": counter, "e": encode_many(events)}
+def encode_entry(
+    origin: str, producer: str, counter: int, events: list[Event], *, heartbeat_ms: int = 0
+) -> dict[str | bytes, bytes | str | int]:
+    """The fields of one entry carrying *events* (with ``h`` when the sender keeps a heartbeat)."""
+    fields: dict[str | bytes, bytes | str | int] = {"o": origin, "p": producer, "c": counter, "e": encode_many(events)}
+    if heartbeat_ms:
+        fields["h"] = heartbeat_ms
+    return fields
 
 
 def entry_header(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) -> tuple[str, str, int] | None:

@@ -26,8 +26,11 @@ __all__ = [
     "as_str",
     "connect",
     "epoch_key",
+    "heartbeat_key",
+    "index_key",
     "local_state",
     "require_asyncio",
+    "stream_key",
 ]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -90,6 +93,21 @@ def epoch_key(key: str) -> str:
     entries it had not read are gone.
     """
     return f"{key}#epoch"
+
+
+def stream_key(prefix: str, stream: str) -> str:
+    """The Redis stream holding one stream's events in the ``per_stream`` layout: ``<prefix>:s:<stream id>``."""
+    return f"{prefix}:s:{stream}"
+
+
+def index_key(prefix: str) -> str:
+    """The small Redis stream of every stream's ``start`` and terminal event in the ``per_stream`` layout."""
+    return f"{prefix}:index"
+
+
+def heartbeat_key(prefix: str, producer: str) -> str:
+    """The key a sink instance (*producer*) keeps alive while it runs (``producer_timeout_ms``)."""
+    return f"{prefix}:producer:{producer}"
 
 
 def new_epoch() -> str:

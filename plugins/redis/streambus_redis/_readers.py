@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ._source import RedisSource
 
-__all__ = ["GroupReader", "Hooks", "Reader", "XReadReader", "last_generated"]
+__all__ = ["GroupReader", "Hooks", "InterestReader", "Reader", "XReadReader", "last_generated"]
 
 log = structlog.get_logger("streambus.redis")
 
@@ -170,6 +170,37 @@ class XReadReader(Reader):
             # older save (RDB interval, AOF everysec); what followed that save is gone.
             how = f"the key went back to {head}: Redis restarted from a save older than its last writes"
             self.hooks.gap(RedisGap(key, head, None, None, how), head)
+
+
+class InterestReader(XReadReader):
+    """``XREAD`` of a changing set of keys (the index and the followed streams) plus a private wake key.
+
+    The source adds and removes keys between reads; a read already blocked
+    returns as soon as :attr:`wake_key` gets an entry, so a stream followed
+    meanwhile is read at once instead of after ``block_ms``.
+    """
+
+    def __init__(self, keys: list[str], options: RedisSource.Options, hooks: Hooks, wake_key: str) -> None:
+        super().__init__(keys, options, hooks)
+        self.wake_key = wake_key
+        self.wake_position = "0-0"
+
+    def queue_read(self, pipe: Any) -> None:
+        """Queue ``XREAD`` from the positions, the wake key included."""
+        positions = dict(self.positions)
+        positions[self.wake_key] = self.wake_position
+        pipe.xread(positions, count=self.options.count, block=self.options.block_ms)
+
+    async def take(self, response: Any) -> set[str]:
+        """Skip the wake key's entries (they only ended the wait), hand over the rest."""
+        kept = []
+        for key_b, entries in response or ():
+            if as_str(key_b) == self.wake_key:
+                if entries:
+                    self.wake_position = as_str(entries[-1][0])
+                continue
+            kept.append((key_b, entries))
+        return await super().take(kept)
 
 
 class GroupReader(Reader):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import anyio
 import msgspec
@@ -22,11 +23,14 @@ from ._common import (
     ENV_PASSWORD,
     connect,
     epoch_key,
+    heartbeat_key,
+    index_key,
     local_state,
     new_epoch,
     redact,
     require_asyncio,
     resolve_url,
+    stream_key,
 )
 
 if TYPE_CHECKING:
@@ -85,10 +89,32 @@ class RedisSink(PluginBase):
         """Origin id written on each entry; default: the bus's own (its sources skip it)."""
         max_attempts: PositiveInt = 5
         """Attempts for an error Redis answered (not a dropped connection, which retries forever)."""
+        layout: Literal["single", "per_stream"] = "single"
+        """``single``: every event in the key ``stream``. ``per_stream``: each stream in its own key
+        ``<stream>:s:<id>`` plus every ``start`` and terminal event in the index ``<stream>:index``, so an edge
+        reads only the streams its clients follow (see docs/distributed.md)."""
+        stream_maxlen: PositiveInt = 10_000
+        """``per_stream``: approximate entries kept per stream key (a stream longer than that cannot be
+        resumed from its beginning)."""
+        stream_ttl_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] = 3600.0
+        """``per_stream``: how long a stream key (and its epoch) is kept after its last write: the retention a
+        resume on any edge can reach back."""
+        producer_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 5000
+        """A heartbeat key ``<stream>:producer:<id>`` lives this long and is refreshed every third of it; when a
+        killed producer's key expires, consumers end its live streams with an ``error`` of kind
+        ``producer_lost``. 0: no heartbeat (consumers then never declare this sink's streams lost)."""
 
         def __post_init__(self) -> None:
             if not self.stream:
                 raise ValueError("stream: must not be empty")
+            if self.layout == "per_stream" and self.namespace_tag is not None:
+                raise ValueError('namespace_tag: not used with layout = "per_stream" (every stream has its own key)')
+            if not 0 < self.stream_ttl_s <= 30 * 86400:
+                raise ValueError(f"stream_ttl_s: must be above 0 and at most 2592000, got {self.stream_ttl_s}")
+            if not 0 <= self.producer_timeout_ms <= 3_600_000:
+                raise ValueError(f"producer_timeout_ms: must be between 0 and 3600000, got {self.producer_timeout_ms}")
+            if self.stream_maxlen < 1:
+                raise ValueError(f"stream_maxlen: must be at least 1, got {self.stream_maxlen}")
             if self.maxlen < 0:
                 raise ValueError(f"maxlen: must be 0 (no trimming) or positive, got {self.maxlen}")
             if self.batch_max_events < 1:
@@ -142,36 +168,75 @@ class RedisSink(PluginBase):
         origin = opts.origin or (local.origin if local is not None else secrets.token_hex(8))
         foreign = local.foreign if local is not None else {}
         client = connect(opts.url, tls=opts.tls, password_env=opts.password_env, socket_timeout=10.0)
-        log.info("redis.sink_started", url=redact(resolve_url(opts.url)), stream=opts.stream, origin=origin)
-        limit = opts.batch_max_events
-        wait = opts.batch_max_ms / 1000
+        url = redact(resolve_url(opts.url))
+        log.info("redis.sink_started", url=url, stream=opts.stream, origin=origin, layout=opts.layout)
         try:
-            await self._connect(client)
-            if self._unsent:
-                # What a failed run could not send goes first, in order.
-                await self._send(client, origin, self._unsent)
-            while True:
-                batch = await events.receive_batch(limit)
-                if not batch:
-                    return
-                ended = False
-                if wait and len(batch) < limit:
-                    with anyio.move_on_after(wait):
-                        while len(batch) < limit:
-                            more = await events.receive_batch(limit - len(batch))
-                            if not more:
-                                ended = True
-                                break
-                            batch.extend(more)
-                if foreign:
-                    batch = [e for e in batch if e.stream not in foreign]
-                if batch:
-                    await self._send(client, origin, batch)
-                if ended:
-                    return
+            async with anyio.create_task_group() as tg:
+                if opts.producer_timeout_ms:
+                    tg.start_soon(self._heartbeat, client)
+                await self._pump(client, origin, events, foreign)
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                if opts.producer_timeout_ms:
+                    with anyio.move_on_after(1.0):
+                        await self._forget_heartbeat(client)
                 await client.aclose()
+
+    @property
+    def heartbeat_key(self) -> str:
+        """The key this sink keeps alive while it runs (see ``producer_timeout_ms``)."""
+        return heartbeat_key(self.options.stream, self.producer_id)
+
+    async def _heartbeat(self, client: aioredis.Redis) -> None:
+        """Keep :attr:`heartbeat_key` alive: refreshed every third of ``producer_timeout_ms``, on its own."""
+        import redis.exceptions as rex
+
+        timeout = self.options.producer_timeout_ms
+        while True:
+            try:
+                await client.set(self.heartbeat_key, "1", px=timeout)
+                wait = timeout / 3000
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                # Redis is away: the writes retry on their own; try again soon, so consumers that
+                # reconnect find the key before they would declare this producer lost.
+                log.debug("redis.heartbeat_retry", error=f"{type(exc).__name__}: {exc}")
+                wait = min(0.2, timeout / 3000)
+            await anyio.sleep(wait)
+
+    async def _forget_heartbeat(self, client: aioredis.Redis) -> None:
+        import redis.exceptions as rex
+
+        with contextlib.suppress(rex.RedisError, OSError):  # else it expires by itself
+            await client.delete(self.heartbeat_key)
+
+    async def _pump(self, client: aioredis.Redis, origin: str, events: Subscription, foreign: Any) -> None:
+        opts = self.options
+        limit = opts.batch_max_events
+        wait = opts.batch_max_ms / 1000
+        await self._connect(client)
+        if self._unsent:
+            # What a failed run could not send goes first, in order.
+            await self._send(client, origin, self._unsent)
+        while True:
+            batch = await events.receive_batch(limit)
+            if not batch:
+                return
+            ended = False
+            if wait and len(batch) < limit:
+                with anyio.move_on_after(wait):
+                    while len(batch) < limit:
+                        more = await events.receive_batch(limit - len(batch))
+                        if not more:
+                            ended = True
+                            break
+                        batch.extend(more)
+            if foreign:
+                batch = [e for e in batch if e.stream not in foreign]
+            if batch:
+                await self._send(client, origin, batch)
+            if ended:
+                return
 
     async def _connect(self, client: aioredis.Redis) -> None:
         # Connect before the first event, so it does not wait for the handshake;
@@ -225,26 +290,43 @@ class RedisSink(PluginBase):
         return key
 
     def _entries(self, origin: str, batch: list[Event]) -> list[tuple[str, dict[Any, Any], int]]:
+        opts = self.options
         per_key: dict[str, list[Event]] = {}
-        if self.options.namespace_tag is None:
-            per_key[self.options.stream] = batch
+        if opts.layout == "per_stream":
+            prefix = opts.stream
+            marks: list[Event] = []
+            for event in batch:
+                per_key.setdefault(stream_key(prefix, event.stream), []).append(event)
+                if type(event) is StartEvent or is_terminal(event):
+                    marks.append(event)
+            if marks:
+                # Last in the pipeline: an edge that reads a terminal in the index finds the stream key complete.
+                per_key[index_key(prefix)] = marks
+        elif opts.namespace_tag is None:
+            per_key[opts.stream] = batch
         else:
             for event in batch:
                 per_key.setdefault(self._key(event), []).append(event)
-        size = self.options.entry_max_events
+        size = opts.entry_max_events
+        beat = opts.producer_timeout_ms
         entries: list[tuple[str, dict[Any, Any], int]] = []
         for key, group in per_key.items():
             for i in range(0, len(group), size):
                 chunk = group[i : i + size]
                 self._counters[key] += 1
-                entries.append((key, encode_entry(origin, self.producer_id, self._counters[key], chunk), len(chunk)))
+                fields = encode_entry(origin, self.producer_id, self._counters[key], chunk, heartbeat_ms=beat)
+                entries.append((key, fields, len(chunk)))
         return entries
 
     async def _send(self, client: aioredis.Redis, origin: str, batch: list[Event]) -> None:
         self._unsent = batch
         entries = self._entries(origin, batch)
         keys = list(dict.fromkeys(key for key, _, _ in entries))
-        maxlen = self.options.maxlen or None
+        opts = self.options
+        maxlen = opts.maxlen or None
+        per_stream = opts.layout == "per_stream"
+        index = index_key(opts.stream)
+        ttl_ms = int(opts.stream_ttl_s * 1000)
         answers: list[Any] = []
         fresh: list[str] = []
 
@@ -256,7 +338,16 @@ class RedisSink(PluginBase):
             for key, epoch in zip(keys, fresh, strict=True):
                 pipe.set(epoch_key(key), epoch, nx=True, get=True)
             for key, fields, _ in entries:
-                pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+                if per_stream and key != index:
+                    pipe.xadd(key, fields, maxlen=opts.stream_maxlen, approximate=True)
+                else:
+                    pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+            if per_stream:
+                # A stream key and its epoch live stream_ttl_s after their last write: the resume retention.
+                for key in keys:
+                    if key != index:
+                        pipe.pexpire(key, ttl_ms)
+                        pipe.pexpire(epoch_key(key), ttl_ms)
             answers[:] = await pipe.execute()
 
         await self._retrying(xadd, events=len(batch))
@@ -266,6 +357,13 @@ class RedisSink(PluginBase):
         for key, mine, answer in zip(keys, fresh, answers, strict=False):
             # No previous value: this pipeline created the epoch (a new key, or a lost one).
             self._note_epoch(key, mine if answer is None else answer.decode(errors="replace"))
+        if per_stream:
+            # An ended stream's key is written no more: forget its epoch and counter (bounded memory).
+            for event in batch:
+                if is_terminal(event):
+                    key = stream_key(opts.stream, event.stream)
+                    self.epochs.pop(key, None)
+                    self._counters.pop(key, None)
 
     def _note_epoch(self, key: str, epoch: str) -> None:
         known = self.epochs.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -15,7 +16,8 @@ import msgspec
 import orjson
 import structlog
 
-from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, is_terminal
+from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, encode, is_terminal
+from streambus.archive import attach_archive, detach_archive, interested
 from streambus.plugins import PositiveInt, require_readable_file, require_writable_directory
 from streambus.recording import iter_recording
 
@@ -27,15 +29,18 @@ from ._common import (
     as_str,
     connect,
     epoch_key,
+    heartbeat_key,
+    index_key,
     local_state,
     new_epoch,
     parse_id,
     redact,
     require_asyncio,
     resolve_url,
+    stream_key,
 )
 from ._dedup import Deduplicator, Verdict
-from ._readers import GroupReader, Hooks, Reader, XReadReader, last_generated
+from ._readers import GroupReader, Hooks, InterestReader, Reader, XReadReader, last_generated
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -47,6 +52,20 @@ __all__ = ["RedisSource"]
 log = structlog.get_logger("streambus.redis")
 
 _MAX_PRODUCERS = 10_000
+_LOST_ORIGIN = "streambus:producer_lost"
+
+# Appends a producer_lost terminal to a stream key (and the index) only if its sender's heartbeat is
+# still gone and nothing was appended since the consumer read the key's last entry: a sender that came
+# back, or another consumer that declared it first, wins. KEYS: stream key, index, heartbeat key;
+# ARGV: the last entry id read, the origin marker, the encoded error event.
+_DECLARE_LOST = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 or last[1][1] ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[1], '*', 'o', ARGV[2], 'p', '', 'c', 0, 'e', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'o', ARGV[2], 'p', '', 'c', 0, 'e', ARGV[3])
+return 1
+"""
 
 
 class _Doubt:
@@ -170,6 +189,18 @@ class RedisSource(PluginBase):
         """After a gap, how long a stream that may have lost events waits for its next event (or its sender's next
         entry) before it ends with a ``redis_gap`` error. Covers a sink that re-sends what it held while Redis was
         down."""
+        layout: Literal["single", "per_stream"] = "single"
+        """The sink's layout. ``per_stream``: read the index ``<stream>:index`` (starts and ends, ``start`` applies
+        to it) and only the stream keys ``follow`` selects; the source also answers edges' resumes from Redis
+        (:class:`streambus.archive.StreamArchive`)."""
+        follow: Literal["interested", "all"] = "interested"
+        """``per_stream``: ``interested`` reads a stream's key when a sink on the bus wants it
+        (:func:`streambus.archive.interested`, e.g. a websocket client's filter matches its start) or asks for it;
+        ``all`` reads every stream that starts (a recorder)."""
+        fetch_max_entries: PositiveInt = 10_000
+        """``per_stream``: the most entries one resume reads from a stream key; a longer stream is not recovered."""
+        starts_remembered: PositiveInt = 100_000
+        """``per_stream``: live streams remembered from the index (for subscribers that arrive after a start)."""
 
         def __post_init__(self) -> None:
             if not self.stream:
@@ -194,6 +225,10 @@ class RedisSource(PluginBase):
                 raise ValueError("consumer: must not be empty")
             if self.group is not None and not self.group:
                 raise ValueError("group: must not be empty")
+            if self.layout == "per_stream" and self.group is not None:
+                raise ValueError('group: not supported with layout = "per_stream" (each reader follows its streams)')
+            if self.layout == "per_stream" and self.namespaces:
+                raise ValueError('namespaces: not used with layout = "per_stream" (every stream has its own key)')
 
     def preflight(self) -> None:
         """Check that ``seed_recording`` (when it exists yet) can be read and ``position_file``'s directory written."""
@@ -208,8 +243,13 @@ class RedisSource(PluginBase):
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         self.options: RedisSource.Options = self.resolve_options(options, kwargs)
         opts = self.options
-        self.keys = [f"{opts.stream}:{ns}" for ns in opts.namespaces] or [opts.stream]
-        """The Redis stream keys this source reads."""
+        self.per_stream = opts.layout == "per_stream"
+        self.index = index_key(opts.stream)
+        if self.per_stream:
+            self.keys = [self.index]
+        else:
+            self.keys = [f"{opts.stream}:{ns}" for ns in opts.namespaces] or [opts.stream]
+        """The Redis stream keys this source reads (``per_stream``: the index and the followed streams' keys)."""
         self.consumer = opts.consumer or socket.gethostname()
         """This consumer's name."""
         self.dedup = Deduplicator(max_ended=opts.dedup_ended)
@@ -236,11 +276,27 @@ class RedisSource(PluginBase):
         self._settled: set[tuple[str, str]] = set()  # senders whose streams were cleared since the last gap
         self._producers: OrderedDict[tuple[str, str], int] = OrderedDict()
         hooks = Hooks(restore=self._load_state, vouch=self._doubt_unvouched, entry=self._handle, gap=self._report_gap)
-        self._reader: Reader = (
-            XReadReader(self.keys, opts, hooks)
-            if opts.group is None
-            else GroupReader(self.keys, opts, hooks, self.consumer)
-        )
+        self.wake_key = f"{opts.stream}:wake:{self.consumer}:{new_epoch()}"
+        """``per_stream``: the private key that ends a blocked read when a stream is followed."""
+        self._reader: Reader
+        if self.per_stream:
+            self._reader = InterestReader(self.keys, opts, hooks, self.wake_key)
+        elif opts.group is None:
+            self._reader = XReadReader(self.keys, opts, hooks)
+        else:
+            self._reader = GroupReader(self.keys, opts, hooks, self.consumer)
+        self.followed: dict[str, str] = {}
+        """``per_stream``: the stream keys read now, with their stream ids."""
+        self._to_follow: dict[str, str] = {}
+        self._to_unfollow: set[str] = set()
+        self._closing: dict[str, int] = {}  # followed streams whose terminal the index showed
+        self._starts: OrderedDict[str, StartEvent] = OrderedDict()
+        self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
+        self._connected_at: float | None = None
+        self._wake = asyncio.Event()
+        self._side: aioredis.Redis | None = None
+        self.lost_producers: list[str] = []
+        """Senders declared lost (heartbeat gone), the last 1000."""
         self._dirty = False
         self._busy = 0  # >0 while events are being handled: no commit then
         self._stopping = False
@@ -294,9 +350,15 @@ class RedisSource(PluginBase):
             group=opts.group,
             consumer=self.consumer,
         )
+        if self.per_stream:
+            self._side = connect(opts.url, tls=opts.tls, password_env=opts.password_env, socket_timeout=10.0)
+            attach_archive(bus, self)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._committer, client)
+                tg.start_soon(self._watch_producers, client)
+                if self._side is not None:
+                    tg.start_soon(self._waker, self._side)
                 try:
                     with anyio.CancelScope() as self._read_scope:
                         if self._stopping:
@@ -311,6 +373,11 @@ class RedisSource(PluginBase):
                     await self._final_commit(client)
                 finally:
                     await client.aclose()
+                    if self._side is not None:
+                        detach_archive(bus, self)
+                        with contextlib.suppress(Exception):
+                            await self._side.delete(self.wake_key)
+                        await self._side.aclose()
 
     async def _read_loop(self, client: aioredis.Redis) -> None:
         opts = self.options
@@ -321,6 +388,7 @@ class RedisSource(PluginBase):
                 if fresh:
                     await self._reader.prepare(client)
                     fresh = False
+                    self._connected_at = anyio.current_time()
                 self._ready.set()
                 await self._read(client)
                 delay = 0.05
@@ -337,6 +405,7 @@ class RedisSource(PluginBase):
                 delay = min(delay * 2, 2.0)
                 fresh = True
             except _connection_errors() as exc:
+                self._connected_at = None
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
                 await anyio.sleep(delay)
@@ -374,19 +443,34 @@ class RedisSource(PluginBase):
                 log.warning("redis.unvouched", key=key, streams=unvouched, until=head, store=self.store)
 
     # -- epochs ------------------------------------------------------------------------
-    def _ask_epochs(self, pipe: Any) -> dict[str, str]:
-        """Queue ``SET <key>#epoch <fresh> NX GET`` for every key; return the fresh ids offered."""
-        fresh = {key: new_epoch() for key in self.keys}
-        for key, epoch in fresh.items():
-            pipe.set(epoch_key(key), epoch, nx=True, get=True)
+    def _ask_epochs(self, pipe: Any) -> dict[str, str | None]:
+        """Queue ``SET <key>#epoch <fresh> NX GET`` for every key; return the fresh ids offered.
+
+        A followed stream key's epoch is only read (``GET``, ``None`` offered): its sink creates
+        it, with the key's expiry; a reader creating one would outlive the key.
+        """
+        fresh: dict[str, str | None] = {}
+        for key in self.keys:
+            if key in self.followed:
+                fresh[key] = None
+                pipe.get(epoch_key(key))
+            else:
+                fresh[key] = epoch = new_epoch()
+                pipe.set(epoch_key(key), epoch, nx=True, get=True)
         return fresh
 
-    async def _check_epochs(self, client: aioredis.Redis, fresh: dict[str, str], answers: list[Any]) -> set[str]:
+    async def _check_epochs(
+        self, client: aioredis.Redis, fresh: dict[str, str | None], answers: list[Any]
+    ) -> set[str]:
         """Compare each key's epoch with the one known; return the keys that were lost and recreated."""
         changed: set[str] = set()
-        for key, answer in zip(self.keys, answers, strict=True):
+        for key, answer in zip(fresh, answers, strict=True):
             epoch = fresh[key] if answer is None else as_str(answer)
             known = self.epochs.get(key)
+            if epoch is None:
+                if known is None:
+                    continue  # a followed key not written yet (or already expired): nothing known, nothing lost
+                epoch = "(gone)"
             if known == epoch:
                 continue
             if known is None:
@@ -409,6 +493,8 @@ class RedisSource(PluginBase):
 
     # -- reading -----------------------------------------------------------------------
     async def _read(self, client: aioredis.Redis) -> None:
+        if self._to_follow or self._to_unfollow:
+            self._apply_follows()
         # The epochs come from the same connection (the same server run) right after the
         # entries: a key lost before or while the read blocked shows as a changed epoch.
         pipe = client.pipeline(transaction=False)
@@ -426,6 +512,8 @@ class RedisSource(PluginBase):
             for key in changed:
                 self._reader.restart(key)  # taking moved the position on: back to the new key's start
             await self._settle_doubts(set(self.keys) - answered - changed)
+            if self._closing:
+                await self._close_followed(answered)
         finally:
             self._busy -= 1
 
@@ -441,6 +529,11 @@ class RedisSource(PluginBase):
             return
         origin, producer, counter = header
         if self.options.skip_own and origin == self._origin:
+            return
+        if producer and b"h" in fields:
+            self._note_heartbeat(producer, fields[b"h"])
+        if self.per_stream and key == self.index:
+            self._handle_index(key, entry_id, fields)
             return
         # Only a consumer that sees every entry can tell a skipped counter from entries read by another.
         if self._reader.sees_all and producer:
@@ -500,6 +593,8 @@ class RedisSource(PluginBase):
                         self._owners[stream] = (key, producer)
                     elif is_terminal(event):
                         self._owners.pop(stream, None)
+                        if self.followed:
+                            self._unfollow(stream)
                     if stream not in foreign:
                         local.mark_foreign(stream)
                     await publish(event)
@@ -527,15 +622,19 @@ class RedisSource(PluginBase):
         # Everything later of this stream is dropped: it already has its terminal event here.
         await self._end_stream(stream, seq, max(event.seq, seq), message)
 
-    async def _end_stream(self, stream: str, seq: int, last: int, message: str) -> None:
+    async def _end_stream(
+        self, stream: str, seq: int, last: int, message: str, *, kind: str = "redis_gap", retryable: bool = False
+    ) -> None:
         self.dedup.end(stream, last)
         self._doubts.pop(stream, None)
         self._owners.pop(stream, None)
+        if self.followed:
+            self._unfollow(stream)
         bus = self._bus
         assert bus is not None
         local_state(bus).mark_foreign(stream)  # a redis sink on this bus must not send it back
         await bus.publish(
-            ErrorEvent(stream=stream, seq=seq, ts=time.time(), kind="redis_gap", message=message, retryable=False)
+            ErrorEvent(stream=stream, seq=seq, ts=time.time(), kind=kind, message=message, retryable=retryable)
         )
 
     def _deadline(self) -> float:
@@ -613,6 +712,239 @@ class RedisSource(PluginBase):
         if position in (">", "0"):
             return False
         return parse_id(position) >= parse_id(until)
+
+    # -- per_stream: following, the archive, the index ------------------------------------
+    def follow(self, stream: str) -> None:
+        """Read *stream*'s key from its first entry (``per_stream``); its events arrive through the bus.
+
+        Part of :class:`streambus.archive.StreamArchive`. Nothing happens in
+        the ``single`` layout (every event is read anyway) or when the stream
+        is followed already. Following ends once its terminal event is delivered.
+        """
+        if not self.per_stream:
+            return
+        key = stream_key(self.options.stream, stream)
+        if key in self.followed or key in self._to_follow:
+            return
+        self._to_unfollow.discard(key)
+        self._to_follow[key] = stream
+        self._wake.set()
+
+    def live_starts(self) -> list[StartEvent]:
+        """The ``start`` of the streams the index showed begun and not ended (newest last; ``per_stream``)."""
+        return list(self._starts.values())
+
+    async def fetch(self, stream: str) -> list[Event] | None:
+        """Every event of *stream* its key retains, from its ``start`` on, gap-free; else ``None``.
+
+        Part of :class:`streambus.archive.StreamArchive` (``per_stream`` only;
+        ``None`` in the ``single`` layout). Reads the key and its epoch in one
+        pipeline on a connection of its own: the key expired or never held
+        the stream, its beginning was trimmed, an event is missing (Redis
+        lost entries and the sender went on), or the stream is longer than
+        ``fetch_max_entries``: ``None``, and the edge answers "not recovered".
+        """
+        side = self._side
+        if side is None:
+            return None
+        key = stream_key(self.options.stream, stream)
+        limit = self.options.fetch_max_entries
+        pipe = side.pipeline(transaction=False)
+        pipe.get(epoch_key(key))
+        pipe.xrange(key, count=limit + 1)
+        try:
+            epoch, entries = await pipe.execute()
+        except _connection_errors() as exc:
+            log.warning("redis.fetch_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+            return None
+        if not entries or epoch is None or len(entries) > limit:
+            return None
+        events: list[Event] = []
+        expected = 0
+        for entry_id_b, fields in entries:
+            entry_id = as_str(entry_id_b)
+            if entry_header(key, entry_id, fields) is None:
+                continue
+            decoded, bad = decode_events(key, entry_id, fields[b"e"])
+            if bad:
+                return None
+            for event in decoded:
+                if event.stream != stream or event.seq < expected:
+                    continue  # re-sent after a dropped connection, or two consumers declared the same loss
+                low = event.seq_range[0] if type(event) is DeltaEvent else event.seq
+                if low != expected:
+                    log.info("redis.fetch_hole", stream=stream, key=key, missing_from=expected, found=low)
+                    return None
+                events.append(event)
+                expected = event.seq + 1
+                if is_terminal(event):
+                    return events
+        return events
+
+    def _unfollow(self, stream: str) -> None:
+        key = stream_key(self.options.stream, stream)
+        self._to_follow.pop(key, None)
+        if key in self.followed:
+            self._to_unfollow.add(key)
+
+    def _apply_follows(self) -> None:
+        """Between reads: add the keys asked for, drop the ones whose stream ended."""
+        positions = self._reader.positions
+        for key in self._to_unfollow:
+            stream = self.followed.pop(key, None)
+            if stream is None:
+                continue
+            self.keys.remove(key)
+            positions.pop(key, None)
+            self.epochs.pop(key, None)
+            self._closing.pop(stream, None)
+        self._to_unfollow.clear()
+        for key, stream in self._to_follow.items():
+            if key in self.followed:
+                continue
+            self.followed[key] = stream
+            self.keys.append(key)
+            positions[key] = "0-0"  # from the stream's start: what was delivered already is dropped as duplicate
+        self._to_follow.clear()
+        self._dirty = True
+
+    def _handle_index(self, key: str, entry_id: str, fields: Any) -> None:
+        """Starts and terminals of every stream: remember the live ones, follow the wanted ones."""
+        events, _ = decode_events(key, entry_id, fields[b"e"])
+        bus = self._bus
+        assert bus is not None
+        starts = self._starts
+        follow_all = self.options.follow == "all"
+        for event in events:
+            stream = event.stream
+            if type(event) is StartEvent:
+                starts[stream] = event
+                starts.move_to_end(stream)
+                if len(starts) > self.options.starts_remembered:
+                    starts.popitem(last=False)
+                if not self.dedup.knows(stream) and (follow_all or interested(bus, event)):
+                    self.follow(stream)
+            elif is_terminal(event):
+                starts.pop(stream, None)
+                skey = stream_key(self.options.stream, stream)
+                if skey in self.followed or skey in self._to_follow:
+                    self._closing[stream] = event.seq
+
+    async def _close_followed(self, answered: set[str]) -> None:
+        """Followed streams the index says ended, whose key had nothing more to read: end or drop them."""
+        prefix = self.options.stream
+        live = self.dedup.live
+        for stream in list(self._closing):
+            key = stream_key(prefix, stream)
+            if key in answered or key in self._to_follow or stream in self._doubts:
+                continue  # more to read, not read yet, or a gap's grace period decides
+            del self._closing[stream]
+            if stream in live:
+                # Its key ended before its terminal: expired, or lost with Redis's data.
+                message = (
+                    f"events from {live[stream] + 1} on of this stream are gone from {key} "
+                    "(the index shows it ended; the key expired or Redis lost it)"
+                )
+                log.error("redis.stream_gap", key=key, stream=stream, missing_from=live[stream] + 1)
+                await self._end_stream(stream, live[stream] + 1, live[stream] + 1, message)
+            else:
+                self._unfollow(stream)
+
+    async def _waker(self, side: aioredis.Redis) -> None:
+        """End a blocked read when a stream was followed: one entry on the private wake key."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                pipe = side.pipeline(transaction=False)
+                pipe.xadd(self.wake_key, {"w": 1}, maxlen=10, approximate=False)
+                pipe.pexpire(self.wake_key, 600_000)
+                await pipe.execute()
+            except _connection_errors() as exc:
+                log.debug("redis.wake_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- producer_lost -------------------------------------------------------------------
+    def _note_heartbeat(self, producer: str, value: bytes) -> None:
+        try:
+            timeout = int(value)
+        except ValueError:
+            return
+        beats = self._beats
+        if beats.get(producer) != timeout:
+            beats[producer] = timeout
+        beats.move_to_end(producer)
+        if len(beats) > _MAX_PRODUCERS:
+            beats.popitem(last=False)
+
+    async def _watch_producers(self, client: aioredis.Redis) -> None:
+        """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``."""
+        while True:
+            await anyio.sleep(0.2)
+            if not self._beats or self._connected_at is None:
+                continue
+            live = self.dedup.live
+            senders = {owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in self._beats}
+            if not senders:
+                continue
+            names = sorted(senders)
+            try:
+                values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
+            except _connection_errors() as exc:
+                log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            now = anyio.current_time()
+            for producer, value in zip(names, values, strict=True):
+                connected = self._connected_at
+                # After (re)connecting, a sender gets its whole timeout to beat again: Redis may have
+                # restarted without the key, and the sender reconnects on its own schedule.
+                if value is not None or connected is None or now - connected < self._beats[producer] / 1000:
+                    continue
+                await self._producer_lost(client, producer)
+
+    async def _producer_lost(self, client: aioredis.Redis, producer: str) -> None:
+        timeout = self._beats.get(producer, 0)
+        live = self.dedup.live
+        streams = [s for s, owner in list(self._owners.items()) if owner[1] == producer and s in live]
+        for stream in streams:
+            last = self.dedup.last(stream)
+            if last is None or stream not in self.dedup.live:
+                continue
+            seq = last + 1
+            message = (
+                f"the producer of this stream (sender {producer}) stopped: no heartbeat for {timeout} ms "
+                f"(killed, or cut off from Redis); nothing after seq {last} will come"
+            )
+            if self.per_stream:
+                key, _ = self._owners[stream]
+                error = ErrorEvent(
+                    stream=stream, seq=seq, ts=time.time(), kind="producer_lost", message=message, retryable=True
+                )
+                keys = [key, self.index, heartbeat_key(self.options.stream, producer)]
+                after = self.positions.get(key, "0-0")
+                try:
+                    done = await client.eval(_DECLARE_LOST, 3, *keys, after, _LOST_ORIGIN, encode(error))  # type: ignore[misc]
+                except _connection_errors() as exc:
+                    log.debug("redis.declare_lost_failed", error=f"{type(exc).__name__}: {exc}")
+                    return
+                # 1: written, read back like any entry (every edge sees the same terminal); -1: the key moved on
+                # since this consumer read it (read it first); 0: the sender beats again.
+                if done == 1:
+                    log.error("redis.producer_lost", stream=stream, sender=producer, timeout_ms=timeout, seq=seq)
+                    self._note_lost(producer)
+                    self._wake.set()
+            else:
+                log.error("redis.producer_lost", stream=stream, sender=producer, timeout_ms=timeout, seq=seq)
+                self._note_lost(producer)
+                self._busy += 1
+                try:
+                    await self._end_stream(stream, seq, seq, message, kind="producer_lost", retryable=True)
+                finally:
+                    self._busy -= 1
+
+    def _note_lost(self, producer: str) -> None:
+        if producer not in self.lost_producers:
+            self.lost_producers.append(producer)
+            del self.lost_producers[:-1000]
 
     # -- positions -----------------------------------------------------------------------
     async def _committer(self, client: aioredis.Redis) -> None:

@@ -9,6 +9,16 @@ RedisSource (``start = "last"``, position saved beside OUT in
 once OUT holds EXPECT finished streams. Restarting it after a kill resumes
 where it left off (the recording seeds the de-duplicator). Prints ``ready``
 once reading; logs (warning and up) go to stderr.
+
+``python proc.py paced URL PREFIX LAYOUT STREAMS DELTAS PACE TAG``: publish STREAMS
+streams of DELTAS deltas (``"<i>.<j> "``), one every PACE seconds each, with
+``meta = {"tag": TAG, "i": i}``, through a RedisSink in LAYOUT with a 1 s
+producer heartbeat; prints ``ready`` once connected (then kill it to test
+``producer_lost``).
+
+``python proc.py edge URL PREFIX``: an edge: a RedisSource in the ``per_stream``
+layout (``follow = "interested"``, index from its start) feeding a
+WebSocketSink on a free loopback port; prints ``ready <ws url>``.
 """
 
 from __future__ import annotations
@@ -74,6 +84,39 @@ async def consume(url: str, key: str, consumer: str, out: str, expect: int, done
     print(f"stats delivered={source.delivered} duplicates={source.duplicates} gaps={len(source.gaps)}", flush=True)
 
 
+async def paced(url: str, prefix: str, layout: str, streams: int, deltas: int, pace: float, tag: str) -> None:
+    sink = RedisSink(url=url, stream=prefix, batch_max_ms=1, layout=layout, producer_timeout_ms=1000)
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        await sink.wait_ready()
+        print("ready", flush=True)
+
+        async def one(i: int) -> None:
+            async with bus.stream(model="m", provider="p", meta={"tag": tag, "i": i}) as w:
+                for j in range(deltas):
+                    await w.delta(f"{i}.{j} ")
+                    await anyio.sleep(pace)
+                await w.end("stop")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(streams):
+                tg.start_soon(one, i)
+
+
+async def edge(url: str, prefix: str) -> None:
+    from streambus_websocket import WebSocketSink
+
+    source = RedisSource(url=url, stream=prefix, layout="per_stream", start="0", position="none", block_ms=500)
+    sink = WebSocketSink(port=0)
+    async with Bus() as bus:
+        bus.add_sink(sink, name="websocket")
+        bus.start_producer(source)
+        ws_url = await sink.wait_ready()
+        await source.wait_ready()
+        print(f"ready {ws_url}", flush=True)
+        await anyio.sleep_forever()
+
+
 def main(argv: list[str]) -> None:
     configure_logging("warning")  # to stderr: stdout carries "ready"
     command, *args = argv
@@ -83,6 +126,11 @@ def main(argv: list[str]) -> None:
         out = args[3]
         done = sum(map(is_terminal, iter_recording(out, lenient=True))) if Path(out).exists() else 0
         asyncio.run(consume(args[0], args[1], args[2], out, int(args[4]), done))
+    elif command == "paced":
+        url, prefix, layout, streams, deltas, pace, tag = args
+        asyncio.run(paced(url, prefix, layout, int(streams), int(deltas), float(pace), tag))
+    elif command == "edge":
+        asyncio.run(edge(args[0], args[1]))
     else:
         raise SystemExit(f"unknown command {command!r}")
 

@@ -31,6 +31,7 @@ import os
 import secrets
 import socket
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from importlib.resources import files
 from pathlib import Path
@@ -61,6 +62,7 @@ from streambus import (
     is_terminal,
 )
 from streambus.access import OriginPolicy, is_loopback_host, split_host_port
+from streambus.archive import add_interest, archive_of
 from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require_readable_file
 
 from .client import Client
@@ -239,6 +241,8 @@ class WebSocketSink(PluginBase):
         self._routes: dict[str, dict[Client, None]] = {}
         self._bus: Bus | None = None
         self._early: dict[str, StartEvent] = {}
+        # Streams filled from the engine (see _consult_archive): their events up to this seq come again, dropped.
+        self._filled: OrderedDict[str, int] = OrderedDict()
         self._ready: anyio.Event | None = None
         self._port: int | None = None
         self._start_error: BaseException | None = None
@@ -307,6 +311,17 @@ class WebSocketSink(PluginBase):
         self._bus = bus
         # Copied now: such a stream may end before its first event here is dispatched.
         self._early = dict(bus.live_streams)
+        # A distributed source on this bus reads only the streams some sink wants (streambus.archive).
+        add_interest(bus, self)
+
+    def wants(self, start: StartEvent) -> bool:
+        """Whether a connected client's subscription matches the stream *start* begins.
+
+        The :class:`streambus.archive.Interest` of this sink: a distributed
+        source (Redis ``per_stream``) reads a stream's events only if some
+        sink on the bus wants it.
+        """
+        return any(flt.matches(start) for client in self._clients for flt in client.subscriptions.values())
 
     async def run(self, events: Subscription) -> None:
         """Serve clients and broadcast *events* until the subscription ends."""
@@ -686,7 +701,10 @@ class WebSocketSink(PluginBase):
                     client.push(error_frame(ErrorCode.BINARY_FRAME, "send JSON in text frames"))
                     continue
                 try:
-                    self._on_message(client, parse_client_message(message))
+                    parsed = parse_client_message(message)
+                    if type(parsed) is Subscribe and archive_of(self._bus) is not None:
+                        await self._consult_archive(parsed)
+                    self._on_message(client, parsed)
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
@@ -714,6 +732,45 @@ class WebSocketSink(PluginBase):
             client.push(control_frame("unsubscribed", id=message.id))
         elif type(message) is Ping:
             client.push(control_frame("pong", id=message.id))
+
+    async def _consult_archive(self, message: Subscribe) -> None:
+        """Before a subscribe is answered: get from the engine what this process's memory lacks.
+
+        Each ``since`` stream the history cannot answer is fetched whole (all
+        or nothing) and held in the history, then followed for what comes
+        next; live streams the filter matches that this process does not read
+        yet are followed. The subscribe itself is then answered from the
+        history as always.
+        """
+        archive = archive_of(self._bus)
+        opts = self.options
+        if archive is None:
+            return
+        if len(set(message.streams or ()).union(message.since or ())) > opts.max_subscribe_streams:
+            return  # refused by _subscribe, which names the limit
+        history = self.history
+        for stream, last_seq in (message.since or {}).items():
+            if history.missed(stream, last_seq) is not None:
+                continue
+            events = await archive.fetch(stream)
+            if events is None:
+                continue  # answered "not recovered"
+            if self.history.fill(events):
+                self._filled[stream] = events[-1].seq
+                self._filled.move_to_end(stream)
+                while len(self._filled) > opts.history_streams:
+                    self._filled.popitem(last=False)
+            if not is_terminal(events[-1]):
+                archive.follow(stream)
+        flt = message.to_filter()
+        wanted = (
+            [start for start in archive.live_starts() if start.stream in flt.streams]
+            if flt.streams
+            else archive.live_starts()
+        )
+        for start in wanted:
+            if self.history.get(start.stream) is None and flt.matches(start):
+                archive.follow(start.stream)
 
     def _wants(self, client: Client, stream: str) -> bool:
         log_ = self.history.get(stream)
@@ -872,6 +929,15 @@ class WebSocketSink(PluginBase):
         stream = event.stream
         history = self.history
         routes = self._routes
+        if self._filled:
+            upto = self._filled.get(stream)
+            if upto is not None:
+                if event.seq <= upto:
+                    # Already held, from the engine: the followed stream comes again from its start.
+                    if type(event) is StartEvent and stream not in routes:
+                        routes[stream] = self._match(event)
+                    return None
+                del self._filled[stream]
         if type(event) is StartEvent:
             history.record(event, data)
             routes[stream] = self._match(event)

@@ -1,0 +1,238 @@
+"""Issue 26: resume on any edge, interest routing, and ``producer_lost``, with separate processes and real Redis.
+
+The producer (``proc.py paced``) writes in the ``per_stream`` layout; each
+edge (``proc.py edge``) is a RedisSource following only what its WebSocket
+clients want, feeding a WebSocketSink. A client reading on edge B loses B
+(``SIGKILL``) mid-stream and resumes on edge C, a process started only then;
+later it drops again and resumes on B restarted. The text it ends with must
+be exactly what was produced: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from conftest import Collector
+from streambus_redis import RedisSink, RedisSource
+
+from streambus import Bus, DeltaEvent, ErrorEvent, StartEvent
+
+pytestmark = pytest.mark.anyio
+
+websocket = pytest.importorskip("streambus_websocket", reason="streambus-websocket is in this plugin's [test] extra")
+testing = pytest.importorskip("streambus_websocket.testing")
+
+PROC = str(Path(__file__).with_name("proc.py"))
+
+
+class Procs:
+    """Child processes of one test, killed at its end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``proc.py ARGS``; wait for its ``ready`` line; return it and the rest of that line."""
+        log = open(self.directory / f"{args[0]}-{len(self.started)}.log", "ab")  # noqa: SIM115 - the child's
+        proc = subprocess.Popen([sys.executable, PROC, *args], stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        self.started.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        if not line.startswith("ready"):
+            proc.kill()
+            proc.communicate()
+            logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in self.directory.glob("*.log"))
+            raise AssertionError(f"proc.py {args[0]} did not start: {line!r}\n{logs}")
+        return proc, line.removeprefix("ready").strip()
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    running = Procs(tmp_path)
+    yield running
+    running.close()
+
+
+def _text(events: list[dict[str, Any]]) -> str:
+    return "".join(e.get("text", "") for e in events if e.get("type") == "delta")
+
+
+async def _read_until(peer: Any, stream: str, count: int) -> list[dict[str, Any]]:
+    """Events of *stream* until *count* deltas were read (or its terminal)."""
+    out: list[dict[str, Any]] = []
+    while sum(e["type"] == "delta" for e in out) < count:
+        msg = await peer.frame()
+        assert "op" not in msg, msg
+        if msg["stream"] != stream:
+            continue
+        out.append(msg)
+        if msg["type"] in ("end", "error", "abort"):
+            break
+    return out
+
+
+async def test_a_client_resumes_on_a_fresh_edge_and_on_a_restarted_one(
+    redis_url: str, key: str, procs: Procs, sync_redis: redis.Redis
+) -> None:
+    deltas = 150
+    tag = uuid.uuid4().hex[:8]
+    spawn = anyio.to_thread.run_sync
+    edge_b, url_b = await spawn(procs.spawn, "edge", redis_url, key)
+    seen: list[dict[str, Any]] = []
+    async with testing.connect(url_b) as peer:
+        subscribed = await peer.subscribe(id=1, meta={"tag": tag})
+        assert subscribed["streams"] == []
+        await spawn(procs.spawn, "paced", redis_url, key, "per_stream", "1", str(deltas), "0.02", tag)
+        start = await peer.frame()
+        assert start["type"] == "start" and start["seq"] == 0, start
+        stream = start["stream"]
+        seen = [start, *await _read_until(peer, stream, 30)]
+        # Edge B dies under the client: no close frame, no goodbye.
+        await spawn(procs.kill, edge_b)
+    last = seen[-1]["seq"]
+    assert [e["seq"] for e in seen] == list(range(last + 1))
+
+    # Edge C is a process that never saw the stream: it answers from Redis.
+    _, url_c = await spawn(procs.spawn, "edge", redis_url, key)
+    async with testing.connect(url_c) as peer:
+        subscribed = await peer.subscribe(id=1, streams=[stream], since={stream: last})
+        assert subscribed["recovering"] and subscribed["recovered"], subscribed
+        assert subscribed["replayed"] >= 1, subscribed
+        more = await _read_until(peer, stream, 60)
+    assert more[0]["seq"] == last + 1, (last, more[0])
+    seen += more
+    last = seen[-1]["seq"]
+    assert seen[-1]["type"] == "delta", "the stream should still be live for the second resume"
+
+    # Edge B restarted: a new process again, its memory empty.
+    _, url_b2 = await spawn(procs.spawn, "edge", redis_url, key)
+    async with testing.connect(url_b2) as peer:
+        subscribed = await peer.subscribe(id=1, streams=[stream], since={stream: last})
+        assert subscribed["recovering"] and subscribed["recovered"], subscribed
+        rest = await peer.events_until_end(stream)
+    seen += rest
+    seqs = [e["seq"] for e in seen]
+    assert seqs == list(range(len(seen))), f"gap or duplicate: {seqs}"
+    assert seen[-1]["type"] == "end"
+    assert _text(seen) == "".join(f"0.{j} " for j in range(deltas))
+
+
+async def test_history_gone_is_answered_not_recovered(redis_url: str, key: str, procs: Procs) -> None:
+    """A stream whose key expired, or lost its beginning, is all or nothing: recovered false, no replay."""
+    tag = uuid.uuid4().hex[:8]
+    spawn = anyio.to_thread.run_sync
+    async with Bus() as worker:
+        sink = RedisSink(url=redis_url, stream=key, layout="per_stream", batch_max_ms=0)
+        worker.add_sink(sink)
+        async with worker.stream(model="m", meta={"tag": tag}) as w:
+            for j in range(5):
+                await w.delta(f"{j} ")
+        gone = w.stream
+        async with worker.stream(model="m", meta={"tag": tag}) as w:
+            for j in range(5):
+                await w.delta(f"{j} ")
+        holed = w.stream
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(f"{key}:s:{gone}")
+        first = client.xrange(f"{key}:s:{holed}", count=1)
+        client.xdel(f"{key}:s:{holed}", first[0][0])  # its start
+    finally:
+        client.close()
+    _, url = await spawn(procs.spawn, "edge", redis_url, key)
+    async with testing.connect(url) as peer:
+        for stream in (gone, holed):
+            subscribed = await peer.subscribe(id=stream, streams=[stream], since={stream: 2})
+            assert subscribed["recovering"] and not subscribed["recovered"], subscribed
+            assert subscribed["unrecovered"] == [stream] and subscribed["replayed"] == 0, subscribed
+
+
+async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str, key: str) -> None:
+    """Interest routing: of 20 live streams the edge reads the one a client follows, plus the index."""
+    async with Bus() as edge, Bus() as worker:
+        sink = websocket.WebSocketSink(port=0)
+        edge.add_sink(sink, name="websocket")
+        source = RedisSource(url=redis_url, stream=key, layout="per_stream", start="$", position="none", block_ms=200)
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            await sink.wait_ready()
+            await source.wait_ready()
+        worker.add_sink(RedisSink(url=redis_url, stream=key, layout="per_stream", batch_max_ms=0))
+        async with testing.connect(sink.url) as peer:
+            await peer.subscribe(id=1, meta={"i": 7})
+            async with anyio.create_task_group() as tg:
+
+                async def one(i: int) -> None:
+                    async with worker.stream(model="m", meta={"i": i}) as w:
+                        for j in range(10):
+                            await w.delta(f"{i}.{j} ")
+                            await anyio.sleep(0.01)
+
+                for i in range(20):
+                    tg.start_soon(one, i)
+                events = await peer.events_until_end()
+            assert _text(events) == "".join(f"7.{j} " for j in range(10))
+            assert events[0]["meta"] == {"i": 7}
+        source.stop()
+    # Every start came through the index, only one stream's deltas through its key.
+    assert source.delivered == 12, source.delivered  # start, 10 deltas, end of stream 7
+    assert source.followed == {}, "following ends with the stream"
+
+
+@pytest.mark.parametrize("layout", ["per_stream", "single"])
+async def test_a_killed_producer_s_streams_end_with_producer_lost(
+    redis_url: str, key: str, procs: Procs, make_collector: Callable[[], Collector], layout: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    got = make_collector()
+    source = RedisSource(
+        url=redis_url, stream=key, layout=layout, start="$", position="none", block_ms=200, **_follow_all(layout)
+    )
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await source.wait_ready()
+        producer, _ = await anyio.to_thread.run_sync(
+            procs.spawn, "paced", redis_url, key, layout, "2", "100000", "0.01", tag
+        )
+        await got.wait_for(lambda evs: sum(type(e) is DeltaEvent for e in evs) >= 20)
+        await anyio.to_thread.run_sync(procs.kill, producer)
+        # The sender's heartbeat key lives 1 s: within a few seconds both streams end, not silence.
+        await got.wait_terminals(2, seconds=15)
+        source.stop()
+    per: dict[str, list[Any]] = {}
+    for event in got.events:
+        per.setdefault(event.stream, []).append(event)
+    assert len(per) == 2
+    for stream, events in per.items():
+        assert type(events[0]) is StartEvent
+        assert [e.seq for e in events] == list(range(len(events))), stream
+        end = events[-1]
+        assert type(end) is ErrorEvent and end.kind == "producer_lost" and end.retryable, end
+        assert "no heartbeat for 1000 ms" in end.message
+    assert len(source.lost_producers) == 1
+
+
+def _follow_all(layout: str) -> dict[str, str]:
+    return {"follow": "all"} if layout == "per_stream" else {}
