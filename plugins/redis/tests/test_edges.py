@@ -21,7 +21,6 @@ from typing import Any
 import anyio
 import pytest
 import redis
-from conftest import Collector
 from streambus_redis import RedisSink, RedisSource
 
 from streambus import Bus, DeltaEvent, ErrorEvent, StartEvent
@@ -64,7 +63,9 @@ class Procs:
         for proc in self.started:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+            proc.wait()
+            if proc.stdout is not None and not proc.stdout.closed:
+                proc.stdout.close()
 
 
 @pytest.fixture
@@ -202,7 +203,7 @@ async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str,
 
 @pytest.mark.parametrize("layout", ["per_stream", "single"])
 async def test_a_killed_producer_s_streams_end_with_producer_lost(
-    redis_url: str, key: str, procs: Procs, make_collector: Callable[[], Collector], layout: str
+    redis_url: str, key: str, procs: Procs, make_collector: Callable[[], Any], layout: str
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     got = make_collector()
