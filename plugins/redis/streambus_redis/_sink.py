@@ -171,11 +171,17 @@ class RedisSink(PluginBase):
         url = redact(resolve_url(opts.url))
         log.info("redis.sink_started", url=url, stream=opts.stream, origin=origin, layout=opts.layout)
         try:
-            async with anyio.create_task_group() as tg:
-                if opts.producer_timeout_ms:
-                    tg.start_soon(self._heartbeat, client)
-                await self._pump(client, origin, events, foreign)
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    if opts.producer_timeout_ms:
+                        tg.start_soon(self._heartbeat, client)
+                    await self._pump(client, origin, events, foreign)
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The heartbeat never raises: what failed is the pump; the bus (and callers) see it as it was.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             with anyio.CancelScope(shield=True):
                 if opts.producer_timeout_ms:
@@ -197,9 +203,9 @@ class RedisSink(PluginBase):
             try:
                 await client.set(self.heartbeat_key, "1", px=timeout)
                 wait = timeout / 3000
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                # Redis is away: the writes retry on their own; try again soon, so consumers that
-                # reconnect find the key before they would declare this producer lost.
+            except (rex.RedisError, OSError) as exc:
+                # Redis is away (or refused): the writes retry on their own; try again soon, so consumers
+                # that reconnect find the key before they would declare this producer lost.
                 log.debug("redis.heartbeat_retry", error=f"{type(exc).__name__}: {exc}")
                 wait = min(0.2, timeout / 3000)
             await anyio.sleep(wait)
