@@ -244,7 +244,7 @@ EDGE_PACE = 0.05  # seconds between two tokens of a stream: 20 tokens/s each, 20
 
 
 async def edge_serve(url: str, key: str, layout: str) -> None:
-    """The edge: RedisSource -> Bus -> WebSocketSink; prints its URL, its CPU when stdin says so."""
+    """The edge: RedisSource -> Bus -> WebSocketSink; prints its URL; counts CPU from stdin's ``mark`` to ``report``."""
     import anyio
     from streambus_redis import RedisSource
     from streambus_websocket import WebSocketSink
@@ -258,15 +258,18 @@ async def edge_serve(url: str, key: str, layout: str) -> None:
         bus.start_producer(source)
         ws_url = await sink.wait_ready()
         await source.wait_ready()
-        _mark()
         print(f"ready {ws_url}", flush=True)
-        await anyio.to_thread.run_sync(sys.stdin.readline)
-        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered, "broadcast": sink.events}), flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # "mark": warmed up (clients, first streams)
+        delivered = source.delivered
+        _mark()
+        print("marked", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # "report"
+        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
         source.stop()
 
 
 async def edge_clients(url: str) -> None:
-    """EDGE_FOLLOWED WebSocket clients, one per user; each reads its user's stream to its end."""
+    """EDGE_FOLLOWED WebSocket clients, one per user; each reads its user's warm-up stream, then the measured one."""
     import anyio
     import orjson
     from websockets.asyncio.client import connect
@@ -279,12 +282,13 @@ async def edge_clients(url: str) -> None:
             await ws.send(orjson.dumps({"op": "subscribe", "id": 1, "meta": {"user": i}}).decode())
             await ws.recv()  # subscribed
             ready.set()
-            while True:
+            ended = 0
+            while ended < 2:
                 event = orjson.loads(await ws.recv())
-                if event.get("type") == "delta":
+                if event.get("type") == "delta" and ended == 1:
                     tokens[0] += 1
                 elif event.get("type") in ("end", "error", "abort"):
-                    return
+                    ended += 1
 
     async with anyio.create_task_group() as tg:
         for i in range(EDGE_FOLLOWED):
@@ -296,7 +300,7 @@ async def edge_clients(url: str) -> None:
 
 
 async def edge_produce(url: str, key: str, layout: str) -> None:
-    """EDGE_STREAMS streams of EDGE_TOKENS tokens, each paced, all live at once; meta user = stream number."""
+    """A warm-up wave (prints ``warm``, waits for a line on stdin), then EDGE_STREAMS paced streams at once."""
     import anyio
     from streambus_redis import RedisSink
 
@@ -307,15 +311,21 @@ async def edge_produce(url: str, key: str, layout: str) -> None:
         bus.add_sink(sink)
         await sink.wait_ready()
 
-        async def one(i: int) -> None:
+        async def one(i: int, tokens: int) -> None:
             async with bus.stream(model="bench", meta={"user": i}) as w:
-                for _ in range(EDGE_TOKENS):
+                for _ in range(tokens):
                     await w.delta("tok ")
                     await anyio.sleep(EDGE_PACE)
 
+        # Warm-up: every code path of the edge runs once before its CPU is counted (imports, first reads).
+        async with anyio.create_task_group() as tg:
+            for i in [*range(EDGE_FOLLOWED), *range(EDGE_STREAMS, EDGE_STREAMS + 50)]:
+                tg.start_soon(one, i, 5)
+        print("warm", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
         async with anyio.create_task_group() as tg:
             for i in range(EDGE_STREAMS):
-                tg.start_soon(one, i)
+                tg.start_soon(one, i, EDGE_TOKENS)
 
 
 def run_edge(layout: str) -> dict[str, Any]:
@@ -324,28 +334,43 @@ def run_edge(layout: str) -> dict[str, Any]:
 
     key = f"bench:streambus:{uuid.uuid4().hex[:10]}"
     procs: list[subprocess.Popen[str]] = []
+
+    def line(proc: subprocess.Popen[str]) -> str:
+        assert proc.stdout is not None
+        return proc.stdout.readline().strip()
+
+    def say(proc: subprocess.Popen[str], text: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(text + "\n")
+        proc.stdin.flush()
+
     try:
         edge = _child("edge-serve", layout, key, 0)
         procs.append(edge)
-        assert edge.stdout is not None
-        line = edge.stdout.readline().strip()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"edge ({layout}) did not start: {line!r}")
-        clients = _child("edge-clients", layout, key, 0, line.removeprefix("ready "))
+        ready = line(edge)
+        if not ready.startswith("ready "):
+            raise RuntimeError(f"edge ({layout}) did not start: {ready!r}")
+        clients = _child("edge-clients", layout, key, 0, ready.removeprefix("ready "))
         procs.append(clients)
-        assert clients.stdout is not None
-        if clients.stdout.readline().strip() != "ready":
+        if line(clients) != "ready":
             raise RuntimeError("the edge clients did not start")
-        started = time.perf_counter()
         producer = _child("edge-produce", layout, key, 0)
         procs.append(producer)
-        producer.communicate(timeout=CAP_S + 60)
-        out, _ = clients.communicate(timeout=CAP_S + 30)
-        tokens = json.loads(out.strip().splitlines()[-1])["tokens"]
+        if line(producer) != "warm":
+            raise RuntimeError("the producer's warm-up failed")
+        time.sleep(1.0)  # the warm-up's last events reach the edge
+        say(edge, "mark")
+        if line(edge) != "marked":
+            raise RuntimeError("the edge did not start counting")
+        started = time.perf_counter()
+        say(producer, "go")
+        out, _ = clients.communicate(timeout=CAP_S + 60)
         elapsed = time.perf_counter() - started
-        assert edge.stdin is not None
-        rest, _ = edge.communicate("report\n", timeout=30)
-        stats = json.loads(rest.strip().splitlines()[-1])
+        tokens = json.loads(out.strip().splitlines()[-1])["tokens"]
+        say(edge, "report")
+        stats = json.loads(line(edge))
+        producer.communicate(timeout=CAP_S + 60)
+        edge.communicate(timeout=30)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -401,7 +426,8 @@ def edges_table() -> list[str]:
         f"{EDGE_PACE * 1000:.0f} ms ({EDGE_STREAMS / EDGE_PACE:,.0f} tokens/s in all), from a producer process; "
         f"the edge process (RedisSource + WebSocketSink) serves {EDGE_FOLLOWED} WebSocket clients in a third "
         "process, one per user, each subscribed by its user's meta tag before the streams start. Edge CPU = "
-        "user+system CPU of the edge process from ready to the last token (not Redis, not the clients). "
+        "user+system CPU of the edge process from the start of the measured wave to its last token (after a "
+        "warm-up wave of short streams that runs every code path once; not Redis, not the clients). "
         f"Runs took {results['single']['elapsed']:.1f} s and {results['per_stream']['elapsed']:.1f} s. "
         f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
     ]
@@ -412,7 +438,7 @@ def edges_table() -> list[str]:
 def _child(role: str, variant: str, key: str, n: int, extra: str = "0") -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, role, variant, key, str(n), extra],
-        stdin=subprocess.PIPE if role == "edge-serve" else None,
+        stdin=subprocess.PIPE if role in ("edge-serve", "edge-produce") else None,
         stdout=subprocess.PIPE,
         text=True,
     )

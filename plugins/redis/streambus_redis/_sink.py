@@ -140,6 +140,7 @@ class RedisSink(PluginBase):
         """The epoch of each key this sink wrote to, as Redis last answered."""
         self._bus: Bus | None = None
         self._counters: dict[str, int] = defaultdict(int)
+        self._stamped: dict[str, float] = {}  # per_stream: when each stream key's epoch and expiry are due again
         self._keys: dict[str, str] = {}
         self._unsent: list[Event] = []
         self.retry = RetryPolicy(retries=None, backoff=0.05, max_wait=2.0)
@@ -327,12 +328,20 @@ class RedisSink(PluginBase):
     async def _send(self, client: aioredis.Redis, origin: str, batch: list[Event]) -> None:
         self._unsent = batch
         entries = self._entries(origin, batch)
-        keys = list(dict.fromkeys(key for key, _, _ in entries))
         opts = self.options
         maxlen = opts.maxlen or None
         per_stream = opts.layout == "per_stream"
         index = index_key(opts.stream)
         ttl_ms = int(opts.stream_ttl_s * 1000)
+        keys = list(dict.fromkeys(key for key, _, _ in entries))
+        if per_stream:
+            # A stream key's epoch and expiry are stamped when this sink first writes it, when its stream
+            # ends, and then every min(stream_ttl_s / 4, 60 s): not on every token (one XADD each, no more).
+            now = anyio.current_time()
+            ending = {stream_key(opts.stream, e.stream) for e in batch if is_terminal(e)}
+            stamped = self._stamped
+            keys = [k for k in keys if k == index or k in ending or stamped.get(k, 0.0) <= now]
+            refresh = min(opts.stream_ttl_s / 4, 60.0)
         answers: list[Any] = []
         fresh: list[str] = []
 
@@ -349,7 +358,7 @@ class RedisSink(PluginBase):
                 else:
                     pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
             if per_stream:
-                # A stream key and its epoch live stream_ttl_s after their last write: the resume retention.
+                # A stream key and its epoch live stream_ttl_s after their last stamp: the resume retention.
                 for key in keys:
                     if key != index:
                         pipe.pexpire(key, ttl_ms)
@@ -364,12 +373,14 @@ class RedisSink(PluginBase):
             # No previous value: this pipeline created the epoch (a new key, or a lost one).
             self._note_epoch(key, mine if answer is None else answer.decode(errors="replace"))
         if per_stream:
-            # An ended stream's key is written no more: forget its epoch and counter (bounded memory).
-            for event in batch:
-                if is_terminal(event):
-                    key = stream_key(opts.stream, event.stream)
-                    self.epochs.pop(key, None)
-                    self._counters.pop(key, None)
+            for key in keys:
+                if key != index:
+                    self._stamped[key] = now + refresh
+            # An ended stream's key is written no more: forget its epoch, counter and stamp (bounded memory).
+            for key in ending:
+                self.epochs.pop(key, None)
+                self._counters.pop(key, None)
+                self._stamped.pop(key, None)
 
     def _note_epoch(self, key: str, epoch: str) -> None:
         known = self.epochs.get(key)

@@ -293,6 +293,7 @@ class RedisSource(PluginBase):
         self._starts: OrderedDict[str, StartEvent] = OrderedDict()
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
+        self._epochs_due = 0.0
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
         self.lost_producers: list[str] = []
@@ -450,10 +451,20 @@ class RedisSource(PluginBase):
         it, with the key's expiry; a reader creating one would outlive the key.
         """
         fresh: dict[str, str | None] = {}
+        followed = self.followed
+        check_followed = False
+        if followed:
+            # A followed key's loss also shows as a hole in its stream's seqs (or its sender's entry
+            # counter), so its epoch is read once a second, not with every read of every token.
+            now = anyio.current_time()
+            check_followed = now >= self._epochs_due
+            if check_followed:
+                self._epochs_due = now + 1.0
         for key in self.keys:
-            if key in self.followed:
-                fresh[key] = None
-                pipe.get(epoch_key(key))
+            if key in followed:
+                if check_followed or key not in self.epochs:
+                    fresh[key] = None
+                    pipe.get(epoch_key(key))
             else:
                 fresh[key] = epoch = new_epoch()
                 pipe.set(epoch_key(key), epoch, nx=True, get=True)
