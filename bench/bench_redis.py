@@ -239,8 +239,10 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
 # -- edges: 1,000 live streams, clients following 1% ---------------------------------------------------------
 EDGE_STREAMS = 1000
 EDGE_FOLLOWED = 10
+EDGE_PRODUCERS = 4  # model workers: the streams are spread over this many producer processes
 EDGE_TOKENS = 100  # per stream
 EDGE_PACE = 0.05  # seconds between two tokens of a stream: 20 tokens/s each, 20k tokens/s in all
+EDGE_LINGER_MS = int(os.environ.get("BENCH_EDGE_LINGER_MS", "20"))  # the per_stream edge's read_linger_ms
 
 
 async def edge_serve(url: str, key: str, layout: str) -> None:
@@ -251,7 +253,17 @@ async def edge_serve(url: str, key: str, layout: str) -> None:
 
     from streambus import Bus
 
-    source = RedisSource(url=url, stream=key, layout=layout, start="$", position="none", consumer="edge", count=1000)
+    linger = EDGE_LINGER_MS if layout == "per_stream" else 0
+    source = RedisSource(
+        url=url,
+        stream=key,
+        layout=layout,
+        start="$",
+        position="none",
+        consumer="edge",
+        count=1000,
+        read_linger_ms=linger,
+    )
     sink = WebSocketSink(port=0)
     async with Bus(buffer=4096) as bus:
         bus.add_sink(sink, name="websocket")
@@ -261,9 +273,18 @@ async def edge_serve(url: str, key: str, layout: str) -> None:
         print(f"ready {ws_url}", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)  # "mark": warmed up (clients, first streams)
         delivered = source.delivered
+        profile = os.environ.get("BENCH_EDGE_PROFILE")  # a file: the measured wave's CPU profile (cProfile)
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)
+            profiler.enable()
         _mark()
         print("marked", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)  # "report"
+        if profile:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{layout}")
         print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
         source.stop()
 
@@ -286,7 +307,7 @@ async def edge_clients(url: str) -> None:
             while ended < 2:
                 event = orjson.loads(await ws.recv())
                 if event.get("type") == "delta" and ended == 1:
-                    tokens[0] += 1
+                    tokens[0] += event["text"].count("tok ")  # a slow reader's deltas may come coalesced
                 elif event.get("type") in ("end", "error", "abort"):
                     ended += 1
 
@@ -299,8 +320,9 @@ async def edge_clients(url: str) -> None:
     print(json.dumps({"tokens": tokens[0]}), flush=True)
 
 
-async def edge_produce(url: str, key: str, layout: str) -> None:
-    """A warm-up wave (prints ``warm``, waits for a line on stdin), then EDGE_STREAMS paced streams at once."""
+async def edge_produce(url: str, key: str, layout: str, part: int) -> None:
+    """Part *part* of the workload: a warm-up wave (prints ``warm``, waits for a line on stdin), then
+    EDGE_STREAMS / EDGE_PRODUCERS paced streams at once (users ``part``, ``part + EDGE_PRODUCERS``, ...)."""
     import anyio
     from streambus_redis import RedisSink
 
@@ -320,11 +342,12 @@ async def edge_produce(url: str, key: str, layout: str) -> None:
         # Warm-up: every code path of the edge runs once before its CPU is counted (imports, first reads).
         async with anyio.create_task_group() as tg:
             for i in [*range(EDGE_FOLLOWED), *range(EDGE_STREAMS, EDGE_STREAMS + 50)]:
-                tg.start_soon(one, i, 5)
+                if i % EDGE_PRODUCERS == part:
+                    tg.start_soon(one, i, 5)
         print("warm", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)
         async with anyio.create_task_group() as tg:
-            for i in range(EDGE_STREAMS):
+            for i in range(part, EDGE_STREAMS, EDGE_PRODUCERS):
                 tg.start_soon(one, i, EDGE_TOKENS)
 
 
@@ -354,22 +377,25 @@ def run_edge(layout: str) -> dict[str, Any]:
         procs.append(clients)
         if line(clients) != "ready":
             raise RuntimeError("the edge clients did not start")
-        producer = _child("edge-produce", layout, key, 0)
-        procs.append(producer)
-        if line(producer) != "warm":
-            raise RuntimeError("the producer's warm-up failed")
+        producers = [_child("edge-produce", layout, key, 0, str(part)) for part in range(EDGE_PRODUCERS)]
+        procs += producers
+        for producer in producers:
+            if line(producer) != "warm":
+                raise RuntimeError("a producer's warm-up failed")
         time.sleep(1.0)  # the warm-up's last events reach the edge
         say(edge, "mark")
         if line(edge) != "marked":
             raise RuntimeError("the edge did not start counting")
         started = time.perf_counter()
-        say(producer, "go")
+        for producer in producers:
+            say(producer, "go")
         out, _ = clients.communicate(timeout=CAP_S + 60)
         elapsed = time.perf_counter() - started
         tokens = json.loads(out.strip().splitlines()[-1])["tokens"]
         say(edge, "report")
         stats = json.loads(line(edge))
-        producer.communicate(timeout=CAP_S + 60)
+        for producer in producers:
+            producer.communicate(timeout=CAP_S + 60)
         edge.communicate(timeout=30)
     finally:
         for proc in procs:
@@ -392,7 +418,7 @@ def run_edge(layout: str) -> dict[str, Any]:
 
 def edges_table() -> list[str]:
     rows = [("today: every edge reads every event (`single` layout)", "single")]
-    rows.append(("interest routing (`per_stream` layout, `follow = \"interested\"`)", "per_stream"))
+    rows.append(('interest routing (`per_stream` layout, `follow = "interested"`)', "per_stream"))
     results = {}
     for label, layout in rows:
         print(f"-- edge: {label}", flush=True)
@@ -423,7 +449,8 @@ def edges_table() -> list[str]:
         f"{'' if whole else f' (a run delivered other than the {expected:,} tokens expected)'}.",
         "",
         f"Workload: {EDGE_STREAMS:,} streams live at once, each {EDGE_TOKENS} tokens one at a time every "
-        f"{EDGE_PACE * 1000:.0f} ms ({EDGE_STREAMS / EDGE_PACE:,.0f} tokens/s in all), from a producer process; "
+        f"{EDGE_PACE * 1000:.0f} ms ({EDGE_STREAMS / EDGE_PACE:,.0f} tokens/s in all), from {EDGE_PRODUCERS} producer "
+        "processes; "
         f"the edge process (RedisSource + WebSocketSink) serves {EDGE_FOLLOWED} WebSocket clients in a third "
         "process, one per user, each subscribed by its user's meta tag before the streams start. Edge CPU = "
         "user+system CPU of the edge process from the start of the measured wave to its last token (after a "
@@ -488,7 +515,7 @@ def child_main(argv: list[str]) -> None:
         elif role == "edge-clients":
             asyncio.run(edge_clients(extra))
         else:
-            asyncio.run(edge_produce(URL, key, variant))
+            asyncio.run(edge_produce(URL, key, variant, int(extra)))
         return
     if variant == "streambus":
         coro = sb_produce(URL, key, n, float(extra), 128) if role == "produce" else sb_consume(URL, key, n)
