@@ -227,8 +227,13 @@ async def test_a_killed_producer_s_streams_end_with_producer_lost(
         per.setdefault(event.stream, []).append(event)
     assert len(per) == 2
     for stream, events in per.items():
-        assert type(events[0]) is StartEvent
+        start = events[0]
+        assert type(start) is StartEvent
         assert [e.seq for e in events] == list(range(len(events))), stream
+        # Nothing lost or doubled before the error: exactly the pieces produced, in order.
+        deltas = [e for e in events if type(e) is DeltaEvent]
+        i = start.meta["i"]
+        assert "".join(d.text for d in deltas) == "".join(f"{i}.{j} " for j in range(len(deltas)))
         end = events[-1]
         assert type(end) is ErrorEvent and end.kind == "producer_lost" and end.retryable, end
         assert "no heartbeat for 1000 ms" in end.message
