@@ -941,7 +941,7 @@ class RedisSource(PluginBase):
                 keys = [key, self.index, heartbeat_key(self.options.stream, producer)]
                 after = self.positions.get(key, "0-0")
                 try:
-                    done = await client.eval(_DECLARE_LOST, 3, *keys, after, _LOST_ORIGIN, encode(error))  # type: ignore[misc]
+                    done = await client.eval(_DECLARE_LOST, 3, *keys, after, _LOST_ORIGIN, encode(error))
                 except _connection_errors() as exc:
                     log.debug("redis.declare_lost_failed", error=f"{type(exc).__name__}: {exc}")
                     return

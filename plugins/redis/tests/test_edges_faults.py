@@ -192,9 +192,7 @@ async def _scenario(private_redis: Any, tmp_path: Path, fault: str, outage: floa
     return client, produced
 
 
-@pytest.mark.parametrize(
-    "outage", [pytest.param(3.0, id="3s"), pytest.param(15.0, id="15s", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("outage", [pytest.param(3.0, id="3s"), pytest.param(15.0, id="15s", marks=pytest.mark.slow)])
 async def test_redis_restarted_with_its_data_costs_no_character(
     private_redis: Any, tmp_path: Path, outage: float
 ) -> None:
