@@ -240,7 +240,7 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
 EDGE_STREAMS = 1000
 EDGE_FOLLOWED = 10
 EDGE_PRODUCERS = 4  # model workers: the streams are spread over this many producer processes
-EDGE_TOKENS = 100  # per stream
+EDGE_TOKENS = int(os.environ.get("BENCH_EDGE_TOKENS", "300"))  # per stream: a typical chat answer
 EDGE_PACE = 0.05  # seconds between two tokens of a stream: 20 tokens/s each, 20k tokens/s in all
 EDGE_LINGER_MS = int(os.environ.get("BENCH_EDGE_LINGER_MS", "20"))  # the per_stream edge's read_linger_ms
 

@@ -300,6 +300,7 @@ class RedisSource(PluginBase):
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
         self._epochs_due = 0.0
+        self._behind: set[str] = set()
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
         self.lost_producers: list[str] = []
@@ -527,6 +528,9 @@ class RedisSource(PluginBase):
             # duplicates): entries of a new key may sit below the old position.
             changed = await self._check_epochs(client, fresh, answers)
             answered = await self._reader.take(response)
+            # Keys whose read was full may hold more: a sender's streams there are not judged lost yet.
+            count = self.options.count
+            self._behind = {as_str(k) for k, entries in response or () if len(entries) >= count}
             for key in changed:
                 self._reader.restart(key)  # taking moved the position on: back to the new key's start
             await self._settle_doubts(set(self.keys) - answered - changed)
@@ -902,7 +906,14 @@ class RedisSource(PluginBase):
             if not self._beats or self._connected_at is None:
                 continue
             live = self.dedup.live
-            senders = {owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in self._beats}
+            behind = self._behind
+            # A sender's streams are judged only where this source has read everything there is: a
+            # consumer that lags must first read the terminal events the sender wrote before it stopped.
+            senders = {
+                owner[1]
+                for stream, owner in self._owners.items()
+                if stream in live and owner[1] in self._beats and owner[0] not in behind
+            }
             if not senders:
                 continue
             names = sorted(senders)
@@ -926,7 +937,8 @@ class RedisSource(PluginBase):
         streams = [s for s, owner in list(self._owners.items()) if owner[1] == producer and s in live]
         for stream in streams:
             last = self.dedup.last(stream)
-            if last is None or stream not in self.dedup.live:
+            owner = self._owners.get(stream)
+            if last is None or stream not in self.dedup.live or owner is None or owner[0] in self._behind:
                 continue
             seq = last + 1
             message = (
@@ -934,7 +946,7 @@ class RedisSource(PluginBase):
                 f"(killed, or cut off from Redis); nothing after seq {last} will come"
             )
             if self.per_stream:
-                key, _ = self._owners[stream]
+                key = owner[0]
                 error = ErrorEvent(
                     stream=stream, seq=seq, ts=time.time(), kind="producer_lost", message=message, retryable=True
                 )

@@ -23,7 +23,7 @@ import pytest
 import redis
 from streambus_redis import RedisSink, RedisSource
 
-from streambus import Bus, DeltaEvent, ErrorEvent, StartEvent
+from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, StartEvent
 
 pytestmark = pytest.mark.anyio
 
@@ -238,6 +238,55 @@ async def test_a_killed_producer_s_streams_end_with_producer_lost(
         assert type(end) is ErrorEvent and end.kind == "producer_lost" and end.retryable, end
         assert "no heartbeat for 1000 ms" in end.message
     assert len(source.lost_producers) == 1
+
+
+@pytest.mark.parametrize("layout", ["per_stream", "single"])
+async def test_a_lagging_consumer_reads_a_finished_producer_s_ends_instead_of_declaring_it_lost(
+    redis_url: str, key: str, layout: str
+) -> None:
+    """The sender exited cleanly (its heartbeat key is gone) before a slow consumer read its streams' ends."""
+    async with Bus() as worker:
+        sink = RedisSink(url=redis_url, stream=key, layout=layout, entry_max_events=1, producer_timeout_ms=200)
+        worker.add_sink(sink)
+        async with worker.stream(model="m") as w:
+            for j in range(40):
+                await w.delta(f"{j} ")
+    ended = anyio.Event()
+    got: list[Any] = []
+
+    class Slow:
+        overflow = "block"
+        buffer = 1
+
+        async def run(self, events: Any) -> None:
+            async for event in events:
+                got.append(event)
+                await anyio.sleep(0.02)  # 42 events: about 0.8 s, four heartbeat timeouts
+                if event.seq == 41 or type(event) is ErrorEvent:
+                    ended.set()
+
+    source = RedisSource(
+        url=redis_url,
+        stream=key,
+        layout=layout,
+        start="0",
+        position="none",
+        count=1,
+        block_ms=50,
+        **_follow_all(layout),
+    )
+    async with Bus() as edge:
+        edge.add_sink(Slow())
+        edge.start_producer(source)
+        if layout == "per_stream":
+            await source.wait_ready()
+            source.follow(w.stream)  # started before this source: follow it by name, as an edge asked to resume
+        with anyio.fail_after(20):
+            await ended.wait()
+        source.stop()
+    assert type(got[-1]) is EndEvent, got[-1]
+    assert [e.seq for e in got] == list(range(42))
+    assert source.lost_producers == []
 
 
 def _follow_all(layout: str) -> dict[str, str]:
