@@ -300,7 +300,7 @@ class RedisSource(PluginBase):
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
         self._epochs_due = 0.0
-        self._behind: set[str] = set()
+        self._suspects: dict[str, dict[str, str]] = {}  # sender -> {key: its head when the heartbeat was gone}
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
         self.lost_producers: list[str] = []
@@ -528,9 +528,6 @@ class RedisSource(PluginBase):
             # duplicates): entries of a new key may sit below the old position.
             changed = await self._check_epochs(client, fresh, answers)
             answered = await self._reader.take(response)
-            # Keys whose read was full may hold more: a sender's streams there are not judged lost yet.
-            count = self.options.count
-            self._behind = {as_str(k) for k, entries in response or () if len(entries) >= count}
             for key in changed:
                 self._reader.restart(key)  # taking moved the position on: back to the new key's start
             await self._settle_doubts(set(self.keys) - answered - changed)
@@ -906,14 +903,7 @@ class RedisSource(PluginBase):
             if not self._beats or self._connected_at is None:
                 continue
             live = self.dedup.live
-            behind = self._behind
-            # A sender's streams are judged only where this source has read everything there is: a
-            # consumer that lags must first read the terminal events the sender wrote before it stopped.
-            senders = {
-                owner[1]
-                for stream, owner in self._owners.items()
-                if stream in live and owner[1] in self._beats and owner[0] not in behind
-            }
+            senders = {owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in self._beats}
             if not senders:
                 continue
             names = sorted(senders)
@@ -928,8 +918,22 @@ class RedisSource(PluginBase):
                 # After (re)connecting, a sender gets its whole timeout to beat again: Redis may have
                 # restarted without the key, and the sender reconnects on its own schedule.
                 if value is not None or connected is None or now - connected < self._beats[producer] / 1000:
+                    self._suspects.pop(producer, None)
                     continue
-                await self._producer_lost(client, producer)
+                heads = self._suspects.get(producer)
+                if heads is None:
+                    # Gone: it writes no more. Note how far its keys reach now; its streams are judged once
+                    # this source has read that far (a lagging consumer first reads the ends it wrote).
+                    keys = {owner[0] for stream, owner in self._owners.items() if owner[1] == producer}
+                    try:
+                        self._suspects[producer] = {key: await last_generated(client, key) for key in keys}
+                    except _connection_errors():
+                        continue
+                    continue
+                positions = self.positions
+                if all(parse_id(positions.get(key, "0-0")) >= parse_id(head) for key, head in heads.items()):
+                    del self._suspects[producer]
+                    await self._producer_lost(client, producer)
 
     async def _producer_lost(self, client: aioredis.Redis, producer: str) -> None:
         timeout = self._beats.get(producer, 0)
@@ -938,7 +942,7 @@ class RedisSource(PluginBase):
         for stream in streams:
             last = self.dedup.last(stream)
             owner = self._owners.get(stream)
-            if last is None or stream not in self.dedup.live or owner is None or owner[0] in self._behind:
+            if last is None or stream not in self.dedup.live or owner is None:
                 continue
             seq = last + 1
             message = (
