@@ -199,7 +199,7 @@ class RedisSource(PluginBase):
         ``all`` reads every stream that starts (a recorder)."""
         fetch_max_entries: PositiveInt = 10_000
         """``per_stream``: the most entries one resume reads from a stream key; a longer stream is not recovered."""
-        starts_remembered: PositiveInt = 100_000
+        starts_remembered: PositiveInt = 10_000
         """``per_stream``: live streams remembered from the index (for subscribers that arrive after a start)."""
         read_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
         """After a read that found entries, wait this long before the next one, so the tokens of many streams

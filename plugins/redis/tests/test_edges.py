@@ -169,6 +169,32 @@ async def test_history_gone_is_answered_not_recovered(redis_url: str, key: str, 
             assert subscribed["unrecovered"] == [stream] and subscribed["replayed"] == 0, subscribed
 
 
+async def test_since_naming_unknown_or_too_many_streams_replays_nothing_and_follows_nothing(
+    redis_url: str, key: str
+) -> None:
+    """Bad input: stream ids Redis never held are "not recovered" (nothing followed); past the limit, an error."""
+    async with Bus() as edge:
+        sink = websocket.WebSocketSink(port=0, max_subscribe_streams=20)
+        edge.add_sink(sink, name="websocket")
+        source = RedisSource(url=redis_url, stream=key, layout="per_stream", start="$", position="none", block_ms=200)
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            await sink.wait_ready()
+            await source.wait_ready()
+        bogus = {f"no-such-{i}": 3 for i in range(20)} | {"a b*?:{}": 1}
+        async with testing.connect(sink.url) as peer:
+            subscribed = await peer.subscribe(id=1, since=dict(list(bogus.items())[:20]))
+            assert subscribed["recovering"] and not subscribed["recovered"]
+            assert sorted(subscribed["unrecovered"]) == sorted(list(bogus)[:20]) and subscribed["replayed"] == 0
+            await peer.send({"op": "subscribe", "id": 2, "since": bogus})
+            refused = await peer.expect("error")
+            assert refused["field"] == "since" and "at most 20" in refused["message"], refused
+            pong = await peer.send({"op": "ping", "id": 3})
+            assert pong is None and (await peer.expect("pong"))["id"] == 3  # still served
+        source.stop()
+    assert source.followed == {} and len(sink.history) == 0
+
+
 async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str, key: str) -> None:
     """Interest routing: of 20 live streams the edge reads the one a client follows, plus the index."""
     async with Bus() as edge, Bus() as worker:
