@@ -448,6 +448,7 @@ class WebSocketSink(PluginBase):
         self.close_clients(CloseCode.SERVICE_RESTART, "the broadcaster fell behind the bus; reconnect")
         opts = self.options
         self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
+        self._filled.clear()
         self._routes.clear()
         self._early = dict(bus.live_streams)
         return bus.subscribe(
@@ -704,6 +705,8 @@ class WebSocketSink(PluginBase):
                     parsed = parse_client_message(message)
                     if type(parsed) is Subscribe and archive_of(self._bus) is not None:
                         await self._consult_archive(parsed)
+                        if client not in self._clients:
+                            continue  # it left while the engine answered: the next recv() says how
                     self._on_message(client, parsed)
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
