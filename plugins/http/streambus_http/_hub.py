@@ -10,7 +10,10 @@ global log in publish order) and readers are cursors into that history, so:
   duplicate, for one stream or for a filter over many (the id names a position
   in the global log);
 - a slow client costs no buffer: it lags behind in the shared history and is
-  ended (to reconnect and resume) only when the history it needs was evicted.
+  ended (to reconnect and resume) only when the history it needs was evicted;
+- on an edge fed by a distributed engine (:mod:`streambus.archive`), a stream
+  asked for by id that the hub does not hold is fetched whole from the engine
+  (all or nothing) and followed, so ``Last-Event-ID`` resumes on any edge.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import anyio
 import structlog
 
 from streambus import Bus, Filter, StartEvent, Subscription
+from streambus.archive import add_interest, archive_of
 from streambus.events import Event, is_terminal
 
 from ._errors import HttpStreamError, ResumeError
@@ -90,6 +94,8 @@ class StreamHub:
         self._pos = -1  # position of the last recorded event
         self._changed: anyio.Event | None = None
         self._closed = False
+        self._waiting_ids: dict[str, int] = {}  # stream ids requests wait for (what a distributed source follows)
+        self._filled: dict[str, int] = {}  # streams fetched from the engine: their events up to this seq come again
         self.bus: Bus | None = None
         self.readers = 0
         """How many HTTP responses are reading from this hub right now."""
@@ -112,6 +118,8 @@ class StreamHub:
     async def run(self, events: Subscription) -> None:
         """Record events until the bus closes the subscription, then end every reader."""
         self._closed = False
+        if self.bus is not None:
+            add_interest(self.bus, self)  # a distributed source follows the streams requests wait for
         try:
             while batch := await events.receive_batch():
                 self.record_many(batch)
@@ -136,6 +144,12 @@ class StreamHub:
         self._notify()
 
     def _record(self, event: Event) -> None:
+        if self._filled:
+            upto = self._filled.get(event.stream)
+            if upto is not None:
+                if event.seq <= upto:
+                    return  # already held, fetched from the engine: the followed stream comes again from its start
+                del self._filled[event.stream]
         self._pos += 1
         pos = self._pos
         self._log.append((pos, event))
@@ -181,6 +195,34 @@ class StreamHub:
         changed = self._changed
         with anyio.move_on_after(max_wait):
             await changed.wait()
+
+    # -- a distributed engine ----------------------------------------------
+    def wants(self, start: StartEvent) -> bool:
+        """Whether a request waits for the stream *start* begins (a :class:`streambus.archive.Interest`)."""
+        return start.stream in self._waiting_ids
+
+    async def consult_archive(self, stream: str) -> bool:
+        """Hold *stream* as the engine retains it, when the hub does not know it; return whether it did.
+
+        Only on a bus with a :class:`streambus.archive.StreamArchive` (an edge
+        fed by Redis in the ``per_stream`` layout). The stream is fetched
+        whole from its ``start`` or not at all, recorded, and followed for
+        what comes next; its events that then arrive again through the bus
+        are dropped up to the last seq fetched.
+        """
+        archive = archive_of(self.bus)
+        if archive is None or stream in self._records:
+            return False
+        events = await archive.fetch(stream)
+        if events is None or stream in self._records:
+            return False
+        self.record_many(events)
+        self._filled[stream] = events[-1].seq  # after recording them: _record drops up to it from now on
+        while len(self._filled) > self.max_streams:
+            del self._filled[next(iter(self._filled))]
+        if not is_terminal(events[-1]):
+            archive.follow(stream)
+        return True
 
     # -- reader side --------------------------------------------------------
     @property
@@ -288,11 +330,25 @@ class StreamHub:
         """
         since = self._pos
         self.waiting += 1
+        if stream is not None:
+            self._waiting_ids[stream] = self._waiting_ids.get(stream, 0) + 1
+            archive = archive_of(self.bus)
+            # Started already (the index showed it) but not followed here: follow it now.
+            if (
+                archive is not None
+                and stream not in self._records
+                and any(start.stream == stream for start in archive.live_starts())
+            ):
+                archive.follow(stream)
         self._notify()  # lets tests and monitors see the new waiter without polling
         try:
             return await self._wait_stream(stream, flt, since, max_wait)
         finally:
             self.waiting -= 1
+            if stream is not None:
+                left = self._waiting_ids.pop(stream) - 1
+                if left:
+                    self._waiting_ids[stream] = left
 
     async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, max_wait: float) -> str:
         with anyio.move_on_after(max_wait):

@@ -76,6 +76,8 @@ async def open_stream(
             resumed, after = parse_event_id(resume)
             if resumed != stream:
                 raise ResumeError(f"Last-Event-ID {resume!r} names another stream than {stream!r}", status=400)
+        if not hub.known(stream):
+            await hub.consult_archive(stream)  # an edge that never saw it asks the engine (if the bus has one)
         await hub.wait_stream(stream, max_wait=unknown_stream_timeout)
         try:
             cursor = hub.stream_cursor(stream, after=after)

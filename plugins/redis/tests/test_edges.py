@@ -315,5 +315,68 @@ async def test_a_lagging_consumer_reads_a_finished_producer_s_ends_instead_of_de
     assert source.lost_producers == []
 
 
+async def test_an_http_edge_answers_last_event_id_from_redis(redis_url: str, key: str) -> None:
+    """The http sink on an edge that never saw the streams: an ended one and a live one resume by Last-Event-ID."""
+    http = pytest.importorskip("streambus_http", reason="streambus-http is in this plugin's [test] extra")
+    import aiohttp
+
+    async def sse(session: aiohttp.ClientSession, url: str, last_event_id: str) -> list[dict[str, Any]]:
+        out = []
+        async with session.get(url, headers={"Last-Event-ID": last_event_id}) as response:
+            assert response.status == 200, await response.text()
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    out.append(msgspec_json(line[6:]))
+                    if out[-1]["type"] in ("end", "error", "abort"):
+                        return out
+        return out
+
+    async with Bus() as worker, Bus() as edge:
+        worker.add_sink(RedisSink(url=redis_url, stream=key, layout="per_stream", batch_max_ms=0))
+        async with worker.stream(model="m") as w:
+            for j in range(6):
+                await w.delta(f"{j} ")
+        ended = w.stream
+        sink = http.HttpSink(port=0, unknown_stream_timeout=1.0)
+        edge.add_sink(sink)
+        source = RedisSource(url=redis_url, stream=key, layout="per_stream", start="$", position="none", block_ms=200)
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            base = await sink.started()
+            await source.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            events = await sse(session, f"{base}/streams/{ended}/sse", f"{ended}:3")
+            assert [e["seq"] for e in events] == [4, 5, 6, 7]
+            assert _text(events) == "3 4 5 "
+            got: list[dict[str, Any]] = []
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    async with worker.stream(model="m") as w:
+                        await w.delta("a ")
+                        await w.delta("b ")
+                        live = w.stream
+
+                        async def read() -> None:
+                            got.extend(await sse(session, f"{base}/streams/{live}/sse", f"{live}:1"))
+
+                        tg.start_soon(read)
+                        while not sink.hub.known(live):  # noqa: ASYNC110 - fetched by the request, in another task
+                            await anyio.sleep(0.01)
+                        await w.delta("c ")
+            assert [e["seq"] for e in got] == [2, 3, 4], got
+            assert _text(got) == "b c "
+            async with session.get(f"{base}/streams/no-such-stream/sse") as response:
+                assert response.status == 404
+        source.stop()
+    assert source.followed == {}
+
+
+def msgspec_json(data: bytes) -> dict[str, Any]:
+    import msgspec
+
+    decoded: dict[str, Any] = msgspec.json.decode(data)
+    return decoded
+
+
 def _follow_all(layout: str) -> dict[str, str]:
     return {"follow": "all"} if layout == "per_stream" else {}
