@@ -250,7 +250,9 @@ class RedisSource(PluginBase):
         self.options: RedisSource.Options = self.resolve_options(options, kwargs)
         opts = self.options
         self.per_stream = opts.layout == "per_stream"
+        """Whether this source reads the ``per_stream`` layout (the index and the followed streams' keys)."""
         self.index = index_key(opts.stream)
+        """``per_stream``: the key of the index of starts and ends."""
         if self.per_stream:
             self.keys = [self.index]
         else:
@@ -300,7 +302,8 @@ class RedisSource(PluginBase):
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
         self._epochs_due = 0.0
-        self._suspects: dict[str, dict[str, str]] = {}  # sender -> {key: its head when the heartbeat was gone}
+        # sender -> (when its heartbeat was first seen gone, {key: that key's head then})
+        self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
         self.lost_producers: list[str] = []
@@ -911,6 +914,7 @@ class RedisSource(PluginBase):
                 values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
             except _connection_errors() as exc:
                 log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
+                self._suspects.clear()  # an absence counts only while it is seen continuously
                 continue
             now = anyio.current_time()
             for producer, value in zip(names, values, strict=True):
@@ -920,15 +924,21 @@ class RedisSource(PluginBase):
                 if value is not None or connected is None or now - connected < self._beats[producer] / 1000:
                     self._suspects.pop(producer, None)
                     continue
-                heads = self._suspects.get(producer)
-                if heads is None:
-                    # Gone: it writes no more. Note how far its keys reach now; its streams are judged once
-                    # this source has read that far (a lagging consumer first reads the ends it wrote).
+                suspect = self._suspects.get(producer)
+                if suspect is None:
+                    # Gone: note how far its keys reach now. Its streams are judged once the key has stayed
+                    # gone for a whole timeout more (a sender that lost its key with Redis's data beats again
+                    # within moments of Redis coming back) and this source has read that far (a lagging
+                    # consumer first reads the ends the sender wrote before it stopped).
                     keys = {owner[0] for stream, owner in self._owners.items() if owner[1] == producer}
                     try:
-                        self._suspects[producer] = {key: await last_generated(client, key) for key in keys}
+                        heads = {key: await last_generated(client, key) for key in keys}
                     except _connection_errors():
                         continue
+                    self._suspects[producer] = (now, heads)
+                    continue
+                since, heads = suspect
+                if now - since < self._beats[producer] / 1000:
                     continue
                 positions = self.positions
                 if all(parse_id(positions.get(key, "0-0")) >= parse_id(head) for key, head in heads.items()):
