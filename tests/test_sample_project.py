@@ -31,7 +31,7 @@ for module in ("streambus_proxy", "streambus_ollama", "streambus_openai", "opena
 
 def _pytest(project: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *args],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:hypothesispytest", *args],
         cwd=project,
         env={**os.environ, **env},
         capture_output=True,
