@@ -536,8 +536,8 @@ def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str 
             pytest.fail(str(exc), pytrace=False)
     if cassette.unrecorded:
         pytest.fail(
-            f"streambus: the proxy answered {', '.join(cassette.unrecorded)} without recording it: the installed "
-            "proxy cannot parse that wire format's answers, so nothing of it is in the recording",
+            f"streambus: not recorded in {cassette.path}, so a replay could not answer: "
+            + "; ".join(cassette.unrecorded),
             pytrace=False,
         )
     missed = [m for m in cassette.unmatched if not cassette.records]

@@ -247,3 +247,50 @@ def test_cassette_refuses_a_bad_mode_and_speed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="speed: must be positive"):
         Cassette(tmp_path / "x.jsonl", speed=0)
     assert not os.listdir(tmp_path)
+
+
+DIALECTS = {
+    "responses": """
+    events = streambus_recording.openai().responses.create(model="gpt-4o-mini", input="Say hello", stream=True)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+""",
+    "anthropic": """
+    client = streambus_recording.anthropic()
+    with client.messages.stream(
+        model="gpt-4o-mini", max_tokens=64, messages=[{"role": "user", "content": "Say hello"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+""",
+    "gemini": """
+    client = streambus_recording.gemini()
+    text = "".join(p.text or "" for p in client.models.generate_content_stream(model="gpt-4o-mini", contents="Hi"))
+""",
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_other_dialects_record_through_the_proxy_or_fail_saying_why(
+    project: pytest.Pytester, upstream: MockServer, dialect: str
+) -> None:
+    """Recording needs a proxy that parses the dialect; without one the test fails naming the request.
+
+    The proxy of this repository parses Ollama and Chat Completions; Responses,
+    Anthropic and Gemini come with the proxy's provider work. Either way, nothing
+    unanswerable is written, and what is written replays without the upstream.
+    """
+    pytest.importorskip({"responses": "openai", "anthropic": "anthropic", "gemini": "google.genai"}[dialect])
+    project.makepyfile(
+        test_proj="def test_one(streambus_recording):"
+        + DIALECTS[dialect]
+        + "    assert text == 'Hello! How can I help you today?'\n"
+    )
+    recorded = _run(project, "--streambus-record-mode=once", f"--streambus-upstream={upstream.url}")
+    if recorded.ret == 0:
+        asked = len(upstream.requests)
+        _run(project, "--streambus-record-mode=none").assert_outcomes(passed=1)
+        assert len(upstream.requests) == asked
+        assert read_recording(_file(project)).requests
+    else:
+        assert "not recorded in" in recorded.stdout.str(), recorded.stdout.str()
+        assert "so a replay could not answer" in recorded.stdout.str()
+        assert not _file(project).exists()

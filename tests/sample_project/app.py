@@ -14,13 +14,6 @@ def ask_openai(client: Any, question: str, model: str = "gpt-4o-mini") -> Iterat
             yield chunk.choices[0].delta.content
 
 
-def ask_responses(client: Any, question: str, model: str = "gpt-4o-mini") -> Iterator[str]:
-    """Stream an answer with the Responses API."""
-    for event in client.responses.create(model=model, input=question, stream=True):
-        if event.type == "response.output_text.delta":
-            yield event.delta
-
-
 def ask_ollama(client: Any, question: str, model: str = "llama3.2") -> Iterator[str]:
     """Stream an answer from Ollama's chat endpoint."""
     for part in client.chat(model=model, messages=[{"role": "user", "content": question}], stream=True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from app import ask_ollama, ask_ollama_async, ask_openai, ask_responses
+from app import ask_ollama, ask_ollama_async, ask_openai
 
 ENGLISH = "The sky is blue because air scatters short blue light more than red."
 JAPANESE = "空が青いのは、空気が青い光をより強く散乱するからです。"
@@ -14,10 +14,6 @@ def test_openai_chat(streambus_recording):
     chunks = list(ask_openai(streambus_recording.openai(), "Say hello"))
     assert "".join(chunks) == HELLO
     assert len(chunks) == 9  # the upstream's chunking survives
-
-
-def test_openai_responses(streambus_recording):
-    assert "".join(ask_responses(streambus_recording.openai(), "Say hello")) == HELLO
 
 
 def test_ollama_two_questions(streambus_recording):
