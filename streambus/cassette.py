@@ -58,7 +58,7 @@ from .formats import AnswerParsing, installed_formats
 from .matching import Matcher, RecordedRequest, find_route
 from .mockserver import MockServer, Unmatched
 from .plugins import install_hint
-from .recording import event_line, header_line, read_recording
+from .recording import Recording, event_line, header_line, read_recording
 from .scrubbing import Scrubber, SecretHit, find_secrets
 from .subscription import Subscription
 
@@ -270,11 +270,12 @@ class Cassette:
                 proxy_url = f"http://127.0.0.1:{port}"
             url = proxy_url
             if self.replays:
-                source = read_recording(self.path) if self.path.exists() else []
+                source: Recording | list[Event] = read_recording(self.path) if self.path.exists() else []
                 match = self.match
                 if match is None:
-                    old = isinstance(source, list) or source.requests or not source.events
-                    match = "normalized" if old else "model"
+                    # A recording made without requests (by hand, by the recorder sink) is answered by model.
+                    by_model = isinstance(source, Recording) and source.events and not source.requests
+                    match = "model" if by_model else "normalized"
                 hint = (
                     f"recording {self.path}, record mode {self.mode}; record it with --streambus-record-mode=once"
                     if self.mode == "none"
@@ -316,7 +317,9 @@ class Cassette:
         try:
             response: web.StreamResponse = await handler(request)
         except Exception as exc:
-            self.unrecorded.append(f"{request.method} {request.path}: the proxy failed it ({type(exc).__name__}: {exc})")
+            self.unrecorded.append(
+                f"{request.method} {request.path}: the proxy failed it ({type(exc).__name__}: {exc})"
+            )
             raise
         stream = response.headers.get(STREAM_HEADER)
         try:

@@ -348,10 +348,7 @@ class MockServer:
     def _unmatched(self, incoming: RecordedRequest) -> Unmatched:
         recorded = [r for r, _ in self.recorded]
         near = closest(recorded, incoming, exactly=self.match is exact)
-        if near is None:
-            miss = Unmatched(incoming, None, ())
-        else:
-            miss = Unmatched(incoming, recorded[near[0]], tuple(near[1]))
+        miss = Unmatched(incoming, None, ()) if near is None else Unmatched(incoming, recorded[near[0]], tuple(near[1]))
         self.unmatched.append(miss)
         return miss
 

@@ -324,8 +324,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="replay timing: 'instant' (the default: no pauses, chunks in recorded order) or a speed factor",
     )
-    parser.addini("streambus_record_mode", "record mode when neither the command line nor a marker says", default="none")
-    parser.addini("streambus_recordings", "folder (next to each test module) holding the recordings", default="recordings")
+    parser.addini(
+        "streambus_record_mode", "record mode when neither the command line nor a marker says", default="none"
+    )
+    parser.addini(
+        "streambus_recordings", "folder (next to each test module) holding the recordings", default="recordings"
+    )
     parser.addini("streambus_scrub_fields", "request body keys scrubbed from recordings", type="linelist", default=[])
 
 
@@ -492,8 +496,10 @@ def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str 
     unknown = set(options) - {"record_mode", "path", "match", "speed", "scrub_fields", "upstream"}
     if unknown:
         raise pytest.UsageError(f"streambus_recording marker: unknown option(s) {sorted(unknown)}")
-    mode = config.getoption("streambus_record_mode") or options.get("record_mode") or config.getini(
-        "streambus_record_mode"
+    mode = (
+        config.getoption("streambus_record_mode")
+        or options.get("record_mode")
+        or config.getini("streambus_record_mode")
     )
     if mode not in _MODES:
         raise pytest.UsageError(f"streambus record mode: expected one of {', '.join(_MODES)}, got {mode!r}")

@@ -136,7 +136,8 @@ def test_all_records_anew_even_when_a_recording_exists(project: pytest.Pytester,
 def test_marker_sets_mode_and_path_and_the_command_line_wins(project: pytest.Pytester, upstream: MockServer) -> None:
     project.makepyfile(
         test_proj=PROJECT.replace("PROMPT", '"one"').replace(
-            "def test_one", '@pytest.mark.streambus_recording(record_mode="once", path="cassettes/one.jsonl")\ndef test_one'
+            "def test_one",
+            '@pytest.mark.streambus_recording(record_mode="once", path="cassettes/one.jsonl")\ndef test_one',
         )
     )
     _run(project, f"--streambus-upstream={upstream.url}").assert_outcomes(passed=1)

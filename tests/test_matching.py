@@ -130,7 +130,9 @@ def test_matcher_by_name_or_function_and_a_clear_error_otherwise() -> None:
         return recorded.model == incoming.model
 
     assert matcher(same_model) is same_model
-    with pytest.raises(ValueError, match=r"match: expected one of \['exact', 'normalized'\] or a function, got 'fuzzy'"):
+    with pytest.raises(
+        ValueError, match=r"match: expected one of \['exact', 'normalized'\] or a function, got 'fuzzy'"
+    ):
         matcher("fuzzy")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ def _learn(start: Start, events: list[Event], ask: Callable[[str], Any]) -> dict
 
 
 @pytest.fixture
-def chunks() -> Iterator[dict[str, list[str]]]:
-    yield {"blue": ["The ", "sky ", "is ", "blue", "."], "green": ["Grass ", "is ", "green", "."]}
+def chunks() -> dict[str, list[str]]:
+    return {"blue": ["The ", "sky ", "is ", "blue", "."], "green": ["Grass ", "is ", "green", "."]}
 
 
 def _openai_chat(url: str, prompt: str) -> list[str]:
@@ -94,7 +94,9 @@ def test_unmatched_openai_request_gets_a_provider_error_naming_the_closest(
     with pytest.raises(openai.NotFoundError) as caught:
         _openai_chat(server.url, "Why is the sky green?")
     message = str(caught.value)
-    assert "no recorded request matches POST /v1/chat/completions (model gpt-4o-mini) 'Why is the sky green?'" in message
+    assert (
+        "no recorded request matches POST /v1/chat/completions (model gpt-4o-mini) 'Why is the sky green?'" in message
+    )
     assert "closest recorded: POST /v1/chat/completions (model gpt-4o-mini) 'Why is the sky blue?'" in message
     assert "body.messages[0].content: recorded 'Why is the sky blue?', asked 'Why is the sky green?'" in message
     assert caught.value.status_code == UNMATCHED_STATUS
@@ -196,9 +198,12 @@ def test_anthropic_and_gemini_dialects_match_too(
 
     def claude(url: str, prompt: str) -> str:
         client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
-        with client, client.messages.stream(
-            model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": prompt}]
-        ) as stream:
+        with (
+            client,
+            client.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": prompt}]
+            ) as stream,
+        ):
             return "".join(stream.text_stream)
 
     def gemini(url: str, prompt: str) -> str:
@@ -220,5 +225,8 @@ def test_anthropic_and_gemini_dialects_match_too(
     assert claude(server.url, "Sky?") == "".join(chunks["blue"])
     with pytest.raises(anthropic.NotFoundError, match="closest recorded: POST /v1/messages"):
         claude(server.url, "Sea?")
-    with pytest.raises(genai.errors.ClientError, match=r"closest recorded: POST /v1(beta)?/models/gemini-2.0-flash:streamGenerateContent"):
+    with pytest.raises(
+        genai.errors.ClientError,
+        match=r"closest recorded: POST /v1(beta)?/models/gemini-2.0-flash:streamGenerateContent",
+    ):
         gemini(server.url, "Sea?")

@@ -47,9 +47,10 @@ async def test_through_the_streambus_proxy(streambus_recording, anyio_backend):
     """The app's own proxy in front of the recording: the bus sees the stream the app streamed."""
     ollama = pytest.importorskip("ollama")
     from aiohttp import web
+    from streambus_proxy import create_app
+
     from streambus import Bus
     from streambus.testing import EventCapture
-    from streambus_proxy import create_app
 
     capture = EventCapture()
     async with Bus() as bus:
