@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SCRUBBED", "SECRET_HEADERS", "SecretHit", "Scrubber", "find_secrets", "mask"]
+__all__ = ["SCRUBBED", "SECRET_HEADERS", "Scrubber", "SecretHit", "find_secrets", "mask"]
 
 SCRUBBED = "[scrubbed]"
 """What a scrubbed header or body value is replaced with."""
