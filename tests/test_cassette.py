@@ -165,10 +165,18 @@ def test_bad_speed(streambus_recording):
 @pytest.mark.streambus_recording(recordmode="once")
 def test_typo(streambus_recording):
     pass
+
+@pytest.mark.streambus_recording(speed=2)
+def test_paced(streambus_recording):
+    mock = streambus_recording.cassette.mock
+    assert (mock.burst, mock.speed) == (False, 2.0)
+
+def test_instant_by_default(streambus_recording):
+    assert streambus_recording.cassette.mock.burst
 """
     )
     result = _run(pytester)
-    result.assert_outcomes(errors=3)
+    result.assert_outcomes(errors=3, passed=2)
     out = result.stdout.str()
     assert "record mode 'once' needs the real upstream to record" in out
     assert "streambus_recording marker: speed: expected 'instant' or a positive number, got 'fast'" in out
