@@ -230,3 +230,49 @@ def test_anthropic_and_gemini_dialects_match_too(
         match=r"closest recorded: POST /v1(beta)?/models/gemini-2.0-flash:streamGenerateContent",
     ):
         gemini(server.url, "Sea?")
+
+
+def test_serve_mock_command_matches_requests(
+    mock_model_server: Start, chunks: dict[str, list[str]], tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from streambus.cli import main
+
+    bad = CliRunner().invoke(main, ["serve-mock", "--match", "fuzzy", str(tmp_path / "x.jsonl")])
+    assert bad.exit_code == 2 and "'fuzzy' is not one of 'normalized', 'exact', 'model'" in bad.stderr
+
+    blue = _stream("s-blue", "gpt-4o-mini", chunks["blue"])
+    asked = _learn(mock_model_server, blue, lambda url: _openai_chat(url, "Blue?"))
+    path = tmp_path / "rec.jsonl"
+    write_recording(path, blue, requests={"s-blue": asked})
+    command = [str(Path(sys.executable).parent / "streambus"), "serve-mock", "--port", "0", "--burst", str(path)]
+    for match, answered in (("normalized", False), ("model", True)):
+        child = subprocess.Popen(
+            [*command, "--match", match],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            assert child.stdout is not None
+            url = child.stdout.readline().strip()
+            assert _openai_chat(url, "Blue?") == chunks["blue"]
+            if answered:  # by model: any question gets the recorded answer
+                assert _openai_chat(url, "Other?") == chunks["blue"]
+            else:
+                with pytest.raises(openai.NotFoundError, match="closest recorded"):
+                    _openai_chat(url, "Other?")
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(timeout=30) == 0
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+            if child.stdout is not None:
+                child.stdout.close()
