@@ -303,3 +303,46 @@ def test_other_dialects_record_through_the_proxy_or_fail_saying_why(
         assert "not recorded in" in recorded.stdout.str(), recorded.stdout.str()
         assert "so a replay could not answer" in recorded.stdout.str()
         assert not _file(project).exists()
+
+
+def test_fixture_clients_of_every_dialect_replay_a_recording(project: pytest.Pytester) -> None:
+    """The fixture's anthropic() and gemini() clients replay a recording that stores their requests."""
+    anthropic = pytest.importorskip("anthropic")
+    pytest.importorskip("google.genai")
+    pytest.importorskip("streambus_anthropic")
+    pytest.importorskip("streambus_gemini")
+    from google import genai
+    from google.genai import types
+
+    from streambus.events import DeltaEvent, EndEvent, Event, StartEvent
+    from streambus.recording import write_recording
+
+    def stream(sid: str, model: str, text: str) -> list[Event]:
+        return [
+            StartEvent(stream=sid, seq=0, ts=1.0, model=model),
+            *(DeltaEvent(stream=sid, seq=i + 1, ts=1.0 + i / 100, text=w) for i, w in enumerate(text.split("|"))),
+            EndEvent(stream=sid, seq=len(text.split("|")) + 1, ts=2.0),
+        ]
+
+    claude, gemini = stream("c", "claude-x", "Bonjour| le| ciel"), stream("g", "gemini-x", "Hallo| Himmel")
+    # The requests the two clients really send, as a model-matched mock server sees them.
+    learner = MockServer([*claude, *gemini], burst=True, match="model")
+    with learner.running() as url:
+        with anthropic.Anthropic(base_url=url, api_key="k", max_retries=0) as client:
+            client.messages.create(model="claude-x", max_tokens=9, messages=[{"role": "user", "content": "Sky?"}])
+        with genai.Client(api_key="k", http_options=types.HttpOptions(base_url=url)) as client:
+            list(client.models.generate_content_stream(model="gemini-x", contents="Himmel?"))
+    requests = [r.request.to_json() for r in learner.requests if r.request is not None]
+    _file(project).parent.mkdir(parents=True)
+    write_recording(_file(project), [*claude, *gemini], requests={"c": requests[0], "g": requests[1]})
+    project.makepyfile(
+        test_proj="""
+def test_one(streambus_recording):
+    client = streambus_recording.anthropic()
+    reply = client.messages.create(model="claude-x", max_tokens=9, messages=[{"role": "user", "content": "Sky?"}])
+    assert reply.content[0].text == "Bonjour le ciel"
+    parts = streambus_recording.gemini().models.generate_content_stream(model="gemini-x", contents="Himmel?")
+    assert [p.text for p in parts if p.text] == ["Hallo", " Himmel"]
+"""
+    )
+    _run(project, "--streambus-record-mode=none").assert_outcomes(passed=1)
