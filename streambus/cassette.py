@@ -188,7 +188,7 @@ class Cassette:
         self.written = False
         """Whether the recording file was written when the cassette closed."""
         self.unrecorded: list[str] = []
-        """Model requests the proxy answered without publishing a stream (a format it cannot parse)."""
+        """Model requests that could not be recorded, each with why (a format the proxy does not parse...)."""
         self.mock: MockServer | None = None
         self._url: str | None = None
         self._stop: Callable[[], None] | None = None

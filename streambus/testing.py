@@ -488,7 +488,8 @@ def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str 
     request is not in the recording (modes ``none`` and ``once`` with a
     recording) or when a recording holds something that looks like a key.
     """
-    from .cassette import Cassette, SecretInRecording
+    from .cassette import Cassette
+    from .errors import StreamBusError
 
     config = request.config
     marker = request.node.get_closest_marker("streambus_recording")
@@ -529,8 +530,8 @@ def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str 
         pytest.fail(f"streambus_recording: {exc}", pytrace=False)
     try:
         cassette.__enter__()
-    except SecretInRecording as exc:
-        pytest.fail(str(exc), pytrace=False)
+    except (StreamBusError, ValueError) as exc:  # a key in it, a damaged recording, no proxy installed
+        pytest.fail(f"streambus_recording: {exc}", pytrace=False)
     recording = LLMRecording(cassette)
     try:
         yield recording
@@ -538,8 +539,8 @@ def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str 
         recording.close()
         try:
             cassette.__exit__(None, None, None)
-        except SecretInRecording as exc:
-            pytest.fail(str(exc), pytrace=False)
+        except StreamBusError as exc:
+            pytest.fail(f"streambus_recording: {exc}", pytrace=False)
     if cassette.unrecorded:
         pytest.fail(
             f"streambus: not recorded in {cassette.path}, so a replay could not answer: "

@@ -173,14 +173,21 @@ def test_paced(streambus_recording):
 
 def test_instant_by_default(streambus_recording):
     assert streambus_recording.cassette.mock.burst
+
+def test_damaged(streambus_recording):
+    pass
 """
     )
+    damaged = _file(pytester, "test_damaged", "test_bad")
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"streambus_recording": 1}\nnot json\n{"type": "end", "stream": "s", "seq": 1, "ts": 1}\n')
     result = _run(pytester)
-    result.assert_outcomes(errors=3, passed=2)
+    result.assert_outcomes(errors=4, passed=2)
     out = result.stdout.str()
     assert "record mode 'once' needs the real upstream to record" in out
     assert "streambus_recording marker: speed: expected 'instant' or a positive number, got 'fast'" in out
     assert "streambus_recording marker: unknown option(s) ['recordmode']" in out
+    assert "streambus_recording: " + str(damaged) + ":2: " in out
 
 
 OPENAI_PROJECT = """
