@@ -276,3 +276,22 @@ def test_serve_mock_command_matches_requests(
             child.wait(timeout=30)
             if child.stdout is not None:
                 child.stdout.close()
+
+
+def test_a_streamed_recording_answers_the_same_request_unstreamed(
+    mock_model_server: Start, chunks: dict[str, list[str]], tmp_path: Path
+) -> None:
+    blue = _stream("s-blue", "gpt-4o-mini", chunks["blue"])
+    asked = _learn(mock_model_server, blue, lambda url: _openai_chat(url, "Blue?"))
+    path = tmp_path / "rec.jsonl"
+    write_recording(path, blue, requests={"s-blue": asked})
+    server = mock_model_server(path, burst=True)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        whole = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Blue?"}])
+    assert whole.choices[0].message.content == "".join(chunks["blue"])
+    exact = mock_model_server(path, burst=True, match="exact")
+    with (
+        openai.OpenAI(base_url=exact.url + "/v1", api_key="unused", max_retries=0) as client,
+        pytest.raises(openai.NotFoundError, match="body.stream: recorded true, asked nothing"),
+    ):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Blue?"}])
