@@ -41,7 +41,7 @@ def _pytest(project: Path, *args: str, env: dict[str, str]) -> subprocess.Comple
     )
 
 
-@pytest.mark.slow  # two pytest processes: about 8 s on an idle machine
+@pytest.mark.slow  # two pytest processes: 29 s measured at load average 8 on 2 shared cores
 def test_sample_project_records_once_then_replays_with_the_upstream_stopped(tmp_path: Path) -> None:
     project = tmp_path / "sample"
     shutil.copytree(ROOT / "sample_project", project, ignore=shutil.ignore_patterns("recordings", "__pycache__"))
