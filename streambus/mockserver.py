@@ -88,7 +88,7 @@ from .matching import Matcher, RecordedRequest, closest, exact, matcher
 from .plugins import discover, install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
-from .scrubbing import Scrubber
+from .scrubbing import Scrubber, mask_secrets
 
 __all__ = ["KEEP_ALIVE", "UNMATCHED_STATUS", "MockServer", "ServedRequest", "Unmatched"]
 
@@ -133,12 +133,16 @@ class Unmatched:
 
     @property
     def message(self) -> str:
-        """What the client is told: the request, the closest recorded one, and how they differ."""
+        """What the client is told: the request, the closest recorded one, and how they differ.
+
+        Anything in them that looks like a key is shown masked (:func:`~streambus.scrubbing.mask_secrets`).
+        """
         text = f"streambus mock: no recorded request matches {self.request.describe()}"
         if self.closest is None:
-            return text + "; the recording holds no requests (record it first)"
+            return mask_secrets(text + "; the recording holds no requests (record it first)")
         shown = "; ".join(self.differences[:5]) + ("; ..." if len(self.differences) > 5 else "")
-        return f"{text}; closest recorded: {self.closest.describe()}, which differs in {shown or 'nothing compared'}"
+        closest = self.closest.describe()
+        return mask_secrets(f"{text}; closest recorded: {closest}, which differs in {shown or 'nothing compared'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,7 +507,7 @@ class MockServer:
                     miss = self._unmatched(asked)
                     if self.fallback is not None:
                         return await self._forward(request, raw, model, asked)
-                    log.warning("mockserver.unmatched", request=asked.describe(), differences=list(miss.differences))
+                    log.warning("mockserver.unmatched", message=miss.message)
                     message = miss.message + (f" ({self.unmatched_hint})" if self.unmatched_hint else "")
                     return self._error(request, fmt, UNMATCHED_STATUS, message, model, asked)
             else:
@@ -540,7 +544,7 @@ class MockServer:
         skip = {"host", "content-length", "transfer-encoding", "connection"}
         headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         url = self.fallback + request.rel_url.raw_path_qs
-        log.info("mockserver.forwarded", request=asked.describe(), to=self.fallback)
+        log.info("mockserver.forwarded", request=mask_secrets(asked.describe()), to=self.fallback)
         async with self._fallback_session.post(url, data=raw, headers=headers, allow_redirects=False) as upstream:
             keep = {"content-type", "x-streambus-stream"}
             response = web.StreamResponse(

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SCRUBBED", "SECRET_HEADERS", "Scrubber", "SecretHit", "find_secrets", "mask"]
+__all__ = ["SCRUBBED", "SECRET_HEADERS", "Scrubber", "SecretHit", "find_secrets", "mask", "mask_secrets"]
 
 SCRUBBED = "[scrubbed]"
 """What a scrubbed header or body value is replaced with."""
@@ -101,6 +101,19 @@ def find_secrets(text: str, *, known: Iterable[str] = ()) -> list[SecretHit]:
             for found in pattern.finditer(line):
                 hits.append(SecretHit(number, kind, mask(found.group(0))))
     return hits
+
+
+def mask_secrets(text: str, *, known: Iterable[str] = ()) -> str:
+    """*text* with every key-like string (and every *known* secret) replaced by its :func:`mask`.
+
+    For messages and log lines that quote a request: they show where a key
+    was, never the key.
+    """
+    for secret in sorted({s for s in known if len(s) >= 8}, key=len, reverse=True):
+        text = text.replace(secret, mask(secret))
+    for _, pattern in _PATTERNS:
+        text = pattern.sub(lambda found: mask(found.group(0)), text)
+    return text
 
 
 class Scrubber:

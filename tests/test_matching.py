@@ -201,3 +201,12 @@ def test_find_secrets_reports_key_shapes_and_known_values_masked() -> None:
     ]
     assert all("abcdefghijklmnop" not in h.masked for h in hits)
     assert hits[0].masked == "sk-p...(38 characters)"
+
+
+def test_mask_secrets_shows_where_a_key_was_never_the_key() -> None:
+    from streambus.scrubbing import mask_secrets
+
+    text = "asked 'my key is sk-proj-abcdefghijklmnopqrstuvwxyz0123' with password hunter2hunter2"
+    assert mask_secrets(text, known=["hunter2hunter2"]) == (
+        "asked 'my key is sk-p...(38 characters)' with password hunt...(14 characters)"
+    )

@@ -295,3 +295,21 @@ def test_a_streamed_recording_answers_the_same_request_unstreamed(
         pytest.raises(openai.NotFoundError, match="body.stream: recorded true, asked nothing"),
     ):
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Blue?"}])
+
+
+def test_an_unmatched_request_never_echoes_or_logs_a_key(
+    mock_model_server: Start, chunks: dict[str, list[str]], tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    key = "sk-proj-" + "Q1w2E3r4T5y6U7i8O9p0A1s2D3f4G5h6"
+    blue = _stream("s-blue", "gpt-4o-mini", chunks["blue"])
+    asked = _learn(mock_model_server, blue, lambda url: _openai_chat(url, "Blue?"))
+    path = tmp_path / "rec.jsonl"
+    write_recording(path, blue, requests={"s-blue": asked})
+    server = mock_model_server(path, burst=True)
+    with capture_logs() as logs, pytest.raises(openai.NotFoundError) as caught:
+        _openai_chat(server.url, f"my key is {key}")
+    assert key not in str(caught.value)
+    assert "asked 'my key is sk-p...(40 characters)'" in str(caught.value)
+    assert logs and key not in repr(logs)
