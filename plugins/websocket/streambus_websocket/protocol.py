@@ -4,9 +4,9 @@ Every frame is one JSON text frame. Control frames carry ``op``; events are
 sent in their wire form (they carry ``type`` instead). The full description,
 with examples, is ``docs/websocket-protocol.md``.
 
-Client to server: ``subscribe``, ``unsubscribe``, ``ping``.
+Client to server: ``subscribe``, ``unsubscribe``, ``ping``, ``abort``.
 Server to client: ``hello``, ``subscribed``, ``unsubscribed``, ``pong``,
-``error``, and events.
+``aborted``, ``error``, and events.
 
 :func:`parse_client_message` turns one inbound frame into a typed message or
 raises :class:`ProtocolError` carrying the error code to answer with.
@@ -23,7 +23,10 @@ from streambus import Filter, StreamBusError
 from streambus.validation import validation_problem
 
 __all__ = [
+    "MAX_REASON",
+    "MAX_STREAM_ID",
     "PROTOCOL_VERSION",
+    "Abort",
     "ClientMessage",
     "CloseCode",
     "ErrorCode",
@@ -92,6 +95,12 @@ class ErrorCode(enum.StrEnum):
     """Sent (when the socket still takes it) before closing with :attr:`CloseCode.LAGGED`."""
     INTERNAL = "internal"
     """The server failed handling this message; the message carries no internals."""
+    UNKNOWN_STREAM = "unknown_stream"
+    """``abort`` named a stream that no producer (here or behind the engine) owns."""
+    FORBIDDEN = "forbidden"
+    """This connection may not stop that stream (``allow_stop = false``)."""
+    STOP_FAILED = "stop_failed"
+    """The stop could not reach the host that owns the stream (its engine is unreachable); retry later."""
 
 
 class ProtocolError(StreamBusError):
@@ -145,12 +154,32 @@ class Ping(msgspec.Struct, tag="ping", tag_field="op", forbid_unknown_fields=Tru
     id: str | int | None = None
 
 
-ClientMessage = Subscribe | Unsubscribe | Ping
+MAX_STREAM_ID: Final = 256
+"""Longest stream id an ``abort`` may name, in characters."""
+MAX_REASON: Final = 200
+"""Longest ``reason`` an ``abort`` may carry, in characters."""
+
+
+class Abort(msgspec.Struct, tag="abort", tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """``abort``: stop stream ``stream`` wherever its producer runs.
+
+    The server answers ``aborted`` with the ``outcome`` (``stopped``,
+    ``forwarded`` or ``ended``), or an ``error`` (``unknown_stream``,
+    ``forbidden``, ``stop_failed``). Subscribers of the stream then receive
+    its one ``abort`` event (``by = "client"``).
+    """
+
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STREAM_ID)]
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON)] = ""
+    id: str | int | None = None
+
+
+ClientMessage = Subscribe | Unsubscribe | Ping | Abort
 """Any message a client may send."""
 
 _decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
-_OPS = "subscribe, unsubscribe, ping"
+_OPS = "subscribe, unsubscribe, ping, abort"
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:
@@ -170,6 +199,10 @@ def parse_client_message(data: str | bytes) -> ClientMessage:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op") from None
         if problem.startswith("Expected `object`") and field is None:
             raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object") from None
+        if found.missing is not None:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"missing field {found.missing!r}", field=found.missing
+            ) from None
         if found.unknown is not None:
             raise ProtocolError(
                 ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown
