@@ -182,38 +182,64 @@ _encoder = msgspec.json.Encoder()
 _OPS = "subscribe, unsubscribe, ping, abort"
 
 
+class _Id(msgspec.Struct):
+    """Just the ``id`` of a frame that failed validation, so the error can echo it."""
+
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_Id)
+_MAX_ECHOED_ID = 256
+
+
+def _echoed_id(data: str | bytes) -> str | int | None:
+    try:
+        found = _id_decoder.decode(data).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if isinstance(found, str) and len(found) > _MAX_ECHOED_ID:
+        return None
+    return found
+
+
 def parse_client_message(data: str | bytes) -> ClientMessage:
     """Decode one inbound text frame.
 
     Raises :class:`ProtocolError` with ``bad_json``, ``unknown_op`` or
-    ``bad_message`` (naming the offending field) for anything else.
+    ``bad_message`` (naming the offending field) for anything else; a
+    ``bad_message`` or ``unknown_op`` echoes the frame's ``id`` when it has a
+    valid one, so a client can match the error with its request.
     """
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        found = validation_problem(exc)
-        field, problem = found.path, found.message
-        if field == "$.op":
-            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op") from None
-        if found.missing == "op":
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op") from None
-        if problem.startswith("Expected `object`") and field is None:
-            raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object") from None
-        if found.missing is not None:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"missing field {found.missing!r}", field=found.missing
-            ) from None
-        if found.unknown is not None:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown
-            ) from None
-        path = field[2:] if field and field.startswith("$.") else field
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path) from None
+        error = _invalid(exc)
+        if error.code is not ErrorCode.BAD_JSON:
+            error.id = _echoed_id(data)
+        raise error from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
     except RecursionError:
         # msgspec recurses into values it skips (an unknown field before "op"); ~1000 levels run out.
         raise ProtocolError(ErrorCode.BAD_JSON, "JSON nested too deeply") from None
+
+
+def _invalid(exc: msgspec.ValidationError) -> ProtocolError:
+    """The :class:`ProtocolError` for a frame that is JSON but not a valid message."""
+    found = validation_problem(exc)
+    field, problem = found.path, found.message
+    if field == "$.op":
+        return ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op")
+    if found.missing == "op":
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op")
+    if problem.startswith("Expected `object`") and field is None:
+        return ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object")
+    if found.missing is not None:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field {found.missing!r}", field=found.missing)
+    if found.unknown is not None:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown)
+    path = field[2:] if field and field.startswith("$.") else field
+    return ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path)
 
 
 def control_frame(op: str, **fields: Any) -> bytes:

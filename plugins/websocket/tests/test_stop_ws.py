@@ -99,7 +99,7 @@ async def test_resume_after_a_stop_gets_the_rest_and_the_single_abort() -> None:
         ({"op": "abort"}, "bad_message", "stream"),
         ({"op": "abort", "stream": ""}, "bad_message", "stream"),
         ({"op": "abort", "stream": 5}, "bad_message", "stream"),
-        ({"op": "abort", "stream": "x" * 257}, "bad_message", "stream"),
+        ({"op": "abort", "stream": "x" * 257, "id": "long"}, "bad_message", "stream"),
         ({"op": "abort", "stream": "s", "reason": "r" * 201}, "bad_message", "reason"),
         ({"op": "abort", "stream": "s", "by": "moderation"}, "bad_message", "by"),
         ({"op": "abort", "stream": "nobody", "id": "q"}, "unknown_stream", "stream"),
@@ -114,6 +114,7 @@ async def test_bad_abort_messages_get_clear_errors_and_the_connection_survives(
         error = await peer.expect("error")
         assert error["code"] == code and error["field"] == field, error
         assert error["message"]
+        assert error.get("id") == message.get("id")  # echoed when the frame had one, even a bad frame
         await peer.send({"op": "ping", "id": 1})
         assert await peer.expect("pong") == {"op": "pong", "id": 1}
         assert not live.cancelled and not bus.ended("s")
