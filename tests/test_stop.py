@@ -51,7 +51,7 @@ class FakeRoute:
 
 
 async def test_stop_of_a_local_stream_cancels_its_producer_and_publishes_one_abort() -> None:
-    started, cancelled = anyio.Event(), []
+    started, cancelled = anyio.Event(), list[bool]()
     route = FakeRoute({})
     async with Bus() as bus:
         bus.add_stop_route(route)

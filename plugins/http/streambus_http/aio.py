@@ -323,10 +323,13 @@ def add_routes(
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
-            if expected is not None and checks_token:
-                if not hmac.compare_digest(_presented(request).encode(), expected):
-                    content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
-                    return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
+            if (
+                expected is not None
+                and checks_token
+                and not hmac.compare_digest(_presented(request).encode(), expected)
+            ):
+                content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
+                return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
             return await handler(request, cors)
 
         return wrapped
@@ -423,7 +426,9 @@ def add_routes(
             return web.Response(status=204, headers=cors)
         return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
 
-    async def stop_reply(request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None) -> web.Response:
+    async def stop_reply(
+        request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None
+    ) -> web.Response:
         def answer(status: int, **fields: Any) -> web.Response:
             return web.json_response(fields, status=status, headers=cors)
 
