@@ -65,6 +65,7 @@ def _require_asyncio() -> None:
 
 MAX_STOP_REASON = 200
 """Longest ``reason`` a stop request may carry, in characters (longer ones get 400)."""
+_MAX_STOP_BODY = 4096  # bytes: a JSON object with a reason fits many times over
 
 
 class StopPermission:
@@ -432,6 +433,15 @@ def add_routes(
         def answer(status: int, **fields: Any) -> web.Response:
             return web.json_response(fields, status=status, headers=cors)
 
+        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
+        if flt is not None:
+            stream = hub.pick(flt)
+        refused = stop_permission(permission, request, stream)
+        if refused is not None:
+            return answer(refused[0], error=refused[1])
+        # Read only after the permission: a caller who may not stop cannot make us read a body.
+        if (request.content_length or 0) > _MAX_STOP_BODY:
+            return answer(400, error=f"the body must be at most {_MAX_STOP_BODY} bytes")
         try:
             raw = await request.read()
             data = orjson.loads(raw) if raw.strip() else {}
@@ -442,12 +452,6 @@ def add_routes(
         reason = data.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_STOP_REASON:
             return answer(400, error=f"reason: must be a string of at most {MAX_STOP_REASON} characters")
-        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
-        if flt is not None:
-            stream = hub.pick(flt)
-        refused = stop_permission(permission, request, stream)
-        if refused is not None:
-            return answer(refused[0], error=refused[1])
         if stream is None:
             assert flt is not None
             ended = any(flt.matches(start) for start in hub.streams())
