@@ -25,6 +25,7 @@ from .errors import (
     StreamClosed,
     StreamsFailed,
     SubscriptionClosed,
+    UnknownOption,
     WireError,
 )
 from .events import (
@@ -77,6 +78,7 @@ __all__ = [
     "StreamsFailed",
     "Subscription",
     "SubscriptionClosed",
+    "UnknownOption",
     "Usage",
     "WireError",
     "__version__",

@@ -11,6 +11,8 @@ so ``except StreamBusError`` catches them all::
     ├── StreamsFailed          streams of a pipeline run ended in ``error`` (``streambus run`` exits 1)
     ├── PluginError            a plugin is unknown or failed to import
     │   └── PluginNotFound     ... no plugin of that name is installed (``kind``, ``name``)
+    ├── UnknownOption          a plugin was given a keyword option it does not have (``plugin``, ``key``);
+    │                          also a ``TypeError`` and a ``ValueError``, as Python and the option rule expect
     ├── RecordingError         a recording file is damaged (names the line)
     ├── BusClosed              publishing to, or subscribing on, a closed bus
     ├── StreamClosed           writing to a stream that already ended
@@ -29,6 +31,7 @@ on the text.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ __all__ = [
     "StreamClosed",
     "StreamsFailed",
     "SubscriptionClosed",
+    "UnknownOption",
     "WireError",
 ]
 
@@ -134,6 +138,24 @@ class PluginNotFound(PluginError):
     def __init__(self, message: str, *, kind: str, name: str, hint: str | None = None) -> None:
         super().__init__(message, name=name, hint=hint)
         self.kind = kind
+
+
+class UnknownOption(StreamBusError, TypeError, ValueError):
+    """A plugin was built with a keyword option its ``Options`` does not have.
+
+    ``plugin`` names the class, ``key`` the option, ``known`` every option it
+    has. It is a ``TypeError`` (what Python raises for an unexpected keyword
+    argument) and a ``ValueError`` (what every other invalid option raises),
+    so either ``except`` catches it.
+    """
+
+    def __init__(self, *, plugin: str, key: str, known: list[str]) -> None:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        super().__init__(f"{plugin}: unknown field `{key}`; {hint}its options are {', '.join(known)}")
+        self.plugin = plugin
+        self.key = key
+        self.known = known
 
 
 class RecordingError(StreamBusError):

@@ -114,9 +114,7 @@ class HttpSink(PluginBase):
     buffer = 4096
 
     def __init__(self, options: Options | None = None, **keywords: Any) -> None:
-        if options is not None and keywords:
-            raise TypeError("pass either an Options or keywords, not both")
-        self.options = options or self.Options(**keywords)
+        self.options: HttpSink.Options = self.resolve_options(options, keywords)
         opts = self.options
         self.hub = StreamHub(per_stream=opts.per_stream, max_streams=opts.max_streams, max_events=opts.max_events)
         self.port: int | None = None

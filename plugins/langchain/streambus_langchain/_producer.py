@@ -97,9 +97,13 @@ class ChatModelProducer(PluginBase):
                     raise ValueError(f"messages[{i}].content: missing")
 
     def __init__(self, options: Options | None = None, *, chat_model: BaseChatModel | None = None, **keys: Any) -> None:
-        if options is not None and keys:
-            raise TypeError("give either options or option keywords, not both")
-        self.options = options if options is not None else self.Options(**keys)
+        if isinstance(options, BaseChatModel):
+            # The likely slip: ChatModelProducer(ChatOllama(...)). Name it, and the fix.
+            raise TypeError(
+                f"ChatModelProducer: got a chat model ({type(options).__name__}) as the first argument, which "
+                "takes ChatModelProducer.Options; pass the model as chat_model=... and options as keywords"
+            )
+        self.options: ChatModelProducer.Options = self.resolve_options(options, keys)
         if chat_model is None:
             if not self.options.chat_model:
                 raise ValueError("chat_model: give a chat model object or an import path")

@@ -155,3 +155,17 @@ async def test_trio_gets_a_clear_error() -> None:
         with pytest.raises(WrongEventLoop, match="needs asyncio.*this is trio"):
             await producer.generate(bus, "hi")
         await anyio.lowlevel.checkpoint()
+
+
+def test_bad_first_arguments_and_keywords_are_named() -> None:
+    model = GenericFakeChatModel(messages=iter(["x"]))
+    with pytest.raises(TypeError, match=r"got a chat model \(GenericFakeChatModel\) .*chat_model=") as info:
+        ChatModelProducer(model)  # type: ignore[arg-type]
+    assert "ChatModelProducer.Options" in str(info.value)
+    with pytest.raises(TypeError, match=r"got dict; give settings as keywords"):
+        ChatModelProducer({"prompt": "hi"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and prompt\)"):
+        ChatModelProducer(ChatModelProducer.Options(), chat_model=model, prompt="hi")
+    with pytest.raises(TypeError, match=r"unknown field `promt`; did you mean `prompt`\?"):
+        ChatModelProducer(chat_model=model, promt="hi")
+    assert ChatModelProducer(chat_model=model, prompt="hi").options.prompt == "hi"
