@@ -89,20 +89,12 @@ class _RunStart(AsyncCallbackHandler):
         """Set by the producer once the bus stream is open."""
 
     async def on_chat_model_start(
-        self,
-        serialized: dict[str, Any],
-        messages: list[list[BaseMessage]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
     ) -> None:
         """Record the identity of the first model run; wait until its stream is open."""
         if self.known.is_set():
             return  # a nested model run: the outer run names the stream
-        self.identity = model_identity(self.chat_model, metadata, kwargs.get("invocation_params"))
+        self.identity = model_identity(self.chat_model, kwargs.get("metadata"), kwargs.get("invocation_params"))
         self.known.set()
         await self.opened.wait()
 
