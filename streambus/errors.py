@@ -20,9 +20,27 @@ so ``except StreamBusError`` catches them all::
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
     │
+    │   defined beside what raises them, in the core:
+    ├── StreamFailed           streambus.subscription: ``Subscription.text()`` met ``error``/``abort`` (``event``)
+    ├── RecorderError          streambus.builtins.recorder: a recording file could not be written (``path``, ``errno``)
+    │
     │   raised by plugins, defined in their packages:
     ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
-    └── ModerationAPIError     streambus_moderation: the moderation endpoint answered an error (``status``)
+    ├── ModerationAPIError     streambus_moderation: the moderation endpoint answered an error (``status``)
+    ├── HttpStreamError        streambus_http: a request cannot be served (``status``)
+    │   └── ResumeError        ... its ``Last-Event-ID`` is malformed (400) or evicted (409)
+    ├── BroadcasterError       streambus_websocket: the broadcaster cannot start (port, token)
+    ├── ProtocolError          streambus_websocket: an inbound frame was refused (``code``, ``field``)
+    ├── TailError              streambus_websocket: ``streambus tail`` cannot go on (also a ``click.ClickException``)
+    ├── AsyncioRequired        streambus_redis: redis-py ran outside asyncio
+    ├── RedisGap               streambus_redis: entries were lost before a consumer read them
+    ├── WrongEventLoop         streambus_langchain: LangChain's async API outside asyncio (also a ``RuntimeError``)
+    ├── StreamAborted          streambus_langchain: the run's stream was aborted on the bus (``stream``, ``by``)
+    ├── RecordedStreamError    streambus_langchain: a recorded stream ended in ``error`` (``kind``)
+    └── DemoError              streambus_demo: the demo cannot start (a port in use, a server silent)
+
+A test (``tests/test_errors_tree.py``) checks that every exception class in
+the core and the plugins derives from :class:`StreamBusError` and is drawn here.
 
 Each error carries the offending piece of input as attributes, so callers can
 react without parsing the message: branch on the type and attributes, never

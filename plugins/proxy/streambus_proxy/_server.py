@@ -235,7 +235,7 @@ def proxy_command(
             "allowed_origins": allowed_origins,
         }
         anyio.run(_serve, pipeline, upstream, host, port, options)
-    except (StreamBusError, ProxyError) as exc:
+    except StreamBusError as exc:  # ProxyError is one
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
