@@ -212,6 +212,7 @@ class ChatModelProducer(PluginBase):
         started = time.perf_counter()
         chunks = self.chat_model.astream(messages, config=config, **call_kwargs)
         send, receive = anyio.create_memory_object_stream[AIMessageChunk | _Failed](0)
+        failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             # The model runs in a task of its own so that its run's start (which names the
             # model) can be awaited here, and the stream opened, before its request goes out.
@@ -226,8 +227,12 @@ class ChatModelProducer(PluginBase):
                         self.stream_ids.append(w.stream)
                         run.opened.set()
                         await _publish(w, receive, started)
+                except Exception as exc:  # BusClosed...: raised as it is below, not inside an ExceptionGroup
+                    failure = exc
                 finally:
                     tg.cancel_scope.cancel()  # an abort left the block: close the model's stream
+        if failure is not None:
+            raise failure
         return w.stream
 
 

@@ -8,7 +8,7 @@ from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk
 from streambus_langchain import ChatModelProducer, WrongEventLoop, model_identity
 
-from streambus import AbortEvent, Bus, ConfigError, DeltaEvent, EndEvent, ErrorEvent, Usage
+from streambus import AbortEvent, Bus, BusClosed, ConfigError, DeltaEvent, EndEvent, ErrorEvent, Usage
 from streambus.plugins import build
 from streambus.testing import EventCapture
 from streambus.wire import merge_tool_calls, parse_tool_text
@@ -209,3 +209,13 @@ def test_model_identity_prefers_the_run_metadata() -> None:
     assert model_identity(model) == ("GenericFakeChatModel", "genericfakechatmodel")
     assert model_identity(model, {"ls_model_name": "m1", "ls_provider": "p1"}) == ("m1", "p1")
     assert model_identity(model, None, {"model": "m2"}) == ("m2", "genericfakechatmodel")
+
+
+async def test_a_closed_bus_raises_bus_closed_and_leaves_the_model_unasked(scripted: Any) -> None:
+    model = scripted(chunks=[AIMessageChunk(content="a")])
+    bus = Bus()
+    async with bus:
+        pass
+    with pytest.raises(BusClosed, match="not running"):  # as it is, not inside an ExceptionGroup
+        await ChatModelProducer(chat_model=model).generate(bus, "hi")
+    assert model.closed == []  # its stream was never started: the run waited for the bus stream
