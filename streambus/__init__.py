@@ -26,6 +26,7 @@ from .errors import (
     StreamClosed,
     StreamsFailed,
     SubscriptionClosed,
+    UnknownOption,
     WireError,
 )
 from .events import (
@@ -82,6 +83,7 @@ __all__ = [
     "StreamsFailed",
     "Subscription",
     "SubscriptionClosed",
+    "UnknownOption",
     "Usage",
     "WireError",
     "__version__",

@@ -59,7 +59,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -89,6 +88,7 @@ from .plugins import discover, install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
 from .scrubbing import Scrubber, mask_secrets
+from .serving import AppServer
 
 __all__ = ["KEEP_ALIVE", "UNMATCHED_STATUS", "MockServer", "ServedRequest", "Unmatched"]
 
@@ -278,7 +278,7 @@ class MockServer:
             )
         self.requests: list[ServedRequest] = []
         """Every request answered so far, in order."""
-        self._runner: web.AppRunner | None = None
+        self._server: AppServer | None = None
         self._url: str | None = None
 
     @staticmethod
@@ -614,31 +614,23 @@ class MockServer:
                 f"MockServer.start() needs asyncio (aiohttp), not {library}; "
                 "use `with server.running() as url:` to serve from a background thread instead"
             ) from None
-        if self._runner is not None:
+        if self._server is not None:
             raise RuntimeError("the mock server is already running")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        server = AppServer(host, port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
+            self._url = await server.start(self.app(), shutdown_timeout=1.0)
+        except BaseException:
+            await server.close()
             raise
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
-        self._runner = runner
-        bound = sock.getsockname()[1]
-        self._url = f"http://[{host}]:{bound}" if family == socket.AF_INET6 else f"http://{host}:{bound}"
+        self._server = server
         log.info("mockserver.started", url=self._url, models=self.models, formats=list(self.formats))
         return self._url
 
     async def close(self) -> None:
         """Stop serving (in-flight responses are cut off)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.close()
         session, self._fallback_session = self._fallback_session, None
         if session is not None:
             await session.close()

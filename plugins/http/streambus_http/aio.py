@@ -15,7 +15,6 @@ disconnects ends the response cleanly (at the latest one idle tick later).
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,11 +22,11 @@ import orjson
 import sniffio
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from streambus import Filter, StopFailed, StopOutcome
 from streambus.access import OriginPolicy
+from streambus.serving import OncePerClient, server_logger
 
 from ._errors import HttpStreamError
 from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
@@ -109,45 +108,6 @@ def _presented(request: web.Request) -> str:
     return given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
 
 
-# Remote addresses already logged for a refusal: a client hammering the server gets one line.
-_LOGGED_LIMIT = 4096
-
-
-class _OnePerClient(logging.Filter):
-    """aiohttp logs a traceback for every malformed request (a duplicate ``Host``...): keep one line per client.
-
-    Only :class:`aiohttp.http.HttpProcessingError` (the client's fault) is
-    shortened and de-duplicated; any other error keeps its traceback.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        client = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
-        if client in self.seen:
-            return False
-        if len(self.seen) >= _LOGGED_LIMIT:
-            self.seen.clear()
-        self.seen.add(client)
-        record.msg, record.args = "refused a malformed request from %s: %s", (client, " ".join(str(exc).split()))
-        record.exc_info, record.exc_text = None, None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-def server_logger(name: str) -> logging.Logger:
-    """The logger to give ``aiohttp.web.AppRunner(logger=...)``: malformed requests make one line per client."""
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _OnePerClient) for f in logger.filters):
-        logger.addFilter(_OnePerClient())
-    return logger
-
-
 def origin_guard(policy: OriginPolicy) -> Middleware:
     """An aiohttp middleware applying *policy* (:class:`streambus.access.OriginPolicy`) to every request.
 
@@ -159,7 +119,7 @@ def origin_guard(policy: OriginPolicy) -> Middleware:
 
         app = web.Application(middlewares=[origin_guard(OriginPolicy(bind_host="127.0.0.1", port=8090))])
     """
-    logged: set[str] = set()
+    first_refusal = OncePerClient()
 
     @web.middleware
     async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -172,10 +132,7 @@ def origin_guard(policy: OriginPolicy) -> Middleware:
         if refusal is None:
             return await handler(request)
         client = request.remote or ""
-        if client not in logged:
-            if len(logged) >= _LOGGED_LIMIT:
-                logged.clear()
-            logged.add(client)
+        if first_refusal(client):
             log.warning("http.refused", client=client, status=refusal.status, reason=refusal.reason)
         return web.Response(status=refusal.status, text=refusal.reason + "\n")
 

@@ -216,9 +216,7 @@ class WebSocketSink(PluginBase):
         token: str | Iterable[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either an Options object or keyword options, not both")
-        self.options = options if options is not None else self.Options(**kwargs)
+        self.options: WebSocketSink.Options = self.resolve_options(options, kwargs)
         self._tokens: list[bytes] | None = None
         if token is not None:
             given = [token] if isinstance(token, str) else list(token)
