@@ -21,10 +21,12 @@ from .errors import (
     PluginNotFound,
     RecordingError,
     SinkFailed,
+    StopFailed,
     StreamBusError,
     StreamClosed,
     StreamsFailed,
     SubscriptionClosed,
+    UnknownOption,
     WireError,
 )
 from .events import (
@@ -43,6 +45,7 @@ from .events import (
 )
 from .logging import configure_logging
 from .plugins import PluginBase
+from .stopping import StopOutcome, StopRoute
 from .subscription import Filter, OverflowPolicy, StreamFailed, Subscription
 from .writer import StreamWriter, new_stream_id
 
@@ -70,6 +73,9 @@ __all__ = [
     "Sink",
     "SinkFailed",
     "StartEvent",
+    "StopFailed",
+    "StopOutcome",
+    "StopRoute",
     "StreamBusError",
     "StreamClosed",
     "StreamFailed",
@@ -77,6 +83,7 @@ __all__ = [
     "StreamsFailed",
     "Subscription",
     "SubscriptionClosed",
+    "UnknownOption",
     "Usage",
     "WireError",
     "__version__",

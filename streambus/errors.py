@@ -11,16 +11,37 @@ so ``except StreamBusError`` catches them all::
     ├── StreamsFailed          streams of a pipeline run ended in ``error`` (``streambus run`` exits 1)
     ├── PluginError            a plugin is unknown or failed to import
     │   └── PluginNotFound     ... no plugin of that name is installed (``kind``, ``name``)
+    ├── UnknownOption          a plugin was given a keyword option it does not have (``plugin``, ``key``);
+    │                          also a ``TypeError`` and a ``ValueError``, as Python and the option rule expect
     ├── RecordingError         a recording file is damaged (names the line)
     ├── BusClosed              publishing to, or subscribing on, a closed bus
     ├── StreamClosed           writing to a stream that already ended
     ├── SubscriptionClosed     a subscription was closed by the bus
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
+    ├── StopFailed             a stop route could not reach the stream's owner
+    │
+    │   defined beside what raises them, in the core:
+    ├── StreamFailed           streambus.subscription: ``Subscription.text()`` met ``error``/``abort`` (``event``)
+    ├── RecorderError          streambus.builtins.recorder: a recording file could not be written (``path``, ``errno``)
     │
     │   raised by plugins, defined in their packages:
     ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
-    └── ModerationAPIError     streambus_moderation: the moderation endpoint answered an error (``status``)
+    ├── ModerationAPIError     streambus_moderation: the moderation endpoint answered an error (``status``)
+    ├── HttpStreamError        streambus_http: a request cannot be served (``status``)
+    │   └── ResumeError        ... its ``Last-Event-ID`` is malformed (400) or evicted (409)
+    ├── BroadcasterError       streambus_websocket: the broadcaster cannot start (port, token)
+    ├── ProtocolError          streambus_websocket: an inbound frame was refused (``code``, ``field``)
+    ├── TailError              streambus_websocket: ``streambus tail`` cannot go on (also a ``click.ClickException``)
+    ├── AsyncioRequired        streambus_redis: redis-py ran outside asyncio
+    ├── RedisGap               streambus_redis: entries were lost before a consumer read them
+    ├── WrongEventLoop         streambus_langchain: LangChain's async API outside asyncio (also a ``RuntimeError``)
+    ├── StreamAborted          streambus_langchain: the run's stream was aborted on the bus (``stream``, ``by``)
+    ├── RecordedStreamError    streambus_langchain: a recorded stream ended in ``error`` (``kind``)
+    └── DemoError              streambus_demo: the demo cannot start (a port in use, a server silent)
+
+A test (``tests/test_errors_tree.py``) checks that every exception class in
+the core and the plugins derives from :class:`StreamBusError` and is drawn here.
 
 Each error carries the offending piece of input as attributes, so callers can
 react without parsing the message: branch on the type and attributes, never
@@ -29,6 +50,7 @@ on the text.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,10 +66,12 @@ __all__ = [
     "PluginNotFound",
     "RecordingError",
     "SinkFailed",
+    "StopFailed",
     "StreamBusError",
     "StreamClosed",
     "StreamsFailed",
     "SubscriptionClosed",
+    "UnknownOption",
     "WireError",
 ]
 
@@ -136,6 +160,24 @@ class PluginNotFound(PluginError):
         self.kind = kind
 
 
+class UnknownOption(StreamBusError, TypeError, ValueError):
+    """A plugin was built with a keyword option its ``Options`` does not have.
+
+    ``plugin`` names the class, ``key`` the option, ``known`` every option it
+    has. It is a ``TypeError`` (what Python raises for an unexpected keyword
+    argument) and a ``ValueError`` (what every other invalid option raises),
+    so either ``except`` catches it.
+    """
+
+    def __init__(self, *, plugin: str, key: str, known: list[str]) -> None:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        super().__init__(f"{plugin}: unknown field `{key}`; {hint}its options are {', '.join(known)}")
+        self.plugin = plugin
+        self.key = key
+        self.known = known
+
+
 class RecordingError(StreamBusError):
     """A recording file is damaged or of an unsupported version.
 
@@ -202,3 +244,12 @@ class SinkFailed(StreamBusError):
     def __init__(self, name: str) -> None:
         super().__init__(f"critical sink {name!r} failed")
         self.name = name
+
+
+class StopFailed(StreamBusError):
+    """A stop route could not carry a stop request (its engine is unreachable).
+
+    Raised by :meth:`Bus.stop <streambus.Bus.stop>`; the edges answer it with
+    503 (HTTP) or the ``stop_failed`` error (WebSocket). Retrying later may
+    help. The message names the route, never a credential.
+    """

@@ -7,12 +7,18 @@
     history.missed("s1", last_seq=41)         # every event after seq 41, or None: reload
     history.snapshot("s1")                    # start + the text so far as one delta per channel
 
+The payloads are bytes by default (what the websocket sink broadcast). A
+history built with ``snapshots=False`` keeps payloads of any type (the http
+hub keeps each event with its position in its global log)::
+
+    positions: StreamHistory[tuple[int, Event]] = StreamHistory(100, math.inf, None, time.monotonic, snapshots=False)
 
 Each stream keeps its last ``history_events`` encoded events (the bytes that
 were broadcast, so a replay costs no encoding) and, while it is live, the text
 so far of each channel for snapshots. An ended stream's history is kept for
 ``history_ttl`` seconds, then forgotten. At most ``max_streams`` streams are
-remembered; past that the oldest ended (then the oldest live) stream goes.
+remembered; past that the oldest ended (then the oldest live) stream goes. With
+``max_ended``, at most that many ended streams are kept (the first to end goes).
 
 Recovery is all or nothing: :meth:`StreamHistory.missed` returns every event after
 the client's last seq, in order, or ``None`` when the history no longer covers
@@ -27,29 +33,34 @@ import bisect
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from typing import Generic, Literal, TypeVar, overload
 
 from .coalesce import MergedDelta
 from .events import DeltaEvent, Event, StartEvent, encode, is_terminal
 
 __all__ = ["StreamHistory", "StreamLog"]
 
+P = TypeVar("P")
 
-def _seq(entry: tuple[int, int, bytes]) -> int:
+
+def _seq(entry: tuple[int, int, object]) -> int:
     return entry[1]
 
 
-class StreamLog:
+class StreamLog(Generic[P]):
     """History of one stream: its ``start``, its last events, its state."""
 
-    __slots__ = ("bytes", "channels", "ended", "entries", "expires", "last_seq", "start", "start_data")
+    __slots__ = ("bytes", "channels", "dropped", "ended", "entries", "expires", "last_seq", "start", "start_data")
 
     def __init__(self, limit: int) -> None:
         self.start: StartEvent | None = None
-        self.start_data: bytes | None = None
-        # (first source seq, seq, encoded event), oldest first.
-        self.entries: deque[tuple[int, int, bytes]] = deque(maxlen=limit)
+        self.start_data: P | None = None
+        # (first source seq, seq, payload), oldest first.
+        self.entries: deque[tuple[int, int, P]] = deque(maxlen=limit)
         self.bytes = 0
-        """Bytes of the payloads held in ``entries``."""
+        """Bytes of the payloads held in ``entries`` (when the payloads are ``bytes``)."""
+        self.dropped = 0
+        """Events the per-stream bounds dropped (0: ``entries`` holds every event recorded)."""
         self.last_seq = -1
         self.ended = False
         self.expires = 0.0
@@ -61,58 +72,97 @@ class StreamLog:
         return bool(self.entries) and self.entries[0][0] == 0
 
 
-class StreamHistory:
+class StreamHistory(Generic[P]):
     """Recent events of every stream, bounded in events per stream, streams and time.
 
     :param events_per_stream: events kept per stream (``history_events``).
-    :param ttl: seconds an ended stream stays recoverable (``history_ttl``).
-    :param max_streams: streams remembered at once.
+    :param ttl: seconds an ended stream stays recoverable (``history_ttl``; ``math.inf``: until evicted).
+    :param max_streams: streams remembered at once (``None``: no bound; the bus bounds live streams).
     :param clock: monotonic clock (tests pass a fake one).
     :param bytes_per_stream: payload bytes kept per stream (oldest dropped first), or ``None``.
+    :param max_ended: ended streams kept (the first to end goes first), or ``None``.
+    :param snapshots: keep the text so far of live streams for :meth:`snapshot` (payloads are
+        then ``bytes``); ``False`` keeps payloads of any type, the type the caller annotates.
     """
+
+    @overload
+    def __init__(
+        self: StreamHistory[bytes],
+        events_per_stream: int,
+        ttl: float,
+        max_streams: int | None,
+        clock: Callable[[], float],
+        *,
+        bytes_per_stream: int | None = None,
+        max_ended: int | None = None,
+        snapshots: Literal[True] = True,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        events_per_stream: int,
+        ttl: float,
+        max_streams: int | None,
+        clock: Callable[[], float],
+        *,
+        bytes_per_stream: int | None = None,
+        max_ended: int | None = None,
+        snapshots: Literal[False],
+    ) -> None: ...
 
     def __init__(
         self,
         events_per_stream: int,
         ttl: float,
-        max_streams: int,
+        max_streams: int | None,
         clock: Callable[[], float],
         *,
         bytes_per_stream: int | None = None,
+        max_ended: int | None = None,
+        snapshots: bool = True,
     ) -> None:
-        if events_per_stream < 0 or max_streams < 1 or ttl < 0:
+        if events_per_stream < 0 or (max_streams is not None and max_streams < 1) or ttl < 0:
             raise ValueError(
                 f"StreamHistory: events_per_stream must be >= 0, max_streams >= 1 and ttl >= 0 "
                 f"(got {events_per_stream}, {max_streams}, {ttl})"
             )
         if bytes_per_stream is not None and bytes_per_stream < 1:
             raise ValueError(f"StreamHistory: bytes_per_stream must be at least 1 or None, got {bytes_per_stream}")
+        if max_ended is not None and max_ended < 0:
+            raise ValueError(f"StreamHistory: max_ended must be >= 0 or None, got {max_ended}")
         self.bytes_per_stream = bytes_per_stream
         self.events_per_stream = events_per_stream
         self.ttl = ttl
         self.max_streams = max_streams
+        self.max_ended = max_ended
+        self.snapshots = snapshots
         self._clock = clock
-        self._logs: OrderedDict[str, StreamLog] = OrderedDict()
+        self._logs: OrderedDict[str, StreamLog[P]] = OrderedDict()
         self._ended: deque[tuple[float, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._logs)
 
-    def get(self, stream: str) -> StreamLog | None:
+    def get(self, stream: str) -> StreamLog[P] | None:
         """The log of *stream*, if remembered."""
         return self._logs.get(stream)
 
-    def live(self) -> list[StreamLog]:
+    def logs(self) -> list[StreamLog[P]]:
+        """Logs of every remembered stream, live or ended, in the order they were first seen."""
+        return list(self._logs.values())
+
+    def live(self) -> list[StreamLog[P]]:
         """Logs of the streams that have not ended, oldest first."""
         return [log for log in self._logs.values() if not log.ended]
 
-    def record(self, event: Event, data: bytes) -> StreamLog:
-        """Append *event* (already encoded as *data*) to its stream's history."""
+    def record(self, event: Event, data: P) -> StreamLog[P]:
+        """Append *event* (already encoded as *data*, its payload) to its stream's history."""
         stream = event.stream
         log = self._logs.get(stream)
         if log is None:
             log = self._logs[stream] = StreamLog(self.events_per_stream)
-            if len(self._logs) > self.max_streams:
+            if self.max_streams is not None and len(self._logs) > self.max_streams:
                 self._evict_one()
         if type(event) is StartEvent:
             log.start = event
@@ -122,7 +172,7 @@ class StreamHistory:
             first = seq if event.first_seq is None else event.first_seq
             self._append(log, first, seq, data)
             log.last_seq = seq
-            if not log.ended:
+            if self.snapshots and not log.ended:
                 chan = log.channels.get(event.channel)
                 if chan is None:
                     log.channels[event.channel] = MergedDelta(event)
@@ -135,24 +185,37 @@ class StreamHistory:
             log.ended = True
             log.channels = {}
             log.expires = self._clock() + self.ttl
-            self._ended.append((log.expires, stream))
+            ended = self._ended
+            ended.append((log.expires, stream))
+            if self.max_ended is not None and len(ended) > self.max_ended:
+                self._forget_ended(ended.popleft())
         return log
 
-    def _append(self, log: StreamLog, first: int, seq: int, data: bytes) -> None:
+    def _forget_ended(self, entry: tuple[float, str]) -> None:
+        expires, stream = entry
+        log = self._logs.get(stream)
+        # Skip an entry left behind by an evicted stream or by an id that ended twice.
+        if log is not None and log.ended and log.expires == expires:
+            del self._logs[stream]
+
+    def _append(self, log: StreamLog[P], first: int, seq: int, data: P) -> None:
         entries = log.entries
         if entries.maxlen == 0:
+            log.dropped += 1
             return
         if len(entries) == entries.maxlen:
-            log.bytes -= len(entries.popleft()[2])
+            log.bytes -= _size(entries.popleft()[2])
+            log.dropped += 1
         entries.append((first, seq, data))
-        log.bytes += len(data)
+        log.bytes += _size(data)
         limit = self.bytes_per_stream
         if limit is not None:
             # The oldest go first; the newest event stays even when it alone is larger.
             while log.bytes > limit and len(entries) > 1:
-                log.bytes -= len(entries.popleft()[2])
+                log.bytes -= _size(entries.popleft()[2])
+                log.dropped += 1
 
-    def fill(self, events: Sequence[Event]) -> bool:
+    def fill(self: StreamHistory[bytes], events: Sequence[Event]) -> bool:
         """Hold a stream as fetched from an engine (:meth:`streambus.archive.StreamArchive.fetch`).
 
         *events* are one stream's events from its ``start`` on, gap-free, in
@@ -174,13 +237,13 @@ class StreamHistory:
             self.record(event, encode(event))
         return True
 
-    def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[bytes]]:
+    def recently_ended(self, limit: int, matches: Callable[[StartEvent], bool]) -> list[list[P]]:
         """Every event of up to *limit* ended streams whose ``start`` *matches*, the streams in the order they ended.
 
         Only streams still held whole (from their ``start``) count: the most
         recently ended ones, since older ones are the first to expire.
         """
-        found: list[list[bytes]] = []
+        found: list[list[P]] = []
         for expires, stream in reversed(self._ended):
             if len(found) >= limit:
                 break
@@ -210,7 +273,7 @@ class StreamHistory:
                 return
         self._logs.popitem(last=False)
 
-    def missed(self, stream: str, last_seq: int) -> list[bytes] | None:
+    def missed(self, stream: str, last_seq: int) -> list[P] | None:
         """Every event of *stream* after *last_seq*, in order; ``None`` if not fully covered.
 
         An empty list means the client missed nothing. ``None`` means the
@@ -233,22 +296,38 @@ class StreamHistory:
             return None
         return [data for _, _, data in itertools.islice(entries, index, None)]
 
-    def replay_all(self, stream: str) -> list[bytes] | None:
+    def find(self, stream: str, seq: int) -> P | None:
+        """The payload of *stream*'s event *seq* (a coalesced delta by its last seq), if still held."""
+        log = self._logs.get(stream)
+        if log is None:
+            return None
+        entries = log.entries
+        index = bisect.bisect_left(entries, seq, key=_seq)
+        if index < len(entries) and entries[index][1] == seq:
+            return entries[index][2]
+        return None
+
+    def replay_all(self, stream: str) -> list[P] | None:
         """Every event of *stream* from its ``start``; ``None`` if the start was already dropped."""
         log = self._logs.get(stream)
         if log is None or not log.complete:
             return None
         return [data for _, _, data in log.entries]
 
-    def snapshot(self, stream: str) -> list[bytes] | None:
+    def snapshot(self: StreamHistory[bytes], stream: str) -> list[bytes] | None:
         """The ``start`` of a live stream, then one coalesced delta per channel, in seq order.
 
-        ``None`` if the stream is not live here or its ``start`` was never seen.
+        ``None`` if the stream is not live here or its ``start`` was never seen
+        (or the history was built with ``snapshots=False``).
         """
         log = self._logs.get(stream)
-        if log is None or log.ended or log.start_data is None:
+        if not self.snapshots or log is None or log.ended or log.start_data is None:
             return None
         frames = [log.start_data]
         for chan in sorted(log.channels.values(), key=lambda chan: chan.seq):
             frames.append(encode(chan.event()))
         return frames
+
+
+def _size(data: object) -> int:
+    return len(data) if type(data) is bytes else 0

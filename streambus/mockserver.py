@@ -28,10 +28,17 @@ producer parses. ``/api/show`` reports the capabilities the recordings show
 models answered in the last :data:`KEEP_ALIVE` seconds, as Ollama keeps a
 model loaded that long after its last use.
 
-Which recording answers a request: the recorded streams of the requested
-model, in recorded order, cycling (``llama3.2`` and ``llama3.2:latest`` are
-the same model). An unknown model gets the provider's own error body and
-status (404). A streamed answer reproduces the recorded gaps between events
+Which recording answers a request: when the recording stores the requests
+its streams answered (the ``request`` of a ``start`` line, written by
+:mod:`streambus.cassette`), the stream whose request *matches* the incoming
+one (:mod:`streambus.matching`: ``normalized`` by default, ``exact``, or a
+function), in recorded order among equal requests, cycling. A request that
+matches none gets the provider's error body (status 404) naming the closest
+recorded request and how the two differ, or is forwarded to *fallback* when
+one is set. A recording without requests is answered by model: the recorded
+streams of the requested model, in recorded order, cycling (``llama3.2`` and
+``llama3.2:latest`` are the same model). An unknown model gets the
+provider's own error body and status (404). A streamed answer reproduces the recorded gaps between events
 (scaled by *speed*, capped by *idle_limit*, or none with *burst*); a request
 with ``stream: false`` waits the recorded duration and gets the assembled body.
 
@@ -52,7 +59,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -66,6 +72,7 @@ import sniffio
 import structlog
 
 try:
+    import aiohttp
     from aiohttp import web
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -76,11 +83,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .errors import PluginError
 from .events import DeltaEvent, EndEvent, Event, StartEvent
 from .formats import LoadedModels, ModelDetails, ModelsRoute, WireFormat, load_format
+from .matching import Matcher, RecordedRequest, closest, exact, matcher
 from .plugins import discover, install_hint
 from .recording import Recording, read_recording
 from .replay import plan_streams
+from .scrubbing import Scrubber, mask_secrets
+from .serving import AppServer
 
-__all__ = ["KEEP_ALIVE", "MockServer", "ServedRequest"]
+__all__ = ["KEEP_ALIVE", "UNMATCHED_STATUS", "MockServer", "ServedRequest", "Unmatched"]
+
+UNMATCHED_STATUS = 404
+"""The status of the provider-shaped error a request that matches no recorded request gets."""
 
 log = structlog.get_logger("streambus.mockserver")
 
@@ -104,6 +117,32 @@ class ServedRequest:
     stream: str | None
     """The recorded stream id that answered, if any."""
     streamed: bool
+    request: RecordedRequest | None = None
+    """The model request as the matchers saw it (credentials scrubbed); ``None`` for other routes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unmatched:
+    """A model request no recorded request matched (see :attr:`MockServer.unmatched`)."""
+
+    request: RecordedRequest
+    closest: RecordedRequest | None
+    """The nearest recorded request, ``None`` when the recording holds none."""
+    differences: tuple[str, ...]
+    """How :attr:`request` differs from :attr:`closest`."""
+
+    @property
+    def message(self) -> str:
+        """What the client is told: the request, the closest recorded one, and how they differ.
+
+        Anything in them that looks like a key is shown masked (:func:`~streambus.scrubbing.mask_secrets`).
+        """
+        text = f"streambus mock: no recorded request matches {self.request.describe()}"
+        if self.closest is None:
+            return mask_secrets(text + "; the recording holds no requests (record it first)")
+        shown = "; ".join(self.differences[:5]) + ("; ..." if len(self.differences) > 5 else "")
+        closest = self.closest.describe()
+        return mask_secrets(f"{text}; closest recorded: {closest}, which differs in {shown or 'nothing compared'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +186,18 @@ class MockServer:
         and every other installed format.
     :param lenient: read the recording skipping invalid lines.
     :param ollama_version: what ``/api/version`` reports.
+    :param match: how a request finds its recorded stream: ``"normalized"``, ``"exact"``
+        or a function ``(recorded, incoming) -> bool`` (:mod:`streambus.matching`), or
+        ``"model"`` (by model, cycling). ``None`` (default): ``"normalized"`` when the
+        recording stores requests, else ``"model"``.
+    :param requests: the recorded requests by stream id, when *source* is events
+        (a recording file or :class:`~streambus.recording.Recording` brings its own).
+    :param scrubber: scrubs incoming requests as the recorded ones were before they are
+        compared (so a scrubbed body field still matches); the default scrubs headers only.
+    :param fallback: a base URL unmatched model requests are forwarded to (the proxy in
+        front of the real upstream, to record new episodes); ``None``: answer them 404.
+    :param unmatched_hint: added to the error an unmatched request gets (where the
+        recording lives, how to record the request).
     """
 
     def __init__(
@@ -159,6 +210,11 @@ class MockServer:
         formats: Sequence[str] | None = None,
         lenient: bool = False,
         ollama_version: str = "0.6.0",
+        match: str | Matcher | None = None,
+        requests: Mapping[str, Mapping[str, Any]] | None = None,
+        scrubber: Scrubber | None = None,
+        fallback: str | None = None,
+        unmatched_hint: str = "",
     ) -> None:
         if not speed > 0:
             raise ValueError(f"speed: must be positive, got {speed}")
@@ -168,15 +224,37 @@ class MockServer:
         self.burst = burst
         self.idle_limit = idle_limit
         self.ollama_version = ollama_version
-        events = self._events(source, lenient)
+        asked: dict[str, Mapping[str, Any]] = dict(requests or {})
+        events = self._events(source, lenient, asked)
         plans, _, _ = plan_streams(events)
         self._answers: dict[str, list[_Answer]] = {}
         self._channels: dict[str, set[str]] = {}
+        self.recorded: list[tuple[RecordedRequest, str]] = []
+        """The recorded requests with the id of the stream that answered each, in recorded order."""
+        by_stream: dict[str, _Answer] = {}
         for plan in plans:
             key = _base_model(plan.start.model)
-            self._answers.setdefault(key, []).append(self._answer(_with_timings(plan.events)))
+            answer = self._answer(_with_timings(plan.events))
+            by_stream[plan.stream] = answer
+            self._answers.setdefault(key, []).append(answer)
             channels = self._channels.setdefault(key, set())
             channels.update(e.channel for e in plan.events if isinstance(e, DeltaEvent))
+            if plan.stream in asked:
+                try:
+                    self.recorded.append((RecordedRequest.from_json(asked[plan.stream]), plan.stream))
+                except ValueError as exc:
+                    raise ValueError(f"the request of recorded stream {plan.stream!r}: {exc}") from None
+        self._by_stream = by_stream
+        if match is None:
+            match = "normalized" if self.recorded else "model"
+        self.match: Matcher | None = None if match == "model" else matcher(match)
+        """The matcher in use; ``None`` when requests are answered by model."""
+        self.scrubber = scrubber or Scrubber()
+        self.fallback = fallback.rstrip("/") if fallback else None
+        self.unmatched_hint = unmatched_hint
+        self.unmatched: list[Unmatched] = []
+        """Every model request no recorded request matched (forwarded to *fallback* or answered 404)."""
+        self._fallback_session: Any = None
         self._loaded: dict[str, float] = {}  # model -> UNIX time its keep-alive ends
         self._cursor: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -200,20 +278,25 @@ class MockServer:
             )
         self.requests: list[ServedRequest] = []
         """Every request answered so far, in order."""
-        self._runner: web.AppRunner | None = None
+        self._server: AppServer | None = None
         self._url: str | None = None
 
     @staticmethod
-    def _events(source: Any, lenient: bool) -> list[Event]:
+    def _events(source: Any, lenient: bool, requests: dict[str, Mapping[str, Any]]) -> list[Event]:
         if isinstance(source, Recording):
+            requests.update(source.requests)
             return list(source.events)
         if isinstance(source, str | Path):
-            return read_recording(source, lenient=lenient).events
+            recording = read_recording(source, lenient=lenient)
+            requests.update(recording.requests)
+            return recording.events
         items = list(source)
         if items and all(isinstance(p, str | Path) for p in items):
             out: list[Event] = []
             for path in items:
-                out.extend(read_recording(path, lenient=lenient).events)
+                recording = read_recording(path, lenient=lenient)
+                requests.update(recording.requests)
+                out.extend(recording.events)
             return out
         return items
 
@@ -249,6 +332,29 @@ class MockServer:
             assert isinstance(start, StartEvent)
             self._loaded[start.model] = time.time() + KEEP_ALIVE
         return answer
+
+    def _matched(self, incoming: RecordedRequest) -> _Answer | None:
+        """The next recorded stream whose request matches *incoming* (equal requests cycle in recorded order)."""
+        assert self.match is not None
+        found = [stream for recorded, stream in self.recorded if self.match(recorded, incoming)]
+        if not found:
+            return None
+        key = "\x00".join(found)
+        with self._lock:
+            index = self._cursor.get(key, 0)
+            self._cursor[key] = index + 1
+            answer = self._by_stream[found[index % len(found)]]
+            start = answer.events[0]
+            assert isinstance(start, StartEvent)
+            self._loaded[start.model] = time.time() + KEEP_ALIVE
+        return answer
+
+    def _unmatched(self, incoming: RecordedRequest) -> Unmatched:
+        recorded = [r for r, _ in self.recorded]
+        near = closest(recorded, incoming, exactly=self.match is exact)
+        miss = Unmatched(incoming, None, ()) if near is None else Unmatched(incoming, recorded[near[0]], tuple(near[1]))
+        self.unmatched.append(miss)
+        return miss
 
     def _known(self, model: str) -> str | None:
         """The recorded name of *model* (``:latest`` or not), or ``None``."""
@@ -349,13 +455,27 @@ class MockServer:
 
         return handler
 
-    def _log(self, request: web.Request, model: str | None, status: int, stream: str | None, streamed: bool) -> None:
-        self.requests.append(ServedRequest(request.method, request.path, model, status, stream, streamed))
+    def _log(
+        self,
+        request: web.Request,
+        model: str | None,
+        status: int,
+        stream: str | None,
+        streamed: bool,
+        asked: RecordedRequest | None = None,
+    ) -> None:
+        self.requests.append(ServedRequest(request.method, request.path, model, status, stream, streamed, asked))
 
     def _error(
-        self, request: web.Request, fmt: WireFormat, status: int, message: str, model: str | None
+        self,
+        request: web.Request,
+        fmt: WireFormat,
+        status: int,
+        message: str,
+        model: str | None,
+        asked: RecordedRequest | None = None,
     ) -> web.Response:
-        self._log(request, model, status, None, False)
+        self._log(request, model, status, None, False, asked)
         log.info("mockserver.error", path=request.path, status=status, message=message)
         return web.json_response(fmt.error_body(status, message), status=status)
 
@@ -372,10 +492,29 @@ class MockServer:
             model = request.match_info.get("model") or body.get("model")
             if not isinstance(model, str) or not model:
                 return self._error(request, fmt, 400, "model is required", None)
-            answer = self._pick(model)
-            if answer is None:
-                message = _NOT_FOUND.get(fmt.name, "model '{model}' not found").format(model=model)
-                return self._error(request, fmt, 404, message, model)
+            asked = RecordedRequest(
+                method=request.method,
+                path=request.path,
+                body=self.scrubber.body(body),
+                format=fmt.name,
+                route=route,
+                model=model,
+                headers=self.scrubber.headers(request.headers),
+            )
+            if self.match is not None:
+                answer = self._matched(asked)
+                if answer is None:
+                    miss = self._unmatched(asked)
+                    if self.fallback is not None:
+                        return await self._forward(request, raw, model, asked)
+                    log.warning("mockserver.unmatched", message=miss.message)
+                    message = miss.message + (f" ({self.unmatched_hint})" if self.unmatched_hint else "")
+                    return self._error(request, fmt, UNMATCHED_STATUS, message, model, asked)
+            else:
+                answer = self._pick(model)
+                if answer is None:
+                    message = _NOT_FOUND.get(fmt.name, "model '{model}' not found").format(model=model)
+                    return self._error(request, fmt, 404, message, model, asked)
             recorded = answer.events[0].stream
             if not fmt.is_streaming(route, body):
                 await self._pause(answer.offsets[-1])
@@ -383,9 +522,9 @@ class MockServer:
                 # A recorded stream that failed assembles to the provider's
                 # error body, which real servers send with status 500.
                 status = 500 if "error" in assembled else 200
-                self._log(request, model, status, recorded, False)
+                self._log(request, model, status, recorded, False, asked)
                 return web.json_response(assembled, status=status, dumps=_dumps)
-            return await self._stream(request, fmt, route, body, answer, model)
+            return await self._stream(request, fmt, route, body, answer, model, asked)
 
         return handler
 
@@ -393,13 +532,48 @@ class MockServer:
         if not self.burst and seconds > 0:
             await asyncio.sleep(seconds / self.speed)
 
+    async def _forward(
+        self, request: web.Request, raw: bytes, model: str, asked: RecordedRequest
+    ) -> web.StreamResponse:
+        """Pass an unmatched request to :attr:`fallback` and its answer back, byte for byte as it arrives."""
+        assert self.fallback is not None
+        if self._fallback_session is None:
+            self._fallback_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300), auto_decompress=False
+            )
+        skip = {"host", "content-length", "transfer-encoding", "connection"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        url = self.fallback + request.rel_url.raw_path_qs
+        log.info("mockserver.forwarded", request=mask_secrets(asked.describe()), to=self.fallback)
+        async with self._fallback_session.post(url, data=raw, headers=headers, allow_redirects=False) as upstream:
+            keep = {"content-type", "x-streambus-stream"}
+            response = web.StreamResponse(
+                status=upstream.status, headers={k: v for k, v in upstream.headers.items() if k.lower() in keep}
+            )
+            await response.prepare(request)
+            self._log(request, model, upstream.status, None, True, asked)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:
+                log.info("mockserver.client_gone", path=request.path, model=model)
+        return response
+
     async def _stream(
-        self, request: web.Request, fmt: WireFormat, route: str, body: Mapping[str, Any], answer: _Answer, model: str
+        self,
+        request: web.Request,
+        fmt: WireFormat,
+        route: str,
+        body: Mapping[str, Any],
+        answer: _Answer,
+        model: str,
+        asked: RecordedRequest,
     ) -> web.StreamResponse:
         encoder = fmt.stream_encoder(route, body)
         response = web.StreamResponse(status=200, headers={"Content-Type": encoder.content_type})
         await response.prepare(request)
-        self._log(request, model, 200, answer.events[0].stream, True)
+        self._log(request, model, 200, answer.events[0].stream, True, asked)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -440,31 +614,26 @@ class MockServer:
                 f"MockServer.start() needs asyncio (aiohttp), not {library}; "
                 "use `with server.running() as url:` to serve from a background thread instead"
             ) from None
-        if self._runner is not None:
+        if self._server is not None:
             raise RuntimeError("the mock server is already running")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        server = AppServer(host, port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
+            self._url = await server.start(self.app(), shutdown_timeout=1.0)
+        except BaseException:
+            await server.close()
             raise
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.SockSite(runner, sock)
-        await site.start()
-        self._runner = runner
-        bound = sock.getsockname()[1]
-        self._url = f"http://[{host}]:{bound}" if family == socket.AF_INET6 else f"http://{host}:{bound}"
+        self._server = server
         log.info("mockserver.started", url=self._url, models=self.models, formats=list(self.formats))
         return self._url
 
     async def close(self) -> None:
         """Stop serving (in-flight responses are cut off)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.close()
+        session, self._fallback_session = self._fallback_session, None
+        if session is not None:
+            await session.close()
         self._url = None
 
     async def __aenter__(self) -> MockServer:

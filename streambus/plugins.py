@@ -32,6 +32,7 @@ that must be writable) goes in the plugin's :meth:`PluginBase.preflight`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -45,7 +46,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeAlias
 import msgspec
 import structlog
 
-from .errors import ConfigError, PluginError, PluginNotFound
+from .errors import ConfigError, PluginError, PluginNotFound, UnknownOption
 from .validation import validation_problem
 
 __all__ = [
@@ -107,10 +108,20 @@ class PluginBase:
     Subclasses set ``Options`` to a ``msgspec.Struct`` type (use
     ``forbid_unknown_fields=True`` so typos in configs are caught, and the
     bounded types above for numbers) and accept one argument, the options,
-    in ``__init__``.
+    in ``__init__``, or keyword options, resolved by :meth:`resolve_options`::
+
+        def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
+            self.options = self.resolve_options(options, keys)
     """
 
     Options: ClassVar[type[msgspec.Struct]]
+    keywords_override: ClassVar[bool] = False
+    """Whether keyword options given with an ``Options`` override its fields.
+
+    ``False`` (the default): giving both is a ``TypeError``, since one of them
+    would look ignored. ``True`` for plugins whose ``Options`` is a base
+    others are derived from: ``OllamaProducer(base, model="other")``.
+    """
 
     def preflight(self) -> None:
         """Check what the options need from this machine, without side effects.
@@ -131,24 +142,48 @@ class PluginBase:
 
     @classmethod
     def resolve_options(cls, options: Any, keys: Mapping[str, Any]) -> Any:
-        """The options an ``__init__(options=None, **keys)`` was given: *options*, or *keys* validated.
+        """The options an ``__init__(options=None, /, **keys)`` was given: the one rule every plugin follows.
 
-        Raises ``TypeError`` when both are given (one would be silently
-        ignored) or when *options* is not a ``cls.Options`` (the message names
-        what was given), and ``ValueError`` naming the key when a keyword
-        option is invalid (``msgspec.ValidationError`` is one).
+        - *options* alone (a ``cls.Options``) is used as given;
+        - *keys* alone are validated like a config file's table (types, bounds,
+          unknown keys) into a ``cls.Options``; the ``Options``' own checks
+          (``__post_init__``) run first, so their messages win; a path may be
+          given as a :class:`~pathlib.Path` where the option is a string;
+        - both: a ``TypeError`` naming the keywords, unless the class sets
+          :attr:`keywords_override`, where *keys* override the fields of
+          *options* and the result is validated again.
+
+        Raises ``TypeError`` when *options* is not a ``cls.Options`` (the
+        message names the type that was given), :class:`~streambus.errors.UnknownOption`
+        (a ``TypeError`` and a ``ValueError``) naming a key the ``Options`` does
+        not have, and ``ValueError`` naming the key when a keyword option is
+        invalid (``msgspec.ValidationError`` is one).
         """
         if options is not None:
             if not isinstance(options, cls.Options):
                 raise TypeError(
                     f"{cls.__name__}: the first argument must be a {cls.__name__}.Options, got "
-                    f"{type(options).__name__}; give settings as keywords instead ({cls.__name__}(key=value, ...))"
+                    f"{_describe_argument(options)}; give settings as keywords instead ({cls.__name__}(key=value, ...))"
                 )
-            if keys:
-                raise TypeError(f"{cls.__name__}: pass either options or keyword options, not both")
-            return options
+            if not keys:
+                return options
+            if not cls.keywords_override:
+                raise TypeError(
+                    f"{cls.__name__}: pass either options or keyword options, not both; give either an Options "
+                    f"or keywords (got an Options and {', '.join(sorted(keys))})"
+                )
+            keys = {**msgspec.structs.asdict(options), **keys}
+        fields = cls.Options.__struct_fields__
+        for key in keys:
+            if key not in fields:
+                raise UnknownOption(plugin=cls.__name__, key=key, known=sorted(fields))
+        keys = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in keys.items()}
+        # The Options' own checks (__post_init__) speak first, in the plugin's words; a value
+        # of the wrong type may trip them with a TypeError: msgspec names it below instead.
+        with contextlib.suppress(TypeError, AttributeError):
+            cls.Options(**keys)
         try:
-            return msgspec.convert(dict(keys), cls.Options)
+            return msgspec.convert(keys, cls.Options)
         except msgspec.ValidationError as exc:
             problem = validation_problem(exc)
             message, where = problem.message, problem.path or ""
@@ -158,6 +193,12 @@ class PluginBase:
             value = _describe_value(_lookup(dict(keys), where))
             key = where[1:].lstrip(".")
             raise ValueError(f"{key}: {_describe_bounds(cls.Options, where, bounded)}, got {value}") from None
+
+
+def _describe_argument(value: Any) -> str:
+    # The type only: a value given by mistake may be a URL with a password in it.
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def require_readable_file(key: str, path: str | Path) -> None:

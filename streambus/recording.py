@@ -13,6 +13,12 @@ number) and keeps everything before it; garbage or a wrong version in the
 middle is a :class:`~streambus.errors.RecordingError` naming the line, unless
 ``lenient=True`` (then such lines are skipped and counted). Files ending in
 ``.gz`` are read and written gzip-compressed. See ``docs/recording-format.md``.
+
+A ``start`` line may carry an optional ``request`` object: the request that
+stream answered (``method``, ``path``, ``body``, scrubbed ``headers``), which
+the mock server matches incoming requests against
+(:mod:`streambus.matching`). :attr:`Recording.requests` holds them by stream
+id; :func:`event_line` writes one. Recordings without it read as before.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from typing import IO, Any
 import orjson
 
 from .errors import DecodeError, RecordingError
-from .events import Event, decode, encode
+from .events import Event, StartEvent, decode, encode
 
 __all__ = [
     "FORMAT_VERSION",
     "Recording",
     "RecordingProblem",
+    "event_line",
     "header_line",
     "iter_recording",
     "open_recording",
@@ -66,6 +73,8 @@ class Recording:
     problems: list[RecordingProblem]
     header: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The whole header object, including keys a newer writer added."""
+    requests: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """The ``request`` object of each ``start`` line that has one, by stream id."""
 
     @property
     def truncated(self) -> bool:
@@ -88,6 +97,20 @@ def header_line(meta: dict[str, Any] | None = None, *, created: float | None = N
     return orjson.dumps(header) + b"\n"
 
 
+def event_line(event: Event, request: dict[str, Any] | None = None) -> bytes:
+    """Return *event* as one recording line (with its newline); a ``start`` may carry its *request*.
+
+    Raises :class:`ValueError` when *request* is given for an event that is not a ``start``.
+    """
+    line = encode(event)
+    if request is None:
+        return line + b"\n"
+    if type(event) is not StartEvent:
+        raise ValueError(f"request: only a start event carries one, not a {type(event).__name__}")
+    # The request goes last, after the event's own keys: readers that do not know it ignore it.
+    return line[:-1] + b',"request":' + orjson.dumps(request) + b"}\n"
+
+
 def open_recording(path: str | Path, mode: str = "rb") -> IO[bytes]:
     """Open *path* for binary reading or appending, gzip-compressed if it ends in ``.gz``."""
     p = Path(path)
@@ -97,13 +120,19 @@ def open_recording(path: str | Path, mode: str = "rb") -> IO[bytes]:
 
 
 def write_recording(
-    path: str | Path, events: Iterable[Event], *, meta: dict[str, Any] | None = None, created: float | None = None
+    path: str | Path,
+    events: Iterable[Event],
+    *,
+    meta: dict[str, Any] | None = None,
+    created: float | None = None,
+    requests: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Write a whole recording at once (for tests and tools)."""
+    """Write a whole recording at once (for tests and tools); *requests* go on their streams' ``start`` lines."""
+    asked = requests or {}
     with open_recording(path, "wb") as f:
         f.write(header_line(meta, created=created))
         for event in events:
-            f.write(encode(event) + b"\n")
+            f.write(event_line(event, asked.get(event.stream) if type(event) is StartEvent else None))
 
 
 def _lines(f: IO[bytes], problems: list[RecordingProblem], name: str) -> Iterator[bytes]:
@@ -127,11 +156,13 @@ def iter_recording(
     lenient: bool = False,
     problems: list[RecordingProblem] | None = None,
     header: dict[str, Any] | None = None,
+    requests: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[Event]:
     """Yield the events of the recording at *path*, checking the header first.
 
     Skipped lines are appended to *problems* when given; the parsed header is
-    stored into *header* when given. Raises
+    stored into *header* when given, and each ``start`` line's ``request``
+    object into *requests* (by stream id). Raises
     :class:`~streambus.errors.RecordingError` for a missing or unsupported
     header, and (unless *lenient*) for an invalid line that is not the last.
     A last line without its newline that does not decode is reported as a
@@ -139,6 +170,7 @@ def iter_recording(
     """
     name = str(path)
     sink = problems if problems is not None else []
+    asked = requests if requests is not None else {}
     try:
         f = open_recording(path, "rb")
     except OSError as exc:
@@ -160,7 +192,7 @@ def iter_recording(
         pending: tuple[int, bytes] | None = None
         for number, raw in enumerate(lines, start=2):
             if pending is not None:
-                event = _event_or_problem(pending[0], pending[1], name, lenient, sink)
+                event = _event_or_problem(pending[0], pending[1], name, lenient, sink, asked)
                 if event is not None:
                     yield event
             pending = (number, raw)
@@ -174,11 +206,14 @@ def iter_recording(
         if not raw.endswith(b"\n"):
             # The last line lacks its newline: a crash mid-write, unless it happens to be complete.
             try:
-                yield decode(raw)
+                last = decode(raw)
             except DecodeError:
                 sink.append(RecordingProblem(number, "truncated", "last line is incomplete (writer crashed?)"))
+                return
+            if _request_or_problem(last, number, raw, name, lenient, sink, asked):
+                yield last
             return
-        event = _event_or_problem(number, raw, name, lenient, sink)
+        event = _event_or_problem(number, raw, name, lenient, sink, asked)
         if event is not None:
             yield event
 
@@ -194,11 +229,41 @@ def _looks_like_cut_header(raw: bytes) -> bool:
     return False
 
 
+def _request_or_problem(
+    event: Event,
+    number: int,
+    raw: bytes,
+    name: str,
+    lenient: bool,
+    problems: list[RecordingProblem],
+    requests: dict[str, dict[str, Any]],
+) -> bool:
+    """Keep a ``start`` line's ``request`` object; False (or an error) when it is not an object."""
+    if type(event) is not StartEvent or b'"request"' not in raw:
+        return True
+    request = orjson.loads(raw).get("request")
+    if request is None:
+        return True
+    if not isinstance(request, dict):
+        message = f'the start event\'s "request" must be a JSON object, got {type(request).__name__}'
+        if not lenient:
+            raise RecordingError(message, path=name, line=number)
+        problems.append(RecordingProblem(number, "invalid", message))
+        return False
+    requests[event.stream] = request
+    return True
+
+
 def _event_or_problem(
-    number: int, raw: bytes, name: str, lenient: bool, problems: list[RecordingProblem]
+    number: int,
+    raw: bytes,
+    name: str,
+    lenient: bool,
+    problems: list[RecordingProblem],
+    requests: dict[str, dict[str, Any]],
 ) -> Event | None:
     try:
-        return decode(raw)
+        event = decode(raw)
     except DecodeError as exc:
         if raw.strip() == b"":
             message = "blank line"
@@ -210,6 +275,7 @@ def _event_or_problem(
             raise RecordingError(message, path=name, line=number) from None
         problems.append(RecordingProblem(number, "invalid", message))
         return None
+    return event if _request_or_problem(event, number, raw, name, lenient, problems, requests) else None
 
 
 def _second_header(raw: bytes) -> str:
@@ -255,7 +321,8 @@ def read_recording(path: str | Path, *, lenient: bool = False) -> Recording:
     name = str(path)
     problems: list[RecordingProblem] = []
     header: dict[str, Any] = {}
-    events = list(iter_recording(path, lenient=lenient, problems=problems, header=header))
+    requests: dict[str, dict[str, Any]] = {}
+    events = list(iter_recording(path, lenient=lenient, problems=problems, header=header, requests=requests))
     return Recording(
         path=name,
         version=int(header["streambus_recording"]),
@@ -264,4 +331,5 @@ def read_recording(path: str | Path, *, lenient: bool = False) -> Recording:
         events=events,
         problems=problems,
         header=header,
+        requests=requests,
     )

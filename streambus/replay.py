@@ -160,9 +160,7 @@ class ReplayProducer(PluginBase):
                 raise ValueError("keep_ids: cannot be combined with loop (each pass would reuse the same stream ids)")
 
     def __init__(self, options: Options | None = None, *, events: Iterable[Event] | None = None, **kwargs: Any) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either an Options or keyword options, not both")
-        self.options = options if options is not None else self.Options(**kwargs)
+        self.options: ReplayProducer.Options = self.resolve_options(options, kwargs)
         o = self.options
         paths = [o.path] if isinstance(o.path, str) else list(o.path)
         paths = [p for p in paths if p]

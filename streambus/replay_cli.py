@@ -140,6 +140,13 @@ def replay_command(
 @click.option("--burst", is_flag=True, help="Send each answer at once, no pauses.")
 @click.option("--idle-limit", type=float, default=None, help="Cap every recorded pause at this many seconds.")
 @click.option("--lenient", is_flag=True, help="Skip invalid recording lines instead of failing.")
+@click.option(
+    "--match",
+    type=click.Choice(["normalized", "exact", "model"]),
+    default=None,
+    help="How a request finds its recorded stream [default: normalized when the recording stores requests, "
+    "else model].",
+)
 def serve_mock_command(
     recordings: tuple[str, ...],
     host: str,
@@ -148,12 +155,14 @@ def serve_mock_command(
     burst: bool,
     idle_limit: float | None,
     lenient: bool,
+    match: str | None,
 ) -> None:
     """Serve RECORDINGS over HTTP as an Ollama and OpenAI-compatible model server.
 
     Point a client at the printed URL (OpenAI clients: URL + "/v1"). Each
-    request gets the next recorded stream of its model, with the recorded
-    timing. Stops on Ctrl-C / SIGTERM.
+    request gets the recorded stream whose recorded request matches it (or,
+    for recordings without requests, the next recorded stream of its model),
+    with the recorded timing. Stops on Ctrl-C / SIGTERM.
     """
     configure_logging("info")
     try:
@@ -161,7 +170,9 @@ def serve_mock_command(
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        server = MockServer(list(recordings), speed=speed, burst=burst, idle_limit=idle_limit, lenient=lenient)
+        server = MockServer(
+            list(recordings), speed=speed, burst=burst, idle_limit=idle_limit, lenient=lenient, match=match
+        )
     except StreamBusError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:

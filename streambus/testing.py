@@ -21,6 +21,18 @@ Installing streambus makes these fixtures available in every test suite:
     ``capture.text(stream)`` and ``capture.assert_text("Hello", stream)``.
 ``streambus_bus``
     A running :class:`~streambus.Bus` for the test (async tests, anyio plugin).
+``streambus_recording``
+    Record once, replay forever: an :class:`LLMRecording` whose ``url`` (and
+    ready ``openai()``, ``ollama()``, ``anthropic()``, ``gemini()`` clients)
+    reach the real upstream through the proxy the first time, and the
+    test's recording afterwards (:class:`~streambus.cassette.Cassette`).
+    ``--streambus-record-mode=none|once|new_episodes|all`` (or the
+    ``streambus_record_mode`` ini key, default ``none``) and
+    ``@pytest.mark.streambus_recording(record_mode=..., path=..., match=...,
+    speed=..., scrub_fields=[...])`` choose how; ``--streambus-upstream``
+    (or ``STREAMBUS_UPSTREAM``, or overriding the ``streambus_upstream``
+    fixture) names the real server. Recordings live in ``recordings/<module>/<test>.jsonl``
+    next to the test module. See ``docs/testing.md``.
 
 Everything here is also importable outside fixtures (pytest must be installed)
 (``from streambus.testing import EventCapture``), as structlog ships
@@ -32,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,17 +61,24 @@ from .replay import ReplayProducer
 from .subscription import Filter, Subscription
 
 if TYPE_CHECKING:
+    from .cassette import Cassette, RecordMode
     from .mockserver import MockServer
 
 __all__ = [
     "EventCapture",
+    "LLMRecording",
     "Reply",
     "ScriptedUpstream",
     "event_capture",
     "mock_model_server",
+    "pytest_addoption",
+    "pytest_configure",
+    "recording_path",
     "replay_recording",
     "scripted_upstream",
     "streambus_bus",
+    "streambus_recording",
+    "streambus_upstream",
 ]
 
 
@@ -270,6 +291,270 @@ def mock_model_server() -> Iterator[Callable[..., MockServer]]:
             return server
 
         yield start
+
+
+# -- record once, replay forever -------------------------------------------------------------
+
+_MODES = ("none", "once", "new_episodes", "all")
+_MARKER = (
+    "streambus_recording(record_mode=None, path=None, match=None, speed=None, scrub_fields=(), upstream=None): "
+    "how this test's LLM recording is used (see streambus docs/testing.md)"
+)
+_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}
+_PLACEHOLDER_KEY = "streambus-replay"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``--streambus-*`` options and ini keys of the recording workflow."""
+    group = parser.getgroup("streambus", "streambus LLM recordings")
+    group.addoption(
+        "--streambus-record-mode",
+        choices=_MODES,
+        default=None,
+        help="none (replay only, the default), once (record what has no recording), "
+        "new_episodes (record what the recording lacks), all (record everything anew); overrides markers",
+    )
+    group.addoption(
+        "--streambus-upstream",
+        default=None,
+        help="the real model server recordings are made from (default: $STREAMBUS_UPSTREAM)",
+    )
+    group.addoption(
+        "--streambus-speed",
+        default=None,
+        help="replay timing: 'instant' (the default: no pauses, chunks in recorded order) or a speed factor",
+    )
+    parser.addini(
+        "streambus_record_mode", "record mode when neither the command line nor a marker says", default="none"
+    )
+    parser.addini(
+        "streambus_recordings", "folder (next to each test module) holding the recordings", default="recordings"
+    )
+    parser.addini("streambus_scrub_fields", "request body keys scrubbed from recordings", type="linelist", default=[])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``streambus_recording`` marker."""
+    config.addinivalue_line("markers", _MARKER)
+
+
+def _speed(value: Any, where: str) -> float | None:
+    if value is None or value == "instant":
+        return None
+    try:
+        speed = float(value)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"{where}: expected 'instant' or a positive number, got {value!r}") from None
+    if not speed > 0:
+        raise pytest.UsageError(f"{where}: expected 'instant' or a positive number, got {value!r}")
+    return speed
+
+
+def recording_path(node: pytest.Item, folder: str = "recordings") -> Path:
+    """Where *node*'s recording lives: ``<folder>/<module>/<test name>.jsonl`` next to its module.
+
+    Characters a file name cannot hold (parametrize ids: ``test_x[a/b]``) become ``_``.
+    """
+    module = Path(str(node.path))
+    name = re.sub(r"[^A-Za-z0-9_.\-\[\]]+", "_", node.name).strip("._") or "test"
+    return module.parent / folder / module.stem / f"{name}.jsonl"
+
+
+class LLMRecording:
+    """What the ``streambus_recording`` fixture gives a test: the base URL and ready clients.
+
+    Every client reaches the test's :class:`~streambus.cassette.Cassette`:
+    the recording, or the real upstream through the proxy when recording.
+    Client helpers need the client library installed and say which to install
+    otherwise. Synchronous clients are closed after the test; use the async
+    ones with ``async with`` (their connections belong to the test's event loop).
+    """
+
+    def __init__(self, cassette: Cassette) -> None:
+        self.cassette = cassette
+        self._closers: list[Callable[[], Any]] = []
+
+    @property
+    def url(self) -> str:
+        """The base URL (Ollama clients, Gemini); see :attr:`openai_url` for OpenAI clients."""
+        return self.cassette.url
+
+    @property
+    def openai_url(self) -> str:
+        """The base URL for OpenAI clients (``url + "/v1"``), LangChain's ``ChatOpenAI(base_url=...)`` too."""
+        return self.cassette.url + "/v1"
+
+    @property
+    def mode(self) -> RecordMode:
+        """The record mode in use."""
+        return self.cassette.mode
+
+    @property
+    def path(self) -> Path:
+        """The recording file."""
+        return self.cassette.path
+
+    def api_key(self, provider: str = "openai") -> str:
+        """The key clients send: the real one from the environment when recording, a placeholder when replaying.
+
+        The proxy forwards it to the upstream; recordings never hold it (scrubbed).
+        """
+        if self.cassette.records:
+            env = _KEY_ENV.get(provider)
+            if env and os.environ.get(env):
+                return os.environ[env]
+            if provider == "gemini" and os.environ.get("GOOGLE_API_KEY"):
+                return os.environ["GOOGLE_API_KEY"]
+        return _PLACEHOLDER_KEY
+
+    @staticmethod
+    def _need(module: str, distribution: str) -> Any:
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            raise ImportError(f"this client needs {distribution}: pip install {distribution}") from None
+
+    def openai(self, **options: Any) -> Any:
+        """An ``openai.OpenAI`` client for the recording."""
+        openai = self._need("openai", "openai")
+        client = openai.OpenAI(base_url=self.openai_url, api_key=self.api_key("openai"), max_retries=0, **options)
+        self._closers.append(client.close)
+        return client
+
+    def async_openai(self, **options: Any) -> Any:
+        """An ``openai.AsyncOpenAI`` client for the recording."""
+        openai = self._need("openai", "openai")
+        return openai.AsyncOpenAI(base_url=self.openai_url, api_key=self.api_key("openai"), max_retries=0, **options)
+
+    def ollama(self, **options: Any) -> Any:
+        """An ``ollama.Client`` for the recording."""
+        ollama = self._need("ollama", "ollama")
+        client = ollama.Client(host=self.url, **options)
+        self._closers.append(client.close)
+        return client
+
+    def async_ollama(self, **options: Any) -> Any:
+        """An ``ollama.AsyncClient`` for the recording."""
+        ollama = self._need("ollama", "ollama")
+        return ollama.AsyncClient(host=self.url, **options)
+
+    def anthropic(self, **options: Any) -> Any:
+        """An ``anthropic.Anthropic`` client for the recording."""
+        anthropic = self._need("anthropic", "anthropic")
+        client = anthropic.Anthropic(base_url=self.url, api_key=self.api_key("anthropic"), max_retries=0, **options)
+        self._closers.append(client.close)
+        return client
+
+    def async_anthropic(self, **options: Any) -> Any:
+        """An ``anthropic.AsyncAnthropic`` client for the recording."""
+        anthropic = self._need("anthropic", "anthropic")
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key=self.api_key("anthropic"), max_retries=0, **options)
+
+    def gemini(self, **options: Any) -> Any:
+        """A ``google.genai.Client`` for the recording (its ``aio`` attribute is the async one)."""
+        genai = self._need("google.genai", "google-genai")
+        types = self._need("google.genai.types", "google-genai")
+        http = types.HttpOptions(base_url=self.url)
+        client = genai.Client(api_key=self.api_key("gemini"), http_options=http, **options)
+        self._closers.append(client.close)
+        return client
+
+    def close(self) -> None:
+        """Close the synchronous clients made here (the fixture does it after the test)."""
+        for close in self._closers:
+            close()
+        self._closers.clear()
+
+
+@pytest.fixture
+def streambus_upstream(request: pytest.FixtureRequest) -> str | None:
+    """The real model server recordings are made from: ``--streambus-upstream``, else ``$STREAMBUS_UPSTREAM``.
+
+    Override this fixture to start a server of your own (a fake one in tests).
+    """
+    value: str | None = request.config.getoption("streambus_upstream") or os.environ.get("STREAMBUS_UPSTREAM")
+    return value or None
+
+
+@pytest.fixture
+def streambus_recording(request: pytest.FixtureRequest, streambus_upstream: str | None) -> Iterator[LLMRecording]:
+    """This test's recording, used as the record mode says; yields an :class:`LLMRecording`.
+
+    The record mode is ``--streambus-record-mode`` if given, else the
+    ``streambus_recording`` marker's ``record_mode``, else the
+    ``streambus_record_mode`` ini key (default ``none``). The test fails when a
+    request is not in the recording (modes ``none`` and ``once`` with a
+    recording) or when a recording holds something that looks like a key.
+    """
+    from .cassette import Cassette
+    from .errors import StreamBusError
+
+    config = request.config
+    marker = request.node.get_closest_marker("streambus_recording")
+    options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    unknown = set(options) - {"record_mode", "path", "match", "speed", "scrub_fields", "upstream"}
+    if unknown:
+        raise pytest.UsageError(f"streambus_recording marker: unknown option(s) {sorted(unknown)}")
+    mode = (
+        config.getoption("streambus_record_mode")
+        or options.get("record_mode")
+        or config.getini("streambus_record_mode")
+    )
+    if mode not in _MODES:
+        raise pytest.UsageError(f"streambus record mode: expected one of {', '.join(_MODES)}, got {mode!r}")
+    node = request.node
+    assert isinstance(node, pytest.Item)
+    path = options.get("path")
+    if path is None:
+        file = recording_path(node, str(config.getini("streambus_recordings")))
+    else:
+        file = Path(str(node.path)).parent / path
+    if "speed" in options:
+        speed = _speed(options["speed"], "streambus_recording marker: speed")
+    else:
+        speed = _speed(config.getoption("streambus_speed"), "--streambus-speed")
+    scrub = [*config.getini("streambus_scrub_fields"), *options.get("scrub_fields", ())]
+    try:
+        cassette = Cassette(
+            file,
+            mode=mode,
+            upstream=options.get("upstream") or streambus_upstream,
+            match=options.get("match"),
+            speed=speed,
+            scrub_fields=scrub,
+            name=node.nodeid,
+        )
+    except ValueError as exc:
+        pytest.fail(f"streambus_recording: {exc}", pytrace=False)
+    try:
+        cassette.__enter__()
+    except (StreamBusError, ValueError) as exc:  # a key in it, a damaged recording, no proxy installed
+        pytest.fail(f"streambus_recording: {exc}", pytrace=False)
+    recording = LLMRecording(cassette)
+    try:
+        yield recording
+    finally:
+        recording.close()
+        try:
+            cassette.__exit__(None, None, None)
+        except StreamBusError as exc:
+            pytest.fail(f"streambus_recording: {exc}", pytrace=False)
+    if cassette.unrecorded:
+        pytest.fail(
+            f"streambus: not recorded in {cassette.path}, so a replay could not answer: "
+            + "; ".join(cassette.unrecorded),
+            pytrace=False,
+        )
+    missed = [m for m in cassette.unmatched if not cassette.records]
+    if missed:
+        lines = "\n".join(f"  - {m.message}" for m in missed)
+        pytest.fail(
+            f"{len(missed)} request(s) not in the recording {cassette.path} (record mode {mode}); nothing went to "
+            f"the network:\n{lines}",
+            pytrace=False,
+        )
 
 
 # -- a scripted upstream HTTP server, for provider plugins' tests ----------------

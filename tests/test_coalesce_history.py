@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import anyio
 import pytest
 
-from streambus import DeltaEvent, EndEvent, StartEvent, decode, encode
+from streambus import DeltaEvent, EndEvent, Event, StartEvent, decode, encode
 from streambus.coalesce import Coalescer, MergedDelta
 from streambus.history import StreamHistory
 
@@ -82,7 +84,7 @@ def test_extend_resets_merge_points_and_clear_empties() -> None:
 # -- StreamHistory ---------------------------------------------------------------------------
 
 
-def _record(history: StreamHistory, *events: object) -> None:
+def _record(history: StreamHistory[bytes], *events: object) -> None:
     for event in events:
         history.record(event, encode(event))  # type: ignore[arg-type]
 
@@ -139,9 +141,51 @@ def test_recently_ended_and_ttl() -> None:
     assert len(history) == 0 and history.recently_ended(5, lambda start: True) == []
 
 
+def test_any_payload_with_max_ended_and_lookups() -> None:
+    # The http hub's use: each event with its position in a global log, ended streams bounded by count.
+    history: StreamHistory[tuple[int, Event]] = StreamHistory(
+        events_per_stream=3, ttl=math.inf, max_streams=None, clock=lambda: 0.0, max_ended=2, snapshots=False
+    )
+    position = 0
+    for stream in ("a", "b", "c"):
+        for event in (
+            StartEvent(stream=stream, seq=0, ts=0.0),
+            _delta(1, "x", stream),
+            EndEvent(stream=stream, seq=2, ts=0.0),
+        ):
+            history.record(event, (position, event))
+            position += 1
+    assert [log.start.stream for log in history.logs() if log.start] == ["b", "c"]  # a ended first: forgotten
+    assert history.get("a") is None
+    assert history.find("b", 1) == (4, _delta(1, "x", "b"))
+    assert history.find("b", 7) is None and history.find("zz", 0) is None
+    assert history.snapshot("c") is None  # type: ignore[misc]  # no text is kept without snapshots
+    live = StartEvent(stream="d", seq=0, ts=0.0)
+    history.record(live, (position, live))
+    for seq in range(1, 5):
+        history.record(_delta(seq, "y", "d"), (position + seq, _delta(seq, "y", "d")))
+    log = history.get("d")
+    assert log is not None and log.dropped == 2 and [seq for _, seq, _ in log.entries] == [2, 3, 4]
+    assert log.bytes == 0  # only bytes payloads are counted
+    assert history.missed("d", 0) is None and history.missed("d", 1) == [
+        (position + s, _delta(s, "y", "d")) for s in (2, 3, 4)
+    ]
+    assert [log.start.stream for log in history.live() if log.start] == ["d"]
+
+
+def test_dropped_counts_what_the_bounds_dropped() -> None:
+    history = StreamHistory(events_per_stream=2, ttl=10, max_streams=2, clock=lambda: 0.0)
+    _record(history, StartEvent(stream="s", seq=0, ts=0.0), _delta(1, "a"))
+    log = history.get("s")
+    assert log is not None and log.dropped == 0
+    _record(history, _delta(2, "b"))
+    assert log.dropped == 1 and not log.complete
+
+
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
+        ({"max_ended": -1}, "max_ended"),
         ({"events_per_stream": -1}, "events_per_stream"),
         ({"max_streams": 0}, "max_streams"),
         ({"ttl": -1.0}, "ttl"),
@@ -152,7 +196,7 @@ def test_bad_bounds_are_refused_by_name(kwargs: dict[str, float], named: str) ->
     args: dict[str, object] = {"events_per_stream": 1, "ttl": 1.0, "max_streams": 1, "clock": lambda: 0.0}
     args.update(kwargs)
     with pytest.raises(ValueError, match=named):
-        StreamHistory(**args)  # type: ignore[arg-type]
+        StreamHistory(**args)  # type: ignore[call-overload]
 
 
 @pytest.mark.anyio

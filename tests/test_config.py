@@ -110,3 +110,54 @@ def test_resolve_options_takes_options_or_keys_never_both() -> None:
         Thing.resolve_options(None, {"size": "big"})
     with pytest.raises(ValueError, match="colour"):
         Thing.resolve_options(None, {"colour": "red"})
+
+
+def test_the_one_option_rule_names_every_bad_input(tmp_path: Path) -> None:
+    import msgspec
+
+    from streambus import PluginBase, StreamBusError, UnknownOption
+
+    class Model:
+        """Stands for a chat model or a URL given where the Options go."""
+
+    class Thing(PluginBase):
+        class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+            size: int = 1
+            path: str = ""
+
+            def __post_init__(self) -> None:
+                if self.size == 13:
+                    raise ValueError("size: 13 brings bad luck")
+
+        def __init__(self, options: Options | None = None, /, **keys: object) -> None:
+            self.options = self.resolve_options(options, keys)
+
+    class Merging(Thing):
+        keywords_override = True
+
+    # A wrong first argument is named by its type (never its value: it may hold a password).
+    with pytest.raises(TypeError, match=r"got tests\.test_config\..*\.Model; give settings as keywords") as wrong:
+        Thing(Model())  # type: ignore[arg-type]
+    assert "redis" not in str(wrong.value)
+    with pytest.raises(TypeError, match=r"got str;") as wrong:
+        Thing("redis://:secret@127.0.0.1")  # type: ignore[arg-type]
+    assert "secret" not in str(wrong.value)
+    # Both: the keywords are named; a class with keywords_override merges them over the Options.
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and path, size\)"):
+        Thing(Thing.Options(), size=2, path="x")
+    merged = Merging(Merging.Options(size=2, path="kept"), size=3)
+    assert (merged.options.size, merged.options.path) == (3, "kept")
+    with pytest.raises(ValueError, match="size: 13 brings bad luck"):
+        Merging(Merging.Options(size=2), size=13)  # the merged result is validated again
+    # An unknown keyword: a TypeError (as Python has it), a ValueError (as the rule has it), in the tree.
+    with pytest.raises(UnknownOption, match=r"Thing: unknown field `sise`; did you mean `size`\?") as unknown:
+        Thing(sise=2)
+    assert isinstance(unknown.value, TypeError | ValueError) and isinstance(unknown.value, StreamBusError)
+    assert (unknown.value.plugin, unknown.value.key, unknown.value.known) == ("Thing", "sise", ["path", "size"])
+    # The Options' own checks speak first, in the plugin's words; types are checked as for a config.
+    with pytest.raises(ValueError, match="size: 13 brings bad luck"):
+        Thing(size=13)
+    with pytest.raises(ValueError, match=r"Expected `int`, got `str` - at `\$\.size`"):
+        Thing(size="big")
+    # A path may be a Path where the option is a string.
+    assert Thing(path=tmp_path).options.path == str(tmp_path)

@@ -452,3 +452,13 @@ async def test_a_failed_background_fsync_is_a_logged_sink_failure(
     assert "RecorderError" in str(sink_failure["error"]) and "Input/output error" in str(sink_failure["error"])
     # The lines had reached the file before the sync failed; nothing is lost or doubled.
     assert read_recording(tmp_path / "r.jsonl").events == capture.events
+
+
+def test_options_follow_the_one_rule(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"RecorderSink: the first argument must be a RecorderSink.Options, got str"):
+        RecorderSink("out.jsonl")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and gzip\)"):
+        RecorderSink(RecorderSink.Options(path="a.jsonl"), gzip=True)
+    with pytest.raises(TypeError, match=r"unknown field `fsnyc`; did you mean `fsync`\?"):
+        RecorderSink(fsnyc="every_event")
+    assert RecorderSink(path=tmp_path / "x.jsonl").options.path == str(tmp_path / "x.jsonl")

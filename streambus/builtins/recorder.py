@@ -236,10 +236,8 @@ class RecorderSink(PluginBase):
     overflow: ClassVar[str] = "block"
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either an Options or keyword options, not both")
-        self.options = options if options is not None else self.Options(**kwargs)
-        template = self.options.path
+        self.options: RecorderSink.Options = self.resolve_options(options, kwargs)
+        template: str = self.options.path
         self._gzip = self.options.gzip or template.endswith(".gz")
         if self._gzip and not template.endswith(".gz"):
             template += ".gz"

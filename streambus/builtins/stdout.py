@@ -165,7 +165,7 @@ class StdoutSink(PluginBase):
     overflow = "block"
 
     def __init__(self, options: Options | None = None, *, file: TextIO | None = None) -> None:
-        self.options = options or self.Options()
+        self.options: StdoutSink.Options = self.resolve_options(options, {})
         self.file = file
 
     async def run(self, events: Subscription) -> None:

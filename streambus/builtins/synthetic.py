@@ -82,7 +82,7 @@ class SyntheticProducer(PluginBase):
             check_bounds(self)
 
     def __init__(self, options: Options | None = None) -> None:
-        self.options = options or self.Options()
+        self.options: SyntheticProducer.Options = self.resolve_options(options, {})
         if self.options.text_file is not None:
             source = _read_text_file(self.options.text_file)
         else:

@@ -111,13 +111,13 @@ class AnthropicProducer(PluginBase):
             if self.api_key_env is not None and not self.api_key_env:
                 raise ValueError("api_key_env: must name an environment variable (or be left out)")
 
+    keywords_override = True
+    """Keywords override a given ``Options``: ``AnthropicProducer(base, model="other")``."""
+
     def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
-        if keys:
-            base = msgspec.structs.asdict(options) if options is not None else {}
-            options = msgspec.convert({**base, **keys}, self.Options)
-        if options is None:
+        if options is None and not keys:
             raise ValueError("model: required (the model to run)")
-        self.options = options
+        self.options: AnthropicProducer.Options = self.resolve_options(options, keys)
         self.stream_ids: list[str] = []
         """Ids of the streams produced so far."""
 

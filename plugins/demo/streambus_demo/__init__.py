@@ -81,7 +81,7 @@ def demo_command(
     )
     try:
         anyio.run(run_demo, options)
-    except (DemoError, StreamBusError, OSError) as exc:
+    except (StreamBusError, OSError) as exc:  # DemoError is a StreamBusError
         click.echo(f"error: {_explain(exc, host, port)}", err=True)
         sys.exit(1)
 

@@ -1,8 +1,9 @@
 """The hub: one bus subscription, a bounded history, and cursors for HTTP readers.
 
 Every HTTP response reads from the hub instead of holding its own bus
-subscription. The hub records each event once (per-stream history plus a
-global log in publish order) and readers are cursors into that history, so:
+subscription. The hub records each event once (the core's per-stream
+:class:`streambus.history.StreamHistory`, plus a global log in publish order
+that filter readers follow) and readers are cursors into that history, so:
 
 - a request that arrives after its stream started (or even ended) still sees
   it from ``start``, without a race between "subscribe" and "read history";
@@ -18,7 +19,8 @@ global log in publish order) and readers are cursors into that history, so:
 
 from __future__ import annotations
 
-import bisect
+import math
+import time
 from collections.abc import Iterable
 
 import anyio
@@ -27,6 +29,7 @@ import structlog
 from streambus import Bus, Filter, StartEvent, Subscription
 from streambus.archive import add_interest, archive_of
 from streambus.events import Event, is_terminal
+from streambus.history import StreamHistory, StreamLog
 
 from ._errors import HttpStreamError, ResumeError
 
@@ -44,22 +47,6 @@ def parse_event_id(value: str) -> tuple[str, int]:
     if not sep or not stream or not seq.isdigit():
         raise ResumeError(f"Last-Event-ID {value!r} is not of the form '<stream>:<seq>'", status=400)
     return stream, int(seq)
-
-
-class _Record:
-    """The retained events of one stream, ordered by seq."""
-
-    __slots__ = ("ended", "events", "first_pos", "positions", "seqs", "start", "trimmed_upto")
-
-    def __init__(self, start: StartEvent | None, first_pos: int) -> None:
-        self.start = start
-        self.first_pos = first_pos
-        self.events: list[Event] = []
-        self.seqs: list[int] = []
-        self.positions: list[int] = []
-        self.ended = False
-        self.trimmed_upto = -1
-        """Highest seq evicted from this stream's history (-1: nothing evicted)."""
 
 
 class StreamHub:
@@ -87,8 +74,11 @@ class StreamHub:
         self.per_stream = per_stream
         self.max_streams = max_streams
         self.max_events = max_events
-        self._records: dict[str, _Record] = {}
-        self._ended_order: list[str] = []
+        # Each event with its position in the global log. Ended streams stay until
+        # max_streams others ended after them; live ones until they end.
+        self._history: StreamHistory[tuple[int, Event]] = StreamHistory(
+            per_stream, math.inf, None, time.monotonic, max_ended=max_streams, snapshots=False
+        )
         self._log: list[tuple[int, Event]] = []
         self._log_base = 0  # index in _log of the first valid entry
         self._pos = -1  # position of the last recorded event
@@ -151,26 +141,12 @@ class StreamHub:
                     return  # already held, fetched from the engine: the followed stream comes again from its start
                 del self._filled[event.stream]
         self._pos += 1
-        pos = self._pos
-        self._log.append((pos, event))
-        rec = self._records.get(event.stream)
-        if rec is None:
-            rec = self._records[event.stream] = _Record(event if type(event) is StartEvent else None, pos)
-        elif type(event) is StartEvent and rec.start is None:
-            rec.start = event
-        rec.events.append(event)
-        rec.seqs.append(event.seq)
-        rec.positions.append(pos)
-        if len(rec.events) > self.per_stream + self.per_stream // 8:
-            cut = len(rec.events) - self.per_stream
-            rec.trimmed_upto = rec.seqs[cut - 1]
-            del rec.events[:cut], rec.seqs[:cut], rec.positions[:cut]
-        if is_terminal(event) and not rec.ended:
-            rec.ended = True
-            self._ended_order.append(event.stream)
-            if len(self._ended_order) > self.max_streams:
-                old = self._ended_order.pop(0)
-                self._records.pop(old, None)
+        entry = (self._pos, event)
+        self._log.append(entry)
+        log_ = self._history.get(event.stream)
+        if log_ is not None and log_.ended:
+            return  # a stream has one terminal event, and it is its last
+        self._history.record(event, entry)
 
     def _trim_log(self) -> None:
         live = len(self._log) - self._log_base
@@ -211,10 +187,10 @@ class StreamHub:
         are dropped up to the last seq fetched.
         """
         archive = archive_of(self.bus)
-        if archive is None or stream in self._records:
+        if archive is None or self.known(stream):
             return False
         events = await archive.fetch(stream)
-        if events is None or stream in self._records:
+        if events is None or self.known(stream):
             return False
         self.record_many(events)
         self._filled[stream] = events[-1].seq  # after recording them: _record drops up to it from now on
@@ -237,30 +213,30 @@ class StreamHub:
 
     def start_of(self, stream: str) -> StartEvent | None:
         """The ``start`` event of *stream* if the hub knows it."""
-        rec = self._records.get(stream)
-        return rec.start if rec is not None else None
+        log_ = self._history.get(stream)
+        return log_.start if log_ is not None else None
 
     def known(self, stream: str) -> bool:
         """Whether the history holds *stream* (live or ended)."""
-        return stream in self._records
+        return self._history.get(stream) is not None
 
     def ended(self, stream: str) -> bool:
         """Whether *stream* is known and has had its terminal event."""
-        rec = self._records.get(stream)
-        return rec is not None and rec.ended
+        log_ = self._history.get(stream)
+        return log_ is not None and log_.ended
 
     def last_seq(self, stream: str) -> int:
         """The seq of the last recorded event of *stream* (-1 if none)."""
-        rec = self._records.get(stream)
-        return rec.seqs[-1] if rec is not None and rec.seqs else -1
+        log_ = self._history.get(stream)
+        return log_.last_seq if log_ is not None else -1
 
     def streams(self) -> list[StartEvent]:
         """The ``start`` event of every stream in the history, oldest first."""
-        return [rec.start for rec in self._records.values() if rec.start is not None]
+        return [log_.start for log_ in self._history.logs() if log_.start is not None]
 
     def live(self) -> list[StartEvent]:
         """The ``start`` event of every stream that has not ended, oldest first."""
-        return [rec.start for rec in self._records.values() if rec.start is not None and not rec.ended]
+        return [log_.start for log_ in self._history.live() if log_.start is not None]
 
     def stream_cursor(self, stream: str, *, after: int = -1) -> Cursor:
         """A cursor over one stream's events with ``seq > after`` (``-1``: from ``start``).
@@ -268,14 +244,32 @@ class StreamHub:
         Raises :class:`ResumeError` when events after *after* were already evicted.
         """
         cursor = Cursor(self, stream=stream, after_seq=after)
-        rec = self._records.get(stream)
-        if rec is not None and after < rec.trimmed_upto:
-            raise ResumeError(
-                f"stream {stream}: events after seq {after} are no longer in the history "
-                f"(kept from seq {rec.trimmed_upto + 1})",
-                status=409,
-            )
+        if self.events_after(stream, after) is None:
+            log_ = self._history.get(stream)
+            kept = log_.entries[0][0] if log_ is not None and log_.entries else after + 1
+            if kept <= after:
+                why = f"seq {after} falls inside a coalesced delta, which cannot be split"
+            else:
+                why = f"events after seq {after} are no longer in the history (kept from seq {kept})"
+            raise ResumeError(f"stream {stream}: {why}", status=409)
         return cursor
+
+    def events_after(self, stream: str, after: int) -> list[Event] | None:
+        """*stream*'s recorded events with ``seq > after``; ``None`` when some were already evicted.
+
+        An unknown stream, or one not yet past *after*, has nothing to read (``[]``).
+        A stream the hub first saw mid-way (attached to a running bus) is read from
+        the first event it recorded.
+        """
+        log_ = self._history.get(stream)
+        if log_ is None or after >= log_.last_seq:
+            return []
+        if not log_.dropped and log_.entries:
+            after = max(after, log_.entries[0][0] - 1)
+        missed = self._history.missed(stream, after)
+        if missed is None:
+            return None
+        return [event for _, event in missed]
 
     def filter_cursor(self, flt: Filter, *, resume: str | None = None) -> Cursor:
         """A cursor over every stream matching *flt*, from now or after the event id *resume*.
@@ -292,23 +286,18 @@ class StreamHub:
                 raise ResumeError(f"event {resume!r} is no longer in the history", status=409)
             cursor.after_pos = pos
             # Streams that started before the resume point still match.
-            for name, rec in self._records.items():
-                if rec.start is not None and flt.matches(rec.start) and rec.positions and rec.positions[0] <= pos:
-                    cursor.streams.add(name)
+            for log_ in self._history.logs():
+                if log_.start is not None and flt.matches(log_.start) and _first_position(log_) <= pos:
+                    cursor.streams.add(log_.start.stream)
         else:
-            for name, rec in self._records.items():
-                if rec.start is not None and not rec.ended and flt.matches(rec.start):
-                    cursor.streams.add(name)
+            for log_ in self._history.live():
+                if log_.start is not None and flt.matches(log_.start):
+                    cursor.streams.add(log_.start.stream)
         return cursor
 
     def _position_of(self, stream: str, seq: int) -> int | None:
-        rec = self._records.get(stream)
-        if rec is None:
-            return None
-        i = bisect.bisect_left(rec.seqs, seq)
-        if i < len(rec.seqs) and rec.seqs[i] == seq:
-            return rec.positions[i]
-        return None
+        found = self._history.find(stream, seq)
+        return found[0] if found is not None else None
 
     def pick(self, flt: Filter, *, since: int | None = None) -> str | None:
         """The oldest live stream matching *flt*; else, with *since*, the first one started after that position."""
@@ -316,9 +305,9 @@ class StreamHub:
             if flt.matches(start):
                 return start.stream
         if since is not None:
-            for rec in self._records.values():
-                if rec.first_pos > since and rec.start is not None and flt.matches(rec.start):
-                    return rec.start.stream
+            for log_ in self._history.logs():
+                if log_.start is not None and _first_position(log_) > since and flt.matches(log_.start):
+                    return log_.start.stream
         return None
 
     async def wait_stream(self, stream: str | None = None, flt: Filter | None = None, *, max_wait: float) -> str:
@@ -336,7 +325,7 @@ class StreamHub:
             # Started already (the index showed it) but not followed here: follow it now.
             if (
                 archive is not None
-                and stream not in self._records
+                and not self.known(stream)
                 and any(start.stream == stream for start in archive.live_starts())
             ):
                 archive.follow(stream)
@@ -353,7 +342,7 @@ class StreamHub:
     async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, max_wait: float) -> str:
         with anyio.move_on_after(max_wait):
             while True:
-                if stream is not None and stream in self._records:
+                if stream is not None and self.known(stream):
                     return stream
                 if flt is not None:
                     found = self.pick(flt, since=since)
@@ -364,6 +353,11 @@ class StreamHub:
                 await self.wait_changed()
         what = f"stream {stream!r}" if stream is not None else "a stream matching the filter"
         raise HttpStreamError(f"{what} did not start within {max_wait:g} s", status=404)
+
+
+def _first_position(log_: StreamLog[tuple[int, Event]]) -> int:
+    """Position in the global log of the oldest event the stream's history holds."""
+    return log_.entries[0][2][0] if log_.entries else -1
 
 
 class Cursor:
@@ -400,17 +394,14 @@ class Cursor:
     def _read(self) -> list[Event]:
         hub = self.hub
         if self.stream is not None:
-            rec = hub._records.get(self.stream)
-            if rec is None:
-                return []
-            if self.after_seq < rec.trimmed_upto:
+            out = hub.events_after(self.stream, self.after_seq)
+            if out is None:
                 self.lost = self.done = True
                 return []
-            if rec.ended and rec.seqs and self.after_seq >= rec.seqs[-1]:
-                self.done = self.complete = True
+            if not out:
+                if hub.ended(self.stream) and self.after_seq >= hub.last_seq(self.stream):
+                    self.done = self.complete = True
                 return []
-            i = bisect.bisect_right(rec.seqs, self.after_seq)
-            out = rec.events[i:]
             if out:
                 self.after_seq = out[-1].seq
                 if is_terminal(out[-1]):

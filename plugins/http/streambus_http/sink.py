@@ -17,7 +17,6 @@ bound to asyncio: under trio the sink fails at start with a clear error.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import anyio
@@ -28,10 +27,11 @@ from aiohttp import web
 from streambus import Bus, PluginBase, Subscription
 from streambus.access import OriginPolicy, is_loopback_host
 from streambus.plugins import NonNegativeFloat, PositiveFloat, PositiveInt
+from streambus.serving import AppServer, server_logger
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
-from .aio import _require_asyncio, add_routes, origin_guard, server_logger
+from .aio import _require_asyncio, add_routes, origin_guard
 
 __all__ = ["HttpSink"]
 
@@ -81,6 +81,8 @@ class HttpSink(PluginBase):
         """Least seconds between two writes to one client: tokens arriving meanwhile share a write (0: none)."""
         chat_meta_key: str = "chat"
         """The ``start.meta`` tag that ``POST /api/chat`` matches the AI SDK chat id against."""
+        allow_stop: bool = True
+        """Serve ``POST /streams/{id}/abort`` and ``POST /api/chat/{id}/abort`` (with ``token``, only to its bearer)."""
 
         def __post_init__(self) -> None:
             if not 0 <= self.port <= 65535:
@@ -114,9 +116,7 @@ class HttpSink(PluginBase):
     buffer = 4096
 
     def __init__(self, options: Options | None = None, **keywords: Any) -> None:
-        if options is not None and keywords:
-            raise TypeError("pass either an Options or keywords, not both")
-        self.options = options or self.Options(**keywords)
+        self.options: HttpSink.Options = self.resolve_options(options, keywords)
         opts = self.options
         self.hub = StreamHub(per_stream=opts.per_stream, max_streams=opts.max_streams, max_events=opts.max_events)
         self.port: int | None = None
@@ -163,6 +163,7 @@ class HttpSink(PluginBase):
             keepalive=opts.keepalive,
             retry_ms=opts.retry_ms,
             write_interval=opts.write_interval,
+            allow_stop=opts.allow_stop,
         )
         return app
 
@@ -174,39 +175,16 @@ class HttpSink(PluginBase):
     async def run(self, events: Subscription) -> None:
         """Serve HTTP while recording events into the hub; stop when the bus closes."""
         _require_asyncio()
-        sock = _bind(self.options.host, self.options.port)
-        port = sock.getsockname()[1]
-        runner = web.AppRunner(
-            self.make_app(port),
-            handler_cancellation=True,
-            access_log=None,
-            logger=server_logger("streambus.http.server"),
-        )
+        server = AppServer(self.options.host, self.options.port)
         try:
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-            self.port = port
+            app = self.make_app(server.port)
+            await server.start(app, handler_cancellation=True, logger=server_logger("streambus.http.server"))
+            self.port = server.port
             log.info("http.serving", url=self.url)
             if self._started is not None:
                 self._started.set()
             await self.hub.run(events)
         finally:
             self.hub.close()
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(5):
-                    await runner.cleanup()
-            sock.close()
+            await server.close()
             self.port = None
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on *host*:*port*, bound here so the port (0: a free one) is known before serving."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock

@@ -93,6 +93,30 @@ async def test_per_stream_history_is_bounded_and_resume_before_it_fails() -> Non
     assert [e.seq for e in await cursor.next_batch()] == [29, 30, 31]
 
 
+async def test_a_stream_first_seen_mid_way_is_read_from_its_first_recorded_event() -> None:
+    # A hub attached to a running bus follows live streams from their next event.
+    hub = StreamHub(per_stream=8)
+    hub.record_many([DeltaEvent(stream="m", seq=5, ts=1.0, text="x"), EndEvent(stream="m", seq=6, ts=1.0)])
+    cursor = hub.stream_cursor("m")
+    assert [e.seq for e in await cursor.next_batch()] == [5, 6]
+    assert cursor.done and cursor.complete
+
+
+async def test_resume_inside_a_coalesced_delta_is_refused_not_duplicated() -> None:
+    hub = StreamHub()
+    hub.record_many(
+        [
+            StartEvent(stream="c", seq=0, ts=1.0, model="m"),
+            DeltaEvent(stream="c", seq=3, ts=1.0, text="abc", n=3, first_seq=1),
+            DeltaEvent(stream="c", seq=4, ts=1.0, text="d"),
+        ]
+    )
+    assert [e.seq for e in await hub.stream_cursor("c", after=3).next_batch()] == [4]
+    with pytest.raises(ResumeError, match="inside a coalesced delta") as info:
+        hub.stream_cursor("c", after=2)  # holds "ab" of "abc": the delta cannot be split
+    assert info.value.status == 409
+
+
 async def test_filter_cursor_follows_matching_streams_and_is_lost_past_the_log() -> None:
     hub = StreamHub(max_events=6)
     cursor = hub.filter_cursor(Filter.of(models="x"))

@@ -6,9 +6,9 @@ import anyio
 import pytest
 from langchain_core.language_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk
-from streambus_langchain import ChatModelProducer, WrongEventLoop
+from streambus_langchain import ChatModelProducer, WrongEventLoop, model_identity
 
-from streambus import AbortEvent, Bus, ConfigError, DeltaEvent, EndEvent, ErrorEvent, Usage
+from streambus import AbortEvent, Bus, BusClosed, ConfigError, DeltaEvent, EndEvent, ErrorEvent, Usage
 from streambus.plugins import build
 from streambus.testing import EventCapture
 from streambus.wire import merge_tool_calls, parse_tool_text
@@ -155,3 +155,67 @@ async def test_trio_gets_a_clear_error() -> None:
         with pytest.raises(WrongEventLoop, match="needs asyncio.*this is trio"):
             await producer.generate(bus, "hi")
         await anyio.lowlevel.checkpoint()
+
+
+def test_bad_first_arguments_and_keywords_are_named() -> None:
+    model = GenericFakeChatModel(messages=iter(["x"]))
+    with pytest.raises(TypeError, match=r"got a chat model \(GenericFakeChatModel\) .*chat_model=") as info:
+        ChatModelProducer(model)  # type: ignore[arg-type]
+    assert "ChatModelProducer.Options" in str(info.value)
+    with pytest.raises(TypeError, match=r"got dict; give settings as keywords"):
+        ChatModelProducer({"prompt": "hi"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and prompt\)"):
+        ChatModelProducer(ChatModelProducer.Options(), chat_model=model, prompt="hi")
+    with pytest.raises(TypeError, match=r"unknown field `promt`; did you mean `prompt`\?"):
+        ChatModelProducer(chat_model=model, promt="hi")
+    assert ChatModelProducer(chat_model=model, prompt="hi").options.prompt == "hi"
+
+
+async def test_start_is_published_before_the_model_is_asked_and_named_by_its_run(scripted: Any) -> None:
+    # The identity comes from the run's LangSmith metadata (on_chat_model_start), a public
+    # callback, and the stream opens there: before the model's request goes out.
+    seen_live: list[list[str]] = []
+
+    class Watching(GenericFakeChatModel):
+        async def _astream(self, *args: Any, **kwargs: Any) -> Any:
+            seen_live.append(list(bus.live_streams))
+            async for chunk in super()._astream(*args, **kwargs):
+                yield chunk
+
+    model = Watching(messages=iter(["hi there"]))
+    async with Bus() as bus:
+        capture = EventCapture().attach(bus)
+        stream_id = await ChatModelProducer(chat_model=model).generate(bus, "hi", model="per-call-model")
+    assert seen_live == [[stream_id]]
+    start = capture.start(stream_id)
+    assert (start.model, start.provider) == ("per-call-model", "watching")  # LangChain's own ls_* values
+    capture.assert_text("hi there", stream_id)
+
+
+async def test_a_model_that_fails_before_its_run_starts_still_gets_a_stream(scripted: Any) -> None:
+    model = scripted(chunks=[AIMessageChunk(content="a")])
+    async with Bus() as bus:
+        capture = EventCapture().attach(bus)
+        stream_id = await ChatModelProducer(chat_model=model).generate(bus, 42)  # type: ignore[arg-type]
+    start = capture.start(stream_id)
+    assert (start.model, start.provider) == ("ScriptedChatModel", "scriptedchatmodel")  # from public fields
+    terminal = capture.terminal(stream_id)
+    assert isinstance(terminal, ErrorEvent) and terminal.kind == "model_error"
+    assert terminal.message.startswith("ValueError: Invalid input type <class 'int'>")
+
+
+def test_model_identity_prefers_the_run_metadata() -> None:
+    model = GenericFakeChatModel(messages=iter([]))
+    assert model_identity(model) == ("GenericFakeChatModel", "genericfakechatmodel")
+    assert model_identity(model, {"ls_model_name": "m1", "ls_provider": "p1"}) == ("m1", "p1")
+    assert model_identity(model, None, {"model": "m2"}) == ("m2", "genericfakechatmodel")
+
+
+async def test_a_closed_bus_raises_bus_closed_and_leaves_the_model_unasked(scripted: Any) -> None:
+    model = scripted(chunks=[AIMessageChunk(content="a")])
+    bus = Bus()
+    async with bus:
+        pass
+    with pytest.raises(BusClosed, match="not running"):  # as it is, not inside an ExceptionGroup
+        await ChatModelProducer(chat_model=model).generate(bus, "hi")
+    assert model.closed == []  # its stream was never started: the run waited for the bus stream

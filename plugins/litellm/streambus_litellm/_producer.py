@@ -153,13 +153,13 @@ class LiteLLMProducer(PluginBase):
             if self.retry_backoff < 0:
                 raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
 
+    keywords_override = True
+    """Keywords override a given ``Options``: ``LiteLLMProducer(base, model="other")``."""
+
     def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
-        if keys:
-            base = msgspec.structs.asdict(options) if options is not None else {}
-            options = msgspec.convert({**base, **keys}, self.Options)
-        if options is None:
+        if options is None and not keys:
             raise ValueError("model: required (LiteLLM's provider/model name)")
-        self.options = options
+        self.options: LiteLLMProducer.Options = self.resolve_options(options, keys)
         self.stream_ids: list[str] = []
         """Ids of the streams produced so far."""
 

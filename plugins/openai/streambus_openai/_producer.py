@@ -189,11 +189,11 @@ class OpenAIProducer(PluginBase):
                     if not isinstance(message.get("role"), str):
                         raise ValueError(f"{where}messages[{j}].role: required (system, user, assistant, tool)")
 
+    keywords_override = True
+    """Keywords override a given ``Options``: ``OpenAIProducer(base, model="other")``."""
+
     def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
-        if keys:
-            base = msgspec.to_builtins(options) if options is not None else {}
-            options = self.resolve_options(None, {**base, **keys})
-        self.options = options or self.Options()
+        self.options: OpenAIProducer.Options = self.resolve_options(options, keys)
         o = self.options
         self.retry = RetryPolicy(retries=o.retries, backoff=o.retry_backoff, max_wait=o.retry_max_wait)
         """When a failed request is tried again (from ``retries``, ``retry_backoff``, ``retry_max_wait``)."""

@@ -16,16 +16,15 @@ Every request meets :func:`guard` first (an aiohttp middleware):
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpProcessingError
 
 from streambus.access import OriginPolicy, Refusal
+from streambus.serving import OncePerClient
 
-__all__ = ["TOKEN_HEADER", "Access", "server_logger"]
+__all__ = ["TOKEN_HEADER", "Access"]
 
 log = structlog.get_logger("streambus.proxy")
 
@@ -33,44 +32,6 @@ TOKEN_HEADER = "X-Streambus-Token"
 """The request header that carries the proxy's client token (never forwarded)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Remote addresses already logged for a refusal: a client hammering the proxy gets one line.
-_LOGGED_LIMIT = 4096
-
-
-class _OnePerClient(logging.Filter):
-    """aiohttp logs a traceback for every malformed request (a duplicate ``Host``...): keep one line per client.
-
-    Only :class:`aiohttp.http.HttpProcessingError` (the client's fault) is
-    shortened and de-duplicated; any other error keeps its traceback.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        client = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
-        if client in self.seen:
-            return False
-        if len(self.seen) >= _LOGGED_LIMIT:
-            self.seen.clear()
-        self.seen.add(client)
-        record.msg, record.args = "refused a malformed request from %s: %s", (client, " ".join(str(exc).split()))
-        record.exc_info, record.exc_text = None, None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-def server_logger(name: str) -> logging.Logger:
-    """The logger to give ``aiohttp.web.AppRunner(logger=...)``: malformed requests make one line per client."""
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, _OnePerClient) for f in logger.filters):
-        logger.addFilter(_OnePerClient())
-    return logger
 
 
 class Access:
@@ -81,14 +42,11 @@ class Access:
             raise ValueError("token: must not be empty (leave it out to serve without a token)")
         self.policy = policy
         self.token = token.strip().encode() if token is not None else None
-        self._logged: set[str] = set()
+        self._first_refusal = OncePerClient()
 
     def _refuse(self, request: web.Request, refusal: Refusal) -> web.Response:
         client = request.remote or ""
-        if client not in self._logged:
-            if len(self._logged) >= _LOGGED_LIMIT:
-                self._logged.clear()
-            self._logged.add(client)
+        if self._first_refusal(client):
             log.warning("proxy.refused", client=client, status=refusal.status, reason=refusal.reason)
         return web.json_response({"error": refusal.reason}, status=refusal.status)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import anyio
 import click
 import structlog
-from aiohttp import web
 from yarl import URL
 
 from streambus import Bus
@@ -20,8 +18,8 @@ from streambus.access import OriginPolicy, is_loopback_host
 from streambus.config import Pipeline, load_config
 from streambus.errors import StreamBusError
 from streambus.logging import configure_logging
+from streambus.serving import AppServer, server_logger
 
-from ._access import server_logger
 from ._proxy import Proxy, ProxyError, parse_upstream, require_asyncio
 
 __all__ = ["check_public_bind", "proxy_command", "serve_proxy"]
@@ -67,28 +65,12 @@ async def serve_proxy(
     require_asyncio()
     check_public_bind(host, token=token, allow_public=allow_public)
     proxy = Proxy(bus, upstream, token=token, bind_host=host, **options)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    bound = sock.getsockname()[1]
-    # Same-origin is judged against the port actually served (port 0 picks one).
-    proxy.access.policy = proxy.access.policy.with_port(bound)
-    runner = web.AppRunner(
-        proxy.app(), access_log=None, shutdown_timeout=1.0, logger=server_logger("streambus.proxy.http")
-    )
-    await runner.setup()
-    try:
-        await web.SockSite(runner, sock).start()
-        url = f"http://[{host}]:{bound}" if family == socket.AF_INET6 else f"http://{host}:{bound}"
+    async with AppServer(host, port) as server:
+        # Same-origin is judged against the port actually served (port 0 picks one).
+        proxy.access.policy = proxy.access.policy.with_port(server.port)
+        url = await server.start(proxy.app(), shutdown_timeout=1.0, logger=server_logger("streambus.proxy.http"))
         log.info("proxy.listening", url=url, upstream=_shown(upstream))
         yield url
-    finally:
-        await runner.cleanup()
 
 
 def _shown(upstream: str) -> str:
@@ -253,7 +235,7 @@ def proxy_command(
             "allowed_origins": allowed_origins,
         }
         anyio.run(_serve, pipeline, upstream, host, port, options)
-    except (StreamBusError, ProxyError) as exc:
+    except StreamBusError as exc:  # ProxyError is one
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass

@@ -137,9 +137,7 @@ class StatsSink(PluginBase):
                 raise ValueError(f"state_file: {path} is a directory; name a file")
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either options or keyword arguments, not both")
-        self.options = options if options is not None else self.Options(**kwargs)
+        self.options: StatsSink.Options = self.resolve_options(options, kwargs)
         opts = self.options
         self.aggregator = StatsAggregator(
             relative_accuracy=opts.relative_accuracy,

@@ -6,6 +6,7 @@ Copy ``plugins/template`` to start a plugin of your own (docs/writing-plugins.md
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -36,9 +37,10 @@ class TextFilesSink(PluginBase):
 
     overflow = "block"  # a file must have every character
 
-    def __init__(self, options: Options) -> None:
-        self.options = options
-        self.directory = Path(options.directory)
+    def __init__(self, options: Options | None = None, /, **keys: Any) -> None:
+        # The one rule: an Options, or keyword options (TextFilesSink(directory="out")), never both.
+        self.options: TextFilesSink.Options = self.resolve_options(options, keys)
+        self.directory = Path(self.options.directory)
         self._texts: dict[str, list[str]] = {}
 
     async def setup(self, bus: object) -> None:

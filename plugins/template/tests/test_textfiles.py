@@ -36,3 +36,11 @@ def test_config_validation_names_the_key() -> None:
         parse_config({"sinks": [{"type": "textfiles", "directory": "x", "channel": "audio"}]})
     with pytest.raises(ConfigError, match=r"sinks\[0\]\.directory: missing required key"):
         parse_config({"sinks": [{"type": "textfiles"}]})
+
+
+def test_options_or_keywords_never_both(tmp_path: Path) -> None:
+    assert TextFilesSink(directory=tmp_path).options.directory == str(tmp_path)
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and channel\)"):
+        TextFilesSink(TextFilesSink.Options(directory="x"), channel="reasoning")
+    with pytest.raises(ValueError, match="channel: expected content, reasoning or tool"):
+        TextFilesSink(directory="x", channel="audio")

@@ -108,15 +108,13 @@ class TransformersProducer(PluginBase):
         tokenizer: Any = None,
         **option_keys: Any,
     ) -> None:
-        if options is not None and option_keys:
-            raise TypeError("give either options or option keywords, not both")
         if isinstance(model, str | Path):
             option_keys["model"] = str(model)
             model = None
         if isinstance(tokenizer, str | Path):
             option_keys["tokenizer"] = str(tokenizer)
             tokenizer = None
-        self.options = options if options is not None else self.Options(**option_keys)
+        self.options: TransformersProducer.Options = self.resolve_options(options, option_keys)
         if model is None and not self.options.model:
             raise ValueError("model: give a model object or a checkpoint path")
         if model is not None and tokenizer is None and self.options.tokenizer is None:

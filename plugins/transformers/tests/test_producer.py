@@ -351,3 +351,14 @@ async def test_concurrent_generations_share_the_model_one_at_a_time(model: Any, 
     assert order == [first] * order.count(first) + [second] * order.count(second)
     ends = [e for e in sink.events if isinstance(e, EndEvent)]
     assert [e.reason for e in ends] == ["length", "length"]
+
+
+def test_a_checkpoint_given_with_options_is_not_ignored(tmp_path: Path) -> None:
+    # model="path" is an option key: with an Options as well it used to be dropped silently.
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and model\)"):
+        TransformersProducer(TransformersProducer.Options(model="a", prompt="x"), model=str(tmp_path))
+    with pytest.raises(TypeError, match=r"the first argument must be a TransformersProducer.Options, got str"):
+        TransformersProducer(str(tmp_path))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"unknown field `max_tokens`; did you mean `max_new_tokens`\?"):
+        TransformersProducer(model=str(tmp_path), max_tokens=3)
+    assert TransformersProducer(model=tmp_path, prompt="x").options.model == str(tmp_path)

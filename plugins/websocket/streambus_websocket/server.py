@@ -56,6 +56,8 @@ from streambus import (
     Overflowed,
     PluginBase,
     StartEvent,
+    StopFailed,
+    StopOutcome,
     StreamBusError,
     Subscription,
     encode,
@@ -69,6 +71,7 @@ from .client import Client
 from .history import History
 from .protocol import (
     PROTOCOL_VERSION,
+    Abort,
     ClientMessage,
     CloseCode,
     ErrorCode,
@@ -141,6 +144,7 @@ class WebSocketSink(PluginBase):
         socket_send_buffer: PositiveInt | None = None
         compression: bool = False
         page: bool = True
+        allow_stop: bool = True
 
         def __post_init__(self) -> None:
             if not 0 <= self.port <= 65535:
@@ -214,9 +218,7 @@ class WebSocketSink(PluginBase):
         token: str | Iterable[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if options is not None and kwargs:
-            raise TypeError("pass either an Options object or keyword options, not both")
-        self.options = options if options is not None else self.Options(**kwargs)
+        self.options: WebSocketSink.Options = self.resolve_options(options, kwargs)
         self._tokens: list[bytes] | None = None
         if token is not None:
             given = [token] if isinstance(token, str) else list(token)
@@ -703,11 +705,14 @@ class WebSocketSink(PluginBase):
                     continue
                 try:
                     parsed = parse_client_message(message)
-                    if type(parsed) is Subscribe and archive_of(self._bus) is not None:
-                        await self._consult_archive(parsed)
-                        if client not in self._clients:
-                            continue  # it left while the engine answered: the next recv() says how
-                    self._on_message(client, parsed)
+                    if type(parsed) is Abort:
+                        await self._abort(client, parsed)
+                    else:
+                        if type(parsed) is Subscribe and archive_of(self._bus) is not None:
+                            await self._consult_archive(parsed)
+                            if client not in self._clients:
+                                continue  # it left while the engine answered: the next recv() says how
+                        self._on_message(client, parsed)
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
@@ -774,6 +779,43 @@ class WebSocketSink(PluginBase):
         for start in wanted:
             if self.history.get(start.stream) is None and flt.matches(start):
                 archive.follow(start.stream)
+
+    def may_stop(self, client: Client, stream: str) -> bool:
+        """Whether *client* may stop *stream*: the one place this sink decides it.
+
+        A connection exists only after the handshake checked the static
+        token (when one is configured), so every connection holds it; with
+        ``allow_stop = false`` nobody may stop. Per-token stop rights extend
+        this method.
+        """
+        return self.options.allow_stop
+
+    async def _abort(self, client: Client, message: Abort) -> None:
+        stream = message.stream
+        if not self.may_stop(client, stream):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"this connection may not stop stream {stream!r}", field="stream", id=message.id
+            )
+        bus = self._bus
+        if bus is None or not bus.running:
+            raise ProtocolError(ErrorCode.STOP_FAILED, "the bus is not running", id=message.id)
+        try:
+            outcome = await bus.stop(stream, reason=message.reason or "stopped by a client", by="client")
+        except StopFailed as exc:
+            log.warning("websocket.stop_failed", peer=client.peer, stream=stream, error=str(exc))
+            raise ProtocolError(
+                ErrorCode.STOP_FAILED, f"the stop could not reach the stream's owner: {exc}", id=message.id
+            ) from None
+        if outcome is StopOutcome.UNKNOWN:
+            stream_log = self.history.get(stream)
+            if stream_log is not None and stream_log.ended:
+                outcome = StopOutcome.ENDED
+        log.info("websocket.stop", peer=client.peer, stream=stream, outcome=outcome.value)
+        if outcome is StopOutcome.UNKNOWN:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_STREAM, f"no live stream {stream!r} to stop", field="stream", id=message.id
+            )
+        client.push(control_frame("aborted", id=message.id, stream=stream, outcome=outcome.value))
 
     def _wants(self, client: Client, stream: str) -> bool:
         log_ = self.history.get(stream)

@@ -40,8 +40,12 @@ _RETRY_CODES = {
 _json = msgspec.json.Decoder()
 
 
-class TailError(click.ClickException):
-    """The tail cannot go on (refused, bad URL, incompatible server)."""
+class TailError(StreamBusError, click.ClickException):
+    """The tail cannot go on (refused, bad URL, incompatible server).
+
+    A :class:`streambus.StreamBusError`, and a ``click.ClickException`` so the
+    command prints ``Error: <message>`` and exits 1.
+    """
 
 
 class _Tail:

@@ -128,6 +128,18 @@ def test_bad_options_name_the_key(key: str, value: object, problem: str) -> None
         parse_config(data, path="x.toml")
 
 
+def test_options_or_keywords_never_both_and_unknown_keywords_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"not both; .*\(got an Options and port\)"):
+        WebSocketSink(WebSocketSink.Options(), port=1)
+    with pytest.raises(TypeError, match=r"WebSocketSink: unknown field `prot`; did you mean `port`\?"):
+        WebSocketSink(prot=1)
+    with pytest.raises(TypeError, match=r"the first argument must be a WebSocketSink.Options, got int"):
+        WebSocketSink(8765)  # type: ignore[arg-type]
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("t0k\n")
+    assert WebSocketSink(tokens_file=tokens).options.tokens_file == str(tokens)
+
+
 def test_config_file_builds_the_sink() -> None:
     pipeline = parse_config(
         {"sinks": [{"type": "websocket", "port": 0, "history_events": 10, "allowed_origins": ["*"]}]},
