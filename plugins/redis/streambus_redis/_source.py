@@ -367,7 +367,9 @@ class RedisSource(PluginBase):
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._committer, client)
-                tg.start_soon(self._watch_producers, client)
+                if self._reader.sees_all:
+                    # A group member sees part of each key: it cannot tell a lost sender's last entries read.
+                    tg.start_soon(self._watch_producers, client)
                 if self._side is not None:
                     tg.start_soon(self._waker, self._side)
                 try:
