@@ -1,0 +1,295 @@
+"""The nats sink and source against a private nats-server: round trip, de-duplication, resume, gaps, options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from conftest import Collector, NatsServer, check_exactly_once
+from streambus_nats import AsyncioRequired, NatsGap, NatsSink, NatsSource, event_subject, message_id
+
+from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, StartEvent, is_terminal
+from streambus.recording import read_recording
+
+pytestmark = pytest.mark.anyio
+
+
+def texts(events: list) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for e in events:
+        if isinstance(e, DeltaEvent):
+            out[e.stream] = out.get(e.stream, "") + e.text
+    return out
+
+
+async def produce(url: str, streams: int, deltas: int, **sink_keys: object) -> tuple[dict[str, str], NatsSink]:
+    """Publish *streams* interleaved streams through a NatsSink; return their texts."""
+    sink = NatsSink(url=url, **sink_keys)  # type: ignore[arg-type]
+    produced: dict[str, str] = {}
+    async with Bus() as bus:
+        bus.add_sink(sink)
+
+        async def one(i: int) -> None:
+            async with bus.stream(model="m", provider="p", meta={"i": i}) as w:
+                produced[w.stream] = ""
+                for j in range(deltas):
+                    await w.delta(f"{i}.{j} ")
+                    produced[w.stream] += f"{i}.{j} "
+                    await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(streams):
+                tg.start_soon(one, i)
+    return produced, sink
+
+
+async def test_round_trip_exactly_once_in_order(nats_server: Callable[..., NatsServer]) -> None:
+    server = nats_server()
+    source = NatsSource(url=server.url, start="$", position="none")
+    got = Collector()
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await source.wait_ready()
+        produced, sink = await produce(server.url, 5, 40)
+        await got.wait_terminals(5)
+        source.stop()
+    check_exactly_once(got.events)
+    assert texts(got.events) == produced
+    assert all(isinstance(e, EndEvent) for e in got.events if is_terminal(e))
+    assert sink.sent_events == 5 * 42
+    assert sink.sent_messages < sink.sent_events  # consecutive events of a stream share a message
+    assert source.delivered == 5 * 42
+    assert source.gaps == []
+
+
+async def test_subject_per_stream_and_message_id(nats_server: Callable[..., NatsServer]) -> None:
+    """Each stream has its own subject under the prefix; the Msg-Id names the stream and its seqs."""
+    server = nats_server()
+    produced, _ = await produce(server.url, 2, 3, prefix="tenant-a.llm", stream_name="TENANTA")
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("TENANTA")
+        assert info.config.subjects == ["tenant-a.llm.ev.>"]
+        for stream in produced:
+            msg = await js.get_last_msg("TENANTA", event_subject("tenant-a.llm", stream))
+            assert msg.headers is not None
+            assert msg.headers["Nats-Msg-Id"].startswith(f"{stream}:")
+            assert msg.headers["Nats-Msg-Id"].endswith("-4")  # the end event, seq 4, is the last of the stream
+    finally:
+        await nc.close()
+
+
+async def test_stream_ids_cannot_escape_their_subject() -> None:
+    assert event_subject("p", "abc-_~9") == "p.ev.abc-_~9"
+    assert event_subject("p", "a.b") == "p.ev.a%2Eb"
+    assert event_subject("p", "a*>b c") == "p.ev.a%2A%3Eb%20c"
+    assert event_subject("p", "é") == "p.ev.%C3%A9"
+    assert event_subject("p", "") == "p.ev.%"
+    first = DeltaEvent(stream="s", seq=5, ts=0.0, text="x", first_seq=3)
+    assert message_id([first, EndEvent(stream="s", seq=6, ts=0.0)]) == "s:3-6"
+
+
+async def test_resent_messages_are_dropped_by_jetstream_and_the_consumer(nats_server: Callable[..., NatsServer]) -> None:
+    """A sink that re-sends what already landed (a lost acknowledgement) produces no duplicate anywhere."""
+    server = nats_server()
+    from streambus_nats import encode_message
+
+    events = [
+        StartEvent(stream="s1", seq=0, ts=0.0, model="m"),
+        DeltaEvent(stream="s1", seq=1, ts=0.0, text="hello "),
+        DeltaEvent(stream="s1", seq=2, ts=0.0, text="world"),
+    ]
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="STREAMBUS", subjects=["streambus.ev.>"], duplicate_window=60)
+        headers, payload = encode_message("o", "p", events[:2])
+        first = await js.publish(event_subject("streambus", "s1"), payload, headers=headers)
+        again = await js.publish(event_subject("streambus", "s1"), payload, headers=headers)
+        assert again.duplicate and again.seq == first.seq
+        # Past JetStream's window (a different grouping): the consumer drops what it delivered.
+        headers, payload = encode_message("o", "p", events[1:])
+        await js.publish(event_subject("streambus", "s1"), payload, headers=headers)
+        headers, payload = encode_message("o", "p", [EndEvent(stream="s1", seq=3, ts=0.0)])
+        await js.publish(event_subject("streambus", "s1"), payload, headers=headers)
+    finally:
+        await nc.close()
+    source = NatsSource(url=server.url, start="0", position="none")
+    got = Collector()
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await got.wait_terminals(1)
+        source.stop()
+    check_exactly_once(got.events)
+    assert texts(got.events) == {"s1": "hello world"}
+    assert source.duplicates == 1
+
+
+async def test_resume_from_saved_position(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+    """A consumer stopped and started again reads exactly what it had not delivered."""
+    server = nats_server()
+    state = tmp_path / "edge.nats-position"
+    produced1, _ = await produce(server.url, 3, 10)
+    first = Collector()
+    source = NatsSource(url=server.url, position="file", position_file=str(state), start="last")
+    async with Bus() as edge:
+        edge.add_sink(first)
+        edge.start_producer(source)
+        await first.wait_terminals(3)
+        source.stop()
+    assert state.exists() and source.position > 0
+    produced2, _ = await produce(server.url, 2, 10)
+    second = Collector()
+    again = NatsSource(url=server.url, position="file", position_file=str(state), start="last")
+    async with Bus() as edge:
+        edge.add_sink(second)
+        edge.start_producer(again)
+        await second.wait_terminals(2)
+        again.stop()
+    assert texts(first.events) == produced1
+    assert texts(second.events) == produced2  # nothing of the first run again
+    assert again.gaps == []
+
+
+async def test_lost_stream_is_reported_never_silent(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+    """The JetStream stream deleted and recreated while a stream was open: that stream ends in nats_gap."""
+    server = nats_server()
+    state = tmp_path / "edge.nats-position"
+    got = Collector()
+    source = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=200)
+    sink = NatsSink(url=server.url, batch_max_ms=0)
+    async with Bus() as worker, Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        worker.add_sink(sink)
+        async with worker.stream(model="m") as open_stream:
+            await open_stream.delta("before ")
+            await got.wait_for(lambda evs: any(isinstance(e, DeltaEvent) for e in evs))
+            source.stop()
+            await anyio.sleep(0)
+            await open_stream.delta("lost ")  # written, then the stream is lost before the consumer reads it
+            await sink.wait_ready()
+            while sink.sent_events < 3:
+                await anyio.sleep(0.01)
+            nc = await nats.connect(server.url)
+            await nc.jetstream().delete_stream("STREAMBUS")
+            await nc.close()
+            async with worker.stream(model="m") as after:
+                await after.delta("after")
+            await open_stream.delta("tail")
+    resumed = Collector()
+    again = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=200)
+    async with Bus() as edge:
+        edge.add_sink(resumed)
+        edge.start_producer(again)
+        await resumed.wait_terminals(2)
+        again.stop()
+    errors = [e for e in resumed.events if isinstance(e, ErrorEvent)]
+    assert [e.stream for e in errors] == [open_stream.stream]
+    assert errors[0].kind == "nats_gap" and not errors[0].retryable
+    assert texts(resumed.events)[after.stream] == "after"
+    assert len(again.gaps) == 1 and isinstance(again.gaps[0], NatsGap)
+    assert "lost and recreated" in again.gaps[0].how
+
+
+async def test_retention_removed_messages_are_a_gap(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+    """Messages removed by max_bytes before the consumer read them: a gap, and the open stream ends in nats_gap."""
+    server = nats_server()
+    state = tmp_path / "edge.nats-position"
+    got = Collector()
+    source = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
+    sink = NatsSink(url=server.url, batch_max_ms=0, max_bytes=20_000, message_max_events=1)
+    async with Bus() as worker:
+        worker.add_sink(sink)
+        async with worker.stream(model="m") as w:
+            await w.delta("first ")
+            async with Bus() as edge:
+                edge.add_sink(got)
+                edge.start_producer(source)
+                await got.wait_for(lambda evs: any(isinstance(e, DeltaEvent) for e in evs))
+                source.stop()
+            for i in range(400):  # far more than 20 kB: the oldest messages are removed
+                await w.delta(f"filler {i:04d} " * 3)
+    again = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
+    resumed = Collector()
+    async with Bus() as edge:
+        edge.add_sink(resumed)
+        edge.start_producer(again)
+        await resumed.wait_terminals(1)
+        again.stop()
+    assert again.gaps and again.gaps[0].lost is not None and again.gaps[0].lost > 0
+    assert "retention" in again.gaps[0].how
+    terminal = [e for e in resumed.events if is_terminal(e)]
+    assert len(terminal) == 1 and isinstance(terminal[0], ErrorEvent) and terminal[0].kind == "nats_gap"
+    assert not any(isinstance(e, DeltaEvent) for e in resumed.events)  # never text with a hole in it
+
+
+async def test_recorder_restart_does_not_write_twice(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+    """seed_recording: a recorder's own file counts as delivered; its position lives beside it."""
+    from streambus.builtins.recorder import RecorderSink
+
+    server = nats_server()
+    out = tmp_path / "rec.jsonl"
+    produced, _ = await produce(server.url, 2, 5)
+    for _ in range(2):
+        source = NatsSource(url=server.url, seed_recording=str(out), start="0")
+        done = Collector()
+        async with Bus() as bus:
+            bus.add_sink(RecorderSink(path=str(out)))
+            bus.add_sink(done)
+            bus.start_producer(source)
+            await source.wait_ready()
+            with anyio.move_on_after(1.0):
+                await done.wait_terminals(2)
+            source.stop()
+        assert source.state_file == Path(f"{out}.nats-position")
+    _, events = read_recording(out)
+    check_exactly_once(list(events))
+    assert texts(list(events)) == produced
+
+
+async def test_under_trio_fails_clearly() -> None:
+    async def main() -> None:
+        await NatsSink().run(None)  # type: ignore[arg-type]
+
+    with pytest.raises(AsyncioRequired, match="needs asyncio .*runs under trio"):
+        anyio.run(main, backend="trio")
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"prefix": "a..b"}, "prefix: must be subject tokens"),
+        ({"prefix": "a.>"}, "prefix: must be subject tokens"),
+        ({"stream_name": "A.B"}, "stream_name: must be a non-empty name"),
+        ({"max_bytes": 0}, "max_bytes: must be -1"),
+        ({"max_age_s": -1}, "max_age_s"),
+        ({"heartbeat_ms": 10}, "heartbeat_ms"),
+        ({"storage": "disk"}, "storage"),
+    ],
+)
+async def test_sink_options_are_checked(keys: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NatsSink(**keys)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"position": "file"}, "position_file: required"),
+        ({"position": "none", "position_file": "x"}, "position_file: only used"),
+        ({"producer_timeout_ms": 100}, "producer_timeout_ms: must be 0"),
+        ({"gap_grace_ms": -1}, "gap_grace_ms"),
+        ({"start": "first"}, "start"),
+        ({"consumer": ""}, "consumer: must not be empty"),
+    ],
+)
+async def test_source_options_are_checked(keys: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NatsSource(**keys)  # type: ignore[arg-type]
