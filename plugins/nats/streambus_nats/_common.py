@@ -129,9 +129,7 @@ def subject_token(stream: str) -> str:
         return "%"
     if not _UNSAFE.search(stream):
         return stream
-    return "".join(
-        c if not _UNSAFE.match(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in stream
-    )
+    return "".join(c if not _UNSAFE.match(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in stream)
 
 
 def event_subject(prefix: str, stream: str) -> str:

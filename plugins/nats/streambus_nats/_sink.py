@@ -106,7 +106,9 @@ class NatsSink(PluginBase):
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
             if not self.stream_name or any(c in self.stream_name for c in ".*> \t"):
-                raise ValueError(f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}")
+                raise ValueError(
+                    f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}"
+                )
             if self.max_bytes == 0 or self.max_bytes < -1:
                 raise ValueError(f"max_bytes: must be -1 (no limit) or positive, got {self.max_bytes}")
 
@@ -129,6 +131,7 @@ class NatsSink(PluginBase):
         self._ready = asyncio.Event()
         self._stream_ok = False
         self._stream_known = False
+        self._closing = False
 
     async def wait_ready(self) -> None:
         """Wait until the sink is connected and the JetStream stream exists.
@@ -148,6 +151,7 @@ class NatsSink(PluginBase):
         local = local_state(self._bus) if self._bus is not None else None
         origin = opts.origin or (local.origin if local is not None else secrets.token_hex(8))
         foreign = local.foreign if local is not None else {}
+        self._closing = False
         client = await self._connect()
         js = client.jetstream(publish_async_max_pending=100_000)
         log.info("nats.sink_started", url=redact(resolve_url(opts.url)), prefix=opts.prefix, producer=self.producer_id)
@@ -181,6 +185,7 @@ class NatsSink(PluginBase):
                         break
                 tg.cancel_scope.cancel()
         finally:
+            self._closing = True
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await client.close()
 
@@ -210,6 +215,8 @@ class NatsSink(PluginBase):
         return clients[-1]
 
     async def _disconnected(self) -> None:
+        if self._closing:
+            return
         log.warning("nats.sink_disconnected", producer=self.producer_id)
 
     async def _reconnected(self) -> None:
@@ -337,7 +344,9 @@ class NatsSink(PluginBase):
             except TimeoutError:
                 for future in futures:
                     future.cancel()
-                raise TimeoutError(f"JetStream did not acknowledge {len(futures)} messages within {timeout:g} s") from None
+                raise TimeoutError(
+                    f"JetStream did not acknowledge {len(futures)} messages within {timeout:g} s"
+                ) from None
             for result in done:
                 if isinstance(result, jserr.NoStreamResponseError):
                     self._stream_ok = False

@@ -143,7 +143,9 @@ class NatsSource(PluginBase):
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
             if not self.stream_name or any(c in self.stream_name for c in ".*> \t"):
-                raise ValueError(f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}")
+                raise ValueError(
+                    f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}"
+                )
             if self.position == "file" and not self.position_file and not self.seed_recording:
                 raise ValueError('position_file: required when position = "file" (or set seed_recording)')
             if self.position_file is not None and self.position == "none":
@@ -151,7 +153,9 @@ class NatsSource(PluginBase):
             if self.consumer is not None and not self.consumer:
                 raise ValueError("consumer: must not be empty")
             if self.producer_timeout_ms and self.producer_timeout_ms < 3 * 100:
-                raise ValueError(f"producer_timeout_ms: must be 0 (never) or at least 300, got {self.producer_timeout_ms}")
+                raise ValueError(
+                    f"producer_timeout_ms: must be 0 (never) or at least 300, got {self.producer_timeout_ms}"
+                )
 
     def preflight(self) -> None:
         """Check that ``seed_recording`` (when it exists yet) can be read and ``position_file``'s directory written."""
@@ -261,6 +265,7 @@ class NatsSource(PluginBase):
                 try:
                     await self._final_commit()
                 finally:
+                    self._stopping = True  # closing the client is not a lost connection
                     with contextlib.suppress(Exception):
                         await client.close()
 
@@ -285,11 +290,15 @@ class NatsSource(PluginBase):
                 return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
             return None
 
-        await self.retry.run(attempt, on_retry=lambda f, d: log.warning("nats.source_retry", error=f.message, retry_in=d))
+        await self.retry.run(
+            attempt, on_retry=lambda f, d: log.warning("nats.source_retry", error=f.message, retry_in=d)
+        )
         return clients[-1]
 
     async def _disconnected(self) -> None:
         self._connected = False
+        if self._stopping:
+            return
         log.warning("nats.source_disconnected", consumer=self.consumer, position=self._position)
         self._resync = True
         if self._wake is not None:

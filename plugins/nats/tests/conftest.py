@@ -172,3 +172,21 @@ def account(produced: dict[str, str], events: list[Event]) -> dict[str, dict[str
             lost = len(want)
         out[stream] = {"lost": lost, "duplicated": dup, "terminals": terminals.get(stream, 0)}
     return out
+
+
+@pytest.fixture
+def make_collector() -> Callable[[], Collector]:
+    """A factory of lossless collecting sinks."""
+    return Collector
+
+
+@pytest.fixture
+def exactly_once() -> Callable[[list[Event]], dict[str, list[int]]]:
+    """:func:`check_exactly_once`."""
+    return check_exactly_once
+
+
+@pytest.fixture
+def count_chars() -> Callable[[dict[str, str], list[Event]], dict[str, dict[str, int]]]:
+    """:func:`account`: characters lost and duplicated per stream."""
+    return account

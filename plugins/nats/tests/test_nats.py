@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import nats
 import pytest
-from conftest import Collector, NatsServer, check_exactly_once
 from streambus_nats import AsyncioRequired, NatsGap, NatsSink, NatsSource, event_subject, message_id
 
 from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, StartEvent, is_terminal
 from streambus.recording import read_recording
+
+if TYPE_CHECKING:
+    from conftest import Collector, NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -46,10 +50,15 @@ async def produce(url: str, streams: int, deltas: int, **sink_keys: object) -> t
     return produced, sink
 
 
-async def test_round_trip_exactly_once_in_order(nats_server: Callable[..., NatsServer]) -> None:
+async def test_round_trip_exactly_once_in_order(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
     server = nats_server()
     source = NatsSource(url=server.url, start="$", position="none")
-    got = Collector()
+    got = make_collector()
     async with Bus() as edge:
         edge.add_sink(got)
         edge.start_producer(source)
@@ -57,7 +66,7 @@ async def test_round_trip_exactly_once_in_order(nats_server: Callable[..., NatsS
         produced, sink = await produce(server.url, 5, 40)
         await got.wait_terminals(5)
         source.stop()
-    check_exactly_once(got.events)
+    exactly_once(got.events)
     assert texts(got.events) == produced
     assert all(isinstance(e, EndEvent) for e in got.events if is_terminal(e))
     assert sink.sent_events == 5 * 42
@@ -66,7 +75,12 @@ async def test_round_trip_exactly_once_in_order(nats_server: Callable[..., NatsS
     assert source.gaps == []
 
 
-async def test_subject_per_stream_and_message_id(nats_server: Callable[..., NatsServer]) -> None:
+async def test_subject_per_stream_and_message_id(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
     """Each stream has its own subject under the prefix; the Msg-Id names the stream and its seqs."""
     server = nats_server()
     produced, _ = await produce(server.url, 2, 3, prefix="tenant-a.llm", stream_name="TENANTA")
@@ -84,7 +98,7 @@ async def test_subject_per_stream_and_message_id(nats_server: Callable[..., Nats
         await nc.close()
 
 
-async def test_stream_ids_cannot_escape_their_subject() -> None:
+def test_stream_ids_cannot_escape_their_subject() -> None:
     assert event_subject("p", "abc-_~9") == "p.ev.abc-_~9"
     assert event_subject("p", "a.b") == "p.ev.a%2Eb"
     assert event_subject("p", "a*>b c") == "p.ev.a%2A%3Eb%20c"
@@ -94,7 +108,12 @@ async def test_stream_ids_cannot_escape_their_subject() -> None:
     assert message_id([first, EndEvent(stream="s", seq=6, ts=0.0)]) == "s:3-6"
 
 
-async def test_resent_messages_are_dropped_by_jetstream_and_the_consumer(nats_server: Callable[..., NatsServer]) -> None:
+async def test_resent_messages_are_dropped_by_jetstream_and_the_consumer(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
     """A sink that re-sends what already landed (a lost acknowledgement) produces no duplicate anywhere."""
     server = nats_server()
     from streambus_nats import encode_message
@@ -120,23 +139,29 @@ async def test_resent_messages_are_dropped_by_jetstream_and_the_consumer(nats_se
     finally:
         await nc.close()
     source = NatsSource(url=server.url, start="0", position="none")
-    got = Collector()
+    got = make_collector()
     async with Bus() as edge:
         edge.add_sink(got)
         edge.start_producer(source)
         await got.wait_terminals(1)
         source.stop()
-    check_exactly_once(got.events)
+    exactly_once(got.events)
     assert texts(got.events) == {"s1": "hello world"}
     assert source.duplicates == 1
 
 
-async def test_resume_from_saved_position(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+async def test_resume_from_saved_position(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
     """A consumer stopped and started again reads exactly what it had not delivered."""
     server = nats_server()
     state = tmp_path / "edge.nats-position"
     produced1, _ = await produce(server.url, 3, 10)
-    first = Collector()
+    first = make_collector()
     source = NatsSource(url=server.url, position="file", position_file=str(state), start="last")
     async with Bus() as edge:
         edge.add_sink(first)
@@ -145,7 +170,7 @@ async def test_resume_from_saved_position(nats_server: Callable[..., NatsServer]
         source.stop()
     assert state.exists() and source.position > 0
     produced2, _ = await produce(server.url, 2, 10)
-    second = Collector()
+    second = make_collector()
     again = NatsSource(url=server.url, position="file", position_file=str(state), start="last")
     async with Bus() as edge:
         edge.add_sink(second)
@@ -157,11 +182,17 @@ async def test_resume_from_saved_position(nats_server: Callable[..., NatsServer]
     assert again.gaps == []
 
 
-async def test_lost_stream_is_reported_never_silent(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+async def test_lost_stream_is_reported_never_silent(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
     """The JetStream stream deleted and recreated while a stream was open: that stream ends in nats_gap."""
     server = nats_server()
     state = tmp_path / "edge.nats-position"
-    got = Collector()
+    got = make_collector()
     source = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=200)
     sink = NatsSink(url=server.url, batch_max_ms=0)
     async with Bus() as worker, Bus() as edge:
@@ -183,7 +214,7 @@ async def test_lost_stream_is_reported_never_silent(nats_server: Callable[..., N
             async with worker.stream(model="m") as after:
                 await after.delta("after")
             await open_stream.delta("tail")
-    resumed = Collector()
+    resumed = make_collector()
     again = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=200)
     async with Bus() as edge:
         edge.add_sink(resumed)
@@ -198,11 +229,17 @@ async def test_lost_stream_is_reported_never_silent(nats_server: Callable[..., N
     assert "lost and recreated" in again.gaps[0].how
 
 
-async def test_retention_removed_messages_are_a_gap(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+async def test_retention_removed_messages_are_a_gap(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
     """Messages removed by max_bytes before the consumer read them: a gap, and the open stream ends in nats_gap."""
     server = nats_server()
     state = tmp_path / "edge.nats-position"
-    got = Collector()
+    got = make_collector()
     source = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
     sink = NatsSink(url=server.url, batch_max_ms=0, max_bytes=20_000, message_max_events=1)
     async with Bus() as worker:
@@ -217,7 +254,7 @@ async def test_retention_removed_messages_are_a_gap(nats_server: Callable[..., N
             for i in range(400):  # far more than 20 kB: the oldest messages are removed
                 await w.delta(f"filler {i:04d} " * 3)
     again = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
-    resumed = Collector()
+    resumed = make_collector()
     async with Bus() as edge:
         edge.add_sink(resumed)
         edge.start_producer(again)
@@ -230,7 +267,13 @@ async def test_retention_removed_messages_are_a_gap(nats_server: Callable[..., N
     assert not any(isinstance(e, DeltaEvent) for e in resumed.events)  # never text with a hole in it
 
 
-async def test_recorder_restart_does_not_write_twice(nats_server: Callable[..., NatsServer], tmp_path: Path) -> None:
+async def test_recorder_restart_does_not_write_twice(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
     """seed_recording: a recorder's own file counts as delivered; its position lives beside it."""
     from streambus.builtins.recorder import RecorderSink
 
@@ -239,7 +282,7 @@ async def test_recorder_restart_does_not_write_twice(nats_server: Callable[..., 
     produced, _ = await produce(server.url, 2, 5)
     for _ in range(2):
         source = NatsSource(url=server.url, seed_recording=str(out), start="0")
-        done = Collector()
+        done = make_collector()
         async with Bus() as bus:
             bus.add_sink(RecorderSink(path=str(out)))
             bus.add_sink(done)
@@ -249,12 +292,12 @@ async def test_recorder_restart_does_not_write_twice(nats_server: Callable[..., 
                 await done.wait_terminals(2)
             source.stop()
         assert source.state_file == Path(f"{out}.nats-position")
-    _, events = read_recording(out)
-    check_exactly_once(list(events))
-    assert texts(list(events)) == produced
+    events = read_recording(out).events
+    exactly_once(events)
+    assert texts(events) == produced
 
 
-async def test_under_trio_fails_clearly() -> None:
+def test_under_trio_fails_clearly() -> None:
     async def main() -> None:
         await NatsSink().run(None)  # type: ignore[arg-type]
 
@@ -274,7 +317,7 @@ async def test_under_trio_fails_clearly() -> None:
         ({"storage": "disk"}, "storage"),
     ],
 )
-async def test_sink_options_are_checked(keys: dict[str, object], message: str) -> None:
+def test_sink_options_are_checked(keys: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NatsSink(**keys)  # type: ignore[arg-type]
 
@@ -290,6 +333,6 @@ async def test_sink_options_are_checked(keys: dict[str, object], message: str) -
         ({"consumer": ""}, "consumer: must not be empty"),
     ],
 )
-async def test_source_options_are_checked(keys: dict[str, object], message: str) -> None:
+def test_source_options_are_checked(keys: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NatsSource(**keys)  # type: ignore[arg-type]
