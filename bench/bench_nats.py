@@ -141,6 +141,12 @@ async def sb_consume(engine: str, target: str, key: str, n: int) -> None:
                 if state["ended"] >= STREAMS:
                     source.stop()
 
+    if engine == "nats":
+        # As deployed: the JetStream stream exists (a sink created it, or the operator) before edges start.
+        async with Bus() as setup:
+            sink = _sink(engine, target, key)
+            setup.add_sink(sink)
+            await sink.wait_ready()
     async with Bus(buffer=4096) as bus:
         bus.add_sink(Meter())
         bus.start_producer(source)

@@ -50,6 +50,7 @@ log = structlog.get_logger("streambus.nats")
 _MAX_PRODUCERS = 10_000
 _STATUS = "Status"
 _CONTROL = "100"
+_NO_STREAM_POLL = 0.2  # seconds between two looks for a JetStream stream that does not exist (yet)
 
 
 class _Doubt(msgspec.Struct):
@@ -201,6 +202,7 @@ class NatsSource(PluginBase):
         self._connected = False
         self._doubts: dict[str, _Doubt] = {}
         self._resync = False
+        self._missing_logged = False
         self._dirty = False
         self._busy = 0
         self._stopping = False
@@ -325,15 +327,25 @@ class NatsSource(PluginBase):
     async def _read_loop(self, client: nats.aio.client.Client) -> None:
         js = client.jetstream()
 
+        import nats.js.errors as jserr
+
         async def cycle() -> Failure | None:
             try:
                 await self._place(js)
                 await self._consume(client, js)
+            except jserr.NotFoundError as exc:
+                # No stream yet (no sink has started) or gone: look again soon, at a steady pace.
+                return Failure("no_stream", f"{type(exc).__name__}: {exc}", retryable=True, retry_after=_NO_STREAM_POLL)
             except _retryable_errors() as exc:
                 return Failure("nats", f"{type(exc).__name__}: {exc}", retryable=True)
             return None
 
         def retrying(failure: Failure, delay: float) -> None:
+            if failure.kind == "no_stream":
+                if not self._missing_logged:
+                    self._missing_logged = True
+                    log.info("nats.stream_missing", stream=self.options.stream_name, poll_s=delay)
+                return
             log.warning("nats.source_retry", error=failure.message, retry_in=delay, position=self._position)
 
         while not self._stopping:
@@ -356,6 +368,7 @@ class NatsSource(PluginBase):
             self._placed = True
             self._ready.set()  # nothing retained: everything published from now on will be read
             raise
+        self._missing_logged = False
         epoch = info.created.isoformat() if info.created is not None else "unknown"
         first, last = info.state.first_seq, info.state.last_seq
         position = self._position
