@@ -27,6 +27,7 @@ Usage: ``python bench/bench_nats.py`` (about two minutes). Writes ``bench/result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -196,10 +197,8 @@ async def raw_consume(target: str, key: str, n: int) -> None:
     await js.subscribe(f"{key}.>", cb=on_msg, ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.NEW)
     print("ready", flush=True)
     _mark()
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), CAP_S)
-    except TimeoutError:
-        pass
     await nc.close()
     _report(count[0], latencies)
 

@@ -218,7 +218,7 @@ async def connect(
         connect_timeout=3,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]  # nats-py annotates int, takes float
+        reconnect_time_wait=reconnect_wait,
         ping_interval=5,
         max_outstanding_pings=2,
         error_cb=error,

@@ -9,13 +9,12 @@ nothing is asserted about how long anything took.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -160,7 +159,7 @@ async def test_killed_producer_process_ends_its_streams_with_producer_lost(
         edge.start_producer(source)
         await source.wait_ready()
         worker.add_sink(NatsSink(url=server.url, heartbeat_ms=200))
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read line by line below
             [sys.executable, PROC, "produce", server.url, "3", "1000", "0.05"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -212,7 +211,7 @@ async def test_killed_edge_resumes_without_loss_or_duplicate(
     stream exactly once: its position and de-duplication state live beside its recording."""
     server = nats_server()
     out = tmp_path / "rec.jsonl"
-    log = open(tmp_path / "edge.log", "ab")  # noqa: SIM115 - handed to the children
+    log = open(tmp_path / "edge.log", "ab")  # noqa: SIM115, ASYNC230 - handed to the children
 
     def spawn(expect: int) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -232,7 +231,7 @@ async def test_killed_edge_resumes_without_loss_or_duplicate(
             async with anyio.create_task_group() as tg:
                 for i in range(6):
                     tg.start_soon(paced, worker, produced, i, 30)
-                while out.stat().st_size < 2000 if out.exists() else True:
+                while out.stat().st_size < 2000 if out.exists() else True:  # noqa: ASYNC110 - another process's file
                     await anyio.sleep(0.05)
                 edge.send_signal(signal.SIGKILL)
                 edge.communicate()

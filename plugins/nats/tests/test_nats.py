@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import nats
 import pytest
 from streambus_nats import AsyncioRequired, NatsGap, NatsSink, NatsSource, event_subject, message_id
@@ -203,10 +203,10 @@ async def test_lost_stream_is_reported_never_silent(
             await open_stream.delta("before ")
             await got.wait_for(lambda evs: any(isinstance(e, DeltaEvent) for e in evs))
             source.stop()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             await open_stream.delta("lost ")  # written, then the stream is lost before the consumer reads it
             await sink.wait_ready()
-            while sink.sent_events < 3:
+            while sink.sent_events < 3:  # noqa: ASYNC110 - the sink's counter, no event to wait on
                 await anyio.sleep(0.01)
             nc = await nats.connect(server.url)
             await nc.jetstream().delete_stream("STREAMBUS")
