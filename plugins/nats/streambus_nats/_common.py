@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_URL",
     "AsyncioRequired",
     "Local",
+    "NatsAuthFailed",
     "NatsGap",
     "connect",
     "event_subject",
@@ -66,6 +68,16 @@ class AsyncioRequired(StreamBusError):
 
     Run the bus under asyncio: ``anyio.run(main, backend="asyncio")`` or plain
     ``asyncio.run(main())``; the ``streambus`` CLI already uses asyncio.
+    """
+
+
+class NatsAuthFailed(StreamBusError):
+    """The server refused this process's credentials ("Authorization Violation").
+
+    Raised at once, never retried in a loop: a retry will not fix a wrong
+    secret. Check ``STREAMBUS_NATS_TOKEN``, ``STREAMBUS_NATS_USER`` /
+    ``STREAMBUS_NATS_PASSWORD``, ``STREAMBUS_NATS_CREDS`` or the user in the
+    URL (their values are never logged or put in this message).
     """
 
 
@@ -190,7 +202,16 @@ async def connect(
     """
     import nats
 
+    refused: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    connected = False
+
     async def error(exc: Exception) -> None:
+        if "authorization violation" in str(exc).lower():
+            if not connected and not refused.done():
+                refused.set_result(exc)
+            elif connected:
+                log.error("nats.auth_refused", error=f"{type(exc).__name__}: {exc}")
+            return
         # nats-py reports every failed reconnect attempt here; the callers log the outage once.
         log.debug("nats.client_error", error=f"{type(exc).__name__}: {exc}")
 
@@ -212,21 +233,44 @@ async def connect(
         kwargs["user_credentials"] = creds
     if (context := _tls_context()) is not None:
         kwargs["tls"] = context
-    client: nats.aio.client.Client = await nats.connect(
-        servers=[s.strip() for s in resolve_url(url).split(",")],
-        name=name,
-        connect_timeout=3,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=reconnect_wait,
-        ping_interval=5,
-        max_outstanding_pings=2,
-        error_cb=error,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        **kwargs,
+    attempt = asyncio.ensure_future(
+        nats.connect(
+            servers=[s.strip() for s in resolve_url(url).split(",")],
+            name=name,
+            connect_timeout=3,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=reconnect_wait,
+            ping_interval=5,
+            max_outstanding_pings=2,
+            error_cb=error,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            **kwargs,
+        )
     )
+    try:
+        # nats-py keeps retrying a refused first connection; a wrong secret must fail at once instead.
+        waiters: list[asyncio.Future[Any]] = [attempt, refused]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not attempt.done():
+            attempt.cancel()
+            attempt.add_done_callback(_consume_outcome)
+    if refused.done() and not (attempt.done() and not attempt.cancelled() and attempt.exception() is None):
+        raise NatsAuthFailed(
+            f"{redact(resolve_url(url))} refused the credentials ({refused.result()}); check STREAMBUS_NATS_TOKEN, "
+            "STREAMBUS_NATS_USER / STREAMBUS_NATS_PASSWORD, STREAMBUS_NATS_CREDS or the URL's user"
+        )
+    client: nats.aio.client.Client = attempt.result()
+    connected = True
     return client
+
+
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
+    # A cancelled connection attempt may still end with an error; nobody waits for it.
+    if not task.cancelled():
+        task.exception()
 
 
 class Local:

@@ -26,6 +26,7 @@ from ._codec import HEADER_ORIGIN, HEADER_PRODUCER, decode_events
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_STREAM_NAME,
+    NatsAuthFailed,
     NatsGap,
     check_prefix,
     connect,
@@ -285,10 +286,10 @@ class NatsSource(PluginBase):
                         on_reconnect=self._reconnected,
                     )
                 )
+            except NatsAuthFailed as exc:
+                log.error("nats.source_auth_failed", error=str(exc))
+                raise
             except Exception as exc:  # nats-py raises several unrelated types for "could not connect"
-                if "authorization" in str(exc).lower():
-                    log.error("nats.source_auth_failed", error=f"{type(exc).__name__}: {exc}")
-                    raise
                 return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
             return None
 

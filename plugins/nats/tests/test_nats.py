@@ -298,11 +298,16 @@ async def test_recorder_restart_does_not_write_twice(
 
 
 def test_under_trio_fails_clearly() -> None:
-    async def main() -> None:
+    async def sink() -> None:
         await NatsSink().run(None)  # type: ignore[arg-type]
 
-    with pytest.raises(AsyncioRequired, match="needs asyncio .*runs under trio"):
-        anyio.run(main, backend="trio")
+    async def source() -> None:
+        async with Bus() as bus:
+            await NatsSource().run(bus)
+
+    for main in (sink, source):
+        with pytest.raises(AsyncioRequired, match="needs asyncio .*runs under trio"):
+            anyio.run(main, backend="trio")
 
 
 @pytest.mark.parametrize(
