@@ -203,6 +203,8 @@ class NatsSource(PluginBase):
         self._connected = False
         self._doubts: dict[str, _Doubt] = {}
         self._resync = False
+        self._exclusive = True
+        self._delivered = 0
         self._missing_logged = False
         self._dirty = False
         self._busy = 0
@@ -370,8 +372,19 @@ class NatsSource(PluginBase):
             self._ready.set()  # nothing retained: everything published from now on will be read
             raise
         self._missing_logged = False
+        exclusive = list(info.config.subjects or ()) == [events_wildcard(self.options.prefix)]
+        if not exclusive and self._exclusive:
+            log.warning(
+                "nats.shared_stream",
+                stream=name,
+                subjects=info.config.subjects,
+                note="the stream holds other subjects too: messages lost to retention while this source reads are "
+                "found by each stream's seq, not by the stream's sequence numbers",
+            )
+        self._exclusive = exclusive
         epoch = info.created.isoformat() if info.created is not None else "unknown"
-        first, last = info.state.first_seq, info.state.last_seq
+        # A stream that never held a message reports first = last = 0; otherwise first = last + 1 when empty.
+        first, last = max(1, info.state.first_seq), info.state.last_seq
         position = self._position
         if not self._placed:
             start = self.options.start
@@ -433,6 +446,7 @@ class NatsSource(PluginBase):
             )
             info = await js.add_consumer(opts.stream_name, config)
             consumer_name = info.name
+            self._delivered = 0
             self.resyncs += 1
             self._ready.set()
             while not self._stopping and not self._resync:
@@ -471,12 +485,15 @@ class NatsSource(PluginBase):
         position = self._position
         if seq <= position:
             return  # delivered again by a consumer created from an older position
-        if seq != position + 1:
+        delivered = meta.sequence.consumer
+        # Our subjects alone: stream sequences have no holes. Shared with other subjects: the consumer's own count.
+        if (seq != position + 1) if self._exclusive else (delivered != self._delivered + 1):
             # Something between was not delivered: JetStream removed it, or it was dropped on the way.
             # A new consumer from the position tells the two apart (see _place).
             log.info("nats.sequence_jump", expected=position + 1, got=seq)
             self._resync = True
             return
+        self._delivered = delivered
         self._position = seq
         self._pending = meta.num_pending
         self._dirty = True

@@ -341,3 +341,39 @@ def test_sink_options_are_checked(keys: dict[str, object], message: str) -> None
 def test_source_options_are_checked(keys: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NatsSource(**keys)  # type: ignore[arg-type]
+
+
+async def test_a_stream_shared_with_other_subjects_reads_without_resync_storms(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
+    """An operator's JetStream stream that also holds other subjects: their messages are skipped, not a gap."""
+    server = nats_server()
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="SHARED", subjects=["streambus.ev.>", "other.>"])
+        source = NatsSource(url=server.url, stream_name="SHARED", start="0", position="none")
+        got = make_collector()
+        async with Bus() as edge, Bus() as worker:
+            edge.add_sink(got)
+            edge.start_producer(source)
+            await source.wait_ready()
+            worker.add_sink(NatsSink(url=server.url, stream_name="SHARED", batch_max_ms=0))
+            produced: dict[str, str] = {}
+            async with worker.stream(model="m") as w:
+                produced[w.stream] = ""
+                for i in range(20):
+                    await js.publish(f"other.{i}", b"not ours")
+                    await w.delta(f"{i} ")
+                    produced[w.stream] += f"{i} "
+                    await got.wait_count(i + 2)
+            await got.wait_terminals(1)
+            source.stop()
+    finally:
+        await nc.close()
+    exactly_once(got.events)
+    assert count_chars(produced, got.events)[w.stream] == {"lost": 0, "duplicated": 0, "terminals": 1}
+    assert source.resyncs == 1 and source.gaps == []
