@@ -110,6 +110,10 @@ class NatsSink(PluginBase):
                 raise ValueError(
                     f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}"
                 )
+            if self.max_age_s and self.duplicate_window_s > self.max_age_s:
+                raise ValueError(
+                    f"duplicate_window_s: must not exceed max_age_s ({self.max_age_s}), got {self.duplicate_window_s:g}"
+                )
             if self.max_bytes == 0 or self.max_bytes < -1:
                 raise ValueError(f"max_bytes: must be -1 (no limit) or positive, got {self.max_bytes}")
 

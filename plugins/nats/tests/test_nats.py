@@ -89,6 +89,7 @@ async def test_subject_per_stream_and_message_id(
         js = nc.jetstream()
         info = await js.stream_info("TENANTA")
         assert info.config.subjects == ["tenant-a.llm.ev.>"]
+        assert (info.config.max_age, info.config.max_bytes, info.config.duplicate_window) == (86_400, 1 << 30, 120)
         for stream in produced:
             msg = await js.get_last_msg("TENANTA", event_subject("tenant-a.llm", stream))
             assert msg.headers is not None
@@ -229,19 +230,25 @@ async def test_lost_stream_is_reported_never_silent(
     assert "lost and recreated" in again.gaps[0].how
 
 
+@pytest.mark.parametrize("limit", ["max_bytes", "max_age_s"])
 async def test_retention_removed_messages_are_a_gap(
     nats_server: Callable[..., NatsServer],
     make_collector: Callable[[], Collector],
     exactly_once: Callable[..., Any],
     count_chars: Callable[..., Any],
     tmp_path: Path,
+    limit: str,
 ) -> None:
-    """Messages removed by max_bytes before the consumer read them: a gap, and the open stream ends in nats_gap."""
+    """Messages removed by retention (size or age) before the consumer read them: a gap, and the open stream
+    ends in nats_gap."""
     server = nats_server()
     state = tmp_path / "edge.nats-position"
     got = make_collector()
     source = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
-    sink = NatsSink(url=server.url, batch_max_ms=0, max_bytes=20_000, message_max_events=1)
+    retention: dict[str, Any] = (
+        {"max_bytes": 20_000} if limit == "max_bytes" else {"max_age_s": 1, "duplicate_window_s": 1}
+    )
+    sink = NatsSink(url=server.url, batch_max_ms=0, message_max_events=1, **retention)
     async with Bus() as worker:
         worker.add_sink(sink)
         async with worker.stream(model="m") as w:
@@ -251,8 +258,14 @@ async def test_retention_removed_messages_are_a_gap(
                 edge.start_producer(source)
                 await got.wait_for(lambda evs: any(isinstance(e, DeltaEvent) for e in evs))
                 source.stop()
-            for i in range(400):  # far more than 20 kB: the oldest messages are removed
-                await w.delta(f"filler {i:04d} " * 3)
+            if limit == "max_bytes":
+                for i in range(400):  # far more than 20 kB: the oldest messages are removed
+                    await w.delta(f"filler {i:04d} " * 3)
+            else:
+                await w.delta("expires ")
+        if limit == "max_age_s":
+            # The fault itself: the consumer stays away longer than max_age, so JetStream removes what it missed.
+            await anyio.sleep(2.5)
     again = NatsSource(url=server.url, position="file", position_file=str(state), gap_grace_ms=100)
     resumed = make_collector()
     async with Bus() as edge:
@@ -317,6 +330,7 @@ def test_under_trio_fails_clearly() -> None:
         ({"prefix": "a.>"}, "prefix: must be subject tokens"),
         ({"stream_name": "A.B"}, "stream_name: must be a non-empty name"),
         ({"max_bytes": 0}, "max_bytes: must be -1"),
+        ({"max_age_s": 60, "duplicate_window_s": 120}, r"duplicate_window_s: must not exceed max_age_s \(60\)"),
         ({"max_age_s": -1}, "max_age_s"),
         ({"heartbeat_ms": 10}, "heartbeat_ms"),
         ({"storage": "disk"}, "storage"),
