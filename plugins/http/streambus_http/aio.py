@@ -19,13 +19,14 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import sniffio
 import structlog
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-from streambus import Filter
+from streambus import Filter, StopFailed, StopOutcome
 from streambus.access import OriginPolicy
 
 from ._errors import HttpStreamError
@@ -33,7 +34,16 @@ from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT, body, open_stream
 
-__all__ = ["add_routes", "filter_from_query", "origin_guard", "server_logger", "stream_response"]
+__all__ = [
+    "MAX_STOP_REASON",
+    "StopPermission",
+    "add_routes",
+    "filter_from_query",
+    "origin_guard",
+    "server_logger",
+    "stop_permission",
+    "stream_response",
+]
 
 log = structlog.get_logger("streambus.http")
 
@@ -51,6 +61,51 @@ def _require_asyncio() -> None:
             f"streambus_http's aiohttp server needs asyncio (aiohttp is asyncio-bound), but runs under {library}; "
             "use the ASGI building blocks (streambus_http.asgi) under trio"
         )
+
+
+MAX_STOP_REASON = 200
+"""Longest ``reason`` a stop request may carry, in characters (longer ones get 400)."""
+
+
+class StopPermission:
+    """Who may stop streams through the http sink: decided by :func:`stop_permission`, in one place.
+
+    *token* is the sink's static bearer token (``None``: none configured);
+    *allow_stop* is the sink's ``allow_stop`` option.
+    """
+
+    __slots__ = ("allow_stop", "token")
+
+    def __init__(self, *, token: str | None, allow_stop: bool = True) -> None:
+        self.token = token.encode() if token else None
+        self.allow_stop = allow_stop
+
+
+def stop_permission(permission: StopPermission, request: web.Request, stream: str | None) -> tuple[int, str] | None:
+    """May the caller of *request* stop *stream*? ``None`` if so, else the HTTP status and a reason to answer.
+
+    *stream* is ``None`` when a chat stop found no live stream of that chat
+    (the caller then learns that only if it may stop).
+
+    - ``allow_stop = false``: nobody may (403);
+    - a static token is configured: the request must present it
+      (``Authorization: Bearer``, or ``?token=``), compared in constant time (401);
+    - otherwise (a loopback sink without a token) any caller that passed the
+      Host/Origin guard may.
+
+    This is the one place that decides; per-token stop rights extend it.
+    The reason never repeats what the caller presented.
+    """
+    if not permission.allow_stop:
+        return 403, "stopping streams is disabled on this server (allow_stop = false)"
+    if permission.token is not None and not hmac.compare_digest(_presented(request).encode(), permission.token):
+        return 401, "stopping a stream needs the bearer token"
+    return None
+
+
+def _presented(request: web.Request) -> str:
+    given = request.headers.get("Authorization", "")
+    return given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
 
 
 # Remote addresses already logged for a refusal: a client hammering the server gets one line.
@@ -232,6 +287,7 @@ def add_routes(
     keepalive: float = 15.0,
     retry_ms: int = 3000,
     write_interval: float = 0.005,
+    allow_stop: bool = True,
 ) -> None:
     """Mount the standard routes of the ``http`` sink on *app*.
 
@@ -244,26 +300,31 @@ def add_routes(
     ``POST {prefix}/api/chat``                    AI SDK ``useChat``: the live or next stream whose
                                                   ``meta[chat_meta_key]`` is the chat ``id``
     ``GET  {prefix}/api/chat/{id}/stream``        AI SDK resume: that chat's live stream, or 204
+    ``POST {prefix}/streams/{id}/abort``          stop a stream (``{"reason": ...}`` body optional)
+    ``POST {prefix}/api/chat/{id}/abort``         AI SDK stop: stop that chat's live stream
     ============================================  ==============================================
 
     With *token*, every route needs ``Authorization: Bearer <token>`` (or
-    ``?token=`` for ``EventSource``), compared in constant time.
+    ``?token=`` for ``EventSource``), compared in constant time. A stop
+    answers ``{"stream": id, "outcome": ...}``: 200 for ``stopped``,
+    ``forwarded`` and ``ended``, 404 for ``unknown``, 503 when the stop could
+    not reach the stream's owner, 401/403 as :func:`stop_permission` decides,
+    400 for a bad body. *allow_stop* = False refuses every stop.
     *cors_origins* lists origins allowed to read from a browser (``*`` for any).
     Host and Origin are checked by :func:`origin_guard`, which the ``http``
     sink installs; an application mounting these routes installs it too.
     """
     expected = token.encode() if token else None
     origins = set(cors_origins)
+    permission = StopPermission(token=token, allow_stop=allow_stop)
 
-    def guard(handler: _CorsHandler, fmt: str = "text") -> _Handler:
+    def guard(handler: _CorsHandler, fmt: str = "text", *, checks_token: bool = True) -> _Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
-            if expected is not None:
-                given = request.headers.get("Authorization", "")
-                presented = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
-                if not hmac.compare_digest(presented.encode(), expected):
+            if expected is not None and checks_token:
+                if not hmac.compare_digest(_presented(request).encode(), expected):
                     content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
                     return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
             return await handler(request, cors)
@@ -362,6 +423,51 @@ def add_routes(
             return web.Response(status=204, headers=cors)
         return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
 
+    async def stop_reply(request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None) -> web.Response:
+        def answer(status: int, **fields: Any) -> web.Response:
+            return web.json_response(fields, status=status, headers=cors)
+
+        try:
+            raw = await request.read()
+            data = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            return answer(400, error="the body must be JSON (or empty)")
+        if not isinstance(data, dict):
+            return answer(400, error="the body must be a JSON object")
+        reason = data.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_STOP_REASON:
+            return answer(400, error=f"reason: must be a string of at most {MAX_STOP_REASON} characters")
+        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
+        if flt is not None:
+            stream = hub.pick(flt)
+        refused = stop_permission(permission, request, stream)
+        if refused is not None:
+            return answer(refused[0], error=refused[1])
+        if stream is None:
+            assert flt is not None
+            ended = any(flt.matches(start) for start in hub.streams())
+            outcome = StopOutcome.ENDED if ended else StopOutcome.UNKNOWN
+            return answer(200 if ended else 404, chat=chat, outcome=outcome.value)
+        bus = hub.bus
+        if bus is None or not bus.running:
+            return answer(503, stream=stream, error="the bus is not running")
+        try:
+            outcome = await bus.stop(stream, reason=reason or "stopped by a client", by="client")
+        except StopFailed as exc:
+            log.warning("http.stop_failed", stream=stream, error=str(exc))
+            return answer(503, stream=stream, error=f"the stop could not reach the stream's owner: {exc}")
+        if outcome is StopOutcome.UNKNOWN and hub.ended(stream):
+            outcome = StopOutcome.ENDED
+        log.info("http.stop", stream=stream, outcome=outcome.value, client=request.remote)
+        extra = {"chat": chat} if chat is not None else {}
+        return answer(404 if outcome is StopOutcome.UNKNOWN else 200, stream=stream, outcome=outcome.value, **extra)
+
+    async def stop_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        return await stop_reply(request, cors, request.match_info["stream"], None)
+
+    async def stop_chat(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+        return await stop_reply(request, cors, None, request.match_info["chat"])
+
     routes = [
         ("GET", "/streams", list_streams),
         ("GET", "/streams/{stream}/{format}", one_stream),
@@ -369,9 +475,13 @@ def add_routes(
         ("POST", "/v1/chat/completions", chat_completions),
         ("POST", "/api/chat", ui_chat),
         ("GET", "/api/chat/{chat}/stream", ui_resume),
+        ("POST", "/streams/{stream}/abort", stop_stream),
+        ("POST", "/api/chat/{chat}/abort", stop_chat),
     ]
     for method, path, handler in routes:
-        wrapped = guard(handler, "openai" if handler is chat_completions else "text")
+        stops = handler in (stop_stream, stop_chat)
+        # A stop is authorized by stop_permission() alone (the token included), so it is decided in one place.
+        wrapped = guard(handler, "openai" if handler is chat_completions else "text", checks_token=not stops)
         app.router.add_route(method, prefix + path, wrapped)
         if origins:
             app.router.add_route("OPTIONS", prefix + path, wrapped)

@@ -55,6 +55,8 @@ from streambus import (
     Overflowed,
     PluginBase,
     StartEvent,
+    StopFailed,
+    StopOutcome,
     StreamBusError,
     Subscription,
     encode,
@@ -67,6 +69,7 @@ from .client import Client
 from .history import History
 from .protocol import (
     PROTOCOL_VERSION,
+    Abort,
     ClientMessage,
     CloseCode,
     ErrorCode,
@@ -139,6 +142,7 @@ class WebSocketSink(PluginBase):
         socket_send_buffer: PositiveInt | None = None
         compression: bool = False
         page: bool = True
+        allow_stop: bool = True
 
         def __post_init__(self) -> None:
             if not 0 <= self.port <= 65535:
@@ -686,7 +690,11 @@ class WebSocketSink(PluginBase):
                     client.push(error_frame(ErrorCode.BINARY_FRAME, "send JSON in text frames"))
                     continue
                 try:
-                    self._on_message(client, parse_client_message(message))
+                    parsed = parse_client_message(message)
+                    if type(parsed) is Abort:
+                        await self._abort(client, parsed)
+                    else:
+                        self._on_message(client, parsed)
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
@@ -714,6 +722,43 @@ class WebSocketSink(PluginBase):
             client.push(control_frame("unsubscribed", id=message.id))
         elif type(message) is Ping:
             client.push(control_frame("pong", id=message.id))
+
+    def may_stop(self, client: Client, stream: str) -> bool:
+        """Whether *client* may stop *stream*: the one place this sink decides it.
+
+        A connection exists only after the handshake checked the static
+        token (when one is configured), so every connection holds it; with
+        ``allow_stop = false`` nobody may stop. Per-token stop rights extend
+        this method.
+        """
+        return self.options.allow_stop
+
+    async def _abort(self, client: Client, message: Abort) -> None:
+        stream = message.stream
+        if not self.may_stop(client, stream):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"this connection may not stop stream {stream!r}", field="stream", id=message.id
+            )
+        bus = self._bus
+        if bus is None or not bus.running:
+            raise ProtocolError(ErrorCode.STOP_FAILED, "the bus is not running", id=message.id)
+        try:
+            outcome = await bus.stop(stream, reason=message.reason or "stopped by a client", by="client")
+        except StopFailed as exc:
+            log.warning("websocket.stop_failed", peer=client.peer, stream=stream, error=str(exc))
+            raise ProtocolError(
+                ErrorCode.STOP_FAILED, f"the stop could not reach the stream's owner: {exc}", id=message.id
+            ) from None
+        if outcome is StopOutcome.UNKNOWN:
+            stream_log = self.history.get(stream)
+            if stream_log is not None and stream_log.ended:
+                outcome = StopOutcome.ENDED
+        log.info("websocket.stop", peer=client.peer, stream=stream, outcome=outcome.value)
+        if outcome is StopOutcome.UNKNOWN:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_STREAM, f"no live stream {stream!r} to stop", field="stream", id=message.id
+            )
+        client.push(control_frame("aborted", id=message.id, stream=stream, outcome=outcome.value))
 
     def _wants(self, client: Client, stream: str) -> bool:
         log_ = self.history.get(stream)
