@@ -8,6 +8,8 @@ saved stream sequence and republishes them, de-duplicated by (``stream``,
 ``seq``), so its sinks see every event exactly once, in order. Lost messages
 (retention, a lost stream) and lost producers end the streams concerned with
 an ``error`` event (``nats_gap``, ``producer_lost``), never with silence.
+A :class:`NatsControl` on every bus carries stops (:meth:`streambus.Bus.stop`)
+to the host whose producer owns the stream.
 
 nats-py is asyncio-bound: both raise :class:`AsyncioRequired` under trio.
 See ``docs/plugins/nats.md``.
@@ -33,6 +35,7 @@ from ._common import (
     event_subject,
     heartbeat_subject,
 )
+from ._control import NatsControl
 from ._sink import NatsSink
 from ._source import NatsSource
 
@@ -42,6 +45,7 @@ __all__ = [
     "DEFAULT_URL",
     "AsyncioRequired",
     "NatsAuthFailed",
+    "NatsControl",
     "NatsGap",
     "NatsSink",
     "NatsSource",

@@ -5,6 +5,10 @@ DELTAS deltas each (delta *j* of stream *i* is ``"i.j "``) through a NatsSink,
 one delta per stream every PACE seconds, then end them. Prints
 ``stream <id> <i>`` for each stream once its first delta was published.
 
+``python proc.py worker URL``: a producer host with a NatsSink and a
+NatsControl and one endless stream; prints ``stream <id>``, and ``handled N``
+once a stop from another host ended it.
+
 ``python proc.py consume URL OUT EXPECT``: read with a NatsSource
 (``start = "last"``, position beside OUT in ``OUT.nats-position``), record into
 OUT with the built-in recorder, and exit once OUT holds EXPECT finished
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 import anyio
-from streambus_nats import NatsSink, NatsSource
+from streambus_nats import NatsControl, NatsSink, NatsSource
 
 from streambus import Bus, Subscription, configure_logging, is_terminal
 from streambus.builtins.recorder import RecorderSink
@@ -45,6 +49,25 @@ async def produce(url: str, streams: int, deltas: int, pace: float) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(streams):
                 tg.start_soon(one, i)
+
+
+async def worker(url: str) -> None:
+    """One endless stream (a delta every 50 ms) until a stop from another host aborts it."""
+    sink = NatsSink(url=url, batch_max_ms=1)
+    control = NatsControl(url=url)
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        bus.add_sink(control)
+        await sink.wait_ready()
+        await control.wait_ready()
+        async with bus.stream(model="m") as w:
+            print(f"stream {w.stream}", flush=True)
+            i = 0
+            while True:
+                await w.delta(f"{i} ")
+                i += 1
+                await anyio.sleep(0.05)
+    print(f"handled {control.handled}", flush=True)
 
 
 class Finisher:
@@ -81,6 +104,8 @@ def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "produce":
         asyncio.run(produce(args[0], int(args[1]), int(args[2]), float(args[3])))
+    elif command == "worker":
+        asyncio.run(worker(args[0]))
     elif command == "consume":
         out = args[1]
         done = sum(map(is_terminal, iter_recording(out, lenient=True))) if Path(out).exists() else 0
