@@ -235,6 +235,8 @@ async def test_killed_edge_resumes_without_loss_or_duplicate(
                     await anyio.sleep(0.05)
                 edge.send_signal(signal.SIGKILL)
                 edge.communicate()
+                finished = sum(map(is_terminal, read_recording(out, lenient=True).events))
+                assert finished < 6, "the edge must be killed mid-stream"
                 await anyio.sleep(0.3)
                 edge = await anyio.to_thread.run_sync(spawn, 6)
         await anyio.to_thread.run_sync(lambda: edge.wait(30))
