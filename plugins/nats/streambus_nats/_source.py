@@ -196,6 +196,7 @@ class NatsSource(PluginBase):
         """How (re)connecting and re-creating the consumer are retried: 50 ms doubling to 2 s, with jitter."""
         self._position = 0
         self._placed = False
+        self._restored = False
         self._pending = -1
         self._owners: dict[str, str] = {}
         self._heard: OrderedDict[str, float] = OrderedDict()
@@ -386,14 +387,17 @@ class NatsSource(PluginBase):
         # A stream that never held a message reports first = last = 0; otherwise first = last + 1 when empty.
         first, last = max(1, info.state.first_seq), info.state.last_seq
         position = self._position
-        if not self._placed:
-            start = self.options.start
-            if self.epoch is None:
-                position = last if start == "$" else first - 1
-                if self._doubts or self.dedup.live:
-                    # Seeded or restored live streams but no epoch to vouch that this stream still holds them.
-                    self._report_gap(NatsGap(name, 0, None, None, "no saved epoch vouches for the live streams"), last)
+        resuming = self._placed or (self.options.start == "last" and self._restored)
+        if not resuming:
+            # A fresh start: from the head ("$") or from the oldest message retained.
             self._placed = True
+            if self.dedup.live and (self.epoch is None or epoch != self.epoch):
+                # Seeded or restored live streams, but no saved epoch vouches that this stream still holds them.
+                how = "no saved epoch of this stream vouches for the live streams this consumer knows"
+                self._report_gap(NatsGap(name, 0, None, None, how), last)
+            self._finish_place(epoch, last if self.options.start == "$" else first - 1, last)
+            return
+        self._placed = True
         if self.epoch is not None and epoch != self.epoch:
             how = f"the JetStream stream was lost and recreated (epoch {self.epoch} -> {epoch})"
             self._report_gap(NatsGap(name, position, None, None, how), last)
@@ -407,6 +411,9 @@ class NatsSource(PluginBase):
                 how = "removed by retention (max_age / max_bytes) before this consumer read them"
                 self._report_gap(NatsGap(name, position, first - 1, first - 1 - position, how), last)
             position = first - 1
+        self._finish_place(epoch, position, last)
+
+    def _finish_place(self, epoch: str, position: int, last: int) -> None:
         if epoch != self.epoch or position != self._position:
             self._dirty = True
         self.epoch = epoch
@@ -720,9 +727,11 @@ class NatsSource(PluginBase):
         for stream, until in doubts.items():
             if stream in live:
                 self._doubts[stream] = _Doubt(until, deadline, "it was in doubt when this consumer stopped")
-        if self.options.start == "last" and epoch is not None:
+        if epoch is not None:
             self.epoch = str(epoch)
-            self._position = position
+            if self.options.start == "last":
+                self._position = position
+                self._restored = True
         log.info("nats.resumed", consumer=self.consumer, position=position, epoch=epoch)
 
 
