@@ -129,6 +129,8 @@ class NatsSink(PluginBase):
         """Messages acknowledged by JetStream so far (re-sent duplicates included once)."""
         self.duplicates = 0
         """Messages JetStream acknowledged as duplicates (a re-sent batch whose first copy landed)."""
+        self.too_large = 0
+        """Events not sent because one alone exceeds the server's ``max_payload`` (logged ``nats.event_too_large``)."""
         self.retry = RetryPolicy(retries=None, backoff=0.05, max_wait=2.0)
         """How sends are retried: 50 ms doubling to 2 s, with jitter, without limit (see ``max_attempts``)."""
         self._bus: Bus | None = None
@@ -137,6 +139,7 @@ class NatsSink(PluginBase):
         self._stream_ok = False
         self._stream_known = False
         self._closing = False
+        self._client: nats.aio.client.Client | None = None
 
     async def wait_ready(self) -> None:
         """Wait until the sink is connected and the JetStream stream exists.
@@ -157,7 +160,7 @@ class NatsSink(PluginBase):
         origin = opts.origin or (local.origin if local is not None else secrets.token_hex(8))
         foreign = local.foreign if local is not None else {}
         self._closing = False
-        client = await self._connect()
+        client = self._client = await self._connect()
         js = client.jetstream(publish_async_max_pending=100_000)
         log.info("nats.sink_started", url=redact(resolve_url(opts.url)), prefix=opts.prefix, producer=self.producer_id)
         limit = opts.batch_max_events
@@ -314,7 +317,9 @@ class NatsSink(PluginBase):
 
         await self.retry.run(attempt, on_retry=retrying)
 
-    def _messages(self, origin: str, batch: list[Event]) -> list[tuple[str, dict[str, str], bytes, int]]:
+    def _messages(
+        self, origin: str, batch: list[Event], max_payload: int
+    ) -> list[tuple[str, dict[str, str], bytes, int]]:
         per_stream: dict[str, list[Event]] = {}
         for event in batch:
             group = per_stream.get(event.stream)
@@ -324,20 +329,48 @@ class NatsSink(PluginBase):
                 group.append(event)
         size = self.options.message_max_events
         prefix = self.options.prefix
-        out = []
+        out: list[tuple[str, dict[str, str], bytes, int]] = []
         for stream, group in per_stream.items():
             subject = event_subject(prefix, stream)
             for i in range(0, len(group), size):
-                chunk = group[i : i + size]
-                headers, payload = encode_message(origin, self.producer_id, chunk)
-                out.append((subject, headers, payload, len(chunk)))
+                self._pack(out, subject, origin, group[i : i + size], max_payload)
         return out
+
+    def _pack(
+        self,
+        out: list[tuple[str, dict[str, str], bytes, int]],
+        subject: str,
+        origin: str,
+        chunk: list[Event],
+        max_payload: int,
+    ) -> None:
+        headers, payload = encode_message(origin, self.producer_id, chunk)
+        if len(payload) + 200 <= max_payload:  # headers travel in the same frame; theirs is well under 200 bytes
+            out.append((subject, headers, payload, len(chunk)))
+        elif len(chunk) > 1:
+            half = len(chunk) // 2
+            self._pack(out, subject, origin, chunk[:half], max_payload)
+            self._pack(out, subject, origin, chunk[half:], max_payload)
+        else:
+            # One event larger than the server takes: it cannot be stored. Its stream's consumers see the hole
+            # in seq and end it with a nats_gap error, never silent text with a hole in it.
+            event = chunk[0]
+            self.too_large += 1
+            log.error(
+                "nats.event_too_large",
+                stream=event.stream,
+                seq=event.seq,
+                size=len(payload),
+                max_payload=max_payload,
+                note="raise the server's max_payload; this event is not sent",
+            )
 
     async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
         import nats.js.errors as jserr
 
         self._unsent = batch
-        messages = self._messages(origin, batch)
+        max_payload = self._client.max_payload if self._client is not None else 1 << 20
+        messages = self._messages(origin, batch, max_payload)
         timeout = self.options.ack_timeout_s
         acks: list[Any] = []
 
@@ -363,6 +396,6 @@ class NatsSink(PluginBase):
 
         await self._retrying(publish, events=len(batch))
         self._unsent = []
-        self.sent_events += len(batch)
+        self.sent_events += sum(count for _, _, _, count in messages)
         self.sent_messages += len(messages)
         self.duplicates += sum(1 for ack in acks if getattr(ack, "duplicate", False))

@@ -391,3 +391,43 @@ async def test_a_stream_shared_with_other_subjects_reads_without_resync_storms(
     exactly_once(got.events)
     assert count_chars(produced, got.events)[w.stream] == {"lost": 0, "duplicated": 0, "terminals": 1}
     assert source.resyncs == 1 and source.gaps == []
+
+
+async def test_messages_fit_the_server_payload_and_an_oversized_event_is_an_error_not_a_hole(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """A server with a small max_payload: batches are split to fit; one event that cannot fit is logged and
+    its stream ends in nats_gap at the consumer, while other streams arrive whole."""
+    config = tmp_path / "small.conf"
+    config.write_text("max_payload: 4096\n")
+    server = nats_server("-c", str(config))
+    got = make_collector()
+    source = NatsSource(url=server.url, start="$", position="none")
+    sink = NatsSink(url=server.url, batch_max_ms=50)
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await source.wait_ready()
+        async with Bus() as worker:
+            worker.add_sink(sink)
+            async with worker.stream(model="m") as whole, worker.stream(model="m") as broken:
+                for i in range(100):  # about 10 kB of one stream in one batch: split into several messages
+                    await whole.delta(f"piece {i:03d} of a long answer ")
+                await broken.delta("before ")
+                await broken.delta("x" * 10_000)  # alone larger than max_payload
+                await broken.delta("after")
+        await got.wait_terminals(2)
+        source.stop()
+    exactly_once(got.events)
+    assert sink.too_large == 1
+    by_stream = {s: [e for e in got.events if e.stream == s] for s in (whole.stream, broken.stream)}
+    assert "".join(e.text for e in by_stream[whole.stream] if isinstance(e, DeltaEvent)) == "".join(
+        f"piece {i:03d} of a long answer " for i in range(100)
+    )
+    assert isinstance(by_stream[whole.stream][-1], EndEvent)
+    broken_events = by_stream[broken.stream]
+    assert [e.text for e in broken_events if isinstance(e, DeltaEvent)] == ["before "]
+    assert isinstance(broken_events[-1], ErrorEvent) and broken_events[-1].kind == "nats_gap"
