@@ -51,6 +51,7 @@ log = structlog.get_logger("streambus.nats")
 _MAX_PRODUCERS = 10_000
 _STATUS = "Status"
 _CONTROL = "100"
+_PENDING_BYTES = 64 << 20  # bytes the source holds before it drops more (they are read again from JetStream)
 _NO_STREAM_POLL = 0.2  # seconds between two looks for a JetStream stream that does not exist (yet)
 
 
@@ -133,6 +134,9 @@ class NatsSource(PluginBase):
         connected and caught up, ends with a ``producer_lost`` error; 0 never."""
         heartbeat_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
         """The consumer's idle heartbeat; three missed ones make the source re-create its consumer."""
+        max_pending_messages: PositiveInt = 20_000
+        """Messages the source holds before handling them (and at most 64 MiB); more are dropped on arrival and read
+        again from JetStream, so a slow bus bounds this process's memory without losing anything."""
         seed_recording: str | None = None
         """A recording this process wrote before: its events count as delivered (a restarted recorder)."""
         origin: str | None = None
@@ -186,6 +190,8 @@ class NatsSource(PluginBase):
         """How many times the consumer was created again (reconnects, silent consumers, sequence jumps)."""
         self.producers_lost = 0
         """Streams ended with a ``producer_lost`` error."""
+        self.dropped = 0
+        """Messages dropped because the source's bounded inbox was full (read again from JetStream)."""
         self.epoch: str | None = None
         """The JetStream stream's epoch (its creation time) as last seen."""
         self.state_file: Path | None = None
@@ -426,14 +432,22 @@ class NatsSource(PluginBase):
 
         opts = self.options
         queue: deque[nats.aio.msg.Msg] = deque()
+        held = [0]  # bytes in the queue
+        limit = opts.max_pending_messages
         wake = self._wake = asyncio.Event()
 
         async def deliver(msg: nats.aio.msg.Msg) -> None:
+            # Bounded: past these limits a message is dropped here; JetStream still holds it, and the
+            # sequence check reads it again from the position (flow control keeps this rare).
+            if (len(queue) >= limit or held[0] >= _PENDING_BYTES) and not (msg.headers and _STATUS in msg.headers):
+                self.dropped += 1
+                return
             queue.append(msg)
+            held[0] += len(msg.data)
             wake.set()
 
         inbox = client.new_inbox()
-        sub = await client.subscribe(inbox, cb=deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        sub = await client.subscribe(inbox, cb=deliver)
         consumer_name: str | None = None
         self._resync = False
         try:
@@ -468,7 +482,9 @@ class NatsSource(PluginBase):
                 self._busy += 1
                 try:
                     while queue and not self._resync:
-                        await self._on_message(client, queue.popleft())
+                        msg = queue.popleft()
+                        held[0] -= len(msg.data)
+                        await self._on_message(client, msg)
                 finally:
                     self._busy -= 1
         finally:

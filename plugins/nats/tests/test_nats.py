@@ -431,3 +431,25 @@ async def test_messages_fit_the_server_payload_and_an_oversized_event_is_an_erro
     broken_events = by_stream[broken.stream]
     assert [e.text for e in broken_events if isinstance(e, DeltaEvent)] == ["before "]
     assert isinstance(broken_events[-1], ErrorEvent) and broken_events[-1].kind == "nats_gap"
+
+
+async def test_a_full_inbox_drops_and_reads_again_losing_nothing(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
+    """A source whose bounded inbox overflows (a slow bus) drops messages on arrival and reads them again."""
+    server = nats_server()
+    produced, _ = await produce(server.url, 20, 30, message_max_events=1, batch_max_ms=0)
+    got = make_collector()
+    source = NatsSource(url=server.url, start="0", position="none", max_pending_messages=100, heartbeat_ms=100)
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await got.wait_terminals(20)
+        source.stop()
+    exactly_once(got.events)
+    counts = count_chars(produced, got.events)
+    assert {s: c for s, c in counts.items() if c != {"lost": 0, "duplicated": 0, "terminals": 1}} == {}
+    assert source.dropped > 0 and source.resyncs > 1 and source.gaps == []
