@@ -204,6 +204,7 @@ class NatsSource(PluginBase):
         self._placed = False
         self._restored = False
         self._pending = -1
+        self._caught_up_at = -1.0  # anyio clock: the last time nothing was pending for this source
         self._owners: dict[str, str] = {}
         self._heard: OrderedDict[str, float] = OrderedDict()
         self._since = 0.0
@@ -425,6 +426,8 @@ class NatsSource(PluginBase):
         self.epoch = epoch
         self._position = position
         self._pending = max(0, last - position)
+        if not self._pending:
+            self._caught_up_at = anyio.current_time()
 
     async def _consume(self, client: nats.aio.client.Client, js: nats.js.JetStreamContext) -> None:
         """Create a consumer from the position and handle its messages until a resync is due."""
@@ -519,6 +522,8 @@ class NatsSource(PluginBase):
         self._delivered = delivered
         self._position = seq
         self._pending = meta.num_pending
+        if not self._pending:
+            self._caught_up_at = anyio.current_time()
         self._dirty = True
         origin = producer = ""
         if headers is not None:
@@ -550,7 +555,9 @@ class NatsSource(PluginBase):
             log.info("nats.missed_delivery", last_delivered=int(last), position=self._position)
             self._resync = True
         elif not msg.reply:
-            self._pending = 0 if last is not None and int(last) == self._position else self._pending
+            if last is not None and last.isdigit() and int(last) == self._position:
+                self._pending = 0
+                self._caught_up_at = anyio.current_time()
 
     async def _deliver(self, events: list[Event], producer: str, seq: int) -> None:
         bus = self._bus
@@ -650,8 +657,7 @@ class NatsSource(PluginBase):
                 log.error("nats.stream_gap", stream=stream, missing_from=seq, reason=doubt.reason)
                 await self._end_stream(stream, seq, seq, "nats_gap", message, retryable=False)
         timeout = self.options.producer_timeout_ms / 1000
-        # Silence means something only when this source is connected and has read everything there is.
-        if not timeout or not self._connected or self._pending != 0 or self._resync:
+        if not timeout or not self._connected or self._resync:
             return
         since = self._since
         if now - since < timeout:
@@ -659,8 +665,11 @@ class NatsSource(PluginBase):
         heard = self._heard
         for stream, last in list(self.dedup.live.items()):
             owner = self._owners.get(stream, "")
-            silent = now - max(heard.get(owner, since), since)
-            if silent < timeout:
+            last_heard = max(heard.get(owner, since), since)
+            silent = now - last_heard
+            # Silence means something only once this source has read everything published before it began:
+            # it was caught up (nothing pending) after it last heard from the producer.
+            if silent < timeout or self._caught_up_at < last_heard:
                 continue
             self.producers_lost += 1
             message = (

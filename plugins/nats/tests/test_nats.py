@@ -453,3 +453,38 @@ async def test_a_full_inbox_drops_and_reads_again_losing_nothing(
     counts = count_chars(produced, got.events)
     assert {s: c for s, c in counts.items() if c != {"lost": 0, "duplicated": 0, "terminals": 1}} == {}
     assert source.dropped > 0 and source.resyncs > 1 and source.gaps == []
+
+
+async def test_a_source_reading_backlog_never_declares_its_producers_lost(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
+    """A stream whose producer is long gone, with its end still to be read behind another producer's backlog,
+    ends normally, however slowly the source reads (a tiny inbox, many re-reads, longer than the timeout)."""
+    server = nats_server()
+    first = NatsSink(url=server.url, batch_max_ms=0, message_max_events=1)
+    async with Bus() as worker:
+        worker.add_sink(first)
+        async with worker.stream(model="m") as w:
+            await w.delta("begun ")
+            await first.wait_ready()
+            while first.sent_events < 2:  # noqa: ASYNC110 - the sink's counter, no event to wait on
+                await anyio.sleep(0.01)
+            produced, _ = await produce(server.url, 25, 40, message_max_events=1, batch_max_ms=0)
+            await w.delta("ended behind a backlog")
+    produced[w.stream] = "begun ended behind a backlog"
+    got = make_collector()
+    source = NatsSource(
+        url=server.url, start="0", position="none", producer_timeout_ms=300, max_pending_messages=20, heartbeat_ms=100
+    )
+    async with Bus() as edge:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        await got.wait_terminals(26, seconds=30)
+        source.stop()
+    exactly_once(got.events)
+    counts = count_chars(produced, got.events)
+    assert {s: c for s, c in counts.items() if c != {"lost": 0, "duplicated": 0, "terminals": 1}} == {}
+    assert source.producers_lost == 0 and source.resyncs > 5
