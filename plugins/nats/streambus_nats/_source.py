@@ -554,10 +554,10 @@ class NatsSource(PluginBase):
             # The server delivered messages this source never got: read them again.
             log.info("nats.missed_delivery", last_delivered=int(last), position=self._position)
             self._resync = True
-        elif not msg.reply:
-            if last is not None and last.isdigit() and int(last) == self._position:
-                self._pending = 0
-                self._caught_up_at = anyio.current_time()
+        elif not msg.reply and last is not None and last.isdigit() and int(last) == self._position:
+            # An idle heartbeat: nothing is pending for this consumer.
+            self._pending = 0
+            self._caught_up_at = anyio.current_time()
 
     async def _deliver(self, events: list[Event], producer: str, seq: int) -> None:
         bus = self._bus
