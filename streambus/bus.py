@@ -385,6 +385,15 @@ class Bus:
                 return StopOutcome.ENDED
             if failure is not None:
                 raise failure
+            if stream in self._live:
+                # Its events arrive here (a Redis source...) but its producer runs elsewhere.
+                log.warning(
+                    "bus.stop_unrouted",
+                    stream=stream,
+                    routes=len(self._stop_routes),
+                    hint="the stream is live here but owned by another process that no stop route reached "
+                    "(add the redis-control sink to every bus of the deployment)",
+                )
         return StopOutcome.UNKNOWN
 
     def add_stop_route(self, route: StopRoute) -> Callable[[], None]:

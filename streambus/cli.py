@@ -176,7 +176,7 @@ def _abort_http(url: str, stream: str, reason: str, token: str | None, timeout: 
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(target, data=orjson.dumps({"reason": reason}), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the scheme is checked
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             answer: Any = orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()
@@ -223,5 +223,7 @@ def _abort_ws(url: str, stream: str, reason: str, token: str | None, timeout: fl
     except (WebSocketException, OSError) as exc:
         detail = getattr(exc, "rcvd", None)
         if detail is not None and detail.code == 4001:
-            raise click.ClickException(f"{url}: unauthorized (the token is missing or wrong; see --token-env)") from None
+            raise click.ClickException(
+                f"{url}: unauthorized (the token is missing or wrong; see --token-env)"
+            ) from None
         raise click.ClickException(f"cannot reach {url}: {exc}") from None

@@ -51,7 +51,7 @@ class FakeRoute:
 
 
 async def test_stop_of_a_local_stream_cancels_its_producer_and_publishes_one_abort() -> None:
-    started, cancelled = anyio.Event(), []
+    started, cancelled = anyio.Event(), list[bool]()
     route = FakeRoute({})
     async with Bus() as bus:
         bus.add_stop_route(route)
@@ -141,3 +141,19 @@ def test_control_messages_round_trip_and_bad_ones_name_the_field() -> None:
         decode_stop(b"{nope")
     with pytest.raises(DecodeError):
         decode_stop(b'{"op": "launch"}')
+
+
+async def test_a_live_stream_owned_elsewhere_without_a_route_is_unknown_and_logged() -> None:
+    from structlog.testing import capture_logs
+
+    from streambus import StartEvent
+
+    async with Bus() as bus:
+        # what a source that republishes another process's stream does
+        await bus.publish(StartEvent(stream="foreign", seq=0, ts=0.0, model="m", provider="p", meta={}))
+        with capture_logs() as logs:
+            assert await bus.stop("foreign") is StopOutcome.UNKNOWN
+        assert [entry["event"] for entry in logs] == ["bus.stop_unrouted"]
+        assert "redis-control" in logs[0]["hint"]
+        await bus.publish(AbortEvent(stream="foreign", seq=1, ts=0.0, reason="r", by="client"))
+        assert await bus.stop("foreign") is StopOutcome.ENDED

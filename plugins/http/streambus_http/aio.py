@@ -65,6 +65,7 @@ def _require_asyncio() -> None:
 
 MAX_STOP_REASON = 200
 """Longest ``reason`` a stop request may carry, in characters (longer ones get 400)."""
+_MAX_STOP_BODY = 4096  # bytes: a JSON object with a reason fits many times over
 
 
 class StopPermission:
@@ -323,10 +324,13 @@ def add_routes(
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
-            if expected is not None and checks_token:
-                if not hmac.compare_digest(_presented(request).encode(), expected):
-                    content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
-                    return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
+            if (
+                expected is not None
+                and checks_token
+                and not hmac.compare_digest(_presented(request).encode(), expected)
+            ):
+                content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
+                return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
             return await handler(request, cors)
 
         return wrapped
@@ -423,10 +427,21 @@ def add_routes(
             return web.Response(status=204, headers=cors)
         return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
 
-    async def stop_reply(request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None) -> web.Response:
+    async def stop_reply(
+        request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None
+    ) -> web.Response:
         def answer(status: int, **fields: Any) -> web.Response:
             return web.json_response(fields, status=status, headers=cors)
 
+        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
+        if flt is not None:
+            stream = hub.pick(flt)
+        refused = stop_permission(permission, request, stream)
+        if refused is not None:
+            return answer(refused[0], error=refused[1])
+        # Read only after the permission: a caller who may not stop cannot make us read a body.
+        if (request.content_length or 0) > _MAX_STOP_BODY:
+            return answer(400, error=f"the body must be at most {_MAX_STOP_BODY} bytes")
         try:
             raw = await request.read()
             data = orjson.loads(raw) if raw.strip() else {}
@@ -437,12 +452,6 @@ def add_routes(
         reason = data.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_STOP_REASON:
             return answer(400, error=f"reason: must be a string of at most {MAX_STOP_REASON} characters")
-        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
-        if flt is not None:
-            stream = hub.pick(flt)
-        refused = stop_permission(permission, request, stream)
-        if refused is not None:
-            return answer(refused[0], error=refused[1])
         if stream is None:
             assert flt is not None
             ended = any(flt.matches(start) for start in hub.streams())

@@ -17,7 +17,7 @@ from aiohttp import web
 from streambus_http import HttpSink
 from streambus_websocket import WebSocketSink
 
-from streambus import AbortEvent, Bus, Event
+from streambus import AbortEvent, Bus
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
@@ -117,14 +117,14 @@ async def test_a_page_stops_streams_with_fetch_and_with_the_websocket_op() -> No
                 assert again["outcome"] == "ended"
             finally:
                 await browser.close()
-        aborts: list[Event] = []
+        aborts: list[AbortEvent] = []
         with anyio.fail_after(5):
-            async for event in seen:
-                if isinstance(event, AbortEvent):
-                    aborts.append(event)
+            async for seen_event in seen:
+                if isinstance(seen_event, AbortEvent):
+                    aborts.append(seen_event)
                     if len(aborts) == 2:
                         break
-        assert sorted((e.stream, e.reason, e.by) for e in aborts if isinstance(e, AbortEvent)) == [
+        assert sorted((e.stream, e.reason, e.by) for e in aborts) == [
             ("a", "stopped with fetch", "client"),
             ("b", "stopped with the op", "client"),
         ]

@@ -105,6 +105,7 @@ async def test_unknown_stream_is_404_and_bad_bodies_are_400_without_stopping(ser
             (b"[1, 2]", "JSON object"),
             (b'{"reason": 5}', "reason"),
             (b'{"reason": "' + b"x" * 201 + b'"}', "at most 200"),
+            (b'{"pad": "' + b"x" * 5000 + b'"}', "at most 4096 bytes"),
         ]:
             r = await client.post("/streams/keep/abort", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and problem in r.json()["error"], (body, r.text)

@@ -23,14 +23,15 @@ the engine-neutral ones of :mod:`streambus.stopping`; the contract is in
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import anyio
-import anyio.abc
 import msgspec
 import structlog
+from anyio.streams.memory import MemoryObjectSendStream
 
 from streambus import DecodeError, PluginBase, StopFailed, StopOutcome, Subscription
 from streambus.stopping import CONTROL_VERSION, StopReply, StopRequest, decode_stop, encode_stop
@@ -95,7 +96,7 @@ class RedisControl(PluginBase):
         """Stop requests from other hosts this sink answered."""
         self._bus: Bus | None = None
         self._client: aioredis.Redis | None = None
-        self._pending: dict[str, anyio.abc.ObjectSendStream[StopReply]] = {}
+        self._pending: dict[str, MemoryObjectSendStream[StopReply]] = {}
         self._remove_route: Callable[[], None] | None = None
         self._ready = anyio.Event()
 
@@ -168,10 +169,8 @@ class RedisControl(PluginBase):
             if isinstance(decoded, StopReply):
                 waiter = self._pending.get(decoded.id)
                 if waiter is not None:
-                    try:
+                    with contextlib.suppress(anyio.WouldBlock):  # more answers than hosts: ignore the extra
                         waiter.send_nowait(decoded)
-                    except anyio.WouldBlock:
-                        pass
             elif decoded.origin != self.origin:
                 await self._answer(client, decoded)
 

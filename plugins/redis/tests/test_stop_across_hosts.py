@@ -22,7 +22,7 @@ from aiohttp import web
 from streambus_redis import RedisControl
 from streambus_websocket.testing import connect
 
-from streambus import AbortEvent, Bus, StopOutcome
+from streambus import AbortEvent, Bus, StopFailed, StopOutcome, StreamBusError
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +198,63 @@ async def test_control_answers_in_process_and_unknown_without_owner(redis_url: s
         assert owner_control.handled == 3
         await owner.shutdown()
         await edge.shutdown()
+
+
+async def test_garbage_on_the_control_channel_is_skipped_and_stops_still_work(redis_url: str, key: str) -> None:
+    import redis.asyncio as aioredis
+
+    channel = f"{key}:control"
+    async with Bus() as owner, Bus() as edge:
+        owner_control = RedisControl(url=redis_url, channel=channel)
+        edge_control = RedisControl(url=redis_url, channel=channel)
+        owner.add_sink(owner_control)
+        edge.add_sink(edge_control)
+        await owner_control.wait_ready()
+        await edge_control.wait_ready()
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            for junk in (b"not json", b'{"op": "stop"}', b'{"op": "launch", "v": 1}', b"[" * 5000):
+                assert await client.publish(channel, junk) == 2
+        finally:
+            await client.aclose()
+        started = anyio.Event()
+
+        async def produce() -> None:
+            async with owner.stream(stream="after-junk") as w:
+                await w.delta("x")
+                started.set()
+                await anyio.sleep_forever()
+
+        owner.start_soon(produce)
+        await started.wait()
+        assert await edge.stop("after-junk") is StopOutcome.FORWARDED
+        assert owner_control.handled == 1  # the junk was not taken for a request
+        await owner.shutdown()
+        await edge.shutdown()
+
+
+async def test_unreachable_redis_is_stop_failed_and_the_http_edge_answers_503() -> None:
+    from streambus_http import HttpSink
+
+    async with Bus(drain_timeout=1) as bus:
+        control = RedisControl(url="redis://127.0.0.1:1/0", reply_timeout=0.5)
+        bus.add_sink(control)  # it keeps retrying (with backoff) to connect, and stays the bus's stop route
+        http = HttpSink(port=0)
+        bus.add_sink(http)
+        url = await http.started()
+        with pytest.raises(StopFailed, match="redis-control"):
+            await bus.stop("somewhere")
+        async with httpx.AsyncClient(base_url=url) as client:
+            r = await client.post("/streams/somewhere/abort")
+        assert r.status_code == 503 and "could not reach" in r.json()["error"]
+        await bus.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [({"channel": ""}, "channel"), ({"reply_timeout": 0}, "reply_timeout"), ({"reply_timeout": 61}, "reply_timeout")],
+)
+def test_bad_options_name_the_key(options: dict[str, Any], problem: str) -> None:
+    with pytest.raises((ValueError, StreamBusError)) as info:
+        RedisControl(**options)
+    assert problem in str(info.value)
