@@ -250,3 +250,32 @@ async def test_killed_edge_resumes_without_loss_or_duplicate(
     counts = count_chars(produced, recorded)
     assert {s: c for s, c in counts.items() if c != {"lost": 0, "duplicated": 0, "terminals": 1}} == {}
     assert all(isinstance(e, EndEvent) for e in recorded if is_terminal(e))
+
+
+async def test_edge_and_worker_started_before_the_server_connect_when_it_comes(
+    nats_server: Callable[..., NatsServer],
+    make_collector: Callable[[], Collector],
+    exactly_once: Callable[..., Any],
+    count_chars: Callable[..., Any],
+) -> None:
+    """Neither side needs NATS up when it starts: both keep trying (nats-py's reconnect loop) and nothing
+    published meanwhile is lost."""
+    server = nats_server()
+    server.stop()  # its port is known; nothing listens there yet
+    got = make_collector()
+    source = NatsSource(url=server.url, start="0", position="none", heartbeat_ms=200)
+    sink = NatsSink(url=server.url, batch_max_ms=1)
+    produced: dict[str, str] = {}
+    async with Bus() as edge, Bus() as worker:
+        edge.add_sink(got)
+        edge.start_producer(source)
+        worker.add_sink(sink)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(paced, worker, produced, 0, 10)  # blocks in the sink's lossless subscription meanwhile
+            await anyio.sleep(1.0)  # the outage at start
+            server.start()
+        await got.wait_terminals(1, seconds=30)
+        source.stop()
+    exactly_once(got.events)
+    assert count_chars(produced, got.events) == {s: {"lost": 0, "duplicated": 0, "terminals": 1} for s in produced}
+    assert source.gaps == []
