@@ -15,14 +15,6 @@ __all__ = ["SseEvent", "SseParser", "format_sse"]
 _BOM = b"\xef\xbb\xbf"
 
 
-class _BadLine(Exception):
-    """A bad line: *error* to raise after the events before it; the lines after it start at *end*."""
-
-    def __init__(self, error: WireError, end: int) -> None:
-        self.error = error
-        self.end = end
-
-
 class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One dispatched server-sent event."""
 
@@ -108,7 +100,7 @@ class SseParser:
         self._base = 0  # byte offset of self._buf[0]
         self._bom = True  # still at the start, where a BOM may be
         self._skip_lf = False  # the last line ended with CR: a leading LF belongs to it
-        self._pending: tuple[int, bytes] | None = None  # offset and bytes of the lines after a bad one
+        self._pending: tuple[int, list[bytes]] | None = None  # lines left after a bad one
         self._data: list[str] = []
         self._type = ""
         self._retry: int | None = None
@@ -156,14 +148,11 @@ class SseParser:
             if len(buf) > self._max_line:
                 raise WireError(f"line longer than {self._max_line} bytes", offset=self._base)
             return self._process(b"", self._base) if self._pending else iter(())
+        complete = bytes(src[: end + 1])
         if src is buf:
-            complete = bytes(buf[: end + 1])
             del buf[: end + 1]
         elif end + 1 < len(src):
-            complete = bytes(src[: end + 1])
             buf += src[end + 1 :]
-        else:
-            complete = bytes(src)  # the whole read (no copy when it is bytes)
         # A CR ending the read may be the first half of a CRLF split across reads.
         self._skip_lf = complete[-1] == 0x0D and not buf
         base = self._base
@@ -179,123 +168,69 @@ class SseParser:
         return self._process(tail, base, final=True)
 
     def _process(self, complete: bytes, pos: int, final: bool = False) -> Iterator[SseEvent]:
-        """Parse *complete* (whole lines, unless *final*; starting at byte offset *pos*) into events."""
+        lines: list[bytes] = complete.splitlines(keepends=True)
         if self._pending:
-            # Lines left after a bad one: they come first.
             pos, earlier = self._pending
-            complete = earlier + complete
+            lines = earlier + lines
             self._pending = None
         events: list[SseEvent] = []
-        try:
-            self._blocks(complete, pos, events)
-        except _BadLine as bad:
-            self._pending = (pos + bad.end, complete[bad.end :])
-            return yield_then_raise(events, bad.error)
-        if final and self._dispatch_at_close and self._data:
-            events.append(self._dispatch())
-        return iter(events)
-
-    def _blocks(self, complete: bytes, pos: int, events: list[SseEvent]) -> None:
-        # Servers use one line end throughout: with LF only or CRLF only, the text splits (in C)
-        # at blank lines into one block per event. A mix, or a lone CR, takes the line-by-line path.
-        if b"\r" not in complete:
-            eol = b"\n"
-        elif complete.count(b"\r") == complete.count(b"\r\n") == complete.count(b"\n"):
-            eol = b"\r\n"
-        else:
-            self._lines(complete.splitlines(keepends=True), 0, pos, events)
-            return
-        blocks = complete.split(eol + eol)
-        rest = blocks.pop()  # the lines after the last blank line (b"" when it ends with one)
-        i = 0  # where the block starts in complete
-        skip = 2 * len(eol)
-        for block in blocks:
-            if self._data or self._type or self._retry is not None or not self._simple(block, eol, pos + i, events):
-                self._lines([line + eol for line in block.split(eol)] + [eol], i, pos, events)
-            i += len(block) + skip
-        if rest:
-            lines = [line + eol for line in rest.split(eol)]
-            if lines[-1] == eol:  # what follows rest's own last line end: not a line
-                lines.pop()
-            else:
-                lines[-1] = lines[-1][: -len(eol)]  # an unterminated last line (at close)
-            self._lines(lines, i, pos, events)
-
-    def _simple(self, block: bytes, eol: bytes, offset: int, events: list[SseEvent]) -> bool:
-        """The fast path: one event as providers send it (an optional ``event:`` line, then one
-        ``data:`` line), found between events. Return ``False`` for anything else (comments,
-        ``id:``, several data lines, a line too long or not UTF-8): the line-by-line path then
-        gives the same result."""
-        name = "message"
-        line = block
-        if block[:6] == b"event:":
-            head, _, line = block.partition(eol)
-            value = head[7:] if head[6:7] == b" " else head[6:]
-            offset += len(head) + len(eol)
-            try:
-                name = value.decode("utf-8", self._errors) or "message"
-            except UnicodeDecodeError:
-                return False
-        if line[:5] != b"data:" or eol in line or len(block) > self._max_line:
-            return False
-        value = line[6:] if line[5:6] == b" " else line[5:]
-        try:
-            data = value.decode("utf-8", self._errors)
-        except UnicodeDecodeError:
-            return False
-        events.append(SseEvent(data=data, event=name, id=self.last_event_id, offset=offset))
-        return True
-
-    def _lines(self, lines: list[bytes], i: int, pos: int, events: list[SseEvent]) -> None:
-        """Take *lines* (each with its line end, but maybe the last), the first at byte *pos* + *i*."""
-        for raw in lines:
-            offset = pos + i
-            i += len(raw)
+        max_line = self._max_line
+        errors = self._errors
+        data = self._data
+        for i, raw in enumerate(lines):
+            offset = pos
+            pos += len(raw)
             # A line never contains CR or LF, so stripping both removes exactly its terminator.
             line = raw.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    events.append(self._dispatch())
+                    data = self._data
+                else:
+                    self._type = ""
+                continue
+            if line[0] == 0x3A:  # ":" starts a comment (keep-alive)
+                continue
             try:
-                self._line(line, offset, events)
+                if len(line) > max_line:
+                    raise WireError(f"line longer than {max_line} bytes", offset=offset)
+                if line.startswith(b"data:"):
+                    value = line[6:] if line[5:6] == b" " else line[5:]
+                    if not data:
+                        self._event_offset = offset
+                    data.append(value.decode("utf-8", errors))
+                    continue
+                if line.startswith(b"event:"):  # (Anthropic and OpenAI Responses name every event)
+                    value = line[7:] if line[6:7] == b" " else line[6:]
+                    self._type = value.decode("utf-8", errors)
+                    continue
+                text = line.decode("utf-8", errors)
             except UnicodeDecodeError as exc:
-                # exc.object is the part decoded: the end of the line.
-                at = offset + len(line) - len(exc.object) + exc.start
-                raise _BadLine(WireError(f"invalid UTF-8 in event stream ({exc.reason})", offset=at), i) from None
+                start = exc.start + (len(line) - len(exc.object))
+                error = WireError(f"invalid UTF-8 in event stream ({exc.reason})", offset=offset + start)
+                self._pending = (pos, lines[i + 1 :])
+                return yield_then_raise(events, error)
             except WireError as exc:
-                raise _BadLine(exc, i) from None
-
-    def _line(self, line: bytes, offset: int, events: list[SseEvent]) -> None:
-        """Take one line (without its line end) at byte *offset*; a blank line dispatches the event."""
-        if not line:
-            if self._data:
-                events.append(self._dispatch())
-            else:
-                self._type = ""
-            return
-        if line[0] == 0x3A:  # ":" starts a comment (keep-alive)
-            return
-        if len(line) > self._max_line:
-            raise WireError(f"line longer than {self._max_line} bytes", offset=offset)
-        if line.startswith(b"data:"):
-            value = line[6:] if line[5:6] == b" " else line[5:]
-            if not self._data:
-                self._event_offset = offset
-            self._data.append(value.decode("utf-8", self._errors))
-            return
-        text = line.decode("utf-8", self._errors)
-        field, colon, value_text = text.partition(":")
-        if colon and value_text[:1] == " ":
-            value_text = value_text[1:]
-        if field == "data":
-            if not self._data:
-                self._event_offset = offset
-            self._data.append(value_text)
-        elif field == "event":
-            self._type = value_text
-        elif field == "id":
-            if "\0" not in value_text:
-                self.last_event_id = value_text
-        elif field == "retry" and value_text.isascii() and value_text.isdigit():
-            self._retry = self.retry = int(value_text)
-        # Any other field name is ignored, as the standard says.
+                self._pending = (pos, lines[i + 1 :])
+                return yield_then_raise(events, exc)
+            field, colon, value_text = text.partition(":")
+            if colon and value_text[:1] == " ":
+                value_text = value_text[1:]
+            if field == "data":
+                if not data:
+                    self._event_offset = offset
+                data.append(value_text)
+            elif field == "event":
+                self._type = value_text
+            elif field == "id":
+                if "\0" not in value_text:
+                    self.last_event_id = value_text
+            elif field == "retry" and value_text.isascii() and value_text.isdigit():
+                self._retry = self.retry = int(value_text)
+            # Any other field name is ignored, as the standard says.
+        if final and self._dispatch_at_close and data:
+            events.append(self._dispatch())
+        return iter(events)
 
     def _dispatch(self) -> SseEvent:
         data = self._data
