@@ -206,7 +206,7 @@ class ResponsesStreamParser(SseAnswerParser[Piece]):
         else:
             self.skipped.note(kind)
 
-    def _end(self, response: _Response, incomplete: bool, out: list[Piece]) -> None:
+    def _end(self, response: _Response | _WholeResponse, incomplete: bool, out: list[Piece]) -> None:
         if incomplete:
             why = response.incomplete_details.reason if response.incomplete_details is not None else None
             reason = _INCOMPLETE.get(why or "", why or "length")

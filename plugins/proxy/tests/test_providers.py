@@ -551,6 +551,9 @@ async def test_gemini_client_through_the_proxy(
     (merged,) = merge_tool_calls(parse_tool_text(channel["tool"]))
     assert (merged.name, orjson.loads(merged.arguments)) == ("get_weather", {"city": "京都", "unit": "c"})
     assert (end.reason, end.usage) == ("tool_calls", GEMINI_USAGE)
+    # The stats sink behind the proxy totals the cached and reasoning tokens of both answers.
+    tokens = env.stats.snapshot(streams=False)["overall"]["tokens"]
+    assert (tokens["cached_input"]["all"], tokens["reasoning"]["all"]) == (2 * 1920, 2 * 256)
     assert_no_key(env, logs, caplog)
     assert all(FAKE_KEY not in str(e) for e in read_recording(env.recorder_path).events)
 
