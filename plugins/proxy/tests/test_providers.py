@@ -617,3 +617,57 @@ async def test_gemini_failures(scripted: Upstream, proxy_env: Callable[..., Any]
         _, terminal = await ended(env, 4)
         assert isinstance(terminal, EndEvent) and terminal.reason == "content_filter"
         assert terminal.usage == Usage(prompt_tokens=7, total_tokens=7)
+
+
+# -- every way an answer can fail, for each of the three formats --------------------------------
+
+FIRST_EVENT = {
+    "anthropic": ("/v1/messages", [*TEXT_START, anthropic_block(0, {"type": "text_delta", "text": "部分"})]),
+    "openai": (
+        "/v1/responses",
+        [
+            sse(
+                "response.output_text.delta",
+                {"type": "response.output_text.delta", "sequence_number": 0, "item_id": "m", "output_index": 0}
+                | {"delta": "部分"},
+            )
+        ],
+    ),
+    "gemini": (f"/v1beta/models/{GEMINI_MODEL}:streamGenerateContent?alt=sse", [gemini_chunk([{"text": "部分"}])]),
+}
+BAD_EVENT = {
+    "anthropic": b"event: content_block_delta\ndata: {not json\n\n",
+    "openai": b"event: response.output_text.delta\ndata: {not json\n\n",
+    "gemini": b"data: {not json\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai", "gemini"])
+@pytest.mark.parametrize("failure", ["truncated", "timeout", "malformed"])
+async def test_a_failed_answer_reaches_the_client_and_ends_the_bus_stream(
+    provider: str, failure: str, scripted: Upstream, proxy_env: Callable[..., Any]
+) -> None:
+    from streambus.formats import ErrorPiece, load_format
+
+    path, first = FIRST_EVENT[provider]
+    chunks = [*first, BAD_EVENT[provider]] if failure == "malformed" else list(first)
+    then = {"truncated": "drop", "timeout": "hang", "malformed": "end"}[failure]
+    scripted.replies = [Reply(chunks, content_type="text/event-stream", then=then)]
+    request = {"model": RESPONSES_MODEL, "stream": True, "max_tokens": 9, "messages": [], "input": "x"}
+    async with proxy_env(scripted.url, read_timeout=0.3) as env, aiohttp.ClientSession() as http:
+        with anyio.fail_after(10):
+            async with http.post(env.url + path, json=request) as answer:
+                body = await answer.read()
+        stream, terminal = await ended(env)
+    sent = b"".join(chunks)
+    assert body.startswith(sent)  # the upstream's bytes first, exactly
+    assert env.capture.text(stream) == "部分"
+    assert isinstance(terminal, ErrorEvent) and terminal.kind == failure
+    if failure == "malformed":
+        at = len(b"".join(first)) + BAD_EVENT[provider].index(b"data:")  # the bad data line's offset
+        assert body == sent and f"at byte {at})" in terminal.message
+    else:
+        # Then the stream is ended the way the provider ends a failed one, which its client raises on.
+        parser = load_format(provider).stream_parser(path.split("?")[0], request)  # type: ignore[attr-defined]
+        pieces = [*parser.feed(body[len(sent) :]), *parser.close()]
+        assert isinstance(pieces[-1], ErrorPiece) and parser.done
