@@ -671,3 +671,42 @@ async def test_a_failed_answer_reaches_the_client_and_ends_the_bus_stream(
         parser = load_format(provider).stream_parser(path.split("?")[0], request)  # type: ignore[attr-defined]
         pieces = [*parser.feed(body[len(sent) :]), *parser.close()]
         assert isinstance(pieces[-1], ErrorPiece) and parser.done
+
+
+async def test_moderated_clients_of_the_new_formats_get_the_approved_text_in_their_format(
+    scripted: Upstream, proxy_env: Callable[..., Any]
+) -> None:
+    from streambus_moderation import KeywordModerator, ModerationStage
+
+    stage = ModerationStage(moderator=KeywordModerator(words={"x": ["zzz"]}), window_chars=8, overlap_chars=2)
+    scripted.replies = [
+        Reply(split_inside_characters(ANTHROPIC_STREAM), content_type="text/event-stream"),
+        Reply(split_inside_characters(GEMINI_STREAM), content_type="text/event-stream"),
+        Reply(split_inside_characters(RESPONSES_STREAM), content_type="text/event-stream"),
+    ]
+    async with proxy_env(scripted.url, stage=stage) as env:
+        claude = anthropic_client(env.url)
+        async with claude.messages.stream(model=ANTHROPIC_MODEL, max_tokens=9, messages=[]) as answer:
+            anthropic_text = "".join([text async for text in answer.text_stream])
+            anthropic_usage = (await answer.get_final_message()).usage
+        await claude.close()
+        gemini = gemini_client(env.url)
+        chunks = [c async for c in await gemini.aio.models.generate_content_stream(model=GEMINI_MODEL, contents="x")]
+        gpt = openai_client(env.url)
+        async with gpt.responses.stream(model=RESPONSES_MODEL, input="x") as helped:
+            final = await helped.get_final_response()
+        await gpt.close()
+        await env.capture.wait_for(lambda c: len(c.ended) == 3)
+    # Re-encoded by each format's encoder from the processed bus stream: the same text and usage.
+    assert anthropic_text == TEXT and anthropic_usage.cache_read_input_tokens == 1200
+    gemini_text = "".join(
+        p.text or "" for c in chunks if c.candidates and c.candidates[0].content
+        for p in c.candidates[0].content.parts or [] if not p.thought
+    )  # fmt: skip
+    assert gemini_text == TEXT and chunks[-1].usage_metadata is not None
+    assert chunks[-1].usage_metadata.thoughts_token_count == 256
+    assert (
+        final.output_text == TEXT
+        and final.usage is not None
+        and final.usage.output_tokens_details.reasoning_tokens == 256
+    )
