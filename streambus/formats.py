@@ -18,6 +18,10 @@ per request, which turns the provider's answer bytes into the provider-neutral
 pieces below (:class:`TextPiece`, :class:`EndPiece`, :class:`ErrorPiece`).
 The proxy publishes pieces and nothing else, so a provider plugin installed
 later is proxied without editing the proxy (``docs/writing-plugins.md``).
+A provider answering with server-sent events of JSON writes its parser on
+:class:`SseAnswerParser` (one ``handle`` per event, :func:`decode_event` for
+the JSON); the producer publishes the same pieces with
+:func:`streambus.producing.publish_pieces`.
 """
 
 from __future__ import annotations
@@ -251,11 +255,11 @@ class PieceParser(Protocol):
         """End of input: the pieces of a last unterminated unit (:class:`WireError` if it is cut short)."""
 
 
-P = TypeVar("P")
-T = TypeVar("T")
+_P = TypeVar("_P")
+_T = TypeVar("_T")
 
 
-def decode_event(decode: Callable[[str], T], event: SseEvent, what: str) -> T:
+def decode_event(decode: Callable[[str], _T], event: SseEvent, what: str) -> _T:
     """Decode the JSON *event* data with a msgspec *decode* function (typed: it validates as it decodes).
 
     Raises :class:`~streambus.errors.WireError` at the event's byte offset:
@@ -269,7 +273,7 @@ def decode_event(decode: Callable[[str], T], event: SseEvent, what: str) -> T:
         raise WireError(f"event data is not JSON: {exc}", offset=event.offset) from None
 
 
-class SseAnswerParser(ABC, Generic[P]):
+class SseAnswerParser(ABC, Generic[_P]):
     """The shared half of a parser of an answer sent as server-sent events (Anthropic, Gemini, Responses).
 
     A subclass implements :meth:`handle` for one event and sets :attr:`done`
@@ -289,19 +293,19 @@ class SseAnswerParser(ABC, Generic[P]):
         """Whether the answer's end (or an error that ends it) arrived."""
 
     @abstractmethod
-    def handle(self, sse: SseEvent, out: list[P]) -> None:
+    def handle(self, sse: SseEvent, out: list[_P]) -> None:
         """Append the pieces of the event *sse* to *out*; raise :class:`~streambus.errors.WireError` when it is bad."""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[P]:
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[_P]:
         """Add *data*; return an iterator over the pieces it completed."""
         return self._pieces(self.sse.feed(data))
 
-    def close(self) -> Iterator[P]:
+    def close(self) -> Iterator[_P]:
         """End of input: the pieces of a last event that had no blank line after it."""
         return self._pieces(self.sse.close())
 
-    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[P]:
-        out: list[P] = []
+    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[_P]:
+        out: list[_P] = []
         try:
             for sse in events:
                 if not self.done:
