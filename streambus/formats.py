@@ -43,6 +43,7 @@ from .wire import SseEvent, SseParser, ToolCallFragment, parse_tool_text, yield_
 __all__ = [
     "AnswerFilter",
     "AnswerParsing",
+    "Credentials",
     "EndPiece",
     "ErrorPiece",
     "LoadedModels",
@@ -156,6 +157,20 @@ class LoadedModels(Protocol):
 
     def loaded_body(self, models: Mapping[str, float]) -> dict[str, Any]:
         """The body listing *models*: name -> UNIX time at which the model would be unloaded."""
+
+
+@runtime_checkable
+class Credentials(Protocol):
+    """Optional for a :class:`WireFormat`: where its clients put their key, beyond ``Authorization``.
+
+    The proxy forwards these values upstream and keeps them out of every
+    event, recording and log line (an upstream may echo a key back).
+    """
+
+    credential_headers: tuple[str, ...]
+    """Request headers holding a key, e.g. ``("x-api-key",)`` (Anthropic), ``("x-goog-api-key",)`` (Gemini)."""
+    credential_params: tuple[str, ...]
+    """Query parameters holding a key, e.g. ``("key",)`` (Gemini); ``()`` for none."""
 
 
 @runtime_checkable

@@ -176,6 +176,9 @@ class AnthropicFormat:
     routes: Mapping[str, str] = dict(_ROUTES)
     models_paths = ("/v1/models",)
     """Where clients list models; OpenAI's clients use the same path (see :meth:`claims`)."""
+    credential_headers = ("x-api-key",)
+    """Where Anthropic's clients put their key (:class:`streambus.formats.Credentials`)."""
+    credential_params: tuple[str, ...] = ()
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request on a path shared with another format comes from an Anthropic client.

@@ -160,6 +160,10 @@ class GeminiFormat:
     routes: Mapping[str, str] = dict(_ROUTES)
     models_paths = ("/v1beta/models", "/v1/models")
     """Where the ``google-genai`` client lists (and gets) models; ``/v1/models`` is shared (see :meth:`claims`)."""
+    credential_headers = ("x-goog-api-key",)
+    """Where Gemini's clients put their key (:class:`streambus.formats.Credentials`)..."""
+    credential_params = ("key",)
+    """... or in the URL, ``?key=``."""
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request comes from a Gemini client: they send ``x-goog-api-key``."""

@@ -42,6 +42,7 @@ from streambus.events import AbortEvent, Channel, EndEvent, Event, is_terminal
 from streambus.formats import (
     AnswerFilter,
     AnswerParsing,
+    Credentials,
     EndPiece,
     ErrorPiece,
     Piece,
@@ -54,7 +55,7 @@ from streambus.producing import Failure, RetryPolicy, retry_after, status_failur
 from streambus.writer import new_stream_id
 
 from ._access import TOKEN_HEADER, Access
-from ._redact import CREDENTIAL_HEADERS, CREDENTIAL_PARAMS, Redactor, StreamRedactor, secrets_of
+from ._redact import CREDENTIAL_HEADERS, Redactor, StreamRedactor, secrets_of
 
 __all__ = ["CONTENT_FILTER", "Proxy", "ProxyError", "create_app", "parse_tags", "parse_upstream", "require_asyncio"]
 
@@ -384,6 +385,15 @@ class Proxy:
                     raise ProxyError(f"formats: {served_by[path]!r} and {name!r} both serve {path}; choose one")
                 served_by[path] = name
                 self.routes[path] = (fmt, route)
+        headers, params = set(CREDENTIAL_HEADERS), set[str]()
+        for fmt in self.formats.values():
+            if isinstance(fmt, Credentials):
+                headers.update(h.lower() for h in fmt.credential_headers)
+                params.update(fmt.credential_params)
+        self.credential_headers = frozenset(headers)
+        """Request headers whose values are kept out of events and logs (the formats' and the usual ones)."""
+        self.credential_params = frozenset(params)
+        """Query parameters whose values are kept out of events and logs (Gemini's ``key``)."""
         self._session: aiohttp.ClientSession | None = None
         self.disconnect_poll = 0.05
         """Seconds between checks that a streaming client is still connected."""
@@ -437,8 +447,8 @@ class Proxy:
 
     def _redactor(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Redactor:
         """What must not reach the bus or the logs for a request forwarded with *headers* and *query*."""
-        sent = [v for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS]
-        sent += [v for k, v in query.items() if k.lower() in CREDENTIAL_PARAMS]
+        sent = [v for k, v in headers.items() if k.lower() in self.credential_headers]
+        sent += [v for k, v in query.items() if k in self.credential_params]
         return Redactor(secrets_of(sent))
 
     def _model_handler(self, fmt: _Format, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

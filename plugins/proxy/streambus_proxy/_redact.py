@@ -19,7 +19,6 @@ from typing import Any, AnyStr, Generic
 
 __all__ = [
     "CREDENTIAL_HEADERS",
-    "CREDENTIAL_PARAMS",
     "HOLD_FROM",
     "MIN_SECRET",
     "REDACTED",
@@ -36,13 +35,10 @@ MIN_SECRET = 8
 password ``pw`` would strike every ``pw``), and no issued API key is that short. The whole
 header value that carried them (``Basic Ym9iOnB3``) is still redacted."""
 
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
-"""Request headers whose values the proxy treats as secrets (case-insensitive): OpenAI's and
-Azure's, Anthropic's ``x-api-key``, Gemini's ``x-goog-api-key``."""
-
-CREDENTIAL_PARAMS = ("key",)
-"""Query parameters whose values the proxy treats as secrets: Gemini's ``?key=`` (its clients may
-put the key in the URL instead of ``x-goog-api-key``)."""
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+"""Request headers whose values the proxy treats as secrets (case-insensitive), whatever the
+format; a format adds its own (:class:`streambus.formats.Credentials`: Gemini's ``x-goog-api-key``
+and ``?key=``)."""
 
 
 def secrets_of(values: Iterable[str]) -> list[str]:

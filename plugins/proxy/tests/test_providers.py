@@ -563,7 +563,7 @@ async def test_gemini_failures(scripted: Upstream, proxy_env: Callable[..., Any]
         {
             "error": {
                 "code": 400,
-                "message": "API key not valid. Please pass a valid API key.",
+                "message": f"API key not valid: {FAKE_KEY}",
                 "status": "INVALID_ARGUMENT",
             }
         }
@@ -593,6 +593,8 @@ async def test_gemini_failures(scripted: Upstream, proxy_env: Callable[..., Any]
         _, terminal = await ended(env, 1)
         assert isinstance(terminal, ErrorEvent) and terminal.kind == "http_status"
         assert "INVALID_ARGUMENT" in terminal.message
+        # The key the client sent in x-goog-api-key, echoed back: redacted on the bus.
+        assert FAKE_KEY not in terminal.message and "[redacted]" in terminal.message
 
         seen: list[str] = []
         with pytest.raises(genai_errors.ServerError, match="overloaded"):
@@ -710,3 +712,25 @@ async def test_moderated_clients_of_the_new_formats_get_the_approved_text_in_the
         and final.usage is not None
         and final.usage.output_tokens_details.reasoning_tokens == 256
     )
+
+
+async def test_a_key_in_geminis_query_parameter_is_kept_off_the_bus(
+    scripted: Upstream, proxy_env: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    echoed = sse(
+        None, {"error": {"code": 400, "message": f"bad key {FAKE_KEY}", "status": "INVALID_ARGUMENT"}}, b"\r\n"
+    )
+    scripted.replies = [
+        Reply([gemini_chunk([{"text": f"you sent {FAKE_KEY}"}]), echoed], content_type="text/event-stream")
+    ]
+    with capture_logs() as logs:
+        async with proxy_env(scripted.url) as env, aiohttp.ClientSession() as http:
+            url = f"{env.url}/v1beta/models/{GEMINI_MODEL}:streamGenerateContent?alt=sse&key={FAKE_KEY}"
+            async with http.post(url, json={"contents": []}) as answer:
+                body = await answer.read()
+            stream, terminal = await ended(env)
+    assert FAKE_KEY.encode() in body  # the client's own key, echoed by its upstream: not the proxy's to change
+    assert env.capture.text(stream) == "you sent [redacted]"
+    assert isinstance(terminal, ErrorEvent) and "[redacted]" in terminal.message
+    assert_no_key(env, logs, caplog)
