@@ -481,27 +481,38 @@ class Subscription:
         firehose = self._firehose
         return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
-    async def _wait(self, ready: bool) -> None:
-        """The one way a reader waits: until something is buffered, or the end.
+    def _parking(self) -> Parking | None:
+        """Where the reader must wait for its next item: ``None`` if one is buffered.
 
-        *ready* says something is buffered already: then only let other tasks
-        run (a reader that always finds events waiting would never yield).
-        Raises ``StopAsyncIteration`` after a clean close, or the overflow error.
+        The one rule every read follows. Raises ``StopAsyncIteration`` after a
+        clean close once everything was read, or the overflow error. A reader
+        detached from the firehose that read everything re-attaches here.
         """
-        if ready:
-            await anyio.lowlevel.checkpoint()
         while not self._available():
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
             firehose = self._firehose
-            if firehose is not None and self._cursor < 0:
-                firehose._attach(self)  # detached, and read everything: back to the shared log
-                continue
+            if firehose is None:
+                return self._reader
+            if self._cursor >= 0:
+                return firehose.parking
+            firehose._attach(self)  # detached, and read everything: back to the shared log
+        return None
+
+    async def _wait(self, ready: bool) -> None:
+        """Wait until something is buffered, or the end (see :meth:`_parking`).
+
+        *ready* says something is buffered already: then only let other tasks
+        run (a reader that always finds events waiting would never yield).
+        """
+        if ready:
+            await anyio.lowlevel.checkpoint()
+        while (parking := self._parking()) is not None:
             self._parked = True
             try:
-                await (firehose.parking if firehose is not None else self._reader).wait()
+                await parking.wait()
             finally:
                 self._parked = False
         self._since_yield = 0
@@ -528,9 +539,19 @@ class Subscription:
                 if self._space.waiting:
                     self._space.wake()
                 return items[index]
-        ready = self._available()
-        if not ready or self._since_yield >= _YIELD_EVERY:
-            await self._wait(ready)
+        if self._since_yield >= _YIELD_EVERY:
+            await self._wait(True)
+        elif (parking := self._parking()) is not None:
+            # Nothing buffered: park here rather than in a `_wait` coroutine of
+            # its own, which cost a tenth of a token's CPU (docs/decisions.md).
+            self._parked = True
+            try:
+                await parking.wait()
+            finally:
+                self._parked = False
+            if self._parking() is not None:  # a spurious wake-up
+                await self._wait(False)
+            self._since_yield = 0
         self._since_yield += 1
         buf = self._buf
         if buf:
