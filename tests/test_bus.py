@@ -711,3 +711,27 @@ async def test_bus_offer_delivers_at_once_and_returns_a_wait_only_for_full_block
         assert await second.receive() == delta
         assert bus.offer(DeltaEvent(stream="s", seq=2, ts=0.0, text="y")) is None  # room everywhere now
         assert (first.pending, second.pending) == (1, 1)
+
+
+async def test_a_cancelled_writer_waits_for_a_full_block_subscriber_to_deliver_its_abort() -> None:
+    # Leaving the block offers the terminal event; only when a full ``block``
+    # subscriber makes it wait does the writer shield that wait from the cancellation.
+    async with Bus() as bus:
+        sub = bus.subscribe(Filter.of(streams="s"), overflow="block", buffer=2)
+        left = anyio.Event()
+
+        async def produce() -> None:
+            with anyio.CancelScope() as scope:
+                async with bus.stream(stream="s") as w:
+                    await w.delta("a")  # start and "a" fill the buffer
+                    scope.cancel()
+                    await anyio.sleep_forever()
+            left.set()
+
+        bus.start_soon(produce)
+        await wait_all_tasks_blocked()
+        assert not left.is_set()  # the abort waits for room, shielded from the cancellation
+        events = await collect_n(sub, 3)
+        await left.wait()
+    assert [type(e) for e in events] == [StartEvent, DeltaEvent, AbortEvent]
+    assert isinstance(events[-1], AbortEvent) and events[-1].by == "cancelled"
