@@ -205,7 +205,7 @@ class Firehose:
             items = self.items
             items.append(event)
             if self.parking.waiting:
-                self.parking.wake()
+                self.parking.relay()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:

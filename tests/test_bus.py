@@ -735,3 +735,36 @@ async def test_a_cancelled_writer_waits_for_a_full_block_subscriber_to_deliver_i
         await left.wait()
     assert [type(e) for e in events] == [StartEvent, DeltaEvent, AbortEvent]
     assert isinstance(events[-1], AbortEvent) and events[-1].by == "cancelled"
+
+
+async def test_readers_of_the_shared_log_never_look_blocked_while_their_wake_up_is_pending() -> None:
+    # The firehose releases its first parked reader at once and the others one
+    # loop turn later; wait_all_tasks_blocked must still see all of them get the events.
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in range(5)]
+        got: list[list[str]] = [[] for _ in subs]
+        release = anyio.Event()
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i].append(event.text)
+
+        async def produce() -> None:
+            async with bus.stream() as w:
+                await w.delta("a")
+                await release.wait()
+                await w.delta("b")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(subs)):
+                tg.start_soon(read, i)
+            await wait_all_tasks_blocked()
+            bus.start_soon(produce)
+            await wait_all_tasks_blocked()
+            assert got == [["a"]] * len(subs)
+            release.set()
+            await wait_all_tasks_blocked()
+            assert got == [["a", "b"]] * len(subs)
+            for sub in subs:
+                sub.close()
