@@ -501,22 +501,6 @@ class Subscription:
             firehose._attach(self)  # detached, and read everything: back to the shared log
         return None
 
-    async def _wait(self, ready: bool) -> None:
-        """Wait until something is buffered, or the end (see :meth:`_parking`).
-
-        *ready* says something is buffered already: then only let other tasks
-        run (a reader that always finds events waiting would never yield).
-        """
-        if ready:
-            await anyio.lowlevel.checkpoint()
-        while (parking := self._parking()) is not None:
-            self._parked = True
-            try:
-                await parking.wait()
-            finally:
-                self._parked = False
-        self._since_yield = 0
-
     async def _log_room(self) -> None:
         # A ``block`` reader attached to the firehose: the publisher waits until it catches up.
         while (firehose := self._firehose) is not None and firehose.base + len(
@@ -525,48 +509,44 @@ class Subscription:
             await self._space.wait()
 
     async def __anext__(self) -> Event:
-        # Fast path: an attached reader with an event waiting in the shared log.
-        # Without it `async for` over a burst cost 2x the CPU per event
-        # (docs/decisions.md); everything else takes the general path below.
-        firehose = self._firehose
-        cursor = self._cursor
-        if firehose is not None and cursor >= 0 and not self._buf and self._since_yield < _YIELD_EVERY:
-            index = cursor - firehose.base
-            items = firehose.items
-            if index < len(items):
+        while True:
+            if self._since_yield >= _YIELD_EVERY:
+                # A reader that always finds events waiting must still let others run.
+                await anyio.lowlevel.checkpoint()
+                self._since_yield = 0
+            # Take the next item: the subscription's own buffer first, then the
+            # shared log (a reader can hold buffered events while attached, when it
+            # re-attached as a publisher waited for a full ``block`` subscriber).
+            buf = self._buf
+            if buf:
                 self._since_yield += 1
-                self._cursor = cursor + 1
+                item = buf.popleft()
+                if self._coalesce:
+                    self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
                 if self._space.waiting:
                     self._space.wake()
-                return items[index]
-        if self._since_yield >= _YIELD_EVERY:
-            await self._wait(True)
-        elif (parking := self._parking()) is not None:
-            # Nothing buffered: park here rather than in a `_wait` coroutine of
-            # its own, which cost a tenth of a token's CPU (docs/decisions.md).
-            self._parked = True
-            try:
-                await parking.wait()
-            finally:
-                self._parked = False
-            if self._parking() is not None:  # a spurious wake-up
-                await self._wait(False)
-            self._since_yield = 0
-        self._since_yield += 1
-        buf = self._buf
-        if buf:
-            item = buf.popleft()
-            if self._coalesce:
-                self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
-            event = item.event() if type(item) is MergedDelta else item
-        else:
+                return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
             firehose = self._firehose
-            assert firehose is not None
-            event = firehose.items[self._cursor - firehose.base]
-            self._cursor += 1
-        if self._space.waiting:
-            self._space.wake()
-        return event  # type: ignore[return-value]
+            cursor = self._cursor
+            if firehose is not None and cursor >= 0:
+                index = cursor - firehose.base
+                items = firehose.items
+                if index < len(items):
+                    self._since_yield += 1
+                    self._cursor = cursor + 1
+                    if self._space.waiting:
+                        self._space.wake()
+                    return items[index]
+            parking = self._parking()
+            if parking is not None:
+                # Parked here, not in a helper coroutine: one coroutine less per
+                # wake-up is a tenth of a token's CPU (docs/decisions.md).
+                self._parked = True
+                try:
+                    await parking.wait()
+                finally:
+                    self._parked = False
+                self._since_yield = 0
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -580,10 +560,18 @@ class Subscription:
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
+        if self._available():
+            await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
         try:
-            await self._wait(self._available())
+            while (parking := self._parking()) is not None:
+                self._parked = True
+                try:
+                    await parking.wait()
+                finally:
+                    self._parked = False
         except StopAsyncIteration:
             return []
+        self._since_yield = 0
         buf = self._buf
         if not buf:
             firehose = self._firehose
