@@ -768,3 +768,38 @@ async def test_readers_of_the_shared_log_never_look_blocked_while_their_wake_up_
             assert got == [["a", "b"]] * len(subs)
             for sub in subs:
                 sub.close()
+
+
+async def test_a_cancelled_first_parked_reader_does_not_hold_up_the_others() -> None:
+    # The relay releases the first parked reader that is still waiting; one
+    # cancelled while parked (its future done) is skipped, not chosen.
+    got: list[list[str]] = [[], [], []]
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in got]
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i].append(event.text)
+
+        async with anyio.create_task_group() as tg:
+            scopes = [anyio.CancelScope() for _ in got]
+            for i, scope in enumerate(scopes):
+
+                async def run(i: int = i, scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await read(i)
+
+                tg.start_soon(run)
+                await wait_all_tasks_blocked()  # parked in this order
+            scopes[0].cancel()
+            await wait_all_tasks_blocked()
+            async with bus.stream(model="m") as w:
+                await w.delta("a")
+                await wait_all_tasks_blocked()
+                assert got == [[], ["a"], ["a"]]
+                await w.delta("b")
+            await wait_all_tasks_blocked()
+            for sub in subs:
+                sub.close()
+    assert got == [[], ["a", "b"], ["a", "b"]]
