@@ -154,8 +154,10 @@ class Firehose:
 
     Readers that keep up are *attached*: an event is appended once to a
     shared log that each reads from its own cursor (a batch is one slice),
-    and one wake-up releases every parked reader, so publishing costs about
-    the same for 1 or 100 of them. Every ``buffer / 4`` events the log looks
+    and publishing costs about the same for 1 or 100 of them. Parked readers
+    are released in relay (``Parking.relay``): the first at once, the rest one
+    loop turn later, so a producer that yields after every token hands most
+    of them two tokens per wake-up. Every ``buffer / 4`` events the log looks
     for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
