@@ -482,7 +482,8 @@ class Bus:
             followers = routes.start(event)  # type: ignore[arg-type]
         else:
             followers = routes.following.get(event.stream, _NOBODY)
-        wait = routes.firehose.offer(event)
+        firehose = routes.firehose
+        wait = firehose.offer(event) if firehose.attached or firehose.detached else None
         for sub in followers:
             more = sub.offer(event)
             if more is not None:

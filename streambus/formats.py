@@ -18,13 +18,18 @@ per request, which turns the provider's answer bytes into the provider-neutral
 pieces below (:class:`TextPiece`, :class:`EndPiece`, :class:`ErrorPiece`).
 The proxy publishes pieces and nothing else, so a provider plugin installed
 later is proxied without editing the proxy (``docs/writing-plugins.md``).
+A provider answering with server-sent events of JSON writes its parser on
+:class:`SseAnswerParser` (one ``handle`` per event, :func:`decode_event` for
+the JSON); the producer publishes the same pieces with
+:func:`streambus.producing.publish_pieces`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import msgspec
 import structlog
@@ -32,11 +37,13 @@ import structlog
 from .errors import WireError
 from .events import Channel, DeltaEvent, Event, Usage
 from .plugins import discover, load
-from .wire import ToolCallFragment, parse_tool_text
+from .validation import validation_problem
+from .wire import SseEvent, SseParser, ToolCallFragment, parse_tool_text, yield_then_raise
 
 __all__ = [
     "AnswerFilter",
     "AnswerParsing",
+    "Credentials",
     "EndPiece",
     "ErrorPiece",
     "LoadedModels",
@@ -44,9 +51,11 @@ __all__ = [
     "ModelsRoute",
     "Piece",
     "PieceParser",
+    "SseAnswerParser",
     "StreamEncoder",
     "TextPiece",
     "WireFormat",
+    "decode_event",
     "installed_formats",
     "load_format",
     "tool_fragments",
@@ -151,6 +160,20 @@ class LoadedModels(Protocol):
 
 
 @runtime_checkable
+class Credentials(Protocol):
+    """Optional for a :class:`WireFormat`: where its clients put their key, beyond ``Authorization``.
+
+    The proxy forwards these values upstream and keeps them out of every
+    event, recording and log line (an upstream may echo a key back).
+    """
+
+    credential_headers: tuple[str, ...]
+    """Request headers holding a key, e.g. ``("x-api-key",)`` (Anthropic), ``("x-goog-api-key",)`` (Gemini)."""
+    credential_params: tuple[str, ...]
+    """Query parameters holding a key, e.g. ``("key",)`` (Gemini); ``()`` for none."""
+
+
+@runtime_checkable
 class ModelsRoute(Protocol):
     """Optional for a :class:`WireFormat`: where its clients list models, for the mock server.
 
@@ -205,7 +228,11 @@ class ErrorPiece(msgspec.Struct, frozen=True, kw_only=True):
 
     message: str
     code: str | None = None
-    """The provider's error code (OpenAI's ``error.code``), when it sent one."""
+    """The provider's error code or type (OpenAI's ``error.code``, Anthropic's ``error.type``,
+    Gemini's ``error.status``), when it sent one."""
+    retryable: bool = False
+    """Whether the provider says the same request may succeed later (Anthropic's
+    ``overloaded_error``, Gemini's ``UNAVAILABLE``)."""
 
 
 Piece: TypeAlias = TextPiece | EndPiece | ErrorPiece
@@ -241,6 +268,66 @@ class PieceParser(Protocol):
 
     def close(self) -> Iterable[Piece]:
         """End of input: the pieces of a last unterminated unit (:class:`WireError` if it is cut short)."""
+
+
+_P = TypeVar("_P")
+_T = TypeVar("_T")
+
+
+def decode_event(decode: Callable[[str], _T], event: SseEvent, what: str) -> _T:
+    """Decode the JSON *event* data with a msgspec *decode* function (typed: it validates as it decodes).
+
+    Raises :class:`~streambus.errors.WireError` at the event's byte offset:
+    ``not {what}: ...`` naming the field that is wrong, or ``event data is not JSON``.
+    """
+    try:
+        return decode(event.data)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"not {what}: {validation_problem(exc).describe()}", offset=event.offset) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"event data is not JSON: {exc}", offset=event.offset) from None
+
+
+class SseAnswerParser(ABC, Generic[_P]):
+    """The shared half of a parser of an answer sent as server-sent events (Anthropic, Gemini, Responses).
+
+    A subclass implements :meth:`handle` for one event and sets :attr:`done`
+    when the answer's end arrived; this class runs the core
+    :class:`~streambus.wire.SseParser` and keeps the :class:`PieceParser`
+    promise: :meth:`feed` returns the pieces of the events a read completed,
+    and a :class:`~streambus.errors.WireError` is raised while iterating,
+    after every piece before it. Events after the end are ignored.
+    """
+
+    __slots__ = ("done", "sse")
+
+    def __init__(self) -> None:
+        self.sse = SseParser()
+        """The event-stream parser the bytes go through."""
+        self.done = False
+        """Whether the answer's end (or an error that ends it) arrived."""
+
+    @abstractmethod
+    def handle(self, sse: SseEvent, out: list[_P]) -> None:
+        """Append the pieces of the event *sse* to *out*; raise :class:`~streambus.errors.WireError` when it is bad."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[_P]:
+        """Add *data*; return an iterator over the pieces it completed."""
+        return self._pieces(self.sse.feed(data))
+
+    def close(self) -> Iterator[_P]:
+        """End of input: the pieces of a last event that had no blank line after it."""
+        return self._pieces(self.sse.close())
+
+    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[_P]:
+        out: list[_P] = []
+        try:
+            for sse in events:
+                if not self.done:
+                    self.handle(sse, out)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
 
 
 class AnswerFilter(Protocol):

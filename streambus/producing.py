@@ -39,6 +39,7 @@ import structlog
 import tenacity
 
 from .errors import WireError
+from .formats import EndPiece, ErrorPiece, Piece
 
 if TYPE_CHECKING:
     import aiohttp
@@ -51,6 +52,8 @@ __all__ = [
     "RetryPolicy",
     "StreamParser",
     "error_message",
+    "publish_pieces",
+    "read_status_failure",
     "require_asyncio",
     "retry_after",
     "retrying_stream",
@@ -60,6 +63,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger("streambus.producing")
+
+_ERROR_BODY_LIMIT = 64 * 1024
 
 
 class Failure(msgspec.Struct, frozen=True):
@@ -342,12 +347,19 @@ async def retrying_stream(
 
 
 def error_message(body: bytes) -> tuple[str, str | None]:
-    """The message and code of a provider's error *body*: ``{"error": "..."}`` (Ollama) or
-    ``{"error": {"message", "code"}}`` (OpenAI); else the body's first 500 characters as text."""
+    """The message and code of a provider's error *body*, else the body's first 500 characters as text.
+
+    ``{"error": "..."}`` (Ollama); ``{"error": {"message", "code"}}`` (OpenAI);
+    ``{"type": "error", "error": {"type", "message"}}`` (Anthropic: the code is
+    the error type); ``{"error": {"code": 404, "message", "status"}}``, maybe
+    inside a list (Gemini: the code is the status, ``NOT_FOUND``).
+    """
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         obj = None
+    if isinstance(obj, list) and obj:
+        obj = obj[0]
     if isinstance(obj, Mapping):
         error = obj.get("error")
         if isinstance(error, str):
@@ -356,8 +368,50 @@ def error_message(body: bytes) -> tuple[str, str | None]:
             code = error.get("code")
             message = error.get("message")
             text = message if isinstance(message, str) else orjson.dumps(error).decode()
+            if not isinstance(code, str):
+                if isinstance(error.get("status"), str):
+                    code = error["status"]
+                elif obj.get("type") == "error" and isinstance(error.get("type"), str):
+                    code = error["type"]
             return text, str(code) if code is not None else None
     return body.decode("utf-8", "replace").strip()[:500], None
+
+
+async def read_status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
+    """The :func:`status_failure` of an HTTP error *response*, its body read (up to 64 KiB) before *deadline*.
+
+    Pass it as :func:`stream_attempt`'s ``status_failure``; a body that does
+    not arrive in time or breaks off leaves the status and reason to go by.
+    """
+    import aiohttp
+
+    raw = b""
+    with anyio.CancelScope(deadline=deadline):
+        try:
+            raw = await response.content.read(_ERROR_BODY_LIMIT)
+        except aiohttp.ClientError:
+            raw = b""
+    return status_failure(response.status, raw, response.reason)
+
+
+async def publish_pieces(pieces: Iterable[Piece], w: StreamWriter) -> Failure | None:
+    """Publish a provider parser's :mod:`streambus.formats` pieces on *w*; pass it as :func:`stream_attempt`'s
+    ``handle`` (``lambda pieces: publish_pieces(pieces, w)``).
+
+    Text becomes deltas (choice 0), the :class:`~streambus.formats.EndPiece`
+    the ``end`` event; an :class:`~streambus.formats.ErrorPiece` is returned
+    as its :func:`stream_error_failure` (not published), so the caller's
+    retry policy decides what becomes of it.
+    """
+    for piece in pieces:
+        if isinstance(piece, EndPiece):
+            await w.end(piece.reason, usage=piece.usage, timings=piece.timings)
+            return None
+        if isinstance(piece, ErrorPiece):
+            return stream_error_failure(piece.message, piece.code, piece.retryable)
+        if piece.choice == 0:
+            await w.delta(piece.text, channel=piece.channel)
+    return None
 
 
 def status_failure(status: int, body: bytes, reason: str | None = None) -> Failure:
@@ -371,14 +425,16 @@ def status_failure(status: int, body: bytes, reason: str | None = None) -> Failu
     message = message or reason or ""
     lowered = message.lower()
     missing = "not found" in lowered or "does not exist" in lowered
-    if code == "model_not_found" or (status == 404 and "model" in lowered and missing):
-        return Failure("model_not_found", f"HTTP {status}: {message}")
+    missing = missing or code in ("not_found_error", "NOT_FOUND")
     detail = f" ({code})" if code else ""
+    if code == "model_not_found" or (status == 404 and "model" in lowered and missing):
+        return Failure("model_not_found", f"HTTP {status}{detail}: {message}")
     return Failure("http_status", f"HTTP {status}{detail}: {message}", status in (408, 409, 429) or status >= 500)
 
 
-def stream_error_failure(message: str, code: str | None = None) -> Failure:
+def stream_error_failure(message: str, code: str | None = None, retryable: bool = False) -> Failure:
     """The :class:`Failure` for an error the server reported inside its stream (an
-    :class:`~streambus.formats.ErrorPiece`): kind ``upstream_error``, not retryable."""
+    :class:`~streambus.formats.ErrorPiece`): kind ``upstream_error``, retryable
+    only when the provider said so (the piece's ``retryable``)."""
     detail = f" ({code})" if code else ""
-    return Failure("upstream_error", f"the server reported an error mid-stream{detail}: {message}")
+    return Failure("upstream_error", f"the server reported an error mid-stream{detail}: {message}", retryable)

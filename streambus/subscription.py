@@ -154,8 +154,10 @@ class Firehose:
 
     Readers that keep up are *attached*: an event is appended once to a
     shared log that each reads from its own cursor (a batch is one slice),
-    and one wake-up releases every parked reader, so publishing costs about
-    the same for 1 or 100 of them. Every ``buffer / 4`` events the log looks
+    and publishing costs about the same for 1 or 100 of them. Parked readers
+    are released in relay (``Parking.relay``): the first at once, the rest one
+    loop turn later, so a producer that yields after every token hands most
+    of them two tokens per wake-up. Every ``buffer / 4`` events the log looks
     for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
@@ -205,7 +207,7 @@ class Firehose:
             items = self.items
             items.append(event)
             if self.parking.waiting:
-                self.parking.wake()
+                self.parking.relay()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
@@ -481,30 +483,25 @@ class Subscription:
         firehose = self._firehose
         return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
-    async def _wait(self, ready: bool) -> None:
-        """The one way a reader waits: until something is buffered, or the end.
+    def _parking(self) -> Parking | None:
+        """Where the reader must wait for its next item: ``None`` if one is buffered.
 
-        *ready* says something is buffered already: then only let other tasks
-        run (a reader that always finds events waiting would never yield).
-        Raises ``StopAsyncIteration`` after a clean close, or the overflow error.
+        The one rule every read follows. Raises ``StopAsyncIteration`` after a
+        clean close once everything was read, or the overflow error. A reader
+        detached from the firehose that read everything re-attaches here.
         """
-        if ready:
-            await anyio.lowlevel.checkpoint()
         while not self._available():
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
             firehose = self._firehose
-            if firehose is not None and self._cursor < 0:
-                firehose._attach(self)  # detached, and read everything: back to the shared log
-                continue
-            self._parked = True
-            try:
-                await (firehose.parking if firehose is not None else self._reader).wait()
-            finally:
-                self._parked = False
-        self._since_yield = 0
+            if firehose is None:
+                return self._reader
+            if self._cursor >= 0:
+                return firehose.parking
+            firehose._attach(self)  # detached, and read everything: back to the shared log
+        return None
 
     async def _log_room(self) -> None:
         # A ``block`` reader attached to the firehose: the publisher waits until it catches up.
@@ -514,38 +511,44 @@ class Subscription:
             await self._space.wait()
 
     async def __anext__(self) -> Event:
-        # Fast path: an attached reader with an event waiting in the shared log.
-        # Without it `async for` over a burst cost 2x the CPU per event
-        # (docs/decisions.md); everything else takes the general path below.
-        firehose = self._firehose
-        cursor = self._cursor
-        if firehose is not None and cursor >= 0 and not self._buf and self._since_yield < _YIELD_EVERY:
-            index = cursor - firehose.base
-            items = firehose.items
-            if index < len(items):
+        while True:
+            if self._since_yield >= _YIELD_EVERY:
+                # A reader that always finds events waiting must still let others run.
+                await anyio.lowlevel.checkpoint()
+                self._since_yield = 0
+            # Take the next item: the subscription's own buffer first, then the
+            # shared log (a reader can hold buffered events while attached, when it
+            # re-attached as a publisher waited for a full ``block`` subscriber).
+            buf = self._buf
+            if buf:
                 self._since_yield += 1
-                self._cursor = cursor + 1
+                item = buf.popleft()
+                if self._coalesce:
+                    self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
                 if self._space.waiting:
                     self._space.wake()
-                return items[index]
-        ready = self._available()
-        if not ready or self._since_yield >= _YIELD_EVERY:
-            await self._wait(ready)
-        self._since_yield += 1
-        buf = self._buf
-        if buf:
-            item = buf.popleft()
-            if self._coalesce:
-                self._bytes -= len(item.text) + _DELTA_OVERHEAD if type(item) is DeltaEvent else _size(item)
-            event = item.event() if type(item) is MergedDelta else item
-        else:
+                return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
             firehose = self._firehose
-            assert firehose is not None
-            event = firehose.items[self._cursor - firehose.base]
-            self._cursor += 1
-        if self._space.waiting:
-            self._space.wake()
-        return event  # type: ignore[return-value]
+            cursor = self._cursor
+            if firehose is not None and cursor >= 0:
+                index = cursor - firehose.base
+                items = firehose.items
+                if index < len(items):
+                    self._since_yield += 1
+                    self._cursor = cursor + 1
+                    if self._space.waiting:
+                        self._space.wake()
+                    return items[index]
+            parking = self._parking()
+            if parking is not None:
+                # Parked here, not in a helper coroutine: one coroutine less per
+                # wake-up is a tenth of a token's CPU (docs/decisions.md).
+                self._parked = True
+                try:
+                    await parking.wait()
+                finally:
+                    self._parked = False
+                self._since_yield = 0
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -559,10 +562,18 @@ class Subscription:
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
+        if self._available():
+            await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
         try:
-            await self._wait(self._available())
+            while (parking := self._parking()) is not None:
+                self._parked = True
+                try:
+                    await parking.wait()
+                finally:
+                    self._parked = False
         except StopAsyncIteration:
             return []
+        self._since_yield = 0
         buf = self._buf
         if not buf:
             firehose = self._firehose

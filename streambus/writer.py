@@ -146,28 +146,36 @@ class StreamWriter:
         scope = self._scope
         try:
             if self._terminal is None:
-                with anyio.CancelScope(shield=True):
-                    if exc is None:
-                        await self.end()
-                    elif self._abort is not None and scope.cancel_called:
-                        reason, by = self._abort
-                        await self._publish_abort(reason, by)
-                    elif isinstance(exc, anyio.get_cancelled_exc_class()):
-                        await self._publish_abort("cancelled", "cancelled")
-                    elif isinstance(exc, Exception):
-                        await self.error("exception", f"{type(exc).__name__}: {exc}")
-                    else:
-                        await self._publish_abort(type(exc).__name__, "shutdown")
+                wait = self._bus.offer(self._closing_event(exc, scope))
+                if wait is not None:  # a full ``block`` subscriber: wait for room, even while cancelled
+                    with anyio.CancelScope(shield=True):
+                        await wait
         finally:
             self._bus.unregister_writer(self)
             swallowed = scope.__exit__(exc_type, exc, tb)
         return bool(swallowed)
 
+    def _closing_event(self, exc: BaseException | None, scope: anyio.CancelScope) -> Event:
+        # The terminal event that leaving the block publishes (see the module docstring).
+        # Built here, and offered without a shielding scope unless the publisher
+        # must wait: a scope per stream was a third of a short stream's overhead.
+        if exc is None:
+            return self._end_event("stop", None, None)
+        if self._abort is not None and scope.cancel_called:
+            reason, by = self._abort
+            return self._abort_event(reason, by)
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return self._abort_event("cancelled", "cancelled")
+        if isinstance(exc, Exception):
+            return self._error_event("exception", f"{type(exc).__name__}: {exc}", False)
+        return self._abort_event(type(exc).__name__, "shutdown")
+
     async def delta(self, text: str, channel: Channel = "content") -> None:
         """Publish a piece of text on *channel* (``content``, ``reasoning``, ``tool``)."""
-        wait = self._bus.offer(
-            DeltaEvent(stream=self.stream, seq=self._next(), ts=time.time(), text=text, channel=channel)
-        )
+        if self._terminal is not None:
+            self._next()  # raises StreamClosed
+        self._seq = seq = self._seq + 1  # what _next() does, without a call per token
+        wait = self._bus.offer(DeltaEvent(stream=self.stream, seq=seq, ts=time.time(), text=text, channel=channel))
         if wait is not None:  # a full ``block`` subscriber: wait for room
             await wait
 
@@ -203,6 +211,17 @@ class StreamWriter:
         timings: Mapping[str, float] | None = None,
     ) -> None:
         """Publish the normal end of the stream (its terminal event)."""
+        await self._bus.publish(self._end_event(reason, usage, timings))
+
+    async def error(self, kind: str, message: str = "", *, retryable: bool = False) -> None:
+        """Publish an ``error`` terminal event with a stable machine-readable *kind*."""
+        await self._bus.publish(self._error_event(kind, message, retryable))
+
+    async def abort(self, reason: str = "", by: str = "client") -> None:
+        """Publish an ``abort`` terminal event from inside the producer."""
+        await self._bus.publish(self._abort_event(reason, by))
+
+    def _end_event(self, reason: str, usage: Usage | None, timings: Mapping[str, float] | None) -> EndEvent:
         event = EndEvent(
             stream=self.stream,
             seq=self._next(),
@@ -212,24 +231,19 @@ class StreamWriter:
             timings=dict(timings or {}),
         )
         self._terminal = event
-        await self._bus.publish(event)
+        return event
 
-    async def error(self, kind: str, message: str = "", *, retryable: bool = False) -> None:
-        """Publish an ``error`` terminal event with a stable machine-readable *kind*."""
+    def _error_event(self, kind: str, message: str, retryable: bool) -> ErrorEvent:
         event = ErrorEvent(
             stream=self.stream, seq=self._next(), ts=time.time(), kind=kind, message=message, retryable=retryable
         )
         self._terminal = event
-        await self._bus.publish(event)
+        return event
 
-    async def abort(self, reason: str = "", by: str = "client") -> None:
-        """Publish an ``abort`` terminal event from inside the producer."""
-        await self._publish_abort(reason, by)
-
-    async def _publish_abort(self, reason: str, by: str) -> None:
+    def _abort_event(self, reason: str, by: str) -> AbortEvent:
         event = AbortEvent(stream=self.stream, seq=self._next(), ts=time.time(), reason=reason, by=by)
         self._terminal = event
-        await self._bus.publish(event)
+        return event
 
     def request_abort(self, reason: str, by: str) -> bool:
         """Abort this stream from outside its producer: what :meth:`Bus.abort <streambus.Bus.abort>` does.

@@ -711,3 +711,95 @@ async def test_bus_offer_delivers_at_once_and_returns_a_wait_only_for_full_block
         assert await second.receive() == delta
         assert bus.offer(DeltaEvent(stream="s", seq=2, ts=0.0, text="y")) is None  # room everywhere now
         assert (first.pending, second.pending) == (1, 1)
+
+
+async def test_a_cancelled_writer_waits_for_a_full_block_subscriber_to_deliver_its_abort() -> None:
+    # Leaving the block offers the terminal event; only when a full ``block``
+    # subscriber makes it wait does the writer shield that wait from the cancellation.
+    async with Bus() as bus:
+        sub = bus.subscribe(Filter.of(streams="s"), overflow="block", buffer=2)
+        left = anyio.Event()
+
+        async def produce() -> None:
+            with anyio.CancelScope() as scope:
+                async with bus.stream(stream="s") as w:
+                    await w.delta("a")  # start and "a" fill the buffer
+                    scope.cancel()
+                    await anyio.sleep_forever()
+            left.set()
+
+        bus.start_soon(produce)
+        await wait_all_tasks_blocked()
+        assert not left.is_set()  # the abort waits for room, shielded from the cancellation
+        events = await collect_n(sub, 3)
+        await left.wait()
+    assert [type(e) for e in events] == [StartEvent, DeltaEvent, AbortEvent]
+    assert isinstance(events[-1], AbortEvent) and events[-1].by == "cancelled"
+
+
+async def test_readers_of_the_shared_log_never_look_blocked_while_their_wake_up_is_pending() -> None:
+    # The firehose releases its first parked reader at once and the others one
+    # loop turn later; wait_all_tasks_blocked must still see all of them get the events.
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in range(5)]
+        got: list[list[str]] = [[] for _ in subs]
+        release = anyio.Event()
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i].append(event.text)
+
+        async def produce() -> None:
+            async with bus.stream() as w:
+                await w.delta("a")
+                await release.wait()
+                await w.delta("b")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(subs)):
+                tg.start_soon(read, i)
+            await wait_all_tasks_blocked()
+            bus.start_soon(produce)
+            await wait_all_tasks_blocked()
+            assert got == [["a"]] * len(subs)
+            release.set()
+            await wait_all_tasks_blocked()
+            assert got == [["a", "b"]] * len(subs)
+            for sub in subs:
+                sub.close()
+
+
+async def test_a_cancelled_first_parked_reader_does_not_hold_up_the_others() -> None:
+    # The relay releases the first parked reader that is still waiting; one
+    # cancelled while parked (its future done) is skipped, not chosen.
+    got: list[list[str]] = [[], [], []]
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in got]
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i].append(event.text)
+
+        async with anyio.create_task_group() as tg:
+            scopes = [anyio.CancelScope() for _ in got]
+            for i, scope in enumerate(scopes):
+
+                async def run(i: int = i, scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await read(i)
+
+                tg.start_soon(run)
+                await wait_all_tasks_blocked()  # parked in this order
+            scopes[0].cancel()
+            await wait_all_tasks_blocked()
+            async with bus.stream(model="m") as w:
+                await w.delta("a")
+                await wait_all_tasks_blocked()
+                assert got == [[], ["a"], ["a"]]
+                await w.delta("b")
+            await wait_all_tasks_blocked()
+            for sub in subs:
+                sub.close()
+    assert got == [[], ["a", "b"], ["a", "b"]]

@@ -250,6 +250,27 @@ CASES = [
         "streambus.producers:redis",
     ),
     Case(
+        "nats batch_max_ms nan",
+        sink("batch_max_ms = nan", "nats"),
+        "sinks[0].batch_max_ms",
+        "at least 0 and at most 10000, got nan",
+        "streambus.sinks:nats",
+    ),
+    Case(
+        "nats prefix with a wildcard",
+        sink('prefix = "llm.>"', "nats"),
+        "sinks[0].prefix",
+        "must be subject tokens",
+        "streambus.sinks:nats",
+    ),
+    Case(
+        "nats position_file under a file",
+        producer('position = "file"\nposition_file = "{tmp}/file.txt/pos.json"', "nats") + STDOUT,
+        "producers[0].position_file",
+        "is not a directory",
+        "streambus.producers:nats",
+    ),
+    Case(
         "ollama timeout inf",
         producer('model = "m"\nprompt = "p"\ntimeout = inf', "ollama"),
         "producers[0].timeout",

@@ -33,6 +33,9 @@ NOT_RUN = {
     "proxy-ollama.toml": "a proxy in front of an Ollama server",
     "redis-broadcaster.toml": "a consumer: runs until stopped (--serve)",
     "redis-recorder.toml": "a consumer: runs until stopped (--serve)",
+    "nats-worker.toml": "needs NATS JetStream (plugins/nats/tests/test_docs.py runs it against a private server)",
+    "nats-edge.toml": "a consumer: runs until stopped (--serve)",
+    "nats-recorder.toml": "a consumer: runs until stopped (--serve)",
     "replay-websocket.toml": "loops forever for front-end development",
 }
 

@@ -17,6 +17,7 @@ PACKAGES = [
     "streambus_http",
     "streambus_langchain",
     "streambus_moderation",
+    "streambus_nats",
     "streambus_ollama",
     "streambus_openai",
     "streambus_proxy",

@@ -200,6 +200,10 @@ class SseParser:
                         self._event_offset = offset
                     data.append(value.decode("utf-8", errors))
                     continue
+                if line.startswith(b"event:"):  # (Anthropic and OpenAI Responses name every event)
+                    value = line[7:] if line[6:7] == b" " else line[6:]
+                    self._type = value.decode("utf-8", errors)
+                    continue
                 text = line.decode("utf-8", errors)
             except UnicodeDecodeError as exc:
                 start = exc.start + (len(line) - len(exc.object))

@@ -5,7 +5,9 @@
 - :class:`AnthropicFormat` (entry point ``anthropic`` in ``streambus.formats``)
   encodes events back into Anthropic's server-sent events for the mock
   server, so the official ``anthropic`` client can test against recordings;
-- :class:`AnthropicStreamParser` is the sans-I/O parser.
+- :class:`AnthropicStreamParser` is the sans-I/O parser; it yields the
+  provider-neutral pieces of :mod:`streambus.formats`, so the proxy reads
+  Anthropic answers with it too.
 
 The producer runs on asyncio only (it uses aiohttp); the parser and the
 format are plain functions of bytes and events and run anywhere.
@@ -15,16 +17,7 @@ from __future__ import annotations
 
 from ._format import AnthropicFormat, AnthropicStreamEncoder, anthropic_sse, usage_body
 from ._producer import AnthropicProducer
-from ._protocol import (
-    RETRYABLE_ERRORS,
-    STOP_REASONS,
-    AnthropicStreamParser,
-    DonePiece,
-    ErrorPiece,
-    Piece,
-    TextPiece,
-    anthropic_usage,
-)
+from ._protocol import RETRYABLE_ERRORS, STOP_REASONS, AnthropicStreamParser, anthropic_usage, message_pieces
 
 __all__ = [
     "RETRYABLE_ERRORS",
@@ -33,11 +26,8 @@ __all__ = [
     "AnthropicProducer",
     "AnthropicStreamEncoder",
     "AnthropicStreamParser",
-    "DonePiece",
-    "ErrorPiece",
-    "Piece",
-    "TextPiece",
     "anthropic_sse",
     "anthropic_usage",
+    "message_pieces",
     "usage_body",
 ]

@@ -5,6 +5,8 @@
 ``POST /v1/messages`` and ``GET /v1/models`` (for clients that send
 ``anthropic-version``) as Anthropic does, and the official ``anthropic``
 client accepts the output (``messages.stream(...)`` and ``stream=True``).
+It reads Anthropic answers too (:class:`streambus.formats.AnswerParsing`),
+so ``streambus proxy`` fronts ``/v1/messages``.
 
 Deltas open and close content blocks as the API does: consecutive deltas of
 one channel share a block (``text``, ``thinking``, or one ``tool_use`` block
@@ -20,10 +22,10 @@ from typing import Any, Final
 import orjson
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
-from streambus.formats import tool_fragments
+from streambus.formats import Piece, tool_fragments
 from streambus.wire import ToolCallFragment, merge_tool_calls
 
-from ._protocol import RETRYABLE_ERRORS, STOP_REASONS
+from ._protocol import RETRYABLE_ERRORS, STOP_REASONS, AnthropicStreamParser, message_pieces
 
 __all__ = ["AnthropicFormat", "AnthropicStreamEncoder", "anthropic_sse", "usage_body"]
 
@@ -174,6 +176,9 @@ class AnthropicFormat:
     routes: Mapping[str, str] = dict(_ROUTES)
     models_paths = ("/v1/models",)
     """Where clients list models; OpenAI's clients use the same path (see :meth:`claims`)."""
+    credential_headers = ("x-api-key",)
+    """Where Anthropic's clients put their key (:class:`streambus.formats.Credentials`)."""
+    credential_params: tuple[str, ...] = ()
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request on a path shared with another format comes from an Anthropic client.
@@ -240,6 +245,23 @@ class AnthropicFormat:
             "stop_sequence": None,
             "usage": usage_body(end.usage if end is not None else None),
         }
+
+    def stream_parser(self, route: str, request: Mapping[str, Any]) -> AnthropicStreamParser:
+        """A parser of the streamed answer to *request* (for the proxy: :class:`streambus.formats.AnswerParsing`)."""
+        _check(route)
+        return AnthropicStreamParser()
+
+    def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[Piece]:
+        """The pieces of a ``stream: false`` answer (a ``message``).
+
+        Raises :class:`~streambus.errors.WireError` if *body* is not one.
+        """
+        _check(route)
+        return message_pieces(body)
+
+    def usage_request(self, route: str, request: Mapping[str, Any]) -> None:
+        """Nothing to ask: Anthropic always reports the usage (``message_start`` and ``message_delta``)."""
+        return None
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """Anthropic's error body ``{"type": "error", "error": {"type", "message"}}`` for *status*."""

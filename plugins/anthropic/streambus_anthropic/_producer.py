@@ -10,27 +10,31 @@ delta, so no text is ever duplicated.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import anyio
 import msgspec
 import orjson
 
 from streambus import PluginBase
-from streambus.producing import Failure, require_asyncio, retrying_stream, stream_attempt
+from streambus.formats import Piece
+from streambus.producing import (
+    Failure,
+    publish_pieces,
+    read_status_failure,
+    require_asyncio,
+    retrying_stream,
+    stream_attempt,
+)
 
-from ._protocol import RETRYABLE_ERRORS, AnthropicStreamParser, DonePiece, ErrorPiece
+from ._protocol import AnthropicStreamParser
 
 if TYPE_CHECKING:
     from streambus import Bus, StreamWriter
 
 __all__ = ["AnthropicProducer"]
-
-_ERROR_BODY_LIMIT = 64 * 1024
 
 
 class AnthropicProducer(PluginBase):
@@ -161,8 +165,8 @@ class AnthropicProducer(PluginBase):
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
             async def attempt(w: StreamWriter) -> Failure | None:
-                async def publish(pieces: Iterable[Any]) -> Failure | None:
-                    return await _publish(pieces, w)
+                async def publish(pieces: Iterable[Piece]) -> Failure | None:
+                    return await publish_pieces(pieces, w)
 
                 return await stream_attempt(
                     session,
@@ -171,7 +175,7 @@ class AnthropicProducer(PluginBase):
                     self._headers(),
                     parser=AnthropicStreamParser(),
                     handle=publish,
-                    status_failure=_status_failure,
+                    status_failure=read_status_failure,
                     first_chunk_timeout=o.first_chunk_timeout,
                     chunk_timeout=o.timeout,
                     server=o.base_url,
@@ -189,48 +193,3 @@ class AnthropicProducer(PluginBase):
                 retry_backoff=o.retry_backoff,
                 stream_ids=self.stream_ids,
             )
-
-
-async def _publish(pieces: Iterable[Any], w: StreamWriter) -> Failure | None:
-    for piece in pieces:
-        if isinstance(piece, DonePiece):
-            await w.end(piece.reason, usage=piece.usage)
-            return None
-        if isinstance(piece, ErrorPiece):
-            return Failure(
-                "upstream_error",
-                f"the server reported an error mid-stream ({piece.type}): {piece.message}",
-                piece.retryable,
-            )
-        await w.delta(piece.text, channel=piece.channel)
-    return None
-
-
-async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
-    status = response.status
-    raw = b""
-    with anyio.CancelScope(deadline=deadline):
-        with contextlib.suppress(aiohttp.ClientError):
-            raw = await response.content.read(_ERROR_BODY_LIMIT)
-    kind, message = _error(raw)
-    message = message or response.reason or ""
-    retryable = status in (408, 409, 429) or status >= 500 or kind in RETRYABLE_ERRORS
-    detail = f" ({kind})" if kind else ""
-    if status == 404 and ("model" in message.lower() or kind == "not_found_error"):
-        return Failure("model_not_found", f"HTTP 404{detail}: {message}")
-    return Failure("http_status", f"HTTP {status}{detail}: {message}", retryable)
-
-
-def _error(raw: bytes) -> tuple[str | None, str]:
-    # Anthropic's error body: {"type": "error", "error": {"type": "not_found_error", "message": "model: x"}}.
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None, raw.decode("utf-8", "replace").strip()[:500]
-    error = body.get("error") if isinstance(body, Mapping) else None
-    if isinstance(error, Mapping):
-        kind, message = error.get("type"), error.get("message")
-        return (kind if isinstance(kind, str) else None), (
-            message if isinstance(message, str) else orjson.dumps(error).decode()
-        )
-    return None, raw.decode("utf-8", "replace").strip()[:500]

@@ -23,37 +23,35 @@ https://docs.anthropic.com/en/api/messages-streaming)::
     event: message_stop
     data: {"type":"message_stop"}
 
-:class:`AnthropicStreamParser` turns those bytes into :class:`TextPiece`
-(``text_delta`` -> ``content``, ``thinking_delta`` -> ``reasoning``,
-``tool_use`` blocks and their ``input_json_delta`` -> ``tool`` fragments in
-the ``docs/wire.md`` line format), one :class:`DonePiece` at
-``message_stop`` (the end reason and the usage gathered from
-``message_start`` and ``message_delta``) or an :class:`ErrorPiece` for an
+:class:`AnthropicStreamParser` turns those bytes into the provider-neutral
+pieces of :mod:`streambus.formats` (what the producer publishes and the
+proxy reads): :class:`~streambus.formats.TextPiece` (``text_delta`` ->
+``content``, ``thinking_delta`` -> ``reasoning``, ``tool_use`` blocks and
+their ``input_json_delta`` -> ``tool`` fragments in the ``docs/wire.md``
+line format), one :class:`~streambus.formats.EndPiece` at ``message_stop``
+(the end reason and the usage gathered from ``message_start`` and
+``message_delta``) or an :class:`~streambus.formats.ErrorPiece` for an
 ``error`` event. ``ping`` and ``signature_delta`` carry nothing for the bus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.events import Channel
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
 from streambus.validation import validation_problem
-from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
+from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
 __all__ = [
     "RETRYABLE_ERRORS",
     "STOP_REASONS",
     "AnthropicStreamParser",
-    "DonePiece",
-    "ErrorPiece",
-    "Piece",
-    "TextPiece",
     "anthropic_usage",
+    "message_pieces",
 ]
 
 STOP_REASONS: Final = {
@@ -67,36 +65,6 @@ STOP_REASONS: Final = {
 
 RETRYABLE_ERRORS: Final = frozenset({"overloaded_error", "api_error", "rate_limit_error", "timeout_error"})
 """Error types worth retrying (Anthropic's 429, 500, 504 and 529)."""
-
-
-class TextPiece(msgspec.Struct, frozen=True):
-    """Generated text on a channel (``content``, ``reasoning`` or ``tool``)."""
-
-    text: str
-    channel: Channel = "content"
-
-
-class DonePiece(msgspec.Struct, frozen=True, kw_only=True):
-    """``message_stop``: the bus end reason, Anthropic's own ``stop_reason``, and the usage."""
-
-    reason: str = "stop"
-    stop_reason: str | None = None
-    usage: Usage | None = None
-
-
-class ErrorPiece(msgspec.Struct, frozen=True, kw_only=True):
-    """An ``error`` event: ``{"type": "error", "error": {"type": "overloaded_error", "message": ...}}``."""
-
-    type: str
-    message: str
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same request may succeed later (overloaded, rate limited, server error)."""
-        return self.type in RETRYABLE_ERRORS
-
-
-Piece: TypeAlias = TextPiece | DonePiece | ErrorPiece
 
 
 class _Usage(msgspec.Struct):
@@ -150,6 +118,17 @@ class _Event(msgspec.Struct):
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
+class _Answer(msgspec.Struct):
+    """A whole (``stream: false``) answer: ``{"type": "message", "content": [...], "stop_reason", "usage"}``."""
+
+    content: list[_Block]
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
 def anthropic_usage(
     input_tokens: int | None,
     output_tokens: int | None,
@@ -174,7 +153,7 @@ def anthropic_usage(
     )
 
 
-class AnthropicStreamParser:
+class AnthropicStreamParser(SseAnswerParser[Piece]):
     """Parse an Anthropic Messages SSE body into pieces, incrementally.
 
     ::
@@ -196,53 +175,29 @@ class AnthropicStreamParser:
     parser does not know (Anthropic adds some now and then) is skipped and
     counted in :attr:`skipped`, and the first of each type is logged once per
     process, so a new event never breaks a stream. Events after
-    ``message_stop`` or ``error`` are ignored.
+    ``message_stop`` or ``error`` are ignored. An ``error`` event's
+    :class:`~streambus.formats.ErrorPiece` has the error type as its ``code``
+    and is ``retryable`` for :data:`RETRYABLE_ERRORS`.
     """
 
-    __slots__ = ("_blocks", "_reason", "_sse", "_tools", "_usage", "done", "skipped")
+    __slots__ = ("_blocks", "_reason", "_tools", "_usage", "skipped")
 
     def __init__(self) -> None:
-        self._sse = SseParser()
+        super().__init__()
         self._blocks: dict[int, int | None] = {}  # content block index -> tool call index (None: not a tool)
         self._tools = 0
         self._usage: dict[str, int] = {}
         self._reason: str | None = None
-        self.done = False
-        """Whether ``message_stop`` (or an ``error`` event) arrived."""
         self.skipped = SkippedTypes("anthropic")
         """Events (and delta or block types) skipped because this parser does not know them, by type."""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Piece]:
-        """Add *data*; return an iterator over the pieces it completed."""
-        return self._pieces(self._sse.feed(data))
-
-    def close(self) -> Iterator[Piece]:
-        """End of input: the pieces of a last event that had no blank line after it."""
-        return self._pieces(self._sse.close())
-
-    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[Piece]:
-        out: list[Piece] = []
-        try:
-            for sse in events:
-                if not self.done:
-                    self._event(sse, out)
-        except WireError as exc:
-            return yield_then_raise(out, exc)
-        return iter(out)
-
-    def _event(self, sse: SseEvent, out: list[Piece]) -> None:
-        try:
-            event = _decode_event(sse.data)
-        except msgspec.ValidationError as exc:
-            raise WireError(
-                f"not an Anthropic stream event: {validation_problem(exc).describe()}", offset=sse.offset
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
-        kind = event.type or sse.event
+    def handle(self, sse: SseEvent, out: list[Piece]) -> None:
+        """Append the pieces of one event to *out* (see the class docstring)."""
+        parsed = decode_event(_decode_event, sse, "an Anthropic stream event")
+        kind = parsed.type or sse.event
         if kind == "content_block_delta":
-            delta = event.delta
-            if delta is None or event.index is None:
+            delta = parsed.delta
+            if delta is None or parsed.index is None:
                 raise WireError("content_block_delta: needs an index and a delta", offset=sse.offset)
             kind = delta.type or ""
             if kind == "text_delta":
@@ -258,33 +213,37 @@ class AnthropicStreamParser:
             elif kind == "input_json_delta":
                 if delta.partial_json is None:
                     raise WireError("content_block_delta: an input_json_delta without partial_json", offset=sse.offset)
-                tool = self._blocks.get(event.index)
+                tool = self._blocks.get(parsed.index)
                 if tool is not None and delta.partial_json:
                     out.append(TextPiece(tool_text(ToolCallFragment(index=tool, arguments=delta.partial_json)), "tool"))
             elif kind != "signature_delta":  # the signature only matters to Anthropic, on the next turn
                 self.skipped.note(f"content_block_delta.{kind}")
         elif kind == "content_block_start":
-            block = event.content_block
-            if block is None or event.index is None:
+            block = parsed.content_block
+            if block is None or parsed.index is None:
                 raise WireError("content_block_start: needs an index and a content_block", offset=sse.offset)
-            self._start_block(event.index, block, out)
+            self._start_block(parsed.index, block, out)
         elif kind in ("ping", "content_block_stop"):
             pass
         elif kind == "message_start":
-            if event.message is None:
+            if parsed.message is None:
                 raise WireError("message_start: needs a message", offset=sse.offset)
-            self._count(event.message.usage)
+            self._count(parsed.message.usage)
         elif kind == "message_delta":
-            if event.delta is not None and event.delta.stop_reason is not None:
-                self._reason = event.delta.stop_reason
-            self._count(event.usage)
+            if parsed.delta is not None and parsed.delta.stop_reason is not None:
+                self._reason = parsed.delta.stop_reason
+            self._count(parsed.usage)
         elif kind == "message_stop":
             self.done = True
-            out.append(DonePiece(reason=self._end_reason(), stop_reason=self._reason, usage=self._total()))
+            out.append(EndPiece(reason=self._end_reason(), usage=self._total()))
         elif kind == "error":
             self.done = True
-            error = event.error or _Error()
-            out.append(ErrorPiece(type=error.type, message=error.message or error.type))
+            error = parsed.error or _Error()
+            out.append(
+                ErrorPiece(
+                    message=error.message or error.type, code=error.type, retryable=error.type in RETRYABLE_ERRORS
+                )
+            )
         elif kind == "message":  # neither a type nor an event name: nothing to go by
             raise WireError("event without a type", offset=sse.offset)
         else:
@@ -338,3 +297,25 @@ class AnthropicStreamParser:
         if self._reason is None:
             return "stop"
         return STOP_REASONS.get(self._reason, self._reason)
+
+
+def message_pieces(body: bytes) -> list[Piece]:
+    """The pieces of a whole (``stream: false``) Messages answer *body*: its content blocks, then the end.
+
+    Raises :class:`~streambus.errors.WireError` naming what is wrong when
+    *body* is not a ``message`` object.
+    """
+    try:
+        message = _decode_answer(body)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"not an Anthropic message: {validation_problem(exc).describe()}", offset=0) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"not JSON: {exc}", offset=0) from None
+    parser = AnthropicStreamParser()
+    out: list[Piece] = []
+    for index, block in enumerate(message.content):
+        parser._start_block(index, block, out)
+    parser._reason = message.stop_reason
+    parser._count(message.usage)
+    out.append(EndPiece(reason=parser._end_reason(), usage=parser._total()))
+    return out

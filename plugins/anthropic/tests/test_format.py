@@ -15,10 +15,19 @@ import orjson
 import pytest
 from aiohttp import web
 from anthropic.types import InputJSONDelta, RawContentBlockDeltaEvent
-from streambus_anthropic import AnthropicFormat, AnthropicStreamParser, DonePiece, ErrorPiece, Piece, TextPiece
+from streambus_anthropic import AnthropicFormat, AnthropicStreamParser
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
-from streambus.formats import ModelsRoute, StreamEncoder, WireFormat, load_format
+from streambus.formats import (
+    EndPiece,
+    ErrorPiece,
+    ModelsRoute,
+    Piece,
+    StreamEncoder,
+    TextPiece,
+    WireFormat,
+    load_format,
+)
 from streambus.mockserver import MockServer
 from streambus.wire import ToolCallFragment, tool_text
 
@@ -77,7 +86,7 @@ def test_round_trip_through_our_parser_at_every_cut() -> None:
             for c in ("content", "reasoning")
         }
         assert (by["content"], by["reasoning"]) == (TEXT, THOUGHT)
-        assert pieces[-1] == DonePiece(reason="tool_calls", stop_reason="tool_use", usage=USAGE)
+        assert pieces[-1] == EndPiece(reason="tool_calls", usage=USAGE)
 
 
 def test_errors_and_aborts_become_error_events() -> None:
@@ -87,7 +96,7 @@ def test_errors_and_aborts_become_error_events() -> None:
     )
     parser = AnthropicStreamParser()
     pieces = list(parser.feed(fmt.encode_stream("messages", {}, failed)))
-    assert pieces[-1] == ErrorPiece(type="overloaded_error", message="GPU gone")
+    assert pieces[-1] == ErrorPiece(message="GPU gone", code="overloaded_error", retryable=True)
     aborted = events(end=AbortEvent(stream="s1", seq=7, ts=TS, reason="flagged", by="moderation"))
     assert fmt.assemble("messages", {}, aborted) == {
         "type": "error",

@@ -8,10 +8,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streambus_anthropic import AnthropicStreamParser, DonePiece, ErrorPiece, Piece, TextPiece
+from streambus_anthropic import AnthropicStreamParser
 from structlog.testing import capture_logs
 
 from streambus import Usage, WireError
+from streambus.formats import EndPiece, ErrorPiece, Piece, TextPiece
 from streambus.wire import merge_tool_calls, parse_tool_text
 
 
@@ -116,7 +117,7 @@ def check(pieces: list[Piece]) -> None:
         "get_weather",
         '{"city": "京都", "unit": "c"}',
     )
-    assert pieces[-1] == DonePiece(reason="tool_calls", stop_reason="tool_use", usage=USAGE)
+    assert pieces[-1] == EndPiece(reason="tool_calls", usage=USAGE)
 
 
 def test_reference_stream_in_one_read() -> None:
@@ -156,9 +157,8 @@ def test_later_usage_replaces_earlier_and_reasons_map() -> None:
     )
     pieces, _ = parse([body])
     assert pieces == [
-        DonePiece(
+        EndPiece(
             reason="length",
-            stop_reason="max_tokens",
             usage=Usage(prompt_tokens=7, completion_tokens=9, total_tokens=16),
         )
     ]
@@ -172,9 +172,8 @@ def test_overloaded_error_event_is_a_retryable_error_piece() -> None:
         + block_delta(0, {"type": "text_delta", "text": "ignored"})
     )
     pieces, parser = parse([body])
-    assert pieces == [TextPiece("部分"), ErrorPiece(type="overloaded_error", message="Overloaded")]
+    assert pieces == [TextPiece("部分"), ErrorPiece(message="Overloaded", code="overloaded_error", retryable=True)]
     assert isinstance(pieces[-1], ErrorPiece) and pieces[-1].retryable and parser.done
-    assert not ErrorPiece(type="invalid_request_error", message="bad").retryable
 
 
 def test_unknown_event_types_are_skipped_counted_and_logged_once() -> None:
@@ -194,7 +193,7 @@ def test_unknown_event_types_are_skipped_counted_and_logged_once() -> None:
         pieces, parser = parse([body])
         parse([body])  # a second stream counts again but does not log again
     assert [p for p in pieces if isinstance(p, TextPiece)] == [TextPiece("a")]
-    assert isinstance(pieces[-1], DonePiece)
+    assert isinstance(pieces[-1], EndPiece)
     assert dict(parser.skipped) == {"future_event_x1": 2, "content_block_delta.citations_delta": 1}
     warned = sorted(e["type"] for e in logs if e["event"] == "wire.unknown_type")
     assert warned == ["content_block_delta.citations_delta", "future_event_x1"]
@@ -232,4 +231,4 @@ def test_malformed_events_name_the_problem_and_position_after_the_good_ones(bad:
 
 def test_truncated_stream_is_not_done() -> None:
     pieces, parser = parse([STREAM[: STREAM.index(b"event: message_stop")]])
-    assert not parser.done and not any(isinstance(p, DonePiece) for p in pieces)
+    assert not parser.done and not any(isinstance(p, EndPiece) for p in pieces)

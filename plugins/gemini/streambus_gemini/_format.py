@@ -7,7 +7,9 @@ entry point group, so ``streambus serve-mock`` answers
 /v1beta/models/{model}`` as the Gemini API does; the official
 ``google-genai`` client accepts the output. Gemini sends a function call
 whole, so tool fragments are held until the call is complete (the next
-non-tool delta, another call, or the end).
+non-tool delta, another call, or the end). It reads Gemini answers too
+(:class:`streambus.formats.AnswerParsing`), so ``streambus proxy`` fronts
+``streamGenerateContent`` and ``generateContent``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any, Final
 import orjson
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
-from streambus.formats import tool_fragments
+from streambus.formats import Piece, tool_fragments
 from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
+
+from ._protocol import GeminiStreamParser, chunk_pieces
 
 __all__ = ["GeminiFormat", "GeminiStreamEncoder", "gemini_sse", "usage_metadata"]
 
@@ -156,6 +160,10 @@ class GeminiFormat:
     routes: Mapping[str, str] = dict(_ROUTES)
     models_paths = ("/v1beta/models", "/v1/models")
     """Where the ``google-genai`` client lists (and gets) models; ``/v1/models`` is shared (see :meth:`claims`)."""
+    credential_headers = ("x-goog-api-key",)
+    """Where Gemini's clients put their key (:class:`streambus.formats.Credentials`)..."""
+    credential_params = ("key",)
+    """... or in the URL, ``?key=``."""
 
     def claims(self, headers: Mapping[str, str]) -> bool:
         """Whether a request comes from a Gemini client: they send ``x-goog-api-key``."""
@@ -213,6 +221,24 @@ class GeminiFormat:
         if end is not None and end.usage is not None:
             body["usageMetadata"] = usage_metadata(end.usage)
         return body
+
+    def stream_parser(self, route: str, request: Mapping[str, Any]) -> GeminiStreamParser:
+        """A parser of the ``streamGenerateContent?alt=sse`` answer.
+
+        For the proxy (:class:`streambus.formats.AnswerParsing`), which reads
+        the server-sent events Gemini sends with ``alt=sse``.
+        """
+        _kind(route)
+        return GeminiStreamParser()
+
+    def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[Piece]:
+        """The pieces of a ``:generateContent`` answer; :class:`~streambus.errors.WireError` if it is not one."""
+        _kind(route)
+        return chunk_pieces(body)
+
+    def usage_request(self, route: str, request: Mapping[str, Any]) -> None:
+        """Nothing to ask: Gemini always reports ``usageMetadata``."""
+        return None
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """Gemini's error body ``{"error": {"code", "message", "status"}}``."""

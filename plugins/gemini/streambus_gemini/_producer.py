@@ -10,28 +10,32 @@ delta, so no text is ever duplicated.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
-import anyio
 import msgspec
 import orjson
 
 from streambus import PluginBase
-from streambus.producing import Failure, require_asyncio, retrying_stream, stream_attempt
+from streambus.formats import Piece
+from streambus.producing import (
+    Failure,
+    publish_pieces,
+    read_status_failure,
+    require_asyncio,
+    retrying_stream,
+    stream_attempt,
+)
 
-from ._protocol import DonePiece, ErrorPiece, GeminiStreamParser
+from ._protocol import GeminiStreamParser
 
 if TYPE_CHECKING:
     from streambus import Bus, StreamWriter
 
 __all__ = ["GeminiProducer"]
-
-_ERROR_BODY_LIMIT = 64 * 1024
 
 
 def _content(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +189,8 @@ class GeminiProducer(PluginBase):
         async with aiohttp.ClientSession(timeout=timeout) as session:
 
             async def attempt(w: StreamWriter) -> Failure | None:
-                async def publish(pieces: Iterable[Any]) -> Failure | None:
-                    return await _publish(pieces, w)
+                async def publish(pieces: Iterable[Piece]) -> Failure | None:
+                    return await publish_pieces(pieces, w)
 
                 return await stream_attempt(
                     session,
@@ -195,7 +199,7 @@ class GeminiProducer(PluginBase):
                     self._headers(),
                     parser=GeminiStreamParser(),
                     handle=publish,
-                    status_failure=_status_failure,
+                    status_failure=read_status_failure,
                     first_chunk_timeout=o.first_chunk_timeout,
                     chunk_timeout=o.timeout,
                     server=o.base_url,
@@ -213,49 +217,3 @@ class GeminiProducer(PluginBase):
                 retry_backoff=o.retry_backoff,
                 stream_ids=self.stream_ids,
             )
-
-
-async def _publish(pieces: Iterable[Any], w: StreamWriter) -> Failure | None:
-    for piece in pieces:
-        if isinstance(piece, DonePiece):
-            await w.end(piece.reason, usage=piece.usage)
-            return None
-        if isinstance(piece, ErrorPiece):
-            detail = f" ({piece.status})" if piece.status else ""
-            return Failure(
-                "upstream_error", f"the server reported an error mid-stream{detail}: {piece.message}", piece.retryable
-            )
-        await w.delta(piece.text, channel=piece.channel)
-    return None
-
-
-async def _status_failure(response: aiohttp.ClientResponse, deadline: float) -> Failure:
-    status = response.status
-    raw = b""
-    with anyio.CancelScope(deadline=deadline):
-        with contextlib.suppress(aiohttp.ClientError):
-            raw = await response.content.read(_ERROR_BODY_LIMIT)
-    kind, message = _error(raw)
-    message = message or response.reason or ""
-    retryable = status in (408, 409, 429) or status >= 500
-    detail = f" ({kind})" if kind else ""
-    if status == 404 and "model" in message.lower():
-        return Failure("model_not_found", f"HTTP 404{detail}: {message}")
-    return Failure("http_status", f"HTTP {status}{detail}: {message}", retryable)
-
-
-def _error(raw: bytes) -> tuple[str | None, str]:
-    # Gemini's error body: {"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}, sometimes in a list.
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None, raw.decode("utf-8", "replace").strip()[:500]
-    if isinstance(body, list) and body:
-        body = body[0]
-    error = body.get("error") if isinstance(body, Mapping) else None
-    if isinstance(error, Mapping):
-        status, message = error.get("status"), error.get("message")
-        return (status if isinstance(status, str) else None), (
-            message if isinstance(message, str) else orjson.dumps(error).decode()
-        )
-    return None, raw.decode("utf-8", "replace").strip()[:500]

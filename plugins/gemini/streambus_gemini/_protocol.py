@@ -13,32 +13,30 @@ server-sent events, each one ``GenerateContentResponse``
 
 There is no end marker: the chunk with a ``finishReason`` (or a
 ``promptFeedback.blockReason``: the prompt itself was blocked) ends the
-answer. :class:`GeminiStreamParser` yields :class:`TextPiece` (text parts to
-``content``, ``thought: true`` parts to ``reasoning``, each ``functionCall``
-part to one whole ``tool`` fragment), then one :class:`DonePiece` with the
-end reason and usage, or an :class:`ErrorPiece` for an ``{"error": ...}`` chunk.
+answer. :class:`GeminiStreamParser` yields the provider-neutral pieces of
+:mod:`streambus.formats`: :class:`~streambus.formats.TextPiece` (text parts
+to ``content``, ``thought: true`` parts to ``reasoning``, each
+``functionCall`` part to one whole ``tool`` fragment), then one
+:class:`~streambus.formats.EndPiece` with the end reason and usage, or an
+:class:`~streambus.formats.ErrorPiece` for an ``{"error": ...}`` chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.events import Channel
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
 from streambus.validation import validation_problem
-from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
+from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
 __all__ = [
     "FINISH_REASONS",
-    "DonePiece",
-    "ErrorPiece",
     "GeminiStreamParser",
-    "Piece",
-    "TextPiece",
+    "chunk_pieces",
     "gemini_usage",
 ]
 
@@ -55,37 +53,6 @@ FINISH_REASONS: Final = {
 """Gemini's ``finishReason`` -> the bus ``end`` reason; others become their lower-case name."""
 
 _RETRYABLE: Final = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"})
-
-
-class TextPiece(msgspec.Struct, frozen=True):
-    """Generated text on a channel (``content``, ``reasoning`` or ``tool``)."""
-
-    text: str
-    channel: Channel = "content"
-
-
-class DonePiece(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer ended: the bus reason, Gemini's own ``finishReason`` or ``blockReason``, and the usage."""
-
-    reason: str = "stop"
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
-class ErrorPiece(msgspec.Struct, frozen=True, kw_only=True):
-    """An ``{"error": {"code", "message", "status"}}`` chunk."""
-
-    message: str
-    code: int | None = None
-    status: str | None = None
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same request may succeed later (unavailable, rate limited, internal)."""
-        return self.status in _RETRYABLE or self.code in (429, 500, 503, 504)
-
-
-Piece: TypeAlias = TextPiece | DonePiece | ErrorPiece
 
 
 class _FunctionCall(msgspec.Struct):
@@ -159,7 +126,7 @@ def gemini_usage(
     )
 
 
-class GeminiStreamParser:
+class GeminiStreamParser(SseAnswerParser[Piece]):
     """Parse a Gemini ``streamGenerateContent?alt=sse`` body into pieces, incrementally.
 
     ::
@@ -180,50 +147,30 @@ class GeminiStreamParser:
     (``inlineData``, ``executableCode``...) are skipped and counted in
     :attr:`skipped`, the first of each logged once per process. Only the
     first candidate is read (the API streams one unless asked otherwise).
+    An error chunk's :class:`~streambus.formats.ErrorPiece` has the error
+    ``status`` (``UNAVAILABLE``...) as its ``code``.
     """
 
-    __slots__ = ("_sse", "_tools", "_usage", "done", "skipped")
+    __slots__ = ("_tools", "_usage", "skipped")
 
     def __init__(self) -> None:
-        self._sse = SseParser()
+        super().__init__()
         self._tools = 0
         self._usage: _UsageMetadata | None = None
-        self.done = False
-        """Whether a ``finishReason``, a blocked prompt or an error arrived."""
         self.skipped = SkippedTypes("gemini")
         """Parts skipped because this parser does not read their kind, by kind."""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Piece]:
-        """Add *data*; return an iterator over the pieces it completed."""
-        return self._pieces(self._sse.feed(data))
+    def handle(self, sse: SseEvent, out: list[Piece]) -> None:
+        """Append the pieces of one chunk to *out* (see the class docstring)."""
+        self._chunk(decode_event(_decode_chunk, sse, "a Gemini stream chunk"), out)
 
-    def close(self) -> Iterator[Piece]:
-        """End of input: the pieces of a last event that had no blank line after it."""
-        return self._pieces(self._sse.close())
-
-    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[Piece]:
-        out: list[Piece] = []
-        try:
-            for sse in events:
-                if not self.done:
-                    self._chunk(sse, out)
-        except WireError as exc:
-            return yield_then_raise(out, exc)
-        return iter(out)
-
-    def _chunk(self, sse: SseEvent, out: list[Piece]) -> None:
-        try:
-            chunk = _decode_chunk(sse.data)
-        except msgspec.ValidationError as exc:
-            raise WireError(
-                f"not a Gemini stream chunk: {validation_problem(exc).describe()}", offset=sse.offset
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
+    def _chunk(self, chunk: _Chunk, out: list[Piece]) -> None:
         if chunk.error is not None:
             self.done = True
             e = chunk.error
-            out.append(ErrorPiece(message=e.message or e.status or "error", code=e.code, status=e.status))
+            retryable = e.status in _RETRYABLE or e.code in (429, 500, 503, 504)
+            code = e.status or (str(e.code) if e.code is not None else None)
+            out.append(ErrorPiece(message=e.message or e.status or "error", code=code, retryable=retryable))
             return
         if chunk.usage_metadata is not None:
             self._usage = chunk.usage_metadata
@@ -235,13 +182,13 @@ class GeminiStreamParser:
         block = chunk.prompt_feedback.block_reason if chunk.prompt_feedback is not None else None
         if finish is None and block is not None:
             self.done = True
-            out.append(DonePiece(reason="content_filter", finish_reason=block, usage=self._total()))
+            out.append(EndPiece(reason="content_filter", usage=self._total()))
         elif finish is not None and finish != "FINISH_REASON_UNSPECIFIED":
             self.done = True
             reason = FINISH_REASONS.get(finish, finish.lower())
             if reason == "stop" and self._tools:
                 reason = "tool_calls"
-            out.append(DonePiece(reason=reason, finish_reason=finish, usage=self._total()))
+            out.append(EndPiece(reason=reason, usage=self._total()))
 
     def _part(self, part: _Part, out: list[Piece]) -> None:
         if part.function_call is not None:
@@ -267,3 +214,24 @@ class GeminiStreamParser:
             u.cached_content_token_count,
             u.total_token_count,
         )
+
+
+def chunk_pieces(body: bytes) -> list[Piece]:
+    """The pieces of a whole (``:generateContent``) answer *body*: one ``GenerateContentResponse``.
+
+    It has the shape of a stream chunk, so it is read as the one chunk of a
+    stream. Raises :class:`~streambus.errors.WireError` naming what is wrong
+    when *body* is not such a response.
+    """
+    try:
+        chunk = _decode_chunk(body)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"not a Gemini response: {validation_problem(exc).describe()}", offset=0) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"not JSON: {exc}", offset=0) from None
+    parser = GeminiStreamParser()
+    out: list[Piece] = []
+    parser._chunk(chunk, out)
+    if not parser.done:
+        out.append(EndPiece(usage=parser._total()))
+    return out

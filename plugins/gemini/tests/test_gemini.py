@@ -10,12 +10,12 @@ import pytest
 from aiohttp import web
 from google import genai
 from google.genai import errors as genai_errors
-from streambus_gemini import DonePiece, ErrorPiece, GeminiFormat, GeminiProducer, GeminiStreamParser, Piece, TextPiece
+from streambus_gemini import GeminiFormat, GeminiProducer, GeminiStreamParser
 from structlog.testing import capture_logs
 
 from streambus import Bus, WireError
 from streambus.events import DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent, Usage
-from streambus.formats import ModelsRoute, WireFormat, load_format
+from streambus.formats import EndPiece, ErrorPiece, ModelsRoute, Piece, TextPiece, WireFormat, load_format
 from streambus.mockserver import MockServer
 from streambus.testing import EventCapture
 from streambus.wire import ToolCallFragment, merge_tool_calls, parse_tool_text, tool_text
@@ -84,26 +84,27 @@ def test_round_trip_at_every_cut() -> None:
         assert (by["content"], by["reasoning"]) == (TEXT, THOUGHT)
         (call,) = merge_tool_calls(parse_tool_text(by["tool"]))
         assert (call.name, orjson.loads(call.arguments)) == ("get_weather", ARGS)
-        assert pieces[-1] == DonePiece(reason="tool_calls", finish_reason="STOP", usage=USAGE)
+        assert pieces[-1] == EndPiece(reason="tool_calls", usage=USAGE)
 
 
 def test_safety_block_and_max_tokens_map_to_end_reasons() -> None:
     blocked = sse(
         {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7}}
     )
-    assert parse([blocked])[0] == [
-        DonePiece(reason="content_filter", finish_reason="SAFETY", usage=Usage(prompt_tokens=7, total_tokens=7))
-    ]
+    assert parse([blocked])[0] == [EndPiece(reason="content_filter", usage=Usage(prompt_tokens=7, total_tokens=7))]
     safety = sse({"candidates": [{"content": {"parts": [{"text": "部"}], "role": "model"}, "finishReason": "SAFETY"}]})
-    assert parse([safety])[0] == [TextPiece("部"), DonePiece(reason="content_filter", finish_reason="SAFETY")]
+    assert parse([safety])[0] == [TextPiece("部"), EndPiece(reason="content_filter")]
     longer = sse({"candidates": [{"finishReason": "MAX_TOKENS"}]})
-    assert parse([longer])[0] == [DonePiece(reason="length", finish_reason="MAX_TOKENS")]
+    assert parse([longer])[0] == [EndPiece(reason="length")]
 
 
 def test_error_chunk_unknown_parts_and_malformed() -> None:
     error = sse({"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}})
     pieces, parser = parse([sse({"candidates": [{"content": {"parts": [{"text": "部分"}]}}]}) + error])
-    assert pieces == [TextPiece("部分"), ErrorPiece(message="The model is overloaded.", code=503, status="UNAVAILABLE")]
+    assert pieces == [
+        TextPiece("部分"),
+        ErrorPiece(message="The model is overloaded.", code="UNAVAILABLE", retryable=True),
+    ]
     assert isinstance(pieces[-1], ErrorPiece) and pieces[-1].retryable and parser.done
     with capture_logs() as logs:
         pieces, parser = parse(
@@ -112,7 +113,7 @@ def test_error_chunk_unknown_parts_and_malformed() -> None:
                 body(events(tool=False)),
             ]
         )
-    assert dict(parser.skipped) == {"part": 1} and isinstance(pieces[-1], DonePiece)
+    assert dict(parser.skipped) == {"part": 1} and isinstance(pieces[-1], EndPiece)
     assert len([e for e in logs if e["event"] == "wire.unknown_type"]) <= 1
     good = sse({"candidates": [{"content": {"parts": [{"text": "ok"}]}}]})
     for bad, problem in [

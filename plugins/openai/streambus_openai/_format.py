@@ -23,7 +23,7 @@ from streambus.formats import tool_fragments
 from streambus.wire import ToolCall, ToolCallFragment, merge_tool_calls
 
 from ._protocol import OpenAIPieceParser, OpenAIRoute, UsageFilter, body_pieces
-from ._responses import ResponsesStreamEncoder
+from ._responses import ResponsesStreamEncoder, ResponsesStreamParser, response_pieces
 
 __all__ = ["DONE", "OpenAIFormat", "OpenAIStreamEncoder", "sse_chunk"]
 
@@ -268,22 +268,33 @@ class OpenAIFormat:
 
     def stream_parser(self, route: str, request: Mapping[str, Any]) -> OpenAIPieceParser:
         """A parser of the SSE answer on *route*, in provider-neutral pieces (for the proxy)."""
-        return OpenAIPieceParser(_route(route))
+        kind = _route(route)
+        if kind == "responses":
+            return OpenAIPieceParser(parser=ResponsesStreamParser())
+        return OpenAIPieceParser(kind)
 
     def body_pieces(self, route: str, request: Mapping[str, Any], body: bytes) -> list[formats.Piece]:
         """The pieces of a ``stream: false`` answer; :class:`~streambus.errors.WireError` if it is not one."""
-        return body_pieces(body, _route(route))
+        kind = _route(route)
+        if kind == "responses":
+            return response_pieces(body)
+        return body_pieces(body, kind)
 
     def usage_request(self, route: str, request: Mapping[str, Any]) -> tuple[dict[str, Any], UsageFilter] | None:
         """For a streamed request without ``stream_options.include_usage``: the request asking for it,
         and the :class:`UsageFilter` that takes the usage back out of the client's bytes.
 
         ``None`` when the request already asks, does not stream (a whole answer
-        always carries usage), or has a ``stream_options`` that is not an
-        object (the upstream answers that with its own error).
+        always carries usage), has a ``stream_options`` that is not an
+        object (the upstream answers that with its own error), or goes to the
+        Responses API (``response.completed`` always carries the usage).
         """
         options = request.get("stream_options")
-        if not self.is_streaming(route, request) or not (options is None or isinstance(options, Mapping)):
+        if (
+            _route(route) == "responses"
+            or not self.is_streaming(route, request)
+            or not (options is None or isinstance(options, Mapping))
+        ):
             return None
         if options is not None and options.get("include_usage") is True:
             return None

@@ -24,7 +24,7 @@ client's behalf back out with :class:`UsageFilter`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -32,6 +32,7 @@ import orjson
 
 from streambus import Usage, WireError, formats
 from streambus.events import Channel
+from streambus.producing import StreamParser
 from streambus.validation import validation_problem
 from streambus.wire import SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
 
@@ -292,34 +293,37 @@ def _decode(data: str, offset: int) -> _Chunk:
 
 
 class OpenAIPieceParser:
-    """:class:`OpenAIStreamParser` speaking :class:`streambus.formats.PieceParser` (what the proxy reads).
+    """An OpenAI parser speaking :class:`streambus.formats.PieceParser` (what the proxy reads).
 
+    *parser* is the :class:`OpenAIStreamParser` of *route* unless given (the
+    Responses API's is :class:`~streambus_openai.ResponsesStreamParser`).
     Choice text keeps its choice number; the finish reason of choice 0 and
-    the usage chunk are held until ``data: [DONE]``, which becomes the one
-    :class:`~streambus.formats.EndPiece` carrying them.
+    the usage are held until the end (``data: [DONE]``, ``response.completed``),
+    which becomes the one :class:`~streambus.formats.EndPiece` carrying them.
     """
 
     __slots__ = ("_parser", "_reason", "_usage")
 
-    def __init__(self, route: OpenAIRoute = "chat") -> None:
-        self._parser = OpenAIStreamParser(route)
+    def __init__(self, route: OpenAIRoute = "chat", *, parser: StreamParser | None = None) -> None:
+        self._parser = parser if parser is not None else OpenAIStreamParser(route)
         self._reason = "stop"
         self._usage: Usage | None = None
 
     @property
     def done(self) -> bool:
-        """Whether ``data: [DONE]`` arrived."""
+        """Whether the answer's end arrived."""
         return self._parser.done
 
     def feed(self, data: bytes) -> Iterator[formats.Piece]:
         """Add *data*; return an iterator over the pieces it completed (see :meth:`OpenAIStreamParser.feed`)."""
-        return self._neutral(self._parser.feed(data))
+        return self.neutral(self._parser.feed(data))
 
     def close(self) -> Iterator[formats.Piece]:
         """End of input: the pieces of a last event that had no blank line after it."""
-        return self._neutral(self._parser.close())
+        return self.neutral(self._parser.close())
 
-    def _neutral(self, pieces: Iterator[Piece]) -> Iterator[formats.Piece]:
+    def neutral(self, pieces: Iterable[Piece]) -> Iterator[formats.Piece]:
+        """The provider-neutral pieces for the OpenAI *pieces* (iterated lazily, in order)."""
         for piece in pieces:
             if isinstance(piece, TextPiece):
                 yield formats.TextPiece(piece.text, piece.channel, piece.index)
@@ -352,8 +356,7 @@ def body_pieces(body: bytes, route: OpenAIRoute) -> list[formats.Piece]:
         pieces = chunk_pieces(obj, route)
     except ValueError as exc:
         raise WireError(f"not an OpenAI answer: {exc}", offset=0) from None
-    parser = OpenAIPieceParser(route)
-    return [*parser._neutral(iter([*pieces, DonePiece()]))]
+    return [*OpenAIPieceParser(route).neutral([*pieces, DonePiece()])]
 
 
 # An SSE event ends at a blank line, whichever line ending the server uses.

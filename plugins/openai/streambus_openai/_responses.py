@@ -30,21 +30,20 @@ deltas, done events, the final response with every output item).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Final
 
 import msgspec
 import orjson
 
-from streambus import Usage, WireError
+from streambus import Usage, WireError, formats
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
-from streambus.formats import tool_fragments
+from streambus.formats import SseAnswerParser, decode_event, tool_fragments
 from streambus.validation import validation_problem
-from streambus.wire import SkippedTypes, SseEvent, SseParser, ToolCallFragment, tool_text, yield_then_raise
+from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
-from ._protocol import DonePiece, ErrorPiece, FinishPiece, Piece, TextPiece, UsagePiece
+from ._protocol import DonePiece, ErrorPiece, FinishPiece, OpenAIPieceParser, Piece, TextPiece, UsagePiece
 
-__all__ = ["ResponsesStreamEncoder", "ResponsesStreamParser", "responses_usage"]
+__all__ = ["ResponsesStreamEncoder", "ResponsesStreamParser", "response_pieces", "responses_usage"]
 
 # Events that carry nothing the bus needs: the text, arguments and summaries arrive as deltas.
 _QUIET: Final = frozenset(
@@ -137,7 +136,7 @@ def responses_usage(usage: Any) -> Usage:
     )
 
 
-class ResponsesStreamParser:
+class ResponsesStreamParser(SseAnswerParser[Piece]):
     """Parse a Responses API SSE body into pieces, incrementally.
 
     Used like :class:`~streambus_openai.OpenAIStreamParser`: iterate what
@@ -151,43 +150,19 @@ class ResponsesStreamParser:
     summaries and reasoning text to ``reasoning``, function calls to ``tool``.
     """
 
-    __slots__ = ("_calls", "_sse", "done", "skipped")
+    __slots__ = ("_calls", "skipped")
 
     def __init__(self) -> None:
-        self._sse = SseParser()
+        super().__init__()
         self._calls: dict[str | int, int] = {}  # item id and output index -> tool call index
-        self.done = False
-        """Whether the response ended (``completed``, ``incomplete``, ``failed`` or ``error``)."""
         self.skipped = SkippedTypes("openai-responses")
         """Events skipped because this parser does not know their type, by type."""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Piece]:
-        """Add *data*; return an iterator over the pieces it completed."""
-        return self._pieces(self._sse.feed(data))
-
-    def close(self) -> Iterator[Piece]:
-        """End of input: the pieces of a last event that had no blank line after it."""
-        return self._pieces(self._sse.close())
-
-    def _pieces(self, events: Iterator[SseEvent]) -> Iterator[Piece]:
-        out: list[Piece] = []
-        try:
-            for sse in events:
-                if not self.done and sse.data != "[DONE]":
-                    self._event(sse, out)
-        except WireError as exc:
-            return yield_then_raise(out, exc)
-        return iter(out)
-
-    def _event(self, sse: SseEvent, out: list[Piece]) -> None:
-        try:
-            event = _decode_event(sse.data)
-        except msgspec.ValidationError as exc:
-            raise WireError(
-                f"not a Responses stream event: {validation_problem(exc).describe()}", offset=sse.offset
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise WireError(f"event data is not JSON: {exc}", offset=sse.offset) from None
+    def handle(self, sse: SseEvent, out: list[Piece]) -> None:
+        """Append the pieces of one event to *out* (see the class docstring)."""
+        if sse.data == "[DONE]":
+            return
+        event = decode_event(_decode_event, sse, "a Responses stream event")
         kind = event.type or sse.event
         if kind in ("response.output_text.delta", "response.refusal.delta"):
             out.append(TextPiece(self._delta(event, sse), "content"))
@@ -215,17 +190,8 @@ class ResponsesStreamParser:
                 )
                 out.append(TextPiece(tool_text(fragment), "tool"))
         elif kind in ("response.completed", "response.incomplete"):
-            response = event.response or _Response()
             self.done = True
-            if kind == "response.incomplete":
-                why = response.incomplete_details.reason if response.incomplete_details is not None else None
-                reason = _INCOMPLETE.get(why or "", why or "length")
-            else:
-                reason = "tool_calls" if self._calls else "stop"
-            out.append(FinishPiece(reason))
-            if response.usage is not None:
-                out.append(UsagePiece(responses_usage(response.usage)))
-            out.append(DonePiece())
+            self._end(event.response or _Response(), kind == "response.incomplete", out)
         elif kind == "response.failed":
             self.done = True
             error = (event.response.error if event.response is not None else None) or _Error()
@@ -240,11 +206,86 @@ class ResponsesStreamParser:
         else:
             self.skipped.note(kind)
 
+    def _end(self, response: _Response | _WholeResponse, incomplete: bool, out: list[Piece]) -> None:
+        if incomplete:
+            why = response.incomplete_details.reason if response.incomplete_details is not None else None
+            reason = _INCOMPLETE.get(why or "", why or "length")
+        else:
+            reason = "tool_calls" if self._calls else "stop"
+        out.append(FinishPiece(reason))
+        if response.usage is not None:
+            out.append(UsagePiece(responses_usage(response.usage)))
+        out.append(DonePiece())
+
     @staticmethod
     def _delta(event: _Event, sse: SseEvent) -> str:
         if event.delta is None:
             raise WireError(f"{event.type}: without a delta", offset=sse.offset)
         return event.delta
+
+
+class _Part(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class _OutputItem(msgspec.Struct):
+    type: str
+    id: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    content: list[_Part] = []
+    summary: list[_Part] = []
+
+
+class _WholeResponse(msgspec.Struct):
+    """A whole (``stream: false``) answer: the ``response`` object."""
+
+    output: list[_OutputItem]
+    status: str | None = None
+    usage: _Usage | None = None
+    incomplete_details: _Incomplete | None = None
+    error: _Error | None = None
+
+
+_decode_response = msgspec.json.Decoder(_WholeResponse).decode
+
+
+def response_pieces(body: bytes) -> list[formats.Piece]:
+    """The :mod:`streambus.formats` pieces of a whole (``stream: false``) Responses answer *body*.
+
+    The output items in order (message text and refusals to ``content``,
+    reasoning summaries to ``reasoning``, function calls to one ``tool``
+    fragment each), then the end (``incomplete`` -> ``length`` or
+    ``content_filter``) with the usage, or the error of a ``failed`` response.
+    Raises :class:`~streambus.errors.WireError` when *body* is not a response.
+    """
+    try:
+        response = _decode_response(body)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"not a Responses answer: {validation_problem(exc).describe()}", offset=0) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"not JSON: {exc}", offset=0) from None
+    if response.status == "failed" or response.error is not None:
+        error = response.error or _Error()
+        return [formats.ErrorPiece(message=error.message or "the response failed", code=error.code)]
+    parser = ResponsesStreamParser()
+    pieces: list[Piece] = []
+    for item in response.output:
+        if item.type == "message":
+            pieces.extend(TextPiece(p.text, "content") for p in item.content if p.text)
+        elif item.type == "reasoning":
+            pieces.extend(TextPiece(p.text, "reasoning") for p in item.summary if p.text)
+        elif item.type == "function_call":
+            tool = len(parser._calls)
+            parser._calls[tool] = tool
+            fragment = ToolCallFragment(
+                index=tool, id=item.call_id or item.id, name=item.name or "", arguments=item.arguments or ""
+            )
+            pieces.append(TextPiece(tool_text(fragment), "tool"))
+    parser._end(response, response.status == "incomplete", pieces)
+    return list(OpenAIPieceParser(parser=parser).neutral(pieces))
 
 
 def _usage_body(usage: Usage | None) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 Model routes are the ``routes`` of every installed wire format that can read
 its answers (:class:`~streambus.formats.AnswerParsing`): Ollama's
-``/api/chat`` and ``/api/generate``, OpenAI's ``/v1/chat/completions`` and
-``/v1/completions``, and those of any provider plugin installed later. They
+``/api/chat`` and ``/api/generate``, OpenAI's ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/responses``, Anthropic's ``/v1/messages``,
+Gemini's ``/v1beta/models/{model}:streamGenerateContent`` (a ``{name}`` in a
+route is a path segment; ``{model}`` names the model), and those of any
+provider plugin installed later. They
 are forwarded and their answers published on the bus; every other path is
 passed through untouched. The proxy knows no provider: it publishes the
 provider-neutral pieces of :mod:`streambus.formats`.
@@ -21,7 +24,7 @@ import base64
 import contextlib
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,6 +42,7 @@ from streambus.events import AbortEvent, Channel, EndEvent, Event, is_terminal
 from streambus.formats import (
     AnswerFilter,
     AnswerParsing,
+    Credentials,
     EndPiece,
     ErrorPiece,
     Piece,
@@ -214,7 +218,7 @@ class _Publisher:
             elif isinstance(piece, EndPiece):
                 await self.end(piece.reason, usage=piece.usage, timings=piece.timings)
             elif isinstance(piece, ErrorPiece):
-                failure = stream_error_failure(piece.message, piece.code)
+                failure = stream_error_failure(piece.message, piece.code, piece.retryable)
                 await self.error(failure.kind, failure.message, retryable=failure.retryable)
 
 
@@ -381,6 +385,15 @@ class Proxy:
                     raise ProxyError(f"formats: {served_by[path]!r} and {name!r} both serve {path}; choose one")
                 served_by[path] = name
                 self.routes[path] = (fmt, route)
+        headers, params = set(CREDENTIAL_HEADERS), set[str]()
+        for fmt in self.formats.values():
+            if isinstance(fmt, Credentials):
+                headers.update(h.lower() for h in fmt.credential_headers)
+                params.update(fmt.credential_params)
+        self.credential_headers = frozenset(headers)
+        """Request headers whose values are kept out of events and logs (the formats' and the usual ones)."""
+        self.credential_params = frozenset(params)
+        """Query parameters whose values are kept out of events and logs (Gemini's ``key``)."""
         self._session: aiohttp.ClientSession | None = None
         self.disconnect_poll = 0.05
         """Seconds between checks that a streaming client is still connected."""
@@ -391,6 +404,9 @@ class Proxy:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self.access.guard])
         app.on_response_prepare.append(self.access.add_cors)
         app.cleanup_ctx.append(self._session_ctx)
+        for path, (fmt, route) in self.routes.items():
+            # aiohttp's router matches templates such as Gemini's /v1beta/models/{model}:streamGenerateContent.
+            app.router.add_post(path, self._model_handler(fmt, route))
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
@@ -429,22 +445,27 @@ class Proxy:
             headers["Accept-Encoding"] = "identity"
         return headers
 
-    def _redactor(self, headers: Mapping[str, str]) -> Redactor:
-        """What must not reach the bus or the logs for a request forwarded with *headers*."""
-        sent = [v for k, v in headers.items() if k.lower() in CREDENTIAL_HEADERS]
+    def _redactor(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Redactor:
+        """What must not reach the bus or the logs for a request forwarded with *headers* and *query*."""
+        sent = [v for k, v in headers.items() if k.lower() in self.credential_headers]
+        sent += [v for k, v in query.items() if k in self.credential_params]
         return Redactor(secrets_of(sent))
 
+    def _model_handler(self, fmt: _Format, route: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._model(request, fmt, route)
+
+        return handle
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        target = self.routes.get(request.path) if request.method == "POST" else None
-        if target is None:
-            return await self._pass_through(request)
-        return await self._model(request, *target)
+        """Every request that is not a ``POST`` to a model route."""
+        return await self._pass_through(request)
 
     # -- anything that is not a model route ----------------------------------------------
     async def _pass_through(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         url = self.upstream + request.rel_url.raw_path_qs
         headers = self._forward_headers(request)
-        redactor = self._redactor(headers)
+        redactor = self._redactor(headers, request.query)
         data: Any = body
         if body is None and request.can_read_body:
             # Stream uploads (model blobs can be gigabytes) instead of holding them.
@@ -507,8 +528,9 @@ class Proxy:
         except ProxyError as exc:
             return web.json_response(fmt.error_body(400, str(exc)), status=400)
         headers = self._forward_headers(request)
-        redactor = self._redactor(headers)
-        model = body.get("model")
+        redactor = self._redactor(headers, request.query)
+        # Gemini names the model in the path (/v1beta/models/{model}:...), the others in the body.
+        model = request.match_info.get("model") or body.get("model")
         answer_filter = None
         # The bus gets the provider's usage even when the client did not ask for it.
         asked = fmt.usage_request(route, body)

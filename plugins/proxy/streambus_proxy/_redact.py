@@ -17,7 +17,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, AnyStr, Generic
 
-__all__ = ["HOLD_FROM", "MIN_SECRET", "REDACTED", "Redactor", "StreamRedactor", "secrets_of"]
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "HOLD_FROM",
+    "MIN_SECRET",
+    "REDACTED",
+    "Redactor",
+    "StreamRedactor",
+    "secrets_of",
+]
 
 REDACTED = "[redacted]"
 """What a secret is replaced with."""
@@ -28,7 +36,9 @@ password ``pw`` would strike every ``pw``), and no issued API key is that short.
 header value that carried them (``Basic Ym9iOnB3``) is still redacted."""
 
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
-"""Request headers whose values the proxy treats as secrets (case-insensitive)."""
+"""Request headers whose values the proxy treats as secrets (case-insensitive), whatever the
+format; a format adds its own (:class:`streambus.formats.Credentials`: Gemini's ``x-goog-api-key``
+and ``?key=``)."""
 
 
 def secrets_of(values: Iterable[str]) -> list[str]:

@@ -13,7 +13,7 @@ Every figure is defined in ``docs/stats.md``.
 
 from __future__ import annotations
 
-from ._aggregator import FIGURES, STATE_VERSION, Aggregate, StatsAggregator, StreamRecord
+from ._aggregator import FIGURES, STATE_VERSION, TOKEN_KINDS, Aggregate, StatsAggregator, StreamRecord
 from ._cli import render_tables, stats_command, summarise
 from ._distribution import Distribution
 from ._plot import plot
@@ -24,6 +24,7 @@ from ._tokens import TokenCounter, approximate_tokens
 __all__ = [
     "FIGURES",
     "STATE_VERSION",
+    "TOKEN_KINDS",
     "Aggregate",
     "Distribution",
     "StatsAggregator",

@@ -38,7 +38,7 @@ from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event
 from ._distribution import CHUNK_BUCKETS, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
 from ._tokens import TokenCounter, TokenizerChoice
 
-__all__ = ["FIGURES", "STATE_VERSION", "Aggregate", "Live", "StatsAggregator", "StreamRecord"]
+__all__ = ["FIGURES", "STATE_VERSION", "TOKEN_KINDS", "Aggregate", "Live", "StatsAggregator", "StreamRecord"]
 
 STATE_VERSION: Final = 1
 """Version of the JSON state :meth:`StatsAggregator.to_state` writes."""
@@ -90,6 +90,12 @@ class StreamRecord(msgspec.Struct, kw_only=True):
     output_tokens_per_second: float | None
     provider_tokens_per_second: float | None
     moderation: dict[str, int] = {}
+    cached_input_tokens: int | None = None
+    """Prompt tokens read from the provider's cache (part of ``prompt_tokens``), when it reported them."""
+    cache_creation_input_tokens: int | None = None
+    """Prompt tokens written to the provider's cache (Anthropic), when it reported them."""
+    reasoning_tokens: int | None = None
+    """Completion tokens spent on reasoning (part of ``completion_tokens``), when the provider reported them."""
 
 
 class Aggregate:
@@ -127,7 +133,8 @@ class Aggregate:
         self.chunks = 0
         self.empty_deltas = 0
         self.tokens: Counter[str] = Counter()
-        """Token totals keyed ``"<prompt|completion|total>:<provider|counted>"``."""
+        """Token totals keyed ``"<kind>:<provider|counted>"``, kind one of :data:`TOKEN_KINDS`
+        (the cache and reasoning kinds are only ever provider-reported)."""
         self.first_ts = math.inf
         self.last_ts = -math.inf
         self.pending: dict[str, list[float]] = {name: [] for name in FIGURES}
@@ -146,7 +153,7 @@ class Aggregate:
         return sum(self.outcomes.values())
 
     def token_total(self, kind: str) -> int:
-        """Total *kind* (``prompt``, ``completion``, ``total``) tokens, provider-reported plus counted."""
+        """Total *kind* tokens (one of :data:`TOKEN_KINDS`), provider-reported plus counted."""
         return self.tokens[f"{kind}:provider"] + self.tokens[f"{kind}:counted"]
 
     @property
@@ -198,7 +205,7 @@ class Aggregate:
                     "counted": self.tokens[f"{kind}:counted"],
                     "all": self.token_total(kind),
                 }
-                for kind in ("prompt", "completion", "total")
+                for kind in TOKEN_KINDS
             },
             "throughput_tokens_per_second": self.throughput,
         }
@@ -239,6 +246,13 @@ class Aggregate:
         agg.last_ts = -math.inf if state["last_ts"] is None else float(state["last_ts"])
         return agg
 
+
+TOKEN_KINDS = ("prompt", "completion", "total", "cached_input", "cache_creation_input", "reasoning")
+"""The token figures an aggregate totals: the usage's ``prompt``, ``completion`` and ``total``,
+and the parts of them a provider may report: prompt tokens read from (``cached_input``) and
+written to (``cache_creation_input``) its cache, completion tokens spent on ``reasoning``."""
+
+_DETAILS = ("cached_input", "cache_creation_input", "reasoning")
 
 _TOKEN_KEYS = {
     source: tuple(f"{kind}:{source}" for kind in ("prompt", "completion", "total"))
@@ -514,6 +528,14 @@ class StatsAggregator:
         if prompt is not None:
             pending["prompt_tokens"].append(prompt)
         pending["completion_tokens"].append(completion)
+        details = (
+            (usage.cached_input_tokens, usage.cache_creation_input_tokens, usage.reasoning_tokens)
+            if usage is not None
+            else (None, None, None)
+        )
+        for kind, value in zip(_DETAILS, details, strict=True):
+            if value is not None:
+                tokens[f"{kind}:provider"] += value
 
         tpot = rate = provider_rate = None
         if ttfc is not None and e2e is not None and completion >= 2:
@@ -552,6 +574,9 @@ class StatsAggregator:
             output_tokens_per_second=rate,
             provider_tokens_per_second=provider_rate,
             moderation=dict(st.moderation),
+            cached_input_tokens=details[0],
+            cache_creation_input_tokens=details[1],
+            reasoning_tokens=details[2],
         )
         if self.streams.maxlen != 0:
             self.streams.append(record)

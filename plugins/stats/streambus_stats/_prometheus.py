@@ -116,7 +116,8 @@ class StatsCollector(Collector):
         chunks = CounterMetricFamily("streambus_chunks", "Non-empty output chunks (deltas, by n).", labels=_LABELS)
         tokens = CounterMetricFamily(
             "streambus_tokens",
-            "Tokens of finished streams, by type and by source (provider-reported or counted).",
+            "Tokens of finished streams, by type and by source (provider-reported or counted); "
+            "cached_input and cache_creation_input are part of input, reasoning part of output.",
             labels=[*_LABELS, "gen_ai_token_type", "source"],
         )
         for (model, provider), agg in groups:
@@ -137,6 +138,9 @@ class StatsCollector(Collector):
             for token_type, kind in (("input", "prompt"), ("output", "completion")):
                 for source in ("provider", "counted"):
                     tokens.add_metric([*base, token_type, source], agg.tokens[f"{kind}:{source}"])
+            # Only providers report these: no "counted" series that would always be 0.
+            for kind in ("cached_input", "cache_creation_input", "reasoning"):
+                tokens.add_metric([*base, kind, "provider"], agg.tokens[f"{kind}:provider"])
         yield from (started, live, finished, moderation, chunks, tokens)
 
         quantile_families = {

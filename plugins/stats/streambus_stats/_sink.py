@@ -279,6 +279,9 @@ def _fields(agg: Aggregate) -> dict[str, Any]:
         "tokens_per_second_p50": q("output_tokens_per_second", 0.5),
         "prompt_tokens": agg.token_total("prompt"),
         "completion_tokens": agg.token_total("completion"),
+        "cached_input_tokens": agg.token_total("cached_input"),
+        "cache_creation_input_tokens": agg.token_total("cache_creation_input"),
+        "reasoning_tokens": agg.token_total("reasoning"),
     }
 
 

@@ -287,3 +287,47 @@ def test_live_stream_figures_are_visible_before_it_ends() -> None:
         s for s in families["gen_ai_client_operation_duration_seconds"].samples if s.name.endswith("_count")
     ]
     assert [s.value for s in duration_count] == [0]
+
+
+def test_cached_cache_creation_and_reasoning_tokens_are_totalled_and_exported() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from streambus_stats import TOKEN_KINDS, render_metrics
+
+    anthropic = Usage(
+        prompt_tokens=1525, completion_tokens=89, total_tokens=1614, cached_input_tokens=1200,
+        cache_creation_input_tokens=300,
+    )  # fmt: skip
+    gemini = Usage(prompt_tokens=2006, completion_tokens=300, total_tokens=2306, cached_input_tokens=1920,
+                   reasoning_tokens=256)  # fmt: skip
+    events = [
+        *Script("a", model="claude", provider="anthropic").delta(1.0, "hi").end(1.5, anthropic),
+        *Script("g", model="gemini", provider="gemini").delta(1.0, "hi").end(1.5, gemini),
+        # No details reported: nothing is made up (the record says null, the totals do not move).
+        *Script("o", model="llama", provider="ollama").delta(1.0, "hi").end(1.5, Usage(completion_tokens=1)),
+    ]
+    agg = StatsAggregator(tokenizer="approx")
+    agg.feed_many(events)
+    records = {r["stream"]: r for r in agg.snapshot()["streams"]}
+    assert (records["a"]["cached_input_tokens"], records["a"]["cache_creation_input_tokens"]) == (1200, 300)
+    assert records["a"]["reasoning_tokens"] is None
+    assert (records["g"]["cached_input_tokens"], records["g"]["reasoning_tokens"]) == (1920, 256)
+    assert (records["o"]["cached_input_tokens"], records["o"]["reasoning_tokens"]) == (None, None)
+    tokens = agg.snapshot()["overall"]["tokens"]
+    assert set(tokens) == set(TOKEN_KINDS)
+    assert tokens["cached_input"] == {"provider": 3120, "counted": 0, "all": 3120}
+    assert tokens["cache_creation_input"]["all"] == 300 and tokens["reasoning"]["all"] == 256
+    assert agg.snapshot()["models"]["gemini"]["tokens"]["reasoning"]["all"] == 256
+    families = {f.name: f for f in text_string_to_metric_families(render_metrics(agg).decode())}
+    exported = {
+        (s.labels["gen_ai_request_model"], s.labels["gen_ai_token_type"], s.labels["source"]): s.value
+        for s in families["streambus_tokens"].samples
+    }
+    assert exported[("claude", "cached_input", "provider")] == 1200
+    assert exported[("claude", "cache_creation_input", "provider")] == 300
+    assert exported[("gemini", "cached_input", "provider")] == 1920
+    assert exported[("gemini", "reasoning", "provider")] == 256
+    assert exported[("llama", "reasoning", "provider")] == 0
+    assert ("gemini", "reasoning", "counted") not in exported
+    # The state carries them across a restart.
+    again = StatsAggregator.from_state(agg.to_state())
+    assert again.aggregate().token_total("cached_input") == 3120

@@ -1,0 +1,401 @@
+"""The ``nats`` sink: publish the bus's events to NATS JetStream, a subject per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import anyio
+import msgspec
+import structlog
+
+from streambus import Event, PluginBase, Subscription
+from streambus.plugins import NonNegativeInt, PositiveFloat, PositiveInt
+from streambus.producing import Failure, RetryPolicy
+
+from ._codec import encode_message
+from ._common import (
+    DEFAULT_PREFIX,
+    DEFAULT_STREAM_NAME,
+    NatsAuthFailed,
+    check_prefix,
+    connect,
+    event_subject,
+    events_wildcard,
+    heartbeat_subject,
+    local_state,
+    redact,
+    require_asyncio,
+    resolve_url,
+)
+
+if TYPE_CHECKING:
+    import nats.aio.client
+    import nats.js
+
+    from streambus import Bus
+
+__all__ = ["NatsSink"]
+
+log = structlog.get_logger("streambus.nats")
+
+
+class NatsSink(PluginBase):
+    """Publish every event to NATS JetStream (config type ``nats``).
+
+    Each stream has its own subject, ``<prefix>.ev.<stream id>``, stored in
+    one JetStream stream (``stream_name``) that the sink creates with the
+    retention it is given (``max_age_s``, ``max_bytes``) unless it exists.
+    Events are batched for at most ``batch_max_ms``; consecutive events of
+    one stream travel in one message (up to ``message_max_events``) whose
+    ``Nats-Msg-Id`` names the stream and its seqs, so a message re-sent after
+    a lost acknowledgement is dropped by JetStream (within
+    ``duplicate_window_s``) and, past that, by the consumers' de-duplicator.
+    A batch is re-sent whole, in order, until every message is acknowledged:
+    nothing accepted is lost, and a stream's events stay in ``seq`` order.
+    Meanwhile the sink's ``block`` subscription slows producers down. Every
+    ``heartbeat_ms`` the sink says it is alive on ``<prefix>.hb.<producer>``
+    (core NATS, not stored); a consumer ends the live streams of a sink it
+    has not heard from for its ``producer_timeout_ms`` with an ``error`` of
+    kind ``producer_lost``. Needs asyncio.
+
+    ::
+
+        bus.add_sink(NatsSink(url="nats://nats:4222", prefix="llm", max_age_s=3600))
+    """
+
+    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        """Config keys of the ``nats`` sink."""
+
+        url: str | None = None
+        """Server URL(s), comma-separated; default ``$STREAMBUS_NATS_URL`` or ``nats://127.0.0.1:4222``."""
+        prefix: str = DEFAULT_PREFIX
+        """Subject prefix: a stream's events go to ``<prefix>.ev.<stream id>``."""
+        stream_name: str = DEFAULT_STREAM_NAME
+        """The JetStream stream holding ``<prefix>.ev.>``."""
+        create_stream: bool = True
+        """Create the JetStream stream (with the retention below) when it does not exist."""
+        max_age_s: NonNegativeInt = 86_400
+        """Retention by age: messages older than this are removed (0: no age limit)."""
+        max_bytes: int = 1 << 30
+        """Retention by size: the oldest messages are removed past this many bytes (-1: no size limit)."""
+        duplicate_window_s: PositiveFloat = 120.0
+        """How long JetStream remembers a ``Nats-Msg-Id`` to drop a re-sent copy."""
+        storage: Literal["file", "memory"] = "file"
+        """JetStream storage: ``file`` survives a server restart, ``memory`` does not."""
+        replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+        """JetStream replicas (a cluster)."""
+        batch_max_events: PositiveInt = 1000
+        """Send as soon as this many events wait."""
+        batch_max_ms: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 2.0
+        """Longest an event waits for others to share its flush; 0 sends what is buffered at once."""
+        message_max_events: PositiveInt = 128
+        """Consecutive events of one stream packed into one message."""
+        ack_timeout_s: PositiveFloat = 5.0
+        """How long a batch waits for JetStream's acknowledgements before it is sent again."""
+        heartbeat_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
+        """How often the sink says it is alive (consumers' ``producer_timeout_ms`` must be well above it)."""
+        origin: str | None = None
+        """Origin id written on each message; default: the bus's own (its sources skip it)."""
+        max_attempts: PositiveInt = 5
+        """Attempts for an error JetStream *answered* (stream full, wrong stream); lost connections retry forever."""
+        reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.25
+        """nats-py's wait between reconnect attempts (plus its jitter)."""
+
+        def __post_init__(self) -> None:
+            check_prefix(self.prefix)
+            if not self.stream_name or any(c in self.stream_name for c in ".*> \t"):
+                raise ValueError(
+                    f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}"
+                )
+            if self.max_age_s and self.duplicate_window_s > self.max_age_s:
+                raise ValueError(
+                    f"duplicate_window_s: must not exceed max_age_s ({self.max_age_s}), got {self.duplicate_window_s:g}"
+                )
+            if self.max_bytes == 0 or self.max_bytes < -1:
+                raise ValueError(f"max_bytes: must be -1 (no limit) or positive, got {self.max_bytes}")
+
+    overflow: ClassVar[str] = "block"
+
+    def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
+        self.options: NatsSink.Options = self.resolve_options(options, kwargs)
+        self.producer_id = secrets.token_hex(6)
+        """This sink instance's id on every message and heartbeat it sends."""
+        self.sent_events = 0
+        """Events acknowledged by JetStream so far."""
+        self.sent_messages = 0
+        """Messages acknowledged by JetStream so far (re-sent duplicates included once)."""
+        self.duplicates = 0
+        """Messages JetStream acknowledged as duplicates (a re-sent batch whose first copy landed)."""
+        self.too_large = 0
+        """Events not sent because one alone exceeds the server's ``max_payload`` (logged ``nats.event_too_large``)."""
+        self.retry = RetryPolicy(retries=None, backoff=0.05, max_wait=2.0)
+        """How sends are retried: 50 ms doubling to 2 s, with jitter, without limit (see ``max_attempts``)."""
+        self._bus: Bus | None = None
+        self._unsent: list[Event] = []
+        self._ready = asyncio.Event()
+        self._stream_ok = False
+        self._stream_known = False
+        self._closing = False
+        self._client: nats.aio.client.Client | None = None
+
+    async def wait_ready(self) -> None:
+        """Wait until the sink is connected and the JetStream stream exists.
+
+        If NATS cannot be reached at start, the sink keeps retrying and this waits on.
+        """
+        await self._ready.wait()
+
+    async def setup(self, bus: Bus) -> None:
+        """Remember the bus (for its origin id and the streams its sources brought in)."""
+        self._bus = bus
+
+    async def run(self, events: Subscription) -> None:
+        """Send events until the subscription ends."""
+        require_asyncio("the nats sink")
+        opts = self.options
+        local = local_state(self._bus) if self._bus is not None else None
+        origin = opts.origin or (local.origin if local is not None else secrets.token_hex(8))
+        foreign = local.foreign if local is not None else {}
+        self._closing = False
+        client = self._client = await self._connect()
+        js = client.jetstream(publish_async_max_pending=100_000)
+        log.info("nats.sink_started", url=redact(resolve_url(opts.url)), prefix=opts.prefix, producer=self.producer_id)
+        limit = opts.batch_max_events
+        wait = opts.batch_max_ms / 1000
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, client)
+                await self._retrying(lambda: self._ensure_stream(js), events=0)
+                self._ready.set()
+                if self._unsent:
+                    await self._send(js, origin, self._unsent)  # what a failed run could not send goes first
+                while True:
+                    batch = await events.receive_batch(limit)
+                    if not batch:
+                        break
+                    ended = False
+                    if wait and len(batch) < limit:
+                        with anyio.move_on_after(wait):
+                            while len(batch) < limit:
+                                more = await events.receive_batch(limit - len(batch))
+                                if not more:
+                                    ended = True
+                                    break
+                                batch.extend(more)
+                    if foreign:
+                        batch = [e for e in batch if e.stream not in foreign]
+                    if batch:
+                        await self._send(js, origin, batch)
+                    if ended:
+                        break
+                tg.cancel_scope.cancel()
+        finally:
+            self._closing = True
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await client.close()
+
+    async def _connect(self) -> nats.aio.client.Client:
+        opts = self.options
+        clients: list[nats.aio.client.Client] = []
+
+        async def attempt() -> Failure | None:
+            try:
+                clients.append(
+                    await connect(
+                        opts.url,
+                        name=f"streambus-sink-{self.producer_id}",
+                        reconnect_wait=opts.reconnect_wait_s,
+                        on_disconnect=self._disconnected,
+                        on_reconnect=self._reconnected,
+                    )
+                )
+            except NatsAuthFailed as exc:
+                # Retrying will not fix a wrong secret: fail loudly (the bus restarts the sink).
+                log.error("nats.sink_auth_failed", error=str(exc))
+                raise
+            except Exception as exc:  # nats-py raises several unrelated types for "could not connect"
+                return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
+            return None
+
+        await self.retry.run(attempt, on_retry=lambda f, d: log.warning("nats.sink_retry", error=f.message, retry_in=d))
+        return clients[-1]
+
+    async def _disconnected(self) -> None:
+        if self._closing:
+            return
+        log.warning("nats.sink_disconnected", producer=self.producer_id)
+
+    async def _reconnected(self) -> None:
+        log.info("nats.sink_reconnected", producer=self.producer_id)
+
+    async def _heartbeat(self, client: nats.aio.client.Client) -> None:
+        import nats.errors
+
+        subject = heartbeat_subject(self.options.prefix, self.producer_id)
+        while True:
+            if client.is_connected:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await client.publish(subject, b"")
+            await anyio.sleep(self.options.heartbeat_ms / 1000)
+
+    async def _ensure_stream(self, js: nats.js.JetStreamContext) -> None:
+        """Make sure the JetStream stream exists: create it with our retention if it does not."""
+        import nats.js.api as api
+        import nats.js.errors as jserr
+
+        opts = self.options
+        try:
+            await js.stream_info(opts.stream_name)
+            self._stream_ok = self._stream_known = True
+            return
+        except jserr.NotFoundError:
+            if not opts.create_stream:
+                raise
+        config = api.StreamConfig(
+            name=opts.stream_name,
+            subjects=[events_wildcard(opts.prefix)],
+            max_age=float(opts.max_age_s) if opts.max_age_s else None,
+            max_bytes=opts.max_bytes,
+            duplicate_window=opts.duplicate_window_s,
+            storage=api.StorageType.FILE if opts.storage == "file" else api.StorageType.MEMORY,
+            num_replicas=opts.replicas,
+            discard=api.DiscardPolicy.OLD,
+        )
+        try:
+            await js.add_stream(config)
+        except jserr.BadRequestError as exc:
+            # Another sink created it meanwhile (with other settings): use it as it is.
+            log.warning("nats.stream_exists", stream=opts.stream_name, error=str(exc))
+        log.info(
+            "nats.stream_created",
+            stream=opts.stream_name,
+            subjects=config.subjects,
+            max_age_s=opts.max_age_s,
+            max_bytes=opts.max_bytes,
+        )
+        if self._stream_known:
+            log.warning(
+                "nats.stream_recreated",
+                stream=opts.stream_name,
+                note="the JetStream stream was lost (server storage lost, or deleted): messages consumers had "
+                "not read are gone; consumers end the streams concerned with a nats_gap error",
+            )
+        self._stream_ok = self._stream_known = True
+
+    async def _retrying(self, action: Any, *, events: int) -> None:
+        """Run *action* until it succeeds: lost connections and timeouts retry forever, with backoff."""
+        import nats.errors
+        import nats.js.errors as jserr
+
+        answered = 0
+
+        async def attempt() -> Failure | None:
+            nonlocal answered
+            try:
+                await action()
+            except (jserr.NoStreamResponseError, jserr.NotFoundError) as exc:
+                # The stream is gone (the server lost its storage, or it was deleted): create it again.
+                self._stream_ok = False
+                return Failure("no_stream", f"{type(exc).__name__}: {exc}", retryable=True)
+            except jserr.APIError as exc:
+                answered += 1
+                if answered >= self.options.max_attempts:
+                    log.error("nats.sink_failed", error=f"{type(exc).__name__}: {exc}", events_held=events)
+                    raise
+                return Failure("jetstream", f"{type(exc).__name__}: {exc}", retryable=True)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                # Connection trouble: the messages may or may not have landed; re-sending is safe
+                # (JetStream and the consumers drop the duplicates), losing is not.
+                return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
+            return None
+
+        def retrying(failure: Failure, delay: float) -> None:
+            log.warning("nats.sink_retry", error=failure.message, retry_in=delay, events=events)
+
+        await self.retry.run(attempt, on_retry=retrying)
+
+    def _messages(
+        self, origin: str, batch: list[Event], max_payload: int
+    ) -> list[tuple[str, dict[str, str], bytes, int]]:
+        per_stream: dict[str, list[Event]] = {}
+        for event in batch:
+            group = per_stream.get(event.stream)
+            if group is None:
+                per_stream[event.stream] = [event]
+            else:
+                group.append(event)
+        size = self.options.message_max_events
+        prefix = self.options.prefix
+        out: list[tuple[str, dict[str, str], bytes, int]] = []
+        for stream, group in per_stream.items():
+            subject = event_subject(prefix, stream)
+            for i in range(0, len(group), size):
+                self._pack(out, subject, origin, group[i : i + size], max_payload)
+        return out
+
+    def _pack(
+        self,
+        out: list[tuple[str, dict[str, str], bytes, int]],
+        subject: str,
+        origin: str,
+        chunk: list[Event],
+        max_payload: int,
+    ) -> None:
+        headers, payload = encode_message(origin, self.producer_id, chunk)
+        if len(payload) + 200 <= max_payload:  # headers travel in the same frame; theirs is well under 200 bytes
+            out.append((subject, headers, payload, len(chunk)))
+        elif len(chunk) > 1:
+            half = len(chunk) // 2
+            self._pack(out, subject, origin, chunk[:half], max_payload)
+            self._pack(out, subject, origin, chunk[half:], max_payload)
+        else:
+            # One event larger than the server takes: it cannot be stored. Its stream's consumers see the hole
+            # in seq and end it with a nats_gap error, never silent text with a hole in it.
+            event = chunk[0]
+            self.too_large += 1
+            log.error(
+                "nats.event_too_large",
+                stream=event.stream,
+                seq=event.seq,
+                size=len(payload),
+                max_payload=max_payload,
+                note="raise the server's max_payload; this event is not sent",
+            )
+
+    async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
+        import nats.js.errors as jserr
+
+        self._unsent = batch
+        max_payload = self._client.max_payload if self._client is not None else 1 << 20
+        messages = self._messages(origin, batch, max_payload)
+        timeout = self.options.ack_timeout_s
+        acks: list[Any] = []
+
+        async def publish() -> None:
+            if not self._stream_ok:
+                await self._ensure_stream(js)
+            futures = [await js.publish_async(s, p, headers=dict(h)) for s, h, p, _ in messages]
+            try:
+                done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
+            except TimeoutError:
+                for future in futures:
+                    future.cancel()
+                raise TimeoutError(
+                    f"JetStream did not acknowledge {len(futures)} messages within {timeout:g} s"
+                ) from None
+            for result in done:
+                if isinstance(result, jserr.NoStreamResponseError):
+                    self._stream_ok = False
+                    raise result
+                if isinstance(result, BaseException):
+                    raise result
+            acks[:] = done
+
+        await self._retrying(publish, events=len(batch))
+        self._unsent = []
+        self.sent_events += sum(count for _, _, _, count in messages)
+        self.sent_messages += len(messages)
+        self.duplicates += sum(1 for ack in acks if getattr(ack, "duplicate", False))
