@@ -6,8 +6,7 @@ re-sent batch, a consumer re-reading after a restart) hands every event to a
 the bus, so sinks see each event exactly once. ``GAP`` says events of the
 stream are missing before this one: end the stream with an ``error`` event
 rather than deliver text with a hole in it. Engine plugins share this one
-implementation (the ``streambus_redis`` plugin keeps its own copy, re-exported
-under the same names, until it moves here).
+implementation (``streambus_redis`` re-exports it under its old names).
 """
 
 from __future__ import annotations

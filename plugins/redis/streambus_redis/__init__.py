@@ -21,10 +21,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"streambus-redis needs redis-py ({exc}); install it with: pip install 'streambus-redis' 'redis[hiredis]>=5'"
     ) from exc
 
+from streambus.dedup import Deduplicator, Verdict
+
 from ._codec import Entry, decode_entry, decode_events, encode_entry, entry_header
 from ._common import DEFAULT_STREAM, DEFAULT_URL, AsyncioRequired, RedisGap, epoch_key
 from ._control import DEFAULT_CONTROL_CHANNEL, RedisControl
-from ._dedup import Deduplicator, Verdict
 from ._sink import RedisSink
 from ._source import RedisSource
 

@@ -18,6 +18,7 @@ import structlog
 
 from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, encode, is_terminal
 from streambus.archive import attach_archive, detach_archive, interested
+from streambus.dedup import Deduplicator, Verdict
 from streambus.plugins import PositiveInt, require_readable_file, require_writable_directory
 from streambus.recording import iter_recording
 
@@ -39,7 +40,6 @@ from ._common import (
     resolve_url,
     stream_key,
 )
-from ._dedup import Deduplicator, Verdict
 from ._readers import GroupReader, Hooks, InterestReader, Reader, XReadReader, last_generated
 
 if TYPE_CHECKING:
