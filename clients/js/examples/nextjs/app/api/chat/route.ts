@@ -4,7 +4,7 @@ import { STREAMBUS_URL, authorization, refuseCrossSite, startGeneration } from "
 export async function POST(req: Request) {
   const refused = refuseCrossSite(req);
   if (refused) return refused;
-  const body = await req.json();
+  const body = await req.json().catch(() => null); // not JSON: answered 400 below
   if (typeof body?.id !== "string" || !Array.isArray(body.messages)) {
     return new Response('the body needs the chat "id" and its "messages" (useChat sends them)\n', { status: 400 });
   }
