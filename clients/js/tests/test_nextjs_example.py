@@ -131,6 +131,8 @@ async def next_server(env: dict[str, str]) -> AsyncIterator[str]:
         await process.aclose()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
     """The route set and ``useChat`` page, built with ``next build``, against a real http sink."""
     chromium = shutil.which("chromium")
