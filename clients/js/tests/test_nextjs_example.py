@@ -81,14 +81,14 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def generation_service(start: Callable[[str], Awaitable[None]]) -> AsyncIterator[tuple[str, list[Any]]]:
+async def generation_service(start: Callable[[str, str], Awaitable[None]]) -> AsyncIterator[tuple[str, list[Any]]]:
     """The app's "your producer" on loopback: ``POST /generate`` starts a generation, answers 202."""
     requests: list[Any] = []
 
     async def generate(request: web.Request) -> web.Response:
         body = await request.json()
         requests.append(body)
-        await start(body["chat"])
+        await start(body["chat"], body["stream"])
         return web.Response(status=202)
 
     app = web.Application()
@@ -131,6 +131,13 @@ async def next_server(env: dict[str, str]) -> AsyncIterator[str]:
         await process.aclose()
 
 
+async def opened(page: Any, url: str) -> None:
+    """Open a chat page and wait until React runs it: ``useChat`` asks the resume route on mount."""
+    async with page.expect_response(lambda r: r.url.endswith("/stream"), timeout=30_000) as resumed:
+        await page.goto(url)
+    assert (await resumed.value).status in (200, 204)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
@@ -151,6 +158,7 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
     halfway, go, partial_written, cancelled = anyio.Event(), anyio.Event(), anyio.Event(), anyio.Event()
     stop_ended = anyio.Event()
     seen: list[Event] = []
+    streams: dict[str, str] = {}  # chat id -> the stream id its route picked
 
     async with Bus(drain_timeout=5) as bus:
         sink = HttpSink(port=0, token=TOKEN)
@@ -161,14 +169,15 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
         async def record() -> None:
             async for event in subscription:
                 seen.append(event)
-                if event.stream == "ans-stop" and isinstance(event, AbortEvent):
+                if isinstance(event, AbortEvent) and event.stream == streams.get("stop"):
                     stop_ended.set()
 
         bus.start_soon(record)
 
-        async def produce(chat: str) -> None:
+        async def produce(chat: str, stream: str) -> None:
+            streams[chat] = stream
             try:
-                async with bus.stream(model="m", stream=f"ans-{chat}", meta={"chat": chat}) as w:
+                async with bus.stream(model="m", stream=stream, meta={"chat": chat}) as w:
                     if chat == "stop":
                         await w.delta("Partial")
                         partial_written.set()
@@ -183,8 +192,8 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
                 if chat == "stop":
                     cancelled.set()
 
-        async def start(chat: str) -> None:
-            bus.start_soon(produce, chat)
+        async def start(chat: str, stream: str) -> None:
+            bus.start_soon(produce, chat, stream)
 
         async with generation_service(start) as (generate_url, requests):
             env = {
@@ -206,16 +215,17 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
                     assistant = page.locator("p[data-role=assistant]").last
 
                     # 1. Send: the answer streamed through the route, exact.
-                    await page.goto(f"{origin}/chat/exact")
+                    await opened(page, f"{origin}/chat/exact")
                     await page.get_by_role("button", name="Send").click()
                     await page.wait_for_selector("div[data-status=ready] p[data-role=assistant]", timeout=30_000)
                     assert await assistant.text_content() == "".join(ANSWER)
                     assert await page.text_content("p[data-role=user]") == "Hello"
                     assert requests[0]["chat"] == "exact"
+                    assert requests[0]["stream"] == streams["exact"]
                     assert requests[0]["messages"][0]["parts"] == [{"type": "text", "text": "Hello"}]
 
                     # 2. Reload mid-stream: the page resumes the chat's live stream, no gap, no duplicate.
-                    await page.goto(f"{origin}/chat/reload")
+                    await opened(page, f"{origin}/chat/reload")
                     await page.evaluate("sessionStorage.setItem('seen', '[]')")
                     await page.get_by_role("button", name="Send").click()
                     with anyio.fail_after(30):
@@ -238,7 +248,7 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
                     assert head in texts
 
                     # 3. Stop: the producer is cancelled and the stream ends with one abort.
-                    await page.goto(f"{origin}/chat/stop")
+                    await opened(page, f"{origin}/chat/stop")
                     await page.get_by_role("button", name="Send").click()
                     with anyio.fail_after(30):
                         await partial_written.wait()
@@ -252,7 +262,7 @@ async def test_nextjs_example_streams_resumes_and_stops_in_chromium() -> None:
                     assert await assistant.text_content() == "Partial"
                     with anyio.fail_after(10):
                         await stop_ended.wait()
-                    aborts = [e for e in seen if isinstance(e, AbortEvent) and e.stream == "ans-stop"]
+                    aborts = [e for e in seen if isinstance(e, AbortEvent) and e.stream == streams["stop"]]
                     assert [(a.by, a.seq) for a in aborts] == [("client", 2)]
                     again = await http.post(f"{origin}/api/chat/stop/abort")  # nothing is live any more
                     assert again.json()["outcome"] == "ended"

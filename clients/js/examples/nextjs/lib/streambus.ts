@@ -6,16 +6,16 @@ export function authorization(): Record<string, string> {
   return process.env.STREAMBUS_TOKEN ? { Authorization: `Bearer ${process.env.STREAMBUS_TOKEN}` } : {};
 }
 
-// Your producer: whatever runs the model and writes its stream to the bus with
-// `start.meta.chat` = the chat id. Here it is a service at GENERATE_URL that starts the
-// generation and answers at once (the bus carries the tokens, not this request).
-export async function startGeneration(chatId: string, messages: unknown): Promise<void> {
+// Your producer: whatever runs the model and writes its stream to the bus as `stream` (the id
+// the route picked) with `start.meta.chat` = the chat id. Here it is a service at GENERATE_URL
+// that starts the generation and answers at once (the bus carries the tokens, not this request).
+export async function startGeneration(chatId: string, stream: string, messages: unknown): Promise<void> {
   const url = process.env.GENERATE_URL;
   if (!url) throw new Error("GENERATE_URL is not set: where is the service that starts a generation?");
   const res = await fetch(url, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ chat: chatId, messages }),
+    body: JSON.stringify({ chat: chatId, stream, messages }),
   });
   if (!res.ok) throw new Error(`starting the generation failed: ${res.status}`);
 }

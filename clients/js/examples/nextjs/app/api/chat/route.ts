@@ -8,11 +8,12 @@ export async function POST(req: Request) {
   if (typeof body?.id !== "string" || !Array.isArray(body.messages)) {
     return new Response('the body needs the chat "id" and its "messages" (useChat sends them)\n', { status: 400 });
   }
-  await startGeneration(body.id, body.messages); // start.meta.chat = body.id
-  return fetch(`${STREAMBUS_URL}/api/chat`, {
-    method: "POST",
-    headers: { ...authorization(), "Content-Type": "application/json" },
-    body: JSON.stringify(body),
+  // The route names the stream, then reads it by that name: the whole answer from its start,
+  // even when a fast producer has finished before this read arrives.
+  const stream = crypto.randomUUID();
+  await startGeneration(body.id, stream, body.messages);
+  return fetch(`${STREAMBUS_URL}/streams/${stream}/ui`, {
+    headers: authorization(),
     signal: req.signal, // the browser went away: stop reading the bus for it
   });
 }
