@@ -21,7 +21,7 @@ FILES = [
 def test_docs_show_the_nextjs_example_files_as_they_are() -> None:
     """Every route handler and the page appear in the docs exactly as in the example app."""
     docs = (ROOT / "docs" / "js-client.md").read_text(encoding="utf-8")
-    shown = {path: body for path, body in SHOWN.findall(docs)}
+    shown: dict[str, str] = dict(SHOWN.findall(docs))
     assert sorted(shown) == sorted(APP + f for f in FILES)
     for path, body in shown.items():
         assert body == (ROOT / path).read_text(encoding="utf-8"), f"docs/js-client.md shows an old {path}"
