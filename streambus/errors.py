@@ -24,6 +24,7 @@ so ``except StreamBusError`` catches them all::
     │   defined beside what raises them, in the core:
     ├── StreamFailed           streambus.subscription: ``Subscription.text()`` met ``error``/``abort`` (``event``)
     ├── RecorderError          streambus.builtins.recorder: a recording file could not be written (``path``, ``errno``)
+    ├── SecretInRecording      streambus.cassette: a recording holds something that looks like a key (``path``, ``hits``)
     │
     │   raised by plugins, defined in their packages:
     ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
@@ -35,6 +36,8 @@ so ``except StreamBusError`` catches them all::
     ├── TailError              streambus_websocket: ``streambus tail`` cannot go on (also a ``click.ClickException``)
     ├── AsyncioRequired        streambus_redis: redis-py ran outside asyncio
     ├── RedisGap               streambus_redis: entries were lost before a consumer read them
+    ├── NatsAuthFailed         streambus_nats: the NATS server refused this process's credentials
+    ├── NatsGap                streambus_nats: messages were lost before a consumer read them
     ├── WrongEventLoop         streambus_langchain: LangChain's async API outside asyncio (also a ``RuntimeError``)
     ├── StreamAborted          streambus_langchain: the run's stream was aborted on the bus (``stream``, ``by``)
     ├── RecordedStreamError    streambus_langchain: a recorded stream ended in ``error`` (``kind``)
