@@ -114,7 +114,7 @@ class SseParser:
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete line held back."""
+        """Bytes held back for the next read: an incomplete line, or the start of an incomplete event."""
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[SseEvent]:
@@ -180,30 +180,29 @@ class SseParser:
         buf = self._buf
         src = bytes(buf) + data if buf else data
         sep = self._sep
-        if not sep:
-            if src.endswith(b"\r\n\r\n"):
-                sep = b"\r\n\r\n"
-            elif src.endswith(b"\n\n"):
-                sep = b"\n\n"
-            else:
+        if not sep:  # the stream's first line end tells
+            first = src.find(b"\n")
+            if first < 0:
                 return None
-        cut = len(src) if src.endswith(sep) else src.rfind(sep) + len(sep)
-        if cut < len(sep) or len(src) - cut > self._max_line or cut > self._max_line:
+            sep = b"\r\n\r\n" if first and src[first - 1] == 0x0D else b"\n\n"
+        n = len(sep)
+        size = len(src)
+        cut = size if src.endswith(sep) else src.rfind(sep) + n
+        if cut < n or size - cut > self._max_line or cut > self._max_line:
             return None
-        whole = src[:cut] if cut < len(src) else src
-        eol = sep[: len(sep) // 2]
+        whole = src[:cut] if cut < size else src
         if whole.startswith(b"data: "):
             head = 6
-            blocks = whole[head : -len(sep)].split(sep + b"data: ")
+            blocks = whole[head:-n].split(sep + b"data: ")
             line_ends = 2 * len(blocks)
         elif whole.startswith(b"event: "):
             head = 7
-            blocks = whole[head : -len(sep)].split(sep + b"event: ")
+            blocks = whole[head:-n].split(sep + b"event: ")
             line_ends = 3 * len(blocks)
         else:
             return None
         # Each block then holds its own line ends only if these counts exceed the ones counted here.
-        if whole.count(b"\n") != line_ends or whole.count(b"\r") != (line_ends if len(eol) == 2 else 0):
+        if whole.count(b"\n") != line_ends or whole.count(b"\r") != (line_ends if n == 4 else 0):
             return None
         errors = self._errors
         last_id = self.last_event_id
@@ -213,8 +212,9 @@ class SseParser:
             if head == 6:
                 for block in blocks:
                     events.append(SseEvent(data=block.decode("utf-8", errors), id=last_id, offset=at))
-                    at += head + len(block) + len(sep)
+                    at += head + len(block) + n
             else:
+                eol = sep[: n // 2]
                 data_line = eol + b"data: "
                 for block in blocks:
                     name, found, value = block.partition(data_line)
@@ -228,14 +228,13 @@ class SseParser:
                             offset=at + head + len(name) + len(eol),
                         )
                     )
-                    at += head + len(block) + len(sep)
+                    at += head + len(block) + n
         except UnicodeDecodeError:
             return None
         self._sep = sep
         self._base += cut
-        buf.clear()
-        if cut < len(src):
-            buf += src[cut:]
+        if buf or cut < size:
+            buf[:] = src[cut:]
         return events
 
     def close(self) -> Iterator[SseEvent]:
