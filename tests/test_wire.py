@@ -298,6 +298,17 @@ def test_sse_held_back_event_keeps_the_line_limit_and_errors_keep_later_events()
     assert [(e.event, e.data) for e in parser.feed(b"")] == [("message", "bad"), ("y", "after")]
 
 
+def test_sse_a_peer_cannot_grow_the_held_bytes_past_the_line_limit() -> None:
+    # Short complete lines that never end their event: the fast way would hold them all; past
+    # max_line it leaves them to the line loop, which keeps only the event's state.
+    parser = SseParser(max_line=64)
+    assert [e.data for e in parser.feed(b"data: a\n\n")] == ["a"]
+    for _ in range(100):
+        assert list(parser.feed(b"data: x\n")) == []
+        assert parser.buffered <= 64
+    assert [e.data for e in parser.feed(b"\n")] == ["\n".join(["x"] * 100)]
+
+
 def test_sse_line_limit_and_bad_options() -> None:
     parser = SseParser(max_line=10)
     with pytest.raises(WireError, match="longer than 10"):
