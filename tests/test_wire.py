@@ -248,6 +248,67 @@ def test_sse_invalid_utf8_is_an_error_with_offset_and_parser_continues() -> None
     assert [e.data for e in parse(b"data: \xff\n\n", errors="replace")] == ["\ufffd"]
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_sse_common_shapes_match_the_line_by_line_parse_at_every_cut(eol: bytes) -> None:
+    # The events LLM APIs send (one data line, after an optional event line) take SseParser's
+    # fast way; odd events between them (comment, id, two data lines, no space) take the line loop.
+    lines = [
+        b"event: start", b"data: {\"a\":1}", b"",
+        b"data: \xe6\x97\xa5\xe6\x9c\xac", b"",
+        b": keep-alive", b"event: delta", b"data:no space", b"",
+        b"id: 7", b"data: one", b"data: two", b"",
+        b"event: delta", b"data: after the id", b"",
+        b"event: ", b"data: empty name", b"",
+        b"data: last",
+    ]  # fmt: skip
+    body = eol.join(lines)
+    expected = [
+        SseEvent(data='{"a":1}', event="start", offset=len(b"event: start" + eol)),
+        SseEvent(data="日本", offset=len(eol.join(lines[:3]) + eol)),
+        SseEvent(data="no space", event="delta", offset=len(eol.join(lines[:7]) + eol)),
+        SseEvent(data="one\ntwo", id="7", offset=len(eol.join(lines[:10]) + eol)),
+        SseEvent(data="after the id", event="delta", id="7", offset=len(eol.join(lines[:14]) + eol)),
+        SseEvent(data="empty name", id="7", offset=len(eol.join(lines[:17]) + eol)),
+        SseEvent(data="last", id="7", offset=len(eol.join(lines[:19]) + eol)),
+    ]
+    assert parse(body) == expected
+    for cut in range(len(body) + 1):
+        parser = SseParser()
+        got = [*parser.feed(body[:cut]), *parser.feed(body[cut:]), *parser.close()]
+        assert got == expected, cut
+    one_byte = SseParser()
+    assert [e for i in range(len(body)) for e in one_byte.feed(body[i : i + 1])] + list(one_byte.close()) == expected
+
+
+def test_sse_held_back_event_keeps_the_line_limit_and_errors_keep_later_events() -> None:
+    parser = SseParser(max_line=16)
+    assert [e.data for e in parser.feed(b"data: a\n\ndata: b")] == ["a"]
+    assert parser.buffered == len(b"data: b")  # held for the next read
+    with pytest.raises(WireError, match="longer than 16 bytes") as info:
+        list(parser.feed(b"0123456789abcdef\n\n"))
+    assert info.value.offset == 9
+    parser = SseParser()
+    got = []
+    with pytest.raises(WireError, match="invalid UTF-8") as info:
+        for event in parser.feed(b"event: x\ndata: ok\n\nevent: \xff\ndata: bad\n\nevent: y\ndata: after\n\n"):
+            got.append(event.data)
+    assert got == ["ok"]
+    assert info.value.offset == 26
+    # The bad line is dropped, as in the line loop; what follows it is kept.
+    assert [(e.event, e.data) for e in parser.feed(b"")] == [("message", "bad"), ("y", "after")]
+
+
+def test_sse_a_peer_cannot_grow_the_held_bytes_past_the_line_limit() -> None:
+    # Short complete lines that never end their event: the fast way would hold them all; past
+    # max_line it leaves them to the line loop, which keeps only the event's state.
+    parser = SseParser(max_line=64)
+    assert [e.data for e in parser.feed(b"data: a\n\n")] == ["a"]
+    for _ in range(100):
+        assert list(parser.feed(b"data: x\n")) == []
+        assert parser.buffered <= 64
+    assert [e.data for e in parser.feed(b"\n")] == ["\n".join(["x"] * 100)]
+
+
 def test_sse_line_limit_and_bad_options() -> None:
     parser = SseParser(max_line=10)
     with pytest.raises(WireError, match="longer than 10"):

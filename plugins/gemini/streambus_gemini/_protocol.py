@@ -162,7 +162,11 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one chunk to *out* (see the class docstring)."""
-        self._chunk(decode_event(_decode_chunk, sse, "a Gemini stream chunk"), out)
+        try:
+            chunk = _decode_chunk(sse.data)
+        except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
+            chunk = decode_event(_decode_chunk, sse, "a Gemini stream chunk")
+        self._chunk(chunk, out)
 
     def _chunk(self, chunk: _Chunk, out: list[Piece]) -> None:
         if chunk.error is not None:
@@ -175,9 +179,14 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
         if chunk.usage_metadata is not None:
             self._usage = chunk.usage_metadata
         finish: str | None = None
-        for candidate in (chunk.candidates or ())[:1]:
-            for part in (candidate.content.parts if candidate.content is not None else None) or ():
-                self._part(part, out)
+        if chunk.candidates:
+            candidate = chunk.candidates[0]
+            if candidate.content is not None and candidate.content.parts:
+                for part in candidate.content.parts:
+                    if part.text and part.function_call is None:  # the usual part: text
+                        out.append(TextPiece(part.text, "reasoning" if part.thought else "content"))
+                    else:
+                        self._part(part, out)
             finish = candidate.finish_reason
         block = chunk.prompt_feedback.block_reason if chunk.prompt_feedback is not None else None
         if finish is None and block is not None:
