@@ -214,6 +214,11 @@ class Client:
                     self.credit -= len(data)
                     write([ws], data, text=True)
                     self.sent += 1
+                if not queue:
+                    # Nothing in flight and nothing queued: the next events go
+                    # out at once from the fan-out (take()) while the credit lasts,
+                    # instead of through this queue one frame at a time.
+                    self.sending = False
                 await anyio.lowlevel.checkpoint()
 
     def _pop(self) -> bytes:
