@@ -72,6 +72,8 @@ class Client:
         """Set once :meth:`close` was called."""
         self.sent = 0
         """Frames handed to the socket."""
+        self.direct = 0
+        """Of ``sent``, frames written at once by the fan-out (the client kept up), not through the queue."""
         self.merged = 0
         """Deltas merged into an already queued delta (the client was behind)."""
         self.replayed = 0
@@ -92,6 +94,7 @@ class Client:
             return False
         self.credit -= size
         self.sent += 1
+        self.direct += 1
         return True
 
     def push(self, data: bytes) -> None:
