@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 from streambus_websocket.testing import Peer, connect, running
@@ -195,7 +196,7 @@ async def test_client_that_catches_up_gets_frames_directly_again(anyio_backend: 
                 for i in range(deltas):
                     await w.delta(piece)
                     if i % 64 == 63:
-                        await anyio.sleep(0)  # tokens arrive over time, as from a model
+                        await anyio.lowlevel.checkpoint()  # tokens arrive over time, as from a model
         _check_stream(got, w.stream, piece * deltas)
         if anyio_backend == "trio":
             assert client.direct == 0  # trio: every frame goes through the sender task
