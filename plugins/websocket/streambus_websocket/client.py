@@ -9,6 +9,8 @@ credit, plus one frame). Once it is spent, frames queue here and the
 per-client sender writes the next one with ``await ws.send()``, which returns
 when the buffer is back under ``write_limit``; that restores the credit, and
 the sender writes the backlog with ``broadcast([ws], ...)`` while it lasts.
+With the backlog written and nothing queued, the client is back on the direct
+path for the rest of its credit (:attr:`Client.direct` counts those frames).
 Under trio every frame goes through the queue and ``send()``.
 
 The queue is a :class:`streambus.coalesce.Coalescer`: once it holds
