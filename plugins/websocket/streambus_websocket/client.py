@@ -9,6 +9,8 @@ credit, plus one frame). Once it is spent, frames queue here and the
 per-client sender writes the next one with ``await ws.send()``, which returns
 when the buffer is back under ``write_limit``; that restores the credit, and
 the sender writes the backlog with ``broadcast([ws], ...)`` while it lasts.
+With the backlog written and nothing queued, the client is back on the direct
+path for the rest of its credit (:attr:`Client.direct` counts those frames).
 Under trio every frame goes through the queue and ``send()``.
 
 The queue is a :class:`streambus.coalesce.Coalescer`: once it holds
@@ -72,6 +74,8 @@ class Client:
         """Set once :meth:`close` was called."""
         self.sent = 0
         """Frames handed to the socket."""
+        self.direct = 0
+        """Of ``sent``, frames written at once by the fan-out (the client kept up), not through the queue."""
         self.merged = 0
         """Deltas merged into an already queued delta (the client was behind)."""
         self.replayed = 0
@@ -92,6 +96,7 @@ class Client:
             return False
         self.credit -= size
         self.sent += 1
+        self.direct += 1
         return True
 
     def push(self, data: bytes) -> None:
@@ -214,6 +219,11 @@ class Client:
                     self.credit -= len(data)
                     write([ws], data, text=True)
                     self.sent += 1
+                if not queue:
+                    # Nothing in flight and nothing queued: the next events go
+                    # out at once from the fan-out (take()) while the credit lasts,
+                    # instead of through this queue one frame at a time.
+                    self.sending = False
                 await anyio.lowlevel.checkpoint()
 
     def _pop(self) -> bytes:

@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 from streambus_websocket.testing import Peer, connect, running
@@ -180,3 +181,28 @@ async def test_client_reset_mid_batch_does_not_disturb_another(stalled: bool) ->
         async with bus.stream(model="m") as w2:
             await w2.delta("after")
         assert (await peer.events_until_end())[-2]["text"] == "after"
+
+
+async def test_client_that_catches_up_gets_frames_directly_again(anyio_backend: str) -> None:
+    """After its backlog is written, a client that reads along leaves the queue: frames go out at once."""
+    deltas, piece = 3000, "x" * 60  # ~300 KiB of frames: the 32 KiB credit runs out several times
+    async with running() as (bus, sink), connect(sink.url) as peer:
+        await peer.subscribe(id="all")
+        (client,) = sink.connections
+        got: list[dict[str, Any]] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_until_ends, peer, got)
+            async with bus.stream(model="a") as w:
+                for i in range(deltas):
+                    await w.delta(piece)
+                    if i % 64 == 63:
+                        await anyio.lowlevel.checkpoint()  # tokens arrive over time, as from a model
+        _check_stream(got, w.stream, piece * deltas)
+        if anyio_backend == "trio":
+            assert client.direct == 0  # trio: every frame goes through the sender task
+        else:
+            # The credit ran out several times (a batch queued each time), and each time the client
+            # came back to direct writes once its sender had written the backlog: 2,494 of 3,003
+            # frames direct here, against 215 when it stayed queued for good after the first time.
+            assert client.sent - client.direct > 0
+            assert client.direct > 0.5 * client.sent, (client.direct, client.sent)
