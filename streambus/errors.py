@@ -24,7 +24,7 @@ so ``except StreamBusError`` catches them all::
     │   defined beside what raises them, in the core:
     ├── StreamFailed           streambus.subscription: ``Subscription.text()`` met ``error``/``abort`` (``event``)
     ├── RecorderError          streambus.builtins.recorder: a recording file could not be written (``path``, ``errno``)
-    ├── SecretInRecording      streambus.cassette: a recording holds something that looks like a key (``path``, ``hits``)
+    ├── SecretInRecording      streambus.cassette: a recording holds what looks like a key (``path``, ``hits``)
     │
     │   raised by plugins, defined in their packages:
     ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
