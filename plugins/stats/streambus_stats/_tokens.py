@@ -27,7 +27,6 @@ keeps every model's reason.
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -40,14 +39,21 @@ __all__ = ["TokenCounter", "approximate_tokens"]
 
 log = structlog.get_logger("streambus.stats")
 
-_PIECE = re.compile(r"\w+|[^\w\s]")
+_PIECE = re.compile(r"\w{1,4}|[^\w\s]")
+"""One approximate token: up to four word characters of a run (a run of n gives ceil(n / 4) of them), or one
+other non-space character."""
 
 TokenizerChoice = Literal["auto", "tiktoken", "approx"]
 
 
 def approximate_tokens(text: str) -> int:
-    """Return the documented approximate token count of *text* (0 for empty or blank text)."""
-    return sum(math.ceil(len(piece) / 4) for piece in _PIECE.findall(text))
+    """Return the documented approximate token count of *text* (0 for empty or blank text).
+
+    That is the sum of ``ceil(len(piece) / 4)`` over the pieces ``\\w+|[^\\w\\s]`` finds; the
+    regex engine counts the four-character parts itself (``subn`` builds no list of pieces), which
+    takes about half the time of measuring every piece in Python.
+    """
+    return _PIECE.subn("", text)[1]
 
 
 class TokenCounter:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from streambus_stats import StatsAggregator, TokenCounter, approximate_tokens
 
 from streambus.events import DeltaEvent, EndEvent, StartEvent, Usage
@@ -25,6 +29,23 @@ def test_approximation_is_documented_rule() -> None:
     assert approximate_tokens("Hi") == 1
     assert approximate_tokens("Hello, world!") == 2 + 1 + 2 + 1
     assert approximate_tokens("internationalization") == 5  # 20 chars / 4
+
+
+_RULE = re.compile(r"\w+|[^\w\s]")
+
+_TEXT = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("ab_9 \t\n.,!?'-é中ß٣\u00a0\u2028\U0001f600"),  # ASCII, accents, CJK, digits, odd spaces
+        st.characters(),
+    ),
+    max_size=200,
+)
+
+
+@given(_TEXT)
+def test_approximation_counts_as_the_rule_reads(text: str) -> None:
+    # The rule as docs/stats.md states it, piece by piece; the counter gets the same number without the pieces.
+    assert approximate_tokens(text) == sum(math.ceil(len(piece) / 4) for piece in _RULE.findall(text))
 
 
 def test_missing_usage_is_counted_and_marked(monkeypatch: pytest.MonkeyPatch) -> None:
