@@ -14,8 +14,8 @@ disconnects ends the response cleanly (at the latest one idle tick later).
 
 from __future__ import annotations
 
-import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from streambus import Filter
 from streambus.access import OriginPolicy
+from streambus.tokens import OPERATOR, Authenticator, OutOfScope, Scope, TokenError, bearer_credential
 
 from ._errors import HttpStreamError
 from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
@@ -38,7 +39,7 @@ __all__ = ["add_routes", "filter_from_query", "origin_guard", "server_logger", "
 log = structlog.get_logger("streambus.http")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_CorsHandler = Callable[[web.Request, dict[str, str]], Awaitable[web.StreamResponse]]
+_CorsHandler = Callable[[web.Request, dict[str, str], Scope], Awaitable[web.StreamResponse]]
 
 
 def _require_asyncio() -> None:
@@ -55,6 +56,8 @@ def _require_asyncio() -> None:
 
 # Remote addresses already logged for a refusal: a client hammering the server gets one line.
 _LOGGED_LIMIT = 4096
+# With a static token only, the answer stays what it always was.
+_STATIC_401 = "missing or wrong bearer token"
 
 
 class _OnePerClient(logging.Filter):
@@ -152,6 +155,7 @@ async def stream_response(
     tick: float = 1.0,
     write_interval: float = 0.005,
     headers: Mapping[str, str] | None = None,
+    scope: Scope = OPERATOR,
     **format_options: Any,
 ) -> web.StreamResponse:
     """Stream one bus stream (or a filter over many) in *format* as the answer to *request*.
@@ -162,8 +166,10 @@ async def stream_response(
     does not know after *unknown_stream_timeout* seconds, no stream matching
     *filter* after *start_timeout* seconds). *write_interval* is the
     least time between two writes (tokens arriving meanwhile share one write).
-    Returns the finished
-    response (aiohttp handlers return it as is).
+    *scope* is what the request's token covers: streams outside it get 403,
+    a filter is narrowed to it, and the response ends when the token
+    expires (the client reconnects with a new token and ``Last-Event-ID``).
+    Returns the finished response (aiohttp handlers return it as is).
     """
     _require_asyncio()
     encoder = make_encoder(format, **format_options)
@@ -178,6 +184,7 @@ async def stream_response(
             resume=resume,
             start_timeout=start_timeout,
             unknown_stream_timeout=unknown_stream_timeout,
+            scope=scope,
         )
     except HttpStreamError as exc:
         return _error_response(exc, encoder)
@@ -185,6 +192,7 @@ async def stream_response(
     response.content_type = encoder.media_type.split(";")[0]
     if "charset=" in encoder.media_type:
         response.charset = encoder.media_type.split("charset=")[1]
+    expires = scope.expires
     try:
         await response.prepare(request)
         async for chunk in body(opened, keepalive=keepalive, tick=tick, write_interval=write_interval):
@@ -193,6 +201,10 @@ async def stream_response(
             elif _client_gone(request):
                 log.debug("http.client_gone", stream=stream)
                 return response
+            if expires is not None and time.time() > expires:
+                # The token was checked at the request; its end ends what it opened.
+                log.info("http.token_expired", stream=stream)
+                break
         await response.write_eof()
     except OSError:
         log.debug("http.client_gone", stream=stream)
@@ -225,6 +237,7 @@ def add_routes(
     *,
     prefix: str = "",
     token: str | None = None,
+    auth: Authenticator | None = None,
     cors_origins: Sequence[str] = (),
     chat_meta_key: str = "chat",
     start_timeout: float = 30.0,
@@ -247,28 +260,50 @@ def add_routes(
     ============================================  ==============================================
 
     With *token*, every route needs ``Authorization: Bearer <token>`` (or
-    ``?token=`` for ``EventSource``), compared in constant time.
+    ``?token=`` for ``EventSource``), compared in constant time. *auth*
+    (:class:`streambus.tokens.Authenticator`) accepts static and scoped
+    tokens instead: a request without an acceptable one gets 401 with the
+    reason, and one outside its token's scope 403; every listing and filter
+    is narrowed to the scope.
     *cors_origins* lists origins allowed to read from a browser (``*`` for any).
     Host and Origin are checked by :func:`origin_guard`, which the ``http``
     sink installs; an application mounting these routes installs it too.
     """
-    expected = token.encode() if token else None
+    if token is not None and auth is not None:
+        raise TypeError("pass token or auth, not both (Authenticator(static=[token], ...) holds both)")
+    authenticator = auth if auth is not None else Authenticator([token] if token else ())
     origins = set(cors_origins)
+    logged: set[str] = set()
 
     def guard(handler: _CorsHandler, fmt: str = "text") -> _Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
-            if expected is not None:
-                given = request.headers.get("Authorization", "")
-                presented = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
-                if not hmac.compare_digest(presented.encode(), expected):
-                    content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
-                    return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
-            return await handler(request, cors)
+            try:
+                scope = authenticator.authenticate(
+                    bearer_credential(request.headers.get("Authorization"), request.query.get("token"))
+                    if authenticator.required
+                    else None
+                )
+            except TokenError as exc:
+                # The reason is one of a few fixed sentences: never the token or the key.
+                client = request.remote or ""
+                if client not in logged:
+                    if len(logged) >= _LOGGED_LIMIT:
+                        logged.clear()
+                    logged.add(client)
+                    log.warning("http.unauthorized", client=client, reason=exc.reason)
+                content_type, data = error_body(fmt, 401, exc.reason if authenticator.verifier else _STATIC_401)
+                headers = {**cors, "Content-Type": content_type, "WWW-Authenticate": 'Bearer error="invalid_token"'}
+                return web.Response(status=401, body=data, headers=headers)
+            return await handler(request, cors, scope)
 
         return wrapped
+
+    def forbidden(exc: OutOfScope, cors: dict[str, str], fmt: str = "text") -> web.Response:
+        content_type, data = error_body(fmt, 403, exc.message)
+        return web.Response(status=403, body=data, headers={**cors, "Content-Type": content_type})
 
     common: dict[str, Any] = {
         "start_timeout": start_timeout,
@@ -277,13 +312,13 @@ def add_routes(
         "write_interval": write_interval,
     }
 
-    def options_for(fmt: str, cors: dict[str, str]) -> dict[str, Any]:
-        opts: dict[str, Any] = dict(common, headers=cors)
+    def options_for(fmt: str, cors: dict[str, str], scope: Scope) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(common, headers=cors, scope=scope)
         if fmt == "sse":
             opts["retry_ms"] = retry_ms
         return opts
 
-    async def list_streams(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def list_streams(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         items = [
             {
                 "stream": s.stream,
@@ -293,6 +328,7 @@ def add_routes(
                 "live": not hub.ended(s.stream),
             }
             for s in hub.streams()
+            if scope.may_read(s)
         ]
         return web.json_response({"streams": items}, headers=cors)
 
@@ -300,16 +336,18 @@ def add_routes(
         if fmt not in FORMATS:
             raise web.HTTPNotFound(text=f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}\n")
 
-    async def one_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def one_stream(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         fmt = request.match_info["format"]
         check_format(fmt)
-        return await stream_response(request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors))
+        return await stream_response(
+            request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors, scope)
+        )
 
-    async def filtered(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def filtered(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         fmt = request.match_info["format"]
         check_format(fmt)
         flt = filter_from_query(request.query, lambda key: request.query.getall(key, []))
-        return await stream_response(request, hub, fmt, filter=flt, **options_for(fmt, cors))
+        return await stream_response(request, hub, fmt, filter=flt, **options_for(fmt, cors, scope))
 
     async def json_body(request: web.Request) -> dict[str, Any]:
         try:
@@ -320,7 +358,7 @@ def add_routes(
             raise web.HTTPBadRequest(text="request body must be a JSON object\n")
         return data
 
-    async def chat_completions(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def chat_completions(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         def refuse(message: str) -> web.Response:
             # OpenAI's error object, so OpenAI clients raise with the message.
             content_type, data = error_body("openai", 400, message)
@@ -344,23 +382,27 @@ def add_routes(
             stream=stream_id if isinstance(stream_id, str) else None,
             filter=flt,
             include_usage=include_usage,
-            **options_for("openai", cors),
+            **options_for("openai", cors, scope),
         )
 
-    async def ui_chat(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def ui_chat(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         data = await json_body(request)
         chat = data.get("id")
         if not isinstance(chat, str) or not chat:
             raise web.HTTPBadRequest(text='the body needs the chat "id" (useChat sends it)\n')
         return await stream_response(
-            request, hub, "ui", filter=Filter.of(meta={chat_meta_key: chat}), **options_for("ui", cors)
+            request, hub, "ui", filter=Filter.of(meta={chat_meta_key: chat}), **options_for("ui", cors, scope)
         )
 
-    async def ui_resume(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
-        found = hub.pick(Filter.of(meta={chat_meta_key: request.match_info["chat"]}))
+    async def ui_resume(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
+        try:
+            flt = scope.narrow(Filter.of(meta={chat_meta_key: request.match_info["chat"]}))
+        except OutOfScope as exc:
+            return forbidden(exc, cors)
+        found = hub.pick(flt)
         if found is None:
             return web.Response(status=204, headers=cors)
-        return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
+        return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors, scope))
 
     routes = [
         ("GET", "/streams", list_streams),

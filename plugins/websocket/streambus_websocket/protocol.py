@@ -61,6 +61,8 @@ class CloseCode(enum.IntEnum):
     """The client read too slowly and its buffer passed ``client_buffer_bytes``; reconnect with ``since``."""
     RATE_LIMITED = 4004
     """The client kept sending faster than ``max_message_rate`` after being warned."""
+    TOKEN_EXPIRED = 4005
+    """The scoped token the client connected with reached its ``exp``; reconnect with a new token and ``since``."""
 
 
 class ErrorCode(enum.StrEnum):
@@ -85,7 +87,11 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     """The message was dropped: the client sends faster than ``max_message_rate``."""
     UNAUTHORIZED = "unauthorized"
-    """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`."""
+    """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`; the message says what was wrong with the token."""
+    FORBIDDEN = "forbidden"
+    """A ``subscribe`` asked for streams outside the token's scope; no subscription was made, the connection stays."""
+    TOKEN_EXPIRED = "token_expired"
+    """Sent just before closing with :attr:`CloseCode.TOKEN_EXPIRED`."""
     TOO_MANY_CLIENTS = "too_many_clients"
     """Sent just before closing with :attr:`CloseCode.TOO_MANY_CLIENTS`."""
     LAGGED = "lagged"

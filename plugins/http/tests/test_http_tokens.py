@@ -1,0 +1,209 @@
+"""Scoped tokens on the ``http`` sink over real loopback HTTP: scope on every route, and bad tokens."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from streambus.tokens import TokenVerifier, mint_token
+
+pytestmark = pytest.mark.anyio
+
+SECRET = secrets.token_urlsafe(32)
+OPERATOR_TOKEN = "operator-" + secrets.token_hex(8)
+scoped = pytest.mark.sink_options(
+    token=OPERATOR_TOKEN, verifier=TokenVerifier(secret=SECRET, leeway=0), start_timeout=0.5, unknown_stream_timeout=0.5
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiohttp is asyncio-bound
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def tenant(name: str, **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": "Bearer " + mint_token(SECRET, meta={"tenant": name}, **kwargs)}
+
+
+async def _two_tenants(served: Any, writer: Any) -> None:
+    await writer(served.bus, "a1", ["for ", "a"], meta={"tenant": "a", "chat": "ca"})
+    await writer(served.bus, "b1", ["for ", "b"], meta={"tenant": "b", "chat": "cb"})
+
+
+@scoped
+async def test_listing_and_filters_show_only_the_tokens_streams(served: Any, writer: Any) -> None:
+    await _two_tenants(served, writer)
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        r = await client.get("/streams", headers=tenant("a"))
+        assert r.status_code == 200
+        assert [s["stream"] for s in r.json()["streams"]] == ["a1"]
+        r = await client.get("/streams", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+        assert sorted(s["stream"] for s in r.json()["streams"]) == ["a1", "b1"]
+        # A filter over many streams, resumed from the very first event: only the tenant's own.
+        r = await client.get("/events/ndjson", headers={**tenant("a"), "Last-Event-ID": "a1:0"})
+        assert r.status_code == 200
+        lines = [orjson.loads(line) for line in r.text.splitlines()]
+        assert {e["stream"] for e in lines} == {"a1"}
+
+
+@scoped
+async def test_a_stream_outside_the_scope_gets_403_on_every_route(served: Any, writer: Any) -> None:
+    await _two_tenants(served, writer)
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        r = await client.get("/streams/a1/text", headers=tenant("a"))
+        assert (r.status_code, r.text) == (200, "for a")
+        for path in ("/streams/b1/text", "/streams/b1/sse", "/streams/b1/ui"):
+            r = await client.get(path, headers=tenant("a"))
+            assert r.status_code == 403, path
+            assert "'b1' is outside this token's scope" in r.text
+        # A filter naming another tenant, and a resume id that names another tenant's stream.
+        r = await client.get("/events/sse?meta.tenant=b", headers=tenant("a"))
+        assert r.status_code == 403 and "meta 'tenant'" in r.text
+        r = await client.get("/events/text", headers={**tenant("a"), "Last-Event-ID": "b1:0"})
+        assert r.status_code == 403
+        # OpenAI clients get OpenAI's error object.
+        body = {"model": "*", "stream": True, "stream_id": "b1"}
+        r = await client.post("/v1/chat/completions", json=body, headers=tenant("a"))
+        assert r.status_code == 403 and "outside this token's scope" in r.json()["error"]["message"]
+        # The AI SDK routes: another tenant's chat is not found for this token.
+        assert (await client.get("/api/chat/cb/stream", headers=tenant("a"))).status_code == 204
+        r = await client.get("/api/chat/ca/stream", headers=tenant("a"))
+        assert r.status_code == 200 and "for " in r.text
+        r = await client.post("/api/chat", json={"id": "cb", "messages": []}, headers=tenant("a"))
+        assert r.status_code == 404
+        # A token scoped by ids.
+        ids = {"Authorization": "Bearer " + mint_token(SECRET, streams=["b1"])}
+        assert (await client.get("/streams/b1/text", headers=ids)).text == "for b"
+        assert (await client.get("/streams/a1/text", headers=ids)).status_code == 403
+
+
+def _bad_tokens() -> list[tuple[str, str, str]]:
+    now = time.time()
+    good = mint_token(SECRET, meta={"tenant": "a"})
+    head, _payload, signature = good.split(".")
+    widened = _b64(orjson.dumps({"exp": int(now) + 60, "streambus": {"streams": "*"}}))
+    unsigned = _b64(b'{"alg":"none"}') + "." + widened + "."
+    nbf = {"exp": int(now) + 600, "nbf": int(now) + 300, "streambus": {"streams": "*"}}
+    return [
+        ("forged", mint_token(secrets.token_urlsafe(32), streams="*"), "token signature does not verify"),
+        ("tampered", f"{head}.{widened}.{signature}", "token signature does not verify"),
+        ("expired", mint_token(SECRET, streams="*", ttl=1, now=now - 600), "token expired"),
+        ("not yet valid", jwt.encode(nbf, SECRET, algorithm="HS256"), "token not valid yet"),
+        ("wrong algorithm", mint_token(SECRET, streams="*", algorithm="HS384"), "token algorithm not allowed"),
+        ("alg none", unsigned, "token algorithm not allowed"),
+        ("malformed", "abc.def", "malformed token"),
+        ("oversized", "eyJ" + "A" * 5000, "token too large"),
+        ("almost the operator's", OPERATOR_TOKEN[:-1], "malformed token"),
+    ]
+
+
+@scoped
+@pytest.mark.parametrize("where", ["header", "query"])
+async def test_bad_tokens_get_401_with_the_reason_and_disturb_nobody(
+    served: Any, writer: Any, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        async with served.bus.stream(model="m", stream="live", meta={"tenant": "a"}) as w:
+            await w.delta("first ")
+            async with client.stream("GET", "/streams/live/text", headers=tenant("a")) as honest:
+                chunks = honest.aiter_text()
+                assert await chunks.__anext__() == "first "
+                with capture_logs() as logs:
+                    for name, token, reason in _bad_tokens():
+                        if where == "header":
+                            r = await client.get("/streams/live/text", headers={"Authorization": f"Bearer {token}"})
+                        else:
+                            r = await client.get("/streams/live/text", params={"token": token})
+                        assert r.status_code == 401, name
+                        assert r.text.startswith(reason), (name, r.text)
+                        assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+                        assert token not in r.text and SECRET not in r.text
+                        await w.delta(name)
+                        assert await chunks.__anext__() == name
+                await w.end("stop")
+                rest = "".join([c async for c in chunks])
+                assert rest == ""
+        text = repr(logs) + caplog.text
+        assert any(e["event"] == "http.unauthorized" for e in logs)
+        for _name, token, _reason in _bad_tokens():
+            for part in token.split("."):
+                assert len(part) < 10 or part not in text
+        assert SECRET not in text and OPERATOR_TOKEN not in text
+        r = await client.get("/streams/live/text", headers=tenant("a"))
+        assert r.status_code == 200 and r.text.startswith("first forged")
+
+
+@scoped
+async def test_a_missing_or_huge_token_is_refused_and_the_server_goes_on(served: Any, writer: Any) -> None:
+    await _two_tenants(served, writer)
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        r = await client.get("/streams/a1/text")
+        assert (r.status_code, r.text) == (401, "missing token")
+        r = await client.get("/streams/a1/text", headers={"Authorization": "Bearer " + "eyJ" + "A" * 100_000})
+        assert r.status_code in (400, 431)
+        r = await client.get("/streams/a1/text", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+        assert (r.status_code, r.text) == (200, "for a")
+
+
+@scoped
+async def test_a_response_ends_when_its_token_expires(served: Any) -> None:
+    async with served.bus.stream(model="m", stream="long", meta={"tenant": "a"}) as w:
+        await w.delta("begun")
+        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+            with anyio.fail_after(15):
+                r = await client.get("/events/ndjson", headers=tenant("a", ttl=1))
+            assert r.status_code == 200
+        await w.delta(" still live")
+    assert served.bus.running
+
+
+@pytest.mark.sink_options(token=OPERATOR_TOKEN)
+async def test_the_static_token_alone_answers_as_before(served: Any, writer: Any) -> None:
+    await writer(served.bus, "s1", ["ok"])
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        r = await client.get("/streams/s1/text", headers={"Authorization": "Bearer " + mint_token(SECRET, streams="*")})
+        assert (r.status_code, r.text) == (401, "missing or wrong bearer token")
+        r = await client.get("/streams/s1/text", params={"token": OPERATOR_TOKEN})
+        assert (r.status_code, r.text) == (200, "ok")
+
+
+def test_jwt_config_keys_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streambus_http import HttpSink
+
+    from streambus.config import parse_config
+
+    monkeypatch.setenv("SB_HTTP_JWT", SECRET)
+    pipeline = parse_config(
+        '[[sinks]]\ntype = "http"\nhost = "0.0.0.0"\njwt_secret_env = "SB_HTTP_JWT"\njwt_algorithms = ["HS256"]\n',
+        source="t.toml",
+    )
+    sink = pipeline.sinks[0].plugin
+    assert isinstance(sink, HttpSink)
+    sink.preflight()
+    auth = sink.authenticator()
+    assert auth.authenticate(mint_token(SECRET, meta={"tenant": "a"})).meta == {"tenant": frozenset({"a"})}
+    monkeypatch.setenv("SB_HTTP_SHORT", "tiny-secret-value")
+    with pytest.raises(ValueError, match="jwt_secret: at least 32 bytes") as caught:
+        HttpSink(jwt_secret_env="SB_HTTP_SHORT").preflight()
+    assert "tiny-secret-value" not in str(caught.value)
+    with pytest.raises(ValueError, match="jwt_secret_env: environment variable SB_HTTP_UNSET"):
+        HttpSink(jwt_secret_env="SB_HTTP_UNSET").preflight()
+    with pytest.raises(ValueError, match="jwt_algorithms: set jwt_secret_env"):
+        HttpSink(jwt_algorithms=["HS256"])
+    with pytest.raises(ValueError, match="host: binding '0.0.0.0' without a token"):
+        HttpSink(host="0.0.0.0")
