@@ -101,6 +101,8 @@ PUBLIC_KEY_ALGORITHMS: Final = frozenset(
 """Algorithms verified against the public key."""
 
 _MESSAGE_LIMIT = 200
+# RFC 7518 3.2: an HMAC key at least as long as the hash.
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # With static tokens only, which of the two went wrong is not worth telling apart.
 _STATIC_REFUSAL = "missing or wrong token"
 
@@ -342,6 +344,8 @@ class TokenVerifier:
             if name in HMAC_ALGORITHMS:
                 if self._secret is None:
                     raise ValueError(f"algorithms: {name} needs a shared secret, and none is configured")
+                if len(self._secret) < _HMAC_MIN_BYTES[name]:
+                    raise ValueError(f"secret: {name} needs at least {_HMAC_MIN_BYTES[name]} bytes")
             elif name in PUBLIC_KEY_ALGORITHMS:
                 if self._public_key is None:
                     raise ValueError(f"algorithms: {name} needs a public key, and none is configured")
@@ -516,8 +520,8 @@ def mint_token(
         raise ValueError("algorithm: 'none' is never used")
     if algorithm in HMAC_ALGORITHMS:
         secret = key.encode() if isinstance(key, str) else key
-        if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
-            raise ValueError(f"key: an HMAC secret of at least {MIN_SECRET_BYTES} bytes is needed")
+        if not isinstance(secret, bytes) or len(secret) < _HMAC_MIN_BYTES[algorithm]:
+            raise ValueError(f"key: {algorithm} needs an HMAC secret of at least {_HMAC_MIN_BYTES[algorithm]} bytes")
         key = secret
     scope: dict[str, Any] = {"stop": stop}
     if streams is not None:

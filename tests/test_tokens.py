@@ -30,7 +30,7 @@ from streambus.tokens import (
     mint_token,
 )
 
-SECRET = secrets.token_urlsafe(32)
+SECRET = secrets.token_urlsafe(64)  # long enough for HS512 too
 
 
 def _b64(data: bytes) -> str:

@@ -19,7 +19,7 @@ from streambus.tokens import TokenVerifier, mint_token
 
 pytestmark = pytest.mark.anyio
 
-SECRET = secrets.token_urlsafe(32)
+SECRET = secrets.token_urlsafe(64)  # long enough for HS512 too
 OPERATOR_TOKEN = "operator-" + secrets.token_hex(8)
 scoped = pytest.mark.sink_options(
     token=OPERATOR_TOKEN, verifier=TokenVerifier(secret=SECRET, leeway=0), start_timeout=0.5, unknown_stream_timeout=0.5
@@ -53,11 +53,19 @@ async def test_listing_and_filters_show_only_the_tokens_streams(served: Any, wri
         assert [s["stream"] for s in r.json()["streams"]] == ["a1"]
         r = await client.get("/streams", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
         assert sorted(s["stream"] for s in r.json()["streams"]) == ["a1", "b1"]
-        # A filter over many streams, resumed from the very first event: only the tenant's own.
-        r = await client.get("/events/ndjson", headers={**tenant("a"), "Last-Event-ID": "a1:0"})
-        assert r.status_code == 200
-        lines = [orjson.loads(line) for line in r.text.splitlines()]
-        assert {e["stream"] for e in lines} == {"a1"}
+        await writer(served.bus, "a2", ["again"], meta={"tenant": "a"})
+        # A filter over many streams, resumed from the very first event: only the tenant's own,
+        # though b1 came between a1 and a2.
+        seen = []
+        headers = {**tenant("a"), "Last-Event-ID": "a1:0"}
+        async with client.stream("GET", "/events/ndjson", headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                event = orjson.loads(line)
+                seen.append(event["stream"])
+                if event["stream"] == "a2" and event["type"] == "end":
+                    break
+        assert set(seen) == {"a1", "a2"}
 
 
 @scoped
@@ -79,12 +87,14 @@ async def test_a_stream_outside_the_scope_gets_403_on_every_route(served: Any, w
         body = {"model": "*", "stream": True, "stream_id": "b1"}
         r = await client.post("/v1/chat/completions", json=body, headers=tenant("a"))
         assert r.status_code == 403 and "outside this token's scope" in r.json()["error"]["message"]
-        # The AI SDK routes: another tenant's chat is not found for this token.
-        assert (await client.get("/api/chat/cb/stream", headers=tenant("a"))).status_code == 204
-        r = await client.get("/api/chat/ca/stream", headers=tenant("a"))
-        assert r.status_code == 200 and "for " in r.text
-        r = await client.post("/api/chat", json={"id": "cb", "messages": []}, headers=tenant("a"))
-        assert r.status_code == 404
+        # The AI SDK routes: another tenant's chat, live, is not found for this token.
+        async with served.bus.stream(model="m", stream="b-live", meta={"tenant": "b", "chat": "cb-live"}) as w:
+            await w.delta("b is typing")
+            assert (await client.get("/api/chat/cb-live/stream", headers=tenant("a"))).status_code == 204
+            r = await client.post("/api/chat", json={"id": "cb-live", "messages": []}, headers=tenant("a"))
+            assert r.status_code == 404
+            r = await client.get("/api/chat/cb-live/stream", headers=tenant("a", streams=["b-live"]))
+            assert r.status_code == 204
         # A token scoped by ids.
         ids = {"Authorization": "Bearer " + mint_token(SECRET, streams=["b1"])}
         assert (await client.get("/streams/b1/text", headers=ids)).text == "for b"
@@ -138,7 +148,9 @@ async def test_bad_tokens_get_401_with_the_reason_and_disturb_nobody(
                 await w.end("stop")
                 rest = "".join([c async for c in chunks])
                 assert rest == ""
-        text = repr(logs) + caplog.text
+        # The test's own HTTP client logs its request URLs (query included); the server's lines are what count.
+        server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+        text = repr(logs) + "\n".join(server_lines)
         assert any(e["event"] == "http.unauthorized" for e in logs)
         for _name, token, _reason in _bad_tokens():
             for part in token.split("."):
@@ -153,7 +165,7 @@ async def test_a_missing_or_huge_token_is_refused_and_the_server_goes_on(served:
     await _two_tenants(served, writer)
     async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
         r = await client.get("/streams/a1/text")
-        assert (r.status_code, r.text) == (401, "missing token")
+        assert (r.status_code, r.text) == (401, "missing token\n")
         r = await client.get("/streams/a1/text", headers={"Authorization": "Bearer " + "eyJ" + "A" * 100_000})
         assert r.status_code in (400, 431)
         r = await client.get("/streams/a1/text", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
@@ -177,7 +189,7 @@ async def test_the_static_token_alone_answers_as_before(served: Any, writer: Any
     await writer(served.bus, "s1", ["ok"])
     async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
         r = await client.get("/streams/s1/text", headers={"Authorization": "Bearer " + mint_token(SECRET, streams="*")})
-        assert (r.status_code, r.text) == (401, "missing or wrong bearer token")
+        assert (r.status_code, r.text) == (401, "missing or wrong bearer token\n")
         r = await client.get("/streams/s1/text", params={"token": OPERATOR_TOKEN})
         assert (r.status_code, r.text) == (200, "ok")
 
@@ -189,10 +201,10 @@ def test_jwt_config_keys_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setenv("SB_HTTP_JWT", SECRET)
     pipeline = parse_config(
-        '[[sinks]]\ntype = "http"\nhost = "0.0.0.0"\njwt_secret_env = "SB_HTTP_JWT"\njwt_algorithms = ["HS256"]\n',
-        source="t.toml",
+        {"sinks": [{"type": "http", "host": "0.0.0.0", "jwt_secret_env": "SB_HTTP_JWT", "jwt_algorithms": ["HS256"]}]},
+        path="t.toml",
     )
-    sink = pipeline.sinks[0].plugin
+    sink = pipeline.sinks[0].sink
     assert isinstance(sink, HttpSink)
     sink.preflight()
     auth = sink.authenticator()
