@@ -135,7 +135,7 @@ def plugins_command() -> None:
 def _parse_ttl(value: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = value.strip().lower()
-    factor = units.get(text[-1:], None)
+    factor = units.get(text[-1:])
     number = text[:-1] if factor is not None else text
     try:
         seconds = float(number) * (factor or 1)
@@ -153,7 +153,9 @@ def _parse_ttl(value: str) -> float:
 @click.option("--ttl", default="1h", show_default=True, help="How long the token is valid: seconds, or 15m, 2h, 1d.")
 @click.option("--secret-env", metavar="VAR", help="Environment variable holding the HMAC secret (HS256).")
 @click.option(
-    "--secret-file", type=click.Path(dir_okay=False), help="File holding the HMAC secret (HS256); instead of --secret-env."
+    "--secret-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the HMAC secret (HS256); instead of --secret-env.",
 )
 @click.option(
     "--private-key-file",
@@ -193,10 +195,10 @@ def token_command(
         raise click.UsageError("give exactly one of --secret-env, --secret-file and --private-key-file")
     tags: dict[str, list[str]] = {}
     for item in meta:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        tag, sep, value = item.partition("=")
+        if not sep or not tag.strip():
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
-        tags.setdefault(key.strip(), []).append(value)
+        tags.setdefault(tag.strip(), []).append(value)
     if not streams and not tags:
         raise click.UsageError("name what the token may read: --stream ID (or --stream '*') and/or --meta KEY=VALUE")
     seconds = _parse_ttl(ttl)
@@ -213,7 +215,7 @@ def token_command(
             algorithm = algorithm or "HS256"
         token = mint_token(
             key,
-            streams=chosen,  # type: ignore[arg-type]
+            streams=chosen,
             meta={k: v[0] if len(v) == 1 else v for k, v in tags.items()} or None,
             stop=stop,
             ttl=seconds,
@@ -224,7 +226,9 @@ def token_command(
         )
     except ValueError as exc:
         # Names the option, variable or file; never the secret.
-        raise click.ClickException(str(exc).replace("--secret_env", "--secret-env").replace("--secret_file", "--secret-file")) from None
+        raise click.ClickException(
+            str(exc).replace("--secret_env", "--secret-env").replace("--secret_file", "--secret-file")
+        ) from None
     click.echo(token)
 
 

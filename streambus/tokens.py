@@ -187,7 +187,9 @@ class Scope:
     def check_read(self, start: Any) -> None:
         """Raise :class:`OutOfScope` naming the stream unless the bearer may read the stream opened by *start*."""
         if not self.may_read(start):
-            raise OutOfScope(f"stream {_shown_ids([start.stream])} is outside this token's scope", streams=[start.stream])
+            raise OutOfScope(
+                f"stream {_shown_ids([start.stream])} is outside this token's scope", streams=[start.stream]
+            )
 
     def check_stop(self, start: Any) -> None:
         """Raise :class:`OutOfScope` unless the bearer may stop the stream opened by *start* (names what is missing)."""
@@ -273,7 +275,9 @@ def _load_public_key(data: bytes, where: str) -> Any:
     try:
         return load_pem_public_key(data)
     except (ValueError, TypeError):
-        raise ValueError(f"{where}: not a PEM public key (BEGIN PUBLIC KEY); give the public half, never the private key") from None
+        raise ValueError(
+            f"{where}: not a PEM public key (BEGIN PUBLIC KEY); give the public half, never the private key"
+        ) from None
 
 
 def _key_algorithms(key: Any) -> frozenset[str]:
@@ -304,7 +308,7 @@ class TokenVerifier:
     the configuration is unsafe or inconsistent.
     """
 
-    __slots__ = ("algorithms", "audience", "issuer", "leeway", "max_bytes", "_public_key", "_secret")
+    __slots__ = ("_public_key", "_secret", "algorithms", "audience", "issuer", "leeway", "max_bytes")
 
     def __init__(
         self,
@@ -423,8 +427,10 @@ class TokenVerifier:
             allowed = ", ".join(sorted(self.algorithms))
             raise TokenError(f"token algorithm not allowed (this server accepts {allowed})")
         # Each algorithm meets the key of its own family only: never the public key as an HMAC secret.
-        key = self._secret if alg in HMAC_ALGORITHMS else self._public_key
-        options: dict[str, Any] = {"require": ["exp"] + (["aud"] if self.audience else []) + (["iss"] if self.issuer else [])}
+        key: Any = self._secret if alg in HMAC_ALGORITHMS else self._public_key
+        options: dict[str, Any] = {
+            "require": ["exp"] + (["aud"] if self.audience else []) + (["iss"] if self.issuer else [])
+        }
         try:
             claims = jwt.decode(
                 token,

@@ -55,17 +55,13 @@ def _start(stream: str = "s1", **meta: Any) -> StartEvent:
 
 def _pem_public(key: Any) -> bytes:
     return bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
 
 def _pem_private(key: Any) -> bytes:
     return bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
 
@@ -147,9 +143,11 @@ def test_an_algorithm_outside_the_allow_list_is_refused(rsa_key: Any) -> None:
     for algorithm in ("HS384", "HS512"):
         with pytest.raises(TokenError, match="algorithm not allowed"):
             verifier.verify(mint_token(SECRET, streams="*", algorithm=algorithm))
-    assert TokenVerifier(secret=SECRET, algorithms=["HS512"]).verify(
-        mint_token(SECRET, streams="*", algorithm="HS512")
-    ).unrestricted
+    assert (
+        TokenVerifier(secret=SECRET, algorithms=["HS512"])
+        .verify(mint_token(SECRET, streams="*", algorithm="HS512"))
+        .unrestricted
+    )
     with pytest.raises(TokenError, match="algorithm not allowed"):
         verifier.verify(mint_token(rsa_key, streams="*", algorithm="RS256"))
 

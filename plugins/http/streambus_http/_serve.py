@@ -96,7 +96,9 @@ async def open_stream(
             known = hub.start_of(stream)
             try:
                 if known is None:
-                    raise OutOfScope(f"the start of stream {stream[:64]!r} is unknown here, so its scope cannot be judged")
+                    raise OutOfScope(
+                        f"the start of stream {stream[:64]!r} is unknown here, so its scope cannot be judged"
+                    )
                 scope.check_read(known)
             except OutOfScope as exc:
                 raise HttpStreamError(exc.message, status=403) from None

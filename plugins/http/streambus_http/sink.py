@@ -140,7 +140,9 @@ class HttpSink(PluginBase):
     overflow = "coalesce"
     buffer = 4096
 
-    def __init__(self, options: Options | None = None, *, verifier: TokenVerifier | None = None, **keywords: Any) -> None:
+    def __init__(
+        self, options: Options | None = None, *, verifier: TokenVerifier | None = None, **keywords: Any
+    ) -> None:
         if options is not None and keywords:
             raise TypeError("pass either an Options or keywords, not both")
         self.options = options or self.Options(**keywords)

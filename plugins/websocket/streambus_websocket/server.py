@@ -216,7 +216,7 @@ class WebSocketSink(PluginBase):
     buffer: ClassVar[int] = 4096
 
     def preflight(self) -> None:
-        """Check the token sources (``tokens_file`` holds a token, ``jwt_*`` keys load); nothing is opened for serving."""
+        """Check the token sources (``tokens_file`` holds a token, ``jwt_*`` keys load); nothing is served."""
         self._load_verifier()
         path = self.options.tokens_file
         if path:
@@ -560,9 +560,11 @@ class WebSocketSink(PluginBase):
         if not self._auth.required:
             return self._auth.authenticate(None)
         # One value at most: _process_request refused duplicates before the upgrade.
-        header = (request.headers.get_all("Authorization") or [None])[0]
-        query = urllib.parse.parse_qs(request.path.partition("?")[2])
-        return self._auth.authenticate(bearer_credential(header, (query.get("token") or [None])[0]))
+        headers = request.headers.get_all("Authorization")
+        tokens = urllib.parse.parse_qs(request.path.partition("?")[2]).get("token")
+        return self._auth.authenticate(
+            bearer_credential(headers[0] if headers else None, tokens[0] if tokens else None)
+        )
 
     # -- one connection ----------------------------------------------------------------
     async def _handle(self, ws: Any) -> None:
@@ -926,7 +928,11 @@ class WebSocketSink(PluginBase):
                     scope.check_read(stream_log.start)
             return scope.narrow(flt)
         except OutOfScope as exc:
-            field = "meta" if exc.meta is not None else ("streams" if set(exc.streams) & set(message.streams or ()) else "since")
+            field = (
+                "meta"
+                if exc.meta is not None
+                else ("streams" if set(exc.streams) & set(message.streams or ()) else "since")
+            )
             raise ProtocolError(ErrorCode.FORBIDDEN, exc.message, field=field, id=message.id) from None
 
     # -- the hot path -------------------------------------------------------------------

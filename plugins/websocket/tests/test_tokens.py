@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import jwt
 import orjson
 import pytest
@@ -182,7 +181,7 @@ def _none_token() -> str:
 def _bad_tokens() -> list[tuple[str, str, str]]:
     now = time.time()
     good = tenant_token("a")
-    head, payload, signature = good.split(".")
+    head, _payload, signature = good.split(".")
     widened = _b64(orjson.dumps({"exp": int(now) + 60, "streambus": {"streams": "*", "stop": True}}))
     nbf = {"exp": int(now) + 600, "nbf": int(now) + 300, "streambus": {"streams": "*"}}
     return [
@@ -203,9 +202,7 @@ def _bad_tokens() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("where", ["header", "query"])
-async def test_bad_tokens_get_a_clear_refusal_and_disturb_nobody(
-    where: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_bad_tokens_get_a_clear_refusal_and_disturb_nobody(where: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     async with scoped_server() as (bus, sink):
         async with bus.stream(model="m", meta={"tenant": "a"}) as w:
