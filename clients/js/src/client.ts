@@ -1,4 +1,4 @@
-import { ConnectionClosedError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";
+import { ConnectionClosedError, ForbiddenError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";
 import { type BusEvent, parseEvent } from "./events.js";
 import { StreamText } from "./stream.js";
 
@@ -84,7 +84,7 @@ interface Listeners {
   error: (error: StreamBusError) => void;
 }
 
-const FATAL_CLOSE = new Set([1009, 4001, 4004]);
+const FATAL_CLOSE = new Set([1009, 4001, 4004, 4005]);
 
 /**
  * Follows the streams of a streambus WebSocket broadcaster (docs/websocket-protocol.md): it
@@ -247,7 +247,9 @@ export class StreamBusClient {
       this.fail(
         code === 4001
           ? new UnauthorizedError(4001, `unauthorized (close 4001): ${this.opts.token ? "the token was refused" : "the server needs a token"}`)
-          : new ConnectionClosedError(code, reason),
+          : code === 4005
+            ? new UnauthorizedError(4005, "token expired (close 4005): connect again with a new token")
+            : new ConnectionClosedError(code, reason),
       );
       return;
     }
@@ -313,6 +315,11 @@ export class StreamBusClient {
         this.subscribed(m);
         break;
       case "error": {
+        if (m.code === "forbidden") {
+          // Outside the token's scope: no subscription was made, so connect() cannot resolve.
+          this.fail(new ForbiddenError(String(m.message ?? ""), m.field));
+          break;
+        }
         const error = new ServerError(String(m.code), String(m.message ?? ""), m.field);
         if (m.code === "too_many_streams") {
           // Too many streams to resume in one request: reload them all from a snapshot instead.
