@@ -1,8 +1,8 @@
 """A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
-[--jwt-secret-env VAR] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``. It prints one JSON line with the URLs
-(structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one
+[--jwt-secret-env VAR] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``.
+It prints one JSON line with the URLs (structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one
 JSON object per line on stdin, and answers each with one JSON line (``{"ok": true}`` or
 ``{"error": "..."}``) once the command's events are published:
 
