@@ -3,8 +3,8 @@
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
 [--jwt-secret-env VAR] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``.
 It prints one JSON line with the URLs (structlog's lines share stdout, so protocol lines start
-with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one JSON line (``{"ok": true}`` or
-``{"error": "..."}``) once the command's events are published:
+with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one
+JSON line (``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
 
 - ``{"cmd": "start", "id": "s1", "model": "m", "meta": {...}}`` opens a stream (writer kept open);
 - ``{"cmd": "delta", "id": "s1", "text": "...", "channel": "content"}``;
