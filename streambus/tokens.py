@@ -192,10 +192,13 @@ class Scope:
             )
 
     def check_stop(self, start: Any) -> None:
-        """Raise :class:`OutOfScope` unless the bearer may stop the stream opened by *start* (names what is missing)."""
-        self.check_read(start)
+        """Raise :class:`OutOfScope` unless the bearer may stop the stream opened by *start* (names what is missing).
+
+        The stop right is judged first: a token without it learns nothing about the stream.
+        """
         if not self.stop:
             raise OutOfScope("this token may not stop streams (it lacks the stop right)", streams=[start.stream])
+        self.check_read(start)
 
     def check_ids(self, streams: Iterable[str]) -> None:
         """Raise :class:`OutOfScope` naming the ids of *streams* outside the token's ``streams``."""

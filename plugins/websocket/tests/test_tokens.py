@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -269,6 +270,31 @@ async def test_a_tenant_token_never_reads_another_tenants_stream_over_the_wire()
                 await w.end("stop")
                 await mallory.send({"op": "ping", "id": "last"})
                 assert await mallory.expect("pong") == {"op": "pong", "id": "last"}
+
+
+async def test_tokens_and_the_secret_never_reach_a_recording_or_the_logs(tmp_path: Path) -> None:
+    from streambus.builtins.recorder import RecorderSink
+
+    good, forged = tenant_token("a", stop=True), mint_token(secrets.token_urlsafe(32), streams="*")
+    with structlog.testing.capture_logs() as logs:
+        async with scoped_server() as (bus, sink):
+            recorder = RecorderSink(path=str(tmp_path / "{stream}.jsonl"), fsync="every_event")
+            bus.add_sink(recorder, name="recorder")
+            async with connect(sink.url + "?token=" + good) as alice:
+                await alice.subscribe(id=1)
+                async with connect(sink.url, hello=False, additional_headers=_auth(forged)) as intruder:
+                    assert (await intruder.closed())[0] == CloseCode.UNAUTHORIZED
+                async with bus.stream(model="m", meta={"tenant": "a"}) as w:
+                    await w.delta("recorded text")
+                await alice.events_until_end(w.stream)
+            await bus.shutdown()
+    written = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"recorded text" in written
+    text = written.decode() + repr(logs)
+    for token in (good, forged):
+        for part in token.split("."):
+            assert part not in text
+    assert SECRET not in text and OPERATOR_TOKEN not in text
 
 
 # -- configuration -------------------------------------------------------------------------------------
