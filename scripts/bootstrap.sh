@@ -73,7 +73,7 @@ fi
 # Node tests read streams with npm packages pinned in each folder's package-lock.json;
 # install them where Node is present. Safe to run again.
 if command -v npm >/dev/null 2>&1; then
-  for lock in plugins/*/tests/node/package-lock.json clients/*/package-lock.json; do
+  for lock in plugins/*/tests/node/package-lock.json clients/*/package-lock.json clients/*/examples/*/package-lock.json; do
     [ -f "$lock" ] || continue
     node_dir=$(dirname "$lock")
     if ! cmp -s "$lock" "$node_dir/node_modules/.streambus-lock" 2>/dev/null; then

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import jwt
 import orjson
 import pytest
@@ -288,7 +289,7 @@ async def test_tokens_and_the_secret_never_reach_a_recording_or_the_logs(tmp_pat
                     await w.delta("recorded text")
                 await alice.events_until_end(w.stream)
             await bus.shutdown()
-    written = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    written = b"".join([await p.read_bytes() async for p in anyio.Path(tmp_path).iterdir()])
     assert b"recorded text" in written
     text = written.decode() + repr(logs)
     for token in (good, forged):
