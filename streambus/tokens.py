@@ -415,7 +415,10 @@ class TokenVerifier:
                 issuer=issuer,
             )
         except ValueError as exc:
-            raise ValueError(f"{prefix}{exc}") from None
+            # Name the option the value came from: "jwt_secret_env: ...", "jwt_public_key_file: ...".
+            key, sep, problem = str(exc).partition(": ")
+            source = {"secret": "secret_env" if secret_env else "secret_file", "public_key": "public_key_file"}
+            raise ValueError(f"{prefix}{source.get(key, key)}{sep}{problem}") from None
 
     def verify(self, token: str) -> Scope:
         """The scope *token* grants; raises :class:`TokenError` with a safe reason when it is not acceptable."""

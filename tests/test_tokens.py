@@ -270,7 +270,7 @@ def test_load_reads_the_secret_from_env_or_file(monkeypatch: pytest.MonkeyPatch,
         ({"secret_env": "SB_TEST_UNSET_VAR"}, "jwt_secret_env: environment variable SB_TEST_UNSET_VAR is not set"),
         ({"secret_file": str(tmp_path / "nope")}, "jwt_secret_file: cannot read"),
         ({"public_key_file": str(tmp_path / "nope.pem")}, "jwt_public_key_file: cannot read"),
-        ({"secret_env": "SB_TEST_SHORT"}, "jwt_secret: at least 32 bytes"),
+        ({"secret_env": "SB_TEST_SHORT"}, "jwt_secret_env: at least 32 bytes"),
     ):
         with pytest.raises(ValueError, match=problem) as caught:
             TokenVerifier.load(prefix="jwt_", **kwargs)  # type: ignore[arg-type]

@@ -210,7 +210,7 @@ def test_jwt_config_keys_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> No
     auth = sink.authenticator()
     assert auth.authenticate(mint_token(SECRET, meta={"tenant": "a"})).meta == {"tenant": frozenset({"a"})}
     monkeypatch.setenv("SB_HTTP_SHORT", "tiny-secret-value")
-    with pytest.raises(ValueError, match="jwt_secret: at least 32 bytes") as caught:
+    with pytest.raises(ValueError, match="jwt_secret_env: at least 32 bytes") as caught:
         HttpSink(jwt_secret_env="SB_HTTP_SHORT").preflight()
     assert "tiny-secret-value" not in str(caught.value)
     with pytest.raises(ValueError, match="jwt_secret_env: environment variable SB_HTTP_UNSET"):

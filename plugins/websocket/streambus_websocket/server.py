@@ -217,7 +217,7 @@ class WebSocketSink(PluginBase):
 
     def preflight(self) -> None:
         """Check the token sources (``tokens_file`` holds a token, ``jwt_*`` keys load); nothing is served."""
-        self._load_verifier()
+        self._verifier_from_options()
         path = self.options.tokens_file
         if path:
             require_readable_file("tokens_file", path)
@@ -481,21 +481,25 @@ class WebSocketSink(PluginBase):
             for client in list(self._clients):
                 await client.wait_idle()
 
-    def _load_verifier(self) -> TokenVerifier | None:
+    def _verifier_from_options(self) -> TokenVerifier | None:
+        """The scoped-token verifier; raises ``ValueError`` naming the ``jwt_*`` key (never the secret)."""
         opts = self.options
         if self._verifier is not None:
             return self._verifier
+        return TokenVerifier.load(
+            secret_env=opts.jwt_secret_env,
+            secret_file=opts.jwt_secret_file,
+            public_key_file=opts.jwt_public_key_file,
+            algorithms=opts.jwt_algorithms or None,
+            leeway=opts.jwt_leeway,
+            audience=opts.jwt_audience,
+            issuer=opts.jwt_issuer,
+            prefix="jwt_",
+        )
+
+    def _load_verifier(self) -> TokenVerifier | None:
         try:
-            return TokenVerifier.load(
-                secret_env=opts.jwt_secret_env,
-                secret_file=opts.jwt_secret_file,
-                public_key_file=opts.jwt_public_key_file,
-                algorithms=opts.jwt_algorithms or None,
-                leeway=opts.jwt_leeway,
-                audience=opts.jwt_audience,
-                issuer=opts.jwt_issuer,
-                prefix="jwt_",
-            )
+            return self._verifier_from_options()
         except ValueError as exc:
             raise BroadcasterError(str(exc)) from None
 

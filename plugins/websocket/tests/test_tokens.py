@@ -331,7 +331,7 @@ def test_bad_jwt_settings_are_refused_naming_the_key(monkeypatch: pytest.MonkeyP
         WebSocketSink(jwt_secret_env="X", jwt_leeway=1000)
     for options, problem in (
         ({"jwt_secret_env": "SB_WS_UNSET"}, "jwt_secret_env: environment variable SB_WS_UNSET is not set"),
-        ({"jwt_secret_env": "SB_WS_SHORT"}, "jwt_secret: at least 32 bytes"),
+        ({"jwt_secret_env": "SB_WS_SHORT"}, "jwt_secret_env: at least 32 bytes"),
         ({"jwt_public_key_file": "/nonexistent.pem"}, "jwt_public_key_file: cannot read /nonexistent.pem"),
         ({"jwt_secret_env": "SB_WS_SHORT", "jwt_algorithms": ["none"]}, "jwt_"),
     ):
@@ -340,3 +340,22 @@ def test_bad_jwt_settings_are_refused_naming_the_key(monkeypatch: pytest.MonkeyP
         assert "tiny-secret-value" not in str(caught.value)
     # A public bind is fine with scoped tokens alone.
     WebSocketSink(host="0.0.0.0", jwt_secret_env="SB_WS_SHORT")
+
+
+def test_streambus_check_names_the_jwt_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from streambus.cli import main
+
+    monkeypatch.setenv("SB_CHECK_SHORT", "tiny-secret-value")
+    config = tmp_path / "p.toml"
+    for options, problem in (
+        ('jwt_secret_env = "SB_CHECK_UNSET"', "sinks[0].jwt_secret_env: environment variable SB_CHECK_UNSET"),
+        ('jwt_secret_env = "SB_CHECK_SHORT"', "sinks[0].jwt_secret_env: at least 32 bytes"),
+        ('jwt_public_key_file = "/nonexistent.pem"', "sinks[0].jwt_public_key_file: cannot read /nonexistent.pem"),
+    ):
+        config.write_text(f'[[sinks]]\ntype = "websocket"\n{options}\n')
+        result = CliRunner().invoke(main, ["check", str(config)])
+        assert result.exit_code == 1, result.output
+        assert problem in result.output
+        assert "tiny-secret-value" not in result.output and "Traceback" not in result.output
