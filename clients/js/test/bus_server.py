@@ -1,7 +1,7 @@
 """A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
-[--jwt-secret-env VAR] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``.
+[--jwt-secret-env VAR] [--jwt-leeway S] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``.
 It prints one JSON line with the URLs (structlog's lines share stdout, so protocol lines start
 with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one
 JSON line (``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
@@ -119,6 +119,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--token")
     parser.add_argument("--jwt-secret-env", help="accept scoped tokens signed with the secret in this variable")
+    parser.add_argument("--jwt-leeway", type=float, default=5.0, help="seconds of clock skew tolerated on exp")
     parser.add_argument("--history-events", type=int, default=2000)
     parser.add_argument("--max-subscribe-streams", type=int, default=256)
     parser.add_argument("--per-stream", type=int, default=10000)
@@ -128,10 +129,17 @@ async def main() -> None:
             port=0,
             token=args.token,
             jwt_secret_env=args.jwt_secret_env,
+            jwt_leeway=args.jwt_leeway,
             history_events=args.history_events,
             max_subscribe_streams=args.max_subscribe_streams,
         )
-        http = HttpSink(port=0, token=args.token, jwt_secret_env=args.jwt_secret_env, per_stream=args.per_stream)
+        http = HttpSink(
+            port=0,
+            token=args.token,
+            jwt_secret_env=args.jwt_secret_env,
+            jwt_leeway=args.jwt_leeway,
+            per_stream=args.per_stream,
+        )
         bus.add_sink(sink)
         bus.add_sink(http)
         ws_url = await sink.wait_ready()

@@ -21,7 +21,7 @@ describe("scoped tokens", () => {
   let bus;
   let tenantA;
   before(async () => {
-    bus = await startBus(["--token", "operator-static", "--jwt-secret-env", SECRET_ENV]);
+    bus = await startBus(["--token", "operator-static", "--jwt-secret-env", SECRET_ENV, "--jwt-leeway", "0"]);
     tenantA = mint("--meta", "tenant=a", "--ttl", "10m");
   });
   after(async () => bus.stop());
@@ -80,5 +80,18 @@ describe("scoped tokens", () => {
     t.after(() => operator.close());
     await operator.connect();
     assert.equal(operator.state, "live");
+  });
+
+  test("a token that expires while connected stops the client with UnauthorizedError (4005)", async (t) => {
+    const client = new StreamBusClient({ url: bus.ws, WebSocket, token: mint("--meta", "tenant=a", "--ttl", "1") });
+    t.after(() => client.close());
+    const errors = [];
+    client.on("error", (e) => errors.push(e));
+    await client.connect();
+    await until(client, () => client.state === "closed");
+    // The server's `token_expired` error frame, then the close it announces.
+    assert.deepEqual(errors.map((e) => e.name), ["ServerError", "UnauthorizedError"]);
+    assert.equal(errors[0].code, "token_expired");
+    assert.equal(errors[1].code, 4005);
   });
 });
