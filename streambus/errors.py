@@ -17,6 +17,8 @@ so ``except StreamBusError`` catches them all::
     ├── SubscriptionClosed     a subscription was closed by the bus
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
+    ├── TokenError             streambus.tokens: a credential was refused (missing, forged, expired...)
+    ├── OutOfScope             streambus.tokens: a valid scoped token asked for streams it does not cover
     │
     │   raised by plugins, defined in their packages:
     ├── ProxyError             streambus_proxy: a bad proxy setting (upstream URL, tags header, formats)
