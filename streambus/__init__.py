@@ -21,6 +21,7 @@ from .errors import (
     PluginNotFound,
     RecordingError,
     SinkFailed,
+    StopFailed,
     StreamBusError,
     StreamClosed,
     StreamsFailed,
@@ -43,6 +44,7 @@ from .events import (
 )
 from .logging import configure_logging
 from .plugins import PluginBase
+from .stopping import StopOutcome, StopRoute
 from .subscription import Filter, OverflowPolicy, StreamFailed, Subscription
 from .writer import StreamWriter, new_stream_id
 
@@ -70,6 +72,9 @@ __all__ = [
     "Sink",
     "SinkFailed",
     "StartEvent",
+    "StopFailed",
+    "StopOutcome",
+    "StopRoute",
     "StreamBusError",
     "StreamClosed",
     "StreamFailed",

@@ -18,6 +18,7 @@ with :class:`~streambus.errors.SinkFailed`.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -27,8 +28,9 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
-from .errors import BusClosed, SinkFailed, StreamBusError
+from .errors import BusClosed, SinkFailed, StopFailed, StreamBusError
 from .events import AbortEvent, EndEvent, ErrorEvent, Event, StartEvent
+from .stopping import StopOutcome, StopRoute
 from .subscription import Filter, Firehose, OverflowPolicy, Subscription
 from .writer import StreamWriter
 
@@ -37,6 +39,9 @@ __all__ = ["Bus", "Producer", "Sink"]
 log = structlog.get_logger("streambus.bus")
 
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
+
+# Ended stream ids remembered so a late stop answers "ended" rather than "unknown".
+_ENDED_KEPT = 10_000
 
 
 class _Routes:
@@ -187,6 +192,8 @@ class Bus:
         self._raw = _Routes()  # producers' events, once a stage is interposed
         self._interposed = False
         self._live: dict[str, StartEvent] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._stop_routes: list[StopRoute] = []
         self._writers: dict[str, StreamWriter] = {}
         self._sink_tg: anyio.abc.TaskGroup | None = None
         self._producer_tg: anyio.abc.TaskGroup | None = None
@@ -341,6 +348,73 @@ class Bus:
             return False
         return writer.request_abort(reason, by)
 
+    async def stop(self, stream: str, *, reason: str = "", by: str = "client", forward: bool = True) -> StopOutcome:
+        """Stop *stream* wherever its producer runs; return what became of the request.
+
+        - :attr:`~streambus.stopping.StopOutcome.STOPPED`: the producer runs on
+          this bus; it is cancelled (closing its upstream HTTP response) and
+          publishes one ``abort`` event with *reason* and *by*.
+        - :attr:`~streambus.stopping.StopOutcome.ENDED`: the stream already
+          ended (here, or as the owner reports): a clean no-op.
+        - :attr:`~streambus.stopping.StopOutcome.FORWARDED`: a stop route
+          (see :meth:`add_stop_route`) carried the request to the owner, which
+          stopped it; the ``abort`` arrives here as the owner's other events do.
+        - :attr:`~streambus.stopping.StopOutcome.UNKNOWN`: nobody owns a live
+          stream with that id.
+
+        With ``forward=False`` the routes are not asked (what a route's
+        receiving end uses, so a request never travels twice). Raises
+        :class:`~streambus.errors.StopFailed` when a route's engine is
+        unreachable and no other route answered.
+        """
+        if self.abort(stream, reason, by):
+            return StopOutcome.STOPPED
+        if stream in self._ended:
+            return StopOutcome.ENDED
+        if forward:
+            failure: StopFailed | None = None
+            for route in list(self._stop_routes):
+                try:
+                    outcome = await route.forward_stop(stream, reason=reason, by=by)
+                except StopFailed as exc:
+                    failure = exc
+                    continue
+                if outcome is not StopOutcome.UNKNOWN:
+                    return outcome
+            if stream in self._ended:  # it ended while the routes were asked
+                return StopOutcome.ENDED
+            if failure is not None:
+                raise failure
+            if stream in self._live:
+                # Its events arrive here (a Redis source...) but its producer runs elsewhere.
+                log.warning(
+                    "bus.stop_unrouted",
+                    stream=stream,
+                    routes=len(self._stop_routes),
+                    hint="the stream is live here but owned by another process that no stop route reached "
+                    "(add the redis-control sink to every bus of the deployment)",
+                )
+        return StopOutcome.UNKNOWN
+
+    def add_stop_route(self, route: StopRoute) -> Callable[[], None]:
+        """Let *route* carry :meth:`stop` requests for streams whose producer runs elsewhere.
+
+        An engine linking buses across processes registers one (the Redis
+        plugin's ``redis-control`` sink does, in its ``setup``). Routes are
+        asked in the order they were added, after this bus's own producers.
+        Returns a function that removes the route.
+        """
+        self._stop_routes = [*self._stop_routes, route]
+
+        def remove() -> None:
+            self._stop_routes = [r for r in self._stop_routes if r is not route]
+
+        return remove
+
+    def ended(self, stream: str) -> bool:
+        """Whether *stream* had its terminal event on this bus (the last 10,000 ended streams are remembered)."""
+        return stream in self._ended
+
     def _abort_all(self, reason: str, by: str) -> None:
         for writer in list(self._writers.values()):
             writer.request_abort(reason, by)
@@ -417,6 +491,10 @@ class Bus:
             routes.following.pop(event.stream, None)
             if not processed:
                 self._live.pop(event.stream, None)
+                ended = self._ended
+                ended[event.stream] = None
+                if len(ended) > _ENDED_KEPT:
+                    ended.popitem(last=False)
         return wait
 
     # -- subscribing -------------------------------------------------------------

@@ -6,10 +6,16 @@ Core commands live here; plugins add their own through the
 
 from __future__ import annotations
 
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
 
 import anyio
 import click
+import orjson
 
 from . import __version__
 from .config import Pipeline, load_config
@@ -242,3 +248,94 @@ def _algorithm_for(key: object) -> str:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "EdDSA"
     raise ValueError("private key file: an RSA, EC or Ed25519 key is needed")
+
+
+@main.command(name="abort")
+@click.argument("url")
+@click.argument("stream")
+@click.option("--reason", default="stopped from the command line", show_default=True, help="The abort's reason.")
+@click.option(
+    "--token-env",
+    default="STREAMBUS_TOKEN",
+    show_default=True,
+    help="Environment variable holding the bearer token, if the server needs one (never pass it as an argument).",
+)
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait.")
+def abort_command(url: str, stream: str, reason: str, token_env: str, timeout: float) -> None:
+    """Stop STREAM through the server at URL, wherever its producer runs.
+
+    URL is the http sink's base URL (``http://127.0.0.1:8090``, with its
+    prefix) or the WebSocket broadcaster's (``ws://127.0.0.1:8765/ws``).
+    Prints ``STREAM: stopped`` (or ``forwarded``, or ``ended`` when it had
+    already ended) and exits 0; exits 1 naming the reason when the stream is
+    unknown, the token is refused or the server cannot be reached.
+    """
+    token = os.environ.get(token_env) or None
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        outcome = _abort_http(url, stream, reason, token, timeout)
+    elif scheme in ("ws", "wss"):
+        outcome = _abort_ws(url, stream, reason, token, timeout)
+    else:
+        raise click.UsageError(f"URL must start with http://, https://, ws:// or wss://, got {url!r}")
+    click.echo(f"{stream}: {outcome}")
+
+
+def _abort_http(url: str, stream: str, reason: str, token: str | None, timeout: float) -> str:
+    target = f"{url.rstrip('/')}/streams/{urllib.parse.quote(stream, safe='')}/abort"
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(target, data=orjson.dumps({"reason": reason}), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer: Any = orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            detail = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            detail = {"error": body.decode(errors="replace").strip()}
+        if isinstance(detail, dict) and detail.get("outcome") == "unknown":
+            raise click.ClickException(f"{stream}: unknown (no live stream of that id)") from None
+        message = detail.get("error") if isinstance(detail, dict) else None
+        raise click.ClickException(f"{stream}: HTTP {exc.code}: {message or exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason_text = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach {url}: {reason_text}") from None
+    return str(answer.get("outcome", "?")) if isinstance(answer, dict) else "?"
+
+
+def _abort_ws(url: str, stream: str, reason: str, token: str | None, timeout: float) -> str:
+    try:
+        from websockets.exceptions import InvalidStatus, WebSocketException
+        from websockets.sync.client import connect
+    except ImportError:
+        raise click.ClickException(
+            "a ws:// URL needs the websockets library: pip install streambus-websocket"
+        ) from None
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        with connect(url, additional_headers=headers, open_timeout=timeout, proxy=None) as ws:
+            ws.send(orjson.dumps({"op": "abort", "stream": stream, "reason": reason, "id": "cli"}).decode())
+            while True:
+                frame = orjson.loads(ws.recv(timeout=timeout))
+                op = frame.get("op") if isinstance(frame, dict) else None
+                if op == "aborted" and frame.get("id") == "cli":
+                    return str(frame.get("outcome", "?"))
+                if op == "error":
+                    code = frame.get("code")
+                    if code == "unknown_stream":
+                        raise click.ClickException(f"{stream}: unknown (no live stream of that id)")
+                    raise click.ClickException(f"{stream}: {code}: {frame.get('message', '')}")
+    except TimeoutError:
+        raise click.ClickException(f"{url} did not answer within {timeout:g} s") from None
+    except InvalidStatus as exc:
+        raise click.ClickException(f"{url} refused the connection: HTTP {exc.response.status_code}") from None
+    except (WebSocketException, OSError) as exc:
+        detail = getattr(exc, "rcvd", None)
+        if detail is not None and detail.code == 4001:
+            raise click.ClickException(
+                f"{url}: unauthorized (the token is missing or wrong; see --token-env)"
+            ) from None
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None

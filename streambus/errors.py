@@ -17,6 +17,7 @@ so ``except StreamBusError`` catches them all::
     ├── SubscriptionClosed     a subscription was closed by the bus
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
+    ├── StopFailed             a stop route could not reach the stream's owner
     ├── TokenError             streambus.tokens: a credential was refused (missing, forged, expired...)
     ├── OutOfScope             streambus.tokens: a valid scoped token asked for streams it does not cover
     │
@@ -46,6 +47,7 @@ __all__ = [
     "PluginNotFound",
     "RecordingError",
     "SinkFailed",
+    "StopFailed",
     "StreamBusError",
     "StreamClosed",
     "StreamsFailed",
@@ -204,3 +206,12 @@ class SinkFailed(StreamBusError):
     def __init__(self, name: str) -> None:
         super().__init__(f"critical sink {name!r} failed")
         self.name = name
+
+
+class StopFailed(StreamBusError):
+    """A stop route could not carry a stop request (its engine is unreachable).
+
+    Raised by :meth:`Bus.stop <streambus.Bus.stop>`; the edges answer it with
+    503 (HTTP) or the ``stop_failed`` error (WebSocket). Retrying later may
+    help. The message names the route, never a credential.
+    """

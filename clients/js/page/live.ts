@@ -66,11 +66,18 @@ function card(id: string): Card {
   el.dataset.stream = id;
   el.dataset.state = "live";
   el.innerHTML = `<div class="head"><span class="model"></span><span class="provider"></span>
-      <span class="badge state">live</span><span class="sid"></span></div>
+      <span class="badge state">live</span><button class="stop" type="button" title="stop this stream">stop</button><span class="sid"></span></div>
       <details class="reasoning" open hidden><summary>reasoning</summary><div class="reasoning-text"></div></details>
       <div class="tool" hidden>tool call <div class="tool-text"></div></div>
       <div class="content"></div><div class="flags" hidden></div><div class="foot"></div>`;
   (el.querySelector(".sid") as HTMLElement).textContent = id;
+  // Stop the stream wherever its producer runs (the protocol's `abort` op); its `abort` event then ends the card.
+  (el.querySelector("button.stop") as HTMLButtonElement).addEventListener("click", () => {
+    client.stop(id, { reason: "stopped from the live page" }).then(
+      (r) => logLine(`stop ${id}: ${r.outcome}`, "ok"),
+      (err: Error) => logLine(`stop ${id}: ${err.message}`, "bad"),
+    );
+  });
   document.getElementById("empty")?.remove();
   $("#streams").prepend(el);
   const q = (sel: string): HTMLElement => el.querySelector(sel) as HTMLElement;

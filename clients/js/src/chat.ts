@@ -16,6 +16,17 @@ export interface ChatTransportOptions {
   /** Extra JSON fields for every POST body. */
   body?: Record<string, unknown>;
   fetch?: typeof fetch;
+  /** When the SDK aborts a request (`useChat`'s `stop()`), also stop the chat's stream on the bus (default true). */
+  stopOnAbort?: boolean;
+}
+
+/** What the server answered to {@link StreamBusChatTransport.stop}. */
+export interface ChatStopResult {
+  chat: string;
+  /** The stream stopped (absent when the chat had no live stream). */
+  stream?: string;
+  /** `stopped`, `forwarded` (stopped on the host that owns it), `ended` (nothing was live) or `unknown` (no stream of that chat). */
+  outcome: "stopped" | "forwarded" | "ended" | "unknown";
 }
 
 interface RequestOptions {
@@ -28,8 +39,9 @@ interface RequestOptions {
  * A Vercel AI SDK `ChatTransport` over the http sink: `sendMessages` posts to `POST /api/chat`
  * (the sink follows the stream whose `start.meta.chat` is the chat id), `reconnectToStream`
  * reads `GET /api/chat/{id}/stream` (the chat's live stream from its beginning, or `null` after
- * it ended). Aborting (`useChat`'s `stop()`) ends the response on this client; the stream on the
- * bus goes on (the server has no stop operation yet, see docs/js-client.md).
+ * it ended). Aborting (`useChat`'s `stop()`) ends the response on this client and stops the chat's
+ * stream on the bus with `POST {api}/{id}/abort` (unless `stopOnAbort` is false), so the model
+ * stops generating and every other view of the chat sees it end.
  *
  * ```ts
  * useChat({ transport: new StreamBusChatTransport<UIMessage, UIMessageChunk>({ api: "/api/chat" }) })
@@ -60,21 +72,73 @@ export class StreamBusChatTransport<UI_MESSAGE = unknown, CHUNK = UIChunk> {
       trigger: options.trigger,
       messageId: options.messageId,
     };
-    const res = await this.request(this.opts.api, {
+    const unwatch = this.watchAbort(options.chatId, options.abortSignal);
+    try {
+      const res = await this.request(this.opts.api, {
+        method: "POST",
+        headers: { ...this.headers(options.headers), "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal: options.abortSignal ?? null,
+      });
+      return chunks<CHUNK>(res, this.opts.api, unwatch);
+    } catch (err) {
+      unwatch();
+      throw err;
+    }
+  }
+
+  /**
+   * Stop the chat's live stream on the bus (`POST {api}/{chatId}/abort`), wherever its producer runs.
+   * Resolves with the server's answer (`outcome` `unknown` when the chat has no stream); rejects with
+   * {@link UnauthorizedError} or {@link HttpError} for a refusal.
+   */
+  async stop(chatId: string, options: { reason?: string } = {}): Promise<ChatStopResult> {
+    const url = `${this.opts.api}/${encodeURIComponent(chatId)}/abort`;
+    const res = await (this.opts.fetch ?? globalThis.fetch)(url, {
       method: "POST",
-      headers: { ...this.headers(options.headers), "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: options.abortSignal ?? null,
+      headers: { ...this.headers(), "Content-Type": "application/json" },
+      body: JSON.stringify(options.reason ? { reason: options.reason } : {}),
     });
-    return chunks<CHUNK>(res, this.opts.api);
+    const text = await res.text();
+    if (res.ok || res.status === 404) {
+      try {
+        return JSON.parse(text) as ChatStopResult;
+      } catch {
+        throw new ProtocolError(`${url}: the stop answer is not JSON: ${text.slice(0, 80)}`);
+      }
+    }
+    throw res.status === 401 ? new UnauthorizedError(401, `HTTP 401 from ${url}: ${text.trim()}`) : new HttpError(res.status, text, url);
+  }
+
+  /** Stop the chat on the bus when *signal* aborts, until the returned function is called (the response ended). */
+  private watchAbort(chatId: string, signal: AbortSignal | undefined): () => void {
+    if (!signal || this.opts.stopOnAbort === false) return () => {};
+    const onAbort = () => {
+      this.stop(chatId, { reason: "stopped by the user" }).catch(() => {});
+    };
+    if (signal.aborted) {
+      onAbort();
+      return () => {};
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+    return () => signal.removeEventListener("abort", onAbort);
   }
 
   /** Resume the chat's live stream, or `null` when there is none (the server answered 204). */
   async reconnectToStream(options: { chatId: string; abortSignal?: AbortSignal } & RequestOptions): Promise<ReadableStream<CHUNK> | null> {
     const url = `${this.opts.api}/${encodeURIComponent(options.chatId)}/stream`;
-    const res = await this.request(url, { headers: this.headers(options.headers), signal: options.abortSignal ?? null });
-    if (res.status === 204) return null;
-    return chunks<CHUNK>(res, url);
+    const unwatch = this.watchAbort(options.chatId, options.abortSignal);
+    try {
+      const res = await this.request(url, { headers: this.headers(options.headers), signal: options.abortSignal ?? null });
+      if (res.status === 204) {
+        unwatch();
+        return null;
+      }
+      return chunks<CHUNK>(res, url, unwatch);
+    } catch (err) {
+      unwatch();
+      throw err;
+    }
   }
 
   private headers(extra?: Record<string, string> | Headers): Record<string, string> {
@@ -93,7 +157,7 @@ export class StreamBusChatTransport<UI_MESSAGE = unknown, CHUNK = UIChunk> {
   }
 }
 
-function chunks<CHUNK>(res: Response, url: string): ReadableStream<CHUNK> {
+function chunks<CHUNK>(res: Response, url: string, done: () => void): ReadableStream<CHUNK> {
   if (!res.body) throw new ProtocolError(`${url}: the response has no body`);
   const parser = new SSEParser();
   let finished = false;
@@ -117,6 +181,9 @@ function chunks<CHUNK>(res: Response, url: string): ReadableStream<CHUNK> {
           }
           controller.enqueue(chunk as CHUNK);
         }
+      },
+      flush() {
+        done(); // the stream is over: a later abort of the signal is no stop
       },
     }),
   );

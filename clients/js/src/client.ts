@@ -63,6 +63,13 @@ export interface SubscribedInfo {
   reloadReason: string | null;
 }
 
+/** What the server answered to {@link StreamBusClient.stop}. */
+export interface StopResult {
+  stream: string;
+  /** `stopped` (its producer runs on that server), `forwarded` (stopped on the host that owns it) or `ended` (it had already ended: nothing to do). */
+  outcome: "stopped" | "forwarded" | "ended";
+}
+
 /** Connection state. */
 export type ConnectionState = "connecting" | "live" | "reconnecting" | "closed";
 
@@ -115,6 +122,8 @@ export class StreamBusClient {
   private pendingReset: string[] = [];
   private ended: string[] = [];
   private first: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  private stops = new Map<string, { resolve: (r: StopResult) => void; reject: (e: Error) => void }>();
+  private stopCount = 0;
   private listeners: { [K in keyof Listeners]: Set<Listeners[K]> } = {
     event: new Set(),
     stream: new Set(),
@@ -165,6 +174,7 @@ export class StreamBusClient {
     const ws = this.ws;
     this.ws = null;
     if (ws) ws.close(1000, "client closed");
+    this.failStops(1000, "client closed");
     this.setState("closed", {});
     this.first?.reject(new ConnectionClosedError(1000, "client closed"));
     this.first = null;
@@ -176,9 +186,33 @@ export class StreamBusClient {
   }
 
   /**
-   * Stopping a stream is not part of protocol 1: the broadcaster has no `stop` operation yet.
-   * This client will add `stop(streamId)` when the server does (docs/js-client.md, "Stopping").
+   * Stop a stream wherever its producer runs (the protocol's `abort` operation). Resolves with the
+   * server's answer once it took the stop; the stream's one `abort` event (`by: "client"`) then
+   * reaches every subscriber, this client's streams included. Rejects with {@link ServerError}
+   * (`unknown_stream`, `forbidden`, `stop_failed`, `bad_message`) or, when the client is not
+   * connected or the connection drops before the answer, {@link ConnectionClosedError}.
+   *
+   * ```ts
+   * const { outcome } = await bus.stop(streamId, { reason: "user pressed stop" });
+   * ```
    */
+  stop(streamId: string, options: { reason?: string } = {}): Promise<StopResult> {
+    if (typeof streamId !== "string" || !streamId) return Promise.reject(new TypeError("stop: streamId must be a non-empty string"));
+    const ws = this.ws;
+    if (!ws || ws.readyState !== 1 || this.hello === null) {
+      return Promise.reject(new ConnectionClosedError(0, "not connected", `stop: the client is ${this.st}; connect first`));
+    }
+    const id = `stop-${++this.stopCount}`;
+    return new Promise<StopResult>((resolve, reject) => {
+      this.stops.set(id, { resolve, reject });
+      ws.send(JSON.stringify({ op: "abort", id, stream: streamId, ...(options.reason ? { reason: options.reason } : {}) }));
+    });
+  }
+
+  private failStops(code: number, reason: string): void {
+    for (const pending of this.stops.values()) pending.reject(new ConnectionClosedError(code, reason, `stop: the connection closed before the server answered (${code})`));
+    this.stops.clear();
+  }
 
   private emit<K extends keyof Listeners>(type: K, ...args: Parameters<Listeners[K]>): void {
     for (const l of this.listeners[type]) (l as (...a: unknown[]) => void)(...args);
@@ -240,6 +274,7 @@ export class StreamBusClient {
   private closed(socket: WebSocketLike, code: number, reason: string): void {
     if (this.ws !== socket) return;
     this.ws = null;
+    this.failStops(code, reason);
     if (this.stopped) return;
     if (FATAL_CLOSE.has(code)) {
       this.stopped = true;
@@ -314,13 +349,30 @@ export class StreamBusClient {
       case "subscribed":
         this.subscribed(m);
         break;
+      case "aborted": {
+        const pending = typeof m.id === "string" ? this.stops.get(m.id) : undefined;
+        if (pending) {
+          this.stops.delete(m.id);
+          pending.resolve({ stream: String(m.stream), outcome: m.outcome });
+        }
+        break;
+      }
       case "error": {
-        if (m.code === "forbidden") {
-          // Outside the token's scope: no subscription was made, so connect() cannot resolve.
-          this.fail(new ForbiddenError(String(m.message ?? ""), m.field));
+        const error =
+          m.code === "forbidden"
+            ? new ForbiddenError(String(m.message ?? ""), m.field)
+            : new ServerError(String(m.code), String(m.message ?? ""), m.field);
+        const stop = typeof m.id === "string" ? this.stops.get(m.id) : undefined;
+        if (stop) {
+          this.stops.delete(m.id);
+          stop.reject(error);
           break;
         }
-        const error = new ServerError(String(m.code), String(m.message ?? ""), m.field);
+        if (error instanceof ForbiddenError) {
+          // A subscribe outside the token's scope: nothing was subscribed, so connect() cannot resolve.
+          this.fail(error);
+          break;
+        }
         if (m.code === "too_many_streams") {
           // Too many streams to resume in one request: reload them all from a snapshot instead.
           this.pendingReset = this.resetUnfinished();

@@ -41,9 +41,10 @@ export class ServerError extends StreamBusError {
 }
 
 /**
- * The server refused a request outside the scoped token's reach (`error` frame `forbidden`):
- * a subscription naming another tenant's stream or meta value. The connection stays open;
- * nothing was subscribed. `message` says what was refused (never the token).
+ * The server refused a request outside what the connection may do (`error` frame `forbidden`):
+ * a subscription naming another tenant's stream or meta value (nothing was subscribed), or a
+ * `stop()` without the stop right or of a stream outside the token's scope. The connection
+ * stays open. `message` says what was refused (never the token).
  */
 export class ForbiddenError extends ServerError {
   override name = "ForbiddenError";

@@ -8,7 +8,7 @@
  * - React hooks: `@streambus/client/react`.
  */
 export { StreamBusClient } from "./client.js";
-export type { ClientOptions, ClientStats, ConnectionState, Filters, SubscribedInfo, WebSocketConstructor, WebSocketLike } from "./client.js";
+export type { ClientOptions, ClientStats, ConnectionState, Filters, StopResult, SubscribedInfo, WebSocketConstructor, WebSocketLike } from "./client.js";
 export { StreamText } from "./stream.js";
 export type { StreamListener, StreamStatus, StreamView, ToolCall } from "./stream.js";
 export { isTerminal, parseEvent } from "./events.js";
@@ -16,5 +16,5 @@ export type { AbortEvent, BusEvent, Channel, DeltaEvent, EndEvent, ErrorEvent, M
 export { readSSE, SSEParser } from "./sse.js";
 export type { SSEMessage, SSEOptions } from "./sse.js";
 export { StreamBusChatTransport } from "./chat.js";
-export type { ChatTransportOptions, UIChunk } from "./chat.js";
+export type { ChatStopResult, ChatTransportOptions, UIChunk } from "./chat.js";
 export { ConnectionClosedError, ForbiddenError, HttpError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";

@@ -19,13 +19,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import sniffio
 import structlog
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-from streambus import Filter
+from streambus import Filter, StartEvent, StopFailed, StopOutcome
 from streambus.access import OriginPolicy
 from streambus.tokens import OPERATOR, Authenticator, OutOfScope, Scope, TokenError, bearer_credential
 
@@ -34,7 +35,16 @@ from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT, body, open_stream
 
-__all__ = ["add_routes", "filter_from_query", "origin_guard", "server_logger", "stream_response"]
+__all__ = [
+    "MAX_STOP_REASON",
+    "StopPermission",
+    "add_routes",
+    "filter_from_query",
+    "origin_guard",
+    "server_logger",
+    "stop_permission",
+    "stream_response",
+]
 
 log = structlog.get_logger("streambus.http")
 
@@ -52,6 +62,84 @@ def _require_asyncio() -> None:
             f"streambus_http's aiohttp server needs asyncio (aiohttp is asyncio-bound), but runs under {library}; "
             "use the ASGI building blocks (streambus_http.asgi) under trio"
         )
+
+
+MAX_STOP_REASON = 200
+"""Longest ``reason`` a stop request may carry, in characters (longer ones get 400)."""
+_MAX_STOP_BODY = 4096  # bytes: a JSON object with a reason fits many times over
+
+
+class StopPermission:
+    """Who may stop streams through the http sink: decided by :func:`stop_permission`, in one place.
+
+    *auth* holds the credentials the sink accepts (static and scoped tokens,
+    :class:`streambus.tokens.Authenticator`; *token* is the shorthand for one
+    static token); *allow_stop* is the sink's ``allow_stop`` option;
+    *start_of* finds a stream's ``start`` (``StreamHub.start_of``), on which
+    a scoped token's reach is judged.
+    """
+
+    __slots__ = ("allow_stop", "auth", "start_of")
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        auth: Authenticator | None = None,
+        allow_stop: bool = True,
+        start_of: Callable[[str], StartEvent | None] | None = None,
+    ) -> None:
+        if token is not None and auth is not None:
+            raise TypeError("pass token or auth, not both")
+        self.auth = auth if auth is not None else Authenticator([token] if token else ())
+        self.allow_stop = allow_stop
+        self.start_of = start_of
+
+    def scope(self, request: web.Request) -> Scope | TokenError:
+        """What the request's credential grants, or the :class:`~streambus.tokens.TokenError` refusing it."""
+        if not self.auth.required:
+            return OPERATOR
+        try:
+            return self.auth.authenticate(
+                bearer_credential(request.headers.get("Authorization"), request.query.get("token"))
+            )
+        except TokenError as exc:
+            return exc
+
+
+def stop_permission(permission: StopPermission, request: web.Request, stream: str | None) -> tuple[int, str] | None:
+    """May the caller of *request* stop *stream*? ``None`` if so, else the HTTP status and a reason to answer.
+
+    *stream* is ``None`` when a chat stop found no live stream of that chat
+    (the caller then learns that only if it may stop).
+
+    - ``allow_stop = false``: nobody may (403);
+    - a token is configured: the request must present an acceptable one
+      (``Authorization: Bearer``, or ``?token=``): a static token (compared
+      in constant time) or a scoped token (401 otherwise, with the reason
+      when scoped tokens are accepted);
+    - a scoped token needs the stop right (403), and *stream* within its
+      scope, judged on the stream's ``start`` (403; an unknown stream too, so
+      the answer says nothing about streams outside the scope);
+    - otherwise (a loopback sink without a token) any caller that passed the
+      Host/Origin guard may.
+
+    This is the one place that decides. The reason never repeats what the
+    caller presented.
+    """
+    if not permission.allow_stop:
+        return 403, "stopping streams is disabled on this server (allow_stop = false)"
+    scope = permission.scope(request)
+    if isinstance(scope, TokenError):
+        return 401, scope.reason if permission.auth.verifier is not None else "stopping a stream needs the bearer token"
+    if not scope.stop:
+        return 403, "this token may not stop streams (it lacks the stop right)"
+    if scope.unrestricted or stream is None:
+        return None
+    start = permission.start_of(stream) if permission.start_of is not None else None
+    if start is None or not scope.may_read(start):
+        return 403, f"stream {stream[:64]!r} is outside this token's scope"
+    return None
 
 
 # Remote addresses already logged for a refusal: a client hammering the server gets one line.
@@ -245,6 +333,7 @@ def add_routes(
     keepalive: float = 15.0,
     retry_ms: int = 3000,
     write_interval: float = 0.005,
+    allow_stop: bool = True,
 ) -> None:
     """Mount the standard routes of the ``http`` sink on *app*.
 
@@ -257,6 +346,8 @@ def add_routes(
     ``POST {prefix}/api/chat``                    AI SDK ``useChat``: the live or next stream whose
                                                   ``meta[chat_meta_key]`` is the chat ``id``
     ``GET  {prefix}/api/chat/{id}/stream``        AI SDK resume: that chat's live stream, or 204
+    ``POST {prefix}/streams/{id}/abort``          stop a stream (``{"reason": ...}`` body optional)
+    ``POST {prefix}/api/chat/{id}/abort``         AI SDK stop: stop that chat's live stream
     ============================================  ==============================================
 
     With *token*, every route needs ``Authorization: Bearer <token>`` (or
@@ -264,7 +355,11 @@ def add_routes(
     (:class:`streambus.tokens.Authenticator`) accepts static and scoped
     tokens instead: a request without an acceptable one gets 401 with the
     reason, and one outside its token's scope 403; every listing and filter
-    is narrowed to the scope.
+    is narrowed to the scope. A stop answers ``{"stream": id, "outcome":
+    ...}``: 200 for ``stopped``, ``forwarded`` and ``ended``, 404 for
+    ``unknown``, 503 when the stop could not reach the stream's owner,
+    401/403 as :func:`stop_permission` decides, 400 for a bad body.
+    *allow_stop* = False refuses every stop.
     *cors_origins* lists origins allowed to read from a browser (``*`` for any).
     Host and Origin are checked by :func:`origin_guard`, which the ``http``
     sink installs; an application mounting these routes installs it too.
@@ -274,12 +369,16 @@ def add_routes(
     authenticator = auth if auth is not None else Authenticator([token] if token else ())
     origins = set(cors_origins)
     logged: set[str] = set()
+    permission = StopPermission(auth=authenticator, allow_stop=allow_stop, start_of=hub.start_of)
 
-    def guard(handler: _CorsHandler, fmt: str = "text") -> _Handler:
+    def guard(handler: _CorsHandler, fmt: str = "text", *, checks_token: bool = True) -> _Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
+            if not checks_token:
+                # A stop is authorized by stop_permission() alone (the token included).
+                return await handler(request, cors, OPERATOR)
             try:
                 scope = authenticator.authenticate(
                     bearer_credential(request.headers.get("Authorization"), request.query.get("token"))
@@ -404,6 +503,63 @@ def add_routes(
             return web.Response(status=204, headers=cors)
         return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors, scope))
 
+    async def stop_reply(
+        request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None
+    ) -> web.Response:
+        def answer(status: int, **fields: Any) -> web.Response:
+            return web.json_response(fields, status=status, headers=cors)
+
+        flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
+        if flt is not None:
+            scope = permission.scope(request)
+            if isinstance(scope, Scope) and not scope.unrestricted:
+                # A scoped token's chat stop looks among its own streams only, live or ended.
+                try:
+                    flt = scope.narrow(flt)
+                except OutOfScope:
+                    flt = Filter(streams=frozenset())
+            stream = hub.pick(flt)
+        refused = stop_permission(permission, request, stream)
+        if refused is not None:
+            return answer(refused[0], error=refused[1])
+        # Read only after the permission: a caller who may not stop cannot make us read a body.
+        if (request.content_length or 0) > _MAX_STOP_BODY:
+            return answer(400, error=f"the body must be at most {_MAX_STOP_BODY} bytes")
+        try:
+            raw = await request.read()
+            data = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            return answer(400, error="the body must be JSON (or empty)")
+        if not isinstance(data, dict):
+            return answer(400, error="the body must be a JSON object")
+        reason = data.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_STOP_REASON:
+            return answer(400, error=f"reason: must be a string of at most {MAX_STOP_REASON} characters")
+        if stream is None:
+            assert flt is not None
+            ended = any(flt.matches(start) for start in hub.streams())
+            outcome = StopOutcome.ENDED if ended else StopOutcome.UNKNOWN
+            return answer(200 if ended else 404, chat=chat, outcome=outcome.value)
+        bus = hub.bus
+        if bus is None or not bus.running:
+            return answer(503, stream=stream, error="the bus is not running")
+        try:
+            outcome = await bus.stop(stream, reason=reason or "stopped by a client", by="client")
+        except StopFailed as exc:
+            log.warning("http.stop_failed", stream=stream, error=str(exc))
+            return answer(503, stream=stream, error=f"the stop could not reach the stream's owner: {exc}")
+        if outcome is StopOutcome.UNKNOWN and hub.ended(stream):
+            outcome = StopOutcome.ENDED
+        log.info("http.stop", stream=stream, outcome=outcome.value, client=request.remote)
+        extra = {"chat": chat} if chat is not None else {}
+        return answer(404 if outcome is StopOutcome.UNKNOWN else 200, stream=stream, outcome=outcome.value, **extra)
+
+    async def stop_stream(request: web.Request, cors: dict[str, str], _scope: Scope) -> web.StreamResponse:
+        return await stop_reply(request, cors, request.match_info["stream"], None)
+
+    async def stop_chat(request: web.Request, cors: dict[str, str], _scope: Scope) -> web.StreamResponse:
+        return await stop_reply(request, cors, None, request.match_info["chat"])
+
     routes = [
         ("GET", "/streams", list_streams),
         ("GET", "/streams/{stream}/{format}", one_stream),
@@ -411,9 +567,13 @@ def add_routes(
         ("POST", "/v1/chat/completions", chat_completions),
         ("POST", "/api/chat", ui_chat),
         ("GET", "/api/chat/{chat}/stream", ui_resume),
+        ("POST", "/streams/{stream}/abort", stop_stream),
+        ("POST", "/api/chat/{chat}/abort", stop_chat),
     ]
     for method, path, handler in routes:
-        wrapped = guard(handler, "openai" if handler is chat_completions else "text")
+        stops = handler in (stop_stream, stop_chat)
+        # A stop is authorized by stop_permission() alone (the token included), so it is decided in one place.
+        wrapped = guard(handler, "openai" if handler is chat_completions else "text", checks_token=not stops)
         app.router.add_route(method, prefix + path, wrapped)
         if origins:
             app.router.add_route("OPTIONS", prefix + path, wrapped)

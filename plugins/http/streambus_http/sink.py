@@ -96,6 +96,8 @@ class HttpSink(PluginBase):
         """Least seconds between two writes to one client: tokens arriving meanwhile share a write (0: none)."""
         chat_meta_key: str = "chat"
         """The ``start.meta`` tag that ``POST /api/chat`` matches the AI SDK chat id against."""
+        allow_stop: bool = True
+        """Serve ``POST /streams/{id}/abort`` and ``POST /api/chat/{id}/abort`` (with ``token``, only to its bearer)."""
 
         def __post_init__(self) -> None:
             if not 0 <= self.port <= 65535:
@@ -216,6 +218,7 @@ class HttpSink(PluginBase):
             keepalive=opts.keepalive,
             retry_ms=opts.retry_ms,
             write_interval=opts.write_interval,
+            allow_stop=opts.allow_stop,
         )
         return app
 

@@ -15,7 +15,7 @@ import anyio
 import orjson
 import pytest
 
-from streambus import Bus
+from streambus import AbortEvent, Bus
 from streambus.wire import ToolCallFragment, tool_text
 
 pytestmark = pytest.mark.anyio
@@ -127,3 +127,43 @@ async def test_every_chunk_passes_the_sdk_schema(served: Any, writer: Any, endin
     assert result["readError"] is None
     texts = [p["text"] for p in result["message"]["parts"] if p["type"] == "text"]
     assert texts == ["Some text"]
+
+
+async def test_use_chat_stop_stops_the_stream_on_the_bus(served: Any) -> None:
+    """useChat's stop() through DefaultChatTransport (wired as docs/plugins/http.md shows) stops the producer."""
+    hub = served.sink.hub
+    bus: Bus = served.bus
+    cancelled = anyio.Event()
+    out: dict[str, Any] = {}
+
+    async def producer() -> None:
+        try:
+            async with bus.stream(model="m", stream="ans-stop", meta={"chat": "chat-1"}) as w:
+                await w.delta("Hello")
+                await anyio.sleep_forever()  # a model that would go on generating
+        finally:
+            cancelled.set()
+
+    async def client() -> None:
+        out.update(await run_node("stop", served.url + "/api/chat", "hi"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client)
+        with anyio.fail_after(30):
+            while not hub.waiting:
+                await hub.wait_changed()
+        bus.start_soon(producer)
+        with anyio.fail_after(30):
+            await cancelled.wait()
+    assert out["stopped"] is True
+    assert out["status"] == "ready" and out["error"] is None
+    assert out["finish"]["isAbort"] is True
+    assert out["messages"][-1]["parts"][-1]["text"] == "Hello"
+    with anyio.fail_after(5):
+        while not hub.ended("ans-stop"):
+            await hub.wait_changed()
+    cursor = hub.stream_cursor("ans-stop")
+    events = await cursor.next_batch(max_wait=1)
+    last = events[-1]
+    assert isinstance(last, AbortEvent) and last.by == "client"
+    assert sum(isinstance(e, AbortEvent) for e in events) == 1

@@ -4,9 +4,9 @@ Every frame is one JSON text frame. Control frames carry ``op``; events are
 sent in their wire form (they carry ``type`` instead). The full description,
 with examples, is ``docs/websocket-protocol.md``.
 
-Client to server: ``subscribe``, ``unsubscribe``, ``ping``.
+Client to server: ``subscribe``, ``unsubscribe``, ``ping``, ``abort``.
 Server to client: ``hello``, ``subscribed``, ``unsubscribed``, ``pong``,
-``error``, and events.
+``aborted``, ``error``, and events.
 
 :func:`parse_client_message` turns one inbound frame into a typed message or
 raises :class:`ProtocolError` carrying the error code to answer with.
@@ -23,7 +23,10 @@ from streambus import Filter, StreamBusError
 from streambus.validation import validation_problem
 
 __all__ = [
+    "MAX_REASON",
+    "MAX_STREAM_ID",
     "PROTOCOL_VERSION",
+    "Abort",
     "ClientMessage",
     "CloseCode",
     "ErrorCode",
@@ -89,7 +92,8 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`; the message says what was wrong with the token."""
     FORBIDDEN = "forbidden"
-    """A ``subscribe`` asked for streams outside the token's scope; no subscription was made, the connection stays."""
+    """Outside what this connection may do: a ``subscribe`` beyond the token's scope (nothing was subscribed),
+    or an ``abort`` without the stop right, of a stream outside the scope, or with ``allow_stop = false``."""
     TOKEN_EXPIRED = "token_expired"
     """Sent just before closing with :attr:`CloseCode.TOKEN_EXPIRED`."""
     TOO_MANY_CLIENTS = "too_many_clients"
@@ -98,6 +102,10 @@ class ErrorCode(enum.StrEnum):
     """Sent (when the socket still takes it) before closing with :attr:`CloseCode.LAGGED`."""
     INTERNAL = "internal"
     """The server failed handling this message; the message carries no internals."""
+    UNKNOWN_STREAM = "unknown_stream"
+    """``abort`` named a stream that no producer (here or behind the engine) owns."""
+    STOP_FAILED = "stop_failed"
+    """The stop could not reach the host that owns the stream (its engine is unreachable); retry later."""
 
 
 class ProtocolError(StreamBusError):
@@ -151,42 +159,92 @@ class Ping(msgspec.Struct, tag="ping", tag_field="op", forbid_unknown_fields=Tru
     id: str | int | None = None
 
 
-ClientMessage = Subscribe | Unsubscribe | Ping
+MAX_STREAM_ID: Final = 256
+"""Longest stream id an ``abort`` may name, in characters."""
+MAX_REASON: Final = 200
+"""Longest ``reason`` an ``abort`` may carry, in characters."""
+
+
+class Abort(msgspec.Struct, tag="abort", tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    """``abort``: stop stream ``stream`` wherever its producer runs.
+
+    The server answers ``aborted`` with the ``outcome`` (``stopped``,
+    ``forwarded`` or ``ended``), or an ``error`` (``unknown_stream``,
+    ``forbidden``, ``stop_failed``). Subscribers of the stream then receive
+    its one ``abort`` event (``by = "client"``).
+    """
+
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STREAM_ID)]
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON)] = ""
+    id: str | int | None = None
+
+
+ClientMessage = Subscribe | Unsubscribe | Ping | Abort
 """Any message a client may send."""
 
 _decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
-_OPS = "subscribe, unsubscribe, ping"
+_OPS = "subscribe, unsubscribe, ping, abort"
+
+
+class _Id(msgspec.Struct):
+    """Just the ``id`` of a frame that failed validation, so the error can echo it."""
+
+    id: str | int | None = None
+
+
+_id_decoder = msgspec.json.Decoder(_Id)
+_MAX_ECHOED_ID = 256
+
+
+def _echoed_id(data: str | bytes) -> str | int | None:
+    try:
+        found = _id_decoder.decode(data).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if isinstance(found, str) and len(found) > _MAX_ECHOED_ID:
+        return None
+    return found
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:
     """Decode one inbound text frame.
 
     Raises :class:`ProtocolError` with ``bad_json``, ``unknown_op`` or
-    ``bad_message`` (naming the offending field) for anything else.
+    ``bad_message`` (naming the offending field) for anything else; a
+    ``bad_message`` or ``unknown_op`` echoes the frame's ``id`` when it has a
+    valid one, so a client can match the error with its request.
     """
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        found = validation_problem(exc)
-        field, problem = found.path, found.message
-        if field == "$.op":
-            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op") from None
-        if found.missing == "op":
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op") from None
-        if problem.startswith("Expected `object`") and field is None:
-            raise ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object") from None
-        if found.unknown is not None:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown
-            ) from None
-        path = field[2:] if field and field.startswith("$.") else field
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path) from None
+        error = _invalid(exc)
+        if error.code is not ErrorCode.BAD_JSON:
+            error.id = _echoed_id(data)
+        raise error from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
     except RecursionError:
         # msgspec recurses into values it skips (an unknown field before "op"); ~1000 levels run out.
         raise ProtocolError(ErrorCode.BAD_JSON, "JSON nested too deeply") from None
+
+
+def _invalid(exc: msgspec.ValidationError) -> ProtocolError:
+    """The :class:`ProtocolError` for a frame that is JSON but not a valid message."""
+    found = validation_problem(exc)
+    field, problem = found.path, found.message
+    if field == "$.op":
+        return ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op (expected one of: {_OPS})", field="op")
+    if found.missing == "op":
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field 'op' (one of: {_OPS})", field="op")
+    if problem.startswith("Expected `object`") and field is None:
+        return ProtocolError(ErrorCode.BAD_JSON, "a frame must be one JSON object")
+    if found.missing is not None:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"missing field {found.missing!r}", field=found.missing)
+    if found.unknown is not None:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown field {found.unknown!r}", field=found.unknown)
+    path = field[2:] if field and field.startswith("$.") else field
+    return ProtocolError(ErrorCode.BAD_MESSAGE, f"{path}: {problem}" if path else problem, field=path)
 
 
 def control_frame(op: str, **fields: Any) -> bytes:

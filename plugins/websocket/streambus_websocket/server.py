@@ -56,6 +56,8 @@ from streambus import (
     Overflowed,
     PluginBase,
     StartEvent,
+    StopFailed,
+    StopOutcome,
     StreamBusError,
     Subscription,
     encode,
@@ -69,6 +71,7 @@ from .client import Client
 from .history import History
 from .protocol import (
     PROTOCOL_VERSION,
+    Abort,
     ClientMessage,
     CloseCode,
     ErrorCode,
@@ -148,6 +151,7 @@ class WebSocketSink(PluginBase):
         socket_send_buffer: PositiveInt | None = None
         compression: bool = False
         page: bool = True
+        allow_stop: bool = True
 
         def __post_init__(self) -> None:
             if not 0 <= self.port <= 65535:
@@ -745,7 +749,11 @@ class WebSocketSink(PluginBase):
                     client.push(error_frame(ErrorCode.BINARY_FRAME, "send JSON in text frames"))
                     continue
                 try:
-                    self._on_message(client, parse_client_message(message))
+                    parsed = parse_client_message(message)
+                    if type(parsed) is Abort:
+                        await self._abort(client, parsed)
+                    else:
+                        self._on_message(client, parsed)
                 except ProtocolError as exc:
                     client.push(error_frame(exc.code, exc.message, field=exc.field, id=exc.id))
                 except Exception as exc:
@@ -773,6 +781,65 @@ class WebSocketSink(PluginBase):
             client.push(control_frame("unsubscribed", id=message.id))
         elif type(message) is Ping:
             client.push(control_frame("pong", id=message.id))
+
+    def may_stop(self, client: Client, stream: str) -> bool:
+        """Whether *client* may stop *stream*: the one place this sink decides it (see :meth:`stop_refusal`)."""
+        return self.stop_refusal(client, stream) is None
+
+    def stop_refusal(self, client: Client, stream: str) -> str | None:
+        """Why *client* may not stop *stream* (a reason safe to send), or ``None`` when it may.
+
+        With ``allow_stop = false`` nobody may. A connection exists only after
+        the handshake checked its token: a static token (or none configured)
+        may stop any stream. A scoped token needs the stop right, and the
+        stream within its scope, judged on the stream's ``start``; a stream
+        this server knows no ``start`` of is refused alike, so the answer says
+        nothing about streams outside the scope.
+        """
+        if not self.options.allow_stop:
+            return "stopping streams is disabled on this server (allow_stop = false)"
+        scope = client.token_scope
+        if not scope.stop:
+            return "this token may not stop streams (it lacks the stop right)"
+        if scope.unrestricted:
+            return None
+        stream_log = self.history.get(stream)
+        start = stream_log.start if stream_log is not None else None
+        if start is None and self._bus is not None:
+            start = self._bus.live_streams.get(stream)
+        try:
+            if start is None:
+                raise OutOfScope(f"stream {stream[:64]!r} is outside this token's scope", streams=[stream])
+            scope.check_stop(start)
+        except OutOfScope as exc:
+            return exc.message
+        return None
+
+    async def _abort(self, client: Client, message: Abort) -> None:
+        stream = message.stream
+        refusal = self.stop_refusal(client, stream)
+        if refusal is not None:
+            raise ProtocolError(ErrorCode.FORBIDDEN, refusal, field="stream", id=message.id)
+        bus = self._bus
+        if bus is None or not bus.running:
+            raise ProtocolError(ErrorCode.STOP_FAILED, "the bus is not running", id=message.id)
+        try:
+            outcome = await bus.stop(stream, reason=message.reason or "stopped by a client", by="client")
+        except StopFailed as exc:
+            log.warning("websocket.stop_failed", peer=client.peer, stream=stream, error=str(exc))
+            raise ProtocolError(
+                ErrorCode.STOP_FAILED, f"the stop could not reach the stream's owner: {exc}", id=message.id
+            ) from None
+        if outcome is StopOutcome.UNKNOWN:
+            stream_log = self.history.get(stream)
+            if stream_log is not None and stream_log.ended:
+                outcome = StopOutcome.ENDED
+        log.info("websocket.stop", peer=client.peer, stream=stream, outcome=outcome.value)
+        if outcome is StopOutcome.UNKNOWN:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_STREAM, f"no live stream {stream!r} to stop", field="stream", id=message.id
+            )
+        client.push(control_frame("aborted", id=message.id, stream=stream, outcome=outcome.value))
 
     def _wants(self, client: Client, stream: str) -> bool:
         log_ = self.history.get(stream)

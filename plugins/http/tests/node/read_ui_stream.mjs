@@ -3,6 +3,9 @@
 //
 //   node read_ui_stream.mjs chat <api-url> <prompt>   -> what useChat ends with
 //       (AbstractChat + DefaultChatTransport: the machinery behind useChat)
+//   node read_ui_stream.mjs stop <api-url> <prompt>   -> what useChat ends with when stop() is
+//       called as the first text arrives (DefaultChatTransport with the stop wiring of
+//       docs/plugins/http.md: a fetch that posts <api>/<id>/abort when the SDK aborts)
 //   node read_ui_stream.mjs chunks <url>               -> every chunk, validated
 //       by parseJsonEventStream + uiMessageChunkSchema, and the UIMessage that
 //       readUIMessageStream builds from them
@@ -15,7 +18,8 @@ import {
 } from 'ai';
 
 class MemoryState {
-  constructor() {
+  constructor(onChange = () => {}) {
+    this.onChange = onChange;
     this.status = 'ready';
     this.error = undefined;
     this.messages = [];
@@ -28,6 +32,7 @@ class MemoryState {
   }
   replaceMessage(index, message) {
     this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
+    this.onChange(message);
   }
   snapshot(value) {
     return structuredClone(value);
@@ -35,9 +40,47 @@ class MemoryState {
 }
 
 class Chat extends AbstractChat {
-  constructor(init) {
-    super({ ...init, state: new MemoryState() });
+  constructor({ onChange, ...init }) {
+    super({ ...init, state: new MemoryState(onChange) });
   }
+}
+
+// The stop wiring of docs/plugins/http.md: when the SDK aborts a chat request (useChat's stop()),
+// tell the server to stop the chat's stream on the bus.
+function stopAwareFetch(api) {
+  return (url, init) => {
+    const body = typeof init?.body === 'string' ? JSON.parse(init.body) : null;
+    if (body?.id && init.signal) {
+      init.signal.addEventListener(
+        'abort',
+        () => void fetch(`${api}/${encodeURIComponent(body.id)}/abort`, { method: 'POST' }).catch(() => {}),
+        { once: true },
+      );
+    }
+    return fetch(url, init);
+  };
+}
+
+async function stop(api, prompt) {
+  let finish = null;
+  let stopped = false;
+  let stopCall = null;
+  const chat = new Chat({
+    id: 'chat-1',
+    transport: new DefaultChatTransport({ api, fetch: stopAwareFetch(api) }),
+    onFinish: (r) => {
+      finish = { isAbort: r.isAbort, isError: r.isError, finishReason: r.finishReason ?? null };
+    },
+    onChange: (message) => {
+      if (!stopped && message.role === 'assistant' && message.parts.some((p) => p.type === 'text' && p.text)) {
+        stopped = true;
+        stopCall = chat.stop();
+      }
+    },
+  });
+  await chat.sendMessage({ text: prompt });
+  await stopCall;
+  return { status: chat.status, error: chat.error ? chat.error.message : null, finish, stopped, messages: chat.messages };
 }
 
 async function chat(api, prompt) {
@@ -85,5 +128,6 @@ async function chunks(url) {
 }
 
 const [mode, ...args] = process.argv.slice(2);
-const result = mode === 'chat' ? await chat(...args) : await chunks(...args);
+const modes = { chat, stop, chunks };
+const result = await modes[mode](...args);
 process.stdout.write(JSON.stringify(result) + '\n');
