@@ -94,4 +94,16 @@ describe("scoped tokens", () => {
     assert.equal(errors[0].code, "token_expired");
     assert.equal(errors[1].code, 4005);
   });
+
+  test("a stop without the stop right rejects with ForbiddenError; the connection stays", async (t) => {
+    const client = new StreamBusClient({ url: bus.ws, WebSocket, token: tenantA });
+    t.after(() => client.close());
+    await client.connect();
+    await assert.rejects(client.stop("any-stream"), (err) => {
+      assert.ok(err instanceof ForbiddenError, String(err));
+      assert.match(err.message, /lacks the stop right/);
+      return true;
+    });
+    assert.equal(client.state, "live");
+  });
 });

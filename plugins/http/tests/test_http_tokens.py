@@ -219,3 +219,56 @@ def test_jwt_config_keys_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> No
         HttpSink(jwt_algorithms=["HS256"])
     with pytest.raises(ValueError, match="host: binding '0.0.0.0' without a token"):
         HttpSink(host="0.0.0.0")
+
+
+class _Live:
+    """A producer of a tenant's chat stream that writes one delta, then waits to be stopped."""
+
+    def __init__(self, bus: Any, stream: str, tenant: str) -> None:
+        self.bus, self.stream, self.tenant = bus, stream, tenant
+        self.written = anyio.Event()
+        self.stopped = anyio.Event()
+        self.cancelled = False
+
+    async def run(self) -> None:
+        try:
+            meta = {"tenant": self.tenant, "chat": f"chat-{self.stream}"}
+            async with self.bus.stream(model="m", stream=self.stream, meta=meta) as w:
+                await w.delta("generating")
+                self.written.set()
+                await anyio.sleep_forever()
+        finally:
+            self.cancelled = True
+            self.stopped.set()
+
+
+async def _live(bus: Any, stream: str, tenant: str) -> _Live:
+    live = _Live(bus, stream, tenant)
+    bus.start_soon(live.run)
+    await live.written.wait()
+    return live
+
+
+@scoped
+async def test_a_stop_needs_the_stop_right_and_the_stream_in_scope(served: Any) -> None:
+    mine, theirs = await _live(served.bus, "a-1", "a"), await _live(served.bus, "b-1", "b")
+    async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+        r = await client.post("/streams/a-1/abort", headers=tenant("a"))
+        assert r.status_code == 403
+        assert r.json() == {"error": "this token may not stop streams (it lacks the stop right)"}
+        stopper = tenant("a", stop=True)
+        for path in ("/streams/b-1/abort", "/streams/no-such-stream/abort"):
+            r = await client.post(path, headers=stopper)
+            assert r.status_code == 403 and "outside this token's scope" in r.json()["error"], path
+        # Another tenant's chat is not found among this token's streams: nothing is stopped.
+        r = await client.post("/api/chat/chat-b-1/abort", headers=stopper)
+        assert (r.status_code, r.json()) == (404, {"chat": "chat-b-1", "outcome": "unknown"})
+        r = await client.post("/streams/a-1/abort", headers=stopper, json={"reason": "user pressed stop"})
+        assert (r.status_code, r.json()) == (200, {"stream": "a-1", "outcome": "stopped"})
+        r = await client.post("/streams/a-1/abort", headers={"Authorization": "Bearer " + "x.y.z"})
+        assert r.status_code == 401 and r.json()["error"].startswith("malformed token")
+        with anyio.fail_after(10):
+            await mine.stopped.wait()
+        assert not theirs.cancelled
+        r = await client.post("/api/chat/chat-b-1/abort", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+        assert (r.status_code, r.json()["outcome"]) == (200, "stopped")

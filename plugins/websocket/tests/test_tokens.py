@@ -359,3 +359,65 @@ def test_streambus_check_names_the_jwt_key(monkeypatch: pytest.MonkeyPatch, tmp_
         assert result.exit_code == 1, result.output
         assert problem in result.output
         assert "tiny-secret-value" not in result.output and "Traceback" not in result.output
+
+
+# -- stop rights -----------------------------------------------------------------------------------
+
+
+class _Live:
+    """A producer of tenant *tenant*'s stream that writes one delta, then waits to be stopped."""
+
+    def __init__(self, bus: Bus, stream: str, tenant: str) -> None:
+        self.bus, self.stream, self.tenant = bus, stream, tenant
+        self.written = anyio.Event()
+        self.stopped = anyio.Event()
+        self.cancelled = False
+
+    async def run(self) -> None:
+        try:
+            async with self.bus.stream(model="m", stream=self.stream, meta={"tenant": self.tenant}) as w:
+                await w.delta("generating")
+                self.written.set()
+                await anyio.sleep_forever()
+        finally:
+            self.cancelled = True
+            self.stopped.set()
+
+
+async def _live(bus: Bus, stream: str, tenant: str) -> _Live:
+    live = _Live(bus, stream, tenant)
+    bus.start_soon(live.run)
+    await live.written.wait()
+    return live
+
+
+async def test_a_stop_needs_the_stop_right_and_the_stream_in_scope() -> None:
+    async with scoped_server() as (bus, sink):
+        mine, theirs = await _live(bus, "a-1", "a"), await _live(bus, "b-1", "b")
+        reader = tenant_token("a")
+        stopper = tenant_token("a", stop=True)
+        async with connect(sink.url, additional_headers=_auth(reader)) as peer:
+            refused = await _error(peer, {"op": "abort", "stream": "a-1", "id": "r1"})
+            assert refused == {
+                "op": "error",
+                "code": "forbidden",
+                "message": "this token may not stop streams (it lacks the stop right)",
+                "field": "stream",
+                "id": "r1",
+            }
+        async with connect(sink.url, additional_headers=_auth(stopper)) as peer:
+            # Another tenant's stream, and a stream that does not exist: the same answer.
+            for stream in ("b-1", "no-such-stream"):
+                refused = await _error(peer, {"op": "abort", "stream": stream, "id": stream})
+                assert refused["code"] == "forbidden" and refused["id"] == stream
+                assert refused["message"] == f"stream {stream!r} is outside this token's scope"
+            assert not theirs.cancelled and not mine.cancelled
+            await peer.send({"op": "abort", "stream": "a-1", "id": "ok"})
+            assert await peer.expect("aborted") == {"op": "aborted", "id": "ok", "stream": "a-1", "outcome": "stopped"}
+        with anyio.fail_after(10):
+            await mine.stopped.wait()
+        assert not theirs.cancelled
+        # The operator's static token stops anything, as before.
+        async with connect(sink.url, additional_headers=_auth(OPERATOR_TOKEN)) as operator:
+            await operator.send({"op": "abort", "stream": "b-1", "id": 1})
+            assert (await operator.expect("aborted"))["outcome"] == "stopped"
