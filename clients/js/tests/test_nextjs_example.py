@@ -4,7 +4,8 @@
 forward ``useChat``'s send and resume to a real ``http`` sink, holding a *scoped* token (tenant
 ``acme``) that the page never sees. The test is the producer: it publishes the chat's stream once
 the route's request waits for it, and checks the page shows the text, resumes a live chat after a
-reload, and never shows another tenant's chat.
+reload, stops a chat with ``useChat``'s ``stop()`` (through the app's abort route, down to the
+producer), and never shows another tenant's chat.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ async def test_nextjs_route_and_use_chat_over_a_scoped_token() -> None:
         server_env = {
             **env,
             "STREAMBUS_HTTP": bus_url,
-            "STREAMBUS_TOKEN": mint_token(secret, meta={"tenant": "acme"}, ttl=600),
+            "STREAMBUS_TOKEN": mint_token(secret, meta={"tenant": "acme"}, stop=True, ttl=600),
         }
         async with await anyio.open_process(
             # Node itself, not npx: terminating the process must end the server.
@@ -141,6 +142,28 @@ async def test_nextjs_route_and_use_chat_over_a_scoped_token() -> None:
                             f"document.querySelector('{assistant}')?.textContent === 'partial and the rest'",
                             timeout=30_000,
                         )
+                        # Stop: useChat's stop() reaches the producer through the app's abort route.
+                        stopped = anyio.Event()
+
+                        async def generate() -> None:
+                            try:
+                                async with bus.stream(model="m", meta={"chat": "c4", "tenant": "acme"}) as w:
+                                    await w.delta("generating")
+                                    await anyio.sleep_forever()
+                            finally:
+                                stopped.set()
+
+                        await page.goto(f"{origin}/?chat=c4")
+                        await page.wait_for_selector("output[data-status=ready]", timeout=30_000)
+                        await page.click("text=Send")
+                        await _wait_waiting(sink)
+                        bus.start_soon(generate)
+                        await page.wait_for_function(
+                            f"document.querySelector('{assistant}')?.textContent === 'generating'", timeout=30_000
+                        )
+                        await page.click("text=Stop")
+                        with anyio.fail_after(30):
+                            await stopped.wait()
                         # Another tenant's live chat is not there for this app's token.
                         async with bus.stream(model="m", meta={"chat": "c3", "tenant": "other"}) as w:
                             await w.delta("not yours")
