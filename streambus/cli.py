@@ -138,6 +138,118 @@ def plugins_command() -> None:
         click.echo("some plugins could not be loaded (see NOT LOADED above)", err=True)
 
 
+def _parse_ttl(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    factor = units.get(text[-1:])
+    number = text[:-1] if factor is not None else text
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration (e.g. 900, 15m, 2h, 1d)") from None
+    if not 0 < seconds <= 366 * 86400:
+        raise click.BadParameter(f"{value!r}: must be more than 0 and at most a year")
+    return seconds
+
+
+@main.command(name="token")
+@click.option("--stream", "streams", multiple=True, help="A stream id the token may read (repeat it); '*': any id.")
+@click.option("--meta", "meta", multiple=True, help="KEY=VALUE a stream's start.meta must carry (repeat a key: any of)")
+@click.option("--stop", is_flag=True, help="Let the bearer stop (abort) the streams it may read.")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token is valid: seconds, or 15m, 2h, 1d.")
+@click.option("--secret-env", metavar="VAR", help="Environment variable holding the HMAC secret (HS256).")
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the HMAC secret (HS256); instead of --secret-env.",
+)
+@click.option(
+    "--private-key-file",
+    type=click.Path(dir_okay=False),
+    help="PEM private key (RSA, EC or Ed25519) to sign with; the servers verify with its public key.",
+)
+@click.option("--algorithm", help="Signing algorithm (default: HS256 with a secret, RS256/ES256/EdDSA after the key).")
+@click.option("--subject", help="The token's sub claim (who it is for; shown in no log).")
+@click.option("--audience", help="The token's aud claim (when the servers set jwt_audience).")
+@click.option("--issuer", help="The token's iss claim (when the servers set jwt_issuer).")
+def token_command(
+    streams: tuple[str, ...],
+    meta: tuple[str, ...],
+    stop: bool,
+    ttl: str,
+    secret_env: str | None,
+    secret_file: str | None,
+    private_key_file: str | None,
+    algorithm: str | None,
+    subject: str | None,
+    audience: str | None,
+    issuer: str | None,
+) -> None:
+    """Mint a scoped token for development: print a JWT that reads the given streams or meta.
+
+    \b
+    export STREAMBUS_JWT_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    streambus token --secret-env STREAMBUS_JWT_SECRET --meta tenant=acme --meta user=u42 --stop --ttl 15m
+
+    The servers verify it with the same secret (jwt_secret_env), or with the
+    public key of --private-key-file (jwt_public_key_file). In production,
+    mint tokens in your backend with any JWT library (docs/security.md).
+    """
+    from .tokens import load_private_key, mint_token, read_secret
+
+    if sum(x is not None for x in (secret_env, secret_file, private_key_file)) != 1:
+        raise click.UsageError("give exactly one of --secret-env, --secret-file and --private-key-file")
+    tags: dict[str, list[str]] = {}
+    for item in meta:
+        tag, sep, value = item.partition("=")
+        if not sep or not tag.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+        tags.setdefault(tag.strip(), []).append(value)
+    if not streams and not tags:
+        raise click.UsageError("name what the token may read: --stream ID (or --stream '*') and/or --meta KEY=VALUE")
+    seconds = _parse_ttl(ttl)
+    chosen: list[str] | str | None = None
+    if streams:
+        chosen = "*" if "*" in streams else list(streams)
+    key: object
+    try:
+        if private_key_file is not None:
+            key = load_private_key(private_key_file)
+            algorithm = algorithm or _algorithm_for(key)
+        else:
+            key = read_secret(env=secret_env, file=secret_file, prefix="--")
+            algorithm = algorithm or "HS256"
+        token = mint_token(
+            key,
+            streams=chosen,
+            meta={k: v[0] if len(v) == 1 else v for k, v in tags.items()} or None,
+            stop=stop,
+            ttl=seconds,
+            algorithm=algorithm,
+            subject=subject,
+            audience=audience,
+            issuer=issuer,
+        )
+    except ValueError as exc:
+        # Names the option, variable or file; never the secret.
+        raise click.ClickException(
+            str(exc).replace("--secret_env", "--secret-env").replace("--secret_file", "--secret-file")
+        ) from None
+    click.echo(token)
+
+
+def _algorithm_for(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    raise ValueError("private key file: an RSA, EC or Ed25519 key is needed")
+
+
 @main.command(name="abort")
 @click.argument("url")
 @click.argument("stream")

@@ -20,6 +20,8 @@ so ``except StreamBusError`` catches them all::
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
     ├── StopFailed             a stop route could not reach the stream's owner
+    ├── TokenError             streambus.tokens: a credential was refused (missing, forged, expired...)
+    ├── OutOfScope             streambus.tokens: a valid scoped token asked for streams it does not cover
     │
     │   defined beside what raises them, in the core:
     ├── StreamFailed           streambus.subscription: ``Subscription.text()`` met ``error``/``abort`` (``event``)

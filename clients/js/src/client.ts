@@ -1,4 +1,4 @@
-import { ConnectionClosedError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";
+import { ConnectionClosedError, ForbiddenError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";
 import { type BusEvent, parseEvent } from "./events.js";
 import { StreamText } from "./stream.js";
 
@@ -91,7 +91,7 @@ interface Listeners {
   error: (error: StreamBusError) => void;
 }
 
-const FATAL_CLOSE = new Set([1009, 4001, 4004]);
+const FATAL_CLOSE = new Set([1009, 4001, 4004, 4005]);
 
 /**
  * Follows the streams of a streambus WebSocket broadcaster (docs/websocket-protocol.md): it
@@ -282,7 +282,9 @@ export class StreamBusClient {
       this.fail(
         code === 4001
           ? new UnauthorizedError(4001, `unauthorized (close 4001): ${this.opts.token ? "the token was refused" : "the server needs a token"}`)
-          : new ConnectionClosedError(code, reason),
+          : code === 4005
+            ? new UnauthorizedError(4005, "token expired (close 4005): connect again with a new token")
+            : new ConnectionClosedError(code, reason),
       );
       return;
     }
@@ -356,11 +358,19 @@ export class StreamBusClient {
         break;
       }
       case "error": {
-        const error = new ServerError(String(m.code), String(m.message ?? ""), m.field);
+        const error =
+          m.code === "forbidden"
+            ? new ForbiddenError(String(m.message ?? ""), m.field)
+            : new ServerError(String(m.code), String(m.message ?? ""), m.field);
         const stop = typeof m.id === "string" ? this.stops.get(m.id) : undefined;
         if (stop) {
           this.stops.delete(m.id);
           stop.reject(error);
+          break;
+        }
+        if (error instanceof ForbiddenError) {
+          // A subscribe outside the token's scope: nothing was subscribed, so connect() cannot resolve.
+          this.fail(error);
           break;
         }
         if (m.code === "too_many_streams") {

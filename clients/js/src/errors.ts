@@ -5,8 +5,9 @@
  * StreamBusError
  * ├── ProtocolError        a server frame or event is malformed (`field` names what)
  * ├── ServerError          the server sent an `error` frame (`code`, `field`)
+ * │   └── ForbiddenError   ... `forbidden`: the request is outside the token's scope
  * ├── ConnectionClosedError the WebSocket closed and the client will not reconnect (`code`)
- * ├── UnauthorizedError    WebSocket close 4001 or HTTP 401: no token or a wrong one
+ * ├── UnauthorizedError    WebSocket close 4001/4005 or HTTP 401: no token, a wrong or an expired one
  * └── HttpError            an HTTP output answered with a non-2xx status (`status`, `body`)
  * ```
  *
@@ -39,6 +40,19 @@ export class ServerError extends StreamBusError {
   }
 }
 
+/**
+ * The server refused a request outside what the connection may do (`error` frame `forbidden`):
+ * a subscription naming another tenant's stream or meta value (nothing was subscribed), or a
+ * `stop()` without the stop right or of a stream outside the token's scope. The connection
+ * stays open. `message` says what was refused (never the token).
+ */
+export class ForbiddenError extends ServerError {
+  override name = "ForbiddenError";
+  constructor(message: string, field?: string) {
+    super("forbidden", message, field);
+  }
+}
+
 /** The WebSocket closed for a reason that reconnecting does not fix (1009, 4004) or `close()` was called. */
 export class ConnectionClosedError extends StreamBusError {
   override name = "ConnectionClosedError";
@@ -63,10 +77,13 @@ export class HttpError extends StreamBusError {
   }
 }
 
-/** No token or a wrong one: WebSocket close 4001 or HTTP 401. Reconnecting without a new token will not help. */
+/**
+ * No token, a wrong one or an expired one: WebSocket close 4001 (refused) or 4005 (the scoped
+ * token expired while connected), or HTTP 401. Reconnecting without a new token will not help.
+ */
 export class UnauthorizedError extends StreamBusError {
   override name = "UnauthorizedError";
-  /** 4001 for the WebSocket, 401 for HTTP. */
+  /** 4001 or 4005 for the WebSocket, 401 for HTTP. */
   readonly code: number;
   constructor(code: number, message: string) {
     super(message);

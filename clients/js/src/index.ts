@@ -17,4 +17,4 @@ export { readSSE, SSEParser } from "./sse.js";
 export type { SSEMessage, SSEOptions } from "./sse.js";
 export { StreamBusChatTransport } from "./chat.js";
 export type { ChatStopResult, ChatTransportOptions, UIChunk } from "./chat.js";
-export { ConnectionClosedError, HttpError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";
+export { ConnectionClosedError, ForbiddenError, HttpError, ProtocolError, ServerError, StreamBusError, UnauthorizedError } from "./errors.js";

@@ -1,10 +1,10 @@
 """A real streambus for the Node tests: a bus with the websocket and http sinks on loopback.
 
 Run by ``test/helpers.mjs`` as ``.venv/bin/python clients/js/test/bus_server.py [--token T]
-[--history-events N] [--max-subscribe-streams N] [--per-stream N]``. It prints one JSON line with the URLs
-(structlog's lines share stdout, so protocol lines start with ``@@``), then reads commands, one
-JSON object per line on stdin, and answers each with one JSON line (``{"ok": true}`` or
-``{"error": "..."}``) once the command's events are published:
+[--jwt-secret-env VAR] [--jwt-leeway S] [--history-events N] [--max-subscribe-streams N] [--per-stream N]``.
+It prints one JSON line with the URLs (structlog's lines share stdout, so protocol lines start
+with ``@@``), then reads commands, one JSON object per line on stdin, and answers each with one
+JSON line (``{"ok": true}`` or ``{"error": "..."}``) once the command's events are published:
 
 - ``{"cmd": "start", "id": "s1", "model": "m", "meta": {...}}`` opens a stream (writer kept open);
 - ``{"cmd": "delta", "id": "s1", "text": "...", "channel": "content"}``;
@@ -118,6 +118,8 @@ async def main() -> None:
     """Serve until stdin closes."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--token")
+    parser.add_argument("--jwt-secret-env", help="accept scoped tokens signed with the secret in this variable")
+    parser.add_argument("--jwt-leeway", type=float, default=5.0, help="seconds of clock skew tolerated on exp")
     parser.add_argument("--history-events", type=int, default=2000)
     parser.add_argument("--max-subscribe-streams", type=int, default=256)
     parser.add_argument("--per-stream", type=int, default=10000)
@@ -126,10 +128,18 @@ async def main() -> None:
         sink = WebSocketSink(
             port=0,
             token=args.token,
+            jwt_secret_env=args.jwt_secret_env,
+            jwt_leeway=args.jwt_leeway,
             history_events=args.history_events,
             max_subscribe_streams=args.max_subscribe_streams,
         )
-        http = HttpSink(port=0, token=args.token, per_stream=args.per_stream)
+        http = HttpSink(
+            port=0,
+            token=args.token,
+            jwt_secret_env=args.jwt_secret_env,
+            jwt_leeway=args.jwt_leeway,
+            per_stream=args.per_stream,
+        )
         bus.add_sink(sink)
         bus.add_sink(http)
         ws_url = await sink.wait_ready()

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from streambus import Filter
+from streambus.tokens import OPERATOR, OutOfScope, Scope
 
 from ._errors import HttpStreamError, ResumeError
 from ._formats import Encoder, OpenAIChunkEncoder, SSEEncoder, make_encoder
@@ -47,6 +48,7 @@ async def open_stream(
     resume: str | None = None,
     start_timeout: float = 30.0,
     unknown_stream_timeout: float = UNKNOWN_STREAM_TIMEOUT,
+    scope: Scope = OPERATOR,
     **format_options: Any,
 ) -> Opened:
     """Resolve what to serve; raise :class:`HttpStreamError` with the status to answer otherwise.
@@ -58,10 +60,22 @@ async def open_stream(
     *start_timeout* seconds for a matching stream to start; a *stream* id the
     hub does not know waits *unknown_stream_timeout* seconds (the producer
     may not have started it yet), then 404.
+
+    *scope* is what the request's token covers (:mod:`streambus.tokens`): a
+    *filter* is narrowed to it, and a stream outside it (named, resumed or
+    picked) is refused with 403 before any body.
     """
     encoder = make_encoder(fmt, **format_options) if isinstance(fmt, str) else fmt
     if stream is None and filter is None:
         filter = Filter()
+    if not scope.unrestricted:
+        try:
+            if filter is not None:
+                filter = scope.narrow(filter)
+            if stream is not None:
+                scope.check_ids([stream])
+        except OutOfScope as exc:
+            raise HttpStreamError(exc.message, status=403) from None
     sse = encoder if isinstance(encoder, SSEEncoder) else None
     resume = resume.strip() if resume else None
     if stream is None and encoder.single:
@@ -79,6 +93,17 @@ async def open_stream(
         if not hub.known(stream):
             await hub.consult_archive(stream)  # an edge that never saw it asks the engine (if the bus has one)
         await hub.wait_stream(stream, max_wait=unknown_stream_timeout)
+        if not scope.unrestricted:
+            # Judged on the stream's start: a resume id or a stream id may name any stream.
+            known = hub.start_of(stream)
+            try:
+                if known is None:
+                    raise OutOfScope(
+                        f"the start of stream {stream[:64]!r} is unknown here, so its scope cannot be judged"
+                    )
+                scope.check_read(known)
+            except OutOfScope as exc:
+                raise HttpStreamError(exc.message, status=403) from None
         try:
             cursor = hub.stream_cursor(stream, after=after)
         except ResumeError as exc:

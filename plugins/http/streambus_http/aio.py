@@ -14,7 +14,7 @@ disconnects ends the response cleanly (at the latest one idle tick later).
 
 from __future__ import annotations
 
-import hmac
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,9 +24,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from streambus import Filter, StopFailed, StopOutcome
+from streambus import Filter, StartEvent, StopFailed, StopOutcome
 from streambus.access import OriginPolicy
 from streambus.serving import OncePerClient, server_logger
+from streambus.tokens import OPERATOR, Authenticator, OutOfScope, Scope, TokenError, bearer_credential
 
 from ._errors import HttpStreamError
 from ._formats import FORMATS, Encoder, FormatName, error_body, make_encoder
@@ -47,7 +48,7 @@ __all__ = [
 log = structlog.get_logger("streambus.http")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_CorsHandler = Callable[[web.Request, dict[str, str]], Awaitable[web.StreamResponse]]
+_CorsHandler = Callable[[web.Request, dict[str, str], Scope], Awaitable[web.StreamResponse]]
 
 
 def _require_asyncio() -> None:
@@ -70,15 +71,39 @@ _MAX_STOP_BODY = 4096  # bytes: a JSON object with a reason fits many times over
 class StopPermission:
     """Who may stop streams through the http sink: decided by :func:`stop_permission`, in one place.
 
-    *token* is the sink's static bearer token (``None``: none configured);
-    *allow_stop* is the sink's ``allow_stop`` option.
+    *auth* holds the credentials the sink accepts (static and scoped tokens,
+    :class:`streambus.tokens.Authenticator`; *token* is the shorthand for one
+    static token); *allow_stop* is the sink's ``allow_stop`` option;
+    *start_of* finds a stream's ``start`` (``StreamHub.start_of``), on which
+    a scoped token's reach is judged.
     """
 
-    __slots__ = ("allow_stop", "token")
+    __slots__ = ("allow_stop", "auth", "start_of")
 
-    def __init__(self, *, token: str | None, allow_stop: bool = True) -> None:
-        self.token = token.encode() if token else None
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        auth: Authenticator | None = None,
+        allow_stop: bool = True,
+        start_of: Callable[[str], StartEvent | None] | None = None,
+    ) -> None:
+        if token is not None and auth is not None:
+            raise TypeError("pass token or auth, not both")
+        self.auth = auth if auth is not None else Authenticator([token] if token else ())
         self.allow_stop = allow_stop
+        self.start_of = start_of
+
+    def scope(self, request: web.Request) -> Scope | TokenError:
+        """What the request's credential grants, or the :class:`~streambus.tokens.TokenError` refusing it."""
+        if not self.auth.required:
+            return OPERATOR
+        try:
+            return self.auth.authenticate(
+                bearer_credential(request.headers.get("Authorization"), request.query.get("token"))
+            )
+        except TokenError as exc:
+            return exc
 
 
 def stop_permission(permission: StopPermission, request: web.Request, stream: str | None) -> tuple[int, str] | None:
@@ -88,24 +113,36 @@ def stop_permission(permission: StopPermission, request: web.Request, stream: st
     (the caller then learns that only if it may stop).
 
     - ``allow_stop = false``: nobody may (403);
-    - a static token is configured: the request must present it
-      (``Authorization: Bearer``, or ``?token=``), compared in constant time (401);
+    - a token is configured: the request must present an acceptable one
+      (``Authorization: Bearer``, or ``?token=``): a static token (compared
+      in constant time) or a scoped token (401 otherwise, with the reason
+      when scoped tokens are accepted);
+    - a scoped token needs the stop right (403), and *stream* within its
+      scope, judged on the stream's ``start`` (403; an unknown stream too, so
+      the answer says nothing about streams outside the scope);
     - otherwise (a loopback sink without a token) any caller that passed the
       Host/Origin guard may.
 
-    This is the one place that decides; per-token stop rights extend it.
-    The reason never repeats what the caller presented.
+    This is the one place that decides. The reason never repeats what the
+    caller presented.
     """
     if not permission.allow_stop:
         return 403, "stopping streams is disabled on this server (allow_stop = false)"
-    if permission.token is not None and not hmac.compare_digest(_presented(request).encode(), permission.token):
-        return 401, "stopping a stream needs the bearer token"
+    scope = permission.scope(request)
+    if isinstance(scope, TokenError):
+        return 401, scope.reason if permission.auth.verifier is not None else "stopping a stream needs the bearer token"
+    if not scope.stop:
+        return 403, "this token may not stop streams (it lacks the stop right)"
+    if scope.unrestricted or stream is None:
+        return None
+    start = permission.start_of(stream) if permission.start_of is not None else None
+    if start is None or not scope.may_read(start):
+        return 403, f"stream {stream[:64]!r} is outside this token's scope"
     return None
 
 
-def _presented(request: web.Request) -> str:
-    given = request.headers.get("Authorization", "")
-    return given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
+# With a static token only, the answer stays what it always was.
+_STATIC_401 = "missing or wrong bearer token"
 
 
 def origin_guard(policy: OriginPolicy) -> Middleware:
@@ -165,6 +202,7 @@ async def stream_response(
     tick: float = 1.0,
     write_interval: float = 0.005,
     headers: Mapping[str, str] | None = None,
+    scope: Scope = OPERATOR,
     **format_options: Any,
 ) -> web.StreamResponse:
     """Stream one bus stream (or a filter over many) in *format* as the answer to *request*.
@@ -175,8 +213,10 @@ async def stream_response(
     does not know after *unknown_stream_timeout* seconds, no stream matching
     *filter* after *start_timeout* seconds). *write_interval* is the
     least time between two writes (tokens arriving meanwhile share one write).
-    Returns the finished
-    response (aiohttp handlers return it as is).
+    *scope* is what the request's token covers: streams outside it get 403,
+    a filter is narrowed to it, and the response ends when the token
+    expires (the client reconnects with a new token and ``Last-Event-ID``).
+    Returns the finished response (aiohttp handlers return it as is).
     """
     _require_asyncio()
     encoder = make_encoder(format, **format_options)
@@ -191,6 +231,7 @@ async def stream_response(
             resume=resume,
             start_timeout=start_timeout,
             unknown_stream_timeout=unknown_stream_timeout,
+            scope=scope,
         )
     except HttpStreamError as exc:
         return _error_response(exc, encoder)
@@ -198,6 +239,7 @@ async def stream_response(
     response.content_type = encoder.media_type.split(";")[0]
     if "charset=" in encoder.media_type:
         response.charset = encoder.media_type.split("charset=")[1]
+    expires = scope.expires
     try:
         await response.prepare(request)
         async for chunk in body(opened, keepalive=keepalive, tick=tick, write_interval=write_interval):
@@ -206,6 +248,10 @@ async def stream_response(
             elif _client_gone(request):
                 log.debug("http.client_gone", stream=stream)
                 return response
+            if expires is not None and time.time() > expires:
+                # The token was checked at the request; its end ends what it opened.
+                log.info("http.token_expired", stream=stream)
+                break
         await response.write_eof()
     except OSError:
         log.debug("http.client_gone", stream=stream)
@@ -238,6 +284,7 @@ def add_routes(
     *,
     prefix: str = "",
     token: str | None = None,
+    auth: Authenticator | None = None,
     cors_origins: Sequence[str] = (),
     chat_meta_key: str = "chat",
     start_timeout: float = 30.0,
@@ -263,34 +310,55 @@ def add_routes(
     ============================================  ==============================================
 
     With *token*, every route needs ``Authorization: Bearer <token>`` (or
-    ``?token=`` for ``EventSource``), compared in constant time. A stop
-    answers ``{"stream": id, "outcome": ...}``: 200 for ``stopped``,
-    ``forwarded`` and ``ended``, 404 for ``unknown``, 503 when the stop could
-    not reach the stream's owner, 401/403 as :func:`stop_permission` decides,
-    400 for a bad body. *allow_stop* = False refuses every stop.
+    ``?token=`` for ``EventSource``), compared in constant time. *auth*
+    (:class:`streambus.tokens.Authenticator`) accepts static and scoped
+    tokens instead: a request without an acceptable one gets 401 with the
+    reason, and one outside its token's scope 403; every listing and filter
+    is narrowed to the scope. A stop answers ``{"stream": id, "outcome":
+    ...}``: 200 for ``stopped``, ``forwarded`` and ``ended``, 404 for
+    ``unknown``, 503 when the stop could not reach the stream's owner,
+    401/403 as :func:`stop_permission` decides, 400 for a bad body.
+    *allow_stop* = False refuses every stop.
     *cors_origins* lists origins allowed to read from a browser (``*`` for any).
     Host and Origin are checked by :func:`origin_guard`, which the ``http``
     sink installs; an application mounting these routes installs it too.
     """
-    expected = token.encode() if token else None
+    if token is not None and auth is not None:
+        raise TypeError("pass token or auth, not both (Authenticator(static=[token], ...) holds both)")
+    authenticator = auth if auth is not None else Authenticator([token] if token else ())
     origins = set(cors_origins)
-    permission = StopPermission(token=token, allow_stop=allow_stop)
+    first_unauthorized = OncePerClient()
+    permission = StopPermission(auth=authenticator, allow_stop=allow_stop, start_of=hub.start_of)
 
     def guard(handler: _CorsHandler, fmt: str = "text", *, checks_token: bool = True) -> _Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             cors = _cors_headers(request, origins)
             if request.method == "OPTIONS":
                 return web.Response(status=204, headers=cors)
-            if (
-                expected is not None
-                and checks_token
-                and not hmac.compare_digest(_presented(request).encode(), expected)
-            ):
-                content_type, data = error_body(fmt, 401, "missing or wrong bearer token")
-                return web.Response(status=401, body=data, headers={**cors, "Content-Type": content_type})
-            return await handler(request, cors)
+            if not checks_token:
+                # A stop is authorized by stop_permission() alone (the token included).
+                return await handler(request, cors, OPERATOR)
+            try:
+                scope = authenticator.authenticate(
+                    bearer_credential(request.headers.get("Authorization"), request.query.get("token"))
+                    if authenticator.required
+                    else None
+                )
+            except TokenError as exc:
+                # The reason is one of a few fixed sentences: never the token or the key.
+                client = request.remote or ""
+                if first_unauthorized(client):
+                    log.warning("http.unauthorized", client=client, reason=exc.reason)
+                content_type, data = error_body(fmt, 401, exc.reason if authenticator.verifier else _STATIC_401)
+                headers = {**cors, "Content-Type": content_type, "WWW-Authenticate": 'Bearer error="invalid_token"'}
+                return web.Response(status=401, body=data, headers=headers)
+            return await handler(request, cors, scope)
 
         return wrapped
+
+    def forbidden(exc: OutOfScope, cors: dict[str, str], fmt: str = "text") -> web.Response:
+        content_type, data = error_body(fmt, 403, exc.message)
+        return web.Response(status=403, body=data, headers={**cors, "Content-Type": content_type})
 
     common: dict[str, Any] = {
         "start_timeout": start_timeout,
@@ -299,13 +367,13 @@ def add_routes(
         "write_interval": write_interval,
     }
 
-    def options_for(fmt: str, cors: dict[str, str]) -> dict[str, Any]:
-        opts: dict[str, Any] = dict(common, headers=cors)
+    def options_for(fmt: str, cors: dict[str, str], scope: Scope) -> dict[str, Any]:
+        opts: dict[str, Any] = dict(common, headers=cors, scope=scope)
         if fmt == "sse":
             opts["retry_ms"] = retry_ms
         return opts
 
-    async def list_streams(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def list_streams(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         items = [
             {
                 "stream": s.stream,
@@ -315,6 +383,7 @@ def add_routes(
                 "live": not hub.ended(s.stream),
             }
             for s in hub.streams()
+            if scope.may_read(s)
         ]
         return web.json_response({"streams": items}, headers=cors)
 
@@ -322,16 +391,18 @@ def add_routes(
         if fmt not in FORMATS:
             raise web.HTTPNotFound(text=f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}\n")
 
-    async def one_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def one_stream(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         fmt = request.match_info["format"]
         check_format(fmt)
-        return await stream_response(request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors))
+        return await stream_response(
+            request, hub, fmt, stream=request.match_info["stream"], **options_for(fmt, cors, scope)
+        )
 
-    async def filtered(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def filtered(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         fmt = request.match_info["format"]
         check_format(fmt)
         flt = filter_from_query(request.query, lambda key: request.query.getall(key, []))
-        return await stream_response(request, hub, fmt, filter=flt, **options_for(fmt, cors))
+        return await stream_response(request, hub, fmt, filter=flt, **options_for(fmt, cors, scope))
 
     async def json_body(request: web.Request) -> dict[str, Any]:
         try:
@@ -342,7 +413,7 @@ def add_routes(
             raise web.HTTPBadRequest(text="request body must be a JSON object\n")
         return data
 
-    async def chat_completions(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def chat_completions(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         def refuse(message: str) -> web.Response:
             # OpenAI's error object, so OpenAI clients raise with the message.
             content_type, data = error_body("openai", 400, message)
@@ -366,23 +437,27 @@ def add_routes(
             stream=stream_id if isinstance(stream_id, str) else None,
             filter=flt,
             include_usage=include_usage,
-            **options_for("openai", cors),
+            **options_for("openai", cors, scope),
         )
 
-    async def ui_chat(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def ui_chat(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
         data = await json_body(request)
         chat = data.get("id")
         if not isinstance(chat, str) or not chat:
             raise web.HTTPBadRequest(text='the body needs the chat "id" (useChat sends it)\n')
         return await stream_response(
-            request, hub, "ui", filter=Filter.of(meta={chat_meta_key: chat}), **options_for("ui", cors)
+            request, hub, "ui", filter=Filter.of(meta={chat_meta_key: chat}), **options_for("ui", cors, scope)
         )
 
-    async def ui_resume(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
-        found = hub.pick(Filter.of(meta={chat_meta_key: request.match_info["chat"]}))
+    async def ui_resume(request: web.Request, cors: dict[str, str], scope: Scope) -> web.StreamResponse:
+        try:
+            flt = scope.narrow(Filter.of(meta={chat_meta_key: request.match_info["chat"]}))
+        except OutOfScope as exc:
+            return forbidden(exc, cors)
+        found = hub.pick(flt)
         if found is None:
             return web.Response(status=204, headers=cors)
-        return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors))
+        return await stream_response(request, hub, "ui", stream=found, **options_for("ui", cors, scope))
 
     async def stop_reply(
         request: web.Request, cors: dict[str, str], stream: str | None, chat: str | None
@@ -392,6 +467,13 @@ def add_routes(
 
         flt = Filter.of(meta={chat_meta_key: chat}) if chat is not None else None
         if flt is not None:
+            scope = permission.scope(request)
+            if isinstance(scope, Scope) and not scope.unrestricted:
+                # A scoped token's chat stop looks among its own streams only, live or ended.
+                try:
+                    flt = scope.narrow(flt)
+                except OutOfScope:
+                    flt = Filter(streams=frozenset())
             stream = hub.pick(flt)
         refused = stop_permission(permission, request, stream)
         if refused is not None:
@@ -428,10 +510,10 @@ def add_routes(
         extra = {"chat": chat} if chat is not None else {}
         return answer(404 if outcome is StopOutcome.UNKNOWN else 200, stream=stream, outcome=outcome.value, **extra)
 
-    async def stop_stream(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def stop_stream(request: web.Request, cors: dict[str, str], _scope: Scope) -> web.StreamResponse:
         return await stop_reply(request, cors, request.match_info["stream"], None)
 
-    async def stop_chat(request: web.Request, cors: dict[str, str]) -> web.StreamResponse:
+    async def stop_chat(request: web.Request, cors: dict[str, str], _scope: Scope) -> web.StreamResponse:
         return await stop_reply(request, cors, None, request.match_info["chat"])
 
     routes = [

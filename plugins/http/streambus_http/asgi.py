@@ -34,6 +34,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without starlett
     ) from exc
 
 from streambus import Filter
+from streambus.tokens import OPERATOR
+from streambus.tokens import Scope as TokenScope
 
 from ._errors import HttpStreamError
 from ._formats import Encoder, FormatName, error_body, make_encoder
@@ -72,6 +74,9 @@ class EventStreamResponse(Response):
     :param unknown_stream_timeout: seconds to wait for a *stream* id the hub does not know (then 404).
     :param keepalive: seconds of silence before an SSE comment keeps proxies from closing.
     :param write_interval: seconds between writes, so tokens arriving meanwhile share one write (0: no wait).
+    :param token_scope: what the request's scoped token covers (:class:`streambus.tokens.Scope`,
+        from :meth:`streambus.tokens.Authenticator.authenticate`): a stream outside it gets 403 before
+        any body, a filter is narrowed to it. The app authenticates; the default reads everything.
     :param format_options: passed to the format's encoder (e.g. ``include_usage=True``).
     """
 
@@ -88,9 +93,11 @@ class EventStreamResponse(Response):
         keepalive: float = 15.0,
         write_interval: float = 0.005,
         headers: Mapping[str, str] | None = None,
+        token_scope: TokenScope = OPERATOR,
         **format_options: Any,
     ) -> None:
         self.hub = hub
+        self.token_scope = token_scope
         self.encoder = make_encoder(format, **format_options)
         self.stream = stream
         self.filter = filter
@@ -125,6 +132,7 @@ class EventStreamResponse(Response):
                     resume=self.resume or _resume_from(scope),
                     start_timeout=self.start_timeout,
                     unknown_stream_timeout=self.unknown_stream_timeout,
+                    scope=self.token_scope,
                 )
             except HttpStreamError as exc:
                 await _send_error(send, exc, self.encoder)

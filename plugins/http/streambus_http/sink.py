@@ -28,6 +28,7 @@ from streambus import Bus, PluginBase, Subscription
 from streambus.access import OriginPolicy, is_loopback_host
 from streambus.plugins import NonNegativeFloat, PositiveFloat, PositiveInt
 from streambus.serving import AppServer, server_logger
+from streambus.tokens import Authenticator, TokenVerifier
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
@@ -55,6 +56,20 @@ class HttpSink(PluginBase):
         """Path prefix of every route, e.g. ``/bus``."""
         token: str | None = None
         """Bearer token every request must present (header, or ``?token=``)."""
+        jwt_secret_env: str | None = None
+        """Environment variable holding the HMAC secret that scoped tokens (JWT) are verified with."""
+        jwt_secret_file: str | None = None
+        """File holding that secret (whitespace stripped); instead of ``jwt_secret_env``."""
+        jwt_public_key_file: str | None = None
+        """PEM public key (RSA, EC, Ed25519) that scoped tokens are verified with."""
+        jwt_algorithms: list[str] = msgspec.field(default_factory=list)
+        """Accepted token algorithms (default: HS256 with a secret, RS256/ES256/EdDSA after the key's type)."""
+        jwt_leeway: NonNegativeFloat = 5.0
+        """Seconds of clock skew tolerated on a token's ``exp``/``nbf``/``iat`` (0-300)."""
+        jwt_audience: str | None = None
+        """When set, every token must carry this ``aud``."""
+        jwt_issuer: str | None = None
+        """When set, every token must carry this ``iss``."""
         allow_public_without_token: bool = False
         """Bind a non-loopback ``host`` without a ``token`` (every stream readable by anyone who can connect)."""
         cors_origins: list[str] = msgspec.field(default_factory=list)
@@ -99,10 +114,22 @@ class HttpSink(PluginBase):
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
             if self.token is not None and not self.token:
                 raise ValueError("token: must not be empty (leave it out to serve without a token)")
-            if self.token is None and not self.allow_public_without_token and not is_loopback_host(self.host):
+            if self.jwt_secret_env and self.jwt_secret_file:
+                raise ValueError("jwt_secret_env, jwt_secret_file: give one of them, not both")
+            if not 0 <= self.jwt_leeway <= 300:
+                raise ValueError(f"jwt_leeway: must be within 0-300 seconds, got {self.jwt_leeway}")
+            has_jwt = bool(self.jwt_secret_env or self.jwt_secret_file or self.jwt_public_key_file)
+            if self.jwt_algorithms and not has_jwt:
+                raise ValueError("jwt_algorithms: set jwt_secret_env, jwt_secret_file or jwt_public_key_file too")
+            if (
+                self.token is None
+                and not has_jwt
+                and not self.allow_public_without_token
+                and not is_loopback_host(self.host)
+            ):
                 raise ValueError(
                     f"host: binding {self.host or 'every interface'!r} without a token would expose every stream; "
-                    "set token, bind 127.0.0.1, or set allow_public_without_token = true"
+                    "set token or a jwt_* key, bind 127.0.0.1, or set allow_public_without_token = true"
                 )
             try:
                 OriginPolicy(bind_host=self.host, allowed_hosts=self.allowed_hosts, allowed_origins=self.cors_origins)
@@ -115,8 +142,11 @@ class HttpSink(PluginBase):
     overflow = "coalesce"
     buffer = 4096
 
-    def __init__(self, options: Options | None = None, **keywords: Any) -> None:
+    def __init__(
+        self, options: Options | None = None, *, verifier: TokenVerifier | None = None, **keywords: Any
+    ) -> None:
         self.options: HttpSink.Options = self.resolve_options(options, keywords)
+        self._verifier = verifier
         opts = self.options
         self.hub = StreamHub(per_stream=opts.per_stream, max_streams=opts.max_streams, max_events=opts.max_events)
         self.port: int | None = None
@@ -140,6 +170,29 @@ class HttpSink(PluginBase):
             await self._started.wait()
         return self.url
 
+    def preflight(self) -> None:
+        """Check that the ``jwt_*`` secret or public key loads; nothing is opened for serving."""
+        self.authenticator()
+
+    def authenticator(self) -> Authenticator:
+        """The credentials this sink accepts: its static ``token`` and its scoped-token verifier.
+
+        Raises :class:`ValueError` naming the option when a ``jwt_*`` source
+        cannot be read (never the secret itself).
+        """
+        opts = self.options
+        verifier = self._verifier or TokenVerifier.load(
+            secret_env=opts.jwt_secret_env,
+            secret_file=opts.jwt_secret_file,
+            public_key_file=opts.jwt_public_key_file,
+            algorithms=opts.jwt_algorithms or None,
+            leeway=opts.jwt_leeway,
+            audience=opts.jwt_audience,
+            issuer=opts.jwt_issuer,
+            prefix="jwt_",
+        )
+        return Authenticator([opts.token] if opts.token else (), verifier)
+
     def make_app(self, port: int | None = None) -> web.Application:
         """The aiohttp application with every route, behind the Host/Origin guard (to embed in a larger server).
 
@@ -155,7 +208,7 @@ class HttpSink(PluginBase):
             app,
             self.hub,
             prefix=opts.prefix,
-            token=opts.token,
+            auth=self.authenticator(),
             cors_origins=opts.cors_origins,
             chat_meta_key=opts.chat_meta_key,
             start_timeout=opts.start_timeout,

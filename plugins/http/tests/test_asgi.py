@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,8 @@ from starlette.routing import Route
 from streambus_http import StreamHub
 from streambus_http.asgi import EventStreamResponse, ndjson_response, openai_response, sse_response, text_response
 
-from streambus import Bus, decode
+from streambus import Bus, Filter, decode
+from streambus.tokens import Authenticator, TokenVerifier, bearer_credential, mint_token
 
 pytestmark = pytest.mark.anyio
 
@@ -278,4 +280,37 @@ async def test_asgi_over_real_http_under_both_backends(anyio_backend: str, write
                 assert [f["id"] for f in _frames(r.text)] == ["hc:2", "hc:3", "hc:4"]
                 assert (await client.get("/s/hc/text")).text == "abc\n[aborted by client: stop]\n"
             stop.set()
+        await bus.shutdown()
+
+
+async def test_asgi_responses_honour_a_token_scope(writer: Any) -> None:
+    """The app authenticates (streambus.tokens) and hands the scope to the response: 403, or narrowed."""
+    secret = secrets.token_urlsafe(32)
+    auth = Authenticator(verifier=TokenVerifier(secret=secret))
+
+    async def one(request: Request) -> EventStreamResponse:
+        scope = auth.authenticate(bearer_credential(request.headers.get("authorization")))
+        sid = request.path_params["sid"]
+        return text_response(hub, stream=sid, token_scope=scope, unknown_stream_timeout=0.5)
+
+    async def many(request: Request) -> EventStreamResponse:
+        scope = auth.authenticate(bearer_credential(request.headers.get("authorization")))
+        return EventStreamResponse(hub, "text", filter=Filter(), token_scope=scope, start_timeout=0.5)
+
+    async with Bus() as bus:
+        hub = StreamHub.attach(bus)
+        await writer(bus, "mine", ["ours"], meta={"tenant": "a"})
+        await writer(bus, "theirs", ["not yours"], meta={"tenant": "b"})
+        app = Starlette(routes=[Route("/s/{sid}", one), Route("/next", many)])
+        headers = {"Authorization": "Bearer " + mint_token(secret, meta={"tenant": "a"})}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await client.get("/s/mine", headers=headers)).text == "ours"
+            r = await client.get("/s/theirs", headers=headers)
+            assert (r.status_code, r.text) == (403, "stream 'theirs' is outside this token's scope\n")
+            # The oldest live or next stream of the filter, narrowed: b's live stream is never picked.
+            async with bus.stream(model="m", stream="live-b", meta={"tenant": "b"}) as w:
+                await w.delta("b is typing")
+                with anyio.fail_after(10):
+                    r = await client.get("/next", headers=headers)
+                assert r.status_code == 404
         await bus.shutdown()

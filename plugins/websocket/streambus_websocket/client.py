@@ -31,6 +31,7 @@ import anyio.lowlevel
 
 from streambus import DeltaEvent, Filter, encode
 from streambus.coalesce import Coalescer, MergedDelta
+from streambus.tokens import OPERATOR, Scope
 
 from .protocol import CloseCode
 
@@ -46,6 +47,8 @@ class Client:
     With *write_now* (``broadcast``, asyncio), *credit* bytes may be written
     without waiting each time ``send()`` found the socket's buffer under its
     write limit; without it (trio) every frame goes through :meth:`send_loop`.
+    *token_scope* is what the client's token covers; every subscription of
+    the client is narrowed to it.
     """
 
     def __init__(
@@ -56,9 +59,12 @@ class Client:
         peer: str,
         credit: int = 32768,
         write_now: Callable[..., None] | None = None,
+        token_scope: Scope = OPERATOR,
     ) -> None:
         self.ws = ws
         self.peer = peer
+        self.token_scope = token_scope
+        """What this client's token lets it read (:data:`~streambus.tokens.OPERATOR` for a static token or none)."""
         self.buffer_bytes = buffer_bytes
         self.coalesce_bytes = min(65536, buffer_bytes // 4)
         """Queued bytes from which new deltas merge into queued ones (the buffer counts as full)."""

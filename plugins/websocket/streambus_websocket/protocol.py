@@ -64,6 +64,8 @@ class CloseCode(enum.IntEnum):
     """The client read too slowly and its buffer passed ``client_buffer_bytes``; reconnect with ``since``."""
     RATE_LIMITED = 4004
     """The client kept sending faster than ``max_message_rate`` after being warned."""
+    TOKEN_EXPIRED = 4005
+    """The scoped token the client connected with reached its ``exp``; reconnect with a new token and ``since``."""
 
 
 class ErrorCode(enum.StrEnum):
@@ -88,7 +90,12 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     """The message was dropped: the client sends faster than ``max_message_rate``."""
     UNAUTHORIZED = "unauthorized"
-    """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`."""
+    """Sent just before closing with :attr:`CloseCode.UNAUTHORIZED`; the message says what was wrong with the token."""
+    FORBIDDEN = "forbidden"
+    """Outside what this connection may do: a ``subscribe`` beyond the token's scope (nothing was subscribed),
+    or an ``abort`` without the stop right, of a stream outside the scope, or with ``allow_stop = false``."""
+    TOKEN_EXPIRED = "token_expired"
+    """Sent just before closing with :attr:`CloseCode.TOKEN_EXPIRED`."""
     TOO_MANY_CLIENTS = "too_many_clients"
     """Sent just before closing with :attr:`CloseCode.TOO_MANY_CLIENTS`."""
     LAGGED = "lagged"
@@ -97,8 +104,6 @@ class ErrorCode(enum.StrEnum):
     """The server failed handling this message; the message carries no internals."""
     UNKNOWN_STREAM = "unknown_stream"
     """``abort`` named a stream that no producer (here or behind the engine) owns."""
-    FORBIDDEN = "forbidden"
-    """This connection may not stop that stream (``allow_stop = false``)."""
     STOP_FAILED = "stop_failed"
     """The stop could not reach the host that owns the stream (its engine is unreachable); retry later."""
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hmac
 import os
 import secrets
 import socket
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -53,6 +53,7 @@ from streambus import (
     EndEvent,
     ErrorEvent,
     Event,
+    Filter,
     Overflowed,
     PluginBase,
     StartEvent,
@@ -66,6 +67,7 @@ from streambus import (
 from streambus.access import OriginPolicy, is_loopback_host, split_host_port
 from streambus.archive import add_interest, archive_of
 from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require_readable_file
+from streambus.tokens import Authenticator, OutOfScope, Scope, TokenError, TokenVerifier, bearer_credential
 
 from .client import Client
 from .history import History
@@ -126,6 +128,13 @@ class WebSocketSink(PluginBase):
         path: str = "/ws"
         token_env: str | None = None
         tokens_file: str | None = None
+        jwt_secret_env: str | None = None
+        jwt_secret_file: str | None = None
+        jwt_public_key_file: str | None = None
+        jwt_algorithms: list[str] = []
+        jwt_leeway: NonNegativeFloat = 5.0
+        jwt_audience: str | None = None
+        jwt_issuer: str | None = None
         allow_public_without_token: bool = False
         allowed_origins: list[str] = []
         allowed_hosts: list[str] = []
@@ -183,11 +192,24 @@ class WebSocketSink(PluginBase):
                     raise ValueError(f"allowed_hosts: {name!r} must be '*' or a host name (no scheme, port or path)")
             if self.token_env is not None and not self.token_env:
                 raise ValueError("token_env: must name an environment variable")
+            if self.jwt_secret_env is not None and not self.jwt_secret_env:
+                raise ValueError("jwt_secret_env: must name an environment variable")
+            if self.jwt_secret_env and self.jwt_secret_file:
+                raise ValueError("jwt_secret_env, jwt_secret_file: give one of them, not both")
+            if not 0 <= self.jwt_leeway <= 300:
+                raise ValueError(f"jwt_leeway: must be within 0-300 seconds, got {self.jwt_leeway}")
+            if self.jwt_algorithms and not self.has_jwt_source:
+                raise ValueError("jwt_algorithms: set jwt_secret_env, jwt_secret_file or jwt_public_key_file too")
+
+        @property
+        def has_jwt_source(self) -> bool:
+            """Whether scoped tokens are accepted (a secret or a public key to verify them is configured)."""
+            return bool(self.jwt_secret_env or self.jwt_secret_file or self.jwt_public_key_file)
 
         @property
         def has_token_source(self) -> bool:
-            """Whether a token is configured (``token_env`` or ``tokens_file``)."""
-            return bool(self.token_env or self.tokens_file)
+            """Whether a token is configured (``token_env``, ``tokens_file`` or a ``jwt_*`` key)."""
+            return bool(self.token_env or self.tokens_file) or self.has_jwt_source
 
     overflow: ClassVar[str] = "coalesce"
     """Never ``block``: the bus must not wait for this sink, whatever its clients do.
@@ -200,7 +222,8 @@ class WebSocketSink(PluginBase):
     buffer: ClassVar[int] = 4096
 
     def preflight(self) -> None:
-        """Check that ``tokens_file`` (when set) is a readable file holding a token; nothing is opened for serving."""
+        """Check the token sources (``tokens_file`` holds a token, ``jwt_*`` keys load); nothing is served."""
+        self._verifier_from_options()
         path = self.options.tokens_file
         if path:
             require_readable_file("tokens_file", path)
@@ -216,10 +239,13 @@ class WebSocketSink(PluginBase):
         options: Options | None = None,
         *,
         token: str | Iterable[str] | None = None,
+        verifier: TokenVerifier | None = None,
         **kwargs: Any,
     ) -> None:
         self.options: WebSocketSink.Options = self.resolve_options(options, kwargs)
         self._tokens: list[bytes] | None = None
+        self._verifier = verifier
+        self._auth = Authenticator()
         if token is not None:
             given = [token] if isinstance(token, str) else list(token)
             if not given or not all(given):
@@ -227,11 +253,15 @@ class WebSocketSink(PluginBase):
             self._tokens = [t.encode() for t in given]
         opts = self.options
         if not (
-            is_loopback_host(opts.host) or opts.has_token_source or token is not None or opts.allow_public_without_token
+            is_loopback_host(opts.host)
+            or opts.has_token_source
+            or token is not None
+            or verifier is not None
+            or opts.allow_public_without_token
         ):
             raise ValueError(
                 f"host: binding {opts.host or 'every interface'!r} without a token would expose every stream; "
-                "set token_env or tokens_file, or allow_public_without_token = true"
+                "set token_env, tokens_file or a jwt_* key, or allow_public_without_token = true"
             )
         self.history = History(opts.history_events, opts.history_ttl, opts.history_streams, anyio.current_time)
         """The per-stream history recovery and snapshots are served from."""
@@ -469,9 +499,35 @@ class WebSocketSink(PluginBase):
             for client in list(self._clients):
                 await client.wait_idle()
 
-    def _load_tokens(self) -> None:
+    def _verifier_from_options(self) -> TokenVerifier | None:
+        """The scoped-token verifier; raises ``ValueError`` naming the ``jwt_*`` key (never the secret)."""
         opts = self.options
-        if self._tokens is not None and not opts.has_token_source:
+        if self._verifier is not None:
+            return self._verifier
+        return TokenVerifier.load(
+            secret_env=opts.jwt_secret_env,
+            secret_file=opts.jwt_secret_file,
+            public_key_file=opts.jwt_public_key_file,
+            algorithms=opts.jwt_algorithms or None,
+            leeway=opts.jwt_leeway,
+            audience=opts.jwt_audience,
+            issuer=opts.jwt_issuer,
+            prefix="jwt_",
+        )
+
+    def _load_verifier(self) -> TokenVerifier | None:
+        try:
+            return self._verifier_from_options()
+        except ValueError as exc:
+            raise BroadcasterError(str(exc)) from None
+
+    def _load_tokens(self) -> None:
+        self._load_static_tokens()
+        self._auth = Authenticator(self._tokens or (), self._load_verifier())
+
+    def _load_static_tokens(self) -> None:
+        opts = self.options
+        if self._tokens is not None and not (opts.token_env or opts.tokens_file):
             return
         tokens: list[bytes] = list(self._tokens or [])
         if opts.token_env:
@@ -521,34 +577,27 @@ class WebSocketSink(PluginBase):
             return _response(404, "Not Found", "text/plain; charset=utf-8", b"no WebSocket endpoint here\n")
         return None
 
-    def _authorized(self, request: Request) -> bool:
-        tokens = self._tokens
-        if tokens is None:
-            return True
-        given = ""
+    def _authenticate(self, request: Request) -> Scope:
+        """The scope the request's credential grants; raises :class:`TokenError` (its reason is safe to send)."""
+        if not self._auth.required:
+            return self._auth.authenticate(None)
         # One value at most: _process_request refused duplicates before the upgrade.
-        header = (request.headers.get_all("Authorization") or [""])[0]
-        if header[:7].lower() == "bearer ":
-            given = header[7:].strip()
-        else:
-            query = urllib.parse.parse_qs(request.path.partition("?")[2])
-            given = (query.get("token") or [""])[0]
-        if not given:
-            return False
-        candidate = given.encode()
-        ok = False
-        for token in tokens:
-            # Compare against every token, in constant time each.
-            ok |= hmac.compare_digest(candidate, token)
-        return ok
+        headers = request.headers.get_all("Authorization")
+        tokens = urllib.parse.parse_qs(request.path.partition("?")[2]).get("token")
+        return self._auth.authenticate(
+            bearer_credential(headers[0] if headers else None, tokens[0] if tokens else None)
+        )
 
     # -- one connection ----------------------------------------------------------------
     async def _handle(self, ws: Any) -> None:
         opts = self.options
         peer = str(ws.remote_address[0]) if ws.remote_address else "?"
-        if not self._authorized(ws.request):
-            log.warning("websocket.unauthorized", peer=peer)
-            await self._refuse(ws, ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED, "missing or wrong token")
+        try:
+            token_scope = self._authenticate(ws.request)
+        except TokenError as exc:
+            # The reason is one of a few fixed sentences: never the token or the key.
+            log.warning("websocket.unauthorized", peer=peer, reason=exc.reason)
+            await self._refuse(ws, ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED, exc.reason)
             return
         if len(self._clients) >= opts.max_clients:
             log.warning("websocket.too_many_clients", peer=peer, max_clients=opts.max_clients)
@@ -563,6 +612,7 @@ class WebSocketSink(PluginBase):
             buffer_bytes=opts.client_buffer_bytes,
             peer=peer,
             write_now=self._write_many,
+            token_scope=token_scope,
         )
         hello = control_frame(
             "hello",
@@ -590,6 +640,8 @@ class WebSocketSink(PluginBase):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._send, client)
                     tg.start_soon(self._watchdog, client)
+                    if token_scope.expires is not None:
+                        tg.start_soon(self._expire, client, token_scope.expires)
                     await self._receive(client)
                     tg.cancel_scope.cancel()
         finally:
@@ -616,6 +668,13 @@ class WebSocketSink(PluginBase):
         # The peer is gone or closing: stop reading too.
         if client.scope is not None:
             client.scope.cancel()
+
+    async def _expire(self, client: Client, expires: float) -> None:
+        # A token is checked once, at the upgrade: its end (exp + leeway) closes the connection it opened.
+        await anyio.sleep(max(0.0, expires - time.time()))
+        log.info("websocket.token_expired", peer=client.peer)
+        client.push(error_frame(ErrorCode.TOKEN_EXPIRED, "token expired; reconnect with a new token"))
+        client.close(CloseCode.TOKEN_EXPIRED, "token expired", flush=True)
 
     async def _watchdog(self, client: Client) -> None:
         # A close requested while a frame is being written waits for that write,
@@ -781,21 +840,43 @@ class WebSocketSink(PluginBase):
                 archive.follow(start.stream)
 
     def may_stop(self, client: Client, stream: str) -> bool:
-        """Whether *client* may stop *stream*: the one place this sink decides it.
+        """Whether *client* may stop *stream*: the one place this sink decides it (see :meth:`stop_refusal`)."""
+        return self.stop_refusal(client, stream) is None
 
-        A connection exists only after the handshake checked the static
-        token (when one is configured), so every connection holds it; with
-        ``allow_stop = false`` nobody may stop. Per-token stop rights extend
-        this method.
+    def stop_refusal(self, client: Client, stream: str) -> str | None:
+        """Why *client* may not stop *stream* (a reason safe to send), or ``None`` when it may.
+
+        With ``allow_stop = false`` nobody may. A connection exists only after
+        the handshake checked its token: a static token (or none configured)
+        may stop any stream. A scoped token needs the stop right, and the
+        stream within its scope, judged on the stream's ``start``; a stream
+        this server knows no ``start`` of is refused alike, so the answer says
+        nothing about streams outside the scope.
         """
-        return self.options.allow_stop
+        if not self.options.allow_stop:
+            return "stopping streams is disabled on this server (allow_stop = false)"
+        scope = client.token_scope
+        if not scope.stop:
+            return "this token may not stop streams (it lacks the stop right)"
+        if scope.unrestricted:
+            return None
+        stream_log = self.history.get(stream)
+        start = stream_log.start if stream_log is not None else None
+        if start is None and self._bus is not None:
+            start = self._bus.live_streams.get(stream)
+        try:
+            if start is None:
+                raise OutOfScope(f"stream {stream[:64]!r} is outside this token's scope", streams=[stream])
+            scope.check_stop(start)
+        except OutOfScope as exc:
+            return exc.message
+        return None
 
     async def _abort(self, client: Client, message: Abort) -> None:
         stream = message.stream
-        if not self.may_stop(client, stream):
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN, f"this connection may not stop stream {stream!r}", field="stream", id=message.id
-            )
+        refusal = self.stop_refusal(client, stream)
+        if refusal is not None:
+            raise ProtocolError(ErrorCode.FORBIDDEN, refusal, field="stream", id=message.id)
         bus = self._bus
         if bus is None or not bus.running:
             raise ProtocolError(ErrorCode.STOP_FAILED, "the bus is not running", id=message.id)
@@ -845,9 +926,9 @@ class WebSocketSink(PluginBase):
                 field="since" if len(message.since or ()) > len(message.streams or ()) else "streams",
                 id=message.id,
             )
-        flt = message.to_filter()
         history = self.history
         history.expire()
+        flt = self._scoped_filter(client.token_scope, message)
         # Streams this client already receives through another subscription.
         already = {stream for stream, targets in self._routes.items() if client in targets}
         live = [lg for lg in history.live() if lg.start is not None and flt.matches(lg.start)]
@@ -870,6 +951,10 @@ class WebSocketSink(PluginBase):
                     continue
                 stream_log = history.get(stream)
                 if stream_log is not None and stream_log.start is not None and not flt.matches(stream_log.start):
+                    continue
+                if stream_log is not None and stream_log.start is None and not client.token_scope.unrestricted:
+                    # Its start is unknown here, so its scope cannot be judged: the client reloads instead.
+                    replays.append((stream, None))
                     continue
                 replays.append((stream, history.missed(stream, last_seq)))
             # Live streams the client never saw started while it was away: replay them whole.
@@ -949,6 +1034,34 @@ class WebSocketSink(PluginBase):
             return
         client.replayed += cost
         client.push_many(frames)
+
+    def _scoped_filter(self, scope: Scope, message: Subscribe) -> Filter:
+        """The subscription's filter narrowed to the token's scope; ``forbidden`` when it asks for more.
+
+        Streams named by id (``streams`` and ``since``) must be within the
+        token's ids, and, when the server holds their ``start``, match its
+        meta; a meta value asked for must be one the token allows. Anything
+        left open is closed to the scope, so a wildcard subscription of a
+        tenant's token only ever sees that tenant's streams.
+        """
+        flt = message.to_filter()
+        if scope.unrestricted:
+            return flt
+        named = set(message.streams or ()).union(message.since or ())
+        try:
+            scope.check_ids(named)
+            for stream in sorted(named):
+                stream_log = self.history.get(stream)
+                if stream_log is not None and stream_log.start is not None:
+                    scope.check_read(stream_log.start)
+            return scope.narrow(flt)
+        except OutOfScope as exc:
+            field = (
+                "meta"
+                if exc.meta is not None
+                else ("streams" if set(exc.streams) & set(message.streams or ()) else "since")
+            )
+            raise ProtocolError(ErrorCode.FORBIDDEN, exc.message, field=field, id=message.id) from None
 
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:

@@ -139,6 +139,8 @@ class _Tail:
             code = ws.close_code if ws.close_code is not None else 1006
             if code == CloseCode.UNAUTHORIZED:
                 raise TailError("unauthorized: pass the right --token (or STREAMBUS_TOKEN)")
+            if code == CloseCode.TOKEN_EXPIRED:
+                raise TailError("the token expired (close 4005): run again with a new --token")
             if code == CloseCode.NORMAL:
                 return None
             self.note(f"streambus tail: connection closed ({code} {ws.close_reason}); resuming")
@@ -154,6 +156,9 @@ class _Tail:
         op = msg.get("op")
         if op is not None:
             if op == "error":
+                if msg.get("code") == "forbidden" and msg.get("id") == "tail":
+                    # Nothing was subscribed: waiting would print nothing, ever.
+                    raise TailError(f"refused: {msg.get('message')} (narrow the filters to the token's scope)")
                 self.note(f"streambus tail: server error {msg.get('code')}: {msg.get('message')}")
             elif op == "subscribed" and msg.get("recovering") and not msg.get("recovered"):
                 self.note(f"streambus tail: could not recover {', '.join(msg.get('unrecovered') or [])}")

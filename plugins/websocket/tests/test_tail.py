@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from streambus_websocket import WebSocketSink, tail_command
 from streambus_websocket.testing import running
 
 from streambus import Usage
+from streambus.tokens import TokenVerifier, mint_token
 
 pytestmark = pytest.mark.anyio
 
@@ -218,3 +220,24 @@ async def test_tail_resumes_more_streams_than_a_subscribe_may_name() -> None:
     assert code == 0, err
     assert "max_subscribe_streams (1)" in err
     assert out.count("more") == 2
+
+
+async def test_tail_with_a_scoped_token_exits_when_its_filter_is_out_of_scope() -> None:
+    secret = secrets.token_urlsafe(32)
+    async with running(verifier=TokenVerifier(secret=secret)) as (bus, sink):
+        env = {**_env(), "STREAMBUS_TOKEN": mint_token(secret, meta={"tenant": "a"})}
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--meta", "tenant=b"], env=env)
+        code, _out, err = await _finish(process)
+        assert code == 1
+        assert "refused: meta 'tenant': the value asked for is outside this token's scope" in err
+        assert env["STREAMBUS_TOKEN"] not in err and "Traceback" not in err
+        # Within scope, the same token follows its tenant's streams only.
+        process = await anyio.open_process([STREAMBUS, "tail", sink.url, "--max-streams", "1"], env=env)
+        await _until_subscribed(sink)
+        async with bus.stream(model="m", meta={"tenant": "b"}) as w:
+            await w.delta("for b")
+        async with bus.stream(model="m", meta={"tenant": "a"}) as w:
+            await w.delta("for a")
+        code, out, _err = await _finish(process)
+        assert code == 0
+        assert "for a" in out and "for b" not in out
