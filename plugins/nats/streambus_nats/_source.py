@@ -655,9 +655,12 @@ class NatsSource(PluginBase):
         opts = self.options
         index_name = index_stream_name(opts.stream_name)
         index_sub = None
+        # The last index message of each stream (its start while live) tells which streams are live now. An
+        # index created after this edge started holds only what came since: read it all (ends after starts).
+        policy = api.DeliverPolicy.LAST_PER_SUBJECT
 
         async def subscribe_index() -> Failure | None:
-            nonlocal index_sub
+            nonlocal index_sub, policy
             try:
                 index_sub = await js.subscribe(
                     index_wildcard(opts.prefix),
@@ -665,9 +668,12 @@ class NatsSource(PluginBase):
                     cb=self._on_index,
                     ordered_consumer=True,
                     idle_heartbeat=opts.heartbeat_ms / 1000,
-                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                    deliver_policy=policy,
                 )
             except jserr.NotFoundError as exc:
+                policy = api.DeliverPolicy.ALL
+                # No sink wrote an index yet: nothing to route. Its first start will be read once it exists.
+                self._ready.set()
                 return Failure("no_stream", f"{type(exc).__name__}: {exc}", retryable=True, retry_after=_NO_STREAM_POLL)
             except _retryable_errors() as exc:
                 return Failure("nats", f"{type(exc).__name__}: {exc}", retryable=True)
@@ -726,6 +732,12 @@ class NatsSource(PluginBase):
 
     async def _on_index(self, msg: nats.aio.msg.Msg) -> None:
         """An index message: remember a live stream's start, follow it if wanted; forget an ended one."""
+        try:
+            self._index_message(msg)
+        except Exception as exc:  # a callback's error would only reach nats-py's error callback
+            log.error("nats.index_message_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+
+    def _index_message(self, msg: nats.aio.msg.Msg) -> None:
         bus = self._bus
         if bus is None:
             return

@@ -23,7 +23,7 @@ import nats
 import pytest
 from streambus_nats import NatsSink, NatsSource
 
-from streambus import Bus
+from streambus import Bus, DeltaEvent, EndEvent, StartEvent
 
 if TYPE_CHECKING:
     from conftest import NatsServer
@@ -191,7 +191,7 @@ async def test_an_expired_stream_is_not_recovered(server: NatsServer) -> None:
         async with worker.stream(model="m") as w:
             await w.delta("x")
         fetched = await source.fetch(w.stream)
-        assert fetched is not None and [e.type for e in fetched] == ["start", "delta", "end"]
+        assert fetched is not None and [type(e) for e in fetched] == [StartEvent, DeltaEvent, EndEvent]
         with anyio.fail_after(10):
             while await source.fetch(w.stream) is not None:
                 await anyio.sleep(0.25)
