@@ -425,15 +425,15 @@ def edges_main() -> int:
     directory = Path(tempfile.mkdtemp(prefix="bench-nats-edges-"))
     server, url = _start_nats(directory)
     rows = [
-        ("today: every edge reads every event (`follow = \"all\"`)", "all"),
-        ("interest routing (`follow = \"interested\"`, sinks with `index = true`)", "interested"),
+        ('today: every edge reads every event (`follow = "all"`)', "all"),
+        ('interest routing (`follow = "interested"`, sinks with `index = true`)', "interested"),
     ]
     results: dict[str, dict[str, Any]] = {}
     try:
         for label, follow in rows:
             print(f"-- edge: {label}", flush=True)
             results[label] = r = run_edge(url, follow)
-            print(f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
+            print(f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
     finally:
         server.terminate()
         server.wait(10)

@@ -171,7 +171,7 @@ class NatsSource(PluginBase):
             if self.follow == "interested" and (self.position == "file" or self.position_file or self.seed_recording):
                 raise ValueError(
                     'follow: "interested" keeps no position (an edge is stateless); '
-                    "drop position_file / seed_recording or use follow = \"all\""
+                    'drop position_file / seed_recording or use follow = "all"'
                 )
             if not self.stream_name or any(c in self.stream_name for c in ".*> \t"):
                 raise ValueError(

@@ -193,7 +193,7 @@ async def test_an_expired_stream_is_not_recovered(server: NatsServer) -> None:
         fetched = await source.fetch(w.stream)
         assert fetched is not None and [type(e) for e in fetched] == [StartEvent, DeltaEvent, EndEvent]
         with anyio.fail_after(10):
-            while await source.fetch(w.stream) is not None:
+            while await source.fetch(w.stream) is not None:  # noqa: ASYNC110 - polls the server, no event
                 await anyio.sleep(0.25)
         source.stop()
 
@@ -227,7 +227,7 @@ async def test_an_edge_reads_only_the_streams_its_clients_follow(server: NatsSer
             assert _text(events) == "".join(f"7.{j} " for j in range(10))
             assert events[0]["meta"] == {"i": 7}
         with anyio.fail_after(10):
-            while source.followed:
+            while source.followed:  # noqa: ASYNC110 - ends on a message from the server
                 await anyio.sleep(0.05)
         assert len(source.live_starts()) == 0, "every stream ended: the index shows none live"
         source.stop()
