@@ -323,9 +323,18 @@ async def edge_serve(url: str, prefix: str, follow: str) -> None:
         print(f"ready {ws_url}", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)  # "mark": warmed up
         delivered = source.delivered
+        profile = os.environ.get("BENCH_EDGE_PROFILE")  # a file: the measured wave's CPU profile (cProfile)
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)
+            profiler.enable()
         _mark()
         print("marked", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.readline)  # "report"
+        if profile:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{follow}")
         print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
         source.stop()
 
@@ -428,6 +437,8 @@ def edges_main() -> int:
         ('today: every edge reads every event (`follow = "all"`)', "all"),
         ('interest routing (`follow = "interested"`, sinks with `index = true`)', "interested"),
     ]
+    if only := os.environ.get("BENCH_EDGE_ONLY"):  # one row alone (profiling); no table written
+        rows = [row for row in rows if row[1] == only]
     results: dict[str, dict[str, Any]] = {}
     try:
         for label, follow in rows:
@@ -438,6 +449,8 @@ def edges_main() -> int:
         server.terminate()
         server.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
+    if only:
+        return 0
     offered = w.EDGE_STREAMS * w.EDGE_TOKENS
     expected = w.EDGE_FOLLOWED * w.EDGE_TOKENS
     lines = [
