@@ -165,6 +165,9 @@ class NatsSource(PluginBase):
         """``interested``: live streams' ``start`` events kept for :meth:`~NatsSource.live_starts`."""
         fetch_max_messages: PositiveInt = 10_000
         """``interested``: a stream with more messages than this is not fetched (answered "not recovered")."""
+        deliver_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+        """``interested``: hold the followed streams' events this long after the first arrives and publish them
+        together (fewer wake-ups of the bus and its sinks per token; up to that much more latency); 0: at once."""
 
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
@@ -238,6 +241,9 @@ class NatsSource(PluginBase):
         self._behind: set[str] = set()
         self._starts: OrderedDict[str, StartEvent] = OrderedDict()
         self._js: nats.js.JetStreamContext | None = None
+        self._held: list[tuple[list[Event], str, int]] = []
+        self._held_wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._owners: dict[str, str] = {}
         self._heard: OrderedDict[str, float] = OrderedDict()
         self._since = 0.0
@@ -301,6 +307,8 @@ class NatsSource(PluginBase):
                 attach_archive(bus, self)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._committer)
+                if opts.follow == "interested" and opts.deliver_linger_ms:
+                    tg.start_soon(self._flusher)
                 try:
                     with anyio.CancelScope() as self._read_scope:
                         if self._stopping:
@@ -782,12 +790,38 @@ class NatsSource(PluginBase):
                 heard.move_to_end(producer)
                 if len(heard) > _MAX_PRODUCERS:
                     heard.popitem(last=False)
+            if self.options.deliver_linger_ms:
+                while len(self._held) >= self.options.max_pending_messages:
+                    self._drained.clear()
+                    await self._drained.wait()  # bounded: the bus is slower than the followed streams
+                self._held.append((events, producer, seq))
+                self._held_wake.set()
+                return
             await self._deliver(events, producer, seq)
-            if self.dedup.knows(stream) and stream not in self.dedup.live:
-                self._to_unfollow.add(stream)
-                self._follow_wake.set()
+            self._unfollow_ended(stream)
         except Exception as exc:  # a callback's error would only reach nats-py's error callback
             log.error("nats.follow_message_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+
+    def _unfollow_ended(self, stream: str) -> None:
+        if self.dedup.knows(stream) and stream not in self.dedup.live:
+            self._to_unfollow.add(stream)
+            self._follow_wake.set()
+
+    async def _flusher(self) -> None:
+        """``deliver_linger_ms``: publish the held events of the followed streams, in arrival order, together."""
+        linger = self.options.deliver_linger_ms / 1000
+        while True:
+            await self._held_wake.wait()
+            await anyio.sleep(linger)
+            self._held_wake.clear()
+            held, self._held = self._held, []
+            self._drained.set()
+            for events, producer, seq in held:
+                try:
+                    await self._deliver(events, producer, seq)
+                    self._unfollow_ended(events[0].stream)
+                except Exception as exc:
+                    log.error("nats.follow_message_failed", message=seq, error=f"{type(exc).__name__}: {exc}")
 
     # -- messages ---------------------------------------------------------------------------
     async def _on_message(self, client: nats.aio.client.Client, msg: nats.aio.msg.Msg) -> None:
