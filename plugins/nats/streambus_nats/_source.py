@@ -773,20 +773,22 @@ class NatsSource(PluginBase):
             if headers is not None:
                 origin = headers.get(HEADER_ORIGIN, "")
                 producer = headers.get(HEADER_PRODUCER, "")
-            seq = msg.metadata.sequence.stream
+            meta = msg.metadata
+            seq = meta.sequence.stream
             events, _ = decode_events(str(seq), msg.data)
             if not events:
                 return
             stream = events[0].stream
-            if not msg.metadata.num_pending:
+            now = asyncio.get_running_loop().time()  # anyio.current_time() on asyncio, without its look-up per call
+            if not meta.num_pending:
                 self._behind.discard(stream)
                 if not self._behind:
-                    self._caught_up_at = anyio.current_time()
+                    self._caught_up_at = now
             if self.options.skip_own and origin == self._origin:
                 return
             if producer:
                 heard = self._heard
-                heard[producer] = anyio.current_time()
+                heard[producer] = now
                 heard.move_to_end(producer)
                 if len(heard) > _MAX_PRODUCERS:
                     heard.popitem(last=False)
