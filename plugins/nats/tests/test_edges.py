@@ -198,12 +198,13 @@ async def test_an_expired_stream_is_not_recovered(server: NatsServer) -> None:
         source.stop()
 
 
-async def test_an_edge_reads_only_the_streams_its_clients_follow(server: NatsServer) -> None:
+@pytest.mark.parametrize("linger", [0, 20])
+async def test_an_edge_reads_only_the_streams_its_clients_follow(server: NatsServer, linger: int) -> None:
     """Interest routing: of 20 live streams the edge reads the one a client follows, plus the index."""
     async with Bus() as edge, Bus() as worker:
         sink = websocket.WebSocketSink(port=0)
         edge.add_sink(sink, name="websocket")
-        source = NatsSource(url=server.url, follow="interested", start="$")
+        source = NatsSource(url=server.url, follow="interested", start="$", deliver_linger_ms=linger)
         edge.start_producer(source)
         nsink = NatsSink(url=server.url, batch_max_ms=0, index=True)
         worker.add_sink(nsink)
@@ -235,7 +236,13 @@ async def test_an_edge_reads_only_the_streams_its_clients_follow(server: NatsSer
     assert source.delivered == 12, source.delivered  # start, 10 deltas, end of stream 7
 
 
-def test_interested_refuses_a_position_file(tmp_path: Path) -> None:
-    """Bad config: an edge keeps no position; the error names the key."""
+def test_bad_edge_options_are_refused_naming_the_key(tmp_path: Path) -> None:
+    """Bad config: an edge keeps no position; a linger is bounded; the errors name the key."""
     with pytest.raises(ValueError, match="follow"):
         NatsSource(follow="interested", position_file=str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="follow"):
+        NatsSource(follow="interested", seed_recording=str(tmp_path / "r.jsonl"))
+    with pytest.raises(ValueError, match="deliver_linger_ms"):
+        NatsSource(follow="interested", deliver_linger_ms=5000)
+    with pytest.raises(ValueError, match="follow"):
+        NatsSource(follow="some")
