@@ -160,7 +160,7 @@ class NatsSource(PluginBase):
         follow: Literal["all", "interested"] = "all"
         """``all``: read every stream's subject (a recorder, the default). ``interested``: an edge; read the index
         (the sinks' ``index = true``) and only the streams a sink on the bus wants or asks for; answer
-        :meth:`~NatsSource.fetch` for resumes (no position file)."""
+        :meth:`~NatsSource.fetch` for resumes (no position file; ``start`` is not used)."""
         starts_remembered: PositiveInt = 10_000
         """``interested``: live streams' ``start`` events kept for :meth:`~NatsSource.live_starts`."""
         fetch_max_messages: PositiveInt = 10_000
