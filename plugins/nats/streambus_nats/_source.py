@@ -944,6 +944,10 @@ class NatsSource(PluginBase):
 
     async def _end_stream(self, stream: str, seq: int, last: int, kind: str, message: str, *, retryable: bool) -> None:
         self.dedup.end(stream, last)
+        if stream in self.followed or stream in self._to_follow:
+            self._to_follow.pop(stream, None)
+            self._to_unfollow.add(stream)  # an interest edge stops reading a stream it ended (producer_lost, gap)
+            self._follow_wake.set()
         self._doubts.pop(stream, None)
         self._owners.pop(stream, None)
         self._dirty = True
