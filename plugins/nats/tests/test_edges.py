@@ -23,10 +23,10 @@ import nats
 import pytest
 from streambus_nats import NatsSink, NatsSource
 
-from streambus import Bus, DeltaEvent, EndEvent, StartEvent
+from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, StartEvent
 
 if TYPE_CHECKING:
-    from conftest import NatsServer
+    from conftest import Collector, NatsServer
 
 pytestmark = pytest.mark.anyio
 
@@ -246,3 +246,40 @@ def test_bad_edge_options_are_refused_naming_the_key(tmp_path: Path) -> None:
         NatsSource(follow="interested", deliver_linger_ms=5000)
     with pytest.raises(ValueError, match="follow"):
         NatsSource(follow="some")
+
+
+class _WantsAll:
+    """An Interest following every stream (stands in for a client whose filter matches all)."""
+
+    def wants(self, start: StartEvent) -> bool:
+        return True
+
+
+async def test_an_interest_edge_ends_a_killed_producer_s_stream_with_producer_lost(
+    server: NatsServer, procs: Procs, make_collector: Callable[[], Collector]
+) -> None:
+    """The producer process is killed mid-stream: the followed stream ends with producer_lost, not silence."""
+    from streambus.archive import add_interest
+
+    tag = uuid.uuid4().hex[:8]
+    got = make_collector()
+    async with Bus() as edge:
+        add_interest(edge, _WantsAll())
+        edge.add_sink(got)
+        source = NatsSource(url=server.url, follow="interested", producer_timeout_ms=1000)
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            await source.wait_ready()
+        producer, _ = await anyio.to_thread.run_sync(procs.spawn, "paced", server.url, "1", "1000", "0.02", tag)
+        await got.wait_for(lambda evs: sum(isinstance(e, DeltaEvent) for e in evs) >= 10)
+        await anyio.to_thread.run_sync(procs.kill, producer)
+        await got.wait_terminals(1, seconds=15)
+        with anyio.fail_after(10):
+            while source.followed:  # noqa: ASYNC110 - emptied by the source's own follow loop
+                await anyio.sleep(0.05)
+        source.stop()
+    errors = [e for e in got.events if isinstance(e, ErrorEvent)]
+    assert [e.kind for e in errors] == ["producer_lost"], got.events[-3:]
+    seqs = [e.seq for e in got.events]
+    assert seqs == list(range(len(seqs))), "no gap, no duplicate before the error"
+    assert source.producers_lost == 1
