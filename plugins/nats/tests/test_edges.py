@@ -283,3 +283,37 @@ async def test_an_interest_edge_ends_a_killed_producer_s_stream_with_producer_lo
     seqs = [e.seq for e in got.events]
     assert seqs == list(range(len(seqs))), "no gap, no duplicate before the error"
     assert source.producers_lost == 1
+
+
+async def test_an_interest_edge_loses_nothing_across_a_server_restart(
+    server: NatsServer, make_collector: Callable[[], Collector]
+) -> None:
+    """nats-server restarts (storage kept) mid-stream: the followed stream arrives whole, once, in order."""
+    from streambus.archive import add_interest
+
+    got = make_collector()
+    deltas = 60
+    async with Bus() as edge, Bus() as worker:
+        add_interest(edge, _WantsAll())
+        edge.add_sink(got)
+        source = NatsSource(url=server.url, follow="interested", reconnect_wait_s=0.05, heartbeat_ms=200)
+        edge.start_producer(source)
+        sink = NatsSink(url=server.url, batch_max_ms=0, index=True, reconnect_wait_s=0.05)
+        worker.add_sink(sink)
+        with anyio.fail_after(10):
+            await sink.wait_ready()
+            await source.wait_ready()
+        async with worker.stream(model="m") as w:
+            for j in range(deltas):
+                await w.delta(f"{j} ")
+                if j == 20:
+                    await anyio.to_thread.run_sync(server.stop)
+                    await anyio.sleep(1.0)
+                    await anyio.to_thread.run_sync(server.start)
+                await anyio.sleep(0.02)
+        await got.wait_terminals(1, seconds=30)
+        source.stop()
+    events = [e for e in got.events if e.stream == w.stream]
+    assert [e.seq for e in events] == list(range(deltas + 2)), "no gap, no duplicate"
+    assert isinstance(events[-1], EndEvent)
+    assert "".join(e.text for e in events if isinstance(e, DeltaEvent)) == "".join(f"{j} " for j in range(deltas))
