@@ -28,6 +28,10 @@ event's ``ts`` (same host, same clock). Every run is capped in time; a capped
 run reports what arrived.
 
 Usage: ``python bench/bench_nats.py`` (about two minutes). Writes ``bench/results/nats.md``.
+``python bench/bench_nats.py edges`` (about a minute) runs the edge table alone and writes
+``bench/results/nats-edges.md``: the edge CPU per delivered token while 1,000 streams are live and the
+edge's clients follow 1% of them (``bench/bench_redis.py``'s ``edges`` workload), a NATS edge reading
+everything (``follow = "all"``) against one with interest routing (``follow = "interested"``).
 """
 
 from __future__ import annotations
@@ -277,8 +281,223 @@ def _start_nats(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def _child(role: str, variant: str, target: str, key: str, n: int, extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, role, variant, target, key, str(n), extra], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, role, variant, target, key, str(n), extra],
+        stdin=subprocess.PIPE if role in ("edge-serve", "edge-produce") else None,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+
+
+# -- edges: 1,000 live streams, clients following 1% (bench_redis.py's edges workload) -----------------------
+def _edge_workload() -> Any:
+    """bench_redis.py's edge constants and WebSocket clients (one workload for both engines)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_redis
+
+    return bench_redis
+
+
+async def edge_serve(url: str, prefix: str, follow: str, linger: int) -> None:
+    """The edge: NatsSource -> Bus -> WebSocketSink; prints its URL; counts CPU from stdin's ``mark`` to ``report``."""
+    import anyio
+    from streambus_nats import NatsSource
+    from streambus_websocket import WebSocketSink
+
+    from streambus import Bus
+
+    source = NatsSource(
+        url=url,
+        prefix=prefix,
+        stream_name=prefix.upper(),
+        follow="interested" if follow == "interested" else "all",
+        start="$",
+        position="none",
+        consumer="edge",
+        deliver_linger_ms=linger,
+    )
+    sink = WebSocketSink(port=0)
+    async with Bus(buffer=4096) as bus:
+        bus.add_sink(sink, name="websocket")
+        bus.start_producer(source)
+        ws_url = await sink.wait_ready()
+        await source.wait_ready()
+        print(f"ready {ws_url}", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # "mark": warmed up
+        delivered = source.delivered
+        profile = os.environ.get("BENCH_EDGE_PROFILE")  # a file: the measured wave's CPU profile (cProfile)
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile(time.process_time)
+            profiler.enable()
+        _mark()
+        print("marked", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # "report"
+        if profile:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{follow}.{linger}")
+        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
+        source.stop()
+
+
+async def edge_produce(url: str, prefix: str, part: int) -> None:
+    """Part *part* of the workload, as bench_redis.py's: a warm-up wave, then the paced streams at once."""
+    import anyio
+    from streambus_nats import NatsSink
+
+    from streambus import Bus
+
+    w = _edge_workload()
+    async with Bus(buffer=4096) as bus:
+        sink = NatsSink(url=url, prefix=prefix, stream_name=prefix.upper(), batch_max_ms=2, index=True)
+        bus.add_sink(sink)
+        await sink.wait_ready()
+
+        async def one(i: int, tokens: int) -> None:
+            async with bus.stream(model="bench", meta={"user": i}) as writer:
+                for _ in range(tokens):
+                    await writer.delta("tok ")
+                    await anyio.sleep(w.EDGE_PACE)
+
+        async with anyio.create_task_group() as tg:
+            for i in [*range(w.EDGE_FOLLOWED), *range(w.EDGE_STREAMS, w.EDGE_STREAMS + 50)]:
+                if i % w.EDGE_PRODUCERS == part:
+                    tg.start_soon(one, i, 5)
+        print("warm", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        async with anyio.create_task_group() as tg:
+            for i in range(part, w.EDGE_STREAMS, w.EDGE_PRODUCERS):
+                tg.start_soon(one, i, w.EDGE_TOKENS)
+
+
+def run_edge(url: str, follow: str, linger: int) -> dict[str, Any]:
+    """One edge run: edge, clients and producer processes; the edge's CPU per delivered token."""
+    w = _edge_workload()
+    prefix = f"bench{uuid.uuid4().hex[:10]}"
+    procs: list[subprocess.Popen[str]] = []
+
+    def line(proc: subprocess.Popen[str]) -> str:
+        assert proc.stdout is not None
+        return proc.stdout.readline().strip()
+
+    def say(proc: subprocess.Popen[str], text: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(text + "\n")
+        proc.stdin.flush()
+
+    try:
+        edge = _child("edge-serve", follow, url, prefix, 0, str(linger))
+        procs.append(edge)
+        ready = line(edge)
+        if not ready.startswith("ready "):
+            raise RuntimeError(f"edge ({follow}) did not start: {ready!r}")
+        clients = _child("edge-clients", follow, url, prefix, 0, ready.removeprefix("ready "))
+        procs.append(clients)
+        if line(clients) != "ready":
+            raise RuntimeError("the edge clients did not start")
+        producers = [_child("edge-produce", follow, url, prefix, 0, str(part)) for part in range(w.EDGE_PRODUCERS)]
+        procs += producers
+        for producer in producers:
+            if line(producer) != "warm":
+                raise RuntimeError("a producer's warm-up failed")
+        time.sleep(1.0)  # the warm-up's last events reach the edge
+        say(edge, "mark")
+        if line(edge) != "marked":
+            raise RuntimeError("the edge did not start counting")
+        started = time.perf_counter()
+        for producer in producers:
+            say(producer, "go")
+        out, _ = clients.communicate(timeout=CAP_S + 60)
+        elapsed = time.perf_counter() - started
+        tokens = json.loads(out.strip().splitlines()[-1])["tokens"]
+        say(edge, "report")
+        stats = json.loads(line(edge))
+        for producer in producers:
+            producer.communicate(timeout=CAP_S + 60)
+        edge.communicate(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return {
+        "tokens": tokens,
+        "cpu": stats["cpu"],
+        "read": stats["delivered"],
+        "elapsed": elapsed,
+        "cpu_us": stats["cpu"] / tokens * 1e6 if tokens else float("nan"),
+    }
+
+
+def edges_main() -> int:
+    """The edge table alone: writes ``bench/results/nats-edges.md``."""
+    w = _edge_workload()
+    directory = Path(tempfile.mkdtemp(prefix="bench-nats-edges-"))
+    server, url = _start_nats(directory)
+    goal_row = f'interest routing (`follow = "interested"`, `deliver_linger_ms = {w.EDGE_LINGER_MS}`)'
+    rows = [
+        ('today: every edge reads every event (`follow = "all"`)', "all", 0),
+        ('interest routing (`follow = "interested"`, `deliver_linger_ms = 0`)', "interested", 0),
+        (goal_row, "interested", w.EDGE_LINGER_MS),
+    ]
+    if only := os.environ.get("BENCH_EDGE_ONLY"):  # one row alone (profiling); no table written
+        rows = [row for row in rows if f"{row[1]}-{row[2]}" == only]
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for label, follow, linger in rows:
+            print(f"-- edge: {label}", flush=True)
+            results[label] = r = run_edge(url, follow, linger)
+            print(f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+    if only:
+        return 0
+    offered = w.EDGE_STREAMS * w.EDGE_TOKENS
+    expected = w.EDGE_FOLLOWED * w.EDGE_TOKENS
+    lines = [
+        f"## A NATS edge while {w.EDGE_STREAMS:,} streams are live and its clients follow {w.EDGE_FOLLOWED} (1%)",
+        "",
+        "| edge | tokens produced | events the edge's source delivered | tokens delivered to its clients "
+        "| edge CPU s | edge CPU µs per delivered token | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = results[rows[0][0]]["cpu_us"]
+    for label, _, _ in rows:
+        r = results[label]
+        lines.append(
+            f"| {label} | {offered:,} | {r['read']:,} | {r['tokens']:,} | {r['cpu']:.2f} | {r['cpu_us']:.0f} "
+            f"| {r['cpu_us'] / base:.3f}x |"
+        )
+    ratio = results[goal_row]["cpu_us"] / base
+    whole = all(results[label]["tokens"] == expected for label, _, _ in rows)
+    lines += [
+        "",
+        f"Goal: edge CPU per delivered token with 1% interest at most 0.1x today's (the `deliver_linger_ms = "
+        f"{w.EDGE_LINGER_MS}` row, as bench_redis.py's `read_linger_ms`): "
+        f"**{ratio:.3f}x -> {'met' if ratio <= 0.1 and whole else 'not met'}**"
+        f"{'' if whole else f' (a run delivered other than the {expected:,} tokens expected)'}.",
+        "",
+        f"Workload (bench_redis.py's `edges`): {w.EDGE_STREAMS:,} streams live at once, each {w.EDGE_TOKENS} tokens "
+        f"one at a time every {w.EDGE_PACE * 1000:.0f} ms ({w.EDGE_STREAMS / w.EDGE_PACE:,.0f} tokens/s in all), "
+        f"from {w.EDGE_PRODUCERS} producer processes (NatsSink, `index = true`, `batch_max_ms = 2`); the edge "
+        f"process (NatsSource + WebSocketSink) serves {w.EDGE_FOLLOWED} WebSocket clients in another process, one "
+        "per user, each subscribed by its user's meta tag before the streams start. Edge CPU = user+system CPU of "
+        "the edge process from the start of the measured wave to its last token (after a warm-up wave of short "
+        "streams; not nats-server, not the clients). The interest edge reads the index (`<prefix>.idx.>`, a start "
+        "and an end per stream) and, through an ordered consumer each, the subjects of the streams its clients "
+        "follow; `deliver_linger_ms` holds a followed token that long so that the tokens arriving meanwhile are "
+        "published together (fewer wake-ups of the bus and the WebSocket sink, up to that much more latency). "
+        "Runs took "
+        + ", ".join(f"{results[label]['elapsed']:.1f} s" for label, _, _ in rows)
+        + f". Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. "
+        f"A private nats-server ({_nats_version()}) with file storage.",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "nats-edges.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
 
 
 def run(variant: str, target: str, server: int, n: int, extra: str = "0") -> dict[str, Any]:
@@ -319,6 +538,14 @@ def child_main(argv: list[str]) -> None:
     configure_logging("warning")  # to stderr: stdout carries the results
     role, variant, target, key, n_s, extra = argv
     n = int(n_s)
+    if role.startswith("edge-"):
+        if role == "edge-serve":
+            asyncio.run(edge_serve(target, key, variant, int(extra)))
+        elif role == "edge-clients":
+            asyncio.run(_edge_workload().edge_clients(extra))
+        else:
+            asyncio.run(edge_produce(target, key, int(extra)))
+        return
     if variant == "nats-py":
         coro = raw_produce(target, key, n) if role == "produce" else raw_consume(target, key, n)
     elif role == "produce":
@@ -420,7 +647,9 @@ def _nats_version() -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if sys.argv[1:] == ["edges"]:
+        sys.exit(edges_main())
+    elif len(sys.argv) > 1:
         child_main(sys.argv[1:])
     else:
         sys.exit(main())

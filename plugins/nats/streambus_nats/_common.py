@@ -33,6 +33,9 @@ __all__ = [
     "connect",
     "event_subject",
     "heartbeat_subject",
+    "index_stream_name",
+    "index_subject",
+    "index_wildcard",
     "local_state",
     "require_asyncio",
 ]
@@ -152,6 +155,21 @@ def event_subject(prefix: str, stream: str) -> str:
 def events_wildcard(prefix: str) -> str:
     """The subjects of every stream under *prefix* (the JetStream stream's subjects)."""
     return f"{prefix}.ev.>"
+
+
+def index_subject(prefix: str, stream: str) -> str:
+    """The subject carrying *stream*'s ``start`` and terminal event (the index): ``<prefix>.idx.<stream id>``."""
+    return f"{prefix}.idx.{subject_token(stream)}"
+
+
+def index_wildcard(prefix: str) -> str:
+    """The index subjects of every stream under *prefix* (the index JetStream stream's subjects)."""
+    return f"{prefix}.idx.>"
+
+
+def index_stream_name(stream_name: str) -> str:
+    """The JetStream stream holding the index of the JetStream stream *stream_name*: ``<stream_name>_INDEX``."""
+    return f"{stream_name}_INDEX"
 
 
 def heartbeat_subject(prefix: str, producer: str) -> str:

@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import structlog
 
-from streambus import Event, PluginBase, Subscription
+from streambus import Event, PluginBase, StartEvent, Subscription, encode_many, is_terminal
 from streambus.plugins import NonNegativeInt, PositiveFloat, PositiveInt
 from streambus.producing import Failure, RetryPolicy
 
@@ -25,6 +25,9 @@ from ._common import (
     event_subject,
     events_wildcard,
     heartbeat_subject,
+    index_stream_name,
+    index_subject,
+    index_wildcard,
     local_state,
     redact,
     require_asyncio,
@@ -59,7 +62,10 @@ class NatsSink(PluginBase):
     ``heartbeat_ms`` the sink says it is alive on ``<prefix>.hb.<producer>``
     (core NATS, not stored); a consumer ends the live streams of a sink it
     has not heard from for its ``producer_timeout_ms`` with an ``error`` of
-    kind ``producer_lost``. Needs asyncio.
+    kind ``producer_lost``. With ``index = true`` each stream's ``start`` and
+    terminal event are also written to ``<prefix>.idx.<stream id>`` in the
+    JetStream stream ``<stream_name>_INDEX`` (same retention): what an edge
+    with ``follow = "interested"`` reads to route new streams. Needs asyncio.
 
     ::
 
@@ -103,6 +109,9 @@ class NatsSink(PluginBase):
         """Attempts for an error JetStream *answered* (stream full, wrong stream); lost connections retry forever."""
         reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.25
         """nats-py's wait between reconnect attempts (plus its jitter)."""
+        index: bool = False
+        """Also write each stream's ``start`` and terminal event to ``<prefix>.idx.<stream id>`` (JetStream stream
+        ``<stream_name>_INDEX``), for edges reading with ``follow = "interested"``."""
 
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
@@ -242,21 +251,28 @@ class NatsSink(PluginBase):
             await anyio.sleep(self.options.heartbeat_ms / 1000)
 
     async def _ensure_stream(self, js: nats.js.JetStreamContext) -> None:
-        """Make sure the JetStream stream exists: create it with our retention if it does not."""
+        """Make sure the JetStream stream (and with ``index``, the index stream) exists, with our retention."""
+        opts = self.options
+        await self._ensure_one(js, opts.stream_name, events_wildcard(opts.prefix))
+        if opts.index:
+            await self._ensure_one(js, index_stream_name(opts.stream_name), index_wildcard(opts.prefix))
+        self._stream_ok = self._stream_known = True
+
+    async def _ensure_one(self, js: nats.js.JetStreamContext, name: str, subject: str) -> None:
+        """Create the JetStream stream *name* holding *subject* unless it exists."""
         import nats.js.api as api
         import nats.js.errors as jserr
 
         opts = self.options
         try:
-            await js.stream_info(opts.stream_name)
-            self._stream_ok = self._stream_known = True
+            await js.stream_info(name)
             return
         except jserr.NotFoundError:
             if not opts.create_stream:
                 raise
         config = api.StreamConfig(
-            name=opts.stream_name,
-            subjects=[events_wildcard(opts.prefix)],
+            name=name,
+            subjects=[subject],
             max_age=float(opts.max_age_s) if opts.max_age_s else None,
             max_bytes=opts.max_bytes,
             duplicate_window=opts.duplicate_window_s,
@@ -268,10 +284,10 @@ class NatsSink(PluginBase):
             await js.add_stream(config)
         except jserr.BadRequestError as exc:
             # Another sink created it meanwhile (with other settings): use it as it is.
-            log.warning("nats.stream_exists", stream=opts.stream_name, error=str(exc))
+            log.warning("nats.stream_exists", stream=name, error=str(exc))
         log.info(
             "nats.stream_created",
-            stream=opts.stream_name,
+            stream=name,
             subjects=config.subjects,
             max_age_s=opts.max_age_s,
             max_bytes=opts.max_bytes,
@@ -279,11 +295,10 @@ class NatsSink(PluginBase):
         if self._stream_known:
             log.warning(
                 "nats.stream_recreated",
-                stream=opts.stream_name,
+                stream=name,
                 note="the JetStream stream was lost (server storage lost, or deleted): messages consumers had "
                 "not read are gone; consumers end the streams concerned with a nats_gap error",
             )
-        self._stream_ok = self._stream_known = True
 
     async def _retrying(self, action: Any, *, events: int) -> None:
         """Run *action* until it succeeds: lost connections and timeouts retry forever, with backoff."""
@@ -334,6 +349,13 @@ class NatsSink(PluginBase):
             subject = event_subject(prefix, stream)
             for i in range(0, len(group), size):
                 self._pack(out, subject, origin, group[i : i + size], max_payload)
+            if self.options.index:
+                for event in group:
+                    if type(event) is StartEvent or is_terminal(event):
+                        # No headers: every edge parses every index message, and nats-py's header parsing costs
+                        # more than the rest of it (measured: half the index edge's CPU in bench_nats.py edges).
+                        # A re-sent copy is harmless: a start is followed once, an end forgotten once.
+                        out.append((index_subject(prefix, stream), {}, encode_many([event]), 0))
         return out
 
     def _pack(
@@ -377,7 +399,7 @@ class NatsSink(PluginBase):
         async def publish() -> None:
             if not self._stream_ok:
                 await self._ensure_stream(js)
-            futures = [await js.publish_async(s, p, headers=dict(h)) for s, h, p, _ in messages]
+            futures = [await js.publish_async(s, p, headers=dict(h) if h else None) for s, h, p, _ in messages]
             try:
                 done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
             except TimeoutError:

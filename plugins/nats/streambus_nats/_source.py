@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from streambus import DeltaEvent, ErrorEvent, Event, OverflowPolicy, PluginBase, StartEvent, is_terminal
+from streambus.archive import attach_archive, detach_archive, interested
 from streambus.dedup import Deduplicator, Verdict
 from streambus.plugins import NonNegativeInt, PositiveInt, require_readable_file, require_writable_directory
 from streambus.producing import Failure, RetryPolicy
@@ -30,7 +31,10 @@ from ._common import (
     NatsGap,
     check_prefix,
     connect,
+    event_subject,
     events_wildcard,
+    index_stream_name,
+    index_wildcard,
     local_state,
     redact,
     require_asyncio,
@@ -101,6 +105,14 @@ class NatsSource(PluginBase):
     ``producer_timeout_ms`` (the producer process was killed) ends with an
     ``error`` of kind ``producer_lost``. Needs asyncio. Call :meth:`stop` to
     end :meth:`run` cleanly.
+
+    With ``follow = "interested"`` (an edge) the source reads instead the
+    index its sinks write with ``index = true`` (``<prefix>.idx.>``: starts and
+    terminals) and, for each stream a sink on its bus wants
+    (:func:`streambus.archive.interested`) or asks for, that stream's subject
+    alone through an ordered consumer from its first message. It is then the
+    bus's :class:`streambus.archive.StreamArchive`: :meth:`fetch` reads one
+    stream's retained messages, all or nothing.
     """
 
     class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -145,9 +157,25 @@ class NatsSource(PluginBase):
         """Skip messages this bus's own sinks wrote."""
         reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0.01, le=60)] = 0.25
         """nats-py's wait between reconnect attempts (plus its jitter)."""
+        follow: Literal["all", "interested"] = "all"
+        """``all``: read every stream's subject (a recorder, the default). ``interested``: an edge; read the index
+        (the sinks' ``index = true``) and only the streams a sink on the bus wants or asks for; answer
+        :meth:`~NatsSource.fetch` for resumes (no position file; ``start`` is not used)."""
+        starts_remembered: PositiveInt = 10_000
+        """``interested``: live streams' ``start`` events kept for :meth:`~NatsSource.live_starts`."""
+        fetch_max_messages: PositiveInt = 10_000
+        """``interested``: a stream with more messages than this is not fetched (answered "not recovered")."""
+        deliver_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+        """``interested``: hold the followed streams' events this long after the first arrives and publish them
+        together (fewer wake-ups of the bus and its sinks per token; up to that much more latency); 0: at once."""
 
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
+            if self.follow == "interested" and (self.position == "file" or self.position_file or self.seed_recording):
+                raise ValueError(
+                    'follow: "interested" keeps no position (an edge is stateless); '
+                    'drop position_file / seed_recording or use follow = "all"'
+                )
             if not self.stream_name or any(c in self.stream_name for c in ".*> \t"):
                 raise ValueError(
                     f"stream_name: must be a non-empty name without '.', '*', '>' or spaces, got {self.stream_name!r}"
@@ -205,6 +233,17 @@ class NatsSource(PluginBase):
         self._restored = False
         self._pending = -1
         self._caught_up_at = -1.0  # anyio clock: the last time nothing was pending for this source
+        self.followed: dict[str, Any] = {}
+        """``interested``: the streams read now (stream id -> their subscription)."""
+        self._to_follow: dict[str, None] = {}
+        self._to_unfollow: set[str] = set()
+        self._follow_wake = asyncio.Event()
+        self._behind: set[str] = set()
+        self._starts: OrderedDict[str, StartEvent] = OrderedDict()
+        self._js: nats.js.JetStreamContext | None = None
+        self._held: list[tuple[list[Event], str, int]] = []
+        self._held_wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._owners: dict[str, str] = {}
         self._heard: OrderedDict[str, float] = OrderedDict()
         self._since = 0.0
@@ -263,16 +302,27 @@ class NatsSource(PluginBase):
             await client.subscribe(f"{opts.prefix}.hb.*", cb=self._on_heartbeat)
             self._connected = True
             self._since = anyio.current_time()
+            if opts.follow == "interested":
+                self._js = client.jetstream()
+                attach_archive(bus, self)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._committer)
+                if opts.follow == "interested" and opts.deliver_linger_ms:
+                    tg.start_soon(self._flusher)
                 try:
                     with anyio.CancelScope() as self._read_scope:
                         if self._stopping:
                             self._read_scope.cancel()
-                        await self._read_loop(client)
+                        if opts.follow == "interested":
+                            await self._interest_loop(client)
+                        else:
+                            await self._read_loop(client)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
+            if opts.follow == "interested":
+                detach_archive(bus, self)
+                self._js = None
             with anyio.CancelScope(shield=True) as shield:
                 shield.deadline = anyio.current_time() + 5.0
                 try:
@@ -500,6 +550,281 @@ class NatsSource(PluginBase):
                     with contextlib.suppress(Exception):
                         await js.delete_consumer(opts.stream_name, consumer_name)
 
+    # -- follow = "interested": the index, followed streams, the archive ----------------------
+    def follow(self, stream: str) -> None:
+        """Read *stream*'s subject from its first retained message; its events arrive through the bus.
+
+        Part of :class:`streambus.archive.StreamArchive` (``follow =
+        "interested"``; nothing in ``all``, which reads everything). Events
+        already delivered are dropped as duplicates. Following ends once the
+        stream's terminal event was delivered.
+        """
+        if self.options.follow != "interested" or stream in self.followed or stream in self._to_follow:
+            return
+        self._to_unfollow.discard(stream)
+        self._to_follow[stream] = None
+        self._follow_wake.set()
+
+    def live_starts(self) -> list[StartEvent]:
+        """The ``start`` of the streams the index showed begun and not ended (newest last; ``interested``)."""
+        return list(self._starts.values())
+
+    async def fetch(self, stream: str) -> list[Event] | None:
+        """Every event of *stream* JetStream retains, from its ``start`` on, gap-free; else ``None``.
+
+        Part of :class:`streambus.archive.StreamArchive` (``follow =
+        "interested"``). Reads the stream's subject with a short-lived
+        consumer up to its last message as it was when asked. ``None`` when
+        the subject holds nothing (never written, expired, purged), its
+        beginning is gone (retention), a ``seq`` is missing, the JetStream
+        stream was recreated meanwhile (its epoch changed), or the stream has
+        more than ``fetch_max_messages`` messages: the edge answers "not
+        recovered", never a text with a hole.
+        """
+        js = self._js
+        if js is None:
+            return None
+        import nats.js.api as api
+        import nats.js.errors as jserr
+
+        opts = self.options
+        subject = event_subject(opts.prefix, stream)
+        try:
+            info = await js.stream_info(opts.stream_name)
+            last = await js.get_last_msg(opts.stream_name, subject)
+        except jserr.NotFoundError:
+            return None
+        except _retryable_errors() as exc:
+            log.warning("nats.fetch_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+            return None
+        until = last.seq or 0
+        events: list[Event] = []
+        expected = 0
+        count = 0
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=subject,
+            inactive_threshold=10.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            sub = await js.pull_subscribe(subject, stream=opts.stream_name, config=config)
+            try:
+                while True:
+                    msgs = await sub.fetch(batch=256, timeout=5.0)
+                    for msg in msgs:
+                        count += 1
+                        if count > opts.fetch_max_messages:
+                            log.info("nats.fetch_too_long", stream=stream, limit=opts.fetch_max_messages)
+                            return None
+                        seq = msg.metadata.sequence.stream
+                        decoded, bad = decode_events(str(seq), msg.data)
+                        if bad:
+                            return None
+                        for event in decoded:
+                            if event.stream != stream or event.seq < expected:
+                                continue  # a re-sent copy past the duplicate window
+                            low = event.seq_range[0] if type(event) is DeltaEvent else event.seq
+                            if low != expected:
+                                log.info("nats.fetch_hole", stream=stream, missing_from=expected, found=low)
+                                return None
+                            events.append(event)
+                            expected = event.seq + 1
+                            if is_terminal(event):
+                                return await self._same_epoch(js, info, events)
+                        if seq >= until:
+                            return await self._same_epoch(js, info, events)
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        except jserr.NotFoundError:
+            return None
+        except _retryable_errors() as exc:
+            log.warning("nats.fetch_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    async def _same_epoch(self, js: nats.js.JetStreamContext, before: Any, events: list[Event]) -> list[Event] | None:
+        """*events* if the JetStream stream is still the one *before* describes (not lost and recreated), else None."""
+        after = await js.stream_info(self.options.stream_name)
+        if after.created != before.created or not events:
+            log.info("nats.fetch_epoch_changed", stream=self.options.stream_name)
+            return None
+        return events
+
+    async def _interest_loop(self, client: nats.aio.client.Client) -> None:
+        """Read the index (starts, terminals) and the followed streams until stopped."""
+        import nats.js.api as api
+        import nats.js.errors as jserr
+
+        js = self._js
+        assert js is not None
+        opts = self.options
+        index_name = index_stream_name(opts.stream_name)
+        index_sub = None
+        # The last index message of each stream (its start while live) tells which streams are live now. An
+        # index created after this edge started holds only what came since: read it all (ends after starts).
+        policy = api.DeliverPolicy.LAST_PER_SUBJECT
+
+        async def subscribe_index() -> Failure | None:
+            nonlocal index_sub, policy
+            try:
+                index_sub = await js.subscribe(
+                    index_wildcard(opts.prefix),
+                    stream=index_name,
+                    cb=self._on_index,
+                    ordered_consumer=True,
+                    idle_heartbeat=opts.heartbeat_ms / 1000,
+                    deliver_policy=policy,
+                )
+            except jserr.NotFoundError as exc:
+                policy = api.DeliverPolicy.ALL
+                # No sink wrote an index yet: nothing to route. Its first start will be read once it exists.
+                self._ready.set()
+                return Failure("no_stream", f"{type(exc).__name__}: {exc}", retryable=True, retry_after=_NO_STREAM_POLL)
+            except _retryable_errors() as exc:
+                return Failure("nats", f"{type(exc).__name__}: {exc}", retryable=True)
+            return None
+
+        def retrying(failure: Failure, delay: float) -> None:
+            if failure.kind == "no_stream" and self._missing_logged:
+                return
+            self._missing_logged = True
+            log.info("nats.index_missing", stream=index_name, error=failure.message, retry_in=delay)
+
+        await self.retry.run(subscribe_index, on_retry=retrying)
+        self._placed = True
+        self._ready.set()
+        try:
+            while not self._stopping:
+                self._follow_wake.clear()
+                for stream in list(self._to_unfollow):
+                    self._to_unfollow.discard(stream)
+                    self._behind.discard(stream)
+                    sub = self.followed.pop(stream, None)
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                for stream in list(self._to_follow):
+                    if stream in self.followed:
+                        self._to_follow.pop(stream, None)
+                        continue
+                    try:
+                        self.followed[stream] = await js.subscribe(
+                            event_subject(opts.prefix, stream),
+                            stream=opts.stream_name,
+                            cb=self._on_followed,
+                            ordered_consumer=True,
+                            idle_heartbeat=opts.heartbeat_ms / 1000,
+                            deliver_policy=api.DeliverPolicy.ALL,
+                        )
+                    except _retryable_errors() as exc:
+                        log.warning("nats.follow_failed", stream=stream, error=f"{type(exc).__name__}: {exc}")
+                        break  # tried again on the next wake-up
+                    self._to_follow.pop(stream, None)
+                    self._behind.add(stream)
+                if self._to_follow:
+                    with anyio.move_on_after(0.25):
+                        await self._follow_wake.wait()
+                else:
+                    await self._follow_wake.wait()
+        finally:
+            with anyio.CancelScope(shield=True) as shield:
+                shield.deadline = anyio.current_time() + 1.0
+                for sub in [index_sub, *self.followed.values()]:
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                self.followed.clear()
+
+    async def _on_index(self, msg: nats.aio.msg.Msg) -> None:
+        """An index message: remember a live stream's start, follow it if wanted; forget an ended one."""
+        try:
+            self._index_message(msg)
+        except Exception as exc:  # a callback's error would only reach nats-py's error callback
+            log.error("nats.index_message_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+
+    def _index_message(self, msg: nats.aio.msg.Msg) -> None:
+        bus = self._bus
+        if bus is None:
+            return
+        events, _ = decode_events(f"index {msg.subject}", msg.data)
+        starts = self._starts
+        for event in events:
+            stream = event.stream
+            if type(event) is StartEvent:
+                starts[stream] = event
+                starts.move_to_end(stream)
+                if len(starts) > self.options.starts_remembered:
+                    starts.popitem(last=False)
+                if not self.dedup.knows(stream) and interested(bus, event):
+                    self.follow(stream)
+            elif is_terminal(event):
+                starts.pop(stream, None)
+        if not msg.metadata.num_pending and not self._behind:
+            self._caught_up_at = anyio.current_time()
+
+    async def _on_followed(self, msg: nats.aio.msg.Msg) -> None:
+        """A followed stream's message: deliver its new events; stop following once it ended."""
+        try:
+            headers = msg.headers
+            origin = producer = ""
+            if headers is not None:
+                origin = headers.get(HEADER_ORIGIN, "")
+                producer = headers.get(HEADER_PRODUCER, "")
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            events, _ = decode_events(str(seq), msg.data)
+            if not events:
+                return
+            stream = events[0].stream
+            now = asyncio.get_running_loop().time()  # anyio.current_time() on asyncio, without its look-up per call
+            if not meta.num_pending:
+                self._behind.discard(stream)
+                if not self._behind:
+                    self._caught_up_at = now
+            if self.options.skip_own and origin == self._origin:
+                return
+            if producer:
+                heard = self._heard
+                heard[producer] = now
+                heard.move_to_end(producer)
+                if len(heard) > _MAX_PRODUCERS:
+                    heard.popitem(last=False)
+            if self.options.deliver_linger_ms:
+                while len(self._held) >= self.options.max_pending_messages:
+                    self._drained.clear()
+                    await self._drained.wait()  # bounded: the bus is slower than the followed streams
+                self._held.append((events, producer, seq))
+                self._held_wake.set()
+                return
+            await self._deliver(events, producer, seq)
+            self._unfollow_ended(stream)
+        except Exception as exc:  # a callback's error would only reach nats-py's error callback
+            log.error("nats.follow_message_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+
+    def _unfollow_ended(self, stream: str) -> None:
+        if self.dedup.knows(stream) and stream not in self.dedup.live:
+            self._to_unfollow.add(stream)
+            self._follow_wake.set()
+
+    async def _flusher(self) -> None:
+        """``deliver_linger_ms``: publish the held events of the followed streams, in arrival order, together."""
+        linger = self.options.deliver_linger_ms / 1000
+        while True:
+            await self._held_wake.wait()
+            await anyio.sleep(linger)
+            self._held_wake.clear()
+            held, self._held = self._held, []
+            self._drained.set()
+            for events, producer, seq in held:
+                try:
+                    await self._deliver(events, producer, seq)
+                    self._unfollow_ended(events[0].stream)
+                except Exception as exc:
+                    log.error("nats.follow_message_failed", message=seq, error=f"{type(exc).__name__}: {exc}")
+
     # -- messages ---------------------------------------------------------------------------
     async def _on_message(self, client: nats.aio.client.Client, msg: nats.aio.msg.Msg) -> None:
         headers = msg.headers
@@ -619,6 +944,10 @@ class NatsSource(PluginBase):
 
     async def _end_stream(self, stream: str, seq: int, last: int, kind: str, message: str, *, retryable: bool) -> None:
         self.dedup.end(stream, last)
+        if stream in self.followed or stream in self._to_follow:
+            self._to_follow.pop(stream, None)
+            self._to_unfollow.add(stream)  # an interest edge stops reading a stream it ended (producer_lost, gap)
+            self._follow_wake.set()
         self._doubts.pop(stream, None)
         self._owners.pop(stream, None)
         self._dirty = True

@@ -9,6 +9,13 @@ one delta per stream every PACE seconds, then end them. Prints
 NatsControl and one endless stream; prints ``stream <id>``, and ``handled N``
 once a stop from another host ended it.
 
+``python proc.py paced URL STREAMS DELTAS PACE TAG``: STREAMS streams (meta
+``{"tag": TAG, "i": i}``) through a NatsSink with ``index = true``; prints
+``ready`` once connected.
+
+``python proc.py edge URL``: an edge: a NatsSource with ``follow =
+"interested"`` feeding a WebSocketSink; prints ``ready <ws url>``.
+
 ``python proc.py consume URL OUT EXPECT``: read with a NatsSource
 (``start = "last"``, position beside OUT in ``OUT.nats-position``), record into
 OUT with the built-in recorder, and exit once OUT holds EXPECT finished
@@ -99,6 +106,39 @@ async def consume(url: str, out: str, expect: int, done: int) -> None:
     print(f"stats delivered={source.delivered} duplicates={source.duplicates} gaps={len(source.gaps)}", flush=True)
 
 
+async def paced(url: str, streams: int, deltas: int, pace: float, tag: str) -> None:
+    sink = NatsSink(url=url, batch_max_ms=1, heartbeat_ms=200, index=True)
+    async with Bus() as bus:
+        bus.add_sink(sink)
+        await sink.wait_ready()
+        print("ready", flush=True)
+
+        async def one(i: int) -> None:
+            async with bus.stream(model="m", provider="p", meta={"tag": tag, "i": i}) as w:
+                for j in range(deltas):
+                    await w.delta(f"{i}.{j} ")
+                    await anyio.sleep(pace)
+                await w.end("stop")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(streams):
+                tg.start_soon(one, i)
+
+
+async def edge(url: str) -> None:
+    from streambus_websocket import WebSocketSink
+
+    source = NatsSource(url=url, follow="interested", start="$", consumer="edge")
+    sink = WebSocketSink(port=0)
+    async with Bus() as bus:
+        bus.add_sink(sink, name="websocket")
+        bus.start_producer(source)
+        ws_url = await sink.wait_ready()
+        await source.wait_ready()
+        print(f"ready {ws_url}", flush=True)
+        await anyio.sleep_forever()
+
+
 def main(argv: list[str]) -> None:
     configure_logging("warning")  # to stderr: stdout carries the protocol above
     command, *args = argv
@@ -110,6 +150,10 @@ def main(argv: list[str]) -> None:
         out = args[1]
         done = sum(map(is_terminal, iter_recording(out, lenient=True))) if Path(out).exists() else 0
         asyncio.run(consume(args[0], out, int(args[2]), done))
+    elif command == "paced":
+        asyncio.run(paced(args[0], int(args[1]), int(args[2]), float(args[3]), args[4]))
+    elif command == "edge":
+        asyncio.run(edge(args[0]))
     else:
         raise SystemExit(f"unknown command {command!r}")
 
