@@ -42,7 +42,7 @@ import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_data
 from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
@@ -193,26 +193,33 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one event to *out* (see the class docstring)."""
-        parsed = decode_event(_decode_event, sse, "an Anthropic stream event")
-        kind = parsed.type or sse.event
+        self.handle_data(sse.event, sse.data.encode(), sse.offset, out)
+
+    def handle_data(self, event: str, data: bytes, offset: int, out: list[Piece]) -> None:
+        """:meth:`handle` for the event's type, data and offset (what :meth:`feed` calls)."""
+        try:
+            parsed = _decode_event(data)
+        except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
+            parsed = decode_data(_decode_event, data, offset, "an Anthropic stream event")
+        kind = parsed.type or event
         if kind == "content_block_delta":
             delta = parsed.delta
             if delta is None or parsed.index is None:
-                raise WireError("content_block_delta: needs an index and a delta", offset=sse.offset)
+                raise WireError("content_block_delta: needs an index and a delta", offset=offset)
             kind = delta.type or ""
             if kind == "text_delta":
                 if delta.text is None:
-                    raise WireError("content_block_delta: a text_delta without text", offset=sse.offset)
+                    raise WireError("content_block_delta: a text_delta without text", offset=offset)
                 if delta.text:
                     out.append(TextPiece(delta.text))
             elif kind == "thinking_delta":
                 if delta.thinking is None:
-                    raise WireError("content_block_delta: a thinking_delta without thinking", offset=sse.offset)
+                    raise WireError("content_block_delta: a thinking_delta without thinking", offset=offset)
                 if delta.thinking:
                     out.append(TextPiece(delta.thinking, "reasoning"))
             elif kind == "input_json_delta":
                 if delta.partial_json is None:
-                    raise WireError("content_block_delta: an input_json_delta without partial_json", offset=sse.offset)
+                    raise WireError("content_block_delta: an input_json_delta without partial_json", offset=offset)
                 tool = self._blocks.get(parsed.index)
                 if tool is not None and delta.partial_json:
                     out.append(TextPiece(tool_text(ToolCallFragment(index=tool, arguments=delta.partial_json)), "tool"))
@@ -221,13 +228,13 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
         elif kind == "content_block_start":
             block = parsed.content_block
             if block is None or parsed.index is None:
-                raise WireError("content_block_start: needs an index and a content_block", offset=sse.offset)
+                raise WireError("content_block_start: needs an index and a content_block", offset=offset)
             self._start_block(parsed.index, block, out)
         elif kind in ("ping", "content_block_stop"):
             pass
         elif kind == "message_start":
             if parsed.message is None:
-                raise WireError("message_start: needs a message", offset=sse.offset)
+                raise WireError("message_start: needs a message", offset=offset)
             self._count(parsed.message.usage)
         elif kind == "message_delta":
             if parsed.delta is not None and parsed.delta.stop_reason is not None:
@@ -245,7 +252,7 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
                 )
             )
         elif kind == "message":  # neither a type nor an event name: nothing to go by
-            raise WireError("event without a type", offset=sse.offset)
+            raise WireError("event without a type", offset=offset)
         else:
             self.skipped.note(kind)
 

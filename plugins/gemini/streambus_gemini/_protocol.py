@@ -29,7 +29,7 @@ import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_data
 from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
@@ -162,10 +162,14 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one chunk to *out* (see the class docstring)."""
+        self.handle_data(sse.event, sse.data.encode(), sse.offset, out)
+
+    def handle_data(self, event: str, data: bytes, offset: int, out: list[Piece]) -> None:
+        """:meth:`handle` for the chunk's data and offset (what :meth:`feed` calls)."""
         try:
-            chunk = _decode_chunk(sse.data)
+            chunk = _decode_chunk(data)
         except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
-            chunk = decode_event(_decode_chunk, sse, "a Gemini stream chunk")
+            chunk = decode_data(_decode_chunk, data, offset, "a Gemini stream chunk")
         self._chunk(chunk, out)
 
     def _chunk(self, chunk: _Chunk, out: list[Piece]) -> None:
