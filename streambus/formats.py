@@ -342,9 +342,17 @@ class SseAnswerParser(ABC, Generic[_P]):
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[_P]:
         """Add *data*; return an iterator over the pieces it completed."""
-        if self._raw:
-            return self._data_pieces(self.sse.feed_raw(data))
-        return self._pieces(self.sse.feed(data))
+        if not self._raw:
+            return self._pieces(self.sse.feed(data))
+        out: list[_P] = []
+        handle = self.handle_data
+        try:
+            for event, value, offset in self.sse.feed_raw(data):
+                if not self.done:
+                    handle(event, value, offset, out)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
 
     def close(self) -> Iterator[_P]:
         """End of input: the pieces of a last event that had no blank line after it."""

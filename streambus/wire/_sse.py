@@ -144,6 +144,11 @@ class SseParser:
         :attr:`last_event_id` and :attr:`retry`. The usual events of LLM APIs
         are cut without building an :class:`SseEvent` at all.
         """
+        if self._idle and type(data) is bytes:  # the usual read, as :meth:`_feed` would take it, one call less
+            whole = self._whole_events(data, True)
+            if whole is not None:
+                return iter(whole)
+            self._idle = False
         return self._feed(data, raw=True)
 
     def _feed(self, data: bytes | bytearray | memoryview, raw: bool) -> Iterator[Any]:

@@ -67,20 +67,20 @@ RETRYABLE_ERRORS: Final = frozenset({"overloaded_error", "api_error", "rate_limi
 """Error types worth retrying (Anthropic's 429, 500, 504 and 529)."""
 
 
-class _Usage(msgspec.Struct):
+class _Usage(msgspec.Struct, gc=False):
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     id: str | None = None
     model: str | None = None
     usage: _Usage | None = None
 
 
-class _Block(msgspec.Struct):
+class _Block(msgspec.Struct, gc=False):
     type: str
     text: str | None = None
     thinking: str | None = None
@@ -89,7 +89,7 @@ class _Block(msgspec.Struct):
     input: Any = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     # content_block_delta's delta and message_delta's delta share this struct.
     type: str | None = None
     text: str | None = None
@@ -98,12 +98,12 @@ class _Delta(msgspec.Struct):
     stop_reason: str | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     type: str = "error"
     message: str = ""
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     """The fields of an event we read; msgspec validates them while decoding."""
 
     type: str | None = None
@@ -118,7 +118,7 @@ class _Event(msgspec.Struct):
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
-class _Answer(msgspec.Struct):
+class _Answer(msgspec.Struct, gc=False):
     """A whole (``stream: false``) answer: ``{"type": "message", "content": [...], "stop_reason", "usage"}``."""
 
     content: list[_Block]

@@ -55,34 +55,34 @@ FINISH_REASONS: Final = {
 _RETRYABLE: Final = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"})
 
 
-class _FunctionCall(msgspec.Struct):
+class _FunctionCall(msgspec.Struct, gc=False):
     name: str = ""
     args: Any = None
     id: str | None = None
 
 
-class _Part(msgspec.Struct, rename="camel"):
+class _Part(msgspec.Struct, rename="camel", gc=False):
     text: str | None = None
     thought: bool = False
     function_call: _FunctionCall | None = None
     thought_signature: str | None = None
 
 
-class _Content(msgspec.Struct):
+class _Content(msgspec.Struct, gc=False):
     parts: list[_Part] | None = None
 
 
-class _Candidate(msgspec.Struct, rename="camel"):
+class _Candidate(msgspec.Struct, rename="camel", gc=False):
     content: _Content | None = None
     finish_reason: str | None = None
     index: int = 0
 
 
-class _Feedback(msgspec.Struct, rename="camel"):
+class _Feedback(msgspec.Struct, rename="camel", gc=False):
     block_reason: str | None = None
 
 
-class _UsageMetadata(msgspec.Struct, rename="camel"):
+class _UsageMetadata(msgspec.Struct, rename="camel", gc=False):
     prompt_token_count: int | None = None
     candidates_token_count: int | None = None
     thoughts_token_count: int | None = None
@@ -90,13 +90,13 @@ class _UsageMetadata(msgspec.Struct, rename="camel"):
     total_token_count: int | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     message: str = ""
     code: int | None = None
     status: str | None = None
 
 
-class _Chunk(msgspec.Struct, rename="camel"):
+class _Chunk(msgspec.Struct, rename="camel", gc=False):
     candidates: list[_Candidate] | None = None
     prompt_feedback: _Feedback | None = None
     usage_metadata: _UsageMetadata | None = None
