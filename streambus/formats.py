@@ -192,7 +192,7 @@ class ModelsRoute(Protocol):
         """Whether a request with *headers* comes from this format's clients."""
 
 
-class TextPiece(msgspec.Struct, frozen=True):
+class TextPiece(msgspec.Struct, frozen=True, gc=False):  # (str and int fields: no cycles to collect)
     """Generated text: becomes a ``delta`` event on *channel* (``content``, ``reasoning``, ``tool``).
 
     *choice* numbers the answer when one request asks for several (OpenAI's

@@ -235,10 +235,16 @@ class SseParser:
         sep, data_split, event_split, data_line = shape
         n = len(sep)
         size = len(src)
-        cut = size if src.endswith(sep) else src.rfind(sep) + n
-        if cut < n or size - cut > self._max_line or cut > self._max_line:
+        if src.endswith(sep):  # the usual read: whole events, nothing after them
+            cut = size
+            whole = src
+        else:
+            cut = src.rfind(sep) + n
+            if cut < n or size - cut > self._max_line:
+                return None
+            whole = src[:cut]
+        if cut > self._max_line:
             return None
-        whole = src[:cut] if cut < size else src
         if whole.startswith(b"data: "):
             head = 6
             blocks = whole[6:-n].split(data_split)
@@ -250,11 +256,9 @@ class SseParser:
         else:
             return None
         # Each block then holds its own line ends only if these counts exceed the ones counted here.
-        if whole.count(b"\n") != line_ends or whole.count(b"\r") != (line_ends if n == 4 else 0):
+        if whole.count(b"\n") != line_ends or (whole.count(b"\r") != line_ends if n == 4 else b"\r" in whole):
             return None
         at = self._base
-        step = head + n  # from one block to the next: the block, the blank line, the next field name
-        skip = head + n // 2  # from a block's start to its data line: the event type and a line end
         if raw:
             try:
                 whole.decode()  # one check of the whole read; the line loop names a bad byte's offset
@@ -264,16 +268,22 @@ class SseParser:
             if head == 6:
                 for block in blocks:
                     raws.append(("message", block, at))
-                    at += step + len(block)
+                    at += 6 + n + len(block)
             else:
                 for block in blocks:
                     name, found, value = block.partition(data_line)
                     if not found:
                         return None
-                    raws.append((name.decode() or "message", value, at + skip + len(name)))
-                    at += step + len(block)
-            self._took(cut, src, shape)
+                    raws.append((name.decode() or "message", value, at + 7 + n // 2 + len(name)))
+                    at += 7 + n + len(block)
+            self._shape = shape
+            self._idle = True
+            self._base = at
+            if buf or cut < size:
+                buf[:] = src[cut:]
             return raws
+        step = head + n  # from one block to the next: the block, the blank line, the next field name
+        skip = head + n // 2  # from a block's start to its data line: the event type and a line end
         errors = self._errors
         last_id = self.last_event_id
         events: list[SseEvent] = []
