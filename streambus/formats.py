@@ -330,15 +330,15 @@ class SseAnswerParser(ABC, Generic[_P]):
     def handle(self, sse: SseEvent, out: list[_P]) -> None:
         """Append the pieces of the event *sse* to *out*; raise :class:`~streambus.errors.WireError` when it is bad."""
 
-    def handle_data(self, event: str, data: bytes, offset: int, out: list[_P]) -> None:
-        """Like :meth:`handle`, for an event given as its type, its data (valid UTF-8 bytes) and its offset.
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[_P]) -> None:
+        """Like :meth:`handle`, for an event given as its type and data (valid UTF-8 bytes) and its offset.
 
         Override it instead of :meth:`handle` (which then only needs to call
         it) to decode the data from ``bytes``; this class then reads the
         stream with :meth:`~streambus.wire.SseParser.feed_raw`. The default
         builds the :class:`SseEvent` and calls :meth:`handle`.
         """
-        self.handle(SseEvent(data=data.decode(), event=event, offset=offset), out)
+        self.handle(SseEvent(data=data.decode(), event=event.decode(), offset=offset), out)
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[_P]:
         """Add *data*; return an iterator over the pieces it completed."""
@@ -357,7 +357,7 @@ class SseAnswerParser(ABC, Generic[_P]):
     def close(self) -> Iterator[_P]:
         """End of input: the pieces of a last event that had no blank line after it."""
         if self._raw:
-            return self._data_pieces((e.event, e.data.encode(), e.offset) for e in self.sse.close())
+            return self._data_pieces((e.event.encode(), e.data.encode(), e.offset) for e in self.sse.close())
         return self._pieces(self.sse.close())
 
     def _pieces(self, events: Iterator[SseEvent]) -> Iterator[_P]:

@@ -35,8 +35,8 @@ class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
     """Byte offset of the event's first ``data`` line in the stream; use it in error messages."""
 
 
-RawSseEvent: TypeAlias = tuple[str, bytes, int]
-"""What :meth:`SseParser.feed_raw` yields per event: its type (``message`` when none was
+RawSseEvent: TypeAlias = tuple[bytes, bytes, int]
+"""What :meth:`SseParser.feed_raw` yields per event: its type (``b"message"`` when none was
 given), its data lines joined with ``\\n`` as UTF-8 bytes, and the byte offset of its first
 ``data`` line in the stream."""
 
@@ -138,8 +138,8 @@ class SseParser:
         """Add *data*; return an iterator over the ``(event, data, offset)`` of the events it completed.
 
         The same events as :meth:`feed` (same order, offsets and errors), as
-        :data:`RawSseEvent` tuples whose data is the UTF-8 *bytes* (already
-        checked to be valid), for a JSON decoder that reads bytes faster than
+        :data:`RawSseEvent` tuples whose type and data are UTF-8 *bytes*
+        (already checked to be valid), for a JSON decoder that reads bytes faster than
         ``str``; the ``id:`` and ``retry:`` fields stay readable as
         :attr:`last_event_id` and :attr:`retry`. The usual events of LLM APIs
         are cut without building an :class:`SseEvent` at all.
@@ -210,7 +210,7 @@ class SseParser:
         if not raw:
             return events
         # A generator, so an error the line loop raises still comes after every event before it.
-        return ((e.event, e.data.encode(), e.offset) for e in events)
+        return ((e.event.encode(), e.data.encode(), e.offset) for e in events)
 
     def _whole_events(self, data: bytes, raw: bool) -> list[Any] | None:
         """The fast way for the events nearly every LLM API sends; ``None`` when *data* is not that.
@@ -267,14 +267,14 @@ class SseParser:
             raws: list[RawSseEvent] = []
             if head == 6:
                 for block in blocks:
-                    raws.append(("message", block, at))
+                    raws.append((b"message", block, at))
                     at += 6 + n + len(block)
             else:
                 for block in blocks:
                     name, found, value = block.partition(data_line)
                     if not found:
                         return None
-                    raws.append((name.decode() or "message", value, at + 7 + n // 2 + len(name)))
+                    raws.append((name or b"message", value, at + 7 + n // 2 + len(name)))
                     at += 7 + n + len(block)
             self._shape = shape
             self._idle = True

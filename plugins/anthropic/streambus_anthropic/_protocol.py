@@ -193,15 +193,15 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one event to *out* (see the class docstring)."""
-        self.handle_data(sse.event, sse.data.encode(), sse.offset, out)
+        self.handle_data(sse.event.encode(), sse.data.encode(), sse.offset, out)
 
-    def handle_data(self, event: str, data: bytes, offset: int, out: list[Piece]) -> None:
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[Piece]) -> None:
         """:meth:`handle` for the event's type, data and offset (what :meth:`feed` calls)."""
         try:
             parsed = _decode_event(data)
         except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
             parsed = decode_data(_decode_event, data, offset, "an Anthropic stream event")
-        kind = parsed.type or event
+        kind = parsed.type or event.decode()  # (the type in the data is the usual way, the name the fallback)
         if kind == "content_block_delta":
             delta = parsed.delta
             if delta is None or parsed.index is None:

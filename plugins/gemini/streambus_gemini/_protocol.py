@@ -162,9 +162,9 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one chunk to *out* (see the class docstring)."""
-        self.handle_data(sse.event, sse.data.encode(), sse.offset, out)
+        self.handle_data(sse.event.encode(), sse.data.encode(), sse.offset, out)
 
-    def handle_data(self, event: str, data: bytes, offset: int, out: list[Piece]) -> None:
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[Piece]) -> None:
         """:meth:`handle` for the chunk's data and offset (what :meth:`feed` calls)."""
         try:
             chunk = _decode_chunk(data)
@@ -185,18 +185,21 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
         finish: str | None = None
         if chunk.candidates:
             candidate = chunk.candidates[0]
-            if candidate.content is not None and candidate.content.parts:
-                for part in candidate.content.parts:
-                    if part.text and part.function_call is None:  # the usual part: text
-                        out.append(TextPiece(part.text, "reasoning" if part.thought else "content"))
+            content = candidate.content
+            if content is not None and content.parts:
+                for part in content.parts:
+                    text = part.text
+                    if text and part.function_call is None:  # the usual part: text
+                        out.append(TextPiece(text, "reasoning" if part.thought else "content"))
                     else:
                         self._part(part, out)
             finish = candidate.finish_reason
-        block = chunk.prompt_feedback.block_reason if chunk.prompt_feedback is not None else None
-        if finish is None and block is not None:
-            self.done = True
-            out.append(EndPiece(reason="content_filter", usage=self._total()))
-        elif finish is not None and finish != "FINISH_REASON_UNSPECIFIED":
+        if finish is None:
+            feedback = chunk.prompt_feedback
+            if feedback is not None and feedback.block_reason is not None:
+                self.done = True
+                out.append(EndPiece(reason="content_filter", usage=self._total()))
+        elif finish != "FINISH_REASON_UNSPECIFIED":
             self.done = True
             reason = FINISH_REASONS.get(finish, finish.lower())
             if reason == "stop" and self._tools:
