@@ -245,11 +245,12 @@ class SseParser:
             whole = src[:cut]
         if cut > self._max_line:
             return None
-        if whole.startswith(b"data: "):
+        first = whole[0]  # (an index is cheaper than a call that would fail)
+        if first == 0x64 and whole.startswith(b"data: "):
             head = 6
             blocks = whole[6:-n].split(data_split)
             line_ends = 2 * len(blocks)
-        elif whole.startswith(b"event: "):
+        elif first == 0x65 and whole.startswith(b"event: "):
             head = 7
             blocks = whole[7:-n].split(event_split)
             line_ends = 3 * len(blocks)

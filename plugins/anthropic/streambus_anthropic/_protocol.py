@@ -208,10 +208,11 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
                 raise WireError("content_block_delta: needs an index and a delta", offset=offset)
             kind = delta.type or ""
             if kind == "text_delta":
-                if delta.text is None:
+                text = delta.text
+                if text is None:
                     raise WireError("content_block_delta: a text_delta without text", offset=offset)
-                if delta.text:
-                    out.append(TextPiece(delta.text))
+                if text:
+                    out.append(TextPiece(text))
             elif kind == "thinking_delta":
                 if delta.thinking is None:
                     raise WireError("content_block_delta: a thinking_delta without thinking", offset=offset)
