@@ -14,10 +14,10 @@ __all__ = ["RawSseEvent", "SseEvent", "SseParser", "format_sse"]
 
 _BOM = b"\xef\xbb\xbf"
 
-_Shape: TypeAlias = tuple[bytes, bytes, bytes, bytes]
-"""Where the fast way cuts: the blank line, it + ``data: ``, it + ``event: ``, a line end + ``data: ``."""
-_LF: _Shape = (b"\n\n", b"\n\ndata: ", b"\n\nevent: ", b"\ndata: ")
-_CRLF: _Shape = (b"\r\n\r\n", b"\r\n\r\ndata: ", b"\r\n\r\nevent: ", b"\r\ndata: ")
+_Shape: TypeAlias = tuple[bytes, int, bytes, bytes, bytes]
+"""Where the fast way cuts: the blank line, its length, it + ``data: ``, it + ``event: ``, a line end + ``data: ``."""
+_LF: _Shape = (b"\n\n", 2, b"\n\ndata: ", b"\n\nevent: ", b"\ndata: ")
+_CRLF: _Shape = (b"\r\n\r\n", 4, b"\r\n\r\ndata: ", b"\r\n\r\nevent: ", b"\r\ndata: ")
 
 
 class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -232,8 +232,7 @@ class SseParser:
             if first < 0:
                 return None
             shape = _CRLF if first and src[first - 1] == 0x0D else _LF
-        sep, data_split, event_split, data_line = shape
-        n = len(sep)
+        sep, n, data_split, event_split, data_line = shape
         size = len(src)
         if src.endswith(sep):  # the usual read: whole events, nothing after them
             cut = size
