@@ -288,7 +288,8 @@ def decode_event(decode: Callable[[str], _T], event: SseEvent, what: str) -> _T:
 def decode_data(decode: Callable[[_D], _T], data: _D, offset: int, what: str) -> _T:
     """:func:`decode_event` for an event's *data* (``bytes`` from :meth:`SseAnswerParser.handle_data`) at *offset*.
 
-    msgspec decodes ``bytes`` faster than ``str``. The usual way is to call
+    Decoding the bytes saves making a ``str`` that msgspec would turn back
+    into UTF-8. The usual way is to call
     *decode* directly and, only when it raises, this function for the error::
 
         try:

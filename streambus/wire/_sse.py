@@ -139,8 +139,8 @@ class SseParser:
 
         The same events as :meth:`feed` (same order, offsets and errors), as
         :data:`RawSseEvent` tuples whose type and data are UTF-8 *bytes*
-        (already checked to be valid), for a JSON decoder that reads bytes faster than
-        ``str``; the ``id:`` and ``retry:`` fields stay readable as
+        (already checked to be valid), for a JSON decoder that reads bytes
+        (no ``str`` is made per event); the ``id:`` and ``retry:`` fields stay readable as
         :attr:`last_event_id` and :attr:`retry`. The usual events of LLM APIs
         are cut without building an :class:`SseEvent` at all.
         """
