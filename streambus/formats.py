@@ -38,7 +38,7 @@ from .errors import WireError
 from .events import Channel, DeltaEvent, Event, Usage
 from .plugins import discover, load
 from .validation import validation_problem
-from .wire import SseEvent, SseParser, ToolCallFragment, parse_tool_text, yield_then_raise
+from .wire import RawSseEvent, SseEvent, SseParser, ToolCallFragment, parse_tool_text, yield_then_raise
 
 __all__ = [
     "AnswerFilter",
@@ -55,6 +55,7 @@ __all__ = [
     "StreamEncoder",
     "TextPiece",
     "WireFormat",
+    "decode_data",
     "decode_event",
     "installed_formats",
     "load_format",
@@ -191,7 +192,7 @@ class ModelsRoute(Protocol):
         """Whether a request with *headers* comes from this format's clients."""
 
 
-class TextPiece(msgspec.Struct, frozen=True):
+class TextPiece(msgspec.Struct, frozen=True, gc=False):  # (str and int fields: no cycles to collect)
     """Generated text: becomes a ``delta`` event on *channel* (``content``, ``reasoning``, ``tool``).
 
     *choice* numbers the answer when one request asks for several (OpenAI's
@@ -272,6 +273,7 @@ class PieceParser(Protocol):
 
 _P = TypeVar("_P")
 _T = TypeVar("_T")
+_D = TypeVar("_D", str, bytes)
 
 
 def decode_event(decode: Callable[[str], _T], event: SseEvent, what: str) -> _T:
@@ -280,43 +282,83 @@ def decode_event(decode: Callable[[str], _T], event: SseEvent, what: str) -> _T:
     Raises :class:`~streambus.errors.WireError` at the event's byte offset:
     ``not {what}: ...`` naming the field that is wrong, or ``event data is not JSON``.
     """
+    return decode_data(decode, event.data, event.offset, what)
+
+
+def decode_data(decode: Callable[[_D], _T], data: _D, offset: int, what: str) -> _T:
+    """:func:`decode_event` for an event's *data* (``bytes`` from :meth:`SseAnswerParser.handle_data`) at *offset*.
+
+    Decoding the bytes saves making a ``str`` that msgspec would turn back
+    into UTF-8. The usual way is to call
+    *decode* directly and, only when it raises, this function for the error::
+
+        try:
+            parsed = decode(data)
+        except msgspec.MsgspecError:
+            parsed = decode_data(decode, data, offset, "an X event")
+    """
     try:
-        return decode(event.data)
+        return decode(data)
     except msgspec.ValidationError as exc:
-        raise WireError(f"not {what}: {validation_problem(exc).describe()}", offset=event.offset) from None
+        raise WireError(f"not {what}: {validation_problem(exc).describe()}", offset=offset) from None
     except msgspec.DecodeError as exc:
-        raise WireError(f"event data is not JSON: {exc}", offset=event.offset) from None
+        raise WireError(f"event data is not JSON: {exc}", offset=offset) from None
 
 
 class SseAnswerParser(ABC, Generic[_P]):
     """The shared half of a parser of an answer sent as server-sent events (Anthropic, Gemini, Responses).
 
     A subclass implements :meth:`handle` for one event and sets :attr:`done`
-    when the answer's end arrived; this class runs the core
+    when the answer's end arrived (or overrides :meth:`handle_data`, which
+    gets the event's data as ``bytes`` without an :class:`SseEvent` built,
+    the faster way for a msgspec decoder); this class runs the core
     :class:`~streambus.wire.SseParser` and keeps the :class:`PieceParser`
     promise: :meth:`feed` returns the pieces of the events a read completed,
     and a :class:`~streambus.errors.WireError` is raised while iterating,
     after every piece before it. Events after the end are ignored.
     """
 
-    __slots__ = ("done", "sse")
+    __slots__ = ("_raw", "done", "sse")
 
     def __init__(self) -> None:
         self.sse = SseParser()
         """The event-stream parser the bytes go through."""
         self.done = False
         """Whether the answer's end (or an error that ends it) arrived."""
+        self._raw = type(self).handle_data is not SseAnswerParser.handle_data
 
     @abstractmethod
     def handle(self, sse: SseEvent, out: list[_P]) -> None:
         """Append the pieces of the event *sse* to *out*; raise :class:`~streambus.errors.WireError` when it is bad."""
 
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[_P]) -> None:
+        """Like :meth:`handle`, for an event given as its type and data (valid UTF-8 bytes) and its offset.
+
+        Override it instead of :meth:`handle` (which then only needs to call
+        it) to decode the data from ``bytes``; this class then reads the
+        stream with :meth:`~streambus.wire.SseParser.feed_raw`. The default
+        builds the :class:`SseEvent` and calls :meth:`handle`.
+        """
+        self.handle(SseEvent(data=data.decode(), event=event.decode(), offset=offset), out)
+
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[_P]:
         """Add *data*; return an iterator over the pieces it completed."""
-        return self._pieces(self.sse.feed(data))
+        if not self._raw:
+            return self._pieces(self.sse.feed(data))
+        out: list[_P] = []
+        handle = self.handle_data
+        try:
+            for event, value, offset in self.sse.feed_raw(data):
+                if not self.done:
+                    handle(event, value, offset, out)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
 
     def close(self) -> Iterator[_P]:
         """End of input: the pieces of a last event that had no blank line after it."""
+        if self._raw:
+            return self._data_pieces((e.event.encode(), e.data.encode(), e.offset) for e in self.sse.close())
         return self._pieces(self.sse.close())
 
     def _pieces(self, events: Iterator[SseEvent]) -> Iterator[_P]:
@@ -325,6 +367,17 @@ class SseAnswerParser(ABC, Generic[_P]):
             for sse in events:
                 if not self.done:
                     self.handle(sse, out)
+        except WireError as exc:
+            return yield_then_raise(out, exc)
+        return iter(out)
+
+    def _data_pieces(self, events: Iterator[RawSseEvent]) -> Iterator[_P]:
+        out: list[_P] = []
+        handle = self.handle_data
+        try:
+            for event, data, offset in events:
+                if not self.done:
+                    handle(event, data, offset, out)
         except WireError as exc:
             return yield_then_raise(out, exc)
         return iter(out)

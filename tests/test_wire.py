@@ -278,6 +278,34 @@ def test_sse_common_shapes_match_the_line_by_line_parse_at_every_cut(eol: bytes)
         assert got == expected, cut
     one_byte = SseParser()
     assert [e for i in range(len(body)) for e in one_byte.feed(body[i : i + 1])] + list(one_byte.close()) == expected
+    # feed_raw gives the same events, as (type, data, offset) with bytes, at every cut too.
+    raw_expected = [(e.event.encode(), e.data.encode(), e.offset) for e in expected]
+    for cut in range(len(body) + 1):
+        parser = SseParser()
+        got_raw = [*parser.feed_raw(body[:cut]), *parser.feed_raw(body[cut:])]
+        got_raw += [(e.event.encode(), e.data.encode(), e.offset) for e in parser.close()]
+        assert got_raw == raw_expected, cut
+    # One event per read, as servers write them: after the first, each read takes the fast way at once.
+    reads = [part + eol + eol for part in body.split(eol + eol)]
+    reads[-1] = reads[-1][: -2 * len(eol)]
+    for raw in (False, True):
+        parser = SseParser()
+        got_reads = [e for r in reads for e in (parser.feed_raw(r) if raw else parser.feed(r))]
+        last = [(e.event.encode(), e.data.encode(), e.offset) if raw else e for e in parser.close()]
+        assert got_reads + last == (raw_expected if raw else expected)
+
+
+def test_sse_feed_raw_names_invalid_utf8_at_its_offset_and_keeps_later_events() -> None:
+    parser = SseParser()
+    assert list(parser.feed_raw(b"event: x\ndata: ok\n\n")) == [(b"x", b"ok", 9)]
+    got = []
+    with pytest.raises(WireError, match="invalid UTF-8") as info:
+        for event in parser.feed_raw(b"event: y\ndata: b\xffd\n\nevent: z\ndata: after\n\n"):
+            got.append(event)
+    assert got == []
+    assert info.value.offset == 19 + 9 + 7  # the bad byte, in the second read's data line
+    assert list(parser.feed_raw(b"")) == [(b"z", b"after", 19 + 20 + 9)]
+    assert list(parser.feed_raw(b"data: {}\n\n")) == [(b"message", b"{}", 19 + 42)]
 
 
 def test_sse_held_back_event_keeps_the_line_limit_and_errors_keep_later_events() -> None:

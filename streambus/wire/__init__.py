@@ -19,13 +19,14 @@ from __future__ import annotations
 from ..errors import WireError
 from ._ndjson import DEFAULT_MAX_LINE, NdjsonParser, yield_then_raise
 from ._skipped import SkippedTypes
-from ._sse import SseEvent, SseParser, format_sse
+from ._sse import RawSseEvent, SseEvent, SseParser, format_sse
 from ._tools import ToolCall, ToolCallFragment, merge_tool_calls, parse_tool_text, tool_text
 from ._utf8 import Utf8Decoder
 
 __all__ = [
     "DEFAULT_MAX_LINE",
     "NdjsonParser",
+    "RawSseEvent",
     "SkippedTypes",
     "SseEvent",
     "SseParser",

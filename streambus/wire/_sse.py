@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
 from ..errors import WireError
 from ._ndjson import DEFAULT_MAX_LINE, yield_then_raise
 
-__all__ = ["SseEvent", "SseParser", "format_sse"]
+__all__ = ["RawSseEvent", "SseEvent", "SseParser", "format_sse"]
 
 _BOM = b"\xef\xbb\xbf"
+
+_Shape: TypeAlias = tuple[bytes, int, bytes, bytes, bytes]
+"""Where the fast way cuts: the blank line, its length, it + ``data: ``, it + ``event: ``, a line end + ``data: ``."""
+_LF: _Shape = (b"\n\n", 2, b"\n\ndata: ", b"\n\nevent: ", b"\ndata: ")
+_CRLF: _Shape = (b"\r\n\r\n", 4, b"\r\n\r\ndata: ", b"\r\n\r\nevent: ", b"\r\ndata: ")
 
 
 class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +33,12 @@ class SseEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A ``retry:`` value (milliseconds) seen since the previous event, if any."""
     offset: int = 0
     """Byte offset of the event's first ``data`` line in the stream; use it in error messages."""
+
+
+RawSseEvent: TypeAlias = tuple[bytes, bytes, int]
+"""What :meth:`SseParser.feed_raw` yields per event: its type (``b"message"`` when none was
+given), its data lines joined with ``\\n`` as UTF-8 bytes, and the byte offset of its first
+``data`` line in the stream."""
 
 
 class SseParser:
@@ -73,10 +84,11 @@ class SseParser:
         "_dispatch_at_close",
         "_errors",
         "_event_offset",
+        "_idle",
         "_max_line",
         "_pending",
         "_retry",
-        "_sep",
+        "_shape",
         "_skip_lf",
         "_type",
         "last_event_id",
@@ -106,7 +118,8 @@ class SseParser:
         self._type = ""
         self._retry: int | None = None
         self._event_offset = 0
-        self._sep = b""  # the blank line between events, once the fast way has seen it
+        self._shape: _Shape | None = None  # the stream's blank line and the like, once the fast way has seen it
+        self._idle = False  # the last read took the fast way (so no BOM, CR or event under way to look at)
         self.last_event_id = ""
         """The last event id seen (send it as ``Last-Event-ID`` when reconnecting)."""
         self.retry: int | None = None
@@ -119,8 +132,35 @@ class SseParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[SseEvent]:
         """Add *data*; return an iterator over the events it completed."""
-        if isinstance(data, memoryview):
-            data = data.tobytes()
+        return self._feed(data, raw=False)
+
+    def feed_raw(self, data: bytes | bytearray | memoryview) -> Iterator[RawSseEvent]:
+        """Add *data*; return an iterator over the ``(event, data, offset)`` of the events it completed.
+
+        The same events as :meth:`feed` (same order, offsets and errors), as
+        :data:`RawSseEvent` tuples whose type and data are UTF-8 *bytes*
+        (already checked to be valid), for a JSON decoder that reads bytes
+        (no ``str`` is made per event); the ``id:`` and ``retry:`` fields stay readable as
+        :attr:`last_event_id` and :attr:`retry`. The usual events of LLM APIs
+        are cut without building an :class:`SseEvent` at all.
+        """
+        if self._idle and type(data) is bytes:  # the usual read, as :meth:`_feed` would take it, one call less
+            whole = self._whole_events(data, True)
+            if whole is not None:
+                return iter(whole)
+            self._idle = False
+        return self._feed(data, raw=True)
+
+    def _feed(self, data: bytes | bytearray | memoryview, raw: bool) -> Iterator[Any]:
+        """:meth:`feed` (``SseEvent`` s) or :meth:`feed_raw` (``RawSseEvent`` s), as *raw* says."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        tried = self._idle
+        if tried:  # the last read took the fast way: no BOM, CR or event under way to look at
+            whole = self._whole_events(data, raw)
+            if whole is not None:
+                return iter(whole)
+            self._idle = False
         if self._skip_lf and data:
             self._skip_lf = False
             if data[0] == 0x0A:
@@ -136,8 +176,8 @@ class SseParser:
                 del buf[:3]
                 self._base += 3
             data = b""
-        if not self._pending and not self._data and not self._type and self._retry is None:
-            whole = self._whole_events(data)
+        if not tried and not self._pending and not self._data and not self._type and self._retry is None:
+            whole = self._whole_events(data, raw)
             if whole is not None:
                 return iter(whole)
         if buf:
@@ -153,7 +193,7 @@ class SseParser:
                 buf += src
             if len(buf) > self._max_line:
                 raise WireError(f"line longer than {self._max_line} bytes", offset=self._base)
-            return self._process(b"", self._base) if self._pending else iter(())
+            return self._maybe_raw(self._process(b"", self._base), raw) if self._pending else iter(())
         complete = bytes(src[: end + 1])
         if src is buf:
             del buf[: end + 1]
@@ -163,9 +203,16 @@ class SseParser:
         self._skip_lf = complete[-1] == 0x0D and not buf
         base = self._base
         self._base = base + len(complete)
-        return self._process(complete, base)
+        return self._maybe_raw(self._process(complete, base), raw)
 
-    def _whole_events(self, data: bytes | bytearray) -> list[SseEvent] | None:
+    @staticmethod
+    def _maybe_raw(events: Iterator[SseEvent], raw: bool) -> Iterator[Any]:
+        if not raw:
+            return events
+        # A generator, so an error the line loop raises still comes after every event before it.
+        return ((e.event.encode(), e.data.encode(), e.offset) for e in events)
+
+    def _whole_events(self, data: bytes, raw: bool) -> list[Any] | None:
         """The fast way for the events nearly every LLM API sends; ``None`` when *data* is not that.
 
         Between events (no event under way), when what is held plus *data*
@@ -179,43 +226,73 @@ class SseParser:
         """
         buf = self._buf
         src = bytes(buf) + data if buf else data
-        sep = self._sep
-        if not sep:  # the stream's first line end tells
+        shape = self._shape
+        if shape is None:  # the stream's first line end tells
             first = src.find(b"\n")
             if first < 0:
                 return None
-            sep = b"\r\n\r\n" if first and src[first - 1] == 0x0D else b"\n\n"
-        n = len(sep)
+            shape = _CRLF if first and src[first - 1] == 0x0D else _LF
+        sep, n, data_split, event_split, data_line = shape
         size = len(src)
-        cut = size if src.endswith(sep) else src.rfind(sep) + n
-        if cut < n or size - cut > self._max_line or cut > self._max_line:
+        if src.endswith(sep):  # the usual read: whole events, nothing after them
+            cut = size
+            whole = src
+        else:
+            cut = src.rfind(sep) + n
+            if cut < n or size - cut > self._max_line:
+                return None
+            whole = src[:cut]
+        if cut > self._max_line:
             return None
-        whole = src[:cut] if cut < size else src
-        if whole.startswith(b"data: "):
+        first = whole[0]  # (an index is cheaper than a call that would fail)
+        if first == 0x64 and whole.startswith(b"data: "):
             head = 6
-            blocks = whole[head:-n].split(sep + b"data: ")
+            blocks = whole[6:-n].split(data_split)
             line_ends = 2 * len(blocks)
-        elif whole.startswith(b"event: "):
+        elif first == 0x65 and whole.startswith(b"event: "):
             head = 7
-            blocks = whole[head:-n].split(sep + b"event: ")
+            blocks = whole[7:-n].split(event_split)
             line_ends = 3 * len(blocks)
         else:
             return None
         # Each block then holds its own line ends only if these counts exceed the ones counted here.
-        if whole.count(b"\n") != line_ends or whole.count(b"\r") != (line_ends if n == 4 else 0):
+        if whole.count(b"\n") != line_ends or (whole.count(b"\r") != line_ends if n == 4 else b"\r" in whole):
             return None
+        at = self._base
+        if raw:
+            try:
+                whole.decode()  # one check of the whole read; the line loop names a bad byte's offset
+            except UnicodeDecodeError:
+                return None
+            raws: list[RawSseEvent] = []
+            if head == 6:
+                for block in blocks:
+                    raws.append((b"message", block, at))
+                    at += 6 + n + len(block)
+            else:
+                for block in blocks:
+                    name, found, value = block.partition(data_line)
+                    if not found:
+                        return None
+                    raws.append((name or b"message", value, at + 7 + n // 2 + len(name)))
+                    at += 7 + n + len(block)
+            self._shape = shape
+            self._idle = True
+            self._base = at
+            if buf or cut < size:
+                buf[:] = src[cut:]
+            return raws
+        step = head + n  # from one block to the next: the block, the blank line, the next field name
+        skip = head + n // 2  # from a block's start to its data line: the event type and a line end
         errors = self._errors
         last_id = self.last_event_id
-        at = self._base
         events: list[SseEvent] = []
         try:
             if head == 6:
                 for block in blocks:
                     events.append(SseEvent(data=block.decode("utf-8", errors), id=last_id, offset=at))
-                    at += head + len(block) + n
+                    at += step + len(block)
             else:
-                eol = sep[: n // 2]
-                data_line = eol + b"data: "
                 for block in blocks:
                     name, found, value = block.partition(data_line)
                     if not found:
@@ -225,20 +302,27 @@ class SseParser:
                             data=value.decode("utf-8", errors),
                             event=name.decode("utf-8", errors) or "message",
                             id=last_id,
-                            offset=at + head + len(name) + len(eol),
+                            offset=at + skip + len(name),
                         )
                     )
-                    at += head + len(block) + n
+                    at += step + len(block)
         except UnicodeDecodeError:
             return None
-        self._sep = sep
-        self._base += cut
-        if buf or cut < size:
-            buf[:] = src[cut:]
+        self._took(cut, src, shape)
         return events
+
+    def _took(self, cut: int, src: bytes, shape: _Shape) -> None:
+        """The fast way took ``src[:cut]``: hold the rest; the next read may go the fast way at once."""
+        self._shape = shape
+        self._idle = True
+        self._base += cut
+        buf = self._buf
+        if buf or cut < len(src):
+            buf[:] = src[cut:]
 
     def close(self) -> Iterator[SseEvent]:
         """End of input: an iterator over the last event, if one was pending."""
+        self._idle = False
         tail = bytes(self._buf)
         self._buf.clear()
         base = self._base

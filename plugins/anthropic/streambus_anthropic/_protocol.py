@@ -42,7 +42,7 @@ import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_data
 from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
@@ -67,20 +67,20 @@ RETRYABLE_ERRORS: Final = frozenset({"overloaded_error", "api_error", "rate_limi
 """Error types worth retrying (Anthropic's 429, 500, 504 and 529)."""
 
 
-class _Usage(msgspec.Struct):
+class _Usage(msgspec.Struct, gc=False):
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     id: str | None = None
     model: str | None = None
     usage: _Usage | None = None
 
 
-class _Block(msgspec.Struct):
+class _Block(msgspec.Struct, gc=False):
     type: str
     text: str | None = None
     thinking: str | None = None
@@ -89,7 +89,7 @@ class _Block(msgspec.Struct):
     input: Any = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     # content_block_delta's delta and message_delta's delta share this struct.
     type: str | None = None
     text: str | None = None
@@ -98,12 +98,12 @@ class _Delta(msgspec.Struct):
     stop_reason: str | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     type: str = "error"
     message: str = ""
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     """The fields of an event we read; msgspec validates them while decoding."""
 
     type: str | None = None
@@ -118,7 +118,7 @@ class _Event(msgspec.Struct):
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
-class _Answer(msgspec.Struct):
+class _Answer(msgspec.Struct, gc=False):
     """A whole (``stream: false``) answer: ``{"type": "message", "content": [...], "stop_reason", "usage"}``."""
 
     content: list[_Block]
@@ -193,26 +193,34 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one event to *out* (see the class docstring)."""
-        parsed = decode_event(_decode_event, sse, "an Anthropic stream event")
-        kind = parsed.type or sse.event
+        self.handle_data(sse.event.encode(), sse.data.encode(), sse.offset, out)
+
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[Piece]) -> None:
+        """:meth:`handle` for the event's type, data and offset (what :meth:`feed` calls)."""
+        try:
+            parsed = _decode_event(data)
+        except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
+            parsed = decode_data(_decode_event, data, offset, "an Anthropic stream event")
+        kind = parsed.type or event.decode()  # (the type in the data is the usual way, the name the fallback)
         if kind == "content_block_delta":
             delta = parsed.delta
             if delta is None or parsed.index is None:
-                raise WireError("content_block_delta: needs an index and a delta", offset=sse.offset)
+                raise WireError("content_block_delta: needs an index and a delta", offset=offset)
             kind = delta.type or ""
             if kind == "text_delta":
-                if delta.text is None:
-                    raise WireError("content_block_delta: a text_delta without text", offset=sse.offset)
-                if delta.text:
-                    out.append(TextPiece(delta.text))
+                text = delta.text
+                if text is None:
+                    raise WireError("content_block_delta: a text_delta without text", offset=offset)
+                if text:
+                    out.append(TextPiece(text))
             elif kind == "thinking_delta":
                 if delta.thinking is None:
-                    raise WireError("content_block_delta: a thinking_delta without thinking", offset=sse.offset)
+                    raise WireError("content_block_delta: a thinking_delta without thinking", offset=offset)
                 if delta.thinking:
                     out.append(TextPiece(delta.thinking, "reasoning"))
             elif kind == "input_json_delta":
                 if delta.partial_json is None:
-                    raise WireError("content_block_delta: an input_json_delta without partial_json", offset=sse.offset)
+                    raise WireError("content_block_delta: an input_json_delta without partial_json", offset=offset)
                 tool = self._blocks.get(parsed.index)
                 if tool is not None and delta.partial_json:
                     out.append(TextPiece(tool_text(ToolCallFragment(index=tool, arguments=delta.partial_json)), "tool"))
@@ -221,13 +229,13 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
         elif kind == "content_block_start":
             block = parsed.content_block
             if block is None or parsed.index is None:
-                raise WireError("content_block_start: needs an index and a content_block", offset=sse.offset)
+                raise WireError("content_block_start: needs an index and a content_block", offset=offset)
             self._start_block(parsed.index, block, out)
         elif kind in ("ping", "content_block_stop"):
             pass
         elif kind == "message_start":
             if parsed.message is None:
-                raise WireError("message_start: needs a message", offset=sse.offset)
+                raise WireError("message_start: needs a message", offset=offset)
             self._count(parsed.message.usage)
         elif kind == "message_delta":
             if parsed.delta is not None and parsed.delta.stop_reason is not None:
@@ -245,7 +253,7 @@ class AnthropicStreamParser(SseAnswerParser[Piece]):
                 )
             )
         elif kind == "message":  # neither a type nor an event name: nothing to go by
-            raise WireError("event without a type", offset=sse.offset)
+            raise WireError("event without a type", offset=offset)
         else:
             self.skipped.note(kind)
 

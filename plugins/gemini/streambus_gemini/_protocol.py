@@ -29,7 +29,7 @@ import msgspec
 import orjson
 
 from streambus import Usage, WireError
-from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_event
+from streambus.formats import EndPiece, ErrorPiece, Piece, SseAnswerParser, TextPiece, decode_data
 from streambus.validation import validation_problem
 from streambus.wire import SkippedTypes, SseEvent, ToolCallFragment, tool_text
 
@@ -55,34 +55,34 @@ FINISH_REASONS: Final = {
 _RETRYABLE: Final = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"})
 
 
-class _FunctionCall(msgspec.Struct):
+class _FunctionCall(msgspec.Struct, gc=False):
     name: str = ""
     args: Any = None
     id: str | None = None
 
 
-class _Part(msgspec.Struct, rename="camel"):
+class _Part(msgspec.Struct, rename="camel", gc=False):
     text: str | None = None
     thought: bool = False
     function_call: _FunctionCall | None = None
     thought_signature: str | None = None
 
 
-class _Content(msgspec.Struct):
+class _Content(msgspec.Struct, gc=False):
     parts: list[_Part] | None = None
 
 
-class _Candidate(msgspec.Struct, rename="camel"):
+class _Candidate(msgspec.Struct, rename="camel", gc=False):
     content: _Content | None = None
     finish_reason: str | None = None
     index: int = 0
 
 
-class _Feedback(msgspec.Struct, rename="camel"):
+class _Feedback(msgspec.Struct, rename="camel", gc=False):
     block_reason: str | None = None
 
 
-class _UsageMetadata(msgspec.Struct, rename="camel"):
+class _UsageMetadata(msgspec.Struct, rename="camel", gc=False):
     prompt_token_count: int | None = None
     candidates_token_count: int | None = None
     thoughts_token_count: int | None = None
@@ -90,13 +90,13 @@ class _UsageMetadata(msgspec.Struct, rename="camel"):
     total_token_count: int | None = None
 
 
-class _Error(msgspec.Struct):
+class _Error(msgspec.Struct, gc=False):
     message: str = ""
     code: int | None = None
     status: str | None = None
 
 
-class _Chunk(msgspec.Struct, rename="camel"):
+class _Chunk(msgspec.Struct, rename="camel", gc=False):
     candidates: list[_Candidate] | None = None
     prompt_feedback: _Feedback | None = None
     usage_metadata: _UsageMetadata | None = None
@@ -162,10 +162,14 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
 
     def handle(self, sse: SseEvent, out: list[Piece]) -> None:
         """Append the pieces of one chunk to *out* (see the class docstring)."""
+        self.handle_data(sse.event.encode(), sse.data.encode(), sse.offset, out)
+
+    def handle_data(self, event: bytes, data: bytes, offset: int, out: list[Piece]) -> None:
+        """:meth:`handle` for the chunk's data and offset (what :meth:`feed` calls)."""
         try:
-            chunk = _decode_chunk(sse.data)
+            chunk = _decode_chunk(data)
         except msgspec.MsgspecError:  # decoded again for the error naming the field and the offset
-            chunk = decode_event(_decode_chunk, sse, "a Gemini stream chunk")
+            chunk = decode_data(_decode_chunk, data, offset, "a Gemini stream chunk")
         self._chunk(chunk, out)
 
     def _chunk(self, chunk: _Chunk, out: list[Piece]) -> None:
@@ -181,18 +185,21 @@ class GeminiStreamParser(SseAnswerParser[Piece]):
         finish: str | None = None
         if chunk.candidates:
             candidate = chunk.candidates[0]
-            if candidate.content is not None and candidate.content.parts:
-                for part in candidate.content.parts:
-                    if part.text and part.function_call is None:  # the usual part: text
-                        out.append(TextPiece(part.text, "reasoning" if part.thought else "content"))
+            content = candidate.content
+            if content is not None and content.parts:
+                for part in content.parts:
+                    text = part.text
+                    if text and part.function_call is None:  # the usual part: text
+                        out.append(TextPiece(text, "reasoning" if part.thought else "content"))
                     else:
                         self._part(part, out)
             finish = candidate.finish_reason
-        block = chunk.prompt_feedback.block_reason if chunk.prompt_feedback is not None else None
-        if finish is None and block is not None:
-            self.done = True
-            out.append(EndPiece(reason="content_filter", usage=self._total()))
-        elif finish is not None and finish != "FINISH_REASON_UNSPECIFIED":
+        if finish is None:
+            feedback = chunk.prompt_feedback
+            if feedback is not None and feedback.block_reason is not None:
+                self.done = True
+                out.append(EndPiece(reason="content_filter", usage=self._total()))
+        elif finish != "FINISH_REASON_UNSPECIFIED":
             self.done = True
             reason = FINISH_REASONS.get(finish, finish.lower())
             if reason == "stop" and self._tools:
