@@ -380,7 +380,13 @@ class NatsSource(PluginBase):
     async def _on_heartbeat(self, msg: nats.aio.msg.Msg) -> None:
         producer = msg.subject.rpartition(".")[2]
         heard = self._heard
-        heard[producer] = anyio.current_time()
+        now = anyio.current_time()
+        if self.options.follow == "interested" and not self._behind:
+            # An interest edge's ordered consumers report no idle heartbeats to it: nothing pending on any
+            # followed stream when the producer's heartbeat arrives is its "caught up". Without this, a producer
+            # killed right after a heartbeat that came later than its last message would never be declared lost.
+            self._caught_up_at = now
+        heard[producer] = now
         heard.move_to_end(producer)
         if len(heard) > _MAX_PRODUCERS:
             heard.popitem(last=False)
