@@ -57,7 +57,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import jwt
 import msgspec
@@ -75,14 +75,17 @@ __all__ = [
     "OPERATOR",
     "PUBLIC_KEY_ALGORITHMS",
     "Authenticator",
+    "JwtSettings",
     "OutOfScope",
     "Scope",
     "TokenError",
     "TokenVerifier",
     "bearer_credential",
+    "check_jwt_settings",
     "load_private_key",
     "mint_token",
     "read_secret",
+    "verifier_from_settings",
 ]
 
 CLAIM: Final = "streambus"
@@ -550,6 +553,7 @@ def mint_token(
         claims["iss"] = issuer
     try:
         return jwt.encode(claims, key, algorithm=algorithm)
+    # PyJWT raises NotImplementedError for an algorithm its installed backends cannot sign with.
     except (TypeError, ValueError, jwt.InvalidKeyError, NotImplementedError):
         raise ValueError(f"key: does not fit the algorithm {algorithm!r}") from None
 
@@ -608,3 +612,66 @@ def bearer_credential(authorization: str | None, query_token: str | None = None)
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip() or None
     return query_token or None
+
+
+class JwtSettings(Protocol):
+    """The ``jwt_*`` options of a server that accepts scoped tokens (the websocket and http sinks carry them)."""
+
+    @property
+    def jwt_secret_env(self) -> str | None:
+        """Environment variable holding the HMAC secret."""
+
+    @property
+    def jwt_secret_file(self) -> str | None:
+        """File holding the HMAC secret."""
+
+    @property
+    def jwt_public_key_file(self) -> str | None:
+        """PEM file holding the public key (RS/ES/PS/EdDSA)."""
+
+    @property
+    def jwt_algorithms(self) -> Sequence[str]:
+        """Algorithms accepted (empty: those of the key given)."""
+
+    @property
+    def jwt_leeway(self) -> float:
+        """Seconds of clock skew allowed on ``exp`` and ``nbf``."""
+
+    @property
+    def jwt_audience(self) -> str | None:
+        """Required ``aud``, if any."""
+
+    @property
+    def jwt_issuer(self) -> str | None:
+        """Required ``iss``, if any."""
+
+
+def check_jwt_settings(settings: JwtSettings) -> None:
+    """Raise :class:`ValueError` naming the ``jwt_*`` key that is wrong (called when options are built)."""
+    if settings.jwt_secret_env is not None and not settings.jwt_secret_env:
+        raise ValueError("jwt_secret_env: must name an environment variable")
+    if settings.jwt_secret_env and settings.jwt_secret_file:
+        raise ValueError("jwt_secret_env, jwt_secret_file: give one of them, not both")
+    if not 0 <= settings.jwt_leeway <= 300:
+        raise ValueError(f"jwt_leeway: must be within 0-300 seconds, got {settings.jwt_leeway}")
+    has_source = settings.jwt_secret_env or settings.jwt_secret_file or settings.jwt_public_key_file
+    if settings.jwt_algorithms and not has_source:
+        raise ValueError("jwt_algorithms: set jwt_secret_env, jwt_secret_file or jwt_public_key_file too")
+
+
+def verifier_from_settings(settings: JwtSettings) -> TokenVerifier | None:
+    """The verifier the ``jwt_*`` options describe (``None``: no key source given).
+
+    Raises :class:`ValueError` naming the ``jwt_*`` key whose source cannot be
+    read, never the secret itself.
+    """
+    return TokenVerifier.load(
+        secret_env=settings.jwt_secret_env,
+        secret_file=settings.jwt_secret_file,
+        public_key_file=settings.jwt_public_key_file,
+        algorithms=settings.jwt_algorithms or None,
+        leeway=settings.jwt_leeway,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        prefix="jwt_",
+    )

@@ -28,7 +28,7 @@ from streambus import Bus, PluginBase, Subscription
 from streambus.access import OriginPolicy, is_loopback_host
 from streambus.plugins import NonNegativeFloat, PositiveFloat, PositiveInt
 from streambus.serving import AppServer, server_logger
-from streambus.tokens import Authenticator, TokenVerifier
+from streambus.tokens import Authenticator, TokenVerifier, check_jwt_settings, verifier_from_settings
 
 from ._hub import StreamHub
 from ._serve import UNKNOWN_STREAM_TIMEOUT
@@ -114,13 +114,8 @@ class HttpSink(PluginBase):
                     raise ValueError(f"{key}: must be positive, got {getattr(self, key)}")
             if self.token is not None and not self.token:
                 raise ValueError("token: must not be empty (leave it out to serve without a token)")
-            if self.jwt_secret_env and self.jwt_secret_file:
-                raise ValueError("jwt_secret_env, jwt_secret_file: give one of them, not both")
-            if not 0 <= self.jwt_leeway <= 300:
-                raise ValueError(f"jwt_leeway: must be within 0-300 seconds, got {self.jwt_leeway}")
+            check_jwt_settings(self)
             has_jwt = bool(self.jwt_secret_env or self.jwt_secret_file or self.jwt_public_key_file)
-            if self.jwt_algorithms and not has_jwt:
-                raise ValueError("jwt_algorithms: set jwt_secret_env, jwt_secret_file or jwt_public_key_file too")
             if (
                 self.token is None
                 and not has_jwt
@@ -181,16 +176,7 @@ class HttpSink(PluginBase):
         cannot be read (never the secret itself).
         """
         opts = self.options
-        verifier = self._verifier or TokenVerifier.load(
-            secret_env=opts.jwt_secret_env,
-            secret_file=opts.jwt_secret_file,
-            public_key_file=opts.jwt_public_key_file,
-            algorithms=opts.jwt_algorithms or None,
-            leeway=opts.jwt_leeway,
-            audience=opts.jwt_audience,
-            issuer=opts.jwt_issuer,
-            prefix="jwt_",
-        )
+        verifier = self._verifier or verifier_from_settings(opts)
         return Authenticator([opts.token] if opts.token else (), verifier)
 
     def make_app(self, port: int | None = None) -> web.Application:

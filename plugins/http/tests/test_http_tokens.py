@@ -217,6 +217,12 @@ def test_jwt_config_keys_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> No
         HttpSink(jwt_secret_env="SB_HTTP_UNSET").preflight()
     with pytest.raises(ValueError, match="jwt_algorithms: set jwt_secret_env"):
         HttpSink(jwt_algorithms=["HS256"])
+    with pytest.raises(ValueError, match="jwt_secret_env: must name an environment variable"):
+        HttpSink(jwt_secret_env="")
+    with pytest.raises(ValueError, match="jwt_secret_env, jwt_secret_file: give one of them"):
+        HttpSink(jwt_secret_env="SB_HTTP_SHORT", jwt_secret_file="secret.txt")
+    with pytest.raises(ValueError, match="jwt_leeway: must be within 0-300 seconds"):
+        HttpSink(jwt_secret_env="SB_HTTP_SHORT", jwt_leeway=1000)
     with pytest.raises(ValueError, match="host: binding '0.0.0.0' without a token"):
         HttpSink(host="0.0.0.0")
 

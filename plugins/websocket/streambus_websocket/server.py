@@ -67,7 +67,16 @@ from streambus import (
 from streambus.access import OriginPolicy, is_loopback_host, split_host_port
 from streambus.archive import add_interest, archive_of
 from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require_readable_file
-from streambus.tokens import Authenticator, OutOfScope, Scope, TokenError, TokenVerifier, bearer_credential
+from streambus.tokens import (
+    Authenticator,
+    OutOfScope,
+    Scope,
+    TokenError,
+    TokenVerifier,
+    bearer_credential,
+    check_jwt_settings,
+    verifier_from_settings,
+)
 
 from .client import Client
 from .history import History
@@ -192,14 +201,7 @@ class WebSocketSink(PluginBase):
                     raise ValueError(f"allowed_hosts: {name!r} must be '*' or a host name (no scheme, port or path)")
             if self.token_env is not None and not self.token_env:
                 raise ValueError("token_env: must name an environment variable")
-            if self.jwt_secret_env is not None and not self.jwt_secret_env:
-                raise ValueError("jwt_secret_env: must name an environment variable")
-            if self.jwt_secret_env and self.jwt_secret_file:
-                raise ValueError("jwt_secret_env, jwt_secret_file: give one of them, not both")
-            if not 0 <= self.jwt_leeway <= 300:
-                raise ValueError(f"jwt_leeway: must be within 0-300 seconds, got {self.jwt_leeway}")
-            if self.jwt_algorithms and not self.has_jwt_source:
-                raise ValueError("jwt_algorithms: set jwt_secret_env, jwt_secret_file or jwt_public_key_file too")
+            check_jwt_settings(self)
 
         @property
         def has_jwt_source(self) -> bool:
@@ -504,16 +506,7 @@ class WebSocketSink(PluginBase):
         opts = self.options
         if self._verifier is not None:
             return self._verifier
-        return TokenVerifier.load(
-            secret_env=opts.jwt_secret_env,
-            secret_file=opts.jwt_secret_file,
-            public_key_file=opts.jwt_public_key_file,
-            algorithms=opts.jwt_algorithms or None,
-            leeway=opts.jwt_leeway,
-            audience=opts.jwt_audience,
-            issuer=opts.jwt_issuer,
-            prefix="jwt_",
-        )
+        return verifier_from_settings(opts)
 
     def _load_verifier(self) -> TokenVerifier | None:
         try:
