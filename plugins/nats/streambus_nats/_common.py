@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import ssl
-import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +13,7 @@ import sniffio
 import structlog
 
 from streambus import StreamBusError
+from streambus.engines import EngineLocal, engine_state
 
 if TYPE_CHECKING:
     import nats.aio.client
@@ -27,7 +25,6 @@ __all__ = [
     "DEFAULT_STREAM_NAME",
     "DEFAULT_URL",
     "AsyncioRequired",
-    "Local",
     "NatsAuthFailed",
     "NatsGap",
     "connect",
@@ -291,38 +288,6 @@ def _consume_outcome(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-class Local:
-    """Per-bus state shared by the NATS sinks and sources on that bus.
-
-    ``origin`` marks every message this bus's sinks write, so its sources skip
-    them; ``foreign`` remembers the streams a source republished, so a sink
-    on the same bus does not send them back to NATS (which would loop).
-    """
-
-    __slots__ = ("__weakref__", "foreign", "origin")
-
-    MAX_FOREIGN = 100_000
-
-    def __init__(self) -> None:
-        self.origin = secrets.token_hex(8)
-        self.foreign: OrderedDict[str, None] = OrderedDict()
-
-    def mark_foreign(self, stream: str) -> None:
-        """Remember that *stream* came from NATS (bounded, oldest forgotten first)."""
-        foreign = self.foreign
-        if stream in foreign:
-            return
-        foreign[stream] = None
-        if len(foreign) > self.MAX_FOREIGN:
-            foreign.popitem(last=False)
-
-
-_LOCALS: weakref.WeakKeyDictionary[Bus, Local] = weakref.WeakKeyDictionary()
-
-
-def local_state(bus: Bus) -> Local:
-    """The :class:`Local` of *bus* (created on first use)."""
-    state = _LOCALS.get(bus)
-    if state is None:
-        state = _LOCALS[bus] = Local()
-    return state
+def local_state(bus: Bus) -> EngineLocal:
+    """The nats engine's shared state on *bus* (its origin id and the streams its sources republished)."""
+    return engine_state(bus, "nats")

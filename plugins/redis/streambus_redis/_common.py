@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import weakref
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import sniffio
 
 from streambus import StreamBusError
+from streambus.engines import EngineLocal, engine_state
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -21,7 +20,6 @@ __all__ = [
     "DEFAULT_STREAM",
     "DEFAULT_URL",
     "AsyncioRequired",
-    "Local",
     "RedisGap",
     "as_str",
     "connect",
@@ -178,41 +176,9 @@ def redact(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-class Local:
-    """Per-bus state shared by the Redis sinks and sources on that bus.
-
-    ``origin`` marks every entry this bus's sinks write, so its sources skip
-    them; ``foreign`` remembers the streams a source republished, so a sink
-    on the same bus does not send them back to Redis (which would loop).
-    """
-
-    __slots__ = ("__weakref__", "foreign", "origin")
-
-    MAX_FOREIGN = 100_000
-
-    def __init__(self) -> None:
-        self.origin = secrets.token_hex(8)
-        self.foreign: OrderedDict[str, None] = OrderedDict()
-
-    def mark_foreign(self, stream: str) -> None:
-        """Remember that *stream* came from Redis (bounded, oldest forgotten first)."""
-        foreign = self.foreign
-        if stream in foreign:
-            return
-        foreign[stream] = None
-        if len(foreign) > self.MAX_FOREIGN:
-            foreign.popitem(last=False)
-
-
-_LOCALS: weakref.WeakKeyDictionary[Bus, Local] = weakref.WeakKeyDictionary()
-
-
-def local_state(bus: Bus) -> Local:
-    """The :class:`Local` of *bus* (created on first use)."""
-    state = _LOCALS.get(bus)
-    if state is None:
-        state = _LOCALS[bus] = Local()
-    return state
+def local_state(bus: Bus) -> EngineLocal:
+    """The redis engine's shared state on *bus* (its origin id and the streams its sources republished)."""
+    return engine_state(bus, "redis")
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
