@@ -243,6 +243,8 @@ def check_bounds(options: msgspec.Struct) -> None:
         value = getattr(options, field.name)
         if info is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
+        if info.ge is None and info.gt is None and info.le is None and info.lt is None:
+            continue  # a plain int or float: any value of its type (nan included) is its own business
         if not _within(value, info):
             raise ValueError(f"{field.name}: {_describe(info)}, got {_describe_value(value)}")
 

@@ -40,6 +40,7 @@ import tenacity
 
 from .errors import WireError
 from .formats import EndPiece, ErrorPiece, Piece
+from .plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, check_bounds
 
 if TYPE_CHECKING:
     import aiohttp
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Failure",
+    "HttpProducerOptions",
+    "ProducerOptions",
     "RetryPolicy",
     "StreamParser",
     "error_message",
@@ -60,11 +63,90 @@ __all__ = [
     "status_failure",
     "stream_attempt",
     "stream_error_failure",
+    "check_http_url",
+    "check_messages",
 ]
 
 log = structlog.get_logger("streambus.producing")
 
 _ERROR_BODY_LIMIT = 64 * 1024
+
+
+class ProducerOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The config keys every model producer shares: timeouts, retries and ``start`` tags.
+
+    A producer's ``Options`` derives from this (or :class:`HttpProducerOptions`)
+    and adds its provider's keys; a subclass may give a key another default.
+    Every number is checked against its bounds when the options are built,
+    from a config file or in Python alike (``nan``, ``inf`` and wrong signs are
+    refused by name). A subclass that defines ``__post_init__`` calls
+    ``super().__post_init__()`` first.
+    """
+
+    timeout: PositiveFloat = 60.0
+    """Seconds allowed between two chunks once the stream has started."""
+    first_chunk_timeout: PositiveFloat = 120.0
+    """Seconds allowed from sending the request to the first chunk."""
+    retries: NonNegativeInt = 2
+    """Attempts after the first, only while no delta was published."""
+    retry_backoff: NonNegativeFloat = 0.5
+    """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
+    retry_max_wait: NonNegativeFloat = 30.0
+    """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
+    meta: dict[str, Any] = {}
+    """Tags for the ``start`` event."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+class HttpProducerOptions(ProducerOptions):
+    """:class:`ProducerOptions` plus what a producer speaking HTTP to its server shares.
+
+    ``base_url`` must be an ``http://`` or ``https://`` URL; ``api_key_env``,
+    when given, must name an environment variable (the key itself is read when
+    a request is sent, never stored or logged).
+    """
+
+    base_url: str = ""
+    """The API root."""
+    api_key_env: str | None = None
+    """The environment variable holding the API key (never logged)."""
+    headers: dict[str, str] = {}
+    """Extra HTTP headers."""
+    connect_timeout: PositiveFloat = 10.0
+    """Seconds allowed to open the TCP connection."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_http_url("base_url", self.base_url)
+        if self.api_key_env is not None and not self.api_key_env:
+            raise ValueError("api_key_env: must name an environment variable (or be left out)")
+
+
+def check_http_url(key: str, url: str) -> None:
+    """Raise ``ValueError("key: ...")`` unless *url* is an ``http://`` or ``https://`` URL."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{key}: expected an http:// or https:// URL, got {url!r}")
+
+
+def check_messages(
+    messages: list[dict[str, Any]] | None,
+    prompt: str | None,
+    *,
+    where: str = "",
+    roles: str = "user or assistant",
+) -> None:
+    """Raise ``ValueError("messages...: ...")`` unless there is a prompt or a list of ``{role, ...}`` messages.
+
+    *where* prefixes the key (``"requests[2]."``); *roles* names the roles
+    the provider takes, for the message of a message without one.
+    """
+    if not messages and prompt is None:
+        raise ValueError(f"{where}messages: required (or a prompt)")
+    for j, message in enumerate(messages or []):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}messages[{j}].role: required ({roles})")
 
 
 class Failure(msgspec.Struct, frozen=True):

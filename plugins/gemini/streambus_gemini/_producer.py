@@ -21,8 +21,11 @@ import orjson
 
 from streambus import PluginBase
 from streambus.formats import Piece
+from streambus.plugins import NonNegativeFloat, PositiveInt
 from streambus.producing import (
     Failure,
+    HttpProducerOptions,
+    check_messages,
     publish_pieces,
     read_status_failure,
     require_asyncio,
@@ -60,8 +63,8 @@ class GeminiProducer(PluginBase):
     only (aiohttp).
     """
 
-    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        """Config keys of the ``gemini`` producer."""
+    class Options(HttpProducerOptions):
+        """Config keys of the ``gemini`` producer (and those every HTTP producer shares)."""
 
         base_url: str = "https://generativelanguage.googleapis.com"
         """The API root; ``/{api_version}/models/{model}:streamGenerateContent?alt=sse`` is appended."""
@@ -77,9 +80,9 @@ class GeminiProducer(PluginBase):
         """Appended as the last user message."""
         system: str | None = None
         """The system instruction."""
-        temperature: float | None = None
+        temperature: NonNegativeFloat | None = None
         """Sampling temperature."""
-        max_tokens: int | None = None
+        max_tokens: PositiveInt | None = None
         """``maxOutputTokens``."""
         include_thoughts: bool = False
         """Ask a thinking model for its thought summaries (``reasoning`` deltas)."""
@@ -87,44 +90,14 @@ class GeminiProducer(PluginBase):
         """``thinkingConfig.thinkingBudget`` in tokens."""
         tools: list[dict[str, Any]] | None = None
         """Tool definitions (``[{functionDeclarations = [...]}]``); calls become ``tool`` deltas."""
-        extra_body: dict[str, Any] = {}
+        extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
         """More request fields, merged last (``safetySettings``, ``cachedContent``...)."""
-        headers: dict[str, str] = {}
-        """Extra HTTP headers."""
-        timeout: float = 60.0
-        """Seconds allowed between two chunks once the stream has started."""
-        first_chunk_timeout: float = 120.0
-        """Seconds allowed from sending the request to the first chunk."""
-        connect_timeout: float = 10.0
-        """Seconds allowed to open the TCP connection."""
-        retries: int = 2
-        """Attempts after the first, only while no delta was published."""
-        retry_backoff: float = 0.5
-        """Seconds before the first retry; doubles each time."""
-        meta: dict[str, Any] = {}
-        """Tags for the ``start`` event."""
 
         def __post_init__(self) -> None:
-            if not self.base_url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
+            super().__post_init__()
             if not self.model:
                 raise ValueError("model: required (the model to run)")
-            if not self.messages and self.prompt is None:
-                raise ValueError("messages: required (or a prompt)")
-            for j, message in enumerate(self.messages or []):
-                if not isinstance(message.get("role"), str):
-                    raise ValueError(f"messages[{j}].role: required (user or assistant)")
-            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
-                if not getattr(self, key) > 0:
-                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
-            if self.max_tokens is not None and self.max_tokens < 1:
-                raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
-            if self.retries < 0:
-                raise ValueError(f"retries: must be 0 or more, got {self.retries}")
-            if self.retry_backoff < 0:
-                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
-            if self.api_key_env is not None and not self.api_key_env:
-                raise ValueError("api_key_env: must name an environment variable (or be left out)")
+            check_messages(self.messages, self.prompt)
 
     keywords_override = True
     """Keywords override a given ``Options``: ``GeminiProducer(base, model="other")``."""
@@ -215,5 +188,6 @@ class GeminiProducer(PluginBase):
                 meta=o.meta,
                 retries=o.retries,
                 retry_backoff=o.retry_backoff,
+                retry_max_wait=o.retry_max_wait,
                 stream_ids=self.stream_ids,
             )

@@ -19,7 +19,8 @@ import msgspec
 
 from streambus import PluginBase, Usage
 from streambus.events import Channel
-from streambus.producing import Failure, require_asyncio, retrying_stream
+from streambus.plugins import NonNegativeFloat, PositiveInt
+from streambus.producing import Failure, ProducerOptions, check_messages, require_asyncio, retrying_stream
 from streambus.wire import ToolCallFragment, tool_text
 
 if TYPE_CHECKING:
@@ -103,8 +104,8 @@ class LiteLLMProducer(PluginBase):
     the environment variables LiteLLM reads, or ``api_key_env``.
     """
 
-    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        """Config keys of the ``litellm`` producer."""
+    class Options(ProducerOptions):
+        """Config keys of the ``litellm`` producer (and those every producer shares)."""
 
         model: str = ""
         """LiteLLM's model name, ``provider/model`` (required)."""
@@ -118,40 +119,22 @@ class LiteLLMProducer(PluginBase):
         """Appended as the last user message."""
         system: str | None = None
         """A leading system message."""
-        temperature: float | None = None
+        temperature: NonNegativeFloat | None = None
         """Sampling temperature."""
-        max_tokens: int | None = None
+        max_tokens: PositiveInt | None = None
         """The completion's token limit."""
         tools: list[dict[str, Any]] | None = None
         """Tool definitions (OpenAI's shape; LiteLLM translates them); calls become ``tool`` deltas."""
-        extra_body: dict[str, Any] = {}
+        extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
         """More keyword arguments for ``litellm.acompletion`` (``top_p``, ``reasoning_effort``...)."""
-        timeout: float = 60.0
-        """Seconds allowed between two chunks once the stream has started."""
-        first_chunk_timeout: float = 120.0
-        """Seconds allowed from the call to the first chunk."""
-        retries: int = 2
-        """Attempts after the first, only while no delta was published."""
-        retry_backoff: float = 0.5
-        """Seconds before the first retry; doubles each time."""
-        meta: dict[str, Any] = {}
-        """Tags for the ``start`` event."""
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             if not self.model:
                 raise ValueError("model: required (LiteLLM's provider/model name)")
-            if not self.messages and self.prompt is None:
-                raise ValueError("messages: required (or a prompt)")
-            for j, message in enumerate(self.messages or []):
-                if not isinstance(message.get("role"), str):
-                    raise ValueError(f"messages[{j}].role: required (system, user, assistant, tool)")
-            for key in ("timeout", "first_chunk_timeout"):
-                if not getattr(self, key) > 0:
-                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
-            if self.retries < 0:
-                raise ValueError(f"retries: must be 0 or more, got {self.retries}")
-            if self.retry_backoff < 0:
-                raise ValueError(f"retry_backoff: must be 0 or more, got {self.retry_backoff}")
+            check_messages(self.messages, self.prompt, roles="system, user, assistant, tool")
+            if self.api_key_env is not None and not self.api_key_env:
+                raise ValueError("api_key_env: must name an environment variable (or be left out)")
 
     keywords_override = True
     """Keywords override a given ``Options``: ``LiteLLMProducer(base, model="other")``."""
@@ -213,6 +196,7 @@ class LiteLLMProducer(PluginBase):
             meta=o.meta,
             retries=o.retries,
             retry_backoff=o.retry_backoff,
+            retry_max_wait=o.retry_max_wait,
             stream_ids=self.stream_ids,
         )
 

@@ -19,10 +19,13 @@ import orjson
 import structlog
 
 from streambus import PluginBase
-from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
+from streambus.plugins import PositiveFloat, PositiveInt
 from streambus.producing import (
     Failure,
+    ProducerOptions,
     RetryPolicy,
+    check_http_url,
+    check_messages,
     require_asyncio,
     status_failure,
     stream_attempt,
@@ -65,8 +68,8 @@ class OllamaProducer(PluginBase):
     Runs on asyncio only (aiohttp).
     """
 
-    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        """Config keys of the ``ollama`` producer."""
+    class Options(ProducerOptions):
+        """Config keys of the ``ollama`` producer (and those every producer shares)."""
 
         url: str = "http://127.0.0.1:11434"
         """The Ollama server (``/api/...`` is appended)."""
@@ -80,7 +83,7 @@ class OllamaProducer(PluginBase):
         """The prompt (``generate``); with ``chat``, appended as the last user message."""
         system: str | None = None
         """A system prompt (a leading system message for ``chat``)."""
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = msgspec.field(default_factory=dict)
         """Ollama model options (``temperature``, ``num_ctx``, ``seed``, ...)."""
         think: bool | Literal["low", "medium", "high"] | None = None
         """Ask a thinking model to think; its thoughts become ``reasoning`` deltas."""
@@ -90,41 +93,20 @@ class OllamaProducer(PluginBase):
         """``"json"`` or a JSON schema for structured output."""
         tools: list[dict[str, Any]] | None = None
         """Tool definitions (``chat``); calls become ``tool`` deltas."""
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = msgspec.field(default_factory=dict)
         """Extra HTTP headers (e.g. for an authenticating reverse proxy)."""
-        timeout: PositiveFloat = 60.0
-        """Seconds allowed between two chunks once the stream has started."""
         first_chunk_timeout: PositiveFloat = 300.0
         """Seconds allowed from sending the request to the first chunk (model loading included)."""
         connect_timeout: PositiveFloat = 10.0
         """Seconds allowed to open the TCP connection."""
-        retries: NonNegativeInt = 2
-        """Attempts after the first, only while no delta was published."""
-        retry_backoff: NonNegativeFloat = 0.5
-        """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
-        retry_max_wait: NonNegativeFloat = 30.0
-        """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
-        meta: dict[str, Any] = {}
-        """Tags for the ``start`` event (merged under each request's ``meta``)."""
-        requests: list[OllamaRequest] = []
+        requests: list[OllamaRequest] = msgspec.field(default_factory=list)
         """Several requests, one stream each; unset keys come from the keys above."""
         concurrency: PositiveInt = 4
         """How many of ``requests`` run at once."""
 
         def __post_init__(self) -> None:
-            check_bounds(self)
-            if not self.url.startswith(("http://", "https://")):
-                raise ValueError(f"url: expected an http:// or https:// URL, got {self.url!r}")
-            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
-                if not getattr(self, key) > 0:
-                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
-            if self.retries < 0:
-                raise ValueError(f"retries: must be 0 or more, got {self.retries}")
-            for key in ("retry_backoff", "retry_max_wait"):
-                if not 0 <= getattr(self, key) < float("inf"):
-                    raise ValueError(f"{key}: must be 0 or more seconds, got {getattr(self, key)}")
-            if self.concurrency < 1:
-                raise ValueError(f"concurrency: must be at least 1, got {self.concurrency}")
+            super().__post_init__()
+            check_http_url("url", self.url)
             for i, request in enumerate(self.requests or [OllamaRequest()]):
                 where = f"requests[{i}]." if self.requests else ""
                 if not (request.model or self.model):
@@ -138,9 +120,7 @@ class OllamaProducer(PluginBase):
                         raise ValueError(f"{where}messages: only for endpoint = 'chat'; use prompt")
                 elif not messages and prompt is None:
                     raise ValueError(f"{where}messages: required with endpoint = 'chat' (or give a prompt)")
-                for j, message in enumerate(messages or []):
-                    if not isinstance(message.get("role"), str):
-                        raise ValueError(f"{where}messages[{j}].role: required (system, user, assistant, tool)")
+                check_messages(messages, prompt, where=where, roles="system, user, assistant, tool")
 
     keywords_override = True
     """Keywords override a given ``Options``: ``OllamaProducer(base, model="other")``."""

@@ -22,10 +22,12 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streambus import PluginBase, Usage
-from streambus.plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_bounds
+from streambus.plugins import NonNegativeFloat, PositiveInt
 from streambus.producing import (
     Failure,
+    HttpProducerOptions,
     RetryPolicy,
+    check_messages,
     require_asyncio,
     status_failure,
     stream_attempt,
@@ -103,8 +105,8 @@ class OpenAIProducer(PluginBase):
     legacy ``/completions``. Runs on asyncio only (aiohttp).
     """
 
-    class Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        """Config keys of the ``openai`` producer."""
+    class Options(HttpProducerOptions):
+        """Config keys of the ``openai`` producer (and those every HTTP producer shares)."""
 
         base_url: str = "https://api.openai.com/v1"
         """The API root; ``/chat/completions`` or ``/completions`` is appended."""
@@ -129,48 +131,17 @@ class OpenAIProducer(PluginBase):
         """Choices per request; each becomes its own bus stream (``meta.choice``)."""
         tools: list[dict[str, Any]] | None = None
         """Tool definitions (``chat``); calls become ``tool`` deltas."""
-        extra_body: dict[str, Any] = {}
+        extra_body: dict[str, Any] = msgspec.field(default_factory=dict)
         """More request fields, merged last (``top_p``, ``seed``, server-specific keys)."""
         include_usage: bool = True
         """Ask for the usage chunk (``stream_options.include_usage``)."""
-        headers: dict[str, str] = {}
-        """Extra HTTP headers."""
-        timeout: PositiveFloat = 60.0
-        """Seconds allowed between two chunks once the stream has started."""
-        first_chunk_timeout: PositiveFloat = 120.0
-        """Seconds allowed from sending the request to the first chunk."""
-        connect_timeout: PositiveFloat = 10.0
-        """Seconds allowed to open the TCP connection."""
-        retries: NonNegativeInt = 2
-        """Attempts after the first, only while no delta was published."""
-        retry_backoff: NonNegativeFloat = 0.5
-        """Seconds before the first retry (plus up to as much again of random jitter); doubles each time."""
-        retry_max_wait: NonNegativeFloat = 30.0
-        """The longest wait before a retry; a ``Retry-After`` asking for more ends the stream with the failure."""
-        meta: dict[str, Any] = {}
-        """Tags for the ``start`` event (merged under each request's ``meta``)."""
-        requests: list[OpenAIRequest] = []
+        requests: list[OpenAIRequest] = msgspec.field(default_factory=list)
         """Several requests, one stream (per choice) each; unset keys come from the keys above."""
         concurrency: PositiveInt = 4
         """How many of ``requests`` run at once."""
 
         def __post_init__(self) -> None:
-            check_bounds(self)
-            if not self.base_url.startswith(("http://", "https://")):
-                raise ValueError(f"base_url: expected an http:// or https:// URL, got {self.base_url!r}")
-            for key in ("timeout", "first_chunk_timeout", "connect_timeout"):
-                if not getattr(self, key) > 0:
-                    raise ValueError(f"{key}: must be more than 0 seconds, got {getattr(self, key)}")
-            for key, low in (("retries", 0), ("concurrency", 1), ("n", 1)):
-                if getattr(self, key) < low:
-                    raise ValueError(f"{key}: must be at least {low}, got {getattr(self, key)}")
-            for key in ("retry_backoff", "retry_max_wait"):
-                if not 0 <= getattr(self, key) < float("inf"):
-                    raise ValueError(f"{key}: must be 0 or more seconds, got {getattr(self, key)}")
-            if self.max_tokens is not None and self.max_tokens < 1:
-                raise ValueError(f"max_tokens: must be at least 1, got {self.max_tokens}")
-            if self.api_key_env is not None and not self.api_key_env:
-                raise ValueError("api_key_env: must name an environment variable (or be left out)")
+            super().__post_init__()
             for i, request in enumerate(self.requests or [OpenAIRequest()]):
                 where = f"requests[{i}]." if self.requests else ""
                 if not (request.model or self.model):
@@ -179,15 +150,11 @@ class OpenAIProducer(PluginBase):
                 prompt = request.prompt if request.prompt is not None else self.prompt
                 if self.endpoint == "completions" and prompt is None:
                     raise ValueError(f"{where}prompt: required with endpoint = 'completions'")
-                if not messages and prompt is None:
-                    raise ValueError(f"{where}messages: required (or a prompt for the legacy completions)")
                 if self.endpoint == "responses" and (request.n or self.n) != 1:
                     raise ValueError(f"{where}n: the Responses API answers with one choice; leave n at 1")
                 if request.n is not None and request.n < 1:
                     raise ValueError(f"{where}n: must be at least 1, got {request.n}")
-                for j, message in enumerate(messages or []):
-                    if not isinstance(message.get("role"), str):
-                        raise ValueError(f"{where}messages[{j}].role: required (system, user, assistant, tool)")
+                check_messages(messages, prompt, where=where, roles="system, user, assistant, tool")
 
     keywords_override = True
     """Keywords override a given ``Options``: ``OpenAIProducer(base, model="other")``."""
