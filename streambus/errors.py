@@ -20,6 +20,9 @@ so ``except StreamBusError`` catches them all::
     │   └── Overflowed         ... because its reader fell too far behind
     ├── SinkFailed             a sink marked critical raised, so the bus stopped
     ├── StopFailed             a stop route could not reach the stream's owner
+    ├── AsyncioRequired        a part built on an asyncio-only library (aiohttp, redis-py, nats-py) ran
+    │   │                      under trio or outside a loop (also a ``RuntimeError``)
+    │   └── WrongEventLoop     ... streambus_langchain: LangChain's async API outside asyncio
     ├── TokenError             streambus.tokens: a credential was refused (missing, forged, expired...)
     ├── OutOfScope             streambus.tokens: a valid scoped token asked for streams it does not cover
     │
@@ -36,11 +39,9 @@ so ``except StreamBusError`` catches them all::
     ├── BroadcasterError       streambus_websocket: the broadcaster cannot start (port, token)
     ├── ProtocolError          streambus_websocket: an inbound frame was refused (``code``, ``field``)
     ├── TailError              streambus_websocket: ``streambus tail`` cannot go on (also a ``click.ClickException``)
-    ├── AsyncioRequired        streambus_redis: redis-py ran outside asyncio
     ├── RedisGap               streambus_redis: entries were lost before a consumer read them
     ├── NatsAuthFailed         streambus_nats: the NATS server refused this process's credentials
     ├── NatsGap                streambus_nats: messages were lost before a consumer read them
-    ├── WrongEventLoop         streambus_langchain: LangChain's async API outside asyncio (also a ``RuntimeError``)
     ├── StreamAborted          streambus_langchain: the run's stream was aborted on the bus (``stream``, ``by``)
     ├── RecordedStreamError    streambus_langchain: a recorded stream ended in ``error`` (``kind``)
     └── DemoError              streambus_demo: the demo cannot start (a port in use, a server silent)
@@ -58,10 +59,13 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
+import sniffio
+
 if TYPE_CHECKING:
     from .events import ErrorEvent
 
 __all__ = [
+    "AsyncioRequired",
     "BusClosed",
     "ConfigError",
     "DecodeError",
@@ -249,6 +253,47 @@ class SinkFailed(StreamBusError):
     def __init__(self, name: str) -> None:
         super().__init__(f"critical sink {name!r} failed")
         self.name = name
+
+
+class AsyncioRequired(StreamBusError, RuntimeError):
+    """A part built on an asyncio-only library ran under trio, or outside any event loop.
+
+    aiohttp, redis-py and nats-py run on asyncio only; the parts of streambus
+    built on them call :meth:`check` before they start, so a trio user gets
+    this, naming the part, the library and what to do, instead of a traceback
+    from deep inside the library. ``what`` is the part and ``library`` the
+    async library found (``"trio"``, or ``"no event loop"``).
+    """
+
+    DEFAULT_HINT = (
+        'run the bus under asyncio: anyio.run(main, backend="asyncio"), asyncio.run(main()), or the streambus CLI'
+    )
+    """What the message tells the user to do when the caller names nothing better."""
+
+    def __init__(self, message: str, *, what: str = "", library: str = "") -> None:
+        super().__init__(message)
+        self.what = what
+        self.library = library
+
+    @classmethod
+    def check(cls, what: str, *, needs: str, hint: str | None = None) -> None:
+        """Raise this error unless the running async library is asyncio.
+
+        *what* names the part (``"RedisSink"``), *needs* the library that binds
+        it to asyncio (``"redis-py"``), *hint* what to do instead (default
+        :attr:`DEFAULT_HINT`).
+        """
+        try:
+            library = sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            library = "no event loop"
+        if library != "asyncio":
+            hint = hint or cls.DEFAULT_HINT
+            raise cls(
+                f"{what} needs asyncio ({needs} runs only on asyncio) but runs under {library}; {hint}",
+                what=what,
+                library=library,
+            )
 
 
 class StopFailed(StreamBusError):

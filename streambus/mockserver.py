@@ -68,7 +68,6 @@ from typing import Any
 
 import msgspec
 import orjson
-import sniffio
 import structlog
 
 try:
@@ -80,7 +79,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "Install it with: pip install 'streambus[testing]'"
     ) from exc
 
-from .errors import PluginError
+from .errors import AsyncioRequired, PluginError
 from .events import DeltaEvent, EndEvent, Event, StartEvent
 from .formats import LoadedModels, ModelDetails, ModelsRoute, WireFormat, load_format
 from .matching import Matcher, RecordedRequest, closest, exact, matcher
@@ -603,17 +602,11 @@ class MockServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start serving on *host*:*port* (0 = a free port) in the running asyncio loop; return the URL."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            try:
-                library = sniffio.current_async_library()
-            except sniffio.AsyncLibraryNotFoundError:
-                library = "no event loop"
-            raise RuntimeError(
-                f"MockServer.start() needs asyncio (aiohttp), not {library}; "
-                "use `with server.running() as url:` to serve from a background thread instead"
-            ) from None
+        AsyncioRequired.check(
+            "MockServer.start()",
+            needs="aiohttp",
+            hint="use `with server.running() as url:` to serve from a background thread instead",
+        )
         if self._server is not None:
             raise RuntimeError("the mock server is already running")
         server = AppServer(host, port)

@@ -23,7 +23,6 @@ the proxy: :func:`status_failure` for an HTTP error answer,
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import math
 import time
@@ -38,7 +37,7 @@ import orjson
 import structlog
 import tenacity
 
-from .errors import WireError
+from .errors import AsyncioRequired, WireError
 from .formats import EndPiece, ErrorPiece, Piece
 from .plugins import NonNegativeFloat, NonNegativeInt, PositiveFloat, check_bounds
 
@@ -282,14 +281,8 @@ class RetryPolicy:
 
 
 def require_asyncio(plugin: str) -> None:
-    """Raise a clear error unless running on asyncio (aiohttp cannot run on trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError(
-            f"the {plugin} producer uses aiohttp, which runs only on asyncio: "
-            "run the bus under asyncio (anyio.run(main, backend='asyncio'), or the streambus CLI)"
-        ) from None
+    """Raise :class:`~streambus.errors.AsyncioRequired` unless running on asyncio (aiohttp cannot run on trio)."""
+    AsyncioRequired.check(f"the {plugin} producer", needs="aiohttp")
 
 
 class StreamParser(Protocol):

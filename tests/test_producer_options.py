@@ -113,3 +113,36 @@ def test_every_provider_producer_shares_the_keys(name: str) -> None:
     table = {"producers": [{"type": name, **PRODUCERS[name], "timeout": -1}]}
     with pytest.raises(ConfigError, match="timeout"):
         parse_config(table, path="x.toml")
+
+
+# -- one asyncio check for every part built on an asyncio-only library -------------------------
+
+
+async def test_asyncio_required_names_the_part_the_library_and_the_loop(anyio_backend: str) -> None:
+    from streambus.errors import AsyncioRequired, StreamBusError
+
+    if anyio_backend == "asyncio":
+        AsyncioRequired.check("the x producer", needs="aiohttp")  # nothing to say
+        return
+    with pytest.raises(AsyncioRequired) as info:
+        AsyncioRequired.check("the x producer", needs="aiohttp", hint="use y")
+    error = info.value
+    assert isinstance(error, StreamBusError) and isinstance(error, RuntimeError)
+    assert (error.what, error.library) == ("the x producer", "trio")
+    assert str(error) == "the x producer needs asyncio (aiohttp runs only on asyncio) but runs under trio; use y"
+
+
+def test_asyncio_required_outside_any_loop() -> None:
+    from streambus.errors import AsyncioRequired
+    from streambus.producing import require_asyncio
+
+    with pytest.raises(AsyncioRequired, match="the ollama producer needs asyncio .* under no event loop; run the bus"):
+        require_asyncio("ollama")
+
+
+def test_the_engines_raise_the_core_error() -> None:
+    from streambus.errors import AsyncioRequired
+
+    for module in ("streambus_redis", "streambus_nats"):
+        plugin = __import__(module)
+        assert plugin.AsyncioRequired is AsyncioRequired, module

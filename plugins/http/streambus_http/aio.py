@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
-import sniffio
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from streambus import Filter, StartEvent, StopFailed, StopOutcome
 from streambus.access import OriginPolicy
+from streambus.errors import AsyncioRequired
 from streambus.serving import OncePerClient, server_logger
 from streambus.tokens import OPERATOR, Authenticator, OutOfScope, Scope, TokenError, bearer_credential
 
@@ -52,15 +52,11 @@ _CorsHandler = Callable[[web.Request, dict[str, str], Scope], Awaitable[web.Stre
 
 
 def _require_asyncio() -> None:
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = "none"
-    if library != "asyncio":
-        raise RuntimeError(
-            f"streambus_http's aiohttp server needs asyncio (aiohttp is asyncio-bound), but runs under {library}; "
-            "use the ASGI building blocks (streambus_http.asgi) under trio"
-        )
+    AsyncioRequired.check(
+        "streambus_http's aiohttp server",
+        needs="aiohttp",
+        hint="use the ASGI building blocks (streambus_http.asgi) under trio",
+    )
 
 
 MAX_STOP_REASON = 200

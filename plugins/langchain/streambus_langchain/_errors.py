@@ -3,7 +3,8 @@
 ::
 
     StreamBusError
-    ├── WrongEventLoop       LangChain's async API was used under trio
+    ├── AsyncioRequired      (streambus.errors) an asyncio-only part ran under trio
+    │   └── WrongEventLoop   LangChain's async API was used under trio
     ├── StreamAborted        the bus aborted the stream of a LangChain run (stops the run)
     └── RecordedStreamError  a recorded stream ended with an ``error`` event
 """
@@ -11,11 +12,12 @@
 from __future__ import annotations
 
 from streambus import StreamBusError
+from streambus.errors import AsyncioRequired
 
 __all__ = ["RecordedStreamError", "StreamAborted", "WrongEventLoop"]
 
 
-class WrongEventLoop(StreamBusError, RuntimeError):
+class WrongEventLoop(AsyncioRequired):
     """LangChain's async API was used outside asyncio; run the bus under asyncio."""
 
 

@@ -152,7 +152,7 @@ async def test_missing_model_and_missing_input() -> None:
 async def test_trio_gets_a_clear_error() -> None:
     producer = ChatModelProducer(chat_model=GenericFakeChatModel(messages=iter(["x"])))
     async with Bus() as bus:
-        with pytest.raises(WrongEventLoop, match="needs asyncio.*this is trio"):
+        with pytest.raises(WrongEventLoop, match="needs asyncio.*runs under trio"):
             await producer.generate(bus, "hi")
         await anyio.lowlevel.checkpoint()
 

@@ -24,9 +24,8 @@ import os
 from typing import Any, ClassVar
 
 import msgspec
-import sniffio
 
-from streambus.errors import StreamBusError
+from streambus.errors import AsyncioRequired, StreamBusError
 from streambus.plugins import Fraction, PluginBase, check_bounds
 
 from .verdict import Verdict
@@ -110,12 +109,11 @@ class OpenAIModerator(PluginBase):
         self._require_asyncio()
 
     def _require_asyncio(self) -> None:
-        backend = sniffio.current_async_library()
-        if backend != "asyncio":
-            raise RuntimeError(
-                f"the openai moderator uses aiohttp, which needs asyncio (running under {backend}); "
-                "run the bus with anyio's asyncio backend or use another moderator"
-            )
+        AsyncioRequired.check(
+            "the openai moderator",
+            needs="aiohttp",
+            hint="run the bus with anyio's asyncio backend or use another moderator",
+        )
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", **self.options.headers}

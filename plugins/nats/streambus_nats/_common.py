@@ -9,11 +9,11 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import sniffio
 import structlog
 
 from streambus import StreamBusError
 from streambus.engines import EngineLocal, engine_state
+from streambus.errors import AsyncioRequired
 
 if TYPE_CHECKING:
     import nats.aio.client
@@ -63,14 +63,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-~]")
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
 
-class AsyncioRequired(StreamBusError):
-    """The NATS plugin ran under trio (or another loop): nats-py is asyncio-only.
-
-    Run the bus under asyncio: ``anyio.run(main, backend="asyncio")`` or plain
-    ``asyncio.run(main())``; the ``streambus`` CLI already uses asyncio.
-    """
-
-
 class NatsAuthFailed(StreamBusError):
     """The server refused this process's credentials ("Authorization Violation").
 
@@ -110,16 +102,8 @@ class NatsGap(StreamBusError):
 
 
 def require_asyncio(what: str) -> None:
-    """Raise :class:`AsyncioRequired` unless running under asyncio."""
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = "none"
-    if library != "asyncio":
-        raise AsyncioRequired(
-            f"{what} needs asyncio (nats-py is asyncio-bound) but runs under {library}; "
-            'run the bus with anyio.run(main, backend="asyncio") or asyncio.run(main())'
-        )
+    """Raise :class:`~streambus.errors.AsyncioRequired` unless running under asyncio (nats-py is asyncio-bound)."""
+    AsyncioRequired.check(what, needs="nats-py")
 
 
 def check_prefix(prefix: str) -> None:

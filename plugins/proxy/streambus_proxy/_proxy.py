@@ -31,13 +31,13 @@ import aiohttp
 import anyio
 import msgspec
 import orjson
-import sniffio
 import structlog
 from aiohttp import web
 from yarl import URL
 
 from streambus import Bus, Filter, StreamBusError, StreamWriter, Subscription, SubscriptionClosed, WireError
 from streambus.access import OriginPolicy
+from streambus.errors import AsyncioRequired
 from streambus.events import AbortEvent, Channel, EndEvent, Event, is_terminal
 from streambus.formats import (
     AnswerFilter,
@@ -899,13 +899,8 @@ def _dumps(obj: Any) -> str:
 
 
 def require_asyncio() -> None:
-    """Raise :class:`RuntimeError` unless running under asyncio (aiohttp is asyncio-only)."""
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = "asyncio"
-    if library != "asyncio":
-        raise RuntimeError(f"streambus proxy runs on asyncio (aiohttp), not {library}; run the bus with asyncio")
+    """Raise :class:`~streambus.errors.AsyncioRequired` unless running under asyncio (aiohttp is asyncio-only)."""
+    AsyncioRequired.check("the streambus proxy", needs="aiohttp")
 
 
 def create_app(bus: Bus, upstream: str, **options: Any) -> web.Application:

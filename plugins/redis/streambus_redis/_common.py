@@ -6,10 +6,9 @@ import os
 import secrets
 from typing import TYPE_CHECKING, Any
 
-import sniffio
-
 from streambus import StreamBusError
 from streambus.engines import EngineLocal, engine_state
+from streambus.errors import AsyncioRequired
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -44,14 +43,6 @@ ENV_PASSWORD = "STREAMBUS_REDIS_PASSWORD"
 ENV_TLS_CA = "STREAMBUS_REDIS_TLS_CA_FILE"
 ENV_TLS_CERT = "STREAMBUS_REDIS_TLS_CERT_FILE"
 ENV_TLS_KEY = "STREAMBUS_REDIS_TLS_KEY_FILE"
-
-
-class AsyncioRequired(StreamBusError):
-    """The Redis plugin ran under trio (or another loop): redis-py is asyncio-only.
-
-    Run the bus under asyncio: ``anyio.run(main, backend="asyncio")`` or plain
-    ``asyncio.run(main())``; the ``streambus`` CLI already uses asyncio.
-    """
 
 
 class RedisGap(StreamBusError):
@@ -114,16 +105,8 @@ def new_epoch() -> str:
 
 
 def require_asyncio(what: str) -> None:
-    """Raise :class:`AsyncioRequired` unless running under asyncio."""
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        library = "none"
-    if library != "asyncio":
-        raise AsyncioRequired(
-            f"{what} needs asyncio (redis-py is asyncio-bound) but runs under {library}; "
-            'run the bus with anyio.run(main, backend="asyncio") or asyncio.run(main())'
-        )
+    """Raise :class:`~streambus.errors.AsyncioRequired` unless running under asyncio (redis-py is asyncio-bound)."""
+    AsyncioRequired.check(what, needs="redis-py")
 
 
 def resolve_url(url: str | None) -> str:
