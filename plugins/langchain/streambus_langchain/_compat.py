@@ -9,4 +9,4 @@ __all__ = ["require_asyncio"]
 
 def require_asyncio(what: str) -> None:
     """Raise :class:`WrongEventLoop` unless running under asyncio (LangChain's async API needs it)."""
-    WrongEventLoop.check(what, needs="LangChain's async API: astream, async callbacks")
+    WrongEventLoop.check(what, needs="LangChain's async API (astream, async callbacks)")
