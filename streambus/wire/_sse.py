@@ -246,18 +246,28 @@ class SseParser:
             return None
         first = whole[0]  # (an index is cheaper than a call that would fail)
         if first == 0x64 and whole.startswith(b"data: "):
-            head = 6
-            blocks = whole[6:-n].split(data_split)
-            line_ends = 2 * len(blocks)
+            head, per_event, split = 6, 2, data_split
         elif first == 0x65 and whole.startswith(b"event: "):
-            head = 7
-            blocks = whole[7:-n].split(event_split)
-            line_ends = 3 * len(blocks)
+            head, per_event, split = 7, 3, event_split
         else:
             return None
-        # Each block then holds its own line ends only if these counts exceed the ones counted here.
-        if whole.count(b"\n") != line_ends or (whole.count(b"\r") != line_ends if n == 4 else b"\r" in whole):
+        # The line ends, counted once: with CRLF one splitlines counts CRs and LFs together (a stray CR or
+        # LF in a block is a line end more, since a block never touches the CRLFs around it); with LF,
+        # ``0x0D in`` rules CRs out (an int needle is a memchr; a bytes one first fails as an int, which
+        # costs about ten times more).
+        if n == 4:
+            line_ends = len(whole.splitlines())
+        elif 0x0D in whole:
             return None
+        else:
+            line_ends = whole.count(b"\n")
+        # Each event has exactly *per_event* of them unless a block holds line ends of its own.
+        if line_ends == per_event:  # the usual read: one event, nothing to split
+            blocks: list[bytes] | tuple[bytes] = (whole[head:-n],)
+        else:
+            blocks = whole[head:-n].split(split)
+            if line_ends != per_event * len(blocks):
+                return None
         at = self._base
         if raw:
             try:
