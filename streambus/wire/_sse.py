@@ -170,6 +170,9 @@ class SseParser:
             if data[0] == 0x0A:
                 data = data[1:]
                 self._base += 1
+                if self._pending:  # lines held after a bad one run up to that CR: the LF is theirs
+                    pos, held = self._pending
+                    self._pending = (pos, [*held[:-1], held[-1] + b"\n"]) if held else (pos + 1, held)
         buf = self._buf
         if self._bom:
             buf += data
