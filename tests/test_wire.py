@@ -214,6 +214,19 @@ def test_sse_crlf_split_across_reads_is_one_line_end() -> None:
     assert [e.data for e in parser.feed(b"\r\n")] == ["a"]
 
 
+@pytest.mark.parametrize("held", [b"", b": held\r"])
+def test_sse_crlf_split_after_a_bad_line_keeps_the_offsets(held: bytes) -> None:
+    # The read ends in the CR of a CRLF, after an invalid line (and perhaps lines held behind it):
+    # the LF that starts the next read still counts in the offsets of the events after it.
+    first = b"data: bad \xff\r" + (b"\n" + held if held else b"")
+    parser = SseParser()
+    with pytest.raises(WireError) as info:
+        list(parser.feed(first))
+    assert info.value.offset == 10
+    (event,) = parser.feed(b"\n\r\ndata: after\r\n\r\n")
+    assert (event.data, event.offset) == ("after", len(first) + 3)
+
+
 def test_sse_lone_cr_then_text_in_next_read() -> None:
     parser = SseParser()
     assert list(parser.feed(b"data: a\r")) == []

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streambus.wire import NdjsonParser, SseEvent, SseParser, Utf8Decoder
+from streambus import WireError
+from streambus.wire import NdjsonParser, RawSseEvent, SseEvent, SseParser, Utf8Decoder
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -114,3 +116,77 @@ def test_sse_one_byte_per_read(stream: tuple[bytes, list[SseEvent]]) -> None:
     parser = SseParser()
     got = [event for i in range(len(body)) for event in parser.feed(body[i : i + 1])]
     assert got + list(parser.close()) == expected
+
+
+# Events as LLM APIs send them (SseParser's fast ways take these) and, between them, near misses
+# that must go to the line loop: a CR or LF inside a line, a second data line, a comment, an id,
+# invalid UTF-8, no space after the colon, a line end other than the stream's.
+sse_blocks = st.sampled_from(
+    [
+        [b'data: {"a":1}'],
+        [b"event: delta", b'data: {"text":"\xe6\x97\xa5\xe6\x9c\xac"}'],
+        [b"event: ", b"data: empty name"],
+        [b"data: "],
+        [b"data: a\rb"],
+        [b"data: a\nb"],
+        [b"data: a\r"],
+        [b"event: e\r", b"data: y"],
+        [b"event: e", b"data: y\n"],
+        [b"event: e", b"data: one", b"data: two"],
+        [b"data: one", b"data: two"],
+        [b": ping"],
+        [b"id: 7", b"data: z"],
+        [b"data: bad \xff byte"],
+        [b"event: bad \xc3", b"data: z"],
+        [b"data:no space"],
+        [b"event: a", b"event: b", b"data: c"],
+        [b"event: lonely"],
+    ]
+)
+
+
+def sse_outcomes(parser: SseParser, reads: list[bytes], raw: bool) -> list[object]:
+    """What feeding *reads* gives: each event as ``(type, data, offset)`` bytes, each error as its offset."""
+    got: list[object] = []
+
+    def take(events: Iterator[SseEvent | RawSseEvent]) -> bool:
+        try:
+            for e in events:
+                got.append(e if isinstance(e, tuple) else (e.event.encode(), e.data.encode(), e.offset))
+        except WireError as exc:
+            got.append(("error", exc.offset))
+            return True
+        return False
+
+    for data in reads:
+        take(parser.feed_raw(data) if raw else parser.feed(data))
+    while take(parser.feed_raw(b"") if raw else parser.feed(b"")):  # the lines held after an error
+        pass
+    take(parser.close())
+    return got
+
+
+@fuzz
+@given(
+    blocks=st.lists(sse_blocks, max_size=8),
+    eol=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    first_whole=st.booleans(),
+    cuts=cuts,
+)
+def test_sse_whole_events_per_read_match_the_line_loop(
+    blocks: list[list[bytes]], eol: bytes, first_whole: bool, cuts: list[int]
+) -> None:
+    # Servers flush each event on its own, so a read usually is exactly one event: feed_raw's
+    # quickest way. Whatever the events, one per read (the first perhaps cut anywhere, so the
+    # quick way starts at any point) gives what one byte per read gives through feed's line loop.
+    events = [eol.join(lines) + eol + eol for lines in [[b"data: start"], *blocks]]
+    reads = events if first_whole else [*split(events[0], cuts), *events[1:]]
+    body = b"".join(events)
+    expected = sse_outcomes(SseParser(), [body[i : i + 1] for i in range(len(body))], raw=False)
+    assert sse_outcomes(SseParser(), reads, raw=True) == expected
+    assert sse_outcomes(SseParser(), reads, raw=False) == expected
+    # Several events per read, cut anywhere (TCP segments): the fast way's split and line count.
+    segments = [b"".join(events[i : i + 3]) for i in range(0, len(events), 3)]
+    for pieces in (segments, split(body, cuts)):
+        assert sse_outcomes(SseParser(), pieces, raw=True) == expected
+        assert sse_outcomes(SseParser(), pieces, raw=False) == expected

@@ -132,6 +132,19 @@ def test_one_byte_per_read_splits_every_character() -> None:
     assert parser.done
 
 
+def test_one_event_per_read_with_any_read_cut_anywhere_gives_the_same_pieces() -> None:
+    # One event per read (how the API flushes them) takes the SSE parser's quickest way; cutting
+    # one read at every byte sends that event, and the reads after it, through the other ways.
+    events = [e + b"\n\n" for e in STREAM.split(b"\n\n")[:-1]]
+    expected, _ = parse([STREAM[i : i + 1] for i in range(len(STREAM))])
+    check(expected)
+    assert parse(events)[0] == expected
+    for i, event in enumerate(events):
+        for cut in range(1, len(event)):
+            reads = [*events[:i], event[:cut], event[cut:], *events[i + 1 :]]
+            assert parse(reads)[0] == expected, (i, cut)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
 def test_any_split(cuts: list[int]) -> None:

@@ -87,6 +87,20 @@ def test_round_trip_at_every_cut() -> None:
         assert pieces[-1] == EndPiece(reason="tool_calls", usage=USAGE)
 
 
+def test_one_chunk_per_read_with_any_read_cut_anywhere_gives_the_same_pieces() -> None:
+    # One chunk per read (how the API flushes them) takes the SSE parser's quickest way; cutting
+    # one read at every byte sends that chunk, and the reads after it, through the other ways.
+    raw = body(events())
+    chunks = [c + b"\r\n\r\n" for c in raw.split(b"\r\n\r\n")[:-1]]
+    assert b"".join(chunks) == raw
+    expected, _ = parse([raw[i : i + 1] for i in range(len(raw))])
+    assert expected[-1] == EndPiece(reason="tool_calls", usage=USAGE)
+    assert parse(chunks)[0] == expected
+    for i, chunk in enumerate(chunks):
+        for cut in range(1, len(chunk)):
+            assert parse([*chunks[:i], chunk[:cut], chunk[cut:], *chunks[i + 1 :]])[0] == expected, (i, cut)
+
+
 def test_safety_block_and_max_tokens_map_to_end_reasons() -> None:
     blocked = sse(
         {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7}}
