@@ -75,6 +75,12 @@ class Reader(abc.ABC):
     def queue_read(self, pipe: Any) -> None:
         """Queue one blocking read of every key on *pipe*."""
 
+    async def read(self, client: aioredis.Redis) -> Any:
+        """One blocking read of every key on its own (no epoch asked with it); returns the reply."""
+        pipe = client.pipeline(transaction=False)
+        self.queue_read(pipe)
+        return (await pipe.execute())[0]
+
     @abc.abstractmethod
     async def take(self, response: Any) -> set[str]:
         """Hand the entries of a read's *response* to the source; return the keys that answered."""
@@ -103,6 +109,10 @@ class Reader(abc.ABC):
         """Periodic upkeep, between commits."""
         return
 
+    async def release(self, client: aioredis.Redis) -> None:
+        """Give back what the reader holds of *client* (the source stops)."""
+        return
+
 
 class XReadReader(Reader):
     """Plain ``XREAD`` from a saved position: every source sees every entry."""
@@ -129,9 +139,17 @@ class XReadReader(Reader):
             if pos != "0-0":
                 await self._check_trim(client, key, pos)
 
+    def read_positions(self) -> dict[str, str]:
+        """Where the next ``XREAD`` reads each key from."""
+        return self.positions
+
     def queue_read(self, pipe: Any) -> None:
         """Queue ``XREAD`` from the positions."""
-        pipe.xread(self.positions, count=self.options.count, block=self.options.block_ms)
+        pipe.xread(self.read_positions(), count=self.options.count, block=self.options.block_ms)
+
+    async def read(self, client: aioredis.Redis) -> Any:
+        """``XREAD`` from the positions as a single command: a pipeline costs more CPU than the read itself."""
+        return await client.xread(self.read_positions(), count=self.options.count, block=self.options.block_ms)
 
     async def take(self, response: Any) -> set[str]:
         """Hand over each entry, then move its key's position past it."""
@@ -184,12 +202,40 @@ class InterestReader(XReadReader):
         super().__init__(keys, options, hooks)
         self.wake_key = wake_key
         self.wake_position = "0-0"
+        self._conn: Any = None  # the connection reads go to (see read)
 
-    def queue_read(self, pipe: Any) -> None:
-        """Queue ``XREAD`` from the positions, the wake key included."""
+    def read_positions(self) -> dict[str, str]:
+        """The positions, the wake key included."""
         positions = dict(self.positions)
         positions[self.wake_key] = self.wake_position
-        pipe.xread(positions, count=self.options.count, block=self.options.block_ms)
+        return positions
+
+    async def read(self, client: aioredis.Redis) -> Any:
+        """``XREAD`` of every key on a connection this reader keeps (see :meth:`release`).
+
+        An edge reads about once per ``read_linger_ms`` for as long as its
+        clients' streams run, so the client's per-command work (taking a pooled
+        connection, retries, reply callbacks) would cost more CPU than the read
+        itself: the command goes straight to the connection, and the reply is
+        shaped as redis-py's ``xread`` shapes it. A failed or cancelled read
+        leaves the connection disconnected (redis-py does that); the next read
+        connects it again.
+        """
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await client.connection_pool.get_connection()
+        positions = self.read_positions()
+        opts = self.options
+        await conn.send_command(
+            "XREAD", "COUNT", opts.count, "BLOCK", opts.block_ms, "STREAMS", *positions, *positions.values()
+        )
+        return _xread_entries(await conn.read_response())
+
+    async def release(self, client: aioredis.Redis) -> None:
+        """Give the reading connection back to *client*'s pool (the source stops)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await client.connection_pool.release(conn)
 
     async def take(self, response: Any) -> set[str]:
         """Skip the wake key's entries (they only ended the wait), hand over the rest."""
@@ -201,6 +247,24 @@ class InterestReader(XReadReader):
                 continue
             kept.append((key_b, entries))
         return await super().take(kept)
+
+
+def _xread_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any] | None]]]]:
+    """A raw ``XREAD`` reply (RESP2: pairs; RESP3: a map) as ``[(key, [(entry id, fields), ...]), ...]``."""
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out = []
+    for key, entries in pairs:
+        shaped = []
+        for entry_id, raw in entries:
+            if raw is None:
+                shaped.append((entry_id, None))
+            else:
+                it = iter(raw)
+                shaped.append((entry_id, dict(zip(it, it, strict=False))))
+        out.append((key, shaped))
+    return out
 
 
 class GroupReader(Reader):
