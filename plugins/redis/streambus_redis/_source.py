@@ -477,7 +477,7 @@ class RedisSource(PluginBase):
         followed = self.followed
         due = False
         if self.per_stream:
-            now = anyio.current_time()
+            now = asyncio.get_running_loop().time()  # anyio.current_time() on asyncio, without its look-up per read
             due = now >= self._epochs_due
             if due:
                 self._epochs_due = now + 1.0
@@ -554,7 +554,8 @@ class RedisSource(PluginBase):
             answered = await self._reader.take(response)
             for key in changed:
                 self._reader.restart(key)  # taking moved the position on: back to the new key's start
-            await self._settle_doubts(set(self.keys) - answered - changed)
+            if self._doubts:
+                await self._settle_doubts(set(self.keys) - answered - changed)
             if self._closing:
                 await self._close_followed(answered)
             return bool(answered)
