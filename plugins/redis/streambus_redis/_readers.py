@@ -9,8 +9,10 @@ de-duplication, gap handling, republishing and when to commit.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -223,8 +225,11 @@ class InterestReader(XReadReader):
         clients' streams run, so the client's per-command work (taking a pooled
         connection, retries, reply callbacks) would cost more CPU than the read
         itself: the command goes straight to the connection, and the reply is
-        shaped as redis-py's ``xread`` shapes it. A failed or cancelled read
-        leaves the connection disconnected (redis-py does that); the next read
+        shaped as redis-py's ``xread`` shapes it. *client* is best made without
+        a ``socket_timeout``: one timer (``block_ms`` + 10 s) bounds the send
+        and the reply together, where redis-py would run the send as a task of
+        its own under ``wait_for``. A failed, timed-out or cancelled read leaves
+        the connection disconnected (redis-py does that); the next read
         connects it again.
         """
         conn = self._conn
@@ -234,8 +239,11 @@ class InterestReader(XReadReader):
         opts = self.options
         args: Any = ("XREAD", "COUNT", opts.count, "BLOCK", opts.block_ms, "STREAMS", *positions, *positions.values())
         # hiredis packs the ~30 arguments in C; redis-py's packer encodes each in Python (a third of the read).
-        await conn.send_packed_command(pack_command(args) if pack_command is not None else conn.pack_command(*args))
-        return _xread_entries(await conn.read_response())
+        packed = pack_command(args) if pack_command is not None else conn.pack_command(*args)
+        async with asyncio.timeout(opts.block_ms / 1000 + 10):  # a TimeoutError (OSError): the read loop reconnects
+            await conn.send_packed_command(packed)
+            reply = await conn.read_response(timeout=math.inf)  # bounded by the timer above
+        return _xread_entries(reply)
 
     async def release(self, client: aioredis.Redis) -> None:
         """Give the reading connection back to *client*'s pool (the source stops)."""

@@ -306,6 +306,7 @@ class RedisSource(PluginBase):
         self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
+        self._read_client: aioredis.Redis | None = None  # per_stream: the interest reader's (no socket_timeout)
         self.lost_producers: list[str] = []
         """Senders declared lost (heartbeat gone), the last 1000."""
         self._dirty = False
@@ -363,6 +364,7 @@ class RedisSource(PluginBase):
         )
         if self.per_stream:
             self._side = connect(opts.url, tls=opts.tls, password_env=opts.password_env, socket_timeout=10.0)
+            self._read_client = connect(opts.url, tls=opts.tls, password_env=opts.password_env)
             attach_archive(bus, self)
         try:
             async with anyio.create_task_group() as tg:
@@ -387,8 +389,11 @@ class RedisSource(PluginBase):
                 try:
                     await self._final_commit(client)
                 finally:
+                    read_client, self._read_client = self._read_client, None
                     with contextlib.suppress(Exception):
-                        await self._reader.release(client)
+                        await self._reader.release(read_client or client)
+                    if read_client is not None:
+                        await read_client.aclose()
                     await client.aclose()
                     if self._side is not None:
                         detach_archive(bus, self)
@@ -543,7 +548,7 @@ class RedisSource(PluginBase):
             self._queue_epochs(pipe, fresh)
             response, *answers = await pipe.execute()
         else:
-            response = await self._reader.read(client)  # per_stream between epoch checks: the read alone
+            response = await self._reader.read(self._read_client or client)  # between epoch checks: the read alone
         self._busy += 1
         try:
             # The epochs first: handling the entries publishes them, and a reader that has all it
