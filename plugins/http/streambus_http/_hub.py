@@ -14,13 +14,18 @@ that filter readers follow) and readers are cursors into that history, so:
   ended (to reconnect and resume) only when the history it needs was evicted;
 - on an edge fed by a distributed engine (:mod:`streambus.archive`), a stream
   asked for by id that the hub does not hold is fetched whole from the engine
-  (all or nothing) and followed, so ``Last-Event-ID`` resumes on any edge.
+  (all or nothing) and followed, so ``Last-Event-ID`` resumes on any edge;
+  and the hub is the bus's :class:`streambus.archive.Interest`: the engine
+  reads a stream here only while a request waits for it by id, a filter
+  request (waiting or reading) matches its ``start``, so a filter route on
+  an edge gets what it follows and nothing else is read.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Iterable
 
 import anyio
@@ -85,6 +90,9 @@ class StreamHub:
         self._changed: anyio.Event | None = None
         self._closed = False
         self._waiting_ids: dict[str, int] = {}  # stream ids requests wait for (what a distributed source follows)
+        self._waiting_filters: list[Filter] = []  # filters requests wait with for a stream to start (ditto)
+        # Open filter readers (ditto); weak: a response that never ran its body leaves no interest behind.
+        self._filter_readers: weakref.WeakSet[Cursor] = weakref.WeakSet()
         self._filled: dict[str, int] = {}  # streams fetched from the engine: their events up to this seq come again
         self.bus: Bus | None = None
         self.readers = 0
@@ -174,8 +182,39 @@ class StreamHub:
 
     # -- a distributed engine ----------------------------------------------
     def wants(self, start: StartEvent) -> bool:
-        """Whether a request waits for the stream *start* begins (a :class:`streambus.archive.Interest`)."""
-        return start.stream in self._waiting_ids
+        """Whether a request follows the stream *start* begins (a :class:`streambus.archive.Interest`).
+
+        True while a request waits for it by id, or a filter request (a
+        filter route's reader, or a request waiting for a matching stream to
+        start) matches *start*.
+        """
+        if start.stream in self._waiting_ids:
+            return True
+        if any(flt.matches(start) for flt in self._waiting_filters):
+            return True
+        return any(not cursor.done and cursor.matches(start) for cursor in list(self._filter_readers))
+
+    def release(self, cursor: Cursor) -> None:
+        """*cursor*'s reader is gone: its filter no longer makes a distributed source read matching streams."""
+        self._filter_readers.discard(cursor)
+
+    def follow_matching(self, flt: Filter) -> int:
+        """Have the engine deliver the live streams matching *flt* that the hub does not hold; return how many.
+
+        Only on a bus with a :class:`streambus.archive.StreamArchive` (an edge
+        reading only what its clients follow): each such stream then arrives
+        through the bus from its ``start``. Elsewhere (one process, or a
+        source reading everything) every stream is here already: 0.
+        """
+        archive = archive_of(self.bus)
+        if archive is None:
+            return 0
+        followed = 0
+        for start in archive.live_starts():
+            if not self.known(start.stream) and flt.matches(start):
+                archive.follow(start.stream)
+                followed += 1
+        return followed
 
     async def consult_archive(self, stream: str) -> bool:
         """Hold *stream* as the engine retains it, when the hub does not know it; return whether it did.
@@ -279,6 +318,8 @@ class StreamHub:
         malformed (400) or its position is no longer in the history (409).
         """
         cursor = Cursor(self, flt=flt, after_pos=self._pos)
+        self._filter_readers.add(cursor)  # an edge's engine reads the streams it matches from now on
+        self.follow_matching(flt)  # and those already live that this edge does not read yet
         if resume is not None:
             stream, seq = parse_event_id(resume)
             pos = self._position_of(stream, seq)
@@ -300,7 +341,13 @@ class StreamHub:
         return found[0] if found is not None else None
 
     def pick(self, flt: Filter, *, since: int | None = None) -> str | None:
-        """The oldest live stream matching *flt*; else, with *since*, the first one started after that position."""
+        """The oldest live stream matching *flt*; else, with *since*, the first one started after that position.
+
+        On an edge fed by a distributed engine (:mod:`streambus.archive`) a
+        live stream the engine's index shows counts too when the hub holds
+        none: serving it by id fetches it from the engine (see
+        :meth:`consult_archive`).
+        """
         for start in self.live():
             if flt.matches(start):
                 return start.stream
@@ -308,6 +355,11 @@ class StreamHub:
             for log_ in self._history.logs():
                 if log_.start is not None and _first_position(log_) > since and flt.matches(log_.start):
                     return log_.start.stream
+        archive = archive_of(self.bus)
+        if archive is not None:
+            for start in archive.live_starts():
+                if flt.matches(start):
+                    return start.stream
         return None
 
     async def wait_stream(self, stream: str | None = None, flt: Filter | None = None, *, max_wait: float) -> str:
@@ -329,6 +381,8 @@ class StreamHub:
                 and any(start.stream == stream for start in archive.live_starts())
             ):
                 archive.follow(stream)
+        if flt is not None:
+            self._waiting_filters.append(flt)
         self._notify()  # lets tests and monitors see the new waiter without polling
         try:
             return await self._wait_stream(stream, flt, since, max_wait)
@@ -338,6 +392,8 @@ class StreamHub:
                 left = self._waiting_ids.pop(stream) - 1
                 if left:
                     self._waiting_ids[stream] = left
+            if flt is not None:
+                self._waiting_filters.remove(flt)
 
     async def _wait_stream(self, stream: str | None, flt: Filter | None, since: int, max_wait: float) -> str:
         with anyio.move_on_after(max_wait):
@@ -367,7 +423,18 @@ class Cursor:
     filter cursor follows every matching stream until the hub closes.
     """
 
-    __slots__ = ("after_pos", "after_seq", "complete", "done", "filter", "hub", "lost", "stream", "streams")
+    __slots__ = (
+        "__weakref__",
+        "after_pos",
+        "after_seq",
+        "complete",
+        "done",
+        "filter",
+        "hub",
+        "lost",
+        "stream",
+        "streams",
+    )
 
     def __init__(
         self,
@@ -390,6 +457,17 @@ class Cursor:
         """True once a stream cursor delivered its stream's terminal event."""
         self.lost = False
         """True when the reader fell behind the bounded history and was ended."""
+
+    def matches(self, start: StartEvent) -> bool:
+        """Whether this reader serves the stream *start* begins (its stream, or its filter matches)."""
+        if self.stream is not None:
+            return start.stream == self.stream
+        return self.filter is not None and self.filter.matches(start)
+
+    def close(self) -> None:
+        """The reader is gone: end the cursor, and with it the interest its filter gave an edge's engine."""
+        self.done = True
+        self.hub.release(self)
 
     def _read(self) -> list[Event]:
         hub = self.hub

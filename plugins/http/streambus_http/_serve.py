@@ -151,6 +151,7 @@ async def body(
             yield chunk
     finally:
         hub.readers -= 1
+        cursor.close()
 
 
 async def _body(

@@ -201,3 +201,59 @@ def test_openai_encoder_tool_calls_and_client_abort() -> None:
     }
     assert second == {"index": 0, "function": {"arguments": ": 1}"}}
     assert bodies[-1] == {"error": {"message": "stream aborted by client: stop", "type": "aborted", "code": "aborted"}}
+
+
+class _Archive:
+    """A StreamArchive stand-in: one live stream the edge does not read yet; records what it is asked to follow."""
+
+    def __init__(self, *starts: StartEvent) -> None:
+        self.starts = list(starts)
+        self.followed: list[str] = []
+
+    async def fetch(self, stream: str) -> list[Any] | None:
+        return None
+
+    def follow(self, stream: str) -> None:
+        self.followed.append(stream)
+
+    def live_starts(self) -> list[StartEvent]:
+        return list(self.starts)
+
+
+async def test_filter_readers_and_waits_are_the_hub_s_interest_while_they_last() -> None:
+    """What makes an interest edge read a stream: an open filter reader or a filter wait; gone when they end."""
+    import gc
+
+    from streambus.archive import add_interest, attach_archive, interested
+
+    hub = StreamHub()
+    bus = Bus()
+    hub.bus = bus
+    live = StartEvent(stream="live", seq=0, ts=1.0, model="a")
+    archive = _Archive(live, StartEvent(stream="other", seq=0, ts=1.0, model="b"))
+    attach_archive(bus, archive)
+    add_interest(bus, hub)
+    a = StartEvent(stream="s1", seq=0, ts=1.0, model="a")
+    b = StartEvent(stream="s2", seq=0, ts=1.0, model="b")
+    assert not interested(bus, a)
+    cursor = hub.filter_cursor(Filter.of(models="a"))
+    assert archive.followed == ["live"], "a live match the edge did not read is followed from its start"
+    assert interested(bus, a) and not interested(bus, b)
+    cursor.close()
+    assert not interested(bus, a), "a reader that ended wants nothing"
+    hub.filter_cursor(Filter.of(models="a"))  # never read: dropped with the response that made it
+    gc.collect()
+    assert not interested(bus, a)
+    assert hub.pick(Filter.of(models="b")) == "other", "a one-stream route picks a live stream the engine holds"
+    with anyio.move_on_after(0.05):
+        waiting = anyio.Event()
+
+        async def wait() -> None:
+            waiting.set()
+            await hub.wait_stream(flt=Filter.of(models="c"), max_wait=10)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await waiting.wait()  # set right before the wait registers its filter, without a checkpoint between
+            assert interested(bus, StartEvent(stream="s3", seq=0, ts=1.0, model="c"))
+    assert not interested(bus, StartEvent(stream="s3", seq=0, ts=1.0, model="c")), "the wait ended"

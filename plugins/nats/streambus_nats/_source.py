@@ -135,7 +135,8 @@ class NatsSource(PluginBase):
         position_file: str | None = None
         """The state file; default ``<seed_recording>.nats-position`` (beside the recording)."""
         commit_interval_ms: PositiveInt = 100
-        """How often the position is saved (and doubts and producers checked)."""
+        """How often the position is saved (and doubts and producers checked; without a position to save, every
+        tenth of the shorter of ``gap_grace_ms`` and ``producer_timeout_ms``, between this and 1 s)."""
         dedup_ended: PositiveInt = 100_000
         """Ended streams remembered for de-duplication."""
         gap_grace_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 5000
@@ -1016,8 +1017,24 @@ class NatsSource(PluginBase):
             await self._end_stream(stream, last + 1, last + 1, "producer_lost", message, retryable=True)
 
     # -- positions ----------------------------------------------------------------------------------
+    def _tick(self) -> float:
+        """Seconds between two rounds of the committer (commit, doubts, lost producers).
+
+        ``commit_interval_ms`` when there is a position to save. Without one
+        (an edge) the round only judges doubts and producers, whose limits
+        (``gap_grace_ms``, ``producer_timeout_ms``) are seconds: a tenth of the
+        shorter, at most a second, so an idle edge is not woken ten times a
+        second for nothing.
+        """
+        opts = self.options
+        interval = opts.commit_interval_ms / 1000
+        if self.state_file is not None:
+            return interval
+        limits = [ms for ms in (opts.gap_grace_ms, opts.producer_timeout_ms) if ms]
+        return max(interval, min(1.0, min(limits, default=10_000) / 10_000))
+
     async def _committer(self) -> None:
-        interval = self.options.commit_interval_ms / 1000
+        interval = self._tick()
         while True:
             await anyio.sleep(interval)
             if not self._busy:

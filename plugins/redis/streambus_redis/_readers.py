@@ -9,8 +9,10 @@ de-duplication, gap handling, republishing and when to commit.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +21,11 @@ import redis.exceptions as rex
 import structlog
 
 from ._common import RedisGap, as_str, parse_id
+
+try:  # redis[hiredis], a dependency of this plugin; redis-py's own packer otherwise
+    from hiredis import pack_command
+except ImportError:  # pragma: no cover - hiredis is installed with the plugin
+    pack_command = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -75,6 +82,12 @@ class Reader(abc.ABC):
     def queue_read(self, pipe: Any) -> None:
         """Queue one blocking read of every key on *pipe*."""
 
+    async def read(self, client: aioredis.Redis) -> Any:
+        """One blocking read of every key on its own (no epoch asked with it); returns the reply."""
+        pipe = client.pipeline(transaction=False)
+        self.queue_read(pipe)
+        return (await pipe.execute())[0]
+
     @abc.abstractmethod
     async def take(self, response: Any) -> set[str]:
         """Hand the entries of a read's *response* to the source; return the keys that answered."""
@@ -103,6 +116,10 @@ class Reader(abc.ABC):
         """Periodic upkeep, between commits."""
         return
 
+    async def release(self, client: aioredis.Redis) -> None:
+        """Give back what the reader holds of *client* (the source stops)."""
+        return
+
 
 class XReadReader(Reader):
     """Plain ``XREAD`` from a saved position: every source sees every entry."""
@@ -129,9 +146,18 @@ class XReadReader(Reader):
             if pos != "0-0":
                 await self._check_trim(client, key, pos)
 
+    def read_positions(self) -> dict[str, str]:
+        """Where the next ``XREAD`` reads each key from."""
+        return self.positions
+
     def queue_read(self, pipe: Any) -> None:
         """Queue ``XREAD`` from the positions."""
-        pipe.xread(self.positions, count=self.options.count, block=self.options.block_ms)
+        pipe.xread(self.read_positions(), count=self.options.count, block=self.options.block_ms)
+
+    async def read(self, client: aioredis.Redis) -> Any:
+        """``XREAD`` from the positions as a single command: a pipeline costs more CPU than the read itself."""
+        positions: Any = self.read_positions()
+        return await client.xread(positions, count=self.options.count, block=self.options.block_ms)
 
     async def take(self, response: Any) -> set[str]:
         """Hand over each entry, then move its key's position past it."""
@@ -184,12 +210,46 @@ class InterestReader(XReadReader):
         super().__init__(keys, options, hooks)
         self.wake_key = wake_key
         self.wake_position = "0-0"
+        self._conn: Any = None  # the connection reads go to (see read)
 
-    def queue_read(self, pipe: Any) -> None:
-        """Queue ``XREAD`` from the positions, the wake key included."""
+    def read_positions(self) -> dict[str, str]:
+        """The positions, the wake key included."""
         positions = dict(self.positions)
         positions[self.wake_key] = self.wake_position
-        pipe.xread(positions, count=self.options.count, block=self.options.block_ms)
+        return positions
+
+    async def read(self, client: aioredis.Redis) -> Any:
+        """``XREAD`` of every key on a connection this reader keeps (see :meth:`release`).
+
+        An edge reads about once per ``read_linger_ms`` for as long as its
+        clients' streams run, so the client's per-command work (taking a pooled
+        connection, retries, reply callbacks) would cost more CPU than the read
+        itself: the command goes straight to the connection, and the reply is
+        shaped as redis-py's ``xread`` shapes it. *client* is best made without
+        a ``socket_timeout``: one timer (``block_ms`` + 10 s) bounds the send
+        and the reply together, where redis-py would run the send as a task of
+        its own under ``wait_for``. A failed, timed-out or cancelled read leaves
+        the connection disconnected (redis-py does that); the next read
+        connects it again.
+        """
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        positions = self.read_positions()
+        opts = self.options
+        args: Any = ("XREAD", "COUNT", opts.count, "BLOCK", opts.block_ms, "STREAMS", *positions, *positions.values())
+        # hiredis packs the ~30 arguments in C; redis-py's packer encodes each in Python (a third of the read).
+        packed = pack_command(args) if pack_command is not None else conn.pack_command(*args)
+        async with asyncio.timeout(opts.block_ms / 1000 + 10):  # a TimeoutError (OSError): the read loop reconnects
+            await conn.send_packed_command(packed)
+            reply = await conn.read_response(timeout=math.inf)  # bounded by the timer above
+        return _xread_entries(reply)
+
+    async def release(self, client: aioredis.Redis) -> None:
+        """Give the reading connection back to *client*'s pool (the source stops)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await client.connection_pool.release(conn)
 
     async def take(self, response: Any) -> set[str]:
         """Skip the wake key's entries (they only ended the wait), hand over the rest."""
@@ -201,6 +261,24 @@ class InterestReader(XReadReader):
                 continue
             kept.append((key_b, entries))
         return await super().take(kept)
+
+
+def _xread_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any] | None]]]]:
+    """A raw ``XREAD`` reply (RESP2: pairs; RESP3: a map) as ``[(key, [(entry id, fields), ...]), ...]``."""
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out = []
+    for key, entries in pairs:
+        shaped: list[tuple[Any, dict[Any, Any] | None]] = []
+        for entry_id, raw in entries:
+            if raw is None:
+                shaped.append((entry_id, None))
+            else:
+                it = iter(raw)
+                shaped.append((entry_id, dict(zip(it, it, strict=False))))
+        out.append((key, shaped))
+    return out
 
 
 class GroupReader(Reader):

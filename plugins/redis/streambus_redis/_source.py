@@ -306,6 +306,7 @@ class RedisSource(PluginBase):
         self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
         self._wake = asyncio.Event()
         self._side: aioredis.Redis | None = None
+        self._read_client: aioredis.Redis | None = None  # per_stream: the interest reader's (no socket_timeout)
         self.lost_producers: list[str] = []
         """Senders declared lost (heartbeat gone), the last 1000."""
         self._dirty = False
@@ -363,10 +364,13 @@ class RedisSource(PluginBase):
         )
         if self.per_stream:
             self._side = connect(opts.url, tls=opts.tls, password_env=opts.password_env, socket_timeout=10.0)
+            self._read_client = connect(opts.url, tls=opts.tls, password_env=opts.password_env)
             attach_archive(bus, self)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._committer, client)
+                if self.store != "none" or not self._reader.sees_all:
+                    # An edge (no position saved, nothing to acknowledge) has nothing to commit: no timer.
+                    tg.start_soon(self._committer, client)
                 if self._reader.sees_all:
                     # A group member sees part of each key: it cannot tell a lost sender's last entries read.
                     tg.start_soon(self._watch_producers, client)
@@ -385,6 +389,11 @@ class RedisSource(PluginBase):
                 try:
                     await self._final_commit(client)
                 finally:
+                    read_client, self._read_client = self._read_client, None
+                    with contextlib.suppress(Exception):
+                        await self._reader.release(read_client or client)
+                    if read_client is not None:
+                        await read_client.aclose()
                     await client.aclose()
                     if self._side is not None:
                         detach_archive(bus, self)
@@ -421,6 +430,7 @@ class RedisSource(PluginBase):
                 fresh = True
             except _connection_errors() as exc:
                 self._connected_at = None
+                self._epochs_due = 0.0  # Redis may come back without its data: the first read asks the epochs
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
                 await anyio.sleep(delay)
@@ -458,31 +468,39 @@ class RedisSource(PluginBase):
                 log.warning("redis.unvouched", key=key, streams=unvouched, until=head, store=self.store)
 
     # -- epochs ------------------------------------------------------------------------
-    def _ask_epochs(self, pipe: Any) -> dict[str, str | None]:
-        """Queue ``SET <key>#epoch <fresh> NX GET`` for every key; return the fresh ids offered.
+    def _epochs_to_ask(self) -> dict[str, str | None]:
+        """The keys whose epoch goes with this read: each with the fresh id offered (``None``: only read).
 
-        A followed stream key's epoch is only read (``GET``, ``None`` offered): its sink creates
-        it, with the key's expiry; a reader creating one would outlive the key.
+        ``single`` layout: every key, every read (``SET <key>#epoch <fresh> NX GET``). ``per_stream``: a
+        followed key's loss also shows as a hole in its stream's seqs (or its sender's entry counter), and
+        the index's as starts and ends that never come, while Redis gives entries written after a loss
+        higher ids than any read before it; so their epochs are asked once a second (and for a key not
+        known yet), not with every read of every token. A followed key's epoch is only read (``GET``): its
+        sink creates it, with the key's expiry; a reader creating one would outlive the key.
         """
         fresh: dict[str, str | None] = {}
         followed = self.followed
-        check_followed = False
-        if followed:
-            # A followed key's loss also shows as a hole in its stream's seqs (or its sender's entry
-            # counter), so its epoch is read once a second, not with every read of every token.
-            now = anyio.current_time()
-            check_followed = now >= self._epochs_due
-            if check_followed:
+        due = False
+        if self.per_stream:
+            now = asyncio.get_running_loop().time()  # anyio.current_time() on asyncio, without its look-up per read
+            due = now >= self._epochs_due
+            if due:
                 self._epochs_due = now + 1.0
         for key in self.keys:
             if key in followed:
-                if check_followed or key not in self.epochs:
+                if due or key not in self.epochs:
                     fresh[key] = None
-                    pipe.get(epoch_key(key))
-            else:
-                fresh[key] = epoch = new_epoch()
-                pipe.set(epoch_key(key), epoch, nx=True, get=True)
+            elif not self.per_stream or due or key not in self.epochs:
+                fresh[key] = new_epoch()
         return fresh
+
+    @staticmethod
+    def _queue_epochs(pipe: Any, fresh: dict[str, str | None]) -> None:
+        for key, epoch in fresh.items():
+            if epoch is None:
+                pipe.get(epoch_key(key))
+            else:
+                pipe.set(epoch_key(key), epoch, nx=True, get=True)
 
     async def _check_epochs(self, client: aioredis.Redis, fresh: dict[str, str | None], answers: list[Any]) -> set[str]:
         """Compare each key's epoch with the one known; return the keys that were lost and recreated."""
@@ -520,11 +538,17 @@ class RedisSource(PluginBase):
         if self._to_follow or self._to_unfollow:
             self._apply_follows()
         # The epochs come from the same connection (the same server run) right after the
-        # entries: a key lost before or while the read blocked shows as a changed epoch.
-        pipe = client.pipeline(transaction=False)
-        self._reader.queue_read(pipe)
-        fresh = self._ask_epochs(pipe)
-        response, *answers = await pipe.execute()
+        # entries: a key lost before or while the read blocked shows as a changed epoch
+        # (per_stream: at most a second later, see _epochs_to_ask).
+        fresh = self._epochs_to_ask()
+        answers: list[Any] = []
+        if fresh:
+            pipe = client.pipeline(transaction=False)
+            self._reader.queue_read(pipe)
+            self._queue_epochs(pipe, fresh)
+            response, *answers = await pipe.execute()
+        else:
+            response = await self._reader.read(self._read_client or client)  # between epoch checks: the read alone
         self._busy += 1
         try:
             # The epochs first: handling the entries publishes them, and a reader that has all it
@@ -535,7 +559,8 @@ class RedisSource(PluginBase):
             answered = await self._reader.take(response)
             for key in changed:
                 self._reader.restart(key)  # taking moved the position on: back to the new key's start
-            await self._settle_doubts(set(self.keys) - answered - changed)
+            if self._doubts:
+                await self._settle_doubts(set(self.keys) - answered - changed)
             if self._closing:
                 await self._close_followed(answered)
             return bool(answered)
@@ -904,7 +929,9 @@ class RedisSource(PluginBase):
     async def _watch_producers(self, client: aioredis.Redis) -> None:
         """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``."""
         while True:
-            await anyio.sleep(0.2)
+            # A tenth of the shortest heartbeat timeout (0.2 s to 1 s): a sender is judged lost only after
+            # its key stayed gone a whole timeout, so checking more often than that buys nothing.
+            await anyio.sleep(min(1.0, max(0.2, min(self._beats.values(), default=2000) / 10_000)))
             if not self._beats or self._connected_at is None:
                 continue
             live = self.dedup.live

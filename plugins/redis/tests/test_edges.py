@@ -380,3 +380,82 @@ def msgspec_json(data: bytes) -> dict[str, Any]:
 
 def _follow_all(layout: str) -> dict[str, str]:
     return {"follow": "all"} if layout == "per_stream" else {}
+
+
+async def _sse_until_end(response: Any, stream: str | None = None) -> list[dict[str, Any]]:
+    """The SSE events of *response* (of *stream* when given) up to that stream's terminal."""
+    out: list[dict[str, Any]] = []
+    async for line in response.content:
+        if not line.startswith(b"data: "):
+            continue
+        event = msgspec_json(line[6:])
+        if stream is not None and event.get("stream") != stream:
+            continue
+        out.append(event)
+        if event.get("type") in ("end", "error", "abort"):
+            break
+    return out
+
+
+async def test_http_filter_routes_on_an_edge_read_only_what_they_follow(redis_url: str, key: str) -> None:
+    """The http sink is the edge's interest too: a filter route makes the edge read what it matches, only that.
+
+    ``/events/sse?meta.user=u7`` is open before 20 streams start: it gets
+    stream u7 whole. ``/events/sse?model=late`` opens while its stream is
+    already live (the edge did not read it): the stream is followed from its
+    start and comes whole too. No other stream's events are read.
+    """
+    http = pytest.importorskip("streambus_http", reason="streambus-http is in this plugin's [test] extra")
+    import aiohttp
+
+    async with Bus() as worker, Bus() as edge:
+        worker.add_sink(RedisSink(url=redis_url, stream=key, layout="per_stream", batch_max_ms=0))
+        sink = http.HttpSink(port=0)
+        edge.add_sink(sink)
+        source = RedisSource(url=redis_url, stream=key, layout="per_stream", start="$", position="none", block_ms=200)
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            base = await sink.started()
+            await source.wait_ready()
+        async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+            by_meta: list[dict[str, Any]] = []
+            late: list[dict[str, Any]] = []
+
+            async def read(url: str, out: list[dict[str, Any]]) -> None:
+                async with session.get(url) as response:
+                    assert response.status == 200, await response.text()
+                    out.extend(await _sse_until_end(response))
+
+            with anyio.fail_after(30):
+                tg.start_soon(read, f"{base}/events/sse?meta.user=u7", by_meta)
+                while sink.hub.readers < 1:  # noqa: ASYNC110 - the request is served in another task
+                    await anyio.sleep(0.01)
+
+                async def one(i: int) -> None:
+                    async with worker.stream(model="m", meta={"user": f"u{i}"}) as w:
+                        for j in range(10):
+                            await w.delta(f"{i}.{j} ")
+                            await anyio.sleep(0.01)
+
+                async with anyio.create_task_group() as producers:
+                    for i in range(20):
+                        producers.start_soon(one, i)
+                async with worker.stream(model="late") as w:
+                    await w.delta("a ")
+                    await w.delta("b ")
+                    while not any(s.stream == w.stream for s in source.live_starts()):  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    assert not sink.hub.known(w.stream), "nobody follows it yet: the edge does not read it"
+                    tg.start_soon(read, f"{base}/events/sse?model=late", late)
+                    while not sink.hub.known(w.stream):  # noqa: ASYNC110 - its request made the edge read it
+                        await anyio.sleep(0.01)
+                    await w.delta("c ")
+                while len(late) < 5 or len(by_meta) < 12:  # noqa: ASYNC110 - read in other tasks
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        source.stop()
+    assert _text(by_meta) == "".join(f"7.{j} " for j in range(10)), by_meta
+    assert {e["stream"] for e in by_meta} == {by_meta[0]["stream"]} and by_meta[0]["meta"] == {"user": "u7"}
+    assert [e["type"] for e in late] == ["start", "delta", "delta", "delta", "end"] and _text(late) == "a b c "
+    # Only the two followed streams came through their keys: start, deltas and end of each.
+    assert source.delivered == 12 + 5, source.delivered
