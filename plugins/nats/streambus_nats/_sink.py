@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import anyio
@@ -99,6 +100,10 @@ class NatsSink(PluginBase):
         """Longest an event waits for others to share its flush; 0 sends what is buffered at once."""
         message_max_events: PositiveInt = 128
         """Consecutive events of one stream packed into one message."""
+        batches_in_flight: PositiveInt = 16
+        """Batches sent and not yet acknowledged at once (a stream is in one of them at most: its later events wait,
+        so a re-sent batch never lands after a later one of the same stream); 1: each batch waits for the
+        previous one's acknowledgements."""
         ack_timeout_s: PositiveFloat = 5.0
         """How long a batch waits for JetStream's acknowledgements before it is sent again."""
         heartbeat_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
@@ -172,39 +177,103 @@ class NatsSink(PluginBase):
         client = self._client = await self._connect()
         js = client.jetstream(publish_async_max_pending=100_000)
         log.info("nats.sink_started", url=redact(resolve_url(opts.url)), prefix=opts.prefix, producer=self.producer_id)
-        limit = opts.batch_max_events
-        wait = opts.batch_max_ms / 1000
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, client)
                 await self._retrying(lambda: self._ensure_stream(js), events=0)
                 self._ready.set()
-                if self._unsent:
-                    await self._send(js, origin, self._unsent)  # what a failed run could not send goes first
-                while True:
-                    batch = await events.receive_batch(limit)
-                    if not batch:
-                        break
-                    ended = False
-                    if wait and len(batch) < limit:
-                        with anyio.move_on_after(wait):
-                            while len(batch) < limit:
-                                more = await events.receive_batch(limit - len(batch))
-                                if not more:
-                                    ended = True
-                                    break
-                                batch.extend(more)
-                    if foreign:
-                        batch = [e for e in batch if e.stream not in foreign]
-                    if batch:
-                        await self._send(js, origin, batch)
-                    if ended:
-                        break
+                await self._pump(js, origin, foreign, events)
                 tg.cancel_scope.cancel()
         finally:
             self._closing = True
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await client.close()
+
+    async def _pump(
+        self, js: nats.js.JetStreamContext, origin: str, foreign: Mapping[str, object], events: Subscription
+    ) -> None:
+        """Send batches without waiting for the previous ones' acknowledgements; a stream has one in flight.
+
+        Up to ``batches_in_flight`` batches are sent and unacknowledged at once
+        (an acknowledgement's round trip no longer holds every event behind
+        it). A stream's events wait while an earlier batch holding that
+        stream is unacknowledged: a batch re-sent after a lost connection can
+        then never land after a later batch of the same stream, so each
+        stream stays in ``seq`` order in JetStream whatever is re-sent.
+        """
+        opts = self.options
+        limit = opts.batch_max_events
+        wait = opts.batch_max_ms / 1000
+        window = opts.batches_in_flight
+        # Every event received and not acknowledged is in `waiting` (not sent yet, in arrival order) or in
+        # `in_flight` (sent, keyed by send order): what a failed run leaves becomes `_unsent`, sent first next time.
+        waiting, self._unsent = self._unsent, []
+        in_flight: dict[int, list[Event]] = {}
+        busy: set[str] = set()  # the streams of the batches in flight
+        freed = asyncio.Event()
+        wake: list[anyio.CancelScope] = []  # the receive a finished batch interrupts (its held streams are free)
+        number = 0
+        ended = False
+
+        async def send(key: int, batch: list[Event], streams: set[str]) -> None:
+            await self._send(js, origin, batch)
+            del in_flight[key]
+            busy.difference_update(streams)
+            freed.set()
+            for scope in wake:
+                scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as sends:
+                while True:
+                    if len(in_flight) >= window or (waiting and (ended or len(waiting) >= limit)):
+                        if not in_flight:
+                            if not waiting:
+                                break
+                        else:
+                            freed.clear()
+                            await freed.wait()  # a batch was acknowledged: its streams may go on
+                    elif ended:
+                        break
+                    else:
+                        received: list[Event] = []
+                        with anyio.CancelScope() as scope:
+                            if waiting:
+                                wake.append(scope)  # held events: go on as soon as their stream is free
+                            try:
+                                received = await events.receive_batch(limit - len(waiting))
+                            finally:
+                                if wake:
+                                    wake.clear()
+                        if not received and not scope.cancelled_caught:
+                            ended = True
+                        waiting.extend(received)
+                        if received and wait and len(waiting) < limit:
+                            with anyio.move_on_after(wait):
+                                while len(waiting) < limit:
+                                    more = await events.receive_batch(limit - len(waiting))
+                                    if not more:
+                                        ended = True
+                                        break
+                                    waiting.extend(more)
+                    if foreign:
+                        waiting = [e for e in waiting if e.stream not in foreign]
+                    if not waiting or len(in_flight) >= window:
+                        continue
+                    if busy:
+                        ready = [e for e in waiting if e.stream not in busy]
+                        if not ready:
+                            continue
+                        waiting = [e for e in waiting if e.stream in busy]
+                    else:
+                        ready, waiting = waiting, []
+                    streams = {e.stream for e in ready}
+                    busy |= streams
+                    number += 1
+                    in_flight[number] = ready
+                    sends.start_soon(send, number, ready, streams)
+        finally:
+            self._unsent = [event for batch in in_flight.values() for event in batch] + waiting
 
     async def _connect(self) -> nats.aio.client.Client:
         opts = self.options
@@ -390,7 +459,6 @@ class NatsSink(PluginBase):
     async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
         import nats.js.errors as jserr
 
-        self._unsent = batch
         max_payload = self._client.max_payload if self._client is not None else 1 << 20
         messages = self._messages(origin, batch, max_payload)
         timeout = self.options.ack_timeout_s
@@ -417,7 +485,6 @@ class NatsSink(PluginBase):
             acks[:] = done
 
         await self._retrying(publish, events=len(batch))
-        self._unsent = []
         self.sent_events += sum(count for _, _, _, count in messages)
         self.sent_messages += len(messages)
         self.duplicates += sum(1 for ack in acks if getattr(ack, "duplicate", False))
