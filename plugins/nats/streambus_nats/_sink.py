@@ -194,6 +194,12 @@ class NatsSink(PluginBase):
                 self._ready.set()
                 await self._pump(js, origin, foreign, events)
                 tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (JetStream's answer after max_attempts, say) is raised as itself, not in task groups.
+            only = _only_exception(group)
+            if only is None:
+                raise
+            raise only from None
         finally:
             self._closing = True
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -543,3 +549,18 @@ class NatsSink(PluginBase):
         self.sent_events += sum(count for _, _, _, count in messages)
         self.sent_messages += len(messages)
         self.duplicates += sum(1 for answer in answers if answer.get("duplicate"))
+
+
+def _only_exception(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The one exception *group* holds, however deeply nested; ``None`` when it holds several or a non-Exception."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    if len(leaves) == 1 and isinstance(leaves[0], Exception):
+        return leaves[0]
+    return None
