@@ -62,8 +62,10 @@ class NatsSink(PluginBase):
     ``Nats-Msg-Id`` names the stream and its seqs, so a message re-sent after
     a lost acknowledgement is dropped by JetStream (within
     ``duplicate_window_s``) and, past that, by the consumers' de-duplicator.
-    A batch is re-sent whole, in order, until every message is acknowledged:
-    nothing accepted is lost, and a stream's events stay in ``seq`` order.
+    Up to ``batches_in_flight`` batches are sent before their acknowledgements
+    come, a stream in one of them at most; a batch is re-sent whole, in order,
+    until every message is acknowledged: nothing accepted is lost, and a
+    stream's events stay in ``seq`` order.
     Meanwhile the sink's ``block`` subscription slows producers down. Every
     ``heartbeat_ms`` the sink says it is alive on ``<prefix>.hb.<producer>``
     (core NATS, not stored); a consumer ends the live streams of a sink it
