@@ -161,7 +161,7 @@ class NatsSink(PluginBase):
         self._stream_known = False
         self._closing = False
         self._client: nats.aio.client.Client | None = None
-        self._acks: dict[str, asyncio.Future[Any]] = {}  # reply subject -> the future of its message's answer
+        self._acks: dict[str, _Answers] = {}  # send attempt -> the answers to its messages
         self._acks_prefix = ""
         self._sends = 0
 
@@ -475,82 +475,96 @@ class NatsSink(PluginBase):
             )
 
     async def _on_ack(self, msg: nats.aio.msg.Msg) -> None:
-        """JetStream's answer to one message the sink published: settle the future waiting for it."""
+        """JetStream's answer to one message the sink published (reply subject ``<prefix><send>.<index>``)."""
         import nats.js.errors as jserr
 
-        future = self._acks.pop(msg.subject, None)
-        if future is None or future.done():
-            return  # a late answer to a message given up on (it is re-sent, and dropped by its Nats-Msg-Id)
+        send, _, index = msg.subject[len(self._acks_prefix) :].partition(".")
+        waiter = self._acks.get(send)
+        if waiter is None:
+            return  # a late answer to an attempt given up on (it is re-sent, and dropped by its Nats-Msg-Id)
         headers = msg.headers
+        answer: dict[str, Any] | BaseException
         if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-            future.set_exception(jserr.NoStreamResponseError())  # no JetStream stream takes the subject
-            return
-        try:
-            answer = orjson.loads(msg.data)
-        except orjson.JSONDecodeError as exc:
-            future.set_exception(jserr.APIError(description=f"unreadable acknowledgement: {exc}"))
-            return
-        error = answer.get("error") if type(answer) is dict else None
-        if error is None:
-            future.set_result(answer)
-            return
-        try:
-            jserr.APIError.from_error(error)  # raises the APIError subclass the code stands for
-        except jserr.APIError as exc:
-            future.set_exception(exc)
-        except Exception as exc:  # an answer without the usual fields
-            future.set_exception(jserr.APIError(description=f"{error!r} ({type(exc).__name__})"))
+            answer = jserr.NoStreamResponseError()  # no JetStream stream takes the subject
+        else:
+            try:
+                decoded = orjson.loads(msg.data)
+            except orjson.JSONDecodeError as exc:
+                decoded = {"error": {"code": None, "description": f"unreadable acknowledgement: {exc}"}}
+            error = decoded.get("error") if type(decoded) is dict else None
+            answer = decoded if error is None else _answered_error(error)
+        waiter.settle(int(index), answer)
 
     async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
-        import nats.js.errors as jserr
-
         client = self._client
         assert client is not None
         max_payload = client.max_payload
         messages = self._messages(origin, batch, max_payload)
         timeout = self.options.ack_timeout_s
         answers: list[Any] = []
-        pending = self._acks
 
         async def publish() -> None:
             if not self._stream_ok:
                 await self._ensure_stream(js)
             # Plain publishes with a reply subject of the sink's own: JetStream answers each on it (the same
             # protocol as nats-py's publish_async, at about half its CPU per message; see docs/decisions.md).
-            loop = asyncio.get_running_loop()
             self._sends += 1
-            base = f"{self._acks_prefix}{self._sends}."
-            replies = [f"{base}{i}" for i in range(len(messages))]
-            futures: list[asyncio.Future[Any]] = []
+            send = str(self._sends)
+            base = f"{self._acks_prefix}{send}."
+            waiter = self._acks[send] = _Answers(len(messages))
             try:
-                for (subject, headers, payload, _), reply in zip(messages, replies, strict=True):
-                    future = loop.create_future()
-                    pending[reply] = future
-                    futures.append(future)
-                    await client.publish(subject, payload, reply=reply, headers=headers or None)
-                try:
-                    done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"JetStream did not acknowledge {len(futures)} messages within {timeout:g} s"
-                    ) from None
+                for i, (subject, headers, payload, _) in enumerate(messages):
+                    await client.publish(subject, payload, reply=f"{base}{i}", headers=headers or None)
+                with anyio.move_on_after(timeout):
+                    await waiter.done.wait()
             finally:
-                for reply in replies:
-                    pending.pop(reply, None)
-                for future in futures:
-                    future.cancel()  # no-op once settled
-            for result in done:
-                if isinstance(result, jserr.NoStreamResponseError):
-                    self._stream_ok = False
-                    raise result
+                del self._acks[send]
+            if not waiter.done.is_set():
+                raise TimeoutError(
+                    f"JetStream did not acknowledge {waiter.left} of {len(messages)} messages within {timeout:g} s"
+                )
+            for result in waiter.answers:
                 if isinstance(result, BaseException):
                     raise result
-            answers[:] = done
+            answers[:] = waiter.answers
 
         await self._retrying(publish, events=len(batch))
         self.sent_events += sum(count for _, _, _, count in messages)
         self.sent_messages += len(messages)
         self.duplicates += sum(1 for answer in answers if answer.get("duplicate"))
+
+
+class _Answers:
+    """JetStream's answers to the messages of one send attempt, in message order; ``done`` once all came."""
+
+    __slots__ = ("answers", "done", "left")
+
+    def __init__(self, count: int) -> None:
+        self.answers: list[Any] = [None] * count
+        self.left = count
+        self.done = asyncio.Event()
+        if not count:
+            self.done.set()
+
+    def settle(self, index: int, answer: Any) -> None:
+        if 0 <= index < len(self.answers) and self.answers[index] is None:
+            self.answers[index] = answer
+            self.left -= 1
+            if not self.left:
+                self.done.set()
+
+
+def _answered_error(error: Any) -> BaseException:
+    """The nats-py ``APIError`` (subclass by code) for JetStream's ``error`` answer."""
+    import nats.js.errors as jserr
+
+    try:
+        jserr.APIError.from_error(error)  # raises the APIError subclass the code stands for
+    except jserr.APIError as exc:
+        return exc
+    except Exception as exc:  # an answer without the usual fields
+        return jserr.APIError(description=f"{error!r} ({type(exc).__name__})")
+    return jserr.APIError(description=repr(error))
 
 
 def _only_exception(group: BaseExceptionGroup[BaseException]) -> Exception | None:
