@@ -5,7 +5,8 @@ for both engines (``bench/bench_redis.py``'s): 100 interleaved streams of
 deltas, 20 deltas of a stream at a time, then the next stream's.
 
 * **streambus NATS** -- a producer process publishes through ``NatsSink``
-  (a subject per stream, ``Nats-Msg-Id``, acknowledged ``publish_async``);
+  (a subject per stream, ``Nats-Msg-Id``, every message acknowledged, up
+  to ``batches_in_flight`` batches unacknowledged at once);
   a consumer process reads with ``NatsSource`` (push consumer, position,
   de-duplication, gap checks all on) into a lossless sink on its bus. The
   server is a private ``nats-server -js`` on a free port with file storage

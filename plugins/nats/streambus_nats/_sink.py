@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import anyio
 import msgspec
+import orjson
 import structlog
 
 from streambus import Event, PluginBase, StartEvent, Subscription, encode_many, is_terminal
@@ -36,6 +38,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     import nats.aio.client
+    import nats.aio.msg
     import nats.js
 
     from streambus import Bus
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["NatsSink"]
 
 log = structlog.get_logger("streambus.nats")
+
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
 
 
 class NatsSink(PluginBase):
@@ -56,8 +62,10 @@ class NatsSink(PluginBase):
     ``Nats-Msg-Id`` names the stream and its seqs, so a message re-sent after
     a lost acknowledgement is dropped by JetStream (within
     ``duplicate_window_s``) and, past that, by the consumers' de-duplicator.
-    A batch is re-sent whole, in order, until every message is acknowledged:
-    nothing accepted is lost, and a stream's events stay in ``seq`` order.
+    Up to ``batches_in_flight`` batches are sent before their acknowledgements
+    come, a stream in one of them at most; a batch is re-sent whole, in order,
+    until every message is acknowledged: nothing accepted is lost, and a
+    stream's events stay in ``seq`` order.
     Meanwhile the sink's ``block`` subscription slows producers down. Every
     ``heartbeat_ms`` the sink says it is alive on ``<prefix>.hb.<producer>``
     (core NATS, not stored); a consumer ends the live streams of a sink it
@@ -99,6 +107,10 @@ class NatsSink(PluginBase):
         """Longest an event waits for others to share its flush; 0 sends what is buffered at once."""
         message_max_events: PositiveInt = 128
         """Consecutive events of one stream packed into one message."""
+        batches_in_flight: PositiveInt = 16
+        """Batches sent and not yet acknowledged at once (a stream is in one of them at most: its later events wait,
+        so a re-sent batch never lands after a later one of the same stream); 1: each batch waits for the
+        previous one's acknowledgements."""
         ack_timeout_s: PositiveFloat = 5.0
         """How long a batch waits for JetStream's acknowledgements before it is sent again."""
         heartbeat_ms: Annotated[int, msgspec.Meta(ge=50, le=60_000)] = 1000
@@ -149,6 +161,9 @@ class NatsSink(PluginBase):
         self._stream_known = False
         self._closing = False
         self._client: nats.aio.client.Client | None = None
+        self._acks: dict[str, _Answers] = {}  # send attempt -> the answers to its messages
+        self._acks_prefix = ""
+        self._sends = 0
 
     async def wait_ready(self) -> None:
         """Wait until the sink is connected and the JetStream stream exists.
@@ -170,41 +185,113 @@ class NatsSink(PluginBase):
         foreign = local.foreign if local is not None else {}
         self._closing = False
         client = self._client = await self._connect()
-        js = client.jetstream(publish_async_max_pending=100_000)
+        js = client.jetstream()
+        self._acks_prefix = f"{client.new_inbox()}."
+        await client.subscribe(f"{self._acks_prefix}>", cb=self._on_ack)
         log.info("nats.sink_started", url=redact(resolve_url(opts.url)), prefix=opts.prefix, producer=self.producer_id)
-        limit = opts.batch_max_events
-        wait = opts.batch_max_ms / 1000
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, client)
                 await self._retrying(lambda: self._ensure_stream(js), events=0)
                 self._ready.set()
-                if self._unsent:
-                    await self._send(js, origin, self._unsent)  # what a failed run could not send goes first
-                while True:
-                    batch = await events.receive_batch(limit)
-                    if not batch:
-                        break
-                    ended = False
-                    if wait and len(batch) < limit:
-                        with anyio.move_on_after(wait):
-                            while len(batch) < limit:
-                                more = await events.receive_batch(limit - len(batch))
-                                if not more:
-                                    ended = True
-                                    break
-                                batch.extend(more)
-                    if foreign:
-                        batch = [e for e in batch if e.stream not in foreign]
-                    if batch:
-                        await self._send(js, origin, batch)
-                    if ended:
-                        break
+                await self._pump(js, origin, foreign, events)
                 tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One failure (JetStream's answer after max_attempts, say) is raised as itself, not in task groups.
+            only = _only_exception(group)
+            if only is None:
+                raise
+            raise only from None
         finally:
             self._closing = True
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await client.close()
+
+    async def _pump(
+        self, js: nats.js.JetStreamContext, origin: str, foreign: Mapping[str, object], events: Subscription
+    ) -> None:
+        """Send batches without waiting for the previous ones' acknowledgements; a stream has one in flight.
+
+        Up to ``batches_in_flight`` batches are sent and unacknowledged at once
+        (an acknowledgement's round trip no longer holds every event behind
+        it). A stream's events wait while an earlier batch holding that
+        stream is unacknowledged: a batch re-sent after a lost connection can
+        then never land after a later batch of the same stream, so each
+        stream stays in ``seq`` order in JetStream whatever is re-sent.
+        """
+        opts = self.options
+        limit = opts.batch_max_events
+        wait = opts.batch_max_ms / 1000
+        window = opts.batches_in_flight
+        # Every event received and not acknowledged is in `waiting` (not sent yet, in arrival order) or in
+        # `in_flight` (sent, keyed by send order): what a failed run leaves becomes `_unsent`, sent first next time.
+        waiting, self._unsent = self._unsent, []
+        in_flight: dict[int, list[Event]] = {}
+        busy: set[str] = set()  # the streams of the batches in flight
+        freed = asyncio.Event()
+        wake: list[anyio.CancelScope] = []  # the receive a finished batch interrupts (its held streams are free)
+        number = 0
+        ended = False
+
+        async def send(key: int, batch: list[Event], streams: set[str]) -> None:
+            await self._send(js, origin, batch)
+            del in_flight[key]
+            busy.difference_update(streams)
+            freed.set()
+            for scope in wake:
+                scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as sends:
+                while True:
+                    if len(in_flight) >= window or (waiting and (ended or len(waiting) >= limit)):
+                        if not in_flight:
+                            if not waiting:
+                                break
+                        else:
+                            freed.clear()
+                            await freed.wait()  # a batch was acknowledged: its streams may go on
+                    elif ended:
+                        break
+                    else:
+                        received: list[Event] = []
+                        with anyio.CancelScope() as scope:
+                            if waiting:
+                                wake.append(scope)  # held events: go on as soon as their stream is free
+                            try:
+                                received = await events.receive_batch(limit - len(waiting))
+                            finally:
+                                if wake:
+                                    wake.clear()
+                        if not received and not scope.cancelled_caught:
+                            ended = True
+                        waiting.extend(received)
+                        if received and wait and len(waiting) < limit:
+                            with anyio.move_on_after(wait):
+                                while len(waiting) < limit:
+                                    more = await events.receive_batch(limit - len(waiting))
+                                    if not more:
+                                        ended = True
+                                        break
+                                    waiting.extend(more)
+                    if foreign:
+                        waiting = [e for e in waiting if e.stream not in foreign]
+                    if not waiting or len(in_flight) >= window:
+                        continue
+                    if busy:
+                        ready = [e for e in waiting if e.stream not in busy]
+                        if not ready:
+                            continue
+                        waiting = [e for e in waiting if e.stream in busy]
+                    else:
+                        ready, waiting = waiting, []
+                    streams = {e.stream for e in ready}
+                    busy |= streams
+                    number += 1
+                    in_flight[number] = ready
+                    sends.start_soon(send, number, ready, streams)
+        finally:
+            self._unsent = [event for batch in in_flight.values() for event in batch] + waiting
 
     async def _connect(self) -> nats.aio.client.Client:
         opts = self.options
@@ -387,37 +474,109 @@ class NatsSink(PluginBase):
                 note="raise the server's max_payload; this event is not sent",
             )
 
-    async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
+    async def _on_ack(self, msg: nats.aio.msg.Msg) -> None:
+        """JetStream's answer to one message the sink published (reply subject ``<prefix><send>.<index>``)."""
         import nats.js.errors as jserr
 
-        self._unsent = batch
-        max_payload = self._client.max_payload if self._client is not None else 1 << 20
+        send, _, index = msg.subject[len(self._acks_prefix) :].partition(".")
+        waiter = self._acks.get(send)
+        if waiter is None:
+            return  # a late answer to an attempt given up on (it is re-sent, and dropped by its Nats-Msg-Id)
+        headers = msg.headers
+        answer: dict[str, Any] | BaseException
+        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
+            answer = jserr.NoStreamResponseError()  # no JetStream stream takes the subject
+        else:
+            try:
+                decoded = orjson.loads(msg.data)
+            except orjson.JSONDecodeError as exc:
+                decoded = {"error": {"code": None, "description": f"unreadable acknowledgement: {exc}"}}
+            error = decoded.get("error") if type(decoded) is dict else None
+            answer = decoded if error is None else _answered_error(error)
+        waiter.settle(int(index), answer)
+
+    async def _send(self, js: nats.js.JetStreamContext, origin: str, batch: list[Event]) -> None:
+        client = self._client
+        assert client is not None
+        max_payload = client.max_payload
         messages = self._messages(origin, batch, max_payload)
         timeout = self.options.ack_timeout_s
-        acks: list[Any] = []
+        answers: list[Any] = []
 
         async def publish() -> None:
             if not self._stream_ok:
                 await self._ensure_stream(js)
-            futures = [await js.publish_async(s, p, headers=dict(h) if h else None) for s, h, p, _ in messages]
+            # Plain publishes with a reply subject of the sink's own: JetStream answers each on it (the same
+            # protocol as nats-py's publish_async, at about half its CPU per message; see docs/decisions.md).
+            self._sends += 1
+            send = str(self._sends)
+            base = f"{self._acks_prefix}{send}."
+            waiter = self._acks[send] = _Answers(len(messages))
             try:
-                done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
-            except TimeoutError:
-                for future in futures:
-                    future.cancel()
+                for i, (subject, headers, payload, _) in enumerate(messages):
+                    await client.publish(subject, payload, reply=f"{base}{i}", headers=headers or None)
+                with anyio.move_on_after(timeout):
+                    await waiter.done.wait()
+            finally:
+                del self._acks[send]
+            if not waiter.done.is_set():
                 raise TimeoutError(
-                    f"JetStream did not acknowledge {len(futures)} messages within {timeout:g} s"
-                ) from None
-            for result in done:
-                if isinstance(result, jserr.NoStreamResponseError):
-                    self._stream_ok = False
-                    raise result
+                    f"JetStream did not acknowledge {waiter.left} of {len(messages)} messages within {timeout:g} s"
+                )
+            for result in waiter.answers:
                 if isinstance(result, BaseException):
                     raise result
-            acks[:] = done
+            answers[:] = waiter.answers
 
         await self._retrying(publish, events=len(batch))
-        self._unsent = []
         self.sent_events += sum(count for _, _, _, count in messages)
         self.sent_messages += len(messages)
-        self.duplicates += sum(1 for ack in acks if getattr(ack, "duplicate", False))
+        self.duplicates += sum(1 for answer in answers if answer.get("duplicate"))
+
+
+class _Answers:
+    """JetStream's answers to the messages of one send attempt, in message order; ``done`` once all came."""
+
+    __slots__ = ("answers", "done", "left")
+
+    def __init__(self, count: int) -> None:
+        self.answers: list[Any] = [None] * count
+        self.left = count
+        self.done = asyncio.Event()
+        if not count:
+            self.done.set()
+
+    def settle(self, index: int, answer: Any) -> None:
+        if 0 <= index < len(self.answers) and self.answers[index] is None:
+            self.answers[index] = answer
+            self.left -= 1
+            if not self.left:
+                self.done.set()
+
+
+def _answered_error(error: Any) -> BaseException:
+    """The nats-py ``APIError`` (subclass by code) for JetStream's ``error`` answer."""
+    import nats.js.errors as jserr
+
+    try:
+        jserr.APIError.from_error(error)  # raises the APIError subclass the code stands for
+    except jserr.APIError as exc:
+        return exc
+    except Exception as exc:  # an answer without the usual fields
+        return jserr.APIError(description=f"{error!r} ({type(exc).__name__})")
+    return jserr.APIError(description=repr(error))
+
+
+def _only_exception(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The one exception *group* holds, however deeply nested; ``None`` when it holds several or a non-Exception."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    if len(leaves) == 1 and isinstance(leaves[0], Exception):
+        return leaves[0]
+    return None

@@ -897,7 +897,7 @@ class NatsSource(PluginBase):
         local = local_state(bus)
         foreign = local.foreign
         dedup = self.dedup
-        publish = bus.publish
+        offer = bus.offer  # publish without a coroutine per event; await only when a block sink is full
         doubts = self._doubts
         owners = self._owners
         delivered = 0
@@ -909,7 +909,8 @@ class NatsSource(PluginBase):
                         doubts.pop(stream, None)  # its next event arrived: nothing of it was lost
                     if stream not in foreign:
                         local.mark_foreign(stream)
-                    await publish(event)
+                    if (wait := offer(event)) is not None:
+                        await wait
                     delivered += 1
                     continue
                 low = event.seq_range[0] if type(event) is DeltaEvent else event.seq
@@ -928,7 +929,8 @@ class NatsSource(PluginBase):
                         owners[stream] = producer
                     if stream not in foreign:
                         local.mark_foreign(stream)
-                    await publish(event)
+                    if (wait := offer(event)) is not None:
+                        await wait
                     delivered += 1
                 elif verdict is Verdict.DUPLICATE:
                     self.duplicates += 1

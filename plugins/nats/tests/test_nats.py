@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import nats
+import nats.js.errors
 import pytest
 from streambus_nats import AsyncioRequired, NatsGap, NatsSink, NatsSource, event_subject, message_id
+from structlog.testing import capture_logs
 
-from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, StartEvent, is_terminal
+from streambus import Bus, DeltaEvent, EndEvent, ErrorEvent, SinkFailed, StartEvent, is_terminal
+from streambus.producing import RetryPolicy
 from streambus.recording import read_recording
 
 if TYPE_CHECKING:
@@ -334,11 +337,43 @@ def test_under_trio_fails_clearly() -> None:
         ({"max_age_s": -1}, "max_age_s"),
         ({"heartbeat_ms": 10}, "heartbeat_ms"),
         ({"storage": "disk"}, "storage"),
+        ({"batches_in_flight": 0}, "batches_in_flight"),
     ],
 )
 def test_sink_options_are_checked(keys: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NatsSink(**keys)  # type: ignore[arg-type]
+
+
+async def test_an_error_jetstream_answers_fails_the_sink_after_max_attempts(
+    nats_server: Callable[..., NatsServer],
+) -> None:
+    """JetStream refusing a message (here: larger than the stream's max_msg_size) is an answer, not a lost ack.
+
+    It is retried ``max_attempts`` times, then the sink fails (logged
+    ``nats.sink_failed`` with JetStream's description), holding what it
+    could not send; never an endless loop of acknowledgement timeouts.
+    """
+    server = nats_server()
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().add_stream(name="STREAMBUS", subjects=["streambus.ev.>"], max_msg_size=64)
+    finally:
+        await nc.close()
+    sink = NatsSink(url=server.url, max_attempts=2, ack_timeout_s=30)
+    sink.retry = RetryPolicy(retries=None, backoff=0.01, max_wait=0.01)
+    with capture_logs() as logs, pytest.raises(SinkFailed) as info:
+        with anyio.fail_after(20):
+            async with Bus() as worker:
+                worker.add_sink(sink, critical=True)
+                async with worker.stream(model="m") as w:
+                    await w.delta("a delta whose message is larger than the 64 bytes the stream takes")
+    cause = info.value.__cause__
+    assert isinstance(cause, nats.js.errors.APIError) and "maximum" in str(cause)
+    failed = [entry for entry in logs if entry["event"] == "nats.sink_failed"]
+    assert len(failed) == 1 and failed[0]["events_held"] >= 1
+    assert [entry["error"] for entry in logs if entry["event"] == "nats.sink_retry"][:1] != []
+    assert sink.sent_events == 0
 
 
 @pytest.mark.parametrize(
