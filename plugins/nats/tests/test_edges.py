@@ -190,8 +190,11 @@ async def test_an_expired_stream_is_not_recovered(server: NatsServer) -> None:
             await source.wait_ready()
         async with worker.stream(model="m") as w:
             await w.delta("x")
-        fetched = await source.fetch(w.stream)
-        assert fetched is not None and [type(e) for e in fetched] == [StartEvent, DeltaEvent, EndEvent]
+        # The sink sends in the background: wait until JetStream holds the whole stream.
+        with anyio.fail_after(10):
+            while (fetched := await source.fetch(w.stream)) is None or len(fetched) < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert [type(e) for e in fetched] == [StartEvent, DeltaEvent, EndEvent]
         with anyio.fail_after(10):
             while await source.fetch(w.stream) is not None:  # noqa: ASYNC110 - polls the server, no event
                 await anyio.sleep(0.25)
