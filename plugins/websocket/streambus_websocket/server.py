@@ -1064,25 +1064,37 @@ class WebSocketSink(PluginBase):
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:
         self.events += len(batch)
-        routes = self._routes
         payloads = encode_each(batch)
-        if len(batch) > 1 and not self._filled and self._write_many is not None:
-            # Runs of one stream's tokens (the batch holds everything published since the
-            # sink last ran): recorded and written once per run (see _deliver_run).
-            at = 0
-            for stream, group in itertools.groupby(batch, _stream_of):
-                events = list(group)
-                end = at + len(events)
-                targets = routes.get(stream)
-                if targets is not None and len(events) > 1 and set(map(type, events)) == _ONLY_DELTAS:
-                    self._deliver_run(events, payloads[at:end], targets)  # type: ignore[arg-type]
-                else:
-                    for event, data in zip(events, payloads[at:end], strict=True):
-                        self._dispatch_one(event, data)
-                at = end
+        if len(batch) == 1 or self._write_many is None:
+            for event, data in zip(batch, payloads, strict=True):
+                self._dispatch_one(event, data)
             return
-        for event, data in zip(batch, payloads, strict=True):
-            self._dispatch_one(event, data)
+        # Runs of one stream's tokens (the batch holds everything published since the sink
+        # last ran) are recorded and written once per run (see _deliver_run), in batch order.
+        at = 0
+        for _stream, group in itertools.groupby(batch, _stream_of):
+            events: list[Any] = list(group)
+            end = at + len(events)
+            if set(map(type, events)) == _ONLY_DELTAS:
+                self._dispatch_run(events, payloads[at:end])
+            else:
+                # A start or an end among them: each on its own, the deltas between them as runs.
+                begin = 0
+                for cut in [*(i for i, e in enumerate(events) if type(e) is not DeltaEvent), len(events)]:
+                    if cut > begin:
+                        self._dispatch_run(events[begin:cut], payloads[at + begin : at + cut])
+                    if cut < len(events):
+                        self._dispatch_one(events[cut], payloads[at + cut])
+                    begin = cut + 1
+            at = end
+
+    def _dispatch_run(self, deltas: list[DeltaEvent], payloads: list[bytes]) -> None:
+        targets = self._routes.get(deltas[0].stream)
+        if targets is not None and len(deltas) > 1 and not self._filled:
+            self._deliver_run(deltas, payloads, targets)
+        else:
+            for event, data in zip(deltas, payloads, strict=True):
+                self._dispatch_one(event, data)
 
     def _dispatch_one(self, event: Event, data: bytes) -> None:
         targets = self._route(event, data)
