@@ -209,8 +209,11 @@ async def test_client_that_catches_up_gets_frames_directly_again(anyio_backend: 
 
 
 @pytest.mark.parametrize("credit", [1, 100, 250, 251, 10_000])
-def test_take_run_is_take_frame_by_frame(credit: int) -> None:
-    """A run's direct frames are those take() would grant one by one: a prefix, credit spent alike."""
+async def test_take_run_is_take_frame_by_frame(credit: int) -> None:
+    """A run's direct frames are those take() would grant one by one: a prefix, credit spent alike.
+
+    Async: a client holds anyio events, which anyio 4.4 (the lowest supported) makes only in a loop.
+    """
     from streambus_websocket import CloseCode
     from streambus_websocket.client import Client
 
