@@ -172,6 +172,24 @@ class Client:
                 self.queued_bytes += len(event.text)
         self._check()
 
+    def push_deltas(self, stream: str, deltas: list[DeltaEvent], payloads: list[bytes]) -> None:
+        """Queue consecutive deltas of *stream* (encoded as *payloads*) as :meth:`push_event` would, in one call."""
+        queue = self.queue
+        limit = self.buffer_bytes
+        for event, data in zip(deltas, payloads, strict=True):
+            if self.close_code is not None:
+                return
+            size = len(data) + _FRAME_OVERHEAD
+            if queue.add_delta(event, data, merge=self.queued_bytes >= self.coalesce_bytes, size=size) is None:
+                self.queued_bytes += size
+            else:
+                self.merged += 1
+                self.queued_bytes += len(event.text)
+            if self.queued_bytes > limit:
+                self.close(CloseCode.LAGGED, f"client buffer passed {limit} bytes")
+                return
+        self._notify()
+
     def _check(self) -> None:
         if self.queued_bytes > self.buffer_bytes:
             self.close(CloseCode.LAGGED, f"client buffer passed {self.buffer_bytes} bytes")
@@ -241,10 +259,11 @@ class Client:
                 # broadcast() while the credit lasts (one send() per credit,
                 # not per frame), then the loop serves others.
                 self.credit = self.credit_bytes
+                conns = [ws]
                 while queue and self.credit > 0 and self.close_code is None:
                     data = self._pop()
                     self.credit -= len(data)
-                    write([ws], data, text=True)
+                    write(conns, data, text=True)
                     self.sent += 1
                 if not queue:
                     # Nothing in flight and nothing queued: the next events go

@@ -1132,8 +1132,8 @@ class WebSocketSink(PluginBase):
                 conns = [client.ws]
                 for data in payloads[:taken] if taken < count else payloads:
                     write(conns, data, text=True)
-            for index in range(taken, count):
-                client.push_event(stream, deltas[index], payloads[index])
+            if taken < count:
+                client.push_deltas(stream, deltas[taken:], payloads[taken:])
             return
         takes = sorted(((client.take_run(sizes), client) for client in targets), key=_first, reverse=True)
         conns = [client.ws for _, client in takes]
@@ -1145,8 +1145,8 @@ class WebSocketSink(PluginBase):
                 break
             write(conns if writing == len(conns) else conns[:writing], data, text=True)
         for taken, client in takes:
-            for index in range(taken, count):
-                client.push_event(stream, deltas[index], payloads[index])
+            if taken < count:
+                client.push_deltas(stream, deltas[taken:], payloads[taken:])
 
     def _route(self, event: Event, data: bytes) -> dict[Client, None] | None:
         """Record *event* in the history; return the clients that follow its stream."""

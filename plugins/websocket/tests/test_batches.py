@@ -18,6 +18,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+from streambus_websocket import CloseCode
 from streambus_websocket.testing import Peer, connect, running
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
@@ -214,7 +215,6 @@ async def test_take_run_is_take_frame_by_frame(credit: int) -> None:
 
     Async: a client holds anyio events, which anyio 4.4 (the lowest supported) makes only in a loop.
     """
-    from streambus_websocket import CloseCode
     from streambus_websocket.client import Client
 
     def client() -> Client:
@@ -260,3 +260,38 @@ async def test_a_batch_of_tokens_reaches_clients_with_and_without_credit_in_orde
                 assert client.direct == 0  # trio: every frame goes through the sender task
             else:
                 assert 0 < client.direct < client.sent  # part at once, the rest through the queue
+
+
+@pytest.mark.parametrize("buffer_bytes", [300, 1200, 1 << 20])
+async def test_push_deltas_is_push_event_one_by_one(buffer_bytes: int) -> None:
+    """Queuing a run's rest in one call: the same queue, merges, byte count, and the same lagged close."""
+    from streambus_websocket.client import Client
+
+    from streambus import DeltaEvent, encode
+
+    deltas = [DeltaEvent(stream="s", seq=i, ts=float(i), text=f"<{i}>" * 3) for i in range(1, 40)]
+    payloads = [encode(d) for d in deltas]
+    one = Client(object(), buffer_bytes=buffer_bytes, peer="t", write_now=lambda *a, **k: None)
+    run = Client(object(), buffer_bytes=buffer_bytes, peer="t", write_now=lambda *a, **k: None)
+    for delta, data in zip(deltas, payloads, strict=True):
+        one.push_event("s", delta, data)
+    run.push_deltas("s", deltas, payloads)
+    assert (run.queued_bytes, run.merged, run.close_code, run.close_reason) == (
+        one.queued_bytes,
+        one.merged,
+        one.close_code,
+        one.close_reason,
+    )
+
+    def drained(client: Client) -> list[object]:
+        out: list[object] = []
+        while client.queue:
+            item = client.queue.popleft()
+            out.append(item if isinstance(item, bytes) else item.event())
+        return out
+
+    assert drained(run) == drained(one)
+    if buffer_bytes == 300:
+        assert run.close_code == CloseCode.LAGGED
+    elif buffer_bytes == 1200:
+        assert run.merged > 0 and run.close_code is None  # past a quarter of the budget, deltas merge
