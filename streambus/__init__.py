@@ -40,6 +40,7 @@ from .events import (
     Usage,
     decode,
     encode,
+    encode_each,
     encode_many,
     is_terminal,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "configure_logging",
     "decode",
     "encode",
+    "encode_each",
     "encode_many",
     "is_terminal",
     "load_config",

@@ -22,6 +22,7 @@ Used by the websocket sink's per-client queues and the core history's snapshots.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -30,6 +31,9 @@ from .events import DeltaEvent
 __all__ = ["Coalescer", "MergedDelta"]
 
 T = TypeVar("T")
+
+_text_of = operator.attrgetter("text")
+_n_of = operator.attrgetter("n")
 
 
 class MergedDelta(Generic[T]):
@@ -65,6 +69,20 @@ class MergedDelta(Generic[T]):
         self.n += delta.n
         self.size += len(delta.text)
         self.merged += 1
+        self.payload = None
+
+    def add_many(self, deltas: list[DeltaEvent]) -> None:
+        """Merge *deltas* (the next deltas of this stream and channel, in order) as :meth:`add` does, in one call."""
+        if not deltas:
+            return
+        texts = list(map(_text_of, deltas))
+        self.pieces.extend(texts)
+        last = deltas[-1]
+        self.seq = last.seq
+        self.ts = last.ts
+        self.n += sum(map(_n_of, deltas))
+        self.size += sum(map(len, texts))
+        self.merged += len(deltas)
         self.payload = None
 
     def event(self) -> DeltaEvent:

@@ -6,7 +6,8 @@ object whose ``type`` field names the kind (``start``, ``delta``, ``end``,
 measurement (see ``docs/events.md``): msgspec encodes these structs as fast as
 orjson encodes plain dicts, and decodes *with validation* of the tagged union.
 
-Use :func:`encode` / :func:`decode` for single events and
+Use :func:`encode` / :func:`decode` for single events,
+:func:`encode_each` for a batch as one payload per event, and
 :func:`encode_many` for a newline-joined batch. Decoding ignores unknown
 fields (so newer producers can talk to older consumers) and raises
 :class:`~streambus.errors.DecodeError` naming the field for anything else.
@@ -14,6 +15,7 @@ fields (so newer producers can talk to older consumers) and raises
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -35,6 +37,7 @@ __all__ = [
     "Usage",
     "decode",
     "encode",
+    "encode_each",
     "encode_many",
     "is_terminal",
     "to_builtins",
@@ -182,6 +185,11 @@ def is_terminal(event: Event) -> bool:
 def encode(event: Event) -> bytes:
     """Encode *event* as one compact JSON object (wire form, no newline)."""
     return _encoder.encode(event)
+
+
+def encode_each(events: Iterable[Event]) -> list[bytes]:
+    """Encode each of *events* as :func:`encode` does: one payload per event, in order (no call per event)."""
+    return list(map(_encoder.encode, events))
 
 
 def encode_many(events: list[Event]) -> bytes:

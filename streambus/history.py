@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar, overload
@@ -43,6 +44,19 @@ __all__ = ["StreamHistory", "StreamLog"]
 P = TypeVar("P")
 
 
+# A live stream's deltas are kept as they came and merged into its per-channel text every
+# this many: a list append per token instead of a merge (see docs/decisions.md).
+_FOLD_EVERY = 256
+
+
+_channel_of = operator.attrgetter("channel")
+_seq_of = operator.attrgetter("seq")
+_stream_of = operator.attrgetter("stream")
+_ONLY_DELTAS = {DeltaEvent}
+_first_seq_of = operator.attrgetter("first_seq")
+_payload_of = operator.itemgetter(2)
+
+
 def _seq(entry: tuple[int, int, object]) -> int:
     return entry[1]
 
@@ -50,7 +64,18 @@ def _seq(entry: tuple[int, int, object]) -> int:
 class StreamLog(Generic[P]):
     """History of one stream: its ``start``, its last events, its state."""
 
-    __slots__ = ("bytes", "channels", "dropped", "ended", "entries", "expires", "last_seq", "start", "start_data")
+    __slots__ = (
+        "bytes",
+        "channels",
+        "deltas",
+        "dropped",
+        "ended",
+        "entries",
+        "expires",
+        "last_seq",
+        "start",
+        "start_data",
+    )
 
     def __init__(self, limit: int) -> None:
         self.start: StartEvent | None = None
@@ -65,6 +90,26 @@ class StreamLog(Generic[P]):
         self.ended = False
         self.expires = 0.0
         self.channels: dict[str, MergedDelta[bytes]] = {}
+        """Per channel, the text of the deltas folded so far (snapshots of a live stream)."""
+        self.deltas: list[DeltaEvent] = []
+        """Deltas recorded since the last fold into ``channels`` (at most ``_FOLD_EVERY``)."""
+
+    def fold(self) -> None:
+        """Merge :attr:`deltas` into :attr:`channels`: one merged delta per channel, in seq order."""
+        deltas = self.deltas
+        if not deltas:
+            return
+        self.deltas = []
+        channels = self.channels
+        names = set(map(_channel_of, deltas))
+        groups = [deltas] if len(names) == 1 else [[d for d in deltas if d.channel == name] for name in names]
+        for group in groups:
+            name = group[0].channel
+            chan = channels.get(name)
+            if chan is None:
+                chan = channels[name] = MergedDelta(group[0])
+                group = group[1:]
+            chan.add_many(group)
 
     @property
     def complete(self) -> bool:
@@ -164,31 +209,98 @@ class StreamHistory(Generic[P]):
             log = self._logs[stream] = StreamLog(self.events_per_stream)
             if self.max_streams is not None and len(self._logs) > self.max_streams:
                 self._evict_one()
+        seq = event.seq
+        if type(event) is DeltaEvent:
+            # The hot path (every token): the append inlined, the snapshot text kept as the
+            # events themselves and folded every _FOLD_EVERY deltas (see StreamLog.fold).
+            entries = log.entries
+            limit = entries.maxlen
+            if self.bytes_per_stream is None and limit:
+                if len(entries) == limit:
+                    old = entries[0][2]
+                    if isinstance(old, bytes):
+                        log.bytes -= len(old)
+                    log.dropped += 1
+                first = event.first_seq
+                entries.append((seq if first is None else first, seq, data))
+                if isinstance(data, bytes):
+                    log.bytes += len(data)
+            else:
+                first = event.first_seq
+                self._append(log, seq if first is None else first, seq, data)
+            log.last_seq = seq
+            if self.snapshots and not log.ended:
+                deltas = log.deltas
+                deltas.append(event)
+                if len(deltas) >= _FOLD_EVERY:
+                    log.fold()
+            return log
         if type(event) is StartEvent:
             log.start = event
             log.start_data = data
-        seq = event.seq
-        if type(event) is DeltaEvent:
-            first = seq if event.first_seq is None else event.first_seq
-            self._append(log, first, seq, data)
-            log.last_seq = seq
-            if self.snapshots and not log.ended:
-                chan = log.channels.get(event.channel)
-                if chan is None:
-                    log.channels[event.channel] = MergedDelta(event)
-                else:
-                    chan.add(event)
-            return log
         self._append(log, seq, seq, data)
         log.last_seq = seq
         if is_terminal(event):
             log.ended = True
             log.channels = {}
+            log.deltas = []
             log.expires = self._clock() + self.ttl
             ended = self._ended
             ended.append((log.expires, stream))
             if self.max_ended is not None and len(ended) > self.max_ended:
                 self._forget_ended(ended.popleft())
+        return log
+
+    def record_deltas(self, deltas: Sequence[DeltaEvent], payloads: Sequence[P]) -> StreamLog[P]:
+        """Append *deltas*, consecutive deltas of one stream encoded as *payloads*, as :meth:`record` would.
+
+        The same history as recording them one by one, in one call: a reader
+        that takes events in batches (the websocket sink) pays the bookkeeping
+        once per batch instead of once per token.
+        """
+        if not deltas or len(deltas) != len(payloads):
+            raise ValueError(
+                f"StreamHistory.record_deltas: needs as many payloads as deltas, at least one "
+                f"(got {len(deltas)} deltas, {len(payloads)} payloads)"
+            )
+        stream = deltas[0].stream
+        log = self._logs.get(stream)
+        entries = log.entries if log is not None else None
+        limit = entries.maxlen if entries is not None else None
+        if (
+            log is None
+            or entries is None
+            or not limit
+            or len(deltas) > limit
+            or self.bytes_per_stream is not None
+            or log.ended
+            or set(map(type, deltas)) != _ONLY_DELTAS
+            or len(set(map(_stream_of, deltas))) != 1
+        ):
+            # The general case, one event at a time (a new stream, per-stream byte bounds, ...).
+            for event, payload in zip(deltas, payloads, strict=True):
+                log = self.record(event, payload)
+            assert log is not None
+            return log
+        size: Callable[[P], int] = len if self.snapshots else _size  # type: ignore[assignment]  # bytes with snapshots
+        drop = len(entries) + len(deltas) - limit
+        if drop > 0:
+            log.bytes -= sum(map(size, map(_payload_of, itertools.islice(entries, drop))))
+            log.dropped += drop
+        seqs = list(map(_seq_of, deltas))
+        firsts: list[int | None] = list(map(_first_seq_of, deltas))
+        if firsts.count(None) == len(firsts):
+            entries.extend(zip(seqs, seqs, payloads, strict=True))
+        else:
+            starts = [s if f is None else f for f, s in zip(firsts, seqs, strict=True)]
+            entries.extend(zip(starts, seqs, payloads, strict=True))
+        log.bytes += sum(map(size, payloads))
+        log.last_seq = seqs[-1]
+        if self.snapshots:
+            held = log.deltas
+            held.extend(deltas)
+            if len(held) >= _FOLD_EVERY:
+                log.fold()
         return log
 
     def _forget_ended(self, entry: tuple[float, str]) -> None:
@@ -323,6 +435,7 @@ class StreamHistory(Generic[P]):
         log = self._logs.get(stream)
         if not self.snapshots or log is None or log.ended or log.start_data is None:
             return None
+        log.fold()
         frames = [log.start_data]
         for chan in sorted(log.channels.values(), key=lambda chan: chan.seq):
             frames.append(encode(chan.event()))

@@ -206,3 +206,100 @@ async def test_ttl_on_the_event_loop_clock() -> None:
     _record(history, StartEvent(stream="s", seq=0, ts=0.0), EndEvent(stream="s", seq=1, ts=0.0))
     history.expire()
     assert history.get("s") is None
+
+
+# -- batches: record_deltas, add_many, encode_each ---------------------------------------
+
+
+def _state(history: StreamHistory[bytes], stream: str = "s") -> tuple[object, ...]:
+    log = history.get(stream)
+    assert log is not None
+    return (list(log.entries), log.bytes, log.dropped, log.last_seq, log.ended, history.snapshot(stream))
+
+
+@pytest.mark.parametrize("limit", [3, 5, 40])
+@pytest.mark.parametrize("bytes_per_stream", [None, 200])
+def test_record_deltas_is_recording_them_one_by_one(limit: int, bytes_per_stream: int | None) -> None:
+    def history() -> StreamHistory[bytes]:
+        return StreamHistory(limit, 10, 4, lambda: 0.0, bytes_per_stream=bytes_per_stream)
+
+    one, many = history(), history()
+    start = StartEvent(stream="s", seq=0, ts=0.0)
+    for h in (one, many):
+        h.record(start, encode(start))
+    # Runs of different lengths, two channels, a coalesced delta (first_seq), past the event bound.
+    runs = [
+        [_delta(1, "a"), _delta(2, "bb")],
+        [_delta(3, "think", channel="reasoning")],
+        [_delta(4, "c"), _delta(6, "dd", first=5), _delta(7, "e", channel="reasoning"), _delta(8, "f")],
+    ]
+    for run in runs:
+        for event in run:
+            one.record(event, encode(event))
+        many.record_deltas(run, [encode(e) for e in run])
+        assert _state(many) == _state(one)
+    for last in range(-1, 9):
+        assert many.missed("s", last) == one.missed("s", last)
+    texts = [decode(f) for f in many.snapshot("s") or []]
+    assert texts[1:] == [  # one merged delta per channel, in the order of their last seq
+        DeltaEvent(stream="s", seq=7, ts=7.0, text="thinke", n=2, first_seq=3, channel="reasoning"),
+        DeltaEvent(stream="s", seq=8, ts=8.0, text="abbcddf", n=5, first_seq=1),
+    ]
+
+
+def test_record_deltas_takes_a_new_stream_and_many_folds() -> None:
+    one: StreamHistory[bytes] = StreamHistory(2000, 10, 4, lambda: 0.0)
+    many: StreamHistory[bytes] = StreamHistory(2000, 10, 4, lambda: 0.0)
+    deltas = [_delta(i, f"<{i}>") for i in range(1, 1001)]  # several folds of the snapshot text
+    for event in deltas:
+        one.record(event, encode(event))
+    for at in range(0, 1000, 300):
+        many.record_deltas(deltas[at : at + 300], [encode(e) for e in deltas[at : at + 300]])
+    start = StartEvent(stream="s", seq=0, ts=0.0)
+    for h in (one, many):
+        log = h.get("s")
+        assert log is not None
+        log.start, log.start_data = start, encode(start)
+    assert _state(many) == _state(one)
+    snap = many.snapshot("s") or []
+    assert decode(snap[1]) == DeltaEvent(
+        stream="s", seq=1000, ts=1000.0, text="".join(f"<{i}>" for i in range(1, 1001)), n=1000, first_seq=1
+    )
+
+
+def test_record_deltas_refuses_a_mismatch_by_name() -> None:
+    history: StreamHistory[bytes] = StreamHistory(10, 10, 4, lambda: 0.0)
+    with pytest.raises(ValueError, match="as many payloads as deltas"):
+        history.record_deltas([_delta(1, "a")], [])
+    with pytest.raises(ValueError, match="at least one"):
+        history.record_deltas([], [])
+
+
+def test_record_deltas_keeps_any_payload_without_snapshots() -> None:
+    history: StreamHistory[tuple[int, Event]] = StreamHistory(3, math.inf, None, lambda: 0.0, snapshots=False)
+    deltas = [_delta(i, "x") for i in range(1, 6)]
+    history.record(deltas[0], (0, deltas[0]))
+    history.record_deltas(deltas[1:], [(i, e) for i, e in enumerate(deltas[1:], 1)])
+    log = history.get("s")
+    assert log is not None and log.bytes == 0 and log.dropped == 2 and log.last_seq == 5
+    assert history.missed("s", 2) == [(2, deltas[2]), (3, deltas[3]), (4, deltas[4])]
+
+
+def test_add_many_is_add_one_by_one() -> None:
+    deltas = [_delta(2, "b"), _delta(4, "cd", first=3), _delta(5, "")]
+    one, many = MergedDelta(_delta(1, "a"), b"p"), MergedDelta(_delta(1, "a"), b"p")
+    for d in deltas:
+        one.add(d)
+    many.add_many(deltas)
+    many.add_many([])
+    assert many.event() == one.event() == DeltaEvent(stream="s", seq=5, ts=5.0, text="abcd", n=4, first_seq=1)
+    assert (many.merged, many.size, many.payload) == (one.merged, one.size, None)
+
+
+def test_encode_each_is_encode_per_event() -> None:
+    from streambus import encode_each
+
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0), _delta(1, "é\n"), EndEvent(stream="s", seq=2, ts=2.0)]
+    assert encode_each(events) == [encode(e) for e in events]
+    assert encode_each(iter(events)) == [encode(e) for e in events]
+    assert encode_each([]) == []

@@ -23,6 +23,8 @@ Past ``client_buffer_bytes`` queued, the client is closed with
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -98,12 +100,31 @@ class Client:
     # -- fan-out side (synchronous: never waits on this client) -------------------
     def take(self, size: int) -> bool:
         """Whether a frame of *size* bytes may be written at once (then the credit is spent on it)."""
-        if self.credit <= 0 or self.queue or self.sending or self.close_code is not None:
+        # queued_bytes is 0 exactly when nothing is queued (every item counts at least its overhead).
+        if self.credit <= 0 or self.queued_bytes or self.sending or self.close_code is not None:
             return False
         self.credit -= size
         self.sent += 1
         self.direct += 1
         return True
+
+    def take_run(self, sizes: list[int]) -> int:
+        """How many of the next frames (their *sizes*, in order) may be written at once, as :meth:`take` each.
+
+        The credit is spent on them; the rest must queue (a client's direct
+        frames are always a prefix: once one queues, the next ones queue too).
+        """
+        credit = self.credit
+        if credit <= 0 or self.queued_bytes or self.sending or self.close_code is not None:
+            return 0
+        # Frame k goes while the credit left before it is positive.
+        spent = list(itertools.accumulate(sizes))
+        count = min(bisect.bisect_left(spent, credit) + 1, len(sizes))
+        if count:
+            self.credit = credit - spent[count - 1]
+            self.sent += count
+            self.direct += count
+        return count
 
     def push(self, data: bytes) -> None:
         """Queue a frame that must never merge (a control frame)."""
@@ -150,6 +171,24 @@ class Client:
                 self.merged += 1
                 self.queued_bytes += len(event.text)
         self._check()
+
+    def push_deltas(self, stream: str, deltas: list[DeltaEvent], payloads: list[bytes]) -> None:
+        """Queue consecutive deltas of *stream* (encoded as *payloads*) as :meth:`push_event` would, in one call."""
+        queue = self.queue
+        limit = self.buffer_bytes
+        for event, data in zip(deltas, payloads, strict=True):
+            if self.close_code is not None:
+                return
+            size = len(data) + _FRAME_OVERHEAD
+            if queue.add_delta(event, data, merge=self.queued_bytes >= self.coalesce_bytes, size=size) is None:
+                self.queued_bytes += size
+            else:
+                self.merged += 1
+                self.queued_bytes += len(event.text)
+            if self.queued_bytes > limit:
+                self.close(CloseCode.LAGGED, f"client buffer passed {limit} bytes")
+                return
+        self._notify()
 
     def _check(self) -> None:
         if self.queued_bytes > self.buffer_bytes:
@@ -220,10 +259,11 @@ class Client:
                 # broadcast() while the credit lasts (one send() per credit,
                 # not per frame), then the loop serves others.
                 self.credit = self.credit_bytes
+                conns = [ws]
                 while queue and self.credit > 0 and self.close_code is None:
                     data = self._pop()
                     self.credit -= len(data)
-                    write([ws], data, text=True)
+                    write(conns, data, text=True)
                     self.sent += 1
                 if not queue:
                     # Nothing in flight and nothing queued: the next events go

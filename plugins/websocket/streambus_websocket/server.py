@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
+import operator
 import os
 import secrets
 import socket
@@ -61,7 +63,7 @@ from streambus import (
     StopOutcome,
     StreamBusError,
     Subscription,
-    encode,
+    encode_each,
     is_terminal,
 )
 from streambus.access import OriginPolicy, is_loopback_host, split_host_port
@@ -101,6 +103,9 @@ log = structlog.get_logger("streambus.websocket")
 
 _VERSION = "0.1.0"
 _TERMINAL = frozenset({EndEvent, ErrorEvent, AbortEvent})
+_ONLY_DELTAS = {DeltaEvent}
+_stream_of = operator.attrgetter("stream")
+_first = operator.itemgetter(0)
 # Each connection's write buffer high-water mark (twice websockets' default): send() waits above
 # it. A client's broadcast() credit (32 KiB, client.py) comes on top: 96 KiB at most, plus a frame.
 _WRITE_LIMIT = 65536
@@ -1059,21 +1064,89 @@ class WebSocketSink(PluginBase):
     # -- the hot path -------------------------------------------------------------------
     def _dispatch(self, batch: list[Event]) -> None:
         self.events += len(batch)
+        payloads = encode_each(batch)
+        if len(batch) == 1 or self._write_many is None:
+            for event, data in zip(batch, payloads, strict=True):
+                self._dispatch_one(event, data)
+            return
+        # Runs of one stream's tokens (the batch holds everything published since the sink
+        # last ran) are recorded and written once per run (see _deliver_run), in batch order.
+        at = 0
+        for _stream, group in itertools.groupby(batch, _stream_of):
+            events: list[Any] = list(group)
+            end = at + len(events)
+            if set(map(type, events)) == _ONLY_DELTAS:
+                self._dispatch_run(events, payloads[at:end])
+            else:
+                # A start or an end among them: each on its own, the deltas between them as runs.
+                begin = 0
+                for cut in [*(i for i, e in enumerate(events) if type(e) is not DeltaEvent), len(events)]:
+                    if cut > begin:
+                        self._dispatch_run(events[begin:cut], payloads[at + begin : at + cut])
+                    if cut < len(events):
+                        self._dispatch_one(events[cut], payloads[at + cut])
+                    begin = cut + 1
+            at = end
+
+    def _dispatch_run(self, deltas: list[DeltaEvent], payloads: list[bytes]) -> None:
+        targets = self._routes.get(deltas[0].stream)
+        if targets is not None and len(deltas) > 1 and not self._filled:
+            self._deliver_run(deltas, payloads, targets)
+        else:
+            for event, data in zip(deltas, payloads, strict=True):
+                self._dispatch_one(event, data)
+
+    def _dispatch_one(self, event: Event, data: bytes) -> None:
+        targets = self._route(event, data)
+        if targets:
+            write = self._write_many
+            if write is None:
+                # trio: every frame goes through the client's queue and sender task.
+                delta = event if type(event) is DeltaEvent else None
+                for client in targets:
+                    client.push_event(event.stream, delta, data)
+            else:
+                self._deliver(event, data, targets, write)
+        if type(event) in _TERMINAL:
+            self._routes.pop(event.stream, None)
+            self.history.expire()
+
+    def _deliver_run(self, deltas: list[DeltaEvent], payloads: list[bytes], targets: dict[Client, None]) -> None:
+        """asyncio: consecutive deltas of one routed stream, recorded at once, one broadcast() per frame.
+
+        Each client writes the prefix of the run its credit covers at once
+        (:meth:`Client.take_run`) and queues the rest, as event by event.
+        """
+        self.history.record_deltas(deltas, payloads)
+        if not targets:
+            return
         write = self._write_many
-        for event in batch:
-            data = encode(event)
-            targets = self._route(event, data)
-            if targets:
-                if write is None:
-                    # trio: every frame goes through the client's queue and sender task.
-                    delta = event if type(event) is DeltaEvent else None
-                    for client in targets:
-                        client.push_event(event.stream, delta, data)
-                else:
-                    self._deliver(event, data, targets, write)
-            if type(event) in _TERMINAL:
-                self._routes.pop(event.stream, None)
-                self.history.expire()
+        assert write is not None
+        sizes = list(map(len, payloads))
+        count = len(payloads)
+        stream = deltas[0].stream
+        if len(targets) == 1:
+            (client,) = targets
+            taken = client.take_run(sizes)
+            if taken:
+                conns = [client.ws]
+                for data in payloads[:taken] if taken < count else payloads:
+                    write(conns, data, text=True)
+            if taken < count:
+                client.push_deltas(stream, deltas[taken:], payloads[taken:])
+            return
+        takes = sorted(((client.take_run(sizes), client) for client in targets), key=_first, reverse=True)
+        conns = [client.ws for _, client in takes]
+        writing = len(takes)
+        for index, data in enumerate(payloads):
+            while writing and takes[writing - 1][0] <= index:
+                writing -= 1
+            if not writing:
+                break
+            write(conns if writing == len(conns) else conns[:writing], data, text=True)
+        for taken, client in takes:
+            if taken < count:
+                client.push_deltas(stream, deltas[taken:], payloads[taken:])
 
     def _route(self, event: Event, data: bytes) -> dict[Client, None] | None:
         """Record *event* in the history; return the clients that follow its stream."""

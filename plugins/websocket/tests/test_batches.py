@@ -18,6 +18,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+from streambus_websocket import CloseCode
 from streambus_websocket.testing import Peer, connect, running
 from websockets.client import ClientProtocol
 from websockets.frames import Frame
@@ -206,3 +207,91 @@ async def test_client_that_catches_up_gets_frames_directly_again(anyio_backend: 
             # frames direct here, against 215 when it stayed queued for good after the first time.
             assert client.sent - client.direct > 0
             assert client.direct > 0.5 * client.sent, (client.direct, client.sent)
+
+
+@pytest.mark.parametrize("credit", [1, 100, 250, 251, 10_000])
+async def test_take_run_is_take_frame_by_frame(credit: int) -> None:
+    """A run's direct frames are those take() would grant one by one: a prefix, credit spent alike.
+
+    Async: a client holds anyio events, which anyio 4.4 (the lowest supported) makes only in a loop.
+    """
+    from streambus_websocket.client import Client
+
+    def client() -> Client:
+        return Client(object(), buffer_bytes=1 << 20, peer="t", credit=credit, write_now=lambda *a, **k: None)
+
+    sizes = [100, 50, 100, 1, 300, 7]
+    one, run = client(), client()
+    granted = [one.take(size) for size in sizes]
+    count = run.take_run(sizes)
+    assert granted == [True] * count + [False] * (len(sizes) - count)
+    assert (run.credit, run.sent, run.direct) == (one.credit, one.sent, one.direct)
+    # Anything queued, a send in flight or a close: nothing goes at once.
+    for state in ("queued", "sending", "closed"):
+        blocked = client()
+        if state == "queued":
+            blocked.push(b"control frame")
+        elif state == "sending":
+            blocked.sending = True
+        else:
+            blocked.close(CloseCode.GOING_AWAY, "bye")
+        assert blocked.take_run(sizes) == 0 and blocked.credit == credit
+
+
+async def test_a_batch_of_tokens_reaches_clients_with_and_without_credit_in_order(anyio_backend: str) -> None:
+    """One batch of one stream's tokens: the direct prefix and the queued rest arrive whole, in order, per client."""
+    async with running() as (bus, sink), connect(sink.url) as fast, connect(sink.url) as other:
+        await fast.subscribe(id="all")
+        await other.subscribe(id="all")
+        # 200 tokens of 1 KiB published with no await that yields: one batch, far past the 32 KiB credit.
+        pieces = [f"<{i}>{PIECE}" for i in range(200)]
+        got_fast: list[dict[str, Any]] = []
+        got_other: list[dict[str, Any]] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_until_ends, fast, got_fast)
+            tg.start_soon(_read_until_ends, other, got_other)
+            async with bus.stream(model="a") as w:
+                for piece in pieces:
+                    await w.delta(piece)
+        for got in (got_fast, got_other):
+            _check_stream(got, w.stream, "".join(pieces))
+        for client in sink.connections:
+            if anyio_backend == "trio":
+                assert client.direct == 0  # trio: every frame goes through the sender task
+            else:
+                assert 0 < client.direct < client.sent  # part at once, the rest through the queue
+
+
+@pytest.mark.parametrize("buffer_bytes", [300, 1200, 1 << 20])
+async def test_push_deltas_is_push_event_one_by_one(buffer_bytes: int) -> None:
+    """Queuing a run's rest in one call: the same queue, merges, byte count, and the same lagged close."""
+    from streambus_websocket.client import Client
+
+    from streambus import DeltaEvent, encode
+
+    deltas = [DeltaEvent(stream="s", seq=i, ts=float(i), text=f"<{i}>" * 3) for i in range(1, 40)]
+    payloads = [encode(d) for d in deltas]
+    one = Client(object(), buffer_bytes=buffer_bytes, peer="t", write_now=lambda *a, **k: None)
+    run = Client(object(), buffer_bytes=buffer_bytes, peer="t", write_now=lambda *a, **k: None)
+    for delta, data in zip(deltas, payloads, strict=True):
+        one.push_event("s", delta, data)
+    run.push_deltas("s", deltas, payloads)
+    assert (run.queued_bytes, run.merged, run.close_code, run.close_reason) == (
+        one.queued_bytes,
+        one.merged,
+        one.close_code,
+        one.close_reason,
+    )
+
+    def drained(client: Client) -> list[object]:
+        out: list[object] = []
+        while client.queue:
+            item = client.queue.popleft()
+            out.append(item if isinstance(item, bytes) else item.event())
+        return out
+
+    assert drained(run) == drained(one)
+    if buffer_bytes == 300:
+        assert run.close_code == CloseCode.LAGGED
+    elif buffer_bytes == 1200:
+        assert run.merged > 0 and run.close_code is None  # past a quarter of the budget, deltas merge
