@@ -511,11 +511,11 @@ class Subscription:
             await self._space.wait()
 
     async def __anext__(self) -> Event:
+        if self._since_yield >= _YIELD_EVERY:
+            # A reader that always finds events waiting must still let others run.
+            await anyio.lowlevel.checkpoint()
+            self._since_yield = 0
         while True:
-            if self._since_yield >= _YIELD_EVERY:
-                # A reader that always finds events waiting must still let others run.
-                await anyio.lowlevel.checkpoint()
-                self._since_yield = 0
             # Take the next item: the subscription's own buffer first, then the
             # shared log (a reader can hold buffered events while attached, when it
             # re-attached as a publisher waited for a full ``block`` subscriber).
@@ -528,27 +528,32 @@ class Subscription:
                 if self._space.waiting:
                     self._space.wake()
                 return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
-            firehose = self._firehose
             cursor = self._cursor
-            if firehose is not None and cursor >= 0:
-                index = cursor - firehose.base
+            if cursor >= 0:  # attached to the shared log (never while closed)
+                firehose: Firehose = self._firehose  # type: ignore[assignment]
                 items = firehose.items
+                index = cursor - firehose.base
                 if index < len(items):
                     self._since_yield += 1
                     self._cursor = cursor + 1
                     if self._space.waiting:
                         self._space.wake()
                     return items[index]
-            parking = self._parking()
-            if parking is not None:
-                # Parked here, not in a helper coroutine: one coroutine less per
-                # wake-up is a tenth of a token's CPU (docs/decisions.md).
-                self._parked = True
-                try:
-                    await parking.wait()
-                finally:
-                    self._parked = False
-                self._since_yield = 0
+                parking = firehose.parking
+            elif self._closed or self._firehose is not None:
+                parking = self._parking()  # the end, or a detached reader re-attaching
+                if parking is None:
+                    continue
+            else:
+                parking = self._reader
+            # Parked here, not in a helper coroutine: one coroutine less per
+            # wake-up is a tenth of a token's CPU (docs/decisions.md).
+            self._parked = True
+            try:
+                await parking.wait()
+            finally:
+                self._parked = False
+            self._since_yield = 0
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
