@@ -47,12 +47,13 @@ class Parking:
         return future
 
     def relay(self) -> None:
-        """Release the first task parked now at once, and the others one loop turn later.
+        """Release the tasks parked now in relay: one at once, one a loop turn later, the rest a turn after that.
 
         For the readers of one shared log: when the publisher yields after
-        every event, most readers then find two events per wake-up instead of
-        one. The first is released at once (and the others in a callback that
-        runs right after it), so a parked task never looks blocked to
+        every event, most readers then find three events per wake-up instead
+        of one. Each step releases one task and schedules the next step right
+        behind that task's wake-up, so until the last step has run a released
+        task is always ready to run: a parked task never looks blocked to
         ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
         an asyncio loop this is :meth:`wake`.
         """
@@ -69,11 +70,7 @@ class Parking:
                 self._event = None
             return
         self._futures = []
-        for i, future in enumerate(futures):
-            if not future.done():
-                future.set_result(None)
-                loop.call_soon(_release, futures[i + 1 :])
-                return
+        _relay(loop, futures, 0, _RELAY_STEPS)
 
     def wake(self) -> None:
         """Release every task parked now."""
@@ -88,7 +85,23 @@ class Parking:
             self._event = None
 
 
-def _release(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
+_RELAY_STEPS = 3  # releases of one task each before the rest go at once; docs/decisions.md
+
+
+def _relay(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], start: int, steps: int) -> None:
+    # Release the first task still parked from *start* on; the next step runs right behind its wake-up.
+    for i in range(start, len(futures)):
+        future = futures[i]
+        if not future.done():
+            future.set_result(None)
+            if steps > 1:
+                loop.call_soon(_relay, loop, futures, i + 1, steps - 1)
+            else:
+                loop.call_soon(_release, futures, i + 1)
+            return
+
+
+def _release(futures: list[asyncio.Future[None]], start: int) -> None:
+    for future in futures[start:]:
         if not future.done():
             future.set_result(None)

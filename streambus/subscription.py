@@ -164,13 +164,15 @@ class Firehose:
     everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
     """
 
-    __slots__ = ("attached", "base", "detached", "items", "next_check", "parking")
+    __slots__ = ("attached", "base", "detached", "items", "live", "next_check", "parking")
 
     def __init__(self) -> None:
         self.items: list[Event] = []  # the shared log, from position ``base`` on
         self.base = 0
         self.attached: list[Subscription] = []
         self.detached: list[Subscription] = []
+        self.live = False
+        """Whether any subscriber is here (the bus skips an empty firehose)."""
         self.parking = Parking()  # attached readers with nothing to read
         self.next_check = 0  # log position of the next lag check
         # The lists are replaced, never changed in place: offer() iterates them
@@ -198,6 +200,7 @@ class Firehose:
         else:
             self.detached = [s for s in self.detached if s is not sub]
         sub._firehose = None
+        self.live = bool(self.attached or self.detached)
 
     def offer(self, event: Event) -> Awaitable[None] | None:
         """Deliver *event* to every unfiltered subscriber; return an awaitable if the publisher must wait."""
@@ -206,14 +209,16 @@ class Firehose:
         if self.attached:
             items = self.items
             items.append(event)
-            if self.parking.waiting:
-                self.parking.relay()
+            parking = self.parking
+            if parking.waiting:
+                parking.relay()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
                     wait = _wait_all([sub._log_room() for sub in blocked])
-        for sub in detached:
-            sub.offer(event)  # never a ``block`` subscriber: those are never detached
+        if detached:
+            for sub in detached:
+                sub.offer(event)  # never a ``block`` subscriber: those are never detached
         return wait
 
     def _attach(self, sub: Subscription) -> None:
@@ -221,6 +226,7 @@ class Firehose:
         sub._cursor = end
         self.detached = [s for s in self.detached if s is not sub]
         self.attached = [*self.attached, sub]
+        self.live = True
         self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
 
     def _check(self) -> list[Subscription]:
@@ -567,25 +573,39 @@ class Subscription:
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        if self._available():
-            await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
-        try:
-            while (parking := self._parking()) is not None:
+        waited = False  # parked, or let other tasks run, at least once in this call
+        while True:  # the steps of __anext__, then everything buffered at once
+            cursor = self._cursor
+            firehose = self._firehose
+            if self._buf or (firehose is not None and 0 <= cursor < firehose.base + len(firehose.items)):
+                if waited:
+                    break
+                await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
+            else:
+                if firehose is not None and cursor >= 0:  # attached to the shared log
+                    parking = firehose.parking
+                elif self._closed or firehose is not None:
+                    try:
+                        parking = self._parking()  # the end, or a detached reader re-attaching
+                    except StopAsyncIteration:
+                        return []
+                    if parking is None:
+                        continue
+                else:
+                    parking = self._reader
                 self._parked = True
                 try:
                     await parking.wait()
                 finally:
                     self._parked = False
-        except StopAsyncIteration:
-            return []
+            waited = True
         self._since_yield = 0
         buf = self._buf
         if not buf:
-            firehose = self._firehose
             assert firehose is not None
-            start = self._cursor - firehose.base
+            start = cursor - firehose.base
             events = firehose.items[start : None if limit is None else start + limit]
-            self._cursor += len(events)
+            self._cursor = cursor + len(events)
             if self._space.waiting:
                 self._space.wake()
             return events
