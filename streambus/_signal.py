@@ -47,10 +47,10 @@ class Parking:
         return future
 
     def relay(self) -> None:
-        """Release the tasks parked now in relay: one at once, one a loop turn later, the rest a turn after that.
+        """Release the tasks parked now in relay: one at once, one per loop turn for two turns, then the rest.
 
         For the readers of one shared log: when the publisher yields after
-        every event, most readers then find three events per wake-up instead
+        every event, most readers then find four events per wake-up instead
         of one. Each step releases one task and schedules the next step right
         behind that task's wake-up, so until the last step has run a released
         task is always ready to run: a parked task never looks blocked to
@@ -85,7 +85,7 @@ class Parking:
             self._event = None
 
 
-_RELAY_STEPS = 3  # releases of one task each before the rest go at once; docs/decisions.md
+_RELAY_STEPS = 3  # steps of one task each; the last also schedules the rest (docs/decisions.md)
 
 
 def _relay(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], start: int, steps: int) -> None:

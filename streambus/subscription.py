@@ -48,6 +48,7 @@ __all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
 _YIELD_EVERY = 256
+_NOBODY_WAITS = Parking()  # never waited on: see Subscription._space
 
 
 class OverflowPolicy(enum.Enum):
@@ -155,10 +156,10 @@ class Firehose:
     Readers that keep up are *attached*: an event is appended once to a
     shared log that each reads from its own cursor (a batch is one slice),
     and publishing costs about the same for 1 or 100 of them. Parked readers
-    are released in relay (``Parking.relay``): the first at once, the rest one
-    loop turn later, so a producer that yields after every token hands most
-    of them two tokens per wake-up. Every ``buffer / 4`` events the log looks
-    for attached readers lagging past their buffer: a ``block`` reader makes
+    are released in relay (``Parking.relay``): one at once, then one per loop
+    turn for two turns, then the rest, so a producer that yields after every
+    token hands most of them four tokens per wake-up. Every ``buffer / 4``
+    events the log looks for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
     everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
@@ -330,7 +331,9 @@ class Subscription:
         self._closed = False
         self._error: SubscriptionClosed | None = None
         self._reader = Parking()  # woken when something arrives
-        self._space = Parking()  # publishers waiting for room in a full ``block`` buffer
+        # Publishers waiting for room in a full ``block`` buffer: a Parking of its own
+        # only once one waits; the shared NOBODY_WAITS until then (read on every take).
+        self._space = _NOBODY_WAITS
         self._since_yield = 0
         self._parked = False
         self._firehose: Firehose | None = None  # set while unfiltered on a bus
@@ -421,7 +424,7 @@ class Subscription:
         # Several publishers (of different streams) may wait on one full
         # subscriber: they share one signal, and each re-checks for room after waking.
         while not self._closed and len(self._buf) >= self.buffer:
-            await self._space.wait()
+            await self._space_to_wait().wait()
         if not self._closed:
             self._buf.append(event)
             if self._reader.waiting:
@@ -489,6 +492,12 @@ class Subscription:
         firehose = self._firehose
         return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
+    def _space_to_wait(self) -> Parking:
+        # Where a publisher waits for room (see ``_space``).
+        if self._space is _NOBODY_WAITS:
+            self._space = Parking()
+        return self._space
+
     def _parking(self) -> Parking | None:
         """Where the reader must wait for its next item: ``None`` if one is buffered.
 
@@ -514,7 +523,7 @@ class Subscription:
         while (firehose := self._firehose) is not None and firehose.base + len(
             firehose.items
         ) - self._cursor > self.buffer:
-            await self._space.wait()
+            await self._space_to_wait().wait()
 
     async def __anext__(self) -> Event:
         if self._since_yield >= _YIELD_EVERY:
@@ -547,9 +556,10 @@ class Subscription:
                     return items[index]
                 parking = firehose.parking
             elif self._closed or self._firehose is not None:
-                parking = self._parking()  # the end, or a detached reader re-attaching
-                if parking is None:
+                found = self._parking()  # the end, or a detached reader re-attaching
+                if found is None:
                     continue
+                parking = found
             else:
                 parking = self._reader
             # Parked here, not in a helper coroutine: one coroutine less per
@@ -586,11 +596,12 @@ class Subscription:
                     parking = firehose.parking
                 elif self._closed or firehose is not None:
                     try:
-                        parking = self._parking()  # the end, or a detached reader re-attaching
+                        found = self._parking()  # the end, or a detached reader re-attaching
                     except StopAsyncIteration:
                         return []
-                    if parking is None:
+                    if found is None:
                         continue
+                    parking = found
                 else:
                     parking = self._reader
                 self._parked = True
