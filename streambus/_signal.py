@@ -47,27 +47,30 @@ class Parking:
         return future
 
     def relay(self) -> None:
-        """Release the first task parked now at once, and the others one loop turn later.
+        """Release the tasks parked now in relay: one at once, one per loop turn for two turns, then the rest.
 
         For the readers of one shared log: when the publisher yields after
-        every event, most readers then find two events per wake-up instead of
-        one. The first is released at once (and the others in a callback that
-        runs right after it), so a parked task never looks blocked to
+        every event, most readers then find four events per wake-up instead
+        of one. Each step releases one task and schedules the next step right
+        behind that task's wake-up, so until the last step has run a released
+        task is always ready to run: a parked task never looks blocked to
         ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
         an asyncio loop this is :meth:`wake`.
         """
+        self.waiting = False
         futures = self._futures
         loop = self._loop
         if len(futures) < 2 or loop is None:
-            self.wake()
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+            futures.clear()
+            if self._event is not None:
+                self._event.set()
+                self._event = None
             return
-        self.waiting = False
         self._futures = []
-        for i, future in enumerate(futures):
-            if not future.done():
-                future.set_result(None)
-                loop.call_soon(_release, futures[i + 1 :])
-                return
+        _relay(loop, futures, 0, _RELAY_STEPS)
 
     def wake(self) -> None:
         """Release every task parked now."""
@@ -82,7 +85,23 @@ class Parking:
             self._event = None
 
 
-def _release(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
+_RELAY_STEPS = 3  # steps of one task each; the last also schedules the rest (docs/decisions.md)
+
+
+def _relay(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], start: int, steps: int) -> None:
+    # Release the first task still parked from *start* on; the next step runs right behind its wake-up.
+    for i in range(start, len(futures)):
+        future = futures[i]
+        if not future.done():
+            future.set_result(None)
+            if steps > 1:
+                loop.call_soon(_relay, loop, futures, i + 1, steps - 1)
+            else:
+                loop.call_soon(_release, futures, i + 1)
+            return
+
+
+def _release(futures: list[asyncio.Future[None]], start: int) -> None:
+    for future in futures[start:]:
         if not future.done():
             future.set_result(None)

@@ -29,7 +29,7 @@ import anyio.lowlevel
 import structlog
 
 from .errors import BusClosed, SinkFailed, StopFailed, StreamBusError
-from .events import AbortEvent, EndEvent, ErrorEvent, Event, StartEvent
+from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
 from .stopping import StopOutcome, StopRoute
 from .subscription import Filter, Firehose, OverflowPolicy, Subscription
 from .writer import StreamWriter
@@ -483,12 +483,12 @@ class Bus:
         else:
             followers = routes.following.get(event.stream, _NOBODY)
         firehose = routes.firehose
-        wait = firehose.offer(event) if firehose.attached or firehose.detached else None
+        wait = firehose.offer(event) if firehose.live else None
         for sub in followers:
             more = sub.offer(event)
             if more is not None:
                 wait = more if wait is None else _in_turn(wait, more)
-        if kind in _TERMINAL:
+        if kind is not DeltaEvent and kind in _TERMINAL:
             routes.following.pop(event.stream, None)
             if not processed:
                 self._live.pop(event.stream, None)

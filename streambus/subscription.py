@@ -48,6 +48,7 @@ __all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
 _YIELD_EVERY = 256
+_NOBODY_WAITS = Parking()  # never waited on: see Subscription._space
 
 
 class OverflowPolicy(enum.Enum):
@@ -155,22 +156,24 @@ class Firehose:
     Readers that keep up are *attached*: an event is appended once to a
     shared log that each reads from its own cursor (a batch is one slice),
     and publishing costs about the same for 1 or 100 of them. Parked readers
-    are released in relay (``Parking.relay``): the first at once, the rest one
-    loop turn later, so a producer that yields after every token hands most
-    of them two tokens per wake-up. Every ``buffer / 4`` events the log looks
-    for attached readers lagging past their buffer: a ``block`` reader makes
+    are released in relay (``Parking.relay``): one at once, then one per loop
+    turn for two turns, then the rest, so a producer that yields after every
+    token hands most of them four tokens per wake-up. Every ``buffer / 4``
+    events the log looks for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
     everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
     """
 
-    __slots__ = ("attached", "base", "detached", "items", "next_check", "parking")
+    __slots__ = ("attached", "base", "detached", "items", "live", "next_check", "parking")
 
     def __init__(self) -> None:
         self.items: list[Event] = []  # the shared log, from position ``base`` on
         self.base = 0
         self.attached: list[Subscription] = []
         self.detached: list[Subscription] = []
+        self.live = False
+        """Whether any subscriber is here (the bus skips an empty firehose)."""
         self.parking = Parking()  # attached readers with nothing to read
         self.next_check = 0  # log position of the next lag check
         # The lists are replaced, never changed in place: offer() iterates them
@@ -198,6 +201,7 @@ class Firehose:
         else:
             self.detached = [s for s in self.detached if s is not sub]
         sub._firehose = None
+        self.live = bool(self.attached or self.detached)
 
     def offer(self, event: Event) -> Awaitable[None] | None:
         """Deliver *event* to every unfiltered subscriber; return an awaitable if the publisher must wait."""
@@ -206,14 +210,16 @@ class Firehose:
         if self.attached:
             items = self.items
             items.append(event)
-            if self.parking.waiting:
-                self.parking.relay()
+            parking = self.parking
+            if parking.waiting:
+                parking.relay()
             if self.base + len(items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
                     wait = _wait_all([sub._log_room() for sub in blocked])
-        for sub in detached:
-            sub.offer(event)  # never a ``block`` subscriber: those are never detached
+        if detached:
+            for sub in detached:
+                sub.offer(event)  # never a ``block`` subscriber: those are never detached
         return wait
 
     def _attach(self, sub: Subscription) -> None:
@@ -221,6 +227,7 @@ class Firehose:
         sub._cursor = end
         self.detached = [s for s in self.detached if s is not sub]
         self.attached = [*self.attached, sub]
+        self.live = True
         self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
 
     def _check(self) -> list[Subscription]:
@@ -324,7 +331,9 @@ class Subscription:
         self._closed = False
         self._error: SubscriptionClosed | None = None
         self._reader = Parking()  # woken when something arrives
-        self._space = Parking()  # publishers waiting for room in a full ``block`` buffer
+        # Publishers waiting for room in a full ``block`` buffer: a Parking of its own
+        # only once one waits; the shared NOBODY_WAITS until then (read on every take).
+        self._space = _NOBODY_WAITS
         self._since_yield = 0
         self._parked = False
         self._firehose: Firehose | None = None  # set while unfiltered on a bus
@@ -415,7 +424,7 @@ class Subscription:
         # Several publishers (of different streams) may wait on one full
         # subscriber: they share one signal, and each re-checks for room after waking.
         while not self._closed and len(self._buf) >= self.buffer:
-            await self._space.wait()
+            await self._space_to_wait().wait()
         if not self._closed:
             self._buf.append(event)
             if self._reader.waiting:
@@ -483,6 +492,12 @@ class Subscription:
         firehose = self._firehose
         return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
 
+    def _space_to_wait(self) -> Parking:
+        # Where a publisher waits for room (see ``_space``).
+        if self._space is _NOBODY_WAITS:
+            self._space = Parking()
+        return self._space
+
     def _parking(self) -> Parking | None:
         """Where the reader must wait for its next item: ``None`` if one is buffered.
 
@@ -508,14 +523,14 @@ class Subscription:
         while (firehose := self._firehose) is not None and firehose.base + len(
             firehose.items
         ) - self._cursor > self.buffer:
-            await self._space.wait()
+            await self._space_to_wait().wait()
 
     async def __anext__(self) -> Event:
+        if self._since_yield >= _YIELD_EVERY:
+            # A reader that always finds events waiting must still let others run.
+            await anyio.lowlevel.checkpoint()
+            self._since_yield = 0
         while True:
-            if self._since_yield >= _YIELD_EVERY:
-                # A reader that always finds events waiting must still let others run.
-                await anyio.lowlevel.checkpoint()
-                self._since_yield = 0
             # Take the next item: the subscription's own buffer first, then the
             # shared log (a reader can hold buffered events while attached, when it
             # re-attached as a publisher waited for a full ``block`` subscriber).
@@ -528,27 +543,33 @@ class Subscription:
                 if self._space.waiting:
                     self._space.wake()
                 return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
-            firehose = self._firehose
             cursor = self._cursor
-            if firehose is not None and cursor >= 0:
-                index = cursor - firehose.base
+            if cursor >= 0:  # attached to the shared log (never while closed)
+                firehose: Firehose = self._firehose  # type: ignore[assignment]
                 items = firehose.items
+                index = cursor - firehose.base
                 if index < len(items):
                     self._since_yield += 1
                     self._cursor = cursor + 1
                     if self._space.waiting:
                         self._space.wake()
                     return items[index]
-            parking = self._parking()
-            if parking is not None:
-                # Parked here, not in a helper coroutine: one coroutine less per
-                # wake-up is a tenth of a token's CPU (docs/decisions.md).
-                self._parked = True
-                try:
-                    await parking.wait()
-                finally:
-                    self._parked = False
-                self._since_yield = 0
+                parking = firehose.parking
+            elif self._closed or self._firehose is not None:
+                found = self._parking()  # the end, or a detached reader re-attaching
+                if found is None:
+                    continue
+                parking = found
+            else:
+                parking = self._reader
+            # Parked here, not in a helper coroutine: one coroutine less per
+            # wake-up is a tenth of a token's CPU (docs/decisions.md).
+            self._parked = True
+            try:
+                await parking.wait()
+            finally:
+                self._parked = False
+            self._since_yield = 0
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -562,25 +583,40 @@ class Subscription:
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        if self._available():
-            await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
-        try:
-            while (parking := self._parking()) is not None:
+        waited = False  # parked, or let other tasks run, at least once in this call
+        while True:  # the steps of __anext__, then everything buffered at once
+            cursor = self._cursor
+            firehose = self._firehose
+            if self._buf or (firehose is not None and 0 <= cursor < firehose.base + len(firehose.items)):
+                if waited:
+                    break
+                await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
+            else:
+                if firehose is not None and cursor >= 0:  # attached to the shared log
+                    parking = firehose.parking
+                elif self._closed or firehose is not None:
+                    try:
+                        found = self._parking()  # the end, or a detached reader re-attaching
+                    except StopAsyncIteration:
+                        return []
+                    if found is None:
+                        continue
+                    parking = found
+                else:
+                    parking = self._reader
                 self._parked = True
                 try:
                     await parking.wait()
                 finally:
                     self._parked = False
-        except StopAsyncIteration:
-            return []
+            waited = True
         self._since_yield = 0
         buf = self._buf
         if not buf:
-            firehose = self._firehose
             assert firehose is not None
-            start = self._cursor - firehose.base
+            start = cursor - firehose.base
             events = firehose.items[start : None if limit is None else start + limit]
-            self._cursor += len(events)
+            self._cursor = cursor + len(events)
             if self._space.waiting:
                 self._space.wake()
             return events
