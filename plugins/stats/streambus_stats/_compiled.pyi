@@ -1,4 +1,4 @@
-"""Types of the compiled twins (``_compiled.pyx``) of ``_aggregator.Live``, the feed loop and ``_distribution.digest``."""
+"""Types of the compiled twins (``_compiled.pyx``) of the per-event loop, ``digest`` and the token count."""
 
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -19,6 +19,7 @@ from cpython.object cimport PyObject
 from libc.math cimport INFINITY, ceil, fabs, log, pow, rint
 from libc.stdint cimport int64_t
 from libc.stdlib cimport qsort
+from libc.string cimport memset
 
 import inspect
 import sys
@@ -31,6 +32,7 @@ cdef extern from "Python.h":
     bint Py_UNICODE_ISALNUM(Py_UCS4 ch)
     bint Py_UNICODE_ISSPACE(Py_UCS4 ch)
     bint PyUnicode_IS_ASCII(object text)
+    bint PyUnicode_CheckExact(object text)
     void *PyUnicode_DATA(object text)
     Py_ssize_t PyUnicode_GET_LENGTH(object text)
 
@@ -39,6 +41,7 @@ ctypedef object (*descrgetfunc)(object, object, object)
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
         descrgetfunc tp_descr_get
+    PyTypeObject *Py_TYPE(object o)
 
 
 cdef class _Field:
@@ -142,26 +145,56 @@ cdef class Live:
             self.gap_max = gap
 
 
+cdef enum:
+    SLOTS = 64  # the per-call cache of stream ids (a power of two)
+
+
+cdef struct Slot:
+    PyObject *stream  # borrowed: the events of the batch hold their ids
+    PyObject *live  # borrowed: the live dict holds it, and only `other` changes that dict
+
+
 def feed(object events, dict live, object other):
     """Account for *events* in order, as ``StatsAggregator.feed_many`` does; return the orphan events.
 
     Deltas are handled here; every other event goes to *other* (the aggregator's own method).
+    A stream's deltas usually carry the very same id object (its writer's), so the id's
+    ``Live`` is remembered by the id's identity for the rest of the call, and looked up in
+    *live* again only for another object or after *other* ran (which may start or finish
+    streams).
     """
     cdef Py_ssize_t orphans = 0
     cdef PyObject *found
+    cdef Slot cache[SLOTS]
+    cdef Slot *slot
     cdef Live st
     cdef double gap
+    memset(cache, 0, sizeof(cache))
     for event in events:
         if type(event) is not DELTA:
             other(event)
+            memset(cache, 0, sizeof(cache))
             continue
-        found = PyDict_GetItemWithError(live, STREAM.of(event))
-        if found is NULL:
-            orphans += 1
-            continue
-        st = <Live?><object>found
+        stream = STREAM.of(event)
+        slot = &cache[(<size_t><PyObject *>stream >> 4) & (SLOTS - 1)]
+        if slot.stream is <PyObject *>stream:
+            found = slot.live
+        else:
+            found = PyDict_GetItemWithError(live, stream)
+            if found is NULL:
+                orphans += 1
+                continue
+            slot.stream = <PyObject *>stream
+            slot.live = found
+        if Py_TYPE(<object>found) is not <PyTypeObject *>Live:
+            raise TypeError(f"live stream {stream!r}: {type(<object>found).__name__} is not a compiled Live")
+        st = <Live><object>found
         text = TEXT.of(event)
-        if not text:
+        if PyUnicode_CheckExact(text):
+            if PyUnicode_GET_LENGTH(text) == 0:
+                st.empty += 1
+                continue
+        elif not text:
             st.empty += 1
             continue
         n = N.of(event)

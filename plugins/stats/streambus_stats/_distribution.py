@@ -144,7 +144,7 @@ They do when the plugin was built with its extension, unless ``STREAMBUS_STATS_P
 when the plugin is imported; the pure-Python code is the reference either way, with the same figures."""
 if os.environ.get("STREAMBUS_STATS_PURE", "") in ("", "0"):
     try:
-        from ._compiled import digest as _digest  # type: ignore[no-redef]
+        from ._compiled import digest as _digest
 
         COMPILED = True
     except ImportError:  # built without a C compiler: the pure-Python path runs
