@@ -343,8 +343,8 @@ def approximate_tokens(str text):
     return count + ((run + 3) >> 2)
 
 
-def digest(list values, object bounds, object mapping):
-    """The C twin of ``_distribution.digest``: the same tuple for the same values (or ``None``)."""
+def digest(list values, object bounds, object mapping, list buckets, dict keyed):
+    """The C twin of ``_distribution.digest``: the same additions and tuple for the same values (or ``None``)."""
     cdef Py_ssize_t size = PyList_GET_SIZE(values)
     cdef Py_ssize_t n = 0, i, j, low, high, negative, zeros
     cdef double v, x, upper, gamma, edge
@@ -377,14 +377,16 @@ def digest(list values, object bounds, object mapping):
             else:
                 sum_nano += round(x)
         sum_nano += part
-        buckets = []
         low = 0
+        i = 0
         for bound in bounds:
             high = _after(ordered, low, n, <double>bound)
-            buckets.append(high - low)
+            if high > low:
+                buckets[i] += high - low
             low = high
-        buckets.append(n - low)
-        keyed = {}
+            i += 1
+        if n > low:
+            buckets[i] += n - low
         key_of = mapping.key
         gamma = mapping.gamma
         log_gamma = log(gamma)
@@ -401,6 +403,6 @@ def digest(list values, object bounds, object mapping):
             if j < n:
                 key = key + 1 if ordered[j] < upper * gamma * SURELY_BELOW else _key(ordered[j], key_of, gamma, log_gamma)
             i = j
-        return n, negative, ordered[0], ordered[n - 1], sum_nano, buckets, zeros, keyed
+        return n, negative, ordered[0], ordered[n - 1], sum_nano, zeros
     finally:
         PyMem_Free(ordered)

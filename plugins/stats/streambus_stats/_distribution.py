@@ -86,12 +86,21 @@ def _power(gamma: float, key: int) -> float:
         return math.inf
 
 
-Digest = tuple[int, int, float, float, int, list[int], int, dict[int, int]]
-"""What one batch adds to a distribution: ``(count, clamped, min, max, sum_nano, bucket counts, zeros, bin counts)``."""
+Digest = tuple[int, int, float, float, int, int]
+"""What one batch adds to a distribution besides its buckets and bins: ``(count, clamped, min, max, sum_nano, zeros)``."""
 
 
-def digest(values: list[float], bounds: Sequence[float], mapping: LogarithmicMapping) -> Digest | None:
+def digest(
+    values: list[float],
+    bounds: Sequence[float],
+    mapping: LogarithmicMapping,
+    buckets: list[int],
+    keyed: dict[int, int],
+) -> Digest | None:
     """Digest a batch of *values* for a distribution with *bounds* and *mapping* (``None``: nothing to add).
+
+    The values' counts per bucket are added to *buckets* (one more than *bounds*) and their
+    counts per sketch bin to *keyed*, in place; the rest is returned.
 
     The behaviour reference: ``streambus_stats._compiled.digest`` computes the same in C, and a
     test demands identical results. A batch costs one sort, and one mapping look-up per sketch bin
@@ -112,14 +121,12 @@ def digest(values: list[float], bounds: Sequence[float], mapping: LogarithmicMap
         ordered[:negative] = [0.0] * negative
     n = len(ordered)
     sum_nano = sum(map(round, map(_NANO_FLOAT.__mul__, ordered)))  # (round(v * 1e9) for each v)
-    buckets = []
     low = 0
-    for bound in bounds:
+    for i, bound in enumerate(bounds):
         high = bisect_right(ordered, bound, low)
-        buckets.append(high - low)
+        buckets[i] += high - low
         low = high
-    buckets.append(n - low)
-    keyed: dict[int, int] = {}
+    buckets[len(bounds)] += n - low
     key_of, gamma = mapping.key, mapping.gamma
     i = bisect_right(ordered, mapping.min_possible)
     zeros = i
@@ -133,7 +140,7 @@ def digest(values: list[float], bounds: Sequence[float], mapping: LogarithmicMap
         if j < n:  # the next value's bin: the next one when it is surely below that one's edge
             key = key + 1 if ordered[j] < upper * gamma * _SURELY_BELOW else key_of(ordered[j])
         i = j
-    return n, negative, float(ordered[0]), float(ordered[-1]), sum_nano, buckets, zeros, keyed
+    return n, negative, float(ordered[0]), float(ordered[-1]), sum_nano, zeros
 
 
 _digest = digest
@@ -221,20 +228,18 @@ class Distribution:
 
     def add_many(self, values: Iterable[float]) -> None:
         """Record every value of *values*: a batch costs one sort, and one sketch update per bin its values fill."""
-        batch = _digest(values if isinstance(values, list) else list(values), self.bounds, self.mapping)
+        batch = _digest(
+            values if isinstance(values, list) else list(values), self.bounds, self.mapping, self.buckets, self.keyed
+        )
         if batch is None:
             return
-        n, clamped, low, high, sum_nano, buckets, zeros, keyed = batch
+        n, clamped, low, high, sum_nano, zeros = batch
         self.count += n
         self.clamped += clamped
         self.min = min(self.min, low)
         self.max = max(self.max, high)
         self.sum_nano += sum_nano
-        self.buckets = [a + b for a, b in zip(self.buckets, buckets, strict=True)]
         self.zeros += zeros
-        mine = self.keyed
-        for key, count in keyed.items():
-            mine[key] = mine.get(key, 0) + count
         self._sketch = None
 
     # -- reading -------------------------------------------------------------

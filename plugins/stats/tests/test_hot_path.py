@@ -393,11 +393,15 @@ def test_compiled_digest_equals_the_reference() -> None:
         for trial in range(50):
             values = _values(rng, mapping)
             for bounds in (CHUNK_BUCKETS, TOKEN_BUCKETS, ()):
-                expected = digest(values, bounds, mapping)
-                got = compiled_digest(values, bounds, mapping)
-                assert got == expected, (accuracy, trial, bounds)
+                # Both add into a distribution's buckets and bins in place: start from the same non-empty ones.
+                start_buckets, start_keyed = [3] * (len(bounds) + 1), {-5: 2, 40: 1}
+                want_buckets, want_keyed = list(start_buckets), dict(start_keyed)
+                expected = digest(values, bounds, mapping, want_buckets, want_keyed)
+                got_buckets, got_keyed = list(start_buckets), dict(start_keyed)
+                got = compiled_digest(values, bounds, mapping, got_buckets, got_keyed)
+                assert (got, got_buckets, got_keyed) == (expected, want_buckets, want_keyed), (accuracy, trial, bounds)
                 if got is not None:
-                    assert type(got[4]) is int and all(type(k) is int for k in got[7]), "exact ints, as Python's"
+                    assert type(got[4]) is int and all(type(k) is int for k in got_keyed), "exact ints, as Python's"
 
 
 def test_compiled_digest_sums_huge_values_exactly() -> None:
@@ -406,7 +410,11 @@ def test_compiled_digest_sums_huge_values_exactly() -> None:
 
     mapping = LogarithmicMapping(0.01)
     values = [4.6e9, 4.6e9, 1e299, 3e9] * 500  # nanounits past an int64, alone and summed
-    assert compiled_digest(values, CHUNK_BUCKETS, mapping) == digest(values, CHUNK_BUCKETS, mapping)
+    got = compiled_digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
+    assert got == digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
+    assert got is not None and got[4] == 500 * (2 * 4_600_000_000_000_000_000 + 3_000_000_000_000_000_000) + round(
+        1e299 * 1e9
+    ) * 500
 
 
 @given(
