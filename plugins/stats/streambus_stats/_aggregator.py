@@ -364,7 +364,7 @@ class StatsAggregator:
     :param keep_streams: how many finished :class:`StreamRecord` to keep (``None``: all).
     :param quantiles: the quantiles summaries report.
     :param compiled: run deltas through the compiled twin of the per-event path (``None``: when it
-        was built, see :data:`~streambus_stats._distribution.COMPILED`); ``False``: the pure-Python
+        was built, see :data:`~streambus_stats.COMPILED`); ``False``: the pure-Python
         reference. Both give the same figures.
     """
 

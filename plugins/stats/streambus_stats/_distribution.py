@@ -87,7 +87,7 @@ def _power(gamma: float, key: int) -> float:
 
 
 Digest = tuple[int, int, float, float, int, int]
-"""What one batch adds to a distribution besides its buckets and bins: ``(count, clamped, min, max, sum_nano, zeros)``."""
+"""What a batch adds to a distribution besides buckets and bins: ``(count, clamped, min, max, sum_nano, zeros)``."""
 
 
 def digest(

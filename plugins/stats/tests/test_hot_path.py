@@ -412,9 +412,10 @@ def test_compiled_digest_sums_huge_values_exactly() -> None:
     values = [4.6e9, 4.6e9, 1e299, 3e9] * 500  # nanounits past an int64, alone and summed
     got = compiled_digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
     assert got == digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
-    assert got is not None and got[4] == 500 * (2 * 4_600_000_000_000_000_000 + 3_000_000_000_000_000_000) + round(
-        1e299 * 1e9
-    ) * 500
+    assert (
+        got is not None
+        and got[4] == 500 * (2 * 4_600_000_000_000_000_000 + 3_000_000_000_000_000_000) + round(1e299 * 1e9) * 500
+    )
 
 
 @given(
