@@ -299,15 +299,16 @@ class OtelSink(PluginBase):
         span = state.span
         input_tokens = output_tokens = None
         reason: str | None = None
+        final: dict[str, AttributeValue] = {}  # set in one call: each set_attribute takes the span's lock
         if isinstance(event, EndEvent):
             reason = event.reason
-            span.set_attribute("gen_ai.response.finish_reasons", [event.reason])
+            final["gen_ai.response.finish_reasons"] = [event.reason]
             if event.usage is not None:
                 input_tokens, output_tokens = event.usage.prompt_tokens, event.usage.completion_tokens
                 if input_tokens is not None:
-                    span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+                    final["gen_ai.usage.input_tokens"] = input_tokens
                 if output_tokens is not None:
-                    span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+                    final["gen_ai.usage.output_tokens"] = output_tokens
                 usage = event.usage
                 for name, count in (
                     ("gen_ai.usage.cache_read.input_tokens", usage.cached_input_tokens),
@@ -315,43 +316,49 @@ class OtelSink(PluginBase):
                     ("gen_ai.usage.reasoning.output_tokens", usage.reasoning_tokens),
                 ):
                     if count is not None:
-                        span.set_attribute(name, count)
-                span.set_attribute("streambus.usage.source", event.usage.source)
+                        final[name] = count
+                final["streambus.usage.source"] = event.usage.source
         elif isinstance(event, ErrorEvent):
             state.attrs["error.type"] = event.kind
-            span.set_attribute("error.type", event.kind)
-            span.set_attribute("streambus.error.retryable", event.retryable)
+            final["error.type"] = event.kind
+            final["streambus.error.retryable"] = event.retryable
             span.set_status(Status(StatusCode.ERROR, event.message or event.kind))
         else:
-            span.set_attribute("streambus.abort.by", event.by)
-            span.set_attribute("streambus.abort.reason", event.reason)
+            final["streambus.abort.by"] = event.by
+            final["streambus.abort.reason"] = event.reason
             span.add_event(
                 "streambus.abort",
                 {"streambus.abort.by": event.by, "streambus.abort.reason": event.reason},
                 timestamp=int(event.ts * _NS),
             )
-        self._end(state, event.ts, reason, input_tokens, output_tokens)
+        self._end(state, event.ts, reason, input_tokens, output_tokens, final)
 
     def _close_incomplete(self, stream: str) -> None:
         state = self._open.pop(stream)
         state.attrs["error.type"] = _INCOMPLETE
-        state.span.set_attribute("error.type", _INCOMPLETE)
-        state.span.set_attribute("streambus.incomplete", True)
         state.span.set_status(Status(StatusCode.ERROR, "the stream had no terminal event when the sink stopped"))
-        self._end(state, state.seen, None, None, None)
+        final: dict[str, AttributeValue] = {"error.type": _INCOMPLETE, "streambus.incomplete": True}
+        self._end(state, state.seen, None, None, None, final)
 
     def _end(
-        self, state: _Open, end: float, reason: str | None, input_tokens: int | None, output_tokens: int | None
+        self,
+        state: _Open,
+        end: float,
+        reason: str | None,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        final: dict[str, AttributeValue],
     ) -> None:
         span = state.span
         ttfc = None if state.first is None else state.first - state.start
         if ttfc is not None:
-            span.set_attribute("gen_ai.response.time_to_first_chunk", ttfc)
-        span.set_attribute("streambus.chunks", state.chunks)
+            final["gen_ai.response.time_to_first_chunk"] = ttfc
+        final["streambus.chunks"] = state.chunks
         if state.parts is not None:
-            span.set_attribute("gen_ai.output.messages", _output_messages(state.parts, reason))
+            final["gen_ai.output.messages"] = _output_messages(state.parts, reason)
             if state.truncated:
-                span.set_attribute("streambus.content_truncated", True)
+                final["streambus.content_truncated"] = True
+        span.set_attributes(final)
         span.end(end_time=int(end * _NS))
         attrs = state.attrs
         _, recorder = self._providers()

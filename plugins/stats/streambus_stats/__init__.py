@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from ._aggregator import FIGURES, STATE_VERSION, TOKEN_KINDS, Aggregate, StatsAggregator, StreamRecord
 from ._cli import render_tables, stats_command, summarise
-from ._distribution import Distribution
+from ._distribution import COMPILED, Distribution
 from ._plot import plot
 from ._prometheus import StatsCollector, render_metrics
 from ._sink import StatsSink
 from ._tokens import TokenCounter, approximate_tokens
 
 __all__ = [
+    "COMPILED",
     "FIGURES",
     "STATE_VERSION",
     "TOKEN_KINDS",

@@ -35,7 +35,7 @@ import msgspec
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent
 
-from ._distribution import CHUNK_BUCKETS, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
+from ._distribution import CHUNK_BUCKETS, COMPILED, DURATION_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS, Distribution
 from ._tokens import TokenCounter, TokenizerChoice
 
 __all__ = ["FIGURES", "STATE_VERSION", "TOKEN_KINDS", "Aggregate", "Live", "StatsAggregator", "StreamRecord"]
@@ -59,6 +59,10 @@ FIGURES: Final[dict[str, tuple[str, tuple[float, ...]]]] = {
 """Every distribution an :class:`Aggregate` keeps: name -> (definition, bucket bounds)."""
 
 _ORDER = ("time_to_first_chunk", "time_to_first_content")
+
+if COMPILED:
+    from ._compiled import Live as _CompiledLive
+    from ._compiled import feed as _compiled_feed
 
 
 class StreamRecord(msgspec.Struct, kw_only=True):
@@ -359,6 +363,9 @@ class StatsAggregator:
     :param hf_tokenizers: model name -> its own tokenizer on this machine (see :class:`TokenCounter`).
     :param keep_streams: how many finished :class:`StreamRecord` to keep (``None``: all).
     :param quantiles: the quantiles summaries report.
+    :param compiled: run deltas through the compiled twin of the per-event path (``None``: when it
+        was built, see :data:`~streambus_stats.COMPILED`); ``False``: the pure-Python
+        reference. Both give the same figures.
     """
 
     def __init__(
@@ -371,7 +378,13 @@ class StatsAggregator:
         keep_streams: int | None = 1000,
         quantiles: Sequence[float] = (0.5, 0.9, 0.99),
         counter: TokenCounter | None = None,
+        compiled: bool | None = None,
     ) -> None:
+        if compiled and not COMPILED:
+            raise ValueError(
+                "compiled: the compiled per-event path is not available (the plugin was built without it, "
+                "or STREAMBUS_STATS_PURE is set)"
+            )
         if not 0.0 < relative_accuracy < 1.0:
             raise ValueError(f"relative_accuracy: must be between 0 and 1 (exclusive), got {relative_accuracy}")
         if keep_streams is not None and keep_streams < 0:
@@ -382,6 +395,9 @@ class StatsAggregator:
         self.relative_accuracy = relative_accuracy
         self.quantiles = tuple(quantiles)
         self.counter = counter or TokenCounter(tokenizer, encoding, hf_tokenizers)
+        self.compiled = COMPILED if compiled is None else compiled
+        """Whether deltas go through the compiled twin of the per-event path (same figures, faster)."""
+        self._live_type: Any = _CompiledLive if self.compiled else Live  # (the twins share an interface, not a class)
         self.groups: dict[tuple[str, str], Aggregate] = {}
         """One :class:`Aggregate` per ``(model, provider)``."""
         self.streams: collections.deque[StreamRecord] = collections.deque(maxlen=keep_streams)
@@ -408,27 +424,31 @@ class StatsAggregator:
         """Account for *events*, in order: one batch, as the sink reads it from its subscription."""
         if not isinstance(events, list | tuple):
             events = list(events)
-        live = self.live
-        for event in events:
-            if type(event) is not DeltaEvent:
-                self._other(event)
-                continue
-            st = live.get(event.stream)
-            if st is None:
-                self.orphans += 1
-            elif not event.text:
-                st.empty += 1
-            elif st.first_content is None or event.n != 1:
-                st.chunk(event)
-            else:
-                # The commonest event by far, inlined: one more chunk of a stream that has its first content.
-                st.texts.append(event.text)
-                ts = event.ts
-                gap = ts - st.last  # type: ignore[operator]  # (set with first_content)
-                st.last = ts
-                st.gaps.append(gap)
-                if gap > st.gap_max:
-                    st.gap_max = gap
+        if self.compiled:
+            orphans = _compiled_feed(events, self.live, self._other)  # (before `+=`: _other counts some too)
+            self.orphans += orphans
+        else:
+            live = self.live
+            for event in events:
+                if type(event) is not DeltaEvent:
+                    self._other(event)
+                    continue
+                st = live.get(event.stream)
+                if st is None:
+                    self.orphans += 1
+                elif not event.text:
+                    st.empty += 1
+                elif st.first_content is None or event.n != 1:
+                    st.chunk(event)
+                else:
+                    # The commonest event by far, inlined: one more chunk of a stream that has its first content.
+                    st.texts.append(event.text)
+                    ts = event.ts
+                    gap = ts - st.last  # type: ignore[operator]  # (set with first_content)
+                    st.last = ts
+                    st.gaps.append(gap)
+                    if gap > st.gap_max:
+                        st.gap_max = gap
         self.events += len(events)
         self._ingest()
 
@@ -461,7 +481,7 @@ class StatsAggregator:
         agg = self._group(event.model, event.provider)
         agg.started += 1
         agg.first_ts = min(agg.first_ts, event.ts)
-        self.live[event.stream] = Live(event, agg)
+        self.live[event.stream] = self._live_type(event, agg)
 
     def close_incomplete(self) -> None:
         """Finish every live stream as ``incomplete`` (end of a recording that cut streams short)."""

@@ -19,6 +19,7 @@ depend on the order of additions either.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,17 @@ from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.store import DenseStore
 
-__all__ = ["CHUNK_BUCKETS", "DURATION_BUCKETS", "RATE_BUCKETS", "TOKEN_BUCKETS", "Distribution", "Quantiles"]
+__all__ = [
+    "CHUNK_BUCKETS",
+    "COMPILED",
+    "DURATION_BUCKETS",
+    "RATE_BUCKETS",
+    "TOKEN_BUCKETS",
+    "Digest",
+    "Distribution",
+    "Quantiles",
+    "digest",
+]
 
 DURATION_BUCKETS: tuple[float, ...] = (
     0.01,
@@ -73,6 +84,78 @@ def _power(gamma: float, key: int) -> float:
         return gamma**key
     except OverflowError:
         return math.inf
+
+
+Digest = tuple[int, int, float, float, int, int]
+"""What a batch adds to a distribution besides buckets and bins: ``(count, clamped, min, max, sum_nano, zeros)``."""
+
+
+def digest(
+    values: list[float],
+    bounds: Sequence[float],
+    mapping: LogarithmicMapping,
+    buckets: list[int],
+    keyed: dict[int, int],
+) -> Digest | None:
+    """Digest a batch of *values* for a distribution with *bounds* and *mapping* (``None``: nothing to add).
+
+    The values' counts per bucket are added to *buckets* (one more than *bounds*) and their
+    counts per sketch bin to *keyed*, in place; the rest is returned.
+
+    The behaviour reference: ``streambus_stats._compiled.digest`` computes the same in C, and a
+    test demands identical results. A batch costs one sort, and one mapping look-up per sketch bin
+    its values fill: the mapping's key never decreases as the value grows, so a bin's values are a
+    run of the sorted batch, ending at ``gamma ** key`` (the bin's upper edge). Where a value lies
+    so close to that edge that rounding could put it either side, the mapping's own key decides:
+    every value lands in the bin ``sketch.add(value)`` would put it in.
+    """
+    ordered = sorted(values)
+    if ordered and (not math.isfinite(sum(ordered)) or ordered[-1] > _LARGEST or ordered[0] < -_LARGEST):
+        # NaN, infinities and values whose nanounits overflow a float (a recording with ts = 1e308
+        # gives such gaps) have no place in a sketch or an integer sum: left out, as a missing figure.
+        ordered = sorted(v for v in ordered if abs(v) <= _LARGEST)
+    if not ordered:
+        return None
+    negative = bisect_left(ordered, 0.0)
+    if negative:
+        ordered[:negative] = [0.0] * negative
+    n = len(ordered)
+    sum_nano = sum(map(round, map(_NANO_FLOAT.__mul__, ordered)))  # (round(v * 1e9) for each v)
+    low = 0
+    for i, bound in enumerate(bounds):
+        high = bisect_right(ordered, bound, low)
+        buckets[i] += high - low
+        low = high
+    buckets[len(bounds)] += n - low
+    key_of, gamma = mapping.key, mapping.gamma
+    i = bisect_right(ordered, mapping.min_possible)
+    zeros = i
+    key = key_of(ordered[i]) if i < n else 0
+    while i < n:
+        upper = _power(gamma, key)
+        j = bisect_right(ordered, upper * _SURELY_BELOW, i)
+        while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
+            j += 1
+        keyed[key] = keyed.get(key, 0) + j - i
+        if j < n:  # the next value's bin: the next one when it is surely below that one's edge
+            key = key + 1 if ordered[j] < upper * gamma * _SURELY_BELOW else key_of(ordered[j])
+        i = j
+    return n, negative, float(ordered[0]), float(ordered[-1]), sum_nano, zeros
+
+
+_digest = digest
+COMPILED = False
+"""Whether the compiled twins of the per-event path and :func:`digest` run (``streambus_stats._compiled``).
+
+They do when the plugin was built with its extension, unless ``STREAMBUS_STATS_PURE=1`` is set
+when the plugin is imported; the pure-Python code is the reference either way, with the same figures."""
+if os.environ.get("STREAMBUS_STATS_PURE", "") in ("", "0"):
+    try:
+        from ._compiled import digest as _digest
+
+        COMPILED = True
+    except ImportError:  # built without a C compiler: the pure-Python path runs
+        pass
 
 
 class Distribution:
@@ -145,50 +228,19 @@ class Distribution:
 
     def add_many(self, values: Iterable[float]) -> None:
         """Record every value of *values*: a batch costs one sort, and one sketch update per bin its values fill."""
-        ordered = sorted(values)
-        if ordered and (not math.isfinite(sum(ordered)) or ordered[-1] > _LARGEST or ordered[0] < -_LARGEST):
-            # NaN, infinities and values whose nanounits overflow a float (a recording with ts = 1e308
-            # gives such gaps) have no place in a sketch or an integer sum: left out, as a missing figure.
-            ordered = sorted(v for v in ordered if abs(v) <= _LARGEST)
-        if not ordered:
+        batch = _digest(
+            values if isinstance(values, list) else list(values), self.bounds, self.mapping, self.buckets, self.keyed
+        )
+        if batch is None:
             return
-        negative = bisect_left(ordered, 0.0)
-        if negative:
-            self.clamped += negative
-            ordered[:negative] = [0.0] * negative
-        n = len(ordered)
+        n, clamped, low, high, sum_nano, zeros = batch
         self.count += n
-        self.min = min(self.min, float(ordered[0]))
-        self.max = max(self.max, float(ordered[-1]))
-        self.sum_nano += sum(map(round, map(_NANO_FLOAT.__mul__, ordered)))  # (round(v * 1e9) for each v)
-        low = 0
-        for i, bound in enumerate(self.bounds):
-            high = bisect_right(ordered, bound, low)
-            self.buckets[i] += high - low
-            low = high
-        self.buckets[-1] += n - low
-        self._count_bins(ordered)
+        self.clamped += clamped
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
+        self.sum_nano += sum_nano
+        self.zeros += zeros
         self._sketch = None
-
-    def _count_bins(self, ordered: list[float]) -> None:
-        # The mapping's key never decreases as the value grows, so a bin's values are a run of the sorted batch,
-        # ending at gamma ** key (the bin's upper edge). Where a value lies so close to that edge that rounding
-        # could put it either side, the mapping's own key decides: every value lands in the bin it would get from
-        # `sketch.add(value)`, at the cost of a key or two per bin, not per value.
-        keyed, key_of, gamma = self.keyed, self.mapping.key, self.mapping.gamma
-        n = len(ordered)
-        i = bisect_right(ordered, self.mapping.min_possible)
-        self.zeros += i
-        key = key_of(ordered[i]) if i < n else 0
-        while i < n:
-            upper = _power(gamma, key)
-            j = bisect_right(ordered, upper * _SURELY_BELOW, i)
-            while j < n and ordered[j] <= upper * _SURELY_ABOVE and key_of(ordered[j]) == key:
-                j += 1
-            keyed[key] = keyed.get(key, 0) + j - i
-            if j < n:  # the next value's bin: the next one when it is surely below that one's edge
-                key = key + 1 if ordered[j] < upper * gamma * _SURELY_BELOW else key_of(ordered[j])
-            i = j
 
     # -- reading -------------------------------------------------------------
     @property

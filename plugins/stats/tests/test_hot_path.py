@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 
 import pytest
 from ddsketch import DDSketch
+from ddsketch.mapping import LogarithmicMapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streambus_stats import StatsAggregator
-from streambus_stats._tokens import approximate_tokens
+from streambus_stats._distribution import CHUNK_BUCKETS, COMPILED, TOKEN_BUCKETS, digest
+from streambus_stats._tokens import approximate_tokens, count_pieces
 
 from streambus.events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, ModerationEvent, StartEvent, Usage
 
@@ -296,3 +299,135 @@ def test_every_gap_lands_in_the_bin_ddsketch_gives_it() -> None:
     for v in values:
         single.add(v)
     assert got == single  # bins, zero count, buckets, sum, min and max
+
+
+# -- the compiled twins (streambus_stats/_compiled.pyx) against the pure-Python reference ------------------------
+
+
+def require_compiled() -> None:
+    """The compiled path must be there unless the pure one was asked for: a build that lost it fails here."""
+    if os.environ.get("STREAMBUS_STATS_PURE", "") not in ("", "0"):
+        pytest.skip("STREAMBUS_STATS_PURE is set: only the pure-Python path runs")
+    assert COMPILED, "streambus_stats._compiled was not built (pip install -e plugins/stats needs a C compiler)"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(feeds())
+def test_compiled_and_pure_paths_give_identical_figures(feed: tuple[list[Event], list[int]]) -> None:
+    require_compiled()
+    events, cuts = feed
+    results = []
+    for compiled in (False, True):
+        agg = StatsAggregator(tokenizer="approx", keep_streams=None, compiled=compiled)
+        assert agg.compiled is compiled
+        for lo, hi in zip([0, *cuts], [*cuts, len(events)], strict=True):
+            agg.feed_many(events[lo:hi])
+        results.append((figures(agg), agg.orphans, agg.events))
+    assert results[0] == results[1]
+
+
+def test_compiled_and_pure_paths_agree_on_integer_and_odd_timestamps() -> None:
+    require_compiled()
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0, model="m", provider="p")]
+    stamps: list[float] = [1, 2, 2.5, 4, 4.0, 7, math.inf, 9.0, 8.0, 1e308, 12, -3.0]
+    events += deltas("s", stamps, ["ab"] * len(stamps))
+    events.append(EndEvent(stream="s", seq=len(stamps) + 1, ts=20))
+    results = []
+    for compiled in (False, True):
+        agg = StatsAggregator(tokenizer="approx", compiled=compiled)
+        for lo in range(0, len(events), 3):
+            agg.feed_many(events[lo : lo + 3])
+        results.append(figures(agg))
+    assert results[0] == results[1]
+
+
+def test_compiled_path_is_refused_by_name_when_it_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streambus_stats._aggregator as module
+
+    monkeypatch.setattr(module, "COMPILED", False)
+    with pytest.raises(ValueError, match="compiled: the compiled per-event path is not available"):
+        StatsAggregator(compiled=True)
+    assert StatsAggregator().compiled is False
+
+
+def _values(rng: random.Random, mapping: LogarithmicMapping) -> list[float]:
+    size = rng.choice([0, 1, 2, 17, 300, 3000])
+    pick = rng.random()
+    if pick < 0.15:  # few distinct values: long runs of equal keys
+        return [rng.choice([0.5, 0.25, 3.0, 0.0]) for _ in range(size)]
+    if pick < 0.3:  # on and next to bin edges
+        out = []
+        for _ in range(size):
+            edge = mapping.value(rng.randint(-2000, 1500)) * (1 + mapping.gamma) / 2
+            out.append(rng.choice([edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf)]))
+        return out
+    values = [
+        rng.choice(
+            [
+                rng.lognormvariate(math.log(0.005), 3),
+                rng.uniform(-1, 1),
+                0.0,
+                -0.0,
+                1e-12 * rng.random(),
+                5e-324,
+                float(rng.randint(0, 10**6)),
+                rng.randint(0, 5),  # ints: what a recording with integer stamps gives
+                1e299,
+                rng.choice([math.nan, math.inf, -math.inf, 1.7e300, -1.7e300]),
+            ]
+        )
+        for _ in range(size)
+    ]
+    if rng.random() < 0.3:
+        values.sort(key=float)
+    return values
+
+
+def test_compiled_digest_equals_the_reference() -> None:
+    require_compiled()
+    from streambus_stats._compiled import digest as compiled_digest
+
+    rng = random.Random(5)
+    for accuracy in (0.01, 0.001, 0.2):
+        mapping = LogarithmicMapping(accuracy)
+        for trial in range(50):
+            values = _values(rng, mapping)
+            for bounds in (CHUNK_BUCKETS, TOKEN_BUCKETS, ()):
+                # Both add into a distribution's buckets and bins in place: start from the same non-empty ones.
+                start_buckets, start_keyed = [3] * (len(bounds) + 1), {-5: 2, 40: 1}
+                want_buckets, want_keyed = list(start_buckets), dict(start_keyed)
+                expected = digest(values, bounds, mapping, want_buckets, want_keyed)
+                got_buckets, got_keyed = list(start_buckets), dict(start_keyed)
+                got = compiled_digest(values, bounds, mapping, got_buckets, got_keyed)
+                assert (got, got_buckets, got_keyed) == (expected, want_buckets, want_keyed), (accuracy, trial, bounds)
+                if got is not None:
+                    assert type(got[4]) is int and all(type(k) is int for k in got_keyed), "exact ints, as Python's"
+
+
+def test_compiled_digest_sums_huge_values_exactly() -> None:
+    require_compiled()
+    from streambus_stats._compiled import digest as compiled_digest
+
+    mapping = LogarithmicMapping(0.01)
+    values = [4.6e9, 4.6e9, 1e299, 3e9] * 500  # nanounits past an int64, alone and summed
+    got = compiled_digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
+    assert got == digest(values, CHUNK_BUCKETS, mapping, [0] * 14, {})
+    assert (
+        got is not None
+        and got[4] == 500 * (2 * 4_600_000_000_000_000_000 + 3_000_000_000_000_000_000) + round(1e299 * 1e9) * 500
+    )
+
+
+@given(
+    st.text(
+        alphabet=st.one_of(st.sampled_from("ab_9 \t\n\x1c\x85.,!?'-é中ß٣\u00a0\u2028\U0001f600"), st.characters()),
+        max_size=300,
+    )
+)
+def test_compiled_token_approximation_equals_the_regex(text: str) -> None:
+    require_compiled()
+    from streambus_stats._compiled import approximate_tokens as compiled_count
+
+    ascii = text.encode("ascii", "ignore").decode()  # (the ASCII fast path)
+    assert compiled_count(text) == count_pieces(text)
+    assert compiled_count(ascii) == count_pieces(ascii)
