@@ -53,6 +53,8 @@ __all__ = [
     "ProducerOptions",
     "RetryPolicy",
     "StreamParser",
+    "check_http_url",
+    "check_messages",
     "error_message",
     "publish_pieces",
     "read_status_failure",
@@ -62,8 +64,6 @@ __all__ = [
     "status_failure",
     "stream_attempt",
     "stream_error_failure",
-    "check_http_url",
-    "check_messages",
 ]
 
 log = structlog.get_logger("streambus.producing")
