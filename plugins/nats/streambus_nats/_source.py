@@ -83,6 +83,11 @@ def _retryable_errors() -> tuple[type[BaseException], ...]:
     return (nats.errors.Error, TimeoutError, OSError)
 
 
+# deliver_linger_ms: a followed token arriving this long after the oldest held one publishes them all at once
+# (it came in a later wake-up than they did), so the linger's timer fires only when no token follows within it.
+_EARLY_FLUSH_S = 0.002
+
+
 class NatsSource(PluginBase):
     """Republish the events found in NATS JetStream on the local bus (config type ``nats``).
 
@@ -812,7 +817,7 @@ class NatsSource(PluginBase):
                     self._held_since = now = loop.time()  # again: waiting for the flusher above took time
                     self._held_timer = loop.call_at(now + self.options.deliver_linger_ms / 1000, self._held_wake.set)
                 held.append((events, producer, seq))
-                if now - self._held_since >= self.options.deliver_linger_ms / 2000:
+                if now - self._held_since >= _EARLY_FLUSH_S:
                     # Awake for this message anyway: publish what is held now (it lingered at least half the
                     # linger) instead of waking once more for the timer. While followed tokens come densely
                     # the timer never fires, so the linger adds no wake-up of its own (it did: each was ~150 µs
