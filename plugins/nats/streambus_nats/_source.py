@@ -172,8 +172,9 @@ class NatsSource(PluginBase):
         fetch_max_messages: PositiveInt = 10_000
         """``interested``: a stream with more messages than this is not fetched (answered "not recovered")."""
         deliver_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
-        """``interested``: hold the followed streams' events this long after the first arrives and publish them
-        together (fewer wake-ups of the bus and its sinks per token; up to that much more latency); 0: at once."""
+        """``interested``: hold the followed streams' events at most this long after the first arrives and publish
+        them together (up to that much more latency); a followed message arriving 2 ms or more after the oldest
+        held one publishes them at once (no wake-up for the timer then); 0: at once."""
 
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
