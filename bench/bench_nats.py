@@ -64,9 +64,19 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime - _CPU_START[0]
 
 
+_WAKES_START = [0]
+
+
+def _wakes() -> int:
+    """Voluntary context switches since :func:`_mark`: how often the process slept and was woken (load-proof)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - _WAKES_START[0]
+
+
 def _mark() -> None:
     _CPU_START[0] = 0.0
     _CPU_START[0] = _cpu()
+    _WAKES_START[0] = 0
+    _WAKES_START[0] = _wakes()
 
 
 def _report(received: int, latencies: list[float], extra: dict[str, Any] | None = None) -> None:
@@ -337,7 +347,7 @@ async def edge_serve(url: str, prefix: str, follow: str, linger: int) -> None:
         if profile:
             profiler.disable()
             profiler.dump_stats(f"{profile}.{follow}.{linger}")
-        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
+        print(json.dumps({"cpu": _cpu(), "wakes": _wakes(), "delivered": source.delivered - delivered}), flush=True)
         source.stop()
 
 
@@ -424,6 +434,7 @@ def run_edge(url: str, follow: str, linger: int) -> dict[str, Any]:
     return {
         "tokens": tokens,
         "cpu": stats["cpu"],
+        "wakes": stats["wakes"],
         "read": stats["delivered"],
         "elapsed": elapsed,
         "cpu_us": stats["cpu"] / tokens * 1e6 if tokens else float("nan"),
@@ -448,7 +459,11 @@ def edges_main() -> int:
         for label, follow, linger in rows:
             print(f"-- edge: {label}", flush=True)
             results[label] = r = run_edge(url, follow, linger)
-            print(f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
+            print(
+                f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token, "
+                f"{r['wakes']} wake-ups",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(10)

@@ -72,10 +72,20 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime - _CPU_START[0]
 
 
+_WAKES_START = [0]
+
+
+def _wakes() -> int:
+    """Voluntary context switches since :func:`_mark`: how often the process slept and was woken (load-proof)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - _WAKES_START[0]
+
+
 def _mark() -> None:
     """Start counting CPU here (after imports and connecting)."""
     _CPU_START[0] = 0.0
     _CPU_START[0] = _cpu()
+    _WAKES_START[0] = 0
+    _WAKES_START[0] = _wakes()
 
 
 # -- streambus -------------------------------------------------------------------------------
@@ -284,7 +294,7 @@ async def edge_serve(url: str, key: str, layout: str, linger: int) -> None:
         if profile:
             profiler.disable()
             profiler.dump_stats(f"{profile}.{layout}.{linger}")
-        print(json.dumps({"cpu": _cpu(), "delivered": source.delivered - delivered}), flush=True)
+        print(json.dumps({"cpu": _cpu(), "wakes": _wakes(), "delivered": source.delivered - delivered}), flush=True)
         source.stop()
 
 
@@ -409,6 +419,7 @@ def run_edge(layout: str, linger: int) -> dict[str, Any]:
     return {
         "tokens": tokens,
         "cpu": stats["cpu"],
+        "wakes": stats["wakes"],
         "read": stats["delivered"],
         "elapsed": elapsed,
         "cpu_us": stats["cpu"] / tokens * 1e6 if tokens else float("nan"),
@@ -423,11 +434,21 @@ def edges_table() -> list[str]:
         (goal_row, "per_stream", EDGE_LINGER_MS),
         ("interest routing (`per_stream`, `read_linger_ms = 50`)", "per_stream", 50),
     ]
+    if only := os.environ.get("BENCH_EDGE_ONLY"):  # one row alone (profiling), e.g. per_stream-20; no table
+        for _label, layout, linger in rows:
+            if f"{layout}-{linger}" == only:
+                r = run_edge(layout, linger)
+                print(f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['wakes']} wake-ups", flush=True)
+        return []
     results = {}
     for label, layout, linger in rows:
         print(f"-- edge: {label}", flush=True)
         results[label] = r = run_edge(layout, linger)
-        print(f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token", flush=True)
+        print(
+            f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token, "
+            f"{r['wakes']} wake-ups",
+            flush=True,
+        )
     offered = EDGE_STREAMS * EDGE_TOKENS
     expected = EDGE_FOLLOWED * EDGE_TOKENS
     lines = [
@@ -542,6 +563,8 @@ def child_main(argv: list[str]) -> None:
 def main(argv: list[str]) -> int:
     if argv == ["edges"]:
         edges = edges_table()
+        if not edges:
+            return 0
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "redis-edges.md").write_text("\n".join(edges) + "\n", encoding="utf-8")
         print("\n".join(edges))

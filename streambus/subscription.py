@@ -71,6 +71,11 @@ class OverflowPolicy(enum.Enum):
             raise ValueError(f"unknown overflow policy {value!r}; expected one of {choices}") from None
 
 
+# A meta value that is a collection lists the accepted values (one tuple, not a union built per call: an
+# interest edge matches every start it indexes against every client's filters).
+_ACCEPTED = (list, tuple, set, frozenset)
+
+
 class Filter(msgspec.Struct, frozen=True, kw_only=True):
     """Which streams a subscriber wants. Empty fields match everything.
 
@@ -119,10 +124,12 @@ class Filter(msgspec.Struct, frozen=True, kw_only=True):
             return False
         if self.providers is not None and start.provider not in self.providers:
             return False
-        if self.meta:
-            for key, want in self.meta.items():
-                have = start.meta.get(key)
-                if isinstance(want, list | tuple | set | frozenset):
+        meta = self.meta
+        if meta:
+            have_meta = start.meta
+            for key, want in meta.items():
+                have = have_meta.get(key)
+                if isinstance(want, _ACCEPTED):
                     if have not in want:
                         return False
                 elif have != want:

@@ -360,7 +360,13 @@ class WebSocketSink(PluginBase):
         source (Redis ``per_stream``) reads a stream's events only if some
         sink on the bus wants it.
         """
-        return any(flt.matches(start) for client in self._clients for flt in client.subscriptions.values())
+        # Plain loops, not any() over a generator: an interest edge asks this for every start in its index
+        # (1,000 live streams x every client's filters), and the generator's frames were most of the cost.
+        for client in self._clients:
+            for flt in client.subscriptions.values():
+                if flt.matches(start):
+                    return True
+        return False
 
     async def run(self, events: Subscription) -> None:
         """Serve clients and broadcast *events* until the subscription ends."""
@@ -1196,9 +1202,13 @@ class WebSocketSink(PluginBase):
             write(now, data, text=True)
 
     def _match(self, start: StartEvent) -> dict[Client, None]:
-        return {
-            client: None for client in self._clients if any(flt.matches(start) for flt in client.subscriptions.values())
-        }
+        matched: dict[Client, None] = {}
+        for client in self._clients:
+            for flt in client.subscriptions.values():
+                if flt.matches(start):
+                    matched[client] = None
+                    break
+        return matched
 
 
 def _response(status: int, reason: str, content_type: str, body: bytes) -> Response:
