@@ -9,6 +9,12 @@ bus they must agree on two things, kept here per bus and per engine:
 - ``foreign``: the streams a source republished, so a sink of the same engine
   on the same bus does not send them back (which would loop). Another engine's
   sink on that bus still forwards them, so a bus can bridge two engines.
+
+:class:`ControlSink` is what every engine's control sink (``redis-control``,
+``nats-control``) shares: it becomes the bus's stop route under the engine's
+origin id, answers a stop request from another host by stopping the stream on
+this bus, and says when it listens. A subclass carries the requests over its
+engine (``run`` and ``forward_stop``).
 """
 
 from __future__ import annotations
@@ -16,12 +22,18 @@ from __future__ import annotations
 import secrets
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import anyio
+
+from .plugins import PluginBase
+from .stopping import StopOutcome, StopReply, StopRequest
 
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["EngineLocal", "engine_state"]
+__all__ = ["ControlSink", "EngineLocal", "engine_state"]
 
 
 class EngineLocal:
@@ -58,3 +70,61 @@ def engine_state(bus: Bus, engine: str) -> EngineLocal:
     if state is None:
         state = states[engine] = EngineLocal()
     return state
+
+
+class ControlSink(PluginBase):
+    """Base of an engine's control sink: the bus's stop route, under the engine's origin id.
+
+    A subclass sets :attr:`engine`, resolves its ``Options`` in ``__init__``
+    and then calls ``super().__init__()``, listens on its engine in ``run``
+    (calling :meth:`mark_ready` once it does, and :meth:`answer` for each stop
+    request from another host), and sends this host's requests in
+    :meth:`forward_stop`. The sink reads no events: its subscription is drained
+    and dropped (``drop_oldest``, buffer 1).
+    """
+
+    engine: ClassVar[str] = ""
+    """The engine's name in :func:`engine_state` (``"redis"``, ``"nats"``)."""
+    overflow: ClassVar[str] = "drop_oldest"
+    buffer: ClassVar[int] = 1
+
+    def __init__(self) -> None:
+        self.origin = secrets.token_hex(8)
+        """This host's id on the control channel (the bus's origin for :attr:`engine` once set up)."""
+        self.handled = 0
+        """Stop requests from other hosts this sink answered."""
+        self._bus: Bus | None = None
+        self._remove_route: Callable[[], None] | None = None
+        self._ready = anyio.Event()
+
+    async def wait_ready(self) -> None:
+        """Wait until the sink listens (stops it forwards are answered from then on)."""
+        await self._ready.wait()
+
+    def mark_ready(self) -> None:
+        """Say that the sink listens on its engine (ends :meth:`wait_ready`)."""
+        self._ready.set()
+
+    async def setup(self, bus: Bus) -> None:
+        """Become *bus*'s stop route, under the bus's origin id for :attr:`engine`."""
+        self._bus = bus
+        self.origin = engine_state(bus, self.engine).origin
+        self._remove_route = bus.add_stop_route(self)
+
+    async def teardown(self) -> None:
+        """Stop routing stops (the bus is closing)."""
+        if self._remove_route is not None:
+            self._remove_route()
+            self._remove_route = None
+
+    async def answer(self, request: StopRequest) -> StopReply:
+        """Stop *request*'s stream on this bus (never forwarding it again); the reply to send back."""
+        if self._bus is None:
+            raise RuntimeError(f"{type(self).__name__} answered a stop request before setup()")
+        outcome = await self._bus.stop(request.stream, reason=request.reason, by=request.by, forward=False)
+        self.handled += 1
+        return StopReply(id=request.id, stream=request.stream, origin=self.origin, outcome=outcome.value)
+
+    async def forward_stop(self, stream: str, *, reason: str, by: str) -> StopOutcome:
+        """Ask the other hosts to stop *stream*; the outcome (a subclass carries it over its engine)."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry stop requests")

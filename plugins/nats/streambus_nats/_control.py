@@ -28,23 +28,22 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import anyio
 import msgspec
 import structlog
 
-from streambus import DecodeError, PluginBase, StopFailed, StopOutcome, Subscription
+from streambus import DecodeError, StopFailed, StopOutcome, Subscription
+from streambus.engines import ControlSink
 from streambus.stopping import CONTROL_VERSION, StopReply, StopRequest, decode_stop, encode_stop
 
-from ._common import DEFAULT_PREFIX, check_prefix, connect, local_state, redact, require_asyncio, resolve_url
+from ._common import DEFAULT_PREFIX, check_prefix, connect, redact, require_asyncio, resolve_url
 
 if TYPE_CHECKING:
     import nats.aio.client
     import nats.aio.msg
 
-    from streambus import Bus
 
 __all__ = ["NatsControl"]
 
@@ -55,7 +54,7 @@ _HERE_EVERY = 1.0  # seconds between two announcements of a control sink
 _HERE_FOR = 3.0  # a host not heard from this long is not waited for
 
 
-class NatsControl(PluginBase):
+class NatsControl(ControlSink):
     """Carry stops between hosts over NATS (config type ``nats-control``).
 
     Add it to every bus of the deployment, producer hosts and edges::
@@ -82,41 +81,18 @@ class NatsControl(PluginBase):
         def __post_init__(self) -> None:
             check_prefix(self.prefix)
 
-    overflow: ClassVar[str] = "drop_oldest"
-    buffer: ClassVar[int] = 1
+    engine: ClassVar[str] = "nats"
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         self.options: NatsControl.Options = self.resolve_options(options, kwargs)
-        self.origin = secrets.token_hex(8)
-        """This host's id on the control subject (the bus's NATS origin once set up)."""
-        self.handled = 0
-        """Stop requests from other hosts this sink answered."""
-        self._bus: Bus | None = None
+        super().__init__()
         self._client: nats.aio.client.Client | None = None
         self._peers: dict[str, float] = {}
-        self._remove_route: Callable[[], None] | None = None
-        self._ready = anyio.Event()
 
     @property
     def subject(self) -> str:
         """Where stop requests travel."""
         return f"{self.options.prefix}.control.stop"
-
-    async def wait_ready(self) -> None:
-        """Wait until the sink listens on the control subject (stops it forwards are answered from then on)."""
-        await self._ready.wait()
-
-    async def setup(self, bus: Bus) -> None:
-        """Become *bus*'s stop route, under the bus's NATS origin id."""
-        self._bus = bus
-        self.origin = local_state(bus).origin
-        self._remove_route = bus.add_stop_route(self)
-
-    async def teardown(self) -> None:
-        """Stop routing stops (the bus is closing)."""
-        if self._remove_route is not None:
-            self._remove_route()
-            self._remove_route = None
 
     async def run(self, events: Subscription) -> None:
         """Listen on the control subject until the bus closes the subscription."""
@@ -128,7 +104,7 @@ class NatsControl(PluginBase):
             await client.subscribe(f"{opts.prefix}.control.here.*", cb=self._on_here)
             await client.flush()
             self._client = client
-            self._ready.set()
+            self.mark_ready()
             log.info("nats.control_started", url=redact(resolve_url(opts.url)), subject=self.subject)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._announce, client)
@@ -171,12 +147,9 @@ class NatsControl(PluginBase):
     async def _answer(self, request: StopRequest) -> None:
         import nats.errors
 
-        assert self._bus is not None
-        outcome = await self._bus.stop(request.stream, reason=request.reason, by=request.by, forward=False)
-        self.handled += 1
-        if outcome is StopOutcome.STOPPED:
+        reply = await self.answer(request)
+        if reply.outcome == StopOutcome.STOPPED:
             log.info("nats.control_stopped", stream=request.stream, requested_by=request.origin)
-        reply = StopReply(id=request.id, stream=request.stream, origin=self.origin, outcome=outcome.value)
         client = self._client
         if client is None:
             return

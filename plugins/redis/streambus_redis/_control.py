@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import anyio
@@ -33,15 +32,15 @@ import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
-from streambus import DecodeError, PluginBase, StopFailed, StopOutcome, Subscription
+from streambus import DecodeError, StopFailed, StopOutcome, Subscription
+from streambus.engines import ControlSink
 from streambus.stopping import CONTROL_VERSION, StopReply, StopRequest, decode_stop, encode_stop
 
-from ._common import ENV_PASSWORD, connect, local_state, redact, require_asyncio, resolve_url
+from ._common import ENV_PASSWORD, connect, redact, require_asyncio, resolve_url
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from streambus import Bus
 
 __all__ = ["DEFAULT_CONTROL_CHANNEL", "RedisControl"]
 
@@ -53,7 +52,7 @@ DEFAULT_CONTROL_CHANNEL = "streambus:control"
 _MAX_PENDING_REPLIES = 1024  # answers buffered per request: one per listening host
 
 
-class RedisControl(PluginBase):
+class RedisControl(ControlSink):
     """Carry stops between hosts over Redis pub/sub (config type ``redis-control``).
 
     Add it to every bus of the deployment, producer hosts and edges::
@@ -85,41 +84,18 @@ class RedisControl(PluginBase):
             if not 0 < self.reply_timeout <= 60:
                 raise ValueError(f"reply_timeout: must be within (0, 60] seconds, got {self.reply_timeout}")
 
-    overflow: ClassVar[str] = "drop_oldest"
-    buffer: ClassVar[int] = 1
+    engine: ClassVar[str] = "redis"
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         self.options: RedisControl.Options = self.resolve_options(options, kwargs)
-        self.origin = secrets.token_hex(8)
-        """This host's id on the control channel (the bus's Redis origin once set up)."""
-        self.handled = 0
-        """Stop requests from other hosts this sink answered."""
-        self._bus: Bus | None = None
+        super().__init__()
         self._client: aioredis.Redis | None = None
         self._pending: dict[str, MemoryObjectSendStream[StopReply]] = {}
-        self._remove_route: Callable[[], None] | None = None
-        self._ready = anyio.Event()
 
     @property
     def reply_channel(self) -> str:
         """Where this host's requests are answered."""
         return f"{self.options.channel}:reply:{self.origin}"
-
-    async def wait_ready(self) -> None:
-        """Wait until the sink listens on the control channel (stops it forwards are answered from then on)."""
-        await self._ready.wait()
-
-    async def setup(self, bus: Bus) -> None:
-        """Become *bus*'s stop route, under the bus's Redis origin id."""
-        self._bus = bus
-        self.origin = local_state(bus).origin
-        self._remove_route = bus.add_stop_route(self)
-
-    async def teardown(self) -> None:
-        """Stop routing stops (the bus is closing)."""
-        if self._remove_route is not None:
-            self._remove_route()
-            self._remove_route = None
 
     async def run(self, events: Subscription) -> None:
         """Listen on the control channel until the bus closes the subscription."""
@@ -130,7 +106,7 @@ class RedisControl(PluginBase):
         try:
             await pubsub.subscribe(opts.channel, self.reply_channel)
             self._client = client
-            self._ready.set()
+            self.mark_ready()
             log.info("redis.control_started", url=redact(resolve_url(opts.url)), channel=opts.channel)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen, pubsub, client)
@@ -177,12 +153,9 @@ class RedisControl(PluginBase):
     async def _answer(self, client: aioredis.Redis, request: StopRequest) -> None:
         import redis.exceptions as rex
 
-        assert self._bus is not None
-        outcome = await self._bus.stop(request.stream, reason=request.reason, by=request.by, forward=False)
-        self.handled += 1
-        if outcome is StopOutcome.STOPPED:
+        reply = await self.answer(request)
+        if reply.outcome == StopOutcome.STOPPED:
             log.info("redis.control_stopped", stream=request.stream, requested_by=request.origin)
-        reply = StopReply(id=request.id, stream=request.stream, origin=self.origin, outcome=outcome.value)
         try:
             # Shielded: stopping the last stream may end this bus at once (a worker whose
             # producers finished), and the asking host must still get its answer.
