@@ -36,6 +36,7 @@ __all__ = [
     "StartEvent",
     "Usage",
     "decode",
+    "decode_many",
     "encode",
     "encode_each",
     "encode_many",
@@ -222,6 +223,29 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event:
         # msgspec stops at Python's recursion limit (it raises, it does not crash):
         # a value nested that deep is hostile input, not an event.
         raise DecodeError("invalid event JSON: nested too deeply") from None
+
+
+def decode_many(data: bytes) -> tuple[list[Event], list[tuple[int, DecodeError]]]:
+    """Decode JSON Lines (what :func:`encode_many` writes): the valid events, and why each other line was refused.
+
+    One bad line costs only itself: every valid event is returned in order,
+    and each refused line as ``(line number from 1, DecodeError)``. Blank
+    lines are skipped. A batch with no bad line is decoded in one call.
+    """
+    try:
+        return _decoder.decode_lines(data), []
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        pass
+    events: list[Event] = []
+    refused: list[tuple[int, DecodeError]] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(decode(line))
+        except DecodeError as exc:
+            refused.append((number, exc))
+    return events, refused
 
 
 def to_builtins(event: Event) -> dict[str, Any]:

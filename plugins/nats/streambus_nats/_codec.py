@@ -15,10 +15,10 @@ then has a hole in ``seq``, which the source reports rather than hides).
 
 from __future__ import annotations
 
-import msgspec
 import structlog
 
-from streambus import DecodeError, DeltaEvent, Event, decode, encode_many
+from streambus import DeltaEvent, Event, encode_many
+from streambus.events import decode_many
 
 __all__ = ["HEADER_ORIGIN", "HEADER_PRODUCER", "decode_events", "encode_message", "message_id"]
 
@@ -29,8 +29,6 @@ HEADER_ORIGIN = "Sb-Origin"
 
 HEADER_PRODUCER = "Sb-Producer"
 """The header naming the sink instance that wrote a message."""
-
-_lines_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 def message_id(events: list[Event]) -> str:
@@ -56,18 +54,7 @@ def decode_events(where: str, payload: bytes) -> tuple[list[Event], int]:
     A line that is not a valid event is logged (``nats.bad_event``) with
     *where* (the message's stream sequence) and its line number, and skipped.
     """
-    try:
-        return _lines_decoder.decode_lines(payload), 0
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        pass
-    events = []
-    bad = 0
-    for number, line in enumerate(payload.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            events.append(decode(line))
-        except DecodeError as exc:
-            bad += 1
-            log.error("nats.bad_event", message=where, line=number, error=str(exc), field=exc.field)
-    return events, bad
+    events, refused = decode_many(payload)
+    for number, exc in refused:
+        log.error("nats.bad_event", message=where, line=number, error=str(exc), field=exc.field)
+    return events, len(refused)

@@ -21,13 +21,12 @@ from collections.abc import Mapping
 import msgspec
 import structlog
 
-from streambus import DecodeError, Event, decode, encode_many
+from streambus import Event, encode_many
+from streambus.events import decode_many
 
 __all__ = ["Entry", "decode_entry", "decode_events", "encode_entry", "entry_header"]
 
 log = structlog.get_logger("streambus.redis")
-
-_lines_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -72,22 +71,10 @@ def decode_events(key: str, entry_id: str, payload: bytes) -> tuple[list[Event],
     A line that is not a valid event is logged with its entry id and line
     number and skipped; every valid event of the entry is kept.
     """
-    try:
-        return _lines_decoder.decode_lines(payload), 0
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        pass
-    # Slow path: find the bad lines, keep the good ones.
-    events = []
-    bad = 0
-    for number, line in enumerate(payload.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            events.append(decode(line))
-        except DecodeError as exc:
-            bad += 1
-            log.error("redis.bad_event", key=key, id=entry_id, line=number, error=str(exc), field=exc.field)
-    return events, bad
+    events, refused = decode_many(payload)
+    for number, exc in refused:
+        log.error("redis.bad_event", key=key, id=entry_id, line=number, error=str(exc), field=exc.field)
+    return events, len(refused)
 
 
 def decode_entry(key: str, entry_id: str, fields: Mapping[bytes, bytes] | None) -> Entry | None:
