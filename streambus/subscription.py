@@ -561,14 +561,10 @@ class Subscription:
                     if self._space.waiting:
                         self._space.wake()
                     return items[index]
-                parking = firehose.parking
-            elif self._closed or self._firehose is not None:
-                found = self._parking()  # the end, or a detached reader re-attaching
-                if found is None:
-                    continue
-                parking = found
-            else:
-                parking = self._reader
+            found = self._park_where()
+            if found is None:
+                continue
+            parking = found
             # Parked here, not in a helper coroutine: one coroutine less per
             # wake-up is a tenth of a token's CPU (docs/decisions.md).
             self._parked = True
@@ -577,6 +573,18 @@ class Subscription:
             finally:
                 self._parked = False
             self._since_yield = 0
+
+    def _park_where(self) -> Parking | None:
+        # Where every read path waits once it found nothing to take: _parking()'s rule without
+        # its availability check, which the caller just made (the shared log's parking while
+        # attached; closed, or a detached reader re-attaching: _parking() itself, None meaning
+        # look again; else the reader's own). A plain call: the readers park inline.
+        firehose = self._firehose
+        if firehose is not None and self._cursor >= 0:
+            return firehose.parking
+        if self._closed or firehose is not None:
+            return self._parking()
+        return self._reader
 
     async def receive(self) -> Event:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
@@ -599,18 +607,13 @@ class Subscription:
                     break
                 await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
             else:
-                if firehose is not None and cursor >= 0:  # attached to the shared log
-                    parking = firehose.parking
-                elif self._closed or firehose is not None:
-                    try:
-                        found = self._parking()  # the end, or a detached reader re-attaching
-                    except StopAsyncIteration:
-                        return []
-                    if found is None:
-                        continue
-                    parking = found
-                else:
-                    parking = self._reader
+                try:
+                    found = self._park_where()
+                except StopAsyncIteration:
+                    return []
+                if found is None:
+                    continue
+                parking = found
                 self._parked = True
                 try:
                     await parking.wait()
