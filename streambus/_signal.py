@@ -57,18 +57,12 @@ class Parking:
         ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
         an asyncio loop this is :meth:`wake`.
         """
-        self.waiting = False
         futures = self._futures
         loop = self._loop
         if len(futures) < 2 or loop is None:
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
-            futures.clear()
-            if self._event is not None:
-                self._event.set()
-                self._event = None
+            self.wake()
             return
+        self.waiting = False
         self._futures = []
         _relay(loop, futures, 0, _RELAY_STEPS)
 

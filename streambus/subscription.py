@@ -561,10 +561,9 @@ class Subscription:
                     if self._space.waiting:
                         self._space.wake()
                     return items[index]
-            found = self._park_where()
-            if found is None:
+            parking = self._park_where()
+            if parking is None:
                 continue
-            parking = found
             # Parked here, not in a helper coroutine: one coroutine less per
             # wake-up is a tenth of a token's CPU (docs/decisions.md).
             self._parked = True
@@ -608,12 +607,11 @@ class Subscription:
                 await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
             else:
                 try:
-                    found = self._park_where()
+                    parking = self._park_where()
                 except StopAsyncIteration:
                     return []
-                if found is None:
+                if parking is None:
                     continue
-                parking = found
                 self._parked = True
                 try:
                     await parking.wait()
