@@ -19,6 +19,7 @@ engine (``run`` and ``forward_stop``).
 
 from __future__ import annotations
 
+import abc
 import secrets
 import weakref
 from collections import OrderedDict
@@ -72,7 +73,7 @@ def engine_state(bus: Bus, engine: str) -> EngineLocal:
     return state
 
 
-class ControlSink(PluginBase):
+class ControlSink(PluginBase, abc.ABC):
     """Base of an engine's control sink: the bus's stop route, under the engine's origin id.
 
     A subclass sets :attr:`engine`, resolves its ``Options`` in ``__init__``
@@ -125,6 +126,6 @@ class ControlSink(PluginBase):
         self.handled += 1
         return StopReply(id=request.id, stream=request.stream, origin=self.origin, outcome=outcome.value)
 
+    @abc.abstractmethod
     async def forward_stop(self, stream: str, *, reason: str, by: str) -> StopOutcome:
-        """Ask the other hosts to stop *stream*; the outcome (a subclass carries it over its engine)."""
-        raise NotImplementedError(f"{type(self).__name__} does not carry stop requests")
+        """Ask the other hosts to stop *stream*; the outcome (each engine carries it its own way)."""

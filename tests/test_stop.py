@@ -157,3 +157,13 @@ async def test_a_live_stream_owned_elsewhere_without_a_route_is_unknown_and_logg
         assert "redis-control" in logs[0]["hint"]
         await bus.publish(AbortEvent(stream="foreign", seq=1, ts=0.0, reason="r", by="client"))
         assert await bus.stop("foreign") is StopOutcome.ENDED
+
+
+def test_a_control_sink_must_carry_stops() -> None:
+    from streambus.engines import ControlSink
+
+    class Mute(ControlSink):
+        engine = "mute"
+
+    with pytest.raises(TypeError, match="forward_stop"):
+        Mute()  # type: ignore[abstract]
