@@ -146,4 +146,3 @@ def test_the_engines_raise_the_core_error() -> None:
     for module in ("streambus_redis", "streambus_nats"):
         plugin = __import__(module)
         assert plugin.AsyncioRequired is AsyncioRequired, module
-
