@@ -21,7 +21,11 @@ Before its clock starts, each producer sends one warm-up stream (200
 deltas, not counted) and waits 0.5 s, for both engines alike: without it
 the first publishes and deliveries of a run fell inside the measurement
 (in a one-process trial at 20k events/s, 3,340 of 60,000 events took over 30 ms, all in the first 100 ms of the
-run). Each engine runs at full speed and paced at 100k events/s offered (the
+run). Then every measured process runs a full garbage collection (:func:`_settle`), for the same reason:
+CPython's first full collection after start-up (the imports, the connections) scans every object the process
+holds (15-50 ms here, every event of the process waits) and otherwise fell inside the run for one engine and
+before it for the other, by chance of allocation counts.
+Each engine runs at full speed and paced at 100k events/s offered (the
 goal's) and 20k events/s. The server's own CPU time (from ``/proc``) is
 measured per run too, so the table shows where the time goes. events/s counts from the producer's first event
 to the consumer's last; latency is the consumer's receive time minus the
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -70,6 +75,11 @@ _WAKES_START = [0]
 def _wakes() -> int:
     """Voluntary context switches since :func:`_mark`: how often the process slept and was woken (load-proof)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - _WAKES_START[0]
+
+
+def _settle() -> None:
+    """A full garbage collection before the clock starts: the start-up one, not the steady state's, is done."""
+    gc.collect()
 
 
 def _mark() -> None:
@@ -129,6 +139,7 @@ async def sb_produce(engine: str, target: str, key: str, n: int, rate: float) ->
             for _ in range(200):
                 await w.delta("tok ")
         await anyio.sleep(0.5)
+        _settle()
         start = time.time()
         print(json.dumps({"start": start}), flush=True)
         _mark()
@@ -181,6 +192,7 @@ async def sb_consume(engine: str, target: str, key: str, n: int) -> None:
         bus.add_sink(Meter())
         bus.start_producer(source)
         await source.wait_ready()
+        _settle()
         print("ready", flush=True)
         _mark()
         cap = asyncio.get_running_loop().call_later(CAP_S, source.stop)
@@ -196,6 +208,7 @@ async def raw_produce(target: str, key: str, n: int) -> None:
     nc = await nats.connect(target)
     js = nc.jetstream(publish_async_max_pending=20_000)
     await js.add_stream(name=key.upper(), subjects=[f"{key}.>"])
+    _settle()
     start = time.time()
     print(json.dumps({"start": start}), flush=True)
     _mark()
@@ -224,6 +237,7 @@ async def raw_consume(target: str, key: str, n: int) -> None:
             done.set()
 
     await js.subscribe(f"{key}.>", cb=on_msg, ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.NEW)
+    _settle()
     print("ready", flush=True)
     _mark()
     with contextlib.suppress(TimeoutError):
