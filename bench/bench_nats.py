@@ -646,7 +646,9 @@ def main() -> int:
         f"NATS: {nats_line}. Redis: {redis_line}.",
         "",
         f"Events are {STREAMS} interleaved streams of deltas (20 deltas of a stream, then the next stream's); "
-        "latency = consumer receive time - event ts (full-speed rows include queueing). CPU µs/event = "
+        "latency = consumer receive time - event ts (full-speed rows include queueing). Each producer sends a "
+        "warm-up stream and every process runs a full garbage collection before the clock starts (start-up's, "
+        "not the steady state's). CPU µs/event = "
         "user+system CPU of each process per event received, after start-up (the server's over the whole run): "
         "it does not depend on how busy the machine is, and their sum is what 100k events/s needs in CPU. "
         f"Runs capped at {CAP_S:.0f} s; a capped run reports what arrived in time. Load average while "
