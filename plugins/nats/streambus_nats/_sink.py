@@ -417,19 +417,7 @@ class NatsSink(PluginBase):
         def retrying(failure: Failure, delay: float) -> None:
             log.warning("nats.sink_retry", error=failure.message, retry_in=delay, events=events)
 
-        # The first attempt runs alone: the retry policy (tenacity) is built only once it failed. Built for every
-        # send, its objects were reference cycles (about 38 per send, 14k a second at 100k events/s) that kept
-        # CPython's cyclic collector busy and brought a full collection (25-30 ms, every event waits) every few
-        # seconds: the NATS benchmark's p99 (see docs/decisions.md).
-        failure = await attempt()
-        if failure is None:
-            return
-        first = [failure]
-
-        async def again() -> Failure | None:
-            return first.pop() if first else await attempt()
-
-        await self.retry.run(again, on_retry=retrying)
+        await self.retry.run(attempt, on_retry=retrying)
 
     def _messages(
         self, origin: str, batch: list[Event], max_payload: int
