@@ -30,6 +30,7 @@ Overflow policies (what happens when the buffer is full):
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -589,14 +590,24 @@ class Subscription:
         """Return the next event; raise ``StopAsyncIteration`` at a clean end."""
         return await self.__anext__()
 
-    async def receive_batch(self, limit: int | None = None) -> list[Event]:
+    async def receive_batch(self, limit: int | None = None, *, linger: float = 0.0) -> list[Event]:
         """Wait for at least one event, then return everything buffered (up to *limit*).
 
         Returns an empty list when the subscription was closed cleanly and
         drained; raises :class:`~streambus.errors.Overflowed` after an overflow.
+
+        With *linger* (seconds), once the first events are in it waits up to
+        that long for more, until the batch holds *limit* events (the
+        subscription's ``buffer`` without a limit): fewer, fuller batches for
+        a sink that pays per batch (a network send), at up to *linger* more
+        latency. A close during the wait ends it early with what arrived; a
+        cancellation during it loses nothing (an event is taken only once it
+        is returned).
         """
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
+        if linger:
+            return await self._linger(limit, linger)
         waited = False  # parked, or let other tasks run, at least once in this call
         while True:  # the steps of __anext__, then everything buffered at once
             cursor = self._cursor
@@ -638,6 +649,27 @@ class Subscription:
         if self._space.waiting:
             self._space.wake()
         return [item.event() if type(item) is MergedDelta else item for item in items]  # type: ignore[misc]
+
+    async def _linger(self, limit: int | None, linger: float) -> list[Event]:
+        if not (linger > 0 and math.isfinite(linger)):
+            raise ValueError(f"linger must be a finite number of seconds, 0 or more, got {linger}")
+        target = self.buffer if limit is None else limit
+        batch = await self.receive_batch(limit)
+        if batch and len(batch) < target:
+            try:
+                with anyio.move_on_after(linger):
+                    while len(batch) < target:
+                        more = await self.receive_batch(target - len(batch))
+                        if not more:  # closed: what arrived goes now, the next read ends
+                            break
+                        batch.extend(more)
+            except anyio.get_cancelled_exc_class():
+                # Nothing is lost: what was gathered goes back in front, in order, for the next read.
+                self._buf.extendleft(reversed(batch))
+                if self._coalesce:
+                    self._bytes += sum(map(_size, batch))
+                raise
+        return batch
 
     async def text(self, channel: str = "content", *, raise_on_failure: bool = True) -> AsyncIterator[str]:
         """Yield the text of the first stream this subscription sees, until its end.

@@ -803,3 +803,79 @@ async def test_a_cancelled_first_parked_reader_does_not_hold_up_the_others() -> 
             for sub in subs:
                 sub.close()
     assert got == [[], ["a", "b"], ["a", "b"]]
+
+
+async def test_receive_batch_lingers_for_a_fuller_batch_until_its_limit() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("a")
+            events: list[Event] = []
+
+            async def read() -> None:
+                events.extend(await sub.receive_batch(4, linger=3600))
+
+            with anyio.fail_after(30):  # a guard: the limit, not the hour, ends the wait
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read)
+                    await wait_all_tasks_blocked()
+                    assert events == []  # the start and one delta are in: it lingers for more
+                    await w.delta("b")
+                    await w.delta("c")
+                    await w.delta("d")
+        assert [type(e).__name__ for e in events] == ["StartEvent", "DeltaEvent", "DeltaEvent", "DeltaEvent"]
+        rest = await sub.receive_batch(10)
+        assert [e.text for e in rest if isinstance(e, DeltaEvent)] == ["d"] and isinstance(rest[-1], EndEvent)
+
+
+async def test_a_close_ends_the_linger_with_what_arrived_and_the_next_read_ends() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("a")
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                got: list[Event] = []
+
+                async def read() -> None:
+                    got.extend(await sub.receive_batch(linger=3600))
+
+                tg.start_soon(read)
+                await wait_all_tasks_blocked()
+                sub.close()
+        assert [type(e).__name__ for e in got] == ["StartEvent", "DeltaEvent", "EndEvent"]
+        assert await sub.receive_batch(linger=1) == []
+
+
+async def test_a_cancelled_linger_loses_nothing() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("a")
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def read() -> None:
+                        await sub.receive_batch(10, linger=3600)
+
+                    tg.start_soon(read)
+                    await wait_all_tasks_blocked()
+                    scope.cancel()
+            # the batch being gathered was never returned: later reads still get every event, in order
+            await w.delta("b")
+        events: list[Event] = []
+        while not events or not isinstance(events[-1], EndEvent):
+            events += await sub.receive_batch()
+        assert [type(e).__name__ for e in events] == ["StartEvent", "DeltaEvent", "DeltaEvent", "EndEvent"]
+        assert [e.text for e in events if isinstance(e, DeltaEvent)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("linger", [-1.0, float("nan"), float("inf")])
+async def test_receive_batch_refuses_a_linger_that_is_not_a_finite_wait(linger: float) -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s") as w:
+            await w.delta("a")
+        with pytest.raises(ValueError, match="linger must be a finite number of seconds"):
+            await sub.receive_batch(linger=linger)
+        assert len(await sub.receive_batch()) == 3  # nothing was taken by the refused call

@@ -259,21 +259,14 @@ class NatsSink(PluginBase):
                             if waiting:
                                 wake.append(scope)  # held events: go on as soon as their stream is free
                             try:
-                                received = await events.receive_batch(limit - len(waiting))
+                                # A wake-up during the linger puts what it gathered back: read again at once.
+                                received = await events.receive_batch(limit - len(waiting), linger=wait)
                             finally:
                                 if wake:
                                     wake.clear()
                         if not received and not scope.cancelled_caught:
                             ended = True
                         waiting.extend(received)
-                        if received and wait and len(waiting) < limit:
-                            with anyio.move_on_after(wait):
-                                while len(waiting) < limit:
-                                    more = await events.receive_batch(limit - len(waiting))
-                                    if not more:
-                                        ended = True
-                                        break
-                                    waiting.extend(more)
                     if foreign:
                         waiting = [e for e in waiting if e.stream not in foreign]
                     if not waiting or len(in_flight) >= window:

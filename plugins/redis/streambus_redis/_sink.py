@@ -226,24 +226,13 @@ class RedisSink(PluginBase):
             # What a failed run could not send goes first, in order.
             await self._send(client, origin, self._unsent)
         while True:
-            batch = await events.receive_batch(limit)
+            batch = await events.receive_batch(limit, linger=wait)
             if not batch:
                 return
-            ended = False
-            if wait and len(batch) < limit:
-                with anyio.move_on_after(wait):
-                    while len(batch) < limit:
-                        more = await events.receive_batch(limit - len(batch))
-                        if not more:
-                            ended = True
-                            break
-                        batch.extend(more)
             if foreign:
                 batch = [e for e in batch if e.stream not in foreign]
             if batch:
                 await self._send(client, origin, batch)
-            if ended:
-                return
 
     async def _connect(self, client: aioredis.Redis) -> None:
         # Connect before the first event, so it does not wait for the handshake;
