@@ -204,7 +204,10 @@ class RedisSource(PluginBase):
         read_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
         """After a read that found entries, wait this long before the next one, so the tokens of many streams
         share a read: less CPU per token (an edge following few streams reads one entry per token otherwise),
-        up to this much more latency. 0: read again at once."""
+        up to this much more latency. 0: read again at once. ``per_stream``: Redis times the wait (a blocking
+        read sent with the read, so the edge wakes once per read instead of twice); a Redis with no other
+        traffic times it late, so a wait that reaches twice this long is ended from the edge, which then
+        times the next waits itself (up to about a second of them)."""
 
         def __post_init__(self) -> None:
             if not self.stream:
@@ -287,8 +290,9 @@ class RedisSource(PluginBase):
         self.wake_key = f"{opts.stream}:wake:{self.consumer}:{new_epoch()}"
         """``per_stream``: the private key that ends a blocked read when a stream is followed."""
         self._reader: Reader
+        self._interest: InterestReader | None = None
         if self.per_stream:
-            self._reader = InterestReader(self.keys, opts, hooks, self.wake_key)
+            self._reader = self._interest = InterestReader(self.keys, opts, hooks, self.wake_key, self._nudge)
         elif opts.group is None:
             self._reader = XReadReader(self.keys, opts, hooks)
         else:
@@ -304,7 +308,7 @@ class RedisSource(PluginBase):
         self._epochs_due = 0.0
         # sender -> (when its heartbeat was first seen gone, {key: that key's head then})
         self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set: end a blocked read (an entry on the wake key), see _waker
         self._side: aioredis.Redis | None = None
         self._read_client: aioredis.Redis | None = None  # per_stream: the interest reader's (no socket_timeout)
         self.lost_producers: list[str] = []
@@ -339,6 +343,11 @@ class RedisSource(PluginBase):
         """The id each key is read from next: the last entry handled (a group: ``0`` while own pending entries
         are re-read, then ``>``)."""
         return self._reader.positions
+
+    @property
+    def linger_overruns(self) -> int:
+        """``per_stream`` with ``read_linger_ms``: waits that Redis, idle, did not end in time, so this source did."""
+        return self._interest.overruns if self._interest is not None else 0
 
     @property
     def position_key(self) -> str:
@@ -405,7 +414,7 @@ class RedisSource(PluginBase):
         opts = self.options
         delay = 0.05
         fresh = True
-        linger = opts.read_linger_ms / 1000
+        linger_ms = 0  # how long the next read waits first: read_linger_ms after a read that found entries
         while not self._stopping:
             try:
                 if fresh:
@@ -413,8 +422,9 @@ class RedisSource(PluginBase):
                     fresh = False
                     self._connected_at = anyio.current_time()
                 self._ready.set()
-                if await self._read(client) and linger:
-                    await anyio.sleep(linger)
+                lingering, linger_ms = linger_ms, 0
+                if await self._read(client, lingering):
+                    linger_ms = opts.read_linger_ms
                 delay = 0.05
             except _auth_errors() as exc:
                 log.error("redis.source_auth_failed", error=str(exc))
@@ -533,10 +543,24 @@ class RedisSource(PluginBase):
         return changed
 
     # -- reading -----------------------------------------------------------------------
-    async def _read(self, client: aioredis.Redis) -> bool:
-        """One read of every key; return whether any key had entries."""
+    async def _read(self, client: aioredis.Redis, linger_ms: int = 0) -> bool:
+        """One read of every key, *linger_ms* from now (``read_linger_ms``); return whether any key had entries.
+
+        ``per_stream`` reads have Redis time the linger (see :meth:`InterestReader.read`), unless the
+        epochs are due: that read is a pipeline through redis-py, after a local timer like any linger
+        Redis cannot time (the ``single`` layout, a group, a read after an overrun).
+        """
+        interest = self._interest
         if self._to_follow or self._to_unfollow:
-            self._apply_follows()
+            self._apply_follows()  # an ended stream's key is read no more from now, even if the source stops
+        if linger_ms:
+            if interest is None or asyncio.get_running_loop().time() >= self._epochs_due:
+                await asyncio.sleep(linger_ms / 1000)
+                linger_ms = 0
+            else:
+                linger_ms = await interest.linger(linger_ms)  # 0 once it lingered here (after an overrun)
+            if self._to_follow or self._to_unfollow:
+                self._apply_follows()  # followed while it lingered here
         # The epochs come from the same connection (the same server run) right after the
         # entries: a key lost before or while the read blocked shows as a changed epoch
         # (per_stream: at most a second later, see _epochs_to_ask).
@@ -547,8 +571,12 @@ class RedisSource(PluginBase):
             self._reader.queue_read(pipe)
             self._queue_epochs(pipe, fresh)
             response, *answers = await pipe.execute()
+        elif interest is not None:
+            # Between epoch checks: the read alone. A key followed just now has its epoch asked (above), so
+            # it is read without a linger.
+            response = await interest.read(self._read_client or client, linger_ms)
         else:
-            response = await self._reader.read(self._read_client or client)  # between epoch checks: the read alone
+            response = await self._reader.read(client)
         self._busy += 1
         try:
             # The epochs first: handling the entries publishes them, and a reader that has all it
@@ -899,6 +927,9 @@ class RedisSource(PluginBase):
                 await self._end_stream(stream, live[stream] + 1, live[stream] + 1, message)
             else:
                 self._unfollow(stream)
+
+    def _nudge(self) -> None:
+        self._wake.set()
 
     async def _waker(self, side: aioredis.Redis) -> None:
         """End a blocked read when a stream was followed: one entry on the private wake key."""
