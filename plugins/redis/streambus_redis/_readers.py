@@ -84,12 +84,6 @@ class Reader(abc.ABC):
     def queue_read(self, pipe: Any) -> None:
         """Queue one blocking read of every key on *pipe*."""
 
-    async def read(self, client: aioredis.Redis) -> Any:
-        """One blocking read of every key on its own (no epoch asked with it); returns the reply."""
-        pipe = client.pipeline(transaction=False)
-        self.queue_read(pipe)
-        return (await pipe.execute())[0]
-
     @abc.abstractmethod
     async def take(self, response: Any) -> set[str]:
         """Hand the entries of a read's *response* to the source; return the keys that answered."""
@@ -155,11 +149,6 @@ class XReadReader(Reader):
     def queue_read(self, pipe: Any) -> None:
         """Queue ``XREAD`` from the positions."""
         pipe.xread(self.read_positions(), count=self.options.count, block=self.options.block_ms)
-
-    async def read(self, client: aioredis.Redis) -> Any:
-        """``XREAD`` from the positions as a single command: a pipeline costs more CPU than the read itself."""
-        positions: Any = self.read_positions()
-        return await client.xread(positions, count=self.options.count, block=self.options.block_ms)
 
     async def take(self, response: Any) -> set[str]:
         """Hand over each entry, then move its key's position past it."""
@@ -241,8 +230,13 @@ class InterestReader(XReadReader):
         positions[self.wake_key] = self.wake_position
         return positions
 
-    async def read(self, client: aioredis.Redis, linger_ms: int = 0) -> Any:
+    async def read(
+        self, client: aioredis.Redis, linger_ms: int = 0, after: list[tuple[str, ...]] | None = None
+    ) -> tuple[Any, list[Any]]:
         """``XREAD`` of every key on a connection this reader keeps (see :meth:`release`), *linger_ms* from now.
+
+        Returns the entries and the replies to the commands *after* (the
+        source's epochs), sent in the same write right after the read.
 
         An edge reads about once per ``read_linger_ms`` for as long as its
         clients' streams run, so the client's per-command work (taking a pooled
@@ -275,16 +269,19 @@ class InterestReader(XReadReader):
         packed = _pack(conn, args)
         if linger_ms:
             packed = _pack(conn, ("XREAD", "BLOCK", linger_ms, "STREAMS", self.wake_key, self.wake_position)) + packed
+        for command in after or ():
+            packed += _pack(conn, command)
         async with asyncio.timeout((opts.block_ms + linger_ms) / 1000 + 10):  # TimeoutError (OSError): reconnect
             await conn.send_packed_command(packed)
             try:
                 if linger_ms:
                     await self._linger(conn, linger_ms)
                 reply = await conn.read_response(timeout=math.inf)  # bounded by the timer above
+                answers = [await conn.read_response(timeout=math.inf) for _ in after or ()]
             except rex.ResponseError:
                 await conn.disconnect()  # a reply may be left unread: the next read starts on a new connection
                 raise
-        return _xread_entries(reply)
+        return _xread_entries(reply), answers
 
     async def _linger(self, conn: Any, linger_ms: int) -> None:
         """Wait for the end of the linger Redis times (the answer to its ``XREAD BLOCK`` of the wake key)."""

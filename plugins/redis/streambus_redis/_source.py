@@ -505,6 +505,14 @@ class RedisSource(PluginBase):
         return fresh
 
     @staticmethod
+    def _epoch_commands(fresh: dict[str, str | None]) -> list[tuple[str, ...]]:
+        """:meth:`_queue_epochs`'s commands, to send as they are (``per_stream``'s reads)."""
+        return [
+            ("GET", epoch_key(key)) if epoch is None else ("SET", epoch_key(key), epoch, "NX", "GET")
+            for key, epoch in fresh.items()
+        ]
+
+    @staticmethod
     def _queue_epochs(pipe: Any, fresh: dict[str, str | None]) -> None:
         for key, epoch in fresh.items():
             if epoch is None:
@@ -546,37 +554,35 @@ class RedisSource(PluginBase):
     async def _read(self, client: aioredis.Redis, linger_ms: int = 0) -> bool:
         """One read of every key, *linger_ms* from now (``read_linger_ms``); return whether any key had entries.
 
-        ``per_stream`` reads have Redis time the linger (see :meth:`InterestReader.read`), unless the
-        epochs are due: that read is a pipeline through redis-py, after a local timer like any linger
-        Redis cannot time (the ``single`` layout, a group, a read after an overrun).
+        ``per_stream``: Redis times the linger (see :meth:`InterestReader.read`), and the epochs due
+        go in the same write, after the read; a key followed just now is read at once. Otherwise a
+        local timer, then a pipeline with the epochs of every key.
         """
         interest = self._interest
+        followed_now = bool(self._to_follow)
         if self._to_follow or self._to_unfollow:
             self._apply_follows()  # an ended stream's key is read no more from now, even if the source stops
-        if linger_ms:
-            if interest is None or asyncio.get_running_loop().time() >= self._epochs_due:
+        if linger_ms and interest is not None and not followed_now:
+            linger_ms = await interest.linger(linger_ms)  # 0 once it lingered here (after an overrun)
+        elif linger_ms:
+            if interest is None:
                 await asyncio.sleep(linger_ms / 1000)
-                linger_ms = 0
-            else:
-                linger_ms = await interest.linger(linger_ms)  # 0 once it lingered here (after an overrun)
-            if self._to_follow or self._to_unfollow:
-                self._apply_follows()  # followed while it lingered here
+            linger_ms = 0
+        if linger_ms == 0 and (self._to_follow or self._to_unfollow):
+            self._apply_follows()  # followed while it lingered here
         # The epochs come from the same connection (the same server run) right after the
         # entries: a key lost before or while the read blocked shows as a changed epoch
         # (per_stream: at most a second later, see _epochs_to_ask).
         fresh = self._epochs_to_ask()
         answers: list[Any] = []
-        if fresh:
+        if interest is not None:
+            read_client = self._read_client or client
+            response, answers = await interest.read(read_client, linger_ms, self._epoch_commands(fresh))
+        else:
             pipe = client.pipeline(transaction=False)
             self._reader.queue_read(pipe)
             self._queue_epochs(pipe, fresh)
             response, *answers = await pipe.execute()
-        elif interest is not None:
-            # Between epoch checks: the read alone. A key followed just now has its epoch asked (above), so
-            # it is read without a linger.
-            response = await interest.read(self._read_client or client, linger_ms)
-        else:
-            response = await self._reader.read(client)
         self._busy += 1
         try:
             # The epochs first: handling the entries publishes them, and a reader that has all it
