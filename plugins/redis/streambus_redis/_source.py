@@ -306,6 +306,9 @@ class RedisSource(PluginBase):
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
         self._epochs_due = 0.0
+        self._beats_due = 0.0  # per_stream: when the heartbeat keys go with a read next (loop clock)
+        self._beats_read = asyncio.Event()  # per_stream: a read brought _beats_values
+        self._beats_values: tuple[list[str], list[Any]] = ([], [])
         # sender -> (when its heartbeat was first seen gone, {key: that key's head then})
         self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
         self._wake = asyncio.Event()  # set: end a blocked read (an entry on the wake key), see _waker
@@ -440,6 +443,7 @@ class RedisSource(PluginBase):
                 fresh = True
             except _connection_errors() as exc:
                 self._connected_at = None
+                self._suspects.clear()  # an absence counts only while it is seen continuously
                 self._epochs_due = 0.0  # Redis may come back without its data: the first read asks the epochs
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
@@ -577,7 +581,14 @@ class RedisSource(PluginBase):
         answers: list[Any] = []
         if interest is not None:
             read_client = self._read_client or client
-            response, answers = await interest.read(read_client, linger_ms, self._epoch_commands(fresh))
+            after = self._epoch_commands(fresh)
+            senders = self._heartbeats_due()
+            if senders:
+                after.append(("MGET", *(heartbeat_key(self.options.stream, p) for p in senders)))
+            response, answers = await interest.read(read_client, linger_ms, after)
+            if senders:
+                self._beats_values = (senders, answers.pop())
+                self._beats_read.set()
         else:
             pipe = client.pipeline(transaction=False)
             self._reader.queue_read(pipe)
@@ -963,25 +974,56 @@ class RedisSource(PluginBase):
         if len(beats) > _MAX_PRODUCERS:
             beats.popitem(last=False)
 
+    def _check_interval(self) -> float:
+        # A tenth of the shortest heartbeat timeout (0.2 s to 1 s): a sender is judged lost only after
+        # its key stayed gone a whole timeout, so checking more often than that buys nothing.
+        return min(1.0, max(0.2, min(self._beats.values(), default=2000) / 10_000))
+
+    def _senders_to_check(self) -> list[str]:
+        """The senders of live streams whose heartbeat keys are to be looked at (none while disconnected)."""
+        if not self._beats or self._connected_at is None:
+            return []
+        live = self.dedup.live
+        beats = self._beats
+        return sorted({owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in beats})
+
+    def _heartbeats_due(self) -> list[str]:
+        """``per_stream``: the senders whose heartbeat keys go with this read (see :meth:`_watch_producers`)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._beats_due:
+            return []
+        self._beats_due = now + self._check_interval()
+        return self._senders_to_check()
+
     async def _watch_producers(self, client: aioredis.Redis) -> None:
-        """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``."""
+        """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``.
+
+        ``per_stream``: the heartbeat keys (``MGET``) go with a read (the read loop hands their values
+        over), not on a timer of their own: an edge reading every few ms would wake for the timer and for
+        the reply twice a second. Reads blocked longer than twice the interval (nothing to read) leave
+        the check to this task again.
+        """
         while True:
-            # A tenth of the shortest heartbeat timeout (0.2 s to 1 s): a sender is judged lost only after
-            # its key stayed gone a whole timeout, so checking more often than that buys nothing.
-            await anyio.sleep(min(1.0, max(0.2, min(self._beats.values(), default=2000) / 10_000)))
-            if not self._beats or self._connected_at is None:
-                continue
-            live = self.dedup.live
-            senders = {owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in self._beats}
-            if not senders:
-                continue
-            names = sorted(senders)
-            try:
-                values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
-            except _connection_errors() as exc:
-                log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
-                self._suspects.clear()  # an absence counts only while it is seen continuously
-                continue
+            interval = self._check_interval()
+            names: list[str] | None = None
+            if self._interest is not None:
+                with anyio.move_on_after(2 * interval):
+                    await self._beats_read.wait()
+                if self._beats_read.is_set():
+                    self._beats_read.clear()
+                    names, values = self._beats_values
+            else:
+                await anyio.sleep(interval)
+            if names is None:
+                names = self._senders_to_check()
+                if not names:
+                    continue
+                try:
+                    values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
+                except _connection_errors() as exc:
+                    log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
+                    self._suspects.clear()  # an absence counts only while it is seen continuously
+                    continue
             now = anyio.current_time()
             for producer, value in zip(names, values, strict=True):
                 connected = self._connected_at
