@@ -36,6 +36,8 @@ __all__ = ["GroupReader", "Hooks", "InterestReader", "Reader", "XReadReader", "l
 
 log = structlog.get_logger("streambus.redis")
 
+_MAX_LOCAL = 64  # the most reads in a row that linger locally after overruns (see InterestReader.linger)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hooks:
@@ -81,12 +83,6 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def queue_read(self, pipe: Any) -> None:
         """Queue one blocking read of every key on *pipe*."""
-
-    async def read(self, client: aioredis.Redis) -> Any:
-        """One blocking read of every key on its own (no epoch asked with it); returns the reply."""
-        pipe = client.pipeline(transaction=False)
-        self.queue_read(pipe)
-        return (await pipe.execute())[0]
 
     @abc.abstractmethod
     async def take(self, response: Any) -> set[str]:
@@ -154,11 +150,6 @@ class XReadReader(Reader):
         """Queue ``XREAD`` from the positions."""
         pipe.xread(self.read_positions(), count=self.options.count, block=self.options.block_ms)
 
-    async def read(self, client: aioredis.Redis) -> Any:
-        """``XREAD`` from the positions as a single command: a pipeline costs more CPU than the read itself."""
-        positions: Any = self.read_positions()
-        return await client.xread(positions, count=self.options.count, block=self.options.block_ms)
-
     async def take(self, response: Any) -> set[str]:
         """Hand over each entry, then move its key's position past it."""
         answered: set[str] = set()
@@ -206,11 +197,32 @@ class InterestReader(XReadReader):
     meanwhile is read at once instead of after ``block_ms``.
     """
 
-    def __init__(self, keys: list[str], options: RedisSource.Options, hooks: Hooks, wake_key: str) -> None:
+    def __init__(
+        self, keys: list[str], options: RedisSource.Options, hooks: Hooks, wake_key: str, nudge: Callable[[], None]
+    ) -> None:
         super().__init__(keys, options, hooks)
         self.wake_key = wake_key
         self.wake_position = "0-0"
+        self.nudge = nudge
+        """Ends a blocked read from outside (an entry on :attr:`wake_key`); the source's follows use it too."""
+        self.overruns = 0
+        """Lingers that Redis did not end in time (it was idle), so this side ended them (see :meth:`read`)."""
+        self._backoff = 0  # overruns in a row (doubling the reads that linger locally, up to _MAX_LOCAL)
+        self._local_reads = 0  # reads left that linger on a local timer
         self._conn: Any = None  # the connection reads go to (see read)
+
+    async def linger(self, linger_ms: int) -> int:
+        """Before a read *linger_ms* from now: how long Redis is to wait first (:meth:`read`'s *linger_ms*).
+
+        After an overrun the next read lingers here on a local timer instead (then this returns 0), after
+        each further overrun in a row twice as many (up to 64, about a second at 20 ms): a Redis with no
+        other traffic costs a nudge about once a second, one late once (descheduled on a busy host) a read.
+        """
+        if self._local_reads:
+            self._local_reads -= 1
+            await asyncio.sleep(linger_ms / 1000)
+            return 0
+        return linger_ms
 
     def read_positions(self) -> dict[str, str]:
         """The positions, the wake key included."""
@@ -218,8 +230,13 @@ class InterestReader(XReadReader):
         positions[self.wake_key] = self.wake_position
         return positions
 
-    async def read(self, client: aioredis.Redis) -> Any:
-        """``XREAD`` of every key on a connection this reader keeps (see :meth:`release`).
+    async def read(
+        self, client: aioredis.Redis, linger_ms: int = 0, after: list[tuple[str, ...]] | None = None
+    ) -> tuple[Any, list[Any]]:
+        """``XREAD`` of every key on a connection this reader keeps (see :meth:`release`), *linger_ms* from now.
+
+        Returns the entries and the replies to the commands *after* (the
+        source's epochs), sent in the same write right after the read.
 
         An edge reads about once per ``read_linger_ms`` for as long as its
         clients' streams run, so the client's per-command work (taking a pooled
@@ -229,8 +246,19 @@ class InterestReader(XReadReader):
         a ``socket_timeout``: one timer (``block_ms`` + 10 s) bounds the send
         and the reply together, where redis-py would run the send as a task of
         its own under ``wait_for``. A failed, timed-out or cancelled read leaves
-        the connection disconnected (redis-py does that); the next read
-        connects it again.
+        the connection disconnected (redis-py does that, and this method for an
+        error reply); the next read connects it again.
+
+        With *linger_ms*, Redis times the linger: the read goes after an
+        ``XREAD BLOCK linger_ms`` of the wake key alone, in the same write, and
+        Redis runs it as soon as that wait ends (the linger is over, or a
+        follow woke it). The edge then wakes once per read instead of twice
+        (its own timer, then the reply). Redis ends blocking waits on time
+        while it serves any traffic, but an idle Redis only on its ``hz`` timer
+        (up to 100 ms late by default): a wait still running at twice the
+        linger is ended from here (:attr:`nudge`), and if it was really still
+        blocked then (one of :attr:`overruns`), the next reads linger on a
+        local timer (:meth:`linger`).
         """
         conn = self._conn
         if conn is None:
@@ -238,12 +266,45 @@ class InterestReader(XReadReader):
         positions = self.read_positions()
         opts = self.options
         args: Any = ("XREAD", "COUNT", opts.count, "BLOCK", opts.block_ms, "STREAMS", *positions, *positions.values())
-        # hiredis packs the ~30 arguments in C; redis-py's packer encodes each in Python (a third of the read).
-        packed = pack_command(args) if pack_command is not None else conn.pack_command(*args)
-        async with asyncio.timeout(opts.block_ms / 1000 + 10):  # a TimeoutError (OSError): the read loop reconnects
+        packed = _pack(conn, args)
+        if linger_ms:
+            packed = _pack(conn, ("XREAD", "BLOCK", linger_ms, "STREAMS", self.wake_key, self.wake_position)) + packed
+        for command in after or ():
+            packed += _pack(conn, command)
+        async with asyncio.timeout((opts.block_ms + linger_ms) / 1000 + 10):  # TimeoutError (OSError): reconnect
             await conn.send_packed_command(packed)
-            reply = await conn.read_response(timeout=math.inf)  # bounded by the timer above
-        return _xread_entries(reply)
+            try:
+                if linger_ms:
+                    await self._linger(conn, linger_ms)
+                reply = await conn.read_response(timeout=math.inf)  # bounded by the timer above
+                answers = [await conn.read_response(timeout=math.inf) for _ in after or ()]
+            except rex.ResponseError:
+                await conn.disconnect()  # a reply may be left unread: the next read starts on a new connection
+                raise
+        return _xread_entries(reply), answers
+
+    async def _linger(self, conn: Any, linger_ms: int) -> None:
+        """Wait for the end of the linger Redis times (the answer to its ``XREAD BLOCK`` of the wake key)."""
+        loop = asyncio.get_running_loop()
+        nudged = False
+
+        def end_it() -> None:
+            nonlocal nudged
+            nudged = True
+            self.nudge()
+
+        late = loop.call_later(2 * linger_ms / 1000, end_it)
+        try:
+            woken = await conn.read_response(timeout=math.inf)
+        finally:
+            late.cancel()
+        if nudged and woken:
+            # The nudge's entry on the wake key ended the wait, not Redis's timeout. (One that came after
+            # Redis's own answer, this process being slow to run, only cuts the next linger short.)
+            self.overruns += 1
+            self._backoff = self._local_reads = min(2 * self._backoff or 1, _MAX_LOCAL)
+        else:
+            self._backoff = 0
 
     async def release(self, client: aioredis.Redis) -> None:
         """Give the reading connection back to *client*'s pool (the source stops)."""
@@ -261,6 +322,11 @@ class InterestReader(XReadReader):
                 continue
             kept.append((key_b, entries))
         return await super().take(kept)
+
+
+def _pack(conn: Any, args: Any) -> list[bytes]:
+    """One command in RESP: hiredis packs the ~30 arguments of a read in C, redis-py's packer in Python."""
+    return [pack_command(args)] if pack_command is not None else list(conn.pack_command(*args))
 
 
 def _xread_entries(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[Any, Any] | None]]]]:

@@ -204,7 +204,10 @@ class RedisSource(PluginBase):
         read_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
         """After a read that found entries, wait this long before the next one, so the tokens of many streams
         share a read: less CPU per token (an edge following few streams reads one entry per token otherwise),
-        up to this much more latency. 0: read again at once."""
+        up to this much more latency. 0: read again at once. ``per_stream``: Redis times the wait (a blocking
+        read sent with the read, so the edge wakes once per read instead of twice); a Redis with no other
+        traffic times it late, so a wait that reaches twice this long is ended from the edge, which then
+        times the next waits itself (up to about a second of them)."""
 
         def __post_init__(self) -> None:
             if not self.stream:
@@ -287,8 +290,9 @@ class RedisSource(PluginBase):
         self.wake_key = f"{opts.stream}:wake:{self.consumer}:{new_epoch()}"
         """``per_stream``: the private key that ends a blocked read when a stream is followed."""
         self._reader: Reader
+        self._interest: InterestReader | None = None
         if self.per_stream:
-            self._reader = InterestReader(self.keys, opts, hooks, self.wake_key)
+            self._reader = self._interest = InterestReader(self.keys, opts, hooks, self.wake_key, self._nudge)
         elif opts.group is None:
             self._reader = XReadReader(self.keys, opts, hooks)
         else:
@@ -302,9 +306,12 @@ class RedisSource(PluginBase):
         self._beats: OrderedDict[str, int] = OrderedDict()  # sender -> heartbeat timeout (ms), from entries' "h"
         self._connected_at: float | None = None
         self._epochs_due = 0.0
+        self._beats_due = 0.0  # per_stream: when the heartbeat keys go with a read next (loop clock)
+        self._beats_read = asyncio.Event()  # per_stream: a read brought _beats_values
+        self._beats_values: tuple[list[str], list[Any]] = ([], [])
         # sender -> (when its heartbeat was first seen gone, {key: that key's head then})
         self._suspects: dict[str, tuple[float, dict[str, str]]] = {}
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set: end a blocked read (an entry on the wake key), see _waker
         self._side: aioredis.Redis | None = None
         self._read_client: aioredis.Redis | None = None  # per_stream: the interest reader's (no socket_timeout)
         self.lost_producers: list[str] = []
@@ -339,6 +346,11 @@ class RedisSource(PluginBase):
         """The id each key is read from next: the last entry handled (a group: ``0`` while own pending entries
         are re-read, then ``>``)."""
         return self._reader.positions
+
+    @property
+    def linger_overruns(self) -> int:
+        """``per_stream`` with ``read_linger_ms``: waits that Redis, idle, did not end in time, so this source did."""
+        return self._interest.overruns if self._interest is not None else 0
 
     @property
     def position_key(self) -> str:
@@ -405,7 +417,7 @@ class RedisSource(PluginBase):
         opts = self.options
         delay = 0.05
         fresh = True
-        linger = opts.read_linger_ms / 1000
+        linger_ms = 0  # how long the next read waits first: read_linger_ms after a read that found entries
         while not self._stopping:
             try:
                 if fresh:
@@ -413,8 +425,9 @@ class RedisSource(PluginBase):
                     fresh = False
                     self._connected_at = anyio.current_time()
                 self._ready.set()
-                if await self._read(client) and linger:
-                    await anyio.sleep(linger)
+                lingering, linger_ms = linger_ms, 0
+                if await self._read(client, lingering):
+                    linger_ms = opts.read_linger_ms
                 delay = 0.05
             except _auth_errors() as exc:
                 log.error("redis.source_auth_failed", error=str(exc))
@@ -430,6 +443,7 @@ class RedisSource(PluginBase):
                 fresh = True
             except _connection_errors() as exc:
                 self._connected_at = None
+                self._suspects.clear()  # an absence counts only while it is seen continuously
                 self._epochs_due = 0.0  # Redis may come back without its data: the first read asks the epochs
                 self.reconnects += 1
                 log.warning("redis.source_retry", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
@@ -495,6 +509,14 @@ class RedisSource(PluginBase):
         return fresh
 
     @staticmethod
+    def _epoch_commands(fresh: dict[str, str | None]) -> list[tuple[str, ...]]:
+        """:meth:`_queue_epochs`'s commands, to send as they are (``per_stream``'s reads)."""
+        return [
+            ("GET", epoch_key(key)) if epoch is None else ("SET", epoch_key(key), epoch, "NX", "GET")
+            for key, epoch in fresh.items()
+        ]
+
+    @staticmethod
     def _queue_epochs(pipe: Any, fresh: dict[str, str | None]) -> None:
         for key, epoch in fresh.items():
             if epoch is None:
@@ -533,22 +555,45 @@ class RedisSource(PluginBase):
         return changed
 
     # -- reading -----------------------------------------------------------------------
-    async def _read(self, client: aioredis.Redis) -> bool:
-        """One read of every key; return whether any key had entries."""
+    async def _read(self, client: aioredis.Redis, linger_ms: int = 0) -> bool:
+        """One read of every key, *linger_ms* from now (``read_linger_ms``); return whether any key had entries.
+
+        ``per_stream``: Redis times the linger (see :meth:`InterestReader.read`), and the epochs due
+        go in the same write, after the read; a key followed just now is read at once. Otherwise a
+        local timer, then a pipeline with the epochs of every key.
+        """
+        interest = self._interest
+        followed_now = bool(self._to_follow)
         if self._to_follow or self._to_unfollow:
-            self._apply_follows()
+            self._apply_follows()  # an ended stream's key is read no more from now, even if the source stops
+        if linger_ms and interest is not None and not followed_now:
+            linger_ms = await interest.linger(linger_ms)  # 0 once it lingered here (after an overrun)
+        elif linger_ms:
+            if interest is None:
+                await asyncio.sleep(linger_ms / 1000)
+            linger_ms = 0
+        if linger_ms == 0 and (self._to_follow or self._to_unfollow):
+            self._apply_follows()  # followed while it lingered here
         # The epochs come from the same connection (the same server run) right after the
         # entries: a key lost before or while the read blocked shows as a changed epoch
         # (per_stream: at most a second later, see _epochs_to_ask).
         fresh = self._epochs_to_ask()
         answers: list[Any] = []
-        if fresh:
+        if interest is not None:
+            read_client = self._read_client or client
+            after = self._epoch_commands(fresh)
+            senders = self._heartbeats_due()
+            if senders:
+                after.append(("MGET", *(heartbeat_key(self.options.stream, p) for p in senders)))
+            response, answers = await interest.read(read_client, linger_ms, after)
+            if senders:
+                self._beats_values = (senders, answers.pop())
+                self._beats_read.set()
+        else:
             pipe = client.pipeline(transaction=False)
             self._reader.queue_read(pipe)
             self._queue_epochs(pipe, fresh)
             response, *answers = await pipe.execute()
-        else:
-            response = await self._reader.read(self._read_client or client)  # between epoch checks: the read alone
         self._busy += 1
         try:
             # The epochs first: handling the entries publishes them, and a reader that has all it
@@ -900,6 +945,9 @@ class RedisSource(PluginBase):
             else:
                 self._unfollow(stream)
 
+    def _nudge(self) -> None:
+        self._wake.set()
+
     async def _waker(self, side: aioredis.Redis) -> None:
         """End a blocked read when a stream was followed: one entry on the private wake key."""
         while True:
@@ -926,25 +974,56 @@ class RedisSource(PluginBase):
         if len(beats) > _MAX_PRODUCERS:
             beats.popitem(last=False)
 
+    def _check_interval(self) -> float:
+        # A tenth of the shortest heartbeat timeout (0.2 s to 1 s): a sender is judged lost only after
+        # its key stayed gone a whole timeout, so checking more often than that buys nothing.
+        return min(1.0, max(0.2, min(self._beats.values(), default=2000) / 10_000))
+
+    def _senders_to_check(self) -> list[str]:
+        """The senders of live streams whose heartbeat keys are to be looked at (none while disconnected)."""
+        if not self._beats or self._connected_at is None:
+            return []
+        live = self.dedup.live
+        beats = self._beats
+        return sorted({owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in beats})
+
+    def _heartbeats_due(self) -> list[str]:
+        """``per_stream``: the senders whose heartbeat keys go with this read (see :meth:`_watch_producers`)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._beats_due:
+            return []
+        self._beats_due = now + self._check_interval()
+        return self._senders_to_check()
+
     async def _watch_producers(self, client: aioredis.Redis) -> None:
-        """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``."""
+        """End the live streams of senders whose heartbeat key expired with an ``error`` of kind ``producer_lost``.
+
+        ``per_stream``: the heartbeat keys (``MGET``) go with a read (the read loop hands their values
+        over), not on a timer of their own: an edge reading every few ms would wake for the timer and for
+        the reply twice a second. Reads blocked longer than twice the interval (nothing to read) leave
+        the check to this task again.
+        """
         while True:
-            # A tenth of the shortest heartbeat timeout (0.2 s to 1 s): a sender is judged lost only after
-            # its key stayed gone a whole timeout, so checking more often than that buys nothing.
-            await anyio.sleep(min(1.0, max(0.2, min(self._beats.values(), default=2000) / 10_000)))
-            if not self._beats or self._connected_at is None:
-                continue
-            live = self.dedup.live
-            senders = {owner[1] for stream, owner in self._owners.items() if stream in live and owner[1] in self._beats}
-            if not senders:
-                continue
-            names = sorted(senders)
-            try:
-                values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
-            except _connection_errors() as exc:
-                log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
-                self._suspects.clear()  # an absence counts only while it is seen continuously
-                continue
+            interval = self._check_interval()
+            names: list[str] | None = None
+            if self._interest is not None:
+                with anyio.move_on_after(2 * interval):
+                    await self._beats_read.wait()
+                if self._beats_read.is_set():
+                    self._beats_read.clear()
+                    names, values = self._beats_values
+            else:
+                await anyio.sleep(interval)
+            if names is None:
+                names = self._senders_to_check()
+                if not names:
+                    continue
+                try:
+                    values = await client.mget([heartbeat_key(self.options.stream, p) for p in names])
+                except _connection_errors() as exc:
+                    log.debug("redis.heartbeat_check_failed", error=f"{type(exc).__name__}: {exc}")
+                    self._suspects.clear()  # an absence counts only while it is seen continuously
+                    continue
             now = anyio.current_time()
             for producer, value in zip(names, values, strict=True):
                 connected = self._connected_at

@@ -195,12 +195,24 @@ async def test_since_naming_unknown_or_too_many_streams_replays_nothing_and_foll
     assert source.followed == {} and len(sink.history) == 0
 
 
-async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str, key: str) -> None:
-    """Interest routing: of 20 live streams the edge reads the one a client follows, plus the index."""
+@pytest.mark.parametrize("linger", [0, 20])
+async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str, key: str, linger: int) -> None:
+    """Interest routing: of 20 live streams the edge reads the one a client follows, plus the index.
+
+    With ``read_linger_ms`` Redis times the wait before each read (sent with the read), and a follow ends it.
+    """
     async with Bus() as edge, Bus() as worker:
         sink = websocket.WebSocketSink(port=0)
         edge.add_sink(sink, name="websocket")
-        source = RedisSource(url=redis_url, stream=key, layout="per_stream", start="$", position="none", block_ms=200)
+        source = RedisSource(
+            url=redis_url,
+            stream=key,
+            layout="per_stream",
+            start="$",
+            position="none",
+            block_ms=200,
+            read_linger_ms=linger,
+        )
         edge.start_producer(source)
         with anyio.fail_after(10):
             await sink.wait_ready()
@@ -225,6 +237,37 @@ async def test_an_edge_reads_only_the_streams_its_clients_follow(redis_url: str,
     # Every start came through the index, only one stream's deltas through its key.
     assert source.delivered == 12, source.delivered  # start, 10 deltas, end of stream 7
     assert source.followed == {}, "following ends with the stream"
+
+
+async def test_an_idle_redis_s_late_lingers_are_ended_by_the_edge(private_redis: Callable[..., Any], key: str) -> None:
+    """A Redis with no other traffic ends a blocking wait only on its ``hz`` timer (1 s here): the edge does.
+
+    Every token comes, in order, and the source counts the waits it had to end (Redis would have ended them
+    up to a second late; the edge ends one at twice ``read_linger_ms``, then lingers locally for a while).
+    """
+    server = private_redis("--hz", "1")
+    async with Bus() as edge, Bus() as worker:
+        sink = websocket.WebSocketSink(port=0)
+        edge.add_sink(sink, name="websocket")
+        source = RedisSource(
+            url=server.url, stream=key, layout="per_stream", start="$", position="none", read_linger_ms=20
+        )
+        edge.start_producer(source)
+        with anyio.fail_after(10):
+            await sink.wait_ready()
+            await source.wait_ready()
+        worker.add_sink(RedisSink(url=server.url, stream=key, layout="per_stream", batch_max_ms=0))
+        async with testing.connect(sink.url) as peer:
+            await peer.subscribe(id=1, meta={"user": "a"})
+            async with worker.stream(model="m", meta={"user": "a"}) as w:
+                for j in range(40):
+                    await w.delta(f"{j} ")
+                    await anyio.sleep(0.06)  # Redis idle between two tokens
+            with anyio.fail_after(20):
+                events = await peer.events_until_end()
+        source.stop()
+    assert _text(events) == "".join(f"{j} " for j in range(40))
+    assert source.linger_overruns > 0
 
 
 @pytest.mark.parametrize("layout", ["per_stream", "single"])

@@ -11,7 +11,7 @@ from streambus_websocket import PROTOCOL_VERSION, CloseCode, ErrorCode, WebSocke
 from streambus_websocket.testing import connect, publish_text, running
 from websockets.exceptions import ConnectionClosed
 
-from streambus import Usage
+from streambus import Filter, StartEvent, Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -285,3 +285,55 @@ async def test_compression_is_negotiated_only_when_enabled(compression: bool) ->
         await publish_text(bus, ["compressed " * 20])
         events = await peer.events_until_end()
         assert events[1]["text"] == "compressed " * 20
+
+
+async def test_wants_answers_as_the_clients_filters_do_as_they_subscribe_and_leave() -> None:
+    """``wants`` (what an interest edge asks for every start) agrees with the filters, through every change."""
+    starts = [
+        StartEvent(stream=f"s{i}", seq=0, ts=0.0, model=model, provider="p", meta=meta)
+        for i, (model, meta) in enumerate(
+            [
+                ("m", {"user": 7}),
+                ("m", {"user": "7"}),
+                ("m", {"user": 7.0}),
+                ("m", {"user": True}),
+                ("m", {"user": 1}),
+                ("m", {"user": [7]}),
+                ("m", {"user": {"id": 7}}),
+                ("m", {}),
+                ("other", {"user": 8}),
+                ("m", {"user": 9, "team": "a"}),
+                ("m", {"user": 10, "team": "b"}),
+            ]
+        )
+    ]
+
+    def expected(*filters: dict[str, object]) -> list[bool]:
+        built = [Filter.of(**{k: v for k, v in f.items() if k != "id"}) for f in filters]
+        return [any(flt.matches(start) for flt in built) for start in starts]
+
+    async with running() as (_bus, sink), connect(sink.url) as one, connect(sink.url) as two:
+        assert [sink.wants(start) for start in starts] == [False] * len(starts)
+        first = {"id": "a", "meta": {"user": 7}}
+        await one.subscribe(**first)
+        assert [sink.wants(start) for start in starts] == expected(first)
+        assert [sink.wants(start) for start in starts][:5] == [True, False, True, False, False]
+        others = [
+            {"id": "b", "meta": {"user": True}},
+            {"id": "c", "meta": {"user": [9, 10], "team": "a"}},
+            {"id": "d", "models": ["other"]},
+        ]
+        for fields in others:
+            await two.subscribe(**fields)
+        assert [sink.wants(start) for start in starts] == expected(first, *others)
+        await two.send({"op": "unsubscribe", "id": "d"})
+        await two.expect("unsubscribed")
+        assert [sink.wants(start) for start in starts] == expected(first, *others[:2])
+    async with running() as (_bus, sink):
+        async with connect(sink.url) as peer:
+            await peer.subscribe(id="a", meta={"user": 7})
+            assert sink.wants(starts[0])
+        with anyio.fail_after(10):
+            while sink.clients:  # noqa: ASYNC110 - the server notices the close; no event says so
+                await anyio.sleep(0.01)
+        assert not sink.wants(starts[0])
