@@ -22,12 +22,16 @@ __all__ = ["Parking"]
 class Parking:
     """Tasks waiting for the next :meth:`wake`; check :attr:`waiting` before waking."""
 
-    __slots__ = ("_event", "_futures", "_loop", "waiting")
+    __slots__ = ("_event", "_first", "_loop", "_more", "waiting")
 
     def __init__(self) -> None:
         self.waiting = False
         """Whether a task parked since the last :meth:`wake`."""
-        self._futures: list[asyncio.Future[None]] = []
+        # The first waiting task's future in a slot of its own, the others' in a list: one reader
+        # parking and waking (the commonest case) then touches no list, whose first append and
+        # last removal each cost a reallocation (docs/decisions.md).
+        self._first: asyncio.Future[None] | None = None
+        self._more: list[asyncio.Future[None]] = []
         self._event: anyio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -43,7 +47,10 @@ class Parking:
                     self._event = anyio.Event()
                 return self._event.wait()
         future = loop.create_future()
-        self._futures.append(future)
+        if self._first is None:
+            self._first = future
+        else:
+            self._more.append(future)
         return future
 
     def relay(self) -> None:
@@ -57,23 +64,30 @@ class Parking:
         ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
         an asyncio loop this is :meth:`wake`.
         """
-        futures = self._futures
-        loop = self._loop
-        if len(futures) < 2 or loop is None:
+        more = self._more
+        first = self._first
+        if not more or first is None or self._loop is None:
             self.wake()
             return
         self.waiting = False
-        self._futures = []
-        _relay(loop, futures, 0, _RELAY_STEPS)
+        self._first = None
+        self._more = []
+        _relay(self._loop, [first, *more], 0, _RELAY_STEPS)
 
     def wake(self) -> None:
         """Release every task parked now."""
         self.waiting = False
-        futures = self._futures
-        for future in futures:
-            if not future.done():
-                future.set_result(None)
-        futures.clear()
+        first = self._first
+        if first is not None:
+            self._first = None
+            if not first.done():
+                first.set_result(None)
+            more = self._more
+            if more:
+                for future in more:
+                    if not future.done():
+                        future.set_result(None)
+                more.clear()
         if self._event is not None:
             self._event.set()
             self._event = None

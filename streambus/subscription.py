@@ -171,19 +171,26 @@ class Firehose:
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
     everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
+
+    An offer is a list append and one comparison with :attr:`mark`: the log
+    length at which the next offer must also relay parked readers, check for
+    lag, offer detached readers, or (nobody attached) not keep the event.
+    Whatever makes one of those due sets the mark to 0; the offer that does
+    them sets it back (see ``docs/decisions.md``).
     """
 
-    __slots__ = ("attached", "base", "detached", "items", "live", "next_check", "parking")
+    __slots__ = ("attached", "detached", "items", "live", "mark", "next_check", "parking")
 
     def __init__(self) -> None:
-        self.items: list[Event] = []  # the shared log, from position ``base`` on
-        self.base = 0
+        self.items: list[Event] = []  # the shared log; an attached reader's cursor indexes it
         self.attached: list[Subscription] = []
         self.detached: list[Subscription] = []
         self.live = False
         """Whether any subscriber is here (the bus skips an empty firehose)."""
         self.parking = Parking()  # attached readers with nothing to read
-        self.next_check = 0  # log position of the next lag check
+        self.next_check = 0  # log length at the next lag check
+        self.mark = 0
+        """Log length at which an offer takes its slow steps (0: the next one does)."""
         # The lists are replaced, never changed in place: offer() iterates them
         # while a delivery may close (and remove) a subscriber.
 
@@ -195,14 +202,13 @@ class Firehose:
     def remove(self, sub: Subscription) -> None:
         """Stop offering events to *sub*; what it had not read yet moves to its own buffer, in order."""
         if sub._cursor >= 0:
-            unread = self.items[sub._cursor - self.base :]
+            unread = self.items[sub._cursor :]
             sub._buf.extend(unread)
             if sub._coalesce:
                 sub._bytes += sum(map(_size, unread))
             sub._cursor = -1
             self.attached = [s for s in self.attached if s is not sub]
             if not self.attached:
-                self.base += len(self.items)
                 self.items = []
             if self.parking.waiting:
                 self.parking.wake()  # its reader may be parked here (the others look again, and park again)
@@ -210,37 +216,60 @@ class Firehose:
             self.detached = [s for s in self.detached if s is not sub]
         sub._firehose = None
         self.live = bool(self.attached or self.detached)
+        self._remark()
 
     def offer(self, event: Event) -> Awaitable[None] | None:
         """Deliver *event* to every unfiltered subscriber; return an awaitable if the publisher must wait."""
+        items = self.items
+        items.append(event)
+        if len(items) < self.mark:
+            return None
+        return self._offer_steps(event)
+
+    def _offer_steps(self, event: Event) -> Awaitable[None] | None:
+        # The offer's steps past the append, once the mark says one is due.
+        parking = self.parking
+        if parking.waiting and self.attached and not self.detached and len(self.items) < self.next_check:
+            parking.relay()  # the commonest step, alone: the readers caught up and parked
+            self.mark = self.next_check
+            return None
         detached = self.detached  # before the lag check: a reader it detaches has this event already
         wait = None
         if self.attached:
-            items = self.items
-            items.append(event)
             parking = self.parking
             if parking.waiting:
                 parking.relay()
-            if self.base + len(items) >= self.next_check:
+            if len(self.items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
                     wait = _wait_all([sub._log_room() for sub in blocked])
+        else:
+            self.items.pop()  # nobody reads the log
         if detached:
             for sub in detached:
                 sub.offer(event)  # never a ``block`` subscriber: those are never detached
+        self._remark()
         return wait
 
+    def _remark(self) -> None:
+        # The log length of the next offer's slow steps: the lag check's, unless one is due sooner.
+        if self.detached or not self.attached or self.parking.waiting:
+            self.mark = 0
+        else:
+            self.mark = self.next_check
+
     def _attach(self, sub: Subscription) -> None:
-        end = self.base + len(self.items)
+        end = len(self.items)
         sub._cursor = end
         self.detached = [s for s in self.detached if s is not sub]
         self.attached = [*self.attached, sub]
         self.live = True
         self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
+        self._remark()
 
     def _check(self) -> list[Subscription]:
         """Detach lagging readers, trim the log; return the ``block`` readers the publisher must wait for."""
-        end = self.base + len(self.items)
+        end = len(self.items)
         blocked: list[Subscription] = []
         lowest = end
         for sub in self.attached:
@@ -251,17 +280,20 @@ class Firehose:
                     self._detach(sub)
                     continue
             lowest = min(lowest, sub._cursor)
-        if lowest > self.base:
-            del self.items[: lowest - self.base]
-            self.base = lowest
+        if lowest:  # what every reader read goes; the cursors move with the rest
+            del self.items[:lowest]
+            for sub in self.attached:
+                sub._cursor -= lowest
+            end -= lowest
         self.next_check = end + max(1, min((s.buffer for s in self.attached), default=4) // 4)
         return blocked
 
     def _detach(self, sub: Subscription) -> None:
-        unread = self.items[sub._cursor - self.base :]
+        unread = self.items[sub._cursor :]
         sub._cursor = -1
         self.attached = [s for s in self.attached if s is not sub]
         self.detached = [*self.detached, sub]
+        self.mark = 0
         for event in unread:
             sub.offer(event)
 
@@ -345,7 +377,7 @@ class Subscription:
         self._since_yield = 0
         self._parked = False
         self._firehose: Firehose | None = None  # set while unfiltered on a bus
-        self._cursor = -1  # position in the firehose's shared log while attached to it
+        self._cursor = -1  # index of its next event in the firehose's shared log while attached to it
 
     @property
     def overflow(self) -> OverflowPolicy:
@@ -361,7 +393,7 @@ class Subscription:
     def pending(self) -> int:
         """How many items are buffered and not yet read."""
         firehose = self._firehose
-        shared = firehose.base + len(firehose.items) - self._cursor if firehose and self._cursor >= 0 else 0
+        shared = len(firehose.items) - self._cursor if firehose and self._cursor >= 0 else 0
         return len(self._buf) + shared
 
     @property
@@ -498,7 +530,7 @@ class Subscription:
         if self._buf:
             return True
         firehose = self._firehose
-        return self._cursor >= 0 and firehose is not None and self._cursor < firehose.base + len(firehose.items)
+        return self._cursor >= 0 and firehose is not None and self._cursor < len(firehose.items)
 
     def _space_to_wait(self) -> Parking:
         # Where a publisher waits for room (see ``_space``).
@@ -522,15 +554,14 @@ class Subscription:
             if firehose is None:
                 return self._reader
             if self._cursor >= 0:
+                firehose.mark = 0  # the next offer releases it
                 return firehose.parking
             firehose._attach(self)  # detached, and read everything: back to the shared log
         return None
 
     async def _log_room(self) -> None:
         # A ``block`` reader attached to the firehose: the publisher waits until it catches up.
-        while (firehose := self._firehose) is not None and firehose.base + len(
-            firehose.items
-        ) - self._cursor > self.buffer:
+        while (firehose := self._firehose) is not None and len(firehose.items) - self._cursor > self.buffer:
             await self._space_to_wait().wait()
 
     async def __anext__(self) -> Event:
@@ -553,15 +584,13 @@ class Subscription:
                 return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
             cursor = self._cursor
             if cursor >= 0:  # attached to the shared log (never while closed)
-                firehose: Firehose = self._firehose  # type: ignore[assignment]
-                items = firehose.items
-                index = cursor - firehose.base
-                if index < len(items):
+                items = self._firehose.items  # type: ignore[union-attr]
+                if cursor < len(items):
                     self._since_yield += 1
                     self._cursor = cursor + 1
                     if self._space.waiting:
                         self._space.wake()
-                    return items[index]
+                    return items[cursor]
             parking = self._park_where()
             if parking is None:
                 continue
@@ -581,6 +610,7 @@ class Subscription:
         # look again; else the reader's own). A plain call: the readers park inline.
         firehose = self._firehose
         if firehose is not None and self._cursor >= 0:
+            firehose.mark = 0  # the next offer releases it
             return firehose.parking
         if self._closed or firehose is not None:
             return self._parking()
@@ -612,7 +642,7 @@ class Subscription:
         while True:  # the steps of __anext__, then everything buffered at once
             cursor = self._cursor
             firehose = self._firehose
-            if self._buf or (firehose is not None and 0 <= cursor < firehose.base + len(firehose.items)):
+            if self._buf or (firehose is not None and 0 <= cursor < len(firehose.items)):
                 if waited:
                     break
                 await anyio.lowlevel.checkpoint()  # a reader that always finds events waiting must still let others run
@@ -633,8 +663,7 @@ class Subscription:
         buf = self._buf
         if not buf:
             assert firehose is not None
-            start = cursor - firehose.base
-            events = firehose.items[start : None if limit is None else start + limit]
+            events = firehose.items[cursor : None if limit is None else cursor + limit]
             self._cursor = cursor + len(events)
             if self._space.waiting:
                 self._space.wake()

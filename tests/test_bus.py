@@ -879,3 +879,30 @@ async def test_receive_batch_refuses_a_linger_that_is_not_a_finite_wait(linger: 
         with pytest.raises(ValueError, match="linger must be a finite number of seconds"):
             await sub.receive_batch(linger=linger)
         assert len(await sub.receive_batch()) == 3  # nothing was taken by the refused call
+
+
+async def test_unfiltered_readers_parking_between_lag_checks_get_each_event_at_once() -> None:
+    # An offer to the shared log skips everything but the append until its length reaches a
+    # mark (the next lag check, far away with a big buffer); a reader that parks must bring
+    # that mark down, so the very next event releases it, one event at a time, for each reader.
+    async with Bus(buffer=4096) as bus:
+        readers = [bus.subscribe(), bus.subscribe(), bus.subscribe(Filter.of(streams="s"))]
+        seen: list[list[str]] = [[] for _ in readers]
+
+        async def read(i: int) -> None:
+            async for event in readers[i]:
+                if isinstance(event, DeltaEvent):
+                    seen[i].append(event.text)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(readers)):
+                tg.start_soon(read, i)
+            async with bus.stream(stream="s") as w:
+                for n in range(50):
+                    await wait_all_tasks_blocked()  # every reader read everything and parked
+                    await w.delta(str(n))
+                    await wait_all_tasks_blocked()
+                    assert [texts[-1:] for texts in seen] == [[str(n)]] * len(readers), n
+            for sub in readers:
+                sub.close()
+    assert seen == [[str(n) for n in range(50)]] * len(readers)
