@@ -261,6 +261,7 @@ class Firehose:
     def _attach(self, sub: Subscription) -> None:
         end = len(self.items)
         sub._cursor = end
+        sub._yield_at = end + _YIELD_EVERY
         self.detached = [s for s in self.detached if s is not sub]
         self.attached = [*self.attached, sub]
         self.live = True
@@ -284,6 +285,7 @@ class Firehose:
             del self.items[:lowest]
             for sub in self.attached:
                 sub._cursor -= lowest
+                sub._yield_at -= lowest
             end -= lowest
         self.next_check = end + max(1, min((s.buffer for s in self.attached), default=4) // 4)
         return blocked
@@ -333,6 +335,7 @@ class Subscription:
         "_reader",
         "_since_yield",
         "_space",
+        "_yield_at",
         "buffer",
         "dropped",
         "filter",
@@ -375,6 +378,7 @@ class Subscription:
         # only once one waits; the shared NOBODY_WAITS until then (read on every take).
         self._space = _NOBODY_WAITS
         self._since_yield = 0
+        self._yield_at = 0  # the shared-log cursor at which the reader next lets others run
         self._parked = False
         self._firehose: Firehose | None = None  # set while unfiltered on a bus
         self._cursor = -1  # index of its next event in the firehose's shared log while attached to it
@@ -565,16 +569,19 @@ class Subscription:
             await self._space_to_wait().wait()
 
     async def __anext__(self) -> Event:
-        if self._since_yield >= _YIELD_EVERY:
-            # A reader that always finds events waiting must still let others run.
-            await anyio.lowlevel.checkpoint()
-            self._since_yield = 0
         while True:
             # Take the next item: the subscription's own buffer first, then the
             # shared log (a reader can hold buffered events while attached, when it
             # re-attached as a publisher waited for a full ``block`` subscriber).
+            # A reader that always finds events waiting must still let others run:
+            # every _YIELD_EVERY items it takes, counted here, and from the log by
+            # its cursor passing ``_yield_at``.
             buf = self._buf
             if buf:
+                if self._since_yield >= _YIELD_EVERY:
+                    await anyio.lowlevel.checkpoint()
+                    self._since_yield = 0
+                    continue
                 self._since_yield += 1
                 item = buf.popleft()
                 if self._coalesce:
@@ -586,7 +593,10 @@ class Subscription:
             if cursor >= 0:  # attached to the shared log (never while closed)
                 items = self._firehose.items  # type: ignore[union-attr]
                 if cursor < len(items):
-                    self._since_yield += 1
+                    if cursor >= self._yield_at:
+                        await anyio.lowlevel.checkpoint()
+                        self._yield_at = self._cursor + _YIELD_EVERY
+                        continue
                     self._cursor = cursor + 1
                     if self._space.waiting:
                         self._space.wake()
@@ -602,6 +612,7 @@ class Subscription:
             finally:
                 self._parked = False
             self._since_yield = 0
+            self._yield_at = self._cursor + _YIELD_EVERY
 
     def _park_where(self) -> Parking | None:
         # Where every read path waits once it found nothing to take: _parking()'s rule without
