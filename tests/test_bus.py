@@ -906,3 +906,32 @@ async def test_unfiltered_readers_parking_between_lag_checks_get_each_event_at_o
             for sub in readers:
                 sub.close()
     assert seen == [[str(n) for n in range(50)]] * len(readers)
+
+
+async def test_a_reader_that_always_finds_events_waiting_lets_other_tasks_run() -> None:
+    # Reading never waits while events are buffered, so every 256 items a reader must yield
+    # by itself: from the shared log (unfiltered) and from its own buffer (filtered) alike.
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with Bus(buffer=4096) as bus:
+        readers = {"shared log": bus.subscribe(), "own buffer": bus.subscribe(Filter.of(streams="s"))}
+        async with bus.stream(stream="s") as w:
+            for _ in range(2000):
+                await w.delta("x")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            for where, sub in readers.items():
+                await anyio.lowlevel.checkpoint()
+                before, read = ticks, 0
+                async for _ in sub:
+                    read += 1
+                    if read == 2002:  # start, 2,000 deltas, end
+                        break
+                assert ticks - before >= 2002 // 256 - 1, where
+            tg.cancel_scope.cancel()
