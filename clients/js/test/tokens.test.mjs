@@ -83,7 +83,9 @@ describe("scoped tokens", () => {
   });
 
   test("a token that expires while connected stops the client with UnauthorizedError (4005)", async (t) => {
-    const client = new StreamBusClient({ url: bus.ws, WebSocket, token: mint("--meta", "tenant=a", "--ttl", "1") });
+    // JWT times are whole seconds (exp = floor(now) + ttl) and minting runs a Python process: a
+    // 1 s token could expire before it connects (then it is refused, 4001); 3 s outlive the mint.
+    const client = new StreamBusClient({ url: bus.ws, WebSocket, token: mint("--meta", "tenant=a", "--ttl", "3") });
     t.after(() => client.close());
     const errors = [];
     client.on("error", (e) => errors.push(e));
