@@ -178,7 +178,9 @@ async def test_a_response_ends_when_its_token_expires(served: Any) -> None:
         await w.delta("begun")
         async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
             with anyio.fail_after(15):
-                r = await client.get("/events/ndjson", headers=tenant("a", ttl=1))
+                # 2 s: exp is whole seconds (floor(now) + ttl), so a 1 s token may be
+                # expired already when the request arrives (then it is refused, 401).
+                r = await client.get("/events/ndjson", headers=tenant("a", ttl=2))
             assert r.status_code == 200
         await w.delta(" still live")
     assert served.bus.running

@@ -158,7 +158,7 @@ async def test_a_static_operator_token_still_reads_everything() -> None:
 
 async def test_the_connection_closes_when_its_token_expires() -> None:
     async with scoped_server(leeway=0) as (bus, sink):
-        token = tenant_token("a", ttl=1)
+        token = tenant_token("a", ttl=2)  # exp is floor(now) + ttl: 1 s may be expired at the handshake
         async with connect(sink.url, additional_headers=_auth(token)) as alice:
             await alice.subscribe(id=1)
             code, frames = await alice.closed(within=10)
