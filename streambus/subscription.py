@@ -559,6 +559,7 @@ class Subscription:
                 return self._reader
             if self._cursor >= 0:
                 firehose.mark = 0  # the next offer releases it
+                self._yield_at = self._cursor + _YIELD_EVERY  # parking lets others run
                 return firehose.parking
             firehose._attach(self)  # detached, and read everything: back to the shared log
         return None
@@ -612,7 +613,6 @@ class Subscription:
             finally:
                 self._parked = False
             self._since_yield = 0
-            self._yield_at = self._cursor + _YIELD_EVERY
 
     def _park_where(self) -> Parking | None:
         # Where every read path waits once it found nothing to take: _parking()'s rule without
@@ -622,6 +622,7 @@ class Subscription:
         firehose = self._firehose
         if firehose is not None and self._cursor >= 0:
             firehose.mark = 0  # the next offer releases it
+            self._yield_at = self._cursor + _YIELD_EVERY  # parking lets others run
             return firehose.parking
         if self._closed or firehose is not None:
             return self._parking()
