@@ -236,7 +236,6 @@ class Firehose:
         detached = self.detached  # before the lag check: a reader it detaches has this event already
         wait = None
         if self.attached:
-            parking = self.parking
             if parking.waiting:
                 parking.relay()
             if len(self.items) >= self.next_check:
@@ -295,7 +294,6 @@ class Firehose:
         sub._cursor = -1
         self.attached = [s for s in self.attached if s is not sub]
         self.detached = [*self.detached, sub]
-        self.mark = 0
         for event in unread:
             sub.offer(event)
 
@@ -558,9 +556,7 @@ class Subscription:
             if firehose is None:
                 return self._reader
             if self._cursor >= 0:
-                firehose.mark = 0  # the next offer releases it
-                self._yield_at = self._cursor + _YIELD_EVERY  # parking lets others run
-                return firehose.parking
+                return self._park_where()
             firehose._attach(self)  # detached, and read everything: back to the shared log
         return None
 
