@@ -249,7 +249,8 @@ def row(label: str, tokens: int, pairs: list[tuple[Run, Run]]) -> tuple[str, flo
 
 
 def overhead(quick: bool) -> list[str]:
-    rounds = 3 if quick else 9
+    # The host's speed swings 20-30% from run to run: 9 rounds left a row's median about 4 points wide.
+    rounds = 3 if quick else 25
     total = 10_000 if quick else 40_000
     lines = [
         "## Stats sink: overhead on the workloads users run, and quantile accuracy",
