@@ -257,6 +257,7 @@ and the parts of them a provider may report: prompt tokens read from (``cached_i
 written to (``cache_creation_input``) its cache, completion tokens spent on ``reasoning``."""
 
 _DETAILS = ("cached_input", "cache_creation_input", "reasoning")
+_DETAIL_KEYS = tuple(f"{kind}:provider" for kind in _DETAILS)
 
 _TOKEN_KEYS = {
     source: tuple(f"{kind}:{source}" for kind in ("prompt", "completion", "total"))
@@ -491,15 +492,19 @@ class StatsAggregator:
         self._ingest()
 
     def _finish(self, st: Live, event: Event | None) -> None:
+        # Runs once per stream: for short streams (tens of tokens) its cost per token is as much as
+        # the deltas', so it reads each field once and spells its steps out (no loops over tuples).
         start = st.start
+        start_ts = start.ts
         agg = st.agg
         pending = agg.pending
         usage = None
-        timings: dict[str, float] = {}
+        eval_duration = None
         outcome: Outcome
         if isinstance(event, EndEvent):
             outcome, reason = "end", event.reason
-            usage, timings = event.usage, event.timings
+            usage = event.usage
+            eval_duration = event.timings.get("eval_duration")
             agg.end_reasons[reason] += 1
         elif isinstance(event, ErrorEvent):
             outcome, reason = "error", event.kind
@@ -510,28 +515,38 @@ class StatsAggregator:
         else:
             outcome, reason = "incomplete", ""
         agg.outcomes[outcome] += 1
-        agg.chunks += st.chunks
-        agg.empty_deltas += st.empty
-        end_ts = event.ts if event is not None else None
-        e2e = end_ts - start.ts if end_ts is not None else None
-        if end_ts is not None:
-            agg.last_ts = max(agg.last_ts, end_ts)
-            pending["e2e_seconds"].append(e2e)  # type: ignore[arg-type]
-        ttfc = st.first - start.ts if st.first is not None else None
-        ttf_content = st.first_content - start.ts if st.first_content is not None else None
+        chunks = st.chunks
+        empty = st.empty
+        agg.chunks += chunks
+        agg.empty_deltas += empty
+        end_ts = e2e = None
+        if event is not None:
+            end_ts = event.ts
+            e2e = end_ts - start_ts
+            if end_ts > agg.last_ts:
+                agg.last_ts = end_ts
+            pending["e2e_seconds"].append(e2e)
+        first = st.first
+        ttfc = first - start_ts if first is not None else None
+        first_content = st.first_content
+        ttf_content = first_content - start_ts if first_content is not None else None
 
         # Token usage: the provider's numbers where given, counted where missing.
-        prompt = usage.prompt_tokens if usage is not None else None
-        completion = usage.completion_tokens if usage is not None else None
-        total = usage.total_tokens if usage is not None else None
-        counted = usage is not None and usage.source == "counted"
+        if usage is not None:
+            prompt, completion, total = usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+            counted = usage.source == "counted"
+            details = (usage.cached_input_tokens, usage.cache_creation_input_tokens, usage.reasoning_tokens)
+        else:
+            prompt = completion = total = None
+            counted = False
+            details = (None, None, None)
         method: str | None = "provider" if completion is not None and not counted else None
         if completion is None:
             completion, method = self.counter.count("".join(st.texts), start.model)
             if method == "none":
                 method = "counted"
             counted = True
-        if prompt is None:
+        if prompt is None and start.meta:
             prompt_text = _prompt_text(start.meta)
             if prompt_text is not None:
                 prompt, _ = self.counter.count(prompt_text, start.model)
@@ -542,20 +557,18 @@ class StatsAggregator:
         if method is None:
             method = "counted"
         tokens = agg.tokens
-        for key, value in zip(_TOKEN_KEYS[source], (prompt, completion, total), strict=True):
-            if value is not None:
-                tokens[key] += value
+        prompt_key, completion_key, total_key = _TOKEN_KEYS[source]
         if prompt is not None:
+            tokens[prompt_key] += prompt
             pending["prompt_tokens"].append(prompt)
+        tokens[completion_key] += completion
+        if total is not None:
+            tokens[total_key] += total
         pending["completion_tokens"].append(completion)
-        details = (
-            (usage.cached_input_tokens, usage.cache_creation_input_tokens, usage.reasoning_tokens)
-            if usage is not None
-            else (None, None, None)
-        )
-        for kind, value in zip(_DETAILS, details, strict=True):
-            if value is not None:
-                tokens[f"{kind}:provider"] += value
+        if usage is not None:
+            for key, value in zip(_DETAIL_KEYS, details, strict=True):
+                if value is not None:
+                    tokens[key] += value
 
         tpot = rate = provider_rate = None
         if ttfc is not None and e2e is not None and completion >= 2:
@@ -564,42 +577,44 @@ class StatsAggregator:
             if e2e > ttfc:
                 rate = (completion - 1) / (e2e - ttfc)
                 pending["output_tokens_per_second"].append(rate)
-        eval_duration = timings.get("eval_duration")
         if method == "provider" and completion and eval_duration is not None and eval_duration > 0:
             provider_rate = completion / eval_duration
             pending["provider_tokens_per_second"].append(provider_rate)
 
-        gaps = st.ngaps
-        record = StreamRecord(
-            stream=start.stream,
-            model=start.model,
-            provider=start.provider,
-            outcome=outcome,
-            reason=reason,
-            start_ts=start.ts,
-            end_ts=end_ts,
-            time_to_first_chunk=ttfc,
-            time_to_first_content=ttf_content,
-            e2e=e2e,
-            chunks=st.chunks,
-            empty_deltas=st.empty,
-            inter_chunk_mean=st.gap_sum / gaps if gaps > 0 else None,
-            inter_chunk_max=st.gap_max if gaps > 0 else None,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            usage_source=source,
-            token_method=method,
-            time_per_output_token=tpot,
-            output_tokens_per_second=rate,
-            provider_tokens_per_second=provider_rate,
-            moderation=dict(st.moderation),
-            cached_input_tokens=details[0],
-            cache_creation_input_tokens=details[1],
-            reasoning_tokens=details[2],
+        streams = self.streams
+        if streams.maxlen == 0:
+            return
+        gaps = chunks - st.first_n if st.first_ts is not None else 0
+        streams.append(
+            StreamRecord(
+                stream=start.stream,
+                model=start.model,
+                provider=start.provider,
+                outcome=outcome,
+                reason=reason,
+                start_ts=start_ts,
+                end_ts=end_ts,
+                time_to_first_chunk=ttfc,
+                time_to_first_content=ttf_content,
+                e2e=e2e,
+                chunks=chunks,
+                empty_deltas=empty,
+                inter_chunk_mean=st.gap_sum / gaps if gaps > 0 else None,
+                inter_chunk_max=st.gap_max if gaps > 0 else None,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=total,
+                usage_source=source,
+                token_method=method,
+                time_per_output_token=tpot,
+                output_tokens_per_second=rate,
+                provider_tokens_per_second=provider_rate,
+                moderation=dict(st.moderation),
+                cached_input_tokens=details[0],
+                cache_creation_input_tokens=details[1],
+                reasoning_tokens=details[2],
+            )
         )
-        if self.streams.maxlen != 0:
-            self.streams.append(record)
 
     # -- reading -------------------------------------------------------------------
     def aggregate(self, *, model: str | None = None, provider: str | None = None) -> Aggregate:
