@@ -584,7 +584,7 @@ class StatsAggregator:
         streams = self.streams
         if streams.maxlen == 0:
             return
-        gaps = chunks - st.first_n if st.first_ts is not None else 0
+        gaps = st.ngaps
         streams.append(
             StreamRecord(
                 stream=start.stream,
