@@ -6,7 +6,11 @@
 
    - per-user: M concurrent streams, each read by its own filtered subscriber
      (``Filter.of(streams=id)``, ``async for``);
-   - fan-out: S concurrent streams read by K unfiltered ``async for`` subscribers;
+   - fan-out: S concurrent streams read by K unfiltered subscribers, ``async for`` and
+     ``receive_batch`` readers each;
+
+   with ``bench_core.py``'s own rows and token counts (``PER_USER_SIZES``, ``per_user_tokens``,
+   ``FANOUT_SHAPES``, ``fanout_tokens``), since the goal is set on that benchmark's workloads;
    - burst (reported, not a goal): pre-built events published in one loop that yields
      every 64 events, to 10 ``receive_batch`` readers.
 
@@ -40,6 +44,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bench_core import FANOUT_SHAPES, PER_USER_SIZES, fanout_tokens, per_user_tokens
 from ddsketch import DDSketch
 from streambus_stats import COMPILED, Distribution, StatsAggregator, StatsSink
 
@@ -124,8 +129,8 @@ async def per_user(m: int, tokens: int, with_stats: bool) -> Run:
     return run
 
 
-async def fanout(streams: int, readers: int, tokens: int, with_stats: bool) -> Run:
-    """S streams of *tokens* deltas each, read by K unfiltered ``async for`` subscribers."""
+async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stats: bool) -> Run:
+    """S streams of *tokens* deltas each, read by K unfiltered subscribers (``receive_batch`` ones if *batch*)."""
     go, done = asyncio.Event(), asyncio.Event()
     received = finished = 0
     async with Bus() as bus:
@@ -135,13 +140,21 @@ async def fanout(streams: int, readers: int, tokens: int, with_stats: bool) -> R
             nonlocal received, finished
             ends = 0
             async with sub:
-                async for event in sub:
-                    if type(event) is DeltaEvent:
-                        received += 1
-                    elif type(event) is EndEvent:
-                        ends += 1
-                        if ends == streams:
-                            break
+                if batch:
+                    while ends < streams:
+                        for event in await sub.receive_batch():
+                            if type(event) is DeltaEvent:
+                                received += 1
+                            elif type(event) is EndEvent:
+                                ends += 1
+                else:
+                    async for event in sub:
+                        if type(event) is DeltaEvent:
+                            received += 1
+                        elif type(event) is EndEvent:
+                            ends += 1
+                            if ends == streams:
+                                break
             finished += 1
             if finished == readers:
                 done.set()
@@ -251,13 +264,14 @@ def row(label: str, tokens: int, pairs: list[tuple[Run, Run]]) -> tuple[str, flo
 def overhead(quick: bool) -> list[str]:
     # The host's speed swings 20-30% from run to run: 9 rounds left a row's median about 4 points wide.
     rounds = 3 if quick else 25
-    total = 10_000 if quick else 40_000
     lines = [
         "## Stats sink: overhead on the workloads users run, and quantile accuracy",
         "",
-        "Token-stream workloads (each producer a `bus.stream()` writer yielding to the loop after every token; "
-        f"{total:,} tokens per run): per-user, M streams each read by its own filtered subscriber "
-        "(`Filter.of(streams=id)`); fan-out, S streams read by K unfiltered `async for` subscribers. "
+        "The token-stream workloads of `bench_core.py`, with its rows and token counts (each producer a "
+        "`bus.stream()` writer yielding to the loop after every token): per-user, M streams each read by its own "
+        "filtered subscriber (`Filter.of(streams=id)`), "
+        "60,000 tokens in all and at least 30 per stream; fan-out, S streams read by K unfiltered subscribers, "
+        "`async for` or `receive_batch`, 150,000 deliveries (tokens x K) per run. "
         "Burst: 100 interleaved streams of pre-built events published in one loop yielding every 64 events, "
         "to 10 `receive_batch` readers (reported, not a goal). Each row: "
         f'{rounds} rounds of one run without and one with the `stats` sink (default options, `tokenizer="approx"`), '
@@ -269,19 +283,20 @@ def overhead(quick: bool) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     goals: dict[str, float] = {}
-    for m in (10, 100, 1_000):
-        tokens = total // m
+    for m in PER_USER_SIZES:
+        tokens = per_user_tokens(m, quick)
         label = f"per-user, M = {m:,}"
         pairs = paired(functools.partial(per_user, m, tokens), rounds)
         text, goals[label] = row(label, m * tokens, pairs)
         lines.append(text)
-    for streams, readers in ((1, 1), (1, 10), (100, 1), (100, 10)):
-        tokens = total // streams
-        label = f"fan-out, S = {streams}, K = {readers}"
-        pairs = paired(functools.partial(fanout, streams, readers, tokens), rounds)
-        text, goals[label] = row(label, streams * tokens, pairs)
-        lines.append(text)
-    events = make_events(total * 2)
+    for streams, readers in FANOUT_SHAPES:
+        tokens = fanout_tokens(streams, readers, quick)
+        for batch in (False, True):
+            label = f"fan-out, S = {streams}, K = {readers}, {'`receive_batch`' if batch else '`async for`'}"
+            pairs = paired(functools.partial(fanout, streams, readers, tokens, batch), rounds)
+            text, goals[label] = row(label, streams * tokens, pairs)
+            lines.append(text)
+    events = make_events(20_000 if quick else 80_000)
     pairs = paired(functools.partial(burst, events, 10), rounds)
     text, _ = row("burst, 10 `receive_batch` readers", len(events), pairs)
     lines.append(text)
