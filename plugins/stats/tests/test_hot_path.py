@@ -326,6 +326,36 @@ def test_compiled_and_pure_paths_give_identical_figures(feed: tuple[list[Event],
     assert results[0] == results[1]
 
 
+def test_aggregators_fed_in_turn_with_the_same_id_objects_keep_their_own_streams() -> None:
+    # The compiled path remembers a stream id's Live by the id's identity in slots every call shares:
+    # two aggregators fed in turn with the very same id objects (as two sinks of one bus are) must
+    # each find their own Live, with more streams than slots and streams ending and starting again.
+    require_compiled()
+    ids = [f"s{i}" for i in range(1500)]
+
+    def run(scale: float, text: str) -> list[Event]:
+        events: list[Event] = [StartEvent(stream=sid, seq=0, ts=0.0, model="m", provider="p") for sid in ids]
+        for k in range(1, 6):
+            events += [DeltaEvent(stream=sid, seq=k, ts=scale * (k + i * 1e-4), text=text) for i, sid in enumerate(ids)]
+            if k == 3:  # half the streams end and start again mid-run
+                events += [EndEvent(stream=sid, seq=4, ts=scale * 3.5) for sid in ids[::2]]
+                events += [StartEvent(stream=sid, seq=0, ts=scale * 3.6, model="m", provider="p") for sid in ids[::2]]
+        return [*events, *(EndEvent(stream=sid, seq=6, ts=scale * 9) for sid in ids)]
+
+    first, second = run(1.0, "ab"), run(2.5, "a b c")
+    results = []
+    for compiled in (False, True):
+        one = StatsAggregator(tokenizer="approx", keep_streams=None, compiled=compiled)
+        two = StatsAggregator(tokenizer="approx", keep_streams=None, compiled=compiled)
+        for lo in range(0, len(first), 512):
+            one.feed_many(first[lo : lo + 512])
+            two.feed_many(second[lo : lo + 512])
+        results.append((figures(one), figures(two), one.orphans, two.orphans))
+    assert results[0] == results[1]
+    assert results[1][0] != results[1][1]
+    assert results[1][2:] == (0, 0)
+
+
 def test_compiled_and_pure_paths_agree_on_integer_and_odd_timestamps() -> None:
     require_compiled()
     events: list[Event] = [StartEvent(stream="s", seq=0, ts=0, model="m", provider="p")]
