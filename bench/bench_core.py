@@ -584,7 +584,6 @@ def verdict(ok: bool) -> str:
 def per_user_section(quick: bool) -> list[str]:
     total = 30_000 if quick else 60_000
     rounds = 2 if quick else 5  # the shared machine swings by 30% from run to run
-    sizes = PER_USER_SIZES
     lines = [
         "## Per-user streams (the commonest pattern)",
         "",
@@ -599,7 +598,7 @@ def per_user_section(quick: bool) -> list[str]:
     ]
     ratios: dict[int, float] = {}
     cost: dict[int, float] = {}
-    for m in sizes:
+    for m in PER_USER_SIZES:
         tokens = per_user_tokens(m, quick)
         best = alternate(rounds, {"queue": (per_user_queue, (m, tokens)), "bus": (per_user_bus, (m, tokens))})
         ratios[m] = best["queue"] / best["bus"]
@@ -607,7 +606,7 @@ def per_user_section(quick: bool) -> list[str]:
         print(f"per-user M={m}: queue {1 / best['queue']:,.0f}/s bus {1 / best['bus']:,.0f}/s", flush=True)
         queue_rate, bus_rate = 1 / best["queue"], 1 / best["bus"]
         lines.append(f"| {m:,} | {queue_rate:,.0f} | {bus_rate:,.0f} | {ratios[m]:.2f}x | {best['bus'] * 1e6:.2f} |")
-    flat = cost[sizes[-1]] / cost[sizes[0]]
+    flat = cost[PER_USER_SIZES[-1]] / cost[PER_USER_SIZES[0]]
     lines += [
         "",
         f"Goal: at least 0.8x Queue-per-user at every M — {verdict(min(ratios.values()) >= 0.8)} "

@@ -8,11 +8,12 @@
      (``Filter.of(streams=id)``, ``async for``);
    - fan-out: S concurrent streams read by K unfiltered subscribers, ``async for`` and
      ``receive_batch`` readers each;
-
-   with ``bench_core.py``'s own rows and token counts (``PER_USER_SIZES``, ``per_user_tokens``,
-   ``FANOUT_SHAPES``, ``fanout_tokens``), since the goal is set on that benchmark's workloads;
    - burst (reported, not a goal): pre-built events published in one loop that yields
      every 64 events, to 10 ``receive_batch`` readers.
+
+   The per-user and fan-out rows and their token counts are ``bench_core.py``'s own
+   (``PER_USER_SIZES``, ``per_user_tokens``, ``FANOUT_SHAPES``, ``fanout_tokens``): the goal
+   is set on that benchmark's workloads.
 
    Each run is timed in CPU seconds of this process (the bus is one thread) from the moment
    every producer and reader is in place until every reader and the stats sink saw the last
