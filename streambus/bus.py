@@ -204,8 +204,6 @@ class Bus:
         self._stopped: anyio.Event | None = None
         self._sink_count = 0
         self._stages: list[tuple[Subscription, anyio.Event]] = []  # interposed stages and their "finished"
-        self.published = 0
-        """How many events were published (a cheap counter for monitoring)."""
 
     # -- lifecycle -----------------------------------------------------------
     async def __aenter__(self) -> Bus:
@@ -462,7 +460,7 @@ class Bus:
         if wait is not None:
             await wait
 
-    def offer(self, event: Event, *, processed: bool = False) -> Awaitable[None] | None:
+    def offer(self, event: Event, processed: bool = False) -> Awaitable[None] | None:
         """Deliver *event* at once, as :meth:`publish` does, without a coroutine of its own.
 
         Returns ``None`` when every subscriber took the event. Otherwise a
@@ -473,7 +471,6 @@ class Bus:
         """
         if not self._running and not self._subs:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
-        self.published += 1
         routes = self._raw if self._interposed and not processed else self._routes
         kind = type(event)
         if kind is StartEvent:
