@@ -467,7 +467,9 @@ class Bus:
         full ``block`` subscriber makes the publisher wait: await the returned
         awaitable before offering the stream's next event (the event reaches
         that subscriber when it finishes). :class:`StreamWriter` publishes
-        its deltas this way.
+        its deltas this way. *processed* is :meth:`publish`'s (interposed
+        stages only); it may be given positionally, so the writer's call per
+        delta skips a keyword-only default's look-up.
         """
         if not self._running and not self._subs:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
