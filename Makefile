@@ -12,7 +12,7 @@ demo: setup
 	.venv/bin/streambus demo $(ARGS)
 
 test: setup-all
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadgroup
 
 docs: setup-all
 	.venv/bin/mkdocs build --strict

@@ -26,7 +26,9 @@ from streambus.recording import read_recording
 if TYPE_CHECKING:
     from conftest import Collector, NatsServer
 
-pytestmark = pytest.mark.anyio
+# Under `make test` (pytest-xdist, --dist loadgroup) the tests that take servers down run on one
+# worker, one at a time: two outages at once on two cores stretch each other's timing.
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("outages")]
 
 PROC = str(Path(__file__).with_name("proc.py"))
 PACE = 0.05  # seconds between two deltas of one stream

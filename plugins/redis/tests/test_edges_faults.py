@@ -33,7 +33,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from streambus import Bus
 
-pytestmark = pytest.mark.anyio
+# Under `make test` (pytest-xdist, --dist loadgroup) the tests that take servers down run on one
+# worker, one at a time: two outages at once on two cores stretch each other's timing.
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("outages")]
 
 testing = pytest.importorskip("streambus_websocket.testing", reason="streambus-websocket is in the [test] extra")
 

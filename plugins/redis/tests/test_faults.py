@@ -18,7 +18,9 @@ from structlog.testing import capture_logs
 from streambus import Bus, DeltaEvent, ErrorEvent, SinkFailed, Usage
 from streambus.recording import read_recording
 
-pytestmark = pytest.mark.anyio
+# Under `make test` (pytest-xdist, --dist loadgroup) the tests that take servers down run on one
+# worker, one at a time: two outages at once on two cores stretch each other's timing.
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("outages")]
 
 PROC = str(Path(__file__).with_name("proc.py"))
 
