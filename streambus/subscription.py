@@ -49,6 +49,7 @@ __all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
 _YIELD_EVERY = 256
+_CHECK_EVERY = 256  # at most this many events between the shared log's lag checks (and trims)
 _NOBODY_WAITS = Parking()  # never waited on: see Subscription._space
 
 
@@ -167,7 +168,8 @@ class Firehose:
     are released in relay (``Parking.relay``): one at once, then one per loop
     turn for two turns, then the rest, so a producer that yields after every
     token hands most of them four tokens per wake-up. Every ``buffer / 4``
-    events the log looks for attached readers lagging past their buffer: a ``block`` reader makes
+    events (256 at most) the log drops what every reader has read and looks
+    for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
     one, so its overflow policy applies; it re-attaches once it has read
     everything. The bus calls :meth:`add`, :meth:`remove` and :meth:`offer`.
@@ -264,7 +266,7 @@ class Firehose:
         self.detached = [s for s in self.detached if s is not sub]
         self.attached = [*self.attached, sub]
         self.live = True
-        self.next_check = min(self.next_check, end + max(1, sub.buffer // 4)) if len(self.attached) > 1 else end
+        self.next_check = min(self.next_check, end + _check_interval(sub.buffer)) if len(self.attached) > 1 else end
         self._remark()
 
     def _check(self) -> list[Subscription]:
@@ -286,7 +288,7 @@ class Firehose:
                 sub._cursor -= lowest
                 sub._yield_at -= lowest
             end -= lowest
-        self.next_check = end + max(1, min((s.buffer for s in self.attached), default=4) // 4)
+        self.next_check = end + _check_interval(min((s.buffer for s in self.attached), default=4))
         return blocked
 
     def _detach(self, sub: Subscription) -> None:
@@ -296,6 +298,14 @@ class Firehose:
         self.detached = [*self.detached, sub]
         for event in unread:
             sub.offer(event)
+
+
+def _check_interval(buffer: int) -> int:
+    # A quarter of the smallest buffer, so a lagging reader is seen before it is far past its own;
+    # but never more than _CHECK_EVERY, or one sink with a big buffer (the stats and otel sinks
+    # keep tens of thousands) would keep that many events alive in the log after every reader
+    # read them, a working set that slowed the whole bus by 3% (docs/decisions.md).
+    return max(1, min(buffer // 4, _CHECK_EVERY))
 
 
 async def _wait_all(waits: list[Awaitable[None]]) -> None:

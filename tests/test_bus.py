@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import anyio
 import anyio.lowlevel
@@ -768,6 +769,39 @@ async def test_readers_of_the_shared_log_never_look_blocked_while_their_wake_up_
             assert got == [["a", "b"]] * len(subs)
             for sub in subs:
                 sub.close()
+
+
+async def test_a_reader_with_a_big_buffer_that_keeps_up_does_not_keep_the_shared_log_alive() -> None:
+    # Sinks subscribe with tens of thousands of events of buffer (stats, otel). The log is trimmed
+    # at its lag checks; were those a quarter of such a buffer apart, every event a reader had
+    # long read would stay alive until the next one (16,000 events of 1 kB here: 17 MB).
+    count = 16_000
+    async with Bus() as bus:
+        sub = bus.subscribe(buffer=65_536, overflow="block")
+        read = anyio.Event()
+
+        async def reader() -> None:
+            seen = 0
+            async for event in sub:
+                if isinstance(event, DeltaEvent):
+                    seen += 1
+                    if seen == count:
+                        read.set()
+
+        bus.start_soon(reader)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            async with bus.stream() as w:
+                for i in range(count):
+                    await w.delta(f"{i:06d}" + "x" * 1_000)
+                    await anyio.lowlevel.checkpoint()
+                await read.wait()
+                held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        sub.close()
+    assert held < 1_000_000, f"{held:,} bytes still held after the reader read all {count:,} events"
 
 
 async def test_a_cancelled_first_parked_reader_does_not_hold_up_the_others() -> None:
