@@ -53,12 +53,12 @@ class Parking:
             self._more.append(future)
         return future
 
-    def relay(self) -> None:
-        """Release the tasks parked now in relay: one at once, one per loop turn for two turns, then the rest.
+    def relay(self, steps: int) -> None:
+        """Release the tasks parked now in relay: one at once, one per loop turn for ``steps - 1`` turns, then the rest.
 
         For the readers of one shared log: when the publisher yields after
-        every event, most readers then find four events per wake-up instead
-        of one. Each step releases one task and schedules the next step right
+        every event, the tasks released last then find ``steps + 1`` events
+        per wake-up instead of one. Each step releases one task and schedules the next step right
         behind that task's wake-up, so until the last step has run a released
         task is always ready to run: a parked task never looks blocked to
         ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
@@ -72,7 +72,7 @@ class Parking:
         self.waiting = False
         self._first = None
         self._more = []
-        _relay(self._loop, [first, *more], 0, _RELAY_STEPS)
+        _relay(self._loop, [first, *more], 0, steps)
 
     def wake(self) -> None:
         """Release every task parked now."""
@@ -91,9 +91,6 @@ class Parking:
         if self._event is not None:
             self._event.set()
             self._event = None
-
-
-_RELAY_STEPS = 3  # steps of one task each; the last also schedules the rest (docs/decisions.md)
 
 
 def _relay(loop: asyncio.AbstractEventLoop, futures: list[asyncio.Future[None]], start: int, steps: int) -> None:

@@ -50,6 +50,8 @@ _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
 _YIELD_EVERY = 256
 _CHECK_EVERY = 256  # at most this many events between the shared log's lag checks (and trims)
+_RELAY_STEPS = 3  # the relay's steps with more than _FEW_READERS attached readers, else 1 (docs/decisions.md)
+_FEW_READERS = 12
 _NOBODY_WAITS = Parking()  # never waited on: see Subscription._space
 
 
@@ -165,9 +167,11 @@ class Firehose:
     Readers that keep up are *attached*: an event is appended once to a
     shared log that each reads from its own cursor (a batch is one slice),
     and publishing costs about the same for 1 or 100 of them. Parked readers
-    are released in relay (``Parking.relay``): one at once, then one per loop
-    turn for two turns, then the rest, so a producer that yields after every
-    token hands most of them four tokens per wake-up. Every ``buffer / 4``
+    are released in relay (``Parking.relay``). With more than 12 attached,
+    one at once, then one per loop turn for two turns, then the rest, so a
+    producer that yields after every token hands most of them four tokens
+    per wake-up; with 12 or fewer, one at once and the rest a loop turn
+    later (the extra turns cost them more than they save). Every ``buffer / 4``
     events (256 at most) the log drops what every reader has read and looks
     for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
@@ -181,7 +185,7 @@ class Firehose:
     them sets it back (see ``docs/decisions.md``).
     """
 
-    __slots__ = ("attached", "detached", "items", "live", "mark", "next_check", "parking")
+    __slots__ = ("attached", "detached", "items", "live", "mark", "next_check", "parking", "steps")
 
     def __init__(self) -> None:
         self.items: list[Event] = []  # the shared log; an attached reader's cursor indexes it
@@ -193,6 +197,8 @@ class Firehose:
         self.next_check = 0  # log length at the next lag check
         self.mark = 0
         """Log length at which an offer takes its slow steps (0: the next one does)."""
+        self.steps = 1
+        """The steps of the parked readers' relay (``Parking.relay``), set by how many readers are attached."""
         # The lists are replaced, never changed in place: offer() iterates them
         # while a delivery may close (and remove) a subscriber.
 
@@ -232,14 +238,14 @@ class Firehose:
         # The offer's steps past the append, once the mark says one is due.
         parking = self.parking
         if parking.waiting and self.attached and not self.detached and len(self.items) < self.next_check:
-            parking.relay()  # the commonest step, alone: the readers caught up and parked
+            parking.relay(self.steps)  # the commonest step, alone: the readers caught up and parked
             self.mark = self.next_check
             return None
         detached = self.detached  # before the lag check: a reader it detaches has this event already
         wait = None
         if self.attached:
             if parking.waiting:
-                parking.relay()
+                parking.relay(self.steps)
             if len(self.items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
@@ -258,6 +264,9 @@ class Firehose:
             self.mark = 0
         else:
             self.mark = self.next_check
+        # Each step of a relay after the first costs a loop turn and lets the readers released last
+        # find one more event per wake-up: worth it with many readers, not with a few.
+        self.steps = _RELAY_STEPS if len(self.attached) > _FEW_READERS else 1
 
     def _attach(self, sub: Subscription) -> None:
         end = len(self.items)

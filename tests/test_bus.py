@@ -804,6 +804,40 @@ async def test_a_reader_with_a_big_buffer_that_keeps_up_does_not_keep_the_shared
     assert held < 1_000_000, f"{held:,} bytes still held after the reader read all {count:,} events"
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the relay is asyncio's; trio releases all at once
+@pytest.mark.parametrize(("readers", "after_two_turns"), [(10, 10), (13, 2)])
+async def test_a_few_parked_readers_are_released_within_two_loop_turns_many_in_relay(
+    readers: int, after_two_turns: int
+) -> None:
+    # With up to 12 readers on the log the relay has one step: the first reader at once, the others
+    # a turn later. With more it has three (one reader per turn for two turns, then the rest), so
+    # that a producer yielding after every token hands most of them several tokens per wake-up.
+    import asyncio
+
+    async with Bus() as bus:
+        subs = [bus.subscribe() for _ in range(readers)]
+        got = [0] * readers
+
+        async def read(i: int) -> None:
+            async for event in subs[i]:
+                if isinstance(event, DeltaEvent):
+                    got[i] += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(readers):
+                tg.start_soon(read, i)
+            async with bus.stream() as w:
+                await wait_all_tasks_blocked()
+                await w.delta("a")
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                assert sum(got) == after_two_turns
+                await wait_all_tasks_blocked()
+                assert got == [1] * readers
+            for sub in subs:
+                sub.close()
+
+
 async def test_a_cancelled_first_parked_reader_does_not_hold_up_the_others() -> None:
     # The relay releases the first parked reader that is still waiting; one
     # cancelled while parked (its future done) is skipped, not chosen.
