@@ -54,15 +54,15 @@ class Parking:
         return future
 
     def relay(self, steps: int) -> None:
-        """Release the tasks parked now in relay: one at once, one per loop turn for ``steps - 1`` turns, then the rest.
+        """Release the tasks parked now in relay: one at once, one per loop turn for ``steps - 1`` more, then the rest.
 
         For the readers of one shared log: when the publisher yields after
         every event, the tasks released last then find ``steps + 1`` events
-        per wake-up instead of one. Each step releases one task and schedules the next step right
-        behind that task's wake-up, so until the last step has run a released
-        task is always ready to run: a parked task never looks blocked to
-        ``anyio.wait_all_tasks_blocked`` while its release is pending. Without
-        an asyncio loop this is :meth:`wake`.
+        per wake-up instead of one. Each step releases one task and schedules
+        the next step right behind that task's wake-up, so until the last step
+        has run a released task is always ready to run: a parked task never
+        looks blocked to ``anyio.wait_all_tasks_blocked`` while its release is
+        pending. Without an asyncio loop this is :meth:`wake`.
         """
         more = self._more
         first = self._first
