@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
 import tracemalloc
 
@@ -774,7 +775,7 @@ async def test_readers_of_the_shared_log_never_look_blocked_while_their_wake_up_
 async def test_a_reader_with_a_big_buffer_that_keeps_up_does_not_keep_the_shared_log_alive() -> None:
     # Sinks subscribe with tens of thousands of events of buffer (stats, otel). The log is trimmed
     # at its lag checks; were those a quarter of such a buffer apart, every event a reader had
-    # long read would stay alive until the next one (16,000 events of 1 kB here: 17 MB).
+    # long read would stay alive until the next one (16,000 events of 1 kB here: 19 MB).
     count = 16_000
     async with Bus() as bus:
         sub = bus.subscribe(buffer=65_536, overflow="block")
@@ -812,8 +813,6 @@ async def test_a_few_parked_readers_are_released_within_two_loop_turns_many_in_r
     # With up to 12 readers on the log the relay has one step: the first reader at once, the others
     # a turn later. With more it has three (one reader per turn for two turns, then the rest), so
     # that a producer yielding after every token hands most of them several tokens per wake-up.
-    import asyncio
-
     async with Bus() as bus:
         subs = [bus.subscribe() for _ in range(readers)]
         got = [0] * readers
