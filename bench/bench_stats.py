@@ -130,19 +130,24 @@ async def per_user(m: int, tokens: int, with_stats: bool) -> Run:
     return run
 
 
-async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stats: bool) -> Run:
-    """S streams of *tokens* deltas each, read by K unfiltered subscribers (``receive_batch`` ones if *batch*)."""
+async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stats: bool, waves: int = 1) -> Run:
+    """S concurrent streams of *tokens* deltas each, read by K unfiltered subscribers (``receive_batch`` if *batch*).
+
+    With *waves*, each of the S producers runs that many streams one after the other: the same
+    shape (S streams live at once, *tokens* each), for longer.
+    """
     go, done = asyncio.Event(), asyncio.Event()
     received = finished = 0
+    total = streams * waves
     async with Bus() as bus:
-        window = Window(bus, with_stats, streams * (tokens + 2))
+        window = Window(bus, with_stats, total * (tokens + 2))
 
         async def reader(sub: Subscription) -> None:
             nonlocal received, finished
             ends = 0
             async with sub:
                 if batch:
-                    while ends < streams:
+                    while ends < total:
                         for event in await sub.receive_batch():
                             if type(event) is DeltaEvent:
                                 received += 1
@@ -154,18 +159,20 @@ async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stat
                             received += 1
                         elif type(event) is EndEvent:
                             ends += 1
-                            if ends == streams:
+                            if ends == total:
                                 break
             finished += 1
             if finished == readers:
                 done.set()
 
         async def produce(i: int) -> None:
-            async with bus.stream(stream=f"s{i}", model="m", provider="bench") as w:
-                await go.wait()
-                for _ in range(tokens):
-                    await w.delta(TOKEN)
-                    await asyncio.sleep(0)
+            for wave in range(waves):
+                async with bus.stream(stream=f"s{i}-{wave}", model="m", provider="bench") as w:
+                    if wave == 0:
+                        await go.wait()  # the first streams start before the clock, as in bench_core.py
+                    for _ in range(tokens):
+                        await w.delta(TOKEN)
+                        await asyncio.sleep(0)
 
         tasks = [asyncio.create_task(reader(bus.subscribe())) for _ in range(readers)]
         tasks += [asyncio.create_task(produce(i)) for i in range(streams)]
@@ -176,9 +183,24 @@ async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stat
         await done.wait()
         run = await window.stop()
         await asyncio.gather(*tasks)
-    window.check(streams)
-    assert received == streams * tokens * readers
+    window.check(total)
+    assert received == total * tokens * readers
     return run
+
+
+MIN_RUN_TOKENS = 15_000
+"""Tokens a fan-out run publishes at least (see :func:`fanout_waves`)."""
+
+
+def fanout_waves(streams: int, tokens: int, quick: bool = False) -> int:
+    """How many streams each fan-out producer runs in turn, so a run publishes at least ``MIN_RUN_TOKENS``.
+
+    The stats sink reads in batches up to ``read_pause`` (10 ms) apart, so a run of a few
+    milliseconds (S = 100, K = 100: 1,500 tokens) times one or two of its reads: the rounds'
+    ratios spread over 15 points. Consecutive waves keep the row's shape (S streams live at once,
+    *tokens* each) and make the run long enough to time the sink's steady cost.
+    """
+    return 1 if quick else max(1, math.ceil(MIN_RUN_TOKENS / (streams * tokens)))
 
 
 def make_events(n: int, streams: int = 100) -> list[Event]:
@@ -272,7 +294,10 @@ def overhead(quick: bool) -> list[str]:
         "`bus.stream()` writer yielding to the loop after every token): per-user, M streams each read by its own "
         "filtered subscriber (`Filter.of(streams=id)`), "
         "60,000 tokens in all and at least 30 per stream; fan-out, S streams read by K unfiltered subscribers, "
-        "`async for` or `receive_batch`, 150,000 deliveries (tokens x K) per run. "
+        "`async for` or `receive_batch`, 150,000 deliveries (tokens x K) per run, and at least "
+        f"{MIN_RUN_TOKENS:,} tokens per run: a row with fewer runs its S streams in consecutive waves (each producer "
+        "starts its next stream when its last one ends), so that a run spans many of the sink's batched reads (up "
+        "to 10 ms apart; the K = 100 rows' single waves lasted 8 ms and their rounds' ratios spread over 15 points). "
         "Burst: 100 interleaved streams of pre-built events published in one loop yielding every 64 events, "
         "to 10 `receive_batch` readers (reported, not a goal). Each row: "
         f'{rounds} rounds of one run without and one with the `stats` sink (default options, `tokenizer="approx"`), '
@@ -292,10 +317,11 @@ def overhead(quick: bool) -> list[str]:
         lines.append(text)
     for streams, readers in FANOUT_SHAPES:
         tokens = fanout_tokens(streams, readers, quick)
+        waves = fanout_waves(streams, tokens, quick)
         for batch in (False, True):
             label = f"fan-out, S = {streams}, K = {readers}, {'`receive_batch`' if batch else '`async for`'}"
-            pairs = paired(functools.partial(fanout, streams, readers, tokens, batch), rounds)
-            text, goals[label] = row(label, streams * tokens, pairs)
+            pairs = paired(functools.partial(fanout, streams, readers, tokens, batch, waves=waves), rounds)
+            text, goals[label] = row(label, streams * tokens * waves, pairs)
             lines.append(text)
     events = make_events(20_000 if quick else 80_000)
     pairs = paired(functools.partial(burst, events, 10), rounds)
