@@ -188,19 +188,23 @@ async def fanout(streams: int, readers: int, tokens: int, batch: bool, with_stat
     return run
 
 
-MIN_RUN_TOKENS = 15_000
-"""Tokens a fan-out run publishes at least (see :func:`fanout_waves`)."""
+MIN_RUN_CPU = 0.1
+"""CPU seconds a fan-out run takes at least (see :func:`fanout_waves`)."""
 
 
-def fanout_waves(streams: int, tokens: int, quick: bool = False) -> int:
-    """How many streams each fan-out producer runs in turn, so a run publishes at least ``MIN_RUN_TOKENS``.
+def fanout_waves(streams: int, readers: int, tokens: int, batch: bool, quick: bool = False) -> int:
+    """How many streams each fan-out producer runs in turn, so a run takes at least ``MIN_RUN_CPU``.
 
     The stats sink reads in batches up to ``read_pause`` (10 ms) apart, so a run of a few
-    milliseconds (S = 100, K = 100: 1,500 tokens) times one or two of its reads: the rounds'
-    ratios spread over 15 points. Consecutive waves keep the row's shape (S streams live at once,
-    *tokens* each) and make the run long enough to time the sink's steady cost.
+    milliseconds (S = 100, K = 100, ``receive_batch``: 1,500 tokens in 8 ms) times one or two of
+    its reads, and the rounds' ratios spread over 15 points. Consecutive waves keep the row's
+    shape (S streams live at once, *tokens* each) and make the run long enough to time the
+    sink's steady cost. One run of a single wave without the sink sets the count.
     """
-    return 1 if quick else max(1, math.ceil(MIN_RUN_TOKENS / (streams * tokens)))
+    if quick:
+        return 1
+    cpu, _ = asyncio.run(fanout(streams, readers, tokens, batch, False))
+    return max(1, math.ceil(MIN_RUN_CPU / cpu))
 
 
 def make_events(n: int, streams: int = 100) -> list[Event]:
@@ -270,16 +274,18 @@ def paired(workload: Workload, rounds: int) -> list[tuple[Run, Run]]:
     return pairs
 
 
-def row(label: str, tokens: int, pairs: list[tuple[Run, Run]]) -> tuple[str, float]:
+def row(label: str, tokens: int, pairs: list[tuple[Run, Run]], waves: int = 1) -> tuple[str, float]:
     ratios = [without[0] / with_[0] for without, with_ in pairs]
     kept = statistics.median(ratios)
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     cost_without = statistics.median(without[0] for without, _ in pairs) / tokens * 1e6
     cost_with = statistics.median(with_[0] for _, with_ in pairs) / tokens * 1e6
+    waves_text = f" ({waves} waves)" if waves > 1 else ""
     kept_wall = statistics.median(without[1] / with_[1] for without, with_ in pairs)
     print(f"{label}: kept {kept:.1%} (IQR {q1:.1%}-{q3:.1%}), {cost_without:.2f} / {cost_with:.2f} µs", flush=True)
     return (
-        f"| {label} | {tokens:,} | {cost_without:.2f} / {cost_with:.2f} | {(cost_with - cost_without) * 1000:,.0f} ns "
+        f"| {label} | {tokens:,}{waves_text} | {cost_without:.2f} / {cost_with:.2f} "
+        f"| {(cost_with - cost_without) * 1000:,.0f} ns "
         f"| **{kept:.1%}** | {q1:.1%} to {q3:.1%} | {kept_wall:.0%} |"
     ), kept
 
@@ -294,10 +300,10 @@ def overhead(quick: bool) -> list[str]:
         "`bus.stream()` writer yielding to the loop after every token): per-user, M streams each read by its own "
         "filtered subscriber (`Filter.of(streams=id)`), "
         "60,000 tokens in all and at least 30 per stream; fan-out, S streams read by K unfiltered subscribers, "
-        "`async for` or `receive_batch`, 150,000 deliveries (tokens x K) per run, and at least "
-        f"{MIN_RUN_TOKENS:,} tokens per run: a row with fewer runs its S streams in consecutive waves (each producer "
-        "starts its next stream when its last one ends), so that a run spans many of the sink's batched reads (up "
-        "to 10 ms apart; the K = 100 rows' single waves lasted 8 ms and their rounds' ratios spread over 15 points). "
+        "`async for` or `receive_batch`, 150,000 deliveries (tokens x K) per wave of S streams; a row whose wave takes "
+        f"under {MIN_RUN_CPU * 1000:.0f} ms of CPU runs that many waves in a row (each producer starts its next stream "
+        "when its last one ends), so that a run spans many of the sink's batched reads (up to 10 ms apart; the "
+        "S = 100, K = 100 row's single wave took 8 ms and its rounds' ratios spread over 15 points). "
         "Burst: 100 interleaved streams of pre-built events published in one loop yielding every 64 events, "
         "to 10 `receive_batch` readers (reported, not a goal). Each row: "
         f'{rounds} rounds of one run without and one with the `stats` sink (default options, `tokenizer="approx"`), '
@@ -317,11 +323,11 @@ def overhead(quick: bool) -> list[str]:
         lines.append(text)
     for streams, readers in FANOUT_SHAPES:
         tokens = fanout_tokens(streams, readers, quick)
-        waves = fanout_waves(streams, tokens, quick)
         for batch in (False, True):
+            waves = fanout_waves(streams, readers, tokens, batch, quick)
             label = f"fan-out, S = {streams}, K = {readers}, {'`receive_batch`' if batch else '`async for`'}"
             pairs = paired(functools.partial(fanout, streams, readers, tokens, batch, waves=waves), rounds)
-            text, goals[label] = row(label, streams * tokens * waves, pairs)
+            text, goals[label] = row(label, streams * tokens * waves, pairs, waves)
             lines.append(text)
     events = make_events(20_000 if quick else 80_000)
     pairs = paired(functools.partial(burst, events, 10), rounds)
