@@ -13,7 +13,9 @@
 
    The per-user and fan-out rows and their token counts are ``bench_core.py``'s own
    (``PER_USER_SIZES``, ``per_user_tokens``, ``FANOUT_SHAPES``, ``fanout_tokens``): the goal
-   is set on that benchmark's workloads.
+   is set on that benchmark's workloads. A fan-out row whose run would take under 100 ms of
+   CPU runs its S streams in consecutive waves of the same shape (``fanout_waves``), so that
+   a run spans many of the sink's batched reads.
 
    Each run is timed in CPU seconds of this process (the bus is one thread) from the moment
    every producer and reader is in place until every reader and the stats sink saw the last
