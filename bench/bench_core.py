@@ -33,8 +33,9 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -111,7 +112,7 @@ async def tp_broadcaster(events: list[Event], subs: int) -> float:
             if ready == subs:
                 all_ready.set()
             async for message in subscriber:  # type: ignore[union-attr]
-                if message.message is last:
+                if message.message is last:  # type: ignore[union-attr]
                     return
 
     tasks = [asyncio.create_task(consume()) for _ in range(subs)]
@@ -225,7 +226,7 @@ async def tp_streambus_batch(events: list[Event], subs: int) -> float:
     return await _streambus(events, subs, batch=True)
 
 
-SYSTEMS: dict[str, Callable[[list[Event], int], Awaitable[float]]] = {
+SYSTEMS: dict[str, Callable[[list[Event], int], Coroutine[Any, Any, float]]] = {
     "streambus (async for)": tp_streambus_iter,
     "streambus (receive_batch)": tp_streambus_batch,
     "naive asyncio.Queue fan-out": tp_naive_queue,
@@ -236,8 +237,10 @@ SYSTEMS: dict[str, Callable[[list[Event], int], Awaitable[float]]] = {
 }
 
 
-def best_of(fn: Callable[[list[Event], int], Awaitable[float]], events: list[Event], subs: int, runs: int) -> float:
-    times = []
+def best_of(
+    fn: Callable[[list[Event], int], Coroutine[Any, Any, float]], events: list[Event], subs: int, runs: int
+) -> float:
+    times: list[float] = []
     for _ in range(runs):
         gc.collect()
         times.append(asyncio.run(fn(events, subs)))
@@ -564,7 +567,7 @@ def cpu_per_delivery(fn: Workload, *args: object) -> float:
     return cpu / delivered
 
 
-Workload = Callable[..., Awaitable[tuple[int, float, float]]]
+Workload = Callable[..., Coroutine[Any, Any, tuple[int, float, float]]]
 
 
 def alternate(rounds: int, systems: dict[str, tuple[Workload, tuple[object, ...]]]) -> dict[str, float]:
@@ -872,8 +875,8 @@ def main() -> None:
             print(f"latency {name}: p50={pct(lat, 0.5) * 1e6:.0f}us p99={pct(lat, 0.99) * 1e6:.0f}us", flush=True)
     lat_results: dict[str, tuple[float, float, float]] = {}
     for name, _ in systems:
-        runs = figures[name]
-        p50, p99, worst = (statistics.median(r[i] for r in runs) for i in range(3))
+        measured = figures[name]
+        p50, p99, worst = (statistics.median(r[i] for r in measured) for i in range(3))
         lat_results[name] = (p50, p99, worst)
         lines.append(f"| {name} | {p50 * 1e6:,.0f} | {p99 * 1e6:,.0f} | {worst * 1e6:,.0f} |")
     ok = lat_results["streambus"][1] <= lat_results["naive asyncio.Queue fan-out"][1] * 1.1

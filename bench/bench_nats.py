@@ -564,7 +564,7 @@ def run(variant: str, target: str, server: int, n: int, extra: str = "0") -> dic
         start = json.loads(out.splitlines()[0])["start"]
         producer_cpu = json.loads(out.splitlines()[-1])["cpu"]
         rest, _ = consumer.communicate(timeout=CAP_S + 30)
-        result = json.loads(rest.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(rest.strip().splitlines()[-1])
         server_cpu = _server_cpu(server) - server_cpu
     finally:
         for proc in (consumer, producer):

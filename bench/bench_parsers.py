@@ -212,7 +212,8 @@ def measure(contenders: list[tuple[str, Callable[[list[bytes]], int]]], reads: l
 
 def rows() -> Iterator[tuple[str, str, str, float, float]]:
     events = answer()
-    cases = [
+    Contender = tuple[str, Callable[[list[bytes]], int]]
+    cases: list[tuple[str, Any, str, dict[str, Any], list[Contender], Contender]] = [
         ("Ollama NDJSON", OllamaFormat(), "/api/chat", {"model": "bench-model"},
          [("streambus NdjsonParser", ours_ndjson), ("streambus OllamaStreamParser", ours_ollama)],
          ("ollama client (httpx iter_lines + json.loads)", official_ollama)),

@@ -188,7 +188,7 @@ async def raw_consume(url: str, key: str, n: int) -> None:
     received = 0
     deadline = time.monotonic() + CAP_S
     while received < n and time.monotonic() < deadline:
-        resp = await client.xread({key: last}, count=1000, block=500)
+        resp: Any = await client.xread({key: last}, count=1000, block=500)
         now = time.time()
         for _, entries in resp or ():
             for entry_id, fields in entries:
@@ -233,6 +233,7 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
             _mark()
             deadline = time.monotonic() + CAP_S + 2
             iterator = subscriber.__aiter__()
+            assert iterator is not None
             while received < n:
                 # Give up after 5 s of silence (or at the cap): report what arrived.
                 timeout = min(5.0, deadline - time.monotonic())
@@ -242,7 +243,7 @@ async def bc_consume(url: str, key: str, n: int, streams: bool) -> None:
                     event = await asyncio.wait_for(iterator.__anext__(), timeout)
                 except (TimeoutError, StopAsyncIteration):
                     break
-                latencies.append(time.time() - orjson.loads(event.message)["ts"])
+                latencies.append(time.time() - orjson.loads(event.message)["ts"])  # type: ignore[union-attr]
                 received += 1
     _report(received, None, latencies)
 
@@ -527,7 +528,7 @@ def run(variant: str, n: int, extra: str = "0") -> dict[str, Any]:
         start = json.loads(out.splitlines()[0])["start"]
         producer_cpu = json.loads(out.splitlines()[-1])["cpu"]
         rest, _ = consumer.communicate(timeout=CAP_S + 30)
-        result = json.loads(rest.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(rest.strip().splitlines()[-1])
     finally:
         for proc in (consumer, producer):
             if proc is not None and proc.poll() is None:

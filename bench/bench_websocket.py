@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 OUT = Path(__file__).resolve().parent / "results" / "websocket.md"
 TOKEN = " tok"
@@ -180,7 +180,7 @@ class MemoryWatch:
 
     @property
     def growth_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+        return float((self.peak - self.base) / 2**20)
 
 
 def _token(i: int, stamped: bool) -> str:
@@ -540,7 +540,7 @@ def _rate(r: dict[str, Any]) -> float:
 
 def _cpu_per_frame(runs: list[dict[str, Any]]) -> float:
     """The server's CPU µs per delivered frame, the median of *runs*."""
-    return statistics.median(r["cpu"] / r["frames"] * 1e6 for r in runs)
+    return float(statistics.median(r["cpu"] / r["frames"] * 1e6 for r in runs))
 
 
 def _span(runs: list[dict[str, Any]]) -> str:
