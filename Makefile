@@ -20,7 +20,7 @@ docs: setup-all
 lint: setup-all
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy --strict streambus
+	.venv/bin/mypy --strict streambus bench $(filter-out %.egg-info/,$(wildcard plugins/*/streambus_*/))
 
 bench:
 	bash scripts/bootstrap.sh --bench
