@@ -562,7 +562,8 @@ async def fanout_queue(streams: int, readers: int, tokens: int, batch: bool = Fa
 
 
 def cpu_per_delivery(fn: Workload, *args: object) -> float:
-    """Run one workload in a fresh loop; return CPU seconds per delivery."""
+    """Run one workload in a fresh loop, after a full collection; return CPU seconds per delivery."""
+    gc.collect()
     delivered, cpu, _ = asyncio.run(fn(*args))
     return cpu / delivered
 
@@ -662,50 +663,78 @@ def fanout_section(quick: bool) -> list[str]:
     return lines
 
 
+class _Samples:
+    """What a paced per-user run's readers report: each token's latency, and when all streams started."""
+
+    def __init__(self, users: int, tokens: int) -> None:
+        self.users, self.tokens = users, tokens
+        self.lat: list[float] = []
+        self.started = 0
+        self.live = asyncio.Event()  # every reader took its stream's start
+        self.read = asyncio.Event()  # every token was read
+
+    def start(self) -> None:
+        self.started += 1
+        if self.started == self.users:
+            self.live.set()
+
+    def token(self, ts: float) -> None:
+        self.lat.append(time.perf_counter() - ts)
+        if len(self.lat) == self.tokens:
+            self.read.set()
+
+
 async def paced_users_bus(m: int, total: int, rate: float) -> list[float]:
-    lat: list[float] = []
+    samples = _Samples(m, total)
     async with Bus() as bus:
 
         async def user(sub: Subscription) -> None:
             async for event in sub:
                 if type(event) is DeltaEvent:
-                    lat.append(time.perf_counter() - event.ts)
+                    samples.token(event.ts)
+                elif type(event) is StartEvent:
+                    samples.start()
 
         tasks = [asyncio.create_task(user(bus.subscribe(Filter.of(streams=f"u{i}")))) for i in range(m)]
-        for i in range(m):
-            await bus.publish(StartEvent(stream=f"u{i}", seq=0, ts=0.0))
-        await _paced_users(m, total, rate, bus.publish)
-        for i in range(m):
-            await bus.publish(EndEvent(stream=f"u{i}", seq=total // m + 2, ts=0.0))
+        await _paced_users(samples, rate, bus.publish)
         for sub in bus.subscriptions:
             sub.close()
         await asyncio.gather(*tasks)
-    return lat
+    return samples.lat
 
 
 async def paced_users_queue(m: int, total: int, rate: float) -> list[float]:
-    lat: list[float] = []
+    samples = _Samples(m, total)
     queues: list[asyncio.Queue[Event | None]] = [asyncio.Queue() for _ in range(m)]
     index = {f"u{i}": q for i, q in enumerate(queues)}
 
     async def user(q: asyncio.Queue[Event | None]) -> None:
         while (event := await q.get()) is not None:
             if type(event) is DeltaEvent:
-                lat.append(time.perf_counter() - event.ts)
+                samples.token(event.ts)
+            elif type(event) is StartEvent:
+                samples.start()
 
     async def publish(event: Event) -> None:
         index[event.stream].put_nowait(event)
 
     tasks = [asyncio.create_task(user(q)) for q in queues]
-    await _paced_users(m, total, rate, publish)
+    await _paced_users(samples, rate, publish)
     for q in queues:
         q.put_nowait(None)
     await asyncio.gather(*tasks)
-    return lat
+    return samples.lat
 
 
-async def _paced_users(m: int, total: int, rate: float, publish: Callable[[Event], Awaitable[None]]) -> None:
-    # One token every 1/rate seconds, round robin over the users' streams.
+async def _paced_users(samples: _Samples, rate: float, publish: Callable[[Event], Awaitable[None]]) -> None:
+    # The same for both systems: every user's stream starts and is live (its reader took the start)
+    # before the first token, so the samples are of live streams, not of 1,000 readers waking for
+    # their starts at once; one token every 1/rate seconds, round robin over the streams; every
+    # token read before the streams end, so no sample waits behind the ends' publishing.
+    m, total = samples.users, samples.tokens
+    for i in range(m):
+        await publish(StartEvent(stream=f"u{i}", seq=0, ts=0.0))
+    await samples.live.wait()
     interval = 1.0 / rate
     start = time.perf_counter()
     for i in range(total):
@@ -714,14 +743,18 @@ async def _paced_users(m: int, total: int, rate: float, publish: Callable[[Event
         if target > now:
             await asyncio.sleep(target - now)
         await publish(DeltaEvent(stream=f"u{i % m}", seq=i // m + 1, ts=time.perf_counter(), text=TOKEN))
+    await samples.read.wait()
+    for i in range(m):
+        await publish(EndEvent(stream=f"u{i}", seq=total // m + 2, ts=0.0))
 
 
 def paced_users_section(quick: bool) -> list[str]:
     m, total, rate = 1_000, (5_000 if quick else 20_000), 10_000.0
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5  # one run's p99 swings by 20% or more either way here (docs/decisions.md)
     figures: dict[str, list[tuple[float, float, float]]] = {"bus": [], "queue": []}
     for _ in range(rounds):
         for name, fn in (("queue", paced_users_queue), ("bus", paced_users_bus)):
+            gc.collect()  # each run starts clean: the last run's garbage must not time this one's full collection
             lat = asyncio.run(fn(m, total, rate))
             figures[name].append((pct(lat, 0.5), pct(lat, 0.99), max(lat)))
     med = {name: tuple(statistics.median(r[i] for r in runs) for i in range(3)) for name, runs in figures.items()}
@@ -730,7 +763,10 @@ def paced_users_section(quick: bool) -> list[str]:
     return [
         "",
         f"Latency with {m:,} live per-user streams: {total:,} tokens paced at {rate:,.0f}/s in all, round robin "
-        f"over the streams, each stream read by its own filtered subscriber; median over {rounds} alternating rounds.",
+        f"over the streams, each stream read by its own filtered subscriber (the peer: a queue per user); both "
+        "systems start every stream and let each reader take its start before the first token, and read every "
+        "token before the streams end, so each sample is of a live stream; a full collection before each run; "
+        f"median over {rounds} alternating rounds.",
         "",
         "| system | p50 (µs) | p99 (µs) | max (µs) |",
         "|---|---:|---:|---:|",
@@ -870,6 +906,7 @@ def main() -> None:
     figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in systems}
     for _ in range(rounds):
         for name, lfn in systems:
+            gc.collect()
             lat = asyncio.run(lfn(total, rate, subs))
             figures[name].append((pct(lat, 0.5), pct(lat, 0.99), max(lat)))
             print(f"latency {name}: p50={pct(lat, 0.5) * 1e6:.0f}us p99={pct(lat, 0.99) * 1e6:.0f}us", flush=True)
