@@ -887,17 +887,17 @@ def main() -> None:
     )
 
     total, rate, subs = (5_000 if quick else 20_000), 10_000.0, 10
+    # p99 of one run swings by 20% or more either way here: alternate the systems over five
+    # rounds, each after a full collection, and report the median of each figure.
+    rounds = 1 if quick else 5
     lines += [
         "",
         f"Latency: {total:,} events paced at {rate:,.0f} events/s to {subs} subscribers, publish-to-receive; "
-        f"median over {1 if quick else 3} alternating rounds per system.",
+        f"a full collection before each run; median over {rounds} alternating rounds per system.",
         "",
         "| system | p50 (µs) | p99 (µs) | max (µs) |",
         "|---|---:|---:|---:|",
     ]
-    # p99 of one run swings by +-20% here: alternate the systems over three
-    # rounds and report the median of each figure.
-    rounds = 1 if quick else 3
     systems = (
         ("streambus", lat_streambus),
         ("naive asyncio.Queue fan-out", lat_queue),
