@@ -36,10 +36,11 @@ event's ``ts`` (same host, same clock). Every run is capped in time; a capped
 run reports what arrived.
 
 Usage: ``python bench/bench_nats.py`` (about three minutes). Writes ``bench/results/nats.md``.
-``python bench/bench_nats.py edges`` (about three minutes: each row three times, in turn) runs the edge table alone and writes
-``bench/results/nats-edges.md``: the edge CPU per delivered token while 1,000 streams are live and the
-edge's clients follow 1% of them (``bench/bench_redis.py``'s ``edges`` workload), a NATS edge reading
-everything (``follow = "all"``) against one with interest routing (``follow = "interested"``).
+``python bench/bench_nats.py edges`` (about three minutes: each row three times, in turn) runs the edge
+table alone and writes ``bench/results/nats-edges.md``: the edge CPU per delivered token while 1,000
+streams are live and the edge's clients follow 1% of them (``bench/bench_redis.py``'s ``edges``
+workload), a NATS edge reading everything (``follow = "all"``) against one with interest routing
+(``follow = "interested"``).
 """
 
 from __future__ import annotations
