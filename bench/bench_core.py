@@ -734,7 +734,8 @@ async def _paced_users(samples: _Samples, rate: float, publish: Callable[[Event]
     m, total = samples.users, samples.tokens
     for i in range(m):
         await publish(StartEvent(stream=f"u{i}", seq=0, ts=0.0))
-    await samples.live.wait()
+    async with asyncio.timeout(30):  # a reader that never took its start: fail, do not hang
+        await samples.live.wait()
     interval = 1.0 / rate
     start = time.perf_counter()
     for i in range(total):
@@ -743,7 +744,8 @@ async def _paced_users(samples: _Samples, rate: float, publish: Callable[[Event]
         if target > now:
             await asyncio.sleep(target - now)
         await publish(DeltaEvent(stream=f"u{i % m}", seq=i // m + 1, ts=time.perf_counter(), text=TOKEN))
-    await samples.read.wait()
+    async with asyncio.timeout(30):  # a token never read: fail, do not hang
+        await samples.read.wait()
     for i in range(m):
         await publish(EndEvent(stream=f"u{i}", seq=total // m + 2, ts=0.0))
 
