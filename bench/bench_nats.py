@@ -488,46 +488,24 @@ def edges_main() -> int:
     ]
     if only := os.environ.get("BENCH_EDGE_ONLY"):  # one row alone (profiling); no table written
         rows = [row for row in rows if f"{row[1]}-{row[2]}" == only]
-    # Every row in turn, EDGE_ROUNDS times, each row's figures its median run by CPU, as bench_redis.py's
-    # table: the read-everything edge's CPU moves with the host from run to run, and the ratio with it.
-    rounds = 1 if only else w.EDGE_ROUNDS
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in rows}
     try:
-        for round_ in range(rounds):
-            for label, follow, linger in rows:
-                print(f"-- edge, round {round_ + 1} of {rounds}: {label}", flush=True)
-                r = run_edge(url, follow, linger)
-                runs[label].append(r)
-                print(
-                    f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token, "
-                    f"{r['wakes']} wake-ups",
-                    flush=True,
-                )
+        runs = w.edge_rounds(
+            [(label, (url, follow, linger)) for label, follow, linger in rows], run_edge, 1 if only else w.EDGE_ROUNDS
+        )
     finally:
         server.terminate()
         server.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
     if only:
         return 0
-    results = {label: sorted(rs, key=lambda r: r["cpu_us"])[len(rs) // 2] for label, rs in runs.items()}
-    offered = w.EDGE_STREAMS * w.EDGE_TOKENS
+    results, table = w.edge_table(runs)
     expected = w.EDGE_FOLLOWED * w.EDGE_TOKENS
     lines = [
         f"## A NATS edge while {w.EDGE_STREAMS:,} streams are live and its clients follow {w.EDGE_FOLLOWED} (1%)",
         "",
-        "| edge | tokens produced | events the edge's source delivered | tokens delivered to its clients "
-        "| edge CPU s | edge CPU µs per delivered token | ratio | µs per token, every round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *table,
     ]
-    base = results[rows[0][0]]["cpu_us"]
-    for label, _, _ in rows:
-        r = results[label]
-        every = ", ".join(f"{x['cpu_us']:.0f}" for x in runs[label])
-        lines.append(
-            f"| {label} | {offered:,} | {r['read']:,} | {r['tokens']:,} | {r['cpu']:.2f} | {r['cpu_us']:.0f} "
-            f"| {r['cpu_us'] / base:.3f}x | {every} |"
-        )
-    ratio = results[goal_row]["cpu_us"] / base
+    ratio = results[goal_row]["cpu_us"] / results[rows[0][0]]["cpu_us"]
     whole = all(r["tokens"] == expected for rs in runs.values() for r in rs)
     lines += [
         "",
@@ -546,7 +524,7 @@ def edges_main() -> int:
         "and an end per stream) and, through an ordered consumer each, the subjects of the streams its clients "
         "follow; `deliver_linger_ms` holds a followed token that long so that the tokens arriving meanwhile are "
         "published together (fewer wake-ups of the bus and the WebSocket sink, up to that much more latency). "
-        f"Each row ran {rounds} times, the rows in turn; a row's figures are its median run by CPU per token, "
+        f"Each row ran {w.EDGE_ROUNDS} times, the rows in turn; a row's figures are its median run by CPU per token, "
         "and the ratio is the medians' (the last column lists every round's). Runs took "
         + ", ".join(f"{r['elapsed']:.1f}" for rs in runs.values() for r in rs)
         + f" s. Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. "

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,47 @@ def run_edge(layout: str, linger: int) -> dict[str, Any]:
     }
 
 
+def edge_rounds(
+    rows: list[tuple[str, tuple[Any, ...]]], run_one: Callable[..., dict[str, Any]], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every row (a label and *run_one*'s arguments) in turn, *rounds* times; each row's runs by label.
+
+    One run per row let the read-everything edge's CPU swing by 40% between table runs (2.85 to 4.87 s
+    per wave), and the ratio with it: the tables report each row's median run (:func:`edge_table`).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in rows}
+    for round_ in range(rounds):
+        for label, args in rows:
+            print(f"-- edge, round {round_ + 1} of {rounds}: {label}", flush=True)
+            r = run_one(*args)
+            runs[label].append(r)
+            print(
+                f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token, "
+                f"{r['wakes']} wake-ups",
+                flush=True,
+            )
+    return runs
+
+
+def edge_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each row's median run by CPU per token, and the table of them, ratios to the first row's (in *runs*' order)."""
+    results = {label: sorted(rs, key=lambda r: r["cpu_us"])[len(rs) // 2] for label, rs in runs.items()}
+    offered = EDGE_STREAMS * EDGE_TOKENS
+    base = next(iter(results.values()))["cpu_us"]
+    lines = [
+        "| edge | tokens produced | events the edge's source delivered | tokens delivered to its clients "
+        "| edge CPU s | edge CPU µs per delivered token | ratio | µs per token, every round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, r in results.items():
+        every = ", ".join(f"{x['cpu_us']:.0f}" for x in runs[label])
+        lines.append(
+            f"| {label} | {offered:,} | {r['read']:,} | {r['tokens']:,} | {r['cpu']:.2f} | {r['cpu_us']:.0f} "
+            f"| {r['cpu_us'] / base:.3f}x | {every} |"
+        )
+    return results, lines
+
+
 def edges_table() -> list[str]:
     goal_row = f"interest routing (`per_stream`, `read_linger_ms = {EDGE_LINGER_MS}`)"
     rows = [
@@ -438,44 +480,19 @@ def edges_table() -> list[str]:
         ("interest routing (`per_stream`, `read_linger_ms = 50`)", "per_stream", 50),
     ]
     if only := os.environ.get("BENCH_EDGE_ONLY"):  # one row alone (profiling), e.g. per_stream-20; no table
-        for _label, layout, linger in rows:
-            if f"{layout}-{linger}" == only:
-                r = run_edge(layout, linger)
-                print(f"   {r['tokens']} tokens, edge CPU {r['cpu']:.2f} s, {r['wakes']} wake-ups", flush=True)
+        edge_rounds(
+            [(label, (layout, linger)) for label, layout, linger in rows if f"{layout}-{linger}" == only], run_edge, 1
+        )
         return []
-    # Every row in turn, EDGE_ROUNDS times; each row's figures are its median run by CPU. One run per row let
-    # the read-everything edge's CPU swing by 40% between table runs (2.85 to 4.87 s per wave), and the ratio
-    # with it.
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in rows}
-    for round_ in range(EDGE_ROUNDS):
-        for label, layout, linger in rows:
-            print(f"-- edge, round {round_ + 1} of {EDGE_ROUNDS}: {label}", flush=True)
-            r = run_edge(layout, linger)
-            runs[label].append(r)
-            print(
-                f"   {r['tokens']} tokens delivered, edge CPU {r['cpu']:.2f} s, {r['cpu_us']:.0f} µs/token, "
-                f"{r['wakes']} wake-ups",
-                flush=True,
-            )
-    results = {label: sorted(rs, key=lambda r: r["cpu_us"])[len(rs) // 2] for label, rs in runs.items()}
-    offered = EDGE_STREAMS * EDGE_TOKENS
-    expected = EDGE_FOLLOWED * EDGE_TOKENS
+    runs = edge_rounds([(label, (layout, linger)) for label, layout, linger in rows], run_edge, EDGE_ROUNDS)
+    results, table = edge_table(runs)
     lines = [
         f"## An edge while {EDGE_STREAMS:,} streams are live and its clients follow {EDGE_FOLLOWED} (1%)",
         "",
-        "| edge | tokens produced | events the edge's source delivered | tokens delivered to its clients "
-        "| edge CPU s | edge CPU µs per delivered token | ratio | µs per token, every round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *table,
     ]
-    base = results[rows[0][0]]["cpu_us"]
-    for label, _, _ in rows:
-        r = results[label]
-        every = ", ".join(f"{x['cpu_us']:.0f}" for x in runs[label])
-        lines.append(
-            f"| {label} | {offered:,} | {r['read']:,} | {r['tokens']:,} | {r['cpu']:.2f} | {r['cpu_us']:.0f} "
-            f"| {r['cpu_us'] / base:.3f}x | {every} |"
-        )
-    ratio = results[goal_row]["cpu_us"] / base
+    expected = EDGE_FOLLOWED * EDGE_TOKENS
+    ratio = results[goal_row]["cpu_us"] / results[rows[0][0]]["cpu_us"]
     whole = all(r["tokens"] == expected for rs in runs.values() for r in rs)
     lines += [
         "",
