@@ -170,8 +170,9 @@ class Firehose:
     are released in relay (``Parking.relay``). With more than 12 attached,
     one at once, then one per loop turn for two turns, then the rest, so a
     producer that yields after every token hands most of them four tokens
-    per wake-up; with 12 or fewer, one at once and the rest a loop turn
-    later (the extra turns cost them more than they save). Every ``buffer / 4``
+    per wake-up; with 2 to 12, one at once and the rest a loop turn later
+    (the extra turns cost them more than they save); one alone is woken at
+    once. Every ``buffer / 4``
     events (256 at most) the log drops what every reader has read and looks
     for attached readers lagging past their buffer: a ``block`` reader makes
     the publisher wait; any other is *detached* and offered events one by
@@ -197,8 +198,10 @@ class Firehose:
         self.next_check = 0  # log length at the next lag check
         self.mark = 0
         """Log length at which an offer takes its slow steps (0: the next one does)."""
-        self.steps = 1
-        """The steps of the parked readers' relay (``Parking.relay``), set by how many readers are attached."""
+        self.steps = 0
+        """The steps of the parked readers' relay (``Parking.relay``), set by how many readers are attached.
+
+        0 with one reader attached: its release is a plain ``Parking.wake``, a call less per token."""
         # The lists are replaced, never changed in place: offer() iterates them
         # while a delivery may close (and remove) a subscriber.
 
@@ -232,20 +235,28 @@ class Firehose:
         items.append(event)
         if len(items) < self.mark:
             return None
+        parking = self.parking
+        if parking.waiting and self.attached and not self.detached and len(items) < self.next_check:
+            # The commonest step, alone: the readers caught up and parked.
+            if self.steps:
+                parking.relay(self.steps)
+            else:
+                parking.wake()  # one reader
+            self.mark = self.next_check
+            return None
         return self._offer_steps(event)
 
     def _offer_steps(self, event: Event) -> Awaitable[None] | None:
         # The offer's steps past the append, once the mark says one is due.
         parking = self.parking
-        if parking.waiting and self.attached and not self.detached and len(self.items) < self.next_check:
-            parking.relay(self.steps)  # the commonest step, alone: the readers caught up and parked
-            self.mark = self.next_check
-            return None
         detached = self.detached  # before the lag check: a reader it detaches has this event already
         wait = None
         if self.attached:
             if parking.waiting:
-                parking.relay(self.steps)
+                if self.steps:
+                    parking.relay(self.steps)
+                else:
+                    parking.wake()
             if len(self.items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
@@ -266,7 +277,7 @@ class Firehose:
             self.mark = self.next_check
         # Each step of a relay after the first costs a loop turn and lets the readers released last
         # find one more event per wake-up: worth it with many readers, not with a few.
-        self.steps = _RELAY_STEPS if len(self.attached) > _FEW_READERS else 1
+        self.steps = _RELAY_STEPS if len(self.attached) > _FEW_READERS else 1 if len(self.attached) > 1 else 0
 
     def _attach(self, sub: Subscription) -> None:
         end = len(self.items)
@@ -607,7 +618,8 @@ class Subscription:
                 return item.event() if type(item) is MergedDelta else item  # type: ignore[return-value]
             cursor = self._cursor
             if cursor >= 0:  # attached to the shared log (never while closed)
-                items = self._firehose.items  # type: ignore[union-attr]
+                firehose: Firehose = self._firehose  # type: ignore[assignment]
+                items = firehose.items
                 if cursor < len(items):
                     if cursor >= self._yield_at:
                         await anyio.lowlevel.checkpoint()
@@ -617,9 +629,15 @@ class Subscription:
                     if self._space.waiting:
                         self._space.wake()
                     return items[cursor]
-            parking = self._park_where()
-            if parking is None:
-                continue
+                # Caught up: _park_where()'s first rule, here to save a call per token.
+                firehose.mark = 0  # the next offer releases it
+                self._yield_at = cursor + _YIELD_EVERY  # parking lets others run
+                parking = firehose.parking
+            else:
+                where = self._park_where()
+                if where is None:
+                    continue
+                parking = where
             # Parked here, not in a helper coroutine: one coroutine less per
             # wake-up is a tenth of a token's CPU (docs/decisions.md).
             self._parked = True
