@@ -253,10 +253,7 @@ class Firehose:
         wait = None
         if self.attached:
             if parking.waiting:
-                if self.steps:
-                    parking.relay(self.steps)
-                else:
-                    parking.wake()
+                parking.relay(self.steps)  # one parked reader: relay() wakes it
             if len(self.items) >= self.next_check:
                 blocked = self._check()
                 if blocked:
