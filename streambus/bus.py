@@ -31,7 +31,7 @@ import structlog
 from .errors import BusClosed, SinkFailed, StopFailed, StreamBusError
 from .events import AbortEvent, DeltaEvent, EndEvent, ErrorEvent, Event, StartEvent
 from .stopping import StopOutcome, StopRoute
-from .subscription import Filter, Firehose, OverflowPolicy, Subscription
+from .subscription import Filter, Firehose, OverflowPolicy, StreamRoute, Subscription
 from .writer import StreamWriter
 
 __all__ = ["Bus", "Producer", "Sink"]
@@ -50,31 +50,33 @@ class _Routes:
     A bus has one for what producers publish and, once a processing stage is
     interposed, a second one for the raw events only the stage and ``raw``
     subscribers read. A filter is decided once per stream, on its ``start``:
-    the filtered subscribers it matches are indexed by the stream's id in
-    ``following``, so a later event of that stream costs one dictionary
-    look-up and one :meth:`Subscription.offer` per follower, however many
-    other streams and subscribers are live.
+    the filtered subscribers it matches are kept in the stream's
+    :class:`StreamRoute`, indexed by its id in ``following``: a later event of
+    that stream costs one dictionary look-up (none from the stream's own
+    writer, which holds its route) and one :meth:`Subscription.offer` per
+    follower, however many other streams and subscribers are live.
     """
 
-    __slots__ = ("by_id", "firehose", "following", "scan")
+    __slots__ = ("by_id", "firehose", "following", "scan", "unrouted")
 
     def __init__(self) -> None:
         self.firehose = Firehose()  # unfiltered subscribers: offered every event
         self.by_id: dict[str, list[Subscription]] = {}  # filters naming stream ids, by id
         self.scan: list[Subscription] = []  # other filters (model, provider, meta): tried on every start
-        self.following: dict[str, list[Subscription]] = {}  # live stream -> filtered subscribers it matched
-        # Every list is replaced, never changed in place: publish() iterates
+        self.following: dict[str, StreamRoute] = {}  # live stream -> its route (the filtered subscribers it matched)
+        self.unrouted = StreamRoute(self.firehose)  # events of a stream that did not start here: the firehose only
+        # Every follower list is replaced, never changed in place: publish() iterates
         # them across awaits while subscribers come and go.
 
-    def start(self, start: StartEvent) -> list[Subscription]:
-        """Decide who follows the stream *start* opens; return them."""
+    def start(self, start: StartEvent) -> StreamRoute:
+        """Decide who follows the stream *start* opens; return its route."""
         followers = [sub for sub in self.by_id.get(start.stream, ()) if sub.filter.matches(start)]
         followers += [sub for sub in self.scan if sub.filter.matches(start)]
-        if followers:
-            self.following[start.stream] = followers
-        else:
-            self.following.pop(start.stream, None)
-        return followers
+        old = self.following.get(start.stream)
+        if old is not None:  # started again (a replayed start): whoever holds the old route asks again
+            old.current = False
+        route = self.following[start.stream] = StreamRoute(self.firehose, followers)
+        return route
 
     def add(self, sub: Subscription, live: Mapping[str, StartEvent]) -> None:
         """Route to *sub* from now on, including the *live* streams its filter matches."""
@@ -92,7 +94,10 @@ class _Routes:
             candidates = live
         for stream in candidates:
             if flt.matches(live[stream]):
-                self.following[stream] = [*self.following.get(stream, ()), sub]
+                route = self.following.get(stream)
+                if route is None:  # live, but started before this side was routed (a stage interposed since)
+                    route = self.following[stream] = StreamRoute(self.firehose)
+                route.followers = [*route.followers, sub]
 
     def remove(self, sub: Subscription) -> None:
         """Stop routing to *sub*."""
@@ -114,23 +119,14 @@ class _Routes:
             self.scan = _without(self.scan, sub)
             streams = list(self.following)
         for stream in streams:
-            followers = self.following.get(stream)
-            if followers is not None and sub in followers:
-                rest = _without(followers, sub)
-                if rest:
-                    self.following[stream] = rest
-                else:
-                    del self.following[stream]
+            route = self.following.get(stream)
+            if route is not None and sub in route.followers:
+                route.followers = _without(route.followers, sub)  # the route stays while its stream is live
 
-
-_NOBODY: list[Subscription] = []  # never changed in place, like every route list
-
-
-async def _in_turn(first: Awaitable[None], then: Awaitable[None]) -> None:
-    try:
-        await first
-    finally:
-        await then  # even when cancelled: a coroutine left unawaited would warn
+    def reroute(self) -> None:
+        """Tell the holders of this side's routes to ask for them again (see :attr:`StreamRoute.current`)."""
+        for route in self.following.values():
+            route.current = False
 
 
 def _without(subs: list[Subscription], sub: Subscription) -> list[Subscription]:
@@ -243,6 +239,8 @@ class Bus:
                         self._writers_idle = anyio.Event()
                         await self._writers_idle.wait()
                 self._running = False
+                self._routes.reroute()  # writers still open past the drain timeout check the bus again
+                self._raw.reroute()
                 await self._drain_stages()
                 for sub in list(self._subs):
                     sub.close()
@@ -478,17 +476,14 @@ class Bus:
         if kind is StartEvent:
             if not processed:
                 self._live[event.stream] = event  # type: ignore[assignment]
-            followers = routes.start(event)  # type: ignore[arg-type]
+            route = routes.start(event)  # type: ignore[arg-type]
         else:
-            followers = routes.following.get(event.stream, _NOBODY)
-        firehose = routes.firehose
-        wait = firehose.offer(event) if firehose.live else None
-        for sub in followers:
-            more = sub.offer(event)
-            if more is not None:
-                wait = more if wait is None else _in_turn(wait, more)
+            route = routes.following.get(event.stream, routes.unrouted)
+        wait = route.offer(event)
         if kind is not DeltaEvent and kind in _TERMINAL:
-            routes.following.pop(event.stream, None)
+            if route is not routes.unrouted:
+                del routes.following[event.stream]
+                route.current = False
             if not processed:
                 self._live.pop(event.stream, None)
                 ended = self._ended
@@ -496,6 +491,29 @@ class Bus:
                 if len(ended) > _ENDED_KEPT:
                     ended.popitem(last=False)
         return wait
+
+    def route(self, stream: str) -> StreamRoute:
+        """The route of live *stream*'s events as its producer publishes them.
+
+        A producer may offer the stream's deltas to it (``route.offer(event)``,
+        awaiting what that returns, as with :meth:`offer`) instead of calling
+        :meth:`offer` for each: :class:`StreamWriter` does, so a token costs
+        no look-up of its stream. Ask again whenever the route's ``current``
+        turns False (a stage was interposed, or the bus is stopping). Publish
+        the stream's ``start`` and its terminal event through :meth:`offer`,
+        which open and close the route. Raises
+        :class:`~streambus.errors.BusClosed` once the bus stopped and
+        nobody is left to read, ``KeyError`` if *stream* is not live.
+        """
+        if not self._running and not self._subs:
+            raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
+        if stream not in self._live:
+            raise KeyError(f"stream {stream!r} is not live on this bus (publish its start first)")
+        routes = self._raw if self._interposed else self._routes
+        route = routes.following.get(stream)
+        if route is None:  # it started before a stage was interposed: nobody raw follows it yet
+            route = routes.following[stream] = StreamRoute(routes.firehose)
+        return route
 
     # -- subscribing -------------------------------------------------------------
     def subscribe(
@@ -557,6 +575,7 @@ class Bus:
                 self._routes.remove(existing)
                 self._raw.add(existing, self._live)
         self._interposed = True
+        self._routes.reroute()  # writers now publish to the raw side
         return self.subscribe(buffer=buffer, overflow=OverflowPolicy.BLOCK, name=name, raw=True)
 
     def _forget(self, sub: Subscription) -> None:

@@ -44,7 +44,7 @@ from .coalesce import MergedDelta
 from .errors import Overflowed, StreamBusError, SubscriptionClosed
 from .events import DeltaEvent, Event, StartEvent, is_terminal
 
-__all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "Subscription"]
+__all__ = ["Filter", "Firehose", "OverflowPolicy", "StreamFailed", "StreamRoute", "Subscription"]
 
 _CONTROL_SIZE = 256
 _DELTA_OVERHEAD = 64
@@ -315,6 +315,57 @@ class Firehose:
         self.detached = [*self.detached, sub]
         for event in unread:
             sub.offer(event)
+
+
+class StreamRoute:
+    """Where one live stream's events go: the unfiltered readers (a :class:`Firehose`) and its followers.
+
+    The bus keeps one per live stream: its ``start`` decides which filtered
+    subscribers follow it, and subscribers that join or leave while it is
+    live update :attr:`followers`. :meth:`Bus.route <streambus.Bus.route>`
+    hands a stream's route to its producer, which offers each delta to it
+    directly: a token then costs no look-up of its stream and no checks that
+    only a ``start`` or an end needs (:class:`~streambus.StreamWriter` does
+    this). The bus offers every other event through its route too.
+    """
+
+    __slots__ = ("current", "firehose", "followers")
+
+    def __init__(self, firehose: Firehose, followers: list[Subscription] | None = None) -> None:
+        self.firehose = firehose
+        self.followers: list[Subscription] = followers or []
+        """The filtered subscribers that follow the stream; replaced, never changed in place."""
+        self.current = True
+        """False once the bus no longer routes its producers' events here.
+
+        That happens when a processing stage is interposed (producers'
+        events then take the raw side's route) and when the bus stops. A
+        holder that finds it False asks :meth:`Bus.route <streambus.Bus.route>`
+        again, which raises :class:`~streambus.errors.BusClosed` once nobody
+        can receive the stream's events."""
+
+    def offer(self, event: Event) -> Awaitable[None] | None:
+        """Deliver *event* to the firehose and the followers; return an awaitable if the publisher must wait.
+
+        As :meth:`Bus.offer <streambus.Bus.offer>`: await what it returns
+        before offering the stream's next event.
+        """
+        firehose = self.firehose
+        wait = firehose.offer(event) if firehose.live else None
+        followers = self.followers
+        if followers:  # most streams have no filtered follower, or one
+            for sub in followers:
+                more = sub.offer(event)
+                if more is not None:
+                    wait = more if wait is None else _in_turn(wait, more)
+        return wait
+
+
+async def _in_turn(first: Awaitable[None], then: Awaitable[None]) -> None:
+    try:
+        await first
+    finally:
+        await then  # even when cancelled: a coroutine left unawaited would warn
 
 
 def _check_interval(buffer: int) -> int:

@@ -44,11 +44,16 @@ from .events import (
     Usage,
 )
 from .hooks import run_start_hooks
+from .subscription import Firehose, StreamRoute
 
 if TYPE_CHECKING:
     from .bus import Bus
 
 __all__ = ["StreamWriter", "new_stream_id"]
+
+
+_UNROUTED = StreamRoute(Firehose())  # a writer's route until its start is published: never current
+_UNROUTED.current = False
 
 
 def new_stream_id() -> str:
@@ -65,6 +70,7 @@ class StreamWriter:
     __slots__ = (
         "_abort",
         "_bus",
+        "_route",
         "_scope",
         "_seq",
         "_terminal",
@@ -92,6 +98,7 @@ class StreamWriter:
         self._terminal: Event | None = None
         self._abort: tuple[str, str] | None = None
         self._scope: anyio.CancelScope | None = None
+        self._route = _UNROUTED  # its stream's route, from the bus once the start is published
 
     @property
     def seq(self) -> int:
@@ -130,6 +137,7 @@ class StreamWriter:
                     meta=self.meta,
                 )
             )
+            self._route = self._bus.route(self.stream)
         except BaseException:
             self._scope.__exit__(None, None, None)
             self._bus.unregister_writer(self)
@@ -175,7 +183,11 @@ class StreamWriter:
         if self._terminal is not None:
             self._next()  # raises StreamClosed
         self._seq = seq = self._seq + 1  # what _next() does, without a call per token
-        wait = self._bus.offer(DeltaEvent(stream=self.stream, seq=seq, ts=time.time(), text=text, channel=channel))
+        route = self._route
+        if not route.current:  # a stage was interposed, or the bus is stopping (or the start is not out yet)
+            route = self._route = self._bus.route(self.stream)
+        # Offered to the stream's route: no look-up of the stream per token (docs/decisions.md).
+        wait = route.offer(DeltaEvent(stream=self.stream, seq=seq, ts=time.time(), text=text, channel=channel))
         if wait is not None:  # a full ``block`` subscriber: wait for room
             await wait
 

@@ -1,0 +1,114 @@
+"""A live stream's route: what its writer offers each delta to (``Bus.route``, ``StreamRoute``)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+from anyio import wait_all_tasks_blocked
+
+from streambus import Bus, BusClosed, DeltaEvent, EndEvent, Event, Filter, StartEvent, Subscription
+from streambus.subscription import StreamRoute
+
+pytestmark = pytest.mark.anyio
+
+
+def texts(events: list[Event]) -> list[str]:
+    return [e.text for e in events if isinstance(e, DeltaEvent)]
+
+
+async def test_a_writers_deltas_take_its_streams_route() -> None:
+    async with Bus() as bus:
+        everything = bus.subscribe(overflow="block")
+        mine = bus.subscribe(Filter.of(streams="s1"), overflow="block")
+        other = bus.subscribe(Filter.of(streams="s2"), overflow="block")
+        async with bus.stream(stream="s1") as w:
+            route = bus.route("s1")
+            assert isinstance(route, StreamRoute)
+            assert route.current
+            assert route.followers == [mine]
+            await w.delta("a")
+            # A producer of its own may offer to the route as the writer does.
+            assert route.offer(DeltaEvent(stream="s1", seq=w.seq + 1, ts=time.time(), text="b")) is None
+        await wait_all_tasks_blocked()
+        assert texts(await everything.receive_batch()) == ["a", "b"]
+        assert texts(await mine.receive_batch()) == ["a", "b"]
+        assert other.pending == 0
+        with pytest.raises(KeyError, match="'s1' is not live"):
+            bus.route("s1")  # an ended stream's route is gone
+
+
+async def test_the_route_of_a_stream_that_never_started_is_a_clear_error() -> None:
+    async with Bus() as bus:
+        with pytest.raises(KeyError, match="'nope' is not live on this bus"):
+            bus.route("nope")
+        # Publishing its start opens it; its end closes it.
+        await bus.publish(StartEvent(stream="nope", seq=0, ts=time.time()))
+        assert bus.route("nope").current
+        await bus.publish(EndEvent(stream="nope", seq=1, ts=time.time()))
+        with pytest.raises(KeyError):
+            bus.route("nope")
+
+
+async def test_subscribers_that_join_and_leave_mid_stream_update_its_route() -> None:
+    async with Bus() as bus:
+        async with bus.stream(stream="s1") as w:
+            await w.delta("before")
+            late = bus.subscribe(Filter.of(streams="s1"), overflow="block")
+            by_model = bus.subscribe(Filter.of(models="m"), overflow="block")  # matches nothing live
+            assert bus.route("s1").followers == [late]
+            await w.delta("after")
+            late.close()
+            await w.delta("gone")  # no follower left: nothing to deliver, nothing raised
+            assert bus.route("s1").followers == []
+        assert texts([e async for e in late]) == ["after"]
+        assert by_model.pending == 0
+
+
+async def test_a_stage_interposed_mid_stream_processes_the_open_writers_next_deltas() -> None:
+    class Upper:
+        interpose = True
+
+        def __init__(self, bus: Bus) -> None:
+            self.bus = bus
+
+        async def run(self, events: Subscription) -> None:
+            async for e in events:
+                if isinstance(e, DeltaEvent):
+                    e = msgspec.structs.replace(e, text=e.text.upper())
+                await self.bus.publish(e, processed=True)
+
+    async with Bus() as bus:
+        reader = bus.subscribe(overflow="block")
+        follower = bus.subscribe(Filter.of(streams="s1"), overflow="block")
+        async with bus.stream(stream="s1") as w:
+            await w.delta("a")
+            before = bus.route("s1")
+            bus.add_sink(Upper(bus))
+            assert not before.current  # the writer asks the bus again on its next delta
+            raw = bus.subscribe(Filter.of(streams="s1"), raw=True, overflow="block")
+            await w.delta("b")
+            assert bus.route("s1") is not before
+            await wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
+        assert texts(await reader.receive_batch()) == ["a", "B"]
+        assert texts(await follower.receive_batch()) == ["a", "B"]
+        assert texts(await raw.receive_batch()) == ["b"]
+
+
+async def test_a_route_is_current_until_its_stream_ends_or_the_bus_stops() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        async with bus.stream(stream="s1") as w:
+            ended = bus.route("s1")
+            await w.delta("x")
+        assert not ended.current
+        # A stream published event by event (a replay, a remote source) and still live at the end.
+        await bus.publish(StartEvent(stream="s2", seq=0, ts=time.time()))
+        live = bus.route("s2")
+        assert live.current
+    assert not live.current
+    with pytest.raises(BusClosed, match="not running"):
+        bus.route("s2")
+    assert texts([e async for e in sub]) == ["x"]
