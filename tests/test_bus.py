@@ -427,21 +427,24 @@ async def test_duplicate_live_stream_id_rejected() -> None:
                 pass
 
 
+class Upper:
+    """A processing stage: republishes every event, deltas upper-cased."""
+
+    interpose = True
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def run(self, events: Subscription) -> None:
+        import msgspec
+
+        async for e in events:
+            if isinstance(e, DeltaEvent):
+                e = msgspec.structs.replace(e, text=e.text.upper())
+            await self.bus.publish(e, processed=True)
+
+
 async def test_interposed_stage_separates_raw_and_processed() -> None:
-    class Upper:
-        interpose = True
-
-        def __init__(self, bus: Bus) -> None:
-            self.bus = bus
-
-        async def run(self, events: Subscription) -> None:
-            import msgspec
-
-            async for e in events:
-                if isinstance(e, DeltaEvent):
-                    e = msgspec.structs.replace(e, text=e.text.upper())
-                await self.bus.publish(e, processed=True)
-
     async with Bus() as bus:
         bus.add_sink(Upper(bus))
         raw = bus.subscribe(raw=True, overflow="block")
@@ -453,6 +456,25 @@ async def test_interposed_stage_separates_raw_and_processed() -> None:
         mod_text = [e.text for e in await moderated.receive_batch() if isinstance(e, DeltaEvent)]
     assert raw_text == ["abc"]
     assert mod_text == ["ABC"]
+
+
+async def test_a_stage_interposed_mid_stream_processes_the_open_writers_next_deltas() -> None:
+    async with Bus() as bus:
+        reader = bus.subscribe(overflow="block")
+        follower = bus.subscribe(Filter.of(streams="s1"), overflow="block")
+        async with bus.stream(stream="s1") as w:
+            await w.delta("a")
+            before = bus.route("s1")
+            bus.add_sink(Upper(bus))
+            assert not before.current  # the writer asks the bus again on its next delta
+            raw = bus.subscribe(Filter.of(streams="s1"), raw=True, overflow="block")
+            await w.delta("b")
+            assert bus.route("s1") is not before
+            await wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
+        assert [e.text for e in await reader.receive_batch() if isinstance(e, DeltaEvent)] == ["a", "B"]
+        assert [e.text for e in await follower.receive_batch() if isinstance(e, DeltaEvent)] == ["a", "B"]
+        assert [e.text for e in await raw.receive_batch() if isinstance(e, DeltaEvent)] == ["b"]
 
 
 async def test_idle_means_the_reader_handled_everything_it_took() -> None:
@@ -515,18 +537,6 @@ async def test_cancelling_one_parked_reader_leaves_the_others_parked() -> None:
 
 
 async def test_a_second_processing_stage_is_refused_and_the_first_keeps_working() -> None:
-    class Upper:
-        interpose = True
-
-        def __init__(self, bus: Bus) -> None:
-            self.bus = bus
-
-        async def run(self, sub: Subscription) -> None:
-            async for event in sub:
-                if isinstance(event, DeltaEvent):
-                    event = DeltaEvent(stream=event.stream, seq=event.seq, ts=event.ts, text=event.text.upper())
-                await self.bus.publish(event, processed=True)
-
     async with Bus() as bus:
         bus.add_sink(Upper(bus), name="upper")
         with pytest.raises(StreamBusError, match=r"already has a processing stage; 'second' would be a second"):
