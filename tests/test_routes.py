@@ -80,3 +80,16 @@ async def test_a_route_is_current_until_its_stream_ends_or_the_bus_stops() -> No
     with pytest.raises(BusClosed, match="not running"):
         bus.route("s2")
     assert texts([e async for e in sub]) == ["x"]
+
+
+async def test_a_stream_started_again_gets_a_new_route_and_the_old_one_is_not_current() -> None:
+    async with Bus() as bus:
+        follower = bus.subscribe(Filter.of(streams="s1"), overflow="block")
+        await bus.publish(StartEvent(stream="s1", seq=0, ts=time.time()))
+        first = bus.route("s1")
+        # A replayed start of a live stream (a source re-reading its tail): routing is decided again.
+        await bus.publish(StartEvent(stream="s1", seq=0, ts=time.time()))
+        assert not first.current
+        again = bus.route("s1")
+        assert again is not first and again.current
+        assert again.followers == [follower]
