@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .errors import StreamClosed
+from .errors import StreamBusError, StreamClosed
 from .events import (
     AbortEvent,
     Channel,
@@ -182,10 +182,14 @@ class StreamWriter:
         """Publish a piece of text on *channel* (``content``, ``reasoning``, ``tool``)."""
         if self._terminal is not None:
             self._next()  # raises StreamClosed
-        self._seq = seq = self._seq + 1  # what _next() does, without a call per token
         route = self._route
-        if not route.current:  # a stage was interposed, or the bus is stopping (or the start is not out yet)
+        if not route.current:  # a stage was interposed, or the bus is stopping (or the block was not entered)
+            if self._scope is None:
+                raise StreamBusError(
+                    f"stream {self.stream!r} is not open: write inside `async with bus.stream() as w:`"
+                )
             route = self._route = self._bus.route(self.stream)
+        self._seq = seq = self._seq + 1  # what _next() does, without a call per token (after anything that raises)
         # Offered to the stream's route: no look-up of the stream per token (docs/decisions.md).
         wait = route.offer(DeltaEvent(stream=self.stream, seq=seq, ts=time.time(), text=text, channel=channel))
         if wait is not None:  # a full ``block`` subscriber: wait for room

@@ -7,7 +7,7 @@ import time
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from streambus import Bus, BusClosed, DeltaEvent, EndEvent, Event, Filter, StartEvent
+from streambus import Bus, BusClosed, DeltaEvent, EndEvent, Event, Filter, StartEvent, StreamBusError
 from streambus.subscription import StreamRoute
 
 pytestmark = pytest.mark.anyio
@@ -93,3 +93,16 @@ async def test_a_stream_started_again_gets_a_new_route_and_the_old_one_is_not_cu
         again = bus.route("s1")
         assert again is not first and again.current
         assert again.followers == [follower]
+
+
+async def test_a_delta_from_a_writer_never_entered_is_a_clear_error() -> None:
+    async with Bus() as bus:
+        sub = bus.subscribe()
+        w = bus.stream(stream="s1")
+        with pytest.raises(StreamBusError, match=r"stream 's1' is not open: write inside `async with bus.stream"):
+            await w.delta("lost?")
+        async with w:  # the same writer still works once entered, from its first seq
+            await w.delta("kept")
+        events = await sub.receive_batch()
+        assert [(type(e).__name__, e.seq) for e in events] == [("StartEvent", 0), ("DeltaEvent", 1), ("EndEvent", 2)]
+        assert texts(events) == ["kept"]
