@@ -499,7 +499,8 @@ class Bus:
         awaiting what that returns, as with :meth:`offer`) instead of calling
         :meth:`offer` for each: :class:`StreamWriter` does, so a token costs
         no look-up of its stream. Ask again whenever the route's ``current``
-        turns False (a stage was interposed, or the bus is stopping). Publish
+        turns False (a stage was interposed, the bus is stopping, or the
+        stream ended or started again). Publish
         the stream's ``start`` and its terminal event through :meth:`offer`,
         which open and close the route. Raises
         :class:`~streambus.errors.BusClosed` once the bus stopped and

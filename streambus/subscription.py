@@ -339,10 +339,11 @@ class StreamRoute:
         """False once the bus no longer routes its producers' events here.
 
         That happens when a processing stage is interposed (producers'
-        events then take the raw side's route) and when the bus stops. A
-        holder that finds it False asks :meth:`Bus.route <streambus.Bus.route>`
-        again, which raises :class:`~streambus.errors.BusClosed` once nobody
-        can receive the stream's events."""
+        events then take the raw side's route), when the bus stops, and when
+        the stream ends or its ``start`` comes again. A holder that finds it
+        False asks :meth:`Bus.route <streambus.Bus.route>` again, which
+        raises :class:`~streambus.errors.BusClosed` once nobody can receive
+        the stream's events and ``KeyError`` once the stream ended."""
 
     def offer(self, event: Event) -> Awaitable[None] | None:
         """Deliver *event* to the firehose and the followers; return an awaitable if the publisher must wait.
