@@ -847,7 +847,7 @@ def section_alone(name: str, quick: bool) -> list[str]:
     S = 100, K = 1 row measured 0.99-1.02x, 1.02-1.03x alone (docs/decisions.md).
     """
     args = [sys.executable, __file__, name, *(["--quick"] if quick else [])]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout  # a failure's traceback shows
     progress, table = out.split(_TABLE + "\n", 1)
     print(progress, end="", flush=True)
     return table.rstrip("\n").split("\n")
