@@ -70,8 +70,7 @@ class _Routes:
 
     def start(self, start: StartEvent) -> StreamRoute:
         """Decide who follows the stream *start* opens; return its route."""
-        followers = [sub for sub in self.by_id.get(start.stream, ()) if sub.filter.matches(start)]
-        followers += [sub for sub in self.scan if sub.filter.matches(start)]
+        followers = tuple(sub for sub in (*self.by_id.get(start.stream, ()), *self.scan) if sub.filter.matches(start))
         old = self.following.get(start.stream)
         if old is not None:  # started again (a replayed start): whoever holds the old route asks again
             old.current = False
@@ -97,7 +96,7 @@ class _Routes:
                 route = self.following.get(stream)
                 if route is None:  # live, but started before this side was routed (a stage interposed since)
                     route = self.following[stream] = StreamRoute(self.firehose)
-                route.followers = [*route.followers, sub]
+                route.followers = (*route.followers, sub)
 
     def remove(self, sub: Subscription) -> None:
         """Stop routing to *sub*."""
@@ -120,8 +119,8 @@ class _Routes:
             streams = list(self.following)
         for stream in streams:
             route = self.following.get(stream)
-            if route is not None and sub in route.followers:
-                route.followers = _without(route.followers, sub)  # the route stays while its stream is live
+            if route is not None and sub in route.followers:  # the route stays while its stream is live
+                route.followers = tuple(s for s in route.followers if s is not sub)
 
     def reroute(self) -> None:
         """Tell the holders of this side's routes to ask for them again (see :attr:`StreamRoute.current`)."""

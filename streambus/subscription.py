@@ -331,10 +331,10 @@ class StreamRoute:
 
     __slots__ = ("current", "firehose", "followers")
 
-    def __init__(self, firehose: Firehose, followers: list[Subscription] | None = None) -> None:
+    def __init__(self, firehose: Firehose, followers: tuple[Subscription, ...] = ()) -> None:
         self.firehose = firehose
-        self.followers: list[Subscription] = followers or []
-        """The filtered subscribers that follow the stream; replaced, never changed in place."""
+        self.followers = followers
+        """The filtered subscribers that follow the stream (a tuple: replaced, never changed in place)."""
         self.current = True
         """False once the bus no longer routes its producers' events here.
 

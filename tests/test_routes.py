@@ -26,7 +26,7 @@ async def test_a_writers_deltas_take_its_streams_route() -> None:
             route = bus.route("s1")
             assert isinstance(route, StreamRoute)
             assert route.current
-            assert route.followers == [mine]
+            assert route.followers == (mine,)
             await w.delta("a")
             # A producer of its own may offer to the route as the writer does.
             assert route.offer(DeltaEvent(stream="s1", seq=w.seq + 1, ts=time.time(), text="b")) is None
@@ -56,11 +56,11 @@ async def test_subscribers_that_join_and_leave_mid_stream_update_its_route() -> 
             await w.delta("before")
             late = bus.subscribe(Filter.of(streams="s1"), overflow="block")
             by_model = bus.subscribe(Filter.of(models="m"), overflow="block")  # matches nothing live
-            assert bus.route("s1").followers == [late]
+            assert bus.route("s1").followers == (late,)
             await w.delta("after")
             late.close()
             await w.delta("gone")  # no follower left: nothing to deliver, nothing raised
-            assert bus.route("s1").followers == []
+            assert bus.route("s1").followers == ()
         assert texts([e async for e in late]) == ["after"]
         assert by_model.pending == 0
 
@@ -92,7 +92,7 @@ async def test_a_stream_started_again_gets_a_new_route_and_the_old_one_is_not_cu
         assert not first.current
         again = bus.route("s1")
         assert again is not first and again.current
-        assert again.followers == [follower]
+        assert again.followers == (follower,)
 
 
 async def test_a_delta_from_a_writer_never_entered_is_a_clear_error() -> None:
