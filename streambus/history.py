@@ -184,6 +184,9 @@ class StreamHistory(Generic[P]):
         self.snapshots = snapshots
         self._clock = clock
         self._logs: OrderedDict[str, StreamLog[P]] = OrderedDict()
+        # The logs not ended, in the order first seen: live() without a scan of every remembered
+        # stream (a websocket subscribe asks for them, and a server remembers thousands).
+        self._live: dict[str, StreamLog[P]] = {}
         self._ended: deque[tuple[float, str]] = deque()
 
     def __len__(self) -> int:
@@ -199,14 +202,14 @@ class StreamHistory(Generic[P]):
 
     def live(self) -> list[StreamLog[P]]:
         """Logs of the streams that have not ended, oldest first."""
-        return [log for log in self._logs.values() if not log.ended]
+        return list(self._live.values())
 
     def record(self, event: Event, data: P) -> StreamLog[P]:
         """Append *event* (already encoded as *data*, its payload) to its stream's history."""
         stream = event.stream
         log = self._logs.get(stream)
         if log is None:
-            log = self._logs[stream] = StreamLog(self.events_per_stream)
+            log = self._logs[stream] = self._live[stream] = StreamLog(self.events_per_stream)
             if self.max_streams is not None and len(self._logs) > self.max_streams:
                 self._evict_one()
         seq = event.seq
@@ -242,6 +245,7 @@ class StreamHistory(Generic[P]):
         log.last_seq = seq
         if is_terminal(event):
             log.ended = True
+            self._live.pop(stream, None)
             log.channels = {}
             log.deltas = []
             log.expires = self._clock() + self.ttl
@@ -343,6 +347,7 @@ class StreamHistory(Generic[P]):
         if held is not None and held.last_seq >= events[-1].seq:
             return False
         self._logs.pop(stream, None)
+        self._live.pop(stream, None)
         for event in events:
             if event.stream != stream:
                 raise ValueError(f"StreamHistory.fill: event of stream {event.stream!r} among those of {stream!r}")
@@ -383,7 +388,8 @@ class StreamHistory(Generic[P]):
             if log.ended:
                 del self._logs[stream]
                 return
-        self._logs.popitem(last=False)
+        stream, _ = self._logs.popitem(last=False)
+        self._live.pop(stream, None)
 
     def missed(self, stream: str, last_seq: int) -> list[P] | None:
         """Every event of *stream* after *last_seq*, in order; ``None`` if not fully covered.
@@ -392,12 +398,41 @@ class StreamHistory(Generic[P]):
         stream is unknown (expired, evicted, from another server) or its
         oldest retained event is past ``last_seq + 1``: the client must reload.
         """
+        found = self._missed_from(stream, last_seq)
+        if found is None:
+            return None
+        log, index = found
+        return [data for _, _, data in itertools.islice(log.entries, index, None)]
+
+    def missed_size(self, stream: str, last_seq: int) -> tuple[int, int] | None:
+        """What :meth:`missed` would return, measured without building it: ``(events, payload bytes)``.
+
+        ``None`` exactly when :meth:`missed` returns ``None``; payloads that
+        are not ``bytes`` count 0 bytes. A server checks a replay against its
+        budget with this before gathering it, so a request it must refuse costs
+        it no copy: the whole stream's size is known at once, a part of it
+        costs a pass over the shorter of that part and the rest.
+        """
+        found = self._missed_from(stream, last_seq)
+        if found is None:
+            return None
+        log, index = found
+        entries = log.entries
+        count = len(entries) - index
+        if index <= count:  # the part skipped is the shorter: count it and subtract
+            skipped = sum(_size(data) for _, _, data in itertools.islice(entries, index))
+            return count, log.bytes - skipped
+        return count, sum(_size(data) for _, _, data in itertools.islice(entries, index, None))
+
+    def _missed_from(self, stream: str, last_seq: int) -> tuple[StreamLog[P], int] | None:
+        # The log and the index of the first entry after last_seq (len(entries): nothing missed),
+        # or None when the history cannot answer (see missed).
         log = self._logs.get(stream)
         if log is None or last_seq > log.last_seq:
             return None
-        if last_seq == log.last_seq:
-            return []
         entries = log.entries
+        if last_seq == log.last_seq:
+            return log, len(entries)
         if not entries or entries[0][0] > last_seq + 1:
             return None
         # Entries are in seq order: find the first one after last_seq without scanning
@@ -406,7 +441,7 @@ class StreamHistory(Generic[P]):
         if index < len(entries) and entries[index][0] <= last_seq:
             # The client holds half of a coalesced delta: it cannot be split.
             return None
-        return [data for _, _, data in itertools.islice(entries, index, None)]
+        return log, index
 
     def find(self, stream: str, seq: int) -> P | None:
         """The payload of *stream*'s event *seq* (a coalesced delta by its last seq), if still held."""
@@ -443,4 +478,4 @@ class StreamHistory(Generic[P]):
 
 
 def _size(data: object) -> int:
-    return len(data) if type(data) is bytes else 0
+    return len(data) if isinstance(data, bytes) else 0

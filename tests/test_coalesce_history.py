@@ -98,6 +98,41 @@ def test_missed_is_all_or_nothing() -> None:
     assert history.missed("s", 9) is None and history.missed("unknown", 0) is None
 
 
+@pytest.mark.parametrize("limit", [3, 8, 40])
+@pytest.mark.parametrize("bytes_per_stream", [None, 120])
+def test_missed_size_measures_what_missed_returns(limit: int, bytes_per_stream: int | None) -> None:
+    history = StreamHistory(limit, 10, 4, lambda: 0.0, bytes_per_stream=bytes_per_stream)
+    events: list[Event] = [StartEvent(stream="s", seq=0, ts=0.0)]
+    events += [_delta(seq, "x" * seq) for seq in range(1, 7)]
+    events += [_delta(8, "yz", first=7), EndEvent(stream="s", seq=9, ts=9.0)]
+    for event in events:
+        _record(history, event)
+        for last in range(-2, event.seq + 2):
+            missed = history.missed("s", last)
+            expected = None if missed is None else (len(missed), sum(map(len, missed)))
+            assert history.missed_size("s", last) == expected, (event.seq, last)
+    assert history.missed_size("unknown", -1) is None
+    # Payloads that are not bytes count no bytes; their number still counts.
+    objects: StreamHistory[object] = StreamHistory(4, 10, 4, lambda: 0.0, snapshots=False)
+    for event in events[:3]:
+        objects.record(event, event)
+    assert objects.missed_size("s", -1) == (3, 0)
+
+
+def test_live_streams_leave_when_they_end_are_evicted_or_refilled() -> None:
+    history = StreamHistory(10, 10, 3, lambda: 0.0)
+    for name in ("a", "b", "c"):
+        _record(history, StartEvent(stream=name, seq=0, ts=0.0))
+    _record(history, EndEvent(stream="b", seq=1, ts=1.0))
+    assert [log.start.stream for log in history.live() if log.start] == ["a", "c"]
+    _record(history, StartEvent(stream="d", seq=0, ts=0.0))  # past max_streams: the ended "b" goes first
+    _record(history, StartEvent(stream="e", seq=0, ts=0.0))  # then the oldest live one, "a"
+    assert history.get("a") is None and history.get("b") is None
+    assert [log.start.stream for log in history.live() if log.start] == ["c", "d", "e"]
+    history.fill([StartEvent(stream="c", seq=0, ts=0.0), _delta(1, "x", stream="c")])  # re-held: now the newest
+    assert [log.start.stream for log in history.live() if log.start] == ["d", "e", "c"]
+
+
 def test_byte_bound_drops_the_oldest_events() -> None:
     start = StartEvent(stream="s", seq=0, ts=0.0)
     history = StreamHistory(

@@ -139,6 +139,11 @@ class Client:
         """What queuing *frames* adds to ``queued_bytes`` (compare it with :attr:`room`)."""
         return sum(map(len, frames)) + _FRAME_OVERHEAD * len(frames)
 
+    @staticmethod
+    def cost_of(frames: int, size: int) -> int:
+        """:meth:`cost` of *frames* frames of *size* bytes in all, without the frames at hand."""
+        return size + _FRAME_OVERHEAD * frames
+
     @property
     def room(self) -> int:
         """Bytes that may still be queued before the client passes ``client_buffer_bytes``."""

@@ -939,8 +939,9 @@ class WebSocketSink(PluginBase):
         already = {stream for stream, targets in self._routes.items() if client in targets}
         live = [lg for lg in history.live() if lg.start is not None and flt.matches(lg.start)]
         new_live = [lg.start.stream for lg in live if lg.start is not None and lg.start.stream not in already]
-        # What the replay will add to the client's queue. Gathering stops once it passes
-        # the client's whole budget, so one subscribe costs the loop at most that much work.
+        # What the replay will add to the client's queue. It is measured before anything is
+        # gathered (StreamHistory.missed_size), and the measuring stops once it passes the
+        # client's whole budget: a replay the server refuses costs it no copy of the history.
         frames: list[bytes] = []
         cost = 0
         unrecovered: list[str] = []
@@ -951,7 +952,8 @@ class WebSocketSink(PluginBase):
         snapshots = 0
         if message.since is not None:
             since = message.since
-            replays: list[tuple[str, list[bytes] | None]] = []
+            # (stream, the last seq the client holds: -1 for all of it, None when it may not be replayed)
+            asked: list[tuple[str, int | None]] = []
             for stream, last_seq in since.items():
                 if stream in already:
                     continue
@@ -960,26 +962,31 @@ class WebSocketSink(PluginBase):
                     continue
                 if stream_log is not None and stream_log.start is None and not client.token_scope.unrestricted:
                     # Its start is unknown here, so its scope cannot be judged: the client reloads instead.
-                    replays.append((stream, None))
+                    asked.append((stream, None))
                     continue
-                replays.append((stream, history.missed(stream, last_seq)))
+                asked.append((stream, last_seq))
             # Live streams the client never saw started while it was away: replay them whole.
-            replays.extend((stream, history.replay_all(stream)) for stream in new_live if stream not in since)
-            for stream, missed in replays:
-                if missed is None:
+            asked.extend((stream, -1) for stream in new_live if stream not in since)
+            measured: list[tuple[str, int]] = []
+            for stream, held in asked:
+                size = None if held is None else history.missed_size(stream, held)
+                if held is None or size is None:
                     unrecovered.append(stream)
-                elif not too_large:
-                    cost += Client.cost(missed)
-                    too_large = cost > client.buffer_bytes
-                    frames.extend(missed)
+                    continue
+                measured.append((stream, held))
+                cost += Client.cost_of(*size)
+                if cost > client.buffer_bytes:
+                    too_large = True
+                    break
             recovered = not unrecovered and not too_large
             if recovered:
+                for stream, held in measured:
+                    frames.extend(history.missed(stream, held) or ())  # measured just now: never None
                 replayed = len(frames)
             else:
                 if too_large:
                     # It could never fit, even in an empty buffer: reload instead (all or nothing).
-                    unrecovered = [stream for stream, _ in replays]
-                frames = []
+                    unrecovered = [stream for stream, _ in asked]
                 cost = 0
         # A page that opens after streams ended still shows them; a resuming client asks for what it missed
         # instead. They count toward the budget like a replay: gathering stops before they would not fit.
