@@ -65,8 +65,8 @@ class _Routes:
         self.scan: list[Subscription] = []  # other filters (model, provider, meta): tried on every start
         self.following: dict[str, StreamRoute] = {}  # live stream -> its route (the filtered subscribers it matched)
         self.unrouted = StreamRoute(self.firehose)  # events of a stream that did not start here: the firehose only
-        # Every follower list is replaced, never changed in place: publish() iterates
-        # them across awaits while subscribers come and go.
+        # A route's followers are a tuple, replaced when subscribers come and go: publish()
+        # iterates them across awaits.
 
     def start(self, start: StartEvent) -> StreamRoute:
         """Decide who follows the stream *start* opens; return its route."""
@@ -93,10 +93,15 @@ class _Routes:
             candidates = live
         for stream in candidates:
             if flt.matches(live[stream]):
-                route = self.following.get(stream)
-                if route is None:  # live, but started before this side was routed (a stage interposed since)
-                    route = self.following[stream] = StreamRoute(self.firehose)
+                route = self.route(stream)
                 route.followers = (*route.followers, sub)
+
+    def route(self, stream: str) -> StreamRoute:
+        """Live *stream*'s route on this side; made here if the stream started before a stage was interposed."""
+        route = self.following.get(stream)
+        if route is None:
+            route = self.following[stream] = StreamRoute(self.firehose)
+        return route
 
     def remove(self, sub: Subscription) -> None:
         """Stop routing to *sub*."""
@@ -499,9 +504,8 @@ class Bus:
         :meth:`offer` for each: :class:`StreamWriter` does, so a token costs
         no look-up of its stream. Ask again whenever the route's ``current``
         turns False (a stage was interposed, the bus is stopping, or the
-        stream ended or started again). Publish
-        the stream's ``start`` and its terminal event through :meth:`offer`,
-        which open and close the route. Raises
+        stream ended or started again). Publish the stream's ``start`` and its
+        terminal event through :meth:`offer`, which open and close the route. Raises
         :class:`~streambus.errors.BusClosed` once the bus stopped and
         nobody is left to read, ``KeyError`` if *stream* is not live.
         """
@@ -509,11 +513,7 @@ class Bus:
             raise BusClosed("the bus is not running; use it inside `async with Bus() as bus:`")
         if stream not in self._live:
             raise KeyError(f"stream {stream!r} is not live on this bus (publish its start first)")
-        routes = self._raw if self._interposed else self._routes
-        route = routes.following.get(stream)
-        if route is None:  # it started before a stage was interposed: nobody raw follows it yet
-            route = routes.following[stream] = StreamRoute(routes.firehose)
-        return route
+        return (self._raw if self._interposed else self._routes).route(stream)
 
     # -- subscribing -------------------------------------------------------------
     def subscribe(
