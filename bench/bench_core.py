@@ -858,6 +858,10 @@ def main() -> None:
     only = [a for a in sys.argv[1:] if not a.startswith("--")]
     if only:  # e.g. `python bench/bench_core.py per_user fanout --quick`, printed, nothing written
         sections = {"per_user": per_user_section, "fanout": fanout_section, "paced": paced_users_section}
+        unknown = [name for name in only if name not in {*sections, "memory"}]
+        if unknown:
+            named = ", ".join(map(repr, unknown))
+            sys.exit(f"bench_core.py: unknown section {named}; choose from per_user, paced, memory, fanout")
         for name in only:
             table = memory_section() if name == "memory" else sections[name](quick)
             print(_TABLE, *table, sep="\n", flush=True)
