@@ -6,7 +6,11 @@ Markdown table with its peers side by side) when run as
 fresh processes, then writes ``bench/results/README.md`` and the results
 section of ``docs/benchmarks.md``.
 
-Usage: ``python bench/run.py [NAME ...]`` (default: all).
+Usage: ``python bench/run.py [NAME ...]`` (default: all). A benchmark run on
+its own (``python bench/bench_websocket.py --attack``) rewrites only its own
+table: ``python bench/run.py --collect`` then rewrites the two collections
+without running anything (``tests/test_bench_results.py`` fails while they
+differ from the tables).
 """
 
 from __future__ import annotations
@@ -28,10 +32,42 @@ ENV = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREAD
 start-up counts in a process's CPU time (measured: 6% of a stats benchmark run's samples)."""
 
 
+def collected(stamp: str) -> str:
+    """``bench/results/README.md``'s body: a line about the machine and *stamp*, then every result table."""
+    sections = [f"Machine: {platform.machine()}, Python {platform.python_version()}, {platform.system()}; {stamp}.\n"]
+    for md in sorted(RESULTS.glob("*.md")):
+        if md.name != "README.md":
+            sections.append(md.read_text(encoding="utf-8").strip() + "\n")
+    return "\n".join(sections)
+
+
+def collect(stamp: str) -> None:
+    """Write ``bench/results/README.md`` and the results section of ``docs/benchmarks.md`` from the tables."""
+    body = collected(stamp)
+    (RESULTS / "README.md").write_text("# Benchmark results\n\n" + body, encoding="utf-8")
+    if DOCS.exists():
+        text = DOCS.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            DOCS.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
+    if argv == ["--collect"]:
+        collect(f"collected on {_now()}")
+        return 0
     scripts = sorted([*ROOT.glob("bench_*.py"), *ROOT.glob("bench_*.mjs")])
     if argv:
+        unknown = sorted(set(argv) - {s.stem.removeprefix("bench_") for s in scripts})
+        if unknown:
+            choices = ", ".join(sorted(s.stem.removeprefix("bench_") for s in scripts))
+            sys.exit(f"bench/run.py: no benchmark named {', '.join(unknown)}; choose from {choices} (or --collect)")
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
     failed = []
     for script in scripts:
@@ -51,21 +87,7 @@ def main(argv: list[str]) -> int:
         print(f"   {script.stem}: exit {code} in {time.perf_counter() - started:.1f}s", flush=True)
         if code:
             failed.append(script.stem)
-    sections = [
-        f"Machine: {platform.machine()}, Python {platform.python_version()}, "
-        f"{platform.system()}; run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
-    ]
-    for md in sorted(RESULTS.glob("*.md")):
-        if md.name != "README.md":
-            sections.append(md.read_text(encoding="utf-8").strip() + "\n")
-    body = "\n".join(sections)
-    (RESULTS / "README.md").write_text("# Benchmark results\n\n" + body, encoding="utf-8")
-    if DOCS.exists():
-        text = DOCS.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            DOCS.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+    collect(f"run on {_now()}")
     if failed:
         print("failed:", ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
