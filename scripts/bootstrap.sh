@@ -58,6 +58,10 @@ if ! installed "$full_stamp"; then
   # langchain-core's own standard chat-model tests, without the six pytest
   # plugins its dependencies would load into every streambus test run.
   .venv/bin/python -m pip install --quiet --no-deps "langchain-tests==1.1.9"
+  # nats-py's fast-parse extra (fast-mail-parser), outside the venv's own packages: nats-py would
+  # use it in every test; one test puts it on a subprocess's path to check that the NATS plugin
+  # refuses it clearly (plugins/nats/tests/test_header_parser.py).
+  .venv/bin/python -m pip install --quiet --no-deps --upgrade --target .venv/extras/fast-parse "fast-mail-parser==0.10.0"
   echo "$inputs" > "$full_stamp"
 fi
 

@@ -32,6 +32,7 @@ from ._common import (
     AsyncioRequired,
     NatsAuthFailed,
     NatsGap,
+    NatsHeaderParserUnsupported,
     event_subject,
     heartbeat_subject,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "NatsAuthFailed",
     "NatsControl",
     "NatsGap",
+    "NatsHeaderParserUnsupported",
     "NatsSink",
     "NatsSource",
     "decode_events",

@@ -22,6 +22,7 @@ from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_STREAM_NAME,
     NatsAuthFailed,
+    NatsHeaderParserUnsupported,
     check_prefix,
     connect,
     event_subject,
@@ -304,6 +305,9 @@ class NatsSink(PluginBase):
             except NatsAuthFailed as exc:
                 # Retrying will not fix a wrong secret: fail loudly (the bus restarts the sink).
                 log.error("nats.sink_auth_failed", error=str(exc))
+                raise
+            except NatsHeaderParserUnsupported as exc:
+                log.error("nats.sink_cannot_read_headers", error=str(exc))
                 raise
             except Exception as exc:  # nats-py raises several unrelated types for "could not connect"
                 return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)

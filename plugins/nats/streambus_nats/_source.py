@@ -29,6 +29,7 @@ from ._common import (
     DEFAULT_STREAM_NAME,
     NatsAuthFailed,
     NatsGap,
+    NatsHeaderParserUnsupported,
     check_prefix,
     connect,
     event_subject,
@@ -357,6 +358,9 @@ class NatsSource(PluginBase):
                 )
             except NatsAuthFailed as exc:
                 log.error("nats.source_auth_failed", error=str(exc))
+                raise
+            except NatsHeaderParserUnsupported as exc:
+                log.error("nats.source_cannot_read_headers", error=str(exc))
                 raise
             except Exception as exc:  # nats-py raises several unrelated types for "could not connect"
                 return Failure("connect", f"{type(exc).__name__}: {exc}", retryable=True)
