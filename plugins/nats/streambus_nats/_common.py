@@ -88,19 +88,26 @@ def check_header_parser() -> None:
     """Raise :class:`NatsHeaderParserUnsupported` if nats-py would parse headers into lists (see there)."""
     if importlib.util.find_spec("fast_mail_parser") is None:
         return  # nats-py's own parser: str values
-    parser = importlib.import_module("fast_mail_parser")
-    probe = parser.parse_email(b"Nats-Msg-Id: probe\r\n\r\n").headers.get("Nats-Msg-Id")
-    if isinstance(probe, str):
-        return
+    try:
+        parser = importlib.import_module("fast_mail_parser")
+    except ImportError:
+        return  # nats-py's import of it fails the same way, and it falls back to its own parser
     try:
         version = importlib.metadata.version("fast-mail-parser")
     except importlib.metadata.PackageNotFoundError:
         version = "(version unknown)"
+    try:
+        probe = parser.parse_email(b"Nats-Msg-Id: probe\r\n\r\n").headers.get("Nats-Msg-Id")
+    except Exception as exc:  # an API of its own: whatever it raises, nats-py would meet on every message
+        what = f"its parse_email fails on a plain header block ({type(exc).__name__}: {exc})"
+    else:
+        if isinstance(probe, str):
+            return
+        what = f"its parse_email returns header values as {type(probe).__name__} instead of str"
     raise NatsHeaderParserUnsupported(
-        f"fast-mail-parser {version} is installed (nats-py's fast-parse extra) and its parse_email returns "
-        f"header values as {type(probe).__name__} instead of str, which nats-py passes on as they are: "
-        "streambus-nats cannot read its own or JetStream's headers then; uninstall it with "
-        "`pip uninstall fast-mail-parser`"
+        f"fast-mail-parser {version} is installed (nats-py's fast-parse extra) and {what}, which nats-py "
+        "passes on as it is: streambus-nats cannot read its own or JetStream's headers then; uninstall it "
+        "with `pip uninstall fast-mail-parser`"
     )
 
 

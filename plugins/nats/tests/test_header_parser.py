@@ -104,3 +104,15 @@ def test_without_it_the_same_script_runs_its_stream(nats_server: Callable[..., N
     out = _run(server.url, None)
     assert "sink: no error" in out and "source: no error" in out, out
     assert "NatsHeaderParserUnsupported" not in out, out
+
+
+def test_a_copy_that_cannot_be_imported_is_no_reason_to_refuse(
+    nats_server: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    # Built for another platform, say: nats-py's own import of it fails too, and it parses headers itself.
+    broken = tmp_path / "fast_mail_parser"
+    broken.mkdir()
+    (broken / "__init__.py").write_text('raise ImportError("built for another platform")\n', encoding="utf-8")
+    server = nats_server()
+    out = _run(server.url, tmp_path)
+    assert "sink: no error" in out and "source: no error" in out, out
