@@ -42,6 +42,7 @@ so ``except StreamBusError`` catches them all::
     ├── RedisGap               streambus_redis: entries were lost before a consumer read them
     ├── NatsAuthFailed         streambus_nats: the NATS server refused this process's credentials
     ├── NatsGap                streambus_nats: messages were lost before a consumer read them
+    ├── NatsHeaderParserUnsupported  streambus_nats: nats-py would hand header values over as lists (fast-parse)
     ├── StreamAborted          streambus_langchain: the run's stream was aborted on the bus (``stream``, ``by``)
     ├── RecordedStreamError    streambus_langchain: a recorded stream ended in ``error`` (``kind``)
     └── DemoError              streambus_demo: the demo cannot start (a port in use, a server silent)
