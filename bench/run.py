@@ -59,7 +59,9 @@ def _now() -> str:
 
 def main(argv: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
-    if argv == ["--collect"]:
+    if "--collect" in argv:
+        if argv != ["--collect"]:
+            sys.exit("bench/run.py: --collect runs no benchmark, so it takes no names: run them, or --collect alone")
         collect(f"collected on {_now()}")
         return 0
     scripts = sorted([*ROOT.glob("bench_*.py"), *ROOT.glob("bench_*.mjs")])

@@ -64,3 +64,15 @@ def test_run_names_an_unknown_benchmark_and_runs_nothing() -> None:
     assert "no benchmark named no_such_bench" in done.stderr
     assert "core" in done.stderr  # the choices are listed
     assert "== bench_core" not in done.stdout  # nothing ran
+
+
+def test_collect_named_with_benchmarks_is_a_clear_error() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--collect", "core"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--collect runs no benchmark, so it takes no names" in done.stderr
+    assert "== bench_core" not in done.stdout  # nothing ran
