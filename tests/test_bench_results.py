@@ -53,13 +53,15 @@ def test_benchmarks_page_shows_every_table_as_committed() -> None:
     )
 
 
-def test_run_names_an_unknown_benchmark_and_runs_nothing() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "core", "no_such_bench"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``bench/run.py`` with *args*, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *args], capture_output=True, text=True, timeout=60
     )
+
+
+def test_run_names_an_unknown_benchmark_and_runs_nothing() -> None:
+    done = _run("core", "no_such_bench")
     assert done.returncode != 0
     assert "no benchmark named no_such_bench" in done.stderr
     assert "core" in done.stderr  # the choices are listed
@@ -67,12 +69,7 @@ def test_run_names_an_unknown_benchmark_and_runs_nothing() -> None:
 
 
 def test_collect_named_with_benchmarks_is_a_clear_error() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--collect", "core"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run("--collect", "core")
     assert done.returncode != 0
     assert "--collect runs no benchmark, so it takes no names" in done.stderr
     assert "== bench_core" not in done.stdout  # nothing ran
